@@ -1,0 +1,112 @@
+"""Build of rcar_fast: one native extension `rcar_fast._C` from csrc/.
+
+* The C++ CPU kernels (csrc/cpu/*.cpp) and the binding (csrc/bindings.cpp) always build,
+  through torch.utils.cpp_extension (pybind11 + ninja).
+* The CUDA kernels (csrc/cuda/*.cu) include no torch header (the CPU torch wheel ships
+  none): nvcc compiles them to plain objects that are linked into the same extension,
+  together with the static CUDA runtime, so the module imports on a machine with no GPU
+  and no libcudart on the loader path.
+  RCAR_FAST_CUDA=0 skips them, RCAR_FAST_CUDA=1 makes a missing nvcc an error; unset,
+  they build whenever nvcc is found.
+* Triton kernels live in kernels/ and ship as the subpackage rcar_fast.kernels.
+"""
+import glob
+import os
+import shutil
+import subprocess
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# sm_80 (A100) portable path and sm_90a (H100/H200, wgmma/TMA), plus PTX for newer parts.
+CUDA_ARCH_FLAGS = [
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90a,code=sm_90a",
+    "-gencode=arch=compute_90,code=compute_90",
+]
+
+
+def find_cuda_home():
+    """The CUDA toolkit root, or None. nvcc on PATH may be a wrapper script, so prefer
+    CUDA_HOME / CUDA_PATH, then /usr/local/cuda, then the directory above nvcc."""
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(env)
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def want_cuda():
+    flag = os.environ.get("RCAR_FAST_CUDA", "").strip()
+    home = find_cuda_home()
+    if flag == "0":
+        return None
+    if flag == "1" and home is None:
+        raise RuntimeError("RCAR_FAST_CUDA=1 but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
+    return home
+
+
+class BuildWithNvccObjects(BuildExtension):
+    """Compiles csrc/cuda/*.cu with nvcc into objects before linking the extension."""
+
+    def build_extensions(self):
+        cuda_home = want_cuda()
+        if cuda_home is not None:
+            objects = self.compile_cuda_objects(cuda_home)
+            lib_dir = next(
+                d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib"))
+                if os.path.exists(os.path.join(d, "libcudart_static.a"))
+            )
+            for ext in self.extensions:
+                ext.extra_objects += objects
+                ext.define_macros.append(("RCAR_FAST_WITH_CUDA", "1"))
+                ext.include_dirs.append(os.path.join(cuda_home, "include"))
+                ext.library_dirs.append(lib_dir)
+                ext.libraries += ["cudart_static", "rt", "pthread", "dl"]
+        super().build_extensions()
+
+    def compile_cuda_objects(self, cuda_home):
+        nvcc = os.path.join(cuda_home, "bin", "nvcc")
+        out_dir = os.path.join(self.build_temp, "cuda_objects")
+        os.makedirs(out_dir, exist_ok=True)
+        objects = []
+        for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
+            obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+            deps = [src] + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.h"))
+            if not os.path.exists(obj) or os.path.getmtime(obj) < max(map(os.path.getmtime, deps)):
+                cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
+                       "-Xcompiler", "-fPIC", "-I", os.path.join(ROOT, "csrc"),
+                       *CUDA_ARCH_FLAGS]
+                print(" ".join(cmd), flush=True)
+                subprocess.check_call(cmd)
+            objects.append(obj)
+        return objects
+
+
+def cpu_openmp_flags():
+    # The CPU kernels parallelise over tiles with OpenMP; torch's CPU wheel links libgomp.
+    return ["-fopenmp"]
+
+
+ext = CppExtension(
+    name="rcar_fast._C",
+    sources=sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + ["csrc/bindings.cpp"],
+    include_dirs=[os.path.join(ROOT, "csrc")],
+    extra_compile_args=["-O3", "-std=c++20", *cpu_openmp_flags()],
+    extra_link_args=cpu_openmp_flags(),
+)
+
+setup(
+    packages=["rcar_fast", "rcar_fast.ops", "rcar_fast.kernels"],
+    package_dir={"rcar_fast": "rcar_fast", "rcar_fast.kernels": "kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildWithNvccObjects.with_options(use_ninja=True)},
+)
