@@ -98,7 +98,7 @@ def cpu_openmp_flags():
 
 ext = CppExtension(
     name="rcar_fast._C",
-    sources=sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + ["csrc/bindings.cpp"],
+    sources=sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cpp"))),
     include_dirs=[os.path.join(ROOT, "csrc")],
     extra_compile_args=["-O3", "-std=c++20", *cpu_openmp_flags()],
     extra_link_args=cpu_openmp_flags(),

@@ -1,0 +1,4 @@
+"""`python -m rcar_fast ...` is the `rcar-fast` command."""
+from rcar_fast.cli import main
+
+raise SystemExit(main())

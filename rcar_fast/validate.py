@@ -1,0 +1,93 @@
+"""Input checks for every public entry point, in one place.
+
+Each check raises TypeError (wrong kind of object / dtype) or ValueError (wrong shape / value)
+with a message that names the argument and says what was expected, before any compute runs.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LensLike = Union[torch.Tensor, Sequence[int], np.ndarray]
+
+
+def _require_tensor(x, name: str, shape_doc: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
+    return x
+
+
+def features(x, name: str, shape_doc: str) -> torch.Tensor:
+    """A (n, rows, d) floating-point feature tensor with no empty dimension."""
+    _require_tensor(x, name, shape_doc)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape {shape_doc} (3 dims), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if 0 in x.shape:
+        raise ValueError(f"{name} must be non-empty {shape_doc}, got shape {tuple(x.shape)}")
+    return x
+
+
+def lengths(lens: LensLike, n_cap: int, max_len: int, device: torch.device) -> torch.Tensor:
+    """Caption lengths as an int64 tensor on `device`, each in [1, max_len]."""
+    if isinstance(lens, np.ndarray):
+        lens = torch.from_numpy(lens)
+    elif not isinstance(lens, torch.Tensor):
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in lens):
+            raise TypeError("lens must hold integers (caption lengths), got "
+                            f"{[type(v).__name__ for v in lens][:3]}...")
+        lens = torch.tensor(list(lens), dtype=torch.int64)
+    if lens.dtype.is_floating_point or lens.dtype.is_complex or lens.dtype == torch.bool:
+        raise TypeError(f"lens must be an integer tensor of shape ({n_cap},), got dtype {lens.dtype}")
+    if lens.dim() != 1 or lens.shape[0] != n_cap:
+        raise ValueError(f"lens must have shape (n_cap,) = ({n_cap},), got {tuple(lens.shape)}")
+    if lens.device.type != "cpu" and lens.device != device:
+        raise ValueError(f"lens must be on the CPU or on cap's device {device}, got {lens.device}")
+    lo, hi = int(lens.min()), int(lens.max())
+    if lo < 1 or hi > max_len:
+        raise ValueError(f"lens must lie in [1, Lmax={max_len}] (Lmax = cap.shape[1]), got min {lo}, max {hi}")
+    return lens.to(device=device, dtype=torch.int64)
+
+
+def word_mask(lens: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(n_cap, max_len) bool, True at real (non-padding) word positions."""
+    return torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
+
+
+def similarity_inputs(img, cap, lens: LensLike, check_finite: bool = True) -> torch.Tensor:
+    """Checks (img, cap, lens) of an all-pairs similarity call; returns lens as int64 on
+    cap's device. NaN/Inf are allowed in caption padding only."""
+    features(img, "img", "(n_img, R, d)")
+    features(cap, "cap", "(n_cap, Lmax, d)")
+    if img.shape[2] != cap.shape[2]:
+        raise ValueError(f"img and cap must share the feature size d: img is {tuple(img.shape)} "
+                         f"(d={img.shape[2]}), cap is {tuple(cap.shape)} (d={cap.shape[2]})")
+    if img.device != cap.device:
+        raise ValueError(f"img and cap must be on the same device, got img on {img.device}, cap on {cap.device}")
+    if img.dtype != cap.dtype:
+        raise TypeError(f"img and cap must have the same dtype, got img {img.dtype}, cap {cap.dtype}")
+    lens_t = lengths(lens, cap.shape[0], cap.shape[1], cap.device)
+    if check_finite:
+        if not bool(torch.isfinite(img).all()):
+            raise ValueError("img holds NaN or Inf values")
+        real = word_mask(lens_t, cap.shape[1])
+        if not bool(torch.isfinite(cap[real]).all()):
+            raise ValueError("cap holds NaN or Inf at real word positions (positions < lens); "
+                             "only padding may be non-finite")
+    return lens_t
+
+
+def choice(value, name: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
+def positive_number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)

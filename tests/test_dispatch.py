@@ -1,0 +1,97 @@
+"""Backend choice: what backends() reports on this machine, and that asking for a backend that
+cannot run fails with the reason instead of silently running something else."""
+import pytest
+import torch
+
+import rcar_fast
+from rcar_fast import dispatch
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def _inputs(dtype=torch.float32):
+    img = torch.randn(2, 3, 4, dtype=dtype)
+    cap = torch.randn(3, 5, 4, dtype=dtype)
+    return img, cap, torch.tensor([5, 1, 3])
+
+
+def test_backends_lists_every_backend_with_a_reason():
+    report = rcar_fast.backends()
+    assert set(report) == set(dispatch.BACKENDS)
+    for name, entry in report.items():
+        assert isinstance(entry["available"], bool)
+        assert entry["reason"], name
+        assert (entry["reason"] == "available") == entry["available"]
+    assert report["reference"]["available"] and report["reference_loop"]["available"]
+    assert {"gram", "scan", "rcar"} <= set(report["reference"]["ops"])
+    assert "gram" in report["cpu"]["ops"] and "gram" in report["triton"]["ops"]
+
+
+def test_cpu_backend_is_built_here():
+    # CI builds the extension: its absence is a build failure, not something to skip past.
+    assert rcar_fast.backends()["cpu"]["available"], rcar_fast.backends()["cpu"]["reason"]
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU report")
+def test_cuda_reason_without_gpu():
+    entry = rcar_fast.backends()["cuda"]
+    assert not entry["available"]
+    native = dispatch.native_module()
+    if native.built_with_cuda():
+        assert "no CUDA GPU" in entry["reason"]
+    else:
+        assert "without CUDA" in entry["reason"]
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU report")
+def test_triton_runs_in_interpreter_only_when_asked(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.environment_reason("triton", "cpu") is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in dispatch.environment_reason("triton", "cpu")
+
+
+def test_auto_never_picks_the_triton_interpreter():
+    impl = dispatch.choose("gram", "auto", torch.device("cpu"), torch.float32)
+    assert impl.backend == "cpu"
+
+
+def test_auto_falls_back_to_reference_for_unsupported_dtype():
+    # the C++ Gram kernel takes fp32/fp64 only; fp16 on CPU must go to the reference
+    impl = dispatch.choose("gram", "auto", torch.device("cpu"), torch.float16)
+    assert impl.backend == "reference"
+
+
+def test_explicit_unusable_backend_raises_with_reason():
+    with pytest.raises(dispatch.BackendUnavailable, match="dtype torch.float16 not supported"):
+        rcar_fast.gram(torch.randn(1, 2, 3).half(), backend="cpu")
+    if not HAS_GPU:
+        with pytest.raises(dispatch.BackendUnavailable, match="cuda"):
+            rcar_fast.gram(torch.randn(1, 2, 3), backend="cuda")
+
+
+def test_explain_names_every_backend():
+    why = dispatch.explain("gram", torch.device("cpu"), torch.float16)
+    assert set(why) == set(dispatch.BACKENDS)
+    assert why["reference"] == "usable"
+    assert "not supported" in why["cpu"]
+
+
+def test_unknown_backend_and_unknown_op():
+    img, cap, lens = _inputs()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rcar_fast.scan_similarity(img, cap, lens, backend="tpu")
+    assert "no implementation" in dispatch.rejection("no_such_op", "cpu", torch.device("cpu"), torch.float32)
+
+
+def test_register_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend"):
+        dispatch.register("gram", "opencl", lambda x: x)
+
+
+def test_reference_backends_agree_on_scan():
+    img, cap, lens = _inputs(torch.float64)
+    a = rcar_fast.scan_similarity(img, cap, lens, backend="reference")
+    b = rcar_fast.scan_similarity(img, cap, lens, backend="reference_loop")
+    assert a.shape == (2, 3) and a.dtype == torch.float64
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
