@@ -1,0 +1,191 @@
+// Shared plumbing of the fused CPU kernels (scan.cpp, rcar.cpp): per-tile GEMMs through ATen
+// (MKL / OpenBLAS inside torch), a thread team over tiles, packed caption words.
+//
+// Threading model: one OpenMP team works through independent tiles; every GEMM of a tile runs
+// on the calling thread. ATen and MKL see that they are inside a parallel region and stay
+// single-threaded, so there is no oversubscription, and each thread's tile buffers stay in its
+// own cache.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <string>
+#include <vector>
+
+// The pair reductions are compiled twice: for the baseline ISA the extension is built with,
+// and for AVX2+FMA, chosen at run time. The bodies are always_inline templates so that each
+// wrapper gets its own vectorised copy.
+#define RCAR_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) || defined(__i386__)
+#define RCAR_HAVE_AVX2_CLONE 1
+#define RCAR_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define RCAR_HAVE_AVX2_CLONE 0
+#define RCAR_TARGET_AVX2
+#endif
+
+namespace rcar_cpu::detail {
+
+constexpr double kEps = 1e-8;
+
+inline bool cpu_has_avx2_fma() {
+#if RCAR_HAVE_AVX2_CLONE
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Which compiled copy of the pair reductions runs: -1 automatic (AVX2+FMA when the CPU has
+// it), 0 the baseline copy, 1 AVX2. Tests force the baseline copy to cover it on AVX2 machines.
+inline std::atomic<int>& simd_path_override() {
+  static std::atomic<int> path{-1};
+  return path;
+}
+
+inline bool use_avx2_path() {
+  const int forced = simd_path_override().load();
+  return forced < 0 ? cpu_has_avx2_fma() : (forced == 1 && cpu_has_avx2_fma());
+}
+
+template <typename T>
+at::ScalarType scalar_type_of() {
+  return c10::CppTypeToScalarType<T>::value;
+}
+
+// A (rows x cols) row-major matrix with leading dimension ld, viewed as a tensor (no copy).
+template <typename T>
+at::Tensor view2d(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(scalar_type_of<T>()));
+}
+
+// out (m x n) = [out +] a @ b, for a (m x k) and b (k x n) views (possibly transposed). Runs
+// single-threaded when called inside the tile team. Tensors are handles: `out` aliases the
+// caller's buffer.
+inline void matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (accumulate) {
+    out.addmm_(a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
+// out = bias + a @ w^T for an nn.Linear weight w (out_features x in_features).
+inline void linear_into(at::Tensor out, const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias) {
+  at::addmm_out(out, bias, a, w.t());
+}
+
+// Runs body(task, thread) for task in [0, n) on a team of at::get_num_threads() threads,
+// dynamically scheduled (tiles are ragged and the machine may be shared). The first exception
+// thrown by any task is rethrown on the caller's thread once the team has finished.
+template <typename Body>
+void run_tasks(int64_t n, Body&& body) {
+  if (n <= 0) return;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n)));
+  std::exception_ptr failure;
+  std::mutex failure_mutex;
+#pragma omp parallel num_threads(threads)
+  {
+    // No autograd bookkeeping for the tile views and GEMMs.
+    c10::InferenceMode inference_guard;
+    const int thread = omp_get_thread_num();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n; ++task) {
+      bool skip;
+      {
+        std::lock_guard<std::mutex> lock(failure_mutex);
+        skip = failure != nullptr;
+      }
+      if (skip) continue;
+      try {
+        body(task, thread);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(failure_mutex);
+        if (!failure) failure = std::current_exception();
+      }
+    }
+  }
+  if (failure) std::rethrow_exception(failure);
+}
+
+inline int team_size(int64_t tasks) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks)));
+}
+
+// Caption words without their padding: row offsets[j] .. offsets[j+1] of `words` are caption
+// j's lens[j] real words. Padding is never read.
+template <typename T>
+struct PackedWords {
+  at::Tensor words;              // (total_words, d), contiguous
+  std::vector<int64_t> offsets;  // n_cap + 1
+  int64_t max_len = 0;
+};
+
+template <typename T>
+PackedWords<T> pack_words(const at::Tensor& cap, const at::Tensor& lens) {
+  const int64_t n_cap = cap.size(0), d = cap.size(2);
+  const at::Tensor lens64 = lens.to(at::kLong).contiguous();
+  const int64_t* lp = lens64.data_ptr<int64_t>();
+  PackedWords<T> packed;
+  packed.offsets.resize(n_cap + 1, 0);
+  for (int64_t j = 0; j < n_cap; ++j) {
+    packed.offsets[j + 1] = packed.offsets[j] + lp[j];
+    packed.max_len = std::max(packed.max_len, lp[j]);
+  }
+  packed.words = at::empty({packed.offsets[n_cap], d}, cap.options());
+  const T* src = cap.data_ptr<T>();
+  T* dst = packed.words.template data_ptr<T>();
+  const int64_t s0 = cap.stride(0), s1 = cap.stride(1);
+  const auto& off = packed.offsets;
+  at::parallel_for(0, n_cap, 16, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t w = 0; w < lp[j]; ++w)
+        std::memcpy(dst + (off[j] + w) * d, src + j * s0 + w * s1, sizeof(T) * d);
+  });
+  return packed;
+}
+
+// Scatters packed per-word rows back to (n_cap, Lmax, d), zeros at the padding.
+template <typename T>
+at::Tensor unpack_words(const at::Tensor& packed, const std::vector<int64_t>& offsets,
+                        int64_t n_cap, int64_t max_len) {
+  const int64_t d = packed.size(1);
+  at::Tensor out = at::zeros({n_cap, max_len, d}, packed.options());
+  const T* src = packed.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  at::parallel_for(0, n_cap, 16, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j)
+      std::memcpy(dst + j * max_len * d, src + offsets[j] * d,
+                  sizeof(T) * d * (offsets[j + 1] - offsets[j]));
+  });
+  return out;
+}
+
+// Contiguous block boundaries [b[t], b[t+1]) over n items, each block at most `target` in
+// total weight (a single heavier item gets a block of its own).
+inline std::vector<int64_t> weighted_blocks(const std::vector<int64_t>& prefix_weight, int64_t target) {
+  const int64_t n = static_cast<int64_t>(prefix_weight.size()) - 1;
+  std::vector<int64_t> bounds{0};
+  int64_t start = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (j > start && prefix_weight[j + 1] - prefix_weight[start] > target) {
+      bounds.push_back(j);
+      start = j;
+    }
+  }
+  if (n > 0) bounds.push_back(n);
+  return bounds;
+}
+
+}  // namespace rcar_cpu::detail

@@ -1,0 +1,608 @@
+"""Fused all-pairs RCAR similarity head (SIMILARITY.md, "RCAR similarity head") in Triton.
+
+One persistent kernel computes the whole head -- every alignment step, RCR and RAR, and the
+final score -- for tiles of pairs that share one CONTEXT SET:
+
+* t2i: the context set is one image's R regions; the tile's rows are the words of up to BSEG
+  captions packed back to back (each caption whole, so norms over a pair's queries stay inside
+  the tile; captions packed longest first).
+* i2t: the context set is one caption's L words; the rows are the regions of up to BSEG images.
+
+Every GEMM of a tile therefore has a shared operand: the context set (raw scores, attended
+context) or a head weight (alignment d->s, RCR, RAR), and the rows are many queries. Per tile
+and step:
+
+  pass 1 over d chunks: modulation m chunk (RCR's s->2s->d MLP: its second layer evaluated per
+      d chunk from the hidden layers kept in the program's scratch), raw scores S = (q*m) C^T;
+  on chip: clipped_l2norm of S over each pair's queries (segment sums as one-hot matmuls),
+      softmax over the context with the per-row temperature lambda, |ctx|^2 = alpha G alpha^T
+      with the context set's Gram matrix G (precomputed per set: so l2norm(ctx) is known
+      before ctx is formed);
+  pass 2 over d chunks: ctx chunk = alpha C_chunk, (q - ctx/|ctx|)^2 multiplied straight into
+      the alignment GEMM (accumulated over d chunks): no (rows, d) tensor leaves the chip;
+  then v = l2norm(W_a(...) + b) (rows, s) -> scratch; RCR (hidden layer -> scratch, lambda
+      update); RAR (segment softmax over each pair's queries, h update); the score
+      sigmoid(w_e . h + b_e) (only_rcr: mean cosine with the final m, lambda).
+
+Memory traffic besides inputs, weights and one score per pair: a per-PROGRAM scratch (the grid
+is a fixed number of programs walking all (context set, tile) work items) holding the tile's v
+(ROWS x s) and RCR hidden layers (ROWS x 2s per RCR step), re-read from L1/L2 by the same
+program. Nothing of size (pairs, Q, d) or (pairs, Q, s) is written to memory. Host-side
+preparation: the query rows packed per tile (about the size of the query features), the context
+Gram matrices (n_sets x CP x CP fp32), padded weights.
+
+Numerics: elementwise math in fp32. GEMM operands are the "operand dtype" (the dtype of the
+packed weights): fp32 with input_precision="ieee" (exact FMA path) for fp32 inputs and in the
+interpreter, bf16/fp16 on tensor cores for low-precision inputs; accumulation always fp32.
+
+Packed weights (built by rcar_fast/ops/rcar_triton.py, zero-padded so padded lanes contribute
+nothing): see `WEIGHT_LAYOUT`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# eps = 1e-8 of the public code appears as a literal in the kernels (a jitted function can only
+# read constexpr globals).
+MODES = {"only_rar": 0, "only_rcr": 1, "coop_rcar": 2}
+
+# name -> (shape, dtype kind). n_alv / n_rcr / n_rar are the module counts (at least 1 slot: an
+# absent module list gets a zero dummy). DP = d rounded up to the d chunk, SP = pow2 >= max(s, 16),
+# HP = pow2 >= max(2s, 16), HSP = pow2 >= max(s // 2, 16). "op" = operand dtype, "f32" = float32.
+WEIGHT_LAYOUT = {
+    "wa": ("(n_alv, DP, SP)", "op"),   # alv_modules[t].sim_transform_w.weight^T
+    "ba": ("(n_alv, SP)", "f32"),
+    "w1": ("(n_rcr, SP, HP)", "op"),   # rcr_modules[t].rcr_matrix_w[0].weight^T
+    "b1": ("(n_rcr, HP)", "f32"),
+    "w2": ("(n_rcr, HP, DP)", "op"),   # rcr_modules[t].rcr_matrix_w[2].weight^T
+    "b2": ("(n_rcr, DP)", "f32"),
+    "ws1": ("(n_rcr, SP, HSP)", "op"),  # rcr_modules[t].rcr_smooth_w[0].weight^T
+    "bs1": ("(n_rcr, HSP)", "f32"),
+    "ws2": ("(n_rcr, HSP)", "f32"),    # rcr_modules[t].rcr_smooth_w[2].weight[0]
+    "bs2": ("(n_rcr,)", "f32"),
+    "wq": ("(n_rar, SP, SP)", "op"),   # rar_modules[n].rar_q_w[0].weight^T
+    "bq": ("(n_rar, SP)", "f32"),
+    "wk": ("(n_rar, SP, SP)", "op"),   # rar_modules[n].rar_k_w[0].weight^T
+    "bk": ("(n_rar, SP)", "f32"),
+    "wv": ("(n_rar, SP)", "f32"),      # rar_modules[n].rar_v_w[0].weight[0]
+    "bv": ("(n_rar,)", "f32"),
+    "we": ("(SP,)", "f32"),            # sim_eval_w.weight[0]
+    "be": ("(1,)", "f32"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Small elementwise helpers (exp-based: portable across triton versions and the interpreter)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|) <= 1: no overflow for any x.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _l2norm_rows(x):
+    # x / (sqrt(sum x^2) + eps), eps added to the norm as in the public code.
+    return x / (tl.sqrt(tl.sum(x * x, axis=1)) + 1e-8)[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loads
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_query_chunk(q_tile, d0, DP, ROWS: tl.constexpr, DC: tl.constexpr):
+    """(ROWS, DC) chunk of the tile's packed query rows (unused rows are zeros), in the
+    stored dtype: a load feeding a dot directly lets triton pipeline it (async copies)."""
+    offs = tl.arange(0, ROWS)[:, None] * DP + (d0 + tl.arange(0, DC))[None, :]
+    return tl.load(q_tile + offs)
+
+
+@triton.jit
+def _load_context_chunk(c_base, ctx_ok, d0, DP, CP: tl.constexpr, DC: tl.constexpr):
+    """(CP, DC) chunk of the context set in the stored dtype; padding items are never read
+    (NaN-safe) and come back as 0."""
+    offs = tl.arange(0, CP)[:, None] * DP + (d0 + tl.arange(0, DC))[None, :]
+    return tl.load(c_base + offs, mask=ctx_ok[:, None], other=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of one alignment step
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _modulation_chunk(scr, w2_ptr, b2_ptr, d0, DP, N_MOD: tl.constexpr, ROWS: tl.constexpr,
+                      HP: tl.constexpr, HC: tl.constexpr, DC: tl.constexpr, PREC: tl.constexpr):
+    """m[:, d0:d0+DC] after N_MOD RCR updates: m <- clamp(tanh(H1_u W2_u + b2_u) + m, -1, 1),
+    with the hidden layers H1_u (ROWS, HP) read back from this program's scratch."""
+    rows = tl.arange(0, ROWS)
+    ds = d0 + tl.arange(0, DC)
+    m = tl.full((ROWS, DC), 1.0, tl.float32)
+    for u in tl.static_range(N_MOD):
+        z = tl.zeros((ROWS, DC), tl.float32)
+        for h0 in range(0, HP, HC):
+            hs = h0 + tl.arange(0, HC)
+            hid = tl.load(scr + u * ROWS * HP + rows[:, None] * HP + hs[None, :])
+            w2 = tl.load(w2_ptr + u * HP * DP + hs[:, None].to(tl.int64) * DP + ds[None, :])
+            z += tl.dot(hid, w2, input_precision=PREC)
+        z += tl.load(b2_ptr + u * DP + ds)[None, :]
+        m = tl.minimum(tl.maximum(_tanh(z) + m, -1.0), 1.0)
+    return m
+
+
+@triton.jit
+def _attention(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr, DP,
+               N_MOD: tl.constexpr, ROWS: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr,
+               HC: tl.constexpr, DC: tl.constexpr, OPD: tl.constexpr, PREC: tl.constexpr,
+               SEG_PREC: tl.constexpr):
+    """alpha (ROWS, CP) = softmax_c(lambda * clipped_l2norm(S)), S = (q * m) C^T."""
+    scores = tl.zeros((ROWS, CP), tl.float32)
+    for d0 in range(0, DP, DC):
+        q = _load_query_chunk(q_tile, d0, DP, ROWS, DC)
+        c = _load_context_chunk(c_base, ctx_ok, d0, DP, CP, DC).to(OPD)
+        if N_MOD > 0:
+            m = _modulation_chunk(scr, w2_ptr, b2_ptr, d0, DP, N_MOD, ROWS, HP, HC, DC, PREC)
+            q = q.to(tl.float32) * m
+        scores += tl.dot(q.to(OPD), tl.trans(c), input_precision=PREC)
+    # clipped_l2norm over each pair's queries, per context item: segment sums of squares via
+    # the (ROWS, BSEG) one-hot matrix, broadcast back to the rows by the transposed product.
+    x = tl.where(scores > 0, scores, 0.1 * scores)
+    x = tl.where(row_ok[:, None], x, 0.0)
+    per_seg = tl.dot(tl.trans(onehot), x * x, input_precision=SEG_PREC)
+    per_row = tl.dot(onehot, per_seg, input_precision=SEG_PREC)
+    a = x / (tl.sqrt(per_row) + 1e-8)
+    logits = tl.where(ctx_ok[None, :], lam[:, None] * a, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def _alignment(q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr,
+               wa_ptr, ba_ptr, DP, STEP: tl.constexpr, N_MOD: tl.constexpr,
+               ROWS: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr, HP: tl.constexpr,
+               HC: tl.constexpr, DC: tl.constexpr, OPD: tl.constexpr, PREC: tl.constexpr,
+               SEG_PREC: tl.constexpr):
+    """v (ROWS, SP) = l2norm(W_a (q - l2norm(ctx))^2 + b_a) of alignment step STEP."""
+    alpha = _attention(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr, DP,
+                       N_MOD, ROWS, CP, HP, HC, DC, OPD, PREC, SEG_PREC)
+    # |ctx_k|^2 = alpha_k G alpha_k^T with the context set's Gram matrix G (precomputed):
+    # l2norm(ctx) is known before ctx is formed, so ctx can be consumed chunk by chunk.
+    cs = tl.arange(0, CP)
+    gram = tl.load(g_base + cs[:, None] * CP + cs[None, :])
+    sq = tl.sum(tl.dot(alpha, gram, input_precision=SEG_PREC) * alpha, axis=1)
+    inv_norm = 1.0 / (tl.sqrt(tl.maximum(sq, 0.0)) + 1e-8)
+    alpha_op = alpha.to(OPD)
+    ss = tl.arange(0, SP)
+    acc = tl.zeros((ROWS, SP), tl.float32)
+    wa = wa_ptr + STEP * DP * SP
+    for d0 in range(0, DP, DC):
+        ds = d0 + tl.arange(0, DC)
+        q = _load_query_chunk(q_tile, d0, DP, ROWS, DC).to(tl.float32)
+        c = _load_context_chunk(c_base, ctx_ok, d0, DP, CP, DC).to(OPD)
+        ctx = tl.dot(alpha_op, c, input_precision=PREC)
+        diff = q - ctx * inv_norm[:, None]
+        w = tl.load(wa + ds[:, None] * SP + ss[None, :])
+        acc += tl.dot((diff * diff).to(OPD), w, input_precision=PREC)
+    acc += tl.load(ba_ptr + STEP * SP + ss)[None, :]
+    return _l2norm_rows(acc)
+
+
+@triton.jit
+def _mean_cosine(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr, DP,
+                 N_MOD: tl.constexpr, ROWS: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr,
+                 HC: tl.constexpr, DC: tl.constexpr, OPD: tl.constexpr, PREC: tl.constexpr,
+                 SEG_PREC: tl.constexpr):
+    """only_rcr's score per segment: mean_k cos(q_k, l2norm(ctx_k)) with the final (m, lambda)."""
+    alpha = _attention(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr, DP,
+                       N_MOD, ROWS, CP, HP, HC, DC, OPD, PREC, SEG_PREC)
+    alpha_op = alpha.to(OPD)
+    q_ctx = tl.zeros((ROWS,), tl.float32)
+    ctx_sq = tl.zeros((ROWS,), tl.float32)
+    q_sq = tl.zeros((ROWS,), tl.float32)
+    for d0 in range(0, DP, DC):
+        q = _load_query_chunk(q_tile, d0, DP, ROWS, DC).to(tl.float32)
+        c = _load_context_chunk(c_base, ctx_ok, d0, DP, CP, DC).to(OPD)
+        ctx = tl.dot(alpha_op, c, input_precision=PREC)
+        q_ctx += tl.sum(q * ctx, axis=1)
+        ctx_sq += tl.sum(ctx * ctx, axis=1)
+        q_sq += tl.sum(q * q, axis=1)
+    n = tl.sqrt(ctx_sq)
+    # cos(q, u) with u = ctx / (|ctx| + eps): (q . u) / max(|q| |u|, eps).
+    cos = (q_ctx / (n + 1e-8)) / tl.maximum(tl.sqrt(q_sq) * (n / (n + 1e-8)), 1e-8)
+    cos = tl.where(row_ok, cos, 0.0)
+    seg_len = tl.sum(onehot, axis=0)
+    return tl.sum(onehot * cos[:, None], axis=0) / tl.maximum(seg_len, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regulators and aggregation
+# ---------------------------------------------------------------------------------------------
+
+# The alignment vectors v (ROWS, SP) of the current step live in a per-program scratch (written
+# once per step, re-read from L1/L2): the s-wide GEMMs below then stream v in K chunks like a
+# weight, so neither v nor a whole (ROWS, SP) operand has to sit in registers / shared memory.
+
+@triton.jit
+def _store_rows(vscr, v, ROWS: tl.constexpr, SP: tl.constexpr):
+    offs = tl.arange(0, ROWS)[:, None] * SP + tl.arange(0, SP)[None, :]
+    # Every thread is done reading the previous step's v before it is overwritten, and the new
+    # v is complete before any thread of this program reads it back.
+    tl.debug_barrier()
+    tl.store(vscr + offs, v.to(vscr.dtype.element_ty))
+    tl.debug_barrier()
+
+
+@triton.jit
+def _rows_times_weight(vscr, w_ptr, ldw, n0, ROWS: tl.constexpr, SP: tl.constexpr,
+                       KC: tl.constexpr, NC: tl.constexpr, PREC: tl.constexpr):
+    """(ROWS, NC) fp32 = v @ W[:, n0:n0+NC], W row-major with leading dimension ldw."""
+    rows = tl.arange(0, ROWS)
+    ns = n0 + tl.arange(0, NC)
+    acc = tl.zeros((ROWS, NC), tl.float32)
+    for k0 in range(0, SP, KC):
+        ks = k0 + tl.arange(0, KC)
+        a = tl.load(vscr + rows[:, None] * SP + ks[None, :])
+        b = tl.load(w_ptr + ks[:, None] * ldw + ns[None, :])
+        acc += tl.dot(a, b, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _pool_rows(vscr, share, ROWS: tl.constexpr, SP: tl.constexpr, OPD: tl.constexpr,
+               PREC: tl.constexpr):
+    """(BSEG, SP) fp32 = share^T v: per-segment weighted sums of the rows' v."""
+    offs = tl.arange(0, ROWS)[:, None] * SP + tl.arange(0, SP)[None, :]
+    return tl.dot(tl.trans(share).to(OPD), tl.load(vscr + offs), input_precision=PREC)
+
+
+@triton.jit
+def _segment_mean(vscr, onehot, ROWS: tl.constexpr, SP: tl.constexpr, OPD: tl.constexpr,
+                  PREC: tl.constexpr):
+    """(BSEG, SP): mean of v over each segment's rows (h at step 0)."""
+    seg_len = tl.sum(onehot, axis=0)
+    return _pool_rows(vscr, onehot / tl.maximum(seg_len, 1.0)[None, :], ROWS, SP, OPD, PREC)
+
+
+@triton.jit
+def _rcr(vscr, lam, scr, w1_ptr, b1_ptr, ws1_ptr, bs1_ptr, ws2_ptr, bs2_ptr, STEP: tl.constexpr,
+         ROWS: tl.constexpr, SP: tl.constexpr, HP: tl.constexpr, HSP: tl.constexpr,
+         HC: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr):
+    """RCR STEP: writes the hidden layer tanh(v W1 + b1) (ROWS, HP) to scratch slot STEP (the
+    d-wide second layer is applied per d chunk by the next steps) and returns the new lambda."""
+    rows = tl.arange(0, ROWS)
+    for h0 in range(0, HP, HC):
+        hs = h0 + tl.arange(0, HC)
+        z = _rows_times_weight(vscr, w1_ptr + STEP * SP * HP, HP, h0, ROWS, SP, KC, HC, PREC)
+        z += tl.load(b1_ptr + STEP * HP + hs)[None, :]
+        tl.store(scr + STEP * ROWS * HP + rows[:, None] * HP + hs[None, :],
+                 _tanh(z).to(scr.dtype.element_ty))
+    hss = tl.arange(0, HSP)
+    hid = _rows_times_weight(vscr, ws1_ptr + STEP * SP * HSP, HSP, 0, ROWS, SP, KC, HSP, PREC)
+    hid = _tanh(hid + tl.load(bs1_ptr + STEP * HSP + hss)[None, :])
+    delta = tl.sum(hid * tl.load(ws2_ptr + STEP * HSP + hss)[None, :], axis=1)
+    delta += tl.load(bs2_ptr + STEP)
+    # The hidden layer is read back by other threads of this program in the next step.
+    tl.debug_barrier()
+    return tl.maximum(delta + lam, 0.0)
+
+
+@triton.jit
+def _rar(vscr, h, onehot, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+         STEP: tl.constexpr, ROWS: tl.constexpr, BSEG: tl.constexpr, SP: tl.constexpr,
+         NC: tl.constexpr, KC: tl.constexpr, OPD: tl.constexpr, PREC: tl.constexpr):
+    """RAR STEP (eval mode: dropout off): h <- l2norm(sum_k softmax_k(logit_k) v_k) per segment,
+    logit_k = w_v . (tanh(W_k v_k + b_k) * tanh(W_q h + b_q)) + b_v."""
+    ss = tl.arange(0, SP)
+    h_op = h.to(OPD)
+    # Every row against every segment's question, (ROWS, BSEG); each row then keeps its own
+    # segment's column. Built NC features at a time so that neither the keys (ROWS, SP) nor the
+    # questions (BSEG, SP) are ever whole in registers.
+    all_logits = tl.zeros((ROWS, BSEG), tl.float32)
+    for n0 in range(0, SP, NC):
+        ns = n0 + tl.arange(0, NC)
+        wq = tl.load(wq_ptr + STEP * SP * SP + ss[:, None] * SP + ns[None, :])
+        question = _tanh(tl.dot(h_op, wq, input_precision=PREC)
+                         + tl.load(bq_ptr + STEP * SP + ns)[None, :])           # (BSEG, NC)
+        keys = _rows_times_weight(vscr, wk_ptr + STEP * SP * SP, SP, n0, ROWS, SP, KC, NC, PREC)
+        keys = _tanh(keys + tl.load(bk_ptr + STEP * SP + ns)[None, :])         # (ROWS, NC)
+        keys = keys * tl.load(wv_ptr + STEP * SP + ns)[None, :]
+        all_logits += tl.dot(keys.to(OPD), tl.trans(question.to(OPD)), input_precision=PREC)
+    logit = tl.sum(all_logits * onehot, axis=1) + tl.load(bv_ptr + STEP)
+    # Softmax over each segment's rows.
+    member = onehot > 0
+    seg_max = tl.max(tl.where(member, logit[:, None], float("-inf")), axis=0)
+    row_max = tl.max(tl.where(member, seg_max[None, :], float("-inf")), axis=1)
+    e = tl.where(row_ok, tl.exp(logit - tl.where(row_ok, row_max, 0.0)), 0.0)
+    seg_sum = tl.sum(onehot * e[:, None], axis=0)
+    row_sum = tl.sum(onehot * seg_sum[None, :], axis=1)
+    weight = e / tl.where(row_ok, row_sum, 1.0)
+    # sum_k w_k v_k per segment: the weights folded into the one-hot matrix.
+    return _l2norm_rows(_pool_rows(vscr, onehot * weight[:, None], ROWS, SP, OPD, PREC))
+
+
+@triton.jit
+def _eval_score(h, we_ptr, be_ptr, SP: tl.constexpr):
+    ss = tl.arange(0, SP)
+    return _sigmoid(tl.sum(h * tl.load(we_ptr + ss)[None, :], axis=1) + tl.load(be_ptr))
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_ptr,
+                 out_ptr, stride_out_set, stride_out_item,
+                 wa_ptr, ba_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ws1_ptr, bs1_ptr, ws2_ptr,
+                 bs2_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, we_ptr, be_ptr,
+                 scratch_ptr, n_tiles, n_work, DP, stride_c_set, smooth,
+                 MODE: tl.constexpr, STEPS: tl.constexpr, N_SLOTS: tl.constexpr,
+                 ROWS: tl.constexpr, BSEG: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr,
+                 HP: tl.constexpr, HSP: tl.constexpr, HC: tl.constexpr, NC: tl.constexpr,
+                 KC: tl.constexpr, DC: tl.constexpr, PREC: tl.constexpr,
+                 SEG_PREC: tl.constexpr):
+    # Persistent: program pid handles work items pid, pid + nprog, ...; work = set * n_tiles +
+    # tile, so neighbouring programs share a context set (L2 reuse).
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    OPD: tl.constexpr = wa_ptr.dtype.element_ty
+    # Per-program scratch: N_SLOTS RCR hidden layers (ROWS, HP), then v (ROWS, SP).
+    scr = scratch_ptr + pid.to(tl.int64) * (N_SLOTS * ROWS * HP + ROWS * SP)
+    vscr = scr + N_SLOTS * ROWS * HP
+    rows = tl.arange(0, ROWS)
+    segs = tl.arange(0, BSEG)
+    cs = tl.arange(0, CP)
+    for work in range(pid, n_work, nprog):
+        set_id = (work // n_tiles).to(tl.int64)
+        tile = (work % n_tiles).to(tl.int64)
+        # The previous work item's last reads of the scratch finish before this one writes it.
+        tl.debug_barrier()
+        seg = tl.load(tile_seg_ptr + tile * ROWS + rows)
+        items = tl.load(tile_items_ptr + tile * BSEG + segs)
+        row_ok = seg >= 0
+        q_tile = q_ptr + tile * ROWS * DP
+        onehot = (seg[:, None] == segs[None, :]).to(tl.float32)
+        ctx_ok = cs < tl.load(c_count_ptr + set_id)
+        c_base = c_ptr + set_id * stride_c_set
+        g_base = gram_ptr + set_id * (CP * CP)
+        lam = tl.full((ROWS,), 1.0, tl.float32) * smooth
+        h = tl.zeros((BSEG, SP), tl.float32)
+        if MODE == 0:
+            # only_rar: one alignment step, h = mean, STEPS RAR updates.
+            _store_rows(vscr, _alignment(q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr,
+                                         w2_ptr, b2_ptr, wa_ptr, ba_ptr, DP, 0, 0, ROWS, CP, SP,
+                                         HP, HC, DC, OPD, PREC, SEG_PREC), ROWS, SP)
+            h = _segment_mean(vscr, onehot, ROWS, SP, OPD, PREC)
+            for n in tl.static_range(STEPS):
+                h = _rar(vscr, h, onehot, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+                         n, ROWS, BSEG, SP, NC, KC, OPD, PREC)
+            score = _eval_score(h, we_ptr, be_ptr, SP)
+        elif MODE == 1:
+            # only_rcr: STEPS (alignment, RCR) rounds, then mean cosine with the final (m, lambda).
+            for t in tl.static_range(STEPS):
+                _store_rows(vscr, _alignment(q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam,
+                                             scr, w2_ptr, b2_ptr, wa_ptr, ba_ptr, DP, t, t, ROWS,
+                                             CP, SP, HP, HC, DC, OPD, PREC, SEG_PREC), ROWS, SP)
+                lam = _rcr(vscr, lam, scr, w1_ptr, b1_ptr, ws1_ptr, bs1_ptr, ws2_ptr, bs2_ptr, t,
+                           ROWS, SP, HP, HSP, HC, KC, PREC)
+            score = _mean_cosine(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr,
+                                 w2_ptr, b2_ptr, DP, STEPS, ROWS, CP, HP, HC, DC, OPD, PREC,
+                                 SEG_PREC)
+        else:
+            # coop_rcar: alignment t, (h = mean at t = 0), RCR t if t < STEPS - 1, RAR t.
+            for t in tl.static_range(STEPS):
+                _store_rows(vscr, _alignment(q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam,
+                                             scr, w2_ptr, b2_ptr, wa_ptr, ba_ptr, DP, t, t, ROWS,
+                                             CP, SP, HP, HC, DC, OPD, PREC, SEG_PREC), ROWS, SP)
+                if t == 0:
+                    h = _segment_mean(vscr, onehot, ROWS, SP, OPD, PREC)
+                if t < STEPS - 1:
+                    lam = _rcr(vscr, lam, scr, w1_ptr, b1_ptr, ws1_ptr, bs1_ptr, ws2_ptr, bs2_ptr,
+                               t, ROWS, SP, HP, HSP, HC, KC, PREC)
+                h = _rar(vscr, h, onehot, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+                         t, ROWS, BSEG, SP, NC, KC, OPD, PREC)
+            score = _eval_score(h, we_ptr, be_ptr, SP)
+        item_off = tl.where(items >= 0, items, 0).to(tl.int64) * stride_out_item
+        out = out_ptr + set_id * stride_out_set + item_off
+        tl.store(out, score, mask=items >= 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers
+# ---------------------------------------------------------------------------------------------
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+
+
+def pack_segments(seg_lengths, seg_row_base, rows: int, max_segs: int):
+    """Pack query segments (one per item: a caption's words or an image's regions) into tiles of
+    `rows` rows and at most `max_segs` segments, each segment whole.
+
+    seg_lengths[b]: rows of item b; seg_row_base[b]: its first row in the flattened query matrix.
+    Items are packed longest first (next-fit), which keeps tiles full for ragged captions.
+    Returns int32 tensors tile_rows (n_tiles, rows) [query row or -1], tile_seg (n_tiles, rows)
+    [segment slot or -1] and tile_items (n_tiles, max_segs) [item index or -1].
+    """
+    order = sorted(range(len(seg_lengths)), key=lambda b: -seg_lengths[b])
+    tiles, current, used = [], [], 0
+    for b in order:
+        n = seg_lengths[b]
+        if n > rows:
+            raise ValueError(f"a query set of {n} rows does not fit a tile of {rows} rows")
+        if current and (used + n > rows or len(current) == max_segs):
+            tiles.append(current)
+            current, used = [], 0
+        current.append(b)
+        used += n
+    if current:
+        tiles.append(current)
+    tile_rows = torch.full((len(tiles), rows), -1, dtype=torch.int32)
+    tile_seg = torch.full((len(tiles), rows), -1, dtype=torch.int32)
+    tile_items = torch.full((len(tiles), max_segs), -1, dtype=torch.int32)
+    for t, members in enumerate(tiles):
+        r = 0
+        for slot, b in enumerate(members):
+            n = seg_lengths[b]
+            first = seg_row_base[b]
+            tile_rows[t, r:r + n] = torch.arange(first, first + n, dtype=torch.int32)
+            tile_seg[t, r:r + n] = slot
+            tile_items[t, slot] = b
+            r += n
+    return tile_rows, tile_seg, tile_items
+
+
+# Tunables for the GPU (to be measured on an H100): query rows per tile (the M of every GEMM),
+# the d chunk of the two passes over d, warps, software-pipelining stages, programs per SM.
+# float32 inputs take the exact "ieee" FMA path with smaller chunks (shared memory).
+GPU_ROWS = 64
+GPU_D_CHUNK = {"low": 64, "fp32": 32}
+GPU_NUM_WARPS = 8
+GPU_NUM_STAGES = {"low": 2, "fp32": 1}
+GPU_PROGRAMS_PER_SM = 2
+# Packed weights and contexts are padded along d to a multiple of this (every d chunk divides it).
+D_PAD = {"gpu": 64, "interpreter": 32}
+
+
+def tile_config(direction: str, n_regions: int, lens_list, interpreter: bool) -> dict:
+    """Rows per tile, segments per tile, context block. On GPU: GPU_ROWS (or more) query rows.
+    In the interpreter: the smallest legal blocks (tl.dot needs every dim >= 16)."""
+    longest_query = max(lens_list) if direction == "t2i" else n_regions
+    n_context = n_regions if direction == "t2i" else max(lens_list)
+    if interpreter:
+        rows = _pow2_at_least(longest_query)
+    else:
+        rows = _pow2_at_least(longest_query, GPU_ROWS)
+        if direction == "i2t" and rows < 128:
+            # Whole images per tile: e.g. R = 36 fills 36 of 64 rows but 108 of 128.
+            def fill(r):
+                return (r // n_regions) * n_regions / r
+            if fill(128) > fill(rows) + 0.1:
+                rows = 128
+    return dict(ROWS=rows, BSEG=16, CP=_pow2_at_least(n_context))
+
+
+def launch_config(direction: str, n_regions: int, lens_list, regulator: str, steps: int,
+                  dims: dict, op_dtype: torch.dtype, interpreter: bool) -> dict:
+    """Every constexpr of _rcar_kernel plus num_warps / num_stages. dims: padded_dims()."""
+    cfg = tile_config(direction, n_regions, lens_list, interpreter)
+    fp32 = op_dtype == torch.float32
+    kind = "fp32" if fp32 else "low"
+    dc = 32 if interpreter else GPU_D_CHUNK[kind]
+    if dims["DP"] % dc:
+        raise ValueError(f"padded d {dims['DP']} is not a multiple of the d chunk {dc}")
+    if fp32 and not interpreter and direction == "i2t" and n_regions <= 64:
+        cfg["ROWS"] = 64  # the fp32 FMA path's shared memory does not fit 128-row tiles
+    sp, hp = dims["SP"], dims["HP"]
+    return dict(
+        MODE=MODES[regulator], STEPS=steps, N_SLOTS=max(1, steps), ROWS=cfg["ROWS"],
+        BSEG=cfg["BSEG"], CP=cfg["CP"], SP=sp, HP=hp, HSP=dims["HSP"], HC=min(hp, 64),
+        NC=min(sp, 64), KC=min(sp, 64), DC=dc,
+        PREC="ieee" if fp32 else "tf32", SEG_PREC="ieee" if fp32 else "tf32",
+        num_warps=4 if interpreter else GPU_NUM_WARPS,
+        num_stages=1 if interpreter else GPU_NUM_STAGES[kind],
+    )
+
+
+def rcar_forward(img, cap, lens_list, weights: dict, *, regulator: str, steps: int,
+                 direction: str, smooth: float, out=None) -> torch.Tensor:
+    """All-pairs RCAR scores (n_img, n_cap) float32 from contiguous img (n_img, R, d) and cap
+    (n_cap, Lmax, d) and packed weights (WEIGHT_LAYOUT; their operand dtype picks the GEMM
+    precision). Padding words are never read. `out`: optional (n_img, n_cap) float32 buffer;
+    every entry is written."""
+    n_img, n_regions, d = img.shape
+    n_cap, max_len, _ = cap.shape
+    if out is None:
+        out = torch.empty((n_img, n_cap), device=img.device, dtype=torch.float32)
+    elif out.shape != (n_img, n_cap) or out.dtype != torch.float32 or out.device != img.device:
+        raise ValueError(f"out must be a float32 ({n_img}, {n_cap}) tensor on {img.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    if n_img == 0 or n_cap == 0:
+        return out
+    interpreter = img.device.type == "cpu"
+    op_dtype = weights["wa"].dtype
+    dims = dict(DP=weights["wa"].shape[1], SP=weights["wa"].shape[2], HP=weights["w1"].shape[2],
+                HSP=weights["ws1"].shape[2])
+    DP = dims["DP"]
+    if DP < d:
+        raise ValueError(f"packed weights have DP={DP} < d={d}")
+    cfg = launch_config(direction, n_regions, lens_list, regulator, steps, dims, op_dtype,
+                        interpreter)
+    if direction == "t2i":
+        # Query rows: caption words (row j * Lmax + k); context sets: images.
+        queries, contexts = cap, img
+        seg_lengths, seg_base = list(lens_list), [j * max_len for j in range(n_cap)]
+        counts = torch.full((n_img,), n_regions, dtype=torch.int32)
+        stride_set, stride_item = out.stride(0), out.stride(1)
+    else:
+        queries, contexts = img, cap
+        seg_lengths, seg_base = [n_regions] * n_img, [i * n_regions for i in range(n_img)]
+        counts = torch.tensor(list(lens_list), dtype=torch.int32)
+        stride_set, stride_item = out.stride(1), out.stride(0)
+    rows = cfg["ROWS"]
+    tile_rows, tile_seg, tile_items = pack_segments(seg_lengths, seg_base, rows, cfg["BSEG"])
+    device = img.device
+    tile_seg, tile_items, counts = (t.to(device) for t in (tile_seg, tile_items, counts))
+    n_tiles = tile_rows.shape[0]
+    n_work = contexts.shape[0] * n_tiles
+    # Query rows gathered tile by tile into a zero-padded (n_tiles * ROWS, DP) matrix: the kernel
+    # then reads plain 2-D blocks (no per-row gather, no row or d masks), and padding words are
+    # never copied. About the size of the query features themselves.
+    source = tile_rows.reshape(-1).to(device=device, dtype=torch.int64)
+    real = source >= 0
+    packed_queries = torch.zeros((n_tiles * rows, DP), device=device, dtype=queries.dtype)
+    packed_queries[real, :d] = queries.reshape(-1, d)[source[real]]
+    if DP != d:  # contexts padded along d only (d = 1024 is already a multiple)
+        padded = torch.zeros(contexts.shape[:2] + (DP,), device=device, dtype=contexts.dtype)
+        padded[..., :d] = contexts
+        contexts = padded
+    contexts = contexts.contiguous()
+    gram = context_grams(contexts, counts, cfg["CP"])
+    if interpreter:
+        n_prog = min(n_work, 4)
+    else:
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        n_prog = min(n_work, GPU_PROGRAMS_PER_SM * sm_count)
+    # Per program: N_SLOTS RCR hidden layers (ROWS, HP) and the step's v (ROWS, SP).
+    scratch = torch.empty((n_prog, cfg["N_SLOTS"] * rows * dims["HP"] + rows * dims["SP"]),
+                          device=device, dtype=op_dtype)
+    w = weights
+    _rcar_kernel[(n_prog,)](
+        packed_queries, contexts, gram, counts, tile_seg, tile_items,
+        out, stride_set, stride_item,
+        w["wa"], w["ba"], w["w1"], w["b1"], w["w2"], w["b2"], w["ws1"], w["bs1"], w["ws2"],
+        w["bs2"], w["wq"], w["bq"], w["wk"], w["bk"], w["wv"], w["bv"], w["we"], w["be"],
+        scratch, n_tiles, n_work, DP, contexts.stride(0), float(smooth), **cfg)
+    return out
+
+
+def context_grams(contexts, counts, cp: int, sets_per_chunk: int = 512) -> torch.Tensor:
+    """(n_sets, cp, cp) float32 Gram matrices of the context sets (zero outside the real items).
+    Computed in float64 (immune to TF32 matmul settings; tiny next to the kernel) in chunks of
+    sets so that the upcast copy stays small."""
+    n_sets = contexts.shape[0]
+    c_max = min(contexts.shape[1], cp)  # items past the longest real count are all padding
+    gram = torch.zeros((n_sets, cp, cp), device=contexts.device, dtype=torch.float32)
+    real = torch.arange(c_max, device=contexts.device)[None, :] < counts[:, None]
+    for s0 in range(0, n_sets, sets_per_chunk):
+        block = contexts[s0:s0 + sets_per_chunk, :c_max].double()
+        block = torch.where(real[s0:s0 + sets_per_chunk, :, None], block, 0.0)  # NaN padding out
+        gram[s0:s0 + sets_per_chunk, :c_max, :c_max] = (block @ block.transpose(1, 2)).float()
+    return gram
+
+
+def padded_dims(d: int, sim_dim: int, interpreter: bool) -> dict:
+    """The padded sizes the packed weights must have (see WEIGHT_LAYOUT)."""
+    pad = D_PAD["interpreter" if interpreter else "gpu"]
+    return dict(DP=triton.cdiv(d, pad) * pad, SP=_pow2_at_least(sim_dim),
+                HP=_pow2_at_least(2 * sim_dim), HSP=_pow2_at_least(sim_dim // 2))

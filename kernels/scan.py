@@ -1,0 +1,705 @@
+"""Fused all-pairs SCAN similarity in Triton: forward and backward kernels, and their launchers.
+
+Roles. Both directions run the same kernels; only the roles of the two inputs change:
+  t2i: context X = image regions (n_img, R, d), query Y = caption words (n_cap, Lmax, d)
+  i2t: context X = caption words,               query Y = image regions
+For a pair, s[c, k] = x_c . y_k; the raw-score norm runs across the queries k of each context
+item c, the attention softmax across the context items c of each query k.
+
+Tiles. A program takes BI context owners (images for t2i) x BJ query owners (captions for t2i).
+Each owner's items are padded to a power of two (C_PAD context items, Q_PAD queries; padding is
+masked at load time, so NaN in caption padding is never read), which makes the score tile
+(BI*C_PAD, BJ*Q_PAD) one tl.dot GEMM over d (fp32 accumulation) that reshapes to
+(BI, C_PAD, BJ, Q_PAD): axis 1 are a pair's context items, axis 3 its queries. Every per-pair
+step then is a reduction over axis 1 or 3, in registers. Captions are sorted by length and
+launched in buckets of equal Q_PAD / C_PAD (a few launches), so short captions do not pay
+for the longest.
+
+Gram identity. Only q_k . ctx_k and |ctx_k| are needed:
+  q_k . ctx_k = sum_c alpha[c, k] s[c, k],  |ctx_k|^2 = alpha_k^T G alpha_k,
+with G the per-owner context Gram matrix (precomputed once, (n_x, C, C) fp32; a tile uses its
+owners' blocks as one block-diagonal matrix in a 2D dot), so the attended d-vectors are never
+formed: memory beyond inputs and outputs is G, the query norms and O(tile).
+
+Backward (flash-attention style: recompute, never store per-pair tensors). Two kernels:
+  _scan_bwd_x_kernel: one program per BI context owners, looping over all query blocks:
+      dX += dS @ Y  and the Gram term dX += 2 (sum alpha dn2 alpha^T) X;
+  _scan_bwd_y_kernel: one program per BJ query owners, looping over all context blocks:
+      dY += dS^T @ X  and the query-norm term dY += (dqn / |y|) y.
+Each program owns its output rows (deterministic, no atomics): it stores them on the first loop
+iteration and read-modify-writes afterwards, with a CTA barrier between iterations. Both kernels
+are idempotent (safe to autotune and to re-run).
+
+Precision: fp32 inputs use IEEE fp32 dots throughout; fp16/bf16 inputs use their native
+tensor-core GEMM for the scores (fp32 accumulation) and tf32 for the small fp32 epilogue dots
+(Gram form, gradient GEMMs). float64 works under the interpreter (tests, gradcheck).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import gram as _gram
+
+RAW_NORM_CODES = {"clipped_l2norm": 0, "l2norm": 1, "clipped_l1norm": 2, "l1norm": 3,
+                  "clipped": 4, "no_norm": 5, "softmax": 6}
+AGG_CODES = {"mean": 0, "lse": 1, "max": 2, "sum": 3}
+
+_EPS = tl.constexpr(1e-8)
+
+# tl.dot needs every dimension >= 16 (on GPUs and in the interpreter).
+MIN_DOT = 16
+# fp32 inputs: "ieee" keeps the 1e-4 contract vs the float64 reference; "tf32x3" is a faster
+# option on GPUs if that contract is relaxed.
+FP32_DOT_PRECISION = "ieee"
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+# =============================================================================================
+# Device helpers (inlined into the kernels)
+# =============================================================================================
+
+@triton.jit
+def _owners(ids_ptr, lens_ptr, start, count, OWNERS: tl.constexpr):
+    """ids (int64) and lengths of OWNERS owners from `start`, and which are real. Owners past
+    `count` are clamped to the last real one, so their loads stay valid; results are masked."""
+    o = start + tl.arange(0, OWNERS)
+    real = o < count
+    o = tl.minimum(o, count - 1)
+    return tl.load(ids_ptr + o).to(tl.int64), tl.load(lens_ptr + o), real
+
+
+@triton.jit
+def _rows(ids_ptr, lens_ptr, start, count, s0, s1, OWNERS: tl.constexpr, PAD: tl.constexpr):
+    """For the OWNERS*PAD rows of a tile: offset of each row (owner, item) and whether it is a
+    real item of a real owner (everything else is masked: never loaded, never stored)."""
+    r = tl.arange(0, OWNERS * PAD)
+    owner = start + r // PAD
+    item = r % PAD
+    clamped = tl.minimum(owner, count - 1)
+    ident = tl.load(ids_ptr + clamped).to(tl.int64)
+    length = tl.load(lens_ptr + clamped)
+    return ident * s0 + item * s1, (item < length) & (owner < count)
+
+
+@triton.jit
+def _scores(x_ptr, x_rows, x_ok, sxd, y_ptr, y_rows, y_ok, syd, D,
+            M: tl.constexpr, N: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+            MAIN_PREC: tl.constexpr):
+    """S[m, n] = x_row(m) . y_row(n) over d: the (M, N) region-word GEMM, ACC accumulation."""
+    acc = tl.zeros((M, N), dtype=ACC)
+    for k0 in range(0, D, BK):
+        kk = k0 + tl.arange(0, BK)
+        kin = kk < D
+        a = tl.load(x_ptr + x_rows[:, None] + kk[None, :] * sxd,
+                    mask=x_ok[:, None] & kin[None, :], other=0.0)
+        b = tl.load(y_ptr + y_rows[:, None] + kk[None, :] * syd,
+                    mask=y_ok[:, None] & kin[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=MAIN_PREC)
+    return acc
+
+
+@triton.jit
+def _load_gram(g_ptr, gs0, gs1, ids_ptr, lens_ptr, start, count,
+               OWNERS: tl.constexpr, PAD: tl.constexpr):
+    """The tile's context Gram matrices as one block-diagonal (OWNERS*PAD, OWNERS*PAD) matrix,
+    zero off the diagonal blocks and outside real items. (A 2D dot with it keeps the MMA layout
+    spread over all warps; a batched 3D dot over few owners replicates it across warps.)"""
+    r = tl.arange(0, OWNERS * PAD)
+    owner = start + r // PAD
+    item = r % PAD
+    clamped = tl.minimum(owner, count - 1)
+    ident = tl.load(ids_ptr + clamped).to(tl.int64)
+    real = item < tl.load(lens_ptr + clamped)
+    same = owner[:, None] == owner[None, :]
+    ptrs = g_ptr + ident[:, None] * gs0 + item[:, None] * gs1 + item[None, :]
+    return tl.load(ptrs, mask=same & real[:, None] & real[None, :], other=0.0)
+
+
+@triton.jit
+def _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD: tl.constexpr):
+    """(BJ, Q_PAD) |y_k|; 1 at padding (finite, never used)."""
+    k = tl.arange(0, Q_PAD)
+    real = k[None, :] < y_len[:, None]
+    return tl.load(qn_ptr + y_ids[:, None] * qs0 + k[None, :], mask=real, other=1.0)
+
+
+@triton.jit
+def _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+                  RAW_NORM: tl.constexpr, AGG: tl.constexpr, BI: tl.constexpr,
+                  C_PAD: tl.constexpr, BJ: tl.constexpr, Q_PAD: tl.constexpr,
+                  EPI_PREC: tl.constexpr):
+    """Every pair of a tile, from the raw scores to the aggregated similarity.
+
+    S (BI*C_PAD, BJ*Q_PAD); G2 the block-diagonal context Gram matrix; masks cv4 (BI, C_PAD, 1, 1) real context items, qv4 (1, 1, BJ,
+    Q_PAD) / qv3 (1, BJ, Q_PAD) real queries. Returns the similarity (BI, BJ) and the
+    intermediates the backward needs."""
+    S4 = tl.reshape(S, (BI, C_PAD, BJ, Q_PAD))
+    # 1. Raw-score normalisation across the queries (axis 3) of each context item. Normalisers
+    #    are inverted once per row and multiplied in (one division per row, not per element).
+    if RAW_NORM == 6:
+        z = tl.where(qv4, S4, float("-inf"))
+        e = tl.exp(z - tl.max(z, axis=3)[:, :, :, None])
+        nrm = tl.sum(e, axis=3)
+        a4 = e * (1.0 / nrm)[:, :, :, None]
+        u4 = a4
+    else:
+        if RAW_NORM == 0 or RAW_NORM == 2 or RAW_NORM == 4:
+            u4 = tl.where(S4 > 0, S4, 0.1 * S4)
+        else:
+            u4 = S4
+        u4 = tl.where(qv4, u4, 0.0)
+        if RAW_NORM <= 1:
+            nrm = tl.sqrt(tl.sum(u4 * u4, axis=3))
+            a4 = u4 * (1.0 / (nrm + _EPS))[:, :, :, None]
+        elif RAW_NORM <= 3:
+            nrm = tl.sum(tl.abs(u4), axis=3)
+            a4 = u4 * (1.0 / (nrm + _EPS))[:, :, :, None]
+        else:
+            nrm = tl.sum(u4, axis=3)  # unused
+            a4 = u4
+    # 2. Attention over the real context items (axis 1) of each query, temperature lam.
+    z = tl.where(cv4, a4 * lam, float("-inf"))
+    e = tl.exp(z - tl.max(z, axis=1)[:, None, :, :])
+    alpha4 = e * (1.0 / tl.sum(e, axis=1))[:, None, :, :]
+    # 3. Gram identity: q_k . ctx_k and |ctx_k|^2 without the attended vectors.
+    dot3 = tl.sum(alpha4 * S4, axis=1)
+    alpha2 = tl.reshape(alpha4, (BI * C_PAD, BJ * Q_PAD))
+    GA2 = tl.dot(G2, alpha2, input_precision=EPI_PREC)
+    GA4 = tl.reshape(GA2, (BI, C_PAD, BJ, Q_PAD))
+    n2 = tl.sum(GA4 * alpha4, axis=1)
+    nc3 = tl.sqrt(tl.maximum(n2, 0.0))  # rounding can push an exact 0 slightly negative
+    prod = qn3 * nc3
+    den = tl.maximum(prod, _EPS)
+    r3 = dot3 / den
+    # 4. Aggregation over the real queries (axis 2).
+    rm = tl.where(qv3, r3, float("-inf"))
+    rmax = tl.max(rm, axis=2)
+    if AGG == 0 or AGG == 3:
+        total = tl.sum(tl.where(qv3, r3, 0.0), axis=2)
+        wsum = total  # unused
+        if AGG == 0:
+            sim = total / y_len.to(total.dtype)[None, :]
+        else:
+            sim = total
+    else:
+        wsum = tl.sum(tl.exp((rm - rmax[:, :, None]) * lse_lam), axis=2)
+        if AGG == 2:
+            sim = rmax
+        else:
+            sim = rmax + tl.log(wsum) / lse_lam
+    return sim, S4, u4, nrm, a4, alpha4, GA4, dot3, nc3, prod, den, r3, rm, rmax, wsum
+
+
+@triton.jit
+def _backward_tile(g, pair_real, S4, u4, nrm, a4, alpha4, GA4, nc3, qn3, prod, den, r3, rm,
+                   rmax, wsum, cv4, qv4, qv3, y_len, lam, lse_lam,
+                   RAW_NORM: tl.constexpr, AGG: tl.constexpr):
+    """Given g = dL/dsim (BI, BJ): dL/dS (BI, C_PAD, BJ, Q_PAD), dL/d|ctx_k|^2 and dL/d|q_k|
+    (BI, BJ, Q_PAD), all zero outside real (pair, context item, query) positions."""
+    g3 = g[:, :, None]
+    # Aggregation -> per-query r_k.
+    if AGG == 0:
+        dr = g3 / y_len.to(g.dtype)[None, :, None] + 0.0 * r3
+    elif AGG == 3:
+        dr = g3 + 0.0 * r3
+    elif AGG == 2:
+        # torch.amax shares the gradient evenly between tied maxima
+        is_max = rm == rmax[:, :, None]
+        n_max = tl.sum(is_max.to(g.dtype), axis=2)
+        dr = tl.where(is_max, (g / n_max)[:, :, None], 0.0)
+    else:
+        dr = g3 * tl.exp((rm - rmax[:, :, None]) * lse_lam) / wsum[:, :, None]
+    dr = tl.where(qv3 & pair_real[:, :, None], dr, 0.0)
+    # r = dot / max(|q| |ctx|, eps): clamp passes the gradient where |q| |ctx| >= eps.
+    ddot = dr / den
+    dprod = tl.where(prod >= _EPS, -dr * r3 / den, 0.0)
+    dqn = dprod * nc3
+    dn2 = tl.where(nc3 > 0, dprod * qn3 / (2.0 * tl.where(nc3 > 0, nc3, 1.0)), 0.0)
+    # dot = sum_c alpha S; |ctx|^2 = alpha^T G alpha.
+    dalpha = ddot[:, None, :, :] * S4 + 2.0 * dn2[:, None, :, :] * GA4
+    dS4 = ddot[:, None, :, :] * alpha4
+    # Softmax over the context items, then the temperature.
+    da = lam * alpha4 * (dalpha - tl.sum(alpha4 * dalpha, axis=1)[:, None, :, :])
+    # Raw-score normalisation across the queries.
+    if RAW_NORM == 6:
+        dS4 += a4 * (da - tl.sum(a4 * da, axis=3)[:, :, :, None])
+    else:
+        if RAW_NORM <= 1:
+            q = nrm + _EPS
+            inner = tl.sum(da * u4, axis=3)
+            # d sqrt(n2) at n2 = 0 (an all-zero row: padding) is taken as 0, not inf * 0
+            dn = tl.where(nrm > 0, -inner / (q * q * tl.where(nrm > 0, nrm, 1.0)), 0.0)
+            du = da / q[:, :, :, None] + dn[:, :, :, None] * u4
+        elif RAW_NORM <= 3:
+            q = nrm + _EPS
+            inner = tl.sum(da * u4, axis=3)
+            sign = tl.where(u4 > 0, 1.0, tl.where(u4 < 0, -1.0, 0.0))
+            du = da / q[:, :, :, None] - (inner / (q * q))[:, :, :, None] * sign
+        else:
+            du = da
+        if RAW_NORM == 0 or RAW_NORM == 2 or RAW_NORM == 4:
+            du = tl.where(S4 > 0, du, 0.1 * du)
+        dS4 += du
+    dS4 = tl.where(cv4 & qv4 & pair_real[:, None, :, None], dS4, 0.0)
+    return dS4, dn2, dqn
+
+
+@triton.jit
+def _tile_start(pid, n_x, n_y, BI: tl.constexpr, BJ: tl.constexpr, GROUP: tl.constexpr):
+    """Grouped order of the (x block, y block) tiles: GROUP x blocks sweep the y blocks
+    together, so their operands stay in L2."""
+    tiles_x = tl.cdiv(n_x, BI)
+    tiles_y = tl.cdiv(n_y, BJ)
+    per_group = GROUP * tiles_y
+    first_x = (pid // per_group) * GROUP
+    group_size = tl.minimum(tiles_x - first_x, GROUP)
+    tx = first_x + (pid % per_group) % group_size
+    ty = (pid % per_group) // group_size
+    return tx * BI, ty * BJ
+
+
+@triton.jit
+def _masks(x_len, y_len, C_PAD: tl.constexpr, Q_PAD: tl.constexpr):
+    cv2 = tl.arange(0, C_PAD)[None, :] < x_len[:, None]
+    qv2 = tl.arange(0, Q_PAD)[None, :] < y_len[:, None]
+    return cv2[:, :, None, None], qv2[None, None, :, :], qv2[None, :, :]
+
+
+# =============================================================================================
+# Kernels
+# =============================================================================================
+
+@triton.jit
+def _scan_fwd_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
+                     y_ptr, sy0, sy1, sy2, y_ids_ptr, y_lens_ptr, n_y,
+                     g_ptr, gs0, gs1, qn_ptr, qs0, out_ptr, os_x, os_y, D, lam, lse_lam,
+                     RAW_NORM: tl.constexpr, AGG: tl.constexpr,
+                     C_PAD: tl.constexpr, Q_PAD: tl.constexpr, ACC: tl.constexpr,
+                     MAIN_PREC: tl.constexpr, EPI_PREC: tl.constexpr,
+                     BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+    x_start, y_start = _tile_start(tl.program_id(0), n_x, n_y, BI, BJ, GROUP)
+    x_ids, x_len, x_real = _owners(x_ids_ptr, x_lens_ptr, x_start, n_x, BI)
+    y_ids, y_len, y_real = _owners(y_ids_ptr, y_lens_ptr, y_start, n_y, BJ)
+    x_rows, x_ok = _rows(x_ids_ptr, x_lens_ptr, x_start, n_x, sx0, sx1, BI, C_PAD)
+    y_rows, y_ok = _rows(y_ids_ptr, y_lens_ptr, y_start, n_y, sy0, sy1, BJ, Q_PAD)
+    S = _scores(x_ptr, x_rows, x_ok, sx2, y_ptr, y_rows, y_ok, sy2, D,
+                BI * C_PAD, BJ * Q_PAD, BK, ACC, MAIN_PREC)
+    cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
+    G2 = _load_gram(g_ptr, gs0, gs1, x_ids_ptr, x_lens_ptr, x_start, n_x, BI, C_PAD)
+    qn3 = _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD)[None, :, :]
+    sim = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+                        RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)[0]
+    tl.store(out_ptr + x_ids[:, None] * os_x + y_ids[None, :] * os_y, sim,
+             mask=x_real[:, None] & y_real[None, :])
+
+
+@triton.jit
+def _scan_bwd_x_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
+                       y_ptr, sy0, sy1, sy2, y_ids_ptr, y_lens_ptr, n_y,
+                       g_ptr, gs0, gs1, qn_ptr, qs0, dsim_ptr, ds_x, ds_y,
+                       dx_ptr, dxs0, dxs1, D, lam, lse_lam,
+                       RAW_NORM: tl.constexpr, AGG: tl.constexpr,
+                       C_PAD: tl.constexpr, Q_PAD: tl.constexpr, ACC: tl.constexpr,
+                       MAIN_PREC: tl.constexpr, EPI_PREC: tl.constexpr,
+                       BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    """dX for BI context owners, summed over every query owner of the launch."""
+    x_start = tl.program_id(0) * BI
+    x_ids, x_len, x_real = _owners(x_ids_ptr, x_lens_ptr, x_start, n_x, BI)
+    x_rows, x_ok = _rows(x_ids_ptr, x_lens_ptr, x_start, n_x, sx0, sx1, BI, C_PAD)
+    dx_rows, _ = _rows(x_ids_ptr, x_lens_ptr, x_start, n_x, dxs0, dxs1, BI, C_PAD)
+    G2 = _load_gram(g_ptr, gs0, gs1, x_ids_ptr, x_lens_ptr, x_start, n_x, BI, C_PAD)
+    # sum over pairs and queries of dn2_k alpha_k alpha_k^T; only its diagonal blocks (one
+    # per context owner) are used, the rest mixes owners and is masked at the end
+    dgram = tl.zeros((BI * C_PAD, BI * C_PAD), dtype=ACC)
+    for y_start in range(0, n_y, BJ):
+        y_ids, y_len, y_real = _owners(y_ids_ptr, y_lens_ptr, y_start, n_y, BJ)
+        y_rows, y_ok = _rows(y_ids_ptr, y_lens_ptr, y_start, n_y, sy0, sy1, BJ, Q_PAD)
+        S = _scores(x_ptr, x_rows, x_ok, sx2, y_ptr, y_rows, y_ok, sy2, D,
+                    BI * C_PAD, BJ * Q_PAD, BK, ACC, MAIN_PREC)
+        cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
+        qn3 = _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD)[None, :, :]
+        (sim, S4, u4, nrm, a4, alpha4, GA4, dot3, nc3, prod, den, r3, rm, rmax,
+         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+                               RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)
+        pair_real = x_real[:, None] & y_real[None, :]
+        g = tl.load(dsim_ptr + x_ids[:, None] * ds_x + y_ids[None, :] * ds_y,
+                    mask=pair_real, other=0.0).to(ACC)
+        dS4, dn2, dqn = _backward_tile(g, pair_real, S4, u4, nrm, a4, alpha4, GA4, nc3, qn3,
+                                       prod, den, r3, rm, rmax, wsum, cv4, qv4, qv3, y_len,
+                                       lam, lse_lam, RAW_NORM, AGG)
+        # Gram term, summed over the queries of every pair: dG = sum_k dn2_k alpha_k alpha_k^T
+        alpha2 = tl.reshape(alpha4, (BI * C_PAD, BJ * Q_PAD))
+        weighted = tl.reshape(alpha4 * dn2[:, None, :, :], (BI * C_PAD, BJ * Q_PAD))
+        dgram += tl.dot(weighted, tl.trans(alpha2), input_precision=EPI_PREC)
+        # dX += dS @ Y, in d-chunks; this program owns its rows (store first, then add).
+        dS = tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD))
+        for d0 in range(0, D, BD):
+            dd = d0 + tl.arange(0, BD)
+            din = dd < D
+            yc = tl.load(y_ptr + y_rows[:, None] + dd[None, :] * sy2,
+                         mask=y_ok[:, None] & din[None, :], other=0.0).to(ACC)
+            part = tl.dot(dS, yc, input_precision=EPI_PREC)
+            ptrs = dx_ptr + dx_rows[:, None] + dd[None, :]
+            out_mask = x_ok[:, None] & din[None, :]
+            prev = tl.load(ptrs, mask=out_mask & (y_start > 0), other=0.0)
+            tl.store(ptrs, prev + part, mask=out_mask)
+        tl.debug_barrier()  # the next iteration's threads read what this one wrote
+    # dX_c += 2 sum_c' dG[c, c'] x_c'  (dG is symmetric), within each owner's block
+    r = tl.arange(0, BI * C_PAD)
+    dgram = tl.where((r // C_PAD)[:, None] == (r // C_PAD)[None, :], dgram, 0.0)
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        din = dd < D
+        xc = tl.load(x_ptr + x_rows[:, None] + dd[None, :] * sx2,
+                     mask=x_ok[:, None] & din[None, :], other=0.0).to(ACC)
+        part = tl.dot(dgram, xc, input_precision=EPI_PREC)
+        ptrs = dx_ptr + dx_rows[:, None] + dd[None, :]
+        out_mask = x_ok[:, None] & din[None, :]
+        prev = tl.load(ptrs, mask=out_mask, other=0.0)
+        tl.store(ptrs, prev + 2.0 * part, mask=out_mask)
+
+
+@triton.jit
+def _scan_bwd_y_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
+                       y_ptr, sy0, sy1, sy2, y_ids_ptr, y_lens_ptr, n_y,
+                       g_ptr, gs0, gs1, qn_ptr, qs0, dsim_ptr, ds_x, ds_y,
+                       dy_ptr, dys0, dys1, D, lam, lse_lam,
+                       RAW_NORM: tl.constexpr, AGG: tl.constexpr,
+                       C_PAD: tl.constexpr, Q_PAD: tl.constexpr, ACC: tl.constexpr,
+                       MAIN_PREC: tl.constexpr, EPI_PREC: tl.constexpr,
+                       BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    """dY for BJ query owners, summed over every context owner of the launch."""
+    y_start = tl.program_id(0) * BJ
+    y_ids, y_len, y_real = _owners(y_ids_ptr, y_lens_ptr, y_start, n_y, BJ)
+    y_rows, y_ok = _rows(y_ids_ptr, y_lens_ptr, y_start, n_y, sy0, sy1, BJ, Q_PAD)
+    dy_rows, _ = _rows(y_ids_ptr, y_lens_ptr, y_start, n_y, dys0, dys1, BJ, Q_PAD)
+    qn2 = _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD)
+    qn3 = qn2[None, :, :]
+    dqn_total = tl.zeros((BJ, Q_PAD), dtype=ACC)
+    for x_start in range(0, n_x, BI):
+        x_ids, x_len, x_real = _owners(x_ids_ptr, x_lens_ptr, x_start, n_x, BI)
+        x_rows, x_ok = _rows(x_ids_ptr, x_lens_ptr, x_start, n_x, sx0, sx1, BI, C_PAD)
+        S = _scores(x_ptr, x_rows, x_ok, sx2, y_ptr, y_rows, y_ok, sy2, D,
+                    BI * C_PAD, BJ * Q_PAD, BK, ACC, MAIN_PREC)
+        cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
+        G2 = _load_gram(g_ptr, gs0, gs1, x_ids_ptr, x_lens_ptr, x_start, n_x, BI, C_PAD)
+        (sim, S4, u4, nrm, a4, alpha4, GA4, dot3, nc3, prod, den, r3, rm, rmax,
+         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+                               RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)
+        pair_real = x_real[:, None] & y_real[None, :]
+        g = tl.load(dsim_ptr + x_ids[:, None] * ds_x + y_ids[None, :] * ds_y,
+                    mask=pair_real, other=0.0).to(ACC)
+        dS4, dn2, dqn = _backward_tile(g, pair_real, S4, u4, nrm, a4, alpha4, GA4, nc3, qn3,
+                                       prod, den, r3, rm, rmax, wsum, cv4, qv4, qv3, y_len,
+                                       lam, lse_lam, RAW_NORM, AGG)
+        dqn_total += tl.sum(dqn, axis=0)
+        # dY += dS^T @ X, in d-chunks; this program owns its rows (store first, then add).
+        dSt = tl.trans(tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD)))
+        for d0 in range(0, D, BD):
+            dd = d0 + tl.arange(0, BD)
+            din = dd < D
+            xc = tl.load(x_ptr + x_rows[:, None] + dd[None, :] * sx2,
+                         mask=x_ok[:, None] & din[None, :], other=0.0).to(ACC)
+            part = tl.dot(dSt, xc, input_precision=EPI_PREC)
+            ptrs = dy_ptr + dy_rows[:, None] + dd[None, :]
+            out_mask = y_ok[:, None] & din[None, :]
+            prev = tl.load(ptrs, mask=out_mask & (x_start > 0), other=0.0)
+            tl.store(ptrs, prev + part, mask=out_mask)
+        tl.debug_barrier()  # the next iteration's threads read what this one wrote
+    # Query norms: d|y_k| / dy_k = y_k / |y_k|.
+    scale = tl.reshape(tl.where(qn2 > 0, dqn_total / tl.where(qn2 > 0, qn2, 1.0), 0.0), (BJ * Q_PAD,))
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        din = dd < D
+        out_mask = y_ok[:, None] & din[None, :]
+        yc = tl.load(y_ptr + y_rows[:, None] + dd[None, :] * sy2, mask=out_mask,
+                     other=0.0).to(ACC)
+        ptrs = dy_ptr + dy_rows[:, None] + dd[None, :]
+        prev = tl.load(ptrs, mask=out_mask, other=0.0)
+        tl.store(ptrs, prev + scale[:, None] * yc, mask=out_mask)
+
+
+# =============================================================================================
+# Tile shapes: fixed small tiles under the interpreter, autotuned on GPUs
+# =============================================================================================
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+
+
+# Tile budgets, from compiling for sm_90 (ptxas -v, triton 3.8): the fp32 epilogue keeps
+# several tile-sized tensors live, so a forward tile of 64x128 needs 8 warps at ~255
+# registers/thread without spills, 128x128 needs 16 warps; the backward (which also holds
+# dS, the Gram accumulator and a d-chunk) fits 64x64. Shared memory (3 stages) stays within
+# an H100's 227 KB for M <= 128.
+_FWD_LIMITS = dict(max_m=128, max_n=256, max_area=128 * 128, min_area=64 * 64)
+_BWD_LIMITS = dict(max_m=128, max_n=128, max_area=64 * 64, min_area=32 * 32)
+
+
+def _tile_shapes(c_pad: int, q_pad: int, max_m: int, max_n: int, max_area: int, min_area: int):
+    """(BI, BJ) whose tile (BI*C_PAD, BJ*Q_PAD) satisfies tl.dot's minimum of 16 and the
+    budget. Never empty: falls back to the smallest feasible tile (huge paddings)."""
+    shapes = []
+    for bi in (1, 2, 4, 8, 16):
+        for bj in (1, 2, 4, 8, 16, 32):
+            m, n = bi * c_pad, bj * q_pad
+            if MIN_DOT <= m <= max_m and MIN_DOT <= n <= max_n and min_area <= m * n <= max_area:
+                shapes.append((bi, bj))
+    return shapes or [(max(1, MIN_DOT // c_pad), max(1, MIN_DOT // q_pad))]
+
+
+def _fwd_warp_options(area: int):
+    # 64x128 fits 8 warps at ~255 registers (1 CTA/SM) or 16 warps at ~114 (room for a
+    # second CTA): let the autotuner choose; 128x128 needs 16 warps, 64x64 8.
+    if area <= 64 * 64:
+        return (8,)
+    return (8, 16) if area <= 64 * 128 else (16,)
+
+
+def _interpreter_shape(c_pad: int, q_pad: int):
+    # Small, but with several owners per tile on both sides so that multi-owner tiles and
+    # partial last blocks are exercised by the CPU tests.
+    return max(1, 32 // c_pad), max(2, MIN_DOT // q_pad)
+
+
+def _named(args, kwargs):
+    merged = dict(args)
+    merged.update(kwargs)
+    return merged
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    a = _named(named_args, kwargs)
+    c_pad, q_pad = a["C_PAD"], a["Q_PAD"]
+    keep = _tile_shapes(c_pad, q_pad, **_FWD_LIMITS)
+    out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep
+           and c.num_warps in _fwd_warp_options(c.kwargs["BI"] * c_pad * c.kwargs["BJ"] * q_pad)]
+    if not out:  # paddings beyond the budget: the smallest tile
+        bi, bj = keep[-1]
+        out = [triton.Config(dict(BI=bi, BJ=bj, BK=32, GROUP=8), num_warps=8, num_stages=2)]
+    return out
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    a = _named(named_args, kwargs)
+    keep = _tile_shapes(a["C_PAD"], a["Q_PAD"], **_BWD_LIMITS)
+    out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep]
+    if not out:
+        bi, bj = keep[-1]
+        out = [triton.Config(dict(BI=bi, BJ=bj, BK=32, BD=32), num_warps=8, num_stages=2)]
+    return out
+
+
+_SHAPES = [(bi, bj) for bi in (1, 2, 4, 8, 16) for bj in (1, 2, 4, 8, 16, 32)]
+# A small list per problem after pruning: ~6 tile shapes (8 configs) forward, ~3-5 shapes
+# x 2 d-chunks backward.
+_FWD_CONFIGS = [triton.Config(dict(BI=bi, BJ=bj, BK=64, GROUP=8), num_warps=w, num_stages=3)
+                for bi, bj in _SHAPES for w in (8, 16)]
+_BWD_CONFIGS = [triton.Config(dict(BI=bi, BJ=bj, BK=64, BD=bd), num_warps=8, num_stages=2)
+                for bi, bj in _SHAPES for bd in (32, 64)]
+_KEY = ["C_PAD", "Q_PAD", "D", "RAW_NORM", "AGG"]
+
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(_scan_fwd_kernel)
+_bwd_x_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})(_scan_bwd_x_kernel)
+_bwd_y_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})(_scan_bwd_y_kernel)
+
+
+# =============================================================================================
+# Launch helpers
+# =============================================================================================
+
+@dataclasses.dataclass
+class OwnerGroup:
+    """The owners (images or captions) of one launch on one side: their row ids in the input,
+    their lengths, and the power-of-two padding of their items."""
+    ids: torch.Tensor    # int32, on the device
+    lens: torch.Tensor   # int32, on the device, same order as ids
+    pad: int
+    count: int
+
+
+@dataclasses.dataclass
+class Side:
+    """One input in its role (context or query): its features and its owner groups."""
+    feats: torch.Tensor
+    groups: List[OwnerGroup]
+
+
+@dataclasses.dataclass
+class ScanProblem:
+    x: Side                # context: images (t2i) or captions (i2t)
+    y: Side                # query: captions (t2i) or images (i2t)
+    gram: torch.Tensor     # (n_x, Cmax, Cmax) context Gram matrices, ACC dtype
+    qnorm: torch.Tensor    # (n_y, Qmax) query norms, ACC dtype
+    transpose_out: bool    # i2t: the output's rows are the query side (images)
+    n_img: int
+    n_cap: int
+    raw_norm: int
+    agg: int
+    smooth: float
+    lse_lambda: float
+    acc: object            # tl.float32 / tl.float64
+    out_dtype: torch.dtype
+    main_prec: str
+    epi_prec: str
+
+
+def caption_groups(lens_cpu: torch.Tensor, device, floor: int) -> List[OwnerGroup]:
+    """Captions sorted by length, split where the power-of-two padding changes."""
+    order = torch.argsort(lens_cpu, stable=True)
+    sorted_lens = lens_cpu[order]
+    pads = torch.tensor([_pow2_at_least(v, floor) for v in sorted_lens.tolist()])
+    groups = []
+    for pad in torch.unique(pads).tolist():
+        sel = pads == pad
+        groups.append(OwnerGroup(order[sel].to(device=device, dtype=torch.int32),
+                                 sorted_lens[sel].to(device=device, dtype=torch.int32),
+                                 int(pad), int(sel.sum())))
+    return groups
+
+
+def image_group(n_img: int, n_regions: int, device, floor: int) -> List[OwnerGroup]:
+    return [OwnerGroup(torch.arange(n_img, device=device, dtype=torch.int32),
+                       torch.full((n_img,), n_regions, device=device, dtype=torch.int32),
+                       _pow2_at_least(n_regions, floor), n_img)]
+
+
+def context_gram(x: torch.Tensor) -> torch.Tensor:
+    """Per-owner Gram matrices in the accumulation dtype (fp32, fp64 for fp64 inputs). NaN in
+    caption padding only reaches padding rows/columns, which the kernels never load."""
+    if x.dtype == torch.float64:
+        return torch.bmm(x, x.transpose(1, 2))
+    return _gram.gram(x)
+
+
+def row_norms(x: torch.Tensor, dtype: torch.dtype, chunk: int = 1024) -> torch.Tensor:
+    """|x[n, r]| for every row, computed in `dtype`, a chunk of owners at a time (bounded
+    temporary memory for low-precision inputs)."""
+    out = torch.empty(x.shape[:2], device=x.device, dtype=dtype)
+    for n0 in range(0, x.shape[0], chunk):
+        out[n0:n0 + chunk] = torch.linalg.vector_norm(x[n0:n0 + chunk].to(dtype), dim=-1)
+    return out
+
+
+def build_problem(img, cap, lens, *, direction, raw_norm, smooth, agg, lse_lambda) -> ScanProblem:
+    """Everything the kernels need for one call. lens: int64 (n_cap,) on any device."""
+    n_img, n_regions, _ = img.shape
+    acc_torch = torch.float64 if img.dtype == torch.float64 else torch.float32
+    lens_cpu = lens.detach().to("cpu", torch.int64)
+    t2i = direction == "t2i"
+    # Context items need >= 16 (the K of the Gram dot); queries may pad to 8 (tiles hold >= 2
+    # query owners then).
+    cap_side = Side(cap, caption_groups(lens_cpu, cap.device, MIN_DOT if not t2i else 8))
+    img_side = Side(img, image_group(n_img, n_regions, img.device, MIN_DOT if t2i else 1))
+    x, y = (img_side, cap_side) if t2i else (cap_side, img_side)
+    fp32_like = img.dtype in (torch.float32, torch.float64)
+    return ScanProblem(
+        x=x, y=y, gram=context_gram(x.feats), qnorm=row_norms(y.feats, acc_torch),
+        transpose_out=not t2i, n_img=n_img, n_cap=cap.shape[0],
+        raw_norm=RAW_NORM_CODES[raw_norm], agg=AGG_CODES[agg], smooth=float(smooth),
+        lse_lambda=float(lse_lambda), acc=tl.float64 if acc_torch == torch.float64 else tl.float32,
+        out_dtype=acc_torch, main_prec=FP32_DOT_PRECISION if fp32_like else "tf32",
+        epi_prec="ieee" if (fp32_like or interpreter_on()) else "tf32")
+
+
+def _side_args(side: Side, group: OwnerGroup):
+    f = side.feats
+    return (f, f.stride(0), f.stride(1), f.stride(2), group.ids, group.lens, group.count)
+
+
+def _common_args(p: ScanProblem, xg: OwnerGroup, yg: OwnerGroup):
+    return (*_side_args(p.x, xg), *_side_args(p.y, yg), p.gram, p.gram.stride(0),
+            p.gram.stride(1), p.qnorm, p.qnorm.stride(0))
+
+
+def _constexprs(p: ScanProblem, xg: OwnerGroup, yg: OwnerGroup):
+    return dict(RAW_NORM=p.raw_norm, AGG=p.agg, C_PAD=xg.pad, Q_PAD=yg.pad, ACC=p.acc,
+                MAIN_PREC=p.main_prec, EPI_PREC=p.epi_prec)
+
+
+def _xy_strides(p: ScanProblem, t: torch.Tensor):
+    """Strides of an (n_img, n_cap) matrix indexed by (x owner, y owner)."""
+    return (t.stride(1), t.stride(0)) if p.transpose_out else (t.stride(0), t.stride(1))
+
+
+def scan_forward(p: ScanProblem, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(n_img, n_cap) similarities. `out`, if given, is written in full (tests poison it)."""
+    if out is None:
+        out = torch.empty((p.n_img, p.n_cap), device=p.x.feats.device, dtype=p.out_dtype)
+    os_x, os_y = _xy_strides(p, out)
+    d = p.x.feats.shape[2]
+    for xg in p.x.groups:
+        for yg in p.y.groups:
+            args = (*_common_args(p, xg, yg), out, os_x, os_y, d, p.smooth, p.lse_lambda)
+            cexpr = _constexprs(p, xg, yg)
+            if interpreter_on():
+                bi, bj = _interpreter_shape(xg.pad, yg.pad)
+                grid = (triton.cdiv(xg.count, bi) * triton.cdiv(yg.count, bj),)
+                _scan_fwd_kernel[grid](*args, **cexpr, BI=bi, BJ=bj, BK=MIN_DOT, GROUP=2)
+            else:
+                grid = lambda meta, xg=xg, yg=yg: (  # noqa: E731
+                    triton.cdiv(xg.count, meta["BI"]) * triton.cdiv(yg.count, meta["BJ"]),)
+                _fwd_tuned[grid](*args, **cexpr)
+    return out
+
+
+def _launch_backward(kernel, tuned, p, xg, yg, dsim, target, parallel_over_x):
+    ds_x, ds_y = _xy_strides(p, dsim)
+    d = p.x.feats.shape[2]
+    args = (*_common_args(p, xg, yg), dsim, ds_x, ds_y, target, target.stride(0),
+            target.stride(1), d, p.smooth, p.lse_lambda)
+    cexpr = _constexprs(p, xg, yg)
+    count = xg.count if parallel_over_x else yg.count
+    if interpreter_on():
+        bi, bj = _interpreter_shape(xg.pad, yg.pad)
+        grid = (triton.cdiv(count, bi if parallel_over_x else bj),)
+        kernel[grid](*args, **cexpr, BI=bi, BJ=bj, BK=MIN_DOT, BD=MIN_DOT)
+    else:
+        block = "BI" if parallel_over_x else "BJ"
+        tuned[lambda meta: (triton.cdiv(count, meta[block]),)](*args, **cexpr)
+
+
+def _side_gradient(p: ScanProblem, dsim: torch.Tensor, of_x: bool) -> torch.Tensor:
+    """dL/d(features) of one side, float32 (float64 for float64 inputs), zero at padding.
+
+    The kernel runs parallel over this side's owners and loops over the other side's owners of
+    one group. When the other side has several groups (caption length buckets), every launch
+    covers all of this side's rows, so their results are summed; otherwise the launches write
+    disjoint rows of one buffer."""
+    own, other = (p.x, p.y) if of_x else (p.y, p.x)
+    kernel, tuned = (_scan_bwd_x_kernel, _bwd_x_tuned) if of_x else (_scan_bwd_y_kernel, _bwd_y_tuned)
+    grad = torch.zeros(own.feats.shape, device=own.feats.device, dtype=p.out_dtype)
+    scratch = torch.zeros_like(grad) if len(other.groups) > 1 else None
+    for i, og in enumerate(other.groups):
+        target = grad if i == 0 else scratch
+        for mg in own.groups:
+            xg, yg = (mg, og) if of_x else (og, mg)
+            _launch_backward(kernel, tuned, p, xg, yg, dsim, target, parallel_over_x=of_x)
+        if i > 0:
+            grad += scratch
+    return grad
+
+
+def scan_backward(p: ScanProblem, dsim: torch.Tensor, need_img: bool, need_cap: bool):
+    """(dimg, dcap) in the inputs' dtypes (None where not needed)."""
+    if dsim.dtype != p.out_dtype:
+        dsim = dsim.to(p.out_dtype)
+    img_is_x = not p.transpose_out
+    dimg = dcap = None
+    if need_img:
+        dimg = _side_gradient(p, dsim, of_x=img_is_x)
+    if need_cap:
+        dcap = _side_gradient(p, dsim, of_x=not img_is_x)
+    img_dtype = (p.x if img_is_x else p.y).feats.dtype
+    cap_dtype = (p.y if img_is_x else p.x).feats.dtype
+    return (None if dimg is None else dimg.to(img_dtype),
+            None if dcap is None else dcap.to(cap_dtype))

@@ -1,0 +1,66 @@
+"""RCAR similarity head over all pairs on the C++ CPU kernels (csrc/cpu/rcar.cpp), forward only.
+
+The kernel runs the head in eval mode (RAR dropout off). It has no backward: a result that
+autograd would need to differentiate carries a node whose backward raises, so training code
+fails loudly instead of silently getting no gradient.
+"""
+import torch
+
+from rcar_fast import dispatch
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def supports(device: torch.device, dtype: torch.dtype):
+    if device.type != "cpu":
+        return f"the C++ CPU kernels take CPU tensors, got {device.type} tensors"
+    if dtype not in _DTYPES:
+        return (f"the C++ CPU kernels compute in float32 or float64, got {dtype} "
+                "(cast the inputs, or use backend='reference')")
+    return None
+
+
+def _dropout_active(head) -> bool:
+    return head.training and any(
+        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in head.rar_modules.modules())
+
+
+def flat_weights(head) -> list:
+    """The head's Linear weights and biases in the order csrc/cpu/kernels.h documents."""
+    layers = [m.sim_transform_w for m in head.alv_modules]
+    for m in head.rcr_modules:
+        layers += [m.rcr_matrix_w[0], m.rcr_matrix_w[2], m.rcr_smooth_w[0], m.rcr_smooth_w[2]]
+    for m in head.rar_modules:
+        layers += [m.rar_q_w[0], m.rar_k_w[0], m.rar_v_w[0]]
+    layers.append(head.sim_eval_w)
+    return [t.detach() for layer in layers for t in (layer.weight, layer.bias)]
+
+
+class _NoBackward(torch.autograd.Function):
+    """Passes the scores through; differentiating them raises with the reason."""
+
+    @staticmethod
+    def forward(ctx, scores, *differentiable_inputs):
+        return scores.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("the RCAR head's 'cpu' backend has no backward pass; "
+                           "train with backend='reference' (or run the cpu backend under torch.no_grad())")
+
+
+def rcar_cpu(head, img, cap, lens):
+    if _dropout_active(head):
+        raise dispatch.BackendUnavailable(
+            "backend 'cpu' runs the RCAR head in eval mode only, and this head is in training mode "
+            "with RAR dropout active; call head.eval() for scoring, or use backend='reference' to train")
+    scores = dispatch.native_module().rcar_forward_cpu(
+        img.detach(), cap.detach(), lens, head.direction, head.regulator, head.steps, float(head.smooth),
+        flat_weights(head))
+    tracked = [t for t in (img, cap, *head.parameters()) if t.requires_grad]
+    if torch.is_grad_enabled() and tracked:
+        return _NoBackward.apply(scores, *tracked)
+    return scores
+
+
+dispatch.register("rcar", "cpu", rcar_cpu, supports)

@@ -1,0 +1,193 @@
+"""SCAN on the C++ CPU backend (csrc/cpu/scan.cpp) against the float64 reference: every
+direction, raw norm and aggregation, ragged lengths with NaN padding, sizes off the tile and
+vector widths, float32 and float64, and the backward (reference gradients and gradcheck)."""
+import pytest
+import torch
+
+import rcar_fast
+from rcar_fast import dispatch, reference
+from tests.tolerances import assert_close_to_reference
+
+pytestmark = pytest.mark.skipif(
+    dispatch.rejection("scan", "cpu", torch.device("cpu"), torch.float32) is not None,
+    reason="the native extension is not built")
+
+DIRECTIONS = ("t2i", "i2t")
+RAW_NORMS = ("clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "clipped", "no_norm", "softmax")
+AGGREGATIONS = ("mean", "lse", "max", "sum")
+
+
+def make_inputs(n_img, n_cap, R, d, Lmax, dtype=torch.float64, lens=None):
+    """Random features; lengths ragged and including 1 and Lmax; NaN in the caption padding."""
+    img = torch.randn(n_img, R, d, dtype=dtype)
+    cap = torch.randn(n_cap, Lmax, d, dtype=dtype)
+    if lens is None:
+        lens = torch.randint(1, Lmax + 1, (n_cap,))
+        lens[0] = Lmax
+        lens[-1] = 1
+    lens = torch.as_tensor(lens)
+    for j in range(n_cap):
+        cap[j, int(lens[j]):] = float("nan")
+    return img, cap, lens
+
+
+def options(direction, raw_norm="clipped_l2norm", agg="mean"):
+    smooth, lse_lambda = (9.0, 6.0) if direction == "t2i" else (4.0, 5.0)
+    return dict(direction=direction, raw_norm=raw_norm, smooth=smooth, agg=agg, lse_lambda=lse_lambda)
+
+
+def reference64(img, cap, lens, **kw):
+    return reference.scan_similarity_loop(img.double(), cap.double(), lens, **kw)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("raw_norm", RAW_NORMS)
+def test_forward_every_norm_and_aggregation(direction, raw_norm):
+    # R = 11, L up to 9: neither is a multiple of the 8 / 4 lane vectors
+    img, cap, lens = make_inputs(5, 7, 11, 13, 9)
+    for agg in AGGREGATIONS:
+        kw = options(direction, raw_norm, agg)
+        ref = reference64(img, cap, lens, **kw)
+        for dtype in (torch.float64, torch.float32):
+            out = rcar_fast.scan_similarity(img.to(dtype), cap.to(dtype), lens, backend="cpu", **kw)
+            assert out.dtype == dtype
+            assert_close_to_reference(out, ref, dtype=dtype, what=f"scan cpu {kw} {dtype}")
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("shape", [
+    (1, 1, 1, 1, 1),      # n_img, n_cap, R, d, Lmax: the smallest problem
+    (3, 4, 16, 8, 8),     # R and L whole vectors (no masked lane)
+    (17, 90, 40, 9, 20),  # several image blocks (14 images of 40 regions) and caption blocks (> 768 words)
+    (2, 3, 3, 70, 33),    # L longer than R
+])
+def test_forward_odd_sizes(direction, shape):
+    n_img, n_cap, R, d, Lmax = shape
+    img, cap, lens = make_inputs(n_img, n_cap, R, d, Lmax)
+    kw = options(direction)
+    ref = reference64(img, cap, lens, **kw)
+    for dtype in (torch.float64, torch.float32):
+        out = rcar_fast.scan_similarity(img.to(dtype), cap.to(dtype), lens, backend="cpu", **kw)
+        assert_close_to_reference(out, ref, dtype=dtype, what=f"scan cpu {shape} {dtype}")
+
+
+def test_forward_non_contiguous_inputs():
+    base_img = torch.randn(4, 2 * 10, 12, dtype=torch.float64)
+    img = base_img[:, ::2]                     # strided regions
+    cap = torch.randn(6, 12, 7, dtype=torch.float64).transpose(1, 2)  # d not unit-stride
+    lens = torch.tensor([7, 3, 1, 5, 7, 2])
+    for direction in DIRECTIONS:
+        kw = options(direction)
+        ref = reference64(img, cap, lens, **kw)
+        out = rcar_fast.scan_similarity(img, cap, lens, backend="cpu", **kw)
+        assert_close_to_reference(out, ref, dtype=torch.float64)
+
+
+def test_padding_is_never_read():
+    img, cap, lens = make_inputs(3, 5, 7, 6, 8)
+    kw = options("i2t")
+    out_nan = rcar_fast.scan_similarity(img, cap, lens, backend="cpu", **kw)
+    cap_inf = cap.clone()
+    cap_inf[torch.isnan(cap_inf)] = 1e30
+    out_big = rcar_fast.scan_similarity(img, cap_inf, lens, backend="cpu", **kw)
+    assert torch.equal(out_nan, out_big)
+
+
+def reference_gradients(img, cap, lens, grad, **kw):
+    img = img.double().clone().requires_grad_()
+    cap = cap.double().clone().requires_grad_()
+    (reference64(img, cap, lens, **kw) * grad.double()).sum().backward()
+    real = torch.arange(cap.shape[1])[None, :] < lens[:, None]
+    return img.grad, torch.where(real[..., None], cap.grad, torch.zeros((), dtype=cap.dtype))
+
+
+def cpu_gradients(img, cap, lens, grad, **kw):
+    img = img.clone().requires_grad_()
+    cap = cap.clone().requires_grad_()
+    (rcar_fast.scan_similarity(img, cap, lens, backend="cpu", **kw) * grad.to(img.dtype)).sum().backward()
+    return img.grad, cap.grad
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("raw_norm", RAW_NORMS)
+def test_backward_matches_reference_gradients(direction, raw_norm):
+    img, cap, lens = make_inputs(4, 6, 11, 10, 9)
+    for agg in AGGREGATIONS:
+        kw = options(direction, raw_norm, agg)
+        grad = torch.randn(4, 6, dtype=torch.float64)
+        grad[1, 2] = 0.0  # pairs with no gradient are skipped by the kernel
+        ref_img, ref_cap = reference_gradients(img, cap, lens, grad, **kw)
+        for dtype in (torch.float64, torch.float32):
+            d_img, d_cap = cpu_gradients(img.to(dtype), cap.to(dtype), lens, grad, **kw)
+            assert d_img.dtype == dtype and d_cap.dtype == dtype
+            assert torch.all(d_cap[torch.isnan(cap)] == 0), "padding must get zero gradient"
+            assert_close_to_reference(d_img, ref_img, dtype=dtype, what=f"d img {kw} {dtype}")
+            assert_close_to_reference(d_cap, ref_cap, dtype=dtype, what=f"d cap {kw} {dtype}")
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_backward_across_tiles(direction):
+    # several caption blocks and image blocks, so that the locked accumulation is exercised
+    img, cap, lens = make_inputs(17, 90, 40, 9, 20)
+    kw = options(direction, agg="lse")
+    grad = torch.randn(17, 90, dtype=torch.float64)
+    ref_img, ref_cap = reference_gradients(img, cap, lens, grad, **kw)
+    d_img, d_cap = cpu_gradients(img, cap, lens, grad, **kw)
+    assert_close_to_reference(d_img, ref_img, dtype=torch.float64, what="d img")
+    assert_close_to_reference(d_cap, ref_cap, dtype=torch.float64, what="d cap")
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("raw_norm,agg", [("clipped_l2norm", "mean"), ("l1norm", "lse"), ("softmax", "sum")])
+def test_gradcheck(direction, raw_norm, agg):
+    img = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    cap = torch.randn(3, 4, 6, dtype=torch.float64)
+    lens = torch.tensor([4, 2, 1])
+    cap = cap.requires_grad_()
+    kw = options(direction, raw_norm, agg)
+    assert torch.autograd.gradcheck(
+        lambda i, c: rcar_fast.scan_similarity(i, c, lens, backend="cpu", **kw), (img, cap))
+
+
+def test_backward_only_one_input_needs_grad():
+    img, cap, lens = make_inputs(3, 4, 5, 6, 5)
+    img.requires_grad_()
+    rcar_fast.scan_similarity(img, cap, lens, backend="cpu").sum().backward()
+    assert img.grad is not None and torch.isfinite(img.grad).all()
+
+
+def test_rejects_low_precision_with_reason():
+    reason = dispatch.rejection("scan", "cpu", torch.device("cpu"), torch.float16)
+    assert reason is not None and "float32 or float64" in reason
+    img, cap, lens = make_inputs(2, 2, 3, 4, 3, dtype=torch.float16)
+    with pytest.raises(dispatch.BackendUnavailable, match="float32 or float64"):
+        rcar_fast.scan_similarity(img, cap, lens, backend="cpu")
+
+
+def test_auto_picks_cpu_for_cpu_float32():
+    assert dispatch.choose("scan", "auto", torch.device("cpu"), torch.float32).backend == "cpu"
+
+
+@pytest.fixture
+def baseline_simd():
+    """Runs the test on the baseline (non-AVX2) copy of the vector loops."""
+    native = dispatch.native_module()
+    assert native.set_cpu_simd_path("baseline") == "baseline"
+    yield
+    native.set_cpu_simd_path("auto")
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_baseline_simd_copy(direction, baseline_simd):
+    img, cap, lens = make_inputs(4, 6, 11, 10, 9)
+    grad = torch.randn(4, 6, dtype=torch.float64)
+    for raw_norm, agg in (("clipped_l2norm", "mean"), ("softmax", "lse"), ("clipped_l1norm", "max")):
+        kw = options(direction, raw_norm, agg)
+        ref = reference64(img, cap, lens, **kw)
+        ref_img, ref_cap = reference_gradients(img, cap, lens, grad, **kw)
+        for dtype in (torch.float64, torch.float32):
+            out = rcar_fast.scan_similarity(img.to(dtype), cap.to(dtype), lens, backend="cpu", **kw)
+            assert_close_to_reference(out, ref, dtype=dtype, what=f"baseline {kw} {dtype}")
+            d_img, d_cap = cpu_gradients(img.to(dtype), cap.to(dtype), lens, grad, **kw)
+            assert_close_to_reference(d_img, ref_img, dtype=dtype, what=f"baseline d img {kw} {dtype}")
+            assert_close_to_reference(d_cap, ref_cap, dtype=dtype, what=f"baseline d cap {kw} {dtype}")
