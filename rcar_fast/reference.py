@@ -222,6 +222,9 @@ def _pairs_loop(img, cap, lens, direction, pair_fn):
 def default_chunks(n_img: int, n_cap: int, longest: int, d: int, element_size: int,
                    img_chunk=None, cap_chunk=None):
     """Block sizes so that a (pairs, longest, d) tensor stays below BLOCK_BYTES."""
+    for value, name in ((img_chunk, "img_chunk"), (cap_chunk, "cap_chunk")):
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
     per_pair = max(1, longest * d * element_size)
     max_pairs = max(1, BLOCK_BYTES // per_pair)
     if img_chunk is None and cap_chunk is None:
@@ -232,9 +235,6 @@ def default_chunks(n_img: int, n_cap: int, longest: int, d: int, element_size: i
         cap_chunk = min(max(n_cap, 1), max(1, max_pairs // img_chunk))
     elif img_chunk is None:
         img_chunk = min(max(n_img, 1), max(1, max_pairs // cap_chunk))
-    for value, name in ((img_chunk, "img_chunk"), (cap_chunk, "cap_chunk")):
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(img_chunk), int(cap_chunk)
 
 

@@ -37,15 +37,23 @@ if [ ${#missing[@]} -gt 0 ]; then
   python -m pip install -q "${missing[@]}"
 fi
 
-# Rebuild the editable install when the build inputs change (or the extension is missing).
-stamp_file="$VENV/.rcar_fast_build_stamp"
-stamp=$( { python -c "import torch; print(torch.__version__)"; cat setup.py pyproject.toml;
-           find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) \
-             -print0 | sort -z | xargs -0 cat; } | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ] || ! python -c "import rcar_fast._C" 2>/dev/null; then
-  echo "[setup] building rcar_fast (native extension; a few minutes on 2 cores)"
+# The editable install builds the extension once; afterwards only the native build reruns, and
+# only when its inputs change (ninja rebuilds just the changed sources under build/).
+install_stamp="$VENV/.rcar_fast_install_stamp"
+build_stamp="$VENV/.rcar_fast_build_stamp"
+install_key=$(cat setup.py pyproject.toml | sha256sum | cut -d' ' -f1)
+build_key=$( { python -c "import torch; print(torch.__version__)"; cat setup.py;
+               find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) \
+                 -print0 | sort -z | xargs -0 cat; } | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$install_stamp" 2>/dev/null)" != "$install_key" ]; then
+  echo "[setup] installing rcar_fast in editable mode and building its native extension (minutes on 2 cores)"
   python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+  python -c "import rcar_fast._C" || { echo "[setup] the native extension did not build" >&2; exit 1; }
+  echo "$install_key" > "$install_stamp"
+  echo "$build_key" > "$build_stamp"
+elif [ "$(cat "$build_stamp" 2>/dev/null)" != "$build_key" ] || ! python -c "import rcar_fast._C" 2>/dev/null; then
+  echo "[setup] rebuilding the native extension"
   python setup.py -q build_ext --inplace
   python -c "import rcar_fast._C" || { echo "[setup] the native extension did not build" >&2; exit 1; }
-  echo "$stamp" > "$stamp_file"
+  echo "$build_key" > "$build_stamp"
 fi

@@ -1,0 +1,197 @@
+"""What the suite measures: ops, shapes and the three plans (tiny, quick, full).
+
+An op row is (op, mode, shape, dtype, backend); a loss row compares the hardest-negative
+loss computed sparsely (rcar_fast.pairs.hardest_negative_loss: <= 3B pairs with autograd)
+against the full B x B version, per backend. Shapes are ordered small to large inside a sweep
+so that a backend over the time budget at one size is skipped at the larger ones.
+
+Sweeps (the `sweep` column): "pairs" (n_img x n_cap at the default length, d and dtype),
+"len" (mean caption length), "dim" (d), "dtype", "batch" (loss rows: B).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+MODES = ("forward", "backward", "train_step")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    name: str                    # row label, e.g. "scan_t2i", "rcar_coop_rcar2_t2i"
+    family: str                  # "scan" | "rcar"
+    direction: str = "t2i"
+    smooth: float = 9.0
+    agg: str = "mean"
+    lse_lambda: float = 6.0
+    regulator: str = ""
+    steps: int = 0
+    sim_dim: int = 0
+
+    @property
+    def dispatch_op(self) -> str:
+        return self.family
+
+    @property
+    def pairs_op(self) -> str:
+        return f"{self.family}_pairs"
+
+    def scan_kwargs(self) -> dict:
+        return dict(direction=self.direction, smooth=self.smooth, agg=self.agg,
+                    lse_lambda=self.lse_lambda)
+
+
+def scan_op(direction: str) -> OpSpec:
+    # Published SCAN settings: t2i smooth 9, i2t smooth 4 (mean aggregation, "AVG").
+    return OpSpec(f"scan_{direction}", "scan", direction, smooth=9.0 if direction == "t2i" else 4.0)
+
+
+def rcar_op(regulator: str, steps: int, direction: str, sim_dim: int) -> OpSpec:
+    smooth = 10.0 if direction == "t2i" else 3.0
+    return OpSpec(f"rcar_{regulator}{steps}_{direction}", "rcar", direction, smooth=smooth,
+                  regulator=regulator, steps=steps, sim_dim=sim_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    n_img: int
+    n_cap: int
+    regions: int
+    mean_len: int
+    d: int
+    dtype: torch.dtype
+    sweep: str = "pairs"
+
+    @property
+    def pairs(self) -> int:
+        return self.n_img * self.n_cap
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCase:
+    op: OpSpec
+    modes: tuple
+    shapes: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class LossCase:
+    op: OpSpec
+    shapes: tuple                # n_img = n_cap = B
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    name: str
+    op_cases: tuple
+    loss_cases: tuple
+    budget_s: float              # timing budget of one row (repeats adapt to it)
+    min_repeats: int
+    max_repeats: int
+    skip_after_s: float          # a backend whose call took longer is skipped at larger shapes
+    compile: Optional[str]       # None: include torch.compile; else the reason it is skipped
+
+
+def _pairs_sweep(sizes, R, L, d, dtype, sweep="pairs"):
+    return tuple(Shape(n_img, n_cap, R, L, d, dtype, sweep) for n_img, n_cap in sizes)
+
+
+def _batch_sweep(batches, R, L, d, dtype):
+    return tuple(Shape(B, B, R, L, d, dtype, "batch") for B in batches)
+
+
+def tiny_plan() -> Plan:
+    """Seconds on a CPU: every code path once, for tests/test_bench_quick.py."""
+    f32 = torch.float32
+    scan_shapes = _pairs_sweep([(2, 4), (3, 6)], 6, 4, 16, f32)
+    rcar = rcar_op("coop_rcar", 2, "t2i", 8)
+    return Plan(
+        name="tiny",
+        op_cases=(OpCase(scan_op("t2i"), MODES, scan_shapes),
+                  OpCase(scan_op("i2t"), MODES, scan_shapes[:1]),
+                  OpCase(rcar, MODES, _pairs_sweep([(2, 4)], 6, 4, 16, f32))),
+        loss_cases=(LossCase(scan_op("t2i"), _batch_sweep([6], 6, 4, 16, f32)),
+                    LossCase(rcar, _batch_sweep([4], 6, 4, 16, f32))),
+        budget_s=0.0, min_repeats=1, max_repeats=1, skip_after_s=30.0,
+        compile="tiny mode: torch.compile takes about a minute per shape on a CPU")
+
+
+def quick_plan(device: torch.device) -> Plan:
+    """A few minutes on a 2-core CPU: R = 36 and L = 12 as published, d = 256 (d = 1024 in
+    the "dim" sweep) and small pair counts, so that the loop baselines stay affordable."""
+    f32, R, L, d = torch.float32, 36, 12, 256
+    rcar = rcar_op("coop_rcar", 2, "t2i", 64)
+    pair_sizes = [(4, 20), (8, 40), (16, 80), (32, 160)]
+    mid = (8, 40)
+    extras = (_pairs_sweep([mid], R, 6, d, f32, "len") + _pairs_sweep([mid], R, 24, d, f32, "len")
+              + _pairs_sweep([mid], R, L, 1024, f32, "dim")
+              + _pairs_sweep([mid], R, L, d, torch.bfloat16, "dtype"))
+    compile_reason = None
+    if device.type == "cpu":
+        compile_reason = ("quick mode on CPU: torch.compile of the reference takes about a minute "
+                          "per shape on a 2-core CPU; run with --compile to include it")
+    return Plan(
+        name="quick",
+        op_cases=(OpCase(scan_op("t2i"), MODES, _pairs_sweep(pair_sizes, R, L, d, f32)),
+                  OpCase(scan_op("t2i"), ("forward",), extras),
+                  OpCase(scan_op("i2t"), MODES, _pairs_sweep(pair_sizes, R, L, d, f32)),
+                  OpCase(rcar, MODES, _pairs_sweep([(2, 10), (4, 20), (8, 40)], R, L, d, f32)),
+                  OpCase(rcar_op("only_rar", 2, "t2i", 64), ("forward",),
+                         _pairs_sweep([(4, 20)], R, L, d, f32)),
+                  OpCase(rcar_op("only_rcr", 2, "t2i", 64), ("forward",),
+                         _pairs_sweep([(4, 20)], R, L, d, f32))),
+        loss_cases=(LossCase(scan_op("t2i"), _batch_sweep([16, 32, 64], R, L, d, f32)),
+                    LossCase(rcar, _batch_sweep([8, 16, 32], R, L, d, f32))),
+        budget_s=0.5, min_repeats=1, max_repeats=10, skip_after_s=10.0,
+        compile=compile_reason)
+
+
+def full_plan(device: torch.device) -> Plan:
+    """The GPU suite: COCO-sized sweeps in fp32 and bf16, loss at B = 128 and 256."""
+    R, L, d = 36, 12, 1024
+    f32, bf16 = torch.float32, torch.bfloat16
+    scan_sizes = [(128, 640), (256, 1280), (512, 2560), (1000, 5000)]
+    rcar_sizes = [(32, 160), (64, 320), (128, 640), (256, 1280)]
+    mid = (256, 1280)
+    scan_extras = (_pairs_sweep([mid], R, 6, d, f32, "len") + _pairs_sweep([mid], R, 24, d, f32, "len")
+                   + _pairs_sweep([mid], R, L, 256, f32, "dim") + _pairs_sweep([mid], R, L, 512, f32, "dim")
+                   + _pairs_sweep([mid], R, L, d, torch.float16, "dtype"))
+    op_cases = []
+    for direction in ("t2i", "i2t"):
+        op_cases.append(OpCase(scan_op(direction), MODES,
+                               _pairs_sweep(scan_sizes, R, L, d, f32)
+                               + _pairs_sweep(scan_sizes, R, L, d, bf16, "dtype")))
+    op_cases.append(OpCase(scan_op("t2i"), ("forward", "train_step"), scan_extras))
+    for direction in ("t2i", "i2t"):
+        rcar = rcar_op("coop_rcar", 2, direction, 256)
+        op_cases.append(OpCase(rcar, MODES, _pairs_sweep(rcar_sizes, R, L, d, f32)
+                               + _pairs_sweep(rcar_sizes, R, L, d, bf16, "dtype")))
+    for regulator in ("only_rar", "only_rcr"):
+        op_cases.append(OpCase(rcar_op(regulator, 2, "t2i", 256), ("forward", "train_step"),
+                               _pairs_sweep([(64, 320)], R, L, d, f32)))
+    return Plan(
+        name="full",
+        op_cases=tuple(op_cases),
+        loss_cases=(LossCase(scan_op("t2i"), _batch_sweep([128, 256], R, L, d, f32)),
+                    LossCase(rcar_op("coop_rcar", 2, "t2i", 256), _batch_sweep([128, 256], R, L, d, f32))),
+        budget_s=1.0, min_repeats=3, max_repeats=100, skip_after_s=30.0,
+        compile=None if device.type == "cuda" else
+        "full mode on CPU: torch.compile skipped unless --compile is given")
+
+
+def make_inputs(shape: Shape, device: torch.device, seed: int = 0):
+    """Encoder-output-like inputs: unit vectors, caption lengths uniform in
+    [ceil(L/2), ceil(3L/2)] (mean L); zeros in the padding. Same seed -> same inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = max(1, (shape.mean_len + 1) // 2), max(1, (3 * shape.mean_len + 1) // 2)
+    lens = torch.randint(lo, hi + 1, (shape.n_cap,), generator=gen)
+    lmax = int(lens.max())
+    img = torch.randn(shape.n_img, shape.regions, shape.d, generator=gen, dtype=torch.float64)
+    cap = torch.randn(shape.n_cap, lmax, shape.d, generator=gen, dtype=torch.float64)
+    img = img / img.norm(dim=-1, keepdim=True)
+    cap = cap / cap.norm(dim=-1, keepdim=True)
+    cap = cap * (torch.arange(lmax)[None, :] < lens[:, None]).unsqueeze(-1)
+    return (img.to(device=device, dtype=shape.dtype), cap.to(device=device, dtype=shape.dtype),
+            lens.to(device))

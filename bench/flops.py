@@ -1,0 +1,112 @@
+"""FLOP models: the work an op needs, the same number for every backend.
+
+TFLOP/s in the results is model FLOPs / measured time, so backends are compared on the same
+work (like FlashAttention's 4 N^2 d for attention), not on what each happens to execute.
+A multiply-add counts 2. Lengths are ragged: sums run over the real words of each caption.
+
+SCAN, one pair with Q queries and C context items (t2i: Q = L words, C = R regions; i2t:
+Q = R, C = L), in the Gram form a fused kernel uses (SIMILARITY.md):
+    raw scores s = context . query          2 Q C d
+    normalisation + softmax (elementwise)  10 Q C      (leaky, square, sum, rsqrt, scale, exp, sum, div)
+    q . ctx  = sum_c alpha s                2 Q C
+    |ctx|^2  = alpha^T G alpha              2 Q C^2 + 2 Q C
+    cosine, aggregation                     6 Q
+  plus, once per context item (not per pair), its C x C Gram matrix 2 C^2 d, and once per
+  query item its norms 2 Q d. The reference computes the attended vectors explicitly
+  (another 2 Q C d), which the model does not credit: it is work a better algorithm avoids.
+
+RCAR head, one pair (d = embed_dim, s = sim_dim), per alignment step:
+    raw scores (with the modulation m)      2 Q C d (+ Q d for q * m after the first RCR)
+    normalisation + softmax                10 Q C
+    attended context ctx = alpha @ context  2 Q C d   (needed: (q - ctx)^2 is d-dimensional)
+    l2norm(ctx), (q - ctx)^2               5 Q d
+    alignment vector W: Linear(d, s)        2 Q d s, l2norm 3 Q s
+  per RCR update: rcr_matrix_w  2 Q s (2s) + 2 Q (2s) d, tanh + add + clamp 3 Q d;
+                  rcr_smooth_w  2 Q s (s/2) + 2 Q (s/2), relu 2 Q
+  per RAR update: rar_k_w 2 Q s^2, rar_q_w 2 s^2, product + rar_v_w 3 Q s, softmax 3 Q,
+                  weighted sum 2 Q s, l2norm 3 s
+  initial mean 2 Q s (only_rar, coop_rcar); final sim_eval_w 2 s;
+  only_rcr's final cross attention + cosine: 2 Q C d + 10 Q C + 2 Q C d + 6 Q d.
+At the published setting (coop_rcar, 2 steps, d = 1024, s = 256, R = 36, L = 12) this gives
+about 36 MFLOP per pair (tests/test_bench_quick.py checks the formula against that).
+
+Backward is counted as 2x the forward and a training step (forward + backward) as 3x, the
+usual convention for matmul-dominated ops.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+MODE_FACTOR = {"forward": 1.0, "backward": 2.0, "train_step": 3.0}
+
+
+def _scan_pair(Q: int, C: int, d: int) -> float:
+    return 2.0 * Q * C * d + 10.0 * Q * C + 2.0 * Q * C + 2.0 * Q * C * C + 2.0 * Q * C + 6.0 * Q
+
+
+def scan_forward(n_img: int, lens: Iterable[int], R: int, d: int, direction: str) -> float:
+    """Model FLOPs of SCAN over all n_img x len(lens) pairs."""
+    lens = [int(v) for v in lens]
+    if direction == "t2i":
+        per_pairs = n_img * sum(_scan_pair(L, R, d) for L in lens)
+        gram = n_img * 2.0 * R * R * d                # one R x R Gram per image
+        norms = sum(2.0 * L * d for L in lens)        # word norms once per caption
+    else:
+        per_pairs = n_img * sum(_scan_pair(R, L, d) for L in lens)
+        gram = sum(2.0 * L * L * d for L in lens)     # one L x L Gram per caption
+        norms = n_img * 2.0 * R * d
+    return per_pairs + gram + norms
+
+
+def scan_pairs_forward(pair_lens: Iterable[int], R: int, d: int, direction: str) -> float:
+    """Model FLOPs of SCAN over an explicit pair list (Gram and norms counted per pair)."""
+    total = 0.0
+    for L in pair_lens:
+        Q, C = (int(L), R) if direction == "t2i" else (R, int(L))
+        total += _scan_pair(Q, C, d) + 2.0 * C * C * d + 2.0 * Q * d
+    return total
+
+
+def _alignment_step(Q, C, d, s, modulated: bool) -> float:
+    flops = 2.0 * Q * C * d + 10.0 * Q * C + 2.0 * Q * C * d + 5.0 * Q * d + 2.0 * Q * d * s + 3.0 * Q * s
+    return flops + (Q * d if modulated else 0.0)
+
+
+def _rcr(Q, d, s) -> float:
+    return (2.0 * Q * s * 2 * s + 2.0 * Q * 2 * s * d + 3.0 * Q * d
+            + 2.0 * Q * s * (s // 2) + 2.0 * Q * (s // 2) + 2.0 * Q)
+
+
+def _rar(Q, s) -> float:
+    return 2.0 * Q * s * s + 2.0 * s * s + 3.0 * Q * s + 3.0 * Q + 2.0 * Q * s + 3.0 * s
+
+
+def rcar_pair(Q: int, C: int, d: int, s: int, regulator: str, steps: int) -> float:
+    """Model FLOPs of the RCAR head for one pair (Q queries, C context items)."""
+    if regulator == "only_rar":
+        return _alignment_step(Q, C, d, s, False) + 2.0 * Q * s + steps * _rar(Q, s) + 2.0 * s
+    if regulator == "only_rcr":
+        flops = sum(_alignment_step(Q, C, d, s, t > 0) + _rcr(Q, d, s) for t in range(steps))
+        return flops + 2.0 * Q * C * d + 10.0 * Q * C + 2.0 * Q * C * d + 6.0 * Q * d + (Q * d if steps else 0)
+    if regulator == "coop_rcar":
+        flops = 2.0 * Q * s + 2.0 * s
+        for t in range(steps):
+            flops += _alignment_step(Q, C, d, s, t > 0) + _rar(Q, s)
+            if t < steps - 1:
+                flops += _rcr(Q, d, s)
+        return flops
+    raise ValueError(f"unknown regulator {regulator!r}")
+
+
+def rcar_forward(n_img: int, lens: Iterable[int], R: int, d: int, s: int, regulator: str,
+                 steps: int, direction: str) -> float:
+    lens = [int(v) for v in lens]
+    if direction == "t2i":
+        return n_img * sum(rcar_pair(L, R, d, s, regulator, steps) for L in lens)
+    return n_img * sum(rcar_pair(R, L, d, s, regulator, steps) for L in lens)
+
+
+def rcar_pairs_forward(pair_lens: Iterable[int], R: int, d: int, s: int, regulator: str,
+                       steps: int, direction: str) -> float:
+    return sum(rcar_pair(int(L), R, d, s, regulator, steps) if direction == "t2i"
+               else rcar_pair(R, int(L), d, s, regulator, steps) for L in pair_lens)

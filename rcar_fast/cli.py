@@ -1,0 +1,418 @@
+"""The ``rcar-fast`` command (also ``python -m rcar_fast``).
+
+    rcar-fast demo [--size NAME] [--backend B] [--json out.json]
+        all-pairs SCAN t2i similarity on the synthetic COCO-shaped set, checked against the
+        vectorised reference on a slice, with timing, pairs/s and a recall table.
+    rcar-fast eval --checkpoint model_best.pth --data DIR --split testall --protocol coco5k
+                   [--ensemble other.pth] [--backend B] [--save sims.npy] [--json out.json]
+        encode a precomputed split with an official RCAR checkpoint and evaluate retrieval.
+    rcar-fast eval --embeddings DIR [--checkpoint model_best.pth] --protocol f30k ...
+        evaluate already-encoded embeddings (SCAN t2i, or the checkpoint's RCAR head).
+    rcar-fast bench ...
+        the benchmarks (bench/), when present.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from rcar_fast import data, evaluation, metrics
+
+__all__ = ["main", "build_parser"]
+
+SIZES = ("auto",) + tuple(data.SYNTHETIC_SIZES)
+# Pairs the vectorised reference scores for the demo's cross-check (about 10 s on 2 CPU cores).
+DEMO_REFERENCE_PAIRS = 20_000
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rcar-fast", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="{demo,eval,bench}")
+    sub.required = True
+
+    demo = sub.add_parser("demo", help="all-pairs SCAN retrieval on the synthetic set")
+    demo.add_argument("--size", default="auto", choices=SIZES,
+                      help="synthetic set size (images, d): " + ", ".join(
+                          f"{k}={v[0]}x{v[1]}" for k, v in data.SYNTHETIC_SIZES.items())
+                      + "; auto: 'coco5k' on a GPU, 'demo' with fused CPU kernels, 'small' "
+                        "with the reference only")
+    demo.add_argument("--images", type=int, default=None, help="override the number of images")
+    demo.add_argument("--dim", type=int, default=None, help="override the feature size d")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    demo.add_argument("--reference-pairs", type=int, default=DEMO_REFERENCE_PAIRS,
+                      help="pairs on which the vectorised reference cross-checks the backend "
+                           "(0: skip)")
+    _common_compute_args(demo)
+    demo.add_argument("--json", default=os.path.join("out", "demo_results.json"),
+                      help="where to write the results (default: out/demo_results.json)")
+
+    ev = sub.add_parser("eval", help="evaluate retrieval with an official RCAR checkpoint")
+    ev.add_argument("--checkpoint", help="official RCAR model_best.pth")
+    ev.add_argument("--ensemble", help="a second checkpoint (e.g. the i2t model); its matrix "
+                                       "is averaged with the first")
+    ev.add_argument("--data", help="folder with {split}_ims.npy and {split}_caps.txt "
+                                   "(or a precomp/ subfolder)")
+    ev.add_argument("--split", default="testall")
+    ev.add_argument("--vocab", help="vocabulary json (default: found next to --data)")
+    ev.add_argument("--embeddings", help="folder with img_embs, cap_embs, cap_lens (.npy/.pt) "
+                                         "instead of --data")
+    ev.add_argument("--protocol", choices=tuple(evaluation.PROTOCOLS),
+                    help="default: coco5k for 5000 images (plus coco1k), f30k for 1000")
+    ev.add_argument("--any-size", action="store_true",
+                    help="evaluate a split whose size is not the protocol's")
+    ev.add_argument("--batch-size", type=int, default=128, help="encoder batch size")
+    ev.add_argument("--trust-checkpoint", action="store_true",
+                    help="load checkpoints with arbitrary pickled objects (trusted files only)")
+    ev.add_argument("--save", help="write the similarity matrix (the ensemble with --ensemble) "
+                                   "to this .npy file")
+    ev.add_argument("--json", help="write the results to this json file")
+    _common_compute_args(ev)
+
+    bench = sub.add_parser("bench", help="run the benchmarks (bench/)", add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _common_compute_args(p):
+    p.add_argument("--backend", default="auto",
+                   choices=("auto", "reference", "reference_loop", "triton", "cuda", "cpu"))
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--img-block", type=int, default=None, help="images per similarity call")
+    p.add_argument("--cap-block", type=int, default=None, help="captions per similarity call")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(argv: Optional[list] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        return _eval(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+        print(f"rcar-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        _teardown_distributed()
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------
+
+def _bench(argv) -> int:
+    try:
+        from bench.__main__ import main as bench_main
+    except ImportError as err:
+        print(f"rcar-fast bench: the benchmarks are not available here ({err}); run from a "
+              "source checkout, where bench/ sits next to rcar_fast/", file=sys.stderr)
+        return 2
+    return int(bench_main(argv) or 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+def _resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    from rcar_fast import dispatch
+
+    return dispatch.choose(op, backend, device, dtype).backend
+
+
+_JOINED_PROCESS_GROUP = []
+
+
+def _teardown_distributed():
+    import torch.distributed as dist
+
+    if _JOINED_PROCESS_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+        _JOINED_PROCESS_GROUP.clear()
+
+
+def _setup_device(args) -> tuple:
+    """(device, rank). Under torchrun (WORLD_SIZE > 1) joins the process group (NCCL on GPUs,
+    gloo on CPU), so that evaluation shards the image blocks over the ranks; only rank 0
+    prints, computes metrics and writes files."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    wants_gpu = args.device is None and torch.cuda.is_available() or \
+        (args.device or "").startswith("cuda")
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        if wants_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if wants_gpu else "gloo")
+        _JOINED_PROCESS_GROUP.append(True)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if wants_gpu and (world > 1 or args.device is None):
+        device = torch.device("cuda", torch.cuda.current_device())   # LOCAL_RANK's GPU
+    else:
+        device = torch.device(args.device or "cpu")
+    if rank != 0:
+        args.no_progress = True
+    return device, rank
+
+
+def _demo(args) -> int:
+    device, rank = _setup_device(args)
+    dtype = getattr(torch, args.dtype)
+    backend = _resolve_backend("scan", args.backend, device, dtype)
+    size = args.size
+    if size == "auto":
+        if backend in ("reference", "reference_loop"):
+            size = "small"          # the reference alone: about a minute on 2 CPU cores
+        else:
+            size = "coco5k" if device.type == "cuda" else "demo"
+    n_images, dim = data.synthetic_size(size)
+    n_images, dim = args.images or n_images, args.dim or dim
+    if rank == 0:
+        print(f"rcar-fast demo: synthetic set '{size}' ({n_images} images x 36 regions, "
+              f"{5 * n_images} captions, d={dim}, {args.dtype}); SCAN t2i on backend "
+              f"{backend!r} ({device.type})")
+
+    timing = {}
+    t0 = time.perf_counter()
+    ds = data.synthetic(n_images=n_images, dim=dim, seed=args.seed, dtype=dtype)
+    timing["generate_s"] = time.perf_counter() - t0
+
+    stats = {}
+    sims = evaluation.all_pairs(ds.img, ds.cap, ds.lens, evaluation.scan_fn(backend),
+                                img_block=args.img_block, cap_block=args.cap_block,
+                                device=device, progress=not args.no_progress, stats=stats)
+    if rank != 0:
+        return 0             # this rank's shard went to rank 0
+    timing["similarity_s"] = stats["seconds"]
+    pairs_per_s = stats["pairs"] / stats["seconds"]   # all ranks together
+
+    t0 = time.perf_counter()
+    rows = {f"SCAN t2i [{backend}]": metrics.recall_metrics(sims)}
+    if n_images % 1000 == 0 and n_images >= 2000:
+        rows["1K folds (mean)"] = metrics.coco1k_metrics(sims)
+    timing["metrics_s"] = time.perf_counter() - t0
+
+    check = _reference_check(ds, sims, backend, device, args.reference_pairs)
+    _print_demo(ds, rows, timing, pairs_per_s, check)
+    result = {
+        "command": "demo", "size": size, "n_images": n_images, "n_captions": int(ds.cap.shape[0]),
+        "regions": int(ds.img.shape[1]), "dim": dim, "dtype": args.dtype,
+        "max_words": int(ds.cap.shape[1]), "mean_words": float(ds.lens.float().mean()),
+        "backend": backend, "device": _device_name(device), "timing": timing,
+        "pairs_per_s": pairs_per_s, "metrics": rows, "reference_check": check,
+    }
+    _write_json(args.json, result)
+    print(f"results written to {args.json}")
+    return 0 if check.get("ok", True) else 1
+
+
+def _reference_check(ds, sims, backend, device, budget) -> dict:
+    """The backend's matrix vs the vectorised reference on the first images x captions that
+    fit ``budget`` pairs; times the reference there for a speed comparison."""
+    if budget <= 0 or backend == "reference":
+        return {"skipped": "reference backend" if backend == "reference" else "disabled"}
+    from rcar_fast.reference import scan_similarity_vectorized
+
+    n_img = max(1, min(ds.img.shape[0], int((budget / 5) ** 0.5)))
+    n_cap = max(1, min(ds.cap.shape[0], budget // n_img))
+    img = ds.img[:n_img].to(device, torch.float32)
+    cap = ds.cap[:n_cap].to(device, torch.float32)
+    t0 = time.perf_counter()
+    ref = scan_similarity_vectorized(img, cap, ds.lens[:n_cap].to(device)).float().cpu()
+    seconds = time.perf_counter() - t0
+    got = torch.as_tensor(sims[:n_img, :n_cap]).float()
+    err = float((got - ref).abs().max())
+    scale = float(ref.abs().max()) or 1.0
+    tolerance = 1e-4 if ds.img.dtype == torch.float32 else 2e-2
+    return {"pairs": n_img * n_cap, "max_abs_diff": err, "max_rel_diff": err / scale,
+            "reference_pairs_per_s": n_img * n_cap / seconds, "ok": err / scale < tolerance}
+
+
+def _print_demo(ds, rows, timing, pairs_per_s, check):
+    n_pairs = ds.img.shape[0] * ds.cap.shape[0]
+    print(f"\n  generate   {timing['generate_s']:8.2f} s")
+    print(f"  similarity {timing['similarity_s']:8.2f} s   {n_pairs:,} pairs, "
+          f"{pairs_per_s:,.0f} pairs/s")
+    print(f"  metrics    {timing['metrics_s']:8.2f} s")
+    if "pairs" in check:
+        speedup = pairs_per_s / check["reference_pairs_per_s"]
+        print(f"  reference  {check['reference_pairs_per_s']:,.0f} pairs/s on {check['pairs']:,} "
+              f"pairs -> {speedup:.1f}x; max |diff| {check['max_abs_diff']:.2e} "
+              f"({'ok' if check['ok'] else 'MISMATCH'})")
+    print()
+    print(metrics.format_metrics_table(rows))
+    print()
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------------
+
+def _eval(args) -> int:
+    if args.embeddings is None and (args.checkpoint is None or args.data is None):
+        raise ValueError("eval needs --checkpoint and --data, or --embeddings "
+                         "(optionally with --checkpoint for its RCAR head)")
+    if args.ensemble and args.embeddings:
+        raise ValueError("--ensemble needs --data (each model encodes the split with its own "
+                         "encoders); it cannot be combined with --embeddings")
+    device, rank = _setup_device(args)
+    timing, rows, described = {}, {}, []
+
+    split = None
+    if args.embeddings is None:
+        t0 = time.perf_counter()
+        split = data.load_precomp(args.data, args.split)
+        timing["load_s"] = time.perf_counter() - t0
+
+    named = {}  # row name -> similarity matrix
+    for label, path in (("model", args.checkpoint), ("ensemble", args.ensemble)):
+        if label == "ensemble" and path is None:
+            break
+        sims, info = _score_one(args, path, split, device, timing, label)
+        described.append(info)
+        named[info["name"]] = sims
+    if rank != 0:
+        return 0             # this rank's shards went to rank 0
+    final = next(iter(named.values()))
+    if len(named) == 2:
+        final = metrics.ensemble(*named.values())
+        named["ensemble (ALL)"] = final
+    n_img = final.shape[0]
+    protocols = [args.protocol] if args.protocol else [_default_protocol(n_img)]
+    if not args.protocol and protocols == ["coco5k"]:
+        protocols.append("coco1k")  # COCO results are reported on both
+    for protocol in protocols:
+        for name, sims in named.items():
+            row = name if protocol == protocols[0] else f"{name} / {protocol}"
+            rows[row] = _protocol_metrics(sims, protocol, args.any_size, timing, protocol)
+    protocol = "+".join(protocols)
+    if args.save:
+        _save_matrix(args.save, final)
+    print()
+    print(f"protocol {protocol}, {n_img} images, {5 * n_img} captions")
+    print(metrics.format_metrics_table(rows))
+    print("\n" + "  ".join(f"{k} {v:.2f}s" for k, v in timing.items()))
+    if args.json:
+        _write_json(args.json, {"command": "eval", "protocol": protocol, "n_images": n_img,
+                                "models": described, "metrics": rows, "timing": timing,
+                                "device": _device_name(device), "saved": args.save})
+    return 0
+
+
+def _score_one(args, checkpoint_path, split, device, timing, label):
+    """(similarity matrix, description) of one model on the split."""
+    from rcar_fast.checkpoint import load_rcar_checkpoint
+
+    model = None
+    if checkpoint_path is not None:
+        t0 = time.perf_counter()
+        model = load_rcar_checkpoint(checkpoint_path, map_location=device,
+                                     trusted=args.trust_checkpoint)
+        timing[f"{label}_load_checkpoint_s"] = time.perf_counter() - t0
+    if split is not None:
+        vocab = data.load_vocab(args.vocab or _find_vocab(args.data, model.opt))
+        t0 = time.perf_counter()
+        img = model.encode_images(split.images, args.batch_size, device)
+        cap, lens = model.encode_captions([vocab.encode(c) for c in split.captions],
+                                          args.batch_size, device)
+        timing[f"{label}_encode_s"] = time.perf_counter() - t0
+    else:
+        t0 = time.perf_counter()
+        img, cap, lens = data.load_embeddings(args.embeddings)
+        timing["load_embeddings_s"] = time.perf_counter() - t0
+
+    if model is not None:
+        similarity = evaluation.rcar_fn(model.sim_enc, args.backend)
+        op, name = "rcar", f"RCAR {model.opt.get('attn_type', 't2i')} ({os.path.basename(checkpoint_path)})"
+    else:
+        similarity = evaluation.scan_fn(args.backend)
+        op, name = "scan", "SCAN t2i"
+    cap_dtype = metrics._torch_dtype(cap)
+    backend = _resolve_backend(op, args.backend, device, cap_dtype)
+    stats = {}
+    sims = evaluation.all_pairs(img, cap, lens, similarity, img_block=args.img_block,
+                                cap_block=args.cap_block, device=device,
+                                progress=not args.no_progress, stats=stats,
+                                desc=f"{label} similarity")
+    timing[f"{label}_similarity_s"] = stats["seconds"]
+    info = {"name": f"{name} [{backend}]", "checkpoint": checkpoint_path, "backend": backend,
+            "pairs": stats["pairs"], "pairs_per_s": stats["pairs"] / stats["seconds"],
+            "ranks": stats["world"]}
+    if model is not None:
+        info["epoch"] = model.epoch
+    return sims, info
+
+
+def _protocol_metrics(sims, protocol, any_size, timing, label):
+    t0 = time.perf_counter()
+    out = evaluation.evaluate_protocol(sims, protocol, strict=not any_size)
+    timing[f"{label}_metrics_s"] = timing.get(f"{label}_metrics_s", 0.0) + time.perf_counter() - t0
+    return out
+
+
+def _default_protocol(n_img: int) -> str:
+    if n_img == 5000:
+        return "coco5k"
+    if n_img == 1000:
+        return "f30k"
+    raise ValueError(f"cannot infer the protocol from {n_img} images; pass --protocol "
+                     "(and --any-size for a non-standard split)")
+
+
+def _find_vocab(data_dir, opt) -> str:
+    data_name = str((opt or {}).get("data_name", ""))
+    names = ["coco_precomp_vocab.json" if "coco" in data_name else "f30k_precomp_vocab.json"]
+    names += [f"{data_name}_vocab.json"] if data_name else []
+    data_dir = os.path.abspath(data_dir)
+    folders = [data_dir, os.path.join(data_dir, "vocab"), os.path.dirname(data_dir),
+               os.path.join(os.path.dirname(data_dir), "vocab")]
+    vocab_path = (opt or {}).get("vocab_path")
+    if vocab_path:
+        folders.insert(0, vocab_path)
+    for folder in folders:
+        for name in names:
+            candidate = os.path.join(folder, name)
+            if os.path.isfile(candidate):
+                return candidate
+    raise FileNotFoundError(f"no vocabulary file ({' or '.join(names)}) in {folders}; "
+                            "pass --vocab")
+
+
+def _save_matrix(path, sims):
+    array = sims.numpy() if isinstance(sims, torch.Tensor) else sims
+    data._atomic_save_npy(os.fspath(path), array)
+
+
+def _write_json(path, content):
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.partial"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""RCAR similarity head on the CUDA C++ kernel (csrc/cuda/rcar.cu): eval-mode forward only.
+
+The kernel is plain SIMT (correctness first): a persistent grid of blocks, each scoring one
+(image, caption) pair at a time, its (Q, d) intermediates in a per-block workspace slot that is
+reused pair after pair (memory O(blocks x Q x d), never O(pairs x Q x d)). Features are cast to
+float32, weights are passed as float32 (in, out) matrices through a device table of pointers
+whose order is fixed in csrc/cuda/kernels.h (`weight_tensors` below builds it).
+
+The result carries no gradient; training mode (dropout active) is refused.
+"""
+from __future__ import annotations
+
+import torch
+
+from rcar_fast import dispatch
+from rcar_fast.dispatch import BackendUnavailable
+from rcar_fast.reference import DIRECTIONS, REGULATORS, module_counts
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCKS_PER_SM = 2  # the kernel is built for two resident 256-thread blocks per SM
+
+
+def _native():
+    return dispatch.native_module()
+
+
+def _matrix(linear: torch.nn.Linear) -> torch.Tensor:
+    """The Linear's weight as a float32 (in, out) matrix: a thread per output reads it coalesced."""
+    return linear.weight.detach().to(torch.float32).t().contiguous()
+
+
+def _vector(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32).reshape(-1).contiguous()
+
+
+def weight_tensors(head) -> list[torch.Tensor]:
+    """float32 weights in the order of the kernel's pointer table (csrc/cuda/kernels.h)."""
+    counts = module_counts(head.regulator, head.steps)
+    tensors = []
+    for t in range(counts["alv"]):
+        lin = head.alv_modules[t].sim_transform_w
+        tensors += [_matrix(lin), _vector(lin.bias)]
+    for t in range(counts["rcr"]):
+        rcr = head.rcr_modules[t]
+        m1, m2 = rcr.rcr_matrix_w[0], rcr.rcr_matrix_w[2]
+        s1, s2 = rcr.rcr_smooth_w[0], rcr.rcr_smooth_w[2]
+        tensors += [_matrix(m1), _vector(m1.bias), _matrix(m2), _vector(m2.bias),
+                    _matrix(s1), _vector(s1.bias), _vector(s2.weight), _vector(s2.bias)]
+    for n in range(counts["rar"]):
+        rar = head.rar_modules[n]
+        q, k, v = rar.rar_q_w[0], rar.rar_k_w[0], rar.rar_v_w[0]
+        tensors += [_matrix(q), _vector(q.bias), _matrix(k), _vector(k.bias),
+                    _vector(v.weight), _vector(v.bias)]
+    tensors += [_vector(head.sim_eval_w.weight), _vector(head.sim_eval_w.bias)]
+    return tensors
+
+
+def _persistent_blocks(device: torch.device, pairs: int) -> int:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(pairs, sms * BLOCKS_PER_SM))
+
+
+def _features(x: torch.Tensor) -> torch.Tensor:
+    x = x.to(torch.float32)
+    return x if x.stride(2) == 1 else x.contiguous()
+
+
+def problem_dict(head, img, cap, lens, max_len, table, workspace, blocks) -> dict:
+    """The RcarProblem fields (csrc/cuda/kernels.h) as a dict of ints and floats."""
+    n_img, R, d = img.shape
+    return dict(
+        img=img.data_ptr(), cap=cap.data_ptr(), n_img=n_img, R=R, d=d, n_cap=cap.shape[0],
+        img_stride_n=img.stride(0), img_stride_r=img.stride(1),
+        cap_stride_n=cap.stride(0), cap_stride_w=cap.stride(1),
+        lens=lens.data_ptr(), max_len=max_len, sim_dim=head.sim_dim,
+        regulator=REGULATORS.index(head.regulator), steps=head.steps,
+        i2t=int(head.direction == "i2t"), smooth=float(head.smooth), weights=table.data_ptr(),
+        workspace=workspace.data_ptr(), n_blocks=blocks,
+    )
+
+
+def rcar_cuda(head, img, cap, lens) -> torch.Tensor:
+    """The registered implementation: inputs validated by RCARSimilarity.forward (lens int64 on
+    cap's device). Returns (n_img, n_cap) float32."""
+    if head.training:
+        raise BackendUnavailable(
+            "the CUDA RCAR kernel is an eval-mode forward (no dropout, no gradient); call "
+            "head.eval() first, or use backend='reference' to train")
+    if head.regulator not in REGULATORS or head.direction not in DIRECTIONS:
+        raise ValueError(f"unknown regulator {head.regulator!r} or direction {head.direction!r}")
+    native, device = _native(), img.device
+    img, cap = _features(img), _features(cap)
+    lens = lens.to(device=device, dtype=torch.int64).contiguous()
+    max_len = int(lens.max())
+    n_img, R, d = img.shape
+    i2t = head.direction == "i2t"
+    tensors = weight_tensors(head)
+    table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+    blocks = _persistent_blocks(device, n_img * cap.shape[0])
+    per_block = native.rcar_workspace_floats(R if i2t else max_len, d, head.sim_dim)
+    workspace = torch.empty(blocks * per_block, dtype=torch.float32, device=device)
+    sims = torch.empty((n_img, cap.shape[0]), dtype=torch.float32, device=device)
+    problem = problem_dict(head, img, cap, lens, max_len, table, workspace, blocks)
+    native.rcar_forward_cuda(problem, sims.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
+    # `tensors`, `table` and `workspace` are released after the launch: the caching allocator
+    # reuses their memory only for work queued later on this stream.
+    return sims
+
+
+def supports(device: torch.device, dtype: torch.dtype):
+    if dtype not in SUPPORTED_DTYPES:
+        return f"the CUDA RCAR kernel takes float32, float16 or bfloat16 tensors, got {dtype}"
+    return None
+
+
+dispatch.register("rcar", "cuda", rcar_cuda, supports)

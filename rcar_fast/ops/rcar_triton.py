@@ -1,0 +1,206 @@
+"""RCAR similarity head on the Triton backend: weight packing, autograd, registration.
+
+Forward: one fused Triton kernel for the whole head over all pairs (kernels/rcar.py); nothing
+of size (pairs, Q, d) or (pairs, Q, s) is written.
+
+Backward (what is and is not fused): the gradient w.r.t. img, cap and every head parameter is
+computed by RECOMPUTATION, not from stored activations: the forward saves only its inputs, and
+the backward re-runs the head on bounded blocks of (image, caption) pairs with the vectorised
+reference math (RCARHead.forward_vectorized) under torch autograd, then discards each block's
+graph. Memory is bounded by BACKWARD_BLOCK_BYTES; the backward itself is NOT a fused kernel (it
+costs about one reference forward + backward).
+
+Training mode: RAR's dropout (p = 0.4) is not implemented by the fused kernel, so a head with
+RAR modules in training mode is refused before any compute (call .eval(), or use
+backend="reference" to train with dropout). only_rcr has no dropout and runs in either mode.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from rcar_fast import dispatch
+
+# Bytes of saved (pairs, Q, d)-sized activations one backward block may hold.
+BACKWARD_BLOCK_BYTES = 1 << 30
+# Rough count of (pairs, Q, d) activations autograd keeps per alignment step of the reference.
+_SAVED_PER_STEP = 12
+
+
+def _supports(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float64:
+        return ("the Triton RCAR kernel computes in float32 (bf16/fp16 GEMM operands on GPU); "
+                "use backend='reference' for float64")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {dtype} not supported (expects float32, float16 or bfloat16)"
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return ("the Triton CPU interpreter computes bfloat16 tl.dot wrongly; use float32 or "
+                "float16 on CPU, or a GPU")
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton runs on CUDA GPUs (or the CPU interpreter), got {device.type} tensors"
+    return None
+
+
+def _refuse_training_dropout(head) -> None:
+    active = [name for name, m in head.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    if head.training and active:
+        raise RuntimeError(
+            "RCARSimilarity(backend='triton') does not implement RAR's dropout, which is active "
+            f"in training mode ({active[0]}, p={head.get_submodule(active[0]).p}). Call "
+            "head.eval() to run the fused kernel (dropout off), or use backend='reference' to "
+            "train with dropout.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight packing (kernels/rcar.py WEIGHT_LAYOUT): transposed, zero-padded, stacked per step
+# ---------------------------------------------------------------------------------------------
+
+def _stack(tensors, shape, dtype, device):
+    """Zero (max(1, n), *shape) tensor with tensors[i] in the leading corner of slot i."""
+    out = torch.zeros((max(1, len(tensors)),) + tuple(shape), dtype=dtype, device=device)
+    for i, t in enumerate(tensors):
+        out[(i,) + tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
+@torch.no_grad()
+def pack_weights(head, op_dtype: torch.dtype, interpreter: bool) -> dict:
+    from rcar_fast.kernels import rcar as kernels
+
+    dims = kernels.padded_dims(head.embed_dim, head.sim_dim, interpreter)
+    DP, SP, HP, HSP = dims["DP"], dims["SP"], dims["HP"], dims["HSP"]
+    dev = head.sim_eval_w.weight.device
+    f32 = torch.float32
+    alv, rcr, rar = head.alv_modules, head.rcr_modules, head.rar_modules
+
+    def op(tensors, shape):
+        return _stack(tensors, shape, op_dtype, dev)
+
+    def fp(tensors, shape):
+        return _stack(tensors, shape, f32, dev)
+
+    return {
+        "wa": op([m.sim_transform_w.weight.t() for m in alv], (DP, SP)),
+        "ba": fp([m.sim_transform_w.bias for m in alv], (SP,)),
+        "w1": op([m.rcr_matrix_w[0].weight.t() for m in rcr], (SP, HP)),
+        "b1": fp([m.rcr_matrix_w[0].bias for m in rcr], (HP,)),
+        "w2": op([m.rcr_matrix_w[2].weight.t() for m in rcr], (HP, DP)),
+        "b2": fp([m.rcr_matrix_w[2].bias for m in rcr], (DP,)),
+        "ws1": op([m.rcr_smooth_w[0].weight.t() for m in rcr], (SP, HSP)),
+        "bs1": fp([m.rcr_smooth_w[0].bias for m in rcr], (HSP,)),
+        "ws2": fp([m.rcr_smooth_w[2].weight[0] for m in rcr], (HSP,)),
+        "bs2": fp([m.rcr_smooth_w[2].bias[0] for m in rcr], ()),
+        "wq": op([m.rar_q_w[0].weight.t() for m in rar], (SP, SP)),
+        "bq": fp([m.rar_q_w[0].bias for m in rar], (SP,)),
+        "wk": op([m.rar_k_w[0].weight.t() for m in rar], (SP, SP)),
+        "bk": fp([m.rar_k_w[0].bias for m in rar], (SP,)),
+        "wv": fp([m.rar_v_w[0].weight[0] for m in rar], (SP,)),
+        "bv": fp([m.rar_v_w[0].bias[0] for m in rar], ()),
+        "we": fp([head.sim_eval_w.weight[0]], (SP,))[0],
+        "be": head.sim_eval_w.bias.detach().to(f32).reshape(1).clone(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and the recomputing backward
+# ---------------------------------------------------------------------------------------------
+
+def _fused_forward(head, img, cap, lens_list) -> torch.Tensor:
+    from rcar_fast.kernels import rcar as kernels
+
+    interpreter = img.device.type == "cpu"
+    op_dtype = torch.float32 if img.dtype == torch.float32 else img.dtype
+    weights = pack_weights(head, op_dtype, interpreter)
+    return kernels.rcar_forward(img.detach().contiguous(), cap.detach().contiguous(), lens_list,
+                                weights, regulator=head.regulator, steps=head.steps,
+                                direction=head.direction, smooth=head.smooth)
+
+
+def backward_blocks(n_img: int, n_cap: int, longest: int, d: int, element_size: int,
+                    steps: int, budget: int = None):
+    """(image block, caption block) sizes whose recomputed graph stays within the budget."""
+    budget = BACKWARD_BLOCK_BYTES if budget is None else budget
+    per_pair = max(1, longest * d * element_size * _SAVED_PER_STEP * (steps + 1))
+    max_pairs = max(1, budget // per_pair)
+    cap_block = min(n_cap, max(1, math.isqrt(max_pairs)))
+    img_block = min(n_img, max(1, max_pairs // cap_block))
+    return img_block, cap_block
+
+
+class _FusedRCAR(torch.autograd.Function):
+    """Inputs: head (module), lens (int64), lens_list, img, cap, *params (head.parameters())."""
+
+    @staticmethod
+    def forward(ctx, head, lens, lens_list, img, cap, *params):
+        ctx.head, ctx.lens_list = head, lens_list
+        ctx.save_for_backward(img, cap, lens)
+        return _fused_forward(head, img, cap, lens_list)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        img, cap, lens = ctx.saved_tensors
+        head = ctx.head
+        params = list(head.parameters())
+        want_img, want_cap = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        want_params = [i for i, p in enumerate(params) if ctx.needs_input_grad[5 + i]]
+        compute_dtype = params[0].dtype
+        grad_img = torch.zeros_like(img) if want_img else None
+        grad_cap = torch.zeros_like(cap) if want_cap else None
+        # Filled lazily: a parameter the output does not depend on (e.g. sim_eval_w in
+        # only_rcr) keeps a None gradient, as with the reference.
+        grad_params = [None] * len(params)
+        n_img, n_regions, d = img.shape
+        n_cap = cap.shape[0]
+        longest = max(n_regions, max(ctx.lens_list))
+        size = torch.empty((), dtype=compute_dtype).element_size()
+        img_block, cap_block = backward_blocks(n_img, n_cap, longest, d, size, head.steps)
+        for i0 in range(0, n_img, img_block):
+            for j0 in range(0, n_cap, cap_block):
+                _accumulate_block_grads(head, img, cap, lens, grad_out, i0, i0 + img_block,
+                                        j0, j0 + cap_block, compute_dtype, params, want_params,
+                                        grad_img, grad_cap, grad_params)
+        return (None, None, None, grad_img, grad_cap, *grad_params)
+
+
+def _accumulate_block_grads(head, img, cap, lens, grad_out, i0, i1, j0, j1, dtype, params,
+                            want_params, grad_img, grad_cap, grad_params):
+    """Recompute the block's scores with the reference math and add its gradients."""
+    with torch.enable_grad():
+        img_b = img[i0:i1].detach().to(dtype).requires_grad_(grad_img is not None)
+        cap_b = cap[j0:j1].detach().to(dtype).requires_grad_(grad_cap is not None)
+        scores = head.forward_vectorized(img_b, cap_b, lens[j0:j1],
+                                         img_chunk=img_b.shape[0], cap_chunk=cap_b.shape[0])
+        inputs = ([img_b] if grad_img is not None else []) + \
+                 ([cap_b] if grad_cap is not None else []) + [params[i] for i in want_params]
+        if not inputs:
+            return
+        grads = torch.autograd.grad(scores, inputs, grad_out[i0:i1, j0:j1].to(scores.dtype),
+                                    allow_unused=True)
+    grads = list(grads)
+    if grad_img is not None:
+        grad_img[i0:i1] += grads.pop(0).to(grad_img.dtype)
+    if grad_cap is not None:
+        g = grads.pop(0)
+        if g is not None:
+            grad_cap[j0:j1] += g.to(grad_cap.dtype)
+    for i, g in zip(want_params, grads):
+        if g is not None:
+            g = g.to(params[i].dtype)
+            grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
+
+
+def rcar_triton(head, img, cap, lens) -> torch.Tensor:
+    """dispatch fn for op "rcar", backend "triton": (n_img, n_cap) float32."""
+    _refuse_training_dropout(head)
+    lens_list = [int(v) for v in lens.tolist()]
+    params = list(head.parameters())
+    needs_grad = torch.is_grad_enabled() and (
+        img.requires_grad or cap.requires_grad or any(p.requires_grad for p in params))
+    if not needs_grad:
+        return _fused_forward(head, img, cap, lens_list)
+    return _FusedRCAR.apply(head, lens, lens_list, img, cap, *params)
+
+
+dispatch.register("rcar", "triton", rcar_triton, supports=_supports)

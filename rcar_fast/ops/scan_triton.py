@@ -1,0 +1,74 @@
+"""SCAN all-pairs similarity on the Triton backend: autograd wiring and dispatch registration.
+
+The kernels (rcar_fast.kernels.scan) compute the forward and, recomputing per tile, the
+gradients with respect to img and cap; nothing of size (pairs x words) is ever stored, so a
+training step on B images x B captions needs memory for the inputs, their gradients, the
+(B, B) similarities and the small per-owner Gram matrices only.
+
+Dtypes: fp32/fp16/bf16 on CUDA (output float32); under triton's CPU interpreter (tests)
+fp32/fp16, and float64 (output float64), which makes torch.autograd.gradcheck possible.
+"""
+from __future__ import annotations
+
+import torch
+
+from rcar_fast import dispatch
+
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INTERPRETER_DTYPES = (torch.float32, torch.float16, torch.float64)
+
+
+def _kernels():
+    # Imported on first use: importing triton (and compiling) only when this backend runs.
+    from rcar_fast.kernels import scan as scan_kernels
+
+    return scan_kernels
+
+
+class ScanSimilarityTriton(torch.autograd.Function):
+    """sims = SCAN(img, cap, lens); backward gives d img and d cap (zero at caption padding),
+    none for lens and the options. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, img, cap, lens, direction, raw_norm, smooth, agg, lse_lambda):
+        kernels = _kernels()
+        problem = kernels.build_problem(img, cap, lens, direction=direction, raw_norm=raw_norm,
+                                        smooth=smooth, agg=agg, lse_lambda=lse_lambda)
+        sims = kernels.scan_forward(problem)
+        # The problem holds img, cap and the small per-owner tables (Gram matrices, query
+        # norms, length buckets) that the backward reuses instead of recomputing.
+        ctx.problem = problem
+        return sims
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dsims):
+        need_img, need_cap = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dimg, dcap = _kernels().scan_backward(ctx.problem, dsims, need_img, need_cap)
+        return dimg, dcap, None, None, None, None, None, None
+
+
+def scan_triton(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm", smooth=9.0,
+                agg="mean", lse_lambda=6.0):
+    """The registered implementation: inputs already validated by rcar_fast.scan_similarity
+    (lens int64 on cap's device). Returns (n_img, n_cap) float32 (float64 for float64)."""
+    return ScanSimilarityTriton.apply(img, cap, lens, direction, raw_norm, smooth, agg,
+                                      lse_lambda)
+
+
+def supports(device: torch.device, dtype: torch.dtype):
+    if device.type == "cuda":
+        if dtype in _CUDA_DTYPES:
+            return None
+        return f"the Triton SCAN kernels take float32/float16/bfloat16 CUDA tensors, got {dtype}"
+    if device.type == "cpu":
+        if dtype in _INTERPRETER_DTYPES:
+            return None
+        if dtype == torch.bfloat16:
+            return ("bfloat16 is not supported under triton's CPU interpreter (its bf16 tl.dot "
+                    "is wrong); use float32/float16 on CPU, or a CUDA GPU")
+        return f"the Triton SCAN kernels take float32/float16/float64 CPU tensors, got {dtype}"
+    return f"the Triton SCAN kernels run on CUDA (or CPU via the interpreter), got {device.type}"
+
+
+dispatch.register("scan", "triton", scan_triton, supports=supports)

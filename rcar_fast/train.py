@@ -1,0 +1,275 @@
+"""Example trainer: SCAN or an RCAR head on the synthetic set with the hardest-negative loss.
+
+    python -m rcar_fast.train --model scan --backend auto --steps 200
+    python -m rcar_fast.train --model rcar --backend reference --steps 50 --loss full
+
+What is trained: two projections, one for region features and one for word features
+(Linear + l2norm, stand-ins for the image and text encoders: the synthetic set already
+holds encoder-output-like vectors, not pixels or token ids), and for --model rcar the RCAR
+head's own weights. The word projection starts as a copy of the region projection (one
+shared random embedding; --untied-init starts them apart, which takes SCAN many more steps
+at a higher --lr and lets RCAR's sigmoid head collapse to equal scores). Each step draws B images and one of the 5 captions of each (the batch's
+positives are the diagonal) and minimises the VSE++ max_violation hinge (margin 0.2, summed
+over both directions):
+
+* --loss sparse (default): rcar_fast.pairs.hardest_negative_loss: all B x B pairs scored
+  without autograd on --backend, then the <= 3B positives and hardest negatives recomputed
+  with autograd on --pair-backend. Cost grows with B, not B^2.
+* --loss full: all B x B pairs scored with autograd on --backend (that backend's backward:
+  a forward-only backend, e.g. the RCAR head's "cpu" kernel, says so and stops; pick
+  --backend reference or one with a backward).
+
+Before and after training, the held-out images (--eval-images) are scored against all their
+captions and R@1 / rsum are printed: training must move them up.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from rcar_fast import data as _data
+from rcar_fast import dispatch, metrics, pairs, reference
+from rcar_fast.modules import RCARSimilarity
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = "scan"               # "scan" | "rcar"
+    backend: str = "auto"             # all-pairs scoring (selection pass; the full loss)
+    pair_backend: str = "auto"        # pair recompute of the sparse loss
+    loss: str = "sparse"              # "sparse" | "full"
+    steps: int = 100
+    batch: int = 32
+    lr: float = 1e-3
+    tied_init: bool = True            # word projection starts as a copy of the region one
+    margin: float = 0.2
+    grad_clip: float = 2.0            # the public SCAN / RCAR training scripts clip at 2
+    feat_dim: int = 128               # synthetic feature size (encoder input)
+    dim: int = 128                    # joint embedding size d
+    sim_dim: int = 64                 # RCAR sim_dim
+    regulator: str = "coop_rcar"
+    head_dropout: Optional[float] = None  # None: the official RAR dropout (0.4); 0 turns it off
+    rcar_steps: int = 2
+    direction: str = "t2i"
+    smooth: Optional[float] = None    # None: 9 (SCAN t2i), 4 (SCAN i2t), 10 / 3 (RCAR t2i / i2t)
+    regions: int = 36
+    min_len: int = 6
+    max_len: int = 20
+    train_images: int = 400
+    eval_images: int = 100
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    log_every: int = 10
+
+
+@dataclasses.dataclass
+class TrainResult:
+    losses: list
+    step_seconds: list
+    eval_before: Optional[dict]
+    eval_after: Optional[dict]
+    config: dict
+
+
+class Projection(nn.Module):
+    """Linear + l2norm over the last axis (stand-in for an encoder's last layer)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, out_dim)
+        # Xavier-uniform like the public encoders' fc init.
+        nn.init.xavier_uniform_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x):
+        return reference.l2norm(self.fc(x))
+
+
+class RetrievalModel(nn.Module):
+    """Region / word projections and the similarity ("scan" or an RCAR head)."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.img_proj = Projection(cfg.feat_dim, cfg.dim)
+        self.txt_proj = Projection(cfg.feat_dim, cfg.dim)
+        if cfg.tied_init:
+            # Both sides start in one shared random embedding, as if pretrained together;
+            # untied, the hardest-negative loss must first align two random maps (slow, and
+            # RCAR's sigmoid head tends to collapse to equal scores without a warm-up).
+            with torch.no_grad():
+                self.txt_proj.fc.weight.copy_(self.img_proj.fc.weight)
+        self.scan_kwargs = {}
+        if cfg.model == "scan":
+            self.similarity = "scan"
+            smooth = cfg.smooth if cfg.smooth is not None else (9.0 if cfg.direction == "t2i" else 4.0)
+            self.scan_kwargs = dict(direction=cfg.direction, smooth=smooth)
+        elif cfg.model == "rcar":
+            smooth = cfg.smooth if cfg.smooth is not None else (10.0 if cfg.direction == "t2i" else 3.0)
+            self.similarity = RCARSimilarity(embed_dim=cfg.dim, sim_dim=cfg.sim_dim,
+                                             regulator=cfg.regulator, steps=cfg.rcar_steps,
+                                             direction=cfg.direction, smooth=smooth)
+            if cfg.head_dropout is not None:
+                for module in self.similarity.modules():
+                    if isinstance(module, nn.Dropout):
+                        module.p = float(cfg.head_dropout)
+        else:
+            raise ValueError(f"model must be 'scan' or 'rcar', got {cfg.model!r}")
+
+    def encode(self, img_feat, cap_feat, lens):
+        """Regions and real words projected; padding words stay zero. Projecting padding would
+        put l2norm's sqrt at an exact zero vector, whose gradient is NaN (SIMILARITY.md)."""
+        real = torch.arange(cap_feat.shape[1], device=lens.device)[None, :] < lens[:, None]
+        words = cap_feat.new_zeros(cap_feat.shape[:2] + (self.txt_proj.fc.out_features,))
+        words = words.masked_scatter(real.unsqueeze(-1), self.txt_proj(cap_feat[real]))
+        return self.img_proj(img_feat), words
+
+
+def _check_config(cfg: TrainConfig):
+    if cfg.loss not in ("sparse", "full"):
+        raise ValueError(f"loss must be 'sparse' or 'full', got {cfg.loss!r}")
+    for name in ("backend", "pair_backend"):
+        if getattr(cfg, name) not in dispatch.REQUESTABLE:
+            raise ValueError(f"{name} must be one of {dispatch.REQUESTABLE}, got {getattr(cfg, name)!r}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    for name in ("steps", "batch", "train_images", "dim", "feat_dim"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.batch < 2 or cfg.batch > cfg.train_images:
+        raise ValueError(f"batch must be in [2, train_images={cfg.train_images}], got {cfg.batch}")
+
+
+def make_data(cfg: TrainConfig):
+    """(train set, eval set or None) from the synthetic generator, on cfg.device / dtype."""
+    total = cfg.train_images + cfg.eval_images
+    full = _data.synthetic(n_images=total, regions=cfg.regions, dim=cfg.feat_dim,
+                           min_len=cfg.min_len, max_len=cfg.max_len, seed=cfg.seed,
+                           dtype=torch.float64)
+    dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
+
+    def split(i0, i1):
+        img = full.img[i0:i1].to(device=device, dtype=dtype)
+        cap = full.cap[5 * i0:5 * i1].to(device=device, dtype=dtype)
+        return _data.RetrievalSet(img, cap, full.lens[5 * i0:5 * i1].to(device))
+
+    train_set = split(0, cfg.train_images)
+    eval_set = split(cfg.train_images, total) if cfg.eval_images > 0 else None
+    return train_set, eval_set
+
+
+def batch_indices(generator: torch.Generator, n_images: int, batch: int):
+    """B distinct images and one of the 5 captions of each (positives on the diagonal)."""
+    img_ids = torch.randperm(n_images, generator=generator)[:batch]
+    cap_ids = img_ids * 5 + torch.randint(0, 5, (batch,), generator=generator)
+    return img_ids, cap_ids
+
+
+def step_loss(model: RetrievalModel, cfg: TrainConfig, img_feat, cap_feat, lens):
+    img, cap = model.encode(img_feat, cap_feat, lens)
+    kw = dict(model=model.similarity, margin=cfg.margin, backend=cfg.backend, **model.scan_kwargs)
+    if cfg.loss == "full":
+        return pairs.full_hardest_negative_loss(img, cap, lens, **kw)
+    return pairs.hardest_negative_loss(img, cap, lens, pair_backend=cfg.pair_backend, **kw)
+
+
+@torch.no_grad()
+def evaluate(model: RetrievalModel, cfg: TrainConfig, eval_set) -> dict:
+    """Recall metrics of all eval images against all their captions."""
+    was_training = model.training
+    model.eval()
+    img, cap = model.encode(eval_set.img, eval_set.cap, eval_set.lens)
+    sims = pairs.all_pairs_scores(img, cap, eval_set.lens, model=model.similarity,
+                                  backend=cfg.backend, **model.scan_kwargs)
+    model.train(was_training)
+    return metrics.recall_metrics(sims.float().cpu(), captions_per_image=5)
+
+
+def train(cfg: TrainConfig, log=None) -> TrainResult:
+    """Runs cfg.steps optimiser steps from cfg.seed; returns the loss of every step."""
+    _check_config(cfg)
+    torch.manual_seed(cfg.seed)
+    train_set, eval_set = make_data(cfg)
+    model = RetrievalModel(cfg).to(device=cfg.device, dtype=DTYPES[cfg.dtype])
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    eval_before = evaluate(model, cfg, eval_set) if eval_set is not None else None
+    losses, seconds = [], []
+    model.train()
+    for step in range(cfg.steps):
+        img_ids, cap_ids = batch_indices(generator, cfg.train_images, cfg.batch)
+        lens = train_set.lens[cap_ids.to(train_set.lens.device)]
+        longest = int(lens.max())
+        start = time.perf_counter()
+        loss = step_loss(model, cfg, train_set.img[img_ids], train_set.cap[cap_ids, :longest], lens)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if torch.cuda.is_available() and cfg.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+        losses.append(float(loss.detach()))
+        if log is not None and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+            log(f"step {step:5d}  loss {losses[-1]:.4f}  ({seconds[-1] * 1e3:.1f} ms)")
+    eval_after = evaluate(model, cfg, eval_set) if eval_set is not None else None
+    return TrainResult(losses, seconds, eval_before, eval_after, dataclasses.asdict(cfg))
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(prog="python -m rcar_fast.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("scan", "rcar"), default=defaults.model)
+    parser.add_argument("--backend", choices=dispatch.REQUESTABLE, default=defaults.backend,
+                        help="backend of the all-pairs scoring (selection pass / full loss)")
+    parser.add_argument("--pair-backend", choices=dispatch.REQUESTABLE, default=defaults.pair_backend,
+                        help="backend of the sparse loss' pair recompute")
+    parser.add_argument("--loss", choices=("sparse", "full"), default=defaults.loss)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=defaults.dtype)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--direction", choices=("t2i", "i2t"), default=defaults.direction)
+    parser.add_argument("--regulator", choices=reference.REGULATORS, default=defaults.regulator)
+    for name in ("steps", "batch", "feat_dim", "dim", "sim_dim", "rcar_steps", "regions",
+                 "min_len", "max_len", "train_images", "eval_images", "seed", "log_every"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    for name in ("lr", "margin", "grad_clip", "smooth", "head_dropout"):
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    parser.add_argument("--untied-init", dest="tied_init", action="store_false",
+                        help="start the word projection independently of the region one")
+    parser.add_argument("--json", help="write losses, step times and metrics to this file")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = vars(_parser().parse_args(argv))
+    json_path = args.pop("json")
+    cfg = TrainConfig(**args)
+    print(f"training {cfg.model} ({cfg.loss} loss, backend {cfg.backend}) for {cfg.steps} steps, "
+          f"B={cfg.batch}, d={cfg.dim}, {cfg.dtype} on {cfg.device}", flush=True)
+    result = train(cfg, log=lambda line: print(line, flush=True))
+    for name, metrics_ in (("before", result.eval_before), ("after", result.eval_after)):
+        if metrics_ is not None:
+            print(f"eval {name:6s}: i2t R@1 {metrics_['i2t_r1']:.1f}  t2i R@1 {metrics_['t2i_r1']:.1f}  "
+                  f"rsum {metrics_['rsum']:.1f}")
+    steady = result.step_seconds[1:] or result.step_seconds
+    print(f"median step {sorted(steady)[len(steady) // 2] * 1e3:.1f} ms")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dataclasses.asdict(result), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

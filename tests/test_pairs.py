@@ -1,0 +1,273 @@
+"""Pair-list scoring (score_pairs) and the sparse hardest-negative loss.
+
+* score_pairs equals the all-pairs reference gathered at the pairs, forward and backward,
+  for SCAN and every RCAR regulator, on every backend registered for the pair ops;
+* hardest_negative_loss equals the full B x B VSE++ max_violation loss in value and in the
+  gradients w.r.t. img, cap and the head's weights (float64, no ties in random data), while
+  computing autograd for at most 3B pairs.
+"""
+import pytest
+import torch
+
+from rcar_fast import dispatch, reference
+from rcar_fast.losses import vse_hinge_loss
+from rcar_fast.pairs import full_hardest_negative_loss, hardest_negative_loss, score_pairs
+import rcar_fast.pairs as pairs_module
+
+F64 = torch.float64
+D, SIM_DIM = 12, 6
+
+
+def _inputs(n_img=5, n_cap=6, R=4, lens=(7, 3, 1, 5, 2, 6), d=D, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lens)
+    img = torch.randn(n_img, R, d, generator=gen, dtype=F64).to(dtype)
+    cap = torch.randn(n_cap, int(lens.max()), d, generator=gen, dtype=F64).to(dtype)
+    for j, n_word in enumerate(lens.tolist()):
+        cap[j, n_word:] = float("nan")   # padding must never be read
+    return img, cap, lens
+
+
+def _head(regulator="coop_rcar", steps=2, direction="t2i", seed=0):
+    torch.manual_seed(seed)
+    return reference.RCARHead(embed_dim=D, sim_dim=SIM_DIM, regulator=regulator, steps=steps,
+                              direction=direction, smooth=10.0 if direction == "t2i" else 3.0).double().eval()
+
+
+SCAN_SETTINGS = [
+    dict(direction="t2i"),
+    dict(direction="i2t", smooth=4.0),
+    dict(direction="t2i", agg="lse", lse_lambda=6.0),
+    dict(direction="i2t", raw_norm="clipped_l1norm", agg="max", smooth=5.0),
+    dict(direction="t2i", raw_norm="softmax"),
+]
+RCAR_SETTINGS = [("coop_rcar", 2, "t2i"), ("coop_rcar", 3, "i2t"), ("only_rar", 2, "t2i"),
+                 ("only_rcr", 1, "i2t"), ("only_rcr", 0, "t2i")]
+# Repeats, arbitrary order, every image and caption.
+IMG_IDX = torch.tensor([0, 4, 2, 2, 1, 3, 0, 4, 3])
+CAP_IDX = torch.tensor([5, 0, 2, 2, 1, 3, 4, 2, 0])
+
+
+def _pair_backends(op):
+    usable = [be for be in dispatch.BACKENDS if dispatch.rejection(op, be, torch.device("cpu"), F64) is None]
+    assert {"reference", "reference_loop"} <= set(usable)
+    return usable
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def _grads(out, weights, tensors):
+    grads = torch.autograd.grad((out * weights).sum(), tensors, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
+
+
+def _assert_close(got, want, what):
+    scale = want.abs().max().item() or 1.0
+    err = (got - want).abs().nan_to_num(nan=float("inf")).max().item()
+    assert err <= 1e-11 * scale + 1e-14, f"{what}: max abs error {err:.3e} (scale {scale:.3e})"
+
+
+@pytest.mark.parametrize("backend", _pair_backends("scan_pairs"))
+@pytest.mark.parametrize("setting", SCAN_SETTINGS, ids=lambda s: "-".join(f"{v}" for v in s.values()))
+def test_scan_pairs_equal_gathered_all_pairs(setting, backend):
+    img, cap, lens = _inputs()
+    img_a, cap_a, img_b, cap_b = _leaf(img), _leaf(cap), _leaf(img), _leaf(cap)
+    got = score_pairs(img_a, cap_a, lens, IMG_IDX, CAP_IDX, backend=backend, **setting)
+    want = reference.scan_similarity_loop(img_b, cap_b, lens, **setting)[IMG_IDX, CAP_IDX]
+    assert got.shape == (len(IMG_IDX),) and got.dtype == F64
+    _assert_close(got, want, "scores")
+    weights = torch.randn(len(IMG_IDX), dtype=F64)
+    for name, g, w in zip(("d img", "d cap"), _grads(got, weights, [img_a, cap_a]),
+                          _grads(want, weights, [img_b, cap_b])):
+        assert torch.isfinite(g).all(), f"{name}: non-finite (padding leaked?)"
+        _assert_close(g, w, name)
+
+
+@pytest.mark.parametrize("backend", _pair_backends("rcar_pairs"))
+@pytest.mark.parametrize("regulator,steps,direction", RCAR_SETTINGS)
+def test_rcar_pairs_equal_gathered_all_pairs(regulator, steps, direction, backend):
+    img, cap, lens = _inputs()
+    head = _head(regulator, steps, direction)
+    params = list(head.parameters())
+    img_a, cap_a, img_b, cap_b = _leaf(img), _leaf(cap), _leaf(img), _leaf(cap)
+    got = score_pairs(img_a, cap_a, lens, IMG_IDX, CAP_IDX, model=head, backend=backend)
+    want = head.forward_loop(img_b, cap_b, lens)[IMG_IDX, CAP_IDX]
+    _assert_close(got, want, "scores")
+    weights = torch.randn(len(IMG_IDX), dtype=F64)
+    got_grads = _grads(got, weights, [img_a, cap_a] + params)
+    want_grads = _grads(want, weights, [img_b, cap_b] + params)
+    for k, (g, w) in enumerate(zip(got_grads, want_grads)):
+        _assert_close(g, w, f"gradient {k}")
+
+
+def test_score_pairs_float32_and_empty_list():
+    img, cap, lens = _inputs(dtype=torch.float32)
+    out = score_pairs(img, cap, lens, IMG_IDX, CAP_IDX)
+    assert out.dtype == torch.float32
+    want = reference.scan_similarity_loop(img.double(), cap.double(), lens)[IMG_IDX, CAP_IDX]
+    assert (out.double() - want).abs().max() < 1e-5
+    empty = score_pairs(img, cap, lens, torch.tensor([], dtype=torch.int64), [])
+    assert empty.shape == (0,)
+
+
+def test_score_pairs_blocks_bounded_memory(monkeypatch):
+    # A tiny block budget forces one pair per block: results must not depend on blocking.
+    img, cap, lens = _inputs()
+    whole = score_pairs(img, cap, lens, IMG_IDX, CAP_IDX)
+    monkeypatch.setattr(reference, "BLOCK_BYTES", 1)
+    _assert_close(score_pairs(img, cap, lens, IMG_IDX, CAP_IDX), whole, "blocked scores")
+
+
+@pytest.mark.parametrize("bad,kwargs,error,match", [
+    (dict(img_idx=torch.tensor([0.0, 1.0])), {}, TypeError, "img_idx"),
+    (dict(cap_idx=torch.tensor([[0, 1]])), {}, ValueError, "cap_idx"),
+    (dict(img_idx=torch.tensor([0, 5])), {}, ValueError, "n_img=5"),
+    (dict(cap_idx=torch.tensor([0, -1])), {}, ValueError, "cap_idx"),
+    (dict(cap_idx=torch.tensor([0, 1, 2])), {}, ValueError, "same length"),
+    ({}, dict(model="vse"), ValueError, "model"),
+    ({}, dict(temperature=3.0), TypeError, "temperature"),
+    ({}, dict(direction="x2y"), ValueError, "direction"),
+    ({}, dict(backend="fast"), ValueError, "backend"),
+])
+def test_score_pairs_rejects_bad_arguments(bad, kwargs, error, match):
+    img, cap, lens = _inputs()
+    args = dict(img_idx=torch.tensor([0, 1]), cap_idx=torch.tensor([0, 1]))
+    args.update(bad)
+    with pytest.raises(error, match=match):
+        score_pairs(img, cap, lens, args["img_idx"], args["cap_idx"], **kwargs)
+
+
+def test_score_pairs_rejects_scan_options_for_a_head_and_wrong_d():
+    img, cap, lens = _inputs()
+    with pytest.raises(TypeError, match="do not apply"):
+        score_pairs(img, cap, lens, [0], [0], model=_head(), smooth=3.0)
+    small_img, small_cap, lens = _inputs(d=4)
+    with pytest.raises(ValueError, match="embed_dim"):
+        score_pairs(small_img, small_cap, lens, [0], [0], model=_head())
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardest-negative loss
+# ---------------------------------------------------------------------------------------------
+
+def independent_full_loss(scores, margin):
+    """VSE++ max_violation written out (as SCAN's ContrastiveLoss computes it), independent of
+    rcar_fast.pairs."""
+    diagonal = scores.diag().view(-1, 1)
+    cost_caption = (margin + scores - diagonal.expand_as(scores)).clamp(min=0)
+    cost_image = (margin + scores - diagonal.t().expand_as(scores)).clamp(min=0)
+    mask = torch.eye(scores.shape[0]) > 0.5
+    cost_caption = cost_caption.masked_fill(mask, 0)
+    cost_image = cost_image.masked_fill(mask, 0)
+    return cost_caption.max(1)[0].sum() + cost_image.max(0)[0].sum()
+
+
+def _batch(B=8, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, 8, (B,), generator=gen)
+    return _inputs(n_img=B, n_cap=B, R=5, lens=tuple(lens.tolist()), seed=seed)
+
+
+MODELS = {"scan_t2i": dict(direction="t2i"), "scan_i2t": dict(direction="i2t", smooth=4.0),
+          "rcar_coop_rcar2_t2i": ("coop_rcar", 2, "t2i"), "rcar_only_rar2_i2t": ("only_rar", 2, "i2t")}
+
+
+def _model(name):
+    """(model, scan kwargs) for a MODELS entry."""
+    if name.startswith("scan"):
+        return "scan", MODELS[name]
+    return _head(*MODELS[name]), {}
+
+
+def _reference_all_pairs(model, kwargs, img, cap, lens):
+    if model == "scan":
+        return reference.scan_similarity_loop(img, cap, lens, **kwargs)
+    return model.forward_loop(img, cap, lens)
+
+
+@pytest.mark.parametrize("margin", [0.2, 0.02])
+@pytest.mark.parametrize("name", MODELS)
+def test_hardest_negative_loss_equals_full_loss(name, margin):
+    model, kwargs = _model(name)
+    img, cap, lens = _batch()
+    params = [] if model == "scan" else list(model.parameters())
+    img_a, cap_a, img_b, cap_b = _leaf(img), _leaf(cap), _leaf(img), _leaf(cap)
+    sparse, details = hardest_negative_loss(img_a, cap_a, lens, model=model, margin=margin,
+                                            return_details=True, **kwargs)
+    full = independent_full_loss(_reference_all_pairs(model, kwargs, img_b, cap_b, lens), margin)
+    B = img.shape[0]
+    assert details["n_pairs"] <= 3 * B
+    assert sparse.item() == pytest.approx(full.item(), rel=1e-12, abs=1e-14)
+    assert full.item() > 0, "the test needs active hinges"
+    got = torch.autograd.grad(sparse, [img_a, cap_a] + params, allow_unused=True)
+    want = torch.autograd.grad(full, [img_b, cap_b] + params, allow_unused=True)
+    for k, (g, w) in enumerate(zip(got, want)):
+        g = torch.zeros(1, dtype=F64) if g is None else g
+        w = torch.zeros(1, dtype=F64) if w is None else w
+        assert torch.isfinite(g).all()
+        _assert_close(g, w, f"gradient {k}")
+
+
+def test_library_full_losses_match_the_independent_one():
+    img, cap, lens = _batch()
+    scores = reference.scan_similarity_loop(img, cap, lens)
+    expected = independent_full_loss(scores, 0.2).item()
+    assert vse_hinge_loss(scores, 0.2).item() == pytest.approx(expected, rel=1e-14)
+    assert full_hardest_negative_loss(img, cap, lens, backend="reference_loop").item() == \
+        pytest.approx(expected, rel=1e-12)
+    mean = hardest_negative_loss(img, cap, lens, reduction="mean").item()
+    assert mean == pytest.approx(expected / img.shape[0], rel=1e-12)
+
+
+def test_only_selected_pairs_get_autograd(monkeypatch):
+    # The recompute sees at most 3B pairs; the all-pairs pass runs without autograd.
+    seen = []
+    real_score_pairs = pairs_module.score_pairs
+
+    def spy(img, cap, lens, img_idx, cap_idx, **kw):
+        seen.append(len(img_idx))
+        return real_score_pairs(img, cap, lens, img_idx, cap_idx, **kw)
+
+    real_all_pairs = pairs_module.all_pairs_scores
+
+    def all_pairs_spy(img, cap, lens, **kw):
+        assert not torch.is_grad_enabled() and not img.requires_grad and not cap.requires_grad
+        return real_all_pairs(img, cap, lens, **kw)
+
+    monkeypatch.setattr(pairs_module, "score_pairs", spy)
+    monkeypatch.setattr(pairs_module, "all_pairs_scores", all_pairs_spy)
+    img, cap, lens = _batch(B=10)
+    loss, details = hardest_negative_loss(_leaf(img), _leaf(cap), lens, return_details=True)
+    assert seen == [details["n_pairs"]] and 10 < seen[0] <= 30
+    assert details["hardest_caption"].shape == (10,)
+    assert (details["hardest_caption"] != torch.arange(10)).all()
+    assert (details["hardest_image"] != torch.arange(10)).all()
+
+
+def test_score_fn_replaces_the_selection_pass():
+    img, cap, lens = _batch()
+    calls = []
+
+    def score_fn(i, c, l):
+        calls.append(1)
+        return reference.scan_similarity_vectorized(i, c, l)
+
+    a = hardest_negative_loss(img, cap, lens, score_fn=score_fn)
+    b = hardest_negative_loss(img, cap, lens)
+    assert calls == [1] and a.item() == pytest.approx(b.item(), rel=1e-12)
+    with pytest.raises(ValueError, match=r"\(B, B\)"):
+        hardest_negative_loss(img, cap, lens, score_fn=lambda i, c, l: torch.zeros(3, 3))
+
+
+def test_loss_rejects_unpaired_batches():
+    img, cap, lens = _inputs()        # 5 images, 6 captions
+    with pytest.raises(ValueError, match="img.shape\\[0\\]"):
+        hardest_negative_loss(img, cap, lens)
+    img, cap, lens = _inputs(n_img=1, n_cap=1, lens=(3,))
+    with pytest.raises(ValueError, match="B >= 2"):
+        hardest_negative_loss(img, cap, lens)
+    img, cap, lens = _batch()
+    with pytest.raises(ValueError, match="margin"):
+        hardest_negative_loss(img, cap, lens, margin=-1.0)

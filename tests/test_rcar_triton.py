@@ -1,0 +1,372 @@
+"""Fused RCAR head on the Triton backend (kernels/rcar.py, rcar_fast/ops/rcar_triton.py).
+
+On CPU the kernel runs in triton's interpreter on small shapes (d=32, sim_dim=16, R=5, Lmax=7,
+ragged lengths including 1, NaN in the caption padding); on a GPU the realistic shape
+(d=1024, sim_dim=256, R=36) is checked in fp32 and bf16 (2x rule). Every comparison is against
+the float64 reference (RCARHead.forward_loop, the public code's order of operations).
+"""
+import copy
+import os
+
+import pytest
+import torch
+
+from rcar_fast import dispatch
+from rcar_fast.modules import RCARSimilarity
+from tests.conftest import requires_gpu
+from tests.tolerances import assert_close_to_reference
+
+# (regulator, steps) pairs: every mode at 0..3 steps where the mode allows it (lean grid:
+# each step count of each mode appears in at least one direction, the published ones in both).
+FORWARD_GRID = [
+    ("only_rar", 0, "t2i"), ("only_rar", 1, "i2t"), ("only_rar", 2, "t2i"), ("only_rar", 3, "i2t"),
+    ("only_rcr", 0, "t2i"), ("only_rcr", 0, "i2t"), ("only_rcr", 1, "t2i"), ("only_rcr", 2, "i2t"),
+    ("only_rcr", 3, "t2i"),
+    ("coop_rcar", 1, "i2t"), ("coop_rcar", 2, "t2i"), ("coop_rcar", 2, "i2t"),
+    ("coop_rcar", 3, "t2i"),
+]
+
+
+def make_inputs(n_img=2, n_cap=3, n_regions=5, d=32, lens=(7, 1, 4), dtype=torch.float32,
+                device="cpu", pad_value=float("nan")):
+    lens = torch.tensor(lens)
+    img = torch.randn(n_img, n_regions, d)
+    cap = torch.randn(n_cap, int(lens.max()), d)
+    for j, n in enumerate(lens.tolist()):
+        cap[j, n:] = pad_value
+    return img.to(device, dtype), cap.to(device, dtype), lens
+
+
+def make_head(regulator, steps, direction, d=32, sim_dim=16, device="cpu"):
+    head = RCARSimilarity(embed_dim=d, sim_dim=sim_dim, regulator=regulator, steps=steps,
+                          direction=direction, smooth=10.0 if direction == "t2i" else 3.0)
+    # The official init zeroes every bias; random biases make the test see them.
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.3)
+    return head.eval().to(device)
+
+
+def reference64(head, img, cap, lens):
+    head64 = copy.deepcopy(head).double()
+    return head64.forward_loop(img.double(), cap.double(), lens)
+
+
+def triton_scores(head, img, cap, lens):
+    with torch.no_grad():
+        return head(img, cap, lens, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward (interpreter)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("regulator,steps,direction", FORWARD_GRID)
+def test_forward_matches_float64_reference(regulator, steps, direction):
+    img, cap, lens = make_inputs()
+    head = make_head(regulator, steps, direction)
+    out = triton_scores(head, img, cap, lens)
+    assert out.dtype == torch.float32
+    assert_close_to_reference(out, reference64(head, img, cap, lens), dtype=torch.float32,
+                              what=f"{regulator} steps={steps} {direction}")
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_forward_many_tiles_partial_chunks_padded_sim_dim(direction):
+    # d=40: a partial second d chunk; sim_dim=24: s, 2s and s/2 all padded to powers of two;
+    # 5 x 9 pairs: several tiles per context set and several work items per program.
+    img, cap, lens = make_inputs(n_img=5, n_cap=9, n_regions=7, d=40,
+                                 lens=(3, 7, 1, 5, 2, 7, 4, 1, 6))
+    head = make_head("coop_rcar", 2, direction, d=40, sim_dim=24)
+    out = triton_scores(head, img, cap, lens)
+    assert_close_to_reference(out, reference64(head, img, cap, lens), dtype=torch.float32)
+
+
+def test_forward_float16_within_twice_the_reference_error():
+    img, cap, lens = make_inputs(dtype=torch.float16)
+    head = make_head("coop_rcar", 2, "t2i")
+    ref64 = reference64(head, img, cap, lens)
+    ref16 = copy.deepcopy(head).half().forward_loop(img, cap, lens)
+    out = triton_scores(head.half(), img, cap, lens)
+    assert out.dtype == torch.float32
+    assert_close_to_reference(out, ref64, ref_lowp=ref16, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_padding_values_never_read(direction):
+    head = make_head("coop_rcar", 2, direction)
+    torch.manual_seed(3)
+    img, cap_nan, lens = make_inputs(pad_value=float("nan"))
+    # Lmax = 20 beyond the longest caption (7) and the context block (16): padding columns too.
+    cap_nan = torch.cat([cap_nan, torch.full((3, 13, 32), float("nan"))], dim=1)
+    cap_big = cap_nan.clone()
+    real = torch.arange(cap_nan.shape[1])[None, :] < lens[:, None]
+    cap_big[~real] = 1e30
+    out_nan = triton_scores(head, img, cap_nan, lens)
+    out_big = triton_scores(head, img, cap_big, lens)
+    assert torch.isfinite(out_nan).all()
+    assert torch.equal(out_nan, out_big)
+    assert_close_to_reference(out_nan, reference64(head, img, cap_nan, lens), dtype=torch.float32)
+
+
+def test_kernel_writes_every_entry_of_a_poisoned_buffer():
+    from rcar_fast.kernels import rcar as kernels
+    from rcar_fast.ops.rcar_triton import pack_weights
+
+    img, cap, lens = make_inputs(n_img=3, n_cap=4, lens=(2, 7, 1, 5))
+    for direction in ("t2i", "i2t"):
+        head = make_head("only_rcr", 1, direction)
+        out = torch.full((3, 4), float("nan"))
+        kernels.rcar_forward(img, cap, lens.tolist(), pack_weights(head, torch.float32, True),
+                             regulator="only_rcr", steps=1, direction=direction,
+                             smooth=head.smooth, out=out)
+        assert torch.isfinite(out).all(), direction
+        assert_close_to_reference(out, reference64(head, img, cap, lens), dtype=torch.float32)
+
+
+def test_pack_segments_keeps_items_whole_and_within_limits():
+    from rcar_fast.kernels.rcar import pack_segments
+
+    lengths = [5, 1, 16, 3, 3, 9, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    bases = [100 * b for b in range(len(lengths))]
+    tile_rows, tile_seg, tile_items = pack_segments(lengths, bases, rows=16, max_segs=4)
+    seen = []
+    for t in range(tile_rows.shape[0]):
+        items = [int(b) for b in tile_items[t] if b >= 0]
+        assert 1 <= len(items) <= 4
+        assert sum(lengths[b] for b in items) <= 16
+        for slot, b in enumerate(items):
+            rows = tile_rows[t][tile_seg[t] == slot].tolist()
+            assert rows == list(range(bases[b], bases[b] + lengths[b]))
+        assert bool(((tile_rows[t] >= 0) == (tile_seg[t] >= 0)).all())
+        seen += items
+    assert sorted(seen) == list(range(len(lengths)))
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_segments([17], [0], rows=16, max_segs=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients (recomputing backward)
+# ---------------------------------------------------------------------------------------------
+
+def gradients(head, img, cap, lens, weights, backend):
+    img = img.detach().clone().requires_grad_()
+    cap = cap.detach().clone().requires_grad_()
+    head.zero_grad(set_to_none=True)
+    if backend == "reference64":
+        out = head.forward_loop(img, cap, lens)
+    else:
+        out = head(img, cap, lens, backend=backend)
+    (out * weights.to(out.dtype)).sum().backward()
+    return img.grad, cap.grad, {n: p.grad for n, p in head.named_parameters()}
+
+
+@pytest.mark.parametrize("regulator,steps,direction",
+                         [("coop_rcar", 2, "t2i"), ("only_rcr", 1, "i2t"), ("only_rar", 1, "i2t")])
+def test_gradients_match_float64_reference(regulator, steps, direction):
+    img, cap, lens = make_inputs()
+    head = make_head(regulator, steps, direction)
+    weights = torch.randn(img.shape[0], cap.shape[0])
+    head64 = copy.deepcopy(head).double()
+    g_img64, g_cap64, g_par64 = gradients(head64, img.double(), cap.double(), lens, weights,
+                                          "reference64")
+    g_img, g_cap, g_par = gradients(head, img, cap, lens, weights, "triton")
+    assert_close_to_reference(g_img, g_img64, dtype=torch.float32, what="grad img")
+    # The reference's caption gradient is 0 at padding (sliced away); NaN there would leak.
+    g_cap64 = torch.nan_to_num(g_cap64, nan=0.0)
+    assert_close_to_reference(g_cap, g_cap64, dtype=torch.float32, what="grad cap")
+    real = torch.arange(cap.shape[1])[None, :] < lens[:, None]
+    assert bool((g_cap[~real] == 0).all())
+    for name, g64 in g_par64.items():
+        if g64 is None:
+            assert g_par[name] is None, f"{name} should get no gradient"
+            continue
+        assert_close_to_reference(g_par[name], g64, dtype=torch.float32, what=f"grad {name}")
+
+
+def test_backward_in_several_blocks_matches_one_block(monkeypatch):
+    from rcar_fast.ops import rcar_triton
+
+    img, cap, lens = make_inputs(n_img=3, n_cap=3)
+    head = make_head("coop_rcar", 2, "i2t")
+    weights = torch.randn(3, 3)
+    whole = gradients(head, img, cap, lens, weights, "triton")
+    blocks = []
+    original = rcar_triton.backward_blocks
+    monkeypatch.setattr(rcar_triton, "backward_blocks",
+                        lambda *a, **k: blocks.append(original(*a, budget=1, **k)) or blocks[-1])
+    blocked = gradients(head, img, cap, lens, weights, "triton")
+    assert blocks == [(1, 1)]
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(blocked[1], whole[1], rtol=1e-5, atol=1e-7)
+    for name, g in whole[2].items():
+        torch.testing.assert_close(blocked[2][name], g, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training mode, dispatch
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("regulator,steps", [("coop_rcar", 2), ("only_rar", 1)])
+def test_training_mode_with_rar_dropout_is_refused_before_compute(regulator, steps):
+    img, cap, lens = make_inputs()
+    head = make_head(regulator, steps, "t2i").train()
+    with pytest.raises(RuntimeError, match="dropout.*eval\\(\\)"):
+        head(img, cap, lens, backend="triton")
+    assert triton_scores(head.eval(), img, cap, lens).shape == (2, 3)
+
+
+def test_training_mode_without_dropout_runs():
+    # only_rcr has no dropout: training mode is the same function as eval mode.
+    img, cap, lens = make_inputs()
+    head = make_head("only_rcr", 1, "t2i").train()
+    out = triton_scores(head, img, cap, lens)
+    assert_close_to_reference(out, reference64(head, img, cap, lens), dtype=torch.float32)
+
+
+def test_dispatch_reasons():
+    cpu = torch.device("cpu")
+    assert "float64" in dispatch.rejection("rcar", "triton", cpu, torch.float64)
+    assert "bfloat16" in dispatch.rejection("rcar", "triton", cpu, torch.bfloat16)
+    assert dispatch.rejection("rcar", "triton", cpu, torch.float32) is None
+    assert dispatch.choose("rcar", "triton", cpu, torch.float32).backend == "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: realistic shapes
+# ---------------------------------------------------------------------------------------------
+
+GPU_GRID = [("coop_rcar", 2, "t2i"), ("coop_rcar", 2, "i2t"), ("only_rcr", 2, "t2i"),
+            ("only_rar", 2, "i2t"), ("only_rcr", 0, "i2t")]
+
+
+def gpu_inputs(dtype, n_img=6, n_cap=11):
+    torch.manual_seed(1)
+    lens = torch.randint(1, 25, (n_cap,))
+    lens[0] = 1
+    img, cap, lens = make_inputs(n_img=n_img, n_cap=n_cap, n_regions=36, d=1024,
+                                 lens=lens.tolist(), dtype=dtype, device="cuda")
+    img = img / img.norm(dim=-1, keepdim=True)  # encoders l2-normalise features
+    cap = cap / cap.norm(dim=-1, keepdim=True)
+    return img, cap, lens
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("regulator,steps,direction", GPU_GRID)
+def test_gpu_forward_realistic_shape(regulator, steps, direction, dtype):
+    img, cap, lens = gpu_inputs(dtype)
+    head = make_head(regulator, steps, direction, d=1024, sim_dim=256, device="cuda")
+    ref64 = reference64(head, img, cap, lens)
+    ref_lowp = None
+    if dtype != torch.float32:
+        ref_lowp = copy.deepcopy(head).to(dtype).forward_loop(img, cap, lens)
+    out = triton_scores(head.to(dtype), img, cap, lens)
+    assert_close_to_reference(out, ref64, ref_lowp=ref_lowp, dtype=dtype,
+                              what=f"{regulator} {steps} {direction} {dtype}")
+
+
+@requires_gpu
+def test_gpu_gradients_float32():
+    img, cap, lens = gpu_inputs(torch.float32, n_img=3, n_cap=4)
+    head = make_head("coop_rcar", 2, "t2i", d=1024, sim_dim=256, device="cuda")
+    weights = torch.randn(3, 4, device="cuda")
+    head64 = copy.deepcopy(head).double()
+    g64 = gradients(head64, img.double(), cap.double(), lens, weights, "reference64")
+    g = gradients(head, img, cap, lens, weights, "triton")
+    assert_close_to_reference(g[0], g64[0], dtype=torch.float32, what="grad img")
+    assert_close_to_reference(g[1], torch.nan_to_num(g64[1], nan=0.0), dtype=torch.float32,
+                              what="grad cap")
+    for name, g_ref in g64[2].items():
+        assert_close_to_reference(g[2][name], g_ref, dtype=torch.float32, what=f"grad {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline compile for the H100 (no GPU needed): the GPU configurations must compile for sm_90
+# and fit its shared memory. Catches GPU-only failures (e.g. an fp32 configuration needing
+# more than 227 KB of shared memory) in CPU-only CI.
+# ---------------------------------------------------------------------------------------------
+
+H100_SHARED_BYTES = 232448  # max dynamic shared memory per block on sm_90
+
+SM90_CONFIGS = [
+    ("t2i", "coop_rcar", 2, "bf16"),   # the COCO 5K target configuration
+    ("i2t", "coop_rcar", 2, "bf16"),   # 128-row tiles (3 images of 36 regions)
+    ("i2t", "only_rcr", 2, "fp32"),    # the exact fp32 FMA path
+]
+
+# Run in a fresh interpreter without TRITON_INTERPRET: triton reads it when it decorates and
+# when it compiles, so this process (interpreter on) cannot compile for a GPU target.
+_SM90_SCRIPT = r"""
+import inspect, json, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rcar_fast.kernels import rcar as kernels
+
+F32_PTRS = {"gram", "ba", "b1", "b2", "bs1", "ws2", "bs2", "bq", "bk", "wv", "bv", "we", "be", "out"}
+INT_PTRS = {"c_count", "tile_seg", "tile_items"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+results = []
+for direction, regulator, steps, op in json.loads(sys.argv[1]):
+    dims = kernels.padded_dims(1024, 256, interpreter=False)
+    cfg = kernels.launch_config(direction, 36, [12, 50, 1, 9, 23], regulator, steps, dims,
+                                DTYPES[op], interpreter=False)
+    options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    signature = {}
+    for name in inspect.signature(kernels._rcar_kernel.fn).parameters:
+        base = name[:-4]
+        if name in cfg:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if base in F32_PTRS else "*i32" if base in INT_PTRS else "*" + op
+        else:
+            signature[name] = "fp32" if name == "smooth" else "i32"
+    # As the launcher specialises them: 16-byte aligned pointers, DP and strides multiples of 16.
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if n.endswith("_ptr") or n in ("DP", "stride_c_set")}
+    try:
+        compiled = triton.compile(ASTSource(kernels._rcar_kernel, signature, constexprs=cfg,
+                                            attrs=attrs),
+                                  target=GPUTarget("cuda", 90, 32), options=options)
+        results.append(dict(cfg=cfg, shared=compiled.metadata.shared, error=None))
+    except Exception as err:  # reported by the test
+        results.append(dict(cfg=cfg, shared=None, error=f"{type(err).__name__}: {err}"[-3000:]))
+print("RESULTS" + json.dumps(results))
+"""
+
+
+def _sm90_compiler_available():
+    try:
+        import triton.backends.nvidia  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def sm90_builds():
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", _SM90_SCRIPT, json.dumps(SM90_CONFIGS)],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=1500)
+    marker = [line for line in run.stdout.splitlines() if line.startswith("RESULTS")]
+    assert marker, f"offline compile script failed:\n{run.stderr[-3000:]}"
+    return json.loads(marker[-1][len("RESULTS"):])
+
+
+@pytest.mark.skipif(not _sm90_compiler_available(), reason="triton's NVIDIA backend is not installed")
+@pytest.mark.parametrize("index", range(len(SM90_CONFIGS)), ids=["-".join(map(str, c)) for c in SM90_CONFIGS])
+def test_gpu_configuration_compiles_for_sm90(sm90_builds, index):
+    build = sm90_builds[index]
+    assert build["error"] is None, f"{SM90_CONFIGS[index]} does not compile: {build['error']}"
+    assert 0 < build["shared"] <= H100_SHARED_BYTES, \
+        f"{build['cfg']}: needs {build['shared']} bytes of shared memory"
