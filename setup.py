@@ -80,7 +80,7 @@ class BuildWithNvccObjects(BuildExtension):
         objects = []
         for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")
-            deps = [src] + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.h"))
+            deps = [src] + [h for ext in ("*.h", "*.cuh") for h in glob.glob(os.path.join(ROOT, "csrc", "cuda", ext))]
             if not os.path.exists(obj) or os.path.getmtime(obj) < max(map(os.path.getmtime, deps)):
                 cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
                        "-Xcompiler", "-fPIC", "-I", os.path.join(ROOT, "csrc"),

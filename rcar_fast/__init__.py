@@ -3,19 +3,34 @@
 Public names:
     scan_similarity(img, cap, lens, *, direction, raw_norm, smooth, agg, lse_lambda, backend)
     RCARSimilarity(embed_dim, sim_dim, regulator, steps, direction, smooth)  (nn.Module)
+    score_pairs / hardest_negative_loss   chosen (image, caption) pairs; the sparse VSE++ loss
+    all_pairs(img, cap, lens, similarity)  blocked, multi-GPU all-pairs scoring for evaluation
+    recall_metrics / coco1k_metrics / ensemble   retrieval metrics (R@1/5/10, rsum)
+    load_rcar_checkpoint(path)             an official RCAR checkpoint as a model
+    vse_hinge_loss / info_nce_loss         losses on a (B, B) similarity matrix
     gram(x, backend)            per-image Gram matrix (the plumbing op)
     backends()                  which backends run here, and why the others do not
 """
 from rcar_fast.dispatch import BackendUnavailable, backends
 from rcar_fast.ops.gram import gram
 from rcar_fast.ops.scan import scan_similarity
+from rcar_fast.pairs import hardest_negative_loss, score_pairs  # also registers the pair ops
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "RCARSimilarity": ("rcar_fast.modules", "RCARSimilarity"),
     "recall_metrics": ("rcar_fast.metrics", "recall_metrics"),
+    "coco1k_metrics": ("rcar_fast.metrics", "coco1k_metrics"),
+    "ensemble": ("rcar_fast.metrics", "ensemble"),
+    "all_pairs": ("rcar_fast.evaluation", "all_pairs"),
+    "load_rcar_checkpoint": ("rcar_fast.checkpoint", "load_rcar_checkpoint"),
+    "vse_hinge_loss": ("rcar_fast.losses", "vse_hinge_loss"),
+    "info_nce_loss": ("rcar_fast.losses", "info_nce_loss"),
     "data": ("rcar_fast.data", None),
+    "evaluation": ("rcar_fast.evaluation", None),
+    "metrics": ("rcar_fast.metrics", None),
+    "losses": ("rcar_fast.losses", None),
 }
 
 
@@ -31,4 +46,6 @@ def __getattr__(name):
 
 
 __all__ = ["scan_similarity", "RCARSimilarity", "gram", "backends", "BackendUnavailable",
-           "recall_metrics", "data"]
+           "score_pairs", "hardest_negative_loss", "all_pairs", "recall_metrics", "coco1k_metrics",
+           "ensemble", "load_rcar_checkpoint", "vse_hinge_loss", "info_nce_loss", "data",
+           "evaluation", "metrics", "losses"]

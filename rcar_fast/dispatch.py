@@ -152,8 +152,14 @@ def explain(op: str, device: torch.device, dtype: torch.dtype) -> dict[str, str]
     return {be: rejection(op, be, device, dtype) or "usable" for be in BACKENDS}
 
 
-def choose(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Implementation:
-    """The implementation to run. backend="auto" takes the first usable one of AUTO_ORDER."""
+def choose(op: str, backend: str, device: torch.device, dtype: torch.dtype,
+           mode_rejections: Optional[dict[str, str]] = None) -> Implementation:
+    """The implementation to run. backend="auto" takes the first usable one of AUTO_ORDER.
+
+    `mode_rejections` ({backend: reason}) adds a third gate that only the caller can judge, e.g.
+    a module in training mode that needs dropout and a backward pass. backend="auto" skips those
+    backends; an explicitly requested one still runs, and its op raises with its own message.
+    """
     importlib.import_module("rcar_fast.ops")
     if backend not in REQUESTABLE:
         raise ValueError(f"backend must be one of {REQUESTABLE}, got {backend!r}")
@@ -167,6 +173,8 @@ def choose(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> I
     reasons = {}
     for candidate in order:
         reasons[candidate] = rejection(op, candidate, device, dtype)
+        if reasons[candidate] is None and mode_rejections:
+            reasons[candidate] = mode_rejections.get(candidate)
         if reasons[candidate] is None:
             return _REGISTRY[(op, candidate)]
     detail = "; ".join(f"{be}: {why}" for be, why in reasons.items())

@@ -18,6 +18,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   if "$PYTHON" -c "import torch" 2>/dev/null; then
     echo "[setup] torch found on $("$PYTHON" -c 'import sys; print(sys.executable)'): venv with system site-packages"
     "$PYTHON" -m venv --system-site-packages "$VENV"
+    # If that python is itself a virtual environment (e.g. /opt/torch/.venv on the GPU image),
+    # --system-site-packages only reaches its base interpreter: point a .pth file at its
+    # site-packages too, after the new venv's own, so torch and friends are found.
+    parent_sites=$("$PYTHON" -c 'import site, sys; print("\n".join(site.getsitepackages()) if sys.prefix != sys.base_prefix else "")')
+    if [ -n "$parent_sites" ]; then
+      venv_site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+      printf '%s\n' "$parent_sites" > "$venv_site/_rcar_fast_parent_env.pth"
+    fi
   else
     "$PYTHON" -m venv "$VENV"
   fi
@@ -34,7 +42,9 @@ for mod_pkg in numpy:numpy tqdm:tqdm pytest:pytest pytest_benchmark:pytest-bench
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[setup] installing: ${missing[*]}"
-  python -m pip install -q "${missing[@]}"
+  # (pip's "Location ... is ignored" lines come from this machine's mirror config: noise)
+  python -m pip install -q "${missing[@]}" 2>&1 | { grep -v "^WARNING: Location" || true; }
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "[setup] pip install failed" >&2; exit 1; }
 fi
 
 # The editable install builds the extension once; afterwards only the native build reruns, and

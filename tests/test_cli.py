@@ -161,7 +161,10 @@ def test_bench_hook_delegates(monkeypatch):
 
 
 def test_bench_hook_without_bench(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "bench", None)     # import bench -> ImportError
+    # import bench -> ImportError; bench.__main__ too, which an earlier test may have imported
+    # (a cached submodule is found without its parent, and the real suite would run)
+    monkeypatch.setitem(sys.modules, "bench", None)
+    monkeypatch.setitem(sys.modules, "bench.__main__", None)
     assert cli.main(["bench"]) == 2
     assert "benchmarks are not available" in capsys.readouterr().err
 

@@ -95,3 +95,39 @@ def test_reference_backends_agree_on_scan():
     b = rcar_fast.scan_similarity(img, cap, lens, backend="reference_loop")
     assert a.shape == (2, 3) and a.dtype == torch.float64
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_skips_forward_only_backends_for_a_training_head(monkeypatch):
+    """A training-mode head must get dropout and a backward pass: auto falls back to the
+    reference instead of picking the forward-only CPU kernel; in eval mode it picks the kernel."""
+    head = rcar_fast.RCARSimilarity(embed_dim=4, sim_dim=8, regulator="coop_rcar", steps=1)
+    img, cap, lens = _inputs()
+    chosen = []
+    real_choose = dispatch.choose
+
+    def spy(*args, **kwargs):
+        impl = real_choose(*args, **kwargs)
+        chosen.append(impl.backend)
+        return impl
+
+    monkeypatch.setattr(dispatch, "choose", spy)
+    head.train()
+    sims = head(img, cap, lens)
+    sims.sum().backward()  # would raise on the forward-only cpu kernel
+    head.eval()
+    with torch.no_grad():
+        head(img, cap, lens)
+    expected_eval = "cpu" if dispatch.rejection("rcar", "cpu", img.device, img.dtype) is None else "reference"
+    assert chosen == ["reference", expected_eval]
+    assert "backward" in head.train().mode_rejections()["cpu"]
+    assert "dropout" in head.mode_rejections()["triton"]
+    assert rcar_fast.RCARSimilarity(embed_dim=4, sim_dim=8, regulator="only_rcr").train() \
+        .mode_rejections().get("triton") is None
+
+
+def test_explicit_backend_still_refuses_a_training_head_with_dropout():
+    head = rcar_fast.RCARSimilarity(embed_dim=4, sim_dim=8, regulator="only_rar", steps=1).train()
+    if dispatch.rejection("rcar", "cpu", torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("the C++ CPU extension is not built here (its own tests cover that case)")
+    with pytest.raises(dispatch.BackendUnavailable, match="dropout"):
+        head(*_inputs(), backend="cpu")
