@@ -7,17 +7,7 @@ fails loudly instead of silently getting no gradient.
 import torch
 
 from rcar_fast import dispatch
-
-_DTYPES = (torch.float32, torch.float64)
-
-
-def supports(device: torch.device, dtype: torch.dtype):
-    if device.type != "cpu":
-        return f"the C++ CPU kernels take CPU tensors, got {device.type} tensors"
-    if dtype not in _DTYPES:
-        return (f"the C++ CPU kernels compute in float32 or float64, got {dtype} "
-                "(cast the inputs, or use backend='reference')")
-    return None
+from rcar_fast.ops.scan_cpu import supports  # same device and dtypes as the SCAN kernels
 
 
 def _dropout_active(head) -> bool:
