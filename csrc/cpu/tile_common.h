@@ -93,6 +93,12 @@ template <typename Body>
 void run_tasks(int64_t n, Body&& body) {
   if (n <= 0) return;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n)));
+  if (threads == 1) {
+    // No team for one task: opening a parallel region costs more than a small tile.
+    c10::InferenceMode inference_guard;
+    for (int64_t task = 0; task < n; ++task) body(task, 0);
+    return;
+  }
   std::exception_ptr failure;
   std::mutex failure_mutex;
 #pragma omp parallel num_threads(threads)
