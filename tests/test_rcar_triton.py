@@ -6,13 +6,13 @@ ragged lengths including 1, NaN in the caption padding); on a GPU the realistic 
 the float64 reference (RCARHead.forward_loop, the public code's order of operations).
 """
 import copy
-import os
 
 import pytest
 import torch
 
 from rcar_fast import dispatch
 from rcar_fast.modules import RCARSimilarity
+from tests import sm90
 from tests.conftest import requires_gpu
 from tests.tolerances import assert_close_to_reference
 
@@ -288,8 +288,6 @@ def test_gpu_gradients_float32():
 # more than 227 KB of shared memory) in CPU-only CI.
 # ---------------------------------------------------------------------------------------------
 
-H100_SHARED_BYTES = 232448  # max dynamic shared memory per block on sm_90
-
 SM90_CONFIGS = [
     ("t2i", "coop_rcar", 2, "bf16"),   # the COCO 5K target configuration
     ("i2t", "coop_rcar", 2, "bf16"),   # 128-row tiles (3 images of 36 regions)
@@ -338,35 +336,15 @@ print("RESULTS" + json.dumps(results))
 """
 
 
-def _sm90_compiler_available():
-    try:
-        import triton.backends.nvidia  # noqa: F401
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def sm90_builds():
-    import json
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-c", _SM90_SCRIPT, json.dumps(SM90_CONFIGS)],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=1500)
-    marker = [line for line in run.stdout.splitlines() if line.startswith("RESULTS")]
-    assert marker, f"offline compile script failed:\n{run.stderr[-3000:]}"
-    return json.loads(marker[-1][len("RESULTS"):])
+    return sm90.run_offline(_SM90_SCRIPT, SM90_CONFIGS)
 
 
-@pytest.mark.skipif(not _sm90_compiler_available(), reason="triton's NVIDIA backend is not installed")
+@sm90.requires_sm90_compiler
 @pytest.mark.parametrize("index", range(len(SM90_CONFIGS)), ids=["-".join(map(str, c)) for c in SM90_CONFIGS])
 def test_gpu_configuration_compiles_for_sm90(sm90_builds, index):
     build = sm90_builds[index]
     assert build["error"] is None, f"{SM90_CONFIGS[index]} does not compile: {build['error']}"
-    assert 0 < build["shared"] <= H100_SHARED_BYTES, \
+    assert 0 < build["shared"] <= sm90.H100_SHARED_BYTES, \
         f"{build['cfg']}: needs {build['shared']} bytes of shared memory"
