@@ -146,8 +146,11 @@ def all_pairs_scores(img, cap, lens, *, model="scan", backend: str = "auto",
     scan_kw = _check_model(model, img, scan_kwargs)
     if scan_kw is not None:
         return dispatch.choose("scan", backend, img.device, img.dtype).fn(img, cap, lens, **scan_kw)
-    # Through dispatch (not model.forward) so that a plain reference RCARHead works as well.
-    return dispatch.choose("rcar", backend, img.device, img.dtype).fn(model, img, cap, lens)
+    # Through dispatch (not model.forward) so that a plain reference RCARHead works as well;
+    # an RCARSimilarity in training mode keeps auto off the forward-only kernels.
+    mode_rejections = model.mode_rejections() if hasattr(model, "mode_rejections") else None
+    impl = dispatch.choose("rcar", backend, img.device, img.dtype, mode_rejections)
+    return impl.fn(model, img, cap, lens)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from rcar_fast import dispatch, reference
 from rcar_fast.losses import vse_hinge_loss
 from rcar_fast.pairs import full_hardest_negative_loss, hardest_negative_loss, score_pairs
 import rcar_fast.pairs as pairs_module
+from rcar_fast.modules import RCARSimilarity
 
 F64 = torch.float64
 D, SIM_DIM = 12, 6
@@ -271,3 +272,13 @@ def test_loss_rejects_unpaired_batches():
     img, cap, lens = _batch()
     with pytest.raises(ValueError, match="margin"):
         hardest_negative_loss(img, cap, lens, margin=-1.0)
+
+
+def test_full_loss_of_a_training_head_gets_a_backward_under_auto():
+    """auto must not send a training-mode head to a forward-only kernel (the C++ CPU one)."""
+    head = RCARSimilarity(embed_dim=D, sim_dim=4, regulator="only_rcr", steps=1).double().train()
+    img, cap, lens = _batch()
+    img, cap = _leaf(img), _leaf(cap)
+    loss = full_hardest_negative_loss(img, cap, lens, model=head)
+    loss.backward()
+    assert torch.isfinite(img.grad).all() and img.grad.abs().sum() > 0
