@@ -5,7 +5,7 @@ with a message that names the argument and says what was expected, before any co
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -58,6 +58,26 @@ def word_mask(lens: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
 
 
+# The NaN/Inf check walks the features in blocks of about this many bytes: its temporaries
+# must not outgrow the fused kernels it guards (a boolean-mask gather of every real word would
+# copy the whole caption tensor).
+FINITE_CHECK_BLOCK_BYTES = 64 * 2**20
+
+
+def all_finite(x: torch.Tensor, real: Optional[torch.Tensor] = None) -> bool:
+    """True if x (n, M, d) holds no NaN/Inf, looking only at rows [i, m] where real[i, m]
+    (n, M) is True when given. Temporaries stay below FINITE_CHECK_BLOCK_BYTES."""
+    per_item = max(1, x[0].numel() * x.element_size()) if x.shape[0] else 1
+    step = max(1, FINITE_CHECK_BLOCK_BYTES // per_item)
+    for start in range(0, x.shape[0], step):
+        finite = torch.isfinite(x[start:start + step]).all(dim=-1)
+        if real is not None:
+            finite |= ~real[start:start + step]
+        if not bool(finite.all()):
+            return False
+    return True
+
+
 def similarity_inputs(img, cap, lens: LensLike, check_finite: bool = True) -> torch.Tensor:
     """Checks (img, cap, lens) of an all-pairs similarity call; returns lens as int64 on
     cap's device. NaN/Inf are allowed in caption padding only."""
@@ -72,10 +92,9 @@ def similarity_inputs(img, cap, lens: LensLike, check_finite: bool = True) -> to
         raise TypeError(f"img and cap must have the same dtype, got img {img.dtype}, cap {cap.dtype}")
     lens_t = lengths(lens, cap.shape[0], cap.shape[1], cap.device)
     if check_finite:
-        if not bool(torch.isfinite(img).all()):
+        if not all_finite(img):
             raise ValueError("img holds NaN or Inf values")
-        real = word_mask(lens_t, cap.shape[1])
-        if not bool(torch.isfinite(cap[real]).all()):
+        if not all_finite(cap, word_mask(lens_t, cap.shape[1])):
             raise ValueError("cap holds NaN or Inf at real word positions (positions < lens); "
                              "only padding may be non-finite")
     return lens_t

@@ -80,3 +80,25 @@ def test_rcar_embed_dim_mismatch():
     img, cap, lens = _good()
     with pytest.raises(ValueError, match="embed_dim = 8"):
         head(img, cap, lens)
+
+
+def test_finite_check_walks_blocks_and_sees_every_block(monkeypatch):
+    """The NaN/Inf check runs blockwise (bounded temporaries): a bad value in any block is
+    found, padding in any block is ignored."""
+    from rcar_fast import validate
+
+    monkeypatch.setattr(validate, "FINITE_CHECK_BLOCK_BYTES", 2 * 4 * 3 * 4)   # 2 captions per block
+    img = torch.randn(5, 3, 4)
+    cap = torch.randn(7, 4, 4)
+    lens = torch.tensor([4, 1, 2, 3, 4, 1, 2])
+    cap[torch.arange(4)[None, :] >= lens[:, None]] = float("nan")
+    assert validate.similarity_inputs(img, cap, lens) is not None
+    for j, pos in ((0, 3), (5, 0), (6, 1)):     # first, middle and last (partial) block
+        bad = cap.clone()
+        bad[j, pos, 2] = float("inf")
+        with pytest.raises(ValueError, match="cap holds NaN or Inf"):
+            validate.similarity_inputs(img, bad, lens)
+    bad_img = img.clone()
+    bad_img[4, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="img holds NaN or Inf"):
+        validate.similarity_inputs(bad_img, cap, lens)
