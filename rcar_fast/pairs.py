@@ -263,9 +263,10 @@ class _GroupedByImage(torch.autograd.Function):
     each group's gradient is added into one buffer at its own rows."""
 
     @staticmethod
-    def forward(ctx, img, cap, lens, img_idx, cap_idx, all_pairs):
+    def forward(ctx, img, cap, lens, img_idx, cap_idx, all_pairs, grad_enabled):
         groups, inverse = _image_groups(img_idx, cap_idx, cap.shape[0])
-        need_img, need_cap = ctx.needs_input_grad[:2]
+        # Under no_grad (re-ranking) keep no per-group graphs: nothing will call backward.
+        need_img, need_cap = (grad_enabled and need for need in ctx.needs_input_grad[:2])
         pieces, graphs = [], []
         for i, chosen in groups:
             chosen_lens = lens[chosen]
@@ -301,13 +302,13 @@ class _GroupedByImage(torch.autograd.Function):
             if need_cap:  # captions within a group are distinct: no index is written twice
                 grad_cap[chosen, :cap_part.shape[1]] += grads.pop(0)
         ctx.graphs = None
-        return grad_img, grad_cap, None, None, None, None
+        return grad_img, grad_cap, None, None, None, None, None
 
 
 def _grouped_by_image(all_pairs: Callable, img, cap, lens, img_idx, cap_idx):
     if img_idx.numel() == 0:
         return img.new_zeros((0,), dtype=_output_dtype(img.dtype))
-    scores = _GroupedByImage.apply(img, cap, lens, img_idx, cap_idx, all_pairs)
+    scores = _GroupedByImage.apply(img, cap, lens, img_idx, cap_idx, all_pairs, torch.is_grad_enabled())
     return scores.to(_output_dtype(img.dtype))
 
 
