@@ -40,6 +40,6 @@ class RCARSimilarity(RCARHead):
             "cpu": "training mode needs a backward pass; the C++ CPU RCAR kernel is forward-only",
             "cuda": "training mode needs a backward pass; the CUDA RCAR kernel is forward-only",
         }
-        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.modules()):
+        if self.active_dropout():
             reasons["triton"] = "training mode with RAR dropout active; the Triton kernel has no dropout"
         return reasons

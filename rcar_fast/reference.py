@@ -414,6 +414,13 @@ class RCARHead(nn.Module):
             [AlignmentVector(sim_dim, embed_dim) for _ in range(counts["alv"])])
         self.init_weights()
 
+    def active_dropout(self) -> list:
+        """Names of the Dropout modules that act now (training mode, p > 0): RAR's, if any.
+        The fused kernels have no dropout and refuse (or are skipped) while this is non-empty."""
+        if not self.training:
+            return []
+        return [name for name, m in self.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+
     def extra_repr(self) -> str:
         return (f"regulator={self.regulator!r}, steps={self.steps}, direction={self.direction!r}, "
                 f"smooth={self.smooth}")

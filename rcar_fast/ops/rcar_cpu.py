@@ -10,11 +10,6 @@ from rcar_fast import dispatch
 from rcar_fast.ops.scan_cpu import supports  # same device and dtypes as the SCAN kernels
 
 
-def _dropout_active(head) -> bool:
-    return head.training and any(
-        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in head.rar_modules.modules())
-
-
 def flat_weights(head) -> list:
     """The head's Linear weights and biases in the order csrc/cpu/kernels.h documents."""
     layers = [m.sim_transform_w for m in head.alv_modules]
@@ -40,7 +35,7 @@ class _NoBackward(torch.autograd.Function):
 
 
 def rcar_cpu(head, img, cap, lens):
-    if _dropout_active(head):
+    if head.active_dropout():
         raise dispatch.BackendUnavailable(
             "backend 'cpu' runs the RCAR head in eval mode only, and this head is in training mode "
             "with RAR dropout active; call head.eval() for scoring, or use backend='reference' to train")

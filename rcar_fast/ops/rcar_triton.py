@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 
 from rcar_fast import dispatch
 
@@ -44,8 +43,8 @@ def _supports(device: torch.device, dtype: torch.dtype):
 
 
 def _refuse_training_dropout(head) -> None:
-    active = [name for name, m in head.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
-    if head.training and active:
+    active = head.active_dropout()
+    if active:
         raise RuntimeError(
             "RCARSimilarity(backend='triton') does not implement RAR's dropout, which is active "
             f"in training mode ({active[0]}, p={head.get_submodule(active[0]).p}). Call "
