@@ -154,7 +154,7 @@ def test_cpu_peak_memory_sees_a_temporary_allocation():
 
     for mib in (64, 8):
         allocate(mib)   # a warm-up leaves the block in malloc's heap (as timed calls do)
-        memory = measure.peak_memory(lambda: allocate(mib), torch.device("cpu"))
+        memory = measure.peak_memory(lambda mib=mib: allocate(mib), torch.device("cpu"))
         assert memory.method.startswith("rss-hwm")
         assert (mib - 1) * 2**20 < memory.peak_bytes < (mib + 24) * 2**20, (mib, memory)
 

@@ -255,8 +255,8 @@ def test_scan_gradients_loop_equal_vectorized(direction, raw_norm):
     img, cap, lens = make_inputs(seed=6)
     for agg in ref.AGGREGATIONS:
         kw = scan_kwargs(direction, raw_norm, agg)
-        loop = input_grads(lambda i, c, l: ref.scan_similarity_loop(i, c, l, **kw), img, cap, lens)
-        vec = input_grads(lambda i, c, l: ref.scan_similarity_vectorized(
+        loop = input_grads(lambda i, c, l, kw=kw: ref.scan_similarity_loop(i, c, l, **kw), img, cap, lens)
+        vec = input_grads(lambda i, c, l, kw=kw: ref.scan_similarity_vectorized(
             i, c, l, **kw, img_chunk=2, cap_chunk=3), img, cap, lens)
         for got, want in zip(vec, loop):
             assert torch.isfinite(got).all()
@@ -275,7 +275,7 @@ def test_scan_vectorized_gradcheck(direction):
     for raw_norm, agg, chunks in [("clipped_l2norm", "lse", (1, 2)), ("softmax", "mean", (None, None))]:
         kw = scan_kwargs(direction, raw_norm, agg)
         assert torch.autograd.gradcheck(
-            lambda i, c: ref.scan_similarity_vectorized(i, c, lens, **kw, img_chunk=chunks[0],
+            lambda i, c, kw=kw, chunks=chunks: ref.scan_similarity_vectorized(i, c, lens, **kw, img_chunk=chunks[0],
                                                         cap_chunk=chunks[1]),
             (img, cap))
 
@@ -292,8 +292,8 @@ def test_scan_nan_padding_never_leaks(direction, form):
     zero_inputs = make_inputs(seed=8, pad=0.0)
     for raw_norm, agg in [("clipped_l2norm", "mean"), ("l2norm", "lse"), ("softmax", "max")]:
         kw = scan_kwargs(direction, raw_norm, agg)
-        with_nan = input_grads(lambda i, c, l: fn(i, c, l, **kw), *nan_inputs)
-        with_zero = input_grads(lambda i, c, l: fn(i, c, l, **kw), *zero_inputs)
+        with_nan = input_grads(lambda i, c, l, kw=kw: fn(i, c, l, **kw), *nan_inputs)
+        with_zero = input_grads(lambda i, c, l, kw=kw: fn(i, c, l, **kw), *zero_inputs)
         for got, want in zip(with_nan, with_zero):
             assert torch.isfinite(got).all()
             torch.testing.assert_close(got, want, rtol=0, atol=0)
