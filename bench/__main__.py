@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
 import sys
 import time
 
@@ -14,7 +15,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from bench import cases, device as device_facts, measure, report, suite  # noqa: E402
+# bench.suite and bench.gpu_check import rcar_fast: imported in _run, after main() has set the
+# environment the kernels read (TRITON_INTERPRET, RCAR_FAST_AUTOTUNE).
+from bench import cases, device as device_facts, measure, report  # noqa: E402
 
 DEFAULT_OUT = os.path.join(_ROOT, "bench", "results")
 
@@ -29,7 +32,19 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help="a few minutes on a 2-core CPU "
                       "(default without a GPU)")
     size.add_argument("--full", action="store_true", help="the GPU suite (default with a GPU)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="results folder (default bench/results)")
+    size.add_argument("--gpu-check", action="store_true",
+                      help="a few minutes on one GPU: hardware ceilings, SCAN / RCAR at the COCO "
+                           "5K shape through all_pairs vs the references, a training step "
+                           "(bench/gpu_check.py); appends to bench/results and copies the "
+                           "results to --out")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --gpu-check: the same steps at tiny sizes on the CPU, written "
+                             "into --out only")
+    parser.add_argument("--autotune", choices=("quick", "full"), default=None,
+                        help="with --gpu-check: RCAR_FAST_AUTOTUNE for the Triton kernels "
+                             "(default: the environment's value, else quick)")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results); "
+                        "with --gpu-check: where the results are copied (--dry-run: written)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     parser.add_argument("--backends", default=None,
                         help="comma-separated subset of backends / baselines to run "
@@ -72,52 +87,115 @@ def _split(text):
     return tuple(v.strip() for v in text.split(",") if v.strip()) if text else None
 
 
+def _usage_error(args) -> str:
+    """The one-line complaint about a bad combination of options, or ''."""
+    if args.modes and set(_split(args.modes)) - set(cases.MODES):
+        return f"--modes must be a subset of {cases.MODES}, got {_split(args.modes)}"
+    if args.threads is not None and args.threads < 1:
+        return f"--threads must be >= 1, got {args.threads}"
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        return f"--max-minutes must be > 0, got {args.max_minutes}"
+    if (args.dry_run or args.autotune) and not args.gpu_check:
+        return "--dry-run and --autotune go with --gpu-check"
+    if args.dry_run and not args.out:
+        return "--gpu-check --dry-run writes into --out DIR only: give --out"
+    return ""
+
+
+def _prepare_gpu_check_environment(args) -> None:
+    """Set what the kernels read at import: the autotune mode, and for a dry run without a GPU
+    triton's interpreter (only if no kernel module is loaded yet: too late otherwise, and the
+    triton rows then say why they are skipped)."""
+    if args.autotune:
+        os.environ["RCAR_FAST_AUTOTUNE"] = args.autotune
+    else:
+        os.environ.setdefault("RCAR_FAST_AUTOTUNE", "quick")
+    kernels_loaded = any(m.startswith("rcar_fast.kernels") for m in sys.modules)
+    if args.dry_run and not torch.cuda.is_available() and not kernels_loaded:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _device(args) -> torch.device:
+    if args.device:
+        return torch.device(args.device)
+    if args.gpu_check and args.dry_run:
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    complaint = _usage_error(args)
+    if complaint:
+        print(complaint, file=sys.stderr)
+        return 2
+    dev = _device(args)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda given, but no CUDA GPU is visible", file=sys.stderr)
         return 2
-    modes = _split(args.modes)
-    if modes and set(modes) - set(cases.MODES):
-        print(f"--modes must be a subset of {cases.MODES}, got {modes}", file=sys.stderr)
+    if args.gpu_check and not args.dry_run and dev.type != "cuda":
+        print("--gpu-check needs a CUDA GPU (on a CPU: --gpu-check --dry-run --out DIR)",
+              file=sys.stderr)
         return 2
-    if args.threads is not None and args.threads < 1:
-        print(f"--threads must be >= 1, got {args.threads}", file=sys.stderr)
-        return 2
+    if args.gpu_check:
+        _prepare_gpu_check_environment(args)
     threads_before = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        return _run(args, dev, modes)
+        if args.gpu_check:
+            return _run_gpu_check(args, dev)
+        return _run(args, dev, _split(args.modes))
     finally:
         # main() also runs inside other processes (the CLI, tests): leave torch as it was.
         torch.set_num_threads(threads_before)
 
 
-def _run(args, dev: torch.device, modes) -> int:
-    if dev.type == "cpu":
-        measure.configure_cpu_allocator()
-    plan = _select_plan(args, dev)
-    os.makedirs(args.out, exist_ok=True)
-
-    import rcar_fast
-    from rcar_fast import pairs  # noqa: F401  (registers the pair-list ops)
-
+def _start(dev: torch.device, suite_name: str, quiet: bool):
+    """(common row columns, run facts, log) of a new run."""
     software = device_facts.software_facts()
     name = device_facts.device_name(dev)
     slug = device_facts.device_slug(dev)
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    common = dict(run_id=run_id, date=software["date"], suite=plan.name, device_slug=slug,
+    common = dict(run_id=run_id, date=software["date"], suite=suite_name, device_slug=slug,
                   device_name=name, git_commit=software["git_commit"], torch=software["torch"],
                   triton=software["triton"], cuda=software["cuda"],
                   threads=torch.get_num_threads())
-    log = (lambda *a, **k: None) if args.quiet else (lambda line: print(line, flush=True))
-    facts = dict(software, run_id=run_id, device_name=name, device_slug=slug, suite=plan.name,
+    facts = dict(software, run_id=run_id, device_name=name, device_slug=slug, suite=suite_name,
                  start=device_facts.snapshot(dev))
-    log(f"rcar_fast bench: {plan.name} suite on {name} ({dev}), run {run_id}")
+    log = (lambda *a, **k: None) if quiet else (lambda line: print(line, flush=True))
+    log(f"rcar_fast bench: {suite_name} suite on {name} ({dev}), run {run_id}")
+    return common, facts, log
+
+
+def _write_results(rows, facts, results_dir: str, dev, suite_name: str, no_plots: bool):
+    """Appends the CSV and run facts, writes the summary and plots; returns their paths."""
+    import rcar_fast
+
+    os.makedirs(results_dir, exist_ok=True)
+    stem = os.path.join(results_dir, facts["device_slug"])
+    csv_path = report.append_csv(stem + ".csv", rows)
+    report.append_run_facts(stem + ".runs.jsonl", facts)
+    if no_plots:
+        plot_paths, plot_note = (), "not drawn (--no-plots)"
+    else:
+        plot_paths, plot_note = report.plots(rows, stem)
+    report.write_text(stem + ".md", report.markdown(rows, facts, rcar_fast.backends(), suite_name,
+                                                    plot_note, on_gpu=dev.type == "cuda"))
+    print(f"results: {csv_path} ({len(rows)} rows), summary: {stem}.md, plots: {plot_note}")
+    return [csv_path, stem + ".runs.jsonl", stem + ".md", *plot_paths]
+
+
+def _run(args, dev: torch.device, modes) -> int:
+    from bench import suite
+    from rcar_fast import pairs  # noqa: F401  (registers the pair-list ops)
+
+    if dev.type == "cpu":
+        measure.configure_cpu_allocator()
+    plan = _select_plan(args, dev)
+    common, facts, log = _start(dev, plan.name, args.quiet)
     ctx = suite.RunContext(plan=plan, device=dev, common=common,
-                           peak_name=name if dev.type == "cuda" else "",
+                           peak_name=common["device_name"] if dev.type == "cuda" else "",
                            backends=_split(args.backends), modes=modes, log=log)
     started = time.perf_counter()
     if args.max_minutes is not None:
@@ -125,19 +203,51 @@ def _run(args, dev: torch.device, modes) -> int:
     rows = suite.run_plan(ctx)
     facts.update(end=device_facts.snapshot(dev), seconds=round(time.perf_counter() - started, 1),
                  rows=len(rows))
-
-    stem = os.path.join(args.out, slug)
-    csv_path = report.append_csv(stem + ".csv", rows)
-    report.append_run_facts(stem + ".runs.jsonl", facts)
-    if args.no_plots:
-        plot_paths, plot_note = (), "not drawn (--no-plots)"
-    else:
-        plot_paths, plot_note = report.plots(rows, stem)
-    with open(stem + ".md", "w") as f:
-        f.write(report.markdown(rows, facts, rcar_fast.backends(), plan.name, plot_note,
-                                on_gpu=dev.type == "cuda"))
-    print(f"results: {csv_path} ({len(rows)} rows), summary: {stem}.md, plots: {plot_note}")
+    _write_results(rows, facts, args.out or DEFAULT_OUT, dev, plan.name, args.no_plots)
     return 0
+
+
+def _run_gpu_check(args, dev: torch.device) -> int:
+    from bench import gpu_check, suite
+    from rcar_fast import pairs  # noqa: F401  (registers the pair-list ops)
+
+    if dev.type == "cpu":
+        measure.configure_cpu_allocator()
+    sizes = gpu_check.dry_sizes() if args.dry_run else gpu_check.full_sizes()
+    started = time.perf_counter()
+    common, facts, log = _start(dev, sizes.suite, args.quiet)
+    ctx = suite.RunContext(plan=gpu_check.plan_for(sizes), device=dev, common=common,
+                           peak_name=common["device_name"] if dev.type == "cuda" else "", log=log)
+    if args.max_minutes is not None:
+        ctx.deadline = started + 60.0 * args.max_minutes
+    check = gpu_check.new_check(ctx, sizes)
+    rows = gpu_check.run_check(check)
+    facts.update(end=device_facts.snapshot(dev), seconds=round(time.perf_counter() - started, 1),
+                 rows=len(rows), autotune=check.extra["autotune"],
+                 caption_lengths=gpu_check.LENGTHS_NOTE, ceilings=gpu_check.ceiling_facts(check))
+    results_dir = args.out if args.dry_run else DEFAULT_OUT
+    written = _write_results(rows, facts, results_dir, dev, sizes.suite, args.no_plots)
+    if args.out and not args.dry_run:
+        _copy_into(written, args.out)
+        print(f"copied to {args.out}: {', '.join(os.path.basename(p) for p in written)}")
+    print(report.gpu_check_table(rows, facts))
+    return 0
+
+
+def _copy_into(paths, out_dir: str) -> None:
+    """Copies each file under a temporary name, then renames it: no half-copied file stays."""
+    os.makedirs(out_dir, exist_ok=True)
+    for path in paths:
+        target = os.path.join(out_dir, os.path.basename(path))
+        if os.path.abspath(target) == os.path.abspath(path):
+            continue
+        try:
+            shutil.copyfile(path, target + ".partial")
+            os.replace(target + ".partial", target)
+        except BaseException:
+            if os.path.exists(target + ".partial"):
+                os.remove(target + ".partial")
+            raise
 
 
 if __name__ == "__main__":

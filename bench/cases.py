@@ -6,11 +6,23 @@ against the full B x B version, per backend. Shapes are ordered small to large i
 so that a backend over the time budget at one size is skipped at the larger ones.
 
 Sweeps (the `sweep` column): "pairs" (n_img x n_cap at the default length, d and dtype),
-"len" (mean caption length), "dim" (d), "dtype", "batch" (loss rows: B).
+"len" (mean caption length), "dim" (d), "dtype", "batch" (loss rows: B), "coco5k" (the COCO
+5K test shape: 5,000 images x 25,000 captions with COCO-like caption lengths).
+
+Caption lengths (the `lengths` column): "uniform" draws them uniformly in
+[ceil(L/2), ceil(3L/2)] (mean L); "coco" draws 8 + Geometric(p = 2/9), clipped at 50
+(`coco_lengths`): COCO captions have at least 8 words, a median of 10 and a long thin tail;
+this gives mode 8, median 10, mean ~11.5, 90th / 99th percentile 17 / 26 and a maximum of 50
+over 25,000 captions.
+
+Inputs are generated on the benchmark's device in the row's dtype (a seeded device
+generator), never in float64 on the CPU and copied over: at the COCO 5K shape that copy
+alone would cost more than the kernels.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
@@ -63,6 +75,7 @@ class Shape:
     d: int
     dtype: torch.dtype
     sweep: str = "pairs"
+    lengths: str = "uniform"     # caption length distribution: "uniform" or "coco"
 
     @property
     def pairs(self) -> int:
@@ -92,6 +105,13 @@ class Plan:
     max_repeats: int
     skip_after_s: float          # a backend whose call took longer is skipped at larger shapes
     compile: Optional[str]       # None: include torch.compile; else the reason it is skipped
+    # Baseline -> largest n_img x n_cap it is measured at (the slow baselines only where they
+    # take seconds, not minutes); larger rows are skipped with the reason.
+    baseline_max_pairs: tuple = ()
+    single_call_over_s: Optional[float] = None   # measure_call's single_over_s
+
+    def baseline_limit(self, backend: str) -> Optional[int]:
+        return dict(self.baseline_max_pairs).get(backend)
 
 
 def _pairs_sweep(sizes, R, L, d, dtype, sweep="pairs"):
@@ -171,6 +191,10 @@ def full_plan(device: torch.device) -> Plan:
     for regulator in ("only_rar", "only_rcr"):
         op_cases.append(OpCase(rcar_op(regulator, 2, "t2i", 256), ("forward", "train_step"),
                                _pairs_sweep([(64, 320)], R, L, d, f32)))
+    # The COCO 5K test shape (inference only: a backward over 125M pairs is not a use case).
+    for direction in ("t2i", "i2t"):
+        op_cases.append(OpCase(scan_op(direction), ("forward",), tuple(
+            Shape(5000, 25000, R, L, d, dtype, "coco5k", "coco") for dtype in (bf16, f32))))
     return Plan(
         name="full",
         op_cases=tuple(op_cases),
@@ -178,20 +202,50 @@ def full_plan(device: torch.device) -> Plan:
                     LossCase(rcar_op("coop_rcar", 2, "t2i", 256), _batch_sweep([128, 256], R, L, d, f32))),
         budget_s=1.0, min_repeats=3, max_repeats=100, skip_after_s=30.0,
         compile=None if device.type == "cuda" else
-        "full mode on CPU: torch.compile skipped unless --compile is given")
+        "full mode on CPU: torch.compile skipped unless --compile is given",
+        baseline_max_pairs=(("reference_loop", 128 * 640), ("reference_compile", 256 * 1280),
+                            ("reference", 512 * 2560)))
+
+
+def coco_lengths(n: int, generator: torch.Generator, shortest: int = 8, longest: int = 50,
+                 p: float = 2.0 / 9.0) -> torch.Tensor:
+    """n caption lengths drawn like COCO's: shortest + Geometric(p) words, clipped at longest
+    (module doc: mean ~11.5, median 10). int64 on the CPU."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    extra = torch.floor(torch.log1p(-u) / math.log1p(-p))
+    return (shortest + extra).clamp(max=longest).to(torch.int64)
+
+
+def caption_lengths(n_cap: int, mean_len: int, distribution: str = "uniform",
+                    seed: int = 0) -> torch.Tensor:
+    """(n_cap,) int64 lengths on the CPU (the kernels read them there); same seed, same lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    if distribution == "coco":
+        return coco_lengths(n_cap, gen)
+    if distribution != "uniform":
+        raise ValueError(f"caption length distribution must be 'uniform' or 'coco', got {distribution!r}")
+    lo, hi = max(1, (mean_len + 1) // 2), max(1, (3 * mean_len + 1) // 2)
+    return torch.randint(lo, hi + 1, (n_cap,), generator=gen)
+
+
+def device_inputs(n_img: int, regions: int, lens: torch.Tensor, d: int, dtype: torch.dtype,
+                  device: torch.device, seed: int = 0):
+    """Encoder-output-like (img, cap) generated on `device` in `dtype`: unit vectors, zeros in
+    the caption padding. Normalised in place, so the peak is the two tensors themselves."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    lmax = int(lens.max())
+    img = torch.randn(n_img, regions, d, generator=gen, device=device, dtype=dtype)
+    cap = torch.randn(lens.shape[0], lmax, d, generator=gen, device=device, dtype=dtype)
+    img.div_(img.norm(dim=-1, keepdim=True))
+    cap.div_(cap.norm(dim=-1, keepdim=True))
+    padding = torch.arange(lmax, device=device)[None, :] >= lens.to(device)[:, None]
+    cap.masked_fill_(padding.unsqueeze(-1), 0.0)
+    return img, cap
 
 
 def make_inputs(shape: Shape, device: torch.device, seed: int = 0):
-    """Encoder-output-like inputs: unit vectors, caption lengths uniform in
-    [ceil(L/2), ceil(3L/2)] (mean L); zeros in the padding. Same seed -> same inputs."""
-    gen = torch.Generator().manual_seed(seed)
-    lo, hi = max(1, (shape.mean_len + 1) // 2), max(1, (3 * shape.mean_len + 1) // 2)
-    lens = torch.randint(lo, hi + 1, (shape.n_cap,), generator=gen)
-    lmax = int(lens.max())
-    img = torch.randn(shape.n_img, shape.regions, shape.d, generator=gen, dtype=torch.float64)
-    cap = torch.randn(shape.n_cap, lmax, shape.d, generator=gen, dtype=torch.float64)
-    img = img / img.norm(dim=-1, keepdim=True)
-    cap = cap / cap.norm(dim=-1, keepdim=True)
-    cap = cap * (torch.arange(lmax)[None, :] < lens[:, None]).unsqueeze(-1)
-    return (img.to(device=device, dtype=shape.dtype), cap.to(device=device, dtype=shape.dtype),
-            lens.to(device))
+    """(img, cap, lens) for a shape, generated on `device` in the shape's dtype (see
+    device_inputs and caption_lengths). Same seed and device -> same inputs."""
+    lens = caption_lengths(shape.n_cap, shape.mean_len, shape.lengths, seed)
+    img, cap = device_inputs(shape.n_img, shape.regions, lens, shape.d, shape.dtype, device, seed)
+    return img, cap, lens.to(device)

@@ -9,6 +9,9 @@ Time
   plans: there a slow baseline is timed once after its warm-up); the median is reported.
 The warm-up (first) call is reported separately: it holds compilation / autotuning /
 allocation costs (torch.compile's compile time shows there).
+A call slower than `single_over_s` (when given; the GPU check's budget) is measured once
+after the warm-up: that one call gives both the time (time.perf_counter around the memory
+call, whose extra synchronisations are negligible at seconds) and the peak memory.
 
 Peak memory, one extra call (not a timing sample)
 * GPU: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the memory
@@ -89,13 +92,18 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure_call(fn: Callable, device: torch.device, *, budget_s: float, min_repeats: int = 3,
-                 max_repeats: int = 50):
+                 max_repeats: int = 50, single_over_s: Optional[float] = None):
     """(Timing, Memory) of fn on `device`: a warm-up call, the memory call, then the timed
     repeats (see module doc)."""
     start = time.perf_counter()
     fn()
     synchronize(device)
     first = time.perf_counter() - start
+    if single_over_s is not None and first > single_over_s:
+        start = time.perf_counter()
+        memory = peak_memory(fn, device)
+        seconds = time.perf_counter() - start
+        return Timing(seconds, seconds, 1, first), memory
     memory = peak_memory(fn, device)
     if device.type == "cuda":
         return _time_cuda(fn, device, first, budget_s, min_repeats, max_repeats), memory

@@ -6,6 +6,10 @@ Markdown summary and plots of the latest run, all in the results folder:
     <slug>.md           summary of the latest run: facts, backends, headline ratios, tables
     <slug>-time.png     median time vs pairs per backend, one panel per (op, mode)
     <slug>-memory.png   peak memory vs pairs (ops) and vs batch (sparse vs full loss)
+    <slug>-gpu-check.png  GPU check: time per backend at the COCO 5K shape (log scale)
+
+A schema that only adds columns rewrites an older file in place under the new header (old
+rows get empty cells); any other change of schema moves the old file aside.
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ COLUMNS = (
     "gflops_per_s", "peak_tflops", "pct_peak", "err_vs_reference",
     "speedup_vs_reference_loop", "speedup_vs_reference", "speedup_vs_reference_compile",
     "speedup_vs_full",
+    # Added with the GPU check (bench/gpu_check.py); older files are upgraded in place.
+    "lengths", "autotune", "extrapolated", "gbytes_per_s", "ceiling_tflops", "pct_ceiling",
+    "floor_tflops", "floor_ms", "pct_floor",
 )
 
 
@@ -38,16 +45,20 @@ def _cell(value) -> str:
 
 
 def append_csv(path: str, rows: list) -> str:
-    """Appends rows to path (header written for a new file). A file with another header (an
-    older schema) is moved aside to <path>.<n>.old first, never mixed."""
+    """Appends rows to path (header written for a new file). A file whose header is a subset
+    of COLUMNS (an older schema that lacked some columns) is first rewritten under the new
+    header; one with other columns is moved aside to <path>.<n>.old, never mixed."""
     if os.path.exists(path):
         with open(path, newline="") as f:
             header = next(csv.reader(f), None)
         if header is not None and tuple(header) != COLUMNS:
-            n = 1
-            while os.path.exists(f"{path}.{n}.old"):
-                n += 1
-            os.replace(path, f"{path}.{n}.old")
+            if set(header) <= set(COLUMNS):
+                _rewrite_under_new_header(path)
+            else:
+                n = 1
+                while os.path.exists(f"{path}.{n}.old"):
+                    n += 1
+                os.replace(path, f"{path}.{n}.old")
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         writer = csv.writer(f)
@@ -55,6 +66,36 @@ def append_csv(path: str, rows: list) -> str:
             writer.writerow(COLUMNS)
         for row in rows:
             writer.writerow([_cell(row.get(col)) for col in COLUMNS])
+    return path
+
+
+def _rewrite_under_new_header(path: str) -> None:
+    old_rows = read_csv(path)
+    tmp = path + ".partial"
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(COLUMNS)
+            for row in old_rows:
+                writer.writerow([row.get(col, "") for col in COLUMNS])
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> str:
+    """Writes a file under a temporary name and renames it: no half-written summary."""
+    tmp = path + ".partial"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return path
 
 
@@ -137,6 +178,9 @@ def markdown(rows: list, facts: dict, backends_report: dict, plan_name: str,
     for name, entry in backends_report.items():
         out.append(f"| {name} | {'yes' if entry['available'] else 'no'} | {', '.join(entry['ops'])} "
                    f"| {entry['reason']} |")
+    if any(r.get("sweep") in ("coco5k", "ceiling") for r in rows):
+        out += ["", "## GPU check", "", gpu_check_notes(facts), "", "```",
+                gpu_check_table(rows, facts), "```"]
     out += ["", "## Headline", ""] + (headline(rows) or ["- no measured rows"])
     out += ["", "## Method", "",
             "Median of repeated calls after one warm-up call (GPU: CUDA events / "
@@ -165,7 +209,7 @@ def _tables(rows: list, on_gpu: bool) -> list:
     out = []
     by_op = defaultdict(list)
     for r in rows:
-        if r["status"] == "ok":
+        if r["status"] == "ok" and r.get("family") != "ceiling":
             by_op[(r["op"], r["mode"])].append(r)
     for (op, mode), members in by_op.items():
         out += [f"### {op} {mode}", "",
@@ -186,12 +230,66 @@ def _tables(rows: list, on_gpu: bool) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
+# GPU check summary
+# ---------------------------------------------------------------------------------------------
+
+def gpu_check_notes(facts: dict) -> str:
+    ceilings = facts.get("ceilings") or {}
+    return (f"Ceilings measured in this run: matmul {ceilings.get('matmul', '')} "
+            f"{_fmt(ceilings.get('matmul_tflops'), '.4g', 'n/a')} TFLOP/s, device copy "
+            f"{_fmt(ceilings.get('copy_gbs'), '.4g', 'n/a')} GB/s; the all_pairs rows include "
+            f"returning the matrix to the host ({_fmt(ceilings.get('result_to_host_ms'), '.3g', 'n/a')} "
+            "ms for the full one). Autotune: "
+            f"{facts.get('autotune', '')}. Caption lengths: {facts.get('caption_lengths', '')}. "
+            "Rows marked * are extrapolated per pair to the full shape from a smaller one "
+            "(the `extrapolated` column says from what). %ceil: of the measured matmul; "
+            "%floor: the bf16 floor (model FLOPs at the bf16 dense peak) / time.")
+
+
+def gpu_check_table(rows: list, facts: Optional[dict] = None) -> str:
+    """The short fixed-width table the GPU check prints last: one line per row (ceilings in
+    the first line), skipped and failed rows with their reason in the note."""
+    header = ("case", "dtype", "backend", "ms", "TFLOP/s", "%ceil", "%floor", "peak MiB",
+              "vs ref", "vs loop", "err", "note")
+    lines = []
+    for r in rows:
+        if r.get("family") == "ceiling":
+            continue
+        case = r["op"] + (f"/{r['variant']}" if r.get("variant") else "")
+        case += f" {r['n_img']}x{r['n_cap']}" + ("*" if r.get("extrapolated") else "")
+        if r["status"] != "ok":
+            note = f"{r['status']}: {str(r.get('reason') or '').removeprefix('skipped: ')}"
+            lines.append((case, r["dtype"], r["backend"]) + ("",) * 8 + (note[:90],))
+            continue
+        tflops = r["gflops_per_s"] / 1e3 if r.get("gflops_per_s") is not None else None
+        note = str(r.get("extrapolated") or "").split(" (")[0]
+        lines.append((case, r["dtype"], r["backend"], _fmt(r.get("median_ms"), ".4g"),
+                      _fmt(tflops, ".3g"), _fmt(r.get("pct_ceiling"), ".1f"),
+                      _fmt(r.get("pct_floor"), ".1f"), _fmt(r.get("peak_mem_mb"), ".4g"),
+                      _fmt(r.get("speedup_vs_reference"), ".3g"),
+                      _fmt(r.get("speedup_vs_reference_loop"), ".3g"),
+                      _fmt(r.get("err_vs_reference"), ".1e"), note))
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
+    text = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip()
+            for line in [header] + lines]
+    if facts is not None:
+        ceilings = facts.get("ceilings") or {}
+        text.insert(0, f"GPU check on {facts.get('device_name', '')}: matmul ceiling "
+                       f"{_fmt(ceilings.get('matmul_tflops'), '.4g', 'n/a')} TFLOP/s "
+                       f"({ceilings.get('matmul', '')}), copy "
+                       f"{_fmt(ceilings.get('copy_gbs'), '.4g', 'n/a')} GB/s, autotune "
+                       f"{facts.get('autotune', '')}; * = extrapolated per pair (note: from what)")
+    return "\n".join(text)
+
+
+# ---------------------------------------------------------------------------------------------
 # Plots
+
 # ---------------------------------------------------------------------------------------------
 
 def plots(rows: list, stem: str) -> tuple:
-    """Writes <stem>-time.png and <stem>-memory.png; returns (paths, note). Without matplotlib
-    returns ((), the reason)."""
+    """Writes <stem>-time.png and <stem>-memory.png (sweeps), <stem>-gpu-check.png (COCO 5K
+    rows); returns (paths, note). Without matplotlib returns ((), the reason)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -199,17 +297,47 @@ def plots(rows: list, stem: str) -> tuple:
     except ImportError:
         return (), "not drawn: matplotlib is not installed (pip install matplotlib)"
     ok = [r for r in rows if r["status"] == "ok" and r["sweep"] in ("pairs", "batch")]
-    if not ok:
+    coco = [r for r in rows if r["status"] == "ok" and r["sweep"] == "coco5k"]
+    if not ok and not coco:
         return (), "not drawn: no measured rows"
-    time_path = _panel_plot(plt, ok, stem + "-time.png", "median_ms", "median time (ms)",
-                            lambda r: not r["variant"])
-    memory_path = _panel_plot(plt, ok, stem + "-memory.png", "peak_mem_mb", "peak memory (MB)",
-                              lambda r: r["mode"] != "backward")
-    notes = []
-    for path, what in ((time_path, "time plot"), (memory_path, "memory plot")):
-        notes.append(os.path.basename(path) if path else
-                     f"{what} not drawn (no series with two or more sizes and nonzero values)")
-    return tuple(p for p in (time_path, memory_path) if p), ", ".join(notes)
+    paths, notes = [], []
+    if ok:
+        time_path = _panel_plot(plt, ok, stem + "-time.png", "median_ms", "median time (ms)",
+                                lambda r: not r["variant"])
+        memory_path = _panel_plot(plt, ok, stem + "-memory.png", "peak_mem_mb", "peak memory (MB)",
+                                  lambda r: r["mode"] != "backward")
+        for path, what in ((time_path, "time plot"), (memory_path, "memory plot")):
+            notes.append(os.path.basename(path) if path else
+                         f"{what} not drawn (no series with two or more sizes and nonzero values)")
+            if path:
+                paths.append(path)
+    if coco:
+        paths.append(_bar_plot(plt, coco, stem + "-gpu-check.png"))
+        notes.append(os.path.basename(paths[-1]))
+    return tuple(paths), ", ".join(notes)
+
+
+def _bar_plot(plt, rows, path) -> str:
+    """Horizontal bars: time at the COCO 5K shape per (op, dtype, backend), log scale."""
+    rows = sorted(rows, key=lambda r: (r["op"], r["dtype"], r["median_ms"]))
+    labels = [f"{r['op']} {r['dtype']} {r['backend']}" + (" *" if r.get("extrapolated") else "")
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(rows) + 1.2))
+    colours = {b: f"C{k}" for k, b in enumerate(sorted({r["backend"] for r in rows}))}
+    ax.barh(range(len(rows)), [r["median_ms"] / 1e3 for r in rows],
+            color=[colours[r["backend"]] for r in rows])
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds for the full matrix (* = extrapolated per pair)")
+    n_img, n_cap = rows[0]["n_img"], rows[0]["n_cap"]
+    ax.set_title(f"all_pairs at {n_img} x {n_cap}", fontsize=9)
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    fig.subplots_adjust(left=0.38, right=0.97, bottom=0.6 / (0.28 * len(rows) + 1.2) + 0.05, top=0.93)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _panel_plot(plt, rows, path, key, ylabel, keep) -> Optional[str]:

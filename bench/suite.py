@@ -39,18 +39,18 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def _record_failure(ctx: RunContext, row: dict, err: BaseException, skip_key, what: str) -> None:
+def record_failure(ctx: RunContext, row: dict, err: BaseException, skip_key, what: str) -> None:
     """An error row; out of memory also skips the larger sizes of the same series. A backend
     whose backward raises because it has none (forward-only kernels) gets a skipped row."""
     forward_only = "no backward" in str(err)
-    row.update(status="skipped" if forward_only else "error", reason=_error_text(err))
+    row.update(status="skipped" if forward_only else "error", reason=error_text(err))
     if forward_only:
         return
     if _is_out_of_memory(err):
         ctx.slow[skip_key] = OUT_OF_MEMORY
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    ctx.log(f"  error: {what}: {_error_text(err)}")
+    ctx.log(f"  error: {what}: {error_text(err)}")
 
 
 @dataclasses.dataclass
@@ -67,7 +67,7 @@ class RunContext:
     compiled: dict = dataclasses.field(default_factory=dict)  # compile cache
 
 
-def _error_text(err: BaseException) -> str:
+def error_text(err: BaseException) -> str:
     text = f"{type(err).__name__}: {err}".replace("\n", " ")
     return text[:300]
 
@@ -151,14 +151,14 @@ def mode_fn(mode: str, fn: Callable, img, cap, lens, head):
 # Rows
 # ---------------------------------------------------------------------------------------------
 
-def _base_row(ctx: RunContext, op: _cases.OpSpec, shape: _cases.Shape, lens, mode: str,
+def base_row(ctx: RunContext, op: _cases.OpSpec, shape: _cases.Shape, lens, mode: str,
               backend: str, variant: str = "") -> dict:
     return dict(ctx.common, op=op.name, family=op.family, variant=variant, mode=mode,
                 backend=backend, detail="", sweep=shape.sweep,
                 dtype=str(shape.dtype).replace("torch.", ""), n_img=shape.n_img,
                 n_cap=shape.n_cap, pairs=shape.pairs, regions=shape.regions,
                 mean_len=round(float(lens.float().mean()), 2), max_len=int(lens.max()),
-                d=shape.d, sim_dim=op.sim_dim or "", status="", reason="")
+                d=shape.d, sim_dim=op.sim_dim or "", lengths=shape.lengths, status="", reason="")
 
 
 def forward_flops(op: _cases.OpSpec, shape: _cases.Shape, lens) -> float:
@@ -176,7 +176,7 @@ def _pairs_flops(op: _cases.OpSpec, shape: _cases.Shape, pair_lens) -> float:
                                      op.steps, op.direction)
 
 
-def _relative_error(out, ref) -> Optional[float]:
+def relative_error(out, ref) -> Optional[float]:
     """max |out - ref| / max |ref| over a tensor or a tuple of tensors (gradients) taken
     together: per tensor, a weight whose gradient is ~0 would turn rounding into O(1) errors."""
     outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
@@ -190,12 +190,13 @@ def _relative_error(out, ref) -> Optional[float]:
     return worst / scale
 
 
-def _measure_into(ctx: RunContext, row: dict, run: Callable, model_flops: float,
+def measure_into(ctx: RunContext, row: dict, run: Callable, model_flops: float,
                   dtype: torch.dtype, skip_key) -> Optional[object]:
     """Times run(), measures its memory, fills the row; returns one output of run()."""
     timing, memory = measure.measure_call(run, ctx.device, budget_s=ctx.plan.budget_s,
                                           min_repeats=ctx.plan.min_repeats,
-                                          max_repeats=ctx.plan.max_repeats)
+                                          max_repeats=ctx.plan.max_repeats,
+                                          single_over_s=ctx.plan.single_call_over_s)
     output = memory.result
     # Steady-state time decides skips (the first call may hold torch.compile's compile time).
     ctx.slow[skip_key] = timing.median_s
@@ -212,6 +213,15 @@ def _measure_into(ctx: RunContext, row: dict, run: Callable, model_flops: float,
         if peak:
             row.update(peak_tflops=peak, pct_peak=100.0 * model_flops / seconds / 1e12 / peak)
     return output
+
+
+def baseline_limit_reason(ctx: RunContext, backend: str, pairs: int) -> Optional[str]:
+    """Why a slow baseline is not run at this size (the plan measures it at smaller ones)."""
+    limit = ctx.plan.baseline_limit(backend)
+    if limit is not None and pairs > limit:
+        return (f"skipped: the {ctx.plan.name} plan measures {backend} up to {limit} pairs only "
+                f"(this row has {pairs})")
+    return None
 
 
 def _skip_reason(ctx: RunContext, skip_key) -> Optional[str]:
@@ -237,27 +247,28 @@ def run_op_case(ctx: RunContext, case: _cases.OpCase) -> list:
         for mode in modes:
             reference_out = None
             for backend, reason in candidate_backends(ctx, op.dispatch_op, shape.dtype, True):
-                row = _base_row(ctx, op, shape, lens, mode, backend)
+                row = base_row(ctx, op, shape, lens, mode, backend)
                 skip_key = (op.name, "", mode, backend, row["dtype"], shape.sweep, shape.d, shape.mean_len)
-                reason = reason or _skip_reason(ctx, skip_key)
+                reason = (reason or baseline_limit_reason(ctx, backend, shape.pairs)
+                          or _skip_reason(ctx, skip_key))
                 if reason is None:
                     try:
                         fn = similarity_fn(ctx, op, backend, head)
                         run, reason = mode_fn(mode, fn, img, cap, lens, head)
                         if run is not None:
-                            out = _measure_into(ctx, row, run, op_flops * _flops.MODE_FACTOR[mode],
+                            out = measure_into(ctx, row, run, op_flops * _flops.MODE_FACTOR[mode],
                                                 shape.dtype, skip_key)
                             # Forward: the scores; backward / train_step: the gradients.
                             if backend == "reference":
                                 reference_out = out
-                            row["err_vs_reference"] = _relative_error(out, reference_out)
+                            row["err_vs_reference"] = relative_error(out, reference_out)
                             del run, out
                     except Exception as err:  # one broken backend must not stop the suite
-                        _record_failure(ctx, row, err, skip_key, f"{op.name} {mode} {backend}")
+                        record_failure(ctx, row, err, skip_key, f"{op.name} {mode} {backend}")
                 if not row["status"]:
                     row.update(status="skipped", reason=reason)
                 rows.append(row)
-                _log_row(ctx, row)
+                log_row(ctx, row)
     return rows
 
 
@@ -279,29 +290,30 @@ def run_loss_case(ctx: RunContext, case: _cases.LossCase) -> list:
         reference_loss = None
         for backend, reason in candidate_backends(ctx, op.dispatch_op, shape.dtype, False):
             for variant in ("full", "sparse"):
-                row = _base_row(ctx, op, shape, lens, "train_step", backend, variant)
+                row = base_row(ctx, op, shape, lens, "train_step", backend, variant)
                 row["op"] = f"loss_{op.name}"
                 skip_key = (row["op"], variant, "train_step", backend, row["dtype"], shape.sweep)
-                row_reason = reason or _skip_reason(ctx, skip_key)
+                row_reason = (reason or baseline_limit_reason(ctx, backend, shape.pairs)
+                              or _skip_reason(ctx, skip_key))
                 if row_reason is None:
                     try:
                         run, detail = loss_step(ctx, variant, model, backend, img, cap, lens, head, kwargs)
                         row["detail"] = detail
                         model_flops = 3 * all_pairs if variant == "full" else all_pairs + 3 * pair_flops
-                        out = _measure_into(ctx, row, run, model_flops, shape.dtype, skip_key)
+                        out = measure_into(ctx, row, run, model_flops, shape.dtype, skip_key)
                         # The loss value and its gradients against the reference's full loss.
                         if backend == "reference" and variant == "full":
                             reference_loss = out
-                        row["err_vs_reference"] = _relative_error(
+                        row["err_vs_reference"] = relative_error(
                             tuple(t.reshape(-1) for t in out),
                             None if reference_loss is None else tuple(t.reshape(-1) for t in reference_loss))
                         del run, out
                     except Exception as err:
-                        _record_failure(ctx, row, err, skip_key, f"{row['op']} {variant} {backend}")
+                        record_failure(ctx, row, err, skip_key, f"{row['op']} {variant} {backend}")
                 if not row["status"]:
                     row.update(status="skipped", reason=row_reason)
                 rows.append(row)
-                _log_row(ctx, row)
+                log_row(ctx, row)
     return rows
 
 
@@ -323,7 +335,7 @@ def loss_step(ctx, variant, model, backend, img, cap, lens, head, kwargs):
     return run, f"selection: {backend}, pairs: {pair_backend}"
 
 
-def _log_row(ctx: RunContext, row: dict) -> None:
+def log_row(ctx: RunContext, row: dict) -> None:
     shape = f"{row['n_img']}x{row['n_cap']} L{row['mean_len']:.0f} d{row['d']} {row['dtype']}"
     name = f"{row['op']}{'/' + row['variant'] if row['variant'] else ''} {row['mode']}"
     if row["status"] == "ok":

@@ -1,0 +1,396 @@
+"""The GPU check (`python -m bench --gpu-check`): a few minutes on one GPU that answer "how fast
+is rcar_fast at the COCO 5K evaluation, against the hardware and the public algorithm?".
+
+In one run, in priority order (a global --max-minutes budget skips what is left, with the
+reason in the row):
+
+1. Hardware ceilings measured on this device: an 8192^3 bf16 matmul's TFLOP/s and a device
+   copy's GB/s (read + write bytes over time) (dry run: a small fp32 matmul and copy on the CPU).
+2. SCAN t2i and i2t (published settings: smooth 9 / 4, mean aggregation, clipped_l2norm) at the
+   COCO 5K shape, 5,000 images x 25,000 captions, R = 36, d = 1024, caption lengths drawn like
+   COCO's (cases.coco_lengths: 8 + Geometric(2/9) clipped at 50, mean ~11.5), through
+   `rcar_fast.all_pairs` (default blocks, matrix returned on the host as a user gets it), in
+   bf16 and fp32 on triton and cuda. Inputs are generated on the device in the dtype.
+3. The RCAR head coop_rcar(2), sim_dim 256, t2i, measured at 1000 x 5000 (a slice of the same
+   inputs) and extrapolated per pair to 5K x 25K: the `extrapolated` column says so and gives
+   the measured time.
+4. Baselines, measured in the same run at a small size (slices of the same inputs) and
+   extrapolated per pair to 5K x 25K: the vectorised reference ("reference") and the public
+   code's per-caption loop ("reference_loop"). speedup_vs_* columns hold the ratios.
+   err_vs_reference of a fast row is its error on the reference's sample.
+5. A training step of the hardest-negative loss at B = 128 (SCAN t2i; then RCAR), full B x B and
+   sparse, on reference / triton / cuda (bench.suite.run_loss_case).
+
+Every row carries time, model TFLOP/s (bench/flops.py), % of the measured matmul ceiling
+(pct_ceiling), the bf16 floor (floor_ms = model FLOPs at the bf16 dense peak of the device's
+datasheet, bench/device.py; pct_floor = floor_ms / median_ms; without a datasheet entry, the
+measured ceiling stands in: floor_tflops says which rate was used), peak memory, and the
+autotune mode (RCAR_FAST_AUTOTUNE; "quick" unless --autotune full). A case that raises is an
+"error" row with the reason and the run goes on.
+
+--dry-run runs the same steps at tiny sizes on the CPU (triton in its interpreter where it
+takes the dtype; cuda rows skipped with the reason), for CI.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Callable, Optional
+
+import torch
+
+from bench import cases, measure, suite
+from bench.device import peak_tflops
+
+FAST_BACKENDS = ("triton", "cuda")
+BASELINES = ("reference", "reference_loop")
+LENGTHS_NOTE = "coco: 8 + Geometric(p=2/9) words, clipped at 50 (mean ~11.5, median 10)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """The shapes of one GPU check (full or dry run)."""
+    suite: str
+    n_img: int
+    n_cap: int
+    regions: int
+    d: int
+    sim_dim: int
+    rcar_sample: tuple            # (n_img, n_cap) the fast RCAR backends are measured at
+    samples: dict                 # (family, baseline) -> (n_img, n_cap) measured at
+    loss_batch: int
+    matmul_n: int
+    matmul_dtype: torch.dtype
+    copy_bytes: int
+    dtypes: tuple
+    budget_s: float               # per-row timing budget (repeats adapt to it)
+    single_call_over_s: float     # a call slower than this is measured once after warm-up
+
+
+def full_sizes() -> Sizes:
+    return Sizes(
+        suite="gpu-check", n_img=5000, n_cap=25000, regions=36, d=1024, sim_dim=256,
+        rcar_sample=(1000, 5000),
+        # The loop runs caption by caption over all images: few captions, many images.
+        samples={("scan", "reference"): (250, 1000), ("scan", "reference_loop"): (500, 50),
+                 ("rcar", "reference"): (50, 250), ("rcar", "reference_loop"): (50, 20)},
+        loss_batch=128, matmul_n=8192, matmul_dtype=torch.bfloat16, copy_bytes=2**30,
+        dtypes=(torch.bfloat16, torch.float32), budget_s=0.5, single_call_over_s=2.0)
+
+
+def dry_sizes() -> Sizes:
+    return Sizes(
+        suite="gpu-check-dry", n_img=4, n_cap=10, regions=6, d=32, sim_dim=16,
+        rcar_sample=(2, 5),
+        samples={("scan", "reference"): (2, 5), ("scan", "reference_loop"): (2, 4),
+                 ("rcar", "reference"): (2, 4), ("rcar", "reference_loop"): (2, 3)},
+        loss_batch=4, matmul_n=256, matmul_dtype=torch.float32, copy_bytes=2**23,
+        dtypes=(torch.bfloat16, torch.float32), budget_s=0.0, single_call_over_s=2.0)
+
+
+@dataclasses.dataclass
+class Check:
+    ctx: suite.RunContext
+    sizes: Sizes
+    extra: dict                   # columns every row of this run gets (autotune mode)
+    matmul_tflops: Optional[float] = None
+    copy_gbs: Optional[float] = None
+    to_host_ms: Optional[float] = None
+    rows: list = dataclasses.field(default_factory=list)
+    reference_samples: dict = dataclasses.field(default_factory=dict)  # (op, dtype) -> (inputs, out)
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    def out_of_time(self) -> Optional[str]:
+        if self.ctx.deadline is not None and time.perf_counter() > self.ctx.deadline:
+            return "skipped: the run's time limit (--max-minutes) was reached"
+        return None
+
+
+def plan_for(sizes: Sizes) -> cases.Plan:
+    """The RunContext's plan: timing budget and repeats of the GPU check's rows."""
+    return cases.Plan(name=sizes.suite, op_cases=(), loss_cases=(), budget_s=sizes.budget_s,
+                      min_repeats=1, max_repeats=5, skip_after_s=float("inf"),
+                      compile="the GPU check does not run the torch.compile baseline",
+                      single_call_over_s=sizes.single_call_over_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ceilings
+# ---------------------------------------------------------------------------------------------
+
+def _ceiling_row(check: Check, op: str, dtype, detail: str) -> dict:
+    return dict(check.ctx.common, **check.extra, op=op, family="ceiling", variant="",
+                mode="forward", backend="torch", detail=detail, sweep="ceiling",
+                dtype=str(dtype).replace("torch.", ""), status="", reason="")
+
+
+def measure_ceilings(check: Check) -> list:
+    """Rows for the matmul and copy ceilings (sets check.matmul_tflops / copy_gbs), and the
+    device-to-host copy of one result matrix: all_pairs returns the matrix on the host, so
+    that copy is part of every all_pairs row's time (this row says how much)."""
+    sizes, dev = check.sizes, check.device
+    n, dtype = sizes.matmul_n, sizes.matmul_dtype
+    result_bytes = 4 * sizes.n_img * sizes.n_cap
+    steps = (
+        (_ceiling_row(check, "ceiling_matmul", dtype, f"({n} x {n}) @ ({n} x {n})"),
+         lambda: _matmul_call(n, dtype, dev)),
+        (_ceiling_row(check, "ceiling_copy", torch.uint8,
+                      f"dst.copy_(src), {sizes.copy_bytes / 2**20:.0f} MiB, read + write bytes"),
+         lambda: _copy_call(sizes.copy_bytes, dev)),
+        (_ceiling_row(check, "result_to_host", torch.float32,
+                      f"({sizes.n_img} x {sizes.n_cap}) float32 .cpu(), {result_bytes / 2**20:.0f} MiB"),
+         lambda: _to_host_call(sizes.n_img, sizes.n_cap, dev)),
+    )
+    rows = []
+    for row, setup in steps:
+        rows.append(row)
+        reason = check.out_of_time()
+        if reason is None and row["op"] == "result_to_host" and dev.type != "cuda":
+            reason = "no device-to-host copy on a CPU"
+        if reason:
+            row.update(status="skipped", reason=reason)
+            continue
+        try:
+            run, work = setup()
+            timing, memory = measure.measure_call(run, dev, budget_s=max(sizes.budget_s, 0.05),
+                                                  min_repeats=3, max_repeats=50)
+            del run
+            row.update(status="ok", median_ms=timing.median_s * 1e3, min_ms=timing.min_s * 1e3,
+                       repeats=timing.repeats, first_call_ms=timing.first_s * 1e3,
+                       peak_mem_mb=None if memory.peak_bytes is None else memory.peak_bytes / 2**20,
+                       mem_method=memory.method)
+            if row["op"] == "ceiling_matmul":
+                row.update(flops=work, gflops_per_s=work / timing.median_s / 1e9)
+                check.matmul_tflops = work / timing.median_s / 1e12
+            else:
+                row.update(gbytes_per_s=work / timing.median_s / 1e9)
+                if row["op"] == "ceiling_copy":
+                    check.copy_gbs = work / timing.median_s / 1e9
+                else:
+                    check.to_host_ms = timing.median_s * 1e3
+        except Exception as err:  # a ceiling that fails leaves the % columns empty, no more
+            row.update(status="error", reason=suite.error_text(err))
+        check.ctx.log(f"  {row['op']:38s} {row['detail']:45s} {row['status']} "
+                      f"{row.get('median_ms', float('nan')):.4g} ms {row.get('reason', '')}")
+    return rows
+
+
+def _to_host_call(n_img: int, n_cap: int, dev):
+    src = torch.zeros(n_img, n_cap, dtype=torch.float32, device=dev)
+    return (lambda: src.cpu()), 4.0 * n_img * n_cap
+
+
+def _matmul_call(n: int, dtype, dev):
+    gen = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(n, n, generator=gen, device=dev, dtype=dtype)
+    b = torch.randn(n, n, generator=gen, device=dev, dtype=dtype)
+    return (lambda: a @ b), 2.0 * n ** 3
+
+
+def _copy_call(nbytes: int, dev):
+    src = torch.ones(nbytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2.0 * nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Similarity rows through all_pairs
+# ---------------------------------------------------------------------------------------------
+
+def _target_shape(sizes: Sizes, dtype) -> cases.Shape:
+    return cases.Shape(sizes.n_img, sizes.n_cap, sizes.regions, 12, sizes.d, dtype, "coco5k", "coco")
+
+
+def _pairs_call(op: cases.OpSpec, backend: str, head, img, cap, lens, dev) -> Callable:
+    from rcar_fast.evaluation import all_pairs, rcar_fn, scan_fn
+
+    fn = scan_fn(backend, **op.scan_kwargs()) if op.family == "scan" else rcar_fn(head, backend)
+    return lambda: all_pairs(img, cap, lens, fn, device=dev, progress=False)
+
+
+def _slice(inputs, n_img: int, n_cap: int):
+    img, cap, lens = inputs
+    lens = lens[:n_cap]
+    return img[:n_img], cap[:n_cap, :int(lens.max())], lens
+
+
+def _backend_reason(check: Check, op: cases.OpSpec, backend: str, dtype) -> Optional[str]:
+    from rcar_fast import dispatch
+
+    reason = (dispatch.environment_reason(backend, check.device.type)
+              or dispatch.rejection(op.dispatch_op, backend, check.device, dtype))
+    return reason
+
+
+def similarity_row(check: Check, op: cases.OpSpec, backend: str, inputs, head,
+                   sample: tuple) -> dict:
+    """One row at the target shape: measured at `sample` (n_img, n_cap) through all_pairs,
+    extrapolated per pair when the sample is smaller."""
+    sizes, dev = check.sizes, check.device
+    dtype = inputs[0].dtype
+    shape = _target_shape(sizes, dtype)
+    full_lens = inputs[2]
+    row = suite.base_row(check.ctx, op, shape, full_lens, "forward", backend)
+    row.update(check.extra)
+    reason = check.out_of_time() or _backend_reason(check, op, backend, dtype)
+    if reason:
+        row.update(status="skipped", reason=reason)
+        return row
+    sample_inputs = _slice(inputs, *sample)
+    sample_shape = dataclasses.replace(shape, n_img=sample[0], n_cap=sample[1])
+    skip_key = (op.name, backend, row["dtype"], "gpu-check")
+    try:
+        run = _pairs_call(op, backend, head, *sample_inputs, dev)
+        out = suite.measure_into(check.ctx, row, run,
+                                 suite.forward_flops(op, sample_shape, sample_inputs[2]), dtype, skip_key)
+        del run
+        _check_against_reference(check, op, backend, head, row, sample_inputs, out)
+        del out
+        if sample_shape.pairs != shape.pairs:
+            _extrapolate(row, shape.pairs / sample_shape.pairs,
+                         suite.forward_flops(op, shape, full_lens), sample)
+    except Exception as err:  # one failing case must not stop the check
+        suite.record_failure(check.ctx, row, err, skip_key, f"{op.name} {row['dtype']} {backend}")
+    return row
+
+
+def _check_against_reference(check, op, backend, head, row, sample_inputs, out) -> None:
+    """err_vs_reference: the reference's output on its sample is kept; a backend measured on a
+    smaller sample (the loop) is compared with the reference run on that sample, one measured
+    on a larger sample (the fast backends) is run again on the reference's sample."""
+    key = (op.name, row["dtype"])
+    if backend == "reference":
+        check.reference_samples[key] = (sample_inputs, out)
+        row["err_vs_reference"] = 0.0
+        return
+    if key not in check.reference_samples:
+        return
+    ref_inputs, ref_out = check.reference_samples[key]
+    if sample_inputs[0].shape[0] * sample_inputs[2].shape[0] <= ref_inputs[0].shape[0] * ref_inputs[2].shape[0]:
+        ref_out = _pairs_call(op, "reference", head, *sample_inputs, check.device)()
+        got = out
+    else:
+        got = _pairs_call(op, backend, head, *ref_inputs, check.device)()
+    row["err_vs_reference"] = suite.relative_error(got, ref_out)
+
+
+def _extrapolate(row: dict, factor: float, target_flops: float, sample: tuple) -> None:
+    measured_ms = row["median_ms"]
+    row.update(median_ms=measured_ms * factor, min_ms=row["min_ms"] * factor, flops=target_flops,
+               extrapolated=(f"x{factor:.4g} per pair from {sample[0]}x{sample[1]} (measured "
+                             f"{measured_ms:.4g} ms; peak memory and first call at that size)"))
+    seconds = row["median_ms"] / 1e3
+    row["gflops_per_s"] = target_flops / seconds / 1e9
+    if row.get("peak_tflops"):
+        row["pct_peak"] = 100.0 * target_flops / seconds / 1e12 / row["peak_tflops"]
+
+
+def add_ceiling_columns(check: Check, rows: list) -> None:
+    """pct_ceiling (of the measured matmul), floor_ms / pct_floor (bf16 datasheet peak, or the
+    measured ceiling where the device has no datasheet entry)."""
+    floor = peak_tflops(check.ctx.peak_name, torch.bfloat16) if check.ctx.peak_name else None
+    floor = floor or check.matmul_tflops
+    for row in rows:
+        if row.get("status") != "ok" or not row.get("flops") or row.get("family") == "ceiling":
+            continue
+        tflops = row["flops"] / (row["median_ms"] / 1e3) / 1e12
+        if check.matmul_tflops:
+            row.update(ceiling_tflops=check.matmul_tflops,
+                       pct_ceiling=100.0 * tflops / check.matmul_tflops)
+        if floor:
+            floor_ms = row["flops"] / (floor * 1e12) * 1e3
+            row.update(floor_tflops=floor, floor_ms=floor_ms,
+                       pct_floor=100.0 * floor_ms / row["median_ms"])
+
+
+def _op_rows(check: Check, op: cases.OpSpec, inputs, head) -> list:
+    """Baselines first (the fast rows are checked against the reference's output), then the
+    fast backends."""
+    sizes = check.sizes
+    rows = []
+    for backend in BASELINES:
+        rows.append(similarity_row(check, op, backend, inputs, head, sizes.samples[(op.family, backend)]))
+        suite.log_row(check.ctx, rows[-1])
+    sample = (sizes.n_img, sizes.n_cap) if op.family == "scan" else sizes.rcar_sample
+    for backend in FAST_BACKENDS:
+        rows.append(similarity_row(check, op, backend, inputs, head, sample))
+        suite.log_row(check.ctx, rows[-1])
+    return rows
+
+
+def _rcar_head(check: Check, op: cases.OpSpec, dtype):
+    shape = cases.Shape(1, 1, check.sizes.regions, 12, check.sizes.d, dtype)
+    return suite.make_head(op, shape, check.device)
+
+
+def _inputs(check: Check, dtype):
+    sizes = check.sizes
+    lens = cases.caption_lengths(sizes.n_cap, 12, "coco")
+    img, cap = cases.device_inputs(sizes.n_img, sizes.regions, lens, sizes.d, dtype, check.device)
+    return img, cap, lens
+
+
+def _loss_rows(check: Check, op: cases.OpSpec, dtype) -> list:
+    sizes = check.sizes
+    shape = cases.Shape(sizes.loss_batch, sizes.loss_batch, sizes.regions, 12, sizes.d, dtype,
+                        "batch", "coco")
+    keep = check.ctx.backends
+    check.ctx.backends = ("reference",) + FAST_BACKENDS
+    try:
+        rows = suite.run_loss_case(check.ctx, cases.LossCase(op, (shape,)))
+    finally:
+        check.ctx.backends = keep
+    for row in rows:
+        row.update(check.extra)
+    return rows
+
+
+def run_check(check: Check) -> list:
+    """Every step in priority order; returns the rows (speedups and ceiling columns added)."""
+    log = check.ctx.log
+    rows = measure_ceilings(check)
+    log(f"ceilings: matmul {check.matmul_tflops or float('nan'):.4g} TFLOP/s, "
+        f"copy {check.copy_gbs or float('nan'):.4g} GB/s")
+    scan_ops = (cases.scan_op("t2i"), cases.scan_op("i2t"))
+    rcar = cases.rcar_op("coop_rcar", 2, "t2i", check.sizes.sim_dim)
+    for k, dtype in enumerate(check.sizes.dtypes):
+        inputs = _inputs(check, dtype)
+        for op in scan_ops:
+            log(f"{op.name} {dtype}: all_pairs at {check.sizes.n_img} x {check.sizes.n_cap}")
+            rows += _op_rows(check, op, inputs, None)
+        log(f"{rcar.name} {dtype}: all_pairs at {check.sizes.rcar_sample}, extrapolated")
+        rows += _op_rows(check, rcar, inputs, _rcar_head(check, rcar, dtype))
+        del inputs
+        check.reference_samples.clear()
+        if check.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if k == 0:
+            log(f"training step: hardest-negative loss, B = {check.sizes.loss_batch}, SCAN t2i fp32")
+            rows += _loss_rows(check, scan_ops[0], torch.float32)
+    log(f"training step: hardest-negative loss, B = {check.sizes.loss_batch}, {rcar.name} fp32")
+    rows += _loss_rows(check, rcar, torch.float32)
+    suite.add_speedups([r for r in rows if r["family"] != "ceiling"])
+    add_ceiling_columns(check, rows)
+    return rows
+
+
+def autotune_mode() -> str:
+    return os.environ.get("RCAR_FAST_AUTOTUNE", "") or "full"
+
+
+def ceiling_facts(check: Check) -> dict:
+    """The ceilings for the run's facts (runs.jsonl) and the summary."""
+    sizes = check.sizes
+    return {"matmul_tflops": check.matmul_tflops,
+            "matmul": f"{sizes.matmul_n}^3 {str(sizes.matmul_dtype).replace('torch.', '')}",
+            "copy_gbs": check.copy_gbs, "copy_bytes": sizes.copy_bytes,
+            "result_to_host_ms": check.to_host_ms}
+
+
+def new_check(ctx: suite.RunContext, sizes: Sizes) -> Check:
+    return Check(ctx=ctx, sizes=sizes, extra=dict(autotune=autotune_mode()))
+
