@@ -169,3 +169,209 @@ def test_main_leaves_torch_threads_as_it_found_them(tiny_run):
     before = torch.get_num_threads()
     assert bench_main.main(["--tiny", "--threads", "0"]) == 2
     assert torch.get_num_threads() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU check (python -m bench --gpu-check): its dry run on the CPU, into a temporary folder
+# ---------------------------------------------------------------------------------------------
+
+def _results_state():
+    """(name, size, mtime) of every committed results file: the dry run must not touch them."""
+    folder = bench_main.DEFAULT_OUT
+    return sorted((name, os.stat(os.path.join(folder, name)).st_size,
+                   os.stat(os.path.join(folder, name)).st_mtime_ns) for name in os.listdir(folder))
+
+
+@pytest.fixture(scope="module")
+def gpu_check_dry(tmp_path_factory):
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("gpu_check")
+    before = _results_state()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = bench_main.main(["--gpu-check", "--dry-run", "--out", str(out), "--threads", "1"])
+    assert code == 0
+    assert _results_state() == before, "the dry run modified bench/results/"
+    slug = device.device_slug(torch.device("cpu"))
+    with open(out / f"{slug}.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == report.COLUMNS
+        rows = list(reader)
+    return out, slug, rows, printed.getvalue()
+
+
+def _find(rows, **match):
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
+def test_gpu_check_dry_run_measures_the_ceilings(gpu_check_dry):
+    _, _, rows, _ = gpu_check_dry
+    (matmul,) = _find(rows, op="ceiling_matmul")
+    (copy,) = _find(rows, op="ceiling_copy")
+    assert matmul["status"] == copy["status"] == "ok"
+    assert float(matmul["gflops_per_s"]) == pytest.approx(
+        float(matmul["flops"]) / float(matmul["median_ms"]) / 1e6, rel=1e-4)
+    assert float(matmul["flops"]) == pytest.approx(2 * 256 ** 3, rel=1e-5) and float(copy["gbytes_per_s"]) > 0
+    (to_host,) = _find(rows, op="result_to_host")
+    assert to_host["status"] == "skipped" and "CPU" in to_host["reason"]
+    for row in _find(rows, status="ok"):
+        if row["family"] != "ceiling":
+            assert float(row["ceiling_tflops"]) == pytest.approx(float(matmul["gflops_per_s"]) / 1e3, rel=1e-4)
+            assert float(row["pct_ceiling"]) == pytest.approx(
+                100 * float(row["gflops_per_s"]) / 1e3 / float(row["ceiling_tflops"]), rel=1e-4)
+            # No datasheet peak for a CPU: the floor is the measured ceiling (floor_tflops says so).
+            assert float(row["pct_floor"]) == pytest.approx(
+                100 * float(row["floor_ms"]) / float(row["median_ms"]), rel=1e-4)
+
+
+def test_gpu_check_dry_run_has_every_case_with_a_status(gpu_check_dry):
+    from rcar_fast import dispatch
+
+    _, _, rows, _ = gpu_check_dry
+    triton_reason = dispatch.environment_reason("triton", "cpu")
+    for op in ("scan_t2i", "scan_i2t", "rcar_coop_rcar2_t2i"):
+        for dtype in ("bfloat16", "float32"):
+            found = {r["backend"]: r for r in _find(rows, op=op, dtype=dtype, sweep="coco5k")}
+            assert set(found) == {"reference", "reference_loop", "triton", "cuda"}, (op, dtype)
+            for row in found.values():
+                assert row["n_img"] == "4" and row["n_cap"] == "10" and row["lengths"] == "coco"
+                assert row["autotune"] and row["suite"] == "gpu-check-dry"
+                assert row["status"] == "ok" or row["reason"], row
+            assert found["cuda"]["status"] == "skipped"
+            for baseline in ("reference", "reference_loop"):
+                row = found[baseline]
+                assert row["status"] == "ok" and "per pair from" in row["extrapolated"]
+            triton = found["triton"]
+            if dtype == "float32" and triton_reason is None:
+                assert triton["status"] == "ok", triton
+                assert float(triton["err_vs_reference"]) < 1e-4
+                assert float(triton["speedup_vs_reference"]) == pytest.approx(
+                    float(found["reference"]["median_ms"]) / float(triton["median_ms"]), rel=1e-4)
+            else:
+                assert triton["status"] == "skipped" and triton["reason"]
+            assert float(found["reference_loop"]["err_vs_reference"]) < (1e-4 if dtype == "float32" else 5e-2)
+
+
+def test_gpu_check_dry_run_extrapolates_per_pair(gpu_check_dry):
+    import re
+
+    _, _, rows, _ = gpu_check_dry
+    extrapolated = [r for r in _find(rows, status="ok") if r["extrapolated"]]
+    # The baselines of every op and the fast RCAR rows (measured at 2 x 5, reported at 4 x 10).
+    assert any(r["op"].startswith("rcar") and r["backend"] == "triton" for r in extrapolated) or \
+        not _find(rows, op="rcar_coop_rcar2_t2i", backend="triton", status="ok")
+    for row in extrapolated:
+        match = re.match(r"x([0-9.]+) per pair from (\d+)x(\d+) \(measured ([0-9.e+-]+) ms", row["extrapolated"])
+        assert match, row["extrapolated"]
+        factor, n_img, n_cap, measured = (float(match[1]), int(match[2]), int(match[3]), float(match[4]))
+        assert factor == pytest.approx(int(row["pairs"]) / (n_img * n_cap), rel=1e-3)
+        assert float(row["median_ms"]) == pytest.approx(factor * measured, rel=1e-3)
+
+
+def test_gpu_check_dry_run_has_the_training_step(gpu_check_dry):
+    _, _, rows, _ = gpu_check_dry
+    for op in ("loss_scan_t2i", "loss_rcar_coop_rcar2_t2i"):
+        for variant in ("full", "sparse"):
+            (ref,) = _find(rows, op=op, variant=variant, backend="reference")
+            assert ref["status"] == "ok" and ref["n_img"] == "4" and ref["mode"] == "train_step"
+            assert ref["peak_mem_mb"] != "" and float(ref["speedup_vs_reference"]) == pytest.approx(1.0)
+
+
+def test_gpu_check_dry_run_prints_the_summary_last_and_writes_the_files(gpu_check_dry):
+    out, slug, rows, printed = gpu_check_dry
+    lines = printed.rstrip().splitlines()
+    header = next(k for k, line in enumerate(lines) if line.startswith("case "))
+    assert lines[header - 1].startswith("GPU check on ")
+    table = lines[header + 1:]
+    assert len(table) == len([r for r in rows if r["family"] != "ceiling"])
+    assert all(line.split()[0] in {r["op"] + ("/" + r["variant"] if r["variant"] else "") for r in rows}
+               for line in table)
+    summary = (out / f"{slug}.md").read_text()
+    assert "## GPU check" in summary and "Caption lengths: coco" in summary
+    facts = json.loads((out / f"{slug}.runs.jsonl").read_text().splitlines()[-1])
+    assert facts["suite"] == "gpu-check-dry" and facts["ceilings"]["matmul_tflops"] > 0
+    assert facts["autotune"] and "Geometric" in facts["caption_lengths"] and facts["git_commit"] is not None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / f"{slug}-gpu-check.png").stat().st_size > 0
+
+
+def test_gpu_check_usage_errors_are_one_line():
+    assert bench_main.main(["--dry-run", "--out", "/nonexistent/x"]) == 2
+    assert bench_main.main(["--gpu-check", "--dry-run"]) == 2
+    assert bench_main.main(["--gpu-check", "--dry-run", "--max-minutes", "0", "--out", "/nonexistent/x"]) == 2
+    if not torch.cuda.is_available():
+        assert bench_main.main(["--gpu-check", "--out", "/nonexistent/x"]) == 2
+
+
+def test_gpu_check_budget_skips_the_remaining_cases(tmp_path):
+    from bench import gpu_check, suite
+
+    ctx = suite.RunContext(plan=gpu_check.plan_for(gpu_check.dry_sizes()), device=torch.device("cpu"),
+                           common={}, peak_name="", log=lambda *_: None)
+    ctx.deadline = 0.0   # already past: every case is skipped with the reason, none raises
+    rows = gpu_check.run_check(gpu_check.new_check(ctx, gpu_check.dry_sizes()))
+    similarity = [r for r in rows if r["family"] != "ceiling" and not r["op"].startswith("loss_")]
+    assert similarity and all(r["status"] == "skipped" and "--max-minutes" in r["reason"] for r in similarity)
+    assert all(r["status"] == "skipped" for r in rows)
+
+
+def test_coco_caption_lengths_look_like_coco():
+    lens = cases.caption_lengths(25000, 12, "coco")
+    assert lens.dtype == torch.int64 and int(lens.min()) == 8 and int(lens.max()) <= 50
+    assert 11.0 < float(lens.float().mean()) < 12.0 and int(lens.median()) == 10
+    assert torch.equal(lens, cases.caption_lengths(25000, 12, "coco"))       # seeded
+    with pytest.raises(ValueError, match="uniform"):
+        cases.caption_lengths(4, 12, "zipf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inputs_are_made_on_the_device_in_the_dtype(dtype):
+    shape = cases.Shape(3, 7, 5, 6, 16, dtype, lengths="coco")
+    img, cap, lens = cases.make_inputs(shape, torch.device("cpu"))
+    assert img.dtype == cap.dtype == dtype and img.shape == (3, 5, 16)
+    assert cap.shape == (7, int(lens.max()), 16) and int(lens.min()) >= 8
+    real = torch.arange(cap.shape[1])[None, :] < lens[:, None]
+    assert bool((cap[~real] == 0).all())
+    norms = cap[real].float().norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-2)
+    again = cases.make_inputs(shape, torch.device("cpu"))
+    assert torch.equal(img, again[0]) and torch.equal(cap, again[1])
+
+
+def test_full_plan_has_the_coco_5k_rows_and_limits_the_slow_baselines():
+    plan = cases.full_plan(torch.device("cpu"))
+    coco = [(c.op.name, s) for c in plan.op_cases for s in c.shapes if s.sweep == "coco5k"]
+    assert {(name, s.dtype) for name, s in coco} == {
+        (n, dt) for n in ("scan_t2i", "scan_i2t") for dt in (torch.bfloat16, torch.float32)}
+    assert all(s.n_img == 5000 and s.n_cap == 25000 and s.lengths == "coco" for _, s in coco)
+    from bench import suite
+
+    ctx = suite.RunContext(plan=plan, device=torch.device("cpu"), common={}, peak_name="")
+    assert suite.baseline_limit_reason(ctx, "reference_loop", 5000 * 25000)
+    assert suite.baseline_limit_reason(ctx, "reference_loop", 128 * 640) is None
+    assert suite.baseline_limit_reason(ctx, "triton", 5000 * 25000) is None
+
+
+def test_csv_with_an_older_subset_schema_is_upgraded_in_place(tmp_path):
+    path = str(tmp_path / "dev.csv")
+    old_columns = report.COLUMNS[:10]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(old_columns)
+        writer.writerow(["old"] * len(old_columns))
+    report.append_csv(path, [{"op": "new", "autotune": "quick"}])
+    rows = report.read_csv(path)
+    assert [r["run_id"] for r in rows] == ["old", ""] and rows[1]["autotune"] == "quick"
+    assert rows[0]["autotune"] == "" and not os.path.exists(path + ".1.old")
+
+
+def test_a_slow_call_is_measured_once_after_its_warm_up():
+    calls = []
+    timing, memory = measure.measure_call(lambda: calls.append(1), torch.device("cpu"), budget_s=10.0,
+                                          min_repeats=3, max_repeats=5, single_over_s=0.0)
+    assert len(calls) == 2 and timing.repeats == 1 and memory.method
