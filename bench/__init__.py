@@ -4,6 +4,8 @@
     python -m bench --quick         # a few minutes on a 2-core CPU
     python -m bench --full          # the GPU suite (COCO-sized sweeps, loss at B = 128, 256)
     python -m bench --tiny --out /tmp/x   # seconds: every code path once (used by the tests)
+    python -m bench --gpu-check --out DIR [--max-minutes M]  # ~4 min on a GPU: COCO 5K vs ceilings
+    python -m bench --gpu-check --dry-run --out DIR          # the same steps, tiny, on a CPU
     rcar-fast bench ...             # the same command through the CLI
 
 For each op (SCAN t2i / i2t, RCAR regulator modes) and mode (forward, backward, training
@@ -13,6 +15,7 @@ vectorised reference under torch.compile), plus the sparse hardest-negative loss
 the full B x B one. Results go to bench/results/<device>.csv (appended), with the run's
 device facts, a Markdown summary and plots beside it (bench/report.py).
 
-Modules: cases (what is measured), suite (running it), measure (time, memory),
-flops (FLOP models), device (device facts, peak table), report (CSV, Markdown, plots).
+Modules: cases (what is measured), suite (running it), gpu_check (the GPU check's steps),
+measure (time, memory), flops (FLOP models), device (device facts, peak table), report (CSV,
+Markdown, plots).
 """

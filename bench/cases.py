@@ -109,6 +109,7 @@ class Plan:
     # take seconds, not minutes); larger rows are skipped with the reason.
     baseline_max_pairs: tuple = ()
     single_call_over_s: Optional[float] = None   # measure_call's single_over_s
+    warmup_only_over_s: Optional[float] = None   # measure_call's warmup_only_over_s
 
     def baseline_limit(self, backend: str) -> Optional[int]:
         return dict(self.baseline_max_pairs).get(backend)

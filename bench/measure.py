@@ -11,7 +11,10 @@ The warm-up (first) call is reported separately: it holds compilation / autotuni
 allocation costs (torch.compile's compile time shows there).
 A call slower than `single_over_s` (when given; the GPU check's budget) is measured once
 after the warm-up: that one call gives both the time (time.perf_counter around the memory
-call, whose extra synchronisations are negligible at seconds) and the peak memory.
+call, whose extra synchronisations are negligible at seconds) and the peak memory. With
+`warmup_only_over_s`, the warm-up call itself is a memory call, and one slower than that is
+not repeated at all: its time (compile / autotune included) is the measurement, with
+repeats = 0 to say so.
 
 Peak memory, one extra call (not a timing sample)
 * GPU: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the memory
@@ -92,13 +95,17 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure_call(fn: Callable, device: torch.device, *, budget_s: float, min_repeats: int = 3,
-                 max_repeats: int = 50, single_over_s: Optional[float] = None):
+                 max_repeats: int = 50, single_over_s: Optional[float] = None,
+                 warmup_only_over_s: Optional[float] = None):
     """(Timing, Memory) of fn on `device`: a warm-up call, the memory call, then the timed
     repeats (see module doc)."""
     start = time.perf_counter()
-    fn()
+    warm_memory = peak_memory(fn, device) if warmup_only_over_s is not None else fn()
     synchronize(device)
     first = time.perf_counter() - start
+    if warmup_only_over_s is not None and first > warmup_only_over_s:
+        return Timing(first, first, 0, first), warm_memory
+    del warm_memory
     if single_over_s is not None and first > single_over_s:
         start = time.perf_counter()
         memory = peak_memory(fn, device)

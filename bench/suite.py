@@ -196,11 +196,15 @@ def measure_into(ctx: RunContext, row: dict, run: Callable, model_flops: float,
     timing, memory = measure.measure_call(run, ctx.device, budget_s=ctx.plan.budget_s,
                                           min_repeats=ctx.plan.min_repeats,
                                           max_repeats=ctx.plan.max_repeats,
-                                          single_over_s=ctx.plan.single_call_over_s)
+                                          single_over_s=ctx.plan.single_call_over_s,
+                                          warmup_only_over_s=ctx.plan.warmup_only_over_s)
     output = memory.result
     # Steady-state time decides skips (the first call may hold torch.compile's compile time).
     ctx.slow[skip_key] = timing.median_s
     seconds = timing.median_s
+    if timing.repeats == 0:
+        row["detail"] = "; ".join(filter(None, (row.get("detail"), "timed from the warm-up call "
+                                                "(compile / autotune included): over the plan's limit")))
     row.update(status="ok", median_ms=seconds * 1e3, min_ms=timing.min_s * 1e3,
                repeats=timing.repeats, first_call_ms=timing.first_s * 1e3,
                peak_mem_mb=None if memory.peak_bytes is None else memory.peak_bytes / 2**20,

@@ -375,3 +375,12 @@ def test_a_slow_call_is_measured_once_after_its_warm_up():
     timing, memory = measure.measure_call(lambda: calls.append(1), torch.device("cpu"), budget_s=10.0,
                                           min_repeats=3, max_repeats=5, single_over_s=0.0)
     assert len(calls) == 2 and timing.repeats == 1 and memory.method
+
+
+def test_a_very_slow_call_is_timed_from_its_warm_up_only():
+    calls = []
+    timing, memory = measure.measure_call(lambda: calls.append(1), torch.device("cpu"), budget_s=10.0,
+                                          min_repeats=3, max_repeats=5, single_over_s=0.0,
+                                          warmup_only_over_s=0.0)
+    assert len(calls) == 1 and timing.repeats == 0 and timing.median_s == timing.first_s
+    assert memory.method and memory.peak_bytes is not None
