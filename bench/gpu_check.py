@@ -18,6 +18,8 @@ reason in the row):
    extrapolated per pair to 5K x 25K: the vectorised reference ("reference") and the public
    code's per-caption loop ("reference_loop"). speedup_vs_* columns hold the ratios.
    err_vs_reference of a fast row is its error on the reference's sample.
+   Each fast backend also gets a "direct" row (variant): one call of the op on the same inputs,
+   scores left on the device: the kernels' time without all_pairs' host copy of the matrix.
 5. A training step of the hardest-negative loss at B = 128 (SCAN t2i; then RCAR), full B x B and
    sparse, on reference / triton / cuda (bench.suite.run_loss_case).
 
@@ -227,20 +229,21 @@ def _slice(inputs, n_img: int, n_cap: int):
 def _backend_reason(check: Check, op: cases.OpSpec, backend: str, dtype) -> Optional[str]:
     from rcar_fast import dispatch
 
-    reason = (dispatch.environment_reason(backend, check.device.type)
-              or dispatch.rejection(op.dispatch_op, backend, check.device, dtype))
-    return reason
+    return (dispatch.environment_reason(backend, check.device.type)
+            or dispatch.rejection(op.dispatch_op, backend, check.device, dtype))
 
 
 def similarity_row(check: Check, op: cases.OpSpec, backend: str, inputs, head,
-                   sample: tuple) -> dict:
-    """One row at the target shape: measured at `sample` (n_img, n_cap) through all_pairs,
-    extrapolated per pair when the sample is smaller."""
+                   sample: tuple, direct: bool = False) -> dict:
+    """One row at the target shape: measured at `sample` (n_img, n_cap) through all_pairs
+    (direct: one call of the op on the whole sample, scores left on the device: variant
+    "direct"), extrapolated per pair when the sample is smaller."""
     sizes, dev = check.sizes, check.device
     dtype = inputs[0].dtype
     shape = _target_shape(sizes, dtype)
     full_lens = inputs[2]
-    row = suite.base_row(check.ctx, op, shape, full_lens, "forward", backend)
+    row = suite.base_row(check.ctx, op, shape, full_lens, "forward", backend,
+                         "direct" if direct else "")
     row.update(check.extra)
     reason = check.out_of_time() or _backend_reason(check, op, backend, dtype)
     if reason:
@@ -248,13 +251,24 @@ def similarity_row(check: Check, op: cases.OpSpec, backend: str, inputs, head,
         return row
     sample_inputs = _slice(inputs, *sample)
     sample_shape = dataclasses.replace(shape, n_img=sample[0], n_cap=sample[1])
-    skip_key = (op.name, backend, row["dtype"], "gpu-check")
+    skip_key = (op.name, row["variant"], backend, row["dtype"], "gpu-check")
     try:
-        run = _pairs_call(op, backend, head, *sample_inputs, dev)
+        if direct:
+            img, cap, lens = sample_inputs
+            run, _ = suite.mode_fn("forward", suite.similarity_fn(check.ctx, op, backend, head),
+                                   img, cap, lens.to(dev), head)
+            row["detail"] = "one call of the op on the whole inputs; scores stay on the device"
+        else:
+            run = _pairs_call(op, backend, head, *sample_inputs, dev)
+            row["detail"] = "rcar_fast.all_pairs, default blocks; matrix returned on the host"
         out = suite.measure_into(check.ctx, row, run,
                                  suite.forward_flops(op, sample_shape, sample_inputs[2]), dtype, skip_key)
         del run
-        _check_against_reference(check, op, backend, head, row, sample_inputs, out)
+        if not direct:   # the all_pairs row of the same backend checks its numbers
+            try:
+                _check_against_reference(check, op, backend, head, row, sample_inputs, out)
+            except Exception as err:  # the timing stands; the check's failure is said
+                row["detail"] += f"; error check failed: {suite.error_text(err)}"
         del out
         if sample_shape.pairs != shape.pairs:
             _extrapolate(row, shape.pairs / sample_shape.pairs,
@@ -322,9 +336,10 @@ def _op_rows(check: Check, op: cases.OpSpec, inputs, head) -> list:
         rows.append(similarity_row(check, op, backend, inputs, head, sizes.samples[(op.family, backend)]))
         suite.log_row(check.ctx, rows[-1])
     sample = (sizes.n_img, sizes.n_cap) if op.family == "scan" else sizes.rcar_sample
-    for backend in FAST_BACKENDS:
-        rows.append(similarity_row(check, op, backend, inputs, head, sample))
-        suite.log_row(check.ctx, rows[-1])
+    for direct in (False, True):
+        for backend in FAST_BACKENDS:
+            rows.append(similarity_row(check, op, backend, inputs, head, sample, direct))
+            suite.log_row(check.ctx, rows[-1])
     return rows
 
 
@@ -380,8 +395,20 @@ def run_check(check: Check) -> list:
     log(f"training step: hardest-negative loss, B = {check.sizes.loss_batch}, {rcar.name} fp32")
     rows += _loss_rows(check, rcar, torch.float32)
     suite.add_speedups([r for r in rows if r["family"] != "ceiling"])
+    _direct_speedups(rows)
     add_ceiling_columns(check, rows)
     return rows
+
+
+def _direct_speedups(rows: list) -> None:
+    """speedup_vs_<baseline> of the "direct" rows, against the baselines' all_pairs rows."""
+    base = {(r["op"], r["dtype"], r["backend"]): r["median_ms"] for r in rows
+            if r["status"] == "ok" and r["sweep"] == "coco5k" and not r["variant"]}
+    for r in rows:
+        if r["status"] == "ok" and r.get("variant") == "direct":
+            for baseline in BASELINES:
+                ms = base.get((r["op"], r["dtype"], baseline))
+                r[f"speedup_vs_{baseline}"] = None if ms is None else ms / r["median_ms"]
 
 
 def autotune_mode() -> str:

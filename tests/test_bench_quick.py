@@ -233,7 +233,11 @@ def test_gpu_check_dry_run_has_every_case_with_a_status(gpu_check_dry):
     triton_reason = dispatch.environment_reason("triton", "cpu")
     for op in ("scan_t2i", "scan_i2t", "rcar_coop_rcar2_t2i"):
         for dtype in ("bfloat16", "float32"):
-            found = {r["backend"]: r for r in _find(rows, op=op, dtype=dtype, sweep="coco5k")}
+            found = {r["backend"]: r for r in _find(rows, op=op, dtype=dtype, sweep="coco5k", variant="")}
+            direct = {r["backend"]: r for r in _find(rows, op=op, dtype=dtype, sweep="coco5k",
+                                                      variant="direct")}
+            assert set(direct) == {"triton", "cuda"} and direct["cuda"]["status"] == "skipped"
+            assert direct["triton"]["status"] == found["triton"]["status"]
             assert set(found) == {"reference", "reference_loop", "triton", "cuda"}, (op, dtype)
             for row in found.values():
                 assert row["n_img"] == "4" and row["n_cap"] == "10" and row["lengths"] == "coco"
@@ -247,8 +251,9 @@ def test_gpu_check_dry_run_has_every_case_with_a_status(gpu_check_dry):
             if dtype == "float32" and triton_reason is None:
                 assert triton["status"] == "ok", triton
                 assert float(triton["err_vs_reference"]) < 1e-4
-                assert float(triton["speedup_vs_reference"]) == pytest.approx(
-                    float(found["reference"]["median_ms"]) / float(triton["median_ms"]), rel=1e-4)
+                for row in (triton, direct["triton"]):
+                    assert float(row["speedup_vs_reference"]) == pytest.approx(
+                        float(found["reference"]["median_ms"]) / float(row["median_ms"]), rel=1e-4)
             else:
                 assert triton["status"] == "skipped" and triton["reason"]
             assert float(found["reference_loop"]["err_vs_reference"]) < (1e-4 if dtype == "float32" else 5e-2)
