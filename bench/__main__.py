@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -221,7 +223,14 @@ def _run_gpu_check(args, dev: torch.device) -> int:
     if args.max_minutes is not None:
         ctx.deadline = started + 60.0 * args.max_minutes
     check = gpu_check.new_check(ctx, sizes)
-    rows = gpu_check.run_check(check)
+    try:
+        with _terminate_as_interrupt():
+            rows = gpu_check.run_check(check)
+    except KeyboardInterrupt:
+        # An outer `timeout` (scripts/gpu_check.sh) or Ctrl-C: keep what was measured.
+        print("gpu check interrupted: writing the rows measured so far", file=sys.stderr, flush=True)
+        rows = gpu_check.finish_rows(check)
+        facts["interrupted"] = True
     facts.update(end=device_facts.snapshot(dev), seconds=round(time.perf_counter() - started, 1),
                  rows=len(rows), autotune=check.extra["autotune"],
                  caption_lengths=gpu_check.LENGTHS_NOTE, ceilings=gpu_check.ceiling_facts(check))
@@ -231,7 +240,25 @@ def _run_gpu_check(args, dev: torch.device) -> int:
         _copy_into(written, args.out)
         print(f"copied to {args.out}: {', '.join(os.path.basename(p) for p in written)}")
     print(report.gpu_check_table(rows, facts))
-    return 0
+    return 1 if facts.get("interrupted") else 0
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt while the check runs (main thread only), so an outer
+    timeout still leaves the rows measured so far on disk."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:        # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _copy_into(paths, out_dir: str) -> None:

@@ -370,31 +370,67 @@ def _loss_rows(check: Check, op: cases.OpSpec, dtype) -> list:
     return rows
 
 
-def run_check(check: Check) -> list:
-    """Every step in priority order; returns the rows (speedups and ceiling columns added)."""
-    log = check.ctx.log
-    rows = measure_ceilings(check)
-    log(f"ceilings: matmul {check.matmul_tflops or float('nan'):.4g} TFLOP/s, "
-        f"copy {check.copy_gbs or float('nan'):.4g} GB/s")
-    scan_ops = (cases.scan_op("t2i"), cases.scan_op("i2t"))
-    rcar = cases.rcar_op("coop_rcar", 2, "t2i", check.sizes.sim_dim)
-    for k, dtype in enumerate(check.sizes.dtypes):
+def _step_failed(check: Check, what: str, dtype, err: BaseException) -> dict:
+    """The row of a step that failed outside any one measurement (making inputs, a head)."""
+    check.ctx.log(f"  error: {what}: {suite.error_text(err)}")
+    if suite.is_out_of_memory(err) and check.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(check.ctx.common, **check.extra, op=what, family="step", variant="",
+                mode="forward", backend="", detail="", sweep="coco5k",
+                dtype=str(dtype).replace("torch.", ""), n_img=check.sizes.n_img,
+                n_cap=check.sizes.n_cap, status="error", reason=suite.error_text(err))
+
+
+def _dtype_steps(check: Check, dtype, scan_ops, rcar) -> None:
+    """SCAN t2i / i2t and RCAR rows of one dtype, on inputs made once for them."""
+    log, sizes = check.ctx.log, check.sizes
+    try:
         inputs = _inputs(check, dtype)
+        head = _rcar_head(check, rcar, dtype)
+    except Exception as err:
+        check.rows.append(_step_failed(check, f"inputs_{str(dtype).replace('torch.', '')}", dtype, err))
+        return
+    try:
         for op in scan_ops:
-            log(f"{op.name} {dtype}: all_pairs at {check.sizes.n_img} x {check.sizes.n_cap}")
-            rows += _op_rows(check, op, inputs, None)
-        log(f"{rcar.name} {dtype}: all_pairs at {check.sizes.rcar_sample}, extrapolated")
-        rows += _op_rows(check, rcar, inputs, _rcar_head(check, rcar, dtype))
-        del inputs
+            log(f"{op.name} {dtype}: all_pairs at {sizes.n_img} x {sizes.n_cap}")
+            check.rows.extend(_op_rows(check, op, inputs, None))
+        log(f"{rcar.name} {dtype}: all_pairs at {sizes.rcar_sample}, extrapolated")
+        check.rows.extend(_op_rows(check, rcar, inputs, head))
+    finally:
+        del inputs, head
         check.reference_samples.clear()
         if check.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _loss_step(check: Check, op: cases.OpSpec) -> None:
+    check.ctx.log(f"training step: hardest-negative loss, B = {check.sizes.loss_batch}, {op.name} fp32")
+    try:
+        check.rows.extend(_loss_rows(check, op, torch.float32))
+    except Exception as err:
+        check.rows.append(_step_failed(check, f"loss_{op.name}", torch.float32, err))
+
+
+def run_check(check: Check) -> list:
+    """Every step in priority order, rows appended to check.rows as they are measured (an
+    interrupted run keeps them); returns them (finish_rows adds speedups and ceilings)."""
+    check.rows.extend(measure_ceilings(check))
+    check.ctx.log(f"ceilings: matmul {check.matmul_tflops or float('nan'):.4g} TFLOP/s, "
+                  f"copy {check.copy_gbs or float('nan'):.4g} GB/s")
+    scan_ops = (cases.scan_op("t2i"), cases.scan_op("i2t"))
+    rcar = cases.rcar_op("coop_rcar", 2, "t2i", check.sizes.sim_dim)
+    for k, dtype in enumerate(check.sizes.dtypes):
+        _dtype_steps(check, dtype, scan_ops, rcar)
         if k == 0:
-            log(f"training step: hardest-negative loss, B = {check.sizes.loss_batch}, SCAN t2i fp32")
-            rows += _loss_rows(check, scan_ops[0], torch.float32)
-    log(f"training step: hardest-negative loss, B = {check.sizes.loss_batch}, {rcar.name} fp32")
-    rows += _loss_rows(check, rcar, torch.float32)
-    suite.add_speedups([r for r in rows if r["family"] != "ceiling"])
+            _loss_step(check, scan_ops[0])
+    _loss_step(check, rcar)
+    return finish_rows(check)
+
+
+def finish_rows(check: Check) -> list:
+    """Speedups and ceiling columns of the rows measured so far (also after an interruption)."""
+    rows = check.rows
+    suite.add_speedups([r for r in rows if r["family"] not in ("ceiling", "step")])
     _direct_speedups(rows)
     add_ceiling_columns(check, rows)
     return rows

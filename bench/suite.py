@@ -35,7 +35,7 @@ BASELINES = ("reference_loop", "reference", "reference_compile")
 OUT_OF_MEMORY = float("inf")   # ctx.slow marker: the backend ran out of memory at this key
 
 
-def _is_out_of_memory(err: BaseException) -> bool:
+def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
@@ -46,7 +46,7 @@ def record_failure(ctx: RunContext, row: dict, err: BaseException, skip_key, wha
     row.update(status="skipped" if forward_only else "error", reason=error_text(err))
     if forward_only:
         return
-    if _is_out_of_memory(err):
+    if is_out_of_memory(err):
         ctx.slow[skip_key] = OUT_OF_MEMORY
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

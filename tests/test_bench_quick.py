@@ -389,3 +389,19 @@ def test_a_very_slow_call_is_timed_from_its_warm_up_only():
                                           warmup_only_over_s=0.0)
     assert len(calls) == 1 and timing.repeats == 0 and timing.median_s == timing.first_s
     assert memory.method and memory.peak_bytes is not None
+
+
+def test_an_interrupted_gpu_check_keeps_the_rows_measured_so_far(monkeypatch, tmp_path, capsys):
+    from bench import gpu_check
+
+    def measure_then_stop(check):
+        check.rows.extend(gpu_check.measure_ceilings(check))
+        raise KeyboardInterrupt   # what SIGTERM from an outer timeout becomes
+
+    monkeypatch.setattr(gpu_check, "run_check", measure_then_stop)
+    assert bench_main.main(["--gpu-check", "--dry-run", "--out", str(tmp_path), "--quiet"]) == 1
+    slug = device.device_slug(torch.device("cpu"))
+    rows = report.read_csv(str(tmp_path / f"{slug}.csv"))
+    assert [r["op"] for r in rows] == ["ceiling_matmul", "ceiling_copy", "result_to_host"]
+    facts = json.loads((tmp_path / f"{slug}.runs.jsonl").read_text())
+    assert facts["interrupted"] is True and "interrupted" in capsys.readouterr().err
