@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import Callable, Optional
 
 import torch
@@ -112,9 +111,7 @@ class Check:
         return self.ctx.device
 
     def out_of_time(self) -> Optional[str]:
-        if self.ctx.deadline is not None and time.perf_counter() > self.ctx.deadline:
-            return "skipped: the run's time limit (--max-minutes) was reached"
-        return None
+        return suite.deadline_reason(self.ctx)
 
 
 def plan_for(sizes: Sizes) -> cases.Plan:

@@ -228,9 +228,16 @@ def baseline_limit_reason(ctx: RunContext, backend: str, pairs: int) -> Optional
     return None
 
 
-def _skip_reason(ctx: RunContext, skip_key) -> Optional[str]:
+def deadline_reason(ctx: RunContext) -> Optional[str]:
     if ctx.deadline is not None and time.perf_counter() > ctx.deadline:
         return "skipped: the run's time limit (--max-minutes) was reached"
+    return None
+
+
+def _skip_reason(ctx: RunContext, skip_key) -> Optional[str]:
+    late = deadline_reason(ctx)
+    if late:
+        return late
     seconds = ctx.slow.get(skip_key)
     if seconds == OUT_OF_MEMORY:
         return "skipped: ran out of memory at a smaller size"
