@@ -104,6 +104,9 @@ def _usage_error(args) -> str:
     return ""
 
 
+_CHECK_ENVIRONMENT = ("RCAR_FAST_AUTOTUNE", "TRITON_INTERPRET")
+
+
 def _prepare_gpu_check_environment(args) -> None:
     """Set what the kernels read at import: the autotune mode, and for a dry run without a GPU
     triton's interpreter (only if no kernel module is loaded yet: too late otherwise, and the
@@ -139,6 +142,7 @@ def main(argv=None) -> int:
         print("--gpu-check needs a CUDA GPU (on a CPU: --gpu-check --dry-run --out DIR)",
               file=sys.stderr)
         return 2
+    environment_before = {key: os.environ.get(key) for key in _CHECK_ENVIRONMENT}
     if args.gpu_check:
         _prepare_gpu_check_environment(args)
     threads_before = torch.get_num_threads()
@@ -149,8 +153,14 @@ def main(argv=None) -> int:
             return _run_gpu_check(args, dev)
         return _run(args, dev, _split(args.modes))
     finally:
-        # main() also runs inside other processes (the CLI, tests): leave torch as it was.
+        # main() also runs inside other processes (the CLI, tests): leave torch and the
+        # environment as they were.
         torch.set_num_threads(threads_before)
+        for key, value in environment_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _start(dev: torch.device, suite_name: str, quiet: bool):

@@ -12,6 +12,8 @@ import bench.__main__ as bench_main
 from bench import cases, device, flops, measure, report
 from rcar_fast import dispatch
 
+_AUTOTUNE_BEFORE = os.environ.get("RCAR_FAST_AUTOTUNE")
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -405,3 +407,10 @@ def test_an_interrupted_gpu_check_keeps_the_rows_measured_so_far(monkeypatch, tm
     assert [r["op"] for r in rows] == ["ceiling_matmul", "ceiling_copy", "result_to_host"]
     facts = json.loads((tmp_path / f"{slug}.runs.jsonl").read_text())
     assert facts["interrupted"] is True and "interrupted" in capsys.readouterr().err
+
+
+def test_gpu_check_leaves_the_environment_as_it_found_it(gpu_check_dry):
+    # The fixture ran main() in this process; the autotune switch it set is gone again.
+    assert os.environ.get("RCAR_FAST_AUTOTUNE") == _AUTOTUNE_BEFORE
+    _, _, rows, _ = gpu_check_dry
+    assert {r["autotune"] for r in rows} == {_AUTOTUNE_BEFORE or "quick"}
