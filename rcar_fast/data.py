@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import warnings
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -69,6 +69,9 @@ __all__ = [
     "Vocabulary",
     "load_vocab",
     "tokenize",
+    "Tokenizer",
+    "TokenizerError",
+    "punkt_resource",
     "PrecompSplit",
     "load_precomp",
     "load_embeddings",
@@ -271,14 +274,131 @@ def _check_synthetic_args(*, n_images, regions, dim, captions_per_image, min_len
 # Vocabulary and tokenisation (SCAN / RCAR precomp format)
 # ---------------------------------------------------------------------------------------------
 
+class TokenizerError(RuntimeError):
+    """Captions cannot be tokenised exactly as the public code does; the message says how to fix it."""
+
+
+def _nltk():
+    try:
+        import nltk
+        import nltk.tokenize  # noqa: F401  (the submodule the public code calls)
+    except ImportError:
+        raise TokenizerError(
+            "nltk is not installed; the public SCAN/RCAR code tokenises captions with "
+            "nltk.tokenize.word_tokenize, and rcar-fast uses it too so that word ids match: "
+            "pip install nltk") from None
+    return nltk
+
+
+def punkt_resource(nltk_module=None) -> str:
+    """The punkt data the installed nltk loads: 'punkt_tab' (nltk >= 3.8.2) or 'punkt'."""
+    nltk_module = nltk_module or _nltk()
+    return "punkt_tab" if hasattr(nltk_module.tokenize, "PunktTokenizer") else "punkt"
+
+
+def _punkt_installed(nltk_module) -> bool:
+    try:
+        nltk_module.tokenize.sent_tokenize("a.")
+    except LookupError:
+        return False
+    return True
+
+
+class Tokenizer:
+    """Caption -> tokens exactly as the public SCAN/RCAR loaders compute them:
+    ``nltk.tokenize.word_tokenize(caption.lower())``.
+
+    ``word_tokenize`` first splits the text into sentences with punkt (data that
+    ``python -m nltk.downloader punkt_tab`` installs), then tokenises each sentence. Where
+    the punkt data is installed it is called as is (mode "punkt"). Where it is not, the
+    tokens are still exact for every caption in which punkt has no candidate sentence
+    boundary (no '.', '?' or '!' followed by more text): punkt then returns the whole
+    caption as one sentence (its trailing whitespace removed), so
+    ``word_tokenize(text.rstrip(), preserve_line=True)`` is the same call (mode
+    "preserve_line"). A caption that may hold two sentences is refused with the command
+    that installs the data, unless ``allow_unsplit`` is set: then it is tokenised as one
+    sentence (which can differ from the public tokens, e.g. "two." vs "two" "."), a
+    warning is printed once and every such caption is counted in ``describe()``.
+
+    Raises TokenizerError (a RuntimeError) when nltk is missing ("pip install nltk")."""
+
+    def __init__(self, allow_unsplit: bool = False):
+        self.nltk = _nltk()
+        self.allow_unsplit = allow_unsplit
+        self.has_punkt = _punkt_installed(self.nltk)
+        self.unsplit = []       # captions tokenised as one sentence although they may hold more
+        if not self.has_punkt:
+            from nltk.tokenize.punkt import PunktLanguageVars
+
+            # The candidate sentence ends of punkt itself (the trained model only decides
+            # which candidates are real ends), so "no candidate" means "one sentence".
+            self._candidate_end = PunktLanguageVars().period_context_re()
+
+    @property
+    def mode(self) -> str:
+        return "punkt" if self.has_punkt else "preserve_line"
+
+    def may_split(self, text: str) -> bool:
+        """Whether punkt could split ``text`` into more than one sentence."""
+        return self._candidate_end.search(text.rstrip()) is not None
+
+    def __call__(self, caption: str) -> list:
+        if not isinstance(caption, str):
+            raise TypeError(f"a caption must be a str, got {type(caption).__name__}")
+        text = caption.lower()
+        word_tokenize = self.nltk.tokenize.word_tokenize
+        if self.has_punkt:
+            return word_tokenize(text)
+        if self.may_split(text):
+            if not self.allow_unsplit:
+                raise TokenizerError(
+                    f"the caption {caption!r} may hold more than one sentence, and nltk's punkt "
+                    f"data (which the public word_tokenize uses to split sentences) is not "
+                    f"installed, so its tokens cannot be reproduced exactly; install the data "
+                    f"with: python -m nltk.downloader {punkt_resource(self.nltk)} "
+                    f"(or pass --allow-unsplit-sentences to tokenise such captions as one "
+                    f"sentence, recorded in the results)")
+            if not self.unsplit:
+                warnings.warn(
+                    f"nltk's punkt data is missing: captions that may hold more than one "
+                    f"sentence (first: {caption!r}) are tokenised as one sentence, which can "
+                    f"differ from the public tokens; the count goes into the results. Install "
+                    f"the data with: python -m nltk.downloader {punkt_resource(self.nltk)}",
+                    RuntimeWarning, stacklevel=2)
+            self.unsplit.append(caption)
+        return word_tokenize(text.rstrip(), preserve_line=True)
+
+    def describe(self) -> dict:
+        """What tokenised the captions, for the results json."""
+        out = {"name": "nltk.tokenize.word_tokenize", "nltk_version": self.nltk.__version__,
+               "mode": self.mode, "lowercase": True}
+        if not self.has_punkt:
+            out["punkt_data"] = f"missing ({punkt_resource(self.nltk)})"
+            out["unsplit_captions"] = len(self.unsplit)
+            out["unsplit_examples"] = self.unsplit[:5]
+        return out
+
+
+_DEFAULT_TOKENIZER = []
+
+
+def tokenize(caption: str) -> list:
+    """Lower-cased tokens of one caption, as the public code computes them (see Tokenizer;
+    a caption that may hold two sentences needs nltk's punkt data)."""
+    if not _DEFAULT_TOKENIZER:
+        _DEFAULT_TOKENIZER.append(Tokenizer())
+    return _DEFAULT_TOKENIZER[0](caption)
+
+
 class Vocabulary:
     """word -> index, with unknown words mapped to ``<unk>`` (as the public ``Vocabulary``)."""
 
-    def __init__(self, word2idx: dict, idx2word: Optional[dict] = None):
+    def __init__(self, word2idx: dict, idx2word: Optional[dict] = None, source: str = "vocabulary"):
         if "<unk>" not in word2idx:
-            raise ValueError("the vocabulary has no '<unk>' entry, so unknown words cannot be mapped")
-        self.word2idx = {str(w): int(i) for w, i in word2idx.items()}
-        self.idx2word = ({int(i): w for i, w in idx2word.items()} if idx2word is not None
+            raise ValueError(f"{source} has no '<unk>' entry, so unknown words cannot be mapped")
+        self.word2idx = {str(w): _word_id(i, w, source) for w, i in word2idx.items()}
+        self.idx2word = ({_word_id(i, w, source): w for i, w in idx2word.items()}
+                         if idx2word is not None
                          else {i: w for w, i in self.word2idx.items()})
 
     def __call__(self, word: str) -> int:
@@ -287,10 +407,19 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.word2idx)
 
-    def encode(self, caption: str) -> list:
+    def encode(self, caption: str, tokenizer: Optional[Tokenizer] = None) -> list:
         """Word ids of ``<start> tokens <end>``, as the public data loader builds them."""
-        return ([self("<start>")] + [self(token) for token in tokenize(caption)]
-                + [self("<end>")])
+        tokens = (tokenizer or tokenize)(caption)
+        return [self("<start>")] + [self(token) for token in tokens] + [self("<end>")]
+
+
+def _word_id(value, word, source) -> int:
+    """A vocabulary id: a non-negative integer (json may give it as a digit string)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{source}: the id of {word!r} must be a non-negative integer, got {value!r}")
+    return int(value)
 
 
 def load_vocab(path) -> Vocabulary:
@@ -306,24 +435,7 @@ def load_vocab(path) -> Vocabulary:
     if not isinstance(content, dict) or not isinstance(content.get("word2idx"), dict):
         raise ValueError(f"vocabulary file {path} must hold a json object with a 'word2idx' "
                          f"mapping (and 'idx2word'), as the public SCAN/RCAR vocab files do")
-    return Vocabulary(content["word2idx"], content.get("idx2word"))
-
-
-# Clitics split off as nltk's word_tokenize does ("don't" -> "do", "n't"; "dog's" -> "dog", "'s").
-_TOKEN = re.compile(r"\w+(?=n't\b)|n't\b|'\w+|\w+|[^\w\s]")
-
-
-def tokenize(caption: str) -> list:
-    """Lower-cased tokens: nltk's ``word_tokenize`` when nltk (with its punkt data) is
-    installed, as the public code uses; otherwise a regex approximation of it (words,
-    clitics and punctuation as separate tokens)."""
-    text = caption.lower()
-    try:
-        import nltk
-
-        return nltk.tokenize.word_tokenize(text)
-    except (ImportError, LookupError):
-        return _TOKEN.findall(text)
+    return Vocabulary(content["word2idx"], content.get("idx2word"), source=f"vocabulary file {path}")
 
 
 # ---------------------------------------------------------------------------------------------

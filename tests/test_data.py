@@ -150,6 +150,7 @@ def write_vocab(path, words=("<pad>", "<start>", "<end>", "<unk>", "a", "dog", "
 
 
 def test_vocab_encodes_like_the_public_loader(tmp_path):
+    pytest.importorskip("nltk", reason="tokenising needs nltk (absent on the GPU image)")
     w2i = write_vocab(tmp_path / "vocab.json")
     vocab = load_vocab(tmp_path / "vocab.json")
     assert len(vocab) == len(w2i)
@@ -159,6 +160,7 @@ def test_vocab_encodes_like_the_public_loader(tmp_path):
 
 
 def test_tokenize_splits_punctuation_and_clitics():
+    pytest.importorskip("nltk", reason="tokenising needs nltk (absent on the GPU image)")
     tokens = tokenize("A man's dog, don't it?")
     assert tokens[:3] == ["a", "man", "'s"] and "," in tokens and "?" in tokens
     assert "n't" in tokens
