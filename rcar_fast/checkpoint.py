@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from rcar_fast.atomic import atomic_path
 from rcar_fast.encoders import EncoderImage, EncoderText, RCARModel
 
 __all__ = ["load_rcar_checkpoint", "save_rcar_checkpoint", "official_state_dict",
@@ -62,10 +63,24 @@ def _read(path, map_location, trusted):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # pickle and zip errors of several kinds
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        if _needs_trust(err):
+            raise CheckpointError(
+                f"{path} holds Python objects that a weights-only load refuses "
+                f"({type(err).__name__}: {first_line}). If it is a checkpoint you trust, pass "
+                "trusted=True (rcar-fast eval --trust-checkpoint).") from None
         raise CheckpointError(
-            f"cannot read {path} as a weights-only checkpoint ({type(err).__name__}: {err}). "
-            "If it is a checkpoint you trust that stores other Python objects, pass "
-            "trusted=True (rcar-fast eval --trust-checkpoint).") from None
+            f"cannot read {path}: it is truncated or not a torch checkpoint "
+            f"({type(err).__name__}: {first_line})") from None
+
+
+def _needs_trust(err: Exception) -> bool:
+    """Whether torch.load refused an object the weights-only unpickler does not allow (as
+    opposed to a truncated or malformed file, which --trust-checkpoint cannot fix)."""
+    import pickle
+
+    return isinstance(err, pickle.UnpicklingError) and (
+        "Weights only load failed" in str(err) or "Unsupported global" in str(err))
 
 
 def _options(raw) -> dict:
@@ -213,13 +228,6 @@ def save_rcar_checkpoint(model: RCARModel, path, opt=None, epoch: Optional[int] 
         opt = argparse.Namespace(**opt)
     if not isinstance(opt, argparse.Namespace):
         raise TypeError("opt must be an argparse.Namespace or a dict of the training options")
-    path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.partial"
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"model": official_state_dict(model), "opt": opt,
                     "epoch": epoch if epoch is not None else model.epoch}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -60,6 +60,8 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
+from rcar_fast.atomic import atomic_path
+
 __all__ = [
     "RetrievalSet",
     "synthetic",
@@ -76,6 +78,9 @@ __all__ = [
     "load_precomp",
     "load_embeddings",
     "save_embeddings",
+    "load_npy",
+    "save_npy",
+    "load_tensor_file",
     "pad_captions",
 ]
 
@@ -442,12 +447,18 @@ def load_vocab(path) -> Vocabulary:
 # The precomputed format: {split}_ims.npy (N, 36, 2048), {split}_caps.txt (5N lines)
 # ---------------------------------------------------------------------------------------------
 
+# The public loaders (SCAN data.py, RCAR image_caption.py) cut the dev split to this many captions.
+PUBLIC_DEV_CAPTIONS = 5000
+
+
 class PrecompSplit(NamedTuple):
-    """images: (N, R, img_dim) memory-mapped; captions: 5N strings; path: the folder."""
+    """images: (N, R, img_dim) memory-mapped; captions: 5N strings; path: the folder;
+    note: what was changed to follow the public loader (the dev split's cut), or ""."""
 
     images: np.ndarray
     captions: list
     path: str
+    note: str = ""
 
 
 def _find_split_file(data_dir: str, name: str) -> str:
@@ -463,14 +474,12 @@ def load_precomp(data_dir, split: str, captions_per_image: int = 5) -> PrecompSp
     per image, in image order), in ``data_dir`` or ``data_dir/precomp``.
 
     Files whose image rows are repeated once per caption (as many rows as captions) are
-    read as every ``captions_per_image``-th row, as the public evaluation does."""
+    read as every ``captions_per_image``-th row, as the public evaluation does. The ``dev``
+    split is cut to its first 5000 captions (1000 images), as the public loaders do."""
     data_dir = os.fspath(data_dir)
     ims_path = _find_split_file(data_dir, f"{split}_ims.npy")
     caps_path = _find_split_file(data_dir, f"{split}_caps.txt")
-    try:
-        images = np.load(ims_path, mmap_mode="r")
-    except ValueError as err:
-        raise ValueError(f"{ims_path} is not a readable .npy array: {err}") from None
+    images = load_npy(ims_path, mmap=True)
     if images.ndim != 3 or 0 in images.shape:
         raise ValueError(f"{ims_path} must hold region features of shape (n_images, regions, "
                          f"img_dim), got shape {images.shape}")
@@ -484,7 +493,15 @@ def load_precomp(data_dir, split: str, captions_per_image: int = 5) -> PrecompSp
         raise ValueError(f"{caps_path} has {len(captions)} captions but {ims_path} has "
                          f"{len(images)} images; expected {captions_per_image} captions per image "
                          f"({captions_per_image * len(images)} lines)")
-    return PrecompSplit(images, captions, data_dir)
+    note = ""
+    if split == "dev" and len(captions) > PUBLIC_DEV_CAPTIONS:
+        # The public loaders evaluate only the first 5000 dev captions ("the development set
+        # for coco is large"), i.e. the first 1000 images.
+        note = (f"dev split: the first {PUBLIC_DEV_CAPTIONS} of {len(captions)} captions, as "
+                f"the public loaders evaluate it")
+        captions = captions[:PUBLIC_DEV_CAPTIONS]
+        images = images[:PUBLIC_DEV_CAPTIONS // captions_per_image]
+    return PrecompSplit(images, captions, data_dir, note)
 
 
 def pad_captions(captions: Sequence, dtype=None):
@@ -509,17 +526,49 @@ def pad_captions(captions: Sequence, dtype=None):
 EMBEDDING_FILES = ("img_embs", "cap_embs", "cap_lens")
 
 
+def load_npy(path, mmap: bool = True, allow_pickle: bool = False):
+    """np.load of one .npy file (memory-mapped when ``mmap``); a truncated or malformed
+    file raises ValueError naming it."""
+    path = os.fspath(path)
+    try:
+        return np.load(path, mmap_mode="r" if mmap and not allow_pickle else None,
+                       allow_pickle=allow_pickle)
+    except (ValueError, EOFError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a readable .npy file (truncated or not written by "
+                         f"numpy.save?): {err}") from None
+
+
+def load_tensor_file(path):
+    """One tensor from a .pt file, loaded weights-only (a file that needs arbitrary pickled
+    objects, a truncated or a malformed file raise ValueError naming it)."""
+    path = os.fspath(path)
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- pickle, zip and EOF errors of several kinds
+        raise ValueError(f"{path} cannot be read as a weights-only torch file "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                         f"it must hold one tensor saved with torch.save") from None
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{path} must hold one tensor, got {type(value).__name__}")
+    return value
+
+
 def _load_array(directory: str, stem: str, mmap: bool):
     for ext in (".npy", ".pt"):
         path = os.path.join(directory, stem + ext)
         if os.path.isfile(path):
             if ext == ".npy":
-                return np.load(path, mmap_mode="r" if mmap else None), path
-            value = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"{path} must hold one tensor, got {type(value).__name__}")
-            return value, path
+                return load_npy(path, mmap), path
+            return load_tensor_file(path), path
     raise FileNotFoundError(f"{stem}.npy or {stem}.pt not found in {directory}")
+
+
+def _is_integer_dtype(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+    return np.issubdtype(x.dtype, np.integer)
 
 
 def load_embeddings(directory, captions_per_image: int = 5, mmap: bool = True) -> RetrievalSet:
@@ -539,14 +588,11 @@ def load_embeddings(directory, captions_per_image: int = 5, mmap: bool = True) -
             raise ValueError(f"{path} must have shape {doc}, got {tuple(x.shape)}")
     if img.shape[2] != cap.shape[2]:
         raise ValueError(f"{img_path} has d={img.shape[2]} but {cap_path} has d={cap.shape[2]}")
-    if lens.ndim > 1:
-        lens = None
-    elif isinstance(lens, torch.Tensor):
-        lens = lens.reshape(-1)
-    else:
-        lens = torch.from_numpy(np.array(lens)).reshape(-1)
-    if lens is None or lens.dtype.is_floating_point and not bool((lens == lens.round()).all()):
-        raise ValueError(f"{lens_path} must hold integer lengths of shape (n_cap,)")
+    if lens.ndim != 1 or not _is_integer_dtype(lens):
+        raise ValueError(f"{lens_path} must hold integer lengths (an integer dtype) of shape "
+                         f"(n_cap,), got dtype {lens.dtype} and shape {tuple(lens.shape)}")
+    if not isinstance(lens, torch.Tensor):
+        lens = torch.from_numpy(np.array(lens, dtype=np.int64))
     lens = lens.to(torch.int64)
     if len(lens) != cap.shape[0]:
         raise ValueError(f"{lens_path} has {len(lens)} lengths but {cap_path} has "
@@ -562,16 +608,12 @@ def load_embeddings(directory, captions_per_image: int = 5, mmap: bool = True) -
     return RetrievalSet(img, cap, lens)
 
 
-def _atomic_save_npy(path: str, array: np.ndarray):
-    tmp = f"{path}.{os.getpid()}.partial"
-    try:
+def save_npy(path, array) -> None:
+    """np.save to ``path`` atomically (rcar_fast.atomic: no partial file on error or signal).
+    ``array`` may be an object (a dict: the public ``{'npts', 'sims'}`` results)."""
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+            np.save(f, array, allow_pickle=isinstance(array, dict))
 
 
 def save_embeddings(directory, img, cap, lens) -> None:
@@ -580,4 +622,4 @@ def save_embeddings(directory, img, cap, lens) -> None:
     os.makedirs(directory, exist_ok=True)
     for stem, value in zip(EMBEDDING_FILES, (img, cap, lens)):
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        _atomic_save_npy(os.path.join(directory, stem + ".npy"), array)
+        save_npy(os.path.join(directory, stem + ".npy"), array)

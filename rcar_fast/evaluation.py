@@ -23,8 +23,6 @@ gathered (top-k: merged) on rank 0, which returns them; the other ranks return N
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import time
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 
 from rcar_fast import metrics as _metrics
+from rcar_fast.atomic import atomic_path, check_output_path
 
 __all__ = [
     "PROTOCOLS",
@@ -304,8 +303,8 @@ def _score_blocks(img, cap, lens, fn, rows, img_block, cap_block, device, dtype,
     """Calls sink(r0, r1, cols (np int64), scores (r1-r0, len(cols)) on device) per tile."""
     start, stop = rows
     images = _ImageRows(img, start, stop, img_block, device, dtype)
-    # NaN pairs are counted on the device (no sync per tile) and reported at the end.
-    nan_pairs = torch.zeros((), dtype=torch.int64, device=device)
+    # Non-finite pairs are counted on the device (no sync per tile) and reported at the end.
+    bad_pairs = torch.zeros((), dtype=torch.int64, device=device)
     with _progress((stop - start) * cap.shape[0], progress, desc) as bar:
         for cols, words, block_lens in _caption_blocks(cap, lens, cap_block, sort_captions,
                                                        device, dtype):
@@ -317,46 +316,20 @@ def _score_blocks(img, cap, lens, fn, rows, img_block, cap_block, device, dtype,
                         f"for a block of {r1 - r0} images x {len(cols)} captions; expected "
                         f"({r1 - r0}, {len(cols)})")
                 scores = scores.detach()
-                nan_pairs += torch.isnan(scores).sum().to(nan_pairs.device)
+                bad_pairs += (~torch.isfinite(scores)).sum().to(bad_pairs.device)
                 sink(r0, r1, cols, scores)
                 if bar is not None:
                     bar.update((r1 - r0) * len(cols))
-    if int(nan_pairs):
-        raise RuntimeError(f"the similarity function returned NaN for {int(nan_pairs)} pairs "
-                           f"(check the inputs for NaN/Inf at real positions)")
+    if int(bad_pairs):
+        raise RuntimeError(f"the similarity function returned NaN or +-Inf for {int(bad_pairs)} "
+                           f"pairs, so the ranks would be wrong (check the inputs for NaN/Inf at "
+                           f"real positions, and options such as lse_lambda / smooth for "
+                           f"overflow)")
 
 
 # ---------------------------------------------------------------------------------------------
 # Output: in memory or a .npy file written atomically
 # ---------------------------------------------------------------------------------------------
-
-class _NpyTarget:
-    """A .npy memory map under a temporary name in the target's directory; ``commit`` renames
-    it into place, ``discard`` removes it."""
-
-    def __init__(self, path, shape, dtype):
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"out_path's directory does not exist: {directory}")
-        self.path = path
-        fd, self.tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".partial",
-                                        dir=directory)
-        os.close(fd)
-        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np_dtype, shape=shape)
-
-    def commit(self):
-        self.array.flush()
-        del self.array
-        os.replace(self.tmp, self.path)
-        return np.load(self.path, mmap_mode="r")
-
-    def discard(self):
-        self.array = None
-        with contextlib.suppress(OSError):
-            os.remove(self.tmp)
-
 
 def _write_into(target, row_offset: int = 0):
     """write(r0, r1, cols, block): target[r0 - row_offset : r1 - row_offset, cols] = block,
@@ -419,7 +392,7 @@ def all_pairs(img: ArrayLike, cap: ArrayLike, lens, similarity="scan", *, backen
     """
     lens = _check_inputs(img, cap, lens)
     fn = as_similarity_fn(similarity, backend)
-    device = torch.device(device) if device is not None else _default_device()
+    device = _resolve_device(device)
     img_block, cap_block = _check_blocks(img_block, cap_block, device)
     rank, world = _world(distributed)
     shape = (img.shape[0], cap.shape[0])
@@ -429,45 +402,55 @@ def all_pairs(img: ArrayLike, cap: ArrayLike, lens, similarity="scan", *, backen
     if out is not None:
         _check_out(out, shape, dtype)
     shards = [shard_rows(shape[0], r, world, img_block) for r in range(world)]
-    rows = shards[rank]
 
-    target = None
     if rank == 0 and out_path is not None:
-        target = _NpyTarget(out_path, shape, dtype)
-    try:
-        final = None
-        if rank == 0:
-            final = out if out is not None else (target.array if target is not None
-                                                 else torch.empty(shape, dtype=dtype))
-        n_local = rows[1] - rows[0]
-        if _fits_on_device(device, n_local * shape[1] * dtype.itemsize):
-            # Tiles stay on the device (no host round trip per tile); copied out at the end.
-            local = torch.empty((n_local, shape[1]), dtype=dtype, device=device)
-        elif world == 1:
-            local = final            # written in place: no second host copy
-        else:
-            local = torch.empty((n_local, shape[1]), dtype=dtype)
-        write_local = _write_into(local, row_offset=rows[0])
+        out_path = check_output_path(out_path, "out_path")
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        # Written under a temporary name; renamed only when complete, removed on any error
+        # or signal (rcar_fast.atomic).
+        with atomic_path(out_path) as tmp:
+            target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=shape)
+            _compute_into(target, img, cap, lens, fn, shards, rank, img_block, cap_block,
+                          device, compute_dtype, sort_captions, progress, desc, stats)
+            target.flush()
+            del target
+        return np.load(out_path, mmap_mode="r")
+    final = None
+    if rank == 0:
+        final = out if out is not None else torch.empty(shape, dtype=dtype)
+    _compute_into(final, img, cap, lens, fn, shards, rank, img_block, cap_block, device,
+                  compute_dtype, sort_captions, progress, desc, stats)
+    return final
 
-        start = time.perf_counter()
-        _score_blocks(img, cap, lens, fn, rows, img_block, cap_block, device, compute_dtype,
-                      sort_captions, progress and rank == 0, desc, write_local)
-        if world > 1:
-            write = _write_into(final) if rank == 0 else None
-            _gather_rows(local, shards,
-                         lambda a, b, c0, c1, blk: write(a, b, slice(c0, c1), blk))
-        elif local is not final:
-            _copy_rows(local, final)
-        _synchronize(device)
-        _fill_stats(stats, time.perf_counter() - start, n_local * shape[1],
-                    shape[0] * shape[1], rank, world)
-        if target is not None:
-            return target.commit()
-        return final
-    except BaseException:
-        if target is not None:
-            target.discard()
-        raise
+
+def _compute_into(final, img, cap, lens, fn, shards, rank, img_block, cap_block, device,
+                  compute_dtype, sort_captions, progress, desc, stats):
+    """Scores this rank's rows and gathers every rank's rows into ``final`` (rank 0)."""
+    world, rows = len(shards), shards[rank]
+    shape = (img.shape[0], cap.shape[0])
+    dtype = _result_dtype(img, None)
+    n_local = rows[1] - rows[0]
+    if _fits_on_device(device, n_local * shape[1] * dtype.itemsize):
+        # Tiles stay on the device (no host round trip per tile); copied out at the end.
+        local = torch.empty((n_local, shape[1]), dtype=dtype, device=device)
+    elif world == 1:
+        local = final            # written in place: no second host copy
+    else:
+        local = torch.empty((n_local, shape[1]), dtype=dtype)
+    write_local = _write_into(local, row_offset=rows[0])
+
+    start = time.perf_counter()
+    _score_blocks(img, cap, lens, fn, rows, img_block, cap_block, device, compute_dtype,
+                  sort_captions, progress and rank == 0, desc, write_local)
+    if world > 1:
+        write = _write_into(final) if rank == 0 else None
+        _gather_rows(local, shards,
+                     lambda a, b, c0, c1, blk: write(a, b, slice(c0, c1), blk))
+    elif local is not final:
+        _copy_rows(local, final)
+    _synchronize(device)
+    _fill_stats(stats, time.perf_counter() - start, n_local * shape[1],
+                shape[0] * shape[1], rank, world)
 
 
 # Device memory the result rows may take when kept on the GPU during the run.
@@ -506,7 +489,7 @@ def all_pairs_topk(img: ArrayLike, cap: ArrayLike, lens, similarity="scan", k: i
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     fn = as_similarity_fn(similarity, backend)
-    device = torch.device(device) if device is not None else _default_device()
+    device = _resolve_device(device)
     img_block, cap_block = _check_blocks(img_block, cap_block, device)
     rank, world = _world(distributed)
     n_img, n_cap = img.shape[0], cap.shape[0]
@@ -592,6 +575,24 @@ def _merge_topk_ranks(scores, indices, k, world):
     if all_scores is None:
         return None, None
     return _best_k(torch.cat(all_scores, dim=1), torch.cat(all_indices, dim=1), k)
+
+
+def _resolve_device(device) -> torch.device:
+    """The compute device; refuses a CUDA device that this machine does not have."""
+    if device is None:
+        return _default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r} ({err})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} but CUDA is not available here (no GPU "
+                             f"or a CPU-only torch); use device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={str(device)!r} but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _default_device():

@@ -23,7 +23,8 @@ than *or equal to* its score:
 
 So a constant similarity matrix gets the worst ranks, not perfect ones, and the result
 never depends on the order of the items. Without ties this equals the public code exactly.
-NaN similarities are rejected (they would make every comparison false).
+NaN and +-Inf similarities are rejected (NaN makes every comparison false; an infinite
+score is an overflow, not a similarity, and ties every other infinite one).
 
 Everything is vectorised (row blocks of the matrix at a time, no per-query Python loop),
 so memory stays bounded for (5000, 25000) matrices, torch tensors on any device, NumPy
@@ -121,9 +122,10 @@ def retrieval_ranks(sims: Matrix, captions_per_image: int = 5) -> Tuple[np.ndarr
     for r0 in range(0, n_img, step):
         r1 = min(n_img, r0 + step)
         block = _rows(sims, r0, r1).to(caption_gt.device)
-        if torch.isnan(block).any():
-            bad = int(torch.nonzero(torch.isnan(block))[0, 0]) + r0
-            raise ValueError(f"sims contains NaN (first in row {bad}); ranks are undefined")
+        if block.dtype.is_floating_point and not bool(torch.isfinite(block).all()):
+            bad_row, bad_col = (int(i) for i in torch.nonzero(~torch.isfinite(block))[0])
+            raise ValueError(f"sims contains NaN or +-Inf (first at [{bad_row + r0}, {bad_col}]: "
+                             f"{float(block[bad_row, bad_col])}); ranks are undefined")
         own = block.view(r1 - r0, n_img, k)[torch.arange(r1 - r0), torch.arange(r0, r1)]
         best_own = own.max(dim=1).values
         i2t[r0:r1] = ((block >= best_own[:, None]).sum(1)

@@ -181,16 +181,19 @@ def test_bad_inputs_raise_and_write_nothing(small_set, tmp_path, mutate, error, 
     assert os.listdir(tmp_path) == []
 
 
-def nan_for_first_caption(img, cap, lens):
-    scores = max_dot_similarity(img, cap, lens)
-    scores[:, 0] = float("nan")
-    return scores
+def non_finite_for_first_caption(value):
+    def fn(img, cap, lens):
+        scores = max_dot_similarity(img, cap, lens)
+        scores[:, 0] = value
+        return scores
+    return fn
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("topk", [False, True])
-def test_nan_scores_are_an_error_not_a_silent_ranking(small_set, tmp_path, topk):
-    args = (small_set.img, small_set.cap, small_set.lens, nan_for_first_caption)
-    with pytest.raises(RuntimeError, match="returned NaN for"):
+def test_non_finite_scores_are_an_error_not_a_silent_ranking(small_set, tmp_path, topk, value):
+    args = (small_set.img, small_set.cap, small_set.lens, non_finite_for_first_caption(value))
+    with pytest.raises(RuntimeError, match=r"returned NaN or \+-Inf for 138 pairs"):
         if topk:
             all_pairs_topk(*args, k=3, cap_block=20, progress=False)
         else:
@@ -204,7 +207,7 @@ def test_bad_out_and_missing_directory(small_set, tmp_path):
         all_pairs(*args, out=torch.empty(23, 114), progress=False)
     with pytest.raises(ValueError, match="either out or out_path"):
         all_pairs(*args, out=torch.empty(23, 115), out_path=tmp_path / "x.npy", progress=False)
-    with pytest.raises(FileNotFoundError, match="directory does not exist"):
+    with pytest.raises(FileNotFoundError, match="missing does not exist"):
         all_pairs(*args, out_path=tmp_path / "missing" / "x.npy", progress=False)
     with pytest.raises(ValueError, match="k must be a positive integer"):
         all_pairs_topk(*args, k=0, progress=False)

@@ -139,11 +139,13 @@ def test_bad_inputs_raise_clear_errors(bad, error, match):
         recall_metrics(bad)
 
 
-def test_nan_is_rejected_with_its_row():
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_non_finite_is_rejected_with_its_position(value, as_tensor):
     sims = np.zeros((4, 20), dtype=np.float32)
-    sims[2, 7] = np.nan
-    with pytest.raises(ValueError, match="NaN.*row 2"):
-        recall_metrics(sims)
+    sims[2, 7] = value
+    with pytest.raises(ValueError, match=r"NaN or \+-Inf \(first at \[2, 7\]"):
+        recall_metrics(torch.from_numpy(sims) if as_tensor else sims)
 
 
 def test_coco1k_averages_the_diagonal_folds():
