@@ -414,7 +414,10 @@ class Vocabulary:
 
     def encode(self, caption: str, tokenizer: Optional[Tokenizer] = None) -> list:
         """Word ids of ``<start> tokens <end>``, as the public data loader builds them."""
-        tokens = (tokenizer or tokenize)(caption)
+        return self.encode_tokens((tokenizer or tokenize)(caption))
+
+    def encode_tokens(self, tokens: Sequence) -> list:
+        """Word ids of ``<start> tokens <end>`` for already tokenised words."""
         return [self("<start>")] + [self(token) for token in tokens] + [self("<end>")]
 
 

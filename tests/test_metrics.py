@@ -187,6 +187,15 @@ def test_ensemble_is_the_average_and_keeps_the_container():
         ensemble(a, b[:, :25])
 
 
+def test_ensemble_of_several_is_the_public_stacked_mean():
+    rng = np.random.default_rng(5)
+    mats = [rng.standard_normal((4, 20)) for _ in range(3)]
+    # eval_ensemble: np.array(all_sims).mean(axis=0) of float64 matrices.
+    np.testing.assert_array_equal(ensemble(*mats), np.array(mats).mean(axis=0))
+    with pytest.raises(ValueError, match="at least two"):
+        ensemble(mats[0])
+
+
 def test_format_table_lists_every_row():
     m = recall_metrics(np.eye(4, 20, dtype=np.float32))
     table = format_metrics_table({"model A": m, "ensemble": m})
