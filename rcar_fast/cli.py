@@ -362,11 +362,7 @@ def _eval(args) -> int:
         # Tokenised once, before any model is loaded: a caption that cannot be tokenised
         # as the public code does stops the run here.
         tokenizer = data.Tokenizer(allow_unsplit=args.allow_unsplit_sentences)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", RuntimeWarning)
-            tokens = [tokenizer(c) for c in split.captions]
-        for warning in caught[:1]:
-            print(f"rcar-fast eval: WARNING: {warning.message}", file=sys.stderr)
+        tokens = _CaptionTokens(split.captions, tokenizer)
         timing["load_s"] = time.perf_counter() - t0
 
     named = {}  # row name -> similarity matrix
@@ -391,6 +387,32 @@ def _eval(args) -> int:
                   f"as one sentence without nltk's punkt data; the metrics may differ from the "
                   f"public evaluation (recorded in the results)", file=sys.stderr)
     return _report(args, named, timing, device, "eval", extra)
+
+
+class _CaptionTokens:
+    """The split's tokens, per lower-casing rule: RCAR lower-cases Unicode, SCAN's Python 2
+    loader ASCII only; the two differ only for captions with non-ASCII letters."""
+
+    def __init__(self, captions, tokenizer):
+        self.captions, self.tokenizer = captions, tokenizer
+        self.by_rule = {"unicode": self._tokenize(tokenizer)}
+
+    def _tokenize(self, tokenizer):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            tokens = [tokenizer(c) for c in self.captions]
+        for warning in caught[:1]:
+            print(f"rcar-fast eval: WARNING: {warning.message}", file=sys.stderr)
+        return tokens
+
+    def get(self, lowercase: str):
+        if lowercase not in self.by_rule:
+            if all(c.isascii() for c in self.captions):
+                self.by_rule[lowercase] = self.by_rule["unicode"]
+            else:
+                self.by_rule[lowercase] = self._tokenize(data.Tokenizer(
+                    allow_unsplit=self.tokenizer.allow_unsplit, lowercase=lowercase))
+        return self.by_rule[lowercase]
 
 
 def _ensemble_command(args) -> int:
@@ -495,19 +517,20 @@ def _check_same_shape(named):
 
 def _score_one(args, checkpoint_path, split, tokens, embeddings_dir, device, timing, label):
     """(similarity matrix, description) of one model on the split."""
-    from rcar_fast.checkpoint import load_rcar_checkpoint
+    from rcar_fast.checkpoint import load_checkpoint
 
     model = None
     if checkpoint_path is not None:
         t0 = time.perf_counter()
-        model = load_rcar_checkpoint(checkpoint_path, map_location=device,
-                                     trusted=args.trust_checkpoint)
+        model = load_checkpoint(checkpoint_path, map_location=device,
+                                trusted=args.trust_checkpoint)
         timing[f"{label}_load_checkpoint_s"] = time.perf_counter() - t0
     if split is not None:
         vocab = data.load_vocab(args.vocab or _find_vocab(args.data, model.opt))
         t0 = time.perf_counter()
         img = model.encode_images(split.images, args.batch_size, device)
-        cap, lens = model.encode_captions([vocab.encode_tokens(t) for t in tokens],
+        words = tokens.get("ascii" if model.kind == "scan" else "unicode")
+        cap, lens = model.encode_captions([vocab.encode_tokens(t) for t in words],
                                           args.batch_size, device)
         timing[f"{label}_encode_s"] = time.perf_counter() - t0
     else:
@@ -515,7 +538,10 @@ def _score_one(args, checkpoint_path, split, tokens, embeddings_dir, device, tim
         img, cap, lens = data.load_embeddings(embeddings_dir)
         timing[f"{label}_load_embeddings_s"] = time.perf_counter() - t0
 
-    if model is not None:
+    if model is not None and model.kind == "scan":
+        similarity = evaluation.rcar_fn(model.sim_enc, args.backend)
+        op, name = "scan", f"SCAN {model.sim_enc.direction} ({os.path.basename(checkpoint_path)})"
+    elif model is not None:
         similarity = evaluation.rcar_fn(model.sim_enc, args.backend)
         op, name = "rcar", f"RCAR {model.opt.get('attn_type', 't2i')} ({os.path.basename(checkpoint_path)})"
     else:

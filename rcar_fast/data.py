@@ -325,11 +325,17 @@ class Tokenizer:
     sentence (which can differ from the public tokens, e.g. "two." vs "two" "."), a
     warning is printed once and every such caption is counted in ``describe()``.
 
+    ``lowercase="ascii"`` lower-cases ASCII letters only, as SCAN's Python 2 loader does
+    (``str(caption).lower().decode('utf-8')`` on bytes); the default "unicode" is RCAR's
+    ``caption.lower()``.
+
     Raises TokenizerError (a RuntimeError) when nltk is missing ("pip install nltk")."""
 
-    def __init__(self, allow_unsplit: bool = False):
+    def __init__(self, allow_unsplit: bool = False, lowercase: str = "unicode"):
+        if lowercase not in ("unicode", "ascii"):
+            raise ValueError(f"lowercase must be 'unicode' or 'ascii', got {lowercase!r}")
         self.nltk = _nltk()
-        self.allow_unsplit = allow_unsplit
+        self.allow_unsplit, self.lowercase = allow_unsplit, lowercase
         self.has_punkt = _punkt_installed(self.nltk)
         self.unsplit = []       # captions tokenised as one sentence although they may hold more
         if not self.has_punkt:
@@ -350,7 +356,8 @@ class Tokenizer:
     def __call__(self, caption: str) -> list:
         if not isinstance(caption, str):
             raise TypeError(f"a caption must be a str, got {type(caption).__name__}")
-        text = caption.lower()
+        text = (caption.lower() if self.lowercase == "unicode"
+                else caption.encode("utf-8").lower().decode("utf-8"))
         word_tokenize = self.nltk.tokenize.word_tokenize
         if self.has_punkt:
             return word_tokenize(text)
@@ -376,7 +383,7 @@ class Tokenizer:
     def describe(self) -> dict:
         """What tokenised the captions, for the results json."""
         out = {"name": "nltk.tokenize.word_tokenize", "nltk_version": self.nltk.__version__,
-               "mode": self.mode, "lowercase": True}
+               "mode": self.mode, "lowercase": self.lowercase}
         if not self.has_punkt:
             out["punkt_data"] = f"missing ({punkt_resource(self.nltk)})"
             out["unsplit_captions"] = len(self.unsplit)
