@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", default=DEMO_JSON,
                       help=f"where to write the results (default: {DEMO_JSON})")
 
-    ev = sub.add_parser("eval", help="evaluate retrieval with official RCAR checkpoints")
-    ev.add_argument("--checkpoint", help="official RCAR model_best.pth")
+    ev = sub.add_parser("eval", help="evaluate retrieval with official RCAR / SCAN checkpoints")
+    ev.add_argument("--checkpoint", help="official RCAR model_best.pth or SCAN model_best.pth.tar")
     ev.add_argument("--ensemble", nargs="+", default=[], metavar="PATH",
                     help="more checkpoints (each scores the split with its own encoders, or "
                          "the matching --embeddings folder) and/or saved results (.npy: a "
@@ -172,6 +172,12 @@ def main(argv: Optional[list] = None) -> int:
             raise
         print(f"rcar-fast {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"rcar-fast {args.command}: interrupted (no partial output files were left)",
+              file=sys.stderr)
+        return 130
     finally:
         _teardown_distributed()
 
@@ -448,10 +454,10 @@ def _report(args, named, timing, device, command, extra) -> int:
     print()
     print(f"protocol {protocol} ({chosen}), {n_img} images, {final.shape[1]} captions")
     print(metrics.format_metrics_table(rows))
-    final_name = next(reversed(rows)) if len(protocols) == 1 else \
-        [r for r in rows if not r.endswith(f" / {protocols[-1]}")][-1]
-    print(f"\n{final_name} ({protocols[0]}), as the public evaluation prints it:")
-    print(metrics.public_report(rows[final_name]))
+    final_name = list(named)[-1]
+    for protocol in protocols:
+        print(f"\n{final_name} ({protocol}), as the public evaluation prints it:")
+        print(_public_lines(final, protocol, args.any_size))
     if timing:
         print("\n" + "  ".join(f"{k} {v:.2f}s" for k, v in timing.items()))
     if args.save:
@@ -464,6 +470,26 @@ def _report(args, named, timing, device, command, extra) -> int:
             result["device"] = _device_name(device)
         _write_json(args.json, result)
     return 0
+
+
+def _public_lines(sims, protocol, any_size) -> str:
+    """What the public evalrank / eval_ensemble log: fold5=False for one matrix, fold5=True
+    (each fold, then the mean) for the 1K protocol."""
+    if protocol != "coco1k":
+        return metrics.public_report(evaluation.evaluate_protocol(sims, protocol,
+                                                                  strict=not any_size))
+    n_img = sims.shape[0]
+    fold_size = 1000 if n_img % 1000 == 0 or n_img % 5 else n_img // 5
+    mean, folds = metrics.coco1k_metrics(sims, fold_size=fold_size, return_folds=True)
+    lines = []
+    for fold in folds:
+        r = tuple(fold[f"i2t_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr"))
+        ri = tuple(fold[f"t2i_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr"))
+        lines += ["Image to text: %.1f, %.1f, %.1f, %.1f, %.1f" % r,
+                  "Text to image: %.1f, %.1f, %.1f, %.1f, %.1f" % ri,
+                  "rsum: %.1f ar: %.1f ari: %.1f" % (fold["rsum"], sum(r[:3]) / 3, sum(ri[:3]) / 3)]
+    lines += ["-----------------------------------", "Mean metrics: ", metrics.public_report(mean)]
+    return "\n".join(lines)
 
 
 def _check_outputs(args):

@@ -392,3 +392,28 @@ def test_help_lists_the_commands(capsys):
         cli.main(["--help"])
     printed = capsys.readouterr().out
     assert "demo" in printed and "eval" in printed and "bench" in printed
+
+
+def test_public_log_lines_for_the_1k_folds(tmp_path, capsys):
+    ds = _embeddings(tmp_path, seed=4, n_images=10)
+    assert cli.main(["eval", "--embeddings", str(tmp_path), "--protocol", "coco1k", "--any-size",
+                     *FAST]) == 0
+    printed = capsys.readouterr().out
+    sims = evaluation.all_pairs(*ds, "scan", backend="reference", progress=False)
+    mean, folds = metrics.coco1k_metrics(sims, fold_size=2, return_folds=True)
+    assert printed.count("Image to text: ") == 6 and "Mean metrics: " in printed
+    assert printed.rstrip().split("Mean metrics: \n")[1].startswith(metrics.public_report(mean))
+    first = folds[0]
+    assert ("Image to text: %.1f, %.1f, %.1f" % (first["i2t_r1"], first["i2t_r5"], first["i2t_r10"])
+            in printed)
+
+
+def test_interrupt_is_reported_without_a_traceback(tmp_path, capsys, monkeypatch):
+    _embeddings(tmp_path, seed=0)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "all_pairs", interrupted)
+    assert cli.main(["eval", "--embeddings", str(tmp_path), *FAST]) == 130
+    assert "interrupted" in capsys.readouterr().err
