@@ -417,3 +417,18 @@ def test_interrupt_is_reported_without_a_traceback(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(evaluation, "all_pairs", interrupted)
     assert cli.main(["eval", "--embeddings", str(tmp_path), *FAST]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_eval_without_nltk_names_the_install(tmp_path, capsys, monkeypatch):
+    split_dir, vocab = tmp_path / "f30k", tmp_path / "vocab.json"
+    save_split(split_dir, n_img=2, seed=0)
+    make_vocab(vocab)
+    ckpt = tmp_path / "t2i.pth"
+    make_official_checkpoint(ckpt)
+    monkeypatch.setitem(sys.modules, "nltk", None)
+    monkeypatch.setitem(sys.modules, "nltk.tokenize", None)
+    _NoCompute(monkeypatch)
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data", str(split_dir), "--vocab",
+                     str(vocab), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "pip install nltk" in err and len(err.strip().splitlines()) == 1

@@ -307,3 +307,15 @@ def test_truncated_npy_names_the_file(tmp_path):
     (tmp_path / "testall_ims.npy").write_bytes(content[:len(content) // 2])
     with pytest.raises(ValueError, match="testall_ims.npy is not a readable .npy file"):
         load_precomp(tmp_path, "testall")
+
+
+def test_missing_nltk_names_the_install(monkeypatch):
+    # Runs with or without nltk installed (the GPU image has none).
+    monkeypatch.setitem(sys.modules, "nltk", None)
+    monkeypatch.setitem(sys.modules, "nltk.tokenize", None)
+    monkeypatch.setattr(data, "_DEFAULT_TOKENIZER", [])
+    with pytest.raises(data.TokenizerError, match="pip install nltk"):
+        data.tokenize("a dog")
+    vocab = data.Vocabulary({"<unk>": 0, "<start>": 1, "<end>": 2})
+    with pytest.raises(data.TokenizerError, match="pip install nltk"):
+        vocab.encode("a dog")
