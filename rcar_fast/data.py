@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from typing import NamedTuple, Optional, Sequence
 
@@ -309,6 +310,10 @@ def _punkt_installed(nltk_module) -> bool:
     return True
 
 
+# Closing characters that every nltk version's punkt realigns into the preceding sentence.
+_ONLY_CLOSERS = re.compile(r"[\"')\]}]+")
+
+
 class Tokenizer:
     """Caption -> tokens exactly as the public SCAN/RCAR loaders compute them:
     ``nltk.tokenize.word_tokenize(caption.lower())``.
@@ -320,7 +325,8 @@ class Tokenizer:
     boundary (no '.', '?' or '!' followed by more text): punkt then returns the whole
     caption as one sentence (its trailing whitespace removed), so
     ``word_tokenize(text.rstrip(), preserve_line=True)`` is the same call (mode
-    "preserve_line"). A caption that may hold two sentences is refused with the command
+    "preserve_line"); a candidate followed only by closing quotes or brackets
+    (``stop."``) is harmless too, as punkt realigns those into the sentence. A caption that may hold two sentences is refused with the command
     that installs the data, unless ``allow_unsplit`` is set: then it is tokenised as one
     sentence (which can differ from the public tokens, e.g. "two." vs "two" "."), a
     warning is printed once and every such caption is counted in ``describe()``.
@@ -350,8 +356,13 @@ class Tokenizer:
         return "punkt" if self.has_punkt else "preserve_line"
 
     def may_split(self, text: str) -> bool:
-        """Whether punkt could split ``text`` into more than one sentence."""
-        return self._candidate_end.search(text.rstrip()) is not None
+        """Whether punkt could split ``text`` into more than one sentence: a candidate
+        sentence end followed by more than closing quotes/brackets. (After a candidate
+        followed only by ``"')]}`` punkt's boundary realignment puts the closers back into
+        the sentence, so it stays one sentence whatever punkt decides there.)"""
+        text = text.rstrip()
+        return any(not _ONLY_CLOSERS.fullmatch(text, match.end())
+                   for match in self._candidate_end.finditer(text))
 
     def __call__(self, caption: str) -> list:
         if not isinstance(caption, str):

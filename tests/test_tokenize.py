@@ -121,3 +121,60 @@ def test_vocabulary_encode_uses_the_tokenizer(monkeypatch):
 def test_vocabulary_ids_must_be_non_negative_integers(bad):
     with pytest.raises(ValueError, match="must be a non-negative integer"):
         data.Vocabulary({"<unk>": 0, "dog": bad})
+
+
+class _BreakEverywhere(PunktSentenceTokenizer):
+    """Punkt that takes every candidate boundary: the worst case for one-sentence captions."""
+
+    def text_contains_sentbreak(self, text):
+        return True
+
+
+class _BreakNowhere(PunktSentenceTokenizer):
+    def text_contains_sentbreak(self, text):
+        return False
+
+
+def _random_captions(n, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    pieces = ["a", "dog", "T-shirt", "3.5", "11:20", "and/or", "can't", "cannot", "it's", "Mr.",
+              "St.", "U.S.", "caf\u00e9", "na\u00efve", "\u65e5\u672c", ".", "?", "!", "...", ",",
+              ";", ":", "'", '"', "(", ")", "[", "]", "{", "}", "\u201c", "\u201d", "--", "-",
+              "''", "``", "*", "@"]
+    for _ in range(n):
+        out = []
+        for _ in range(rng.randint(0, 9)):
+            out.append(rng.choice(pieces))
+            out.append(rng.choice(["", " ", " ", "  "]))
+        yield "".join(out)
+
+
+@pytest.mark.parametrize("punkt", [_BreakEverywhere, _BreakNowhere])
+def test_one_sentence_rule_holds_whatever_punkt_decides(monkeypatch, punkt):
+    _without_punkt_data(monkeypatch)
+    tok = data.Tokenizer()
+    if not hasattr(nltk.tokenize, "_get_punkt_tokenizer"):
+        pytest.skip(f"nltk {nltk.__version__} has no _get_punkt_tokenizer hook to substitute")
+    monkeypatch.setattr(nltk.tokenize, "_get_punkt_tokenizer", lambda language="english": punkt())
+    exact = refused = 0
+    for caption in _random_captions(3000, seed=1):
+        if tok.may_split(caption.lower()):
+            refused += 1
+            continue
+        assert tok(caption) == nltk.tokenize.word_tokenize(caption.lower()), repr(caption)
+        exact += 1
+    assert exact > 500 and refused > 500
+    # Closing quotes after a final period keep a caption one sentence: not refused.
+    assert not tok.may_split('a sign that says "stop."') and not tok.may_split("(a dog.) ")
+    assert tok.may_split('he said "stop." and left')
+
+
+def test_refused_captions_can_really_differ(monkeypatch):
+    _without_punkt_data(monkeypatch)
+    tok = data.Tokenizer(allow_unsplit=True)
+    monkeypatch.setattr(nltk.tokenize, "_get_punkt_tokenizer",
+                        lambda language="english": _BreakEverywhere())
+    with pytest.warns(RuntimeWarning):
+        assert tok("A cake. It has candles") != nltk.tokenize.word_tokenize("a cake. it has candles")
