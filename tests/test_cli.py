@@ -432,3 +432,47 @@ def test_eval_without_nltk_names_the_install(tmp_path, capsys, monkeypatch):
                      str(vocab), *FAST]) == 2
     err = capsys.readouterr().err
     assert "pip install nltk" in err and len(err.strip().splitlines()) == 1
+
+
+TRICKY_CAPTIONS = ["A man in a t-shirt holds a 3.5 inch phone.", "The clock shows 11:20",
+                   "Salt and/or pepper", "A dog can't fly , it cannot", "It's a \"quoted\" sign",
+                   "A cat on a couch ...", "A caf\u00e9 sign", "Two dogs (one brown) play!",
+                   "A sign that says 'stop.'", "A bus"]
+
+
+@needs_nltk
+def test_eval_word_ids_are_those_of_the_public_word_tokenize(tmp_path, capsys, monkeypatch):
+    import nltk
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    monkeypatch.setattr(data, "_punkt_installed", lambda nltk_module: False)   # as here
+    split_dir, vocab_path = tmp_path / "f30k", tmp_path / "vocab.json"
+    save_split(split_dir, n_img=2, seed=0)
+    (split_dir / "testall_caps.txt").write_text("\n".join(TRICKY_CAPTIONS) + "\n")
+    words = ("<pad>", "<start>", "<end>", "<unk>", "a", "t-shirt", "3.5", "11:20", "and/or",
+             "ca", "n't", "can", "not", "it", "'s", "``", "''", "...", "caf\u00e9", "(", ")",
+             "!", "'stop", ".", "'", "dog", "sign", "bus", "clock", "man")
+    write_vocab(vocab_path, words)
+    ckpt = tmp_path / "t2i.pth"
+    make_official_checkpoint(ckpt)
+    saved = tmp_path / "sims.npy"
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data", str(split_dir), "--vocab",
+                     str(vocab_path), "--save", str(saved), *FAST]) == 0, capsys.readouterr().err
+    # The public loader's call, its sentence split by punkt (untrained here: these captions
+    # have no sentence boundary to decide, so any punkt model gives one sentence).
+    monkeypatch.setattr(nltk.tokenize, "_get_punkt_tokenizer",
+                        lambda language="english": PunktSentenceTokenizer())
+    vocab = data.load_vocab(vocab_path)
+    ids = [[vocab("<start>")] + [vocab(t) for t in nltk.tokenize.word_tokenize(c.lower())]
+           + [vocab("<end>")] for c in TRICKY_CAPTIONS]
+    used = {i for seq in ids for i in seq}
+    for token in ("t-shirt", "3.5", "11:20", "and/or", "ca", "n't", "can", "not", "'s", "``",
+                  "''", "...", "caf\u00e9", "(", "!", "'"):
+        assert vocab(token) in used and vocab(token) != vocab("<unk>"), token
+    model = load_rcar_checkpoint(ckpt)
+    split = data.load_precomp(split_dir, "testall")
+    img = model.encode_images(split.images)
+    cap, lens = model.encode_captions(ids)
+    with torch.no_grad():
+        want = model.sim_enc.forward_vectorized(img, cap, lens)
+    np.testing.assert_allclose(np.load(saved), want.numpy(), rtol=1e-5, atol=1e-6)

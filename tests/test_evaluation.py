@@ -236,3 +236,44 @@ def test_gpu_streamed_equals_cpu_reference(backend):
     top = all_pairs_topk(ds.img, ds.cap, ds.lens, "scan", k=5, backend=backend, device="cuda",
                          img_block=16, cap_block=64, progress=False)
     assert torch.equal(top.i2t_indices, lexsorted_topk(got, 5)[1])
+
+
+def test_protocol_all_is_every_image_at_once():
+    sims = torch.randn(7, 35)
+    assert evaluate_protocol(sims, "all") == metrics.recall_metrics(sims)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.remove, ("/nonexistent/never-called",))
+
+
+def test_saved_results_round_trip_and_bad_files(tmp_path):
+    from rcar_fast.evaluation import load_results, save_results
+
+    sims = torch.randn(4, 20)
+    save_results(tmp_path / "pub.npy", sims, "public")
+    save_results(tmp_path / "mat.npy", sims, "matrix")
+    public = np.load(tmp_path / "pub.npy", allow_pickle=True).tolist()      # as eval_ensemble
+    assert public["npts"] == 4 and public["sims"].dtype == np.float64
+    for name in ("pub.npy", "mat.npy"):
+        np.testing.assert_array_equal(np.asarray(load_results(tmp_path / name), np.float32),
+                                      sims.numpy())
+    np.save(tmp_path / "evil.npy", {"npts": 4, "sims": _RunsCode()}, allow_pickle=True)
+    with pytest.raises(ValueError, match="refusing to load posix.remove|refusing to load"):
+        load_results(tmp_path / "evil.npy")
+    np.save(tmp_path / "npts.npy", {"npts": 5, "sims": sims.numpy()}, allow_pickle=True)
+    with pytest.raises(ValueError, match="npts = 5 but sims has shape"):
+        load_results(tmp_path / "npts.npy")
+    np.save(tmp_path / "shape.npy", np.zeros((4, 19), np.float32))
+    with pytest.raises(ValueError, match=r"expected \(n_img, 5 \* n_img\)"):
+        load_results(tmp_path / "shape.npy")
+    np.save(tmp_path / "ints.npy", np.zeros((4, 20), np.int64))
+    with pytest.raises(ValueError, match="floating"):
+        load_results(tmp_path / "ints.npy")
+    content = (tmp_path / "mat.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(content[:len(content) // 2])
+    with pytest.raises(ValueError, match="cut.npy is not a readable .npy file"):
+        load_results(tmp_path / "cut.npy")
+    with pytest.raises(ValueError, match="format must be one of"):
+        save_results(tmp_path / "x.npy", sims, "csv")
