@@ -198,3 +198,16 @@ def test_eval_scan_checkpoints_with_their_average_ensemble(tmp_path, capsys):
         metrics.recall_metrics(metrics.ensemble(*sims)))
     np.testing.assert_allclose(np.load(saved), metrics.ensemble(*sims).numpy(), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_legacy_serialisation_loads_weights_only(tmp_path):
+    # 2018 SCAN checkpoints predate torch's zip format.
+    path = tmp_path / "model_best.pth.tar"
+    public = PublicLayout(scan_opt(), seed=3)
+    torch.save({"epoch": 1, "model": public.state(), "best_rsum": 1.0, "opt": scan_opt(),
+                "Eiters": 5}, path, _use_new_zipfile_serialization=False)
+    model = load_checkpoint(path)
+    assert model.kind == "scan" and model.sim_enc.agg == "lse"
+    feats = np.ones((1, 2, SIZES["img_dim"]), np.float32)
+    np.testing.assert_allclose(model.encode_images(feats).numpy(), public.images(feats).numpy(),
+                               rtol=1e-6)
