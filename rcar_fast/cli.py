@@ -358,12 +358,14 @@ def _eval(args) -> int:
     embeddings = _match_embeddings(args.embeddings, checkpoints)
     device, rank = _setup_device(args)
     timing, described = {}, []
+    # Saved results are read (memory-mapped) and checked before any computation.
+    saved_results = {path: evaluation.load_results(path) for path in saved}
 
     split, tokens, tokenizer = None, None, None
     if args.embeddings is None:
         t0 = time.perf_counter()
         split = data.load_precomp(args.data, args.split)
-        if split.note:
+        if split.note and rank == 0:
             print(f"rcar-fast eval: {split.note}")
         # Tokenised once, before any model is loaded: a caption that cannot be tokenised
         # as the public code does stops the run here.
@@ -381,9 +383,10 @@ def _eval(args) -> int:
         named[_unique(named, info["name"])] = sims
     if rank != 0:
         return 0             # this rank's shards went to rank 0
-    for path in saved:
-        named[_unique(named, f"saved ({os.path.basename(path)})")] = evaluation.load_results(path)
-        described.append({"name": f"saved ({os.path.basename(path)})", "results": path})
+    for path, sims in saved_results.items():
+        name = _unique(named, f"saved ({os.path.basename(path)})")
+        named[name] = sims
+        described.append({"name": name, "results": path})
     _check_same_shape(named)
     extra = {"models": described}
     if tokenizer is not None:
@@ -438,26 +441,33 @@ def _report(args, named, timing, device, command, extra) -> int:
     """Adds the ensemble row, computes the metrics of every protocol, prints, saves."""
     final = next(iter(named.values()))
     if len(named) > 1:
-        final = metrics.ensemble(*named.values())
+        # float64, as the public eval_ensemble averages: no ties made by rounding.
+        final = metrics.ensemble(*named.values(), dtype=torch.float64)
         named["ensemble (ALL)"] = final
     n_img = final.shape[0]
     protocols, chosen = ([args.protocol], "given") if args.protocol else \
         (evaluation.protocols_for_size(n_img), "chosen from the size")
-    rows = {}
+    rows, public = {}, {}
     for protocol in protocols:
         for name, sims in named.items():
             row = name if protocol == protocols[0] else f"{name} / {protocol}"
-            rows[row] = _protocol_metrics(sims, protocol, args.any_size, timing, protocol)
+            with_folds = sims is final and protocol == "coco1k"   # folds for the public lines
+            rows[row] = _protocol_metrics(sims, protocol, args.any_size, timing, protocol,
+                                          return_folds=with_folds)
+            if with_folds:
+                rows[row], folds = rows[row]
+                public[protocol] = (rows[row], folds)
+            elif sims is final:
+                public[protocol] = (rows[row], None)
     protocol = "+".join(protocols)
     if args.save:
         evaluation.save_results(args.save, final, args.save_format)
     print()
     print(f"protocol {protocol} ({chosen}), {n_img} images, {final.shape[1]} captions")
     print(metrics.format_metrics_table(rows))
-    final_name = list(named)[-1]
     for protocol in protocols:
-        print(f"\n{final_name} ({protocol}), as the public evaluation prints it:")
-        print(_public_lines(final, protocol, args.any_size))
+        print(f"\n{list(named)[-1]} ({protocol}), as the public evaluation prints it:")
+        print(_public_lines(*public[protocol]))
     if timing:
         print("\n" + "  ".join(f"{k} {v:.2f}s" for k, v in timing.items()))
     if args.save:
@@ -472,24 +482,19 @@ def _report(args, named, timing, device, command, extra) -> int:
     return 0
 
 
-def _public_lines(sims, protocol, any_size) -> str:
+def _public_lines(result, folds=None) -> str:
     """What the public evalrank / eval_ensemble log: fold5=False for one matrix, fold5=True
-    (each fold, then the mean) for the 1K protocol."""
-    if protocol != "coco1k":
-        return metrics.public_report(evaluation.evaluate_protocol(sims, protocol,
-                                                                  strict=not any_size))
-    n_img = sims.shape[0]
-    fold_size = 1000 if n_img % 1000 == 0 or n_img % 5 else n_img // 5
-    mean, folds = metrics.coco1k_metrics(sims, fold_size=fold_size, return_folds=True)
+    (each fold, then the mean ``result``) for the 1K protocol."""
     lines = []
-    for fold in folds:
+    for fold in folds or ():
         r = tuple(fold[f"i2t_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr"))
         ri = tuple(fold[f"t2i_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr"))
         lines += ["Image to text: %.1f, %.1f, %.1f, %.1f, %.1f" % r,
                   "Text to image: %.1f, %.1f, %.1f, %.1f, %.1f" % ri,
                   "rsum: %.1f ar: %.1f ari: %.1f" % (fold["rsum"], sum(r[:3]) / 3, sum(ri[:3]) / 3)]
-    lines += ["-----------------------------------", "Mean metrics: ", metrics.public_report(mean)]
-    return "\n".join(lines)
+    if folds:
+        lines += ["-----------------------------------", "Mean metrics: "]
+    return "\n".join(lines + [metrics.public_report(result)])
 
 
 def _check_outputs(args):
@@ -518,10 +523,9 @@ def _match_embeddings(folders, checkpoints):
     """One embeddings folder per model; a single folder serves every model."""
     if folders is None:
         return None
-    n_models = max(len(checkpoints), 1)
     if len(folders) == 1:
-        return folders * n_models
-    if checkpoints and len(folders) != n_models:
+        return folders * max(len(checkpoints), 1)
+    if checkpoints and len(folders) != len(checkpoints):
         raise ValueError(f"--embeddings gives {len(folders)} folders for {len(checkpoints)} "
                          f"checkpoints; give one folder, or one per checkpoint (--checkpoint "
                          f"first, then the --ensemble checkpoints)")
@@ -593,9 +597,10 @@ def _score_one(args, checkpoint_path, split, tokens, embeddings_dir, device, tim
     return sims, info
 
 
-def _protocol_metrics(sims, protocol, any_size, timing, label):
+def _protocol_metrics(sims, protocol, any_size, timing, label, return_folds=False):
     t0 = time.perf_counter()
-    out = evaluation.evaluate_protocol(sims, protocol, strict=not any_size)
+    out = evaluation.evaluate_protocol(sims, protocol, strict=not any_size,
+                                       return_folds=return_folds)
     timing[f"{label}_metrics_s"] = timing.get(f"{label}_metrics_s", 0.0) + time.perf_counter() - t0
     return out
 

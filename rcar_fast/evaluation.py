@@ -622,11 +622,12 @@ def _fill_stats(stats, seconds, local_pairs, pairs, rank, world):
 # ---------------------------------------------------------------------------------------------
 
 def evaluate_protocol(sims, protocol: str, captions_per_image: int = 5, strict: bool = True,
-                      fold_size: Optional[int] = None) -> dict:
+                      fold_size: Optional[int] = None, return_folds: bool = False):
     """Metrics of one published protocol: "coco5k" (all 5000 images), "coco1k" (5 folds of
     1000 averaged) or "f30k" (1000 images). With strict=True the matrix must have the
     protocol's size; strict=False evaluates any size (coco1k: folds of ``fold_size`` images,
-    by default 1000, or a fifth of the images when they are not a multiple of 1000)."""
+    by default 1000, or a fifth of the images when they are not a multiple of 1000).
+    ``return_folds`` (coco1k only): returns (mean, [metrics of each fold])."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {tuple(PROTOCOLS)}, got {protocol!r}")
     n_img = sims.shape[0]
@@ -638,9 +639,16 @@ def evaluate_protocol(sims, protocol: str, captions_per_image: int = 5, strict: 
                          f"matrix of shape {tuple(sims.shape)}")
     if protocol == "coco1k":
         if fold_size is None:
-            fold_size = 1000 if strict or n_img % 1000 == 0 or n_img % 5 else n_img // 5
-        return _metrics.coco1k_metrics(sims, captions_per_image, fold_size=fold_size)
+            fold_size = coco1k_fold_size(n_img, strict)
+        return _metrics.coco1k_metrics(sims, captions_per_image, fold_size=fold_size,
+                                       return_folds=return_folds)
     return _metrics.recall_metrics(sims, captions_per_image)
+
+
+def coco1k_fold_size(n_img: int, strict: bool = True) -> int:
+    """Images per fold of the 1K protocol: 1000, or (strict=False, a size that is not a
+    multiple of 1000) a fifth of the images."""
+    return 1000 if strict or n_img % 1000 == 0 or n_img % 5 else n_img // 5
 
 
 def recall_from_topk(topk: TopK, captions_per_image: int = 5) -> dict:

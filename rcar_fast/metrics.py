@@ -32,7 +32,7 @@ arrays and ``np.memmap`` files alike.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -188,13 +188,13 @@ def coco1k_metrics(sims: Matrix, captions_per_image: int = 5, fold_size: int = 1
     return (mean, folds) if return_folds else mean
 
 
-def ensemble(sims_a: Matrix, *more: Matrix) -> Matrix:
+def ensemble(sims_a: Matrix, *more: Matrix, dtype: Optional[torch.dtype] = None) -> Matrix:
     """The "ALL" ensemble: the average of several models' similarity matrices (usually the
     t2i and the i2t model), as the public ``eval_ensemble`` averages its results files.
     Computed in float64 by row blocks (summed in argument order, then divided: what
-    ``np.mean(axis=0)`` of the stacked float64 matrices computes), returned in the promoted
-    dtype of the inputs (at least float32), as a tensor if ``sims_a`` is one, else a NumPy
-    array."""
+    ``np.mean(axis=0)`` of the stacked float64 matrices computes), returned in ``dtype``
+    (default: the promoted dtype of the inputs, at least float32; float64 keeps exactly what
+    the public code ranks), as a tensor if ``sims_a`` is one, else a NumPy array."""
     matrices = (sims_a,) + more
     if len(matrices) < 2:
         raise ValueError("an ensemble needs at least two similarity matrices")
@@ -203,9 +203,10 @@ def ensemble(sims_a: Matrix, *more: Matrix) -> Matrix:
         raise ValueError(f"the ensemble's matrices must have the same shape, got {shapes}")
     shape = shapes[0]
     as_tensor = isinstance(sims_a, torch.Tensor)
-    dtype = torch.float32
-    for m in matrices:
-        dtype = torch.promote_types(dtype, _torch_dtype(m))
+    if dtype is None:
+        dtype = torch.float32
+        for m in matrices:
+            dtype = torch.promote_types(dtype, _torch_dtype(m))
     device = sims_a.device if as_tensor else torch.device("cpu")
     out = torch.empty(shape, dtype=dtype, device=device)
     step = max(1, _BLOCK_ELEMENTS // max(shape[1], 1))

@@ -109,6 +109,7 @@ def test_eval_checkpoint_on_a_precomputed_split_with_ensemble(tmp_path, capsys):
     ensemble = metrics.ensemble(sims_a, sims_b)
     assert rows[2] == pytest.approx(metrics.recall_metrics(ensemble))
     np.testing.assert_allclose(np.load(saved), ensemble.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.load(saved).dtype == np.float64           # averaged and kept in float64, as public
     assert [m["backend"] for m in result["models"]] == ["reference", "reference"]
     assert "model_similarity_s" in result["timing"]
 
