@@ -31,10 +31,13 @@ class Terminated(BaseException):
 @contextlib.contextmanager
 def _sigterm_as_exception():
     """Within the block SIGTERM raises Terminated; after it, a caught SIGTERM is re-sent."""
-    if threading.current_thread() is not threading.main_thread():
+    previous = (signal.getsignal(signal.SIGTERM)
+                if threading.current_thread() is threading.main_thread() else None)
+    if previous is None or previous is signal.SIG_IGN:
+        # Not the main thread (no handlers there), an ignored SIGTERM (left ignored), or a
+        # handler installed outside Python (kept).
         yield
         return
-    previous = signal.getsignal(signal.SIGTERM)
 
     def handler(signum, frame):
         raise Terminated()
@@ -47,7 +50,7 @@ def _sigterm_as_exception():
         terminated = True
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, previous)
         if terminated:
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -93,3 +93,17 @@ def test_a_signal_during_all_pairs_leaves_no_partial_file(tmp_path, signum):
             proc.kill()
     assert proc.returncode == -signum, proc.stderr.read().decode()
     assert os.listdir(out) == []
+
+
+def test_an_ignored_sigterm_stays_ignored(tmp_path):
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with atomic_path(tmp_path / "a.bin") as tmp:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            with open(tmp, "wb") as f:
+                f.write(b"done")
+        assert (tmp_path / "a.bin").read_bytes() == b"done"
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
