@@ -10,6 +10,13 @@ The format: a ``torch.save``'d dict with
   ``no_imgnorm``, ``no_txtnorm``, ``data_name``, ...);
 * ``epoch`` (and sometimes ``best_rsum``, ``Eiters``).
 
+Official SCAN checkpoints (kuanghuei/SCAN ``model_best.pth.tar``) hold instead
+``model = [img_enc state dict, txt_enc state dict]`` (``fc.*``; ``embed.*``, ``rnn.*``) and
+an ``opt`` with ``cross_attn``, ``raw_feature_norm``, ``agg_func``, ``lambda_lse``,
+``lambda_softmax``, ``bi_gru``, ``precomp_enc_type``, ``no_imgnorm``, ``no_txtnorm``;
+``load_scan_checkpoint`` builds the SCAN encoders and a ``SCANHead`` from them and
+``load_checkpoint`` picks the right loader from the file's layout.
+
 ``load_rcar_checkpoint`` rebuilds the whole model from it. Sizes are read from the weights
 (and checked against ``opt`` where it has them); the regulator, step count, direction and
 smooth come from ``opt``. Loading uses ``torch.load(weights_only=True)`` with only
@@ -25,10 +32,12 @@ from typing import Optional
 
 import torch
 
-from rcar_fast.encoders import EncoderImage, EncoderText, RCARModel
+from rcar_fast.atomic import atomic_path
+from rcar_fast.encoders import (EncoderImage, EncoderImagePrecomp, EncoderText, RCARModel,
+                                SCANHead)
 
-__all__ = ["load_rcar_checkpoint", "save_rcar_checkpoint", "official_state_dict",
-           "build_sim_enc", "CheckpointError"]
+__all__ = ["load_rcar_checkpoint", "load_scan_checkpoint", "load_checkpoint",
+           "save_rcar_checkpoint", "official_state_dict", "build_sim_enc", "CheckpointError"]
 
 _STEP_OPTION = {"only_rar": "rar_step", "only_rcr": "rcr_step", "coop_rcar": "rcar_step"}
 _PARTS = ("img_enc", "txt_enc", "sim_enc")
@@ -62,10 +71,24 @@ def _read(path, map_location, trusted):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # pickle and zip errors of several kinds
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        if _needs_trust(err):
+            raise CheckpointError(
+                f"{path} holds Python objects that a weights-only load refuses "
+                f"({type(err).__name__}: {first_line}). If it is a checkpoint you trust, pass "
+                "trusted=True (rcar-fast eval --trust-checkpoint).") from None
         raise CheckpointError(
-            f"cannot read {path} as a weights-only checkpoint ({type(err).__name__}: {err}). "
-            "If it is a checkpoint you trust that stores other Python objects, pass "
-            "trusted=True (rcar-fast eval --trust-checkpoint).") from None
+            f"cannot read {path}: it is truncated or not a torch checkpoint "
+            f"({type(err).__name__}: {first_line})") from None
+
+
+def _needs_trust(err: Exception) -> bool:
+    """Whether torch.load refused an object the weights-only unpickler does not allow (as
+    opposed to a truncated or malformed file, which --trust-checkpoint cannot fix)."""
+    import pickle
+
+    return isinstance(err, pickle.UnpicklingError) and (
+        "Weights only load failed" in str(err) or "Unsupported global" in str(err))
 
 
 def _options(raw) -> dict:
@@ -213,13 +236,111 @@ def save_rcar_checkpoint(model: RCARModel, path, opt=None, epoch: Optional[int] 
         opt = argparse.Namespace(**opt)
     if not isinstance(opt, argparse.Namespace):
         raise TypeError("opt must be an argparse.Namespace or a dict of the training options")
-    path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.partial"
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"model": official_state_dict(model), "opt": opt,
                     "epoch": epoch if epoch is not None else model.epoch}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Official SCAN checkpoints
+# ---------------------------------------------------------------------------------------------
+
+# SCAN's agg_func names -> rcar_fast's agg names.
+_SCAN_AGG = {"LogSumExp": "lse", "Mean": "mean", "Max": "max", "Sum": "sum"}
+# SCAN train.py defaults, for options an old checkpoint may lack.
+_SCAN_DEFAULTS = dict(cross_attn="t2i", raw_feature_norm="clipped_l2norm", agg_func="LogSumExp",
+                      lambda_lse=6.0, lambda_softmax=9.0, precomp_enc_type="basic",
+                      no_imgnorm=False, no_txtnorm=False)
+
+
+def is_scan_checkpoint(raw) -> bool:
+    """SCAN saves model = [img_enc state, txt_enc state]; RCAR saves one state dict."""
+    model = raw.get("model") if isinstance(raw, Mapping) else None
+    return isinstance(model, (list, tuple))
+
+
+def build_scan_head(opt: dict) -> SCANHead:
+    """The SCAN head the official options describe."""
+    opt = {**_SCAN_DEFAULTS, **{k: v for k, v in opt.items() if v is not None}}
+    from rcar_fast.ops.scan import RAW_NORMS
+
+    if opt["cross_attn"] not in ("t2i", "i2t"):
+        raise CheckpointError(f"opt.cross_attn must be 't2i' or 'i2t', got {opt['cross_attn']!r}")
+    if opt["raw_feature_norm"] not in RAW_NORMS:
+        raise CheckpointError(f"opt.raw_feature_norm must be one of {RAW_NORMS}, got "
+                              f"{opt['raw_feature_norm']!r}")
+    if opt["agg_func"] not in _SCAN_AGG:
+        raise CheckpointError(f"opt.agg_func must be one of {tuple(_SCAN_AGG)}, got "
+                              f"{opt['agg_func']!r}")
+    for name in ("lambda_lse", "lambda_softmax"):
+        value = opt[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                or value == float("inf"):
+            raise CheckpointError(f"opt.{name} must be a positive finite number, got {value!r}")
+    return SCANHead(direction=opt["cross_attn"], raw_norm=opt["raw_feature_norm"],
+                    smooth=float(opt["lambda_softmax"]), agg=_SCAN_AGG[opt["agg_func"]],
+                    lse_lambda=float(opt["lambda_lse"]))
+
+
+def _scan_states(raw):
+    states = raw["model"]
+    if len(states) != 2 or not all(isinstance(st, Mapping) for st in states):
+        raise CheckpointError("a SCAN checkpoint's 'model' must be [img_enc state dict, "
+                              f"txt_enc state dict], got a {type(states).__name__} of "
+                              f"{len(states)} entries")
+    for part, state in zip(("img_enc", "txt_enc"), states):
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"SCAN checkpoint entry {part}.{key} is not a tensor")
+    return dict(states[0]), dict(states[1])
+
+
+def load_scan_checkpoint(path, map_location="cpu", *, trusted: bool = False) -> RCARModel:
+    """Builds the SCAN model (image and text encoders, ``SCANHead`` as ``sim_enc``) from an
+    official SCAN checkpoint. Same arguments, result type and errors as load_rcar_checkpoint."""
+    raw = _read(path, map_location, trusted)
+    if not is_scan_checkpoint(raw):
+        raise CheckpointError("not a SCAN checkpoint: 'model' must be [img_enc state dict, "
+                              "txt_enc state dict]")
+    opt = _options(raw)
+    img_state, txt_state = _scan_states(raw)
+    weight_norm = opt.get("precomp_enc_type", "basic") == "weight_norm"
+    if opt.get("precomp_enc_type", "basic") not in ("basic", "weight_norm"):
+        raise CheckpointError(f"opt.precomp_enc_type must be 'basic' or 'weight_norm', got "
+                              f"{opt.get('precomp_enc_type')!r}")
+    fc_key = "fc.weight_v" if weight_norm else "fc.weight"
+    embed_size, img_dim = _require(img_state, fc_key, "img_enc").shape
+    vocab_size, word_dim = _require(txt_state, "embed.weight", "txt_enc").shape
+    num_layers = len({k[len("rnn.weight_ih_l"):].split("_")[0] for k in txt_state
+                      if k.startswith("rnn.weight_ih_l")})
+    bidirectional = any(k.endswith("_reverse") for k in txt_state)
+    for name, value in (("embed_size", embed_size), ("img_dim", img_dim), ("word_dim", word_dim),
+                        ("num_layers", num_layers), ("bi_gru", bidirectional)):
+        _check_against_opt(opt, name, value)
+
+    img_enc = EncoderImagePrecomp(img_dim, embed_size, no_imgnorm=bool(opt.get("no_imgnorm", False)),
+                                  weight_norm=weight_norm)
+    txt_enc = EncoderText(vocab_size, embed_size, word_dim, max(num_layers, 1), bidirectional,
+                          no_txtnorm=bool(opt.get("no_txtnorm", False)))
+    # The public EncoderImagePrecomp.load_state_dict keeps only the keys it knows; the
+    # text encoder loads strictly. Here both load strictly: a stray key means another model.
+    _load_part(img_enc, img_state, "img_enc")
+    # SCAN's text encoder has no dropout module; ours has one without weights: same keys.
+    _load_part(txt_enc, txt_state, "txt_enc")
+    model = RCARModel(img_enc, txt_enc, build_scan_head(opt), opt=opt, epoch=raw.get("epoch"))
+    model.kind = "scan"
+    return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+
+
+def load_checkpoint(path, map_location="cpu", *, trusted: bool = False) -> RCARModel:
+    """An official RCAR or SCAN checkpoint, told apart by its layout; ``model.kind`` is
+    "rcar" or "scan"."""
+    raw = _read(path, map_location, trusted)
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"checkpoint must be a dict with 'model', 'opt', 'epoch', got "
+                              f"{type(raw).__name__}")
+    if is_scan_checkpoint(raw):
+        return load_scan_checkpoint(raw, map_location, trusted=trusted)
+    model = load_rcar_checkpoint(raw, map_location, trusted=trusted)
+    model.kind = "rcar"
+    return model

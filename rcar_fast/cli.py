@@ -3,11 +3,16 @@
     rcar-fast demo [--size NAME] [--backend B] [--json out.json]
         all-pairs SCAN t2i similarity on the synthetic COCO-shaped set, checked against the
         vectorised reference on a slice, with timing, pairs/s and a recall table.
-    rcar-fast eval --checkpoint model_best.pth --data DIR --split testall --protocol coco5k
-                   [--ensemble other.pth] [--backend B] [--save sims.npy] [--json out.json]
-        encode a precomputed split with an official RCAR checkpoint and evaluate retrieval.
-    rcar-fast eval --embeddings DIR [--checkpoint model_best.pth] --protocol f30k ...
-        evaluate already-encoded embeddings (SCAN t2i, or the checkpoint's RCAR head).
+    rcar-fast eval --checkpoint model_best.pth --data DIR [--split testall] [--protocol P]
+                   [--ensemble other.pth results.npy ...] [--backend B]
+                   [--save sims.npy [--save-format public]] [--json out.json]
+        encode a precomputed split with an official RCAR checkpoint and evaluate retrieval;
+        the protocol is chosen from the split's size unless --protocol names one.
+    rcar-fast eval --embeddings DIR [DIR ...] [--checkpoint model_best.pth] [--ensemble ...]
+        evaluate already-encoded embeddings (SCAN t2i, or the checkpoints' RCAR heads).
+    rcar-fast ensemble a.npy b.npy [...] [--protocol P] [--save ...] [--json ...]
+        average saved similarity matrices (bare, or the public {'npts', 'sims'} results)
+        and evaluate the ensemble, as the public eval_ensemble does.
     rcar-fast bench ...
         the benchmarks (bench/), when present.
 """
@@ -16,24 +21,50 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
 import time
+import warnings
 from typing import Optional
 
 import torch
 
 from rcar_fast import data, evaluation, metrics
+from rcar_fast.atomic import atomic_path, check_output_path
 
 __all__ = ["main", "build_parser"]
 
 SIZES = ("auto",) + tuple(data.SYNTHETIC_SIZES)
 # Pairs the vectorised reference scores for the demo's cross-check (about 10 s on 2 CPU cores).
 DEMO_REFERENCE_PAIRS = 20_000
+DEMO_JSON = os.path.join("out", "demo_results.json")
+# Errors that are the user's input (files, arguments, data), reported in one line (exit 2).
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, EOFError, pickle.UnpicklingError)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rcar-fast", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="{demo,eval,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,eval,ensemble,bench}")
     sub.required = True
 
     demo = sub.add_parser("demo", help="all-pairs SCAN retrieval on the synthetic set")
@@ -42,51 +73,87 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{k}={v[0]}x{v[1]}" for k, v in data.SYNTHETIC_SIZES.items())
                       + "; auto: 'coco5k' on a GPU, 'demo' with fused CPU kernels, 'small' "
                         "with the reference only")
-    demo.add_argument("--images", type=int, default=None, help="override the number of images")
-    demo.add_argument("--dim", type=int, default=None, help="override the feature size d")
+    demo.add_argument("--images", type=_positive_int, default=None,
+                      help="override the number of images")
+    demo.add_argument("--dim", type=_positive_int, default=None, help="override the feature size d")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--dtype", default="float32", choices=("float32", "float16"))
-    demo.add_argument("--reference-pairs", type=int, default=DEMO_REFERENCE_PAIRS,
+    demo.add_argument("--reference-pairs", type=_non_negative_int, default=DEMO_REFERENCE_PAIRS,
                       help="pairs on which the vectorised reference cross-checks the backend "
                            "(0: skip)")
     _common_compute_args(demo)
-    demo.add_argument("--json", default=os.path.join("out", "demo_results.json"),
-                      help="where to write the results (default: out/demo_results.json)")
+    demo.add_argument("--json", default=DEMO_JSON,
+                      help=f"where to write the results (default: {DEMO_JSON})")
 
-    ev = sub.add_parser("eval", help="evaluate retrieval with an official RCAR checkpoint")
-    ev.add_argument("--checkpoint", help="official RCAR model_best.pth")
-    ev.add_argument("--ensemble", help="a second checkpoint (e.g. the i2t model); its matrix "
-                                       "is averaged with the first")
+    ev = sub.add_parser("eval", help="evaluate retrieval with official RCAR / SCAN checkpoints")
+    ev.add_argument("--checkpoint", help="official RCAR model_best.pth or SCAN model_best.pth.tar")
+    ev.add_argument("--ensemble", nargs="+", default=[], metavar="PATH",
+                    help="more checkpoints (each scores the split with its own encoders, or "
+                         "the matching --embeddings folder) and/or saved results (.npy: a "
+                         "matrix or the public {'npts', 'sims'}), averaged with the first")
     ev.add_argument("--data", help="folder with {split}_ims.npy and {split}_caps.txt "
                                    "(or a precomp/ subfolder)")
-    ev.add_argument("--split", default="testall")
+    ev.add_argument("--split", default="testall",
+                    help="split name (default testall); 'dev' is cut to its first 5000 "
+                         "captions, as the public loaders do")
     ev.add_argument("--vocab", help="vocabulary json (default: found next to --data)")
-    ev.add_argument("--embeddings", help="folder with img_embs, cap_embs, cap_lens (.npy/.pt) "
-                                         "instead of --data")
-    ev.add_argument("--protocol", choices=tuple(evaluation.PROTOCOLS),
-                    help="default: coco5k for 5000 images (plus coco1k), f30k for 1000")
-    ev.add_argument("--any-size", action="store_true",
-                    help="evaluate a split whose size is not the protocol's")
-    ev.add_argument("--batch-size", type=int, default=128, help="encoder batch size")
+    ev.add_argument("--embeddings", nargs="+", metavar="DIR",
+                    help="folder(s) with img_embs, cap_embs, cap_lens (.npy/.pt) instead of "
+                         "--data: one for all models, or one per checkpoint (--checkpoint "
+                         "first, then the --ensemble checkpoints)")
+    _protocol_args(ev)
+    ev.add_argument("--batch-size", type=_positive_int, default=128, help="encoder batch size")
     ev.add_argument("--trust-checkpoint", action="store_true",
                     help="load checkpoints with arbitrary pickled objects (trusted files only)")
-    ev.add_argument("--save", help="write the similarity matrix (the ensemble with --ensemble) "
-                                   "to this .npy file")
-    ev.add_argument("--json", help="write the results to this json file")
+    ev.add_argument("--allow-unsplit-sentences", action="store_true",
+                    help="without nltk's punkt data, tokenise captions that may hold two "
+                         "sentences as one (warned about and counted in the results json) "
+                         "instead of refusing")
+    _output_args(ev)
     _common_compute_args(ev)
+
+    ens = sub.add_parser("ensemble", help="evaluate the average of saved similarity matrices")
+    ens.add_argument("results", nargs="+", metavar="RESULTS.npy",
+                     help="saved matrices: rcar-fast eval --save output (either format) or "
+                          "the public results_{data_name}.npy")
+    _protocol_args(ens)
+    _output_args(ens)
+    ens.add_argument("--debug", action="store_true",
+                     help="show the full error and traceback instead of one line")
 
     bench = sub.add_parser("bench", help="run the benchmarks (bench/)", add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
+def _protocol_args(p):
+    p.add_argument("--protocol", choices=tuple(evaluation.PROTOCOLS),
+                   help="default: chosen from the size (5000 images: coco5k and its 1K folds; "
+                        "1000: f30k; any other size: all images)")
+    p.add_argument("--any-size", action="store_true",
+                   help="let a named --protocol evaluate a split that is not its size")
+
+
 def _common_compute_args(p):
     p.add_argument("--backend", default="auto",
                    choices=("auto", "reference", "reference_loop", "triton", "cuda", "cpu"))
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--img-block", type=int, default=None, help="images per similarity call")
-    p.add_argument("--cap-block", type=int, default=None, help="captions per similarity call")
+    p.add_argument("--img-block", type=_positive_int, default=None,
+                   help="images per similarity call")
+    p.add_argument("--cap-block", type=_positive_int, default=None,
+                   help="captions per similarity call")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full error and traceback instead of one line")
+
+
+def _output_args(p):
+    p.add_argument("--save", help="write the similarity matrix (the ensemble's, with "
+                                  "--ensemble) to this .npy file")
+    p.add_argument("--save-format", choices=evaluation.RESULT_FORMATS, default="matrix",
+                   help="matrix: the bare (n_img, n_cap) array; public: the {'npts', 'sims'} "
+                        "dict the public RCAR evalrank writes and eval_ensemble reads")
+    p.add_argument("--json", help="write the results to this json file")
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -97,12 +164,28 @@ def main(argv: Optional[list] = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "ensemble":
+            return _ensemble_command(args)
         return _eval(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
-        print(f"rcar-fast {args.command}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"rcar-fast {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"rcar-fast {args.command}: interrupted (no partial output files were left)",
+              file=sys.stderr)
+        return 130
     finally:
         _teardown_distributed()
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    more = " (more with --debug)" if len(lines) > 1 else ""
+    return lines[0] + more
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +230,8 @@ def _setup_device(args) -> tuple:
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.device is not None:
+        evaluation._resolve_device(args.device)      # a clear error before anything starts
     wants_gpu = args.device is None and torch.cuda.is_available() or \
         (args.device or "").startswith("cuda")
     if world > 1 and dist.is_available() and not dist.is_initialized():
@@ -161,10 +246,13 @@ def _setup_device(args) -> tuple:
         device = torch.device(args.device or "cpu")
     if rank != 0:
         args.no_progress = True
-    return device, rank
+    return evaluation._resolve_device(device), rank
 
 
 def _demo(args) -> int:
+    if args.json == DEMO_JSON:
+        os.makedirs(os.path.dirname(DEMO_JSON), exist_ok=True)
+    check_output_path(args.json, "--json")
     device, rank = _setup_device(args)
     dtype = getattr(torch, args.dtype)
     backend = _resolve_backend("scan", args.backend, device, dtype)
@@ -175,7 +263,8 @@ def _demo(args) -> int:
         else:
             size = "coco5k" if device.type == "cuda" else "demo"
     n_images, dim = data.synthetic_size(size)
-    n_images, dim = args.images or n_images, args.dim or dim
+    n_images = args.images if args.images is not None else n_images
+    dim = args.dim if args.dim is not None else dim
     if rank == 0:
         print(f"rcar-fast demo: synthetic set '{size}' ({n_images} images x 36 regions, "
               f"{5 * n_images} captions, d={dim}, {args.dtype}); SCAN t2i on backend "
@@ -261,81 +350,235 @@ def _eval(args) -> int:
     if args.embeddings is None and (args.checkpoint is None or args.data is None):
         raise ValueError("eval needs --checkpoint and --data, or --embeddings "
                          "(optionally with --checkpoint for its RCAR head)")
-    if args.ensemble and args.embeddings:
-        raise ValueError("--ensemble needs --data (each model encodes the split with its own "
-                         "encoders); it cannot be combined with --embeddings")
+    if args.embeddings is not None and args.data is not None:
+        raise ValueError("give either --data (features to encode) or --embeddings (already "
+                         "encoded), not both")
+    _check_outputs(args)
+    checkpoints, saved = _split_ensemble(args)
+    embeddings = _match_embeddings(args.embeddings, checkpoints)
     device, rank = _setup_device(args)
-    timing, rows, described = {}, {}, []
+    timing, described = {}, []
+    # Saved results are read (memory-mapped) and checked before any computation.
+    saved_results = {path: evaluation.load_results(path) for path in saved}
 
-    split = None
+    split, tokens, tokenizer = None, None, None
     if args.embeddings is None:
         t0 = time.perf_counter()
         split = data.load_precomp(args.data, args.split)
+        if split.note and rank == 0:
+            print(f"rcar-fast eval: {split.note}")
+        # Tokenised once, before any model is loaded: a caption that cannot be tokenised
+        # as the public code does stops the run here.
+        tokenizer = data.Tokenizer(allow_unsplit=args.allow_unsplit_sentences)
+        tokens = _CaptionTokens(split.captions, tokenizer)
         timing["load_s"] = time.perf_counter() - t0
 
     named = {}  # row name -> similarity matrix
-    for label, path in (("model", args.checkpoint), ("ensemble", args.ensemble)):
-        if label == "ensemble" and path is None:
-            break
-        sims, info = _score_one(args, path, split, device, timing, label)
+    # No checkpoint: SCAN t2i on each embeddings folder.
+    models = checkpoints or [None] * len(embeddings or [None])
+    for index, (path, folder) in enumerate(zip(models, embeddings or [None] * len(models))):
+        label = "model" if index == 0 else f"ensemble{index}"
+        sims, info = _score_one(args, path, split, tokens, folder, device, timing, label)
         described.append(info)
-        named[info["name"]] = sims
+        named[_unique(named, info["name"])] = sims
     if rank != 0:
         return 0             # this rank's shards went to rank 0
+    for path, sims in saved_results.items():
+        name = _unique(named, f"saved ({os.path.basename(path)})")
+        named[name] = sims
+        described.append({"name": name, "results": path})
+    _check_same_shape(named)
+    extra = {"models": described}
+    if tokenizer is not None:
+        extra["tokenizer"] = tokenizer.describe()
+        if tokenizer.unsplit:
+            print(f"rcar-fast eval: WARNING: {len(tokenizer.unsplit)} captions were tokenised "
+                  f"as one sentence without nltk's punkt data; the metrics may differ from the "
+                  f"public evaluation (recorded in the results)", file=sys.stderr)
+    return _report(args, named, timing, device, "eval", extra)
+
+
+class _CaptionTokens:
+    """The split's tokens, per lower-casing rule: RCAR lower-cases Unicode, SCAN's Python 2
+    loader ASCII only; the two differ only for captions with non-ASCII letters."""
+
+    def __init__(self, captions, tokenizer):
+        self.captions, self.tokenizer = captions, tokenizer
+        self.by_rule = {"unicode": self._tokenize(tokenizer)}
+
+    def _tokenize(self, tokenizer):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            tokens = [tokenizer(c) for c in self.captions]
+        for warning in caught[:1]:
+            print(f"rcar-fast eval: WARNING: {warning.message}", file=sys.stderr)
+        return tokens
+
+    def get(self, lowercase: str):
+        if lowercase not in self.by_rule:
+            if all(c.isascii() for c in self.captions):
+                self.by_rule[lowercase] = self.by_rule["unicode"]
+            else:
+                self.by_rule[lowercase] = self._tokenize(data.Tokenizer(
+                    allow_unsplit=self.tokenizer.allow_unsplit, lowercase=lowercase))
+        return self.by_rule[lowercase]
+
+
+def _ensemble_command(args) -> int:
+    if len(args.results) < 2:
+        raise ValueError("ensemble needs at least two results files")
+    _check_outputs(args)
+    named = {}
+    for path in args.results:
+        named[_unique(named, os.path.basename(path))] = evaluation.load_results(path)
+    _check_same_shape(named)
+    return _report(args, named, {}, None, "ensemble",
+                   {"models": [{"name": name, "results": path}
+                               for name, path in zip(named, args.results)]})
+
+
+def _report(args, named, timing, device, command, extra) -> int:
+    """Adds the ensemble row, computes the metrics of every protocol, prints, saves."""
     final = next(iter(named.values()))
-    if len(named) == 2:
-        final = metrics.ensemble(*named.values())
+    if len(named) > 1:
+        # float64, as the public eval_ensemble averages: no ties made by rounding.
+        final = metrics.ensemble(*named.values(), dtype=torch.float64)
         named["ensemble (ALL)"] = final
     n_img = final.shape[0]
-    protocols = [args.protocol] if args.protocol else [_default_protocol(n_img)]
-    if not args.protocol and protocols == ["coco5k"]:
-        protocols.append("coco1k")  # COCO results are reported on both
+    protocols, chosen = ([args.protocol], "given") if args.protocol else \
+        (evaluation.protocols_for_size(n_img), "chosen from the size")
+    rows, public = {}, {}
     for protocol in protocols:
         for name, sims in named.items():
             row = name if protocol == protocols[0] else f"{name} / {protocol}"
-            rows[row] = _protocol_metrics(sims, protocol, args.any_size, timing, protocol)
+            with_folds = sims is final and protocol == "coco1k"   # folds for the public lines
+            rows[row] = _protocol_metrics(sims, protocol, args.any_size, timing, protocol,
+                                          return_folds=with_folds)
+            if with_folds:
+                rows[row], folds = rows[row]
+                public[protocol] = (rows[row], folds)
+            elif sims is final:
+                public[protocol] = (rows[row], None)
     protocol = "+".join(protocols)
     if args.save:
-        _save_matrix(args.save, final)
+        evaluation.save_results(args.save, final, args.save_format)
     print()
-    print(f"protocol {protocol}, {n_img} images, {5 * n_img} captions")
+    print(f"protocol {protocol} ({chosen}), {n_img} images, {final.shape[1]} captions")
     print(metrics.format_metrics_table(rows))
-    print("\n" + "  ".join(f"{k} {v:.2f}s" for k, v in timing.items()))
+    for protocol in protocols:
+        print(f"\n{list(named)[-1]} ({protocol}), as the public evaluation prints it:")
+        print(_public_lines(*public[protocol]))
+    if timing:
+        print("\n" + "  ".join(f"{k} {v:.2f}s" for k, v in timing.items()))
+    if args.save:
+        print(f"similarity matrix written to {args.save} ({args.save_format} format)")
     if args.json:
-        _write_json(args.json, {"command": "eval", "protocol": protocol, "n_images": n_img,
-                                "models": described, "metrics": rows, "timing": timing,
-                                "device": _device_name(device), "saved": args.save})
+        result = {"command": command, "protocol": protocol, "protocol_choice": chosen,
+                  "n_images": n_img, **extra, "metrics": rows, "timing": timing,
+                  "saved": args.save, "save_format": args.save_format if args.save else None}
+        if device is not None:
+            result["device"] = _device_name(device)
+        _write_json(args.json, result)
     return 0
 
 
-def _score_one(args, checkpoint_path, split, device, timing, label):
+def _public_lines(result, folds=None) -> str:
+    """What the public evalrank / eval_ensemble log: fold5=False for one matrix, fold5=True
+    (each fold, then the mean ``result``) for the 1K protocol."""
+    lines = []
+    for fold in folds or ():
+        r = tuple(fold[f"i2t_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr"))
+        ri = tuple(fold[f"t2i_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr"))
+        lines += ["Image to text: %.1f, %.1f, %.1f, %.1f, %.1f" % r,
+                  "Text to image: %.1f, %.1f, %.1f, %.1f, %.1f" % ri,
+                  "rsum: %.1f ar: %.1f ari: %.1f" % (fold["rsum"], sum(r[:3]) / 3, sum(ri[:3]) / 3)]
+    if folds:
+        lines += ["-----------------------------------", "Mean metrics: "]
+    return "\n".join(lines + [metrics.public_report(result)])
+
+
+def _check_outputs(args):
+    """--save / --json must be writable files: refused before any computation."""
+    for flag, path in (("--save", args.save), ("--json", args.json)):
+        if path is not None:
+            check_output_path(path, flag)
+    if args.save and args.json and os.path.abspath(args.save) == os.path.abspath(args.json):
+        raise ValueError("--save and --json name the same file")
+
+
+def _split_ensemble(args):
+    """(checkpoints in order: --checkpoint then --ensemble ones, saved results files)."""
+    checkpoints = [args.checkpoint] if args.checkpoint else []
+    saved = []
+    for path in args.ensemble:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--ensemble {path}: file not found")
+        (saved if path.endswith(".npy") else checkpoints).append(path)
+    if args.ensemble and not args.checkpoint and args.embeddings is None:
+        raise ValueError("--ensemble needs --checkpoint (the first model)")
+    return checkpoints, saved
+
+
+def _match_embeddings(folders, checkpoints):
+    """One embeddings folder per model; a single folder serves every model."""
+    if folders is None:
+        return None
+    if len(folders) == 1:
+        return folders * max(len(checkpoints), 1)
+    if checkpoints and len(folders) != len(checkpoints):
+        raise ValueError(f"--embeddings gives {len(folders)} folders for {len(checkpoints)} "
+                         f"checkpoints; give one folder, or one per checkpoint (--checkpoint "
+                         f"first, then the --ensemble checkpoints)")
+    return folders
+
+
+def _unique(named, name):
+    candidate, n = name, 2
+    while candidate in named:
+        candidate, n = f"{name} #{n}", n + 1
+    return candidate
+
+
+def _check_same_shape(named):
+    shapes = {name: tuple(m.shape) for name, m in named.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"the ensemble's similarity matrices differ in shape: {shapes}")
+
+
+def _score_one(args, checkpoint_path, split, tokens, embeddings_dir, device, timing, label):
     """(similarity matrix, description) of one model on the split."""
-    from rcar_fast.checkpoint import load_rcar_checkpoint
+    from rcar_fast.checkpoint import load_checkpoint
 
     model = None
     if checkpoint_path is not None:
         t0 = time.perf_counter()
-        model = load_rcar_checkpoint(checkpoint_path, map_location=device,
-                                     trusted=args.trust_checkpoint)
+        model = load_checkpoint(checkpoint_path, map_location=device,
+                                trusted=args.trust_checkpoint)
         timing[f"{label}_load_checkpoint_s"] = time.perf_counter() - t0
     if split is not None:
         vocab = data.load_vocab(args.vocab or _find_vocab(args.data, model.opt))
         t0 = time.perf_counter()
         img = model.encode_images(split.images, args.batch_size, device)
-        cap, lens = model.encode_captions([vocab.encode(c) for c in split.captions],
+        words = tokens.get("ascii" if model.kind == "scan" else "unicode")
+        cap, lens = model.encode_captions([vocab.encode_tokens(t) for t in words],
                                           args.batch_size, device)
         timing[f"{label}_encode_s"] = time.perf_counter() - t0
     else:
         t0 = time.perf_counter()
-        img, cap, lens = data.load_embeddings(args.embeddings)
-        timing["load_embeddings_s"] = time.perf_counter() - t0
+        img, cap, lens = data.load_embeddings(embeddings_dir)
+        timing[f"{label}_load_embeddings_s"] = time.perf_counter() - t0
 
-    if model is not None:
+    if model is not None and model.kind == "scan":
+        similarity = evaluation.rcar_fn(model.sim_enc, args.backend)
+        op, name = "scan", f"SCAN {model.sim_enc.direction} ({os.path.basename(checkpoint_path)})"
+    elif model is not None:
         similarity = evaluation.rcar_fn(model.sim_enc, args.backend)
         op, name = "rcar", f"RCAR {model.opt.get('attn_type', 't2i')} ({os.path.basename(checkpoint_path)})"
     else:
         similarity = evaluation.scan_fn(args.backend)
         op, name = "scan", "SCAN t2i"
+        if len(args.embeddings) > 1:
+            name += f" ({os.path.basename(os.path.normpath(embeddings_dir))})"
     cap_dtype = metrics._torch_dtype(cap)
     backend = _resolve_backend(op, args.backend, device, cap_dtype)
     stats = {}
@@ -347,25 +590,19 @@ def _score_one(args, checkpoint_path, split, device, timing, label):
     info = {"name": f"{name} [{backend}]", "checkpoint": checkpoint_path, "backend": backend,
             "pairs": stats["pairs"], "pairs_per_s": stats["pairs"] / stats["seconds"],
             "ranks": stats["world"]}
+    if embeddings_dir is not None:
+        info["embeddings"] = embeddings_dir
     if model is not None:
         info["epoch"] = model.epoch
     return sims, info
 
 
-def _protocol_metrics(sims, protocol, any_size, timing, label):
+def _protocol_metrics(sims, protocol, any_size, timing, label, return_folds=False):
     t0 = time.perf_counter()
-    out = evaluation.evaluate_protocol(sims, protocol, strict=not any_size)
+    out = evaluation.evaluate_protocol(sims, protocol, strict=not any_size,
+                                       return_folds=return_folds)
     timing[f"{label}_metrics_s"] = timing.get(f"{label}_metrics_s", 0.0) + time.perf_counter() - t0
     return out
-
-
-def _default_protocol(n_img: int) -> str:
-    if n_img == 5000:
-        return "coco5k"
-    if n_img == 1000:
-        return "f30k"
-    raise ValueError(f"cannot infer the protocol from {n_img} images; pass --protocol "
-                     "(and --any-size for a non-standard split)")
 
 
 def _find_vocab(data_dir, opt) -> str:
@@ -387,25 +624,11 @@ def _find_vocab(data_dir, opt) -> str:
                             "pass --vocab")
 
 
-def _save_matrix(path, sims):
-    array = sims.numpy() if isinstance(sims, torch.Tensor) else sims
-    data._atomic_save_npy(os.fspath(path), array)
-
-
 def _write_json(path, content):
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.partial"
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2, default=str)
             f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _device_name(device: torch.device) -> str:

@@ -55,10 +55,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
+
+from rcar_fast.atomic import atomic_path
 
 __all__ = [
     "RetrievalSet",
@@ -69,10 +72,16 @@ __all__ = [
     "Vocabulary",
     "load_vocab",
     "tokenize",
+    "Tokenizer",
+    "TokenizerError",
+    "punkt_resource",
     "PrecompSplit",
     "load_precomp",
     "load_embeddings",
     "save_embeddings",
+    "load_npy",
+    "save_npy",
+    "load_tensor_file",
     "pad_captions",
 ]
 
@@ -271,14 +280,148 @@ def _check_synthetic_args(*, n_images, regions, dim, captions_per_image, min_len
 # Vocabulary and tokenisation (SCAN / RCAR precomp format)
 # ---------------------------------------------------------------------------------------------
 
+class TokenizerError(RuntimeError):
+    """Captions cannot be tokenised exactly as the public code does; the message says how to fix it."""
+
+
+def _nltk():
+    try:
+        import nltk
+        import nltk.tokenize  # noqa: F401  (the submodule the public code calls)
+    except ImportError:
+        raise TokenizerError(
+            "nltk is not installed; the public SCAN/RCAR code tokenises captions with "
+            "nltk.tokenize.word_tokenize, and rcar-fast uses it too so that word ids match: "
+            "pip install nltk") from None
+    return nltk
+
+
+def punkt_resource(nltk_module=None) -> str:
+    """The punkt data the installed nltk loads: 'punkt_tab' (nltk >= 3.8.2) or 'punkt'."""
+    nltk_module = nltk_module or _nltk()
+    return "punkt_tab" if hasattr(nltk_module.tokenize, "PunktTokenizer") else "punkt"
+
+
+def _punkt_installed(nltk_module) -> bool:
+    try:
+        nltk_module.tokenize.sent_tokenize("a.")
+    except LookupError:
+        return False
+    return True
+
+
+# Closing characters that every nltk version's punkt realigns into the preceding sentence.
+_ONLY_CLOSERS = re.compile(r"[\"')\]}]+")
+
+
+class Tokenizer:
+    """Caption -> tokens exactly as the public SCAN/RCAR loaders compute them:
+    ``nltk.tokenize.word_tokenize(caption.lower())``.
+
+    ``word_tokenize`` first splits the text into sentences with punkt (data that
+    ``python -m nltk.downloader punkt_tab`` installs), then tokenises each sentence. Where
+    the punkt data is installed it is called as is (mode "punkt"). Where it is not, the
+    tokens are still exact for every caption in which punkt has no candidate sentence
+    boundary (no '.', '?' or '!' followed by more text): punkt then returns the whole
+    caption as one sentence (its trailing whitespace removed), so
+    ``word_tokenize(text.rstrip(), preserve_line=True)`` is the same call (mode
+    "preserve_line"); a candidate followed only by closing quotes or brackets
+    (``stop."``) is harmless too, as punkt realigns those into the sentence. A caption that may hold two sentences is refused with the command
+    that installs the data, unless ``allow_unsplit`` is set: then it is tokenised as one
+    sentence (which can differ from the public tokens, e.g. "two." vs "two" "."), a
+    warning is printed once and every such caption is counted in ``describe()``.
+
+    ``lowercase="ascii"`` lower-cases ASCII letters only, as SCAN's Python 2 loader does
+    (``str(caption).lower().decode('utf-8')`` on bytes); the default "unicode" is RCAR's
+    ``caption.lower()``.
+
+    Raises TokenizerError (a RuntimeError) when nltk is missing ("pip install nltk")."""
+
+    def __init__(self, allow_unsplit: bool = False, lowercase: str = "unicode"):
+        if lowercase not in ("unicode", "ascii"):
+            raise ValueError(f"lowercase must be 'unicode' or 'ascii', got {lowercase!r}")
+        self.nltk = _nltk()
+        self.allow_unsplit, self.lowercase = allow_unsplit, lowercase
+        self.has_punkt = _punkt_installed(self.nltk)
+        self.unsplit = []       # captions tokenised as one sentence although they may hold more
+        if not self.has_punkt:
+            from nltk.tokenize.punkt import PunktLanguageVars
+
+            # The candidate sentence ends of punkt itself (the trained model only decides
+            # which candidates are real ends), so "no candidate" means "one sentence".
+            self._candidate_end = PunktLanguageVars().period_context_re()
+
+    @property
+    def mode(self) -> str:
+        return "punkt" if self.has_punkt else "preserve_line"
+
+    def may_split(self, text: str) -> bool:
+        """Whether punkt could split ``text`` into more than one sentence: a candidate
+        sentence end followed by more than closing quotes/brackets. (After a candidate
+        followed only by ``"')]}`` punkt's boundary realignment puts the closers back into
+        the sentence, so it stays one sentence whatever punkt decides there.)"""
+        text = text.rstrip()
+        return any(not _ONLY_CLOSERS.fullmatch(text, match.end())
+                   for match in self._candidate_end.finditer(text))
+
+    def __call__(self, caption: str) -> list:
+        if not isinstance(caption, str):
+            raise TypeError(f"a caption must be a str, got {type(caption).__name__}")
+        text = (caption.lower() if self.lowercase == "unicode"
+                else caption.encode("utf-8").lower().decode("utf-8"))
+        word_tokenize = self.nltk.tokenize.word_tokenize
+        if self.has_punkt:
+            return word_tokenize(text)
+        if self.may_split(text):
+            if not self.allow_unsplit:
+                raise TokenizerError(
+                    f"the caption {caption!r} may hold more than one sentence, and nltk's punkt "
+                    f"data (which the public word_tokenize uses to split sentences) is not "
+                    f"installed, so its tokens cannot be reproduced exactly; install the data "
+                    f"with: python -m nltk.downloader {punkt_resource(self.nltk)} "
+                    f"(or pass --allow-unsplit-sentences to tokenise such captions as one "
+                    f"sentence, recorded in the results)")
+            if not self.unsplit:
+                warnings.warn(
+                    f"nltk's punkt data is missing: captions that may hold more than one "
+                    f"sentence (first: {caption!r}) are tokenised as one sentence, which can "
+                    f"differ from the public tokens; the count goes into the results. Install "
+                    f"the data with: python -m nltk.downloader {punkt_resource(self.nltk)}",
+                    RuntimeWarning, stacklevel=2)
+            self.unsplit.append(caption)
+        return word_tokenize(text.rstrip(), preserve_line=True)
+
+    def describe(self) -> dict:
+        """What tokenised the captions, for the results json."""
+        out = {"name": "nltk.tokenize.word_tokenize", "nltk_version": self.nltk.__version__,
+               "mode": self.mode, "lowercase": self.lowercase}
+        if not self.has_punkt:
+            out["punkt_data"] = f"missing ({punkt_resource(self.nltk)})"
+            out["unsplit_captions"] = len(self.unsplit)
+            out["unsplit_examples"] = self.unsplit[:5]
+        return out
+
+
+_DEFAULT_TOKENIZER = []
+
+
+def tokenize(caption: str) -> list:
+    """Lower-cased tokens of one caption, as the public code computes them (see Tokenizer;
+    a caption that may hold two sentences needs nltk's punkt data)."""
+    if not _DEFAULT_TOKENIZER:
+        _DEFAULT_TOKENIZER.append(Tokenizer())
+    return _DEFAULT_TOKENIZER[0](caption)
+
+
 class Vocabulary:
     """word -> index, with unknown words mapped to ``<unk>`` (as the public ``Vocabulary``)."""
 
-    def __init__(self, word2idx: dict, idx2word: Optional[dict] = None):
+    def __init__(self, word2idx: dict, idx2word: Optional[dict] = None, source: str = "vocabulary"):
         if "<unk>" not in word2idx:
-            raise ValueError("the vocabulary has no '<unk>' entry, so unknown words cannot be mapped")
-        self.word2idx = {str(w): int(i) for w, i in word2idx.items()}
-        self.idx2word = ({int(i): w for i, w in idx2word.items()} if idx2word is not None
+            raise ValueError(f"{source} has no '<unk>' entry, so unknown words cannot be mapped")
+        self.word2idx = {str(w): _word_id(i, w, source) for w, i in word2idx.items()}
+        self.idx2word = ({_word_id(i, w, source): w for i, w in idx2word.items()}
+                         if idx2word is not None
                          else {i: w for w, i in self.word2idx.items()})
 
     def __call__(self, word: str) -> int:
@@ -287,10 +430,22 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.word2idx)
 
-    def encode(self, caption: str) -> list:
+    def encode(self, caption: str, tokenizer: Optional[Tokenizer] = None) -> list:
         """Word ids of ``<start> tokens <end>``, as the public data loader builds them."""
-        return ([self("<start>")] + [self(token) for token in tokenize(caption)]
-                + [self("<end>")])
+        return self.encode_tokens((tokenizer or tokenize)(caption))
+
+    def encode_tokens(self, tokens: Sequence) -> list:
+        """Word ids of ``<start> tokens <end>`` for already tokenised words."""
+        return [self("<start>")] + [self(token) for token in tokens] + [self("<end>")]
+
+
+def _word_id(value, word, source) -> int:
+    """A vocabulary id: a non-negative integer (json may give it as a digit string)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{source}: the id of {word!r} must be a non-negative integer, got {value!r}")
+    return int(value)
 
 
 def load_vocab(path) -> Vocabulary:
@@ -306,36 +461,25 @@ def load_vocab(path) -> Vocabulary:
     if not isinstance(content, dict) or not isinstance(content.get("word2idx"), dict):
         raise ValueError(f"vocabulary file {path} must hold a json object with a 'word2idx' "
                          f"mapping (and 'idx2word'), as the public SCAN/RCAR vocab files do")
-    return Vocabulary(content["word2idx"], content.get("idx2word"))
-
-
-# Clitics split off as nltk's word_tokenize does ("don't" -> "do", "n't"; "dog's" -> "dog", "'s").
-_TOKEN = re.compile(r"\w+(?=n't\b)|n't\b|'\w+|\w+|[^\w\s]")
-
-
-def tokenize(caption: str) -> list:
-    """Lower-cased tokens: nltk's ``word_tokenize`` when nltk (with its punkt data) is
-    installed, as the public code uses; otherwise a regex approximation of it (words,
-    clitics and punctuation as separate tokens)."""
-    text = caption.lower()
-    try:
-        import nltk
-
-        return nltk.tokenize.word_tokenize(text)
-    except (ImportError, LookupError):
-        return _TOKEN.findall(text)
+    return Vocabulary(content["word2idx"], content.get("idx2word"), source=f"vocabulary file {path}")
 
 
 # ---------------------------------------------------------------------------------------------
 # The precomputed format: {split}_ims.npy (N, 36, 2048), {split}_caps.txt (5N lines)
 # ---------------------------------------------------------------------------------------------
 
+# The public loaders (SCAN data.py, RCAR image_caption.py) cut the dev split to this many captions.
+PUBLIC_DEV_CAPTIONS = 5000
+
+
 class PrecompSplit(NamedTuple):
-    """images: (N, R, img_dim) memory-mapped; captions: 5N strings; path: the folder."""
+    """images: (N, R, img_dim) memory-mapped; captions: 5N strings; path: the folder;
+    note: what was changed to follow the public loader (the dev split's cut), or ""."""
 
     images: np.ndarray
     captions: list
     path: str
+    note: str = ""
 
 
 def _find_split_file(data_dir: str, name: str) -> str:
@@ -351,14 +495,12 @@ def load_precomp(data_dir, split: str, captions_per_image: int = 5) -> PrecompSp
     per image, in image order), in ``data_dir`` or ``data_dir/precomp``.
 
     Files whose image rows are repeated once per caption (as many rows as captions) are
-    read as every ``captions_per_image``-th row, as the public evaluation does."""
+    read as every ``captions_per_image``-th row, as the public evaluation does. The ``dev``
+    split is cut to its first 5000 captions (1000 images), as the public loaders do."""
     data_dir = os.fspath(data_dir)
     ims_path = _find_split_file(data_dir, f"{split}_ims.npy")
     caps_path = _find_split_file(data_dir, f"{split}_caps.txt")
-    try:
-        images = np.load(ims_path, mmap_mode="r")
-    except ValueError as err:
-        raise ValueError(f"{ims_path} is not a readable .npy array: {err}") from None
+    images = load_npy(ims_path, mmap=True)
     if images.ndim != 3 or 0 in images.shape:
         raise ValueError(f"{ims_path} must hold region features of shape (n_images, regions, "
                          f"img_dim), got shape {images.shape}")
@@ -372,7 +514,15 @@ def load_precomp(data_dir, split: str, captions_per_image: int = 5) -> PrecompSp
         raise ValueError(f"{caps_path} has {len(captions)} captions but {ims_path} has "
                          f"{len(images)} images; expected {captions_per_image} captions per image "
                          f"({captions_per_image * len(images)} lines)")
-    return PrecompSplit(images, captions, data_dir)
+    note = ""
+    if split == "dev" and len(captions) > PUBLIC_DEV_CAPTIONS:
+        # The public loaders evaluate only the first 5000 dev captions ("the development set
+        # for coco is large"), i.e. the first 1000 images.
+        note = (f"dev split: the first {PUBLIC_DEV_CAPTIONS} of {len(captions)} captions, as "
+                f"the public loaders evaluate it")
+        captions = captions[:PUBLIC_DEV_CAPTIONS]
+        images = images[:PUBLIC_DEV_CAPTIONS // captions_per_image]
+    return PrecompSplit(images, captions, data_dir, note)
 
 
 def pad_captions(captions: Sequence, dtype=None):
@@ -397,17 +547,49 @@ def pad_captions(captions: Sequence, dtype=None):
 EMBEDDING_FILES = ("img_embs", "cap_embs", "cap_lens")
 
 
+def load_npy(path, mmap: bool = True, allow_pickle: bool = False):
+    """np.load of one .npy file (memory-mapped when ``mmap``); a truncated or malformed
+    file raises ValueError naming it."""
+    path = os.fspath(path)
+    try:
+        return np.load(path, mmap_mode="r" if mmap and not allow_pickle else None,
+                       allow_pickle=allow_pickle)
+    except (ValueError, EOFError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a readable .npy file (truncated or not written by "
+                         f"numpy.save?): {err}") from None
+
+
+def load_tensor_file(path):
+    """One tensor from a .pt file, loaded weights-only (a file that needs arbitrary pickled
+    objects, a truncated or a malformed file raise ValueError naming it)."""
+    path = os.fspath(path)
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- pickle, zip and EOF errors of several kinds
+        raise ValueError(f"{path} cannot be read as a weights-only torch file "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                         f"it must hold one tensor saved with torch.save") from None
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{path} must hold one tensor, got {type(value).__name__}")
+    return value
+
+
 def _load_array(directory: str, stem: str, mmap: bool):
     for ext in (".npy", ".pt"):
         path = os.path.join(directory, stem + ext)
         if os.path.isfile(path):
             if ext == ".npy":
-                return np.load(path, mmap_mode="r" if mmap else None), path
-            value = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"{path} must hold one tensor, got {type(value).__name__}")
-            return value, path
+                return load_npy(path, mmap), path
+            return load_tensor_file(path), path
     raise FileNotFoundError(f"{stem}.npy or {stem}.pt not found in {directory}")
+
+
+def _is_integer_dtype(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+    return np.issubdtype(x.dtype, np.integer)
 
 
 def load_embeddings(directory, captions_per_image: int = 5, mmap: bool = True) -> RetrievalSet:
@@ -427,14 +609,11 @@ def load_embeddings(directory, captions_per_image: int = 5, mmap: bool = True) -
             raise ValueError(f"{path} must have shape {doc}, got {tuple(x.shape)}")
     if img.shape[2] != cap.shape[2]:
         raise ValueError(f"{img_path} has d={img.shape[2]} but {cap_path} has d={cap.shape[2]}")
-    if lens.ndim > 1:
-        lens = None
-    elif isinstance(lens, torch.Tensor):
-        lens = lens.reshape(-1)
-    else:
-        lens = torch.from_numpy(np.array(lens)).reshape(-1)
-    if lens is None or lens.dtype.is_floating_point and not bool((lens == lens.round()).all()):
-        raise ValueError(f"{lens_path} must hold integer lengths of shape (n_cap,)")
+    if lens.ndim != 1 or not _is_integer_dtype(lens):
+        raise ValueError(f"{lens_path} must hold integer lengths (an integer dtype) of shape "
+                         f"(n_cap,), got dtype {lens.dtype} and shape {tuple(lens.shape)}")
+    if not isinstance(lens, torch.Tensor):
+        lens = torch.from_numpy(np.array(lens, dtype=np.int64))
     lens = lens.to(torch.int64)
     if len(lens) != cap.shape[0]:
         raise ValueError(f"{lens_path} has {len(lens)} lengths but {cap_path} has "
@@ -450,16 +629,12 @@ def load_embeddings(directory, captions_per_image: int = 5, mmap: bool = True) -
     return RetrievalSet(img, cap, lens)
 
 
-def _atomic_save_npy(path: str, array: np.ndarray):
-    tmp = f"{path}.{os.getpid()}.partial"
-    try:
+def save_npy(path, array) -> None:
+    """np.save to ``path`` atomically (rcar_fast.atomic: no partial file on error or signal).
+    ``array`` may be an object (a dict: the public ``{'npts', 'sims'}`` results)."""
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+            np.save(f, array, allow_pickle=isinstance(array, dict))
 
 
 def save_embeddings(directory, img, cap, lens) -> None:
@@ -468,4 +643,4 @@ def save_embeddings(directory, img, cap, lens) -> None:
     os.makedirs(directory, exist_ok=True)
     for stem, value in zip(EMBEDDING_FILES, (img, cap, lens)):
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        _atomic_save_npy(os.path.join(directory, stem + ".npy"), array)
+        save_npy(os.path.join(directory, stem + ".npy"), array)

@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-__all__ = ["l2norm", "MLP", "EncoderImage", "EncoderText", "RCARModel"]
+__all__ = ["l2norm", "MLP", "EncoderImage", "EncoderImagePrecomp", "EncoderText", "RCARModel",
+           "SCANHead"]
 
 EPS = 1e-8
 
@@ -65,6 +66,29 @@ class EncoderImage(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.mlp(images) + self.fc(images)
+        return features if self.no_imgnorm else l2norm(features)
+
+
+class EncoderImagePrecomp(nn.Module):
+    """SCAN's image encoder (kuanghuei/SCAN ``model.py``): ``fc`` then l2norm, no MLP.
+    ``weight_norm=True`` is its ``precomp_enc_type='weight_norm'`` variant (``fc.weight_g``,
+    ``fc.weight_v``, built with torch's own weight_norm over the whole matrix, as there)."""
+
+    def __init__(self, img_dim: int = 2048, embed_size: int = 1024, no_imgnorm: bool = False,
+                 weight_norm: bool = False):
+        super().__init__()
+        self.embed_size, self.no_imgnorm = embed_size, no_imgnorm
+        fc = nn.Linear(img_dim, embed_size)
+        if weight_norm:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)   # deprecated, still the same op
+                fc = nn.utils.weight_norm(fc, dim=None)
+        self.fc = fc
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.fc(images)
         return features if self.no_imgnorm else l2norm(features)
 
 
@@ -156,3 +180,27 @@ def _readable(array):
     if isinstance(array, np.ndarray) and not array.flags.writeable:
         return np.array(array)
     return array
+
+
+class SCANHead(nn.Module):
+    """The SCAN similarity of a SCAN checkpoint (no weights): ``rcar_fast.scan_similarity``
+    with the checkpoint's direction (cross_attn), raw_feature_norm, lambda_softmax,
+    agg_func and lambda_lse."""
+
+    def __init__(self, direction: str = "t2i", raw_norm: str = "clipped_l2norm",
+                 smooth: float = 9.0, agg: str = "lse", lse_lambda: float = 6.0):
+        super().__init__()
+        self.direction, self.raw_norm, self.smooth = direction, raw_norm, smooth
+        self.agg, self.lse_lambda = agg, lse_lambda
+
+    def options(self) -> dict:
+        return dict(direction=self.direction, raw_norm=self.raw_norm, smooth=self.smooth,
+                    agg=self.agg, lse_lambda=self.lse_lambda)
+
+    def forward(self, img, cap, lens, backend: str = "auto"):
+        from rcar_fast import scan_similarity
+
+        return scan_similarity(img, cap, lens, backend=backend, **self.options())
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options().items())

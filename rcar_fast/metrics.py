@@ -23,7 +23,8 @@ than *or equal to* its score:
 
 So a constant similarity matrix gets the worst ranks, not perfect ones, and the result
 never depends on the order of the items. Without ties this equals the public code exactly.
-NaN similarities are rejected (they would make every comparison false).
+NaN and +-Inf similarities are rejected (NaN makes every comparison false; an infinite
+score is an overflow, not a similarity, and ties every other infinite one).
 
 Everything is vectorised (row blocks of the matrix at a time, no per-query Python loop),
 so memory stays bounded for (5000, 25000) matrices, torch tensors on any device, NumPy
@@ -31,7 +32,7 @@ arrays and ``np.memmap`` files alike.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ __all__ = [
     "coco1k_metrics",
     "ensemble",
     "format_metrics_table",
+    "public_report",
 ]
 
 METRIC_KEYS = (
@@ -121,9 +123,10 @@ def retrieval_ranks(sims: Matrix, captions_per_image: int = 5) -> Tuple[np.ndarr
     for r0 in range(0, n_img, step):
         r1 = min(n_img, r0 + step)
         block = _rows(sims, r0, r1).to(caption_gt.device)
-        if torch.isnan(block).any():
-            bad = int(torch.nonzero(torch.isnan(block))[0, 0]) + r0
-            raise ValueError(f"sims contains NaN (first in row {bad}); ranks are undefined")
+        if block.dtype.is_floating_point and not bool(torch.isfinite(block).all()):
+            bad_row, bad_col = (int(i) for i in torch.nonzero(~torch.isfinite(block))[0])
+            raise ValueError(f"sims contains NaN or +-Inf (first at [{bad_row + r0}, {bad_col}]: "
+                             f"{float(block[bad_row, bad_col])}); ranks are undefined")
         own = block.view(r1 - r0, n_img, k)[torch.arange(r1 - r0), torch.arange(r0, r1)]
         best_own = own.max(dim=1).values
         i2t[r0:r1] = ((block >= best_own[:, None]).sum(1)
@@ -185,24 +188,34 @@ def coco1k_metrics(sims: Matrix, captions_per_image: int = 5, fold_size: int = 1
     return (mean, folds) if return_folds else mean
 
 
-def ensemble(sims_a: Matrix, sims_b: Matrix) -> Matrix:
-    """The "ALL" ensemble: the average of two models' similarity matrices (usually the t2i
-    and the i2t model). Computed in float64 by row blocks, returned in the promoted dtype of
-    the inputs (at least float32), as a tensor if ``sims_a`` is one, else a NumPy array."""
-    shape_a, shape_b = _check_matrix(sims_a, "sims_a"), _check_matrix(sims_b, "sims_b")
-    if shape_a != shape_b:
-        raise ValueError(f"sims_a and sims_b must have the same shape, got {shape_a} and {shape_b}")
+def ensemble(sims_a: Matrix, *more: Matrix, dtype: Optional[torch.dtype] = None) -> Matrix:
+    """The "ALL" ensemble: the average of several models' similarity matrices (usually the
+    t2i and the i2t model), as the public ``eval_ensemble`` averages its results files.
+    Computed in float64 by row blocks (summed in argument order, then divided: what
+    ``np.mean(axis=0)`` of the stacked float64 matrices computes), returned in ``dtype``
+    (default: the promoted dtype of the inputs, at least float32; float64 keeps exactly what
+    the public code ranks), as a tensor if ``sims_a`` is one, else a NumPy array."""
+    matrices = (sims_a,) + more
+    if len(matrices) < 2:
+        raise ValueError("an ensemble needs at least two similarity matrices")
+    shapes = [_check_matrix(m, f"matrix {i}") for i, m in enumerate(matrices)]
+    if len(set(shapes)) != 1:
+        raise ValueError(f"the ensemble's matrices must have the same shape, got {shapes}")
+    shape = shapes[0]
     as_tensor = isinstance(sims_a, torch.Tensor)
-    dtype = torch.promote_types(_torch_dtype(sims_a), _torch_dtype(sims_b))
-    dtype = torch.promote_types(dtype, torch.float32)
+    if dtype is None:
+        dtype = torch.float32
+        for m in matrices:
+            dtype = torch.promote_types(dtype, _torch_dtype(m))
     device = sims_a.device if as_tensor else torch.device("cpu")
-    out = torch.empty(shape_a, dtype=dtype, device=device)
-    step = max(1, _BLOCK_ELEMENTS // max(shape_a[1], 1))
-    for r0 in range(0, shape_a[0], step):
-        r1 = min(shape_a[0], r0 + step)
-        a = _rows(sims_a, r0, r1).to(device, torch.float64)
-        b = _rows(sims_b, r0, r1).to(device, torch.float64)
-        out[r0:r1] = ((a + b) / 2).to(dtype)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    step = max(1, _BLOCK_ELEMENTS // max(shape[1], 1))
+    for r0 in range(0, shape[0], step):
+        r1 = min(shape[0], r0 + step)
+        total = _rows(matrices[0], r0, r1).to(device, torch.float64)
+        for m in matrices[1:]:
+            total = total + _rows(m, r0, r1).to(device, torch.float64)
+        out[r0:r1] = (total / len(matrices)).to(dtype)
     return out if as_tensor else out.numpy()
 
 
@@ -222,3 +235,17 @@ def format_metrics_table(rows: Dict[str, Dict[str, float]]) -> str:
         cells = [f"{m[key]:7.1f}" for key in METRIC_KEYS]
         lines.append("  ".join([f"{name:<{name_width}}"] + cells))
     return "\n".join(lines)
+
+
+def public_report(m: Dict[str, float]) -> str:
+    """The lines the public RCAR/SCAN ``evalrank`` / ``eval_ensemble`` print for one result
+    (the 5-fold mean included: rsum, the average recalls, then R@1 R@5 R@10 medr meanr)."""
+    r = tuple(m[f"i2t_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr"))
+    ri = tuple(m[f"t2i_{k}"] for k in ("r1", "r5", "r10", "medr", "meanr"))
+    return "\n".join([
+        "rsum: %.1f" % m["rsum"],
+        "Average i2t Recall: %.1f" % (sum(r[:3]) / 3),
+        "Image to text: %.1f %.1f %.1f %.1f %.1f" % r,
+        "Average t2i Recall: %.1f" % (sum(ri[:3]) / 3),
+        "Text to image: %.1f %.1f %.1f %.1f %.1f" % ri,
+    ])

@@ -224,3 +224,32 @@ def test_untrusted_pickles_are_refused_unless_trusted(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_rcar_checkpoint(tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_truncated_checkpoint_is_reported_as_truncated_not_untrusted(tmp_path, legacy):
+    path = tmp_path / "model_best.pth"
+    make_official_checkpoint(tmp_path / "full.pth")
+    raw = torch.load(tmp_path / "full.pth", weights_only=False)
+    torch.save(raw, path, _use_new_zipfile_serialization=not legacy)
+    content = path.read_bytes()
+    path.write_bytes(content[:len(content) // 2])
+    with pytest.raises(CheckpointError, match="truncated or not a torch checkpoint") as info:
+        load_rcar_checkpoint(path)
+    assert "trust" not in str(info.value)
+
+
+def test_save_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "full.pth"
+    make_official_checkpoint(path)
+    model = load_rcar_checkpoint(path)
+
+    def failing_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_rcar_checkpoint(model, tmp_path / "copy.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.pth"]

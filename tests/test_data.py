@@ -150,6 +150,7 @@ def write_vocab(path, words=("<pad>", "<start>", "<end>", "<unk>", "a", "dog", "
 
 
 def test_vocab_encodes_like_the_public_loader(tmp_path):
+    pytest.importorskip("nltk", reason="tokenising needs nltk (absent on the GPU image)")
     w2i = write_vocab(tmp_path / "vocab.json")
     vocab = load_vocab(tmp_path / "vocab.json")
     assert len(vocab) == len(w2i)
@@ -159,6 +160,7 @@ def test_vocab_encodes_like_the_public_loader(tmp_path):
 
 
 def test_tokenize_splits_punctuation_and_clitics():
+    pytest.importorskip("nltk", reason="tokenising needs nltk (absent on the GPU image)")
     tokens = tokenize("A man's dog, don't it?")
     assert tokens[:3] == ["a", "man", "'s"] and "," in tokens and "?" in tokens
     assert "n't" in tokens
@@ -282,3 +284,38 @@ def test_pad_captions():
     assert not cap[0, 2:].any() and (cap[1] == 2).all()
     with pytest.raises(ValueError, match="at least one word"):
         pad_captions([torch.ones(0, 3)])
+
+
+def test_dev_split_is_cut_as_the_public_loaders_do(tmp_path):
+    # The public loaders evaluate the first 5000 dev captions (1000 images).
+    folder = tmp_path / "precomp"
+    folder.mkdir()
+    n_img = 1003
+    np.save(folder / "dev_ims.npy", np.zeros((n_img, 1, 2), np.float32))
+    (folder / "dev_caps.txt").write_text("\n".join(f"c{j}" for j in range(5 * n_img)) + "\n")
+    split = load_precomp(tmp_path, "dev")
+    assert split.images.shape[0] == 1000 and len(split.captions) == 5000
+    assert split.captions[-1] == "c4999" and "first 5000 of 5015 captions" in split.note
+    (folder / "testall_ims.npy").write_bytes((folder / "dev_ims.npy").read_bytes())
+    (folder / "testall_caps.txt").write_text((folder / "dev_caps.txt").read_text())
+    assert len(load_precomp(tmp_path, "testall").captions) == 5015
+
+
+def test_truncated_npy_names_the_file(tmp_path):
+    write_precomp(tmp_path)
+    content = (tmp_path / "testall_ims.npy").read_bytes()
+    (tmp_path / "testall_ims.npy").write_bytes(content[:len(content) // 2])
+    with pytest.raises(ValueError, match="testall_ims.npy is not a readable .npy file"):
+        load_precomp(tmp_path, "testall")
+
+
+def test_missing_nltk_names_the_install(monkeypatch):
+    # Runs with or without nltk installed (the GPU image has none).
+    monkeypatch.setitem(sys.modules, "nltk", None)
+    monkeypatch.setitem(sys.modules, "nltk.tokenize", None)
+    monkeypatch.setattr(data, "_DEFAULT_TOKENIZER", [])
+    with pytest.raises(data.TokenizerError, match="pip install nltk"):
+        data.tokenize("a dog")
+    vocab = data.Vocabulary({"<unk>": 0, "<start>": 1, "<end>": 2})
+    with pytest.raises(data.TokenizerError, match="pip install nltk"):
+        vocab.encode("a dog")

@@ -181,16 +181,19 @@ def test_bad_inputs_raise_and_write_nothing(small_set, tmp_path, mutate, error, 
     assert os.listdir(tmp_path) == []
 
 
-def nan_for_first_caption(img, cap, lens):
-    scores = max_dot_similarity(img, cap, lens)
-    scores[:, 0] = float("nan")
-    return scores
+def non_finite_for_first_caption(value):
+    def fn(img, cap, lens):
+        scores = max_dot_similarity(img, cap, lens)
+        scores[:, 0] = value
+        return scores
+    return fn
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("topk", [False, True])
-def test_nan_scores_are_an_error_not_a_silent_ranking(small_set, tmp_path, topk):
-    args = (small_set.img, small_set.cap, small_set.lens, nan_for_first_caption)
-    with pytest.raises(RuntimeError, match="returned NaN for"):
+def test_non_finite_scores_are_an_error_not_a_silent_ranking(small_set, tmp_path, topk, value):
+    args = (small_set.img, small_set.cap, small_set.lens, non_finite_for_first_caption(value))
+    with pytest.raises(RuntimeError, match=r"returned NaN or \+-Inf for 138 pairs"):
         if topk:
             all_pairs_topk(*args, k=3, cap_block=20, progress=False)
         else:
@@ -204,7 +207,7 @@ def test_bad_out_and_missing_directory(small_set, tmp_path):
         all_pairs(*args, out=torch.empty(23, 114), progress=False)
     with pytest.raises(ValueError, match="either out or out_path"):
         all_pairs(*args, out=torch.empty(23, 115), out_path=tmp_path / "x.npy", progress=False)
-    with pytest.raises(FileNotFoundError, match="directory does not exist"):
+    with pytest.raises(FileNotFoundError, match="missing does not exist"):
         all_pairs(*args, out_path=tmp_path / "missing" / "x.npy", progress=False)
     with pytest.raises(ValueError, match="k must be a positive integer"):
         all_pairs_topk(*args, k=0, progress=False)
@@ -233,3 +236,44 @@ def test_gpu_streamed_equals_cpu_reference(backend):
     top = all_pairs_topk(ds.img, ds.cap, ds.lens, "scan", k=5, backend=backend, device="cuda",
                          img_block=16, cap_block=64, progress=False)
     assert torch.equal(top.i2t_indices, lexsorted_topk(got, 5)[1])
+
+
+def test_protocol_all_is_every_image_at_once():
+    sims = torch.randn(7, 35)
+    assert evaluate_protocol(sims, "all") == metrics.recall_metrics(sims)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.remove, ("/nonexistent/never-called",))
+
+
+def test_saved_results_round_trip_and_bad_files(tmp_path):
+    from rcar_fast.evaluation import load_results, save_results
+
+    sims = torch.randn(4, 20)
+    save_results(tmp_path / "pub.npy", sims, "public")
+    save_results(tmp_path / "mat.npy", sims, "matrix")
+    public = np.load(tmp_path / "pub.npy", allow_pickle=True).tolist()      # as eval_ensemble
+    assert public["npts"] == 4 and public["sims"].dtype == np.float64
+    for name in ("pub.npy", "mat.npy"):
+        np.testing.assert_array_equal(np.asarray(load_results(tmp_path / name), np.float32),
+                                      sims.numpy())
+    np.save(tmp_path / "evil.npy", {"npts": 4, "sims": _RunsCode()}, allow_pickle=True)
+    with pytest.raises(ValueError, match="refusing to load posix.remove|refusing to load"):
+        load_results(tmp_path / "evil.npy")
+    np.save(tmp_path / "npts.npy", {"npts": 5, "sims": sims.numpy()}, allow_pickle=True)
+    with pytest.raises(ValueError, match="npts = 5 but sims has shape"):
+        load_results(tmp_path / "npts.npy")
+    np.save(tmp_path / "shape.npy", np.zeros((4, 19), np.float32))
+    with pytest.raises(ValueError, match=r"expected \(n_img, 5 \* n_img\)"):
+        load_results(tmp_path / "shape.npy")
+    np.save(tmp_path / "ints.npy", np.zeros((4, 20), np.int64))
+    with pytest.raises(ValueError, match="floating"):
+        load_results(tmp_path / "ints.npy")
+    content = (tmp_path / "mat.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(content[:len(content) // 2])
+    with pytest.raises(ValueError, match="cut.npy is not a readable .npy file"):
+        load_results(tmp_path / "cut.npy")
+    with pytest.raises(ValueError, match="format must be one of"):
+        save_results(tmp_path / "x.npy", sims, "csv")

@@ -139,11 +139,13 @@ def test_bad_inputs_raise_clear_errors(bad, error, match):
         recall_metrics(bad)
 
 
-def test_nan_is_rejected_with_its_row():
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_non_finite_is_rejected_with_its_position(value, as_tensor):
     sims = np.zeros((4, 20), dtype=np.float32)
-    sims[2, 7] = np.nan
-    with pytest.raises(ValueError, match="NaN.*row 2"):
-        recall_metrics(sims)
+    sims[2, 7] = value
+    with pytest.raises(ValueError, match=r"NaN or \+-Inf \(first at \[2, 7\]"):
+        recall_metrics(torch.from_numpy(sims) if as_tensor else sims)
 
 
 def test_coco1k_averages_the_diagonal_folds():
@@ -183,6 +185,15 @@ def test_ensemble_is_the_average_and_keeps_the_container():
     np.testing.assert_allclose(out_t.numpy(), (a.astype(np.float64) + b) / 2)
     with pytest.raises(ValueError, match="same shape"):
         ensemble(a, b[:, :25])
+
+
+def test_ensemble_of_several_is_the_public_stacked_mean():
+    rng = np.random.default_rng(5)
+    mats = [rng.standard_normal((4, 20)) for _ in range(3)]
+    # eval_ensemble: np.array(all_sims).mean(axis=0) of float64 matrices.
+    np.testing.assert_array_equal(ensemble(*mats), np.array(mats).mean(axis=0))
+    with pytest.raises(ValueError, match="at least two"):
+        ensemble(mats[0])
 
 
 def test_format_table_lists_every_row():
