@@ -327,7 +327,11 @@ RCAR_INLINE void correspondence_update(const RcarTile<T>& t, RcarScratch<T>& w, 
   hs.tanh_();
   const T* ws2 = rcr.smooth2.w.data_ptr<T>();
   const T bs2 = rcr.smooth2.b.data_ptr<T>()[0];
-  for (int64_t r = 0; r < rows; ++r) w.lam[r] = std::max(dot(w.H.data() + r * h2, ws2, h2) + bs2 + w.lam[r], T(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    // relu(...), kept finite like the initial temperature (temperature_in)
+    const T updated = std::max(dot(w.H.data() + r * h2, ws2, h2) + bs2 + w.lam[r], T(0));
+    w.lam[r] = std::min(updated, std::numeric_limits<T>::max());
+  }
 }
 
 // h_p = mean of the pair's alignment vectors.
@@ -418,7 +422,7 @@ template <typename T>
 RCAR_INLINE void rcar_tile_body(const RcarTile<T>& t, RcarScratch<T>& w, const HeadWeights& hw,
                                 const HeadConfig& cfg) {
   const int64_t Cp = simd::padded<T>(t.C);
-  std::fill(w.lam.begin(), w.lam.begin() + t.rows, T(cfg.smooth));
+  std::fill(w.lam.begin(), w.lam.begin() + t.rows, temperature_in<T>(cfg.smooth));
   bool modulated = false;
   if (cfg.reg == kOnlyRar) {
     alignment(t, w, hw, 0, Cp, false);
