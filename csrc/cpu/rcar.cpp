@@ -267,15 +267,16 @@ RCAR_INLINE void attention_weights(const RcarTile<T>& t, RcarScratch<T>& w, int6
       const T lam = w.lam[r];
       V<T> best = minus_inf;
       for (int64_t v = 0; v <= last; v += W) {
-        V<T> z = simd::leak<T>(simd::load(sr + v), slope) * simd::load(inv + v) * lam;
-        simd::store(sr + v, z);
-        if (v == last) z = tail ? z : minus_inf;
-        best = simd::vmax<T>(best, z);
+        V<T> a = simd::leak<T>(simd::load(sr + v), slope) * simd::load(inv + v);
+        simd::store(sr + v, a);
+        if (v == last) a = tail ? a : minus_inf;
+        best = simd::vmax<T>(best, a);
       }
       const T top = simd::hmax<T>(best);
       V<T> total = zero;
       for (int64_t v = 0; v <= last; v += W) {
-        V<T> e = simd::vexp(simd::load(sr + v) - top);
+        // lambda (a - top) <= 0: shifted before scaling, so a huge lambda cannot overflow
+        V<T> e = simd::vexp((simd::load(sr + v) - top) * lam);
         if (v == last) e = tail ? e : zero;
         simd::store(sr + v, e);
         total += e;
