@@ -133,7 +133,8 @@ def score_pairs(img, cap, lens, img_idx, cap_idx, *, model="scan", backend: str 
         raise ValueError(f"img_idx and cap_idx must have the same length P, got {img_idx.numel()} "
                          f"and {cap_idx.numel()}")
     if scan_kw is not None:
-        impl = dispatch.choose("scan_pairs", backend, img.device, img.dtype)
+        impl = dispatch.choose("scan_pairs", backend, img.device, img.dtype,
+                               _scan_op.shape_rejections(img, scan_kw["direction"]))
         return impl.fn(img, cap, lens, img_idx, cap_idx, **scan_kw)
     impl = dispatch.choose("rcar_pairs", backend, img.device, img.dtype)
     return impl.fn(model, img, cap, lens, img_idx, cap_idx)
@@ -146,7 +147,8 @@ def all_pairs_scores(img, cap, lens, *, model="scan", backend: str = "auto",
     lens = validate.similarity_inputs(img, cap, lens)
     scan_kw = _check_model(model, img, scan_kwargs)
     if scan_kw is not None:
-        return dispatch.choose("scan", backend, img.device, img.dtype).fn(img, cap, lens, **scan_kw)
+        rejections = _scan_op.shape_rejections(img, scan_kw["direction"])
+        return dispatch.choose("scan", backend, img.device, img.dtype, rejections).fn(img, cap, lens, **scan_kw)
     # Through dispatch (not model.forward) so that a plain reference RCARHead works as well;
     # an RCARSimilarity in training mode keeps auto off the forward-only kernels.
     mode_rejections = model.mode_rejections() if hasattr(model, "mode_rejections") else None

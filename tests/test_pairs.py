@@ -313,3 +313,13 @@ def test_loss_rejects_non_finite_or_non_numeric_margin(margin, exc):
         hardest_negative_loss(img, cap, lens, margin=margin)
     with pytest.raises(exc, match="margin must be a"):
         full_hardest_negative_loss(img, cap, lens, margin=margin)
+
+
+def test_auto_passes_the_cpu_kernels_over_for_a_huge_t2i_R():
+    # the C++ kernels refuse an (R x R) Gram of 9.5 GiB; auto scores with the reference instead
+    img, cap, lens = torch.randn(2, 50_000, 3), torch.randn(2, 2, 3), torch.tensor([2, 1])
+    got = score_pairs(img, cap, lens, [0, 1], [1, 0])
+    want = reference.scan_similarity_vectorized(img.double(), cap.double(), lens)[[0, 1], [1, 0]]
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    loss = hardest_negative_loss(img, cap, lens)
+    assert torch.isfinite(loss)

@@ -34,8 +34,8 @@ dispatch.register("scan", "reference", _reference_vectorized)
 dispatch.register("scan", "reference_loop", _reference_loop)
 
 
-def _shape_rejections(img, direction) -> dict:
-    """Backends that refuse these shapes (backend="auto" passes them over)."""
+def shape_rejections(img, direction) -> dict:
+    """Backends that refuse these shapes, with the reason (backend="auto" passes them over)."""
     reason = scan_cpu.shape_rejection(img, direction)
     return {"cpu": reason} if reason else {}
 
@@ -56,6 +56,6 @@ def scan_similarity(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm
     validate.choice(backend, "backend", dispatch.REQUESTABLE)
     lens = validate.similarity_inputs(img, cap, lens)
     smooth = validate.smooth_for(smooth, img.dtype)
-    impl = dispatch.choose("scan", backend, img.device, img.dtype, _shape_rejections(img, direction))
+    impl = dispatch.choose("scan", backend, img.device, img.dtype, shape_rejections(img, direction))
     return impl.fn(img, cap, lens, direction=direction, raw_norm=raw_norm, smooth=smooth,
                    agg=agg, lse_lambda=lse_lambda)
