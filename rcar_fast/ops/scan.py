@@ -47,6 +47,10 @@ def scan_similarity(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm
     img (n_img, R, d), cap (n_cap, Lmax, d) with word positions >= lens[j] ignored, lens (n_cap,)
     integers in [1, Lmax]. Returns (n_img, n_cap) float32 (float64 for float64 inputs).
     direction "t2i" attends words to regions, "i2t" regions to words; see SIMILARITY.md.
+    smooth (the attention's softmax temperature): positive, at most 1e3 for float32 / float16 /
+    bfloat16 inputs and 1e6 for float64 ones (validate.SMOOTH_LIMITS: beyond them the result
+    depends on rounding); lse_lambda: any finite value >= 1e-30. Numbers may be Python or NumPy
+    scalars or 0-d tensors.
     """
     validate.choice(direction, "direction", DIRECTIONS)
     validate.choice(raw_norm, "raw_norm", RAW_NORMS)
