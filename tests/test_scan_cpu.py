@@ -339,3 +339,15 @@ def test_i2t_with_huge_R_runs_in_memory_linear_in_R():
     assert result.returncode == 0, result.stderr
     growth_mib = int(result.stdout.split()[-1])
     assert growth_mib < 200, f"peak memory grew by {growth_mib} MiB for R = 20000, d = 4"
+
+
+@pytest.mark.skipif(dispatch.rejection("scan", "triton", torch.device("cpu"), torch.float32) is not None,
+                    reason="triton (its CPU interpreter) is not available")
+def test_lse_with_huge_lambda_agrees_with_the_triton_interpreter():
+    img, cap, lens = make_inputs(2, 3, 5, 8, 4, dtype=torch.float32)
+    for lse_lambda in (1e10, 1e30):
+        kw = dict(options("t2i", agg="lse"), lse_lambda=lse_lambda)
+        ref = reference64(img, cap, lens, **kw)
+        for backend in ("cpu", "triton"):
+            out = rcar_fast.scan_similarity(img, cap, lens, backend=backend, **kw)
+            assert_close_to_reference(out, ref, dtype=torch.float32, what=f"{backend} lambda={lse_lambda:g}")
