@@ -20,6 +20,7 @@ class RCARSimilarity(RCARHead):
         lens = validate.similarity_inputs(img, cap, lens)
         if img.shape[2] != self.embed_dim:
             raise ValueError(f"img and cap must have d = embed_dim = {self.embed_dim}, got d = {img.shape[2]}")
+        validate.smooth_for(self.smooth, img.dtype, "the head's smooth")
         param = next(self.parameters())
         if param.device != img.device:
             raise ValueError(f"img/cap are on {img.device} but the module's parameters are on {param.device}; "

@@ -73,7 +73,7 @@ def _pair_indices(idx, name: str, bound: int, bound_name: str, device) -> torch.
     return idx.to(device=device, dtype=torch.int64)
 
 
-def _check_scan_kwargs(kwargs: dict) -> dict:
+def _check_scan_kwargs(kwargs: dict, dtype: torch.dtype) -> dict:
     unknown = set(kwargs) - set(SCAN_DEFAULTS)
     if unknown:
         raise TypeError(f"unexpected SCAN keyword(s) {sorted(unknown)}; expected some of "
@@ -82,8 +82,8 @@ def _check_scan_kwargs(kwargs: dict) -> dict:
     validate.choice(kw["direction"], "direction", _scan_op.DIRECTIONS)
     validate.choice(kw["raw_norm"], "raw_norm", _scan_op.RAW_NORMS)
     validate.choice(kw["agg"], "agg", _scan_op.AGGREGATIONS)
-    kw["smooth"] = validate.positive_number(kw["smooth"], "smooth")
-    kw["lse_lambda"] = validate.positive_number(kw["lse_lambda"], "lse_lambda")
+    kw["smooth"] = validate.smooth_for(kw["smooth"], dtype)
+    kw["lse_lambda"] = validate.lse_lambda_value(kw["lse_lambda"])
     return kw
 
 
@@ -92,7 +92,7 @@ def _check_model(model, img: torch.Tensor, scan_kwargs: dict):
     if isinstance(model, str):
         if model != "scan":
             raise ValueError(f"model must be 'scan' or an RCAR head module, got {model!r}")
-        return _check_scan_kwargs(scan_kwargs)
+        return _check_scan_kwargs(scan_kwargs, img.dtype)
     if not isinstance(model, reference.RCARHead):
         raise TypeError("model must be 'scan' or an RCAR head (rcar_fast.RCARSimilarity / "
                         f"reference.RCARHead), got {type(model).__name__}")
@@ -102,6 +102,7 @@ def _check_model(model, img: torch.Tensor, scan_kwargs: dict):
     if img.shape[2] != model.embed_dim:
         raise ValueError(f"img and cap must have d = the head's embed_dim = {model.embed_dim}, "
                          f"got d = {img.shape[2]}")
+    validate.smooth_for(model.smooth, img.dtype, "the head's smooth")
     param = next(model.parameters())
     if param.device != img.device:
         raise ValueError(f"img/cap are on {img.device} but the head's parameters are on "
@@ -132,7 +133,8 @@ def score_pairs(img, cap, lens, img_idx, cap_idx, *, model="scan", backend: str 
         raise ValueError(f"img_idx and cap_idx must have the same length P, got {img_idx.numel()} "
                          f"and {cap_idx.numel()}")
     if scan_kw is not None:
-        impl = dispatch.choose("scan_pairs", backend, img.device, img.dtype)
+        impl = dispatch.choose("scan_pairs", backend, img.device, img.dtype,
+                               _scan_op.shape_rejections(img, scan_kw["direction"]))
         return impl.fn(img, cap, lens, img_idx, cap_idx, **scan_kw)
     impl = dispatch.choose("rcar_pairs", backend, img.device, img.dtype)
     return impl.fn(model, img, cap, lens, img_idx, cap_idx)
@@ -145,7 +147,8 @@ def all_pairs_scores(img, cap, lens, *, model="scan", backend: str = "auto",
     lens = validate.similarity_inputs(img, cap, lens)
     scan_kw = _check_model(model, img, scan_kwargs)
     if scan_kw is not None:
-        return dispatch.choose("scan", backend, img.device, img.dtype).fn(img, cap, lens, **scan_kw)
+        rejections = _scan_op.shape_rejections(img, scan_kw["direction"])
+        return dispatch.choose("scan", backend, img.device, img.dtype, rejections).fn(img, cap, lens, **scan_kw)
     # Through dispatch (not model.forward) so that a plain reference RCARHead works as well;
     # an RCARSimilarity in training mode keeps auto off the forward-only kernels.
     mode_rejections = model.mode_rejections() if hasattr(model, "mode_rejections") else None
@@ -343,8 +346,7 @@ def _check_batch(img, cap, margin, reduction):
                          f"img.shape[0] ({img.shape[0]}) must equal cap.shape[0] ({cap.shape[0]})")
     if img.shape[0] < 2:
         raise ValueError(f"the hardest-negative loss needs B >= 2 pairs (negatives), got B = {img.shape[0]}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
-        raise ValueError(f"margin must be a number >= 0, got {margin!r}")
+    validate.non_negative_number(margin, "margin")
     validate.choice(reduction, "reduction", REDUCTIONS)
 
 
@@ -357,6 +359,23 @@ def full_hardest_negative_loss(img, cap, lens, *, model="scan", margin: float = 
     _check_batch(img, cap, margin, reduction)
     scores = all_pairs_scores(img, cap, lens, model=model, backend=backend, **scan_kwargs)
     return vse_hinge_loss(scores, margin, max_violation=True, reduction=reduction)
+
+
+def _checked_selection_scores(scores, B: int) -> torch.Tensor:
+    """score_fn's (B, B) matrix. A NaN would make argmax pick an arbitrary "hardest" negative
+    and the loss a silently wrong (finite) number, so non-finite values off the diagonal (the
+    diagonal is never read) are refused."""
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"score_fn must return a torch.Tensor (B, B), got {type(scores).__name__}")
+    if tuple(scores.shape) != (B, B):
+        raise ValueError(f"score_fn must return a (B, B) = ({B}, {B}) matrix, got {tuple(scores.shape)}")
+    if not (scores.dtype.is_floating_point or scores.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"score_fn must return real scores, got dtype {scores.dtype}")
+    off_diagonal = ~torch.eye(B, dtype=torch.bool, device=scores.device)
+    if not bool(torch.isfinite(scores[off_diagonal]).all()):
+        raise ValueError("score_fn returned NaN or Inf scores off the diagonal; the hardest negatives "
+                         "cannot be chosen from them")
+    return scores
 
 
 def _hardest_pairs(scores: torch.Tensor):
@@ -412,14 +431,15 @@ def hardest_negative_loss(img, cap, lens, *, model="scan", score_fn=None, margin
     validate.choice(pair_backend, "pair_backend", dispatch.REQUESTABLE)
     lens = validate.similarity_inputs(img, cap, lens)
     _check_batch(img, cap, margin, reduction)
+    margin = validate.non_negative_number(margin, "margin")
+    if score_fn is not None and not callable(score_fn):
+        raise TypeError(f"score_fn must be a callable fn(img, cap, lens) -> (B, B), got {type(score_fn).__name__}")
     B = img.shape[0]
     with torch.no_grad():
         if score_fn is None:
             scores = _selection_scores(img.detach(), cap.detach(), lens, model, backend, scan_kwargs)
         else:
-            scores = score_fn(img.detach(), cap.detach(), lens)
-        if tuple(scores.shape) != (B, B):
-            raise ValueError(f"score_fn must return a (B, B) = ({B}, {B}) matrix, got {tuple(scores.shape)}")
+            scores = _checked_selection_scores(score_fn(img.detach(), cap.detach(), lens), B)
         img_idx, cap_idx = _hardest_pairs(scores)
         # Row- and column-hardest negatives can coincide: score each distinct pair once.
         keys, inverse = torch.unique(img_idx * B + cap_idx, return_inverse=True)

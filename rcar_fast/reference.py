@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rcar_fast import validate
+
 EPS = 1e-8
 
 RAW_NORMS = ("clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "clipped", "no_norm", "softmax")
@@ -402,7 +404,7 @@ class RCARHead(nn.Module):
         counts = module_counts(regulator, steps)
         self.embed_dim, self.sim_dim = int(embed_dim), int(sim_dim)
         self.regulator, self.steps = regulator, int(steps)
-        self.direction, self.smooth = direction, float(smooth)
+        self.direction, self.smooth = direction, smooth
         # Registration order as in the official class (it fixes the order init draws numbers).
         self.sim_eval_w = nn.Linear(sim_dim, 1)
         self.sigmoid = nn.Sigmoid()
@@ -413,6 +415,16 @@ class RCARHead(nn.Module):
         self.alv_modules = nn.ModuleList(
             [AlignmentVector(sim_dim, embed_dim) for _ in range(counts["alv"])])
         self.init_weights()
+
+    @property
+    def smooth(self) -> float:
+        """The softmax temperature lambda of the first attention (official t2i_smooth /
+        i2t_smooth): a positive finite number, checked wherever it is set."""
+        return self._smooth
+
+    @smooth.setter
+    def smooth(self, value) -> None:
+        self._smooth = validate.positive_number(value, "smooth")
 
     def active_dropout(self) -> list:
         """Names of the Dropout modules that act now (training mode, p > 0): RAR's, if any.

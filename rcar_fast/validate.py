@@ -32,15 +32,37 @@ def features(x, name: str, shape_doc: str) -> torch.Tensor:
     return x
 
 
+def _is_integer_scalar(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _length_range_error(lo, hi, max_len: int) -> ValueError:
+    return ValueError(f"lens must lie in [1, Lmax={max_len}] (Lmax = cap.shape[1]), got min {lo}, max {hi}")
+
+
+def _lengths_from_sequence(lens, n_cap: int, max_len: int) -> torch.Tensor:
+    if isinstance(lens, (str, bytes, dict, set)) or not hasattr(lens, "__iter__"):
+        raise TypeError(f"lens must be a sequence, NumPy array or integer tensor of the {n_cap} caption "
+                        f"lengths (n_cap,), got {type(lens).__name__}")
+    values = list(lens)
+    bad = [type(v).__name__ for v in values if not _is_integer_scalar(v)]
+    if bad:
+        raise TypeError(f"lens must hold integers (caption lengths), got {bad[:3]}...")
+    if values and (min(values) < 1 or max(values) > max_len):  # also keeps int64 overflow out
+        raise _length_range_error(min(values), max(values), max_len)
+    return torch.tensor([int(v) for v in values], dtype=torch.int64)
+
+
 def lengths(lens: LensLike, n_cap: int, max_len: int, device: torch.device) -> torch.Tensor:
     """Caption lengths as an int64 tensor on `device`, each in [1, max_len]."""
     if isinstance(lens, np.ndarray):
-        lens = torch.from_numpy(lens)
+        if lens.dtype.kind not in "iu":  # object, float, complex, bool, str arrays
+            raise TypeError(f"lens must be an integer array of shape ({n_cap},), got dtype {lens.dtype}")
+        if lens.size and lens.dtype.kind == "u" and int(lens.max()) > max_len:  # before a wrapping cast
+            raise _length_range_error(int(lens.min()), int(lens.max()), max_len)
+        lens = torch.from_numpy(np.ascontiguousarray(lens, dtype=np.int64))
     elif not isinstance(lens, torch.Tensor):
-        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in lens):
-            raise TypeError("lens must hold integers (caption lengths), got "
-                            f"{[type(v).__name__ for v in lens][:3]}...")
-        lens = torch.tensor(list(lens), dtype=torch.int64)
+        lens = _lengths_from_sequence(lens, n_cap, max_len)
     if lens.dtype.is_floating_point or lens.dtype.is_complex or lens.dtype == torch.bool:
         raise TypeError(f"lens must be an integer tensor of shape ({n_cap},), got dtype {lens.dtype}")
     if lens.dim() != 1 or lens.shape[0] != n_cap:
@@ -49,7 +71,7 @@ def lengths(lens: LensLike, n_cap: int, max_len: int, device: torch.device) -> t
         raise ValueError(f"lens must be on the CPU or on cap's device {device}, got {lens.device}")
     lo, hi = int(lens.min()), int(lens.max())
     if lo < 1 or hi > max_len:
-        raise ValueError(f"lens must lie in [1, Lmax={max_len}] (Lmax = cap.shape[1]), got min {lo}, max {hi}")
+        raise _length_range_error(lo, hi, max_len)
     return lens.to(device=device, dtype=torch.int64)
 
 
@@ -106,7 +128,69 @@ def choice(value, name: str, allowed: Sequence[str]) -> str:
     return value
 
 
+def number(value, name: str) -> float:
+    """A real number given as a Python or NumPy scalar or a 0-d real tensor, as a float."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        real = (value.dtype != torch.bool and not value.dtype.is_complex if isinstance(value, torch.Tensor)
+                else value.dtype.kind in "iuf")
+        if value.ndim != 0 or not real:
+            raise TypeError(f"{name} must be a real number (a scalar or 0-d tensor), got a "
+                            f"{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}")
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # a Python int beyond float range
+        return float("inf") if value > 0 else float("-inf")
+
+
 def positive_number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+    value_f = number(value, name)
+    if not np.isfinite(value_f) or value_f <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+    return value_f
+
+
+def non_negative_number(value, name: str) -> float:
+    value_f = number(value, name)
+    if not np.isfinite(value_f) or value_f < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value_f
+
+
+# The attention's softmax multiplies the normalised scores, and so their rounding error, by
+# `smooth`: the relative error of a similarity grows like 0.1 x smooth x (unit roundoff) (measured
+# on the cpu kernels, every raw_norm, both directions). Above these limits a float32 result would
+# miss the float32 tolerance (1e-4) of the float64 reference, a float64 one 1e-9: the result would
+# depend on rounding rather than on the inputs. float16 / bfloat16 inputs: the kernels compute in
+# float32, so the float32 limit applies.
+SMOOTH_LIMITS = {torch.float64: 1e6, torch.float32: 1e3}
+
+# log(sum exp(lse_lambda r)) / lse_lambda is about log(words) / lse_lambda for a tiny
+# lse_lambda; below this it would overflow float32.
+LSE_LAMBDA_MIN = 1e-30
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def smooth_for(value, dtype: torch.dtype, name: str = "smooth") -> float:
+    """A positive finite softmax temperature within the limit of the inputs' dtype."""
+    value_f = positive_number(value, name)
+    limit = SMOOTH_LIMITS.get(dtype, SMOOTH_LIMITS[torch.float32])
+    if value_f > limit:
+        raise ValueError(
+            f"{name} must be at most {limit:g} for {_dtype_name(dtype)} inputs, got {value!r}: "
+            f"a larger softmax temperature amplifies rounding beyond the {_dtype_name(dtype)} tolerance"
+            + (" (float64 inputs allow up to 1e6)" if dtype != torch.float64 else ""))
+    return value_f
+
+
+def lse_lambda_value(value, name: str = "lse_lambda") -> float:
+    value_f = positive_number(value, name)
+    if value_f < LSE_LAMBDA_MIN:
+        raise ValueError(f"{name} must be at least {LSE_LAMBDA_MIN:g}, got {value!r}: "
+                         "log(sum exp(lse_lambda r)) / lse_lambda would overflow")
+    return value_f

@@ -282,3 +282,44 @@ def test_full_loss_of_a_training_head_gets_a_backward_under_auto():
     loss = full_hardest_negative_loss(img, cap, lens, model=head)
     loss.backward()
     assert torch.isfinite(img.grad).all() and img.grad.abs().sum() > 0
+
+
+def test_score_fn_returning_non_finite_scores_is_refused():
+    img, cap, lens = _batch()
+    B = img.shape[0]
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        def score_fn(i, c, l, bad=bad):
+            scores = reference.scan_similarity_vectorized(i, c, l)
+            scores[0, 1] = bad
+            return scores
+        with pytest.raises(ValueError, match="score_fn returned NaN or Inf scores off the diagonal"):
+            hardest_negative_loss(img, cap, lens, score_fn=score_fn)
+
+    def nan_diagonal(i, c, l):  # the diagonal is never read by the selection
+        return reference.scan_similarity_vectorized(i, c, l).fill_diagonal_(float("nan"))
+
+    assert torch.isfinite(hardest_negative_loss(img, cap, lens, score_fn=nan_diagonal))
+    with pytest.raises(TypeError, match="score_fn must return a torch.Tensor"):
+        hardest_negative_loss(img, cap, lens, score_fn=lambda i, c, l: [[0.0] * B] * B)
+    with pytest.raises(TypeError, match="score_fn must be a callable"):
+        hardest_negative_loss(img, cap, lens, score_fn="scan")
+
+
+@pytest.mark.parametrize("margin,exc", [(float("nan"), ValueError), (float("inf"), ValueError),
+                                        ("0.2", TypeError), (True, TypeError)])
+def test_loss_rejects_non_finite_or_non_numeric_margin(margin, exc):
+    img, cap, lens = _batch()
+    with pytest.raises(exc, match="margin must be a"):
+        hardest_negative_loss(img, cap, lens, margin=margin)
+    with pytest.raises(exc, match="margin must be a"):
+        full_hardest_negative_loss(img, cap, lens, margin=margin)
+
+
+def test_auto_passes_the_cpu_kernels_over_for_a_huge_t2i_R():
+    # the C++ kernels refuse an (R x R) Gram of 9.5 GiB; auto scores with the reference instead
+    img, cap, lens = torch.randn(2, 50_000, 3), torch.randn(2, 2, 3), torch.tensor([2, 1])
+    got = score_pairs(img, cap, lens, [0, 1], [1, 0])
+    want = reference.scan_similarity_vectorized(img.double(), cap.double(), lens)[[0, 1], [1, 0]]
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    loss = hardest_negative_loss(img, cap, lens)
+    assert torch.isfinite(loss)

@@ -126,3 +126,24 @@ def test_baseline_simd_copy(direction):
             check_against_reference(head, img, cap, lens, f"baseline {direction} {regulator}")
     finally:
         native.set_cpu_simd_path("auto")
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_kernel_keeps_a_temperature_beyond_float32_range_finite(direction):
+    # The public limit keeps smooth far below float32's range (rcar_fast.validate.SMOOTH_LIMITS);
+    # the kernel itself must not turn a larger one into inf (inf * 0 = NaN): its hard attention
+    # equals the float64 reference's at the same temperature.
+    from rcar_fast.ops.rcar_cpu import flat_weights
+
+    torch.manual_seed(5)
+    img, cap = torch.randn(3, 6, 12, dtype=torch.float64), torch.randn(4, 5, 12, dtype=torch.float64)
+    lens = torch.tensor([5, 2, 3, 4])  # >= 2 words: one word normalises to exactly 1 in float32
+    cap[1, 2:] = float("nan")
+    head = make_head("coop_rcar", 2, direction, 12, 8)
+    head.smooth = 1e39
+    with torch.no_grad():
+        ref = head.forward_vectorized(img, cap, lens)
+        head.float()
+        out = dispatch.native_module().rcar_forward_cpu(
+            img.float(), cap.float(), lens, direction, head.regulator, head.steps, 1e39, flat_weights(head))
+    assert_close_to_reference(out, ref, dtype=torch.float32, what="smooth=1e39 in float32")

@@ -1,6 +1,8 @@
 """SCAN on the C++ CPU backend (csrc/cpu/scan.cpp) against the float64 reference: every
 direction, raw norm and aggregation, ragged lengths with NaN padding, sizes off the tile and
 vector widths, float32 and float64, and the backward (reference gradients and gradcheck)."""
+import re
+
 import pytest
 import torch
 
@@ -191,3 +193,161 @@ def test_baseline_simd_copy(direction, baseline_simd):
             d_img, d_cap = cpu_gradients(img.to(dtype), cap.to(dtype), lens, grad, **kw)
             assert_close_to_reference(d_img, ref_img, dtype=dtype, what=f"baseline d img {kw} {dtype}")
             assert_close_to_reference(d_cap, ref_cap, dtype=dtype, what=f"baseline d cap {kw} {dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Extreme temperatures, huge R, determinism (issue 12: F1, F2, F7, F10)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("dtype,lse_lambda", [(torch.float32, 1e10), (torch.float32, 1e30),
+                                              (torch.float64, 1e20), (torch.float64, 1e300)])
+def test_lse_with_huge_lambda_stays_finite_and_right(direction, dtype, lse_lambda):
+    # lambda r overflows (or its rounding error does, once contracted into an FMA) unless the
+    # kernel shifts by r_max before scaling; the value tends to max_k r_k.
+    img, cap, lens = make_inputs(3, 5, 7, 8, 6)
+    kw = dict(options(direction, agg="lse"), lse_lambda=lse_lambda)
+    ref = reference64(img, cap, lens, **kw)
+    assert bool(torch.isfinite(ref).all())
+    out = rcar_fast.scan_similarity(img.to(dtype), cap.to(dtype), lens, backend="cpu", **kw)
+    assert_close_to_reference(out, ref, dtype=dtype, what=f"lse lambda={lse_lambda:g} {dtype}")
+    grad = torch.randn(3, 5, dtype=torch.float64)
+    ref_img, ref_cap = reference_gradients(img, cap, lens, grad, **kw)
+    d_img, d_cap = cpu_gradients(img.to(dtype), cap.to(dtype), lens, grad, **kw)
+    assert_close_to_reference(d_img, ref_img, dtype=dtype, what="d img")
+    assert_close_to_reference(d_cap, ref_cap, dtype=dtype, what="d cap")
+
+
+def test_lse_with_tiny_lambda_matches_reference():
+    img, cap, lens = make_inputs(2, 4, 5, 6, 5)
+    kw = dict(options("t2i", agg="lse"), lse_lambda=1e-30)
+    out = rcar_fast.scan_similarity(img.float(), cap.float(), lens, backend="cpu", **kw)
+    assert_close_to_reference(out, reference64(img, cap, lens, **kw), dtype=torch.float32)
+    with pytest.raises(ValueError, match="lse_lambda must be at least 1e-30"):
+        rcar_fast.scan_similarity(img, cap, lens, backend="cpu", **dict(kw, lse_lambda=1e-31))
+
+
+@pytest.mark.parametrize("dtype,limit", [(torch.float32, 1e3), (torch.float64, 1e6)])
+def test_smooth_up_to_the_dtype_limit_is_right_and_above_it_refused(dtype, limit):
+    img, cap, lens = make_inputs(3, 5, 7, 8, 6)
+    for direction in DIRECTIONS:
+        kw = dict(options(direction), smooth=limit)
+        out = rcar_fast.scan_similarity(img.to(dtype), cap.to(dtype), lens, backend="cpu", **kw)
+        assert_close_to_reference(out, reference64(img, cap, lens, **kw), dtype=dtype,
+                                  what=f"smooth={limit:g} {direction} {dtype}")
+    for backend in ("cpu", "reference"):
+        for smooth in (limit * 1.01, 3.5e38, 1e39):  # 3.5e38: beyond float32's range
+            with pytest.raises(ValueError, match=re.escape(f"smooth must be at most {limit:g} for ")):
+                rcar_fast.scan_similarity(img.to(dtype), cap.to(dtype), lens, smooth=smooth, backend=backend)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_kernel_keeps_a_temperature_beyond_float32_range_finite(direction):
+    # Below the public limit nothing overflows; the kernel itself must still not turn such a
+    # temperature into inf (inf * 0 = NaN at the top logit): it gives the hard attention that the
+    # float64 reference gives. Captions of >= 2 words: one word normalises to exactly +-1 in
+    # float32, a tie that float64 resolves.
+    g = torch.Generator().manual_seed(3)
+    img = torch.randn(3, 6, 8, dtype=torch.float64, generator=g)
+    cap = torch.randn(4, 5, 8, dtype=torch.float64, generator=g)
+    lens = torch.tensor([5, 2, 3, 4])
+    native = dispatch.native_module()
+    ref = reference.scan_similarity_vectorized(img, cap, lens, direction=direction, smooth=1e39)
+    out = native.scan_forward_cpu(img.float(), cap.float(), lens, direction, "clipped_l2norm", 1e39, "mean", 6.0)
+    assert_close_to_reference(out, ref, dtype=torch.float32, what="smooth=1e39 in float32")
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_backward_is_bit_reproducible_with_two_threads(direction):
+    # Threads finish tiles in any order; the shared per-image sums are added in caption-block
+    # order, so every run gives the same bits.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        img, cap, lens = make_inputs(40, 60, 36, 64, 20, dtype=torch.float32)
+        grad = torch.linspace(-1, 1, 40 * 60).view(40, 60)
+        first = cpu_gradients(img, cap, lens, grad, **options(direction))
+        for _ in range(4):
+            again = cpu_gradients(img, cap, lens, grad, **options(direction))
+            assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_t2i_with_huge_R_is_refused_before_any_kernel(monkeypatch):
+    img = torch.randn(1, 50_000, 4)
+    cap = torch.randn(2, 3, 4)
+    lens = torch.tensor([3, 2])
+
+    class NoKernel:
+        def __getattr__(self, name):
+            raise AssertionError(f"the kernel {name} must not run")
+
+    monkeypatch.setattr(dispatch, "native_module", lambda: NoKernel())
+    with pytest.raises(dispatch.BackendUnavailable, match=r"R = 50000 needs 9537 MiB per image.*R <= 4096"):
+        rcar_fast.scan_similarity(img, cap, lens, backend="cpu")
+    monkeypatch.undo()
+    # backend="auto" passes the cpu kernels over and computes with the reference
+    out = rcar_fast.scan_similarity(img, cap, lens)
+    kw = options("t2i")
+    assert_close_to_reference(out, reference64(img, cap, lens, **kw), dtype=torch.float32)
+
+
+def test_t2i_images_in_chunks_equal_one_call(monkeypatch):
+    from rcar_fast.ops import scan_cpu
+
+    img, cap, lens = make_inputs(7, 5, 9, 6, 5)
+    grad = torch.randn(7, 5, dtype=torch.float64)
+    kw = options("t2i")
+    whole = rcar_fast.scan_similarity(img, cap, lens, backend="cpu", **kw)
+    whole_grads = cpu_gradients(img, cap, lens, grad, **kw)
+    calls = []
+    monkeypatch.setattr(scan_cpu, "GRAM_CHUNK_BYTES", 3 * scan_cpu._image_gram_bytes(img))
+    monkeypatch.setattr(scan_cpu._ScanCpu, "apply", _counting(scan_cpu._ScanCpu.apply, calls))
+    chunked = rcar_fast.scan_similarity(img, cap, lens, backend="cpu", **kw)
+    assert len(calls) == 3  # 3 + 3 + 1 images
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-15)
+    for got, want in zip(cpu_gradients(img, cap, lens, grad, **kw), whole_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+
+
+def _counting(fn, calls):
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return fn(*args)
+    return counted
+
+
+def test_i2t_with_huge_R_runs_in_memory_linear_in_R():
+    # The pair scratch was sized max(R, L)^2 per thread (~8 GB at R = 20000); now queries x
+    # context. Measured in a fresh process: its peak RSS is not shared with earlier tests.
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import resource, torch, rcar_fast
+        torch.set_num_threads(2)
+        img, cap = torch.randn(1, 20000, 4), torch.randn(2, 5, 4)
+        lens = torch.tensor([5, 3])
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = rcar_fast.scan_similarity(img, cap, lens, direction="i2t", smooth=4.0, backend="cpu")
+        assert bool(torch.isfinite(out).all())
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    growth_mib = int(result.stdout.split()[-1])
+    assert growth_mib < 200, f"peak memory grew by {growth_mib} MiB for R = 20000, d = 4"
+
+
+@pytest.mark.skipif(dispatch.rejection("scan", "triton", torch.device("cpu"), torch.float32) is not None,
+                    reason="triton (its CPU interpreter) is not available")
+def test_lse_with_huge_lambda_agrees_with_the_triton_interpreter():
+    img, cap, lens = make_inputs(2, 3, 5, 8, 4, dtype=torch.float32)
+    for lse_lambda in (1e10, 1e30):
+        kw = dict(options("t2i", agg="lse"), lse_lambda=lse_lambda)
+        ref = reference64(img, cap, lens, **kw)
+        for backend in ("cpu", "triton"):
+            out = rcar_fast.scan_similarity(img, cap, lens, backend=backend, **kw)
+            assert_close_to_reference(out, ref, dtype=torch.float32, what=f"{backend} lambda={lse_lambda:g}")

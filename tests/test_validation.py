@@ -102,3 +102,110 @@ def test_finite_check_walks_blocks_and_sees_every_block(monkeypatch):
     bad_img[4, 2, 0] = float("nan")
     with pytest.raises(ValueError, match="img holds NaN or Inf"):
         validate.similarity_inputs(bad_img, cap, lens)
+
+
+# ---------------------------------------------------------------------------------------------
+# lens and number arguments: one clear error naming the argument (issue 12)
+# ---------------------------------------------------------------------------------------------
+
+def _lens_cases():
+    return [
+        ("None", None, TypeError, "lens must be a sequence, NumPy array or integer tensor of the 3"),
+        ("int", 3, TypeError, "lens must be a sequence"),
+        ("str", "513", TypeError, "lens must be a sequence"),
+        ("bool list", [True, True, False], TypeError, "lens must hold integers"),
+        ("bool tensor", torch.tensor([True, True, True]), TypeError, "lens must be an integer tensor"),
+        ("bool array", np.array([True, True, True]), TypeError, "lens must be an integer array"),
+        ("fractional array", np.array([5.0, 1.5, 3.0]), TypeError, "lens must be an integer array"),
+        ("complex tensor", torch.tensor([5, 1, 3], dtype=torch.complex64), TypeError,
+         "lens must be an integer tensor"),
+        ("complex array", np.array([5, 1, 3], dtype=np.complex128), TypeError, "lens must be an integer array"),
+        ("complex list", [5 + 0j, 1, 3], TypeError, "lens must hold integers"),
+        ("object array", np.array([5, 1, None], dtype=object), TypeError, "lens must be an integer array"),
+        ("nested list", [[5, 1, 3]], TypeError, "lens must hold integers"),
+        ("over Lmax list", [5, 6, 3], ValueError, r"lens must lie in \[1, Lmax=5\]"),
+        ("zero list", [5, 0, 3], ValueError, r"lens must lie in \[1, Lmax=5\]"),
+        ("negative tensor", torch.tensor([5, -1, 3]), ValueError, r"lens must lie in \[1, Lmax=5\]"),
+        ("beyond int64 list", [5, 2**70, 3], ValueError, r"lens must lie in \[1, Lmax=5\]"),
+        ("uint64 wrapping", np.array([5, 2**64 - 1, 3], dtype=np.uint64), ValueError,
+         r"lens must lie in \[1, Lmax=5\]"),
+        ("too few", [5, 1], ValueError, r"lens must have shape \(n_cap,\) = \(3,\)"),
+        ("too many array", np.array([5, 1, 3, 2]), ValueError, r"lens must have shape \(n_cap,\) = \(3,\)"),
+        ("0-d array", np.array(3), ValueError, "lens must have shape"),
+    ]
+
+
+@pytest.mark.parametrize("entry", ["scan", "rcar"])
+@pytest.mark.parametrize("name,lens,exc,pattern", _lens_cases(), ids=[c[0] for c in _lens_cases()])
+def test_bad_lens_raise_one_clear_error_before_any_kernel(entry, name, lens, exc, pattern, monkeypatch):
+    from rcar_fast import dispatch
+
+    img, cap, _ = _good()
+    fn = _entry_points()[entry]
+
+    def no_backend(*args, **kwargs):
+        raise AssertionError("no backend may be chosen for bad lens")
+
+    monkeypatch.setattr(dispatch, "choose", no_backend)
+    with pytest.raises(exc, match=pattern):
+        fn(img, cap, lens)
+
+
+@pytest.mark.parametrize("smooth", [np.float32(9), np.float64(9), np.int64(9), torch.tensor(9.0),
+                                    np.array(9.0), 9])
+def test_numpy_scalars_and_0d_tensors_are_numbers(smooth):
+    img, cap, lens = _good()
+    want = rcar_fast.scan_similarity(img, cap, lens, smooth=9.0)
+    torch.testing.assert_close(rcar_fast.scan_similarity(img, cap, lens, smooth=smooth), want)
+    torch.testing.assert_close(rcar_fast.scan_similarity(img, cap, lens, lse_lambda=np.float32(6), agg="lse"),
+                               rcar_fast.scan_similarity(img, cap, lens, lse_lambda=6.0, agg="lse"))
+
+
+@pytest.mark.parametrize("smooth,exc,pattern", [
+    ("9", TypeError, "smooth must be a real number, got str"),
+    (True, TypeError, "smooth must be a real number, got bool"),
+    (None, TypeError, "smooth must be a real number, got NoneType"),
+    (torch.tensor([9.0]), TypeError, r"smooth must be a real number \(a scalar or 0-d tensor\)"),
+    (torch.tensor(9.0 + 0j), TypeError, "smooth must be a real number"),
+    (complex(9, 0), TypeError, "smooth must be a real number"),
+    (-1.0, ValueError, "smooth must be a positive finite number"),
+    (float("inf"), ValueError, "smooth must be a positive finite number"),
+    (10**400, ValueError, "smooth must be a positive finite number"),
+])
+def test_bad_smooth_one_clear_error(smooth, exc, pattern):
+    img, cap, lens = _good()
+    with pytest.raises(exc, match=pattern):
+        rcar_fast.scan_similarity(img, cap, lens, smooth=smooth)
+
+
+@pytest.mark.parametrize("smooth", [-1, 0, float("nan"), float("inf"), -5.0, "10", None])
+def test_rcar_smooth_checked_in_the_constructor_and_on_assignment(smooth):
+    exc = TypeError if isinstance(smooth, str) or smooth is None else ValueError
+    with pytest.raises(exc, match="smooth must be a"):
+        rcar_fast.RCARSimilarity(embed_dim=4, sim_dim=4, steps=1, smooth=smooth)
+    head = rcar_fast.RCARSimilarity(embed_dim=4, sim_dim=4, steps=1)
+    with pytest.raises(exc, match="smooth must be a"):
+        head.smooth = smooth
+    assert head.smooth == 10.0, "a refused value must leave the setting as it was"
+    head.smooth = np.float32(4)
+    assert head.smooth == 4.0 and type(head.smooth) is float
+
+
+def test_rcar_smooth_above_the_dtype_limit_refused_at_forward():
+    head = rcar_fast.RCARSimilarity(embed_dim=4, sim_dim=4, steps=1, smooth=1e39).eval()
+    img, cap, lens = _good()
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match=r"the head's smooth must be at most 1000 for float32"):
+            head(img, cap, lens, backend=backend)
+    head.double()
+    with pytest.raises(ValueError, match=r"the head's smooth must be at most 1e\+06 for float64"):
+        head(img.double(), cap.double(), lens)
+    head.smooth = 1e6
+    assert bool(torch.isfinite(head(img.double(), cap.double(), lens)).all())
+
+
+def test_checkpoint_options_with_a_bad_smooth_are_refused():
+    from rcar_fast.checkpoint import build_sim_enc
+
+    with pytest.raises(ValueError, match="smooth must be a positive finite number, got -5"):
+        build_sim_enc({"rcar_step": 2, "t2i_smooth": -5}, 4, 4)

@@ -267,15 +267,16 @@ RCAR_INLINE void attention_weights(const RcarTile<T>& t, RcarScratch<T>& w, int6
       const T lam = w.lam[r];
       V<T> best = minus_inf;
       for (int64_t v = 0; v <= last; v += W) {
-        V<T> z = simd::leak<T>(simd::load(sr + v), slope) * simd::load(inv + v) * lam;
-        simd::store(sr + v, z);
-        if (v == last) z = tail ? z : minus_inf;
-        best = simd::vmax<T>(best, z);
+        V<T> a = simd::leak<T>(simd::load(sr + v), slope) * simd::load(inv + v);
+        simd::store(sr + v, a);
+        if (v == last) a = tail ? a : minus_inf;
+        best = simd::vmax<T>(best, a);
       }
       const T top = simd::hmax<T>(best);
       V<T> total = zero;
       for (int64_t v = 0; v <= last; v += W) {
-        V<T> e = simd::vexp(simd::load(sr + v) - top);
+        // lambda (a - top) <= 0: shifted before scaling, so a huge lambda cannot overflow
+        V<T> e = simd::vexp((simd::load(sr + v) - top) * lam);
         if (v == last) e = tail ? e : zero;
         simd::store(sr + v, e);
         total += e;
@@ -327,7 +328,11 @@ RCAR_INLINE void correspondence_update(const RcarTile<T>& t, RcarScratch<T>& w, 
   hs.tanh_();
   const T* ws2 = rcr.smooth2.w.data_ptr<T>();
   const T bs2 = rcr.smooth2.b.data_ptr<T>()[0];
-  for (int64_t r = 0; r < rows; ++r) w.lam[r] = std::max(dot(w.H.data() + r * h2, ws2, h2) + bs2 + w.lam[r], T(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    // relu(...), kept finite like the initial temperature (temperature_in)
+    const T updated = std::max(dot(w.H.data() + r * h2, ws2, h2) + bs2 + w.lam[r], T(0));
+    w.lam[r] = std::min(updated, std::numeric_limits<T>::max());
+  }
 }
 
 // h_p = mean of the pair's alignment vectors.
@@ -418,7 +423,7 @@ template <typename T>
 RCAR_INLINE void rcar_tile_body(const RcarTile<T>& t, RcarScratch<T>& w, const HeadWeights& hw,
                                 const HeadConfig& cfg) {
   const int64_t Cp = simd::padded<T>(t.C);
-  std::fill(w.lam.begin(), w.lam.begin() + t.rows, T(cfg.smooth));
+  std::fill(w.lam.begin(), w.lam.begin() + t.rows, temperature_in<T>(cfg.smooth));
   bool modulated = false;
   if (cfg.reg == kOnlyRar) {
     alignment(t, w, hw, 0, Cp, false);

@@ -13,6 +13,7 @@
 #include "cpu/tile_common.h"
 #include "cpu/simd.h"
 
+#include <condition_variable>
 #include <limits>
 
 // Every function passing a 32-byte vector is always_inline: the ABI note does not apply.
@@ -70,7 +71,8 @@ struct Opt {
   int norm, agg;
   T slope, smooth, lse_lambda;
   explicit Opt(const ScanOptions& s)
-      : norm(s.norm), agg(s.agg), slope(T(s.slope)), smooth(T(s.smooth)), lse_lambda(T(s.lse_lambda)) {}
+      : norm(s.norm), agg(s.agg), slope(T(s.slope)), smooth(temperature_in<T>(s.smooth)),
+        lse_lambda(temperature_in<T>(s.lse_lambda)) {}
 };
 
 // One (image, caption) pair, queries as rows, in a padded layout: raw scores s (Q x Cp, Cp = C
@@ -206,6 +208,21 @@ RCAR_INLINE void gram_products(const T* alpha, const T* G, int64_t Q, int64_t C,
 }
 
 template <typename T>
+RCAR_INLINE T max_of(const T* r, int64_t Q) {
+  T best = r[0];
+  for (int64_t k = 1; k < Q; ++k) best = std::max(best, r[k]);
+  return best;
+}
+
+// exp(lambda (r - r_max)) <= 1. The shift is taken before the scaling: lambda r itself may
+// overflow, and exp(fma(lambda, r, -lambda r_max)) (what a contracted lambda r - best compiles
+// to) is exp of lambda r's rounding error, which is inf or 0 once lambda r is large.
+template <typename T>
+RCAR_INLINE T lse_weight(T r, T r_max, T lambda) {
+  return std::exp(lambda * (r - r_max));
+}
+
+template <typename T>
 RCAR_INLINE T aggregate(const T* r, int64_t Q, const Opt<T>& o) {
   switch (o.agg) {
     case kAggMean:
@@ -214,17 +231,13 @@ RCAR_INLINE T aggregate(const T* r, int64_t Q, const Opt<T>& o) {
       for (int64_t k = 0; k < Q; ++k) total += r[k];
       return o.agg == kAggSum ? total : total / T(Q);
     }
-    case kAggMax: {
-      T best = r[0];
-      for (int64_t k = 1; k < Q; ++k) best = std::max(best, r[k]);
-      return best;
-    }
-    default: {  // lse: log(sum exp(lambda r)) / lambda, max-shifted
-      T best = o.lse_lambda * r[0];
-      for (int64_t k = 1; k < Q; ++k) best = std::max(best, o.lse_lambda * r[k]);
+    case kAggMax:
+      return max_of(r, Q);
+    default: {  // lse: log(sum exp(lambda r)) / lambda = r_max + log(sum exp(lambda (r - r_max))) / lambda
+      const T best = max_of(r, Q);
       T total = 0;
-      for (int64_t k = 0; k < Q; ++k) total += std::exp(o.lse_lambda * r[k] - best);
-      return (std::log(total) + best) / o.lse_lambda;
+      for (int64_t k = 0; k < Q; ++k) total += lse_weight(r[k], best, o.lse_lambda);
+      return best + std::log(total) / o.lse_lambda;
     }
   }
 }
@@ -240,19 +253,17 @@ RCAR_INLINE void aggregate_backward(const T* r, int64_t Q, const Opt<T>& o, T g,
       for (int64_t k = 0; k < Q; ++k) dr[k] = g;
       return;
     case kAggMax: {
-      T best = r[0];
-      for (int64_t k = 1; k < Q; ++k) best = std::max(best, r[k]);
+      const T best = max_of(r, Q);
       int64_t ties = 0;
       for (int64_t k = 0; k < Q; ++k) ties += r[k] == best;
       for (int64_t k = 0; k < Q; ++k) dr[k] = r[k] == best ? g / T(ties) : T(0);
       return;
     }
     default: {
-      T best = o.lse_lambda * r[0];
-      for (int64_t k = 1; k < Q; ++k) best = std::max(best, o.lse_lambda * r[k]);
+      const T best = max_of(r, Q);
       T total = 0;
       for (int64_t k = 0; k < Q; ++k) {
-        dr[k] = std::exp(o.lse_lambda * r[k] - best);
+        dr[k] = lse_weight(r[k], best, o.lse_lambda);
         total += dr[k];
       }
       for (int64_t k = 0; k < Q; ++k) dr[k] *= g / total;
@@ -446,7 +457,9 @@ struct ScanProblem {
   const T* qnorm_ptr() const { return qnorm.data_ptr<T>(); }
   int64_t n_cap_blocks() const { return static_cast<int64_t>(cap_bounds.size()) - 1; }
   int64_t len(int64_t j) const { return words.offsets[j + 1] - words.offsets[j]; }
-  int64_t pair_q_max() const { return std::max(R, max_len); }
+  // The largest pair as queries x context: t2i words x regions, i2t regions x words.
+  int64_t pair_queries_max() const { return opt.t2i ? max_len : R; }
+  int64_t pair_context_max() const { return opt.t2i ? R : max_len; }
   // Offset of the Gram of pair (i, j)'s context in `gram` (and in its gradient).
   int64_t gram_offset(int64_t i, int64_t j) const {
     return opt.t2i ? i * R * simd::padded<T>(R) : gram_off[j];
@@ -543,8 +556,8 @@ struct TileScratch {
   PairScratch<T> pair;
   TileScratch(const ScanProblem<T>& P, bool backward)
       : scores(P.max_block_words * P.img_block * P.R),
-        pair_s(P.pair_q_max() * simd::padded<T>(P.pair_q_max()), T(0)),
-        pair(P.pair_q_max(), P.pair_q_max()) {
+        pair_s(P.pair_queries_max() * simd::padded<T>(P.pair_context_max()), T(0)),
+        pair(P.pair_queries_max(), P.pair_context_max()) {
     if (backward) {
       dscores.resize(scores.size());
       pair_ds.resize(pair_s.size());
@@ -636,17 +649,54 @@ void scan_forward_impl(const ScanProblem<T>& P, at::Tensor& out) {
 // Backward
 // ---------------------------------------------------------------------------------------------
 
+// Turns for adding into shared sums: image block ib takes the contributions of caption blocks
+// 0, 1, 2, ... in that order, whichever threads compute them, so the floating-point sums (and
+// the gradients) are the same bits on every run. A thread that finishes a tile early waits for
+// the caption block before it; caption blocks are handed out in increasing order, so the one
+// being waited for is always running. If a task fails, `abandon` wakes every waiter.
+class OrderedTurns {
+ public:
+  explicit OrderedTurns(int64_t n_slots) : locks_(n_slots), changed_(n_slots), next_(n_slots, 0) {}
+
+  // Blocks until it is caption block cb's turn at `slot`; false if the run was abandoned.
+  bool wait(int64_t slot, int64_t cb, std::unique_lock<std::mutex>& lock) {
+    lock = std::unique_lock<std::mutex>(locks_[slot]);
+    changed_[slot].wait(lock, [&] { return next_[slot] == cb || abandoned_.load(); });
+    return !abandoned_.load();
+  }
+
+  void pass(int64_t slot, std::unique_lock<std::mutex>& lock) {
+    ++next_[slot];
+    lock.unlock();
+    changed_[slot].notify_all();
+  }
+
+  void abandon() {
+    abandoned_.store(true);
+    for (size_t slot = 0; slot < locks_.size(); ++slot) {
+      { std::lock_guard<std::mutex> guard(locks_[slot]); }
+      changed_[slot].notify_all();
+    }
+  }
+
+ private:
+  std::vector<std::mutex> locks_;
+  std::vector<std::condition_variable> changed_;
+  std::vector<int64_t> next_;
+  std::atomic<bool> abandoned_{false};
+};
+
 // Gradient accumulators. Rows of the packed words (and, for i2t, caption Grams) belong to one
 // caption block, hence to the one thread that handles it; per-image accumulators are shared and
-// updated under the image block's lock.
+// updated in caption-block order (OrderedTurns).
 template <typename T>
 struct ScanGrads {
   at::Tensor dwords;  // (total_words, d)
   at::Tensor dimg;    // (n_img * R, d)
   at::Tensor dgram;   // same layout as ScanProblem::gram
   at::Tensor cq;      // (dL/d|q|) / |q|: t2i per word, i2t per region
-  std::vector<std::mutex> img_locks;
-  explicit ScanGrads(const ScanProblem<T>& P) : img_locks(P.n_img_blocks) {
+  OrderedTurns img_turns;
+  explicit ScanGrads(const ScanProblem<T>& P) : img_turns(P.n_img_blocks) {
     dwords = at::zeros_like(P.words.words);
     dimg = at::zeros({P.n_img * P.R, P.d}, P.img.options());
     dgram = at::zeros_like(P.gram);
@@ -706,15 +756,20 @@ void backward_tile_pairs_base(const ScanProblem<T>& P, const Tile& t, TileScratc
   backward_tile_pairs_body(P, t, ts, g, G);
 }
 
-// One caption block against every image block (starting at a different image block per
-// caption block, so threads rarely wait for the same lock).
+// One caption block against every image block, in image-block order: caption block cb adds
+// into image block ib right after caption block cb - 1 did, so the threads run staggered by
+// about one addition and rarely wait.
 template <typename T>
 void backward_caption_block(const ScanProblem<T>& P, int64_t cb, TileScratch<T>& ts, const T* g,
                             ScanGrads<T>& G, bool avx2) {
-  for (int64_t step = 0; step < P.n_img_blocks; ++step) {
-    const int64_t ib = (cb + step) % P.n_img_blocks;
+  for (int64_t ib = 0; ib < P.n_img_blocks; ++ib) {
     const Tile t = tile_of(P, cb, ib);
-    if (!tile_has_gradient(P, t, g)) continue;
+    std::unique_lock<std::mutex> turn;
+    if (!tile_has_gradient(P, t, g)) {
+      if (!G.img_turns.wait(ib, cb, turn)) return;
+      G.img_turns.pass(ib, turn);
+      continue;
+    }
     tile_scores(P, t, ts.scores.data());
     std::fill(ts.dgram_tile.begin(), ts.dgram_tile.end(), T(0));
     std::fill(ts.cq_tile.begin(), ts.cq_tile.end(), T(0));
@@ -727,7 +782,7 @@ void backward_caption_block(const ScanProblem<T>& P, int64_t cb, TileScratch<T>&
     T* dwords = G.dwords.template data_ptr<T>();
     T* dimg = G.dimg.template data_ptr<T>();
     matmul_into(view2d(dwords + t.w0 * P.d, t.rows, P.d, P.d), ds, v, true);
-    std::lock_guard<std::mutex> lock(G.img_locks[ib]);
+    if (!G.img_turns.wait(ib, cb, turn)) return;
     matmul_into(view2d(dimg + t.i0 * P.R * P.d, t.cols, P.d, P.d), ds.t(), w, true);
     if (P.opt.t2i) {
       const int64_t per_image = P.R * simd::padded<T>(P.R);
@@ -737,6 +792,7 @@ void backward_caption_block(const ScanProblem<T>& P, int64_t cb, TileScratch<T>&
       T* cq = G.cq.template data_ptr<T>() + t.i0 * P.R;
       for (int64_t e = 0; e < t.cols; ++e) cq[e] += ts.cq_tile[e];
     }
+    G.img_turns.pass(ib, turn);
   }
 }
 
@@ -768,11 +824,20 @@ std::vector<at::Tensor> scan_backward_impl(const ScanProblem<T>& P, const at::Te
   const at::Tensor g = grad.contiguous();
   const T* gp = g.data_ptr<T>();
   const int64_t n_blocks = P.n_cap_blocks();
-  std::vector<std::unique_ptr<TileScratch<T>>> scratch(team_size(n_blocks));
+  const int team = team_size(n_blocks);
+  std::vector<std::unique_ptr<TileScratch<T>>> scratch(team);
   const bool avx2 = use_avx2_path();
-  run_tasks(n_blocks, [&](int64_t cb, int thread) {
+  // Caption blocks go out from one counter, in increasing order (OrderedTurns relies on it).
+  std::atomic<int64_t> next_block{0};
+  run_tasks(team, [&](int64_t, int thread) {
     if (!scratch[thread]) scratch[thread] = std::make_unique<TileScratch<T>>(P, true);
-    backward_caption_block(P, cb, *scratch[thread], gp, G, avx2);
+    try {
+      for (int64_t cb = next_block++; cb < n_blocks; cb = next_block++)
+        backward_caption_block(P, cb, *scratch[thread], gp, G, avx2);
+    } catch (...) {
+      G.img_turns.abandon();
+      throw;
+    }
   });
   return finish_gradients(P, G);
 }

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -56,6 +57,14 @@ inline std::atomic<int>& simd_path_override() {
 inline bool use_avx2_path() {
   const int forced = simd_path_override().load();
   return forced < 0 ? cpu_has_avx2_fma() : (forced == 1 && cpu_has_avx2_fma());
+}
+
+// A positive softmax temperature in the compute type. One above T's range would round to +inf,
+// and inf * 0 (the max-shifted top logit) is NaN; the largest finite T gives the same hard
+// (one-hot) softmax that the float64 reference gives for such a temperature.
+template <typename T>
+T temperature_in(double value) {
+  return T(std::min(value, double(std::numeric_limits<T>::max())));
 }
 
 template <typename T>

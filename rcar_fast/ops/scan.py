@@ -11,6 +11,7 @@ float64 inputs, and differentiable w.r.t. img and cap where the backend has a ba
 import torch
 
 from rcar_fast import dispatch, reference, validate
+from rcar_fast.ops import scan_cpu
 
 DIRECTIONS = ("t2i", "i2t")
 RAW_NORMS = ("clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "clipped", "no_norm", "softmax")
@@ -33,6 +34,12 @@ dispatch.register("scan", "reference", _reference_vectorized)
 dispatch.register("scan", "reference_loop", _reference_loop)
 
 
+def shape_rejections(img, direction) -> dict:
+    """Backends that refuse these shapes, with the reason (backend="auto" passes them over)."""
+    reason = scan_cpu.shape_rejection(img, direction)
+    return {"cpu": reason} if reason else {}
+
+
 def scan_similarity(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm", smooth=9.0,
                     agg="mean", lse_lambda=6.0, backend="auto") -> torch.Tensor:
     """SCAN similarity of every (image, caption) pair.
@@ -40,14 +47,19 @@ def scan_similarity(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm
     img (n_img, R, d), cap (n_cap, Lmax, d) with word positions >= lens[j] ignored, lens (n_cap,)
     integers in [1, Lmax]. Returns (n_img, n_cap) float32 (float64 for float64 inputs).
     direction "t2i" attends words to regions, "i2t" regions to words; see SIMILARITY.md.
+    smooth (the attention's softmax temperature): positive, at most 1e3 for float32 / float16 /
+    bfloat16 inputs and 1e6 for float64 ones (validate.SMOOTH_LIMITS: beyond them the result
+    depends on rounding); lse_lambda: any finite value >= 1e-30. Numbers may be Python or NumPy
+    scalars or 0-d tensors.
     """
     validate.choice(direction, "direction", DIRECTIONS)
     validate.choice(raw_norm, "raw_norm", RAW_NORMS)
     validate.choice(agg, "agg", AGGREGATIONS)
-    smooth = validate.positive_number(smooth, "smooth")
-    lse_lambda = validate.positive_number(lse_lambda, "lse_lambda")
+    validate.positive_number(smooth, "smooth")
+    lse_lambda = validate.lse_lambda_value(lse_lambda)
     validate.choice(backend, "backend", dispatch.REQUESTABLE)
     lens = validate.similarity_inputs(img, cap, lens)
-    impl = dispatch.choose("scan", backend, img.device, img.dtype)
+    smooth = validate.smooth_for(smooth, img.dtype)
+    impl = dispatch.choose("scan", backend, img.device, img.dtype, shape_rejections(img, direction))
     return impl.fn(img, cap, lens, direction=direction, raw_norm=raw_norm, smooth=smooth,
                    agg=agg, lse_lambda=lse_lambda)

@@ -4,14 +4,27 @@ The kernels use the Gram identity: per tile of (caption block x image block), on
 every word-region score, and the per-pair reductions (normalisation over the queries, softmax
 over the context, alpha . s, alpha^T G alpha, cosine, aggregation) run on that tile in
 vectorised C++ with OpenMP over tiles. The backward recomputes the tile scores and turns the
-per-pair score gradients into two more GEMMs per tile. Memory is O(threads x tile).
+per-pair score gradients into two more GEMMs per tile. Memory is O(threads x tile), plus the
+context Grams: t2i one (R x R) matrix per image, i2t one (L x L) per caption. The t2i Grams are
+bounded here: images go to the kernels in chunks whose Grams fit GRAM_CHUNK_BYTES, and an image
+whose own Gram exceeds GRAM_IMAGE_BYTES is refused (backend="auto" then uses the reference).
 """
+from __future__ import annotations
+
+from typing import Optional
+
 import torch
 from torch.autograd.function import once_differentiable
 
 from rcar_fast import dispatch
 
 _DTYPES = (torch.float32, torch.float64)
+
+# Bytes of the per-image Grams one kernel call may hold (its backward holds as much again for
+# their gradients), and the most one image's Gram may take.
+GRAM_CHUNK_BYTES = 256 * 2**20
+GRAM_IMAGE_BYTES = 64 * 2**20
+_VECTOR_BYTES = 32  # the kernels pad Gram rows to whole 256-bit vectors
 
 
 def supports(device: torch.device, dtype: torch.dtype):
@@ -21,6 +34,30 @@ def supports(device: torch.device, dtype: torch.dtype):
         return (f"the C++ CPU kernels compute in float32 or float64, got {dtype} "
                 "(cast the inputs, or use backend='reference')")
     return None
+
+
+def _image_gram_bytes(img: torch.Tensor) -> int:
+    R, per_vector = img.shape[1], _VECTOR_BYTES // img.element_size()
+    return R * (-(-R // per_vector) * per_vector) * img.element_size()
+
+
+def shape_rejection(img: torch.Tensor, direction: str) -> Optional[str]:
+    """Why the kernels will not take these images (None if they will): a t2i image's (R x R)
+    Gram over GRAM_IMAGE_BYTES."""
+    if direction != "t2i" or _image_gram_bytes(img) <= GRAM_IMAGE_BYTES:
+        return None
+    return (f"SCAN t2i on the C++ CPU kernels keeps an (R x R) Gram matrix per image: R = {img.shape[1]} "
+            f"needs {_image_gram_bytes(img) / 2**20:.0f} MiB per image, over the limit of "
+            f"{GRAM_IMAGE_BYTES / 2**20:.0f} MiB (R <= {_largest_region_count(img.element_size())} for "
+            f"{str(img.dtype).replace('torch.', '')}); use backend='reference' or fewer regions")
+
+
+def _largest_region_count(element_size: int) -> int:
+    per_vector = _VECTOR_BYTES // element_size
+    R = int((GRAM_IMAGE_BYTES / element_size) ** 0.5)
+    while R * (-(-R // per_vector) * per_vector) * element_size > GRAM_IMAGE_BYTES:
+        R -= 1
+    return R
 
 
 class _ScanCpu(torch.autograd.Function):
@@ -42,8 +79,15 @@ class _ScanCpu(torch.autograd.Function):
 
 
 def scan_cpu(img, cap, lens, *, direction, raw_norm, smooth, agg, lse_lambda):
+    reason = shape_rejection(img, direction)
+    if reason is not None:
+        raise dispatch.BackendUnavailable(f"backend 'cpu' cannot run scan on these inputs: {reason}")
     options = (direction, raw_norm, float(smooth), agg, float(lse_lambda))
-    return _ScanCpu.apply(img, cap, lens, options)
+    per_call = img.shape[0] if direction != "t2i" else max(1, GRAM_CHUNK_BYTES // _image_gram_bytes(img))
+    if per_call >= img.shape[0]:
+        return _ScanCpu.apply(img, cap, lens, options)
+    return torch.cat([_ScanCpu.apply(img[i:i + per_call], cap, lens, options)
+                      for i in range(0, img.shape[0], per_call)])
 
 
 dispatch.register("scan", "cpu", scan_cpu, supports)
