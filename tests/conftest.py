@@ -13,8 +13,11 @@ kernel module:
 
 RCAR_FAST_AUTOTUNE=quick (unless set otherwise) limits the Triton autotuners to 1-2 configs: the
 tests check results, not speed, and full autotuning costs seconds of compile per config.
+RCAR_FAST_TEST_DEADLINE (a Unix time; scripts/gpu_check.sh sets it) skips the tests that would
+start after it, so that a time-boxed run still ends normally, with its report and junit xml.
 """
 import os
+import time
 
 import pytest
 import torch
@@ -45,6 +48,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=gpu_skip))
         if not TRITON_INTERPRETED and item.get_closest_marker("interpreter"):
             item.add_marker(pytest.mark.skip(reason=_NO_INTERPRETER))
+
+
+_DEADLINE = float(os.environ.get("RCAR_FAST_TEST_DEADLINE") or "inf")
+
+
+def pytest_runtest_setup(item):
+    if time.time() > _DEADLINE:
+        pytest.skip("out of time: RCAR_FAST_TEST_DEADLINE (the GPU check's budget) has passed")
 
 
 @pytest.fixture(autouse=True)
