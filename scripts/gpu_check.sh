@@ -116,6 +116,9 @@ if torch.cuda.is_available():
 facts["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 json.dump(facts, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(facts))
+gpu = facts["gpu"]
+print((f"{gpu['name']} (sm {gpu['capability']}), driver {facts.get('driver')}" if gpu else "no GPU")
+      + f"; torch {facts['torch']}, CUDA {facts['cuda']}, triton {facts['triton']}, python {facts['python']}")
 PY
 }
 
