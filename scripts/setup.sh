@@ -57,12 +57,12 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
   if [ "$TORCH_PREINSTALLED" = 1 ]; then
     echo "[setup] torch found on $("$PYTHON" -c 'import sys; print(sys.executable)'): venv with system site-packages"
-    # A python that is itself a venv (/opt/torch/.venv on the GPU image) has no ensurepip:
+    # A python that is itself a venv (/opt/torch/.venv on the GPU image) may have no ensurepip:
     # then the venv gets no pip of its own and uses the parent's, through the .pth below.
-    if "$PYTHON" -c "import ensurepip" 2>/dev/null; then
-      "$PYTHON" -m venv --system-site-packages "$VENV"
-    else
+    if "$PYTHON" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)' || ! "$PYTHON" -c "import ensurepip" 2>/dev/null; then
       "$PYTHON" -m venv --system-site-packages --without-pip "$VENV"
+    else
+      "$PYTHON" -m venv --system-site-packages "$VENV"
     fi
     # If that python is itself a virtual environment (e.g. /opt/torch/.venv on the GPU image),
     # --system-site-packages only reaches its base interpreter: point a .pth file at its
