@@ -20,6 +20,7 @@ import argparse
 import copy
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -108,10 +109,11 @@ def check_usable(op, backend, device, dtype):
     raise RuntimeError(f"backend {backend} unavailable on a GPU machine: {reason}")
 
 
-def make_inputs(device, dtype, seed):
-    """img (n_img, R, d), cap (n_cap, Lmax + 2, d) with NaN in every padding position, lens."""
+def make_inputs(device, dtype, seed, min_len=1):
+    """img (n_img, R, d), cap (n_cap, Lmax + 2, d) with NaN in every padding position, lens
+    (SIZES' lengths, raised to min_len)."""
     gen = torch.Generator().manual_seed(seed)
-    lens = torch.tensor(SIZES["lens"])
+    lens = torch.tensor(SIZES["lens"]).clamp(min=min_len)
     max_len = int(lens.max()) + 2
     img = torch.randn(SIZES["n_img"], SIZES["regions"], SIZES["dim"], generator=gen, dtype=torch.float64)
     cap = torch.randn(len(lens), max_len, SIZES["dim"], generator=gen, dtype=torch.float64)
@@ -119,6 +121,14 @@ def make_inputs(device, dtype, seed):
     cap = torch.nn.functional.normalize(cap, dim=-1)
     cap[torch.arange(max_len)[None, :] >= lens[:, None]] = float("nan")
     return img.to(device, dtype), cap.to(device, dtype), lens.to(device)
+
+
+def shortest_caption(dtype):
+    """1, except in float16: there the reference itself overflows at 1-word captions (the
+    l2-normalisation over a single word, x/|x|, has a 1/|x| derivative; SCAN's clipped_l2norm
+    backward and RCAR's forward reach inf/NaN past 65504), which leaves the 2x rule without a
+    bound. fp32 and bf16 (fp32's range) keep the 1-word caption."""
+    return 2 if dtype == torch.float16 else 1
 
 
 def real_words(lens, max_len):
@@ -137,6 +147,8 @@ def poison_allocator(device):
 
 def measure(checks, what, out, ref64, dtype, ref_lowp=None):
     err, bound = error_and_bound(out, ref64, dtype=dtype, ref_lowp=ref_lowp)
+    if not math.isfinite(bound):
+        what += f" (the {dtype} reference is not finite here: the 2x rule has no bound)"
     checks.append(dict(what=what, err=err, bound=bound, ok=err <= bound))
 
 
@@ -182,7 +194,7 @@ def scan_case(backend, direction, dtype_name, seed):
         dtype = DTYPES[dtype_name]
         device = device_for(backend)
         check_usable("scan", backend, device, dtype)
-        img, cap, lens = make_inputs(device, dtype, seed)
+        img, cap, lens = make_inputs(device, dtype, seed, min_len=shortest_caption(dtype))
         low = dtype not in (torch.float32, torch.float64)
         checks = []
         for raw_norm, agg in SCAN_OPTION_SETS:
@@ -253,14 +265,14 @@ def rcar_case(backend, regulator, steps, direction, dtype_name, with_grads, seed
         dtype = DTYPES[dtype_name]
         device = device_for(backend)
         check_usable("rcar", backend, device, dtype)
-        img, cap, lens = make_inputs(device, dtype, seed)
+        img, cap, lens = make_inputs(device, dtype, seed, min_len=shortest_caption(dtype))
         lens = lens.cpu()  # as the RCAR tests pass them (the ops move them where needed)
         head = make_head(regulator, steps, direction, device, seed)
         with torch.no_grad():
             ref64 = copy.deepcopy(head).double().forward_loop(img.double(), cap.double(), lens)
             lowp = None
             if dtype != torch.float32:
-                lowp = copy.deepcopy(head).to(dtype)(img, cap, lens, backend="reference")
+                lowp = copy.deepcopy(head).to(dtype).forward_loop(img, cap, lens)
         # The Triton kernel takes its GEMM operands in the head's dtype (as trained with
         # autocast off); the CUDA kernel converts fp32 weights itself.
         kernel_head = copy.deepcopy(head).to(dtype) if backend == "triton" else head
