@@ -43,6 +43,11 @@ if [ "$DRY" = 1 ]; then
   DRY_FLAG=(--dry-run)
 fi
 VENV=${RCAR_FAST_VENV:-$ROOT/.venv}
+if [ -z "${PYTHON:-}" ]; then  # the machine's python that has torch (the GPU image: /opt/torch/.venv)
+  for candidate in python3 python; do
+    if "$candidate" -c "import torch" 2>/dev/null; then export PYTHON=$candidate; break; fi
+  done
+fi
 python_bin() {  # the set-up's venv once it exists, the machine's python before
   if [ -x "$VENV/bin/python" ]; then echo "$VENV/bin/python"; else echo "${PYTHON:-python3}"; fi
 }

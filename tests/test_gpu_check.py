@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -77,3 +78,23 @@ def test_dry_run_selected_the_gpu_tests(dry_run):
     # `-m gpu` on a CPU machine: every selected test is a GPU test, skipped with the reason
     assert 'tests="0"' not in junit and "needs a CUDA GPU" in junit
     assert "<failure" not in junit and "<error" not in junit
+
+
+def test_a_step_over_the_budget_is_stopped_and_the_rest_reported(tmp_path):
+    # A 10-second budget: the steps past it are cut by their timeout or skipped, the script
+    # still prints its summary, and its exit status says it did not pass.
+    env = dict(os.environ, PYTHON=sys.executable, RCAR_FAST_VENV=str(tmp_path / "no-venv"),
+               GPU_CHECK_TOTAL_S="10")
+    for var in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "PYTEST_ADDOPTS"):
+        env.pop(var, None)
+    start = time.monotonic()
+    run = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--dry-run", str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - start
+    rows = _summary_rows(tmp_path)
+    assert list(rows) == [*STEPS, "total"], run.stdout[-3000:]
+    assert run.returncode == 1 and rows["total"][1] == "FAILED"
+    cut = [name for name, row in rows.items() if row[1] in ("TIMEOUT", "skipped")]
+    assert cut and rows["gpu-tests"][1] in ("TIMEOUT", "skipped"), rows
+    assert elapsed < 10 + 10 + 15, f"took {elapsed:.0f}s for a 10 s budget (+10 s kill grace)"
+    assert "=== gpu_check summary" in run.stdout
