@@ -23,7 +23,7 @@ OUT=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg (expected [OUT_DIR] [--dry-run])" >&2; exit 2 ;;
     *) [ -z "$OUT" ] || { echo "gpu_check.sh: one OUT_DIR only, got $OUT and $arg" >&2; exit 2; }; OUT=$arg ;;
   esac
@@ -41,6 +41,8 @@ DRY_FLAG=()
 if [ "$DRY" = 1 ]; then
   export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
   DRY_FLAG=(--dry-run)
+else
+  unset TRITON_INTERPRET  # on the GPU the kernels are compiled, never interpreted
 fi
 VENV=${RCAR_FAST_VENV:-$ROOT/.venv}
 if [ -z "${PYTHON:-}" ]; then  # the machine's python that has torch (the GPU image: /opt/torch/.venv)
