@@ -79,7 +79,10 @@ import torch
 from rcar_fast.kernels import gram as kernels
 
 R, D, stride_n = 3, 5, 2**30 + 64
-storage = torch.empty(2 * stride_n + R * D, dtype=torch.int8)
+try:
+    storage = torch.empty(2 * stride_n + R * D, dtype=torch.int8)
+except RuntimeError as err:  # strict overcommit: no 2 GiB of address space
+    raise SystemExit(f"NOMEM {err}")
 x = storage.as_strided((3, R, D), (stride_n, D, 1))
 x.copy_(torch.randint(-5, 6, (3, R, D), dtype=torch.int8))
 out = torch.full((3, R, R), float("nan"))
@@ -95,6 +98,8 @@ def test_gram_kernel_offsets_do_not_overflow_int32():
                PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run = subprocess.run([sys.executable, "-c", _GRAM_INT64_SCRIPT], cwd=root, env=env,
                          capture_output=True, text=True, timeout=300)
+    if run.stderr.startswith("NOMEM"):
+        pytest.skip(f"cannot reserve 2 GiB of address space here: {run.stderr[:200]}")
     assert run.returncode == 0 and run.stdout.strip() == "MATCH", (
         f"image 2 at offset 2^31 + 128 elements: exit {run.returncode} (-11: a read outside the "
         f"tensor, int32 offsets wrapped), stdout {run.stdout[-500:]!r}, stderr {run.stderr[-1500:]}")
