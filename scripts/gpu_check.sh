@@ -71,6 +71,7 @@ run_step() {
   echo "=== $name (limit ${limit}s)"
   if [ "$limit" -lt 5 ]; then
     STEPS+=("$name"); STATUS+=("skipped"); SECS+=(0); DETAIL+=("out of time (budget ${TOTAL}s)")
+    FAILED=1  # a step that did not run did not pass
     echo "skipped: out of time"
     return
   fi
