@@ -19,7 +19,7 @@ CPU tensors at tiny sizes (bf16 is refused there: skipped with the reason), CUDA
 import argparse
 import copy
 import csv
-import json
+import io
 import math
 import os
 import sys
@@ -55,6 +55,7 @@ import torch  # noqa: E402
 import rcar_fast  # noqa: E402
 from rcar_fast import dispatch  # noqa: E402
 from rcar_fast import reference as ref  # noqa: E402
+from rcar_fast.cli import _write_json  # noqa: E402
 from rcar_fast.modules import RCARSimilarity  # noqa: E402
 from tests.tolerances import error_and_bound  # noqa: E402
 
@@ -323,13 +324,13 @@ def run_case(case):
     checks, reason = [], ""
     try:
         checks = case.run()
+        if HAS_GPU:
+            torch.cuda.synchronize()  # an asynchronous kernel fault belongs to this case
         status = "PASS" if all(c["ok"] for c in checks) else "FAIL"
     except Skip as skip:
         status, reason = "SKIP", str(skip)
     except Exception as err:  # reported as the case's failure; the pass goes on
         status, reason = "FAIL", f"error: {type(err).__name__}: {err}"[:800]
-    if HAS_GPU:
-        torch.cuda.synchronize()
     return dict(name=case.name, backend=case.backend, status=status, reason=reason, checks=checks,
                 seconds=round(time.perf_counter() - start, 3))
 
@@ -344,17 +345,21 @@ def describe(result):
 
 
 def write_outputs(out_dir, results, facts):
-    os.makedirs(out_dir, exist_ok=True)
+    """correctness.json and correctness.csv, each replaced whole (a kill mid-write leaves the
+    previous version, never half a file)."""
     counts = {s: sum(r["status"] == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
-    with open(os.path.join(out_dir, "correctness.json"), "w") as f:
-        json.dump(dict(facts=facts, counts=counts, cases=results), f, indent=1)
-    with open(os.path.join(out_dir, "correctness.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["case", "backend", "status", "check", "max_abs_error", "bound", "ok", "seconds", "reason"])
-        for r in results:
-            for c in r["checks"] or [dict(what="", err="", bound="", ok="")]:
-                writer.writerow([r["name"], r["backend"], r["status"], c["what"], c["err"], c["bound"], c["ok"],
-                                 r["seconds"], r["reason"]])
+    _write_json(os.path.join(out_dir, "correctness.json"), dict(facts=facts, counts=counts, cases=results))
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["case", "backend", "status", "check", "max_abs_error", "bound", "ok", "seconds", "reason"])
+    for r in results:
+        for c in r["checks"] or [dict(what="", err="", bound="", ok="")]:
+            writer.writerow([r["name"], r["backend"], r["status"], c["what"], c["err"], c["bound"], c["ok"],
+                             r["seconds"], r["reason"]])
+    path = os.path.join(out_dir, "correctness.csv")
+    with open(path + ".partial", "w", newline="") as f:
+        f.write(rows.getvalue())
+    os.replace(path + ".partial", path)
     return counts
 
 
@@ -376,6 +381,7 @@ def main():
             result = run_case(case)
         results.append(result)
         print(f"{result['status']}  {case.name:<34} {result['seconds']:6.1f}s  {describe(result)}", flush=True)
+        write_outputs(ARGS.out, results, facts)  # after every case: a hang later keeps these
     counts = write_outputs(ARGS.out, results, facts)
     print(f"[correctness] {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped"
           f"{f' ({out_of_time} out of time)' if out_of_time else ''}; {os.path.join(ARGS.out, 'correctness.json')}")
