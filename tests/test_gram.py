@@ -9,8 +9,9 @@ import torch
 import rcar_fast
 from rcar_fast import dispatch
 from tests import sm90
-from tests.conftest import TRITON_INTERPRETED, requires_gpu
+from tests.conftest import requires_gpu
 from tests.tolerances import assert_close_to_reference
+from tests.conftest import TRITON_INTERPRETED
 
 SHAPES = [(1, 1, 1), (3, 5, 7), (2, 36, 70), (2, 17, 33)]  # R, d off the tile sizes
 # Triton takes CPU tensors only under its interpreter; on a GPU session the same small cases
