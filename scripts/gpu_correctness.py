@@ -347,6 +347,7 @@ def describe(result):
 def write_outputs(out_dir, results, facts):
     """correctness.json and correctness.csv, each replaced whole (a kill mid-write leaves the
     previous version, never half a file)."""
+    os.makedirs(out_dir, exist_ok=True)
     counts = {s: sum(r["status"] == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
     _write_json(os.path.join(out_dir, "correctness.json"), dict(facts=facts, counts=counts, cases=results))
     rows = io.StringIO()
