@@ -11,16 +11,17 @@ from rcar_fast import dispatch
 from tests import sm90
 from tests.conftest import requires_gpu
 from tests.tolerances import assert_close_to_reference
-from tests.conftest import TRITON_INTERPRETED
+from tests.conftest import HAS_GPU, TRITON_INTERPRETED
 
 SHAPES = [(1, 1, 1), (3, 5, 7), (2, 36, 70), (2, 17, 33)]  # R, d off the tile sizes
-# Triton takes CPU tensors only under its interpreter; on a GPU session the same small cases
-# run compiled, on GPU tensors.
-TRITON_DEVICE = "cpu" if TRITON_INTERPRETED else "cuda"
-
-
 def _device(backend):
-    return TRITON_DEVICE if backend == "triton" else "cpu"
+    """Triton takes CPU tensors only under its interpreter; on a GPU session the same small
+    cases run compiled, on GPU tensors."""
+    if backend != "triton" or TRITON_INTERPRETED:
+        return "cpu"
+    if not HAS_GPU:
+        pytest.skip("triton can run here neither interpreted (TRITON_INTERPRET unset) nor on a GPU")
+    return "cuda"
 
 
 def _usable(backend, device, dtype):
@@ -54,7 +55,7 @@ def test_gram_cpu_strided_input():
 
 
 def test_gram_triton_fp16():
-    x = torch.randn(2, 10, 24, device=TRITON_DEVICE).half()
+    x = torch.randn(2, 10, 24, device=_device("triton")).half()
     ref64 = torch.bmm(x.double(), x.double().transpose(1, 2))
     ref16 = torch.bmm(x.float(), x.float().transpose(1, 2)).half()
     out = rcar_fast.gram(x, backend="triton")
