@@ -10,6 +10,7 @@
   they build whenever nvcc is found.
 * Triton kernels live in kernels/ and ship as the subpackage rcar_fast.kernels.
 """
+import concurrent.futures
 import glob
 import os
 import shutil
@@ -60,11 +61,8 @@ class BuildWithNvccObjects(BuildExtension):
     def build_extensions(self):
         cuda_home = want_cuda()
         if cuda_home is not None:
+            lib_dir = static_cudart_dir(cuda_home)  # before minutes of nvcc, not after
             objects = self.compile_cuda_objects(cuda_home)
-            lib_dir = next(
-                d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib"))
-                if os.path.exists(os.path.join(d, "libcudart_static.a"))
-            )
             for ext in self.extensions:
                 ext.extra_objects += objects
                 ext.define_macros.append(("RCAR_FAST_WITH_CUDA", "1"))
@@ -74,21 +72,39 @@ class BuildWithNvccObjects(BuildExtension):
         super().build_extensions()
 
     def compile_cuda_objects(self, cuda_home):
+        """One nvcc process per out-of-date .cu file, up to one per CPU at a time (a serial
+        build takes minutes; each file is independent)."""
         nvcc = os.path.join(cuda_home, "bin", "nvcc")
         out_dir = os.path.join(self.build_temp, "cuda_objects")
         os.makedirs(out_dir, exist_ok=True)
-        objects = []
+        headers = [h for ext in ("*.h", "*.cuh") for h in glob.glob(os.path.join(ROOT, "csrc", "cuda", ext))]
+        objects, commands = [], []
         for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")
-            deps = [src] + [h for ext in ("*.h", "*.cuh") for h in glob.glob(os.path.join(ROOT, "csrc", "cuda", ext))]
-            if not os.path.exists(obj) or os.path.getmtime(obj) < max(map(os.path.getmtime, deps)):
-                cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
-                       "-Xcompiler", "-fPIC", "-I", os.path.join(ROOT, "csrc"),
-                       *CUDA_ARCH_FLAGS]
-                print(" ".join(cmd), flush=True)
-                subprocess.check_call(cmd)
+            if not os.path.exists(obj) or os.path.getmtime(obj) < max(map(os.path.getmtime, [src] + headers)):
+                commands.append([nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
+                                 "-Xcompiler", "-fPIC", "-I", os.path.join(ROOT, "csrc"), *CUDA_ARCH_FLAGS])
             objects.append(obj)
+        workers = max(1, min(len(commands), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for cmd in commands:
+                print(" ".join(cmd), flush=True)
+            # list(): wait for all, and re-raise the first CalledProcessError
+            list(pool.map(subprocess.check_call, commands))
         return objects
+
+
+def static_cudart_dir(cuda_home):
+    """The folder holding libcudart_static.a (linked so that the module imports without a
+    libcudart on the loader path), or a RuntimeError naming the folders searched."""
+    candidates = [os.path.join(cuda_home, sub) for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"))]
+    for folder in candidates:
+        if os.path.exists(os.path.join(folder, "libcudart_static.a")):
+            return folder
+    raise RuntimeError(
+        f"libcudart_static.a (the static CUDA runtime the CUDA kernels link against) is not in any of "
+        f"{', '.join(candidates)}; install the CUDA toolkit's static runtime, point CUDA_HOME at a "
+        f"toolkit that has it, or build without the CUDA kernels: RCAR_FAST_CUDA=0")
 
 
 def cpu_openmp_flags():

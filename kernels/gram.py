@@ -12,7 +12,10 @@ import triton.language as tl
 def _gram_kernel(x_ptr, out_ptr, R, D, stride_n, stride_r, stride_d,
                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (image, row tile, column tile); fp32 accumulation over d.
-    img = tl.program_id(0)
+    # The image index is widened to int64 before it meets a stride: program ids and int
+    # arguments below 2^31 are int32, and img * stride_n passes 2^31 once n * R * d does
+    # (an i2t Gram over > 42K captions at Lmax 50), as does img * R * R for the output.
+    img = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     base = x_ptr + img * stride_n

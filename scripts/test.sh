@@ -5,5 +5,12 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
+PY="${RCAR_FAST_VENV:-$ROOT/.venv}/bin/python"
+# Lint first (pyproject.toml: pyflakes + bugbear), where ruff is installed: the GPU image has none.
+if "$PY" -c "import ruff" 2>/dev/null; then
+  "$PY" -m ruff check .
+else
+  echo "[test] ruff is not installed here: lint skipped"
+fi
 # pytest exits 5 when nothing ran: under `set -e` that fails the command, as it should.
-exec "${RCAR_FAST_VENV:-$ROOT/.venv}/bin/python" -m pytest -q "$@"
+exec "$PY" -m pytest -q "$@"

@@ -1,14 +1,61 @@
-"""Test configuration. Without a GPU, Triton kernels run in triton's CPU interpreter, which
-must be switched on before triton (or any kernel module) is imported."""
+"""Test configuration: which Triton mode the session runs in, and the two markers that follow.
+
+Triton decides between its CPU interpreter and GPU compilation when a kernel is *decorated*
+(`@triton.jit` reads TRITON_INTERPRET at import of kernels/*.py) and again when it compiles, so
+the mode is fixed for the whole session and must be set here, before any test module imports a
+kernel module:
+
+* no GPU: TRITON_INTERPRET=1 (unless set otherwise), the Triton kernels run interpreted on CPU
+  tensors; tests marked `gpu` skip.
+* a GPU: the interpreter stays off, the Triton kernels compile for the GPU; the `gpu` tests run
+  and the `interpreter` tests (CPU tensors through backend="triton", interpreter-only tile
+  paths, float64) skip with the reason. `pytest -m gpu` runs the GPU tests alone.
+
+RCAR_FAST_AUTOTUNE=quick (unless set otherwise) limits the Triton autotuners to 1-2 configs: the
+tests check results, not speed, and full autotuning costs seconds of compile per config.
+RCAR_FAST_TEST_DEADLINE (a Unix time; scripts/gpu_check.sh sets it) skips the tests that would
+start after it, so that a time-boxed run still ends normally, with its report and junit xml.
+"""
 import os
+import time
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("RCAR_FAST_AUTOTUNE", "quick")
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
 
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Marks only: the skips are added in pytest_collection_modifyitems, so that `-m gpu` /
+# `-m interpreter` select on the same marks that decide the skips.
+requires_gpu = pytest.mark.gpu
+requires_interpreter = pytest.mark.interpreter
+
+_NO_GPU = "needs a CUDA GPU"
+_INTERPRETED_ON_GPU = ("TRITON_INTERPRET=1 with a GPU: the Triton kernels are interpreted, the GPU "
+                       "tests need them compiled (unset TRITON_INTERPRET)")
+_NO_INTERPRETER = ("needs triton's CPU interpreter (CPU tensors through backend='triton'): this "
+                   "session compiles the Triton kernels for the GPU instead (the `gpu` tests cover "
+                   "them; CPU CI runs this test)")
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_skip = None if HAS_GPU and not TRITON_INTERPRETED else _NO_GPU if not HAS_GPU else _INTERPRETED_ON_GPU
+    for item in items:
+        if gpu_skip and item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.skip(reason=gpu_skip))
+        if not TRITON_INTERPRETED and item.get_closest_marker("interpreter"):
+            item.add_marker(pytest.mark.skip(reason=_NO_INTERPRETER))
+
+
+_DEADLINE = float(os.environ.get("RCAR_FAST_TEST_DEADLINE") or "inf")
+
+
+def pytest_runtest_setup(item):
+    if time.time() > _DEADLINE:
+        pytest.skip("out of time: RCAR_FAST_TEST_DEADLINE (the GPU check's budget) has passed")
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ import torch
 
 from rcar_fast import data, metrics, reference
 from rcar_fast.evaluation import all_pairs, all_pairs_topk, evaluate_protocol, recall_from_topk
+from tests.conftest import requires_gpu
 
 
 def max_dot_similarity(img, cap, lens):
@@ -224,7 +225,7 @@ def test_evaluate_protocol_checks_the_shape():
             == metrics.coco1k_metrics(sims, fold_size=5))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_gpu
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_gpu_streamed_equals_cpu_reference(backend):
     ds = data.synthetic(n_images=40, regions=36, dim=128, seed=4)

@@ -15,6 +15,7 @@ from rcar_fast.modules import RCARSimilarity
 from tests import sm90
 from tests.conftest import requires_gpu
 from tests.tolerances import assert_close_to_reference
+from tests.conftest import requires_interpreter
 
 # (regulator, steps) pairs: every mode at 0..3 steps where the mode allows it (lean grid:
 # each step count of each mode appears in at least one direction, the published ones in both).
@@ -62,6 +63,7 @@ def triton_scores(head, img, cap, lens):
 # Forward (interpreter)
 # ---------------------------------------------------------------------------------------------
 
+@requires_interpreter
 @pytest.mark.parametrize("regulator,steps,direction", FORWARD_GRID)
 def test_forward_matches_float64_reference(regulator, steps, direction):
     img, cap, lens = make_inputs()
@@ -72,6 +74,7 @@ def test_forward_matches_float64_reference(regulator, steps, direction):
                               what=f"{regulator} steps={steps} {direction}")
 
 
+@requires_interpreter
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_forward_many_tiles_partial_chunks_padded_sim_dim(direction):
     # d=40: a partial second d chunk; sim_dim=24: s, 2s and s/2 all padded to powers of two;
@@ -83,6 +86,7 @@ def test_forward_many_tiles_partial_chunks_padded_sim_dim(direction):
     assert_close_to_reference(out, reference64(head, img, cap, lens), dtype=torch.float32)
 
 
+@requires_interpreter
 def test_forward_float16_within_twice_the_reference_error():
     img, cap, lens = make_inputs(dtype=torch.float16)
     head = make_head("coop_rcar", 2, "t2i")
@@ -93,6 +97,7 @@ def test_forward_float16_within_twice_the_reference_error():
     assert_close_to_reference(out, ref64, ref_lowp=ref16, dtype=torch.float16)
 
 
+@requires_interpreter
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_padding_values_never_read(direction):
     head = make_head("coop_rcar", 2, direction)
@@ -110,6 +115,7 @@ def test_padding_values_never_read(direction):
     assert_close_to_reference(out_nan, reference64(head, img, cap_nan, lens), dtype=torch.float32)
 
 
+@requires_interpreter
 def test_kernel_writes_every_entry_of_a_poisoned_buffer():
     from rcar_fast.kernels import rcar as kernels
     from rcar_fast.ops.rcar_triton import pack_weights
@@ -164,6 +170,7 @@ def gradients(head, img, cap, lens, weights, backend):
 
 @pytest.mark.parametrize("regulator,steps,direction",
                          [("coop_rcar", 2, "t2i"), ("only_rcr", 1, "i2t"), ("only_rar", 1, "i2t")])
+@requires_interpreter
 def test_gradients_match_float64_reference(regulator, steps, direction):
     img, cap, lens = make_inputs()
     head = make_head(regulator, steps, direction)
@@ -185,6 +192,7 @@ def test_gradients_match_float64_reference(regulator, steps, direction):
         assert_close_to_reference(g_par[name], g64, dtype=torch.float32, what=f"grad {name}")
 
 
+@requires_interpreter
 def test_backward_in_several_blocks_matches_one_block(monkeypatch):
     from rcar_fast.ops import rcar_triton
 
@@ -208,6 +216,7 @@ def test_backward_in_several_blocks_matches_one_block(monkeypatch):
 # Training mode, dispatch
 # ---------------------------------------------------------------------------------------------
 
+@requires_interpreter
 @pytest.mark.parametrize("regulator,steps", [("coop_rcar", 2), ("only_rar", 1)])
 def test_training_mode_with_rar_dropout_is_refused_before_compute(regulator, steps):
     img, cap, lens = make_inputs()
@@ -217,6 +226,7 @@ def test_training_mode_with_rar_dropout_is_refused_before_compute(regulator, ste
     assert triton_scores(head.eval(), img, cap, lens).shape == (2, 3)
 
 
+@requires_interpreter
 def test_training_mode_without_dropout_runs():
     # only_rcr has no dropout: training mode is the same function as eval mode.
     img, cap, lens = make_inputs()
@@ -225,6 +235,7 @@ def test_training_mode_without_dropout_runs():
     assert_close_to_reference(out, reference64(head, img, cap, lens), dtype=torch.float32)
 
 
+@requires_interpreter
 def test_dispatch_reasons():
     cpu = torch.device("cpu")
     assert "float64" in dispatch.rejection("rcar", "triton", cpu, torch.float64)

@@ -17,6 +17,7 @@ from rcar_fast import reference as ref
 from tests import sm90
 from tests.conftest import requires_gpu
 from tests.tolerances import assert_close_to_reference
+from tests.conftest import requires_interpreter
 
 RAW_NORMS = ("clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "clipped", "no_norm", "softmax")
 AGGS = ("mean", "lse", "max", "sum")
@@ -61,6 +62,7 @@ def _triton(img, cap, lens, **opts):
 FORWARD_CASES = sorted({(n, "mean") for n in RAW_NORMS} | {("clipped_l2norm", a) for a in AGGS})
 
 
+@requires_interpreter
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 @pytest.mark.parametrize("raw_norm,agg", FORWARD_CASES)
 def test_forward_matches_float64_reference(direction, raw_norm, agg):
@@ -72,6 +74,7 @@ def test_forward_matches_float64_reference(direction, raw_norm, agg):
                               what=f"scan triton {direction} {raw_norm} {agg}")
 
 
+@requires_interpreter
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_forward_several_length_buckets(direction):
     # lengths 1..20 fall into three power-of-two buckets: three launches whose results must
@@ -83,6 +86,7 @@ def test_forward_several_length_buckets(direction):
     assert_close_to_reference(out, _reference(img, cap, lens, **opts), dtype=torch.float32)
 
 
+@requires_interpreter
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_forward_single_region_and_single_feature(direction):
     # R = 1 (i2t pads the queries to 1: 16 images per tile), d = 1
@@ -93,6 +97,7 @@ def test_forward_single_region_and_single_feature(direction):
         assert_close_to_reference(out, _reference(img, cap, lens, **opts), dtype=torch.float32)
 
 
+@requires_interpreter
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_padding_is_never_read(direction):
     # NaN, large values or zeros in the padding: bit-identical results
@@ -105,6 +110,7 @@ def test_padding_is_never_read(direction):
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
+@requires_interpreter
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_forward_writes_every_output_element(direction):
     from rcar_fast.kernels import scan as kernels
@@ -118,6 +124,7 @@ def test_forward_writes_every_output_element(direction):
     assert_close_to_reference(out, _reference(img, cap, lens, **opts), dtype=torch.float32)
 
 
+@requires_interpreter
 def test_non_contiguous_inputs():
     img, cap, lens = _inputs(dim=40)
     # every stride differs from the contiguous layout: d every other element, owners
@@ -134,6 +141,7 @@ def test_non_contiguous_inputs():
                                   dtype=torch.float32)
 
 
+@requires_interpreter
 def test_float16_interpreter_two_x_rule():
     img, cap, lens = _inputs(dtype=torch.float16)
     for direction in ("t2i", "i2t"):
@@ -145,6 +153,7 @@ def test_float16_interpreter_two_x_rule():
                                   ref_lowp=ref16)
 
 
+@requires_interpreter
 def test_float64_output_is_float64():
     img, cap, lens = _inputs(dtype=torch.float64)
     opts = _options("t2i")
@@ -153,6 +162,7 @@ def test_float64_output_is_float64():
     assert_close_to_reference(out, _reference(img, cap, lens, **opts), dtype=torch.float64)
 
 
+@requires_interpreter
 def test_dispatch_reasons():
     cpu = torch.device("cpu")
     assert dispatch.rejection("scan", "triton", cpu, torch.float32) is None
@@ -195,6 +205,7 @@ BACKWARD_CASES = [("clipped_l2norm", "mean"), ("clipped_l2norm", "lse"), ("l1nor
                   ("softmax", "sum")]
 
 
+@requires_interpreter
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 @pytest.mark.parametrize("raw_norm,agg", BACKWARD_CASES)
 def test_backward_float64_matches_reference(direction, raw_norm, agg):
@@ -202,6 +213,7 @@ def test_backward_float64_matches_reference(direction, raw_norm, agg):
     _check_gradients(img, cap, lens, dtype=torch.float64, **_options(direction, raw_norm, agg))
 
 
+@requires_interpreter
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_backward_float32_several_buckets(direction):
     # several caption buckets: the gradient of the side that loops over them is summed over
@@ -210,6 +222,7 @@ def test_backward_float32_several_buckets(direction):
     _check_gradients(img, cap, lens, dtype=torch.float32, **_options(direction))
 
 
+@requires_interpreter
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_gradcheck_float64(direction):
     img, cap, lens = _inputs(n_img=2, lens=(3, 1), regions=3, dim=5, max_len=4,
@@ -223,6 +236,7 @@ def test_gradcheck_float64(direction):
     assert torch.autograd.gradcheck(fn, (img, cap), fast_mode=True, atol=1e-7, rtol=1e-5)
 
 
+@requires_interpreter
 def test_gradient_of_one_input_only():
     img, cap, lens = _inputs(dtype=torch.float64)
     img.requires_grad_()
@@ -234,6 +248,7 @@ def test_gradient_of_one_input_only():
     assert_close_to_reference(img.grad, img2.grad, dtype=torch.float64)
 
 
+@requires_interpreter
 @pytest.mark.parametrize("of_x", [True, False])
 def test_backward_kernels_overwrite_poisoned_targets(of_x):
     # the backward kernels store their rows on the first iteration (no read of the target):

@@ -22,20 +22,29 @@ def max_abs_error(out: torch.Tensor, ref64: torch.Tensor) -> float:
     return (out.double() - ref64.double()).abs().max().item()
 
 
+def error_and_bound(out, ref64, *, dtype, ref_lowp=None):
+    """(max abs error of `out` against the float64 reference, the bound the rule allows).
+    Non-finite values in `out` give an infinite error. The one place the rule is written:
+    assert_close_to_reference and scripts/gpu_correctness.py both use it."""
+    assert out.shape == ref64.shape, f"shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    err = max_abs_error(out, ref64) if bool(torch.isfinite(out).all()) else float("inf")
+    tol = TOLERANCES[dtype]
+    if dtype in (torch.float64, torch.float32):
+        return err, tol["rtol"] * ref64.abs().max().item() + tol["atol"]
+    assert ref_lowp is not None, "low-precision checks need the reference run in the same dtype"
+    return err, LOW_PRECISION_FACTOR * max_abs_error(ref_lowp, ref64) + tol["atol"]
+
+
 def assert_close_to_reference(out, ref64, *, dtype, ref_lowp=None, what="result"):
     """out: the kernel's result; ref64: reference in float64; ref_lowp: the reference run in
     `dtype` (needed for float16/bfloat16). Non-finite values anywhere fail."""
     assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
     assert bool(torch.isfinite(out).all()), f"{what}: non-finite values in the result"
-    err = max_abs_error(out, ref64)
-    tol = TOLERANCES[dtype]
-    scale = ref64.abs().max().item()
+    err, bound = error_and_bound(out, ref64, dtype=dtype, ref_lowp=ref_lowp)
     if dtype in (torch.float64, torch.float32):
-        bound = tol["rtol"] * scale + tol["atol"]
+        scale = ref64.abs().max().item()
         assert err <= bound, f"{what}: max abs error {err:.3e} > {bound:.3e} ({dtype}, |ref|max {scale:.3e})"
         return
-    assert ref_lowp is not None, "low-precision checks need the reference run in the same dtype"
     ref_err = max_abs_error(ref_lowp, ref64)
-    bound = LOW_PRECISION_FACTOR * ref_err + tol["atol"]
     assert err <= bound, (f"{what}: max abs error {err:.3e} > 2 x reference's own {dtype} error "
-                          f"{ref_err:.3e} + atol {tol['atol']:.0e}")
+                          f"{ref_err:.3e} + atol {TOLERANCES[dtype]['atol']:.0e}")

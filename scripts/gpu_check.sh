@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# The GPU machine's check, in at most 9 minutes of wall time:
+#   bash scripts/gpu_check.sh [OUT_DIR] [--dry-run]
+# Steps, each under its own `timeout` (a hang or a slow step cannot eat the rest; a failing
+# step is reported and the next one runs):
+#   facts        nvidia-smi, driver, python/torch/triton/CUDA versions, capability, commit, date
+#   setup        scripts/setup.sh (no registry: PIP_NO_INDEX when torch is preinstalled; nvcc in parallel)
+#   correctness  scripts/gpu_correctness.py: every GPU backend vs the float64 reference, small sizes
+#   bench        python -m bench --gpu-check: ceilings, COCO 5K rows, RCAR extrapolation, training step
+#   gpu-tests    pytest -m gpu (junit xml)
+# OUT_DIR (default gpu_check_out/<UTC time>) gets facts.json, a log per step (logs/), the
+# correctness JSON/CSV, the bench output, pytest-gpu.xml, a copy of bench/results/ and
+# summary.tsv; the summary table is printed last. Exit status 0 only if every step passed.
+# --dry-run: a CPU machine's rehearsal (CI runs it): GPUs hidden, Triton in its interpreter on
+# CPU tensors at tiny sizes, set-up only probed (nothing installed), CUDA cases skipped.
+# RCAR_FAST_AUTOTUNE=quick (1-2 autotune configs) unless set; GPU_CHECK_TOTAL_S=540 the budget.
+set -uo pipefail  # no -e: a failing step is recorded, the script goes on
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+DRY=0
+OUT=""
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "gpu_check.sh: unknown option $arg (expected [OUT_DIR] [--dry-run])" >&2; exit 2 ;;
+    *) [ -z "$OUT" ] || { echo "gpu_check.sh: one OUT_DIR only, got $OUT and $arg" >&2; exit 2; }; OUT=$arg ;;
+  esac
+done
+OUT=${OUT:-$ROOT/gpu_check_out/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT/logs" || { echo "gpu_check.sh: cannot create $OUT" >&2; exit 2; }
+OUT=$(cd "$OUT" && pwd)
+
+TOTAL=${GPU_CHECK_TOTAL_S:-540}
+START=$SECONDS
+export RCAR_FAST_AUTOTUNE=${RCAR_FAST_AUTOTUNE:-quick}
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout, whatever else is installed
+DRY_FLAG=()
+if [ "$DRY" = 1 ]; then
+  export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
+  DRY_FLAG=(--dry-run)
+else
+  unset TRITON_INTERPRET  # on the GPU the kernels are compiled, never interpreted
+fi
+VENV=${RCAR_FAST_VENV:-$ROOT/.venv}
+if [ -z "${PYTHON:-}" ]; then  # the machine's python that has torch (the GPU image: /opt/torch/.venv)
+  for candidate in python3 python; do
+    if "$candidate" -c "import torch" 2>/dev/null; then export PYTHON=$candidate; break; fi
+  done
+fi
+python_bin() {  # the set-up's venv once it exists, the machine's python before
+  if [ -x "$VENV/bin/python" ]; then echo "$VENV/bin/python"; else echo "${PYTHON:-python3}"; fi
+}
+
+STEPS=()
+STATUS=()
+SECS=()
+DETAIL=()
+FAILED=0
+
+# run_step NAME CAP_SECONDS COMMAND...: runs COMMAND under timeout min(CAP, what is left of
+# the budget), its output in logs/NAME.log (the last lines echoed), and records the outcome.
+run_step() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$((TOTAL - (SECONDS - START)))
+  local limit=$((cap < left ? cap : left))
+  local log="$OUT/logs/$name.log"
+  echo "=== $name (limit ${limit}s)"
+  if [ "$limit" -lt 5 ]; then
+    STEPS+=("$name"); STATUS+=("skipped"); SECS+=(0); DETAIL+=("out of time (budget ${TOTAL}s)")
+    FAILED=1  # a step that did not run did not pass
+    echo "skipped: out of time"
+    return
+  fi
+  local t0=$SECONDS rc
+  GPU_CHECK_STEP_LIMIT=$limit timeout -k 10 "$limit" "$@" > "$log" 2>&1
+  rc=$?
+  local status=ok
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    status="TIMEOUT"; FAILED=1
+    echo "[gpu_check] $name stopped after its ${limit}s limit" >> "$log"
+  elif [ "$rc" -ne 0 ]; then
+    status="FAIL (exit $rc)"; FAILED=1
+  fi
+  tail -n "${GPU_CHECK_TAIL:-12}" "$log"
+  local last
+  last=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 | tr '\t' ' ' | cut -c1-90)
+  STEPS+=("$name"); STATUS+=("$status"); SECS+=($((SECONDS - t0))); DETAIL+=("$last")
+}
+
+facts() {
+  echo "date (UTC): $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "git commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (uncommitted changes)')"
+  echo "host: $(hostname)  cpus: $(nproc)  dry run: $DRY"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.sm --format=csv || true
+    nvidia-smi || true
+  else
+    echo "nvidia-smi: not found"
+  fi
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2 || echo "nvcc: not found"
+  "$(python_bin)" - "$OUT/facts.json" <<'PY'
+import json, platform, subprocess, sys
+import torch
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = None
+facts = dict(python=platform.python_version(), python_path=sys.executable, torch=torch.__version__,
+             cuda=torch.version.cuda, triton=triton_version, gpu=None)
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    facts["gpu"] = dict(name=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                        memory_gib=round(props.total_memory / 2**30, 1), count=torch.cuda.device_count())
+    try:
+        facts["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                         capture_output=True, text=True, timeout=30).stdout.split()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        facts["driver"] = None
+facts["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+json.dump(facts, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(facts))
+gpu = facts["gpu"]
+print((f"{gpu['name']} (sm {gpu['capability']}), driver {facts.get('driver')}" if gpu else "no GPU")
+      + f"; torch {facts['torch']}, CUDA {facts['cuda']}, triton {facts['triton']}, python {facts['python']}")
+PY
+}
+
+setup_step() {
+  if [ "$DRY" = 1 ]; then
+    bash "$ROOT/scripts/setup.sh" --probe  # a dry run installs nothing
+  else
+    bash "$ROOT/scripts/setup.sh"
+  fi
+}
+
+correctness() {  # starts no case in the last 30 s of its step, so its report is always written
+  "$(python_bin)" "$ROOT/scripts/gpu_correctness.py" --out "$OUT/correctness" \
+    --budget-s $((GPU_CHECK_STEP_LIMIT > 60 ? GPU_CHECK_STEP_LIMIT - 30 : GPU_CHECK_STEP_LIMIT / 2)) "${DRY_FLAG[@]}"
+}
+
+bench_step() {
+  local rc minutes
+  # its own budget: it skips (and says so) what would not finish 30 s before the step's timeout
+  minutes=$(awk -v s="$GPU_CHECK_STEP_LIMIT" 'BEGIN { printf "%.2f", (s > 60 ? s - 30 : s / 2) / 60 }')
+  "$(python_bin)" -m bench --gpu-check --max-minutes "$minutes" --out "$OUT/bench" "${DRY_FLAG[@]}"
+  rc=$?
+  [ ! -d "$ROOT/bench/results" ] || cp -r "$ROOT/bench/results" "$OUT/bench_results"
+  return $rc
+}
+
+gpu_tests() {  # tests that would start in the last 30 s of the step skip (conftest.py), the xml is written
+  local rc unrun
+  RCAR_FAST_TEST_DEADLINE=$(($(date +%s) + (GPU_CHECK_STEP_LIMIT > 60 ? GPU_CHECK_STEP_LIMIT - 30 : GPU_CHECK_STEP_LIMIT / 2))) \
+    "$(python_bin)" -m pytest -m gpu -q -rs --durations=15 -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests
+  rc=$?
+  unrun=$(grep -o 'message="out of time' "$OUT/pytest-gpu.xml" 2>/dev/null | wc -l)
+  if [ "$rc" -eq 0 ] && [ "$unrun" -gt 0 ]; then
+    echo "[gpu_check] incomplete: $unrun GPU tests not started (out of time)"
+    return 3
+  fi
+  return $rc
+}
+
+export -f facts setup_step correctness bench_step gpu_tests python_bin
+export ROOT OUT DRY VENV
+# (arrays do not cross `export -f`; the one the steps need is rebuilt from DRY)
+DRY_FLAG_DEF='DRY_FLAG=(); [ "$DRY" = 1 ] && DRY_FLAG=(--dry-run)'
+
+echo "gpu_check: out $OUT, budget ${TOTAL}s$([ "$DRY" = 1 ] && echo ', DRY RUN (CPU, interpreter, tiny sizes)')"
+run_step facts 60 bash -c 'facts'
+run_step setup 240 bash -c 'setup_step'
+run_step correctness 150 bash -c "$DRY_FLAG_DEF; correctness"
+run_step bench 240 bash -c "$DRY_FLAG_DEF; bench_step"
+run_step gpu-tests 240 bash -c 'gpu_tests'
+
+{
+  printf 'step\tstatus\tseconds\tlast line of its log\n'
+  for i in "${!STEPS[@]}"; do
+    printf '%s\t%s\t%s\t%s\n' "${STEPS[$i]}" "${STATUS[$i]}" "${SECS[$i]}" "${DETAIL[$i]}"
+  done
+  printf 'total\t%s\t%s\t%s\n' "$([ "$FAILED" = 0 ] && echo ok || echo FAILED)" "$((SECONDS - START))" "$OUT"
+} > "$OUT/summary.tsv"
+echo
+echo "=== gpu_check summary$([ "$DRY" = 1 ] && echo ' (dry run)')"
+column -t -s $'\t' "$OUT/summary.tsv" 2>/dev/null || cat "$OUT/summary.tsv"
+exit "$FAILED"
