@@ -103,15 +103,16 @@ def rcar_pair(Q: int, C: int, d: int, s: int, regulator: str, steps: int,
     """Model FLOPs of the RCAR head for one pair (Q queries, C context items); GEMM FLOPs
     with gemm_only."""
     g = gemm_only
-    rest = 0.0 if g else 1.0          # multiplies the terms that are not matrix products
+    other = 0.0 if g else 1.0         # scales the terms that are not matrix products
     if regulator == "only_rar":
-        return _alignment_step(Q, C, d, s, False, g) + rest * 2.0 * Q * s + steps * _rar(Q, s, g) + rest * 2.0 * s
+        return (_alignment_step(Q, C, d, s, False, g) + other * 2.0 * Q * s
+                + steps * _rar(Q, s, g) + other * 2.0 * s)
     if regulator == "only_rcr":
         flops = sum(_alignment_step(Q, C, d, s, t > 0, g) + _rcr(Q, d, s, g) for t in range(steps))
         final_gemm = 2.0 * Q * C * d + 2.0 * Q * C * d
-        return flops + final_gemm + rest * (10.0 * Q * C + 6.0 * Q * d + (Q * d if steps else 0))
+        return flops + final_gemm + other * (10.0 * Q * C + 6.0 * Q * d + (Q * d if steps else 0))
     if regulator == "coop_rcar":
-        flops = rest * (2.0 * Q * s + 2.0 * s)
+        flops = other * (2.0 * Q * s + 2.0 * s)
         for t in range(steps):
             flops += _alignment_step(Q, C, d, s, t > 0, g) + _rar(Q, s, g)
             if t < steps - 1:
