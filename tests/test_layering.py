@@ -302,3 +302,13 @@ def test_an_unplaced_module_is_named():
 def test_a_submodule_import_is_not_an_import_of_the_top():
     # `from rcar_fast import data` loads the module rcar_fast.data, not a name of __init__.
     assert not _added_line("rcar_fast.checkpoint", "from rcar_fast import data, metrics")
+
+
+def test_setup_ships_every_package():
+    # setup.py lists its packages by name: a new package folder must be added there, or an
+    # installed rcar_fast would lack it.
+    setup = ast.parse((ROOT / "setup.py").read_text())
+    listed = next(ast.literal_eval(kw.value) for node in ast.walk(setup) if isinstance(node, ast.Call)
+                  for kw in node.keywords if kw.arg == "packages")
+    packages = {name for name, path in source_modules().items() if path.name == "__init__.py"}
+    assert packages == set(listed), f"setup.py packages={sorted(listed)}, the tree has {sorted(packages)}"
