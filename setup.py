@@ -121,7 +121,7 @@ ext = CppExtension(
 )
 
 setup(
-    packages=["rcar_fast", "rcar_fast.ops", "rcar_fast.kernels"],
+    packages=["rcar_fast", "rcar_fast.ops", "rcar_fast.evaluation", "rcar_fast.kernels"],
     package_dir={"rcar_fast": "rcar_fast", "rcar_fast.kernels": "kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildWithNvccObjects.with_options(use_ninja=True)},

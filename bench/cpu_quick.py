@@ -5,9 +5,10 @@ d = 1024, R = 36, caption lengths uniform in 6..30. Prints wall times, speed-ups
 of each run (useful FLOPs, see below) and its share of this machine's fp32 GEMM rate measured
 with torch.mm, plus the load average: on a shared machine, run it a few times.
 
-Useful FLOPs: SCAN, the word-region GEMM only (2 * words * regions * d over all pairs; the
-Gram identity needs nothing d-dimensional besides it). RCAR, every matrix product of the head
-per query row (raw scores, attended context, alignment vectors, RCR MLPs, RAR keys).
+Useful FLOPs: the GEMM FLOPs of bench/flops.py (``gemm_only=True``). SCAN, the word-region
+GEMM only (2 * words * regions * d over all pairs; the Gram identity needs nothing
+d-dimensional besides it). RCAR, every matrix product of the head per query row (raw scores,
+attended context, alignment vectors, RCR MLPs, RAR keys).
 
     python bench/cpu_quick.py                  # everything (the RCAR loop reference takes a while)
     python bench/cpu_quick.py --skip-loop      # without the loop references
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rcar_fast  # noqa: E402
+from bench import flops as _flops  # noqa: E402
 from rcar_fast import reference  # noqa: E402
 from rcar_fast.modules import RCARSimilarity  # noqa: E402
 
@@ -54,21 +56,15 @@ def make_inputs(n_img, n_cap, R, d, seed=0):
     return img, cap, lens
 
 
-def scan_flops(img, lens):
-    return 2.0 * int(lens.sum()) * img.shape[0] * img.shape[1] * img.shape[2]
+def scan_flops(img, lens, direction):
+    n_img, R, d = img.shape
+    return _flops.scan_forward(n_img, lens.tolist(), R, d, direction, gemm_only=True)
 
 
 def rcar_flops(head, img, lens):
     n_img, R, d = img.shape
-    s, steps = head.sim_dim, head.steps
-    if head.direction == "t2i":
-        query_rows, context = float(lens.sum()) * n_img, float(R)
-    else:
-        query_rows, context = float(n_img * R * len(lens)), float(lens.double().mean())
-    per_row = steps * 2 * (2 * context * d + d * s)  # scores, attended context, alignment vector
-    per_row += len(head.rcr_modules) * 2 * (s * 2 * s + 2 * s * d + s * (s // 2) + s // 2)
-    per_row += len(head.rar_modules) * 2 * s * s  # RAR keys
-    return query_rows * per_row
+    return _flops.rcar_forward(n_img, lens.tolist(), R, d, head.sim_dim, head.regulator,
+                               head.steps, head.direction, gemm_only=True)
 
 
 def report(name, seconds, flops, gemm):
@@ -79,7 +75,7 @@ def report(name, seconds, flops, gemm):
 def bench_scan(args, img, cap, lens, gemm):
     kw = dict(direction=args.direction, raw_norm="clipped_l2norm", smooth=9.0 if args.direction == "t2i" else 4.0,
               agg="mean", lse_lambda=6.0)
-    flops = scan_flops(img, lens)
+    flops = scan_flops(img, lens, args.direction)
     print(f"SCAN {args.direction}, {img.shape[0]} x {cap.shape[0]} pairs, useful {flops / 1e9:.1f} GFLOP "
           f"(floor at the GEMM rate: {flops / gemm / 1e9:.3f} s)")
     cpu_s, cpu_out = timed(lambda: rcar_fast.scan_similarity(img, cap, lens, backend="cpu", **kw), args.repeat)

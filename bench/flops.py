@@ -32,6 +32,13 @@ about 36 MFLOP per pair (tests/test_bench_quick.py checks the formula against th
 
 Backward is counted as 2x the forward and a training step (forward + backward) as 3x, the
 usual convention for matmul-dominated ops.
+
+GEMM FLOPs (``gemm_only=True``): only the matrix products of each query row contracted over
+d or s, the work a matrix unit does (bench/cpu_quick.py reports its rate against the
+machine's GEMM rate). SCAN: the raw scores 2 Q C d, nothing else (its Gram matrices are per
+context item, not per row). RCAR: per alignment step the raw scores, the attended context and
+W (2 Q C d + 2 Q C d + 2 Q d s), per RCR update rcr_matrix_w and rcr_smooth_w, per RAR update
+rar_k_w (2 Q s^2); only_rcr's final cross attention 2 Q C d + 2 Q C d.
 """
 from __future__ import annotations
 
@@ -40,22 +47,26 @@ from typing import Iterable
 MODE_FACTOR = {"forward": 1.0, "backward": 2.0, "train_step": 3.0}
 
 
-def _scan_pair(Q: int, C: int, d: int) -> float:
-    return 2.0 * Q * C * d + 10.0 * Q * C + 2.0 * Q * C + 2.0 * Q * C * C + 2.0 * Q * C + 6.0 * Q
+def _scan_pair(Q: int, C: int, d: int, gemm_only: bool = False) -> float:
+    gemm = 2.0 * Q * C * d
+    if gemm_only:
+        return gemm
+    return gemm + 10.0 * Q * C + 2.0 * Q * C + 2.0 * Q * C * C + 2.0 * Q * C + 6.0 * Q
 
 
-def scan_forward(n_img: int, lens: Iterable[int], R: int, d: int, direction: str) -> float:
-    """Model FLOPs of SCAN over all n_img x len(lens) pairs."""
+def scan_forward(n_img: int, lens: Iterable[int], R: int, d: int, direction: str,
+                 gemm_only: bool = False) -> float:
+    """Model FLOPs of SCAN over all n_img x len(lens) pairs (GEMM FLOPs with gemm_only)."""
     lens = [int(v) for v in lens]
     if direction == "t2i":
-        per_pairs = n_img * sum(_scan_pair(L, R, d) for L in lens)
+        per_pairs = n_img * sum(_scan_pair(L, R, d, gemm_only) for L in lens)
         gram = n_img * 2.0 * R * R * d                # one R x R Gram per image
         norms = sum(2.0 * L * d for L in lens)        # word norms once per caption
     else:
-        per_pairs = n_img * sum(_scan_pair(R, L, d) for L in lens)
+        per_pairs = n_img * sum(_scan_pair(R, L, d, gemm_only) for L in lens)
         gram = sum(2.0 * L * L * d for L in lens)     # one L x L Gram per caption
         norms = n_img * 2.0 * R * d
-    return per_pairs + gram + norms
+    return per_pairs if gemm_only else per_pairs + gram + norms
 
 
 def scan_pairs_forward(pair_lens: Iterable[int], R: int, d: int, direction: str) -> float:
@@ -67,43 +78,57 @@ def scan_pairs_forward(pair_lens: Iterable[int], R: int, d: int, direction: str)
     return total
 
 
-def _alignment_step(Q, C, d, s, modulated: bool) -> float:
-    flops = 2.0 * Q * C * d + 10.0 * Q * C + 2.0 * Q * C * d + 5.0 * Q * d + 2.0 * Q * d * s + 3.0 * Q * s
-    return flops + (Q * d if modulated else 0.0)
+# Each term below is its GEMM FLOPs plus the rest; with gemm_only the rest is left out. The
+# terms are whole numbers far below 2**53, so the sums are exact in any grouping.
+
+def _alignment_step(Q, C, d, s, modulated: bool, gemm_only: bool = False) -> float:
+    gemm = 2.0 * Q * C * d + 2.0 * Q * C * d + 2.0 * Q * d * s
+    if gemm_only:
+        return gemm
+    return gemm + 10.0 * Q * C + 5.0 * Q * d + 3.0 * Q * s + (Q * d if modulated else 0.0)
 
 
-def _rcr(Q, d, s) -> float:
-    return (2.0 * Q * s * 2 * s + 2.0 * Q * 2 * s * d + 3.0 * Q * d
-            + 2.0 * Q * s * (s // 2) + 2.0 * Q * (s // 2) + 2.0 * Q)
+def _rcr(Q, d, s, gemm_only: bool = False) -> float:
+    gemm = 2.0 * Q * s * 2 * s + 2.0 * Q * 2 * s * d + 2.0 * Q * s * (s // 2) + 2.0 * Q * (s // 2)
+    return gemm if gemm_only else gemm + 3.0 * Q * d + 2.0 * Q
 
 
-def _rar(Q, s) -> float:
-    return 2.0 * Q * s * s + 2.0 * s * s + 3.0 * Q * s + 3.0 * Q + 2.0 * Q * s + 3.0 * s
+def _rar(Q, s, gemm_only: bool = False) -> float:
+    gemm = 2.0 * Q * s * s
+    return gemm if gemm_only else gemm + 2.0 * s * s + 3.0 * Q * s + 3.0 * Q + 2.0 * Q * s + 3.0 * s
 
 
-def rcar_pair(Q: int, C: int, d: int, s: int, regulator: str, steps: int) -> float:
-    """Model FLOPs of the RCAR head for one pair (Q queries, C context items)."""
+def rcar_pair(Q: int, C: int, d: int, s: int, regulator: str, steps: int,
+              gemm_only: bool = False) -> float:
+    """Model FLOPs of the RCAR head for one pair (Q queries, C context items); GEMM FLOPs
+    with gemm_only."""
+    g = gemm_only
+    other = 0.0 if g else 1.0         # scales the terms that are not matrix products
     if regulator == "only_rar":
-        return _alignment_step(Q, C, d, s, False) + 2.0 * Q * s + steps * _rar(Q, s) + 2.0 * s
+        return (_alignment_step(Q, C, d, s, False, g) + other * 2.0 * Q * s
+                + steps * _rar(Q, s, g) + other * 2.0 * s)
     if regulator == "only_rcr":
-        flops = sum(_alignment_step(Q, C, d, s, t > 0) + _rcr(Q, d, s) for t in range(steps))
-        return flops + 2.0 * Q * C * d + 10.0 * Q * C + 2.0 * Q * C * d + 6.0 * Q * d + (Q * d if steps else 0)
+        flops = sum(_alignment_step(Q, C, d, s, t > 0, g) + _rcr(Q, d, s, g) for t in range(steps))
+        final_gemm = 2.0 * Q * C * d + 2.0 * Q * C * d
+        return flops + final_gemm + other * (10.0 * Q * C + 6.0 * Q * d + (Q * d if steps else 0))
     if regulator == "coop_rcar":
-        flops = 2.0 * Q * s + 2.0 * s
+        flops = other * (2.0 * Q * s + 2.0 * s)
         for t in range(steps):
-            flops += _alignment_step(Q, C, d, s, t > 0) + _rar(Q, s)
+            flops += _alignment_step(Q, C, d, s, t > 0, g) + _rar(Q, s, g)
             if t < steps - 1:
-                flops += _rcr(Q, d, s)
+                flops += _rcr(Q, d, s, g)
         return flops
     raise ValueError(f"unknown regulator {regulator!r}")
 
 
 def rcar_forward(n_img: int, lens: Iterable[int], R: int, d: int, s: int, regulator: str,
-                 steps: int, direction: str) -> float:
+                 steps: int, direction: str, gemm_only: bool = False) -> float:
+    """Model FLOPs of the RCAR head over all n_img x len(lens) pairs (GEMM FLOPs with
+    gemm_only)."""
     lens = [int(v) for v in lens]
     if direction == "t2i":
-        return n_img * sum(rcar_pair(L, R, d, s, regulator, steps) for L in lens)
-    return n_img * sum(rcar_pair(R, L, d, s, regulator, steps) for L in lens)
+        return n_img * sum(rcar_pair(L, R, d, s, regulator, steps, gemm_only) for L in lens)
+    return n_img * sum(rcar_pair(R, L, d, s, regulator, steps, gemm_only) for L in lens)
 
 
 def rcar_pairs_forward(pair_lens: Iterable[int], R: int, d: int, s: int, regulator: str,

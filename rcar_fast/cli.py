@@ -231,7 +231,7 @@ def _setup_device(args) -> tuple:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.device is not None:
-        evaluation._resolve_device(args.device)      # a clear error before anything starts
+        evaluation.resolve_device(args.device)      # a clear error before anything starts
     wants_gpu = args.device is None and torch.cuda.is_available() or \
         (args.device or "").startswith("cuda")
     if world > 1 and dist.is_available() and not dist.is_initialized():
@@ -246,7 +246,7 @@ def _setup_device(args) -> tuple:
         device = torch.device(args.device or "cpu")
     if rank != 0:
         args.no_progress = True
-    return evaluation._resolve_device(device), rank
+    return evaluation.resolve_device(device), rank
 
 
 def _demo(args) -> int:

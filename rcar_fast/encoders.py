@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from rcar_fast.ops.scan import scan_similarity
+
 __all__ = ["l2norm", "MLP", "EncoderImage", "EncoderImagePrecomp", "EncoderText", "RCARModel",
            "SCANHead"]
 
@@ -198,8 +200,6 @@ class SCANHead(nn.Module):
                     agg=self.agg, lse_lambda=self.lse_lambda)
 
     def forward(self, img, cap, lens, backend: str = "auto"):
-        from rcar_fast import scan_similarity
-
         return scan_similarity(img, cap, lens, backend=backend, **self.options())
 
     def extra_repr(self) -> str:

@@ -18,9 +18,13 @@ over both directions):
 * --loss full: all B x B pairs scored with autograd on --backend (that backend's backward:
   a forward-only backend, e.g. the RCAR head's "cpu" kernel, says so and stops; pick
   --backend reference or one with a backward).
+* --loss infonce: all B x B pairs scored with autograd on --backend, then the symmetric
+  InfoNCE of rcar_fast.losses.info_nce_loss (temperature 0.05).
 
 Before and after training, the held-out images (--eval-images) are scored against all their
 captions and R@1 / rsum are printed: training must move them up.
+
+This is the project's one trainer: examples/train_scan.py is a front end of it.
 """
 from __future__ import annotations
 
@@ -36,10 +40,13 @@ import torch.nn as nn
 
 from rcar_fast import data as _data
 from rcar_fast import dispatch, metrics, pairs, reference
+from rcar_fast.atomic import atomic_path
+from rcar_fast.losses import info_nce_loss
 from rcar_fast.modules import RCARSimilarity
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
+LOSSES = ("sparse", "full", "infonce")
 
 
 @dataclasses.dataclass
@@ -47,7 +54,7 @@ class TrainConfig:
     model: str = "scan"               # "scan" | "rcar"
     backend: str = "auto"             # all-pairs scoring (selection pass; the full loss)
     pair_backend: str = "auto"        # pair recompute of the sparse loss
-    loss: str = "sparse"              # "sparse" | "full"
+    loss: str = "sparse"              # "sparse" | "full" | "infonce"
     steps: int = 100
     batch: int = 32
     lr: float = 1e-3
@@ -136,8 +143,8 @@ class RetrievalModel(nn.Module):
 
 
 def _check_config(cfg: TrainConfig):
-    if cfg.loss not in ("sparse", "full"):
-        raise ValueError(f"loss must be 'sparse' or 'full', got {cfg.loss!r}")
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
     for name in ("backend", "pair_backend"):
         if getattr(cfg, name) not in dispatch.REQUESTABLE:
             raise ValueError(f"{name} must be one of {dispatch.REQUESTABLE}, got {getattr(cfg, name)!r}")
@@ -180,6 +187,9 @@ def step_loss(model: RetrievalModel, cfg: TrainConfig, img_feat, cap_feat, lens)
     kw = dict(model=model.similarity, margin=cfg.margin, backend=cfg.backend, **model.scan_kwargs)
     if cfg.loss == "full":
         return pairs.full_hardest_negative_loss(img, cap, lens, **kw)
+    if cfg.loss == "infonce":
+        del kw["margin"]
+        return info_nce_loss(pairs.all_pairs_scores(img, cap, lens, **kw))
     return pairs.hardest_negative_loss(img, cap, lens, pair_backend=cfg.pair_backend, **kw)
 
 
@@ -236,7 +246,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="backend of the all-pairs scoring (selection pass / full loss)")
     parser.add_argument("--pair-backend", choices=dispatch.REQUESTABLE, default=defaults.pair_backend,
                         help="backend of the sparse loss' pair recompute")
-    parser.add_argument("--loss", choices=("sparse", "full"), default=defaults.loss)
+    parser.add_argument("--loss", choices=LOSSES, default=defaults.loss)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=defaults.dtype)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--direction", choices=("t2i", "i2t"), default=defaults.direction)
@@ -252,22 +262,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = vars(_parser().parse_args(argv))
-    json_path = args.pop("json")
-    cfg = TrainConfig(**args)
+def run(cfg: TrainConfig, json_path: Optional[str] = None) -> TrainResult:
+    """train(cfg) with its progress on stdout, then the held-out metrics before / after and
+    the median step time; writes the result as JSON to ``json_path`` when given."""
     print(f"training {cfg.model} ({cfg.loss} loss, backend {cfg.backend}) for {cfg.steps} steps, "
           f"B={cfg.batch}, d={cfg.dim}, {cfg.dtype} on {cfg.device}", flush=True)
     result = train(cfg, log=lambda line: print(line, flush=True))
     for name, metrics_ in (("before", result.eval_before), ("after", result.eval_after)):
         if metrics_ is not None:
-            print(f"eval {name:6s}: i2t R@1 {metrics_['i2t_r1']:.1f}  t2i R@1 {metrics_['t2i_r1']:.1f}  "
+            print(f"held-out {name:6s}: i2t R@1 {metrics_['i2t_r1']:.1f}  t2i R@1 {metrics_['t2i_r1']:.1f}  "
                   f"rsum {metrics_['rsum']:.1f}")
     steady = result.step_seconds[1:] or result.step_seconds
     print(f"median step {sorted(steady)[len(steady) // 2] * 1e3:.1f} ms")
     if json_path:
-        with open(json_path, "w") as f:
+        with atomic_path(json_path) as tmp, open(tmp, "w") as f:
             json.dump(dataclasses.asdict(result), f, indent=1)
+    return result
+
+
+def main(argv=None) -> int:
+    args = vars(_parser().parse_args(argv))
+    json_path = args.pop("json")
+    run(TrainConfig(**args), json_path)
     return 0
 
 

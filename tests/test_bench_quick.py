@@ -138,6 +138,24 @@ def test_flop_models_match_the_published_numbers():
     assert flops.scan_forward(100, lens, 36, 1024, "t2i") != flops.scan_forward(100, lens, 36, 1024, "i2t")
 
 
+def test_gemm_flops_are_the_matrix_products_per_query_row():
+    # bench/cpu_quick.py's "useful" FLOPs. SCAN: the region-word GEMM alone, either direction.
+    lens = [7, 12, 30]
+    for direction in ("t2i", "i2t"):
+        assert flops.scan_forward(5, lens, 36, 1024, direction, gemm_only=True) == 2 * 5 * sum(lens) * 36 * 1024
+    # RCAR coop_rcar: per query row, steps x (scores + attended context + W), (steps - 1) RCR
+    # MLPs and steps RAR keys.
+    Q, C, d, s, steps = 12, 36, 1024, 256, 2
+    per_row = steps * 2 * (2 * C * d + d * s) + (steps - 1) * 2 * (2 * s * s + 2 * s * d + s * (s // 2) + s // 2) \
+        + steps * 2 * s * s
+    assert flops.rcar_pair(Q, C, d, s, "coop_rcar", steps, gemm_only=True) == Q * per_row
+    assert flops.rcar_forward(3, [Q, Q], C, d, s, "coop_rcar", steps, "t2i", gemm_only=True) == 6 * Q * per_row
+    for regulator, n_steps in (("only_rar", 2), ("only_rcr", 2), ("only_rcr", 0), ("coop_rcar", 1)):
+        gemm = flops.rcar_pair(Q, C, d, s, regulator, n_steps, gemm_only=True)
+        # The matrix products are most of the model's FLOPs, never more than all of them.
+        assert 0.8 * flops.rcar_pair(Q, C, d, s, regulator, n_steps) < gemm < flops.rcar_pair(Q, C, d, s, regulator, n_steps)
+
+
 def test_peak_table_by_nvml_name():
     assert device.peak_tflops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.4
     assert device.peak_tflops("NVIDIA H100 PCIe", torch.float16) == 756.0

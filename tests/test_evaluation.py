@@ -162,8 +162,8 @@ def wrong_shape(img, cap, lens):
 
 @pytest.mark.parametrize("mutate,error,match", [
     (lambda a: a.update(lens=a["lens"] + 100), ValueError, r"lens must lie in \[1, Lmax"),
-    (lambda a: a.update(lens=a["lens"][:-1]), ValueError, r"lens must be integers of shape"),
-    (lambda a: a.update(lens=a["lens"].double()), ValueError, r"lens must be integers"),
+    (lambda a: a.update(lens=a["lens"][:-1]), ValueError, r"lens must have shape \(n_cap,\) = \(115,\)"),
+    (lambda a: a.update(lens=a["lens"].double()), TypeError, r"lens must be an integer tensor"),
     (lambda a: a.update(cap=a["cap"][..., :-1]), ValueError, "share the feature size d"),
     (lambda a: a.update(img=a["img"][0]), ValueError, r"img must have a non-empty shape"),
     (lambda a: a.update(img=[1, 2]), TypeError, "img must be a torch.Tensor or numpy array"),
