@@ -209,6 +209,15 @@ def test_backward_float32_several_buckets(direction):
 
 
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_forward_and_backward_with_64_context_items(direction):
+    # more than 32 context items per owner (C_PAD 64: the Gram product runs in K halves, as on
+    # GPUs in fp32); t2i: 36 regions; i2t: captions of up to 40 words
+    lens = (40, 3, 33) if direction == "i2t" else (7, 2, 5)
+    img, cap, lens = _inputs(n_img=2, lens=lens, regions=36 if direction == "t2i" else 5, dim=20)
+    _check_gradients(img, cap, lens, dtype=torch.float32, **_options(direction))
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_gradcheck_float64(direction):
     img, cap, lens = _inputs(n_img=2, lens=(3, 1), regions=3, dim=5, max_len=4,
                              dtype=torch.float64)
