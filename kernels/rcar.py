@@ -503,6 +503,8 @@ def _programs_per_sm(args, cfg: dict, device) -> int:
     except AttributeError:  # a triton without these internals
         return GPU_PROGRAMS_PER_SM
     return occupancy(regs, shared, cfg["num_warps"], torch.cuda.get_device_properties(device))
+
+
 # Packed weights and contexts are padded along d to a multiple of this (every d chunk divides it).
 D_PAD = {"gpu": 64, "interpreter": 32}
 
