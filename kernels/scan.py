@@ -460,6 +460,8 @@ def _pow2_at_least(n: int, floor: int) -> int:
 # * fp16/bf16 backward (also holds dS, the Gram accumulator and a d-chunk): 64x16 and 64x32
 #   at 8 warps (~120-220 registers); 128x16 and 64x64 spill in _scan_bwd_y_kernel. 64x64 is
 #   still the only tile for 64 context items x 64 queries (the Lmax bucket): see _SMALLEST_BWD.
+#   With 64 queries per owner (i2t: 36 regions) _scan_bwd_x_kernel spills 8-170 B at every
+#   tile, warp count, chunk and stage count tried (open: needs a leaner backward epilogue).
 # * fp32 (IEEE FMA dots, whose operands hold whole K rows in registers; the Gram product
 #   runs in K halves, _gram_dot): forward up to 64x64 at 8 warps (~60-195 registers); 128x32
 #   spills ~380 B. (Before the K halves, 64x32 already spilled 110-220 B at any warp count.)
