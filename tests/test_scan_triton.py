@@ -230,6 +230,7 @@ def test_forward_and_backward_with_64_context_items(direction):
     _check_gradients(img, cap, lens, dtype=torch.float32, **_options(direction))
 
 
+@requires_interpreter
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_gradcheck_float64(direction):
     img, cap, lens = _inputs(n_img=2, lens=(3, 1), regions=3, dim=5, max_len=4,
