@@ -26,7 +26,7 @@ from bench import cases as _cases
 from bench import flops as _flops
 from bench import measure
 
-from rcar_fast import dispatch, pairs
+from rcar_fast import dispatch, losses
 from rcar_fast.modules import RCARSimilarity
 from rcar_fast.ops.scan import scan_similarity
 from rcar_fast import reference
@@ -338,7 +338,7 @@ def loss_step(ctx, variant, model, backend, img, cap, lens, head, kwargs):
     img_g, cap_g, targets = _grad_inputs(img, cap, head)
     if variant == "full":
         def run():
-            loss = pairs.full_hardest_negative_loss(img_g, cap_g, lens, model=model,
+            loss = losses.full_hardest_negative_loss(img_g, cap_g, lens, model=model,
                                                     backend=backend, **kwargs)
             return (loss.detach(),) + torch.autograd.grad(loss, targets)
         return run, ""
@@ -346,7 +346,7 @@ def loss_step(ctx, variant, model, backend, img, cap, lens, head, kwargs):
     pair_backend = dispatch.choose(pairs_op, "auto", ctx.device, img.dtype).backend
 
     def run():
-        loss = pairs.hardest_negative_loss(img_g, cap_g, lens, model=model, backend=backend,
+        loss = losses.hardest_negative_loss(img_g, cap_g, lens, model=model, backend=backend,
                                            pair_backend="auto", **kwargs)
         return (loss.detach(),) + torch.autograd.grad(loss, targets)
     return run, f"selection: {backend}, pairs: {pair_backend}"

@@ -306,7 +306,7 @@ def _reference_check(ds, sims, backend, device, budget) -> dict:
     fit ``budget`` pairs; times the reference there for a speed comparison."""
     if budget <= 0 or backend == "reference":
         return {"skipped": "reference backend" if backend == "reference" else "disabled"}
-    from rcar_fast.reference import scan_similarity_vectorized
+    from rcar_fast.reference_math import scan_similarity_vectorized
 
     n_img = max(1, min(ds.img.shape[0], int((budget / 5) ** 0.5)))
     n_cap = max(1, min(ds.cap.shape[0], budget // n_img))

@@ -2,7 +2,7 @@
 import torch
 
 from rcar_fast import dispatch, validate
-from rcar_fast.reference import RCARHead
+from rcar_fast.heads import RCARHead
 
 
 class RCARSimilarity(RCARHead):
@@ -18,13 +18,7 @@ class RCARSimilarity(RCARHead):
     def forward(self, img, cap, lens, backend: str = "auto") -> torch.Tensor:
         validate.choice(backend, "backend", dispatch.REQUESTABLE)
         lens = validate.similarity_inputs(img, cap, lens)
-        if img.shape[2] != self.embed_dim:
-            raise ValueError(f"img and cap must have d = embed_dim = {self.embed_dim}, got d = {img.shape[2]}")
-        validate.smooth_for(self.smooth, img.dtype, "the head's smooth")
-        param = next(self.parameters())
-        if param.device != img.device:
-            raise ValueError(f"img/cap are on {img.device} but the module's parameters are on {param.device}; "
-                             "move one of them")
+        validate.head_fits(self, img)
         impl = dispatch.choose("rcar", backend, img.device, img.dtype, self.mode_rejections())
         return impl.fn(self, img, cap, lens)
 

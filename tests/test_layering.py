@@ -46,10 +46,11 @@ PACKAGE = "rcar_fast"
 # places a module. The package top itself ("rcar_fast", its __init__) is matched exactly.
 LAYERS = [
     ("kernels", ["rcar_fast.kernels", "rcar_fast._C"]),
-    ("base", ["rcar_fast.atomic", "rcar_fast.validate", "rcar_fast.metrics", "rcar_fast.losses",
+    ("base", ["rcar_fast.atomic", "rcar_fast.validate", "rcar_fast.metrics",
+              "rcar_fast.reference_math", "rcar_fast.checkpoint_keys", "rcar_fast.heads",
               "rcar_fast.reference", "rcar_fast.data"]),
     ("ops", ["rcar_fast.dispatch", "rcar_fast.ops"]),
-    ("models", ["rcar_fast.pairs", "rcar_fast.modules", "rcar_fast.encoders"]),
+    ("models", ["rcar_fast.pairs", "rcar_fast.losses", "rcar_fast.modules", "rcar_fast.encoders"]),
     ("checkpoint", ["rcar_fast.checkpoint"]),
     ("evaluation parts", ["rcar_fast.evaluation.adapters", "rcar_fast.evaluation.inputs",
                           "rcar_fast.evaluation.distributed", "rcar_fast.evaluation.protocols",

@@ -14,7 +14,8 @@ import torch
 
 from rcar_fast import dispatch
 from rcar_fast.dispatch import BackendUnavailable
-from rcar_fast.reference import DIRECTIONS, REGULATORS, module_counts
+from rcar_fast.heads import module_counts
+from rcar_fast.reference_math import DIRECTIONS, REGULATORS
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCKS_PER_SM = 2  # the kernel is built for two resident 256-thread blocks per SM

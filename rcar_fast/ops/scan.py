@@ -10,7 +10,7 @@ float64 inputs, and differentiable w.r.t. img and cap where the backend has a ba
 """
 import torch
 
-from rcar_fast import dispatch, reference, validate
+from rcar_fast import dispatch, reference_math, validate
 from rcar_fast.ops import scan_cpu
 
 DIRECTIONS = ("t2i", "i2t")
@@ -23,11 +23,11 @@ def _output_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _reference_vectorized(img, cap, lens, **kw):
-    return reference.scan_similarity_vectorized(img, cap, lens, **kw).to(_output_dtype(img.dtype))
+    return reference_math.scan_similarity_vectorized(img, cap, lens, **kw).to(_output_dtype(img.dtype))
 
 
 def _reference_loop(img, cap, lens, **kw):
-    return reference.scan_similarity_loop(img, cap, lens, **kw).to(_output_dtype(img.dtype))
+    return reference_math.scan_similarity_loop(img, cap, lens, **kw).to(_output_dtype(img.dtype))
 
 
 dispatch.register("scan", "reference", _reference_vectorized)
