@@ -13,41 +13,23 @@ Loss and gradients equal the full B x B version (ties aside). The same pair-list
 re-ranking a shortlist at evaluation time.
 
 Dispatch: ``score_pairs`` runs the op "scan_pairs" (SCAN) or "rcar_pairs" (an RCAR head)
-through rcar_fast.dispatch. Implementations register with the signatures
-
-    scan_pairs: fn(img, cap, lens, img_idx, cap_idx, *, direction, raw_norm, smooth, agg,
-                   lse_lambda) -> (P,)
-    rcar_pairs: fn(head, img, cap, lens, img_idx, cap_idx) -> (P,)
-
-where lens, img_idx and cap_idx arrive validated (int64 on img's device), and the result is
-float32 (float64 for float64 inputs), differentiable w.r.t. img, cap (and the head's
-parameters) where the backend has a backward. This module registers "reference" (pairs
-gathered into blocks and run through the reference's vectorised pair functions),
-"reference_loop" (one pair at a time, sliced to its length like the public code) and, for
-SCAN, "cpu" (the fused C++ all-pairs kernels, forward and backward, one call per distinct
-image against its distinct captions).
+through rcar_fast.dispatch; the backends (signatures, the reference pair loop, the fused
+per-image CPU path) are in rcar_fast/ops/pair_backends.py.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-from torch.autograd.function import once_differentiable
 
 from rcar_fast import dispatch, reference, validate
 from rcar_fast.losses import REDUCTIONS, vse_hinge_loss
-from rcar_fast.ops import scan as _scan_op
+from rcar_fast.ops.backend import Inputs
+from rcar_fast.reference import AGGREGATIONS, DIRECTIONS, RAW_NORMS
 
 __all__ = ["score_pairs", "hardest_negative_loss", "full_hardest_negative_loss",
            "all_pairs_scores"]
 
 SCAN_DEFAULTS = dict(direction="t2i", raw_norm="clipped_l2norm", smooth=9.0, agg="mean",
                      lse_lambda=6.0)
-
-# Value written over padding words before any arithmetic (as in the reference): finite, and
-# non-zero so that a (discarded) padding query has a non-zero norm and finite gradients.
-_PAD_FILL = 1.0
-
 
 def _output_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -79,9 +61,9 @@ def _check_scan_kwargs(kwargs: dict, dtype: torch.dtype) -> dict:
         raise TypeError(f"unexpected SCAN keyword(s) {sorted(unknown)}; expected some of "
                         f"{sorted(SCAN_DEFAULTS)}")
     kw = {**SCAN_DEFAULTS, **kwargs}
-    validate.choice(kw["direction"], "direction", _scan_op.DIRECTIONS)
-    validate.choice(kw["raw_norm"], "raw_norm", _scan_op.RAW_NORMS)
-    validate.choice(kw["agg"], "agg", _scan_op.AGGREGATIONS)
+    validate.choice(kw["direction"], "direction", DIRECTIONS)
+    validate.choice(kw["raw_norm"], "raw_norm", RAW_NORMS)
+    validate.choice(kw["agg"], "agg", AGGREGATIONS)
     kw["smooth"] = validate.smooth_for(kw["smooth"], dtype)
     kw["lse_lambda"] = validate.lse_lambda_value(kw["lse_lambda"])
     return kw
@@ -133,10 +115,10 @@ def score_pairs(img, cap, lens, img_idx, cap_idx, *, model="scan", backend: str 
         raise ValueError(f"img_idx and cap_idx must have the same length P, got {img_idx.numel()} "
                          f"and {cap_idx.numel()}")
     if scan_kw is not None:
-        impl = dispatch.choose("scan_pairs", backend, img.device, img.dtype,
-                               _scan_op.shape_rejections(img, scan_kw["direction"]))
+        impl = dispatch.choose("scan_pairs", backend,
+                               Inputs.of_scan(img, cap, scan_kw["direction"], lens))
         return impl.fn(img, cap, lens, img_idx, cap_idx, **scan_kw)
-    impl = dispatch.choose("rcar_pairs", backend, img.device, img.dtype)
+    impl = dispatch.choose("rcar_pairs", backend, Inputs.of_head(model, img, cap, lens))
     return impl.fn(model, img, cap, lens, img_idx, cap_idx)
 
 
@@ -147,193 +129,13 @@ def all_pairs_scores(img, cap, lens, *, model="scan", backend: str = "auto",
     lens = validate.similarity_inputs(img, cap, lens)
     scan_kw = _check_model(model, img, scan_kwargs)
     if scan_kw is not None:
-        rejections = _scan_op.shape_rejections(img, scan_kw["direction"])
-        return dispatch.choose("scan", backend, img.device, img.dtype, rejections).fn(img, cap, lens, **scan_kw)
+        impl = dispatch.choose("scan", backend, Inputs.of_scan(img, cap, scan_kw["direction"], lens))
+        return impl.fn(img, cap, lens, **scan_kw)
     # Through dispatch (not model.forward) so that a plain reference RCARHead works as well;
-    # an RCARSimilarity in training mode keeps auto off the forward-only kernels.
-    mode_rejections = model.mode_rejections() if hasattr(model, "mode_rejections") else None
-    impl = dispatch.choose("rcar", backend, img.device, img.dtype, mode_rejections)
+    # a head in training mode keeps auto off the forward-only kernels (Inputs.of_head).
+    impl = dispatch.choose("rcar", backend, Inputs.of_head(model, img, cap, lens))
     return impl.fn(model, img, cap, lens)
 
-
-# ---------------------------------------------------------------------------------------------
-# Reference implementations of the pair ops
-# ---------------------------------------------------------------------------------------------
-
-def _orient(direction, words, regions):
-    return (words, regions) if direction == "t2i" else (regions, words)
-
-
-def _scan_pair_fn(direction, raw_norm, smooth, agg, lse_lambda) -> Callable:
-    def pair_fn(query, context, query_mask, context_mask):
-        ctx = reference.cross_attention(query, context, smooth, raw_norm, None, query_mask,
-                                        context_mask)
-        return reference.aggregate(reference.cosine(query, ctx), agg, lse_lambda, query_mask)
-    return pair_fn
-
-
-def _pair_blocks(lens_of_pairs: torch.Tensor, n_regions: int, d: int, element_size: int):
-    """Pair order (by caption length, so a block pays only for its longest caption) and
-    block bounds keeping each (pairs, longest, d) block below reference.BLOCK_BYTES."""
-    order = torch.argsort(lens_of_pairs, stable=True)
-    longest = lens_of_pairs[order].clamp(min=n_regions).to(torch.float64).cpu()
-    per_pair = longest * d * element_size
-    bounds, start, total = [], 0, order.numel()
-    while start < total:
-        # Lengths grow along the order, so the cost of [start, stop) is increasing in stop:
-        # the pairs that fit form a prefix.
-        counts = torch.arange(1, total - start + 1, dtype=torch.float64)
-        fits = int((counts * per_pair[start:] <= reference.BLOCK_BYTES).sum())
-        stop = start + max(1, fits)
-        bounds.append((start, stop))
-        start = stop
-    return order, bounds
-
-
-def _pairs_vectorized(img, cap, lens, img_idx, cap_idx, direction, pair_fn):
-    """Gather the pairs into length-sorted blocks and score each block at once: (P,)."""
-    if img_idx.numel() == 0:
-        return img.new_zeros((0,), dtype=_output_dtype(img.dtype))
-    pair_lens = lens[cap_idx]
-    order, bounds = _pair_blocks(pair_lens, img.shape[1], img.shape[2], img.element_size())
-    pieces = []
-    for start, stop in bounds:
-        sel = order[start:stop]
-        block_lens = pair_lens[sel]
-        longest = int(block_lens.max())
-        regions = img[img_idx[sel]]                                   # (p, R, d)
-        words = cap[cap_idx[sel], :longest]                           # (p, Lb, d)
-        mask = torch.arange(longest, device=cap.device)[None, :] < block_lens[:, None]
-        fill = torch.full((), _PAD_FILL, dtype=words.dtype, device=words.device)
-        words = torch.where(mask.unsqueeze(-1), words, fill)
-        query, context = _orient(direction, words, regions)
-        query_mask, context_mask = _orient(direction, mask, None)
-        pieces.append(pair_fn(query, context, query_mask, context_mask))
-    sorted_scores = torch.cat(pieces)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    return sorted_scores[inverse].to(_output_dtype(img.dtype))
-
-
-def _pairs_loop(img, cap, lens, img_idx, cap_idx, direction, pair_fn):
-    """One pair at a time, the caption sliced to its length (the public code's way): (P,)."""
-    if img_idx.numel() == 0:
-        return img.new_zeros((0,), dtype=_output_dtype(img.dtype))
-    scores = []
-    for i, j, n_word in zip(img_idx.tolist(), cap_idx.tolist(), lens[cap_idx].tolist()):
-        query, context = _orient(direction, cap[j:j + 1, :n_word], img[i:i + 1])
-        scores.append(pair_fn(query, context, None, None))
-    return torch.cat(scores).to(_output_dtype(img.dtype))
-
-
-def _scan_pairs_reference(img, cap, lens, img_idx, cap_idx, *, direction, **kw):
-    return _pairs_vectorized(img, cap, lens, img_idx, cap_idx, direction,
-                             _scan_pair_fn(direction, **kw))
-
-
-def _scan_pairs_reference_loop(img, cap, lens, img_idx, cap_idx, *, direction, **kw):
-    return _pairs_loop(img, cap, lens, img_idx, cap_idx, direction, _scan_pair_fn(direction, **kw))
-
-
-def _rcar_pairs_reference(head, img, cap, lens, img_idx, cap_idx):
-    return _pairs_vectorized(img, cap, lens, img_idx, cap_idx, head.direction, head.pair_scores)
-
-
-def _rcar_pairs_reference_loop(head, img, cap, lens, img_idx, cap_idx):
-    return _pairs_loop(img, cap, lens, img_idx, cap_idx, head.direction, head.pair_scores)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fused pair scoring: the all-pairs kernels, one call per distinct image
-# ---------------------------------------------------------------------------------------------
-
-def _image_groups(img_idx, cap_idx, n_cap: int):
-    """The distinct pairs grouped by image: [(image, its distinct captions)], and `inverse`
-    mapping each requested pair to its row in the concatenation of the groups."""
-    # Sorted keys group the pairs by image; `inverse` restores the requested order and repeats.
-    keys, inverse = torch.unique(img_idx * n_cap + cap_idx, return_inverse=True)
-    images, counts = torch.unique_consecutive(keys // n_cap, return_counts=True)
-    return list(zip(images.tolist(), (keys % n_cap).split(counts.tolist()))), inverse
-
-
-class _GroupedByImage(torch.autograd.Function):
-    """Pair scores through an all-pairs implementation, one call per distinct image against
-    its distinct captions: exactly the distinct requested pairs are computed, forward and
-    backward by the backend itself.
-
-    Why a Function: differentiating through per-group slices of img and cap directly would
-    give every group a gradient the size of the whole batch (O(B^2 L d) zeros and adds); here
-    each group's gradient is added into one buffer at its own rows."""
-
-    @staticmethod
-    def forward(ctx, img, cap, lens, img_idx, cap_idx, all_pairs, grad_enabled):
-        groups, inverse = _image_groups(img_idx, cap_idx, cap.shape[0])
-        # Under no_grad (re-ranking) keep no per-group graphs: nothing will call backward.
-        need_img, need_cap = (grad_enabled and need for need in ctx.needs_input_grad[:2])
-        pieces, graphs = [], []
-        for i, chosen in groups:
-            chosen_lens = lens[chosen]
-            with torch.enable_grad():   # each group's graph, kept for the backward
-                img_part = img[i:i + 1].detach().requires_grad_(need_img)
-                cap_part = cap[chosen, :int(chosen_lens.max())].detach().requires_grad_(need_cap)
-                scores = all_pairs(img_part, cap_part, chosen_lens).reshape(-1)
-            pieces.append(scores.detach())
-            graphs.append((scores, img_part, cap_part))
-        ctx.groups, ctx.graphs = groups, graphs
-        ctx.save_for_backward(inverse)
-        ctx.layouts = [(t.shape, t.dtype) for t in (img, cap)]
-        return torch.cat(pieces)[inverse]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        (inverse,) = ctx.saved_tensors
-        n_rows = sum(len(chosen) for _, chosen in ctx.groups)
-        grad_rows = grad_out.new_zeros(n_rows).index_add_(0, inverse, grad_out)
-        need_img, need_cap = ctx.needs_input_grad[:2]
-        (img_shape, img_dtype), (cap_shape, cap_dtype) = ctx.layouts
-        grad_img = grad_out.new_zeros(img_shape, dtype=img_dtype) if need_img else None
-        grad_cap = grad_out.new_zeros(cap_shape, dtype=cap_dtype) if need_cap else None
-        start = 0
-        for (i, chosen), (scores, img_part, cap_part) in zip(ctx.groups, ctx.graphs):
-            g = grad_rows[start:start + len(chosen)].to(scores.dtype)
-            start += len(chosen)
-            wanted = [t for t, need in ((img_part, need_img), (cap_part, need_cap)) if need]
-            grads = list(torch.autograd.grad(scores, wanted, g))
-            if need_img:
-                grad_img[i:i + 1] += grads.pop(0)
-            if need_cap:  # captions within a group are distinct: no index is written twice
-                grad_cap[chosen, :cap_part.shape[1]] += grads.pop(0)
-        ctx.graphs = None
-        return grad_img, grad_cap, None, None, None, None, None
-
-
-def _grouped_by_image(all_pairs: Callable, img, cap, lens, img_idx, cap_idx):
-    if img_idx.numel() == 0:
-        return img.new_zeros((0,), dtype=_output_dtype(img.dtype))
-    scores = _GroupedByImage.apply(img, cap, lens, img_idx, cap_idx, all_pairs, torch.is_grad_enabled())
-    return scores.to(_output_dtype(img.dtype))
-
-
-def _scan_pairs_fused(backend: str) -> Callable:
-    def scan_pairs(img, cap, lens, img_idx, cap_idx, **kw):
-        scan = dispatch.choose("scan", backend, img.device, img.dtype).fn
-        return _grouped_by_image(lambda i, c, n: scan(i, c, n, **kw), img, cap, lens, img_idx, cap_idx)
-    return scan_pairs
-
-
-def _scan_supports(backend: str) -> dispatch.SupportsFn:
-    return lambda device, dtype: dispatch.rejection("scan", backend, device, dtype)
-
-
-dispatch.register("scan_pairs", "reference", _scan_pairs_reference)
-# Only the C++ CPU kernels for now: a call per image costs microseconds there. On a GPU the
-# per-image launches (and Triton's autotuning per distinct caption count) need measuring first,
-# and the vectorised reference's <= 3B pairs are cheap next to the B x B selection pass.
-dispatch.register("scan_pairs", "cpu", _scan_pairs_fused("cpu"), _scan_supports("cpu"))
-dispatch.register("scan_pairs", "reference_loop", _scan_pairs_reference_loop)
-dispatch.register("rcar_pairs", "reference", _rcar_pairs_reference)
-dispatch.register("rcar_pairs", "reference_loop", _rcar_pairs_reference_loop)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rcar_fast import dispatch
+from rcar_fast.ops.backend import Backend
 
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_DTYPES = (torch.float32, torch.float16, torch.float64)
@@ -48,27 +48,21 @@ class ScanSimilarityTriton(torch.autograd.Function):
         return dimg, dcap, None, None, None, None, None, None
 
 
-def scan_triton(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm", smooth=9.0,
-                agg="mean", lse_lambda=6.0):
-    """The registered implementation: inputs already validated by rcar_fast.scan_similarity
-    (lens int64 on cap's device). Returns (n_img, n_cap) float32 (float64 for float64)."""
-    return ScanSimilarityTriton.apply(img, cap, lens, direction, raw_norm, smooth, agg,
-                                      lse_lambda)
+class ScanTriton(Backend):
+    op, backend, kernel = "scan", "triton", "the Triton SCAN kernels"
+    dtypes = {"cuda": _CUDA_DTYPES, "cpu": _INTERPRETER_DTYPES}
 
-
-def supports(device: torch.device, dtype: torch.dtype):
-    if device.type == "cuda":
-        if dtype in _CUDA_DTYPES:
-            return None
-        return f"the Triton SCAN kernels take float32/float16/bfloat16 CUDA tensors, got {dtype}"
-    if device.type == "cpu":
-        if dtype in _INTERPRETER_DTYPES:
-            return None
-        if dtype == torch.bfloat16:
+    @classmethod
+    def dtype_reason(cls, device_type, dtype):
+        if device_type == "cpu" and dtype == torch.bfloat16:
             return ("bfloat16 is not supported under triton's CPU interpreter (its bf16 tl.dot "
                     "is wrong); use float32/float16 on CPU, or a CUDA GPU")
-        return f"the Triton SCAN kernels take float32/float16/float64 CPU tensors, got {dtype}"
-    return f"the Triton SCAN kernels run on CUDA (or CPU via the interpreter), got {device.type}"
+        return super().dtype_reason(device_type, dtype)
 
-
-dispatch.register("scan", "triton", scan_triton, supports=supports)
+    @staticmethod
+    def fn(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm", smooth=9.0,
+           agg="mean", lse_lambda=6.0):
+        """Inputs already validated by rcar_fast.scan_similarity (lens int64 on cap's device).
+        Returns (n_img, n_cap) float32 (float64 for float64)."""
+        return ScanSimilarityTriton.apply(img, cap, lens, direction, raw_norm, smooth, agg,
+                                          lse_lambda)
