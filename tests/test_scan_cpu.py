@@ -303,7 +303,7 @@ def test_t2i_images_in_chunks_equal_one_call(monkeypatch):
     whole_grads = cpu_gradients(img, cap, lens, grad, **kw)
     calls = []
     monkeypatch.setattr(scan_cpu, "GRAM_CHUNK_BYTES", 3 * scan_cpu._image_gram_bytes(img))
-    monkeypatch.setattr(scan_cpu._ScanCpu, "apply", _counting(scan_cpu._ScanCpu.apply, calls))
+    monkeypatch.setattr(scan_cpu, "_forward_chunk", _counting(scan_cpu._forward_chunk, calls))
     chunked = rcar_fast.scan_similarity(img, cap, lens, backend="cpu", **kw)
     assert len(calls) == 3  # 3 + 3 + 1 images
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-15)

@@ -59,6 +59,9 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+# A fact about the machine, constant for the process: torch.compile takes the answer as a
+# constant instead of tracing the imports behind it.
+@torch.compiler.assume_constant_result
 def environment_reason(backend: str, device_type: Optional[str] = None) -> Optional[str]:
     """None if `backend` can run on this machine (for tensors on `device_type` when given),
     else why not."""

@@ -8,6 +8,7 @@ code fails loudly instead of silently getting no gradient.
 import torch
 
 from rcar_fast.ops.backend import Backend, native
+from rcar_fast.ops.library import scan_output
 from rcar_fast.ops.scan_cpu import ScanCpu
 
 
@@ -35,6 +36,18 @@ class _NoBackward(torch.autograd.Function):
                            "train with backend='reference' (or run the cpu backend under torch.no_grad())")
 
 
+@torch.library.custom_op("rcar_fast::rcar_cpu", mutates_args=())
+def rcar_cpu_op(img: torch.Tensor, cap: torch.Tensor, lens: torch.Tensor, weights: list[torch.Tensor],
+                direction: str, regulator: str, steps: int, smooth: float) -> torch.Tensor:
+    """Forward only (no autograd formula is registered)."""
+    return native().rcar_forward_cpu(img, cap, lens, direction, regulator, steps, smooth, weights)
+
+
+@rcar_cpu_op.register_fake
+def _(img, cap, lens, weights, direction, regulator, steps, smooth):
+    return scan_output(img, cap)
+
+
 class RcarCpu(Backend):
     """Eval-mode forward: refused for a training step (no backward) and for active dropout."""
     op, backend, kernel = "rcar", "cpu", "the C++ CPU RCAR kernel"
@@ -45,10 +58,9 @@ class RcarCpu(Backend):
 
     @staticmethod
     def fn(head, img, cap, lens):
-        scores = native().rcar_forward_cpu(
-            img.detach(), cap.detach(), lens, head.direction, head.regulator, head.steps,
-            float(head.smooth), flat_weights(head))
+        scores = rcar_cpu_op(img.detach(), cap.detach(), lens, flat_weights(head), head.direction,
+                             head.regulator, head.steps, float(head.smooth))
         tracked = [t for t in (img, cap, *head.parameters()) if t.requires_grad]
-        if torch.is_grad_enabled() and tracked:
+        if torch.is_grad_enabled() and tracked and not torch.compiler.is_compiling():
             return _NoBackward.apply(scores, *tracked)
         return scores

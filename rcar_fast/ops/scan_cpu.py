@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from rcar_fast.ops.backend import Backend, native
+from rcar_fast.ops.library import define_scan_op
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -56,22 +56,41 @@ def _largest_region_count(element_size: int) -> int:
     return R
 
 
-class _ScanCpu(torch.autograd.Function):
-    """sims = SCAN(img, cap, lens); gradients w.r.t. img and cap (zero at caption padding)."""
+def _images_per_call(img: torch.Tensor, direction: str) -> int:
+    if direction != "t2i":
+        return img.shape[0]
+    return max(1, GRAM_CHUNK_BYTES // _image_gram_bytes(img))
 
-    @staticmethod
-    def forward(ctx, img, cap, lens, options):
-        ctx.save_for_backward(img, cap, lens)
-        ctx.options = options
-        return native().scan_forward_cpu(img.detach(), cap.detach(), lens, *options)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        img, cap, lens = ctx.saved_tensors
-        d_img, d_cap = native().scan_backward_cpu(grad, img, cap, lens, *ctx.options)
-        return (d_img if ctx.needs_input_grad[0] else None,
-                d_cap if ctx.needs_input_grad[1] else None, None, None)
+def _forward_chunk(img, cap, lens, options) -> torch.Tensor:
+    return native().scan_forward_cpu(img, cap, lens, *options)
+
+
+def _forward(img, cap, lens, options) -> torch.Tensor:
+    """sims (n_img, n_cap); t2i images in chunks whose Grams fit GRAM_CHUNK_BYTES."""
+    per_call = _images_per_call(img, options[0])
+    if per_call >= img.shape[0]:
+        return _forward_chunk(img, cap, lens, options)
+    return torch.cat([_forward_chunk(img[i:i + per_call], cap, lens, options)
+                      for i in range(0, img.shape[0], per_call)])
+
+
+def _backward(grad, img, cap, lens, options) -> tuple:
+    """(d img, d cap), zero at caption padding; the same image chunks as the forward."""
+    per_call = _images_per_call(img, options[0])
+    if per_call >= img.shape[0]:
+        return tuple(native().scan_backward_cpu(grad, img, cap, lens, *options))
+    d_img, d_cap = [], None
+    for i in range(0, img.shape[0], per_call):
+        d_img_i, d_cap_i = native().scan_backward_cpu(grad[i:i + per_call].contiguous(),
+                                                      img[i:i + per_call], cap, lens, *options)
+        d_img.append(d_img_i)
+        d_cap = d_cap_i if d_cap is None else d_cap + d_cap_i
+    return torch.cat(d_img), d_cap
+
+
+# rcar_fast::scan_cpu and rcar_fast::scan_cpu_backward
+scan_cpu_op = define_scan_op("scan_cpu", _forward, _backward)
 
 
 class ScanCpu(Backend):
@@ -96,9 +115,4 @@ class ScanCpu(Backend):
 
     @staticmethod
     def fn(img, cap, lens, *, direction, raw_norm, smooth, agg, lse_lambda):
-        options = (direction, raw_norm, float(smooth), agg, float(lse_lambda))
-        per_call = img.shape[0] if direction != "t2i" else max(1, GRAM_CHUNK_BYTES // _image_gram_bytes(img))
-        if per_call >= img.shape[0]:
-            return _ScanCpu.apply(img, cap, lens, options)
-        return torch.cat([_ScanCpu.apply(img[i:i + per_call], cap, lens, options)
-                          for i in range(0, img.shape[0], per_call)])
+        return scan_cpu_op(img, cap, lens, direction, raw_norm, float(smooth), agg, float(lse_lambda))
