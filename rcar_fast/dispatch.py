@@ -11,6 +11,15 @@ present on this machine and what it implements.
 
 Layering: wrappers (rcar_fast.ops.scan, ops.gram, modules, pairs) -> dispatch -> the backend
 modules -> kernels / the native extension. The backend modules never import this module.
+
+Adding a backend (say "foo" for SCAN) touches:
+  1. the kernel: kernels/foo.py (Triton) or csrc/... (+ csrc/bindings.cpp for native code);
+  2. rcar_fast/ops/scan_foo.py: class ScanFoo(Backend) with its dtypes, capability flags
+     (has_backward, implements_dropout), extra_reasons (shape limits), environment (whether
+     "foo" is present here) and fn, the kernel wrapped as a custom op with
+     ops.library.define_scan_op (forward, backward; fake and autograd come with it);
+  3. this module: ScanFoo in TABLE["scan"] (and "foo" in AUTO_ORDER if auto should try it);
+  4. tests/test_scan_foo.py (numerics against the float64 reference; opcheck of the op).
 """
 from __future__ import annotations
 
@@ -20,11 +29,9 @@ import torch
 
 from rcar_fast.ops import (gram_backends, pair_backends, rcar_cpu, rcar_cuda, rcar_reference,
                            rcar_triton, scan_cpu, scan_cuda, scan_reference, scan_triton)
-from rcar_fast.ops.backend import (BACKENDS, Backend, BackendUnavailable, Inputs,  # noqa: F401
+from rcar_fast.ops.backend import (Backend, BackendUnavailable, Inputs,  # noqa: F401
                                    environment_reason, native_module, triton_interpreter_on,
                                    triton_module)
-
-REQUESTABLE = ("auto",) + BACKENDS
 
 # Order tried by backend="auto": fused kernels first, the vectorised reference last. Triton is
 # never chosen automatically for CPU tensors: its CPU mode is an interpreter, for testing only.
@@ -33,15 +40,17 @@ AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
 }
 
-# op -> its backend classes. Adding a backend: write its classes beside the op's others
-# (rcar_fast/ops/<op>_<backend>.py) and list them here.
+# op -> its backend classes (BACKENDS, the requestable names, follow from it). Adding a
+# backend: write its class beside the op's others (rcar_fast/ops/<op>_<backend>.py; a backend
+# new to the project also overrides Backend.environment there) and list it here (and in
+# AUTO_ORDER if backend="auto" should try it).
 TABLE: dict[str, tuple[type[Backend], ...]] = {
     "gram": (gram_backends.GramReference, gram_backends.GramReferenceLoop, gram_backends.GramTriton,
-             gram_backends.GramCpu, gram_backends.GramCuda),
+             gram_backends.GramCuda, gram_backends.GramCpu),
     "scan": (scan_reference.ScanReference, scan_reference.ScanReferenceLoop,
-             scan_triton.ScanTriton, scan_cpu.ScanCpu, scan_cuda.ScanCuda),
+             scan_triton.ScanTriton, scan_cuda.ScanCuda, scan_cpu.ScanCpu),
     "rcar": (rcar_reference.RcarReference, rcar_reference.RcarReferenceLoop,
-             rcar_triton.RcarTriton, rcar_cpu.RcarCpu, rcar_cuda.RcarCuda),
+             rcar_triton.RcarTriton, rcar_cuda.RcarCuda, rcar_cpu.RcarCpu),
     "scan_pairs": (pair_backends.ScanPairsReference, pair_backends.ScanPairsReferenceLoop,
                    pair_backends.ScanPairsCpu),
     "rcar_pairs": (pair_backends.RcarPairsReference, pair_backends.RcarPairsReferenceLoop),
@@ -52,14 +61,18 @@ def _check_table() -> dict[tuple[str, str], type[Backend]]:
     by_key = {}
     for op, classes in TABLE.items():
         for cls in classes:
-            if cls.op != op or cls.backend not in BACKENDS or (op, cls.backend) in by_key:
+            if cls.op != op or not getattr(cls, "backend", None) or (op, cls.backend) in by_key:
                 raise ValueError(f"dispatch.TABLE[{op!r}] holds {cls.__name__} (op {cls.op!r}, "
-                                 f"backend {cls.backend!r}): wrong op, unknown or repeated backend")
+                                 f"backend {getattr(cls, 'backend', None)!r}): wrong op, no or "
+                                 "repeated backend")
             by_key[(op, cls.backend)] = cls
     return by_key
 
 
 _BY_KEY = _check_table()
+# Every backend of the table, in the order of its first appearance.
+BACKENDS = tuple(dict.fromkeys(backend for (_, backend) in _BY_KEY))
+REQUESTABLE = ("auto",) + BACKENDS
 
 
 def implementation(op: str, backend: str) -> Optional[type[Backend]]:
@@ -75,8 +88,8 @@ def backends() -> dict[str, dict]:
     """
     report = {}
     for name in BACKENDS:
-        reason = environment_reason(name)
         classes = {op: cls for (op, be), cls in _BY_KEY.items() if be == name}
+        reason = next(iter(classes.values())).environment()
         report[name] = {
             "available": reason is None,
             "reason": reason or "available",

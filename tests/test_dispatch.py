@@ -87,11 +87,11 @@ def test_unknown_backend_and_unknown_op():
 
 
 def test_table_rejects_a_misfiled_backend(monkeypatch):
-    class Opencl(dispatch.Backend):
-        op, backend = "gram", "opencl"
+    class SecondCpu(dispatch.Backend):
+        op, backend = "gram", "cpu"
 
-    monkeypatch.setitem(dispatch.TABLE, "gram", dispatch.TABLE["gram"] + (Opencl,))
-    with pytest.raises(ValueError, match="unknown or repeated backend"):
+    monkeypatch.setitem(dispatch.TABLE, "gram", dispatch.TABLE["gram"] + (SecondCpu,))
+    with pytest.raises(ValueError, match="repeated backend"):
         dispatch._check_table()
     monkeypatch.setitem(dispatch.TABLE, "gram", (dispatch.TABLE["scan"][0],))
     with pytest.raises(ValueError, match="wrong op"):
@@ -177,6 +177,34 @@ def test_auto_falls_back_past_a_shape_limit():
     assert dispatch.choose("scan", "auto", dataclasses.replace(big, direction="i2t")).backend == "cpu"
     with pytest.raises(dispatch.BackendUnavailable, match="Gram"):
         dispatch.choose("scan_pairs", "cpu", big)
+
+
+def test_a_new_backend_is_one_class_and_one_table_entry(monkeypatch):
+    """What adding a backend takes in Python: its class (with its own environment probe) and
+    its place in TABLE (and AUTO_ORDER); backends(), explain() and choose() follow."""
+    class GramNumpy(dispatch.Backend):
+        op, backend, kernel = "gram", "numpy", "the NumPy Gram"
+        dtypes = {"cpu": (torch.float64,)}
+
+        @classmethod
+        def environment(cls, device_type=None):
+            return None
+
+        @staticmethod
+        def fn(x):
+            return torch.from_numpy(x.numpy() @ x.numpy().transpose(0, 2, 1))
+
+    monkeypatch.setitem(dispatch.TABLE, "gram", dispatch.TABLE["gram"] + (GramNumpy,))
+    monkeypatch.setattr(dispatch, "_BY_KEY", dispatch._check_table())
+    monkeypatch.setattr(dispatch, "BACKENDS", dispatch.BACKENDS + ("numpy",))
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("numpy", "reference"))
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    assert dispatch.choose("gram", "auto", dispatch.Inputs.of_tensor(x)) is GramNumpy
+    assert dispatch.choose("gram", "auto", dispatch.Inputs.of_tensor(x.float())).backend == "reference"
+    assert "float32" in dispatch.explain("gram", torch.device("cpu"), torch.float32)["numpy"]
+    assert rcar_fast.backends()["numpy"] == {"available": True, "reason": "available", "ops": ["gram"],
+                                             "capabilities": {"gram": GramNumpy.capabilities()}}
+    torch.testing.assert_close(GramNumpy.fn(x), torch.bmm(x, x.transpose(1, 2)))
 
 
 def test_backends_report_capabilities():

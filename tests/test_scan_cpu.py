@@ -283,7 +283,9 @@ def test_t2i_with_huge_R_is_refused_before_any_kernel(monkeypatch):
         def __getattr__(self, name):
             raise AssertionError(f"the kernel {name} must not run")
 
-    monkeypatch.setattr(dispatch, "native_module", lambda: NoKernel())
+    from rcar_fast.ops import scan_cpu
+
+    monkeypatch.setattr(scan_cpu, "native", lambda: NoKernel())   # the kernels' only way in
     with pytest.raises(dispatch.BackendUnavailable, match=r"R = 50000 needs 9537 MiB per image.*R <= 4096"):
         rcar_fast.scan_similarity(img, cap, lens, backend="cpu")
     monkeypatch.undo()

@@ -19,9 +19,6 @@ from typing import ClassVar, Optional
 
 import torch
 
-BACKENDS = ("reference", "reference_loop", "triton", "cuda", "cpu")
-
-
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run this op on these inputs; the message says why."""
 
@@ -154,7 +151,7 @@ class Backend:
     dropout from the attributes, so that every refusal reads alike and is found in one place.
     """
     op: ClassVar[str]
-    backend: ClassVar[str]                       # one of BACKENDS
+    backend: ClassVar[str]                       # its name (dispatch.BACKENDS lists them all)
     kernel: ClassVar[str] = ""                   # how messages name it ("the C++ CPU kernels")
     dtypes: ClassVar[dict] = {}                  # device type -> dtypes taken; {} = any
     has_backward: ClassVar[bool] = True
@@ -165,8 +162,14 @@ class Backend:
         raise NotImplementedError
 
     @classmethod
+    def environment(cls, device_type: Optional[str] = None) -> Optional[str]:
+        """Why this backend is absent on this machine (None: present). The built-in backends
+        share the probes of environment_reason; a new backend overrides this."""
+        return environment_reason(cls.backend, device_type)
+
+    @classmethod
     def not_supported_reasons(cls, inputs: Inputs) -> list[str]:
-        env = environment_reason(cls.backend, inputs.device.type)
+        env = cls.environment(inputs.device.type)
         if env is not None:
             return [env]   # nothing else can be judged for a backend that is not here
         reasons = []
