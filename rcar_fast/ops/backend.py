@@ -110,14 +110,21 @@ class Inputs:
     direction: Optional[str] = None
     needs_grad: bool = False
     active_dropout: tuple = ()
-    max_len: Optional[int] = None         # the longest real caption (None: at most Lmax)
+    lens: Optional[torch.Tensor] = dataclasses.field(default=None, compare=False, repr=False)
+
+    def longest_caption(self) -> Optional[int]:
+        """The longest real caption, read from lens when a backend asks (a host read on a GPU);
+        None when lens is not given or not readable (inside torch.compile): then at most Lmax."""
+        if self.lens is None or self.lens.numel() == 0 or torch.compiler.is_compiling():
+            return None
+        return int(self.lens.max())
 
     @classmethod
     def of_scan(cls, img: torch.Tensor, cap: torch.Tensor, direction: str,
                 lens: Optional[torch.Tensor] = None) -> "Inputs":
         needs_grad = torch.is_grad_enabled() and (img.requires_grad or cap.requires_grad)
         return cls(img.device, img.dtype, tuple(img.shape), tuple(cap.shape), direction,
-                   needs_grad, (), _longest(lens))
+                   needs_grad, (), lens)
 
     @classmethod
     def of_head(cls, head, img: torch.Tensor, cap: torch.Tensor,
@@ -126,19 +133,11 @@ class Inputs:
         # still be differentiated, and a forward-only backend's result then raises when it is.
         needs_grad = bool(head.training) and torch.is_grad_enabled()
         return cls(img.device, img.dtype, tuple(img.shape), tuple(cap.shape), head.direction,
-                   needs_grad, tuple(head.active_dropout()), _longest(lens))
+                   needs_grad, tuple(head.active_dropout()), lens)
 
     @classmethod
     def of_tensor(cls, x: torch.Tensor) -> "Inputs":
         return cls(x.device, x.dtype, tuple(x.shape))
-
-
-def _longest(lens: Optional[torch.Tensor]) -> Optional[int]:
-    # Read eagerly only: under torch.compile the value is not known while tracing (and the
-    # padded length then bounds it).
-    if lens is None or lens.numel() == 0 or torch.compiler.is_compiling():
-        return None
-    return int(lens.max())
 
 
 def _dtype_names(dtypes) -> str:

@@ -360,7 +360,8 @@ class ScanCuda(Backend):
         # the lengths, the padded length Lmax bounds it.
         if inputs.img_shape is None or inputs.cap_shape is None:
             return []
-        longest = inputs.max_len if inputs.max_len is not None else inputs.cap_shape[1]
+        longest = inputs.longest_caption()
+        longest = inputs.cap_shape[1] if longest is None else longest
         reason = tile_shape_rejection(inputs.img_shape[1], longest)
         return [reason] if reason else []
 
