@@ -7,7 +7,7 @@ import torch
 import rcar_fast
 from rcar_fast import dispatch
 from rcar_fast.losses import vse_hinge_loss
-from rcar_fast.ops import rcar_cpu, rcar_reference, scan_cpu, scan_reference
+from rcar_fast.ops import rcar_cpu, rcar_reference, scan_cpu, scan_reference, scan_triton
 from tests.tolerances import assert_close_to_reference
 
 F64 = torch.float64
@@ -37,9 +37,12 @@ def _head(regulator="coop_rcar", steps=1, d=8):
 # ---------------------------------------------------------------------------------------------
 
 # The ops register when their backend modules are imported (above): rcar_fast::<name>.
+TRITON = dispatch.rejection("scan", "triton", torch.device("cpu"), F64)
+needs_interpreter = pytest.mark.skipif(TRITON is not None, reason=f"triton on CPU tensors: {TRITON}")
 SCAN_OPS = [pytest.param("scan_reference", id="reference"),
-            pytest.param("scan_cpu", id="cpu", marks=needs_native)]
-assert scan_reference.scan_reference_op and scan_cpu.scan_cpu_op
+            pytest.param("scan_cpu", id="cpu", marks=needs_native),
+            pytest.param("scan_triton", id="triton", marks=needs_interpreter)]
+assert scan_reference.scan_reference_op and scan_cpu.scan_cpu_op and scan_triton.scan_triton_op
 
 
 def _op(name):
@@ -142,10 +145,11 @@ def _compiled_matches_eager(loss_fn, tensors, *args):
         assert_close_to_reference(got, want, dtype=F64, what="compiled gradient")
 
 
-@pytest.mark.parametrize("backend", [pytest.param("auto", marks=needs_native), "reference"])
+@pytest.mark.parametrize("backend", [pytest.param("auto", marks=needs_native), "reference",
+                                     pytest.param("triton", marks=needs_interpreter)])
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_scan_training_step_compiles_fullgraph(backend, direction):
-    img, cap, lens = _inputs()
+    img, cap, lens = _inputs(R=3, L=4, d=4) if backend == "triton" else _inputs()
     kw = dict(zip(("direction", "raw_norm", "smooth", "agg", "lse_lambda"), OPTIONS[direction]))
     torch._dynamo.reset()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from rcar_fast.ops.backend import Backend
+from rcar_fast.ops.library import define_scan_op
 
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_DTYPES = (torch.float32, torch.float16, torch.float64)
@@ -48,6 +49,25 @@ class ScanSimilarityTriton(torch.autograd.Function):
         return dimg, dcap, None, None, None, None, None, None
 
 
+_OPTION_NAMES = ("direction", "raw_norm", "smooth", "agg", "lse_lambda")
+
+
+def _op_forward(img, cap, lens, options):
+    return _kernels().scan_forward(_kernels().build_problem(img, cap, lens, **dict(zip(_OPTION_NAMES, options))))
+
+
+def _op_backward(grad, img, cap, lens, options):
+    kernels = _kernels()
+    problem = kernels.build_problem(img, cap, lens, **dict(zip(_OPTION_NAMES, options)))
+    return tuple(kernels.scan_backward(problem, grad, True, True))
+
+
+# rcar_fast::scan_triton and rcar_fast::scan_triton_backward: what torch.compile sees. Its
+# backward op rebuilds the small per-owner tables that the eager Function keeps from its
+# forward (so eager calls keep the Function).
+scan_triton_op = define_scan_op("scan_triton", _op_forward, _op_backward)
+
+
 class ScanTriton(Backend):
     op, backend, kernel = "scan", "triton", "the Triton SCAN kernels"
     dtypes = {"cuda": _CUDA_DTYPES, "cpu": _INTERPRETER_DTYPES}
@@ -64,5 +84,8 @@ class ScanTriton(Backend):
            agg="mean", lse_lambda=6.0):
         """Inputs already validated by rcar_fast.scan_similarity (lens int64 on cap's device).
         Returns (n_img, n_cap) float32 (float64 for float64)."""
+        if torch.compiler.is_compiling():
+            return scan_triton_op(img, cap, lens, direction, raw_norm, float(smooth), agg,
+                                  float(lse_lambda))
         return ScanSimilarityTriton.apply(img, cap, lens, direction, raw_norm, smooth, agg,
                                           lse_lambda)
