@@ -5,6 +5,7 @@ with a message that names the argument and says what was expected, before any co
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -69,9 +70,12 @@ def lengths(lens: LensLike, n_cap: int, max_len: int, device: torch.device) -> t
         raise ValueError(f"lens must have shape (n_cap,) = ({n_cap},), got {tuple(lens.shape)}")
     if lens.device.type != "cpu" and lens.device != device:
         raise ValueError(f"lens must be on the CPU or on cap's device {device}, got {lens.device}")
-    lo, hi = int(lens.min()), int(lens.max())
-    if lo < 1 or hi > max_len:
-        raise _length_range_error(lo, hi, max_len)
+    # Value checks read the data: done eagerly; inside torch.compile (a traced training step)
+    # the graph is built without them, its caller having validated its inputs eagerly.
+    if not torch.compiler.is_compiling():
+        lo, hi = int(lens.min()), int(lens.max())
+        if lo < 1 or hi > max_len:
+            raise _length_range_error(lo, hi, max_len)
     return lens.to(device=device, dtype=torch.int64)
 
 
@@ -113,7 +117,7 @@ def similarity_inputs(img, cap, lens: LensLike, check_finite: bool = True) -> to
     if img.dtype != cap.dtype:
         raise TypeError(f"img and cap must have the same dtype, got img {img.dtype}, cap {cap.dtype}")
     lens_t = lengths(lens, cap.shape[0], cap.shape[1], cap.device)
-    if check_finite:
+    if check_finite and not torch.compiler.is_compiling():  # reads the data: eager only
         if not all_finite(img):
             raise ValueError("img holds NaN or Inf values")
         if not all_finite(cap, word_mask(lens_t, cap.shape[1])):
@@ -147,14 +151,14 @@ def number(value, name: str) -> float:
 
 def positive_number(value, name: str) -> float:
     value_f = number(value, name)
-    if not np.isfinite(value_f) or value_f <= 0:
+    if not math.isfinite(value_f) or value_f <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return value_f
 
 
 def non_negative_number(value, name: str) -> float:
     value_f = number(value, name)
-    if not np.isfinite(value_f) or value_f < 0:
+    if not math.isfinite(value_f) or value_f < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return value_f
 
