@@ -351,10 +351,15 @@ def _scan_bwd_x_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
         dS4, dn2, dqn = _backward_tile(g, pair_real, S4, u4, nrm, a4, alpha4, GA4, nc3, qn3,
                                        prod, den, r3, rm, rmax, wsum, cv4, qv4, qv3, y_len,
                                        lam, lse_lam, RAW_NORM, AGG)
-        # Gram term, summed over the queries of every pair: dG = sum_k dn2_k alpha_k alpha_k^T
-        alpha2 = tl.reshape(alpha4, (BI * C_PAD, BJ * Q_PAD))
-        weighted = tl.reshape(alpha4 * dn2[:, None, :, :], (BI * C_PAD, BJ * Q_PAD))
-        dgram += tl.dot(weighted, tl.trans(alpha2), input_precision=EPI_PREC)
+        # Gram term, summed over the queries of every pair: dG = sum_k dn2_k alpha_k alpha_k^T.
+        # Inside an (always true) `if`: triton gives every dot chained to another in the same
+        # block one warp arrangement, and this square (C, C) one puts all warps along the
+        # tile's few context rows, replicating the whole epilogue across warps (255
+        # registers and spills); in its own block the other dots keep their own arrangement.
+        if n_y > 0:
+            alpha2 = tl.reshape(alpha4, (BI * C_PAD, BJ * Q_PAD))
+            weighted = tl.reshape(alpha4 * dn2[:, None, :, :], (BI * C_PAD, BJ * Q_PAD))
+            dgram += tl.dot(weighted, tl.trans(alpha2), input_precision=EPI_PREC)
         # dX += dS @ Y, in d-chunks; this program owns its rows (store first, then add).
         dS = tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD))
         for d0 in range(0, D, BD):
