@@ -148,15 +148,15 @@ def _gram_dot(G2, alpha2, M: tl.constexpr, N: tl.constexpr, EPI_PREC: tl.constex
 
 
 @triton.jit
-def _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+def _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, live,
                   RAW_NORM: tl.constexpr, AGG: tl.constexpr, BI: tl.constexpr,
                   C_PAD: tl.constexpr, BJ: tl.constexpr, Q_PAD: tl.constexpr,
                   EPI_PREC: tl.constexpr):
     """Every pair of a tile, from the raw scores to the aggregated similarity.
 
     S (BI*C_PAD, BJ*Q_PAD); G2 the block-diagonal context Gram matrix; masks cv4 (BI, C_PAD, 1, 1) real context items, qv4 (1, 1, BJ,
-    Q_PAD) / qv3 (1, BJ, Q_PAD) real queries. Returns the similarity (BI, BJ) and the
-    intermediates the backward needs."""
+    Q_PAD) / qv3 (1, BJ, Q_PAD) real queries; live: any condition true at run time (D > 0;
+    see step 3). Returns the similarity (BI, BJ) and the intermediates the backward needs."""
     S4 = tl.reshape(S, (BI, C_PAD, BJ, Q_PAD))
     # 1. Raw-score normalisation across the queries (axis 3) of each context item. Normalisers
     #    are inverted once per row and multiplied in (one division per row, not per element).
@@ -188,7 +188,14 @@ def _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
     # 3. Gram identity: q_k . ctx_k and |ctx_k|^2 without the attended vectors.
     dot3 = tl.sum(alpha4 * S4, axis=1)
     alpha2 = tl.reshape(alpha4, (BI * C_PAD, BJ * Q_PAD))
-    GA2 = _gram_dot(G2, alpha2, BI * C_PAD, BJ * Q_PAD, EPI_PREC)
+    # In a branch (`live` is always true): on sm_90 triton puts all warps of a dot along M when
+    # the dot's result reaches another dot (as in the backward: G alpha -> dS -> dS @ Y), and at
+    # 64 rows and 8 warps that replicates the whole epilogue across warp pairs (255 registers,
+    # spills); its analysis stops at the branch's yield, so the dot keeps a 4 x 2 arrangement.
+    if live:
+        GA2 = _gram_dot(G2, alpha2, BI * C_PAD, BJ * Q_PAD, EPI_PREC)
+    else:
+        GA2 = tl.zeros((BI * C_PAD, BJ * Q_PAD), dtype=alpha2.dtype)
     GA4 = tl.reshape(GA2, (BI, C_PAD, BJ, Q_PAD))
     n2 = tl.sum(GA4 * alpha4, axis=1)
     nc3 = tl.sqrt(tl.maximum(n2, 0.0))  # rounding can push an exact 0 slightly negative
@@ -311,7 +318,7 @@ def _scan_fwd_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
     cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
     G2 = _load_gram(g_ptr, gs0, gs1, x_ids_ptr, x_lens_ptr, x_start, n_x, BI, C_PAD)
     qn3 = _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD)[None, :, :]
-    sim = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+    sim = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, D > 0,
                         RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)[0]
     tl.store(out_ptr + x_ids[:, None] * os_x + y_ids[None, :] * os_y, sim,
              mask=x_real[:, None] & y_real[None, :])
@@ -343,7 +350,7 @@ def _scan_bwd_x_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
         cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
         qn3 = _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD)[None, :, :]
         (sim, S4, u4, nrm, a4, alpha4, GA4, dot3, nc3, prod, den, r3, rm, rmax,
-         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, D > 0,
                                RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)
         pair_real = x_real[:, None] & y_real[None, :]
         g = tl.load(dsim_ptr + x_ids[:, None] * ds_x + y_ids[None, :] * ds_y,
@@ -351,15 +358,10 @@ def _scan_bwd_x_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
         dS4, dn2, dqn = _backward_tile(g, pair_real, S4, u4, nrm, a4, alpha4, GA4, nc3, qn3,
                                        prod, den, r3, rm, rmax, wsum, cv4, qv4, qv3, y_len,
                                        lam, lse_lam, RAW_NORM, AGG)
-        # Gram term, summed over the queries of every pair: dG = sum_k dn2_k alpha_k alpha_k^T.
-        # Inside an (always true) `if`: triton gives every dot chained to another in the same
-        # block one warp arrangement, and this square (C, C) one puts all warps along the
-        # tile's few context rows, replicating the whole epilogue across warps (255
-        # registers and spills); in its own block the other dots keep their own arrangement.
-        if n_y > 0:
-            alpha2 = tl.reshape(alpha4, (BI * C_PAD, BJ * Q_PAD))
-            weighted = tl.reshape(alpha4 * dn2[:, None, :, :], (BI * C_PAD, BJ * Q_PAD))
-            dgram += tl.dot(weighted, tl.trans(alpha2), input_precision=EPI_PREC)
+        # Gram term, summed over the queries of every pair: dG = sum_k dn2_k alpha_k alpha_k^T
+        alpha2 = tl.reshape(alpha4, (BI * C_PAD, BJ * Q_PAD))
+        weighted = tl.reshape(alpha4 * dn2[:, None, :, :], (BI * C_PAD, BJ * Q_PAD))
+        dgram += tl.dot(weighted, tl.trans(alpha2), input_precision=EPI_PREC)
         # dX += dS @ Y, in d-chunks; this program owns its rows (store first, then add).
         dS = tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD))
         for d0 in range(0, D, BD):
@@ -413,7 +415,7 @@ def _scan_bwd_y_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
         cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
         G2 = _load_gram(g_ptr, gs0, gs1, x_ids_ptr, x_lens_ptr, x_start, n_x, BI, C_PAD)
         (sim, S4, u4, nrm, a4, alpha4, GA4, dot3, nc3, prod, den, r3, rm, rmax,
-         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, D > 0,
                                RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)
         pair_real = x_real[:, None] & y_real[None, :]
         g = tl.load(dsim_ptr + x_ids[:, None] * ds_x + y_ids[None, :] * ds_y,
