@@ -465,10 +465,11 @@ def _pow2_at_least(n: int, floor: int) -> int:
 #   64x128 or 128x64 at 8 warps (~130-205) or 16 warps (~70-110); 128x128 spills at 16 warps
 #   (capped at 128 registers/thread) with 3.6 and is not kept.
 # * fp16/bf16 backward (also holds dS, the Gram accumulator and a d-chunk): 64x16 and 64x32
-#   at 8 warps (~120-220 registers); 128x16 and 64x64 spill in _scan_bwd_y_kernel. 64x64 is
-#   still the only tile for 64 context items x 64 queries (the Lmax bucket): see _SMALLEST_BWD.
-#   With 64 queries per owner (i2t: 36 regions) _scan_bwd_x_kernel spills 8-170 B at every
-#   tile, warp count, chunk and stage count tried (open: needs a leaner backward epilogue).
+#   at 8 warps (~120-220 registers); 64x64 is the only tile for 64 context items x 64
+#   queries (the Lmax bucket): see _SMALLEST_BWD. With 64 queries per owner (i2t: 36 regions,
+#   and that bucket) both backward kernels spilled 8-170 B in every config until the Gram dot
+#   of _forward_tile ran in a branch (no warp replication): now 0 B, 106-255 registers.
+#   (128x16 and 64x64 spilled in _scan_bwd_y_kernel before that; not re-measured since.)
 # * fp32 (IEEE FMA dots, whose operands hold whole K rows in registers; the Gram product
 #   runs in K halves, _gram_dot): forward up to 64x64 at 8 warps (~60-195 registers); 128x32
 #   spills ~380 B. (Before the K halves, 64x32 already spilled 110-220 B at any warp count.)
@@ -575,8 +576,9 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 # The smallest backward tile, for buckets whose 64 x 64 minimum exceeds the budget: of the
 # configs tried at 64 x 64 (BK 32/64, BD 16/32/64, 1-2 stages, 8/16 warps), BK=64, BD=32 in one
-# stage spills least (bf16, triton 3.6: 0 B in _scan_bwd_x_kernel, 40 B in _scan_bwd_y_kernel;
-# 16 warps: 600-1000 B).
+# stage spilled least before the Gram dot's branch (bf16, triton 3.6: 8 B / 40 B in
+# _scan_bwd_x_kernel / _scan_bwd_y_kernel; 16 warps: 600-1000 B); with it: 0 B, ~150-240
+# registers with triton 3.6 and 3.8.
 _SMALLEST_BWD = dict(BK=64, BD=32, num_warps=8, num_stages=1)
 
 
