@@ -517,18 +517,20 @@ def pack_segments(seg_lengths, seg_row_base, rows: int, max_segs: int):
 # Tunables for the GPU (to be measured on an H100): query rows per tile (the M of every GEMM),
 # the d chunk of the passes over d, warps, software-pipelining stages.
 # float32 inputs take the exact "ieee" FMA path with smaller chunks (shared memory).
-# bf16/fp16: compiled for sm_90 (tests/test_sm90_compile.py), 64 rows, 32-wide d chunks and
-# one stage are the configuration that does not spill registers with triton 3.6 or 3.8
-# (255 registers; a 64-wide chunk or a second stage: 100-180 B of stack per thread; 128-row
-# i2t tiles: 400-550 B at 8 warps, 800+ B at 16, whose cap is 128 registers).
+# bf16: compiled for sm_90 (tests/test_sm90_compile.py), 64 rows, 32-wide d chunks and one
+# stage are the configuration that does not spill registers with triton 3.6 or 3.8 (249-255
+# registers; with 3.6 a 64-wide chunk or a second stage spills 130-430 B per thread, 128-row
+# i2t tiles 400-550 B at 8 warps and 800+ B at 16, whose cap is 128 registers). fp16 (one
+# alignment pass, alignment_split) has not been measured.
 GPU_ROWS = 64
 GPU_D_CHUNK = {"low": 32, "fp32": 32}
 GPU_NUM_WARPS = 8
 GPU_NUM_STAGES = {"low": 1, "fp32": 1}
 # The persistent grid is (programs that fit one SM at once) x SMs, derived from the compiled
 # kernel's registers and shared memory (`occupancy`). Without them (a triton lacking the
-# internals used), this: compiled for sm_90 (tests/test_sm90_compile.py) the kernel takes 255
-# registers x 256 threads, i.e. all 64K registers of an SM, in every configuration.
+# internals used), this: compiled for sm_90 (tests/test_sm90_compile.py) the bf16 kernels take
+# 249-255 registers x 256 threads, i.e. all 64K registers of an SM (fp32: 128 registers, room
+# for two), and the fallback must fit every configuration.
 GPU_PROGRAMS_PER_SM = 1
 # sm_90 limits per SM, for devices whose properties do not say
 _SM_REGISTERS = 65536
