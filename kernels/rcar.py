@@ -225,14 +225,17 @@ def _alignment(vscr, q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr, w
     else:
         # The (ROWS, SP) accumulator in two halves, one pass over d each (ctx recomputed: a
         # CP/SP share of the alignment GEMM's FLOPs more), so that only half of it is live
-        # in registers. The first half waits in the scratch, unnormalised, as a hi + lo pair
-        # of operand-dtype numbers (about 16 mantissa bits: rounding it once more at the end
-        # is then as if rounded once), until the second half gives the row norm.
+        # in registers. The first half waits in the scratch, divided by its own norm (in
+        # range for any operand dtype), as a hi + lo pair of operand-dtype numbers (16+
+        # mantissa bits: rounding it once more at the end is then as if rounded once), until
+        # the second half gives the row norm.
         SW: tl.constexpr = SP // 2
         offs = tl.arange(0, ROWS)[:, None] * SP + tl.arange(0, SW)[None, :]
         first = _alignment_columns(q_tile, c_base, ctx_ok, alpha_op, inv_norm, wa, ba, 0, DP,
                                    ROWS, CP, SP, SW, DC, OPD, PREC)
         sumsq = tl.sum(first * first, axis=1)
+        first_norm = tl.sqrt(sumsq) + 1e-8
+        first = first / first_norm[:, None]
         hi = first.to(vscr.dtype.element_ty)
         tl.debug_barrier()  # every thread is done reading the previous step's v
         tl.store(vscr + offs, hi)
@@ -244,7 +247,7 @@ def _alignment(vscr, q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr, w
         first = (tl.load(vscr + offs).to(tl.float32)
                  + tl.load(vscr + offs + SW).to(tl.float32))
         tl.debug_barrier()  # ... and read back by all before it is overwritten
-        tl.store(vscr + offs, (first / norm[:, None]).to(vscr.dtype.element_ty))
+        tl.store(vscr + offs, (first * (first_norm / norm)[:, None]).to(vscr.dtype.element_ty))
         tl.store(vscr + offs + SW, (second / norm[:, None]).to(vscr.dtype.element_ty))
         tl.debug_barrier()  # v is complete before any thread of this program reads it
 
@@ -520,8 +523,7 @@ def pack_segments(seg_lengths, seg_row_base, rows: int, max_segs: int):
 # bf16: compiled for sm_90 (tests/test_sm90_compile.py), 64 rows, 32-wide d chunks and one
 # stage are the configuration that does not spill registers with triton 3.6 or 3.8 (249-255
 # registers; with 3.6 a 64-wide chunk or a second stage spills 130-430 B per thread, 128-row
-# i2t tiles 400-550 B at 8 warps and 800+ B at 16, whose cap is 128 registers). fp16 (one
-# alignment pass, alignment_split) has not been measured.
+# i2t tiles 400-550 B at 8 warps and 800+ B at 16, whose cap is 128 registers); fp16 too.
 GPU_ROWS = 64
 GPU_D_CHUNK = {"low": 32, "fp32": 32}
 GPU_NUM_WARPS = 8
@@ -580,13 +582,12 @@ def tile_config(direction: str, n_regions: int, lens_list, interpreter: bool) ->
     return dict(ROWS=rows, BSEG=16, CP=_pow2_at_least(n_context))
 
 
-def alignment_split(sp: int, op_dtype: torch.dtype) -> int:
+def alignment_split(sp: int) -> int:
     """Passes over d of the alignment GEMM, each for SP / S_SPLIT of its columns (_alignment):
     2 keeps only half of the (ROWS, SP) accumulator in registers (compiled for sm_90, the
-    whole one spills at 64 and 128 rows). 1 for float16 operands, whose range cannot hold the
-    unnormalised half that waits in the scratch, and where a half would be narrower than a
-    dot allows."""
-    return 2 if sp >= 2 * 16 and op_dtype != torch.float16 else 1
+    whole one spills with triton 3.6: 40 B in bf16 and fp16 at 64 rows). 1 where a half would
+    be narrower than a dot allows (16)."""
+    return 2 if sp >= 2 * 16 else 1
 
 
 def launch_config(direction: str, n_regions: int, lens_list, regulator: str, steps: int,
@@ -602,7 +603,7 @@ def launch_config(direction: str, n_regions: int, lens_list, regulator: str, ste
     return dict(
         MODE=MODES[regulator], STEPS=steps, N_SLOTS=max(1, steps), ROWS=cfg["ROWS"],
         BSEG=cfg["BSEG"], CP=cfg["CP"], SP=sp, HP=hp, HSP=dims["HSP"], HC=min(hp, 64),
-        NC=min(sp, 64), KC=min(sp, 64), DC=dc, S_SPLIT=alignment_split(sp, op_dtype),
+        NC=min(sp, 64), KC=min(sp, 64), DC=dc, S_SPLIT=alignment_split(sp),
         PREC="ieee" if fp32 else "tf32", SEG_PREC="ieee" if fp32 else "tf32",
         num_warps=4 if interpreter else GPU_NUM_WARPS,
         num_stages=1 if interpreter else GPU_NUM_STAGES[kind],
