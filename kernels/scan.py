@@ -148,15 +148,15 @@ def _gram_dot(G2, alpha2, M: tl.constexpr, N: tl.constexpr, EPI_PREC: tl.constex
 
 
 @triton.jit
-def _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+def _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, live,
                   RAW_NORM: tl.constexpr, AGG: tl.constexpr, BI: tl.constexpr,
                   C_PAD: tl.constexpr, BJ: tl.constexpr, Q_PAD: tl.constexpr,
                   EPI_PREC: tl.constexpr):
     """Every pair of a tile, from the raw scores to the aggregated similarity.
 
     S (BI*C_PAD, BJ*Q_PAD); G2 the block-diagonal context Gram matrix; masks cv4 (BI, C_PAD, 1, 1) real context items, qv4 (1, 1, BJ,
-    Q_PAD) / qv3 (1, BJ, Q_PAD) real queries. Returns the similarity (BI, BJ) and the
-    intermediates the backward needs."""
+    Q_PAD) / qv3 (1, BJ, Q_PAD) real queries; live: any condition true at run time (D > 0;
+    see step 3). Returns the similarity (BI, BJ) and the intermediates the backward needs."""
     S4 = tl.reshape(S, (BI, C_PAD, BJ, Q_PAD))
     # 1. Raw-score normalisation across the queries (axis 3) of each context item. Normalisers
     #    are inverted once per row and multiplied in (one division per row, not per element).
@@ -188,7 +188,14 @@ def _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
     # 3. Gram identity: q_k . ctx_k and |ctx_k|^2 without the attended vectors.
     dot3 = tl.sum(alpha4 * S4, axis=1)
     alpha2 = tl.reshape(alpha4, (BI * C_PAD, BJ * Q_PAD))
-    GA2 = _gram_dot(G2, alpha2, BI * C_PAD, BJ * Q_PAD, EPI_PREC)
+    # In a branch (`live` is always true): on sm_90 triton puts all warps of a dot along M when
+    # the dot's result reaches another dot (as in the backward: G alpha -> dS -> dS @ Y), and at
+    # 64 rows and 8 warps that replicates the whole epilogue across warp pairs (255 registers,
+    # spills); its analysis stops at the branch's yield, so the dot keeps a 4 x 2 arrangement.
+    if live:
+        GA2 = _gram_dot(G2, alpha2, BI * C_PAD, BJ * Q_PAD, EPI_PREC)
+    else:
+        GA2 = tl.zeros((BI * C_PAD, BJ * Q_PAD), dtype=alpha2.dtype)
     GA4 = tl.reshape(GA2, (BI, C_PAD, BJ, Q_PAD))
     n2 = tl.sum(GA4 * alpha4, axis=1)
     nc3 = tl.sqrt(tl.maximum(n2, 0.0))  # rounding can push an exact 0 slightly negative
@@ -311,7 +318,7 @@ def _scan_fwd_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
     cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
     G2 = _load_gram(g_ptr, gs0, gs1, x_ids_ptr, x_lens_ptr, x_start, n_x, BI, C_PAD)
     qn3 = _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD)[None, :, :]
-    sim = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+    sim = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, D > 0,
                         RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)[0]
     tl.store(out_ptr + x_ids[:, None] * os_x + y_ids[None, :] * os_y, sim,
              mask=x_real[:, None] & y_real[None, :])
@@ -343,7 +350,7 @@ def _scan_bwd_x_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
         cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
         qn3 = _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD)[None, :, :]
         (sim, S4, u4, nrm, a4, alpha4, GA4, dot3, nc3, prod, den, r3, rm, rmax,
-         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, D > 0,
                                RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)
         pair_real = x_real[:, None] & y_real[None, :]
         g = tl.load(dsim_ptr + x_ids[:, None] * ds_x + y_ids[None, :] * ds_y,
@@ -408,7 +415,7 @@ def _scan_bwd_y_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
         cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
         G2 = _load_gram(g_ptr, gs0, gs1, x_ids_ptr, x_lens_ptr, x_start, n_x, BI, C_PAD)
         (sim, S4, u4, nrm, a4, alpha4, GA4, dot3, nc3, prod, den, r3, rm, rmax,
-         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, D > 0,
                                RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)
         pair_real = x_real[:, None] & y_real[None, :]
         g = tl.load(dsim_ptr + x_ids[:, None] * ds_x + y_ids[None, :] * ds_y,
@@ -458,10 +465,11 @@ def _pow2_at_least(n: int, floor: int) -> int:
 #   64x128 or 128x64 at 8 warps (~130-205) or 16 warps (~70-110); 128x128 spills at 16 warps
 #   (capped at 128 registers/thread) with 3.6 and is not kept.
 # * fp16/bf16 backward (also holds dS, the Gram accumulator and a d-chunk): 64x16 and 64x32
-#   at 8 warps (~120-220 registers); 128x16 and 64x64 spill in _scan_bwd_y_kernel. 64x64 is
-#   still the only tile for 64 context items x 64 queries (the Lmax bucket): see _SMALLEST_BWD.
-#   With 64 queries per owner (i2t: 36 regions) _scan_bwd_x_kernel spills 8-170 B at every
-#   tile, warp count, chunk and stage count tried (open: needs a leaner backward epilogue).
+#   at 8 warps (~120-220 registers); 64x64 is the only tile for 64 context items x 64
+#   queries (the Lmax bucket): see _SMALLEST_BWD. With 64 queries per owner (i2t: 36 regions,
+#   and that bucket) both backward kernels spilled 8-170 B in every config until the Gram dot
+#   of _forward_tile ran in a branch (no warp replication): now 0 B, 106-255 registers.
+#   (128x16 and 64x64 spilled in _scan_bwd_y_kernel before that; not re-measured since.)
 # * fp32 (IEEE FMA dots, whose operands hold whole K rows in registers; the Gram product
 #   runs in K halves, _gram_dot): forward up to 64x64 at 8 warps (~60-195 registers); 128x32
 #   spills ~380 B. (Before the K halves, 64x32 already spilled 110-220 B at any warp count.)
@@ -568,8 +576,9 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 # The smallest backward tile, for buckets whose 64 x 64 minimum exceeds the budget: of the
 # configs tried at 64 x 64 (BK 32/64, BD 16/32/64, 1-2 stages, 8/16 warps), BK=64, BD=32 in one
-# stage spills least (bf16, triton 3.6: 0 B in _scan_bwd_x_kernel, 40 B in _scan_bwd_y_kernel;
-# 16 warps: 600-1000 B).
+# stage spilled least before the Gram dot's branch (bf16, triton 3.6: 8 B / 40 B in
+# _scan_bwd_x_kernel / _scan_bwd_y_kernel; 16 warps: 600-1000 B); with it: 0 B, ~150-240
+# registers with triton 3.6 and 3.8.
 _SMALLEST_BWD = dict(BK=64, BD=32, num_warps=8, num_stages=1)
 
 

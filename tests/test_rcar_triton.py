@@ -86,9 +86,26 @@ def test_forward_many_tiles_partial_chunks_padded_sim_dim(direction):
 
 
 @requires_interpreter
-def test_forward_float16_within_twice_the_reference_error():
+@pytest.mark.parametrize("regulator", ["only_rar", "only_rcr", "coop_rcar"])
+def test_forward_alignment_in_two_column_halves(regulator):
+    # sim_dim=32: the alignment GEMM runs as two passes over d, one per half of its columns,
+    # the first half waiting in the scratch (kernels/rcar.py, S_SPLIT) -- the GPU's path.
+    from rcar_fast.kernels import rcar
+
+    assert rcar.alignment_split(32) == 2
+    assert rcar.alignment_split(16) == 1
+    img, cap, lens = make_inputs(n_img=3, n_cap=4, lens=(7, 1, 4, 6))
+    head = make_head(regulator, 2, "t2i", sim_dim=32)
+    out = triton_scores(head, img, cap, lens)
+    assert_close_to_reference(out, reference64(head, img, cap, lens), dtype=torch.float32,
+                              what=f"{regulator} sim_dim=32")
+
+
+@requires_interpreter
+@pytest.mark.parametrize("sim_dim", [16, 32])  # 32: the alignment in two column halves
+def test_forward_float16_within_twice_the_reference_error(sim_dim):
     img, cap, lens = make_inputs(dtype=torch.float16)
-    head = make_head("coop_rcar", 2, "t2i")
+    head = make_head("coop_rcar", 2, "t2i", sim_dim=sim_dim)
     ref64 = reference64(head, img, cap, lens)
     ref16 = copy.deepcopy(head).half().forward_loop(img, cap, lens)
     out = triton_scores(head.half(), img, cap, lens)
