@@ -11,6 +11,7 @@ import torch
 from rcar_fast import data
 from rcar_fast.data import (SYNTHETIC_BLOCK_IMAGES, load_embeddings, load_precomp, load_vocab,
                             pad_captions, save_embeddings, synthetic, tokenize)
+from tests.tolerances import HALF_STORAGE, assert_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,8 +79,8 @@ def test_synthetic_float16_is_the_rounded_float32():
     half = synthetic(n_images=10, regions=4, dim=32, seed=1, dtype=torch.float16)
     assert half.img.dtype == torch.float16 and half.cap.dtype == torch.float16
     # Both are rounded once from the same float64 values.
-    assert (half.img.float() - full.img).abs().max() < 1e-3
-    assert (half.cap.float() - full.cap).abs().max() < 1e-3
+    assert_close(half.img.float(), full.img, HALF_STORAGE)
+    assert_close(half.cap.float(), full.cap, HALF_STORAGE)
 
 
 def test_synthetic_captions_describe_their_own_image():
