@@ -11,7 +11,7 @@ import torch
 from rcar_fast import data
 from rcar_fast.data import (SYNTHETIC_BLOCK_IMAGES, load_embeddings, load_precomp, load_vocab,
                             pad_captions, save_embeddings, synthetic, tokenize)
-from tests.tolerances import HALF_STORAGE, assert_close
+from tests.tolerances import HALF_STORAGE, UNIT_NORM_F32, assert_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,8 +35,8 @@ def test_synthetic_shapes_lengths_and_padding(small):
     padding = torch.arange(cap.shape[1])[None, :] >= lens[:, None]
     assert not cap[padding].any()                      # zeros beyond each length
     # Every real vector is l2-normalised, like encoder outputs.
-    torch.testing.assert_close(img.norm(dim=-1), torch.ones(60, 7))
-    torch.testing.assert_close(cap[~padding].norm(dim=-1), torch.ones(int(lens.sum())))
+    assert_close(img.norm(dim=-1), torch.ones(60, 7), UNIT_NORM_F32)
+    assert_close(cap[~padding].norm(dim=-1), torch.ones(int(lens.sum())), UNIT_NORM_F32)
 
 
 def test_synthetic_is_deterministic_and_seeded(small):

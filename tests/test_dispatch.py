@@ -5,15 +5,14 @@ import torch
 
 import rcar_fast
 from rcar_fast import dispatch
+from tests.inputs import make_inputs
 from tests.tolerances import F64_BACKEND_AGREE, assert_close
 
 HAS_GPU = torch.cuda.is_available()
 
 
 def _inputs(dtype=torch.float32):
-    img = torch.randn(2, 3, 4, dtype=dtype)
-    cap = torch.randn(3, 5, 4, dtype=dtype)
-    return img, cap, torch.tensor([5, 1, 3])
+    return make_inputs(2, 3, 3, 4, lens=[5, 1, 3], dtype=dtype)
 
 
 def test_backends_lists_every_backend_with_a_reason():

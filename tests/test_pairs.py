@@ -14,6 +14,7 @@ from rcar_fast.losses import vse_hinge_loss
 from rcar_fast.pairs import full_hardest_negative_loss, hardest_negative_loss, score_pairs
 import rcar_fast.pairs as pairs_module
 from rcar_fast.modules import RCARSimilarity
+from tests.inputs import make_inputs
 from tests.tolerances import (F32_PAIRS_ABS, F32_PAIRS_VS_F64, F64_PAIRS, F64_SCALAR_CLOSED_FORM,
                               F64_SCALAR_EXACT_FORM, F64_SPARSE_VS_FULL_LOSS, approx, assert_close,
                               assert_scaled_close)
@@ -23,13 +24,8 @@ D, SIM_DIM = 12, 6
 
 
 def _inputs(n_img=5, n_cap=6, R=4, lens=(7, 3, 1, 5, 2, 6), d=D, seed=0, dtype=F64):
-    gen = torch.Generator().manual_seed(seed)
-    lens = torch.tensor(lens)
-    img = torch.randn(n_img, R, d, generator=gen, dtype=F64).to(dtype)
-    cap = torch.randn(n_cap, int(lens.max()), d, generator=gen, dtype=F64).to(dtype)
-    for j, n_word in enumerate(lens.tolist()):
-        cap[j, n_word:] = float("nan")   # padding must never be read
-    return img, cap, lens
+    """This file's batch: make_inputs with NaN padding (it must never be read)."""
+    return make_inputs(n_img, n_cap, R, d, lens=lens, seed=seed, dtype=dtype)
 
 
 def _head(regulator="coop_rcar", steps=2, direction="t2i", seed=0):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rcar_fast import reference as ref
+from tests import inputs
 from tests.tolerances import (BIT_EQUAL, F64_ATTENDED_CONTEXT, F64_IDENTITY, F64_PERMUTED, F64_RCAR_EQUALS_SCAN,
                               F64_SCALAR_CLOSED_FORM, F64_SCALAR_EXACT_FORM, F64_SCALAR_FEW_OPS,
                               F64_SCALAR_NAIVE_SPEC, F64_SCALAR_NORM, F64_SOFTMAX_SUMS_TO_ONE,
@@ -22,19 +23,9 @@ LENS = (1, 7, 3, 2, 5, 4, 7)          # ragged 1..7, including a full-length cap
 # Inputs
 # ------------------------------------------------------------------------------------------
 
-def pad_captions(cap, lens, value):
-    """Write `value` into every padding position (>= lens[j]) of cap (a copy)."""
-    cap = cap.clone()
-    for j, n_word in enumerate(lens):
-        cap[j, n_word:] = value
-    return cap
-
-
 def make_inputs(n_img=5, lens=LENS, regions=5, d=16, seed=0, pad=float("nan")):
-    gen = torch.Generator().manual_seed(seed)
-    img = torch.randn(n_img, regions, d, generator=gen, dtype=F64)
-    cap = torch.randn(len(lens), max(lens), d, generator=gen, dtype=F64)
-    return img, pad_captions(cap, lens, pad), torch.tensor(lens)
+    """This file's float64 batch (tests.inputs.make_inputs): 7 ragged captions, `pad` in the padding."""
+    return inputs.make_inputs(n_img, len(lens), regions, d, lens=lens, seed=seed, pad=pad)
 
 
 def make_head(regulator, steps, direction, d=16, sim_dim=8, seed=0, smooth=None):
