@@ -571,9 +571,10 @@ def test_low_precision_runs_and_stays_near_float64(dtype):
         want = ref.scan_similarity_loop(img, cap, lens, **kw)
         got = ref.scan_similarity_vectorized(img.to(dtype), cap.to(dtype), lens, **kw)
         assert got.dtype == dtype
-        assert (got.double() - want).abs().max() < bound
+        assert_close(got.double(), want, bound, what=f"{direction} in {dtype}")
     head = make_head("coop_rcar", 2, "i2t", seed=13)
     with torch.no_grad():
         want = head.forward_vectorized(img, cap, lens)
         got = head.to(dtype).forward_vectorized(img.to(dtype), cap.to(dtype), lens)
-    assert got.dtype == dtype and (got.double() - want).abs().max() < bound
+    assert got.dtype == dtype
+    assert_close(got.double(), want, bound, what=f"rcar in {dtype}")

@@ -9,7 +9,8 @@ import torch
 import rcar_fast
 from rcar_fast import dispatch, reference
 from tests.inputs import make_inputs
-from tests.tolerances import F64_CHUNKED, F64_CPU_KERNEL_PARTS, assert_close, assert_close_to_reference
+from tests.tolerances import (F64_CHUNKED, F64_CPU_KERNEL_PARTS, assert_bit_equal, assert_close,
+                              assert_close_to_reference)
 
 pytestmark = pytest.mark.skipif(
     dispatch.rejection("scan", "cpu", torch.device("cpu"), torch.float32) is not None,
@@ -79,7 +80,7 @@ def test_padding_is_never_read():
     cap_inf = cap.clone()
     cap_inf[torch.isnan(cap_inf)] = 1e30
     out_big = rcar_fast.scan_similarity(img, cap_inf, lens, backend="cpu", **kw)
-    assert torch.equal(out_nan, out_big)
+    assert_bit_equal(out_nan, out_big, what="NaN vs 1e30 padding")
 
 
 def reference_gradients(img, cap, lens, grad, **kw):
@@ -253,7 +254,8 @@ def test_backward_is_bit_reproducible_with_two_threads(direction):
         first = cpu_gradients(img, cap, lens, grad, **options(direction))
         for _ in range(4):
             again = cpu_gradients(img, cap, lens, grad, **options(direction))
-            assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+            assert_bit_equal(first[0], again[0], what="d img rerun")
+            assert_bit_equal(first[1], again[1], what="d cap rerun")
     finally:
         torch.set_num_threads(previous)
 

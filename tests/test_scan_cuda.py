@@ -20,7 +20,7 @@ from rcar_fast.ops.scan import AGGREGATIONS, RAW_NORMS
 from tests.conftest import requires_gpu
 from tests.inputs import make_inputs
 from tests.tolerances import (CUDA_VS_TRITON, CUDA_VS_TRITON_FACTOR, CUDA_VS_TRITON_SCALE_FLOOR, F32_BLOCKED,
-                              F64_GRADIENT_ASSEMBLY, F64_PAIR_BACKWARD, Tolerance, assert_close,
+                              F64_GRADIENT_ASSEMBLY, F64_PAIR_BACKWARD, Tolerance, assert_bit_equal, assert_close,
                               assert_close_to_reference, assert_scaled_close)
 
 DIRECTIONS = ("t2i", "i2t")
@@ -420,7 +420,8 @@ def test_backward_chunked_equals_whole_and_is_deterministic(direction, monkeypat
     kw = _kwargs(direction, agg="lse")
     whole = _grads("cuda", img, cap, lens, grad_sims, **kw)
     again = _grads("cuda", img, cap, lens, grad_sims, **kw)
-    assert all(torch.equal(a, b) for a, b in zip(whole, again)), "backward must be deterministic"
+    for a, b in zip(whole, again):
+        assert_bit_equal(a, b, what="backward must be deterministic")
     monkeypatch.setattr(scan_cuda, "BACKWARD_BUFFER_BYTES", 1)  # one image per chunk
     chunked = _grads("cuda", img, cap, lens, grad_sims, **kw)
     for a, b in zip(whole, chunked):

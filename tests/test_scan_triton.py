@@ -17,7 +17,8 @@ from rcar_fast import reference as ref
 from tests import sm90
 from tests.conftest import requires_gpu
 from tests.inputs import make_inputs, real_words
-from tests.tolerances import F32_STRIDED_VIEW, F64_GRADCHECK, assert_close, assert_close_to_reference
+from tests.tolerances import (F32_STRIDED_VIEW, F64_GRADCHECK, assert_bit_equal, assert_close,
+                              assert_close_to_reference)
 from tests.conftest import requires_interpreter
 
 RAW_NORMS = ("clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "clipped", "no_norm", "softmax")
@@ -97,7 +98,8 @@ def test_padding_is_never_read(direction):
         img, cap, lens = _inputs(pad=padding)
         results.append(_triton(img, cap, lens, **_options(direction, agg="lse")))
     assert torch.isfinite(results[0]).all()
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert_bit_equal(results[1], results[0], what="padding 123 vs NaN")
+    assert_bit_equal(results[2], results[0], what="padding 0 vs NaN")
 
 
 @requires_interpreter
@@ -188,7 +190,7 @@ def _check_gradients(img, cap, lens, *, dtype, **opts):
     assert_close_to_reference(out, ref_out, dtype=dtype, what="forward")
     assert_close_to_reference(dimg, rimg, dtype=dtype, what="d img")
     assert_close_to_reference(dcap[real], rcap[real], dtype=dtype, what="d cap (real words)")
-    assert torch.equal(dcap[~real], torch.zeros_like(dcap[~real])), "gradient in caption padding"
+    assert_bit_equal(dcap[~real], torch.zeros_like(dcap[~real]), what="gradient in caption padding")
 
 
 BACKWARD_CASES = [("clipped_l2norm", "mean"), ("clipped_l2norm", "lse"), ("l1norm", "max"),
@@ -259,7 +261,7 @@ def test_backward_kernels_overwrite_poisoned_targets(of_x):
     for _ in range(2):
         kernels._launch_backward(kernel, None, problem, xg, yg, dsim, poisoned, parallel_over_x=of_x)
         rows = torch.ones(feats.shape[:2], dtype=torch.bool) if of_x else real_words(lens, 7)
-        assert torch.equal(poisoned[rows], clean[rows])
+        assert_bit_equal(poisoned[rows], clean[rows], what="rows written over NaN poison")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +314,7 @@ def test_gpu_backward_realistic(direction, dtype):
         assert_close_to_reference(dimg, rimg, dtype=dtype, ref_lowp=limg, what="d img")
         assert_close_to_reference(dcap[real], rcap[real], dtype=dtype, ref_lowp=lcap[real],
                                   what="d cap")
-    assert torch.equal(dcap[~real], torch.zeros_like(dcap[~real]))
+    assert_bit_equal(dcap[~real], torch.zeros_like(dcap[~real]), what="gradient in caption padding")
 
 
 @requires_gpu
