@@ -463,13 +463,48 @@ def pack_segments(seg_lengths, seg_row_base, rows: int, max_segs: int):
 
 
 # Tunables for the GPU (to be measured on an H100): query rows per tile (the M of every GEMM),
-# the d chunk of the two passes over d, warps, software-pipelining stages, programs per SM.
+# the d chunk of the two passes over d, warps, software-pipelining stages.
 # float32 inputs take the exact "ieee" FMA path with smaller chunks (shared memory).
 GPU_ROWS = 64
 GPU_D_CHUNK = {"low": 64, "fp32": 32}
 GPU_NUM_WARPS = 8
 GPU_NUM_STAGES = {"low": 2, "fp32": 1}
-GPU_PROGRAMS_PER_SM = 2
+# The persistent grid is (programs that fit one SM at once) x SMs, derived from the compiled
+# kernel's registers and shared memory (`occupancy`). Without them (a triton lacking the
+# internals used), this: compiled for sm_90 (tests/test_sm90_compile.py) the kernel takes 255
+# registers x 256 threads, i.e. all 64K registers of an SM, in every configuration.
+GPU_PROGRAMS_PER_SM = 1
+# sm_90 limits per SM, for devices whose properties do not say
+_SM_REGISTERS = 65536
+_SM_SHARED_BYTES = 233472      # 228 KB, of which 1 KB per CTA is reserved by the driver
+_SM_THREADS = 2048
+
+
+def occupancy(regs_per_thread: int, shared_bytes: int, num_warps: int, props=None) -> int:
+    """CTAs of a kernel that one SM holds at once, limited by registers (allocated per warp in
+    units of 256), shared memory and threads; `props`: torch.cuda device properties, if any."""
+    regs_per_sm = getattr(props, "regs_per_multiprocessor", None) or _SM_REGISTERS
+    shared_per_sm = getattr(props, "shared_memory_per_multiprocessor", None) or _SM_SHARED_BYTES
+    threads_per_sm = getattr(props, "max_threads_per_multi_processor", None) or _SM_THREADS
+    regs_per_warp = -(-max(regs_per_thread, 1) * 32 // 256) * 256
+    by_regs = regs_per_sm // (regs_per_warp * num_warps)
+    by_shared = shared_per_sm // (shared_bytes + 1024)
+    by_threads = threads_per_sm // (32 * num_warps)
+    return max(1, min(by_regs, by_shared, by_threads))
+
+
+def _programs_per_sm(args, cfg: dict, device) -> int:
+    """occupancy() of _rcar_kernel as it will be launched with `args` and `cfg` (compiled now;
+    the launch that follows reuses the compiled kernel)."""
+    try:
+        compiled = _rcar_kernel.warmup(*args, grid=(1,), **cfg)
+        compiled._init_handles()
+        regs, shared = compiled.n_regs, compiled.metadata.shared
+    except AttributeError:  # a triton without these internals
+        return GPU_PROGRAMS_PER_SM
+    return occupancy(regs, shared, cfg["num_warps"], torch.cuda.get_device_properties(device))
+
+
 # Packed weights and contexts are padded along d to a multiple of this (every d chunk divides it).
 D_PAD = {"gpu": 64, "interpreter": 32}
 
@@ -568,21 +603,26 @@ def rcar_forward(img, cap, lens_list, weights: dict, *, regulator: str, steps: i
         contexts = padded
     contexts = contexts.contiguous()
     gram = context_grams(contexts, counts, cfg["CP"])
+    # Per program: N_SLOTS RCR hidden layers (ROWS, HP) and the step's v (ROWS, SP).
+    scratch_width = cfg["N_SLOTS"] * rows * dims["HP"] + rows * dims["SP"]
+    w = weights
+
+    def args(scratch):
+        return (packed_queries, contexts, gram, counts, tile_seg, tile_items,
+                out, stride_set, stride_item,
+                w["wa"], w["ba"], w["w1"], w["b1"], w["w2"], w["b2"], w["ws1"], w["bs1"],
+                w["ws2"], w["bs2"], w["wq"], w["bq"], w["wk"], w["bk"], w["wv"], w["bv"],
+                w["we"], w["be"], scratch, n_tiles, n_work, DP, contexts.stride(0), float(smooth))
+
     if interpreter:
         n_prog = min(n_work, 4)
     else:
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-        n_prog = min(n_work, GPU_PROGRAMS_PER_SM * sm_count)
-    # Per program: N_SLOTS RCR hidden layers (ROWS, HP) and the step's v (ROWS, SP).
-    scratch = torch.empty((n_prog, cfg["N_SLOTS"] * rows * dims["HP"] + rows * dims["SP"]),
-                          device=device, dtype=op_dtype)
-    w = weights
-    _rcar_kernel[(n_prog,)](
-        packed_queries, contexts, gram, counts, tile_seg, tile_items,
-        out, stride_set, stride_item,
-        w["wa"], w["ba"], w["w1"], w["b1"], w["w2"], w["b2"], w["ws1"], w["bs1"], w["ws2"],
-        w["bs2"], w["wq"], w["bq"], w["wk"], w["bk"], w["wv"], w["bv"], w["we"], w["be"],
-        scratch, n_tiles, n_work, DP, contexts.stride(0), float(smooth), **cfg)
+        # compiled with a one-program scratch: only its dtype and alignment matter there
+        probe = torch.empty((1, scratch_width), device=device, dtype=op_dtype)
+        n_prog = min(n_work, _programs_per_sm(args(probe), cfg, device) * sm_count)
+    scratch = torch.empty((n_prog, scratch_width), device=device, dtype=op_dtype)
+    _rcar_kernel[(n_prog,)](*args(scratch), **cfg)
     return out
 
 
