@@ -204,12 +204,14 @@ def mismatch_report(got, want, allowed, *, what="result", bound="", equal_nan=Fa
 
 
 def assert_close(got, want, tol: Tolerance, *, what="result", check_dtype=True, equal_nan=False):
-    """torch.testing.assert_close(got, want, rtol=tol.rtol, atol=tol.atol) (same shape, dtype and
-    elementwise bound, NaN never equal unless equal_nan) with mismatch_report's message."""
+    """torch.testing.assert_close(got, want, rtol=tol.rtol, atol=tol.atol) (same shape, dtype,
+    device and elementwise bound, NaN never equal unless equal_nan) with mismatch_report's message.
+    check_dtype=False (dtype and device free) replaces np.testing.assert_allclose."""
     got_t, want_t = _as_tensor(got), _as_tensor(want)
     assert got_t.shape == want_t.shape, f"{what}: shape {tuple(got_t.shape)} != {tuple(want_t.shape)}"
     if check_dtype:
         assert got_t.dtype == want_t.dtype, f"{what}: dtype {got_t.dtype} != {want_t.dtype}"
+        assert got_t.device == want_t.device, f"{what}: device {got_t.device} != {want_t.device}"
     allowed = tol.atol + tol.rtol * want_t.detach().cpu().double().abs()
     report = mismatch_report(got_t, want_t, allowed, what=what, equal_nan=equal_nan,
                              bound=f"atol {tol.atol:g} + rtol {tol.rtol:g} x |want| ({tol.why})")
