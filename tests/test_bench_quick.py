@@ -11,6 +11,8 @@ import torch
 import bench.__main__ as bench_main
 from bench import cases, device, flops, measure, report
 from rcar_fast import dispatch
+from tests.tolerances import (BENCH_FP32_ERROR, BENCH_LOW_PRECISION_ERROR, BENCH_SPARSE_LOSS_ERROR, CSV_DERIVED,
+                              CSV_EXACT_COUNT, CSV_EXTRAPOLATED, FLOPS_GEMM_SHARE, UNIT_NORM_BF16, approx, assert_close)
 
 _AUTOTUNE_BEFORE = os.environ.get("RCAR_FAST_AUTOTUNE")
 
@@ -40,8 +42,8 @@ def test_tiny_run_measures_every_op_mode_and_baseline(tiny_run):
                 assert len(found) == len(case.shapes), (case.op.name, mode, backend)
     for row in _ok(rows):
         assert float(row["median_ms"]) > 0 and float(row["flops"]) > 0
-        assert float(row["gflops_per_s"]) == pytest.approx(
-            float(row["flops"]) / (float(row["median_ms"]) / 1e3) / 1e9, rel=1e-4)
+        assert float(row["gflops_per_s"]) == approx(
+            float(row["flops"]) / (float(row["median_ms"]) / 1e3) / 1e9, CSV_DERIVED)
         assert row["mem_method"] and row["peak_mem_mb"] != ""
     compiled = [r for r in rows if r["backend"] == "reference_compile"]
     assert compiled and all(r["status"] == "skipped" and "torch.compile" in r["reason"] for r in compiled)
@@ -53,8 +55,8 @@ def test_tiny_run_speedups_are_ratios_within_the_run(tiny_run):
         key = (row["mode"], row["n_img"], row["n_cap"])
         loop = next(r for r in _ok(rows, op="scan_t2i", backend="reference_loop")
                     if (r["mode"], r["n_img"], r["n_cap"]) == key)
-        assert float(row["speedup_vs_reference_loop"]) == pytest.approx(
-            float(loop["median_ms"]) / float(row["median_ms"]), rel=1e-4)
+        assert float(row["speedup_vs_reference_loop"]) == approx(
+            float(loop["median_ms"]) / float(row["median_ms"]), CSV_DERIVED)
     for row in _ok(rows, backend="reference"):
         assert float(row["speedup_vs_reference"]) == pytest.approx(1.0)
 
@@ -66,7 +68,7 @@ def test_tiny_run_checks_results_against_the_reference(tiny_run):
     assert {r["mode"] for r in measured} == set(cases.MODES)
     for row in measured:
         assert row["err_vs_reference"] != "", row
-        assert float(row["err_vs_reference"]) < 1e-4, row
+        assert float(row["err_vs_reference"]) < BENCH_FP32_ERROR, row
 
 
 def test_tiny_run_compares_sparse_and_full_loss(tiny_run):
@@ -76,14 +78,14 @@ def test_tiny_run_compares_sparse_and_full_loss(tiny_run):
         sparse = _ok(rows, op=op, variant="sparse", backend="reference")
         full = _ok(rows, op=op, variant="full", backend="reference")
         assert len(sparse) == len(full) == len(case.shapes)
-        assert float(sparse[0]["speedup_vs_full"]) == pytest.approx(
-            float(full[0]["median_ms"]) / float(sparse[0]["median_ms"]), rel=1e-4)
+        assert float(sparse[0]["speedup_vs_full"]) == approx(
+            float(full[0]["median_ms"]) / float(sparse[0]["median_ms"]), CSV_DERIVED)
         # The pair recompute runs where backend="auto" sends it (the fused CPU kernels for SCAN).
         pairs_op = "scan_pairs" if case.op.name.startswith("scan") else "rcar_pairs"
         expected = dispatch.choose(pairs_op, "auto", torch.device("cpu"), torch.float32).backend
         assert f"pairs: {expected}" in sparse[0]["detail"]
         # Same loss value either way.
-        assert float(sparse[0]["err_vs_reference"]) < 1e-5
+        assert float(sparse[0]["err_vs_reference"]) < BENCH_SPARSE_LOSS_ERROR
 
 
 def test_tiny_run_writes_summary_facts_and_plots(tiny_run):
@@ -134,7 +136,7 @@ def test_flop_models_match_the_published_numbers():
     # SCAN over many pairs is dominated by the region-word GEMM: 2 * pairs * L * R * d.
     lens = [12] * 500
     total = flops.scan_forward(100, lens, 36, 1024, "t2i")
-    assert total == pytest.approx(2 * 100 * 500 * 12 * 36 * 1024, rel=0.1)
+    assert total == approx(2 * 100 * 500 * 12 * 36 * 1024, FLOPS_GEMM_SHARE)
     assert flops.scan_forward(100, lens, 36, 1024, "t2i") != flops.scan_forward(100, lens, 36, 1024, "i2t")
 
 
@@ -231,19 +233,19 @@ def test_gpu_check_dry_run_measures_the_ceilings(gpu_check_dry):
     (matmul,) = _find(rows, op="ceiling_matmul")
     (copy,) = _find(rows, op="ceiling_copy")
     assert matmul["status"] == copy["status"] == "ok"
-    assert float(matmul["gflops_per_s"]) == pytest.approx(
-        float(matmul["flops"]) / float(matmul["median_ms"]) / 1e6, rel=1e-4)
-    assert float(matmul["flops"]) == pytest.approx(2 * 256 ** 3, rel=1e-5) and float(copy["gbytes_per_s"]) > 0
+    assert float(matmul["gflops_per_s"]) == approx(
+        float(matmul["flops"]) / float(matmul["median_ms"]) / 1e6, CSV_DERIVED)
+    assert float(matmul["flops"]) == approx(2 * 256 ** 3, CSV_EXACT_COUNT) and float(copy["gbytes_per_s"]) > 0
     (to_host,) = _find(rows, op="result_to_host")
     assert to_host["status"] == "skipped" and "CPU" in to_host["reason"]
     for row in _find(rows, status="ok"):
         if row["family"] != "ceiling":
-            assert float(row["ceiling_tflops"]) == pytest.approx(float(matmul["gflops_per_s"]) / 1e3, rel=1e-4)
-            assert float(row["pct_ceiling"]) == pytest.approx(
-                100 * float(row["gflops_per_s"]) / 1e3 / float(row["ceiling_tflops"]), rel=1e-4)
+            assert float(row["ceiling_tflops"]) == approx(float(matmul["gflops_per_s"]) / 1e3, CSV_DERIVED)
+            assert float(row["pct_ceiling"]) == approx(
+                100 * float(row["gflops_per_s"]) / 1e3 / float(row["ceiling_tflops"]), CSV_DERIVED)
             # No datasheet peak for a CPU: the floor is the measured ceiling (floor_tflops says so).
-            assert float(row["pct_floor"]) == pytest.approx(
-                100 * float(row["floor_ms"]) / float(row["median_ms"]), rel=1e-4)
+            assert float(row["pct_floor"]) == approx(
+                100 * float(row["floor_ms"]) / float(row["median_ms"]), CSV_DERIVED)
 
 
 def test_gpu_check_dry_run_has_every_case_with_a_status(gpu_check_dry):
@@ -270,13 +272,14 @@ def test_gpu_check_dry_run_has_every_case_with_a_status(gpu_check_dry):
             triton = found["triton"]
             if dtype == "float32" and triton_reason is None:
                 assert triton["status"] == "ok", triton
-                assert float(triton["err_vs_reference"]) < 1e-4
+                assert float(triton["err_vs_reference"]) < BENCH_FP32_ERROR
                 for row in (triton, direct["triton"]):
-                    assert float(row["speedup_vs_reference"]) == pytest.approx(
-                        float(found["reference"]["median_ms"]) / float(row["median_ms"]), rel=1e-4)
+                    assert float(row["speedup_vs_reference"]) == approx(
+                        float(found["reference"]["median_ms"]) / float(row["median_ms"]), CSV_DERIVED)
             else:
                 assert triton["status"] == "skipped" and triton["reason"]
-            assert float(found["reference_loop"]["err_vs_reference"]) < (1e-4 if dtype == "float32" else 5e-2)
+            assert float(found["reference_loop"]["err_vs_reference"]) < (BENCH_FP32_ERROR if dtype == "float32"
+                                                                    else BENCH_LOW_PRECISION_ERROR)
 
 
 def test_gpu_check_dry_run_extrapolates_per_pair(gpu_check_dry):
@@ -291,8 +294,8 @@ def test_gpu_check_dry_run_extrapolates_per_pair(gpu_check_dry):
         match = re.match(r"x([0-9.]+) per pair from (\d+)x(\d+) \(measured ([0-9.e+-]+) ms", row["extrapolated"])
         assert match, row["extrapolated"]
         factor, n_img, n_cap, measured = (float(match[1]), int(match[2]), int(match[3]), float(match[4]))
-        assert factor == pytest.approx(int(row["pairs"]) / (n_img * n_cap), rel=1e-3)
-        assert float(row["median_ms"]) == pytest.approx(factor * measured, rel=1e-3)
+        assert factor == approx(int(row["pairs"]) / (n_img * n_cap), CSV_EXTRAPOLATED)
+        assert float(row["median_ms"]) == approx(factor * measured, CSV_EXTRAPOLATED)
 
 
 def test_gpu_check_dry_run_has_the_training_step(gpu_check_dry):
@@ -363,7 +366,7 @@ def test_inputs_are_made_on_the_device_in_the_dtype(dtype):
     real = torch.arange(cap.shape[1])[None, :] < lens[:, None]
     assert bool((cap[~real] == 0).all())
     norms = cap[real].float().norm(dim=-1)
-    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-2)
+    assert_close(norms, torch.ones_like(norms), UNIT_NORM_BF16)
     again = cases.make_inputs(shape, torch.device("cpu"))
     assert torch.equal(img, again[0]) and torch.equal(cap, again[1])
 

@@ -11,6 +11,7 @@ from rcar_fast import reference
 from rcar_fast.checkpoint import (CheckpointError, load_rcar_checkpoint, official_state_dict,
                                   save_rcar_checkpoint)
 from rcar_fast.encoders import EncoderImage, EncoderText, RCARModel
+from tests.tolerances import F32_RCAR_CHECKPOINT_VS_PUBLIC, assert_close
 
 SIZES = dict(img_dim=12, embed_size=16, word_dim=8, sim_dim=8, vocab_size=30)
 
@@ -121,21 +122,20 @@ def test_loaded_model_matches_the_public_computation(tmp_path):
     captions = random_captions(9, SIZES["vocab_size"], g)
     with torch.no_grad():
         img = model.encode_images(feats, batch_size=3)
-        torch.testing.assert_close(img, official.image_embeddings(feats), rtol=1e-5, atol=1e-6)
+        assert_close(img, official.image_embeddings(feats), F32_RCAR_CHECKPOINT_VS_PUBLIC)
         cap, lens = model.encode_captions(captions, batch_size=4)
         assert lens.tolist() == [len(c) for c in captions]
         for j, ids in enumerate(captions):
-            torch.testing.assert_close(cap[j, :len(ids)],
-                                       official.caption_embedding(torch.tensor(ids)),
-                                       rtol=1e-5, atol=1e-6)
+            assert_close(cap[j, :len(ids)], official.caption_embedding(torch.tensor(ids)),
+                         F32_RCAR_CHECKPOINT_VS_PUBLIC)
             assert not cap[j, len(ids):].any()        # padding is zeros
         # The head: the loaded one against the reference head holding the official weights.
         expected = official.sim_enc.forward_vectorized(img, cap, lens)
         got = model.sim_enc.forward_vectorized(img, cap, lens)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert_close(got, expected, F32_RCAR_CHECKPOINT_VS_PUBLIC)
         loop = reference.RCARHead(16, 8, "coop_rcar", 2).eval()   # eval: no RAR dropout
         loop.load_official_state_dict(torch.load(path, weights_only=False))
-        torch.testing.assert_close(loop.forward_loop(img, cap, lens), got, rtol=1e-5, atol=1e-6)
+        assert_close(loop.forward_loop(img, cap, lens), got, F32_RCAR_CHECKPOINT_VS_PUBLIC)
 
 
 def test_save_load_round_trip(tmp_path):

@@ -12,6 +12,7 @@ from rcar_fast import cli, data, evaluation, metrics
 from rcar_fast.checkpoint import load_rcar_checkpoint
 from tests.test_checkpoint import SIZES, make_official_checkpoint, official_opt
 from tests.test_data import write_vocab
+from tests.tolerances import F32_ABS, F32_EXACT_FILE, F32_SAME_MATH, assert_close
 
 FAST = ["--no-progress", "--backend", "reference"]
 
@@ -50,7 +51,7 @@ def test_demo_cross_checks_another_backend_against_the_reference(tmp_path):
                    "--no-progress", "--backend", "reference_loop", "--reference-pairs", "60"])
     result = json.loads(out.read_text())
     check = result["reference_check"]
-    assert rc == 0 and check["ok"] and check["pairs"] <= 60 and check["max_abs_diff"] < 1e-4
+    assert rc == 0 and check["ok"] and check["pairs"] <= 60 and check["max_abs_diff"] < F32_ABS.atol
 
 
 def save_split(folder, n_img, seed):
@@ -108,7 +109,7 @@ def test_eval_checkpoint_on_a_precomputed_split_with_ensemble(tmp_path, capsys):
     assert rows[1] == pytest.approx(metrics.recall_metrics(sims_b))
     ensemble = metrics.ensemble(sims_a, sims_b)
     assert rows[2] == pytest.approx(metrics.recall_metrics(ensemble))
-    np.testing.assert_allclose(np.load(saved), ensemble.numpy(), rtol=1e-5, atol=1e-6)
+    assert_close(np.load(saved), ensemble.numpy(), F32_SAME_MATH, check_dtype=False)
     assert np.load(saved).dtype == np.float64           # averaged and kept in float64, as public
     assert [m["backend"] for m in result["models"]] == ["reference", "reference"]
     assert "model_similarity_s" in result["timing"]
@@ -200,7 +201,7 @@ def test_save_public_format_and_ensemble_of_any_number(tmp_path, capsys):
     public = np.load(saved[0], allow_pickle=True).tolist()
     assert set(public) == {"npts", "sims"} and public["npts"] == 6
     assert public["sims"].dtype == np.float64 and public["sims"].shape == (6, 30)
-    np.testing.assert_allclose(public["sims"], mats[0], rtol=1e-6)
+    assert_close(public["sims"], mats[0], F32_EXACT_FILE, check_dtype=False)
     out = tmp_path / "ens.json"
     assert cli.main(["ensemble", *map(str, saved), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -476,4 +477,4 @@ def test_eval_word_ids_are_those_of_the_public_word_tokenize(tmp_path, capsys, m
     cap, lens = model.encode_captions(ids)
     with torch.no_grad():
         want = model.sim_enc.forward_vectorized(img, cap, lens)
-    np.testing.assert_allclose(np.load(saved), want.numpy(), rtol=1e-5, atol=1e-6)
+    assert_close(np.load(saved), want.numpy(), F32_SAME_MATH, check_dtype=False)

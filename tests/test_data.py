@@ -11,6 +11,7 @@ import torch
 from rcar_fast import data
 from rcar_fast.data import (SYNTHETIC_BLOCK_IMAGES, load_embeddings, load_precomp, load_vocab,
                             pad_captions, save_embeddings, synthetic, tokenize)
+from tests.tolerances import HALF_STORAGE, UNIT_NORM_F32, assert_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,8 +35,8 @@ def test_synthetic_shapes_lengths_and_padding(small):
     padding = torch.arange(cap.shape[1])[None, :] >= lens[:, None]
     assert not cap[padding].any()                      # zeros beyond each length
     # Every real vector is l2-normalised, like encoder outputs.
-    torch.testing.assert_close(img.norm(dim=-1), torch.ones(60, 7))
-    torch.testing.assert_close(cap[~padding].norm(dim=-1), torch.ones(int(lens.sum())))
+    assert_close(img.norm(dim=-1), torch.ones(60, 7), UNIT_NORM_F32)
+    assert_close(cap[~padding].norm(dim=-1), torch.ones(int(lens.sum())), UNIT_NORM_F32)
 
 
 def test_synthetic_is_deterministic_and_seeded(small):
@@ -78,8 +79,8 @@ def test_synthetic_float16_is_the_rounded_float32():
     half = synthetic(n_images=10, regions=4, dim=32, seed=1, dtype=torch.float16)
     assert half.img.dtype == torch.float16 and half.cap.dtype == torch.float16
     # Both are rounded once from the same float64 values.
-    assert (half.img.float() - full.img).abs().max() < 1e-3
-    assert (half.cap.float() - full.cap).abs().max() < 1e-3
+    assert_close(half.img.float(), full.img, HALF_STORAGE)
+    assert_close(half.cap.float(), full.cap, HALF_STORAGE)
 
 
 def test_synthetic_captions_describe_their_own_image():

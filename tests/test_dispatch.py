@@ -7,14 +7,14 @@ import torch
 
 import rcar_fast
 from rcar_fast import dispatch
+from tests.inputs import make_inputs
+from tests.tolerances import F64_BACKEND_AGREE, assert_close
 
 HAS_GPU = torch.cuda.is_available()
 
 
 def _inputs(dtype=torch.float32):
-    img = torch.randn(2, 3, 4, dtype=dtype)
-    cap = torch.randn(3, 5, 4, dtype=dtype)
-    return img, cap, torch.tensor([5, 1, 3])
+    return make_inputs(2, 3, 3, 4, lens=[5, 1, 3], dtype=dtype)
 
 
 def test_backends_lists_every_backend_with_a_reason():
@@ -103,7 +103,7 @@ def test_reference_backends_agree_on_scan():
     a = rcar_fast.scan_similarity(img, cap, lens, backend="reference")
     b = rcar_fast.scan_similarity(img, cap, lens, backend="reference_loop")
     assert a.shape == (2, 3) and a.dtype == torch.float64
-    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_close(a, b, F64_BACKEND_AGREE)
 
 
 def test_auto_skips_forward_only_backends_for_a_training_head(monkeypatch):

@@ -9,6 +9,8 @@ import torch
 from rcar_fast import data, metrics, reference
 from rcar_fast.evaluation import all_pairs, all_pairs_topk, evaluate_protocol, recall_from_topk
 from tests.conftest import requires_gpu
+from tests.tolerances import (BIT_EQUAL, F32_REFERENCE_VS_F64, F32_SAME_MATH, F32_VS_F64, F64_EVALUATION,
+                              assert_close)
 
 
 def max_dot_similarity(img, cap, lens):
@@ -44,7 +46,7 @@ def test_streamed_equals_one_shot(small_set, img_block, cap_block, sort_captions
     got = all_pairs(img, cap, lens, max_dot_similarity, img_block=img_block,
                     cap_block=cap_block, sort_captions=sort_captions, progress=False)
     assert got.dtype == torch.float64 and got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert_close(got, expected, F64_EVALUATION)
 
 
 def test_streamed_scan_reference_equals_one_shot_reference():
@@ -53,7 +55,7 @@ def test_streamed_scan_reference_equals_one_shot_reference():
     got = all_pairs(ds.img, with_nan_padding(ds), ds.lens, "scan", backend="reference",
                     img_block=5, cap_block=17, progress=False)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    assert_close(got.double(), expected, F32_REFERENCE_VS_F64)
 
 
 def test_streamed_rcar_head_equals_one_shot():
@@ -64,7 +66,7 @@ def test_streamed_rcar_head_equals_one_shot():
         expected = head.forward_vectorized(ds.img, ds.cap, ds.lens)
     got = all_pairs(ds.img, ds.cap, ds.lens, head, backend="reference", img_block=4,
                     cap_block=7, progress=False)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert_close(got, expected, F32_SAME_MATH)
 
 
 def test_rcar_head_in_training_mode_is_refused(small_set):
@@ -85,7 +87,7 @@ def test_numpy_memmap_inputs_and_npy_output(small_set, tmp_path):
     assert isinstance(got, np.memmap) and os.path.exists(out_path)
     assert sorted(os.listdir(tmp_path)) == ["cap.npy", "img.npy", "sims.npy"]  # no leftovers
     expected = max_dot_similarity(small_set.img, small_set.cap, small_set.lens)
-    np.testing.assert_allclose(np.load(out_path), expected.numpy(), rtol=1e-12, atol=1e-12)
+    assert_close(np.load(out_path), expected.numpy(), F64_EVALUATION)
 
 
 def test_fills_a_given_out_tensor(small_set):
@@ -112,10 +114,10 @@ def test_topk_equals_sorting_the_full_matrix(small_set, fn, k):
         assert len(torch.unique(full)) < full.numel() // 10      # the tie case is exercised
     top = all_pairs_topk(small_set.img, small_set.cap, small_set.lens, fn, k=k, **kwargs)
     scores, indices = lexsorted_topk(full, min(k, full.shape[1]))
-    torch.testing.assert_close(top.i2t_scores, scores, rtol=0, atol=0)
+    assert_close(top.i2t_scores, scores, BIT_EQUAL)
     assert torch.equal(top.i2t_indices, indices)
     scores, indices = lexsorted_topk(full.T, min(k, full.shape[0]))
-    torch.testing.assert_close(top.t2i_scores, scores, rtol=0, atol=0)
+    assert_close(top.t2i_scores, scores, BIT_EQUAL)
     assert torch.equal(top.t2i_indices, indices)
 
 
@@ -233,7 +235,7 @@ def test_gpu_streamed_equals_cpu_reference(backend):
     got = all_pairs(ds.img, ds.cap, ds.lens, "scan", backend=backend, device="cuda",
                     img_block=16, cap_block=64, progress=False)
     assert got.device.type == "cpu"
-    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    assert_close(got.double(), expected, F32_VS_F64)
     top = all_pairs_topk(ds.img, ds.cap, ds.lens, "scan", k=5, backend=backend, device="cuda",
                          img_block=16, cap_block=64, progress=False)
     assert torch.equal(top.i2t_indices, lexsorted_topk(got, 5)[1])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rcar_fast.losses import info_nce_loss, vse_hinge_loss
+from tests.tolerances import F64_SCALAR_CLOSED_FORM, F64_SCALAR_RELATIVE
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_scan.py"
 
@@ -30,9 +31,9 @@ def test_hinge_matches_triplet_loops(batch, max_violation):
     sims = torch.rand(batch, batch, dtype=torch.float64)
     expected = _hinge_by_loops(sims, 0.2, max_violation)
     got = vse_hinge_loss(sims, max_violation=max_violation)
-    assert math.isclose(got.item(), expected, rel_tol=1e-12, abs_tol=1e-12)
+    assert math.isclose(got.item(), expected, rel_tol=F64_SCALAR_CLOSED_FORM.rtol, abs_tol=F64_SCALAR_CLOSED_FORM.atol)
     mean = vse_hinge_loss(sims, max_violation=max_violation, reduction="mean")
-    assert math.isclose(mean.item(), expected / batch, rel_tol=1e-12, abs_tol=1e-12)
+    assert math.isclose(mean.item(), expected / batch, rel_tol=F64_SCALAR_CLOSED_FORM.rtol, abs_tol=F64_SCALAR_CLOSED_FORM.atol)
 
 
 def test_hinge_is_zero_when_positives_win_by_the_margin():
@@ -62,7 +63,7 @@ def test_info_nce_matches_cross_entropy_definition():
     rows = -(logits.diagonal() - torch.logsumexp(logits, dim=1)).mean()
     cols = -(logits.diagonal() - torch.logsumexp(logits, dim=0)).mean()
     got = info_nce_loss(sims, temperature=t)
-    assert math.isclose(got.item(), ((rows + cols) / 2).item(), rel_tol=1e-12)
+    assert math.isclose(got.item(), ((rows + cols) / 2).item(), rel_tol=F64_SCALAR_RELATIVE.rtol, abs_tol=F64_SCALAR_RELATIVE.atol)
 
 
 def test_losses_reject_bad_inputs():

@@ -24,9 +24,10 @@ import pytest
 import torch
 
 from rcar_fast import reference
+from tests.tolerances import F64_REGRESSION, F64_REGRESSION_INPUTS, approx, assert_scaled_close
 
 DATA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "reference_checksums.json")
-RTOL = 1e-9
+RTOL = F64_REGRESSION.rtol
 N_IMG, R, N_CAP, LMAX, D, SIM_DIM = 3, 5, 4, 6, 8, 6
 LENS = [6, 2, 1, 4]
 
@@ -133,12 +134,12 @@ def test_table_covers_every_case(stored):
 def test_reference_numerics_unchanged(stored, name, form):
     expected = stored["cases"][name]
     got = compute(name, form)
-    assert got["inputs_sum"] == pytest.approx(expected["inputs_sum"], rel=1e-12), (
+    assert got["inputs_sum"] == approx(expected["inputs_sum"], F64_REGRESSION_INPUTS), (
         "the seeded inputs changed (NumPy's generator?), not the reference: regenerate the table")
     assert got["shape"] == expected["shape"]
-    scale = max(abs(v) for v in expected["out"])
-    worst = max(abs(a - b) for a, b in zip(got["out"], expected["out"]))
-    assert worst <= RTOL * scale, f"{name} ({form}): outputs moved by {worst:.3e} (|out| max {scale:.3e})"
+    assert_scaled_close(torch.tensor(got["out"], dtype=torch.float64),
+                        torch.tensor(expected["out"], dtype=torch.float64), F64_REGRESSION,
+                        what=f"{name} ({form}): outputs moved")
     for key, check in expected["grad"].items():
         mine = got["grad"][key]
         assert mine["norm"] == pytest.approx(check["norm"], rel=RTOL), f"{name} ({form}): |d {key}| changed"

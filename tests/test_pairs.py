@@ -14,19 +14,18 @@ from rcar_fast.losses import full_hardest_negative_loss, hardest_negative_loss, 
 from rcar_fast.pairs import score_pairs
 import rcar_fast.pairs as pairs_module
 from rcar_fast.modules import RCARSimilarity
+from tests.inputs import make_inputs
+from tests.tolerances import (F32_PAIRS_ABS, F32_PAIRS_VS_F64, F64_PAIRS, F64_SCALAR_CLOSED_FORM,
+                              F64_SCALAR_EXACT_FORM, F64_SPARSE_VS_FULL_LOSS, approx, assert_close,
+                              assert_scaled_close)
 
 F64 = torch.float64
 D, SIM_DIM = 12, 6
 
 
 def _inputs(n_img=5, n_cap=6, R=4, lens=(7, 3, 1, 5, 2, 6), d=D, seed=0, dtype=F64):
-    gen = torch.Generator().manual_seed(seed)
-    lens = torch.tensor(lens)
-    img = torch.randn(n_img, R, d, generator=gen, dtype=F64).to(dtype)
-    cap = torch.randn(n_cap, int(lens.max()), d, generator=gen, dtype=F64).to(dtype)
-    for j, n_word in enumerate(lens.tolist()):
-        cap[j, n_word:] = float("nan")   # padding must never be read
-    return img, cap, lens
+    """This file's batch: make_inputs with NaN padding (it must never be read)."""
+    return make_inputs(n_img, n_cap, R, d, lens=lens, seed=seed, dtype=dtype)
 
 
 def _head(regulator="coop_rcar", steps=2, direction="t2i", seed=0):
@@ -65,9 +64,7 @@ def _grads(out, weights, tensors):
 
 
 def _assert_close(got, want, what):
-    scale = want.abs().max().item() or 1.0
-    err = (got - want).abs().nan_to_num(nan=float("inf")).max().item()
-    assert err <= 1e-11 * scale + 1e-14, f"{what}: max abs error {err:.3e} (scale {scale:.3e})"
+    assert_scaled_close(got, want, F64_PAIRS, what=what, scale=want.abs().max().item() or 1.0)
 
 
 @pytest.mark.parametrize("backend", _pair_backends("scan_pairs"))
@@ -108,7 +105,7 @@ def test_score_pairs_float32_and_empty_list():
     out = score_pairs(img, cap, lens, IMG_IDX, CAP_IDX)
     assert out.dtype == torch.float32
     want = reference.scan_similarity_loop(img.double(), cap.double(), lens)[IMG_IDX, CAP_IDX]
-    assert (out.double() - want).abs().max() < 1e-5
+    assert_close(out.double(), want, F32_PAIRS_ABS)
     empty = score_pairs(img, cap, lens, torch.tensor([], dtype=torch.int64), [])
     assert empty.shape == (0,)
 
@@ -200,7 +197,7 @@ def test_hardest_negative_loss_equals_full_loss(name, margin):
     full = independent_full_loss(_reference_all_pairs(model, kwargs, img_b, cap_b, lens), margin)
     B = img.shape[0]
     assert details["n_pairs"] <= 3 * B
-    assert sparse.item() == pytest.approx(full.item(), rel=1e-12, abs=1e-14)
+    assert sparse.item() == approx(full.item(), F64_SPARSE_VS_FULL_LOSS)
     assert full.item() > 0, "the test needs active hinges"
     got = torch.autograd.grad(sparse, [img_a, cap_a] + params, allow_unused=True)
     want = torch.autograd.grad(full, [img_b, cap_b] + params, allow_unused=True)
@@ -215,11 +212,11 @@ def test_library_full_losses_match_the_independent_one():
     img, cap, lens = _batch()
     scores = reference.scan_similarity_loop(img, cap, lens)
     expected = independent_full_loss(scores, 0.2).item()
-    assert vse_hinge_loss(scores, 0.2).item() == pytest.approx(expected, rel=1e-14)
+    assert vse_hinge_loss(scores, 0.2).item() == approx(expected, F64_SCALAR_EXACT_FORM)
     assert full_hardest_negative_loss(img, cap, lens, backend="reference_loop").item() == \
-        pytest.approx(expected, rel=1e-12)
+        approx(expected, F64_SCALAR_CLOSED_FORM)
     mean = hardest_negative_loss(img, cap, lens, reduction="mean").item()
-    assert mean == pytest.approx(expected / img.shape[0], rel=1e-12)
+    assert mean == approx(expected / img.shape[0], F64_SCALAR_CLOSED_FORM)
 
 
 def test_only_selected_pairs_get_autograd(monkeypatch):
@@ -257,7 +254,7 @@ def test_score_fn_replaces_the_selection_pass():
 
     a = hardest_negative_loss(img, cap, lens, score_fn=score_fn)
     b = hardest_negative_loss(img, cap, lens)
-    assert calls == [1] and a.item() == pytest.approx(b.item(), rel=1e-12)
+    assert calls == [1] and a.item() == approx(b.item(), F64_SCALAR_CLOSED_FORM)
     with pytest.raises(ValueError, match=r"\(B, B\)"):
         hardest_negative_loss(img, cap, lens, score_fn=lambda i, c, l: torch.zeros(3, 3))
 
@@ -320,6 +317,6 @@ def test_auto_passes_the_cpu_kernels_over_for_a_huge_t2i_R():
     img, cap, lens = torch.randn(2, 50_000, 3), torch.randn(2, 2, 3), torch.tensor([2, 1])
     got = score_pairs(img, cap, lens, [0, 1], [1, 0])
     want = reference.scan_similarity_vectorized(img.double(), cap.double(), lens)[[0, 1], [1, 0]]
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    assert_close(got.double(), want, F32_PAIRS_VS_F64)
     loss = hardest_negative_loss(img, cap, lens)
     assert torch.isfinite(loss)

@@ -6,7 +6,8 @@ import torch
 
 from rcar_fast import dispatch
 from rcar_fast.modules import RCARSimilarity
-from tests.tolerances import assert_close_to_reference
+from tests.inputs import make_inputs
+from tests.tolerances import assert_bit_equal, assert_close_to_reference
 
 pytestmark = pytest.mark.skipif(
     dispatch.rejection("rcar", "cpu", torch.device("cpu"), torch.float32) is not None,
@@ -14,18 +15,6 @@ pytestmark = pytest.mark.skipif(
 
 MODES = [("only_rar", 1), ("only_rar", 2), ("only_rcr", 0), ("only_rcr", 1), ("only_rcr", 2),
          ("coop_rcar", 1), ("coop_rcar", 2), ("coop_rcar", 3)]
-
-
-def make_inputs(n_img, n_cap, R, d, Lmax, dtype=torch.float64):
-    """Random features; ragged lengths including 1 and Lmax; NaN in the caption padding."""
-    img = torch.randn(n_img, R, d, dtype=dtype)
-    cap = torch.randn(n_cap, Lmax, d, dtype=dtype)
-    lens = torch.randint(1, Lmax + 1, (n_cap,))
-    lens[0] = Lmax
-    lens[-1] = 1
-    for j in range(n_cap):
-        cap[j, int(lens[j]):] = float("nan")
-    return img, cap, lens
 
 
 def make_head(regulator, steps, direction, embed_dim, sim_dim):
@@ -80,7 +69,7 @@ def test_padding_is_never_read():
     with torch.no_grad():
         out_nan = head(img, cap, lens, backend="cpu")
         cap[torch.isnan(cap)] = 1e30
-        assert torch.equal(out_nan, head(img, cap, lens, backend="cpu"))
+        assert_bit_equal(out_nan, head(img, cap, lens, backend="cpu"), what="NaN vs 1e30 padding")
 
 
 def test_training_mode_with_dropout_is_rejected():
@@ -136,8 +125,8 @@ def test_kernel_keeps_a_temperature_beyond_float32_range_finite(direction):
     from rcar_fast.ops.rcar_cpu import flat_weights
 
     torch.manual_seed(5)
-    img, cap = torch.randn(3, 6, 12, dtype=torch.float64), torch.randn(4, 5, 12, dtype=torch.float64)
-    lens = torch.tensor([5, 2, 3, 4])  # >= 2 words: one word normalises to exactly 1 in float32
+    # >= 2 words: one word normalises to exactly 1 in float32
+    img, cap, lens = make_inputs(3, 4, 6, 12, lens=[5, 2, 3, 4], pad=None)
     cap[1, 2:] = float("nan")
     head = make_head("coop_rcar", 2, direction, 12, 8)
     head.smooth = 1e39

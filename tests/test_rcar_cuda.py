@@ -11,7 +11,8 @@ from rcar_fast import dispatch
 from rcar_fast.ops import rcar_cuda
 from rcar_fast.reference import module_counts
 from tests.conftest import requires_gpu
-from tests.tolerances import assert_close_to_reference
+from tests.inputs import make_inputs
+from tests.tolerances import GRAM_IDENTITY_VS_ATTENDED_CONTEXT, assert_close, assert_close_to_reference
 
 # (regulator, steps): every mode, the published settings, the plain baseline (only_rcr 0).
 MODES = [("only_rar", 0), ("only_rar", 2), ("only_rcr", 0), ("only_rcr", 1), ("only_rcr", 2),
@@ -29,13 +30,9 @@ def _head(regulator, steps, direction, d, s, device="cpu"):
     return head.to(device).eval()
 
 
-def _inputs(n_img, n_cap, R, d, lens, *, dtype=torch.float32, device="cpu", lmax=None):
-    lens = torch.as_tensor(lens, dtype=torch.int64)
-    lmax = lmax or int(lens.max())
-    img = torch.nn.functional.normalize(torch.randn(n_img, R, d, dtype=torch.float64), dim=-1)
-    cap = torch.nn.functional.normalize(torch.randn(n_cap, lmax, d, dtype=torch.float64), dim=-1)
-    cap[torch.arange(lmax)[None, :] >= lens[:, None]] = float("nan")
-    return img.to(device=device, dtype=dtype), cap.to(device=device, dtype=dtype), lens.to(device)
+def _inputs(n_img, n_cap, R, d, lens, *, lmax=None, dtype=torch.float32, **kw):
+    """make_inputs with unit-norm features (as the encoders give) and NaN in the caption padding."""
+    return make_inputs(n_img, n_cap, R, d, lmax, lens=lens, unit_norm=True, dtype=dtype, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,4 +163,4 @@ def test_cuda_agrees_with_triton(direction):
     with torch.no_grad():
         out_cuda = head(img, cap, lens, backend="cuda")
         out_triton = head(img, cap, lens, backend="triton")
-    torch.testing.assert_close(out_cuda, out_triton, rtol=2e-4, atol=2e-5)
+    assert_close(out_cuda, out_triton, GRAM_IDENTITY_VS_ATTENDED_CONTEXT)

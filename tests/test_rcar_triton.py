@@ -13,7 +13,8 @@ import torch
 from rcar_fast import dispatch
 from rcar_fast.modules import RCARSimilarity
 from tests.conftest import requires_gpu
-from tests.tolerances import assert_close_to_reference
+from tests.inputs import make_inputs, pad_captions
+from tests.tolerances import F32_BLOCKED, assert_bit_equal, assert_close, assert_close_to_reference
 from tests.conftest import requires_interpreter
 
 # (regulator, steps) pairs: every mode at 0..3 steps where the mode allows it (lean grid:
@@ -27,14 +28,9 @@ FORWARD_GRID = [
 ]
 
 
-def make_inputs(n_img=2, n_cap=3, n_regions=5, d=32, lens=(7, 1, 4), dtype=torch.float32,
-                device="cpu", pad_value=float("nan")):
-    lens = torch.tensor(lens)
-    img = torch.randn(n_img, n_regions, d)
-    cap = torch.randn(n_cap, int(lens.max()), d)
-    for j, n in enumerate(lens.tolist()):
-        cap[j, n:] = pad_value
-    return img.to(device, dtype), cap.to(device, dtype), lens
+def _inputs(n_img=2, n_cap=3, n_regions=5, d=32, lens=(7, 1, 4), dtype=torch.float32, device="cpu", **kw):
+    """This file's default batch (make_inputs, NaN padding, float32); lens stay on the CPU."""
+    return make_inputs(n_img, n_cap, n_regions, d, lens=lens, dtype=dtype, device=device, lens_device="cpu", **kw)
 
 
 def make_head(regulator, steps, direction, d=32, sim_dim=16, device="cpu"):
@@ -65,7 +61,7 @@ def triton_scores(head, img, cap, lens):
 @requires_interpreter
 @pytest.mark.parametrize("regulator,steps,direction", FORWARD_GRID)
 def test_forward_matches_float64_reference(regulator, steps, direction):
-    img, cap, lens = make_inputs()
+    img, cap, lens = _inputs()
     head = make_head(regulator, steps, direction)
     out = triton_scores(head, img, cap, lens)
     assert out.dtype == torch.float32
@@ -78,8 +74,7 @@ def test_forward_matches_float64_reference(regulator, steps, direction):
 def test_forward_many_tiles_partial_chunks_padded_sim_dim(direction):
     # d=40: a partial second d chunk; sim_dim=24: s, 2s and s/2 all padded to powers of two;
     # 5 x 9 pairs: several tiles per context set and several work items per program.
-    img, cap, lens = make_inputs(n_img=5, n_cap=9, n_regions=7, d=40,
-                                 lens=(3, 7, 1, 5, 2, 7, 4, 1, 6))
+    img, cap, lens = _inputs(n_img=5, n_cap=9, n_regions=7, d=40, lens=(3, 7, 1, 5, 2, 7, 4, 1, 6))
     head = make_head("coop_rcar", 2, direction, d=40, sim_dim=24)
     out = triton_scores(head, img, cap, lens)
     assert_close_to_reference(out, reference64(head, img, cap, lens), dtype=torch.float32)
@@ -94,7 +89,7 @@ def test_forward_alignment_in_two_column_halves(regulator):
 
     assert rcar.alignment_split(32) == 2
     assert rcar.alignment_split(16) == 1
-    img, cap, lens = make_inputs(n_img=3, n_cap=4, lens=(7, 1, 4, 6))
+    img, cap, lens = _inputs(n_img=3, n_cap=4, lens=(7, 1, 4, 6))
     head = make_head(regulator, 2, "t2i", sim_dim=32)
     out = triton_scores(head, img, cap, lens)
     assert_close_to_reference(out, reference64(head, img, cap, lens), dtype=torch.float32,
@@ -104,7 +99,7 @@ def test_forward_alignment_in_two_column_halves(regulator):
 @requires_interpreter
 @pytest.mark.parametrize("sim_dim", [16, 32])  # 32: the alignment in two column halves
 def test_forward_float16_within_twice_the_reference_error(sim_dim):
-    img, cap, lens = make_inputs(dtype=torch.float16)
+    img, cap, lens = _inputs(dtype=torch.float16)
     head = make_head("coop_rcar", 2, "t2i", sim_dim=sim_dim)
     ref64 = reference64(head, img, cap, lens)
     ref16 = copy.deepcopy(head).half().forward_loop(img, cap, lens)
@@ -118,16 +113,13 @@ def test_forward_float16_within_twice_the_reference_error(sim_dim):
 def test_padding_values_never_read(direction):
     head = make_head("coop_rcar", 2, direction)
     torch.manual_seed(3)
-    img, cap_nan, lens = make_inputs(pad_value=float("nan"))
     # Lmax = 20 beyond the longest caption (7) and the context block (16): padding columns too.
-    cap_nan = torch.cat([cap_nan, torch.full((3, 13, 32), float("nan"))], dim=1)
-    cap_big = cap_nan.clone()
-    real = torch.arange(cap_nan.shape[1])[None, :] < lens[:, None]
-    cap_big[~real] = 1e30
+    img, cap_nan, lens = _inputs(max_len=20, pad=float("nan"))
+    cap_big = pad_captions(cap_nan, lens, 1e30)
     out_nan = triton_scores(head, img, cap_nan, lens)
     out_big = triton_scores(head, img, cap_big, lens)
     assert torch.isfinite(out_nan).all()
-    assert torch.equal(out_nan, out_big)
+    assert_bit_equal(out_nan, out_big, what="NaN vs 1e30 padding")
     assert_close_to_reference(out_nan, reference64(head, img, cap_nan, lens), dtype=torch.float32)
 
 
@@ -136,7 +128,7 @@ def test_kernel_writes_every_entry_of_a_poisoned_buffer():
     from rcar_fast.kernels import rcar as kernels
     from rcar_fast.ops.rcar_triton import pack_weights
 
-    img, cap, lens = make_inputs(n_img=3, n_cap=4, lens=(2, 7, 1, 5))
+    img, cap, lens = _inputs(n_img=3, n_cap=4, lens=(2, 7, 1, 5))
     for direction in ("t2i", "i2t"):
         head = make_head("only_rcr", 1, direction)
         out = torch.full((3, 4), float("nan"))
@@ -188,7 +180,7 @@ def gradients(head, img, cap, lens, weights, backend):
                          [("coop_rcar", 2, "t2i"), ("only_rcr", 1, "i2t"), ("only_rar", 1, "i2t")])
 @requires_interpreter
 def test_gradients_match_float64_reference(regulator, steps, direction):
-    img, cap, lens = make_inputs()
+    img, cap, lens = _inputs()
     head = make_head(regulator, steps, direction)
     weights = torch.randn(img.shape[0], cap.shape[0])
     head64 = copy.deepcopy(head).double()
@@ -212,7 +204,7 @@ def test_gradients_match_float64_reference(regulator, steps, direction):
 def test_backward_in_several_blocks_matches_one_block(monkeypatch):
     from rcar_fast.ops import rcar_triton
 
-    img, cap, lens = make_inputs(n_img=3, n_cap=3)
+    img, cap, lens = _inputs(n_img=3, n_cap=3)
     head = make_head("coop_rcar", 2, "i2t")
     weights = torch.randn(3, 3)
     whole = gradients(head, img, cap, lens, weights, "triton")
@@ -222,10 +214,10 @@ def test_backward_in_several_blocks_matches_one_block(monkeypatch):
                         lambda *a, **k: blocks.append(original(*a, budget=1, **k)) or blocks[-1])
     blocked = gradients(head, img, cap, lens, weights, "triton")
     assert blocks == [(1, 1)]
-    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(blocked[1], whole[1], rtol=1e-5, atol=1e-7)
+    assert_close(blocked[0], whole[0], F32_BLOCKED)
+    assert_close(blocked[1], whole[1], F32_BLOCKED)
     for name, g in whole[2].items():
-        torch.testing.assert_close(blocked[2][name], g, rtol=1e-5, atol=1e-7)
+        assert_close(blocked[2][name], g, F32_BLOCKED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +227,7 @@ def test_backward_in_several_blocks_matches_one_block(monkeypatch):
 @requires_interpreter
 @pytest.mark.parametrize("regulator,steps", [("coop_rcar", 2), ("only_rar", 1)])
 def test_training_mode_with_rar_dropout_is_refused_before_compute(regulator, steps):
-    img, cap, lens = make_inputs()
+    img, cap, lens = _inputs()
     head = make_head(regulator, steps, "t2i").train()
     with pytest.raises(RuntimeError, match="dropout.*eval\\(\\)"):
         head(img, cap, lens, backend="triton")
@@ -245,7 +237,7 @@ def test_training_mode_with_rar_dropout_is_refused_before_compute(regulator, ste
 @requires_interpreter
 def test_training_mode_without_dropout_runs():
     # only_rcr has no dropout: training mode is the same function as eval mode.
-    img, cap, lens = make_inputs()
+    img, cap, lens = _inputs()
     head = make_head("only_rcr", 1, "t2i").train()
     out = triton_scores(head, img, cap, lens)
     assert_close_to_reference(out, reference64(head, img, cap, lens), dtype=torch.float32)
@@ -272,11 +264,9 @@ def gpu_inputs(dtype, n_img=6, n_cap=11):
     torch.manual_seed(1)
     lens = torch.randint(1, 25, (n_cap,))
     lens[0] = 1
-    img, cap, lens = make_inputs(n_img=n_img, n_cap=n_cap, n_regions=36, d=1024,
-                                 lens=lens.tolist(), dtype=dtype, device="cuda")
-    img = img / img.norm(dim=-1, keepdim=True)  # encoders l2-normalise features
-    cap = cap / cap.norm(dim=-1, keepdim=True)
-    return img, cap, lens
+    # unit_norm: the encoders l2-normalise features
+    return _inputs(n_img=n_img, n_cap=n_cap, n_regions=36, d=1024, lens=lens.tolist(), dtype=dtype,
+                   device="cuda", unit_norm=True)
 
 
 @requires_gpu

@@ -8,29 +8,24 @@ import pytest
 import torch
 
 from rcar_fast import reference as ref
+from tests import inputs
+from tests.tolerances import (BIT_EQUAL, F64_ATTENDED_CONTEXT, F64_IDENTITY, F64_PERMUTED, F64_RCAR_EQUALS_SCAN,
+                              F64_SCALAR_CLOSED_FORM, F64_SCALAR_EXACT_FORM, F64_SCALAR_FEW_OPS,
+                              F64_SCALAR_NAIVE_SPEC, F64_SCALAR_NORM, F64_SOFTMAX_SUMS_TO_ONE,
+                              F64_VECTORIZED_VS_LOOP, MUST_DIFFER, REFERENCE_LOW_PRECISION_ABS, approx,
+                              assert_close)
 
 F64 = torch.float64
 LENS = (1, 7, 3, 2, 5, 4, 7)          # ragged 1..7, including a full-length caption
-ATOL = 1e-10
 
 
 # ------------------------------------------------------------------------------------------
 # Inputs
 # ------------------------------------------------------------------------------------------
 
-def pad_captions(cap, lens, value):
-    """Write `value` into every padding position (>= lens[j]) of cap (a copy)."""
-    cap = cap.clone()
-    for j, n_word in enumerate(lens):
-        cap[j, n_word:] = value
-    return cap
-
-
 def make_inputs(n_img=5, lens=LENS, regions=5, d=16, seed=0, pad=float("nan")):
-    gen = torch.Generator().manual_seed(seed)
-    img = torch.randn(n_img, regions, d, generator=gen, dtype=F64)
-    cap = torch.randn(len(lens), max(lens), d, generator=gen, dtype=F64)
-    return img, pad_captions(cap, lens, pad), torch.tensor(lens)
+    """This file's float64 batch (tests.inputs.make_inputs): 7 ragged captions, `pad` in the padding."""
+    return inputs.make_inputs(n_img, len(lens), regions, d, lens=lens, seed=seed, pad=pad)
 
 
 def make_head(regulator, steps, direction, d=16, sim_dim=8, seed=0, smooth=None):
@@ -87,10 +82,10 @@ def test_l1norm_adds_eps_to_the_sum():
 def test_cosine_clamps_the_norm_product_at_eps():
     tiny = torch.tensor([1e-5, 0.0], dtype=F64)
     # |a||b| = 1e-10 < eps, so the denominator is eps: 1e-10 / 1e-8.
-    assert ref.cosine(tiny, tiny).item() == pytest.approx(1e-2, rel=1e-12)
+    assert ref.cosine(tiny, tiny).item() == approx(1e-2, F64_SCALAR_CLOSED_FORM)
     assert ref.cosine(torch.zeros(2, dtype=F64), tiny).item() == 0.0
     a, b = torch.tensor([1.0, 2.0], dtype=F64), torch.tensor([-2.0, 0.5], dtype=F64)
-    assert ref.cosine(a, b).item() == pytest.approx(-1.0 / (math.sqrt(5) * math.sqrt(4.25)), rel=1e-14)
+    assert ref.cosine(a, b).item() == approx(-1.0 / (math.sqrt(5) * math.sqrt(4.25)), F64_SCALAR_EXACT_FORM)
 
 
 def test_leaky_slope():
@@ -114,7 +109,7 @@ def test_raw_norm_runs_across_the_query_axis(raw_norm):
             want = [v / (sum(abs(u) for u in x) + 1e-8) for v in x]
         else:
             want = x
-        assert out[c].tolist() == pytest.approx(want, rel=1e-13, abs=1e-15)
+        assert out[c].tolist() == approx(want, F64_SCALAR_NORM)
 
 
 # ------------------------------------------------------------------------------------------
@@ -176,7 +171,7 @@ def test_scan_matches_naive_scalar_transcription(direction, raw_norm):
                 regions = img[i].tolist()
                 query, context = (words, regions) if direction == "t2i" else (regions, words)
                 want = naive_scan_pair(query, context, raw_norm, kw["smooth"], agg, kw["lse_lambda"])
-                assert out[i, j].item() == pytest.approx(want, rel=1e-11, abs=1e-13)
+                assert out[i, j].item() == approx(want, F64_SCALAR_NAIVE_SPEC)
 
 
 @pytest.mark.parametrize("agg", ref.AGGREGATIONS)
@@ -190,7 +185,7 @@ def test_scan_t2i_with_one_region_is_aggregated_word_region_cosine(raw_norm, agg
         r = (words @ x) / (words.norm(dim=1) * x.norm())
         want = {"mean": r.mean(), "sum": r.sum(), "max": r.max(),
                 "lse": torch.log(torch.exp(6.0 * r).sum()) / 6.0}[agg]
-        assert out[i, j].item() == pytest.approx(want.item(), rel=1e-12)
+        assert out[i, j].item() == approx(want.item(), F64_SCALAR_CLOSED_FORM)
 
 
 @pytest.mark.parametrize("agg", ref.AGGREGATIONS)
@@ -202,7 +197,7 @@ def test_scan_i2t_with_one_word_is_aggregated_region_word_cosine(agg):
         r = (regions @ w) / (regions.norm(dim=1) * w.norm())
         want = {"mean": r.mean(), "sum": r.sum(), "max": r.max(),
                 "lse": torch.log(torch.exp(5.0 * r).sum()) / 5.0}[agg]
-        assert out[i, j].item() == pytest.approx(want.item(), rel=1e-12)
+        assert out[i, j].item() == approx(want.item(), F64_SCALAR_CLOSED_FORM)
 
 
 @pytest.mark.parametrize("direction", ref.DIRECTIONS)
@@ -228,7 +223,7 @@ def test_scan_t2i_two_regions_one_word_closed_form():
     cap = torch.tensor([[[1.0, 0.0], [float("nan"), float("nan")]]], dtype=F64)
     for form in (ref.scan_similarity_loop, ref.scan_similarity_vectorized):
         out = form(img, cap, [1], direction="t2i", smooth=lam)
-        assert out.item() == pytest.approx(want, rel=1e-13)
+        assert out.item() == approx(want, F64_SCALAR_FEW_OPS)
 
 
 # ------------------------------------------------------------------------------------------
@@ -246,7 +241,7 @@ def test_scan_loop_equals_vectorized(direction, raw_norm, agg):
     for chunks in [(None, None), (2, 3), (1, 7), (5, 1), (4, 4)]:
         vec = ref.scan_similarity_vectorized(img, cap, lens, **kw, img_chunk=chunks[0],
                                              cap_chunk=chunks[1])
-        torch.testing.assert_close(vec, loop, rtol=0, atol=ATOL)
+        assert_close(vec, loop, F64_VECTORIZED_VS_LOOP)
 
 
 @pytest.mark.parametrize("raw_norm", ref.RAW_NORMS)
@@ -260,7 +255,7 @@ def test_scan_gradients_loop_equal_vectorized(direction, raw_norm):
             i, c, l, **kw, img_chunk=2, cap_chunk=3), img, cap, lens)
         for got, want in zip(vec, loop):
             assert torch.isfinite(got).all()
-            torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+            assert_close(got, want, F64_VECTORIZED_VS_LOOP)
         # Padding positions receive exactly zero gradient.
         mask = torch.arange(cap.shape[1]) < lens.unsqueeze(1)
         assert (vec[2][~mask] == 0).all()
@@ -296,7 +291,7 @@ def test_scan_nan_padding_never_leaks(direction, form):
         with_zero = input_grads(lambda i, c, l, kw=kw: fn(i, c, l, **kw), *zero_inputs)
         for got, want in zip(with_nan, with_zero):
             assert torch.isfinite(got).all()
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            assert_close(got, want, BIT_EQUAL)
 
 
 @pytest.mark.parametrize("direction", ref.DIRECTIONS)
@@ -308,7 +303,7 @@ def test_scan_permuting_inputs_permutes_the_matrix(direction):
     img_perm = torch.randperm(img.shape[0], generator=torch.Generator().manual_seed(2))
     out = ref.scan_similarity_vectorized(img[img_perm], cap[cap_perm], lens[cap_perm], **kw,
                                          img_chunk=2, cap_chunk=3)
-    torch.testing.assert_close(out, base[img_perm][:, cap_perm], rtol=0, atol=1e-13)
+    assert_close(out, base[img_perm][:, cap_perm], F64_PERMUTED)
 
 
 def test_longer_padding_changes_nothing():
@@ -316,8 +311,8 @@ def test_longer_padding_changes_nothing():
     longer = torch.cat([cap, torch.full((cap.shape[0], 3, cap.shape[2]), float("nan"), dtype=F64)], 1)
     for direction in ref.DIRECTIONS:
         kw = scan_kwargs(direction)
-        torch.testing.assert_close(ref.scan_similarity_vectorized(img, longer, lens, **kw),
-                                   ref.scan_similarity_loop(img, cap, lens, **kw), rtol=0, atol=ATOL)
+        assert_close(ref.scan_similarity_vectorized(img, longer, lens, **kw),
+                                   ref.scan_similarity_loop(img, cap, lens, **kw), F64_VECTORIZED_VS_LOOP)
 
 
 # ------------------------------------------------------------------------------------------
@@ -334,12 +329,12 @@ def test_gram_identity(raw_norm):
     alpha = ref.attention_weights(scores, 9.0, raw_norm)       # (P, Q, C)
     gram = context @ context.transpose(1, 2)
     dot = (query * ctx).sum(-1)
-    torch.testing.assert_close(dot, (alpha * scores.transpose(1, 2)).sum(-1), rtol=1e-12, atol=1e-12)
+    assert_close(dot, (alpha * scores.transpose(1, 2)).sum(-1), F64_IDENTITY)
     squared_norm = (ctx * ctx).sum(-1)
-    torch.testing.assert_close(squared_norm, torch.einsum("pqc,pcd,pqd->pq", alpha, gram, alpha),
-                               rtol=1e-12, atol=1e-12)
+    assert_close(squared_norm, torch.einsum("pqc,pcd,pqd->pq", alpha, gram, alpha),
+                 F64_IDENTITY)
     # And the attended vectors are convex combinations of the context (rows of alpha sum to 1).
-    torch.testing.assert_close(alpha.sum(-1), torch.ones(4, 6, dtype=F64), rtol=0, atol=1e-14)
+    assert_close(alpha.sum(-1), torch.ones(4, 6, dtype=F64), F64_SOFTMAX_SUMS_TO_ONE)
 
 
 def test_cross_attention_modulation_and_per_query_temperature():
@@ -357,7 +352,7 @@ def test_cross_attention_modulation_and_per_query_temperature():
         all_x = torch.where(all_s > 0, all_s, 0.1 * all_s)
         a = x / (all_x.pow(2).sum(1).sqrt() + 1e-8)
         alpha = torch.softmax(lam[p, k] * a, 0)
-        torch.testing.assert_close(ctx[p, k], alpha @ context[p], rtol=1e-13, atol=1e-14)
+        assert_close(ctx[p, k], alpha @ context[p], F64_ATTENDED_CONTEXT)
 
 
 # ------------------------------------------------------------------------------------------
@@ -373,8 +368,8 @@ def test_rcar_loop_equals_vectorized(regulator, direction, steps):
         assert loop.shape == (5, 7) and loop.dtype == F64 and torch.isfinite(loop).all()
         for chunks in [(None, None), (2, 3), (3, 2)]:
             vec = head.forward_vectorized(img, cap, lens, *chunks)
-            torch.testing.assert_close(vec, loop, rtol=0, atol=ATOL)
-        torch.testing.assert_close(head(img, cap, lens), loop, rtol=0, atol=ATOL)
+            assert_close(vec, loop, F64_VECTORIZED_VS_LOOP)
+        assert_close(head(img, cap, lens), loop, F64_VECTORIZED_VS_LOOP)
 
 
 @pytest.mark.parametrize("regulator,direction,steps",
@@ -396,7 +391,7 @@ def test_rcar_gradients_loop_equal_vectorized(regulator, direction, steps):
             assert got is None
             continue
         assert torch.isfinite(got).all()
-        torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+        assert_close(got, want, F64_VECTORIZED_VS_LOOP)
 
 
 def test_rcar_vectorized_gradcheck():
@@ -427,7 +422,7 @@ def test_rcar_nan_padding_never_leaks(regulator, direction, steps):
         with_zero = input_grads(form, *zero_inputs)
         for got, want in zip(with_nan, with_zero):
             assert torch.isfinite(got).all()
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            assert_close(got, want, BIT_EQUAL)
 
 
 @pytest.mark.parametrize("direction", ref.DIRECTIONS)
@@ -439,7 +434,7 @@ def test_rcar_permuting_inputs_permutes_the_matrix(direction):
         cap_perm = torch.randperm(len(LENS), generator=torch.Generator().manual_seed(3))
         img_perm = torch.randperm(img.shape[0], generator=torch.Generator().manual_seed(4))
         out = head.forward_vectorized(img[img_perm], cap[cap_perm], lens[cap_perm], 2, 3)
-    torch.testing.assert_close(out, base[img_perm][:, cap_perm], rtol=0, atol=1e-13)
+    assert_close(out, base[img_perm][:, cap_perm], F64_PERMUTED)
 
 
 def unit(x):
@@ -469,7 +464,7 @@ def test_rcar_coop_t2i_with_one_region_by_hand():
         mids = [unit(linear(f"alv_modules.{t}.sim_transform_w", (words - unit(x)) ** 2)) for t in range(2)]
         hig = rar(1, mids[1], rar(0, mids[0], mids[0].mean(0)))
         want = torch.sigmoid(linear("sim_eval_w", hig))
-        assert out[i, j].item() == pytest.approx(want.item(), rel=1e-12)
+        assert out[i, j].item() == approx(want.item(), F64_SCALAR_CLOSED_FORM)
 
 
 @pytest.mark.parametrize("direction", ref.DIRECTIONS)
@@ -481,7 +476,7 @@ def test_rcar_only_rcr_zero_steps_is_scan_mean(direction):
     with torch.no_grad():
         rcar = head.forward_vectorized(img, cap, lens)
     scan = ref.scan_similarity_loop(img, cap, lens, direction=direction, smooth=6.0, agg="mean")
-    torch.testing.assert_close(rcar, scan, rtol=1e-7, atol=1e-9)
+    assert_close(rcar, scan, F64_RCAR_EQUALS_SCAN)
 
 
 def test_rcar_only_rar_zero_steps_is_sigmoid_of_mean_alignment():
@@ -494,7 +489,7 @@ def test_rcar_only_rar_zero_steps_is_sigmoid_of_mean_alignment():
             ctx = ref.cross_attention(img[i:i + 1], words, 3.0)
             mid = head.alv_modules[0](img[i:i + 1], unit(ctx))
             want = torch.sigmoid(head.sim_eval_w(mid.mean(1)))
-            assert out[i, j].item() == pytest.approx(want.item(), rel=1e-12)
+            assert out[i, j].item() == approx(want.item(), F64_SCALAR_CLOSED_FORM)
 
 
 def test_rcar_steps_change_the_result():
@@ -504,20 +499,20 @@ def test_rcar_steps_change_the_result():
         for regulator in ref.REGULATORS:
             one = make_head(regulator, 1, "t2i", seed=11).forward_vectorized(img, cap, lens)
             two = make_head(regulator, 2, "t2i", seed=11).forward_vectorized(img, cap, lens)
-            assert (one - two).abs().max() > 1e-6
+            assert (one - two).abs().max() > MUST_DIFFER
 
 
 def test_rcar_dropout_only_in_training():
     head = make_head("coop_rcar", 2, "t2i", seed=12)
     img, cap, lens = make_inputs(seed=22)
     with torch.no_grad():
-        torch.testing.assert_close(head.forward_vectorized(img, cap, lens),
-                                   head.forward_vectorized(img, cap, lens), rtol=0, atol=0)
+        assert_close(head.forward_vectorized(img, cap, lens),
+                                   head.forward_vectorized(img, cap, lens), BIT_EQUAL)
         head.train()
         torch.manual_seed(0)
         first = head.forward_vectorized(img, cap, lens)
         second = head.forward_vectorized(img, cap, lens)
-        assert (first - second).abs().max() > 1e-6
+        assert (first - second).abs().max() > MUST_DIFFER
     dropouts = [m for m in head.modules() if isinstance(m, torch.nn.Dropout)]
     assert len(dropouts) == 4 and all(m.p == 0.4 for m in dropouts)
 
@@ -570,15 +565,16 @@ def test_default_chunks_bound_the_block():
 def test_low_precision_runs_and_stays_near_float64(dtype):
     img, cap, lens = make_inputs(seed=23)
     img, cap = ref.l2norm(img), ref.l2norm(cap)
-    bound = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 5e-2}[dtype]
+    bound = REFERENCE_LOW_PRECISION_ABS[dtype]
     for direction in ref.DIRECTIONS:
         kw = scan_kwargs(direction, agg="lse")
         want = ref.scan_similarity_loop(img, cap, lens, **kw)
         got = ref.scan_similarity_vectorized(img.to(dtype), cap.to(dtype), lens, **kw)
         assert got.dtype == dtype
-        assert (got.double() - want).abs().max() < bound
+        assert_close(got.double(), want, bound, what=f"{direction} in {dtype}")
     head = make_head("coop_rcar", 2, "i2t", seed=13)
     with torch.no_grad():
         want = head.forward_vectorized(img, cap, lens)
         got = head.to(dtype).forward_vectorized(img.to(dtype), cap.to(dtype), lens)
-    assert got.dtype == dtype and (got.double() - want).abs().max() < bound
+    assert got.dtype == dtype
+    assert_close(got.double(), want, bound, what=f"rcar in {dtype}")

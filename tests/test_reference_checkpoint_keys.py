@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rcar_fast import reference as ref
+from tests.tolerances import assert_bit_equal
 
 D, S = 16, 8   # embed_dim, sim_dim
 
@@ -86,8 +87,7 @@ def test_official_state_dict_loads_strictly(regulator, steps, prefix):
     other.load_state_dict(state, strict=True)
     img, cap = torch.randn(2, 3, D), torch.randn(2, 4, D)
     with torch.no_grad():
-        torch.testing.assert_close(head.eval()(img, cap, [4, 2]), other.eval()(img, cap, [4, 2]),
-                                   rtol=0, atol=0)
+        assert_bit_equal(head.eval()(img, cap, [4, 2]), other.eval()(img, cap, [4, 2]))
 
 
 def test_wrong_step_count_names_the_missing_keys():

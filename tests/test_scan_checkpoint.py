@@ -15,6 +15,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from rcar_fast import cli, data, metrics, reference
 from rcar_fast.checkpoint import CheckpointError, load_checkpoint, load_scan_checkpoint
 from tests.test_cli import make_vocab, needs_nltk, save_split
+from tests.tolerances import (F32_LEGACY_ENCODERS_VS_PUBLIC, F32_SAME_MATH, F32_SCAN_ENCODERS_VS_PUBLIC,
+                              F64_CHECKPOINT_SCORES, assert_close)
 
 SIZES = dict(img_dim=12, embed_size=16, word_dim=8, vocab_size=30)
 
@@ -108,18 +110,18 @@ def test_scan_checkpoint_loads_and_computes_what_the_public_model_does(tmp_path,
     assert model.sim_enc.options() == public.head_options()
     feats = np.random.default_rng(0).standard_normal((3, 4, opt.img_dim)).astype(np.float32)
     ids = [[1, 5, 7, 2], [1, 9, 2], [1, 3, 4, 6, 8, 2]] * 5
-    np.testing.assert_allclose(model.encode_images(feats).numpy(), public.images(feats).numpy(),
-                               rtol=1e-6, atol=1e-7)
+    assert_close(model.encode_images(feats).numpy(), public.images(feats).numpy(), F32_SCAN_ENCODERS_VS_PUBLIC,
+                 check_dtype=False)
     cap, lens = model.encode_captions(ids)
     want_cap, want_lens = public.captions(ids)
     assert torch.equal(lens, want_lens)
-    np.testing.assert_allclose(cap[:, :want_cap.shape[1]].numpy(), want_cap.numpy(), rtol=1e-6,
-                               atol=1e-7)
+    assert_close(cap[:, :want_cap.shape[1]].numpy(), want_cap.numpy(), F32_SCAN_ENCODERS_VS_PUBLIC,
+                 check_dtype=False)
     img = model.encode_images(feats)
     got = model.sim_enc(img.double(), cap.double(), lens, backend="reference")
     want = reference.scan_similarity_loop(public.images(feats).double(), want_cap.double(),
                                           want_lens, **public.head_options())
-    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-12)
+    assert_close(got.numpy(), want.numpy(), F64_CHECKPOINT_SCORES, check_dtype=False)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -196,8 +198,7 @@ def test_eval_scan_checkpoints_with_their_average_ensemble(tmp_path, capsys):
     assert rows[1] == pytest.approx(metrics.recall_metrics(sims[1]))
     assert result["metrics"]["ensemble (ALL)"] == pytest.approx(
         metrics.recall_metrics(metrics.ensemble(*sims)))
-    np.testing.assert_allclose(np.load(saved), metrics.ensemble(*sims).numpy(), rtol=1e-5,
-                               atol=1e-6)
+    assert_close(np.load(saved), metrics.ensemble(*sims).numpy(), F32_SAME_MATH, check_dtype=False)
 
 
 def test_legacy_serialisation_loads_weights_only(tmp_path):
@@ -209,5 +210,5 @@ def test_legacy_serialisation_loads_weights_only(tmp_path):
     model = load_checkpoint(path)
     assert model.kind == "scan" and model.sim_enc.agg == "lse"
     feats = np.ones((1, 2, SIZES["img_dim"]), np.float32)
-    np.testing.assert_allclose(model.encode_images(feats).numpy(), public.images(feats).numpy(),
-                               rtol=1e-6)
+    assert_close(model.encode_images(feats).numpy(), public.images(feats).numpy(),
+                 F32_LEGACY_ENCODERS_VS_PUBLIC, check_dtype=False)

@@ -8,7 +8,9 @@ import torch
 
 import rcar_fast
 from rcar_fast import dispatch, reference
-from tests.tolerances import assert_close_to_reference
+from tests.inputs import make_inputs
+from tests.tolerances import (F64_CHUNKED, F64_CPU_KERNEL_PARTS, assert_bit_equal, assert_close,
+                              assert_close_to_reference)
 
 pytestmark = pytest.mark.skipif(
     dispatch.rejection("scan", "cpu", torch.device("cpu"), torch.float32) is not None,
@@ -17,20 +19,6 @@ pytestmark = pytest.mark.skipif(
 DIRECTIONS = ("t2i", "i2t")
 RAW_NORMS = ("clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "clipped", "no_norm", "softmax")
 AGGREGATIONS = ("mean", "lse", "max", "sum")
-
-
-def make_inputs(n_img, n_cap, R, d, Lmax, dtype=torch.float64, lens=None):
-    """Random features; lengths ragged and including 1 and Lmax; NaN in the caption padding."""
-    img = torch.randn(n_img, R, d, dtype=dtype)
-    cap = torch.randn(n_cap, Lmax, d, dtype=dtype)
-    if lens is None:
-        lens = torch.randint(1, Lmax + 1, (n_cap,))
-        lens[0] = Lmax
-        lens[-1] = 1
-    lens = torch.as_tensor(lens)
-    for j in range(n_cap):
-        cap[j, int(lens[j]):] = float("nan")
-    return img, cap, lens
 
 
 def options(direction, raw_norm="clipped_l2norm", agg="mean"):
@@ -92,7 +80,7 @@ def test_padding_is_never_read():
     cap_inf = cap.clone()
     cap_inf[torch.isnan(cap_inf)] = 1e30
     out_big = rcar_fast.scan_similarity(img, cap_inf, lens, backend="cpu", **kw)
-    assert torch.equal(out_nan, out_big)
+    assert_bit_equal(out_nan, out_big, what="NaN vs 1e30 padding")
 
 
 def reference_gradients(img, cap, lens, grad, **kw):
@@ -247,10 +235,7 @@ def test_kernel_keeps_a_temperature_beyond_float32_range_finite(direction):
     # temperature into inf (inf * 0 = NaN at the top logit): it gives the hard attention that the
     # float64 reference gives. Captions of >= 2 words: one word normalises to exactly +-1 in
     # float32, a tie that float64 resolves.
-    g = torch.Generator().manual_seed(3)
-    img = torch.randn(3, 6, 8, dtype=torch.float64, generator=g)
-    cap = torch.randn(4, 5, 8, dtype=torch.float64, generator=g)
-    lens = torch.tensor([5, 2, 3, 4])
+    img, cap, lens = make_inputs(3, 4, 6, 8, lens=[5, 2, 3, 4], seed=3, pad=None)
     native = dispatch.native_module()
     ref = reference.scan_similarity_vectorized(img, cap, lens, direction=direction, smooth=1e39)
     out = native.scan_forward_cpu(img.float(), cap.float(), lens, direction, "clipped_l2norm", 1e39, "mean", 6.0)
@@ -269,7 +254,8 @@ def test_backward_is_bit_reproducible_with_two_threads(direction):
         first = cpu_gradients(img, cap, lens, grad, **options(direction))
         for _ in range(4):
             again = cpu_gradients(img, cap, lens, grad, **options(direction))
-            assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+            assert_bit_equal(first[0], again[0], what="d img rerun")
+            assert_bit_equal(first[1], again[1], what="d cap rerun")
     finally:
         torch.set_num_threads(previous)
 
@@ -308,9 +294,9 @@ def test_t2i_images_in_chunks_equal_one_call(monkeypatch):
     monkeypatch.setattr(scan_cpu, "_forward_chunk", _counting(scan_cpu._forward_chunk, calls))
     chunked = rcar_fast.scan_similarity(img, cap, lens, backend="cpu", **kw)
     assert len(calls) == 3  # 3 + 3 + 1 images
-    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-15)
+    assert_close(chunked, whole, F64_CHUNKED)
     for got, want in zip(cpu_gradients(img, cap, lens, grad, **kw), whole_grads):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+        assert_close(got, want, F64_CPU_KERNEL_PARTS)
 
 
 def _counting(fn, calls):

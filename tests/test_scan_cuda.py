@@ -18,7 +18,10 @@ from rcar_fast import dispatch, reference
 from rcar_fast.ops import scan_cuda
 from rcar_fast.ops.scan import AGGREGATIONS, RAW_NORMS
 from tests.conftest import requires_gpu
-from tests.tolerances import assert_close_to_reference
+from tests.inputs import make_inputs
+from tests.tolerances import (CUDA_VS_TRITON, CUDA_VS_TRITON_FACTOR, CUDA_VS_TRITON_SCALE_FLOOR, F32_BLOCKED,
+                              F64_GRADIENT_ASSEMBLY, F64_PAIR_BACKWARD, Tolerance, assert_bit_equal, assert_close,
+                              assert_close_to_reference, assert_scaled_close)
 
 DIRECTIONS = ("t2i", "i2t")
 SMOOTH = {"t2i": 9.0, "i2t": 4.0}
@@ -41,14 +44,9 @@ def _options(direction, raw_norm="clipped_l2norm", agg="mean"):
     return scan_cuda.Options(direction, raw_norm, SMOOTH[direction], agg, LSE_LAMBDA[direction])
 
 
-def _inputs(n_img, n_cap, R, d, lens, *, dtype=torch.float32, device="cpu", lmax=None):
-    """Features of roughly unit norm, with NaN in the caption padding."""
-    lens = torch.as_tensor(lens, dtype=torch.int64)
-    lmax = lmax or int(lens.max())
-    img = torch.randn(n_img, R, d, dtype=torch.float64) / d ** 0.5
-    cap = torch.randn(n_cap, lmax, d, dtype=torch.float64) / d ** 0.5
-    cap[torch.arange(lmax)[None, :] >= lens[:, None]] = float("nan")
-    return img.to(device=device, dtype=dtype), cap.to(device=device, dtype=dtype), lens.to(device)
+def _inputs(n_img, n_cap, R, d, lens, *, lmax=None, dtype=torch.float32, **kw):
+    """make_inputs with features of roughly unit norm (x / sqrt(d)) and NaN in the caption padding."""
+    return make_inputs(n_img, n_cap, R, d, lmax, lens=lens, scale=d ** -0.5, dtype=dtype, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +219,7 @@ def test_hand_derived_pair_backward_matches_autograd(direction, raw_norm, agg):
     got = _manual_pair_backward(context @ query.T, context @ context.T, query.pow(2).sum(1), options,
                                 upstream)
     for name, e, g in zip(("dS", "alpha", "alpha_scaled", "d|q|"), expected, got):
-        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12, msg=f"{name} ({direction}, {raw_norm}, {agg})")
+        assert_close(g, e, F64_PAIR_BACKWARD, what=f"{name} ({direction}, {raw_norm}, {agg})")
 
 
 def _emulated_pair_grads(img, cap, lens, options, grad_sims):
@@ -273,8 +271,8 @@ def test_gradient_assembly_matches_reference_autograd(direction, raw_norm, agg):
                                           raw_norm=raw_norm, smooth=options.smooth, agg=agg,
                                           lse_lambda=options.lse_lambda)
     (sims * grad_sims).sum().backward()
-    torch.testing.assert_close(d_img, img_ref.grad, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(d_cap, cap_ref.grad, rtol=1e-8, atol=1e-10)
+    assert_close(d_img, img_ref.grad, F64_GRADIENT_ASSEMBLY, what="d img")
+    assert_close(d_cap, cap_ref.grad, F64_GRADIENT_ASSEMBLY, what="d cap")
     padding = torch.arange(6)[None, :] >= lens_t[:, None]
     assert bool((d_cap[padding] == 0).all()), "caption padding must get zero gradient"
 
@@ -422,11 +420,12 @@ def test_backward_chunked_equals_whole_and_is_deterministic(direction, monkeypat
     kw = _kwargs(direction, agg="lse")
     whole = _grads("cuda", img, cap, lens, grad_sims, **kw)
     again = _grads("cuda", img, cap, lens, grad_sims, **kw)
-    assert all(torch.equal(a, b) for a, b in zip(whole, again)), "backward must be deterministic"
+    for a, b in zip(whole, again):
+        assert_bit_equal(a, b, what="backward must be deterministic")
     monkeypatch.setattr(scan_cuda, "BACKWARD_BUFFER_BYTES", 1)  # one image per chunk
     chunked = _grads("cuda", img, cap, lens, grad_sims, **kw)
     for a, b in zip(whole, chunked):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert_close(a, b, F32_BLOCKED, what="chunked backward")
 
 
 @requires_gpu
@@ -441,9 +440,10 @@ def test_cuda_agrees_with_triton(direction, dtype):
     grad_sims = torch.randn(20, 60, device="cuda")
     out_cuda = rcar_fast.scan_similarity(img, cap, lens, backend="cuda", **kw)
     out_triton = rcar_fast.scan_similarity(img, cap, lens, backend="triton", **kw)
-    tol = 1e-4 if dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(out_cuda, out_triton, rtol=tol, atol=tol)
-    for a, b in zip(_grads("cuda", img, cap, lens, grad_sims, **kw),
-                    _grads("triton", img, cap, lens, grad_sims, **kw)):
-        scale = b.float().abs().max().item()
-        assert (a.float() - b.float()).abs().max().item() <= 10 * tol * max(scale, 1e-6)
+    tol = CUDA_VS_TRITON[dtype]
+    assert_close(out_cuda, out_triton, tol, what="forward")
+    for a, b, what in zip(_grads("cuda", img, cap, lens, grad_sims, **kw),
+                          _grads("triton", img, cap, lens, grad_sims, **kw), ("d img", "d cap")):
+        scale = max(b.float().abs().max().item(), CUDA_VS_TRITON_SCALE_FLOOR)
+        assert_scaled_close(a.float(), b.float(), Tolerance(CUDA_VS_TRITON_FACTOR * tol.rtol, 0.0, tol.why),
+                            scale=scale, what=what)

@@ -14,7 +14,9 @@ import rcar_fast
 from rcar_fast import dispatch
 from rcar_fast import reference as ref
 from tests.conftest import requires_gpu
-from tests.tolerances import assert_close_to_reference
+from tests.inputs import make_inputs, real_words
+from tests.tolerances import (F32_STRIDED_VIEW, F64_GRADCHECK, assert_bit_equal, assert_close,
+                              assert_close_to_reference)
 from tests.conftest import requires_interpreter
 
 RAW_NORMS = ("clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "clipped", "no_norm", "softmax")
@@ -24,16 +26,9 @@ SETTINGS = {"t2i": (9.0, 6.0), "i2t": (4.0, 20.0)}
 LENS = (1, 7, 3, 5, 2)
 
 
-def _inputs(n_img=3, lens=LENS, regions=5, dim=20, max_len=None, dtype=torch.float32,
-            padding=float("nan"), device="cpu", scale=1.0):
-    """img (n_img, R, d), cap (n_cap, Lmax, d) with `padding` beyond each length, lens."""
-    max_len = max_len or max(lens)
-    img = torch.randn(n_img, regions, dim, dtype=torch.float64) * scale
-    cap = torch.randn(len(lens), max_len, dim, dtype=torch.float64) * scale
-    lens = torch.tensor(lens)
-    pad = torch.arange(max_len)[None, :] >= lens[:, None]
-    cap[pad] = padding
-    return img.to(device, dtype), cap.to(device, dtype), lens.to(device)
+def _inputs(n_img=3, lens=LENS, regions=5, dim=20, dtype=torch.float32, **kw):
+    """This file's default batch: make_inputs with NaN padding, float32, 5 ragged captions."""
+    return make_inputs(n_img, len(lens), regions, dim, kw.pop("max_len", None), lens=lens, dtype=dtype, **kw)
 
 
 def _options(direction, raw_norm="clipped_l2norm", agg="mean"):
@@ -43,10 +38,6 @@ def _options(direction, raw_norm="clipped_l2norm", agg="mean"):
 
 def _reference(img, cap, lens, **opts):
     return ref.scan_similarity_vectorized(img.double(), cap.double(), lens, **opts)
-
-
-def _real_words(lens, max_len):
-    return torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
 
 
 def _triton(img, cap, lens, **opts):
@@ -102,10 +93,11 @@ def test_padding_is_never_read(direction):
     results = []
     for padding in (float("nan"), 123.0, 0.0):
         torch.manual_seed(0)
-        img, cap, lens = _inputs(padding=padding)
+        img, cap, lens = _inputs(pad=padding)
         results.append(_triton(img, cap, lens, **_options(direction, agg="lse")))
     assert torch.isfinite(results[0]).all()
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert_bit_equal(results[1], results[0], what="padding 123 vs NaN")
+    assert_bit_equal(results[2], results[0], what="padding 0 vs NaN")
 
 
 @requires_interpreter
@@ -134,7 +126,7 @@ def test_non_contiguous_inputs():
         opts = _options(direction)
         out = _triton(img_view, cap_view, lens, **opts)
         expected = _triton(img_view.contiguous(), cap_view.contiguous(), lens, **opts)
-        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
+        assert_close(out, expected, F32_STRIDED_VIEW)
         assert_close_to_reference(out, _reference(img_view, cap_view, lens, **opts),
                                   dtype=torch.float32)
 
@@ -191,12 +183,12 @@ def _check_gradients(img, cap, lens, *, dtype, **opts):
     out_dtype = torch.float64 if img.dtype == torch.float64 else torch.float32
     out, dimg, dcap = _gradients(_triton, img, cap, lens, weights.to(out_dtype), **opts)
     ref_out, rimg, rcap = _gradients(_reference, img.double(), cap.double(), lens, weights, **opts)
-    real = _real_words(lens, cap.shape[1])
+    real = real_words(lens, cap.shape[1])
     assert dimg.dtype == img.dtype and dcap.dtype == cap.dtype
     assert_close_to_reference(out, ref_out, dtype=dtype, what="forward")
     assert_close_to_reference(dimg, rimg, dtype=dtype, what="d img")
     assert_close_to_reference(dcap[real], rcap[real], dtype=dtype, what="d cap (real words)")
-    assert torch.equal(dcap[~real], torch.zeros_like(dcap[~real])), "gradient in caption padding"
+    assert_bit_equal(dcap[~real], torch.zeros_like(dcap[~real]), what="gradient in caption padding")
 
 
 BACKWARD_CASES = [("clipped_l2norm", "mean"), ("clipped_l2norm", "lse"), ("l1norm", "max"),
@@ -241,7 +233,8 @@ def test_gradcheck_float64(direction):
     def fn(a, c):
         return _triton(a, c, lens, **opts)
 
-    assert torch.autograd.gradcheck(fn, (img, cap), fast_mode=True, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, (img, cap), fast_mode=True, atol=F64_GRADCHECK.atol,
+                                   rtol=F64_GRADCHECK.rtol)
 
 
 @requires_interpreter
@@ -275,8 +268,8 @@ def test_backward_kernels_overwrite_poisoned_targets(of_x):
     poisoned = torch.full(feats.shape, float("nan"))
     for _ in range(2):
         kernels._launch_backward(kernel, None, problem, xg, yg, dsim, poisoned, parallel_over_x=of_x)
-        rows = torch.ones(feats.shape[:2], dtype=torch.bool) if of_x else _real_words(lens, 7)
-        assert torch.equal(poisoned[rows], clean[rows])
+        rows = torch.ones(feats.shape[:2], dtype=torch.bool) if of_x else real_words(lens, 7)
+        assert_bit_equal(poisoned[rows], clean[rows], what="rows written over NaN poison")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,14 +277,12 @@ def test_backward_kernels_overwrite_poisoned_targets(of_x):
 # ---------------------------------------------------------------------------------------------
 
 def _realistic(n_img, per_image, dtype, seed=0):
+    """COCO-like batch on the GPU: unit-norm 36 x 1024 regions, 6..30 words and one 1-word caption."""
     gen = torch.Generator().manual_seed(seed)
-    n_cap = n_img * per_image
-    lens = torch.randint(6, 31, (n_cap,), generator=gen)
+    lens = torch.randint(6, 31, (n_img * per_image,), generator=gen)
     lens[0], lens[-1] = 1, 30
-    img = torch.nn.functional.normalize(torch.randn(n_img, 36, 1024, generator=gen), dim=-1)
-    cap = torch.nn.functional.normalize(torch.randn(n_cap, 30, 1024, generator=gen), dim=-1)
-    cap[~_real_words(lens, 30)] = float("nan")
-    return img.cuda().to(dtype), cap.cuda().to(dtype), lens.cuda()
+    return make_inputs(n_img, len(lens), 36, 1024, lens=lens, unit_norm=True, dtype=dtype, device="cuda",
+                       seed=seed + 1)
 
 
 def _reference_lowp(img, cap, lens, **opts):
@@ -322,7 +313,7 @@ def test_gpu_backward_realistic(direction, dtype):
     weights = torch.randn(12, 24, device="cuda", dtype=torch.float64)
     out, dimg, dcap = _gradients(_triton, img, cap, lens, weights.float(), **opts)
     _, rimg, rcap = _gradients(_reference, img.double(), cap.double(), lens, weights, **opts)
-    real = _real_words(lens, 30)
+    real = real_words(lens, 30)
     if dtype == torch.float32:
         assert_close_to_reference(dimg, rimg, dtype=dtype, what="d img")
         assert_close_to_reference(dcap[real], rcap[real], dtype=dtype, what="d cap")
@@ -331,7 +322,7 @@ def test_gpu_backward_realistic(direction, dtype):
         assert_close_to_reference(dimg, rimg, dtype=dtype, ref_lowp=limg, what="d img")
         assert_close_to_reference(dcap[real], rcap[real], dtype=dtype, ref_lowp=lcap[real],
                                   what="d cap")
-    assert torch.equal(dcap[~real], torch.zeros_like(dcap[~real]))
+    assert_bit_equal(dcap[~real], torch.zeros_like(dcap[~real]), what="gradient in caption padding")
 
 
 @requires_gpu

@@ -4,10 +4,13 @@ import pytest
 import torch
 
 import rcar_fast
+from tests.inputs import make_inputs
+from tests.tolerances import SAME_CALL_OTHER_ARGUMENT_FORM, assert_close
 
 
 def _good(dtype=torch.float32):
-    return torch.randn(2, 3, 4, dtype=dtype), torch.randn(3, 5, 4, dtype=dtype), torch.tensor([5, 1, 3])
+    # padding left as drawn (finite): each test poisons exactly what it checks
+    return make_inputs(2, 3, 3, 4, lens=[5, 1, 3], dtype=dtype, pad=None)
 
 
 def _entry_points():
@@ -59,7 +62,7 @@ def test_lens_forms_accepted_and_nan_padding_allowed(entry):
     ref = fn(img, cap, lens)
     assert bool(torch.isfinite(ref).all())
     for form in ([5, 1, 3], np.array([5, 1, 3], dtype=np.int32), lens.int()):
-        torch.testing.assert_close(fn(img, cap, form), ref)
+        assert_close(fn(img, cap, form), ref, SAME_CALL_OTHER_ARGUMENT_FORM)
 
 
 def test_scan_option_errors():
@@ -88,10 +91,7 @@ def test_finite_check_walks_blocks_and_sees_every_block(monkeypatch):
     from rcar_fast import validate
 
     monkeypatch.setattr(validate, "FINITE_CHECK_BLOCK_BYTES", 2 * 4 * 3 * 4)   # 2 captions per block
-    img = torch.randn(5, 3, 4)
-    cap = torch.randn(7, 4, 4)
-    lens = torch.tensor([4, 1, 2, 3, 4, 1, 2])
-    cap[torch.arange(4)[None, :] >= lens[:, None]] = float("nan")
+    img, cap, lens = make_inputs(5, 7, 3, 4, lens=[4, 1, 2, 3, 4, 1, 2], dtype=torch.float32)
     assert validate.similarity_inputs(img, cap, lens) is not None
     for j, pos in ((0, 3), (5, 0), (6, 1)):     # first, middle and last (partial) block
         bad = cap.clone()
@@ -156,9 +156,9 @@ def test_bad_lens_raise_one_clear_error_before_any_kernel(entry, name, lens, exc
 def test_numpy_scalars_and_0d_tensors_are_numbers(smooth):
     img, cap, lens = _good()
     want = rcar_fast.scan_similarity(img, cap, lens, smooth=9.0)
-    torch.testing.assert_close(rcar_fast.scan_similarity(img, cap, lens, smooth=smooth), want)
-    torch.testing.assert_close(rcar_fast.scan_similarity(img, cap, lens, lse_lambda=np.float32(6), agg="lse"),
-                               rcar_fast.scan_similarity(img, cap, lens, lse_lambda=6.0, agg="lse"))
+    assert_close(rcar_fast.scan_similarity(img, cap, lens, smooth=smooth), want, SAME_CALL_OTHER_ARGUMENT_FORM)
+    assert_close(rcar_fast.scan_similarity(img, cap, lens, lse_lambda=np.float32(6), agg="lse"),
+                 rcar_fast.scan_similarity(img, cap, lens, lse_lambda=6.0, agg="lse"), SAME_CALL_OTHER_ARGUMENT_FORM)
 
 
 @pytest.mark.parametrize("smooth,exc,pattern", [
