@@ -44,9 +44,14 @@ import torch
 import triton
 import triton.language as tl
 
-# eps = 1e-8 of the public code appears as a literal in the kernels (a jitted function can only
-# read constexpr globals).
-MODES = {"only_rar": 0, "only_rcr": 1, "coop_rcar": 2}
+from rcar_fast import contract
+
+MODES = contract.REGULATOR_CODES
+# The contract's constants as constexpr globals (all a jitted function can read).
+_EPS = tl.constexpr(contract.EPS)
+_SLOPE = tl.constexpr(contract.LEAKY_SLOPE)
+_ONLY_RAR = tl.constexpr(MODES["only_rar"])
+_ONLY_RCR = tl.constexpr(MODES["only_rcr"])
 
 # name -> (shape, dtype kind). n_alv / n_rcr / n_rar are the module counts (at least 1 slot: an
 # absent module list gets a zero dummy). DP = d rounded up to the d chunk, SP = pow2 >= max(s, 16),
@@ -93,7 +98,7 @@ def _sigmoid(x):
 @triton.jit
 def _l2norm_rows(x):
     # x / (sqrt(sum x^2) + eps), eps added to the norm as in the public code.
-    return x / (tl.sqrt(tl.sum(x * x, axis=1)) + 1e-8)[:, None]
+    return x / (tl.sqrt(tl.sum(x * x, axis=1)) + _EPS)[:, None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,11 +161,11 @@ def _attention(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr,
         scores += tl.dot(q.to(OPD), tl.trans(c), input_precision=PREC)
     # clipped_l2norm over each pair's queries, per context item: segment sums of squares via
     # the (ROWS, BSEG) one-hot matrix, broadcast back to the rows by the transposed product.
-    x = tl.where(scores > 0, scores, 0.1 * scores)
+    x = tl.where(scores > 0, scores, _SLOPE * scores)
     x = tl.where(row_ok[:, None], x, 0.0)
     per_seg = tl.dot(tl.trans(onehot), x * x, input_precision=SEG_PREC)
     per_row = tl.dot(onehot, per_seg, input_precision=SEG_PREC)
-    a = x / (tl.sqrt(per_row) + 1e-8)
+    a = x / (tl.sqrt(per_row) + _EPS)
     logits = tl.where(ctx_ok[None, :], lam[:, None] * a, float("-inf"))
     e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     return e / tl.sum(e, axis=1)[:, None]
@@ -180,7 +185,7 @@ def _alignment(q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr, w2_ptr,
     cs = tl.arange(0, CP)
     gram = tl.load(g_base + cs[:, None] * CP + cs[None, :])
     sq = tl.sum(tl.dot(alpha, gram, input_precision=SEG_PREC) * alpha, axis=1)
-    inv_norm = 1.0 / (tl.sqrt(tl.maximum(sq, 0.0)) + 1e-8)
+    inv_norm = 1.0 / (tl.sqrt(tl.maximum(sq, 0.0)) + _EPS)
     alpha_op = alpha.to(OPD)
     ss = tl.arange(0, SP)
     acc = tl.zeros((ROWS, SP), tl.float32)
@@ -218,7 +223,7 @@ def _mean_cosine(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_pt
         q_sq += tl.sum(q * q, axis=1)
     n = tl.sqrt(ctx_sq)
     # cos(q, u) with u = ctx / (|ctx| + eps): (q . u) / max(|q| |u|, eps).
-    cos = (q_ctx / (n + 1e-8)) / tl.maximum(tl.sqrt(q_sq) * (n / (n + 1e-8)), 1e-8)
+    cos = (q_ctx / (n + _EPS)) / tl.maximum(tl.sqrt(q_sq) * (n / (n + _EPS)), _EPS)
     cos = tl.where(row_ok, cos, 0.0)
     seg_len = tl.sum(onehot, axis=0)
     return tl.sum(onehot * cos[:, None], axis=0) / tl.maximum(seg_len, 1.0)
@@ -377,7 +382,7 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
         g_base = gram_ptr + set_id * (CP * CP)
         lam = tl.full((ROWS,), 1.0, tl.float32) * smooth
         h = tl.zeros((BSEG, SP), tl.float32)
-        if MODE == 0:
+        if MODE == _ONLY_RAR:
             # only_rar: one alignment step, h = mean, STEPS RAR updates.
             _store_rows(vscr, _alignment(q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr,
                                          w2_ptr, b2_ptr, wa_ptr, ba_ptr, DP, 0, 0, ROWS, CP, SP,
@@ -387,7 +392,7 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
                 h = _rar(vscr, h, onehot, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
                          n, ROWS, BSEG, SP, NC, KC, OPD, PREC)
             score = _eval_score(h, we_ptr, be_ptr, SP)
-        elif MODE == 1:
+        elif MODE == _ONLY_RCR:
             # only_rcr: STEPS (alignment, RCR) rounds, then mean cosine with the final (m, lambda).
             for t in tl.static_range(STEPS):
                 _store_rows(vscr, _alignment(q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam,

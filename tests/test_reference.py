@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rcar_fast import reference as ref
+from rcar_fast.contract import scan_published
 
 F64 = torch.float64
 LENS = (1, 7, 3, 2, 5, 4, 7)          # ragged 1..7, including a full-length caption
@@ -53,11 +54,8 @@ def valid_rcar_modes():
         yield regulator, direction, steps
 
 
-SCAN_SETTINGS = {"t2i": dict(smooth=9.0, lse_lambda=6.0), "i2t": dict(smooth=4.0, lse_lambda=5.0)}
-
-
 def scan_kwargs(direction, raw_norm="clipped_l2norm", agg="mean"):
-    return dict(direction=direction, raw_norm=raw_norm, agg=agg, **SCAN_SETTINGS[direction])
+    return scan_published(direction, "f30k", raw_norm=raw_norm, agg=agg)
 
 
 def input_grads(fn, img, cap, lens, seed=1):

@@ -16,13 +16,12 @@ import torch
 import rcar_fast
 from rcar_fast import dispatch, reference
 from rcar_fast.ops import scan_cuda
-from rcar_fast.ops.scan import AGGREGATIONS, RAW_NORMS
+from rcar_fast.contract import AGGREGATIONS, DIRECTIONS, RAW_NORMS, SCAN_PUBLISHED
 from tests.conftest import requires_gpu
 from tests.tolerances import assert_close_to_reference
 
-DIRECTIONS = ("t2i", "i2t")
-SMOOTH = {"t2i": 9.0, "i2t": 4.0}
-LSE_LAMBDA = {"t2i": 6.0, "i2t": 5.0}
+SMOOTH = {direction: s["smooth"] for direction, s in SCAN_PUBLISHED["f30k"].items()}
+LSE_LAMBDA = {direction: s["lse_lambda"] for direction, s in SCAN_PUBLISHED["f30k"].items()}
 
 
 def _nvcc_available() -> bool:
@@ -110,14 +109,31 @@ def test_tile_choice_prefers_wide_groups_and_refuses_what_does_not_fit():
         assert [native.scan_tile_cols(c) for c in (8, 4, 2)] == [cols(c) for c in (8, 4, 2)]
 
 
-def binding_fields(function_name: str) -> set:
-    """Keys that csrc/bindings_cuda.cpp's `function_name` reads from its problem dict."""
+def binding_fields(struct_name: str) -> set:
+    """Keyword fields csrc/bindings_cuda.cpp's binding of rcar_cuda::`struct_name` requires."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "csrc", "bindings_cuda.cpp")) as f:
         text = f.read()
-    body = text[text.index(f"{function_name}(const py::dict& d)"):]
-    body = body[:body.index("return p;")]
-    return set(re.findall(r'field<[^>]*>\(d, "(\w+)"\)', body))
+    body = text[text.index(f"ProblemClass<{struct_name}>("):]
+    body = body[:body.index(".finish()")]
+    return set(re.findall(rf'\.field\("(\w+)", &{struct_name}::\1\)', body))
+
+
+def kernel_fields(struct_name: str) -> set:
+    """Field names of rcar_cuda::`struct_name` in csrc/cuda/kernels.h."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "csrc", "cuda", "kernels.h")) as f:
+        text = f.read()
+    body = text[text.index(f"struct {struct_name} {{"):]
+    body = re.sub(r"//[^\n]*", "", body[:body.index("};")])
+    declarations = [line.strip().rstrip(";") for line in body.split("\n")[1:] if line.strip()]
+    return {name.strip().split()[-1].lstrip("*") for decl in declarations for name in decl.split(",")}
+
+
+@pytest.mark.parametrize("struct_name", ["ScanProblem", "RcarProblem"])
+def test_the_binding_sets_every_field_of_the_kernel_struct(struct_name):
+    fields = binding_fields(struct_name)
+    assert len(fields) > 10 and fields == kernel_fields(struct_name)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -131,7 +147,7 @@ def test_problem_dict_matches_what_the_binding_reads(direction):
                               gram=f32, gram_off=i64, word_sq=f32)
     images = scan_cuda.Images(img=img, gram=f32, region_sq=f32)
     problem = scan_cuda.problem(images, caps, options)
-    assert set(problem) == binding_fields("scan_problem")
+    assert set(problem) == binding_fields("ScanProblem")
     assert problem["raw_norm"] == 0 and problem["agg"] == 0 and problem["i2t"] == int(direction == "i2t")
     assert all(isinstance(v, (int, float)) for v in problem.values())
 

@@ -2,7 +2,7 @@
 backend. It is the plumbing check of the project: one trivial but real kernel per kind."""
 import torch
 
-from rcar_fast import dispatch, validate
+from rcar_fast import contract, dispatch, validate
 
 
 def _gram_reference(x: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,7 @@ def _gram_cpu(x: torch.Tensor) -> torch.Tensor:
     return dispatch.native_module().gram_cpu(x)
 
 
-_CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_CUDA_DTYPE_CODES = {getattr(torch, name): code for name, code in contract.CUDA_DTYPE_CODES.items()}
 
 
 def _gram_cuda(x: torch.Tensor) -> torch.Tensor:

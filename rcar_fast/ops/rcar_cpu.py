@@ -6,19 +6,20 @@ fails loudly instead of silently getting no gradient.
 """
 import torch
 
-from rcar_fast import dispatch
+from rcar_fast import contract, dispatch
 from rcar_fast.ops.scan_cpu import supports  # same device and dtypes as the SCAN kernels
 
 
 def flat_weights(head) -> list:
     """The head's Linear weights and biases in the order csrc/cpu/kernels.h documents."""
-    layers = [m.sim_transform_w for m in head.alv_modules]
-    for m in head.rcr_modules:
-        layers += [m.rcr_matrix_w[0], m.rcr_matrix_w[2], m.rcr_smooth_w[0], m.rcr_smooth_w[2]]
-    for m in head.rar_modules:
-        layers += [m.rar_q_w[0], m.rar_k_w[0], m.rar_v_w[0]]
-    layers.append(head.sim_eval_w)
-    return [t.detach() for layer in layers for t in (layer.weight, layer.bias)]
+    return [t.detach() for _, layer, _ in contract.rcar_linears(head) for t in (layer.weight, layer.bias)]
+
+
+def native_settings(head):
+    """The kernel's typed head configuration (csrc/cpu/kernels.h RcarSettings)."""
+    return dispatch.native_module().RcarSettings(
+        direction=contract.DIRECTION_CODES[head.direction], regulator=contract.REGULATOR_CODES[head.regulator],
+        steps=int(head.steps), smooth=float(head.smooth))
 
 
 class _NoBackward(torch.autograd.Function):
@@ -40,8 +41,7 @@ def rcar_cpu(head, img, cap, lens):
             "backend 'cpu' runs the RCAR head in eval mode only, and this head is in training mode "
             "with RAR dropout active; call head.eval() for scoring, or use backend='reference' to train")
     scores = dispatch.native_module().rcar_forward_cpu(
-        img.detach(), cap.detach(), lens, head.direction, head.regulator, head.steps, float(head.smooth),
-        flat_weights(head))
+        img.detach(), cap.detach(), lens, native_settings(head), flat_weights(head))
     tracked = [t for t in (img, cap, *head.parameters()) if t.requires_grad]
     if torch.is_grad_enabled() and tracked:
         return _NoBackward.apply(scores, *tracked)

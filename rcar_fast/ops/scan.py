@@ -11,11 +11,8 @@ float64 inputs, and differentiable w.r.t. img and cap where the backend has a ba
 import torch
 
 from rcar_fast import dispatch, reference, validate
+from rcar_fast.contract import AGGREGATIONS, DIRECTIONS, RAW_NORMS  # noqa: F401 (re-exported)
 from rcar_fast.ops import scan_cpu
-
-DIRECTIONS = ("t2i", "i2t")
-RAW_NORMS = ("clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "clipped", "no_norm", "softmax")
-AGGREGATIONS = ("mean", "lse", "max", "sum")
 
 
 def _output_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from rcar_fast import dispatch
+from rcar_fast import contract, dispatch
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -60,6 +60,13 @@ def _largest_region_count(element_size: int) -> int:
     return R
 
 
+def native_settings(direction, raw_norm, smooth, agg, lse_lambda):
+    """The kernels' typed problem description (csrc/cpu/kernels.h ScanSettings) from the names."""
+    return dispatch.native_module().ScanSettings(
+        direction=contract.DIRECTION_CODES[direction], raw_norm=contract.RAW_NORM_CODES[raw_norm],
+        agg=contract.AGG_CODES[agg], smooth=float(smooth), lse_lambda=float(lse_lambda))
+
+
 class _ScanCpu(torch.autograd.Function):
     """sims = SCAN(img, cap, lens); gradients w.r.t. img and cap (zero at caption padding)."""
 
@@ -67,13 +74,13 @@ class _ScanCpu(torch.autograd.Function):
     def forward(ctx, img, cap, lens, options):
         ctx.save_for_backward(img, cap, lens)
         ctx.options = options
-        return dispatch.native_module().scan_forward_cpu(img.detach(), cap.detach(), lens, *options)
+        return dispatch.native_module().scan_forward_cpu(img.detach(), cap.detach(), lens, options)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         img, cap, lens = ctx.saved_tensors
-        d_img, d_cap = dispatch.native_module().scan_backward_cpu(grad, img, cap, lens, *ctx.options)
+        d_img, d_cap = dispatch.native_module().scan_backward_cpu(grad, img, cap, lens, ctx.options)
         return (d_img if ctx.needs_input_grad[0] else None,
                 d_cap if ctx.needs_input_grad[1] else None, None, None)
 
@@ -82,7 +89,7 @@ def scan_cpu(img, cap, lens, *, direction, raw_norm, smooth, agg, lse_lambda):
     reason = shape_rejection(img, direction)
     if reason is not None:
         raise dispatch.BackendUnavailable(f"backend 'cpu' cannot run scan on these inputs: {reason}")
-    options = (direction, raw_norm, float(smooth), agg, float(lse_lambda))
+    options = native_settings(direction, raw_norm, smooth, agg, lse_lambda)
     per_call = img.shape[0] if direction != "t2i" else max(1, GRAM_CHUNK_BYTES // _image_gram_bytes(img))
     if per_call >= img.shape[0]:
         return _ScanCpu.apply(img, cap, lens, options)
