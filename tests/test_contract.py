@@ -169,3 +169,13 @@ def test_published_settings_follow_the_public_readme():
     assert contract.SCAN_PUBLISHED["f30k"]["i2t"] == {"smooth": 4.0, "lse_lambda": 5.0}
     assert contract.SCAN_PUBLISHED["coco"]["i2t"] == {"smooth": 4.0, "lse_lambda": 20.0}
     assert contract.rcar_smooth("t2i") == 10.0 and contract.rcar_smooth("i2t") == 3.0
+
+
+def test_the_cpu_heads_share_one_tile_primitive():
+    # csrc/cpu/tile.h holds the region-word score GEMM and the query-axis norms; the heads are
+    # epilogues on it and keep no private copy.
+    for head in ("scan.cpp", "rcar.cpp"):
+        code = (ROOT / "csrc" / "cpu" / head).read_text()
+        assert '#include "cpu/tile.h"' in code, head
+        assert "score_tile(" in code and "query_axis_norms<" in code, head
+        assert not re.search(r"acc \+= [^;]*x \* x", code), f"{head} re-implements the query-axis norm"

@@ -12,8 +12,7 @@
 // The per-pair and per-row reductions in between are vectorised loops. Buffers are O(tile)
 // per thread; no (pairs, Q, d) tensor exists. See SIMILARITY.md for the exact functions.
 #include "cpu/kernels.h"
-#include "cpu/simd.h"
-#include "cpu/tile_common.h"
+#include "cpu/tile.h"
 
 #include <limits>
 
@@ -230,9 +229,7 @@ RCAR_INLINE void raw_scores(const RcarTile<T>& t, RcarScratch<T>& w, int64_t d, 
     modulate(t.query, w.M.data(), w.D.data(), t.rows * d);
     q = w.D.data();
   }
-  matmul_into(view2d(w.S.data(), t.rows, t.C, Cp), view2d(q, t.rows, d, d), view2d(t.context, t.C, d, d).t(),
-              false);
-  for (int64_t r = 0; r < t.rows; ++r) std::fill(w.S.data() + r * Cp + t.C, w.S.data() + (r + 1) * Cp, T(0));
+  score_tile(q, t.rows, t.context, t.C, d, w.S.data(), Cp);
 }
 
 // alpha in place of S: clipped_l2norm over each pair's query rows per context item, then a
@@ -249,15 +246,8 @@ RCAR_INLINE void attention_weights(const RcarTile<T>& t, RcarScratch<T>& w, int6
   T* inv = w.inv.data();
   for (int64_t p = 0; p < t.pairs; ++p) {
     const int64_t r0 = t.seg[p], r1 = t.seg[p + 1];
-    for (int64_t v = 0; v < Cp; v += W) {
-      V<T> acc = zero;
-      for (int64_t r = r0; r < r1; ++r) {
-        const V<T> x = simd::leak<T>(simd::load(S + r * Cp + v), slope);
-        acc += x * x;
-      }
-      simd::store(inv + v, acc);
-    }
-    for (int64_t c = 0; c < Cp; ++c) inv[c] = T(1) / (std::sqrt(inv[c]) + T(kEps));
+    query_axis_norms<T, true>(S, r0, r1, Cp, slope, inv);  // clipped_l2norm's divisor
+    inverse_norms(inv, Cp, inv);
     for (int64_t r = r0; r < r1; ++r) {
       T* sr = S + r * Cp;
       const T lam = w.lam[r];

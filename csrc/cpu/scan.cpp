@@ -10,8 +10,7 @@
 // context padded to whole SIMD vectors, so that one vectorised pair kernel serves both
 // directions.
 #include "cpu/kernels.h"
-#include "cpu/tile_common.h"
-#include "cpu/simd.h"
+#include "cpu/tile.h"
 
 #include <condition_variable>
 #include <limits>
@@ -119,19 +118,9 @@ RCAR_INLINE void query_axis_stats(const Pair<T>& p, const Opt<T>& o, T* inv, T* 
     }
     return;
   }
-  const T slope = o.slope;
-  const bool l2 = o.norm == kNormL2;
-  for (int64_t v = 0; v < Cp; v += W) {
-    V<T> acc = simd::splat<T>(T(0));
-    for (int64_t k = 0; k < Q; ++k) {
-      const V<T> x = simd::leak<T>(simd::load(p.s + k * Cp + v), slope);
-      acc += l2 ? x * x : simd::vmax<T>(x, -x);
-    }
-    simd::store(aux + v, acc);
-  }
-  if (l2)
-    for (int64_t c = 0; c < Cp; ++c) aux[c] = std::sqrt(aux[c]);
-  for (int64_t c = 0; c < Cp; ++c) inv[c] = T(1) / (aux[c] + T(kEps));
+  if (o.norm == kNormL2) query_axis_norms<T, true>(p.s, 0, Q, Cp, o.slope, aux);
+  else query_axis_norms<T, false>(p.s, 0, Q, Cp, o.slope, aux);
+  inverse_norms(aux, Cp, inv);
 }
 
 // One vector of the normalised scores a[k, v .. v+W).
@@ -541,9 +530,7 @@ Tile tile_of(const ScanProblem<T>& P, int64_t cb, int64_t ib) {
 // scores (rows x cols) = tile words @ tile regions^T
 template <typename T>
 void tile_scores(const ScanProblem<T>& P, const Tile& t, T* scores) {
-  const at::Tensor w = view2d(P.words_ptr() + t.w0 * P.d, t.rows, P.d, P.d);
-  const at::Tensor v = view2d(P.img_ptr() + t.i0 * P.R * P.d, t.cols, P.d, P.d);
-  matmul_into(view2d(scores, t.rows, t.cols, t.cols), w, v.t(), false);
+  score_tile(P.words_ptr() + t.w0 * P.d, t.rows, P.img_ptr() + t.i0 * P.R * P.d, t.cols, P.d, scores, t.cols);
 }
 
 // Per-thread buffers of a tile.
