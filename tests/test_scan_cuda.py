@@ -136,6 +136,31 @@ def test_the_binding_sets_every_field_of_the_kernel_struct(struct_name):
     assert len(fields) > 10 and fields == kernel_fields(struct_name)
 
 
+def _problem_fields(direction="t2i"):
+    img, cap, lens = _inputs(2, 3, 4, 8, [2, 3, 1])
+    f32 = torch.zeros(8)
+    i64 = torch.zeros(4, dtype=torch.int64)
+    caps = scan_cuda.Captions(cap=cap, lens=lens, lens_host=[2, 3, 1], word_off=i64, total_words=6,
+                              max_len=3, col_frags=8, group_first=torch.zeros(2, dtype=torch.int32),
+                              gram=f32, gram_off=i64, word_sq=f32)
+    images = scan_cuda.Images(img=img, gram=f32, region_sq=f32)
+    return scan_cuda.problem(images, caps, _options(direction))
+
+
+def test_the_typed_problem_takes_every_field_and_names_a_bad_one():
+    native = dispatch.native_module()
+    if isinstance(native, str) or not native.built_with_cuda():
+        pytest.skip("rcar_fast._C was built without the CUDA kernels")
+    fields = _problem_fields("i2t")
+    problem = native.ScanProblemCuda(**fields)
+    assert {name: getattr(problem, name) for name in fields} == pytest.approx(fields)
+    missing = {k: v for k, v in fields.items() if k != "query_sq"}
+    for bad, message in [(missing, "'query_sq' is missing"), ({**fields, "alpha": 1}, "unknown field 'alpha'"),
+                         ({**fields, "n_img": 2.5}, "'n_img' has the wrong type")]:
+        with pytest.raises(RuntimeError, match=message):
+            native.ScanProblemCuda(**bad)
+
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_problem_dict_matches_what_the_binding_reads(direction):
     options = _options(direction)
