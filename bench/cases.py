@@ -1,7 +1,7 @@
 """What the suite measures: ops, shapes and the three plans (tiny, quick, full).
 
 An op row is (op, mode, shape, dtype, backend); a loss row compares the hardest-negative
-loss computed sparsely (rcar_fast.pairs.hardest_negative_loss: <= 3B pairs with autograd)
+loss computed sparsely (rcar_fast.losses.hardest_negative_loss: <= 3B pairs with autograd)
 against the full B x B version, per backend. Shapes are ordered small to large inside a sweep
 so that a backend over the time budget at one size is skipped at the larger ones.
 

@@ -26,7 +26,7 @@ from bench import cases as _cases
 from bench import flops as _flops
 from bench import measure
 
-from rcar_fast import dispatch, pairs
+from rcar_fast import dispatch, losses
 from rcar_fast.modules import RCARSimilarity
 from rcar_fast.ops.scan import scan_similarity
 from rcar_fast import reference
@@ -39,13 +39,18 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def forward_only_reason(dispatch_op: str, backend: str, needs_backward: bool) -> Optional[str]:
+    """A skip reason for a row that needs a backward on a forward-only backend (its
+    capability flag in rcar_fast.dispatch), before anything runs."""
+    impl = dispatch.implementation(dispatch_op, backend)
+    if needs_backward and impl is not None and not impl.has_backward:
+        return f"skipped: {backend} {dispatch_op} is forward-only (no backward)"
+    return None
+
+
 def record_failure(ctx: RunContext, row: dict, err: BaseException, skip_key, what: str) -> None:
-    """An error row; out of memory also skips the larger sizes of the same series. A backend
-    whose backward raises because it has none (forward-only kernels) gets a skipped row."""
-    forward_only = "no backward" in str(err)
-    row.update(status="skipped" if forward_only else "error", reason=error_text(err))
-    if forward_only:
-        return
+    """An error row; out of memory also skips the larger sizes of the same series."""
+    row.update(status="error", reason=error_text(err))
     if is_out_of_memory(err):
         ctx.slow[skip_key] = OUT_OF_MEMORY
         if torch.cuda.is_available():
@@ -263,7 +268,8 @@ def run_op_case(ctx: RunContext, case: _cases.OpCase) -> list:
             for backend, reason in candidate_backends(ctx, op.dispatch_op, shape.dtype, True):
                 row = base_row(ctx, op, shape, lens, mode, backend)
                 skip_key = (op.name, "", mode, backend, row["dtype"], shape.sweep, shape.d, shape.mean_len)
-                reason = (reason or baseline_limit_reason(ctx, backend, shape.pairs)
+                reason = (reason or forward_only_reason(op.dispatch_op, backend, mode != "forward")
+                          or baseline_limit_reason(ctx, backend, shape.pairs)
                           or _skip_reason(ctx, skip_key))
                 if reason is None:
                     try:
@@ -310,7 +316,8 @@ def run_loss_case(ctx: RunContext, case: _cases.LossCase) -> list:
                 row = base_row(ctx, op, shape, lens, "train_step", backend, variant)
                 row["op"] = f"loss_{op.name}"
                 skip_key = (row["op"], variant, "train_step", backend, row["dtype"], shape.sweep)
-                row_reason = (reason or baseline_limit_reason(ctx, backend, shape.pairs)
+                row_reason = (reason or forward_only_reason(op.dispatch_op, backend, variant == "full")
+                              or baseline_limit_reason(ctx, backend, shape.pairs)
                               or _skip_reason(ctx, skip_key))
                 if row_reason is None:
                     try:
@@ -338,7 +345,7 @@ def loss_step(ctx, variant, model, backend, img, cap, lens, head, kwargs):
     img_g, cap_g, targets = _grad_inputs(img, cap, head)
     if variant == "full":
         def run():
-            loss = pairs.full_hardest_negative_loss(img_g, cap_g, lens, model=model,
+            loss = losses.full_hardest_negative_loss(img_g, cap_g, lens, model=model,
                                                     backend=backend, **kwargs)
             return (loss.detach(),) + torch.autograd.grad(loss, targets)
         return run, ""
@@ -346,7 +353,7 @@ def loss_step(ctx, variant, model, backend, img, cap, lens, head, kwargs):
     pair_backend = dispatch.choose(pairs_op, "auto", ctx.device, img.dtype).backend
 
     def run():
-        loss = pairs.hardest_negative_loss(img_g, cap_g, lens, model=model, backend=backend,
+        loss = losses.hardest_negative_loss(img_g, cap_g, lens, model=model, backend=backend,
                                            pair_backend="auto", **kwargs)
         return (loss.detach(),) + torch.autograd.grad(loss, targets)
     return run, f"selection: {backend}, pairs: {pair_backend}"

@@ -101,6 +101,19 @@ def _l2norm_rows(x):
     return x / (tl.sqrt(tl.sum(x * x, axis=1)) + _EPS)[:, None]
 
 
+@triton.jit
+def _dot_in_branch(a, b, live, PREC: tl.constexpr):
+    """tl.dot(a, b) in fp32, computed in a branch taken whenever `live` (true at run time).
+    On sm_90 triton gives a dot whose result reaches another dot all warps along M; with 64
+    rows and 8 warps (two warp groups) that replicates its result, and everything computed
+    from it, across warp pairs (255 registers and spills). The analysis stops at the branch's
+    yield, so the dot keeps a 4 x 2 arrangement."""
+    out = tl.zeros((a.shape[0], b.shape[1]), tl.float32)
+    if live:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Loads
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +177,7 @@ def _attention(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr,
     x = tl.where(scores > 0, scores, _SLOPE * scores)
     x = tl.where(row_ok[:, None], x, 0.0)
     per_seg = tl.dot(tl.trans(onehot), x * x, input_precision=SEG_PREC)
-    per_row = tl.dot(onehot, per_seg, input_precision=SEG_PREC)
+    per_row = _dot_in_branch(onehot, per_seg, DP > 0, SEG_PREC)
     a = x / (tl.sqrt(per_row) + _EPS)
     logits = tl.where(ctx_ok[None, :], lam[:, None] * a, float("-inf"))
     e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
@@ -172,34 +185,76 @@ def _attention(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr,
 
 
 @triton.jit
-def _alignment(q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr,
+def _alignment_columns(q_tile, c_base, ctx_ok, alpha_op, inv_norm, wa, ba, s0, DP,
+                       ROWS: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr,
+                       SW: tl.constexpr, DC: tl.constexpr, OPD: tl.constexpr,
+                       PREC: tl.constexpr):
+    """Columns s0 .. s0+SW of W_a (q - l2norm(ctx))^2 + b_a, (ROWS, SW) fp32: one pass over d
+    (ctx = alpha C chunk by chunk, consumed at once)."""
+    ss = s0 + tl.arange(0, SW)
+    acc = tl.zeros((ROWS, SW), tl.float32)
+    for d0 in range(0, DP, DC):
+        ds = d0 + tl.arange(0, DC)
+        q = _load_query_chunk(q_tile, d0, DP, ROWS, DC).to(tl.float32)
+        c = _load_context_chunk(c_base, ctx_ok, d0, DP, CP, DC).to(OPD)
+        ctx = _dot_in_branch(alpha_op, c, DP > 0, PREC)
+        diff = q - ctx * inv_norm[:, None]
+        w = tl.load(wa + ds[:, None] * SP + ss[None, :])
+        acc += tl.dot((diff * diff).to(OPD), w, input_precision=PREC)
+    return acc + tl.load(ba + ss)[None, :]
+
+
+@triton.jit
+def _alignment(vscr, q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr,
                wa_ptr, ba_ptr, DP, STEP: tl.constexpr, N_MOD: tl.constexpr,
                ROWS: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr, HP: tl.constexpr,
-               HC: tl.constexpr, DC: tl.constexpr, OPD: tl.constexpr, PREC: tl.constexpr,
-               SEG_PREC: tl.constexpr):
-    """v (ROWS, SP) = l2norm(W_a (q - l2norm(ctx))^2 + b_a) of alignment step STEP."""
+               HC: tl.constexpr, DC: tl.constexpr, S_SPLIT: tl.constexpr, OPD: tl.constexpr,
+               PREC: tl.constexpr, SEG_PREC: tl.constexpr):
+    """v (ROWS, SP) = l2norm(W_a (q - l2norm(ctx))^2 + b_a) of alignment step STEP, written to
+    the scratch vscr."""
     alpha = _attention(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr, DP,
                        N_MOD, ROWS, CP, HP, HC, DC, OPD, PREC, SEG_PREC)
     # |ctx_k|^2 = alpha_k G alpha_k^T with the context set's Gram matrix G (precomputed):
     # l2norm(ctx) is known before ctx is formed, so ctx can be consumed chunk by chunk.
     cs = tl.arange(0, CP)
     gram = tl.load(g_base + cs[:, None] * CP + cs[None, :])
-    sq = tl.sum(tl.dot(alpha, gram, input_precision=SEG_PREC) * alpha, axis=1)
+    sq = tl.sum(_dot_in_branch(alpha, gram, DP > 0, SEG_PREC) * alpha, axis=1)
     inv_norm = 1.0 / (tl.sqrt(tl.maximum(sq, 0.0)) + _EPS)
     alpha_op = alpha.to(OPD)
-    ss = tl.arange(0, SP)
-    acc = tl.zeros((ROWS, SP), tl.float32)
     wa = wa_ptr + STEP * DP * SP
-    for d0 in range(0, DP, DC):
-        ds = d0 + tl.arange(0, DC)
-        q = _load_query_chunk(q_tile, d0, DP, ROWS, DC).to(tl.float32)
-        c = _load_context_chunk(c_base, ctx_ok, d0, DP, CP, DC).to(OPD)
-        ctx = tl.dot(alpha_op, c, input_precision=PREC)
-        diff = q - ctx * inv_norm[:, None]
-        w = tl.load(wa + ds[:, None] * SP + ss[None, :])
-        acc += tl.dot((diff * diff).to(OPD), w, input_precision=PREC)
-    acc += tl.load(ba_ptr + STEP * SP + ss)[None, :]
-    return _l2norm_rows(acc)
+    ba = ba_ptr + STEP * SP
+    if S_SPLIT == 1:
+        v = _alignment_columns(q_tile, c_base, ctx_ok, alpha_op, inv_norm, wa, ba, 0, DP,
+                               ROWS, CP, SP, SP, DC, OPD, PREC)
+        _store_rows(vscr, _l2norm_rows(v), ROWS, SP)
+    else:
+        # The (ROWS, SP) accumulator in two halves, one pass over d each (ctx recomputed: a
+        # CP/SP share of the alignment GEMM's FLOPs more), so that only half of it is live
+        # in registers. The first half waits in the scratch, divided by its own norm (in
+        # range for any operand dtype), as a hi + lo pair of operand-dtype numbers (16+
+        # mantissa bits: rounding it once more at the end is then as if rounded once), until
+        # the second half gives the row norm.
+        SW: tl.constexpr = SP // 2
+        offs = tl.arange(0, ROWS)[:, None] * SP + tl.arange(0, SW)[None, :]
+        first = _alignment_columns(q_tile, c_base, ctx_ok, alpha_op, inv_norm, wa, ba, 0, DP,
+                                   ROWS, CP, SP, SW, DC, OPD, PREC)
+        sumsq = tl.sum(first * first, axis=1)
+        first_norm = tl.sqrt(sumsq) + _EPS
+        first = first / first_norm[:, None]
+        hi = first.to(vscr.dtype.element_ty)
+        tl.debug_barrier()  # every thread is done reading the previous step's v
+        tl.store(vscr + offs, hi)
+        tl.store(vscr + offs + SW, (first - hi.to(tl.float32)).to(vscr.dtype.element_ty))
+        second = _alignment_columns(q_tile, c_base, ctx_ok, alpha_op, inv_norm, wa, ba, SW,
+                                    DP, ROWS, CP, SP, SW, DC, OPD, PREC)
+        norm = tl.sqrt(sumsq + tl.sum(second * second, axis=1)) + _EPS
+        tl.debug_barrier()  # the pair is complete before any thread reads it back
+        first = (tl.load(vscr + offs).to(tl.float32)
+                 + tl.load(vscr + offs + SW).to(tl.float32))
+        tl.debug_barrier()  # ... and read back by all before it is overwritten
+        tl.store(vscr + offs, (first * (first_norm / norm)[:, None]).to(vscr.dtype.element_ty))
+        tl.store(vscr + offs + SW, (second / norm[:, None]).to(vscr.dtype.element_ty))
+        tl.debug_barrier()  # v is complete before any thread of this program reads it
 
 
 @triton.jit
@@ -354,8 +409,8 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
                  MODE: tl.constexpr, STEPS: tl.constexpr, N_SLOTS: tl.constexpr,
                  ROWS: tl.constexpr, BSEG: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr,
                  HP: tl.constexpr, HSP: tl.constexpr, HC: tl.constexpr, NC: tl.constexpr,
-                 KC: tl.constexpr, DC: tl.constexpr, PREC: tl.constexpr,
-                 SEG_PREC: tl.constexpr):
+                 KC: tl.constexpr, DC: tl.constexpr, S_SPLIT: tl.constexpr,
+                 PREC: tl.constexpr, SEG_PREC: tl.constexpr):
     # Persistent: program pid handles work items pid, pid + nprog, ...; work = set * n_tiles +
     # tile, so neighbouring programs share a context set (L2 reuse).
     pid = tl.program_id(0)
@@ -384,9 +439,9 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
         h = tl.zeros((BSEG, SP), tl.float32)
         if MODE == _ONLY_RAR:
             # only_rar: one alignment step, h = mean, STEPS RAR updates.
-            _store_rows(vscr, _alignment(q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr,
-                                         w2_ptr, b2_ptr, wa_ptr, ba_ptr, DP, 0, 0, ROWS, CP, SP,
-                                         HP, HC, DC, OPD, PREC, SEG_PREC), ROWS, SP)
+            _alignment(vscr, q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr, w2_ptr,
+                       b2_ptr, wa_ptr, ba_ptr, DP, 0, 0, ROWS, CP, SP, HP, HC, DC, S_SPLIT,
+                       OPD, PREC, SEG_PREC)
             h = _segment_mean(vscr, onehot, ROWS, SP, OPD, PREC)
             for n in tl.static_range(STEPS):
                 h = _rar(vscr, h, onehot, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
@@ -395,9 +450,9 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
         elif MODE == _ONLY_RCR:
             # only_rcr: STEPS (alignment, RCR) rounds, then mean cosine with the final (m, lambda).
             for t in tl.static_range(STEPS):
-                _store_rows(vscr, _alignment(q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam,
-                                             scr, w2_ptr, b2_ptr, wa_ptr, ba_ptr, DP, t, t, ROWS,
-                                             CP, SP, HP, HC, DC, OPD, PREC, SEG_PREC), ROWS, SP)
+                _alignment(vscr, q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr,
+                           w2_ptr, b2_ptr, wa_ptr, ba_ptr, DP, t, t, ROWS, CP, SP, HP, HC, DC,
+                           S_SPLIT, OPD, PREC, SEG_PREC)
                 lam = _rcr(vscr, lam, scr, w1_ptr, b1_ptr, ws1_ptr, bs1_ptr, ws2_ptr, bs2_ptr, t,
                            ROWS, SP, HP, HSP, HC, KC, PREC)
             score = _mean_cosine(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr,
@@ -406,9 +461,9 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
         else:
             # coop_rcar: alignment t, (h = mean at t = 0), RCR t if t < STEPS - 1, RAR t.
             for t in tl.static_range(STEPS):
-                _store_rows(vscr, _alignment(q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam,
-                                             scr, w2_ptr, b2_ptr, wa_ptr, ba_ptr, DP, t, t, ROWS,
-                                             CP, SP, HP, HC, DC, OPD, PREC, SEG_PREC), ROWS, SP)
+                _alignment(vscr, q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr,
+                           w2_ptr, b2_ptr, wa_ptr, ba_ptr, DP, t, t, ROWS, CP, SP, HP, HC, DC,
+                           S_SPLIT, OPD, PREC, SEG_PREC)
                 if t == 0:
                     h = _segment_mean(vscr, onehot, ROWS, SP, OPD, PREC)
                 if t < STEPS - 1:
@@ -468,33 +523,76 @@ def pack_segments(seg_lengths, seg_row_base, rows: int, max_segs: int):
 
 
 # Tunables for the GPU (to be measured on an H100): query rows per tile (the M of every GEMM),
-# the d chunk of the two passes over d, warps, software-pipelining stages, programs per SM.
+# the d chunk of the passes over d, warps, software-pipelining stages.
 # float32 inputs take the exact "ieee" FMA path with smaller chunks (shared memory).
+# bf16: compiled for sm_90 (tests/test_sm90_compile.py), 64 rows, 32-wide d chunks and one
+# stage are the configuration that does not spill registers with triton 3.6 or 3.8 (249-255
+# registers; with 3.6 a 64-wide chunk or a second stage spills 130-430 B per thread, 128-row
+# i2t tiles 400-550 B at 8 warps and 800+ B at 16, whose cap is 128 registers); fp16 too.
 GPU_ROWS = 64
-GPU_D_CHUNK = {"low": 64, "fp32": 32}
+GPU_D_CHUNK = {"low": 32, "fp32": 32}
 GPU_NUM_WARPS = 8
-GPU_NUM_STAGES = {"low": 2, "fp32": 1}
-GPU_PROGRAMS_PER_SM = 2
+GPU_NUM_STAGES = {"low": 1, "fp32": 1}
+# The persistent grid is (programs that fit one SM at once) x SMs, derived from the compiled
+# kernel's registers and shared memory (`occupancy`). Without them (a triton lacking the
+# internals used), this: compiled for sm_90 (tests/test_sm90_compile.py) the bf16 kernels take
+# 249-255 registers x 256 threads, i.e. all 64K registers of an SM (fp32: 128 registers, room
+# for two), and the fallback must fit every configuration.
+GPU_PROGRAMS_PER_SM = 1
+# sm_90 limits per SM, for devices whose properties do not say
+_SM_REGISTERS = 65536
+_SM_SHARED_BYTES = 233472      # 228 KB, of which 1 KB per CTA is reserved by the driver
+_SM_THREADS = 2048
+
+
+def occupancy(regs_per_thread: int, shared_bytes: int, num_warps: int, props=None) -> int:
+    """CTAs of a kernel that one SM holds at once, limited by registers (allocated per warp in
+    units of 256), shared memory and threads; `props`: torch.cuda device properties, if any."""
+    regs_per_sm = getattr(props, "regs_per_multiprocessor", None) or _SM_REGISTERS
+    shared_per_sm = getattr(props, "shared_memory_per_multiprocessor", None) or _SM_SHARED_BYTES
+    threads_per_sm = getattr(props, "max_threads_per_multi_processor", None) or _SM_THREADS
+    regs_per_warp = -(-max(regs_per_thread, 1) * 32 // 256) * 256
+    by_regs = regs_per_sm // (regs_per_warp * num_warps)
+    by_shared = shared_per_sm // (shared_bytes + 1024)
+    by_threads = threads_per_sm // (32 * num_warps)
+    return max(1, min(by_regs, by_shared, by_threads))
+
+
+def _programs_per_sm(args, cfg: dict, device) -> int:
+    """occupancy() of _rcar_kernel as it will be launched with `args` and `cfg` (compiled now;
+    the launch that follows reuses the compiled kernel)."""
+    try:
+        compiled = _rcar_kernel.warmup(*args, grid=(1,), **cfg)
+        compiled._init_handles()
+        regs, shared = compiled.n_regs, compiled.metadata.shared
+    except AttributeError:  # a triton without these internals
+        return GPU_PROGRAMS_PER_SM
+    return occupancy(regs, shared, cfg["num_warps"], torch.cuda.get_device_properties(device))
+
+
 # Packed weights and contexts are padded along d to a multiple of this (every d chunk divides it).
 D_PAD = {"gpu": 64, "interpreter": 32}
 
 
 def tile_config(direction: str, n_regions: int, lens_list, interpreter: bool) -> dict:
     """Rows per tile, segments per tile, context block. On GPU: GPU_ROWS (or more) query rows.
-    In the interpreter: the smallest legal blocks (tl.dot needs every dim >= 16)."""
+    In the interpreter: the smallest legal blocks (tl.dot needs every dim >= 16).
+    (i2t with R = 36 fills 36 of 64 rows; 128 rows would fill 108, but spill: GPU_ROWS.)"""
     longest_query = max(lens_list) if direction == "t2i" else n_regions
     n_context = n_regions if direction == "t2i" else max(lens_list)
     if interpreter:
         rows = _pow2_at_least(longest_query)
     else:
         rows = _pow2_at_least(longest_query, GPU_ROWS)
-        if direction == "i2t" and rows < 128:
-            # Whole images per tile: e.g. R = 36 fills 36 of 64 rows but 108 of 128.
-            def fill(r):
-                return (r // n_regions) * n_regions / r
-            if fill(128) > fill(rows) + 0.1:
-                rows = 128
     return dict(ROWS=rows, BSEG=16, CP=_pow2_at_least(n_context))
+
+
+def alignment_split(sp: int) -> int:
+    """Passes over d of the alignment GEMM, each for SP / S_SPLIT of its columns (_alignment):
+    2 keeps only half of the (ROWS, SP) accumulator in registers (compiled for sm_90, the
+    whole one spills with triton 3.6: 40 B in bf16 and fp16 at 64 rows). 1 where a half would
+    be narrower than a dot allows (16)."""
+    return 2 if sp >= 2 * 16 else 1
 
 
 def launch_config(direction: str, n_regions: int, lens_list, regulator: str, steps: int,
@@ -506,13 +604,11 @@ def launch_config(direction: str, n_regions: int, lens_list, regulator: str, ste
     dc = 32 if interpreter else GPU_D_CHUNK[kind]
     if dims["DP"] % dc:
         raise ValueError(f"padded d {dims['DP']} is not a multiple of the d chunk {dc}")
-    if fp32 and not interpreter and direction == "i2t" and n_regions <= 64:
-        cfg["ROWS"] = 64  # the fp32 FMA path's shared memory does not fit 128-row tiles
     sp, hp = dims["SP"], dims["HP"]
     return dict(
         MODE=MODES[regulator], STEPS=steps, N_SLOTS=max(1, steps), ROWS=cfg["ROWS"],
         BSEG=cfg["BSEG"], CP=cfg["CP"], SP=sp, HP=hp, HSP=dims["HSP"], HC=min(hp, 64),
-        NC=min(sp, 64), KC=min(sp, 64), DC=dc,
+        NC=min(sp, 64), KC=min(sp, 64), DC=dc, S_SPLIT=alignment_split(sp),
         PREC="ieee" if fp32 else "tf32", SEG_PREC="ieee" if fp32 else "tf32",
         num_warps=4 if interpreter else GPU_NUM_WARPS,
         num_stages=1 if interpreter else GPU_NUM_STAGES[kind],
@@ -573,21 +669,26 @@ def rcar_forward(img, cap, lens_list, weights: dict, *, regulator: str, steps: i
         contexts = padded
     contexts = contexts.contiguous()
     gram = context_grams(contexts, counts, cfg["CP"])
+    # Per program: N_SLOTS RCR hidden layers (ROWS, HP) and the step's v (ROWS, SP).
+    scratch_width = cfg["N_SLOTS"] * rows * dims["HP"] + rows * dims["SP"]
+    w = weights
+
+    def args(scratch):
+        return (packed_queries, contexts, gram, counts, tile_seg, tile_items,
+                out, stride_set, stride_item,
+                w["wa"], w["ba"], w["w1"], w["b1"], w["w2"], w["b2"], w["ws1"], w["bs1"],
+                w["ws2"], w["bs2"], w["wq"], w["bq"], w["wk"], w["bk"], w["wv"], w["bv"],
+                w["we"], w["be"], scratch, n_tiles, n_work, DP, contexts.stride(0), float(smooth))
+
     if interpreter:
         n_prog = min(n_work, 4)
     else:
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-        n_prog = min(n_work, GPU_PROGRAMS_PER_SM * sm_count)
-    # Per program: N_SLOTS RCR hidden layers (ROWS, HP) and the step's v (ROWS, SP).
-    scratch = torch.empty((n_prog, cfg["N_SLOTS"] * rows * dims["HP"] + rows * dims["SP"]),
-                          device=device, dtype=op_dtype)
-    w = weights
-    _rcar_kernel[(n_prog,)](
-        packed_queries, contexts, gram, counts, tile_seg, tile_items,
-        out, stride_set, stride_item,
-        w["wa"], w["ba"], w["w1"], w["b1"], w["w2"], w["b2"], w["ws1"], w["bs1"], w["ws2"],
-        w["bs2"], w["wq"], w["bq"], w["wk"], w["bk"], w["wv"], w["bv"], w["we"], w["be"],
-        scratch, n_tiles, n_work, DP, contexts.stride(0), float(smooth), **cfg)
+        # compiled with a one-program scratch: only its dtype and alignment matter there
+        probe = torch.empty((1, scratch_width), device=device, dtype=op_dtype)
+        n_prog = min(n_work, _programs_per_sm(args(probe), cfg, device) * sm_count)
+    scratch = torch.empty((n_prog, scratch_width), device=device, dtype=op_dtype)
+    _rcar_kernel[(n_prog,)](*args(scratch), **cfg)
     return out
 
 

@@ -143,15 +143,30 @@ def _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD: tl.constexpr):
 
 
 @triton.jit
-def _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+def _gram_dot(G2, alpha2, M: tl.constexpr, N: tl.constexpr, EPI_PREC: tl.constexpr):
+    """G2 @ alpha2, (M, M) x (M, N). The IEEE fp32 dot (FMA) holds whole K rows of its operands
+    in each thread's registers, which at K = 64 context items spills; there the product runs
+    as two K halves chained in one accumulator: the same sequential sum over K."""
+    if EPI_PREC == "ieee" and M >= 64:
+        g_lo, g_hi = tl.split(tl.permute(tl.reshape(G2, (M, 2, M // 2)), (0, 2, 1)))
+        a_lo, a_hi = tl.split(tl.permute(tl.reshape(alpha2, (2, M // 2, N)), (1, 2, 0)))
+        out = tl.dot(g_lo, a_lo, input_precision=EPI_PREC)
+        out = tl.dot(g_hi, a_hi, out, input_precision=EPI_PREC)
+    else:
+        out = tl.dot(G2, alpha2, input_precision=EPI_PREC)
+    return out
+
+
+@triton.jit
+def _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, live,
                   RAW_NORM: tl.constexpr, AGG: tl.constexpr, BI: tl.constexpr,
                   C_PAD: tl.constexpr, BJ: tl.constexpr, Q_PAD: tl.constexpr,
                   EPI_PREC: tl.constexpr):
     """Every pair of a tile, from the raw scores to the aggregated similarity.
 
     S (BI*C_PAD, BJ*Q_PAD); G2 the block-diagonal context Gram matrix; masks cv4 (BI, C_PAD, 1, 1) real context items, qv4 (1, 1, BJ,
-    Q_PAD) / qv3 (1, BJ, Q_PAD) real queries. Returns the similarity (BI, BJ) and the
-    intermediates the backward needs."""
+    Q_PAD) / qv3 (1, BJ, Q_PAD) real queries; live: any condition true at run time (D > 0;
+    see step 3). Returns the similarity (BI, BJ) and the intermediates the backward needs."""
     S4 = tl.reshape(S, (BI, C_PAD, BJ, Q_PAD))
     # 1. Raw-score normalisation across the queries (axis 3) of each context item. Normalisers
     #    are inverted once per row and multiplied in (one division per row, not per element).
@@ -183,7 +198,14 @@ def _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
     # 3. Gram identity: q_k . ctx_k and |ctx_k|^2 without the attended vectors.
     dot3 = tl.sum(alpha4 * S4, axis=1)
     alpha2 = tl.reshape(alpha4, (BI * C_PAD, BJ * Q_PAD))
-    GA2 = tl.dot(G2, alpha2, input_precision=EPI_PREC)
+    # In a branch (`live` is always true): on sm_90 triton puts all warps of a dot along M when
+    # the dot's result reaches another dot (as in the backward: G alpha -> dS -> dS @ Y), and at
+    # 64 rows and 8 warps that replicates the whole epilogue across warp pairs (255 registers,
+    # spills); its analysis stops at the branch's yield, so the dot keeps a 4 x 2 arrangement.
+    if live:
+        GA2 = _gram_dot(G2, alpha2, BI * C_PAD, BJ * Q_PAD, EPI_PREC)
+    else:
+        GA2 = tl.zeros((BI * C_PAD, BJ * Q_PAD), dtype=alpha2.dtype)
     GA4 = tl.reshape(GA2, (BI, C_PAD, BJ, Q_PAD))
     n2 = tl.sum(GA4 * alpha4, axis=1)
     nc3 = tl.sqrt(tl.maximum(n2, 0.0))  # rounding can push an exact 0 slightly negative
@@ -306,7 +328,7 @@ def _scan_fwd_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
     cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
     G2 = _load_gram(g_ptr, gs0, gs1, x_ids_ptr, x_lens_ptr, x_start, n_x, BI, C_PAD)
     qn3 = _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD)[None, :, :]
-    sim = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+    sim = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, D > 0,
                         RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)[0]
     tl.store(out_ptr + x_ids[:, None] * os_x + y_ids[None, :] * os_y, sim,
              mask=x_real[:, None] & y_real[None, :])
@@ -338,7 +360,7 @@ def _scan_bwd_x_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
         cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
         qn3 = _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD)[None, :, :]
         (sim, S4, u4, nrm, a4, alpha4, GA4, dot3, nc3, prod, den, r3, rm, rmax,
-         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, D > 0,
                                RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)
         pair_real = x_real[:, None] & y_real[None, :]
         g = tl.load(dsim_ptr + x_ids[:, None] * ds_x + y_ids[None, :] * ds_y,
@@ -403,7 +425,7 @@ def _scan_bwd_y_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
         cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
         G2 = _load_gram(g_ptr, gs0, gs1, x_ids_ptr, x_lens_ptr, x_start, n_x, BI, C_PAD)
         (sim, S4, u4, nrm, a4, alpha4, GA4, dot3, nc3, prod, den, r3, rm, rmax,
-         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam,
+         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, D > 0,
                                RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)
         pair_real = x_real[:, None] & y_real[None, :]
         g = tl.load(dsim_ptr + x_ids[:, None] * ds_x + y_ids[None, :] * ds_y,
@@ -446,33 +468,62 @@ def _pow2_at_least(n: int, floor: int) -> int:
     return max(floor, triton.next_power_of_2(max(int(n), 1)))
 
 
-# Tile budgets, from compiling for sm_90 (ptxas -v, triton 3.8): the fp32 epilogue keeps
-# several tile-sized tensors live, so a forward tile of 64x128 needs 8 warps at ~255
-# registers/thread without spills, 128x128 needs 16 warps; the backward (which also holds
-# dS, the Gram accumulator and a d-chunk) fits 64x64. Shared memory (3 stages) stays within
-# an H100's 227 KB for M <= 128.
-_FWD_LIMITS = dict(max_m=128, max_n=256, max_area=128 * 128, min_area=64 * 64)
-_BWD_LIMITS = dict(max_m=128, max_n=128, max_area=64 * 64, min_area=32 * 32)
+# Tile budgets, from compiling for sm_90 with triton 3.6 (the GPU image's) and 3.8 (CI's) and
+# reading registers and stack per thread from the cubins (tests/test_sm90_compile.py). The
+# epilogue keeps many tile-sized fp32 tensors live, so the budget is the tile area:
+# * fp16/bf16 forward (tensor-core scores): 64x64 at 8 warps (~75-80 registers/thread),
+#   64x128 or 128x64 at 8 warps (~130-205) or 16 warps (~70-110); 128x128 spills at 16 warps
+#   (capped at 128 registers/thread) with 3.6 and is not kept.
+# * fp16/bf16 backward (also holds dS, the Gram accumulator and a d-chunk): 64x16 and 64x32
+#   at 8 warps (~120-220 registers); 64x64 is the only tile for 64 context items x 64
+#   queries (the Lmax bucket): see _SMALLEST_BWD. With 64 queries per owner (i2t: 36 regions,
+#   and that bucket) both backward kernels spilled 8-170 B in every config until the Gram dot
+#   of _forward_tile ran in a branch (no warp replication): now 0 B, 106-255 registers.
+#   (128x16 and 64x64 spilled in _scan_bwd_y_kernel before that; not re-measured since.)
+# * fp32 (IEEE FMA dots, whose operands hold whole K rows in registers; the Gram product
+#   runs in K halves, _gram_dot): forward up to 64x64 at 8 warps (~60-195 registers); 128x32
+#   spills ~380 B. (Before the K halves, 64x32 already spilled 110-220 B at any warp count.)
+# Shared memory (3 stages) stays within an H100's 227 KB for all of these.
+_LIMITS = {
+    ("fwd", "low"): dict(max_m=128, max_n=128, max_area=64 * 128, min_area=64 * 64),
+    ("bwd", "low"): dict(max_m=64, max_n=64, max_area=64 * 32, min_area=32 * 32),
+    ("fwd", "fp32"): dict(max_m=64, max_n=256, max_area=64 * 64, min_area=64 * 16),
+    ("bwd", "fp32"): dict(max_m=64, max_n=64, max_area=64 * 16, min_area=16 * 16),
+}
+# The d-chunk of the fp32 forward GEMM (BK): FMA dots keep (rows, BK) operands per thread.
+_FP32_BK = 16
+
+
+def _precision_kind(named: dict) -> str:
+    """'fp32' for the IEEE fp32 (FMA) path (fp32 inputs; fp64 under the interpreter), 'low'
+    for fp16/bf16 inputs on tensor cores."""
+    return "low" if named["x_ptr"].dtype in (torch.float16, torch.bfloat16) else "fp32"
 
 
 def _tile_shapes(c_pad: int, q_pad: int, max_m: int, max_n: int, max_area: int, min_area: int):
     """(BI, BJ) whose tile (BI*C_PAD, BJ*Q_PAD) satisfies tl.dot's minimum of 16 and the
-    budget. Never empty: falls back to the smallest feasible tile (huge paddings)."""
+    budget; empty when even the smallest tile (_smallest_shape) exceeds it."""
     shapes = []
     for bi in (1, 2, 4, 8, 16):
         for bj in (1, 2, 4, 8, 16, 32):
             m, n = bi * c_pad, bj * q_pad
             if MIN_DOT <= m <= max_m and MIN_DOT <= n <= max_n and min_area <= m * n <= max_area:
                 shapes.append((bi, bj))
-    return shapes or [(max(1, MIN_DOT // c_pad), max(1, MIN_DOT // q_pad))]
+    return shapes
+
+
+def _smallest_shape(c_pad: int, q_pad: int):
+    return max(1, MIN_DOT // c_pad), max(1, MIN_DOT // q_pad)
 
 
 def _fwd_warp_options(area: int):
-    # 64x128 fits 8 warps at ~255 registers (1 CTA/SM) or 16 warps at ~114 (room for a
-    # second CTA): let the autotuner choose; 128x128 needs 16 warps, 64x64 8.
+    # A program is one CTA per SM either way: 8 warps at up to ~205 registers/thread use
+    # 256 x 205 = 52K of an SM's 64K registers, 16 warps at ~70-110 use 36-56K, which leaves
+    # no room for a second 512-thread CTA. 16 warps give the epilogue more threads for the
+    # same tile (latency hiding); let the autotuner choose where both fit without spills.
     if area <= 64 * 64:
         return (8,)
-    return (8, 16) if area <= 64 * 128 else (16,)
+    return (8, 16)
 
 
 def _interpreter_shape(c_pad: int, q_pad: int):
@@ -487,33 +538,83 @@ def _named(args, kwargs):
     return merged
 
 
+AUTOTUNE_VARIABLE = "RCAR_FAST_AUTOTUNE"
+AUTOTUNE_MODES = ("full", "quick")
+
+
+def autotune_mode() -> str:
+    """'full' (RCAR_FAST_AUTOTUNE unset, empty or 'full': every config the prunes keep, the
+    users' default) or 'quick' (one default config per kernel and bucket: tests and GPU
+    checks, which would otherwise compile hundreds of configs). Anything else is an error."""
+    raw = os.environ.get(AUTOTUNE_VARIABLE, "")
+    mode = raw.strip().lower() or "full"
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"{AUTOTUNE_VARIABLE}={raw!r} is not understood: expected 'quick' "
+                         "(one autotune config per kernel, for tests and checks) or 'full' / "
+                         "unset (full autotuning, the default)")
+    return mode
+
+
+def _quick(configs, area_of):
+    """Quick mode: the config with the largest tile (the most reuse of each loaded operand),
+    ties broken by fewer warps and the larger d-chunk. One compile per kernel and bucket
+    (triton 3.8 then skips the benchmark; 3.6 times the one config once)."""
+    if autotune_mode() != "quick":
+        return configs
+    best = min(configs, key=lambda c: (-area_of(c), c.num_warps, -c.kwargs.get("BD", 0)))
+    return [best]
+
+
 def _prune_fwd(configs, named_args, **kwargs):
     a = _named(named_args, kwargs)
     c_pad, q_pad = a["C_PAD"], a["Q_PAD"]
-    keep = _tile_shapes(c_pad, q_pad, **_FWD_LIMITS)
-    out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep
-           and c.num_warps in _fwd_warp_options(c.kwargs["BI"] * c_pad * c.kwargs["BJ"] * q_pad)]
+    kind = _precision_kind(a)
+    keep = _tile_shapes(c_pad, q_pad, **_LIMITS[("fwd", kind)])
+    bk = _FP32_BK if kind == "fp32" else 64
+
+    def area(c):
+        return c.kwargs["BI"] * c_pad * c.kwargs["BJ"] * q_pad
+
+    out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep and c.kwargs["BK"] == bk
+           and (kind == "fp32" or c.num_warps in _fwd_warp_options(area(c)))]
     if not out:  # paddings beyond the budget: the smallest tile
-        bi, bj = keep[-1]
-        out = [triton.Config(dict(BI=bi, BJ=bj, BK=32, GROUP=8), num_warps=8, num_stages=2)]
-    return out
+        bi, bj = _smallest_shape(c_pad, q_pad)
+        out = [triton.Config(dict(BI=bi, BJ=bj, BK=bk if kind == "fp32" else 32, GROUP=8),
+                             num_warps=8, num_stages=2)]
+    return _quick(out, area)
+
+
+# The smallest backward tile, for buckets whose 64 x 64 minimum exceeds the budget: of the
+# configs tried at 64 x 64 (BK 32/64, BD 16/32/64, 1-2 stages, 8/16 warps), BK=64, BD=32 in one
+# stage spilled least before the Gram dot's branch (bf16, triton 3.6: 8 B / 40 B in
+# _scan_bwd_x_kernel / _scan_bwd_y_kernel; 16 warps: 600-1000 B); with it: 0 B, ~150-240
+# registers with triton 3.6 and 3.8.
+_SMALLEST_BWD = dict(BK=64, BD=32, num_warps=8, num_stages=1)
 
 
 def _prune_bwd(configs, named_args, **kwargs):
     a = _named(named_args, kwargs)
-    keep = _tile_shapes(a["C_PAD"], a["Q_PAD"], **_BWD_LIMITS)
+    c_pad, q_pad = a["C_PAD"], a["Q_PAD"]
+    keep = _tile_shapes(c_pad, q_pad, **_LIMITS[("bwd", _precision_kind(a))])
+
+    def area(c):
+        return c.kwargs["BI"] * c_pad * c.kwargs["BJ"] * q_pad
+
     out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep]
     if not out:
-        bi, bj = keep[-1]
-        out = [triton.Config(dict(BI=bi, BJ=bj, BK=32, BD=32), num_warps=8, num_stages=2)]
-    return out
+        bi, bj = _smallest_shape(c_pad, q_pad)
+        small = dict(_SMALLEST_BWD)
+        out = [triton.Config(dict(BI=bi, BJ=bj, BK=small.pop("BK"), BD=small.pop("BD")), **small)]
+    return _quick(out, area)
 
 
 _SHAPES = [(bi, bj) for bi in (1, 2, 4, 8, 16) for bj in (1, 2, 4, 8, 16, 32)]
-# A small list per problem after pruning: ~6 tile shapes (8 configs) forward, ~3-5 shapes
-# x 2 d-chunks backward.
-_FWD_CONFIGS = [triton.Config(dict(BI=bi, BJ=bj, BK=64, GROUP=8), num_warps=w, num_stages=3)
-                for bi, bj in _SHAPES for w in (8, 16)]
+# A small list per problem after pruning: up to ~6 tile shapes (8 configs) forward, ~3-5
+# shapes x 2 d-chunks backward. fp32 forward configs have the small d-chunk.
+_FWD_CONFIGS = ([triton.Config(dict(BI=bi, BJ=bj, BK=64, GROUP=8), num_warps=w, num_stages=3)
+                 for bi, bj in _SHAPES for w in (8, 16)]
+                + [triton.Config(dict(BI=bi, BJ=bj, BK=_FP32_BK, GROUP=8), num_warps=8,
+                                 num_stages=2) for bi, bj in _SHAPES])
 _BWD_CONFIGS = [triton.Config(dict(BI=bi, BJ=bj, BK=64, BD=bd), num_warps=8, num_stages=2)
                 for bi, bj in _SHAPES for bd in (32, 64)]
 _KEY = ["C_PAD", "Q_PAD", "D", "RAW_NORM", "AGG"]
@@ -602,6 +703,7 @@ def row_norms(x: torch.Tensor, dtype: torch.dtype, chunk: int = 1024) -> torch.T
 
 def build_problem(img, cap, lens, *, direction, raw_norm, smooth, agg, lse_lambda) -> ScanProblem:
     """Everything the kernels need for one call. lens: int64 (n_cap,) on any device."""
+    autotune_mode()  # a bad RCAR_FAST_AUTOTUNE fails here, before any kernel runs
     n_img, n_regions, _ = img.shape
     acc_torch = torch.float64 if img.dtype == torch.float64 else torch.float32
     lens_cpu = lens.detach().to("cpu", torch.int64)

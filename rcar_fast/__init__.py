@@ -14,7 +14,8 @@ Public names:
 from rcar_fast.dispatch import BackendUnavailable, backends
 from rcar_fast.ops.gram import gram
 from rcar_fast.ops.scan import scan_similarity
-from rcar_fast.pairs import hardest_negative_loss, score_pairs  # also registers the pair ops
+from rcar_fast.losses import hardest_negative_loss
+from rcar_fast.pairs import score_pairs  # also registers the pair ops
 
 __version__ = "0.1.0"
 

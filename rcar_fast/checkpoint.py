@@ -33,9 +33,12 @@ from typing import Optional
 import torch
 
 from rcar_fast.atomic import atomic_path
+from rcar_fast.checkpoint_keys import (count_official_modules, mismatch_report,
+                                       state_mismatch)
 from rcar_fast.contract import DIRECTIONS, RAW_NORMS, rcar_smooth
 from rcar_fast.encoders import (EncoderImage, EncoderImagePrecomp, EncoderText, RCARModel,
                                 SCANHead)
+from rcar_fast.heads import module_counts
 
 __all__ = ["load_rcar_checkpoint", "load_scan_checkpoint", "load_checkpoint",
            "save_rcar_checkpoint", "official_state_dict", "build_sim_enc", "CheckpointError"]
@@ -55,7 +58,7 @@ def _sim_head_class():
 
         return RCARSimilarity
     except ImportError:
-        from rcar_fast.reference import RCARHead
+        from rcar_fast.heads import RCARHead
 
         return RCARHead
 
@@ -160,23 +163,15 @@ def build_sim_enc(opt: dict, embed_size: int, sim_dim: int):
 
 
 def _load_part(module: torch.nn.Module, state: dict, part: str):
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mis_shaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
-    if missing or unexpected or mis_shaped:
+    mismatch = state_mismatch(module.state_dict(), state, "model")
+    if any(mismatch):
         counts = ""
         if part == "sim_enc":
-            from rcar_fast.reference import count_official_modules, module_counts
-
             counts = (f" ({module.regulator} with {module.steps} steps needs "
                       f"{module_counts(module.regulator, module.steps)} modules, the weights "
                       f"hold {count_official_modules(state)})")
         raise CheckpointError(f"{part} weights do not fit the model the options describe"
-                              f"{counts}.\n"
-                              f"missing keys: {missing}\nunexpected keys: {unexpected}\n"
-                              f"shape mismatches: {mis_shaped}")
+                              f"{counts}.\n" + mismatch_report(*mismatch))
     module.load_state_dict(state, strict=True)
 
 

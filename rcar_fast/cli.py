@@ -42,24 +42,21 @@ DEMO_JSON = os.path.join("out", "demo_results.json")
 USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, EOFError, pickle.UnpicklingError)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(minimum: int, what: str):
+    """An argparse type: an integer >= minimum, else one line naming what was expected."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,7 +306,7 @@ def _reference_check(ds, sims, backend, device, budget) -> dict:
     fit ``budget`` pairs; times the reference there for a speed comparison."""
     if budget <= 0 or backend == "reference":
         return {"skipped": "reference backend" if backend == "reference" else "disabled"}
-    from rcar_fast.reference import scan_similarity_vectorized
+    from rcar_fast.reference_math import scan_similarity_vectorized
 
     n_img = max(1, min(ds.img.shape[0], int((budget / 5) ** 0.5)))
     n_cap = max(1, min(ds.cap.shape[0], budget // n_img))

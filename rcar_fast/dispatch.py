@@ -1,28 +1,37 @@
 """Backend choice: which implementation of an op runs, and why the others do not.
 
-Each op module (rcar_fast/ops/*.py) registers its implementations with `register`. Choosing a
-backend for given tensors goes through two gates:
+TABLE below is the whole registry: for every op, its backend classes (rcar_fast/ops/*, one
+small class per op and backend, see rcar_fast.ops.backend.Backend). Each class judges the
+full inputs of a call (rcar_fast.ops.backend.Inputs: environment, device, dtype, shapes,
+whether a backward follows, active dropout) in `not_supported_reasons`. `choose` runs the
+requested backend or, for backend="auto", the first of AUTO_ORDER that takes the inputs;
+when none does (or the requested one does not), one BackendUnavailable lists every
+backend's reasons, before any kernel runs. `backends()` reports, per backend, whether it is
+present on this machine and what it implements.
 
-1. the environment: is the backend present on this machine at all (triton importable, native
-   extension built, a GPU visible)? -> `environment_reason`
-2. the op and the tensors: does this backend implement the op, for this device and dtype?
-   -> the `supports` callable given at registration.
+Layering: wrappers (rcar_fast.ops.scan, ops.gram, modules, pairs) -> dispatch -> the backend
+modules -> kernels / the native extension. The backend modules never import this module.
 
-`backends()` reports gate 1 for every backend (and which ops each one implements);
-`choose()` applies both gates and, when nothing fits, raises with every rejection reason.
+Adding a backend (say "foo" for SCAN) touches:
+  1. the kernel: kernels/foo.py (Triton) or csrc/... (+ csrc/bindings.cpp for native code);
+  2. rcar_fast/ops/scan_foo.py: class ScanFoo(Backend) with its dtypes, capability flags
+     (has_backward, implements_dropout), extra_reasons (shape limits), environment (whether
+     "foo" is present here) and fn, the kernel wrapped as a custom op with
+     ops.library.define_scan_op (forward, backward; fake and autograd come with it);
+  3. this module: ScanFoo in TABLE["scan"] (and "foo" in AUTO_ORDER if auto should try it);
+  4. tests/test_scan_foo.py (numerics against the float64 reference; opcheck of the op).
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import importlib
-import os
-from typing import Callable, Optional
+from typing import Optional, Union
 
 import torch
 
-BACKENDS = ("reference", "reference_loop", "triton", "cuda", "cpu")
-REQUESTABLE = ("auto",) + BACKENDS
+from rcar_fast.ops import (gram_backends, pair_backends, rcar_cpu, rcar_cuda, rcar_reference,
+                           rcar_triton, scan_cpu, scan_cuda, scan_reference, scan_triton)
+from rcar_fast.ops.backend import (Backend, BackendUnavailable, Inputs,  # noqa: F401
+                                   environment_reason, native_module, triton_interpreter_on,
+                                   triton_module)
 
 # Order tried by backend="auto": fused kernels first, the vectorised reference last. Triton is
 # never chosen automatically for CPU tensors: its CPU mode is an interpreter, for testing only.
@@ -31,151 +40,115 @@ AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
 }
 
-SupportsFn = Callable[[torch.device, torch.dtype], Optional[str]]
+# op -> its backend classes (BACKENDS, the requestable names, follow from it). Adding a
+# backend: write its class beside the op's others (rcar_fast/ops/<op>_<backend>.py; a backend
+# new to the project also overrides Backend.environment there) and list it here (and in
+# AUTO_ORDER if backend="auto" should try it).
+TABLE: dict[str, tuple[type[Backend], ...]] = {
+    "gram": (gram_backends.GramReference, gram_backends.GramReferenceLoop, gram_backends.GramTriton,
+             gram_backends.GramCuda, gram_backends.GramCpu),
+    "scan": (scan_reference.ScanReference, scan_reference.ScanReferenceLoop,
+             scan_triton.ScanTriton, scan_cuda.ScanCuda, scan_cpu.ScanCpu),
+    "rcar": (rcar_reference.RcarReference, rcar_reference.RcarReferenceLoop,
+             rcar_triton.RcarTriton, rcar_cuda.RcarCuda, rcar_cpu.RcarCpu),
+    "scan_pairs": (pair_backends.ScanPairsReference, pair_backends.ScanPairsReferenceLoop,
+                   pair_backends.ScanPairsCpu),
+    "rcar_pairs": (pair_backends.RcarPairsReference, pair_backends.RcarPairsReferenceLoop),
+}
 
 
-class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run this op on these inputs; the message says why."""
+def _check_table() -> dict[tuple[str, str], type[Backend]]:
+    by_key = {}
+    for op, classes in TABLE.items():
+        for cls in classes:
+            if cls.op != op or not getattr(cls, "backend", None) or (op, cls.backend) in by_key:
+                raise ValueError(f"dispatch.TABLE[{op!r}] holds {cls.__name__} (op {cls.op!r}, "
+                                 f"backend {getattr(cls, 'backend', None)!r}): wrong op, no or "
+                                 "repeated backend")
+            by_key[(op, cls.backend)] = cls
+    return by_key
 
 
-@dataclasses.dataclass(frozen=True)
-class Implementation:
-    op: str
-    backend: str
-    fn: Callable
-    supports: SupportsFn
+_BY_KEY = _check_table()
+# Every backend of the table, in the order of its first appearance.
+BACKENDS = tuple(dict.fromkeys(backend for (_, backend) in _BY_KEY))
+REQUESTABLE = ("auto",) + BACKENDS
 
 
-_REGISTRY: dict[tuple[str, str], Implementation] = {}
-
-
-def register(op: str, backend: str, fn: Callable, supports: Optional[SupportsFn] = None):
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _REGISTRY[(op, backend)] = Implementation(op, backend, fn, supports or (lambda dev, dt: None))
-
-
-# ---------------------------------------------------------------------------------------------
-# Gate 1: the environment
-# ---------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def native_module():
-    """The compiled extension `rcar_fast._C`, or the import error as a string."""
-    try:
-        return importlib.import_module("rcar_fast._C")
-    except ImportError as err:  # not built, or built against another torch
-        return f"native extension rcar_fast._C is not importable ({err}); build it with `pip install -e .`"
-
-
-@functools.lru_cache(maxsize=None)
-def triton_module():
-    try:
-        return importlib.import_module("triton")
-    except ImportError as err:
-        return f"triton is not installed ({err})"
-
-
-def triton_interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
-def environment_reason(backend: str, device_type: Optional[str] = None) -> Optional[str]:
-    """None if `backend` can run on this machine (for tensors on `device_type` when given),
-    else why not."""
-    if backend in ("reference", "reference_loop"):
-        return None
-    if backend == "triton":
-        triton = triton_module()
-        if isinstance(triton, str):
-            return triton
-        if device_type == "cpu" or (device_type is None and not torch.cuda.is_available()):
-            if not triton_interpreter_on():
-                return ("no CUDA GPU, and TRITON_INTERPRET=1 is not set (triton's CPU "
-                        "interpreter is for testing kernels on small inputs)")
-        return None
-    native = native_module()
-    if isinstance(native, str):
-        return native
-    if backend == "cpu":
-        if device_type not in (None, "cpu"):
-            return f"the C++ CPU kernels take CPU tensors, got {device_type} tensors"
-        return None
-    if backend == "cuda":
-        if not native.built_with_cuda():
-            return "the extension was built without CUDA kernels (no nvcc at build time, or RCAR_FAST_CUDA=0)"
-        if native.cuda_device_count() == 0 or not torch.cuda.is_available():
-            return "CUDA kernels are built, but no CUDA GPU is visible"
-        if device_type not in (None, "cuda"):
-            return f"the CUDA kernels take CUDA tensors, got {device_type} tensors"
-        return None
-    raise ValueError(f"unknown backend {backend!r}")
+def implementation(op: str, backend: str) -> Optional[type[Backend]]:
+    return _BY_KEY.get((op, backend))
 
 
 def backends() -> dict[str, dict]:
-    """Every backend: whether it can run here, why not, and the ops it implements.
+    """Every backend: whether it can run here, why not, the ops it implements and, per op,
+    what it can do (has_backward, implements_dropout, dtypes per device).
 
     >>> rcar_fast.backends()["cuda"]["reason"]
     'CUDA kernels are built, but no CUDA GPU is visible'
     """
-    # Importing the ops registers their implementations.
-    importlib.import_module("rcar_fast.ops")
     report = {}
     for name in BACKENDS:
-        reason = environment_reason(name)
+        classes = {op: cls for (op, be), cls in _BY_KEY.items() if be == name}
+        reason = next(iter(classes.values())).environment()
         report[name] = {
             "available": reason is None,
             "reason": reason or "available",
-            "ops": sorted(op for (op, be) in _REGISTRY if be == name),
+            "ops": sorted(classes),
+            "capabilities": {op: cls.capabilities() for op, cls in sorted(classes.items())},
         }
     return report
 
 
-# ---------------------------------------------------------------------------------------------
-# Gate 2: the op and the tensors
-# ---------------------------------------------------------------------------------------------
-
-def rejection(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """None if `backend` can run `op` on tensors of this device and dtype, else why not."""
-    impl = _REGISTRY.get((op, backend))
-    if impl is None:
-        return f"{backend} has no implementation of {op!r}"
-    reason = environment_reason(backend, device.type)
-    if reason is not None:
-        return reason
-    return impl.supports(device, dtype)
+def _as_inputs(inputs: Union[Inputs, torch.device], dtype: Optional[torch.dtype]) -> Inputs:
+    # (device, dtype) alone asks about device and dtype only, as backends() and tests do.
+    return inputs if isinstance(inputs, Inputs) else Inputs(torch.device(inputs), dtype)
 
 
-def explain(op: str, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
-    """Every backend with 'usable' or the reason it is rejected for this op and these tensors."""
-    importlib.import_module("rcar_fast.ops")
-    return {be: rejection(op, be, device, dtype) or "usable" for be in BACKENDS}
+def reasons(op: str, backend: str, inputs: Union[Inputs, torch.device],
+            dtype: Optional[torch.dtype] = None) -> list[str]:
+    """Why `backend` cannot run `op` on these inputs ([] if it can)."""
+    cls = implementation(op, backend)
+    if cls is None:
+        return [f"{backend} has no implementation of {op!r}"]
+    return cls.not_supported_reasons(_as_inputs(inputs, dtype))
 
 
-def choose(op: str, backend: str, device: torch.device, dtype: torch.dtype,
-           mode_rejections: Optional[dict[str, str]] = None) -> Implementation:
-    """The implementation to run. backend="auto" takes the first usable one of AUTO_ORDER.
+def rejection(op: str, backend: str, inputs: Union[Inputs, torch.device],
+              dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None if `backend` can run `op` on these inputs (or this device and dtype), else why not."""
+    why = reasons(op, backend, inputs, dtype)
+    return "; ".join(why) if why else None
 
-    `mode_rejections` ({backend: reason}) adds a third gate that only the caller can judge, e.g.
-    a module in training mode that needs dropout and a backward pass. backend="auto" skips those
-    backends; an explicitly requested one still runs, and its op raises with its own message.
-    """
-    importlib.import_module("rcar_fast.ops")
+
+def explain(op: str, inputs: Union[Inputs, torch.device],
+            dtype: Optional[torch.dtype] = None) -> dict[str, str]:
+    """Every backend with 'usable' or the reasons it is rejected for this op and these inputs."""
+    return {be: rejection(op, be, inputs, dtype) or "usable" for be in BACKENDS}
+
+
+def _describe(inputs: Inputs) -> str:
+    return f"{inputs.device.type} {inputs.dtype} tensors"
+
+
+def choose(op: str, backend: str, inputs: Union[Inputs, torch.device],
+           dtype: Optional[torch.dtype] = None) -> type[Backend]:
+    """The backend class to run (call its `fn`). backend="auto" takes the first of AUTO_ORDER
+    that takes these inputs; otherwise the requested one, or BackendUnavailable with its
+    reasons (all of them, for every backend tried, under "auto")."""
     if backend not in REQUESTABLE:
         raise ValueError(f"backend must be one of {REQUESTABLE}, got {backend!r}")
+    inputs = _as_inputs(inputs, dtype)
     if backend != "auto":
-        reason = rejection(op, backend, device, dtype)
-        if reason is not None:
-            raise BackendUnavailable(
-                f"backend {backend!r} cannot run {op} on {device.type} {dtype} tensors: {reason}")
-        return _REGISTRY[(op, backend)]
-    order = AUTO_ORDER.get(device.type, ("reference",))
-    reasons = {}
-    for candidate in order:
-        reasons[candidate] = rejection(op, candidate, device, dtype)
-        if reasons[candidate] is None and mode_rejections:
-            reasons[candidate] = mode_rejections.get(candidate)
-        if reasons[candidate] is None:
-            return _REGISTRY[(op, candidate)]
-    detail = "; ".join(f"{be}: {why}" for be, why in reasons.items())
-    raise BackendUnavailable(f"no backend can run {op} on {device.type} {dtype} tensors ({detail})")
+        why = reasons(op, backend, inputs)
+        if why:
+            raise BackendUnavailable(f"backend {backend!r} cannot run {op} on {_describe(inputs)}: "
+                                     + "; ".join(why))
+        return _BY_KEY[(op, backend)]
+    tried = {}
+    for candidate in AUTO_ORDER.get(inputs.device.type, ("reference",)):
+        why = reasons(op, candidate, inputs)
+        if not why:
+            return _BY_KEY[(op, candidate)]
+        tried[candidate] = "; ".join(why)
+    detail = "; ".join(f"{be}: {why}" for be, why in tried.items())
+    raise BackendUnavailable(f"no backend can run {op} on {_describe(inputs)} ({detail})")

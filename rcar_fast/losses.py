@@ -14,11 +14,23 @@ off-diagonal pair is treated as a negative, as the public code does.)
   public code's) or "mean" (divided by B).
 * `info_nce_loss`: symmetric InfoNCE: the mean of the cross-entropies of the rows
   (image -> caption) and the columns (caption -> image) of sims / temperature.
+
+On a batch of B (image, caption) features instead of a matrix (scored by rcar_fast.pairs):
+
+* `full_hardest_negative_loss`: all B x B pairs scored with autograd, then `vse_hinge_loss`.
+* `hardest_negative_loss`: the same VSE++ max_violation loss with autograd for at most 3B
+  pairs. The loss gives a nonzero gradient to the B positives (the diagonal), the hardest
+  negative caption of each image (one per row) and the hardest negative image of each caption
+  (one per column) only, so it scores all B x B pairs under ``torch.no_grad()`` (any fast
+  backend, forward only), picks those pairs from that matrix and recomputes only them with
+  ``rcar_fast.pairs.score_pairs``. Loss and gradients equal the full version (ties aside).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from rcar_fast import dispatch, pairs, validate
 
 REDUCTIONS = ("sum", "mean")
 
@@ -35,8 +47,7 @@ def _check_square(sims) -> torch.Tensor:
 
 
 def _reduce(total: torch.Tensor, batch: int, reduction: str) -> torch.Tensor:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    validate.choice(reduction, "reduction", REDUCTIONS)
     return total if reduction == "sum" else total / batch
 
 
@@ -70,8 +81,127 @@ def info_nce_loss(sims: torch.Tensor, temperature: float = 0.05) -> torch.Tensor
     SCAN similarities are cosine-like, in [-1, 1], so a small temperature (CLIP's learned
     value is about 0.01-0.07) gives the logits a useful range."""
     sims = _check_square(sims)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    validate.positive_number(temperature, "temperature")
     logits = sims / temperature
     targets = torch.arange(sims.shape[0], device=sims.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The hardest-negative loss of a batch of features
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_batch(img, cap, margin, reduction):
+    if img.shape[0] != cap.shape[0]:
+        raise ValueError("the hardest-negative loss needs a batch of B (image, caption) pairs: "
+                         f"img.shape[0] ({img.shape[0]}) must equal cap.shape[0] ({cap.shape[0]})")
+    if img.shape[0] < 2:
+        raise ValueError(f"the hardest-negative loss needs B >= 2 pairs (negatives), got B = {img.shape[0]}")
+    validate.non_negative_number(margin, "margin")
+    validate.choice(reduction, "reduction", REDUCTIONS)
+
+
+def full_hardest_negative_loss(img, cap, lens, *, model="scan", margin: float = 0.2,
+                               backend: str = "auto", reduction: str = "sum",
+                               **scan_kwargs) -> torch.Tensor:
+    """The B x B version: all pairs scored with autograd, then vse_hinge_loss
+    (max_violation). Its cost (time and autograd memory) grows with B^2;
+    hardest_negative_loss is the same loss at a cost growing with B."""
+    _check_batch(img, cap, margin, reduction)
+    scores = pairs.all_pairs_scores(img, cap, lens, model=model, backend=backend, **scan_kwargs)
+    return vse_hinge_loss(scores, margin, max_violation=True, reduction=reduction)
+
+
+def _checked_selection_scores(scores, B: int) -> torch.Tensor:
+    """score_fn's (B, B) matrix. A NaN would make argmax pick an arbitrary "hardest" negative
+    and the loss a silently wrong (finite) number, so non-finite values off the diagonal (the
+    diagonal is never read) are refused."""
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"score_fn must return a torch.Tensor (B, B), got {type(scores).__name__}")
+    if tuple(scores.shape) != (B, B):
+        raise ValueError(f"score_fn must return a (B, B) = ({B}, {B}) matrix, got {tuple(scores.shape)}")
+    if not (scores.dtype.is_floating_point or scores.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"score_fn must return real scores, got dtype {scores.dtype}")
+    off_diagonal = ~torch.eye(B, dtype=torch.bool, device=scores.device)
+    if not bool(torch.isfinite(scores[off_diagonal]).all()):
+        raise ValueError("score_fn returned NaN or Inf scores off the diagonal; the hardest negatives "
+                         "cannot be chosen from them")
+    return scores
+
+
+def _hardest_pairs(scores: torch.Tensor):
+    """(img_idx, cap_idx) of positives, row-hardest and column-hardest negatives (3B pairs)."""
+    B = scores.shape[0]
+    eye = torch.eye(B, dtype=torch.bool, device=scores.device)
+    negatives = scores.masked_fill(eye, float("-inf"))
+    hardest_caption = negatives.argmax(dim=1)     # per image i: its hardest negative caption
+    hardest_image = negatives.argmax(dim=0)       # per caption j: its hardest negative image
+    diag = torch.arange(B, device=scores.device)
+    img_idx = torch.cat([diag, diag, hardest_image])
+    cap_idx = torch.cat([diag, hardest_caption, diag])
+    return img_idx, cap_idx
+
+
+def _selection_scores(img, cap, lens, model, backend, scan_kwargs):
+    """The no-grad all-pairs pass. A head in training mode is scored in eval mode (dropout
+    off): the hardest negatives are picked on the deterministic scores, and forward-only
+    kernels that refuse training mode can do the selection."""
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        return pairs.all_pairs_scores(img, cap, lens, model=model, backend=backend, **scan_kwargs)
+    finally:
+        if was_training:
+            model.train()
+
+
+def hardest_negative_loss(img, cap, lens, *, model="scan", score_fn=None, margin: float = 0.2,
+                          backend: str = "auto", pair_backend: str = "auto",
+                          reduction: str = "sum", return_details: bool = False, **scan_kwargs):
+    """VSE++ max_violation loss of a batch of B pairs (image i with caption i), computing
+    autograd for at most 3B pairs instead of B^2 (= vse_hinge_loss of the
+    full (B, B) matrix).
+
+    model: "scan" (scan_kwargs as in scan_similarity) or an RCAR head module.
+    score_fn: optional fn(img, cap, lens) -> (B, B) used for the no-grad selection pass
+        instead of all_pairs_scores(model, backend) (e.g. another backend or a cache).
+    backend: backend of the no-grad all-pairs pass; pair_backend: backend of the pair recompute.
+    reduction: "sum" (SCAN / VSE++: summed over both directions) or "mean" (divided by B),
+    as vse_hinge_loss.
+    Returns the loss (a scalar), or
+    (loss, details) with details = dict(img_idx, cap_idx of the recomputed pairs, n_pairs,
+    hardest_caption (B,), hardest_image (B,)) when return_details.
+
+    Equal to full_hardest_negative_loss in value and gradient, ties aside, whenever the head
+    has no active dropout (eval mode, or dropout p = 0). With dropout active (an RCAR head in
+    training mode) the selection pass runs in eval mode and the recompute draws its own
+    dropout masks, so the loss is a different (equally valid) sample than the full version's.
+    """
+    validate.choice(backend, "backend", dispatch.REQUESTABLE)
+    validate.choice(pair_backend, "pair_backend", dispatch.REQUESTABLE)
+    lens = validate.similarity_inputs(img, cap, lens)
+    _check_batch(img, cap, margin, reduction)
+    margin = validate.non_negative_number(margin, "margin")
+    if score_fn is not None and not callable(score_fn):
+        raise TypeError(f"score_fn must be a callable fn(img, cap, lens) -> (B, B), got {type(score_fn).__name__}")
+    B = img.shape[0]
+    with torch.no_grad():
+        if score_fn is None:
+            scores = _selection_scores(img.detach(), cap.detach(), lens, model, backend, scan_kwargs)
+        else:
+            scores = _checked_selection_scores(score_fn(img.detach(), cap.detach(), lens), B)
+        img_idx, cap_idx = _hardest_pairs(scores)
+        # Row- and column-hardest negatives can coincide: score each distinct pair once.
+        keys, inverse = torch.unique(img_idx * B + cap_idx, return_inverse=True)
+    pair_scores = pairs.score_pairs(img, cap, lens, keys // B, keys % B, model=model,
+                              backend=pair_backend, **scan_kwargs)[inverse]
+    positives, hard_caption, hard_image = pair_scores.split(B)
+    loss = ((margin + hard_caption - positives).clamp(min=0).sum()
+            + (margin + hard_image - positives).clamp(min=0).sum())
+    loss = _reduce(loss, B, reduction)
+    if not return_details:
+        return loss
+    return loss, dict(img_idx=keys // B, cap_idx=keys % B, n_pairs=int(keys.numel()),
+                      hardest_caption=cap_idx[B:2 * B], hardest_image=img_idx[2 * B:])

@@ -2,7 +2,8 @@
 import torch
 
 from rcar_fast import dispatch, validate
-from rcar_fast.reference import RCARHead
+from rcar_fast.heads import RCARHead
+from rcar_fast.ops.backend import Inputs
 
 
 class RCARSimilarity(RCARHead):
@@ -18,29 +19,6 @@ class RCARSimilarity(RCARHead):
     def forward(self, img, cap, lens, backend: str = "auto") -> torch.Tensor:
         validate.choice(backend, "backend", dispatch.REQUESTABLE)
         lens = validate.similarity_inputs(img, cap, lens)
-        if img.shape[2] != self.embed_dim:
-            raise ValueError(f"img and cap must have d = embed_dim = {self.embed_dim}, got d = {img.shape[2]}")
-        validate.smooth_for(self.smooth, img.dtype, "the head's smooth")
-        param = next(self.parameters())
-        if param.device != img.device:
-            raise ValueError(f"img/cap are on {img.device} but the module's parameters are on {param.device}; "
-                             "move one of them")
-        impl = dispatch.choose("rcar", backend, img.device, img.dtype, self.mode_rejections())
+        validate.head_fits(self, img)
+        impl = dispatch.choose("rcar", backend, Inputs.of_head(self, img, cap, lens))
         return impl.fn(self, img, cap, lens)
-
-    def mode_rejections(self) -> dict[str, str]:
-        """Fused backends that cannot serve the head in its current mode, with the reason.
-
-        In training mode a step needs a backward pass, and RAR's dropout (p = 0.4) if the head
-        has RAR modules; backend="auto" then falls back to what provides them. In eval mode every
-        fused backend serves (a forward-only backend's result raises if differentiated).
-        """
-        if not self.training:
-            return {}
-        reasons = {
-            "cpu": "training mode needs a backward pass; the C++ CPU RCAR kernel is forward-only",
-            "cuda": "training mode needs a backward pass; the CUDA RCAR kernel is forward-only",
-        }
-        if self.active_dropout():
-            reasons["triton"] = "training mode with RAR dropout active; the Triton kernel has no dropout"
-        return reasons

@@ -1,16 +1,9 @@
-"""Scoring a list of (image, caption) pairs, and the hardest-negative loss built on it.
+"""Scoring a list of (image, caption) pairs, and all pairs of a model ("scan" or an RCAR head).
 
-Why: the VSE++ hardest-negative (``max_violation``) loss over a B x B batch gives a nonzero
-gradient to at most 3B pairs: the B positives (the diagonal), the hardest negative caption of
-each image (one per row) and the hardest negative image of each caption (one per column).
-So a training step need not keep the autograd graph of all B^2 pairs:
-
-1. score all B x B pairs under ``torch.no_grad()`` (any fast backend, forward only);
-2. pick the positives and the hardest negatives from that matrix;
-3. recompute only those <= 3B pairs with autograd (``score_pairs``).
-
-Loss and gradients equal the full B x B version (ties aside). The same pair-list op serves
-re-ranking a shortlist at evaluation time.
+Why a pair list: the VSE++ hardest-negative loss over a B x B batch gives a nonzero gradient
+to at most 3B pairs, so a training step scores all pairs without autograd and recomputes only
+those with ``score_pairs`` (rcar_fast.losses.hardest_negative_loss). The same pair-list op
+serves re-ranking a shortlist at evaluation time.
 
 Dispatch: ``score_pairs`` runs the op "scan_pairs" (SCAN) or "rcar_pairs" (an RCAR head)
 through rcar_fast.dispatch. Implementations register with the signatures
@@ -21,57 +14,27 @@ through rcar_fast.dispatch. Implementations register with the signatures
 
 where lens, img_idx and cap_idx arrive validated (int64 on img's device), and the result is
 float32 (float64 for float64 inputs), differentiable w.r.t. img, cap (and the head's
-parameters) where the backend has a backward. This module registers "reference" (pairs
-gathered into blocks and run through the reference's vectorised pair functions),
-"reference_loop" (one pair at a time, sliced to its length like the public code) and, for
-SCAN, "cpu" (the fused C++ all-pairs kernels, forward and backward, one call per distinct
-image against its distinct captions).
+parameters) where the backend has a backward. The backends are in
+rcar_fast/ops/pair_backends.py.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-from torch.autograd.function import once_differentiable
 
-from rcar_fast import dispatch, reference, validate
-from rcar_fast.losses import REDUCTIONS, vse_hinge_loss
-from rcar_fast.ops import scan as _scan_op
+from rcar_fast import dispatch, validate
+from rcar_fast.heads import RCARHead
+from rcar_fast.ops.backend import Inputs
+from rcar_fast.reference_math import AGGREGATIONS, DIRECTIONS, RAW_NORMS
 
-__all__ = ["score_pairs", "hardest_negative_loss", "full_hardest_negative_loss",
-           "all_pairs_scores"]
+__all__ = ["score_pairs", "all_pairs_scores"]
 
 SCAN_DEFAULTS = dict(direction="t2i", raw_norm="clipped_l2norm", smooth=9.0, agg="mean",
                      lse_lambda=6.0)
-
-# Value written over padding words before any arithmetic (as in the reference): finite, and
-# non-zero so that a (discarded) padding query has a non-zero norm and finite gradients.
-_PAD_FILL = 1.0
-
-
-def _output_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
-
-def _pair_indices(idx, name: str, bound: int, bound_name: str, device) -> torch.Tensor:
-    if not isinstance(idx, torch.Tensor):
-        try:
-            idx = torch.as_tensor(idx, dtype=torch.int64)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(f"{name} must be a 1-D integer tensor (P,), got {type(idx).__name__}") from err
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor of shape (P,), got dtype {idx.dtype}")
-    if idx.dim() != 1:
-        raise ValueError(f"{name} must have shape (P,), got {tuple(idx.shape)}")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= bound):
-        raise ValueError(f"{name} values must lie in [0, {bound_name}={bound}), got min "
-                         f"{int(idx.min())}, max {int(idx.max())}")
-    return idx.to(device=device, dtype=torch.int64)
-
 
 def _check_scan_kwargs(kwargs: dict, dtype: torch.dtype) -> dict:
     unknown = set(kwargs) - set(SCAN_DEFAULTS)
@@ -79,9 +42,9 @@ def _check_scan_kwargs(kwargs: dict, dtype: torch.dtype) -> dict:
         raise TypeError(f"unexpected SCAN keyword(s) {sorted(unknown)}; expected some of "
                         f"{sorted(SCAN_DEFAULTS)}")
     kw = {**SCAN_DEFAULTS, **kwargs}
-    validate.choice(kw["direction"], "direction", _scan_op.DIRECTIONS)
-    validate.choice(kw["raw_norm"], "raw_norm", _scan_op.RAW_NORMS)
-    validate.choice(kw["agg"], "agg", _scan_op.AGGREGATIONS)
+    validate.choice(kw["direction"], "direction", DIRECTIONS)
+    validate.choice(kw["raw_norm"], "raw_norm", RAW_NORMS)
+    validate.choice(kw["agg"], "agg", AGGREGATIONS)
     kw["smooth"] = validate.smooth_for(kw["smooth"], dtype)
     kw["lse_lambda"] = validate.lse_lambda_value(kw["lse_lambda"])
     return kw
@@ -93,21 +56,21 @@ def _check_model(model, img: torch.Tensor, scan_kwargs: dict):
         if model != "scan":
             raise ValueError(f"model must be 'scan' or an RCAR head module, got {model!r}")
         return _check_scan_kwargs(scan_kwargs, img.dtype)
-    if not isinstance(model, reference.RCARHead):
+    if not isinstance(model, RCARHead):
         raise TypeError("model must be 'scan' or an RCAR head (rcar_fast.RCARSimilarity / "
                         f"reference.RCARHead), got {type(model).__name__}")
     if scan_kwargs:
         raise TypeError(f"SCAN keywords {sorted(scan_kwargs)} do not apply to an RCAR head "
                         "(its settings are the module's attributes)")
-    if img.shape[2] != model.embed_dim:
-        raise ValueError(f"img and cap must have d = the head's embed_dim = {model.embed_dim}, "
-                         f"got d = {img.shape[2]}")
-    validate.smooth_for(model.smooth, img.dtype, "the head's smooth")
-    param = next(model.parameters())
-    if param.device != img.device:
-        raise ValueError(f"img/cap are on {img.device} but the head's parameters are on "
-                         f"{param.device}; move one of them")
+    validate.head_fits(model, img)
     return None
+
+
+def _checked_call(img, cap, lens, model, backend: str, scan_kwargs: dict):
+    """(lens as validated, the SCAN kwargs or None for a head) of a scoring call."""
+    validate.choice(backend, "backend", dispatch.REQUESTABLE)
+    lens = validate.similarity_inputs(img, cap, lens)
+    return lens, _check_model(model, img, scan_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,333 +87,25 @@ def score_pairs(img, cap, lens, img_idx, cap_idx, *, model="scan", backend: str 
     Returns (P,) float32 (float64 for float64 inputs), with autograd to img, cap and the
     head's parameters. Equals scan_similarity(...)[img_idx, cap_idx] (resp. head(...)).
     """
-    validate.choice(backend, "backend", dispatch.REQUESTABLE)
-    lens = validate.similarity_inputs(img, cap, lens)
-    scan_kw = _check_model(model, img, scan_kwargs)
-    img_idx = _pair_indices(img_idx, "img_idx", img.shape[0], "n_img", img.device)
-    cap_idx = _pair_indices(cap_idx, "cap_idx", cap.shape[0], "n_cap", img.device)
-    if img_idx.shape != cap_idx.shape:
-        raise ValueError(f"img_idx and cap_idx must have the same length P, got {img_idx.numel()} "
-                         f"and {cap_idx.numel()}")
+    lens, scan_kw = _checked_call(img, cap, lens, model, backend, scan_kwargs)
+    img_idx, cap_idx = validate.pair_indices(img_idx, cap_idx, img.shape[0], cap.shape[0],
+                                             img.device)
     if scan_kw is not None:
-        impl = dispatch.choose("scan_pairs", backend, img.device, img.dtype,
-                               _scan_op.shape_rejections(img, scan_kw["direction"]))
+        impl = dispatch.choose("scan_pairs", backend,
+                               Inputs.of_scan(img, cap, scan_kw["direction"], lens))
         return impl.fn(img, cap, lens, img_idx, cap_idx, **scan_kw)
-    impl = dispatch.choose("rcar_pairs", backend, img.device, img.dtype)
+    impl = dispatch.choose("rcar_pairs", backend, Inputs.of_head(model, img, cap, lens))
     return impl.fn(model, img, cap, lens, img_idx, cap_idx)
 
 
 def all_pairs_scores(img, cap, lens, *, model="scan", backend: str = "auto",
                      **scan_kwargs) -> torch.Tensor:
     """All (n_img, n_cap) scores of `model` ("scan" or an RCAR head) on `backend`."""
-    validate.choice(backend, "backend", dispatch.REQUESTABLE)
-    lens = validate.similarity_inputs(img, cap, lens)
-    scan_kw = _check_model(model, img, scan_kwargs)
+    lens, scan_kw = _checked_call(img, cap, lens, model, backend, scan_kwargs)
     if scan_kw is not None:
-        rejections = _scan_op.shape_rejections(img, scan_kw["direction"])
-        return dispatch.choose("scan", backend, img.device, img.dtype, rejections).fn(img, cap, lens, **scan_kw)
+        impl = dispatch.choose("scan", backend, Inputs.of_scan(img, cap, scan_kw["direction"], lens))
+        return impl.fn(img, cap, lens, **scan_kw)
     # Through dispatch (not model.forward) so that a plain reference RCARHead works as well;
-    # an RCARSimilarity in training mode keeps auto off the forward-only kernels.
-    mode_rejections = model.mode_rejections() if hasattr(model, "mode_rejections") else None
-    impl = dispatch.choose("rcar", backend, img.device, img.dtype, mode_rejections)
+    # a head in training mode keeps auto off the forward-only kernels (Inputs.of_head).
+    impl = dispatch.choose("rcar", backend, Inputs.of_head(model, img, cap, lens))
     return impl.fn(model, img, cap, lens)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference implementations of the pair ops
-# ---------------------------------------------------------------------------------------------
-
-def _orient(direction, words, regions):
-    return (words, regions) if direction == "t2i" else (regions, words)
-
-
-def _scan_pair_fn(direction, raw_norm, smooth, agg, lse_lambda) -> Callable:
-    def pair_fn(query, context, query_mask, context_mask):
-        ctx = reference.cross_attention(query, context, smooth, raw_norm, None, query_mask,
-                                        context_mask)
-        return reference.aggregate(reference.cosine(query, ctx), agg, lse_lambda, query_mask)
-    return pair_fn
-
-
-def _pair_blocks(lens_of_pairs: torch.Tensor, n_regions: int, d: int, element_size: int):
-    """Pair order (by caption length, so a block pays only for its longest caption) and
-    block bounds keeping each (pairs, longest, d) block below reference.BLOCK_BYTES."""
-    order = torch.argsort(lens_of_pairs, stable=True)
-    longest = lens_of_pairs[order].clamp(min=n_regions).to(torch.float64).cpu()
-    per_pair = longest * d * element_size
-    bounds, start, total = [], 0, order.numel()
-    while start < total:
-        # Lengths grow along the order, so the cost of [start, stop) is increasing in stop:
-        # the pairs that fit form a prefix.
-        counts = torch.arange(1, total - start + 1, dtype=torch.float64)
-        fits = int((counts * per_pair[start:] <= reference.BLOCK_BYTES).sum())
-        stop = start + max(1, fits)
-        bounds.append((start, stop))
-        start = stop
-    return order, bounds
-
-
-def _pairs_vectorized(img, cap, lens, img_idx, cap_idx, direction, pair_fn):
-    """Gather the pairs into length-sorted blocks and score each block at once: (P,)."""
-    if img_idx.numel() == 0:
-        return img.new_zeros((0,), dtype=_output_dtype(img.dtype))
-    pair_lens = lens[cap_idx]
-    order, bounds = _pair_blocks(pair_lens, img.shape[1], img.shape[2], img.element_size())
-    pieces = []
-    for start, stop in bounds:
-        sel = order[start:stop]
-        block_lens = pair_lens[sel]
-        longest = int(block_lens.max())
-        regions = img[img_idx[sel]]                                   # (p, R, d)
-        words = cap[cap_idx[sel], :longest]                           # (p, Lb, d)
-        mask = torch.arange(longest, device=cap.device)[None, :] < block_lens[:, None]
-        fill = torch.full((), _PAD_FILL, dtype=words.dtype, device=words.device)
-        words = torch.where(mask.unsqueeze(-1), words, fill)
-        query, context = _orient(direction, words, regions)
-        query_mask, context_mask = _orient(direction, mask, None)
-        pieces.append(pair_fn(query, context, query_mask, context_mask))
-    sorted_scores = torch.cat(pieces)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    return sorted_scores[inverse].to(_output_dtype(img.dtype))
-
-
-def _pairs_loop(img, cap, lens, img_idx, cap_idx, direction, pair_fn):
-    """One pair at a time, the caption sliced to its length (the public code's way): (P,)."""
-    if img_idx.numel() == 0:
-        return img.new_zeros((0,), dtype=_output_dtype(img.dtype))
-    scores = []
-    for i, j, n_word in zip(img_idx.tolist(), cap_idx.tolist(), lens[cap_idx].tolist()):
-        query, context = _orient(direction, cap[j:j + 1, :n_word], img[i:i + 1])
-        scores.append(pair_fn(query, context, None, None))
-    return torch.cat(scores).to(_output_dtype(img.dtype))
-
-
-def _scan_pairs_reference(img, cap, lens, img_idx, cap_idx, *, direction, **kw):
-    return _pairs_vectorized(img, cap, lens, img_idx, cap_idx, direction,
-                             _scan_pair_fn(direction, **kw))
-
-
-def _scan_pairs_reference_loop(img, cap, lens, img_idx, cap_idx, *, direction, **kw):
-    return _pairs_loop(img, cap, lens, img_idx, cap_idx, direction, _scan_pair_fn(direction, **kw))
-
-
-def _rcar_pairs_reference(head, img, cap, lens, img_idx, cap_idx):
-    return _pairs_vectorized(img, cap, lens, img_idx, cap_idx, head.direction, head.pair_scores)
-
-
-def _rcar_pairs_reference_loop(head, img, cap, lens, img_idx, cap_idx):
-    return _pairs_loop(img, cap, lens, img_idx, cap_idx, head.direction, head.pair_scores)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fused pair scoring: the all-pairs kernels, one call per distinct image
-# ---------------------------------------------------------------------------------------------
-
-def _image_groups(img_idx, cap_idx, n_cap: int):
-    """The distinct pairs grouped by image: [(image, its distinct captions)], and `inverse`
-    mapping each requested pair to its row in the concatenation of the groups."""
-    # Sorted keys group the pairs by image; `inverse` restores the requested order and repeats.
-    keys, inverse = torch.unique(img_idx * n_cap + cap_idx, return_inverse=True)
-    images, counts = torch.unique_consecutive(keys // n_cap, return_counts=True)
-    return list(zip(images.tolist(), (keys % n_cap).split(counts.tolist()))), inverse
-
-
-class _GroupedByImage(torch.autograd.Function):
-    """Pair scores through an all-pairs implementation, one call per distinct image against
-    its distinct captions: exactly the distinct requested pairs are computed, forward and
-    backward by the backend itself.
-
-    Why a Function: differentiating through per-group slices of img and cap directly would
-    give every group a gradient the size of the whole batch (O(B^2 L d) zeros and adds); here
-    each group's gradient is added into one buffer at its own rows."""
-
-    @staticmethod
-    def forward(ctx, img, cap, lens, img_idx, cap_idx, all_pairs, grad_enabled):
-        groups, inverse = _image_groups(img_idx, cap_idx, cap.shape[0])
-        # Under no_grad (re-ranking) keep no per-group graphs: nothing will call backward.
-        need_img, need_cap = (grad_enabled and need for need in ctx.needs_input_grad[:2])
-        pieces, graphs = [], []
-        for i, chosen in groups:
-            chosen_lens = lens[chosen]
-            with torch.enable_grad():   # each group's graph, kept for the backward
-                img_part = img[i:i + 1].detach().requires_grad_(need_img)
-                cap_part = cap[chosen, :int(chosen_lens.max())].detach().requires_grad_(need_cap)
-                scores = all_pairs(img_part, cap_part, chosen_lens).reshape(-1)
-            pieces.append(scores.detach())
-            graphs.append((scores, img_part, cap_part))
-        ctx.groups, ctx.graphs = groups, graphs
-        ctx.save_for_backward(inverse)
-        ctx.layouts = [(t.shape, t.dtype) for t in (img, cap)]
-        return torch.cat(pieces)[inverse]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        (inverse,) = ctx.saved_tensors
-        n_rows = sum(len(chosen) for _, chosen in ctx.groups)
-        grad_rows = grad_out.new_zeros(n_rows).index_add_(0, inverse, grad_out)
-        need_img, need_cap = ctx.needs_input_grad[:2]
-        (img_shape, img_dtype), (cap_shape, cap_dtype) = ctx.layouts
-        grad_img = grad_out.new_zeros(img_shape, dtype=img_dtype) if need_img else None
-        grad_cap = grad_out.new_zeros(cap_shape, dtype=cap_dtype) if need_cap else None
-        start = 0
-        for (i, chosen), (scores, img_part, cap_part) in zip(ctx.groups, ctx.graphs):
-            g = grad_rows[start:start + len(chosen)].to(scores.dtype)
-            start += len(chosen)
-            wanted = [t for t, need in ((img_part, need_img), (cap_part, need_cap)) if need]
-            grads = list(torch.autograd.grad(scores, wanted, g))
-            if need_img:
-                grad_img[i:i + 1] += grads.pop(0)
-            if need_cap:  # captions within a group are distinct: no index is written twice
-                grad_cap[chosen, :cap_part.shape[1]] += grads.pop(0)
-        ctx.graphs = None
-        return grad_img, grad_cap, None, None, None, None, None
-
-
-def _grouped_by_image(all_pairs: Callable, img, cap, lens, img_idx, cap_idx):
-    if img_idx.numel() == 0:
-        return img.new_zeros((0,), dtype=_output_dtype(img.dtype))
-    scores = _GroupedByImage.apply(img, cap, lens, img_idx, cap_idx, all_pairs, torch.is_grad_enabled())
-    return scores.to(_output_dtype(img.dtype))
-
-
-def _scan_pairs_fused(backend: str) -> Callable:
-    def scan_pairs(img, cap, lens, img_idx, cap_idx, **kw):
-        scan = dispatch.choose("scan", backend, img.device, img.dtype).fn
-        return _grouped_by_image(lambda i, c, n: scan(i, c, n, **kw), img, cap, lens, img_idx, cap_idx)
-    return scan_pairs
-
-
-def _scan_supports(backend: str) -> dispatch.SupportsFn:
-    return lambda device, dtype: dispatch.rejection("scan", backend, device, dtype)
-
-
-dispatch.register("scan_pairs", "reference", _scan_pairs_reference)
-# Only the C++ CPU kernels for now: a call per image costs microseconds there. On a GPU the
-# per-image launches (and Triton's autotuning per distinct caption count) need measuring first,
-# and the vectorised reference's <= 3B pairs are cheap next to the B x B selection pass.
-dispatch.register("scan_pairs", "cpu", _scan_pairs_fused("cpu"), _scan_supports("cpu"))
-dispatch.register("scan_pairs", "reference_loop", _scan_pairs_reference_loop)
-dispatch.register("rcar_pairs", "reference", _rcar_pairs_reference)
-dispatch.register("rcar_pairs", "reference_loop", _rcar_pairs_reference_loop)
-
-
-# ---------------------------------------------------------------------------------------------
-# Hardest-negative loss
-# ---------------------------------------------------------------------------------------------
-
-def _check_batch(img, cap, margin, reduction):
-    if img.shape[0] != cap.shape[0]:
-        raise ValueError("the hardest-negative loss needs a batch of B (image, caption) pairs: "
-                         f"img.shape[0] ({img.shape[0]}) must equal cap.shape[0] ({cap.shape[0]})")
-    if img.shape[0] < 2:
-        raise ValueError(f"the hardest-negative loss needs B >= 2 pairs (negatives), got B = {img.shape[0]}")
-    validate.non_negative_number(margin, "margin")
-    validate.choice(reduction, "reduction", REDUCTIONS)
-
-
-def full_hardest_negative_loss(img, cap, lens, *, model="scan", margin: float = 0.2,
-                               backend: str = "auto", reduction: str = "sum",
-                               **scan_kwargs) -> torch.Tensor:
-    """The B x B version: all pairs scored with autograd, then rcar_fast.losses.vse_hinge_loss
-    (max_violation). Its cost (time and autograd memory) grows with B^2;
-    hardest_negative_loss is the same loss at a cost growing with B."""
-    _check_batch(img, cap, margin, reduction)
-    scores = all_pairs_scores(img, cap, lens, model=model, backend=backend, **scan_kwargs)
-    return vse_hinge_loss(scores, margin, max_violation=True, reduction=reduction)
-
-
-def _checked_selection_scores(scores, B: int) -> torch.Tensor:
-    """score_fn's (B, B) matrix. A NaN would make argmax pick an arbitrary "hardest" negative
-    and the loss a silently wrong (finite) number, so non-finite values off the diagonal (the
-    diagonal is never read) are refused."""
-    if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"score_fn must return a torch.Tensor (B, B), got {type(scores).__name__}")
-    if tuple(scores.shape) != (B, B):
-        raise ValueError(f"score_fn must return a (B, B) = ({B}, {B}) matrix, got {tuple(scores.shape)}")
-    if not (scores.dtype.is_floating_point or scores.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"score_fn must return real scores, got dtype {scores.dtype}")
-    off_diagonal = ~torch.eye(B, dtype=torch.bool, device=scores.device)
-    if not bool(torch.isfinite(scores[off_diagonal]).all()):
-        raise ValueError("score_fn returned NaN or Inf scores off the diagonal; the hardest negatives "
-                         "cannot be chosen from them")
-    return scores
-
-
-def _hardest_pairs(scores: torch.Tensor):
-    """(img_idx, cap_idx) of positives, row-hardest and column-hardest negatives (3B pairs)."""
-    B = scores.shape[0]
-    eye = torch.eye(B, dtype=torch.bool, device=scores.device)
-    negatives = scores.masked_fill(eye, float("-inf"))
-    hardest_caption = negatives.argmax(dim=1)     # per image i: its hardest negative caption
-    hardest_image = negatives.argmax(dim=0)       # per caption j: its hardest negative image
-    diag = torch.arange(B, device=scores.device)
-    img_idx = torch.cat([diag, diag, hardest_image])
-    cap_idx = torch.cat([diag, hardest_caption, diag])
-    return img_idx, cap_idx
-
-
-def _selection_scores(img, cap, lens, model, backend, scan_kwargs):
-    """The no-grad all-pairs pass. A head in training mode is scored in eval mode (dropout
-    off): the hardest negatives are picked on the deterministic scores, and forward-only
-    kernels that refuse training mode can do the selection."""
-    was_training = isinstance(model, torch.nn.Module) and model.training
-    if was_training:
-        model.eval()
-    try:
-        return all_pairs_scores(img, cap, lens, model=model, backend=backend, **scan_kwargs)
-    finally:
-        if was_training:
-            model.train()
-
-
-def hardest_negative_loss(img, cap, lens, *, model="scan", score_fn=None, margin: float = 0.2,
-                          backend: str = "auto", pair_backend: str = "auto",
-                          reduction: str = "sum", return_details: bool = False, **scan_kwargs):
-    """VSE++ max_violation loss of a batch of B pairs (image i with caption i), computing
-    autograd for at most 3B pairs instead of B^2 (= rcar_fast.losses.vse_hinge_loss of the
-    full (B, B) matrix).
-
-    model: "scan" (scan_kwargs as in scan_similarity) or an RCAR head module.
-    score_fn: optional fn(img, cap, lens) -> (B, B) used for the no-grad selection pass
-        instead of all_pairs_scores(model, backend) (e.g. another backend or a cache).
-    backend: backend of the no-grad all-pairs pass; pair_backend: backend of the pair recompute.
-    reduction: "sum" (SCAN / VSE++: summed over both directions) or "mean" (divided by B),
-    as rcar_fast.losses.vse_hinge_loss.
-    Returns the loss (a scalar), or
-    (loss, details) with details = dict(img_idx, cap_idx of the recomputed pairs, n_pairs,
-    hardest_caption (B,), hardest_image (B,)) when return_details.
-
-    Equal to full_hardest_negative_loss in value and gradient, ties aside, whenever the head
-    has no active dropout (eval mode, or dropout p = 0). With dropout active (an RCAR head in
-    training mode) the selection pass runs in eval mode and the recompute draws its own
-    dropout masks, so the loss is a different (equally valid) sample than the full version's.
-    """
-    validate.choice(backend, "backend", dispatch.REQUESTABLE)
-    validate.choice(pair_backend, "pair_backend", dispatch.REQUESTABLE)
-    lens = validate.similarity_inputs(img, cap, lens)
-    _check_batch(img, cap, margin, reduction)
-    margin = validate.non_negative_number(margin, "margin")
-    if score_fn is not None and not callable(score_fn):
-        raise TypeError(f"score_fn must be a callable fn(img, cap, lens) -> (B, B), got {type(score_fn).__name__}")
-    B = img.shape[0]
-    with torch.no_grad():
-        if score_fn is None:
-            scores = _selection_scores(img.detach(), cap.detach(), lens, model, backend, scan_kwargs)
-        else:
-            scores = _checked_selection_scores(score_fn(img.detach(), cap.detach(), lens), B)
-        img_idx, cap_idx = _hardest_pairs(scores)
-        # Row- and column-hardest negatives can coincide: score each distinct pair once.
-        keys, inverse = torch.unique(img_idx * B + cap_idx, return_inverse=True)
-    pair_scores = score_pairs(img, cap, lens, keys // B, keys % B, model=model,
-                              backend=pair_backend, **scan_kwargs)[inverse]
-    positives, hard_caption, hard_image = pair_scores.split(B)
-    loss = ((margin + hard_caption - positives).clamp(min=0).sum()
-            + (margin + hard_image - positives).clamp(min=0).sum())
-    if reduction == "mean":
-        loss = loss / B
-    if not return_details:
-        return loss
-    return loss, dict(img_idx=keys // B, cap_idx=keys % B, n_pairs=int(keys.numel()),
-                      hardest_caption=cap_idx[B:2 * B], hardest_image=img_idx[2 * B:])

@@ -12,7 +12,7 @@ at a higher --lr and lets RCAR's sigmoid head collapse to equal scores). Each st
 positives are the diagonal) and minimises the VSE++ max_violation hinge (margin 0.2, summed
 over both directions):
 
-* --loss sparse (default): rcar_fast.pairs.hardest_negative_loss: all B x B pairs scored
+* --loss sparse (default): rcar_fast.losses.hardest_negative_loss: all B x B pairs scored
   without autograd on --backend, then the <= 3B positives and hardest negatives recomputed
   with autograd on --pair-backend. Cost grows with B, not B^2.
 * --loss full: all B x B pairs scored with autograd on --backend (that backend's backward:
@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from rcar_fast import data as _data
-from rcar_fast import dispatch, metrics, pairs, reference
+from rcar_fast import dispatch, losses, metrics, pairs, reference_math
 from rcar_fast.atomic import atomic_path
 from rcar_fast.losses import info_nce_loss
 from rcar_fast.modules import RCARSimilarity
@@ -100,7 +100,7 @@ class Projection(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x):
-        return reference.l2norm(self.fc(x))
+        return reference_math.l2norm(self.fc(x))
 
 
 class RetrievalModel(nn.Module):
@@ -186,11 +186,11 @@ def step_loss(model: RetrievalModel, cfg: TrainConfig, img_feat, cap_feat, lens)
     img, cap = model.encode(img_feat, cap_feat, lens)
     kw = dict(model=model.similarity, margin=cfg.margin, backend=cfg.backend, **model.scan_kwargs)
     if cfg.loss == "full":
-        return pairs.full_hardest_negative_loss(img, cap, lens, **kw)
+        return losses.full_hardest_negative_loss(img, cap, lens, **kw)
     if cfg.loss == "infonce":
         del kw["margin"]
         return info_nce_loss(pairs.all_pairs_scores(img, cap, lens, **kw))
-    return pairs.hardest_negative_loss(img, cap, lens, pair_backend=cfg.pair_backend, **kw)
+    return losses.hardest_negative_loss(img, cap, lens, pair_backend=cfg.pair_backend, **kw)
 
 
 @torch.no_grad()
@@ -250,7 +250,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=defaults.dtype)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--direction", choices=("t2i", "i2t"), default=defaults.direction)
-    parser.add_argument("--regulator", choices=reference.REGULATORS, default=defaults.regulator)
+    parser.add_argument("--regulator", choices=reference_math.REGULATORS, default=defaults.regulator)
     for name in ("steps", "batch", "feat_dim", "dim", "sim_dim", "rcar_steps", "regions",
                  "min_len", "max_len", "train_images", "eval_images", "seed", "log_every"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))

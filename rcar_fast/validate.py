@@ -5,6 +5,7 @@ with a message that names the argument and says what was expected, before any co
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -71,9 +72,12 @@ def lengths(lens: LensLike, n_cap: int, max_len: int, device: torch.device) -> t
         raise ValueError(f"lens must have shape (n_cap,) = ({n_cap},), got {tuple(lens.shape)}")
     if lens.device.type != "cpu" and lens.device != device:
         raise ValueError(f"lens must be on the CPU or on cap's device {device}, got {lens.device}")
-    lo, hi = int(lens.min()), int(lens.max())
-    if lo < 1 or hi > max_len:
-        raise _length_range_error(lo, hi, max_len)
+    # Value checks read the data: done eagerly; inside torch.compile (a traced training step)
+    # the graph is built without them, its caller having validated its inputs eagerly.
+    if not torch.compiler.is_compiling():
+        lo, hi = int(lens.min()), int(lens.max())
+        if lo < 1 or hi > max_len:
+            raise _length_range_error(lo, hi, max_len)
     return lens.to(device=device, dtype=torch.int64)
 
 
@@ -115,7 +119,7 @@ def similarity_inputs(img, cap, lens: LensLike, check_finite: bool = True) -> to
     if img.dtype != cap.dtype:
         raise TypeError(f"img and cap must have the same dtype, got img {img.dtype}, cap {cap.dtype}")
     lens_t = lengths(lens, cap.shape[0], cap.shape[1], cap.device)
-    if check_finite:
+    if check_finite and not torch.compiler.is_compiling():  # reads the data: eager only
         if not all_finite(img):
             raise ValueError("img holds NaN or Inf values")
         if not all_finite(cap, word_mask(lens_t, cap.shape[1])):
@@ -149,14 +153,14 @@ def number(value, name: str) -> float:
 
 def positive_number(value, name: str) -> float:
     value_f = number(value, name)
-    if not np.isfinite(value_f) or value_f <= 0:
+    if not math.isfinite(value_f) or value_f <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return value_f
 
 
 def non_negative_number(value, name: str) -> float:
     value_f = number(value, name)
-    if not np.isfinite(value_f) or value_f < 0:
+    if not math.isfinite(value_f) or value_f < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return value_f
 
@@ -196,3 +200,43 @@ def lse_lambda_value(value, name: str = "lse_lambda") -> float:
         raise ValueError(f"{name} must be at least {LSE_LAMBDA_MIN:g}, got {value!r}: "
                          "log(sum exp(lse_lambda r)) / lse_lambda would overflow")
     return value_f
+
+
+def _index_tensor(idx, name: str, bound: int, bound_name: str, device) -> torch.Tensor:
+    if not isinstance(idx, torch.Tensor):
+        try:
+            idx = torch.as_tensor(idx, dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be a 1-D integer tensor (P,), got {type(idx).__name__}") from err
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of shape (P,), got dtype {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"{name} must have shape (P,), got {tuple(idx.shape)}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= bound):
+        raise ValueError(f"{name} values must lie in [0, {bound_name}={bound}), got min "
+                         f"{int(idx.min())}, max {int(idx.max())}")
+    return idx.to(device=device, dtype=torch.int64)
+
+
+def pair_indices(img_idx, cap_idx, n_img: int, n_cap: int, device) -> tuple:
+    """(img_idx, cap_idx) of a pair list: two 1-D integer sequences / tensors of one length P,
+    values in [0, n_img) and [0, n_cap), as int64 tensors on `device`."""
+    img_idx = _index_tensor(img_idx, "img_idx", n_img, "n_img", device)
+    cap_idx = _index_tensor(cap_idx, "cap_idx", n_cap, "n_cap", device)
+    if img_idx.shape != cap_idx.shape:
+        raise ValueError(f"img_idx and cap_idx must have the same length P, got {img_idx.numel()} "
+                         f"and {cap_idx.numel()}")
+    return img_idx, cap_idx
+
+
+def head_fits(head, img: torch.Tensor) -> None:
+    """An RCAR head can score these features: d = the head's embed_dim, its smooth within the
+    limit of img's dtype, and its parameters on img's device."""
+    if img.shape[2] != head.embed_dim:
+        raise ValueError(f"img and cap must have d = the head's embed_dim = {head.embed_dim}, "
+                         f"got d = {img.shape[2]}")
+    smooth_for(head.smooth, img.dtype, "the head's smooth")
+    param = next(head.parameters())
+    if param.device != img.device:
+        raise ValueError(f"img/cap are on {img.device} but the head's parameters are on "
+                         f"{param.device}; move one of them")

@@ -6,18 +6,28 @@ of the software pipeline are GPU-only). Tests run a script in a fresh interprete
 TRITON_INTERPRET (triton reads it when it decorates and when it compiles, so a test process,
 interpreter on, cannot compile for a GPU target), compiling in a loop inside it.
 
-Test side: `compiler_available`, `requires_sm90_compiler`, `run_offline(script, payload)`.
+Two triton versions: the one installed here (CI's) and the GPU image's (TRITON_GPU_IMAGE,
+installed by `triton_folder` from the package registry into a cache folder and put first on
+the script's path), as the two compile differently (registers, spills).
+
+Test side: `compiler_available`, `requires_sm90_compiler`, `triton_folder(version)`,
+`run_offline(script, payload, triton_path=...)`.
 Script side: `record(module, names)` puts LaunchRecorders in place of a module's kernels, so
 that its real launcher, run on CPU (or meta) tensors, records each launch (and, for autotuned
 kernels, the configs its prune keeps); `compile_launch` / `compile_many` compile launches for
 sm_90 exactly as triton's launcher would (its own binder specialises the arguments: dtypes,
-16-byte alignment, ints equal to 1 or divisible by 16), and `emit` hands results back.
+16-byte alignment, ints equal to 1 or divisible by 16) and read each cubin's resource usage
+(registers and stack bytes per thread: register spills live on the stack), and `emit` hands
+results back.
 """
 import functools
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -39,18 +49,62 @@ requires_sm90_compiler = pytest.mark.skipif(not compiler_available(),
                                             reason="triton's NVIDIA backend is not installed")
 
 
-def run_offline(script: str, payload, timeout: float = 1500):
+# The triton of the GPU image (torch 2.11 + CUDA 13); CI and development machines have a newer one.
+TRITON_GPU_IMAGE = "3.6.0"
+
+
+def _cache_root() -> str:
+    return os.environ.get("RCAR_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                             "rcar_fast")
+
+
+def triton_folder(version: str) -> str:
+    """A folder holding triton==`version` (no dependencies: only its compiler is used), installed
+    once from the package registry into the cache (RCAR_FAST_CACHE, default ~/.cache/rcar_fast)
+    and reused. Skips the calling test, saying why, when the registry cannot be reached."""
+    folder = os.path.join(_cache_root(), f"triton-{version}")
+    if os.path.isfile(os.path.join(folder, "triton", "__init__.py")):
+        return folder
+    os.makedirs(_cache_root(), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f"triton-{version}.", dir=_cache_root())
+    try:
+        run = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                              "--disable-pip-version-check", "--timeout", "30", "--retries", "1",
+                              "--target", staging, f"triton=={version}"],
+                             capture_output=True, text=True, timeout=900)
+        if run.returncode != 0:
+            pytest.skip(f"cannot install triton=={version} from the package registry (needed to "
+                        f"compile as the GPU image does): {run.stderr.strip()[-500:]}")
+        try:
+            os.rename(staging, folder)  # atomic: a half-installed folder is never used
+        except OSError:  # another process installed it first
+            if not os.path.isfile(os.path.join(folder, "triton", "__init__.py")):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def run_offline(script: str, payload, timeout: float = 1500, triton_path: str = None):
     """Run `script` (python source; argv[1] is json(payload)) in a fresh interpreter without
-    TRITON_INTERPRET, the repository on the path. The script prints one line
-    'RESULTS<json>'; returns the decoded json."""
+    TRITON_INTERPRET, the repository on the path (and, if given, `triton_path` first: the
+    triton it imports). The script prints one line 'RESULTS<json>'; returns the decoded json."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    # Full autotuning (RCAR_FAST_AUTOTUNE unset): the quick config lists are subsets of it.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RCAR_FAST_AUTOTUNE")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [p for p in (triton_path, root, env.get("PYTHONPATH")) if p])
     run = subprocess.run([sys.executable, "-c", script, json.dumps(payload)], cwd=root, env=env,
                          capture_output=True, text=True, timeout=timeout)
     marker = [line for line in run.stdout.splitlines() if line.startswith("RESULTS")]
     assert marker, f"offline compile script failed:\n{run.stderr[-3000:]}"
     return json.loads(marker[-1][len("RESULTS"):])
+
+
+def triton_version_of(triton_path: str = None) -> str:
+    """The version of the triton that run_offline(..., triton_path) imports."""
+    return run_offline("import triton\nfrom tests import sm90\nsm90.emit(triton.__version__)",
+                       None, timeout=120, triton_path=triton_path)
 
 
 def emit(results) -> None:
@@ -63,7 +117,32 @@ def emit(results) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _error(err) -> dict:
-    return dict(shared=None, error=f"{type(err).__name__}: {err}"[-3000:])
+    return dict(shared=None, regs=None, stack=None, error=f"{type(err).__name__}: {err}"[-3000:])
+
+
+def _cuobjdump() -> str:
+    """triton's bundled cuobjdump (both versions ship one), else the CUDA toolkit's."""
+    import triton.backends.nvidia
+
+    bundled = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    found = bundled if os.access(bundled, os.X_OK) else shutil.which("cuobjdump")
+    if not found:
+        raise RuntimeError("no cuobjdump (neither triton's bundled one nor on PATH)")
+    return found
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers and stack bytes per thread of the one kernel in `cubin`, as the driver would
+    report them (cuobjdump --dump-resource-usage; the stack holds ptxas's register spills)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    if not found:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {text[-500:]}")
+    return dict(regs=int(found.group(1)), stack=int(found.group(2)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,7 +180,8 @@ def _compile(kernel, prepared) -> dict:
         target, _ = _target()
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                   options=options)
-        result = dict(shared=int(compiled.metadata.shared), error=None)
+        result = dict(shared=int(compiled.metadata.shared), error=None,
+                      **resource_usage(compiled.asm["cubin"]))
     except Exception as err:  # reported by the test
         result = _error(err)
     return dict(result, seconds=round(time.perf_counter() - start, 2))
@@ -111,7 +191,8 @@ def compile_launch(kernel, kwargs: dict, config=None) -> dict:
     """Compile `kernel` (a @triton.jit function) for sm_90 as launched with the keyword
     arguments `kwargs` (tensors may be CPU or meta tensors: only their dtype and alignment
     matter) and, if given, the autotune `config` (its kwargs, num_warps, num_stages, ...).
-    Returns dict(shared=bytes, error=None, seconds=...) or dict(shared=None, error=text, ...)."""
+    Returns dict(shared=bytes, regs=per thread, stack=bytes per thread, error=None,
+    seconds=...) or dict(shared=None, regs=None, stack=None, error=text, ...)."""
     return compile_many([(kernel, kwargs, config)], workers=1)[0]
 
 

@@ -1,5 +1,7 @@
 """Backend choice: what backends() reports on this machine, and that asking for a backend that
 cannot run fails with the reason instead of silently running something else."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -84,9 +86,16 @@ def test_unknown_backend_and_unknown_op():
     assert "no implementation" in dispatch.rejection("no_such_op", "cpu", torch.device("cpu"), torch.float32)
 
 
-def test_register_rejects_unknown_backend():
-    with pytest.raises(ValueError, match="unknown backend"):
-        dispatch.register("gram", "opencl", lambda x: x)
+def test_table_rejects_a_misfiled_backend(monkeypatch):
+    class SecondCpu(dispatch.Backend):
+        op, backend = "gram", "cpu"
+
+    monkeypatch.setitem(dispatch.TABLE, "gram", dispatch.TABLE["gram"] + (SecondCpu,))
+    with pytest.raises(ValueError, match="repeated backend"):
+        dispatch._check_table()
+    monkeypatch.setitem(dispatch.TABLE, "gram", (dispatch.TABLE["scan"][0],))
+    with pytest.raises(ValueError, match="wrong op"):
+        dispatch._check_table()
 
 
 def test_reference_backends_agree_on_scan():
@@ -119,15 +128,106 @@ def test_auto_skips_forward_only_backends_for_a_training_head(monkeypatch):
         head(img, cap, lens)
     expected_eval = "cpu" if dispatch.rejection("rcar", "cpu", img.device, img.dtype) is None else "reference"
     assert chosen == ["reference", expected_eval]
-    assert "backward" in head.train().mode_rejections()["cpu"]
-    assert "dropout" in head.mode_rejections()["triton"]
-    assert rcar_fast.RCARSimilarity(embed_dim=4, sim_dim=8, regulator="only_rcr").train() \
-        .mode_rejections().get("triton") is None
+    training = dispatch.Inputs.of_head(head.train(), img, cap)
+    assert "backward" in dispatch.rejection("rcar", "cpu", training)
+    assert "dropout" in dispatch.rejection("rcar", "triton", training)
+    assert "dropout" in dispatch.rejection("rcar", "cuda", training) or not dispatch.explain(
+        "rcar", training)["cuda"].startswith("the CUDA RCAR")
+    only_rcr = rcar_fast.RCARSimilarity(embed_dim=4, sim_dim=8, regulator="only_rcr").train()
+    assert "dropout" not in (dispatch.rejection("rcar", "triton", dispatch.Inputs.of_head(only_rcr, img, cap)) or "")
+    with torch.no_grad():  # training mode, but no backward follows: the forward-only kernel may serve
+        assert "backward" not in (dispatch.rejection("rcar", "cpu", dispatch.Inputs.of_head(head, img, cap)) or "")
 
 
 def test_explicit_backend_still_refuses_a_training_head_with_dropout():
     head = rcar_fast.RCARSimilarity(embed_dim=4, sim_dim=8, regulator="only_rar", steps=1).train()
     if dispatch.rejection("rcar", "cpu", torch.device("cpu"), torch.float32) is not None:
         pytest.skip("the C++ CPU extension is not built here (its own tests cover that case)")
-    with pytest.raises(dispatch.BackendUnavailable, match="dropout"):
+    # one error, every reason: forward only and no dropout
+    with pytest.raises(dispatch.BackendUnavailable, match="backward pass is needed.*dropout is active"):
         head(*_inputs(), backend="cpu")
+
+
+def test_auto_error_lists_every_backend_and_its_reasons():
+    inputs = dispatch.Inputs(torch.device("cpu"), torch.complex64)
+    with pytest.raises(dispatch.BackendUnavailable) as err:
+        dispatch.choose("gram", "cpu", inputs)
+    assert "complex64" in str(err.value)
+    monkeypatch_order = {"cpu": ("cpu", "triton")}
+    real = dispatch.AUTO_ORDER
+    try:
+        dispatch.AUTO_ORDER = monkeypatch_order
+        with pytest.raises(dispatch.BackendUnavailable, match=r"no backend can run gram.*cpu: .*triton: "):
+            dispatch.choose("gram", "auto", inputs)
+    finally:
+        dispatch.AUTO_ORDER = real
+
+
+def test_auto_falls_back_past_a_shape_limit():
+    """The C++ kernels refuse a t2i image whose Gram exceeds their limit: auto then takes the
+    reference, on the same inputs that the cpu backend's reasons name."""
+    from rcar_fast.ops import scan_cpu
+
+    if dispatch.rejection("scan", "cpu", torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("the C++ CPU extension is not built here")
+    R = scan_cpu._largest_region_count(4) + 1
+    big = dispatch.Inputs(torch.device("cpu"), torch.float32, (1, R, 4), (1, 3, 4), "t2i")
+    assert "Gram" in dispatch.rejection("scan", "cpu", big)
+    assert dispatch.choose("scan", "auto", big).backend == "reference"
+    assert dispatch.choose("scan", "auto", dataclasses.replace(big, direction="i2t")).backend == "cpu"
+    with pytest.raises(dispatch.BackendUnavailable, match="Gram"):
+        dispatch.choose("scan_pairs", "cpu", big)
+
+
+def test_a_new_backend_is_one_class_and_one_table_entry(monkeypatch):
+    """What adding a backend takes in Python: its class (with its own environment probe) and
+    its place in TABLE (and AUTO_ORDER); backends(), explain() and choose() follow."""
+    class GramNumpy(dispatch.Backend):
+        op, backend, kernel = "gram", "numpy", "the NumPy Gram"
+        dtypes = {"cpu": (torch.float64,)}
+
+        @classmethod
+        def environment(cls, device_type=None):
+            return None
+
+        @staticmethod
+        def fn(x):
+            return torch.from_numpy(x.numpy() @ x.numpy().transpose(0, 2, 1))
+
+    monkeypatch.setitem(dispatch.TABLE, "gram", dispatch.TABLE["gram"] + (GramNumpy,))
+    monkeypatch.setattr(dispatch, "_BY_KEY", dispatch._check_table())
+    monkeypatch.setattr(dispatch, "BACKENDS", dispatch.BACKENDS + ("numpy",))
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("numpy", "reference"))
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    assert dispatch.choose("gram", "auto", dispatch.Inputs.of_tensor(x)) is GramNumpy
+    assert dispatch.choose("gram", "auto", dispatch.Inputs.of_tensor(x.float())).backend == "reference"
+    assert "float32" in dispatch.explain("gram", torch.device("cpu"), torch.float32)["numpy"]
+    assert rcar_fast.backends()["numpy"] == {"available": True, "reason": "available", "ops": ["gram"],
+                                             "capabilities": {"gram": GramNumpy.capabilities()}}
+    torch.testing.assert_close(GramNumpy.fn(x), torch.bmm(x, x.transpose(1, 2)))
+
+
+def test_backends_report_capabilities():
+    report = rcar_fast.backends()
+    assert report["cpu"]["capabilities"]["rcar"]["has_backward"] is False
+    assert report["cpu"]["capabilities"]["scan"]["has_backward"] is True
+    assert report["triton"]["capabilities"]["rcar"]["implements_dropout"] is False
+    assert report["reference"]["capabilities"]["rcar"]["implements_dropout"] is True
+
+
+def test_backend_modules_do_not_import_dispatch():
+    """One direction: dispatch imports the backend modules (its TABLE), never the reverse."""
+    import ast
+    import pathlib
+
+    ops = pathlib.Path(rcar_fast.__file__).parent / "ops"
+    wrappers = {"scan.py", "gram.py"}
+    for path in ops.glob("*.py"):
+        if path.name in wrappers:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("rcar_fast.dispatch") or n in ("rcar_fast.ops.scan", "rcar_fast.ops.gram")
+                           for n in names), f"{path.name} imports {names}"

@@ -8,7 +8,6 @@ import torch
 
 import rcar_fast
 from rcar_fast import dispatch
-from tests import sm90
 from tests.conftest import requires_gpu
 from tests.tolerances import assert_close_to_reference
 from tests.conftest import HAS_GPU, TRITON_INTERPRETED
@@ -116,44 +115,3 @@ def test_gram_gpu(backend, dtype):
     ref_lowp = torch.bmm(x, x.transpose(1, 2))
     out = rcar_fast.gram(x, backend=backend)
     assert_close_to_reference(out, ref64, dtype=dtype, ref_lowp=ref_lowp)
-
-
-# ---------------------------------------------------------------------------------------------
-# Offline compile for the H100 (no GPU needed, tests/sm90.py): the kernel as gram() launches it
-# on a GPU must compile for sm_90 and fit its shared memory, in every input dtype.
-# ---------------------------------------------------------------------------------------------
-
-# (dtype, R): R=36 regions (64-row tiles, also Lmax=50 captions), R=7 (16-row tiles)
-GRAM_SM90_CASES = [(dtype, n) for dtype in ("float32", "float16", "bfloat16") for n in (36, 7)]
-
-_GRAM_SM90_SCRIPT = r"""
-import json, sys
-import torch
-from rcar_fast.kernels import gram as kernels
-from tests import sm90
-
-(launcher,) = sm90.record(kernels, "_gram_kernel")
-results = []
-for dtype, n_rows in json.loads(sys.argv[1]):
-    launcher.launches.clear()
-    # meta tensors take gram()'s GPU path (its tile choice) without allocating anything
-    kernels.gram(torch.empty(4, n_rows, 1024, dtype=getattr(torch, dtype), device="meta"))
-    (nargs, kwargs), = launcher.launches
-    results.append(dict(kwargs, **sm90.compile_launch(launcher.jit_fn, {**nargs, **kwargs})))
-sm90.emit(results)
-"""
-
-
-@pytest.fixture(scope="module")
-def gram_sm90_builds():
-    return sm90.run_offline(_GRAM_SM90_SCRIPT, GRAM_SM90_CASES, timeout=600)
-
-
-@sm90.requires_sm90_compiler
-@pytest.mark.parametrize("index", range(len(GRAM_SM90_CASES)),
-                         ids=[f"{d}-R{n}" for d, n in GRAM_SM90_CASES])
-def test_gram_gpu_launch_compiles_for_sm90(gram_sm90_builds, index):
-    build = gram_sm90_builds[index]
-    assert build["error"] is None, f"{GRAM_SM90_CASES[index]} does not compile: {build['error']}"
-    assert 0 < build["shared"] <= sm90.H100_SHARED_BYTES, \
-        f"{GRAM_SM90_CASES[index]} {build}: needs {build['shared']} bytes of shared memory"

@@ -16,17 +16,15 @@ That gives, among others:
   which sits below the entry points (matrix, topk);
 * ``bench`` (outside the package) is imported only by cli, and only inside a function (the
   ``rcar-fast bench`` subcommand), so importing rcar_fast never loads the benchmarks;
-* no import cycle, except inside the "ops" layer (see the TODO list).
+* no import cycle at all (dispatch imports the backend modules, never the reverse).
 
 A new module must be placed in ``LAYERS`` (the test names it otherwise).
 
-TODO (not asserted yet; helper d's slice of issue 13 owns the dispatch <-> ops circle):
-  - split the "ops" layer into "dispatch" below "ops" once dispatch no longer imports the
-    backend modules (rcar_fast.ops.*) and they register with it explicitly; then drop
-    CYCLES_ALLOWED_IN;
-  - put the backend modules (ops/*_cpu, *_cuda, *_triton) below the op modules
-    (ops/scan.py, ops/rcar.py, ops/gram.py) when the ops stop importing each other's
-    internals (scan_cuda imports ops.scan's enumerations, rcar_cpu imports scan_cpu);
+The backend modules (rcar_fast/ops/*: backend.py and the <op>_<backend> classes) sit below
+dispatch, which lists them in its TABLE; the public op wrappers (ops/scan.py, ops/gram.py)
+sit above dispatch. No cycle is allowed anywhere.
+
+TODO:
 """
 from __future__ import annotations
 
@@ -46,10 +44,13 @@ PACKAGE = "rcar_fast"
 LAYERS = [
     ("contract", ["rcar_fast.contract"]),
     ("kernels", ["rcar_fast.kernels", "rcar_fast._C"]),
-    ("base", ["rcar_fast.atomic", "rcar_fast.validate", "rcar_fast.metrics", "rcar_fast.losses",
+    ("base", ["rcar_fast.atomic", "rcar_fast.validate", "rcar_fast.metrics",
+              "rcar_fast.reference_math", "rcar_fast.checkpoint_keys", "rcar_fast.heads",
               "rcar_fast.reference", "rcar_fast.data"]),
-    ("ops", ["rcar_fast.dispatch", "rcar_fast.ops"]),
-    ("models", ["rcar_fast.pairs", "rcar_fast.modules", "rcar_fast.encoders"]),
+    ("backends", ["rcar_fast.ops"]),
+    ("dispatch", ["rcar_fast.dispatch"]),
+    ("op wrappers", ["rcar_fast.ops.scan", "rcar_fast.ops.gram"]),
+    ("models", ["rcar_fast.pairs", "rcar_fast.losses", "rcar_fast.modules", "rcar_fast.encoders"]),
     ("checkpoint", ["rcar_fast.checkpoint"]),
     ("evaluation parts", ["rcar_fast.evaluation.adapters", "rcar_fast.evaluation.inputs",
                           "rcar_fast.evaluation.distributed", "rcar_fast.evaluation.protocols",
@@ -63,7 +64,7 @@ LAYERS = [
     ("package top", ["rcar_fast"]),
 ]
 # Layers whose modules may import each other in a circle (see the TODO list).
-CYCLES_ALLOWED_IN = {"ops"}
+CYCLES_ALLOWED_IN: set = set()
 # Outside packages of this repository that rcar_fast may import: {name: modules allowed to,
 # only inside a function}.
 LAZY_ONLY = {"bench": {"rcar_fast.cli"}}
@@ -281,9 +282,11 @@ def _added_line(module: str, line: str) -> list:
      "reaches up to layer 'cli'"),
     ("rcar_fast.evaluation.adapters", "from rcar_fast.evaluation.matrix import all_pairs",
      "reaches up to layer 'evaluation entry points'"),
-    ("rcar_fast.kernels.scan", "from rcar_fast.ops import scan_triton", "reaches up to layer 'ops'"),
+    ("rcar_fast.kernels.scan", "from rcar_fast.ops import scan_triton", "reaches up to layer 'backends'"),
     ("rcar_fast.kernels.rcar", "def f():\n    from rcar_fast.dispatch import choose",
-     "reaches up to layer 'ops'"),
+     "reaches up to layer \'dispatch\'"),
+    ("rcar_fast.ops.scan_cpu", "from rcar_fast import dispatch", "reaches up to layer 'dispatch'"),
+    ("rcar_fast.dispatch", "from rcar_fast.ops import scan", "reaches up to layer 'op wrappers'"),
     ("rcar_fast.cli", "import bench.__main__", "at module level"),
     ("rcar_fast.train", "def f():\n    import bench", "only ['rcar_fast.cli'] may import bench"),
     ("rcar_fast.metrics", "from tests import tolerances", "must not depend on tests/"),

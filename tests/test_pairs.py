@@ -9,9 +9,9 @@
 import pytest
 import torch
 
-from rcar_fast import dispatch, reference
-from rcar_fast.losses import vse_hinge_loss
-from rcar_fast.pairs import full_hardest_negative_loss, hardest_negative_loss, score_pairs
+from rcar_fast import dispatch, reference, reference_math
+from rcar_fast.losses import full_hardest_negative_loss, hardest_negative_loss, vse_hinge_loss
+from rcar_fast.pairs import score_pairs
 import rcar_fast.pairs as pairs_module
 from rcar_fast.modules import RCARSimilarity
 
@@ -117,7 +117,7 @@ def test_score_pairs_blocks_bounded_memory(monkeypatch):
     # A tiny block budget forces one pair per block: results must not depend on blocking.
     img, cap, lens = _inputs()
     whole = score_pairs(img, cap, lens, IMG_IDX, CAP_IDX)
-    monkeypatch.setattr(reference, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(reference_math, "BLOCK_BYTES", 1)
     _assert_close(score_pairs(img, cap, lens, IMG_IDX, CAP_IDX), whole, "blocked scores")
 
 

@@ -145,5 +145,5 @@ def test_kernel_keeps_a_temperature_beyond_float32_range_finite(direction):
         ref = head.forward_vectorized(img, cap, lens)
         head.float()
         out = dispatch.native_module().rcar_forward_cpu(
-            img.float(), cap.float(), lens, native_settings(head), flat_weights(head))
+            img.float(), cap.float(), lens, native_settings(direction, head.regulator, head.steps, 1e39), flat_weights(head))
     assert_close_to_reference(out, ref, dtype=torch.float32, what="smooth=1e39 in float32")

@@ -282,7 +282,9 @@ def test_t2i_with_huge_R_is_refused_before_any_kernel(monkeypatch):
         def __getattr__(self, name):
             raise AssertionError(f"the kernel {name} must not run")
 
-    monkeypatch.setattr(dispatch, "native_module", lambda: NoKernel())
+    from rcar_fast.ops import scan_cpu
+
+    monkeypatch.setattr(scan_cpu, "native", lambda: NoKernel())   # the kernels' only way in
     with pytest.raises(dispatch.BackendUnavailable, match=r"R = 50000 needs 9537 MiB per image.*R <= 4096"):
         rcar_fast.scan_similarity(img, cap, lens, backend="cpu")
     monkeypatch.undo()
@@ -302,7 +304,7 @@ def test_t2i_images_in_chunks_equal_one_call(monkeypatch):
     whole_grads = cpu_gradients(img, cap, lens, grad, **kw)
     calls = []
     monkeypatch.setattr(scan_cpu, "GRAM_CHUNK_BYTES", 3 * scan_cpu._image_gram_bytes(img))
-    monkeypatch.setattr(scan_cpu._ScanCpu, "apply", _counting(scan_cpu._ScanCpu.apply, calls))
+    monkeypatch.setattr(scan_cpu, "_forward_chunk", _counting(scan_cpu._forward_chunk, calls))
     chunked = rcar_fast.scan_similarity(img, cap, lens, backend="cpu", **kw)
     assert len(calls) == 3  # 3 + 3 + 1 images
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-15)

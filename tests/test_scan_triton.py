@@ -6,7 +6,6 @@ including 1 and Lmax, NaN in every caption padding position. GPU tests run at re
 sizes in fp32/fp16/bf16 with the 2x rule.
 """
 import math
-import os
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from rcar_fast import dispatch
 from rcar_fast import reference as ref
 from rcar_fast.contract import AGGREGATIONS as AGGS
 from rcar_fast.contract import RAW_NORMS, scan_published
-from tests import sm90
 from tests.conftest import requires_gpu
 from tests.tolerances import assert_close_to_reference
 from tests.conftest import requires_interpreter
@@ -222,6 +220,16 @@ def test_backward_float32_several_buckets(direction):
 
 @requires_interpreter
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_forward_and_backward_with_64_context_items(direction):
+    # more than 32 context items per owner (C_PAD 64: the Gram product runs in K halves, as on
+    # GPUs in fp32); t2i: 36 regions; i2t: captions of up to 40 words
+    lens = (40, 3, 33) if direction == "i2t" else (7, 2, 5)
+    img, cap, lens = _inputs(n_img=2, lens=lens, regions=36 if direction == "t2i" else 5, dim=20)
+    _check_gradients(img, cap, lens, dtype=torch.float32, **_options(direction))
+
+
+@requires_interpreter
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_gradcheck_float64(direction):
     img, cap, lens = _inputs(n_img=2, lens=(3, 1), regions=3, dim=5, max_len=4,
                              dtype=torch.float64)
@@ -341,87 +349,3 @@ def test_gpu_training_batch_memory():
     inputs = img.numel() * 4 + cap.numel() * 4  # fp32 gradient buffers
     assert extra < inputs * 3 + pairs_tensor / 8, f"peak extra memory {extra / 2**20:.1f} MiB"
     assert math.isfinite(img.grad.float().sum().item())
-
-
-# ---------------------------------------------------------------------------------------------
-# Offline compile for the H100 (no GPU needed, tests/sm90.py): every configuration the
-# autotuners keep for a COCO-sized problem (R=36 regions, d=1024) must compile for sm_90 and
-# fit its shared memory, forward and both backward kernels. Catches GPU-only failures (tl.dot
-# shape/dtype rules, fp16/bf16 lowering, the software pipeline's shared memory) in CPU-only CI.
-# ---------------------------------------------------------------------------------------------
-
-# (direction, dtype, raw_norm, agg, caption lengths). The launchers bucket captions by
-# power-of-two length, one launch (and autotune key) per bucket. Lengths (50,) give the Lmax
-# bucket of a COCO batch (C_PAD = Q_PAD = 64: the largest tiles per owner), 12 the most common
-# one (t2i Q_PAD 16, up to 16 captions per tile). The default set compiles every configuration
-# the prunes keep there, fwd and both bwd kernels, each input dtype (~60 compiles, 1-3 minutes
-# on 2 CPUs). RCAR_FAST_SM90_FULL=1 adds every bucket of a COCO batch (lengths 7, 12, 23, 50:
-# t2i Q_PAD 8..64 with up to 32 captions per tile, i2t C_PAD 16..64) for every dtype and
-# direction: ~450 compiles, about half an hour.
-SCAN_SM90_CASES = [
-    ("t2i", "bf16", "clipped_l2norm", "mean", (12, 50)),  # SCAN t2i as trained (bf16 autocast)
-    ("i2t", "fp16", "softmax", "lse", (50,)),
-    ("i2t", "fp32", "l1norm", "max", (50,)),              # the exact fp32 (FMA) path
-]
-SCAN_SM90_FULL = os.environ.get("RCAR_FAST_SM90_FULL") == "1"
-if SCAN_SM90_FULL:
-    SCAN_SM90_CASES += [(direction, dtype, "clipped_l2norm", agg, (7, 12, 23, 50))
-                        for direction, agg in (("t2i", "mean"), ("i2t", "lse"))
-                        for dtype in ("fp32", "fp16", "bf16")]
-
-_SCAN_SM90_SCRIPT = r"""
-import json, sys
-import torch
-from rcar_fast.kernels import scan as kernels
-from tests import sm90
-
-# The context Gram matrices come from the Gram kernel (compiled by tests/test_gram.py); only
-# their shape, dtype and strides matter here.
-kernels.context_gram = lambda x: torch.zeros(x.shape[0], x.shape[1], x.shape[1])
-recorders = dict(zip(("fwd", "bwd_x", "bwd_y"),
-                     sm90.record(kernels, "_fwd_tuned", "_bwd_x_tuned", "_bwd_y_tuned")))
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-launches, owners = [], []
-for case, (direction, dtype, raw_norm, agg, lens) in enumerate(json.loads(sys.argv[1])):
-    for rec in recorders.values():
-        rec.launches.clear()
-    # The real launchers (TRITON_INTERPRET unset: their GPU path) on CPU tensors, recorded.
-    img = torch.randn(4, 36, 1024).to(DTYPES[dtype])
-    cap = torch.randn(len(lens), max(lens), 1024).to(DTYPES[dtype])
-    problem = kernels.build_problem(img, cap, torch.tensor(lens), direction=direction,
-                                    raw_norm=raw_norm, smooth=9.0, agg=agg, lse_lambda=6.0)
-    kernels.scan_forward(problem)
-    kernels.scan_backward(problem, torch.ones(problem.n_img, problem.n_cap), True, True)
-    for name, rec in recorders.items():
-        assert rec.launches, f"{name} was not launched"
-        for nargs, kwargs in rec.launches:
-            for config in rec.configs(nargs, kwargs):
-                launches.append((rec.jit_fn, {**nargs, **kwargs}, config))
-                owners.append(dict(case=case, kernel=name, C_PAD=kwargs["C_PAD"],
-                                   Q_PAD=kwargs["Q_PAD"], config=str(config)))
-builds = sm90.compile_many(launches)
-results = [[] for _ in json.loads(sys.argv[1])]
-for owner, build in zip(owners, builds):
-    results[owner["case"]].append(dict(owner, **build))
-sm90.emit(results)
-"""
-
-
-@pytest.fixture(scope="module")
-def scan_sm90_builds():
-    return sm90.run_offline(_SCAN_SM90_SCRIPT, SCAN_SM90_CASES,
-                            timeout=4 * 3600 if SCAN_SM90_FULL else 1500)
-
-
-@sm90.requires_sm90_compiler
-@pytest.mark.parametrize("index", range(len(SCAN_SM90_CASES)),
-                         ids=["-".join(map(str, c[:4])) + f"-L{','.join(map(str, c[4]))}"
-                              for c in SCAN_SM90_CASES])
-def test_gpu_configurations_compile_for_sm90(scan_sm90_builds, index):
-    builds = scan_sm90_builds[index]
-    assert {b["kernel"] for b in builds} == {"fwd", "bwd_x", "bwd_y"}
-    failures = [f"{b['kernel']} C_PAD={b['C_PAD']} Q_PAD={b['Q_PAD']} {b['config']}: "
-                + (b["error"] or f"needs {b['shared']} bytes of shared memory")
-                for b in builds
-                if b["error"] is not None or not 0 < b["shared"] <= sm90.H100_SHARED_BYTES]
-    assert not failures, f"{len(failures)} of {len(builds)} configurations fail:\n" + "\n".join(failures)

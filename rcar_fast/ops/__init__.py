@@ -1,15 +1,10 @@
-"""One module per op: kernels are called from here, with autograd and the public wrapper
-close by. Importing this package registers every implementation with rcar_fast.dispatch.
-Per-backend modules (e.g. scan_triton, scan_cpu, scan_cuda) register themselves when importable."""
-import importlib
+"""The ops and their backends.
 
-from rcar_fast.ops import gram, scan  # noqa: F401  (registration side effects)
+    backend.py            what backends share: environment probes (the one loader of the
+                          native extension), Inputs, the Backend base class
+    <op>_<backend>.py     one op's backend classes: scan_{reference,cpu,triton,cuda},
+                          rcar_{reference,cpu,triton,cuda}, gram_backends, pair_backends
+    scan.py, gram.py      the public op wrappers: validate, then rcar_fast.dispatch
 
-# Backend modules written per op; each registers its implementation on import.
-_BACKEND_MODULES = ("scan_triton", "scan_cpu", "scan_cuda", "rcar", "rcar_triton", "rcar_cpu", "rcar_cuda")
-for _name in _BACKEND_MODULES:
-    try:
-        importlib.import_module(f"rcar_fast.ops.{_name}")
-    except ModuleNotFoundError as _err:
-        if _err.name != f"rcar_fast.ops.{_name}":
-            raise
+Nothing registers on import: rcar_fast.dispatch.TABLE lists every backend class by op.
+"""

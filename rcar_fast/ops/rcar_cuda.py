@@ -6,21 +6,21 @@ reused pair after pair (memory O(blocks x Q x d), never O(pairs x Q x d)). Featu
 float32, weights are passed as float32 (in, out) matrices through a device table of pointers
 whose order is fixed in csrc/cuda/kernels.h (`weight_tensors` below builds it).
 
-The result carries no gradient; training mode (dropout active) is refused.
+The result carries no gradient: dispatch refuses it for a training step and for active dropout.
 """
 from __future__ import annotations
 
 import torch
 
-from rcar_fast import contract, dispatch
-from rcar_fast.dispatch import BackendUnavailable
+from rcar_fast.ops.backend import Backend, native
+from rcar_fast import contract
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCKS_PER_SM = 2  # the kernel is built for two resident 256-thread blocks per SM
 
 
 def _native():
-    return dispatch.native_module()
+    return native()
 
 
 def _matrix(linear: torch.nn.Linear) -> torch.Tensor:
@@ -66,10 +66,6 @@ def problem_dict(head, img, cap, lens, max_len, table, workspace, blocks) -> dic
 def rcar_cuda(head, img, cap, lens) -> torch.Tensor:
     """The registered implementation: inputs validated by RCARSimilarity.forward (lens int64 on
     cap's device). Returns (n_img, n_cap) float32."""
-    if head.training:
-        raise BackendUnavailable(
-            "the CUDA RCAR kernel is an eval-mode forward (no dropout, no gradient); call "
-            "head.eval() first, or use backend='reference' to train")
     if head.regulator not in contract.REGULATORS or head.direction not in contract.DIRECTIONS:
         raise ValueError(f"unknown regulator {head.regulator!r} or direction {head.direction!r}")
     native, device = _native(), img.device
@@ -91,10 +87,9 @@ def rcar_cuda(head, img, cap, lens) -> torch.Tensor:
     return sims
 
 
-def supports(device: torch.device, dtype: torch.dtype):
-    if dtype not in SUPPORTED_DTYPES:
-        return f"the CUDA RCAR kernel takes float32, float16 or bfloat16 tensors, got {dtype}"
-    return None
-
-
-dispatch.register("rcar", "cuda", rcar_cuda, supports)
+class RcarCuda(Backend):
+    op, backend, kernel = "rcar", "cuda", "the CUDA RCAR kernel"
+    dtypes = {"cuda": SUPPORTED_DTYPES}
+    has_backward = False
+    implements_dropout = False
+    fn = staticmethod(rcar_cuda)

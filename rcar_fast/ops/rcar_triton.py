@@ -20,7 +20,8 @@ import math
 
 import torch
 
-from rcar_fast import contract, dispatch
+from rcar_fast import contract
+from rcar_fast.ops.backend import Backend
 
 # Bytes of saved (pairs, Q, d)-sized activations one backward block may hold.
 BACKWARD_BLOCK_BYTES = 1 << 30
@@ -28,28 +29,25 @@ BACKWARD_BLOCK_BYTES = 1 << 30
 _SAVED_PER_STEP = 12
 
 
-def _supports(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float64:
-        return ("the Triton RCAR kernel computes in float32 (bf16/fp16 GEMM operands on GPU); "
-                "use backend='reference' for float64")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"dtype {dtype} not supported (expects float32, float16 or bfloat16)"
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        return ("the Triton CPU interpreter computes bfloat16 tl.dot wrongly; use float32 or "
-                "float16 on CPU, or a GPU")
-    if device.type not in ("cpu", "cuda"):
-        return f"Triton runs on CUDA GPUs (or the CPU interpreter), got {device.type} tensors"
-    return None
+class RcarTriton(Backend):
+    op, backend, kernel = "rcar", "triton", "the Triton RCAR kernel"
+    dtypes = {"cuda": (torch.float32, torch.float16, torch.bfloat16),
+              "cpu": (torch.float32, torch.float16)}
+    implements_dropout = False
 
+    @classmethod
+    def dtype_reason(cls, device_type, dtype):
+        if dtype == torch.float64:
+            return ("the Triton RCAR kernel computes in float32 (bf16/fp16 GEMM operands on GPU); "
+                    "use backend='reference' for float64")
+        if device_type == "cpu" and dtype == torch.bfloat16:
+            return ("the Triton CPU interpreter computes bfloat16 tl.dot wrongly; use float32 or "
+                    "float16 on CPU, or a GPU")
+        return super().dtype_reason(device_type, dtype)
 
-def _refuse_training_dropout(head) -> None:
-    active = head.active_dropout()
-    if active:
-        raise RuntimeError(
-            "RCARSimilarity(backend='triton') does not implement RAR's dropout, which is active "
-            f"in training mode ({active[0]}, p={head.get_submodule(active[0]).p}). Call "
-            "head.eval() to run the fused kernel (dropout off), or use backend='reference' to "
-            "train with dropout.")
+    @staticmethod
+    def fn(head, img, cap, lens):
+        return rcar_triton(head, img, cap, lens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,8 +185,7 @@ def _accumulate_block_grads(head, img, cap, lens, grad_out, i0, i1, j0, j1, dtyp
 
 
 def rcar_triton(head, img, cap, lens) -> torch.Tensor:
-    """dispatch fn for op "rcar", backend "triton": (n_img, n_cap) float32."""
-    _refuse_training_dropout(head)
+    """(n_img, n_cap) float32; dispatch refused a head with active dropout before this."""
     lens_list = [int(v) for v in lens.tolist()]
     params = list(head.parameters())
     needs_grad = torch.is_grad_enabled() and (
@@ -198,4 +195,3 @@ def rcar_triton(head, img, cap, lens) -> torch.Tensor:
     return _FusedRCAR.apply(head, lens, lens_list, img, cap, *params)
 
 
-dispatch.register("rcar", "triton", rcar_triton, supports=_supports)

@@ -1,40 +1,20 @@
-"""SCAN all-pairs similarity: the public wrapper and the reference implementations.
+"""SCAN all-pairs similarity: the public wrapper (validate, then dispatch).
 
-Fused implementations live beside this module, one per backend (scan_triton.py,
-scan_cpu.py, scan_cuda.py), and register themselves under the op name "scan" with the same signature:
+The backends live beside this module (scan_reference.py, scan_cpu.py, scan_triton.py,
+scan_cuda.py), each a class whose `fn` has the signature
 
     fn(img, cap, lens, *, direction, raw_norm, smooth, agg, lse_lambda) -> (n_img, n_cap)
 
 `lens` arrives validated (int64, on cap's device); the result is float32, or float64 for
-float64 inputs, and differentiable w.r.t. img and cap where the backend has a backward.
+float64 inputs, and differentiable w.r.t. img and cap.
 """
 import torch
 
-from rcar_fast import dispatch, reference, validate
-from rcar_fast.contract import AGGREGATIONS, DIRECTIONS, RAW_NORMS  # noqa: F401 (re-exported)
-from rcar_fast.ops import scan_cpu
+from rcar_fast import dispatch, validate
+from rcar_fast.ops.backend import Inputs
+from rcar_fast.reference_math import AGGREGATIONS, DIRECTIONS, RAW_NORMS
 
-
-def _output_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _reference_vectorized(img, cap, lens, **kw):
-    return reference.scan_similarity_vectorized(img, cap, lens, **kw).to(_output_dtype(img.dtype))
-
-
-def _reference_loop(img, cap, lens, **kw):
-    return reference.scan_similarity_loop(img, cap, lens, **kw).to(_output_dtype(img.dtype))
-
-
-dispatch.register("scan", "reference", _reference_vectorized)
-dispatch.register("scan", "reference_loop", _reference_loop)
-
-
-def shape_rejections(img, direction) -> dict:
-    """Backends that refuse these shapes, with the reason (backend="auto" passes them over)."""
-    reason = scan_cpu.shape_rejection(img, direction)
-    return {"cpu": reason} if reason else {}
+__all__ = ["scan_similarity", "DIRECTIONS", "RAW_NORMS", "AGGREGATIONS"]
 
 
 def scan_similarity(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm", smooth=9.0,
@@ -57,6 +37,6 @@ def scan_similarity(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm
     validate.choice(backend, "backend", dispatch.REQUESTABLE)
     lens = validate.similarity_inputs(img, cap, lens)
     smooth = validate.smooth_for(smooth, img.dtype)
-    impl = dispatch.choose("scan", backend, img.device, img.dtype, shape_rejections(img, direction))
+    impl = dispatch.choose("scan", backend, Inputs.of_scan(img, cap, direction, lens))
     return impl.fn(img, cap, lens, direction=direction, raw_norm=raw_norm, smooth=smooth,
                    agg=agg, lse_lambda=lse_lambda)

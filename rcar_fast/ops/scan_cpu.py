@@ -14,9 +14,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from rcar_fast import contract, dispatch
+from rcar_fast import contract
+from rcar_fast.ops.backend import Backend, native
+from rcar_fast.ops.library import define_scan_op
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -27,29 +28,25 @@ GRAM_IMAGE_BYTES = 64 * 2**20
 _VECTOR_BYTES = 32  # the kernels pad Gram rows to whole 256-bit vectors
 
 
-def supports(device: torch.device, dtype: torch.dtype):
-    if device.type != "cpu":
-        return f"the C++ CPU kernels take CPU tensors, got {device.type} tensors"
-    if dtype not in _DTYPES:
-        return (f"the C++ CPU kernels compute in float32 or float64, got {dtype} "
-                "(cast the inputs, or use backend='reference')")
-    return None
+def _gram_bytes(R: int, element_size: int) -> int:
+    per_vector = _VECTOR_BYTES // element_size
+    return R * (-(-R // per_vector) * per_vector) * element_size
 
 
 def _image_gram_bytes(img: torch.Tensor) -> int:
-    R, per_vector = img.shape[1], _VECTOR_BYTES // img.element_size()
-    return R * (-(-R // per_vector) * per_vector) * img.element_size()
+    return _gram_bytes(img.shape[1], img.element_size())
 
 
-def shape_rejection(img: torch.Tensor, direction: str) -> Optional[str]:
+def shape_rejection(img_shape: tuple, dtype: torch.dtype, direction: str) -> Optional[str]:
     """Why the kernels will not take these images (None if they will): a t2i image's (R x R)
     Gram over GRAM_IMAGE_BYTES."""
-    if direction != "t2i" or _image_gram_bytes(img) <= GRAM_IMAGE_BYTES:
+    R, element_size = img_shape[1], dtype.itemsize
+    if direction != "t2i" or _gram_bytes(R, element_size) <= GRAM_IMAGE_BYTES:
         return None
-    return (f"SCAN t2i on the C++ CPU kernels keeps an (R x R) Gram matrix per image: R = {img.shape[1]} "
-            f"needs {_image_gram_bytes(img) / 2**20:.0f} MiB per image, over the limit of "
-            f"{GRAM_IMAGE_BYTES / 2**20:.0f} MiB (R <= {_largest_region_count(img.element_size())} for "
-            f"{str(img.dtype).replace('torch.', '')}); use backend='reference' or fewer regions")
+    return (f"SCAN t2i on the C++ CPU kernels keeps an (R x R) Gram matrix per image: R = {R} "
+            f"needs {_gram_bytes(R, element_size) / 2**20:.0f} MiB per image, over the limit of "
+            f"{GRAM_IMAGE_BYTES / 2**20:.0f} MiB (R <= {_largest_region_count(element_size)} for "
+            f"{str(dtype).replace('torch.', '')}); use backend='reference' or fewer regions")
 
 
 def _largest_region_count(element_size: int) -> int:
@@ -60,41 +57,70 @@ def _largest_region_count(element_size: int) -> int:
     return R
 
 
+def _images_per_call(img: torch.Tensor, direction: str) -> int:
+    if direction != "t2i":
+        return img.shape[0]
+    return max(1, GRAM_CHUNK_BYTES // _image_gram_bytes(img))
+
+
 def native_settings(direction, raw_norm, smooth, agg, lse_lambda):
     """The kernels' typed problem description (csrc/cpu/kernels.h ScanSettings) from the names."""
-    return dispatch.native_module().ScanSettings(
+    return native().ScanSettings(
         direction=contract.DIRECTION_CODES[direction], raw_norm=contract.RAW_NORM_CODES[raw_norm],
         agg=contract.AGG_CODES[agg], smooth=float(smooth), lse_lambda=float(lse_lambda))
 
 
-class _ScanCpu(torch.autograd.Function):
-    """sims = SCAN(img, cap, lens); gradients w.r.t. img and cap (zero at caption padding)."""
-
-    @staticmethod
-    def forward(ctx, img, cap, lens, options):
-        ctx.save_for_backward(img, cap, lens)
-        ctx.options = options
-        return dispatch.native_module().scan_forward_cpu(img.detach(), cap.detach(), lens, options)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        img, cap, lens = ctx.saved_tensors
-        d_img, d_cap = dispatch.native_module().scan_backward_cpu(grad, img, cap, lens, ctx.options)
-        return (d_img if ctx.needs_input_grad[0] else None,
-                d_cap if ctx.needs_input_grad[1] else None, None, None)
+def _forward_chunk(img, cap, lens, options) -> torch.Tensor:
+    return native().scan_forward_cpu(img, cap, lens, native_settings(*options))
 
 
-def scan_cpu(img, cap, lens, *, direction, raw_norm, smooth, agg, lse_lambda):
-    reason = shape_rejection(img, direction)
-    if reason is not None:
-        raise dispatch.BackendUnavailable(f"backend 'cpu' cannot run scan on these inputs: {reason}")
-    options = native_settings(direction, raw_norm, smooth, agg, lse_lambda)
-    per_call = img.shape[0] if direction != "t2i" else max(1, GRAM_CHUNK_BYTES // _image_gram_bytes(img))
+def _forward(img, cap, lens, options) -> torch.Tensor:
+    """sims (n_img, n_cap); t2i images in chunks whose Grams fit GRAM_CHUNK_BYTES."""
+    per_call = _images_per_call(img, options[0])
     if per_call >= img.shape[0]:
-        return _ScanCpu.apply(img, cap, lens, options)
-    return torch.cat([_ScanCpu.apply(img[i:i + per_call], cap, lens, options)
+        return _forward_chunk(img, cap, lens, options)
+    return torch.cat([_forward_chunk(img[i:i + per_call], cap, lens, options)
                       for i in range(0, img.shape[0], per_call)])
 
 
-dispatch.register("scan", "cpu", scan_cpu, supports)
+def _backward(grad, img, cap, lens, options) -> tuple:
+    """(d img, d cap), zero at caption padding; the same image chunks as the forward."""
+    per_call = _images_per_call(img, options[0])
+    if per_call >= img.shape[0]:
+        return tuple(native().scan_backward_cpu(grad, img, cap, lens, native_settings(*options)))
+    d_img, d_cap = [], None
+    for i in range(0, img.shape[0], per_call):
+        d_img_i, d_cap_i = native().scan_backward_cpu(grad[i:i + per_call].contiguous(),
+                                                      img[i:i + per_call], cap, lens, native_settings(*options))
+        d_img.append(d_img_i)
+        d_cap = d_cap_i if d_cap is None else d_cap + d_cap_i
+    return torch.cat(d_img), d_cap
+
+
+# rcar_fast::scan_cpu and rcar_fast::scan_cpu_backward
+scan_cpu_op = define_scan_op("scan_cpu", _forward, _backward)
+
+
+class ScanCpu(Backend):
+    op, backend, kernel = "scan", "cpu", "the C++ CPU kernels"
+    dtypes = {"cpu": _DTYPES}
+
+    @classmethod
+    def dtype_reason(cls, device_type, dtype):
+        if device_type != "cpu":
+            return f"the C++ CPU kernels take CPU tensors, got {device_type} tensors"
+        if dtype not in _DTYPES:
+            return (f"the C++ CPU kernels compute in float32 or float64, got {dtype} "
+                    "(cast the inputs, or use backend='reference')")
+        return None
+
+    @classmethod
+    def extra_reasons(cls, inputs):
+        if inputs.img_shape is None:
+            return []
+        reason = shape_rejection(inputs.img_shape, inputs.dtype, inputs.direction)
+        return [reason] if reason else []
+
+    @staticmethod
+    def fn(img, cap, lens, *, direction, raw_norm, smooth, agg, lse_lambda):
+        return scan_cpu_op(img, cap, lens, direction, raw_norm, float(smooth), agg, float(lse_lambda))

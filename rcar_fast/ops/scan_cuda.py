@@ -23,8 +23,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from rcar_fast import contract, dispatch
-from rcar_fast.dispatch import BackendUnavailable
+from rcar_fast.ops.backend import Backend, BackendUnavailable, Inputs, native
+from rcar_fast import contract
 
 DTYPE_CODES = {getattr(torch, name): code for name, code in contract.CUDA_DTYPE_CODES.items()}
 # Tile shapes of the kernel, widest caption groups first (see scan_tile_rows / scan_tile_cols).
@@ -46,7 +46,7 @@ class Options(NamedTuple):
 
 
 def _native():
-    return dispatch.native_module()
+    return native()
 
 
 def _stream(device: torch.device) -> int:
@@ -58,6 +58,17 @@ def _feature_rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(2) == 1 else x.contiguous()
 
 
+def tile_shape_rejection(R: int, max_len: int, tile_rows=None, tile_cols=None) -> Optional[str]:
+    """Why no tile shape holds R regions and a caption of max_len words (None if one does)."""
+    tile_rows = tile_rows or _native().scan_tile_rows
+    tile_cols = tile_cols or _native().scan_tile_cols
+    if any(R <= tile_rows(c) and max_len <= tile_cols(c) for c in COL_FRAGS):
+        return None
+    limits = ", ".join(f"R <= {tile_rows(c)} with captions <= {tile_cols(c)} words" for c in COL_FRAGS)
+    return (f"the CUDA SCAN kernel's tile cannot hold R={R} regions with a caption of {max_len} words "
+            f"(supported: {limits}); use backend='triton' or 'reference'")
+
+
 def tile_col_frags(R: int, max_len: int, tile_rows=None, tile_cols=None) -> int:
     """The tile shape (col_frags) whose rows hold R regions and whose columns hold the longest
     caption; raises BackendUnavailable when no tile shape fits."""
@@ -66,10 +77,7 @@ def tile_col_frags(R: int, max_len: int, tile_rows=None, tile_cols=None) -> int:
     for col_frags in COL_FRAGS:
         if R <= tile_rows(col_frags) and max_len <= tile_cols(col_frags):
             return col_frags
-    limits = ", ".join(f"R <= {tile_rows(c)} with captions <= {tile_cols(c)} words" for c in COL_FRAGS)
-    raise BackendUnavailable(
-        f"the CUDA SCAN kernel's tile cannot hold R={R} regions with a caption of {max_len} words "
-        f"(supported: {limits}); use backend='triton' or 'reference'")
+    raise BackendUnavailable(tile_shape_rejection(R, max_len, tile_rows, tile_cols))
 
 
 def caption_groups(lens: list[int], capacity: int) -> list[int]:
@@ -347,18 +355,25 @@ class ScanSimilarityCuda(torch.autograd.Function):
                 d_cap.to(cap.dtype) if need_cap else None, None, None)
 
 
-def scan_cuda(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm", smooth=9.0,
-              agg="mean", lse_lambda=6.0):
-    """The registered implementation: inputs already validated by rcar_fast.scan_similarity
-    (lens int64 on cap's device). Returns (n_img, n_cap) float32."""
-    options = Options(direction, raw_norm, float(smooth), agg, float(lse_lambda))
-    return ScanSimilarityCuda.apply(img, cap, lens, options)
+class ScanCuda(Backend):
+    op, backend, kernel = "scan", "cuda", "the CUDA SCAN kernels"
+    dtypes = {"cuda": tuple(DTYPE_CODES)}
 
+    @classmethod
+    def extra_reasons(cls, inputs: Inputs) -> list:
+        # The tile must hold R regions and the longest caption; when the wrapper did not read
+        # the lengths, the padded length Lmax bounds it.
+        if inputs.img_shape is None or inputs.cap_shape is None:
+            return []
+        longest = inputs.longest_caption()
+        longest = inputs.cap_shape[1] if longest is None else longest
+        reason = tile_shape_rejection(inputs.img_shape[1], longest)
+        return [reason] if reason else []
 
-def supports(device: torch.device, dtype: torch.dtype):
-    if dtype not in DTYPE_CODES:
-        return f"the CUDA SCAN kernels take float32, float16 or bfloat16 tensors, got {dtype}"
-    return None
-
-
-dispatch.register("scan", "cuda", scan_cuda, supports)
+    @staticmethod
+    def fn(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm", smooth=9.0,
+           agg="mean", lse_lambda=6.0):
+        """Inputs already validated by rcar_fast.scan_similarity (lens int64 on cap's device).
+        Returns (n_img, n_cap) float32."""
+        options = Options(direction, raw_norm, float(smooth), agg, float(lse_lambda))
+        return ScanSimilarityCuda.apply(img, cap, lens, options)

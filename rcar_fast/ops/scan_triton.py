@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from rcar_fast import dispatch
+from rcar_fast.ops.backend import Backend
+from rcar_fast.ops.library import define_scan_op
 
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_DTYPES = (torch.float32, torch.float16, torch.float64)
@@ -48,27 +49,43 @@ class ScanSimilarityTriton(torch.autograd.Function):
         return dimg, dcap, None, None, None, None, None, None
 
 
-def scan_triton(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm", smooth=9.0,
-                agg="mean", lse_lambda=6.0):
-    """The registered implementation: inputs already validated by rcar_fast.scan_similarity
-    (lens int64 on cap's device). Returns (n_img, n_cap) float32 (float64 for float64)."""
-    return ScanSimilarityTriton.apply(img, cap, lens, direction, raw_norm, smooth, agg,
-                                      lse_lambda)
+_OPTION_NAMES = ("direction", "raw_norm", "smooth", "agg", "lse_lambda")
 
 
-def supports(device: torch.device, dtype: torch.dtype):
-    if device.type == "cuda":
-        if dtype in _CUDA_DTYPES:
-            return None
-        return f"the Triton SCAN kernels take float32/float16/bfloat16 CUDA tensors, got {dtype}"
-    if device.type == "cpu":
-        if dtype in _INTERPRETER_DTYPES:
-            return None
-        if dtype == torch.bfloat16:
+def _op_forward(img, cap, lens, options):
+    return _kernels().scan_forward(_kernels().build_problem(img, cap, lens, **dict(zip(_OPTION_NAMES, options))))
+
+
+def _op_backward(grad, img, cap, lens, options):
+    kernels = _kernels()
+    problem = kernels.build_problem(img, cap, lens, **dict(zip(_OPTION_NAMES, options)))
+    return tuple(kernels.scan_backward(problem, grad, True, True))
+
+
+# rcar_fast::scan_triton and rcar_fast::scan_triton_backward: what torch.compile sees. Its
+# backward op rebuilds the small per-owner tables that the eager Function keeps from its
+# forward (so eager calls keep the Function).
+scan_triton_op = define_scan_op("scan_triton", _op_forward, _op_backward)
+
+
+class ScanTriton(Backend):
+    op, backend, kernel = "scan", "triton", "the Triton SCAN kernels"
+    dtypes = {"cuda": _CUDA_DTYPES, "cpu": _INTERPRETER_DTYPES}
+
+    @classmethod
+    def dtype_reason(cls, device_type, dtype):
+        if device_type == "cpu" and dtype == torch.bfloat16:
             return ("bfloat16 is not supported under triton's CPU interpreter (its bf16 tl.dot "
                     "is wrong); use float32/float16 on CPU, or a CUDA GPU")
-        return f"the Triton SCAN kernels take float32/float16/float64 CPU tensors, got {dtype}"
-    return f"the Triton SCAN kernels run on CUDA (or CPU via the interpreter), got {device.type}"
+        return super().dtype_reason(device_type, dtype)
 
-
-dispatch.register("scan", "triton", scan_triton, supports=supports)
+    @staticmethod
+    def fn(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm", smooth=9.0,
+           agg="mean", lse_lambda=6.0):
+        """Inputs already validated by rcar_fast.scan_similarity (lens int64 on cap's device).
+        Returns (n_img, n_cap) float32 (float64 for float64)."""
+        if torch.compiler.is_compiling():
+            return scan_triton_op(img, cap, lens, direction, raw_norm, float(smooth), agg,
+                                  float(lse_lambda))
+        return ScanSimilarityTriton.apply(img, cap, lens, direction, raw_norm, smooth, agg,
+                                          lse_lambda)

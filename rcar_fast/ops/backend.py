@@ -1,0 +1,214 @@
+"""What every backend of every op shares: the environment probes (the one place the native
+library and triton are loaded, never raising at import), the description of a call's inputs
+that a backend judges, and the Backend base class.
+
+A backend is a small class (one per op and backend, in the op's backend module) that says
+`not_supported_reasons(inputs) -> list[str]` over the full inputs: the environment, device,
+dtype, shapes, whether a backward pass will be needed, active dropout. An empty list means it
+can run them. rcar_fast.dispatch holds the table of these classes per op and chooses.
+
+This module imports nothing of rcar_fast: the backend modules import it, dispatch imports them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import os
+from typing import ClassVar, Optional
+
+import torch
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run this op on these inputs; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The environment: is a backend present on this machine at all?
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def native_module():
+    """The compiled extension `rcar_fast._C`, or the import error as a string (never raises)."""
+    try:
+        return importlib.import_module("rcar_fast._C")
+    except ImportError as err:  # not built, or built against another torch
+        return f"native extension rcar_fast._C is not importable ({err}); build it with `pip install -e .`"
+
+
+def native():
+    """The extension module, for a backend that already checked it is importable."""
+    module = native_module()
+    if isinstance(module, str):
+        raise BackendUnavailable(module)
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def triton_module():
+    try:
+        return importlib.import_module("triton")
+    except ImportError as err:
+        return f"triton is not installed ({err})"
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+# A fact about the machine, constant for the process: torch.compile takes the answer as a
+# constant instead of tracing the imports behind it.
+@torch.compiler.assume_constant_result
+def environment_reason(backend: str, device_type: Optional[str] = None) -> Optional[str]:
+    """None if `backend` can run on this machine (for tensors on `device_type` when given),
+    else why not."""
+    if backend in ("reference", "reference_loop"):
+        return None
+    if backend == "triton":
+        triton = triton_module()
+        if isinstance(triton, str):
+            return triton
+        if device_type == "cpu" or (device_type is None and not torch.cuda.is_available()):
+            if not triton_interpreter_on():
+                return ("no CUDA GPU, and TRITON_INTERPRET=1 is not set (triton's CPU "
+                        "interpreter is for testing kernels on small inputs)")
+        return None
+    module = native_module()
+    if isinstance(module, str):
+        return module
+    if backend == "cpu":
+        if device_type not in (None, "cpu"):
+            return f"the C++ CPU kernels take CPU tensors, got {device_type} tensors"
+        return None
+    if backend == "cuda":
+        if not module.built_with_cuda():
+            return "the extension was built without CUDA kernels (no nvcc at build time, or RCAR_FAST_CUDA=0)"
+        if module.cuda_device_count() == 0 or not torch.cuda.is_available():
+            return "CUDA kernels are built, but no CUDA GPU is visible"
+        if device_type not in (None, "cuda"):
+            return f"the CUDA kernels take CUDA tensors, got {device_type} tensors"
+        return None
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The inputs a backend judges
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Everything about one call that decides which backend can take it. Only device and dtype
+    are required (backends() and the tests ask with those alone); a wrapper fills in the rest.
+
+    needs_grad: a backward pass will follow (autograd records and a differentiable input, or
+    for a head: training mode with autograd on). active_dropout: names of the dropout modules
+    that act in this call."""
+    device: torch.device
+    dtype: torch.dtype
+    img_shape: Optional[tuple] = None     # (n_img, R, d)
+    cap_shape: Optional[tuple] = None     # (n_cap, Lmax, d)
+    direction: Optional[str] = None
+    needs_grad: bool = False
+    active_dropout: tuple = ()
+    lens: Optional[torch.Tensor] = dataclasses.field(default=None, compare=False, repr=False)
+
+    def longest_caption(self) -> Optional[int]:
+        """The longest real caption, read from lens when a backend asks (a host read on a GPU);
+        None when lens is not given or not readable (inside torch.compile): then at most Lmax."""
+        if self.lens is None or self.lens.numel() == 0 or torch.compiler.is_compiling():
+            return None
+        return int(self.lens.max())
+
+    @classmethod
+    def of_scan(cls, img: torch.Tensor, cap: torch.Tensor, direction: str,
+                lens: Optional[torch.Tensor] = None) -> "Inputs":
+        needs_grad = torch.is_grad_enabled() and (img.requires_grad or cap.requires_grad)
+        return cls(img.device, img.dtype, tuple(img.shape), tuple(cap.shape), direction,
+                   needs_grad, (), lens)
+
+    @classmethod
+    def of_head(cls, head, img: torch.Tensor, cap: torch.Tensor,
+                lens: Optional[torch.Tensor] = None) -> "Inputs":
+        # A head in training mode is taking a training step; an eval-mode head's result may
+        # still be differentiated, and a forward-only backend's result then raises when it is.
+        needs_grad = bool(head.training) and torch.is_grad_enabled()
+        return cls(img.device, img.dtype, tuple(img.shape), tuple(cap.shape), head.direction,
+                   needs_grad, tuple(head.active_dropout()), lens)
+
+    @classmethod
+    def of_tensor(cls, x: torch.Tensor) -> "Inputs":
+        return cls(x.device, x.dtype, tuple(x.shape))
+
+
+def _dtype_names(dtypes) -> str:
+    return "/".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+class Backend:
+    """One backend of one op. Subclasses set the class attributes and `fn`, and add their
+    own limits in `extra_reasons`; the base judges environment, device, dtype, backward and
+    dropout from the attributes, so that every refusal reads alike and is found in one place.
+    """
+    op: ClassVar[str]
+    backend: ClassVar[str]                       # its name (dispatch.BACKENDS lists them all)
+    kernel: ClassVar[str] = ""                   # how messages name it ("the C++ CPU kernels")
+    dtypes: ClassVar[dict] = {}                  # device type -> dtypes taken; {} = any
+    has_backward: ClassVar[bool] = True
+    implements_dropout: ClassVar[bool] = True
+
+    @staticmethod
+    def fn(*args, **kwargs):  # the implementation, with the op's signature (see dispatch)
+        raise NotImplementedError
+
+    @classmethod
+    def environment(cls, device_type: Optional[str] = None) -> Optional[str]:
+        """Why this backend is absent on this machine (None: present). The built-in backends
+        share the probes of environment_reason; a new backend overrides this."""
+        return environment_reason(cls.backend, device_type)
+
+    @classmethod
+    def not_supported_reasons(cls, inputs: Inputs) -> list[str]:
+        env = cls.environment(inputs.device.type)
+        if env is not None:
+            return [env]   # nothing else can be judged for a backend that is not here
+        reasons = []
+        dtype_reason = cls.dtype_reason(inputs.device.type, inputs.dtype)
+        if dtype_reason is not None:
+            reasons.append(dtype_reason)
+        if inputs.needs_grad and not cls.has_backward:
+            reasons.append(f"{cls.kernel}: forward only (eval mode), but a backward pass is "
+                           "needed (training mode with autograd on); use backend='reference' to train")
+        if inputs.active_dropout and not cls.implements_dropout:
+            reasons.append(f"{cls.kernel}: no dropout, but dropout is active in training mode "
+                           f"({inputs.active_dropout[0]}); call head.eval() for scoring, or use "
+                           "backend='reference' to train with dropout")
+        if not reasons:
+            reasons += cls.extra_reasons(inputs)
+        return reasons
+
+    @classmethod
+    def dtype_reason(cls, device_type: str, dtype: torch.dtype) -> Optional[str]:
+        """Why this device / dtype is refused (None: taken); override for a kinder message."""
+        if not cls.dtypes:
+            return None
+        taken = cls.dtypes.get(device_type)
+        if taken is None:
+            return f"{cls.kernel}: runs on {'/'.join(cls.dtypes)} tensors, got {device_type} tensors"
+        if dtype not in taken:
+            return f"{cls.kernel}: dtype {dtype} not supported on {device_type} (takes {_dtype_names(taken)})"
+        return None
+
+    @classmethod
+    def extra_reasons(cls, inputs: Inputs) -> list[str]:
+        """Limits of this backend beyond device / dtype / backward / dropout (shapes)."""
+        return []
+
+    @classmethod
+    def capabilities(cls) -> dict:
+        return {"has_backward": cls.has_backward, "implements_dropout": cls.implements_dropout,
+                "dtypes": {dev: [str(d).replace("torch.", "") for d in dts]
+                           for dev, dts in cls.dtypes.items()} or "any"}
+
+
+def output_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32

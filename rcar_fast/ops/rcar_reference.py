@@ -1,0 +1,86 @@
+"""The RCAR head on the reference math: the head module's own vectorised and loop forwards
+(dropout and autograd included). Every "rcar" backend has the signature
+
+    fn(head, img, cap, lens) -> (n_img, n_cap)
+
+where `head` is the RCAR head module (weights under the official names, plus regulator,
+steps, direction, smooth) and `lens` arrives validated (int64 on cap's device).
+
+Eager calls run the module's forward directly. Inside torch.compile the vectorised form runs
+as the custom op rcar_fast::rcar_reference, the head's weights passed as op inputs and applied
+to a weightless copy of the head (torch.func.functional_call), since its lens-dependent Python
+branches cannot be traced into one graph. Its backward op recomputes the forward under autograd;
+a seed drawn in the graph makes the recomputation draw the same dropout masks."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from rcar_fast.ops.backend import Backend, output_dtype
+from rcar_fast.ops.library import define_rcar_op, vjp
+from rcar_fast.heads import RCARHead
+
+
+@functools.lru_cache(maxsize=None)
+def _skeleton(regulator, steps, direction, smooth, embed_dim, sim_dim):
+    """A head of this configuration whose parameters live on the meta device (no memory):
+    only its structure is used, with the caller's weights."""
+    with torch.device("meta"):
+        head = RCARHead(embed_dim, sim_dim, regulator, steps, direction, smooth)
+    return head, tuple(name for name, _ in head.named_parameters())
+
+
+def _apply(img, cap, lens, weights, seed, config):
+    *structure, training = config
+    head, names = _skeleton(*structure)
+    head.train(training)
+    params = dict(zip(names, weights))
+    if not (training and head.active_dropout()):
+        return torch.func.functional_call(head, params, (img, cap, lens), strict=True)
+    devices = [img.device] if img.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        return torch.func.functional_call(head, params, (img, cap, lens), strict=True)
+
+
+def _forward(img, cap, lens, weights, seed, config):
+    return _apply(img, cap, lens, weights, seed, config).to(output_dtype(img.dtype))
+
+
+def _backward(grad, img, cap, lens, weights, seed, config):
+    d_img, d_cap, *d_weights = vjp(lambda i, c, *w: _forward(i, c, lens, list(w), seed, config),
+                                   [img, cap, *weights], grad)
+    return d_img, d_cap, d_weights
+
+
+# rcar_fast::rcar_reference and rcar_fast::rcar_reference_backward
+rcar_reference_op = define_rcar_op("rcar_reference", _forward, _backward)
+
+
+def compiled_call(op, head, img, cap, lens):
+    """`op` (an RCAR custom op) on the head's weights and configuration."""
+    weights = list(head.parameters())
+    dropout = bool(head.active_dropout())
+    seed = (torch.randint(0, 2**62, (), dtype=torch.int64) if dropout
+            else torch.zeros((), dtype=torch.int64))
+    return op(img, cap, lens, weights, seed, head.regulator, head.steps, head.direction,
+              float(head.smooth), head.embed_dim, head.sim_dim, bool(head.training))
+
+
+class RcarReference(Backend):
+    op, backend, kernel = "rcar", "reference", "the vectorised reference"
+
+    @staticmethod
+    def fn(head, img, cap, lens):
+        if torch.compiler.is_compiling():
+            return compiled_call(rcar_reference_op, head, img, cap, lens)
+        return head.forward_vectorized(img, cap, lens).to(output_dtype(img.dtype))
+
+
+class RcarReferenceLoop(Backend):
+    op, backend, kernel = "rcar", "reference_loop", "the reference loop"
+
+    @staticmethod
+    def fn(head, img, cap, lens):
+        return head.forward_loop(img, cap, lens).to(output_dtype(img.dtype))

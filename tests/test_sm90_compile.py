@@ -1,0 +1,297 @@
+"""Offline compile for the H100 (no GPU needed, tests/sm90.py), with two tritons: the one
+installed here (CI's) and the GPU image's (sm90.TRITON_GPU_IMAGE, installed from the package
+registry into a cache folder). Every configuration the GPU launchers use (for autotuned kernels:
+every config the prunes keep) must compile for sm_90 and fit its shared memory; the hot ones
+(SCAN forward/backward in bf16 and fp16, RCAR bf16, and the fp32 SCAN t2i forward the demo
+runs) must not spill registers (0 bytes of stack per thread). Catches GPU-only failures (tl.dot
+shape/dtype rules, fp16/bf16 lowering, the software pipeline's shared memory, register
+pressure) in CPU-only CI.
+
+Time: the default subset compiles about 50 kernels per triton version: 3-4.5 minutes for
+both versions together on 2 CPUs with an empty triton cache (measured), seconds with a warm
+one; installing triton 3.6 into the cache the first time adds a few seconds to a minute.
+RCAR_FAST_SM90_FULL=1 adds every caption bucket of a COCO batch for every dtype and
+direction (about 10 more minutes for both versions).
+"""
+import os
+
+import pytest
+
+from tests import sm90
+
+FULL = os.environ.get("RCAR_FAST_SM90_FULL") == "1"
+
+
+def _installed_triton_version():
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+# "installed": the triton of this environment (CI's); the GPU image's is installed in a cache
+# folder, unless it is the installed one (on the GPU image itself).
+VERSIONS = ["installed"]
+if _installed_triton_version() != sm90.TRITON_GPU_IMAGE:
+    VERSIONS.append(sm90.TRITON_GPU_IMAGE)
+
+
+@pytest.fixture(scope="module", params=VERSIONS)
+def triton_path(request):
+    if not sm90.compiler_available():
+        pytest.skip("triton's NVIDIA backend is not installed")
+    return None if request.param == "installed" else sm90.triton_folder(request.param)
+
+
+def _describe(build, *keys):
+    where = " ".join(f"{k}={build[k]}" for k in keys if k in build)
+    if build["error"] is not None:
+        return f"{where}: {build['error']}"
+    return f"{where}: shared {build['shared']} B, {build['regs']} regs, stack {build['stack']} B"
+
+
+def _compile_failures(builds, *keys):
+    return [_describe(b, *keys) for b in builds
+            if b["error"] is not None or not 0 < b["shared"] <= sm90.H100_SHARED_BYTES]
+
+
+def _spills(builds, *keys, allowed=lambda build: 0):
+    """Builds whose stack exceeds what `allowed(build)` tolerates (0 bytes unless listed)."""
+    return [_describe(b, *keys) + f" (allowed {allowed(b)} B)" for b in builds
+            if b["error"] is None and b["stack"] > allowed(b)]
+
+
+# No spill is tolerated in a hot configuration (0 B of stack with triton 3.6 and 3.8). What it
+# took (issue 11), should one come back: at 64 rows and 8 warps, triton's rule for a dot whose
+# result reaches another dot (all warps along M) replicated the SCAN backward epilogue and
+# RCAR's attention across warp pairs, undone by computing those dots in a branch
+# (kernels/scan.py _forward_tile, kernels/rcar.py _dot_in_branch); RCAR bf16 then needed
+# 32-wide d chunks, one stage, 64-row i2t tiles and the alignment GEMM in two column halves.
+
+
+# ---------------------------------------------------------------------------------------------
+# SCAN: forward and both backward kernels, every config the autotuners keep
+# ---------------------------------------------------------------------------------------------
+
+# (direction, dtype, raw_norm, agg, caption lengths, kernels compiled, hot kernels: no spills).
+# The launchers bucket captions by power-of-two length, one launch (and autotune key) per
+# bucket. Lengths (50,) give the Lmax bucket of a COCO batch (C_PAD = Q_PAD = 64: the largest
+# tiles per owner), 12 the most common one (t2i Q_PAD 16, up to 16 captions per tile); the
+# demo's captions (6..30 words, float32, forward only) fall in the t2i buckets Q_PAD 8, 16, 32.
+BOTH = ("fwd", "bwd_x", "bwd_y")
+SCAN_CASES = [
+    ("t2i", "bf16", "clipped_l2norm", "mean", (12, 50), BOTH, BOTH),  # SCAN t2i as trained
+    ("i2t", "fp16", "softmax", "lse", (50,), BOTH, BOTH),
+    ("t2i", "fp32", "clipped_l2norm", "mean", (7, 12, 23), ("fwd",), ("fwd",)),  # the demo
+    ("i2t", "fp32", "l1norm", "max", (50,), BOTH, ()),  # the exact fp32 (FMA) path
+]
+if FULL:
+    SCAN_CASES += [(direction, dtype, "clipped_l2norm", agg, (7, 12, 23, 50), BOTH,
+                    BOTH if dtype != "fp32" else ())
+                   for direction, agg in (("t2i", "mean"), ("i2t", "lse"))
+                   for dtype in ("fp32", "fp16", "bf16")]
+
+_SCAN_SCRIPT = r"""
+import json, sys
+import torch
+from rcar_fast.kernels import scan as kernels
+from tests import sm90
+
+# The context Gram matrices come from the Gram kernel (compiled below); only their shape, dtype
+# and strides matter here.
+kernels.context_gram = lambda x: torch.zeros(x.shape[0], x.shape[1], x.shape[1])
+recorders = dict(zip(("fwd", "bwd_x", "bwd_y"),
+                     sm90.record(kernels, "_fwd_tuned", "_bwd_x_tuned", "_bwd_y_tuned")))
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+cases = json.loads(sys.argv[1])
+launches, owners = [], []
+for case, (direction, dtype, raw_norm, agg, lens, names, hot) in enumerate(cases):
+    for rec in recorders.values():
+        rec.launches.clear()
+    # The real launchers (TRITON_INTERPRET unset: their GPU path) on CPU tensors, recorded.
+    img = torch.randn(4, 36, 1024).to(DTYPES[dtype])
+    cap = torch.randn(len(lens), max(lens), 1024).to(DTYPES[dtype])
+    problem = kernels.build_problem(img, cap, torch.tensor(lens), direction=direction,
+                                    raw_norm=raw_norm, smooth=9.0, agg=agg, lse_lambda=6.0)
+    kernels.scan_forward(problem)
+    if set(names) - {"fwd"}:
+        kernels.scan_backward(problem, torch.ones(problem.n_img, problem.n_cap), True, True)
+    for name in names:
+        rec = recorders[name]
+        assert rec.launches, f"{name} was not launched"
+        for nargs, kwargs in rec.launches:
+            for config in rec.configs(nargs, kwargs):
+                launches.append((rec.jit_fn, {**nargs, **kwargs}, config))
+                owners.append(dict(case=case, kernel=name, C_PAD=kwargs["C_PAD"],
+                                   Q_PAD=kwargs["Q_PAD"], config=str(config),
+                                   hot=name in hot))
+builds = sm90.compile_many(launches)
+results = [[] for _ in cases]
+for owner, build in zip(owners, builds):
+    results[owner["case"]].append(dict(owner, **build))
+sm90.emit(results)
+"""
+
+_SCAN_KEYS = ("kernel", "C_PAD", "Q_PAD", "config")
+
+
+@pytest.fixture(scope="module")
+def scan_builds(triton_path):
+    return sm90.run_offline(_SCAN_SCRIPT, SCAN_CASES, timeout=6 * 3600 if FULL else 1500,
+                            triton_path=triton_path)
+
+
+@pytest.mark.parametrize("index", range(len(SCAN_CASES)),
+                         ids=["-".join(map(str, c[:4])) + f"-L{','.join(map(str, c[4]))}"
+                              for c in SCAN_CASES])
+def test_scan_configurations_compile_for_sm90(scan_builds, index):
+    builds = scan_builds[index]
+    assert {b["kernel"] for b in builds} == set(SCAN_CASES[index][5])
+    failures = _compile_failures(builds, *_SCAN_KEYS)
+    assert not failures, f"{len(failures)} of {len(builds)} configurations fail:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("index", [i for i, c in enumerate(SCAN_CASES) if c[6]],
+                         ids=["-".join(map(str, c[:4])) + f"-L{','.join(map(str, c[4]))}"
+                              for c in SCAN_CASES if c[6]])
+def test_scan_hot_configurations_do_not_spill(scan_builds, index):
+    hot = [b for b in scan_builds[index] if b["hot"]]
+    assert hot
+    spills = _spills(hot, *_SCAN_KEYS)
+    assert not spills, f"{len(spills)} of {len(hot)} hot configurations spill:\n" + "\n".join(spills)
+
+
+# ---------------------------------------------------------------------------------------------
+# RCAR: the one configuration launch_config picks per (direction, dtype)
+# ---------------------------------------------------------------------------------------------
+
+# (direction, regulator, steps, operand dtype, hot: no spills)
+RCAR_CASES = [
+    ("t2i", "coop_rcar", 2, "bf16", True),   # the COCO 5K target configuration
+    ("i2t", "coop_rcar", 2, "bf16", True),   # 64-row tiles (one image of 36 regions)
+    ("t2i", "coop_rcar", 2, "fp32", False),  # the exact fp32 FMA path
+    ("i2t", "only_rcr", 2, "fp32", False),
+]
+
+# The launcher needs a GPU (its programs per SM): the kernel is compiled from the launch
+# configuration and a signature typed as rcar_forward's arguments are.
+_RCAR_SCRIPT = r"""
+import inspect, json, sys
+import torch, triton
+from triton.compiler import ASTSource
+from rcar_fast.kernels import rcar as kernels
+from tests import sm90
+
+F32_PTRS = {"gram", "ba", "b1", "b2", "bs1", "ws2", "bs2", "bq", "bk", "wv", "bv", "we", "be", "out"}
+INT_PTRS = {"c_count", "tile_seg", "tile_items"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+results = []
+for direction, regulator, steps, op, hot in json.loads(sys.argv[1]):
+    dims = kernels.padded_dims(1024, 256, interpreter=False)
+    cfg = kernels.launch_config(direction, 36, [12, 50, 1, 9, 23], regulator, steps, dims,
+                                DTYPES[op], interpreter=False)
+    options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    signature = {}
+    for name in inspect.signature(kernels._rcar_kernel.fn).parameters:
+        base = name[:-4]
+        if name in cfg:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if base in F32_PTRS else "*i32" if base in INT_PTRS else "*" + op
+        else:
+            signature[name] = "fp32" if name == "smooth" else "i32"
+    # As the launcher specialises them: 16-byte aligned pointers, DP and strides multiples of 16.
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if n.endswith("_ptr") or n in ("DP", "stride_c_set")}
+    try:
+        compiled = triton.compile(ASTSource(kernels._rcar_kernel, signature, constexprs=cfg,
+                                            attrs=attrs),
+                                  target=sm90._target()[0], options=options)
+        build = dict(shared=compiled.metadata.shared, error=None,
+                     **sm90.resource_usage(compiled.asm["cubin"]))
+    except Exception as err:  # reported by the test
+        build = sm90._error(err)
+    results.append(dict(build, config=dict(cfg, **options), hot=hot))
+sm90.emit(results)
+"""
+
+
+@pytest.fixture(scope="module")
+def rcar_builds(triton_path):
+    return sm90.run_offline(_RCAR_SCRIPT, RCAR_CASES, triton_path=triton_path)
+
+
+@pytest.mark.parametrize("index", range(len(RCAR_CASES)),
+                         ids=["-".join(map(str, c[:4])) for c in RCAR_CASES])
+def test_rcar_configuration_compiles_for_sm90(rcar_builds, index):
+    build = rcar_builds[index]
+    assert not _compile_failures([build], "config")
+    if build["hot"]:
+        spills = _spills([build], "config")
+        assert not spills, f"hot configuration spills: {spills}"
+
+
+def test_occupancy_counts_registers_shared_memory_and_threads():
+    from rcar_fast.kernels import rcar
+
+    assert rcar.occupancy(255, 90112, 8) == 1       # 255 -> 256 registers x 256 threads: 64K
+    assert rcar.occupancy(128, 49152, 8) == 2       # 32K registers each
+    assert rcar.occupancy(114, 20000, 16) == 1      # 120 x 512 = 60K: no second 512-thread CTA
+    assert rcar.occupancy(32, 120000, 4) == 1       # shared memory: 2 x 121 KB > 228 KB
+    assert rcar.occupancy(32, 0, 4) == 16           # threads: 2048 / 128
+
+
+def test_rcar_fallback_programs_per_sm_matches_the_compiled_kernels(rcar_builds):
+    """kernels/rcar.py launches occupancy(compiled kernel) programs per SM and falls back to
+    GPU_PROGRAMS_PER_SM: that constant must be what every compiled GPU configuration allows
+    (more programs than fit at once would run as a second, partial wave)."""
+    from rcar_fast.kernels import rcar
+
+    fits = [rcar.occupancy(b["regs"], b["shared"], b["config"]["num_warps"]) for b in rcar_builds]
+    assert rcar.GPU_PROGRAMS_PER_SM == min(fits), list(zip(fits, map(_describe, rcar_builds,
+                                                                  ["config"] * len(fits))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gram: the kernel as gram() launches it on a GPU, every input dtype
+# ---------------------------------------------------------------------------------------------
+
+# (dtype, R): R=36 regions (64-row tiles, also Lmax=50 captions), R=7 (16-row tiles)
+GRAM_CASES = [(dtype, n) for dtype in ("float32", "float16", "bfloat16") for n in (36, 7)]
+
+_GRAM_SCRIPT = r"""
+import json, sys
+import torch
+from rcar_fast.kernels import gram as kernels
+from tests import sm90
+
+(launcher,) = sm90.record(kernels, "_gram_kernel")
+results = []
+for dtype, n_rows in json.loads(sys.argv[1]):
+    launcher.launches.clear()
+    # meta tensors take gram()'s GPU path (its tile choice) without allocating anything
+    kernels.gram(torch.empty(4, n_rows, 1024, dtype=getattr(torch, dtype), device="meta"))
+    (nargs, kwargs), = launcher.launches
+    results.append(dict(kwargs, **sm90.compile_launch(launcher.jit_fn, {**nargs, **kwargs})))
+sm90.emit(results)
+"""
+
+
+@pytest.fixture(scope="module")
+def gram_builds(triton_path):
+    return sm90.run_offline(_GRAM_SCRIPT, GRAM_CASES, timeout=600, triton_path=triton_path)
+
+
+@pytest.mark.parametrize("index", range(len(GRAM_CASES)), ids=[f"{d}-R{n}" for d, n in GRAM_CASES])
+def test_gram_gpu_launch_compiles_for_sm90(gram_builds, index):
+    build = gram_builds[index]
+    assert not _compile_failures([build]), f"{GRAM_CASES[index]}: {_describe(build)}"
+
+
+def test_the_second_triton_is_the_gpu_images(triton_path):
+    """The scratch folder really holds the GPU image's triton (and the installed one is what
+    this process imports), so the two runs compile with different compilers."""
+    expected = _installed_triton_version() if triton_path is None else sm90.TRITON_GPU_IMAGE
+    assert sm90.triton_version_of(triton_path) == expected
