@@ -4,19 +4,35 @@
 
 void register_cpu_bindings(pybind11::module& m) {
   namespace py = pybind11;
+  py::class_<rcar_cpu::ScanSettings>(m, "ScanSettings", "a SCAN problem's options as contract codes")
+      .def(py::init([](int direction, int raw_norm, int agg, double smooth, double lse_lambda) {
+             return rcar_cpu::ScanSettings{direction, raw_norm, agg, smooth, lse_lambda};
+           }),
+           py::arg("direction"), py::arg("raw_norm"), py::arg("agg"), py::arg("smooth"), py::arg("lse_lambda"))
+      .def_readonly("direction", &rcar_cpu::ScanSettings::direction)
+      .def_readonly("raw_norm", &rcar_cpu::ScanSettings::raw_norm)
+      .def_readonly("agg", &rcar_cpu::ScanSettings::agg)
+      .def_readonly("smooth", &rcar_cpu::ScanSettings::smooth)
+      .def_readonly("lse_lambda", &rcar_cpu::ScanSettings::lse_lambda);
+  py::class_<rcar_cpu::RcarSettings>(m, "RcarSettings", "an RCAR head's configuration as contract codes")
+      .def(py::init([](int direction, int regulator, int64_t steps, double smooth) {
+             return rcar_cpu::RcarSettings{direction, regulator, steps, smooth};
+           }),
+           py::arg("direction"), py::arg("regulator"), py::arg("steps"), py::arg("smooth"))
+      .def_readonly("direction", &rcar_cpu::RcarSettings::direction)
+      .def_readonly("regulator", &rcar_cpu::RcarSettings::regulator)
+      .def_readonly("steps", &rcar_cpu::RcarSettings::steps)
+      .def_readonly("smooth", &rcar_cpu::RcarSettings::smooth);
   m.def("gram_cpu", &rcar_cpu::gram, "per-image Gram matrix (n, R, d) -> (n, R, R)");
   m.def("scan_forward_cpu", &rcar_cpu::scan_forward,
         "SCAN similarity of all pairs (n_img, n_cap), fused per tile", py::arg("img"), py::arg("cap"),
-        py::arg("lens"), py::arg("direction"), py::arg("raw_norm"), py::arg("smooth"), py::arg("agg"),
-        py::arg("lse_lambda"), py::call_guard<py::gil_scoped_release>());
+        py::arg("lens"), py::arg("settings"), py::call_guard<py::gil_scoped_release>());
   m.def("scan_backward_cpu", &rcar_cpu::scan_backward,
         "gradients [d img, d cap] of sum(grad * SCAN similarity)", py::arg("grad"), py::arg("img"),
-        py::arg("cap"), py::arg("lens"), py::arg("direction"), py::arg("raw_norm"), py::arg("smooth"),
-        py::arg("agg"), py::arg("lse_lambda"), py::call_guard<py::gil_scoped_release>());
+        py::arg("cap"), py::arg("lens"), py::arg("settings"), py::call_guard<py::gil_scoped_release>());
   m.def("rcar_forward_cpu", &rcar_cpu::rcar_forward,
         "RCAR head (eval mode) over all pairs (n_img, n_cap); weights: flat list, see csrc/cpu/kernels.h",
-        py::arg("img"), py::arg("cap"), py::arg("lens"), py::arg("direction"), py::arg("regulator"),
-        py::arg("steps"), py::arg("smooth"), py::arg("weights"), py::call_guard<py::gil_scoped_release>());
+        py::arg("img"), py::arg("cap"), py::arg("lens"), py::arg("settings"), py::arg("weights"), py::call_guard<py::gil_scoped_release>());
   m.def("set_cpu_simd_path", &rcar_cpu::set_simd_path,
         "select the compiled copy of the CPU kernels' vector loops: 'auto' | 'baseline' | 'avx2'; "
         "returns the copy that will run",

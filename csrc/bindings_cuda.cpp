@@ -1,10 +1,16 @@
 // pybind11 bindings of the CUDA launchers (csrc/cuda/). Pointers and the stream arrive as
 // integers from Python (tensor.data_ptr(), torch.cuda.current_stream().cuda_stream); 0 stands
-// for a null pointer. The SCAN and RCAR launchers take their problem description as a dict
-// whose keys are the field names of rcar_cuda::ScanProblem / RcarProblem (csrc/cuda/kernels.h),
-// built by rcar_fast/ops/scan_cuda.py and rcar_cuda.py.
+// for a null pointer. The SCAN and RCAR launchers take their problem description as a typed
+// object, ScanProblemCuda / RcarProblemCuda (the structs rcar_cuda::ScanProblem / RcarProblem of
+// csrc/cuda/kernels.h), built from keyword arguments by rcar_fast/ops/scan_cuda.py and rcar_cuda.py.
 #include "bindings.h"
 #ifdef RCAR_FAST_WITH_CUDA
+#include <functional>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
 #include "cuda/kernels.h"
 #endif
 
@@ -19,72 +25,110 @@ void check_cuda(int code, const char* what) {
 
 void* as_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
-// A required entry of a problem dict, with a message naming the missing key.
-template <typename T>
-T field(const py::dict& d, const char* key) {
-  TORCH_CHECK(d.contains(key), "CUDA problem description lacks the field '", key, "'");
-  return d[key].cast<T>();
-}
+// A problem struct of csrc/cuda/kernels.h bound as a Python class: built from keyword
+// arguments, one per field (device pointers as ints, 0 = null), every field required, each
+// value converted to the field's C++ type; a missing, unknown or ill-typed field is an error
+// naming it. The fields read back as attributes.
+template <typename P>
+class ProblemClass {
+ public:
+  ProblemClass(py::module& m, const char* name, const char* doc) : cls_(m, name, doc) {}
 
-template <typename T>
-T* pointer_field(const py::dict& d, const char* key) {
-  return reinterpret_cast<T*>(field<uintptr_t>(d, key));
-}
+  template <typename T>
+  ProblemClass& field(const char* name, T P::*member) {
+    if constexpr (std::is_pointer_v<T>) {
+      setters_.emplace_back(name, [member](P& p, py::handle v) { p.*member = reinterpret_cast<T>(v.cast<uintptr_t>()); });
+      cls_.def_property_readonly(name, [member](const P& p) { return reinterpret_cast<uintptr_t>(p.*member); });
+    } else {
+      setters_.emplace_back(name, [member](P& p, py::handle v) { p.*member = v.cast<T>(); });
+      cls_.def_readonly(name, member);
+    }
+    return *this;
+  }
 
-rcar_cuda::ScanProblem scan_problem(const py::dict& d) {
-  rcar_cuda::ScanProblem p{};
-  p.img = pointer_field<const void>(d, "img");
-  p.cap = pointer_field<const void>(d, "cap");
-  p.dtype = field<int>(d, "dtype");
-  p.n_img = field<int64_t>(d, "n_img");
-  p.R = field<int64_t>(d, "R");
-  p.d = field<int64_t>(d, "d");
-  p.n_cap = field<int64_t>(d, "n_cap");
-  p.img_stride_n = field<int64_t>(d, "img_stride_n");
-  p.img_stride_r = field<int64_t>(d, "img_stride_r");
-  p.cap_stride_n = field<int64_t>(d, "cap_stride_n");
-  p.cap_stride_w = field<int64_t>(d, "cap_stride_w");
-  p.lens = pointer_field<const int64_t>(d, "lens");
-  p.word_off = pointer_field<const int64_t>(d, "word_off");
-  p.total_words = field<int64_t>(d, "total_words");
-  p.max_len = field<int64_t>(d, "max_len");
-  p.group_first = pointer_field<const int32_t>(d, "group_first");
-  p.n_groups = field<int64_t>(d, "n_groups");
-  p.col_frags = field<int>(d, "col_frags");
-  p.gram = pointer_field<const float>(d, "gram");
-  p.gram_off = pointer_field<const int64_t>(d, "gram_off");
-  p.query_sq = pointer_field<const float>(d, "query_sq");
-  p.i2t = field<int>(d, "i2t");
-  p.raw_norm = field<int>(d, "raw_norm");
-  p.agg = field<int>(d, "agg");
-  p.smooth = field<float>(d, "smooth");
-  p.lse_lambda = field<float>(d, "lse_lambda");
-  return p;
-}
+  // Adds the keyword constructor once every field is declared.
+  void finish() {
+    auto setters = setters_;
+    const std::string type_name = py::str(cls_.attr("__name__"));
+    cls_.def(py::init([setters, type_name](const py::kwargs& kwargs) {
+      P p{};
+      for (const auto& [name, set] : setters) {
+        TORCH_CHECK(kwargs.contains(name.c_str()), type_name, ": the field '", name, "' is missing");
+        try {
+          set(p, kwargs[name.c_str()]);
+        } catch (const py::cast_error&) {
+          TORCH_CHECK(false, type_name, ": the field '", name, "' has the wrong type (",
+                      std::string(py::str(py::type::of(kwargs[name.c_str()]).attr("__name__"))), ")");
+        }
+      }
+      for (const auto& item : kwargs) {
+        const std::string key = py::str(item.first);
+        bool known = false;
+        for (const auto& entry : setters) known = known || entry.first == key;
+        TORCH_CHECK(known, type_name, ": unknown field '", key, "'");
+      }
+      return p;
+    }));
+  }
 
-rcar_cuda::RcarProblem rcar_problem(const py::dict& d) {
-  rcar_cuda::RcarProblem p{};
-  p.img = pointer_field<const float>(d, "img");
-  p.cap = pointer_field<const float>(d, "cap");
-  p.n_img = field<int64_t>(d, "n_img");
-  p.R = field<int64_t>(d, "R");
-  p.d = field<int64_t>(d, "d");
-  p.n_cap = field<int64_t>(d, "n_cap");
-  p.img_stride_n = field<int64_t>(d, "img_stride_n");
-  p.img_stride_r = field<int64_t>(d, "img_stride_r");
-  p.cap_stride_n = field<int64_t>(d, "cap_stride_n");
-  p.cap_stride_w = field<int64_t>(d, "cap_stride_w");
-  p.lens = pointer_field<const int64_t>(d, "lens");
-  p.max_len = field<int64_t>(d, "max_len");
-  p.sim_dim = field<int64_t>(d, "sim_dim");
-  p.regulator = field<int>(d, "regulator");
-  p.steps = field<int>(d, "steps");
-  p.i2t = field<int>(d, "i2t");
-  p.smooth = field<float>(d, "smooth");
-  p.weights = pointer_field<const float* const>(d, "weights");
-  p.workspace = pointer_field<float>(d, "workspace");
-  p.n_blocks = field<int64_t>(d, "n_blocks");
-  return p;
+ private:
+  py::class_<P> cls_;
+  std::vector<std::pair<std::string, std::function<void(P&, py::handle)>>> setters_;
+};
+
+void register_problem_types(py::module& m) {
+  using rcar_cuda::ScanProblem;
+  ProblemClass<ScanProblem>(m, "ScanProblemCuda", "rcar_cuda::ScanProblem (csrc/cuda/kernels.h)")
+      .field("img", &ScanProblem::img)
+      .field("cap", &ScanProblem::cap)
+      .field("dtype", &ScanProblem::dtype)
+      .field("n_img", &ScanProblem::n_img)
+      .field("R", &ScanProblem::R)
+      .field("d", &ScanProblem::d)
+      .field("n_cap", &ScanProblem::n_cap)
+      .field("img_stride_n", &ScanProblem::img_stride_n)
+      .field("img_stride_r", &ScanProblem::img_stride_r)
+      .field("cap_stride_n", &ScanProblem::cap_stride_n)
+      .field("cap_stride_w", &ScanProblem::cap_stride_w)
+      .field("lens", &ScanProblem::lens)
+      .field("word_off", &ScanProblem::word_off)
+      .field("total_words", &ScanProblem::total_words)
+      .field("max_len", &ScanProblem::max_len)
+      .field("group_first", &ScanProblem::group_first)
+      .field("n_groups", &ScanProblem::n_groups)
+      .field("col_frags", &ScanProblem::col_frags)
+      .field("gram", &ScanProblem::gram)
+      .field("gram_off", &ScanProblem::gram_off)
+      .field("query_sq", &ScanProblem::query_sq)
+      .field("i2t", &ScanProblem::i2t)
+      .field("raw_norm", &ScanProblem::raw_norm)
+      .field("agg", &ScanProblem::agg)
+      .field("smooth", &ScanProblem::smooth)
+      .field("lse_lambda", &ScanProblem::lse_lambda)
+      .finish();
+  using rcar_cuda::RcarProblem;
+  ProblemClass<RcarProblem>(m, "RcarProblemCuda", "rcar_cuda::RcarProblem (csrc/cuda/kernels.h)")
+      .field("img", &RcarProblem::img)
+      .field("cap", &RcarProblem::cap)
+      .field("n_img", &RcarProblem::n_img)
+      .field("R", &RcarProblem::R)
+      .field("d", &RcarProblem::d)
+      .field("n_cap", &RcarProblem::n_cap)
+      .field("img_stride_n", &RcarProblem::img_stride_n)
+      .field("img_stride_r", &RcarProblem::img_stride_r)
+      .field("cap_stride_n", &RcarProblem::cap_stride_n)
+      .field("cap_stride_w", &RcarProblem::cap_stride_w)
+      .field("lens", &RcarProblem::lens)
+      .field("max_len", &RcarProblem::max_len)
+      .field("sim_dim", &RcarProblem::sim_dim)
+      .field("regulator", &RcarProblem::regulator)
+      .field("steps", &RcarProblem::steps)
+      .field("i2t", &RcarProblem::i2t)
+      .field("smooth", &RcarProblem::smooth)
+      .field("weights", &RcarProblem::weights)
+      .field("workspace", &RcarProblem::workspace)
+      .field("n_blocks", &RcarProblem::n_blocks)
+      .finish();
 }
 
 void register_ragged_ops(py::module& m) {
@@ -117,19 +161,19 @@ void register_scan_ops(py::module& m) {
   m.def("scan_tile_cols", &rcar_cuda::scan_tile_cols, "word columns of a SCAN tile for col_frags");
   m.def(
       "scan_forward_cuda",
-      [](const py::dict& problem, uintptr_t sims, uintptr_t stream) {
-        check_cuda(rcar_cuda::scan_forward(scan_problem(problem), static_cast<float*>(as_ptr(sims)),
+      [](const rcar_cuda::ScanProblem& problem, uintptr_t sims, uintptr_t stream) {
+        check_cuda(rcar_cuda::scan_forward(problem, static_cast<float*>(as_ptr(sims)),
                                            as_ptr(stream)),
                    "scan_forward_cuda");
       },
       py::arg("problem"), py::arg("sims"), py::arg("stream"),
-      "SCAN all-pairs forward; problem: dict of ScanProblem fields (pointers as ints)");
+      "SCAN all-pairs forward; problem: a ScanProblemCuda");
   m.def(
       "scan_backward_cuda",
-      [](const py::dict& problem, uintptr_t grad_sims, uintptr_t d_scores, uintptr_t attn,
+      [](const rcar_cuda::ScanProblem& problem, uintptr_t grad_sims, uintptr_t d_scores, uintptr_t attn,
          uintptr_t attn_scaled, uintptr_t d_query_norm, uintptr_t stream) {
         check_cuda(rcar_cuda::scan_backward(
-                       scan_problem(problem), static_cast<const float*>(as_ptr(grad_sims)),
+                       problem, static_cast<const float*>(as_ptr(grad_sims)),
                        static_cast<float*>(as_ptr(d_scores)), static_cast<float*>(as_ptr(attn)),
                        static_cast<float*>(as_ptr(attn_scaled)),
                        static_cast<float*>(as_ptr(d_query_norm)), as_ptr(stream)),
@@ -145,13 +189,13 @@ void register_rcar_ops(py::module& m) {
         py::arg("d"), py::arg("sim_dim"), "workspace floats per persistent block of rcar_forward_cuda");
   m.def(
       "rcar_forward_cuda",
-      [](const py::dict& problem, uintptr_t sims, uintptr_t stream) {
-        check_cuda(rcar_cuda::rcar_forward(rcar_problem(problem), static_cast<float*>(as_ptr(sims)),
+      [](const rcar_cuda::RcarProblem& problem, uintptr_t sims, uintptr_t stream) {
+        check_cuda(rcar_cuda::rcar_forward(problem, static_cast<float*>(as_ptr(sims)),
                                            as_ptr(stream)),
                    "rcar_forward_cuda");
       },
       py::arg("problem"), py::arg("sims"), py::arg("stream"),
-      "RCAR head eval-mode forward; problem: dict of RcarProblem fields (pointers as ints)");
+      "RCAR head eval-mode forward; problem: an RcarProblemCuda");
 }
 #endif
 
@@ -170,6 +214,7 @@ void register_cuda_bindings(pybind11::module& m) {
                    "gram_cuda");
       },
       "per-image Gram matrix on the GPU (raw pointers; float32 output)");
+  register_problem_types(m);
   register_ragged_ops(m);
   register_scan_ops(m);
   register_rcar_ops(m);

@@ -44,9 +44,14 @@ import torch
 import triton
 import triton.language as tl
 
-# eps = 1e-8 of the public code appears as a literal in the kernels (a jitted function can only
-# read constexpr globals).
-MODES = {"only_rar": 0, "only_rcr": 1, "coop_rcar": 2}
+from rcar_fast import contract
+
+MODES = contract.REGULATOR_CODES
+# The contract's constants as constexpr globals (all a jitted function can read).
+_EPS = tl.constexpr(contract.EPS)
+_SLOPE = tl.constexpr(contract.LEAKY_SLOPE)
+_ONLY_RAR = tl.constexpr(MODES["only_rar"])
+_ONLY_RCR = tl.constexpr(MODES["only_rcr"])
 
 # name -> (shape, dtype kind). n_alv / n_rcr / n_rar are the module counts (at least 1 slot: an
 # absent module list gets a zero dummy). DP = d rounded up to the d chunk, SP = pow2 >= max(s, 16),
@@ -93,7 +98,7 @@ def _sigmoid(x):
 @triton.jit
 def _l2norm_rows(x):
     # x / (sqrt(sum x^2) + eps), eps added to the norm as in the public code.
-    return x / (tl.sqrt(tl.sum(x * x, axis=1)) + 1e-8)[:, None]
+    return x / (tl.sqrt(tl.sum(x * x, axis=1)) + _EPS)[:, None]
 
 
 @triton.jit
@@ -169,11 +174,11 @@ def _attention(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr,
         scores += tl.dot(q.to(OPD), tl.trans(c), input_precision=PREC)
     # clipped_l2norm over each pair's queries, per context item: segment sums of squares via
     # the (ROWS, BSEG) one-hot matrix, broadcast back to the rows by the transposed product.
-    x = tl.where(scores > 0, scores, 0.1 * scores)
+    x = tl.where(scores > 0, scores, _SLOPE * scores)
     x = tl.where(row_ok[:, None], x, 0.0)
     per_seg = tl.dot(tl.trans(onehot), x * x, input_precision=SEG_PREC)
     per_row = _dot_in_branch(onehot, per_seg, DP > 0, SEG_PREC)
-    a = x / (tl.sqrt(per_row) + 1e-8)
+    a = x / (tl.sqrt(per_row) + _EPS)
     logits = tl.where(ctx_ok[None, :], lam[:, None] * a, float("-inf"))
     e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     return e / tl.sum(e, axis=1)[:, None]
@@ -214,7 +219,7 @@ def _alignment(vscr, q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr, w
     cs = tl.arange(0, CP)
     gram = tl.load(g_base + cs[:, None] * CP + cs[None, :])
     sq = tl.sum(_dot_in_branch(alpha, gram, DP > 0, SEG_PREC) * alpha, axis=1)
-    inv_norm = 1.0 / (tl.sqrt(tl.maximum(sq, 0.0)) + 1e-8)
+    inv_norm = 1.0 / (tl.sqrt(tl.maximum(sq, 0.0)) + _EPS)
     alpha_op = alpha.to(OPD)
     wa = wa_ptr + STEP * DP * SP
     ba = ba_ptr + STEP * SP
@@ -234,7 +239,7 @@ def _alignment(vscr, q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr, w
         first = _alignment_columns(q_tile, c_base, ctx_ok, alpha_op, inv_norm, wa, ba, 0, DP,
                                    ROWS, CP, SP, SW, DC, OPD, PREC)
         sumsq = tl.sum(first * first, axis=1)
-        first_norm = tl.sqrt(sumsq) + 1e-8
+        first_norm = tl.sqrt(sumsq) + _EPS
         first = first / first_norm[:, None]
         hi = first.to(vscr.dtype.element_ty)
         tl.debug_barrier()  # every thread is done reading the previous step's v
@@ -242,7 +247,7 @@ def _alignment(vscr, q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr, w
         tl.store(vscr + offs + SW, (first - hi.to(tl.float32)).to(vscr.dtype.element_ty))
         second = _alignment_columns(q_tile, c_base, ctx_ok, alpha_op, inv_norm, wa, ba, SW,
                                     DP, ROWS, CP, SP, SW, DC, OPD, PREC)
-        norm = tl.sqrt(sumsq + tl.sum(second * second, axis=1)) + 1e-8
+        norm = tl.sqrt(sumsq + tl.sum(second * second, axis=1)) + _EPS
         tl.debug_barrier()  # the pair is complete before any thread reads it back
         first = (tl.load(vscr + offs).to(tl.float32)
                  + tl.load(vscr + offs + SW).to(tl.float32))
@@ -273,7 +278,7 @@ def _mean_cosine(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_pt
         q_sq += tl.sum(q * q, axis=1)
     n = tl.sqrt(ctx_sq)
     # cos(q, u) with u = ctx / (|ctx| + eps): (q . u) / max(|q| |u|, eps).
-    cos = (q_ctx / (n + 1e-8)) / tl.maximum(tl.sqrt(q_sq) * (n / (n + 1e-8)), 1e-8)
+    cos = (q_ctx / (n + _EPS)) / tl.maximum(tl.sqrt(q_sq) * (n / (n + _EPS)), _EPS)
     cos = tl.where(row_ok, cos, 0.0)
     seg_len = tl.sum(onehot, axis=0)
     return tl.sum(onehot * cos[:, None], axis=0) / tl.maximum(seg_len, 1.0)
@@ -432,7 +437,7 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
         g_base = gram_ptr + set_id * (CP * CP)
         lam = tl.full((ROWS,), 1.0, tl.float32) * smooth
         h = tl.zeros((BSEG, SP), tl.float32)
-        if MODE == 0:
+        if MODE == _ONLY_RAR:
             # only_rar: one alignment step, h = mean, STEPS RAR updates.
             _alignment(vscr, q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr, w2_ptr,
                        b2_ptr, wa_ptr, ba_ptr, DP, 0, 0, ROWS, CP, SP, HP, HC, DC, S_SPLIT,
@@ -442,7 +447,7 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
                 h = _rar(vscr, h, onehot, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
                          n, ROWS, BSEG, SP, NC, KC, OPD, PREC)
             score = _eval_score(h, we_ptr, be_ptr, SP)
-        elif MODE == 1:
+        elif MODE == _ONLY_RCR:
             # only_rcr: STEPS (alignment, RCR) rounds, then mean cosine with the final (m, lambda).
             for t in tl.static_range(STEPS):
                 _alignment(vscr, q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr,

@@ -44,13 +44,23 @@ import torch
 import triton
 import triton.language as tl
 
+from rcar_fast import contract
+from rcar_fast.contract import AGG_CODES, RAW_NORM_CODES  # noqa: F401 (the codes the launch passes)
+
 from . import gram as _gram
 
-RAW_NORM_CODES = {"clipped_l2norm": 0, "l2norm": 1, "clipped_l1norm": 2, "l1norm": 3,
-                  "clipped": 4, "no_norm": 5, "softmax": 6}
-AGG_CODES = {"mean": 0, "lse": 1, "max": 2, "sum": 3}
-
-_EPS = tl.constexpr(1e-8)
+# The contract's codes and constants as constexpr globals (all a jitted function can read).
+_EPS = tl.constexpr(contract.EPS)
+_SLOPE = tl.constexpr(contract.LEAKY_SLOPE)
+_CLIPPED_L2 = tl.constexpr(RAW_NORM_CODES["clipped_l2norm"])
+_L2 = tl.constexpr(RAW_NORM_CODES["l2norm"])
+_CLIPPED_L1 = tl.constexpr(RAW_NORM_CODES["clipped_l1norm"])
+_L1 = tl.constexpr(RAW_NORM_CODES["l1norm"])
+_CLIPPED = tl.constexpr(RAW_NORM_CODES["clipped"])
+_SOFTMAX_NORM = tl.constexpr(RAW_NORM_CODES["softmax"])
+_MEAN = tl.constexpr(AGG_CODES["mean"])
+_MAX = tl.constexpr(AGG_CODES["max"])
+_SUM = tl.constexpr(AGG_CODES["sum"])
 
 # tl.dot needs every dimension >= 16 (on GPUs and in the interpreter).
 MIN_DOT = 16
@@ -160,22 +170,22 @@ def _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, live,
     S4 = tl.reshape(S, (BI, C_PAD, BJ, Q_PAD))
     # 1. Raw-score normalisation across the queries (axis 3) of each context item. Normalisers
     #    are inverted once per row and multiplied in (one division per row, not per element).
-    if RAW_NORM == 6:
+    if RAW_NORM == _SOFTMAX_NORM:
         z = tl.where(qv4, S4, float("-inf"))
         e = tl.exp(z - tl.max(z, axis=3)[:, :, :, None])
         nrm = tl.sum(e, axis=3)
         a4 = e * (1.0 / nrm)[:, :, :, None]
         u4 = a4
     else:
-        if RAW_NORM == 0 or RAW_NORM == 2 or RAW_NORM == 4:
-            u4 = tl.where(S4 > 0, S4, 0.1 * S4)
+        if RAW_NORM == _CLIPPED_L2 or RAW_NORM == _CLIPPED_L1 or RAW_NORM == _CLIPPED:
+            u4 = tl.where(S4 > 0, S4, _SLOPE * S4)
         else:
             u4 = S4
         u4 = tl.where(qv4, u4, 0.0)
-        if RAW_NORM <= 1:
+        if RAW_NORM == _CLIPPED_L2 or RAW_NORM == _L2:
             nrm = tl.sqrt(tl.sum(u4 * u4, axis=3))
             a4 = u4 * (1.0 / (nrm + _EPS))[:, :, :, None]
-        elif RAW_NORM <= 3:
+        elif RAW_NORM == _CLIPPED_L1 or RAW_NORM == _L1:
             nrm = tl.sum(tl.abs(u4), axis=3)
             a4 = u4 * (1.0 / (nrm + _EPS))[:, :, :, None]
         else:
@@ -205,16 +215,16 @@ def _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, live,
     # 4. Aggregation over the real queries (axis 2).
     rm = tl.where(qv3, r3, float("-inf"))
     rmax = tl.max(rm, axis=2)
-    if AGG == 0 or AGG == 3:
+    if AGG == _MEAN or AGG == _SUM:
         total = tl.sum(tl.where(qv3, r3, 0.0), axis=2)
         wsum = total  # unused
-        if AGG == 0:
+        if AGG == _MEAN:
             sim = total / y_len.to(total.dtype)[None, :]
         else:
             sim = total
     else:
         wsum = tl.sum(tl.exp((rm - rmax[:, :, None]) * lse_lam), axis=2)
-        if AGG == 2:
+        if AGG == _MAX:
             sim = rmax
         else:
             sim = rmax + tl.log(wsum) / lse_lam
@@ -229,11 +239,11 @@ def _backward_tile(g, pair_real, S4, u4, nrm, a4, alpha4, GA4, nc3, qn3, prod, d
     (BI, BJ, Q_PAD), all zero outside real (pair, context item, query) positions."""
     g3 = g[:, :, None]
     # Aggregation -> per-query r_k.
-    if AGG == 0:
+    if AGG == _MEAN:
         dr = g3 / y_len.to(g.dtype)[None, :, None] + 0.0 * r3
-    elif AGG == 3:
+    elif AGG == _SUM:
         dr = g3 + 0.0 * r3
-    elif AGG == 2:
+    elif AGG == _MAX:
         # torch.amax shares the gradient evenly between tied maxima
         is_max = rm == rmax[:, :, None]
         n_max = tl.sum(is_max.to(g.dtype), axis=2)
@@ -252,24 +262,24 @@ def _backward_tile(g, pair_real, S4, u4, nrm, a4, alpha4, GA4, nc3, qn3, prod, d
     # Softmax over the context items, then the temperature.
     da = lam * alpha4 * (dalpha - tl.sum(alpha4 * dalpha, axis=1)[:, None, :, :])
     # Raw-score normalisation across the queries.
-    if RAW_NORM == 6:
+    if RAW_NORM == _SOFTMAX_NORM:
         dS4 += a4 * (da - tl.sum(a4 * da, axis=3)[:, :, :, None])
     else:
-        if RAW_NORM <= 1:
+        if RAW_NORM == _CLIPPED_L2 or RAW_NORM == _L2:
             q = nrm + _EPS
             inner = tl.sum(da * u4, axis=3)
             # d sqrt(n2) at n2 = 0 (an all-zero row: padding) is taken as 0, not inf * 0
             dn = tl.where(nrm > 0, -inner / (q * q * tl.where(nrm > 0, nrm, 1.0)), 0.0)
             du = da / q[:, :, :, None] + dn[:, :, :, None] * u4
-        elif RAW_NORM <= 3:
+        elif RAW_NORM == _CLIPPED_L1 or RAW_NORM == _L1:
             q = nrm + _EPS
             inner = tl.sum(da * u4, axis=3)
             sign = tl.where(u4 > 0, 1.0, tl.where(u4 < 0, -1.0, 0.0))
             du = da / q[:, :, :, None] - (inner / (q * q))[:, :, :, None] * sign
         else:
             du = da
-        if RAW_NORM == 0 or RAW_NORM == 2 or RAW_NORM == 4:
-            du = tl.where(S4 > 0, du, 0.1 * du)
+        if RAW_NORM == _CLIPPED_L2 or RAW_NORM == _CLIPPED_L1 or RAW_NORM == _CLIPPED:
+            du = tl.where(S4 > 0, du, _SLOPE * du)
         dS4 += du
     dS4 = tl.where(cv4 & qv4 & pair_real[:, None, :, None], dS4, 0.0)
     return dS4, dn2, dqn

@@ -35,6 +35,7 @@ import torch
 from rcar_fast.atomic import atomic_path
 from rcar_fast.checkpoint_keys import (count_official_modules, mismatch_report,
                                        state_mismatch)
+from rcar_fast.contract import DIRECTIONS, RAW_NORMS, rcar_smooth
 from rcar_fast.encoders import (EncoderImage, EncoderImagePrecomp, EncoderText, RCARModel,
                                 SCANHead)
 from rcar_fast.heads import module_counts
@@ -154,9 +155,9 @@ def build_sim_enc(opt: dict, embed_size: int, sim_dim: int):
         raise CheckpointError(f"opt.{_STEP_OPTION[regulator]} (the step count of {regulator}) "
                               f"must be a non-negative integer, got {steps!r}")
     direction = opt.get("attn_type", "t2i")
-    if direction not in ("t2i", "i2t"):
+    if direction not in DIRECTIONS:
         raise CheckpointError(f"opt.attn_type must be 't2i' or 'i2t', got {direction!r}")
-    smooth = opt.get(f"{direction}_smooth", 10.0 if direction == "t2i" else 3.0)
+    smooth = opt.get(f"{direction}_smooth", rcar_smooth(direction))
     return _sim_head_class()(embed_dim=embed_size, sim_dim=sim_dim, regulator=regulator,
                              steps=steps, direction=direction, smooth=float(smooth))
 
@@ -257,9 +258,7 @@ def is_scan_checkpoint(raw) -> bool:
 def build_scan_head(opt: dict) -> SCANHead:
     """The SCAN head the official options describe."""
     opt = {**_SCAN_DEFAULTS, **{k: v for k, v in opt.items() if v is not None}}
-    from rcar_fast.ops.scan import RAW_NORMS
-
-    if opt["cross_attn"] not in ("t2i", "i2t"):
+    if opt["cross_attn"] not in DIRECTIONS:
         raise CheckpointError(f"opt.cross_attn must be 't2i' or 'i2t', got {opt['cross_attn']!r}")
     if opt["raw_feature_norm"] not in RAW_NORMS:
         raise CheckpointError(f"opt.raw_feature_norm must be one of {RAW_NORMS}, got "

@@ -20,12 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from rcar_fast import contract
 from rcar_fast.ops.scan import scan_similarity
 
 __all__ = ["l2norm", "MLP", "EncoderImage", "EncoderImagePrecomp", "EncoderText", "RCARModel",
            "SCANHead"]
 
-EPS = 1e-8
+EPS = contract.EPS
 
 
 def l2norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

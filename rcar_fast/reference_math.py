@@ -30,13 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from rcar_fast import validate
-
-EPS = 1e-8
-
-RAW_NORMS = ("clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "clipped", "no_norm", "softmax")
-AGGREGATIONS = ("mean", "lse", "max", "sum")
-DIRECTIONS = ("t2i", "i2t")
-REGULATORS = ("only_rar", "only_rcr", "coop_rcar")
+from rcar_fast.contract import AGGREGATIONS, DIRECTIONS, EPS, LEAKY_SLOPE, RAW_NORMS, REGULATORS  # noqa: F401
 
 # A block of the vectorised forms keeps each (pairs, Q, d) intermediate below this many bytes.
 BLOCK_BYTES = 256 * 2**20
@@ -69,7 +63,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 def leaky(x: torch.Tensor) -> torch.Tensor:
     """x if x > 0 else 0.1 x (LeakyReLU(0.1))."""
-    return F.leaky_relu(x, 0.1)
+    return F.leaky_relu(x, LEAKY_SLOPE)
 
 
 # --------------------------------------------------------------------------------------------

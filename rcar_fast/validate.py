@@ -11,6 +11,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from rcar_fast import contract
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LensLike = Union[torch.Tensor, Sequence[int], np.ndarray]
 
@@ -169,11 +171,11 @@ def non_negative_number(value, name: str) -> float:
 # miss the float32 tolerance (1e-4) of the float64 reference, a float64 one 1e-9: the result would
 # depend on rounding rather than on the inputs. float16 / bfloat16 inputs: the kernels compute in
 # float32, so the float32 limit applies.
-SMOOTH_LIMITS = {torch.float64: 1e6, torch.float32: 1e3}
+SMOOTH_LIMITS = {getattr(torch, name): limit for name, limit in contract.SMOOTH_LIMITS.items()}
 
 # log(sum exp(lse_lambda r)) / lse_lambda is about log(words) / lse_lambda for a tiny
 # lse_lambda; below this it would overflow float32.
-LSE_LAMBDA_MIN = 1e-30
+LSE_LAMBDA_MIN = contract.LSE_LAMBDA_MIN
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

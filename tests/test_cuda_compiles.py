@@ -51,3 +51,21 @@ def test_every_cuda_source_compiles_for_sm80_and_sm90a(tmp_path):
     assert not failures, "nvcc failed:\n" + "\n".join(failures)
     for src, _, _, obj in results:
         assert os.path.getsize(obj) > 0, f"{os.path.relpath(src, ROOT)}: empty object file"
+
+
+@pytest.mark.slow
+def test_the_cuda_binding_compiles_with_cuda_enabled():
+    # csrc/bindings_cuda.cpp is host C++ (torch and pybind11 headers, no CUDA headers), but its
+    # CUDA half only builds where nvcc is found: check it here with the host compiler alone.
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler")
+    includes = [f"-I{path}" for path in (os.path.join(ROOT, "csrc"), *include_paths(), sysconfig.get_paths()["include"])]
+    cmd = [compiler, "-fsyntax-only", "-std=c++20", "-DRCAR_FAST_WITH_CUDA", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           "-DTORCH_EXTENSION_NAME=_C", *includes, os.path.join(ROOT, "csrc", "bindings_cuda.cpp")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=PER_FILE_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]

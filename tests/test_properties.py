@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import rcar_fast
-from rcar_fast import dispatch, reference, validate
+from rcar_fast import contract, dispatch, reference, validate
 from rcar_fast.losses import vse_hinge_loss
 from tests.tolerances import assert_close_to_reference
 
@@ -138,10 +138,9 @@ def _refuses_or_returns(call, errors: list):
 
 @PROPERTY_SETTINGS
 @given(case=feature_case(), dtype=st.sampled_from(DTYPES), backend=st.sampled_from(BACKENDS),
-       direction=st.sampled_from(["t2i", "i2t"]),
-       raw_norm=st.sampled_from(["clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "clipped",
-                                 "no_norm", "softmax"]),
-       agg=st.sampled_from(["mean", "lse", "max", "sum"]), smooth=TEMPERATURES, lse_lambda=LSE_LAMBDAS)
+       direction=st.sampled_from(contract.DIRECTIONS),
+       raw_norm=st.sampled_from(contract.RAW_NORMS),
+       agg=st.sampled_from(contract.AGGREGATIONS), smooth=TEMPERATURES, lse_lambda=LSE_LAMBDAS)
 def test_scan_similarity_refuses_or_agrees(case, dtype, backend, direction, raw_norm, agg, smooth, lse_lambda):
     img, cap, lens, placement = case
     kw = dict(direction=direction, raw_norm=raw_norm, agg=agg, smooth=smooth, lse_lambda=lse_lambda)
@@ -159,8 +158,8 @@ def test_scan_similarity_refuses_or_agrees(case, dtype, backend, direction, raw_
 
 
 @PROPERTY_SETTINGS
-@given(case=feature_case(min_d=2), dtype=st.sampled_from(DTYPES), direction=st.sampled_from(["t2i", "i2t"]),
-       agg=st.sampled_from(["mean", "lse", "max", "sum"]),
+@given(case=feature_case(min_d=2), dtype=st.sampled_from(DTYPES), direction=st.sampled_from(contract.DIRECTIONS),
+       agg=st.sampled_from(contract.AGGREGATIONS),
        smooth=st.one_of(st.floats(0.5, 30.0), st.just(1e-3)),
        lse_lambda=st.one_of(st.floats(0.5, 30.0), st.sampled_from([1e-30, 1e10, 1e20])))
 def test_scan_cpu_gradients_agree(case, dtype, direction, agg, smooth, lse_lambda):
@@ -191,10 +190,10 @@ def test_scan_cpu_gradients_agree(case, dtype, direction, agg, smooth, lse_lambd
 
 @st.composite
 def rcar_head(draw, d):
-    regulator = draw(st.sampled_from(["only_rar", "only_rcr", "coop_rcar"]))
+    regulator = draw(st.sampled_from(contract.REGULATORS))
     steps = draw(st.integers(0 if regulator == "only_rcr" else 1, 2))
     return dict(embed_dim=d, sim_dim=draw(st.integers(2, 6)), regulator=regulator, steps=steps,
-                direction=draw(st.sampled_from(["t2i", "i2t"])), smooth=draw(TEMPERATURES))
+                direction=draw(st.sampled_from(contract.DIRECTIONS)), smooth=draw(TEMPERATURES))
 
 
 @PROPERTY_SETTINGS

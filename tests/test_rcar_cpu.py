@@ -122,7 +122,7 @@ def test_kernel_keeps_a_temperature_beyond_float32_range_finite(direction):
     # The public limit keeps smooth far below float32's range (rcar_fast.validate.SMOOTH_LIMITS);
     # the kernel itself must not turn a larger one into inf (inf * 0 = NaN): its hard attention
     # equals the float64 reference's at the same temperature.
-    from rcar_fast.ops.rcar_cpu import flat_weights
+    from rcar_fast.ops.rcar_cpu import flat_weights, native_settings
 
     torch.manual_seed(5)
     # >= 2 words: one word normalises to exactly 1 in float32
@@ -134,5 +134,5 @@ def test_kernel_keeps_a_temperature_beyond_float32_range_finite(direction):
         ref = head.forward_vectorized(img, cap, lens)
         head.float()
         out = dispatch.native_module().rcar_forward_cpu(
-            img.float(), cap.float(), lens, direction, head.regulator, head.steps, 1e39, flat_weights(head))
+            img.float(), cap.float(), lens, native_settings(direction, head.regulator, head.steps, 1e39), flat_weights(head))
     assert_close_to_reference(out, ref, dtype=torch.float32, what="smooth=1e39 in float32")

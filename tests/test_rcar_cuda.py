@@ -8,6 +8,7 @@ import torch
 
 import rcar_fast
 from rcar_fast import dispatch
+from rcar_fast.contract import rcar_smooth
 from rcar_fast.ops import rcar_cuda
 from rcar_fast.reference import module_counts
 from tests.conftest import requires_gpu
@@ -17,12 +18,11 @@ from tests.tolerances import GRAM_IDENTITY_VS_ATTENDED_CONTEXT, assert_close, as
 # (regulator, steps): every mode, the published settings, the plain baseline (only_rcr 0).
 MODES = [("only_rar", 0), ("only_rar", 2), ("only_rcr", 0), ("only_rcr", 1), ("only_rcr", 2),
          ("coop_rcar", 1), ("coop_rcar", 2), ("coop_rcar", 3)]
-SMOOTH = {"t2i": 10.0, "i2t": 3.0}
 
 
 def _head(regulator, steps, direction, d, s, device="cpu"):
     head = rcar_fast.RCARSimilarity(embed_dim=d, sim_dim=s, regulator=regulator, steps=steps,
-                                    direction=direction, smooth=SMOOTH[direction])
+                                    direction=direction, smooth=rcar_smooth(direction))
     with torch.no_grad():  # the official init zeroes biases: make them matter
         for name, param in head.named_parameters():
             if name.endswith("bias"):
@@ -80,7 +80,7 @@ def test_problem_dict_matches_what_the_binding_reads():
     img, cap, lens = _inputs(2, 3, 4, 16, [2, 3, 1])
     problem = rcar_cuda.problem_dict(head, img, cap, lens, 3, torch.zeros(3, dtype=torch.int64),
                                      torch.zeros(5), 2)
-    assert set(problem) == binding_fields("rcar_problem")
+    assert set(problem) == binding_fields("RcarProblem")
     assert problem["regulator"] == 2 and problem["i2t"] == 1 and problem["steps"] == 2
     assert all(isinstance(v, (int, float)) for v in problem.values())
 

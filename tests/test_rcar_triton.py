@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rcar_fast import dispatch
+from rcar_fast.contract import REGULATORS
 from rcar_fast.modules import RCARSimilarity
 from tests.conftest import requires_gpu
 from tests.inputs import make_inputs, pad_captions
@@ -81,7 +82,7 @@ def test_forward_many_tiles_partial_chunks_padded_sim_dim(direction):
 
 
 @requires_interpreter
-@pytest.mark.parametrize("regulator", ["only_rar", "only_rcr", "coop_rcar"])
+@pytest.mark.parametrize("regulator", REGULATORS)
 def test_forward_alignment_in_two_column_halves(regulator):
     # sim_dim=32: the alignment GEMM runs as two passes over d, one per half of its columns,
     # the first half waiting in the scratch (kernels/rcar.py, S_SPLIT) -- the GPU's path.

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rcar_fast import reference as ref
+from rcar_fast.contract import scan_published
 from tests import inputs
 from tests.tolerances import (BIT_EQUAL, F64_ATTENDED_CONTEXT, F64_IDENTITY, F64_PERMUTED, F64_RCAR_EQUALS_SCAN,
                               F64_SCALAR_CLOSED_FORM, F64_SCALAR_EXACT_FORM, F64_SCALAR_FEW_OPS,
@@ -48,11 +49,8 @@ def valid_rcar_modes():
         yield regulator, direction, steps
 
 
-SCAN_SETTINGS = {"t2i": dict(smooth=9.0, lse_lambda=6.0), "i2t": dict(smooth=4.0, lse_lambda=5.0)}
-
-
 def scan_kwargs(direction, raw_norm="clipped_l2norm", agg="mean"):
-    return dict(direction=direction, raw_norm=raw_norm, agg=agg, **SCAN_SETTINGS[direction])
+    return scan_published(direction, "f30k", raw_norm=raw_norm, agg=agg)
 
 
 def input_grads(fn, img, cap, lens, seed=1):

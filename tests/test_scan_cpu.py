@@ -8,6 +8,8 @@ import torch
 
 import rcar_fast
 from rcar_fast import dispatch, reference
+from rcar_fast.contract import AGGREGATIONS, DIRECTIONS, RAW_NORMS, scan_published
+from rcar_fast.ops.scan_cpu import native_settings
 from tests.inputs import make_inputs
 from tests.tolerances import (F64_CHUNKED, F64_CPU_KERNEL_PARTS, assert_bit_equal, assert_close,
                               assert_close_to_reference)
@@ -16,14 +18,9 @@ pytestmark = pytest.mark.skipif(
     dispatch.rejection("scan", "cpu", torch.device("cpu"), torch.float32) is not None,
     reason="the native extension is not built")
 
-DIRECTIONS = ("t2i", "i2t")
-RAW_NORMS = ("clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "clipped", "no_norm", "softmax")
-AGGREGATIONS = ("mean", "lse", "max", "sum")
-
 
 def options(direction, raw_norm="clipped_l2norm", agg="mean"):
-    smooth, lse_lambda = (9.0, 6.0) if direction == "t2i" else (4.0, 5.0)
-    return dict(direction=direction, raw_norm=raw_norm, smooth=smooth, agg=agg, lse_lambda=lse_lambda)
+    return scan_published(direction, "f30k", raw_norm=raw_norm, agg=agg)
 
 
 def reference64(img, cap, lens, **kw):
@@ -238,7 +235,8 @@ def test_kernel_keeps_a_temperature_beyond_float32_range_finite(direction):
     img, cap, lens = make_inputs(3, 4, 6, 8, lens=[5, 2, 3, 4], seed=3, pad=None)
     native = dispatch.native_module()
     ref = reference.scan_similarity_vectorized(img, cap, lens, direction=direction, smooth=1e39)
-    out = native.scan_forward_cpu(img.float(), cap.float(), lens, direction, "clipped_l2norm", 1e39, "mean", 6.0)
+    settings = native_settings(direction, "clipped_l2norm", 1e39, "mean", 6.0)
+    out = native.scan_forward_cpu(img.float(), cap.float(), lens, settings)
     assert_close_to_reference(out, ref, dtype=torch.float32, what="smooth=1e39 in float32")
 
 

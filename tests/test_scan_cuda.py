@@ -16,16 +16,15 @@ import torch
 import rcar_fast
 from rcar_fast import dispatch, reference
 from rcar_fast.ops import scan_cuda
-from rcar_fast.ops.scan import AGGREGATIONS, RAW_NORMS
+from rcar_fast.contract import AGGREGATIONS, DIRECTIONS, RAW_NORMS, SCAN_PUBLISHED
 from tests.conftest import requires_gpu
 from tests.inputs import make_inputs
 from tests.tolerances import (CUDA_VS_TRITON, CUDA_VS_TRITON_FACTOR, CUDA_VS_TRITON_SCALE_FLOOR, F32_BLOCKED,
                               F64_GRADIENT_ASSEMBLY, F64_PAIR_BACKWARD, Tolerance, assert_bit_equal, assert_close,
                               assert_close_to_reference, assert_scaled_close)
 
-DIRECTIONS = ("t2i", "i2t")
-SMOOTH = {"t2i": 9.0, "i2t": 4.0}
-LSE_LAMBDA = {"t2i": 6.0, "i2t": 5.0}
+SMOOTH = {direction: s["smooth"] for direction, s in SCAN_PUBLISHED["f30k"].items()}
+LSE_LAMBDA = {direction: s["lse_lambda"] for direction, s in SCAN_PUBLISHED["f30k"].items()}
 
 
 def _nvcc_available() -> bool:
@@ -108,14 +107,56 @@ def test_tile_choice_prefers_wide_groups_and_refuses_what_does_not_fit():
         assert [native.scan_tile_cols(c) for c in (8, 4, 2)] == [cols(c) for c in (8, 4, 2)]
 
 
-def binding_fields(function_name: str) -> set:
-    """Keys that csrc/bindings_cuda.cpp's `function_name` reads from its problem dict."""
+def binding_fields(struct_name: str) -> set:
+    """Keyword fields csrc/bindings_cuda.cpp's binding of rcar_cuda::`struct_name` requires."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "csrc", "bindings_cuda.cpp")) as f:
         text = f.read()
-    body = text[text.index(f"{function_name}(const py::dict& d)"):]
-    body = body[:body.index("return p;")]
-    return set(re.findall(r'field<[^>]*>\(d, "(\w+)"\)', body))
+    body = text[text.index(f"ProblemClass<{struct_name}>("):]
+    body = body[:body.index(".finish()")]
+    return set(re.findall(rf'\.field\("(\w+)", &{struct_name}::\1\)', body))
+
+
+def kernel_fields(struct_name: str) -> set:
+    """Field names of rcar_cuda::`struct_name` in csrc/cuda/kernels.h."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "csrc", "cuda", "kernels.h")) as f:
+        text = f.read()
+    body = text[text.index(f"struct {struct_name} {{"):]
+    body = re.sub(r"//[^\n]*", "", body[:body.index("};")])
+    declarations = [line.strip().rstrip(";") for line in body.split("\n")[1:] if line.strip()]
+    return {name.strip().split()[-1].lstrip("*") for decl in declarations for name in decl.split(",")}
+
+
+@pytest.mark.parametrize("struct_name", ["ScanProblem", "RcarProblem"])
+def test_the_binding_sets_every_field_of_the_kernel_struct(struct_name):
+    fields = binding_fields(struct_name)
+    assert len(fields) > 10 and fields == kernel_fields(struct_name)
+
+
+def _problem_fields(direction="t2i"):
+    img, cap, lens = _inputs(2, 3, 4, 8, [2, 3, 1])
+    f32 = torch.zeros(8)
+    i64 = torch.zeros(4, dtype=torch.int64)
+    caps = scan_cuda.Captions(cap=cap, lens=lens, lens_host=[2, 3, 1], word_off=i64, total_words=6,
+                              max_len=3, col_frags=8, group_first=torch.zeros(2, dtype=torch.int32),
+                              gram=f32, gram_off=i64, word_sq=f32)
+    images = scan_cuda.Images(img=img, gram=f32, region_sq=f32)
+    return scan_cuda.problem(images, caps, _options(direction))
+
+
+def test_the_typed_problem_takes_every_field_and_names_a_bad_one():
+    native = dispatch.native_module()
+    if isinstance(native, str) or not native.built_with_cuda():
+        pytest.skip("rcar_fast._C was built without the CUDA kernels")
+    fields = _problem_fields("i2t")
+    problem = native.ScanProblemCuda(**fields)
+    assert {name: getattr(problem, name) for name in fields} == pytest.approx(fields)
+    missing = {k: v for k, v in fields.items() if k != "query_sq"}
+    for bad, message in [(missing, "'query_sq' is missing"), ({**fields, "alpha": 1}, "unknown field 'alpha'"),
+                         ({**fields, "n_img": 2.5}, "'n_img' has the wrong type")]:
+        with pytest.raises(RuntimeError, match=message):
+            native.ScanProblemCuda(**bad)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -129,7 +170,7 @@ def test_problem_dict_matches_what_the_binding_reads(direction):
                               gram=f32, gram_off=i64, word_sq=f32)
     images = scan_cuda.Images(img=img, gram=f32, region_sq=f32)
     problem = scan_cuda.problem(images, caps, options)
-    assert set(problem) == binding_fields("scan_problem")
+    assert set(problem) == binding_fields("ScanProblem")
     assert problem["raw_norm"] == 0 and problem["agg"] == 0 and problem["i2t"] == int(direction == "i2t")
     assert all(isinstance(v, (int, float)) for v in problem.values())
 

@@ -13,16 +13,14 @@ import torch
 import rcar_fast
 from rcar_fast import dispatch
 from rcar_fast import reference as ref
+from rcar_fast.contract import AGGREGATIONS as AGGS
+from rcar_fast.contract import RAW_NORMS, scan_published
 from tests.conftest import requires_gpu
 from tests.inputs import make_inputs, real_words
 from tests.tolerances import (F32_STRIDED_VIEW, F64_GRADCHECK, assert_bit_equal, assert_close,
                               assert_close_to_reference)
 from tests.conftest import requires_interpreter
 
-RAW_NORMS = ("clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "clipped", "no_norm", "softmax")
-AGGS = ("mean", "lse", "max", "sum")
-# The published settings of each direction (smooth, lse_lambda).
-SETTINGS = {"t2i": (9.0, 6.0), "i2t": (4.0, 20.0)}
 LENS = (1, 7, 3, 5, 2)
 
 
@@ -32,8 +30,8 @@ def _inputs(n_img=3, lens=LENS, regions=5, dim=20, dtype=torch.float32, **kw):
 
 
 def _options(direction, raw_norm="clipped_l2norm", agg="mean"):
-    smooth, lse_lambda = SETTINGS[direction]
-    return dict(direction=direction, raw_norm=raw_norm, agg=agg, smooth=smooth, lse_lambda=lse_lambda)
+    # MS-COCO's published settings: its i2t lse_lambda (20) is the largest published one.
+    return scan_published(direction, "coco", raw_norm=raw_norm, agg=agg)
 
 
 def _reference(img, cap, lens, **opts):

@@ -12,8 +12,7 @@
 // The per-pair and per-row reductions in between are vectorised loops. Buffers are O(tile)
 // per thread; no (pairs, Q, d) tensor exists. See SIMILARITY.md for the exact functions.
 #include "cpu/kernels.h"
-#include "cpu/simd.h"
-#include "cpu/tile_common.h"
+#include "cpu/tile.h"
 
 #include <limits>
 
@@ -26,18 +25,14 @@ using namespace detail;
 template <typename T>
 using V = simd::Vec<T>;
 
-enum Regulator : int { kOnlyRar = 0, kOnlyRcr = 1, kCoopRcar = 2 };
+using rcar_contract::Regulator;
+using rcar_contract::kOnlyRar;
+using rcar_contract::kOnlyRcr;
+using rcar_contract::kCoopRcar;
 
 struct ModuleCounts {
   int64_t alv, rcr, rar;
 };
-
-Regulator parse_regulator(const std::string& name) {
-  if (name == "only_rar") return kOnlyRar;
-  if (name == "only_rcr") return kOnlyRcr;
-  if (name == "coop_rcar") return kCoopRcar;
-  TORCH_CHECK(false, "rcar (cpu): regulator must be 'only_rar', 'only_rcr' or 'coop_rcar', got '", name, "'");
-}
 
 // As rcar_fast.reference.module_counts.
 ModuleCounts module_counts(Regulator reg, int64_t steps) {
@@ -234,9 +229,7 @@ RCAR_INLINE void raw_scores(const RcarTile<T>& t, RcarScratch<T>& w, int64_t d, 
     modulate(t.query, w.M.data(), w.D.data(), t.rows * d);
     q = w.D.data();
   }
-  matmul_into(view2d(w.S.data(), t.rows, t.C, Cp), view2d(q, t.rows, d, d), view2d(t.context, t.C, d, d).t(),
-              false);
-  for (int64_t r = 0; r < t.rows; ++r) std::fill(w.S.data() + r * Cp + t.C, w.S.data() + (r + 1) * Cp, T(0));
+  score_tile(q, t.rows, t.context, t.C, d, w.S.data(), Cp);
 }
 
 // alpha in place of S: clipped_l2norm over each pair's query rows per context item, then a
@@ -244,7 +237,7 @@ RCAR_INLINE void raw_scores(const RcarTile<T>& t, RcarScratch<T>& w, int64_t d, 
 template <typename T>
 RCAR_INLINE void attention_weights(const RcarTile<T>& t, RcarScratch<T>& w, int64_t Cp) {
   constexpr int64_t W = simd::kWidth<T>;
-  const T slope = T(0.1);
+  const T slope = T(kLeakySlope);
   const int64_t last = Cp - W;
   const simd::Mask<T> tail = simd::lanes_below<T>(t.C - last);
   const V<T> zero = simd::splat<T>(T(0));
@@ -253,15 +246,8 @@ RCAR_INLINE void attention_weights(const RcarTile<T>& t, RcarScratch<T>& w, int6
   T* inv = w.inv.data();
   for (int64_t p = 0; p < t.pairs; ++p) {
     const int64_t r0 = t.seg[p], r1 = t.seg[p + 1];
-    for (int64_t v = 0; v < Cp; v += W) {
-      V<T> acc = zero;
-      for (int64_t r = r0; r < r1; ++r) {
-        const V<T> x = simd::leak<T>(simd::load(S + r * Cp + v), slope);
-        acc += x * x;
-      }
-      simd::store(inv + v, acc);
-    }
-    for (int64_t c = 0; c < Cp; ++c) inv[c] = T(1) / (std::sqrt(inv[c]) + T(kEps));
+    query_axis_norms<T, true>(S, r0, r1, Cp, slope, inv);  // clipped_l2norm's divisor
+    inverse_norms(inv, Cp, inv);
     for (int64_t r = r0; r < r1; ++r) {
       T* sr = S + r * Cp;
       const T lam = w.lam[r];
@@ -525,8 +511,7 @@ void rcar_forward_impl(const at::Tensor& img_in, const at::Tensor& cap, const at
 }  // namespace
 
 at::Tensor rcar_forward(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
-                        const std::string& direction, const std::string& regulator, int64_t steps, double smooth,
-                        const std::vector<at::Tensor>& weights) {
+                        const RcarSettings& settings, const std::vector<at::Tensor>& weights) {
   TORCH_CHECK(img.dim() == 3 && cap.dim() == 3, "rcar (cpu): img must be (n_img, R, d) and cap (n_cap, Lmax, d), got ",
               img.sizes(), " and ", cap.sizes());
   TORCH_CHECK(img.device().is_cpu() && cap.device().is_cpu() && lens.device().is_cpu(),
@@ -537,16 +522,24 @@ at::Tensor rcar_forward(const at::Tensor& img, const at::Tensor& cap, const at::
               cap.scalar_type());
   TORCH_CHECK(img.size(2) == cap.size(2), "rcar (cpu): img and cap must share d");
   TORCH_CHECK(lens.dim() == 1 && lens.size(0) == cap.size(0), "rcar (cpu): lens must be (n_cap,)");
-  TORCH_CHECK(direction == "t2i" || direction == "i2t", "rcar (cpu): direction must be 't2i' or 'i2t'");
-  TORCH_CHECK(smooth > 0, "rcar (cpu): smooth must be positive");
-  const Regulator reg = parse_regulator(regulator);
+  TORCH_CHECK(settings.direction == rcar_contract::kT2I || settings.direction == rcar_contract::kI2T,
+              "rcar (cpu): direction must be a Direction code in [0, ", rcar_contract::kDirectionCount, "), got ",
+              settings.direction);
+  TORCH_CHECK(settings.regulator >= 0 && settings.regulator < rcar_contract::kRegulatorCount,
+              "rcar (cpu): regulator must be a Regulator code in [0, ", rcar_contract::kRegulatorCount, "), got ",
+              settings.regulator);
+  TORCH_CHECK(settings.smooth > 0, "rcar (cpu): smooth must be positive, got ", settings.smooth);
+  const auto reg = static_cast<Regulator>(settings.regulator);
+  const int64_t steps = settings.steps;
+  const double smooth = settings.smooth;
+  const bool t2i = settings.direction == rcar_contract::kT2I;
   const ModuleCounts counts = module_counts(reg, steps);
   const HeadWeights hw = unpack_weights(weights, counts, img.scalar_type(), img.size(2));
   const HeadConfig cfg{reg, steps, smooth};
   at::Tensor out = at::empty({img.size(0), cap.size(0)}, img.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "rcar_cpu::rcar_forward",
-                             [&] { rcar_forward_impl<scalar_t>(img, cap, lens, direction == "t2i", hw, cfg, out); });
+                             [&] { rcar_forward_impl<scalar_t>(img, cap, lens, t2i, hw, cfg, out); });
   return out;
 }
 

@@ -10,8 +10,7 @@
 // context padded to whole SIMD vectors, so that one vectorised pair kernel serves both
 // directions.
 #include "cpu/kernels.h"
-#include "cpu/tile_common.h"
-#include "cpu/simd.h"
+#include "cpu/tile.h"
 
 #include <condition_variable>
 #include <limits>
@@ -24,44 +23,41 @@ namespace {
 using namespace detail;
 
 enum NormKind : int { kNormL2 = 0, kNormL1 = 1, kNormNone = 2, kNormSoftmax = 3 };
-enum AggKind : int { kAggMean = 0, kAggLse = 1, kAggMax = 2, kAggSum = 3 };
 
 struct ScanOptions {
   bool t2i = true;
   int norm = kNormL2;
-  double slope = 0.1;  // leaky slope for the clipped_* norms; 1 (identity) for the others
+  double slope = kLeakySlope;  // leaky slope for the clipped_* norms; 1 (identity) for the others
   double smooth = 9.0;
-  int agg = kAggMean;
+  int agg = rcar_contract::kMean;  // rcar_contract::Aggregation
   double lse_lambda = 6.0;
 };
 
-ScanOptions parse_options(const std::string& direction, const std::string& raw_norm, double smooth,
-                          const std::string& agg, double lse_lambda) {
+// The kernel's options from the contract's codes: the raw norm splits into the leaky slope
+// (the clipped_* norms) and the norm it then applies.
+ScanOptions parse_options(const ScanSettings& s) {
+  using namespace rcar_contract;
+  TORCH_CHECK(s.direction == kT2I || s.direction == kI2T, "scan (cpu): direction must be a Direction code in [0, ",
+              kDirectionCount, "), got ", s.direction);
+  TORCH_CHECK(s.raw_norm >= 0 && s.raw_norm < kRawNormCount, "scan (cpu): raw_norm must be a RawNorm code in [0, ",
+              kRawNormCount, "), got ", s.raw_norm);
+  TORCH_CHECK(s.agg >= 0 && s.agg < kAggregationCount, "scan (cpu): agg must be an Aggregation code in [0, ",
+              kAggregationCount, "), got ", s.agg);
+  TORCH_CHECK(s.smooth > 0, "scan (cpu): smooth must be positive, got ", s.smooth);
+  TORCH_CHECK(s.lse_lambda > 0, "scan (cpu): lse_lambda must be positive, got ", s.lse_lambda);
   ScanOptions o;
-  TORCH_CHECK(direction == "t2i" || direction == "i2t", "scan (cpu): direction must be 't2i' or 'i2t', got '",
-              direction, "'");
-  o.t2i = direction == "t2i";
-  const bool clipped = raw_norm.rfind("clipped", 0) == 0;
-  o.slope = clipped ? 0.1 : 1.0;
-  if (raw_norm == "clipped_l2norm" || raw_norm == "l2norm") {
-    o.norm = kNormL2;
-  } else if (raw_norm == "clipped_l1norm" || raw_norm == "l1norm") {
-    o.norm = kNormL1;
-  } else if (raw_norm == "clipped" || raw_norm == "no_norm") {
-    o.norm = kNormNone;
-  } else if (raw_norm == "softmax") {
-    o.norm = kNormSoftmax;
-  } else {
-    TORCH_CHECK(false, "scan (cpu): unknown raw_norm '", raw_norm, "'");
+  o.t2i = s.direction == kT2I;
+  const bool clipped = s.raw_norm == kClippedL2 || s.raw_norm == kClippedL1 || s.raw_norm == kClipped;
+  o.slope = clipped ? kLeakySlope : 1.0;
+  switch (s.raw_norm) {
+    case kClippedL2: case kL2: o.norm = kNormL2; break;
+    case kClippedL1: case kL1: o.norm = kNormL1; break;
+    case kClipped: case kNoNorm: o.norm = kNormNone; break;
+    default: o.norm = kNormSoftmax; break;
   }
-  if (agg == "mean") o.agg = kAggMean;
-  else if (agg == "lse") o.agg = kAggLse;
-  else if (agg == "max") o.agg = kAggMax;
-  else if (agg == "sum") o.agg = kAggSum;
-  else TORCH_CHECK(false, "scan (cpu): unknown agg '", agg, "'");
-  TORCH_CHECK(smooth > 0 && lse_lambda > 0, "scan (cpu): smooth and lse_lambda must be positive");
-  o.smooth = smooth;
-  o.lse_lambda = lse_lambda;
+  o.agg = s.agg;
+  o.smooth = s.smooth;
+  o.lse_lambda = s.lse_lambda;
   return o;
 }
 
@@ -122,19 +118,9 @@ RCAR_INLINE void query_axis_stats(const Pair<T>& p, const Opt<T>& o, T* inv, T* 
     }
     return;
   }
-  const T slope = o.slope;
-  const bool l2 = o.norm == kNormL2;
-  for (int64_t v = 0; v < Cp; v += W) {
-    V<T> acc = simd::splat<T>(T(0));
-    for (int64_t k = 0; k < Q; ++k) {
-      const V<T> x = simd::leak<T>(simd::load(p.s + k * Cp + v), slope);
-      acc += l2 ? x * x : simd::vmax<T>(x, -x);
-    }
-    simd::store(aux + v, acc);
-  }
-  if (l2)
-    for (int64_t c = 0; c < Cp; ++c) aux[c] = std::sqrt(aux[c]);
-  for (int64_t c = 0; c < Cp; ++c) inv[c] = T(1) / (aux[c] + T(kEps));
+  if (o.norm == kNormL2) query_axis_norms<T, true>(p.s, 0, Q, Cp, o.slope, aux);
+  else query_axis_norms<T, false>(p.s, 0, Q, Cp, o.slope, aux);
+  inverse_norms(aux, Cp, inv);
 }
 
 // One vector of the normalised scores a[k, v .. v+W).
@@ -225,13 +211,13 @@ RCAR_INLINE T lse_weight(T r, T r_max, T lambda) {
 template <typename T>
 RCAR_INLINE T aggregate(const T* r, int64_t Q, const Opt<T>& o) {
   switch (o.agg) {
-    case kAggMean:
-    case kAggSum: {
+    case rcar_contract::kMean:
+    case rcar_contract::kSum: {
       T total = 0;
       for (int64_t k = 0; k < Q; ++k) total += r[k];
-      return o.agg == kAggSum ? total : total / T(Q);
+      return o.agg == rcar_contract::kSum ? total : total / T(Q);
     }
-    case kAggMax:
+    case rcar_contract::kMax:
       return max_of(r, Q);
     default: {  // lse: log(sum exp(lambda r)) / lambda = r_max + log(sum exp(lambda (r - r_max))) / lambda
       const T best = max_of(r, Q);
@@ -246,13 +232,13 @@ RCAR_INLINE T aggregate(const T* r, int64_t Q, const Opt<T>& o) {
 template <typename T>
 RCAR_INLINE void aggregate_backward(const T* r, int64_t Q, const Opt<T>& o, T g, T* dr) {
   switch (o.agg) {
-    case kAggMean:
+    case rcar_contract::kMean:
       for (int64_t k = 0; k < Q; ++k) dr[k] = g / T(Q);
       return;
-    case kAggSum:
+    case rcar_contract::kSum:
       for (int64_t k = 0; k < Q; ++k) dr[k] = g;
       return;
-    case kAggMax: {
+    case rcar_contract::kMax: {
       const T best = max_of(r, Q);
       int64_t ties = 0;
       for (int64_t k = 0; k < Q; ++k) ties += r[k] == best;
@@ -544,9 +530,7 @@ Tile tile_of(const ScanProblem<T>& P, int64_t cb, int64_t ib) {
 // scores (rows x cols) = tile words @ tile regions^T
 template <typename T>
 void tile_scores(const ScanProblem<T>& P, const Tile& t, T* scores) {
-  const at::Tensor w = view2d(P.words_ptr() + t.w0 * P.d, t.rows, P.d, P.d);
-  const at::Tensor v = view2d(P.img_ptr() + t.i0 * P.R * P.d, t.cols, P.d, P.d);
-  matmul_into(view2d(scores, t.rows, t.cols, t.cols), w, v.t(), false);
+  score_tile(P.words_ptr() + t.w0 * P.d, t.rows, P.img_ptr() + t.i0 * P.R * P.d, t.cols, P.d, scores, t.cols);
 }
 
 // Per-thread buffers of a tile.
@@ -858,10 +842,9 @@ void check_inputs(const at::Tensor& img, const at::Tensor& cap, const at::Tensor
 }  // namespace
 
 at::Tensor scan_forward(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
-                        const std::string& direction, const std::string& raw_norm, double smooth,
-                        const std::string& agg, double lse_lambda) {
+                        const ScanSettings& settings) {
   check_inputs(img, cap, lens);
-  const ScanOptions opt = parse_options(direction, raw_norm, smooth, agg, lse_lambda);
+  const ScanOptions opt = parse_options(settings);
   at::Tensor out = at::empty({img.size(0), cap.size(0)}, img.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "rcar_cpu::scan_forward", [&] {
@@ -872,13 +855,11 @@ at::Tensor scan_forward(const at::Tensor& img, const at::Tensor& cap, const at::
 }
 
 std::vector<at::Tensor> scan_backward(const at::Tensor& grad, const at::Tensor& img, const at::Tensor& cap,
-                                      const at::Tensor& lens, const std::string& direction,
-                                      const std::string& raw_norm, double smooth, const std::string& agg,
-                                      double lse_lambda) {
+                                      const at::Tensor& lens, const ScanSettings& settings) {
   check_inputs(img, cap, lens);
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == img.size(0) && grad.size(1) == cap.size(0),
               "scan (cpu) backward: grad must be (n_img, n_cap), got ", grad.sizes());
-  const ScanOptions opt = parse_options(direction, raw_norm, smooth, agg, lse_lambda);
+  const ScanOptions opt = parse_options(settings);
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "rcar_cpu::scan_backward", [&] {
     const ScanProblem<scalar_t> P = make_problem<scalar_t>(img, cap, lens, opt, 4 * at::get_num_threads());

@@ -22,6 +22,8 @@
 #include <string>
 #include <vector>
 
+#include "contract.h"
+
 // The pair reductions are compiled twice: for the baseline ISA the extension is built with,
 // and for AVX2+FMA, chosen at run time. The bodies are always_inline templates so that each
 // wrapper gets its own vectorised copy.
@@ -36,7 +38,8 @@
 
 namespace rcar_cpu::detail {
 
-constexpr double kEps = 1e-8;
+using rcar_contract::kEps;
+using rcar_contract::kLeakySlope;
 
 inline bool cpu_has_avx2_fma() {
 #if RCAR_HAVE_AVX2_CLONE

@@ -8,19 +8,13 @@
 #pragma once
 #include <cstdint>
 
+#include "contract.h"
+
 namespace rcar_cuda {
 
-// Element types of input tensors (outputs are always float32).
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-// Codes in the order of rcar_fast.ops.scan.RAW_NORMS and AGGREGATIONS.
-enum RawNorm : int {
-  kClippedL2 = 0, kL2 = 1, kClippedL1 = 2, kL1 = 3, kClipped = 4, kNoNorm = 5, kSoftmaxNorm = 6
-};
-enum Aggregation : int { kMean = 0, kLse = 1, kMax = 2, kSum = 3 };
-
-// RCAR regulator modes (rcar_fast.reference.REGULATORS order).
-enum Regulator : int { kOnlyRar = 0, kOnlyRcr = 1, kCoopRcar = 2 };
+// Element types of input tensors (outputs are always float32), raw norms, aggregations and RCAR
+// regulator modes: the codes of rcar_fast.contract, generated into csrc/contract.h.
+using namespace rcar_contract;
 
 int device_count();                    // 0 when there is no driver or no device
 const char* error_string(int code);

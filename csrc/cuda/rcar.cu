@@ -22,7 +22,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowBlock = 16;  // rows of A per register block in block_gemm
-constexpr float kEps = 1e-8f;
+constexpr float kEps = kEpsF;  // rcar_contract
 constexpr unsigned kFullMask = 0xffffffffu;
 
 __host__ __device__ inline int64_t padded_rows(int64_t queries) {
@@ -61,7 +61,7 @@ __device__ float block_sum(float v, float* red) {
   return total;
 }
 
-__device__ inline float leaky(float x) { return x > 0.f ? x : 0.1f * x; }
+__device__ inline float leaky(float x) { return x > 0.f ? x : kLeakySlopeF * x; }
 
 // tanh to fp32 accuracy. (Under --use_fast_math tanhf compiles to tanh.approx.f32, whose ~5e-4
 // relative error would show in the scores.) tanh|x| = e / (e + 2) with e = expm1(2|x|).

@@ -41,7 +41,7 @@ constexpr int kLd16 = kTileK16 + 8;                      // staged row length: 8
                                                          // every fragment pointer 32B-aligned
 constexpr int kTileK32 = 16;                             // K slice per step, fp32 inputs
 constexpr int kStripes = kGroupRows / 8;                 // fp32: 20 stripes of 8 rows per lane
-constexpr float kEps = 1e-8f;
+constexpr float kEps = kEpsF;  // rcar_contract
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // ----------------------------------------------------------------------------------------------
@@ -354,11 +354,11 @@ __device__ inline bool is_clipped(int raw_norm) {
 }
 // leaky(x) = x if x > 0 else 0.1 x, for the clipped norms; the identity otherwise.
 __device__ inline float clip(float s, int raw_norm) {
-  return (is_clipped(raw_norm) && !(s > 0.f)) ? 0.1f * s : s;
+  return (is_clipped(raw_norm) && !(s > 0.f)) ? kLeakySlopeF * s : s;
 }
 // d clip(s) / ds (LeakyReLU's backward uses the 0.1 slope at s == 0, and so does this).
 __device__ inline float clip_slope(float s, int raw_norm) {
-  return (is_clipped(raw_norm) && !(s > 0.f)) ? 0.1f : 1.f;
+  return (is_clipped(raw_norm) && !(s > 0.f)) ? kLeakySlopeF : 1.f;
 }
 
 // One pair's view of the score tile and of its context Gram matrix.

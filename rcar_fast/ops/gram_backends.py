@@ -2,10 +2,11 @@
 backend. It is the plumbing check of the project: one trivial but real kernel per kind."""
 import torch
 
+from rcar_fast import contract
 from rcar_fast.ops.backend import Backend, native
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
-_CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_CUDA_DTYPE_CODES = {getattr(torch, name): code for name, code in contract.CUDA_DTYPE_CODES.items()}
 
 
 def _gram_reference(x: torch.Tensor) -> torch.Tensor:

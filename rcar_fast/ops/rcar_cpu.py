@@ -7,6 +7,7 @@ code fails loudly instead of silently getting no gradient.
 """
 import torch
 
+from rcar_fast import contract
 from rcar_fast.ops.backend import Backend, native
 from rcar_fast.ops.library import scan_output
 from rcar_fast.ops.scan_cpu import ScanCpu
@@ -14,13 +15,14 @@ from rcar_fast.ops.scan_cpu import ScanCpu
 
 def flat_weights(head) -> list:
     """The head's Linear weights and biases in the order csrc/cpu/kernels.h documents."""
-    layers = [m.sim_transform_w for m in head.alv_modules]
-    for m in head.rcr_modules:
-        layers += [m.rcr_matrix_w[0], m.rcr_matrix_w[2], m.rcr_smooth_w[0], m.rcr_smooth_w[2]]
-    for m in head.rar_modules:
-        layers += [m.rar_q_w[0], m.rar_k_w[0], m.rar_v_w[0]]
-    layers.append(head.sim_eval_w)
-    return [t.detach() for layer in layers for t in (layer.weight, layer.bias)]
+    return [t.detach() for _, layer, _ in contract.rcar_linears(head) for t in (layer.weight, layer.bias)]
+
+
+def native_settings(direction: str, regulator: str, steps: int, smooth: float):
+    """The kernel's typed head configuration (csrc/cpu/kernels.h RcarSettings)."""
+    return native().RcarSettings(direction=contract.DIRECTION_CODES[direction],
+                                 regulator=contract.REGULATOR_CODES[regulator], steps=int(steps),
+                                 smooth=float(smooth))
 
 
 class _NoBackward(torch.autograd.Function):
@@ -40,7 +42,7 @@ class _NoBackward(torch.autograd.Function):
 def rcar_cpu_op(img: torch.Tensor, cap: torch.Tensor, lens: torch.Tensor, weights: list[torch.Tensor],
                 direction: str, regulator: str, steps: int, smooth: float) -> torch.Tensor:
     """Forward only (no autograd formula is registered)."""
-    return native().rcar_forward_cpu(img, cap, lens, direction, regulator, steps, smooth, weights)
+    return native().rcar_forward_cpu(img, cap, lens, native_settings(direction, regulator, steps, smooth), weights)
 
 
 @rcar_cpu_op.register_fake

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from rcar_fast.heads import module_counts
 from rcar_fast.ops.backend import Backend, native
-from rcar_fast.reference_math import DIRECTIONS, REGULATORS
+from rcar_fast import contract
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCKS_PER_SM = 2  # the kernel is built for two resident 256-thread blocks per SM
@@ -35,24 +34,9 @@ def _vector(t: torch.Tensor) -> torch.Tensor:
 
 def weight_tensors(head) -> list[torch.Tensor]:
     """float32 weights in the order of the kernel's pointer table (csrc/cuda/kernels.h)."""
-    counts = module_counts(head.regulator, head.steps)
-    tensors = []
-    for t in range(counts["alv"]):
-        lin = head.alv_modules[t].sim_transform_w
-        tensors += [_matrix(lin), _vector(lin.bias)]
-    for t in range(counts["rcr"]):
-        rcr = head.rcr_modules[t]
-        m1, m2 = rcr.rcr_matrix_w[0], rcr.rcr_matrix_w[2]
-        s1, s2 = rcr.rcr_smooth_w[0], rcr.rcr_smooth_w[2]
-        tensors += [_matrix(m1), _vector(m1.bias), _matrix(m2), _vector(m2.bias),
-                    _matrix(s1), _vector(s1.bias), _vector(s2.weight), _vector(s2.bias)]
-    for n in range(counts["rar"]):
-        rar = head.rar_modules[n]
-        q, k, v = rar.rar_q_w[0], rar.rar_k_w[0], rar.rar_v_w[0]
-        tensors += [_matrix(q), _vector(q.bias), _matrix(k), _vector(k.bias),
-                    _vector(v.weight), _vector(v.bias)]
-    tensors += [_vector(head.sim_eval_w.weight), _vector(head.sim_eval_w.bias)]
-    return tensors
+    # A Linear with one output passes its weight as a vector, the others as (in, out) matrices.
+    return [t for _, lin, to_one in contract.rcar_linears(head)
+            for t in ((_vector(lin.weight) if to_one else _matrix(lin)), _vector(lin.bias))]
 
 
 def _persistent_blocks(device: torch.device, pairs: int) -> int:
@@ -73,7 +57,7 @@ def problem_dict(head, img, cap, lens, max_len, table, workspace, blocks) -> dic
         img_stride_n=img.stride(0), img_stride_r=img.stride(1),
         cap_stride_n=cap.stride(0), cap_stride_w=cap.stride(1),
         lens=lens.data_ptr(), max_len=max_len, sim_dim=head.sim_dim,
-        regulator=REGULATORS.index(head.regulator), steps=head.steps,
+        regulator=contract.REGULATOR_CODES[head.regulator], steps=head.steps,
         i2t=int(head.direction == "i2t"), smooth=float(head.smooth), weights=table.data_ptr(),
         workspace=workspace.data_ptr(), n_blocks=blocks,
     )
@@ -82,7 +66,7 @@ def problem_dict(head, img, cap, lens, max_len, table, workspace, blocks) -> dic
 def rcar_cuda(head, img, cap, lens) -> torch.Tensor:
     """The registered implementation: inputs validated by RCARSimilarity.forward (lens int64 on
     cap's device). Returns (n_img, n_cap) float32."""
-    if head.regulator not in REGULATORS or head.direction not in DIRECTIONS:
+    if head.regulator not in contract.REGULATORS or head.direction not in contract.DIRECTIONS:
         raise ValueError(f"unknown regulator {head.regulator!r} or direction {head.direction!r}")
     native, device = _native(), img.device
     img, cap = _features(img), _features(cap)
@@ -96,7 +80,7 @@ def rcar_cuda(head, img, cap, lens) -> torch.Tensor:
     per_block = native.rcar_workspace_floats(R if i2t else max_len, d, head.sim_dim)
     workspace = torch.empty(blocks * per_block, dtype=torch.float32, device=device)
     sims = torch.empty((n_img, cap.shape[0]), dtype=torch.float32, device=device)
-    problem = problem_dict(head, img, cap, lens, max_len, table, workspace, blocks)
+    problem = native.RcarProblemCuda(**problem_dict(head, img, cap, lens, max_len, table, workspace, blocks))
     native.rcar_forward_cuda(problem, sims.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
     # `tensors`, `table` and `workspace` are released after the launch: the caching allocator
     # reuses their memory only for work queued later on this stream.

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from rcar_fast import contract
 from rcar_fast.ops.backend import Backend
 
 # Bytes of saved (pairs, Q, d)-sized activations one backward block may hold.
@@ -69,32 +70,28 @@ def pack_weights(head, op_dtype: torch.dtype, interpreter: bool) -> dict:
     DP, SP, HP, HSP = dims["DP"], dims["SP"], dims["HP"], dims["HSP"]
     dev = head.sim_eval_w.weight.device
     f32 = torch.float32
-    alv, rcr, rar = head.alv_modules, head.rcr_modules, head.rar_modules
+    linears = {}  # short name -> the Linears of that role, in module order (the contract's walk)
+    for short, lin, _ in contract.rcar_linears(head):
+        linears.setdefault(short, []).append(lin)
 
-    def op(tensors, shape):
-        return _stack(tensors, shape, op_dtype, dev)
+    def op(short, shape):  # operand-dtype weights, (in, out)
+        return _stack([lin.weight.t() for lin in linears.get(short, [])], shape, op_dtype, dev)
 
-    def fp(tensors, shape):
-        return _stack(tensors, shape, f32, dev)
+    def fp(short, shape, part="bias"):  # float32 biases, or the weight row of a one-output Linear
+        rows = [lin.bias if part == "bias" else lin.weight[0] for lin in linears.get(short, [])]
+        rows = [r[0] for r in rows] if shape == () else rows
+        return _stack(rows, shape, f32, dev)
 
     return {
-        "wa": op([m.sim_transform_w.weight.t() for m in alv], (DP, SP)),
-        "ba": fp([m.sim_transform_w.bias for m in alv], (SP,)),
-        "w1": op([m.rcr_matrix_w[0].weight.t() for m in rcr], (SP, HP)),
-        "b1": fp([m.rcr_matrix_w[0].bias for m in rcr], (HP,)),
-        "w2": op([m.rcr_matrix_w[2].weight.t() for m in rcr], (HP, DP)),
-        "b2": fp([m.rcr_matrix_w[2].bias for m in rcr], (DP,)),
-        "ws1": op([m.rcr_smooth_w[0].weight.t() for m in rcr], (SP, HSP)),
-        "bs1": fp([m.rcr_smooth_w[0].bias for m in rcr], (HSP,)),
-        "ws2": fp([m.rcr_smooth_w[2].weight[0] for m in rcr], (HSP,)),
-        "bs2": fp([m.rcr_smooth_w[2].bias[0] for m in rcr], ()),
-        "wq": op([m.rar_q_w[0].weight.t() for m in rar], (SP, SP)),
-        "bq": fp([m.rar_q_w[0].bias for m in rar], (SP,)),
-        "wk": op([m.rar_k_w[0].weight.t() for m in rar], (SP, SP)),
-        "bk": fp([m.rar_k_w[0].bias for m in rar], (SP,)),
-        "wv": fp([m.rar_v_w[0].weight[0] for m in rar], (SP,)),
-        "bv": fp([m.rar_v_w[0].bias[0] for m in rar], ()),
-        "we": fp([head.sim_eval_w.weight[0]], (SP,))[0],
+        "wa": op("wa", (DP, SP)), "ba": fp("wa", (SP,)),
+        "w1": op("w1", (SP, HP)), "b1": fp("w1", (HP,)),
+        "w2": op("w2", (HP, DP)), "b2": fp("w2", (DP,)),
+        "ws1": op("ws1", (SP, HSP)), "bs1": fp("ws1", (HSP,)),
+        "ws2": fp("ws2", (HSP,), "weight"), "bs2": fp("ws2", ()),
+        "wq": op("wq", (SP, SP)), "bq": fp("wq", (SP,)),
+        "wk": op("wk", (SP, SP)), "bk": fp("wk", (SP,)),
+        "wv": fp("wv", (SP,), "weight"), "bv": fp("wv", ()),
+        "we": fp("we", (SP,), "weight")[0],
         "be": head.sim_eval_w.bias.detach().to(f32).reshape(1).clone(),
     }
 

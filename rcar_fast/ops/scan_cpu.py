@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from rcar_fast import contract
 from rcar_fast.ops.backend import Backend, native
 from rcar_fast.ops.library import define_scan_op
 
@@ -62,8 +63,15 @@ def _images_per_call(img: torch.Tensor, direction: str) -> int:
     return max(1, GRAM_CHUNK_BYTES // _image_gram_bytes(img))
 
 
+def native_settings(direction, raw_norm, smooth, agg, lse_lambda):
+    """The kernels' typed problem description (csrc/cpu/kernels.h ScanSettings) from the names."""
+    return native().ScanSettings(
+        direction=contract.DIRECTION_CODES[direction], raw_norm=contract.RAW_NORM_CODES[raw_norm],
+        agg=contract.AGG_CODES[agg], smooth=float(smooth), lse_lambda=float(lse_lambda))
+
+
 def _forward_chunk(img, cap, lens, options) -> torch.Tensor:
-    return native().scan_forward_cpu(img, cap, lens, *options)
+    return native().scan_forward_cpu(img, cap, lens, native_settings(*options))
 
 
 def _forward(img, cap, lens, options) -> torch.Tensor:
@@ -79,11 +87,11 @@ def _backward(grad, img, cap, lens, options) -> tuple:
     """(d img, d cap), zero at caption padding; the same image chunks as the forward."""
     per_call = _images_per_call(img, options[0])
     if per_call >= img.shape[0]:
-        return tuple(native().scan_backward_cpu(grad, img, cap, lens, *options))
+        return tuple(native().scan_backward_cpu(grad, img, cap, lens, native_settings(*options)))
     d_img, d_cap = [], None
     for i in range(0, img.shape[0], per_call):
         d_img_i, d_cap_i = native().scan_backward_cpu(grad[i:i + per_call].contiguous(),
-                                                      img[i:i + per_call], cap, lens, *options)
+                                                      img[i:i + per_call], cap, lens, native_settings(*options))
         d_img.append(d_img_i)
         d_cap = d_cap_i if d_cap is None else d_cap + d_cap_i
     return torch.cat(d_img), d_cap

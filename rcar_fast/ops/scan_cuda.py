@@ -24,9 +24,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from rcar_fast.ops.backend import Backend, BackendUnavailable, Inputs, native
-from rcar_fast.reference_math import AGGREGATIONS, RAW_NORMS
+from rcar_fast import contract
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPE_CODES = {getattr(torch, name): code for name, code in contract.CUDA_DTYPE_CODES.items()}
 # Tile shapes of the kernel, widest caption groups first (see scan_tile_rows / scan_tile_cols).
 COL_FRAGS = (8, 4, 2)
 # Upper bound for the three per-chunk (rows x words) float32 buffers of the backward.
@@ -163,6 +163,11 @@ def prepare_images(img, options: Options) -> Images:
     return Images(img=img, gram=gram, region_sq=region_sq)
 
 
+def native_problem(images: Images, caps: Captions, options: Options):
+    """The typed problem description the launchers take (the binding's ScanProblemCuda)."""
+    return _native().ScanProblemCuda(**problem(images, caps, options))
+
+
 def problem(images: Images, caps: Captions, options: Options) -> dict:
     """The ScanProblem fields (csrc/cuda/kernels.h) as a dict of ints and floats."""
     img, cap = images.img, caps.cap
@@ -180,7 +185,7 @@ def problem(images: Images, caps: Captions, options: Options) -> dict:
         col_frags=caps.col_frags, gram=gram.data_ptr(),
         gram_off=caps.gram_off.data_ptr() if options.i2t else 0,
         query_sq=query_sq.data_ptr(), i2t=int(options.i2t),
-        raw_norm=RAW_NORMS.index(options.raw_norm), agg=AGGREGATIONS.index(options.agg),
+        raw_norm=contract.RAW_NORM_CODES[options.raw_norm], agg=contract.AGG_CODES[options.agg],
         smooth=float(options.smooth), lse_lambda=float(options.lse_lambda),
     )
 
@@ -191,7 +196,7 @@ def scan_forward(img, cap, lens, options: Options, out: Optional[torch.Tensor] =
     images = prepare_images(img, options)
     if out is None:
         out = torch.empty((img.shape[0], cap.shape[0]), dtype=torch.float32, device=img.device)
-    _native().scan_forward_cuda(problem(images, caps, options), out.data_ptr(), _stream(img.device))
+    _native().scan_forward_cuda(native_problem(images, caps, options), out.data_ptr(), _stream(img.device))
     return out
 
 
@@ -217,7 +222,7 @@ def pair_grads_cuda(images: Images, caps: Captions, grad_chunk: torch.Tensor,
     bufs = [torch.empty(shape, dtype=torch.float32, device=device) for _ in range(3)]
     d_qn = torch.empty((rows, caps.cap.shape[0]) if options.i2t else (words, n_img),
                        dtype=torch.float32, device=device)
-    _native().scan_backward_cuda(problem(images, caps, options), grad_chunk.data_ptr(),
+    _native().scan_backward_cuda(native_problem(images, caps, options), grad_chunk.data_ptr(),
                                  bufs[0].data_ptr(), bufs[1].data_ptr(), bufs[2].data_ptr(),
                                  d_qn.data_ptr(), _stream(device))
     return PairGrads(*bufs, d_qn)

@@ -1,0 +1,147 @@
+"""The similarity contract's constants, in one place (SIMILARITY.md): option names and their
+integer codes, the numeric constants of the public code, the dtype codes of the native kernels,
+the RCAR head's weight order and the published settings per checkpoint family.
+
+Every other module reads these from here: the Python layer and the Triton kernels import them,
+and the C++/CUDA kernels include csrc/contract.h, which is generated from this module
+
+    python -m rcar_fast.contract --header > csrc/contract.h
+
+and checked against it by tests/test_contract.py. This module imports nothing from the package
+(and not torch), so that anything may import it.
+"""
+from __future__ import annotations
+
+import sys
+
+# --------------------------------------------------------------------------------------------
+# Enumerations. The integer code of an option is its index in the tuple: the kernels' codes.
+# --------------------------------------------------------------------------------------------
+
+DIRECTIONS = ("t2i", "i2t")
+RAW_NORMS = ("clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "clipped", "no_norm", "softmax")
+AGGREGATIONS = ("mean", "lse", "max", "sum")
+REGULATORS = ("only_rar", "only_rcr", "coop_rcar")
+# Element types the CUDA kernels read (their outputs are float32), by torch dtype name.
+CUDA_DTYPES = ("float32", "float16", "bfloat16")
+
+DIRECTION_CODES = {name: code for code, name in enumerate(DIRECTIONS)}
+RAW_NORM_CODES = {name: code for code, name in enumerate(RAW_NORMS)}
+AGG_CODES = {name: code for code, name in enumerate(AGGREGATIONS)}
+REGULATOR_CODES = {name: code for code, name in enumerate(REGULATORS)}
+CUDA_DTYPE_CODES = {name: code for code, name in enumerate(CUDA_DTYPES)}
+
+# The raw norms that pass the scores through leaky(x) first, and the norm each one then applies.
+CLIPPED_RAW_NORMS = ("clipped_l2norm", "clipped_l1norm", "clipped")
+RAW_NORM_FAMILY = {"clipped_l2norm": "l2", "l2norm": "l2", "clipped_l1norm": "l1", "l1norm": "l1",
+                   "clipped": "none", "no_norm": "none", "softmax": "softmax"}
+
+# --------------------------------------------------------------------------------------------
+# Numeric constants of the public code
+# --------------------------------------------------------------------------------------------
+
+EPS = 1e-8          # l2norm / l1norm add it to the norm; cosine clamps its denominator to it
+LEAKY_SLOPE = 0.1   # leaky(x) = x if x > 0 else LEAKY_SLOPE * x (LeakyReLU(0.1))
+
+# Input limits that keep a result determined by the inputs rather than by rounding (the
+# reasons are in validate.py, which applies them), keyed by torch dtype name.
+SMOOTH_LIMITS = {"float64": 1e6, "float32": 1e3}
+LSE_LAMBDA_MIN = 1e-30
+
+# --------------------------------------------------------------------------------------------
+# Published settings per checkpoint family (the public SCAN README's training arguments and
+# the RCAR scripts; SIMILARITY.md). SCAN's i2t LSE lambda depends on the data set.
+# --------------------------------------------------------------------------------------------
+
+SCAN_PUBLISHED = {
+    "f30k": {"t2i": {"smooth": 9.0, "lse_lambda": 6.0}, "i2t": {"smooth": 4.0, "lse_lambda": 5.0}},
+    "coco": {"t2i": {"smooth": 9.0, "lse_lambda": 6.0}, "i2t": {"smooth": 4.0, "lse_lambda": 20.0}},
+}
+SCAN_PUBLISHED_RAW_NORM = "clipped_l2norm"
+RCAR_PUBLISHED = {"t2i": {"smooth": 10.0}, "i2t": {"smooth": 3.0}, "regulator": "coop_rcar", "steps": 2}
+
+
+def scan_published(direction: str, dataset: str = "f30k", raw_norm: str = SCAN_PUBLISHED_RAW_NORM,
+                   agg: str = "mean") -> dict:
+    """Keyword arguments of scan_similarity at the published setting of (dataset, direction)."""
+    return dict(direction=direction, raw_norm=raw_norm, agg=agg, **SCAN_PUBLISHED[dataset][direction])
+
+
+def rcar_smooth(direction: str) -> float:
+    """The published RCAR softmax temperature of a direction (t2i_smooth / i2t_smooth)."""
+    return RCAR_PUBLISHED[direction]["smooth"]
+
+
+# --------------------------------------------------------------------------------------------
+# The RCAR head's weights, in the one order every native backend reads them: module group by
+# group (alv, rcr, rar, eval), modules in index order, within a module its Linears as below.
+# Each entry: (group, attribute path inside the module, short name, out_features is 1).
+# --------------------------------------------------------------------------------------------
+
+RCAR_GROUPS = (("alv", "alv_modules"), ("rcr", "rcr_modules"), ("rar", "rar_modules"), ("eval", None))
+RCAR_LINEARS = (
+    ("alv", "sim_transform_w", "wa", False),
+    ("rcr", "rcr_matrix_w.0", "w1", False),
+    ("rcr", "rcr_matrix_w.2", "w2", False),
+    ("rcr", "rcr_smooth_w.0", "ws1", False),
+    ("rcr", "rcr_smooth_w.2", "ws2", True),
+    ("rar", "rar_q_w.0", "wq", False),
+    ("rar", "rar_k_w.0", "wk", False),
+    ("rar", "rar_v_w.0", "wv", True),
+    ("eval", "sim_eval_w", "we", True),
+)
+
+
+def _attribute(module, path: str):
+    for part in path.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+def rcar_linears(head) -> list:
+    """(short name, Linear, out_features is 1) for every Linear of an RCAR head, in the kernels'
+    weight order (see RCAR_LINEARS)."""
+    walk = []
+    for group, attribute in RCAR_GROUPS:
+        modules = getattr(head, attribute) if attribute else [head]
+        for module in modules:
+            walk += [(short, _attribute(module, path), is_vector)
+                     for g, path, short, is_vector in RCAR_LINEARS if g == group]
+    return walk
+
+
+# --------------------------------------------------------------------------------------------
+# csrc/contract.h
+# --------------------------------------------------------------------------------------------
+
+_CPP_ENUMS = (
+    ("Direction", DIRECTIONS, ("kT2I", "kI2T")),
+    ("RawNorm", RAW_NORMS, ("kClippedL2", "kL2", "kClippedL1", "kL1", "kClipped", "kNoNorm", "kSoftmaxNorm")),
+    ("Aggregation", AGGREGATIONS, ("kMean", "kLse", "kMax", "kSum")),
+    ("Regulator", REGULATORS, ("kOnlyRar", "kOnlyRcr", "kCoopRcar")),
+    ("DType", CUDA_DTYPES, ("kFloat32", "kFloat16", "kBFloat16")),
+)
+
+
+def header() -> str:
+    """The text of csrc/contract.h: the enumerations and constants above as C++."""
+    lines = ["// Generated by `python -m rcar_fast.contract --header` from rcar_fast/contract.py.",
+             "// Do not edit: change contract.py and regenerate (tests/test_contract.py checks it).",
+             "// Plain C++ (no includes), shared by the C++ CPU kernels, the CUDA kernels and the binding.",
+             "#pragma once", "", "namespace rcar_contract {", ""]
+    for enum, names, cpp_names in _CPP_ENUMS:
+        members = ", ".join(f"{cpp} = {code}" for code, cpp in enumerate(cpp_names))
+        lines.append(f"// {', '.join(names)}")
+        lines.append(f"enum {enum} : int {{ {members} }};")
+        lines.append(f"constexpr int k{enum}Count = {len(names)};")
+    lines += ["", f"constexpr double kEps = {EPS!r};", f"constexpr float kEpsF = {EPS!r}f;",
+              f"constexpr double kLeakySlope = {LEAKY_SLOPE!r};",
+              f"constexpr float kLeakySlopeF = {LEAKY_SLOPE!r}f;", "",
+              "}  // namespace rcar_contract", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--header"]:
+        sys.exit("usage: python -m rcar_fast.contract --header > csrc/contract.h")
+    sys.stdout.write(header())
