@@ -172,6 +172,12 @@ def test_scan_matches_naive_scalar_transcription(direction, raw_norm):
                 assert out[i, j].item() == approx(want, F64_SCALAR_NAIVE_SPEC)
 
 
+def _pooled_by_hand(r, agg, lse_lambda):
+    """SIMILARITY.md's aggregation of the cosines r, written out (lse: SCAN's, times 1/lambda)."""
+    return {"mean": r.mean(), "sum": r.sum(), "max": r.max(),
+            "lse": torch.log(torch.exp(lse_lambda * r).sum()) / lse_lambda}[agg].item()
+
+
 @pytest.mark.parametrize("agg", ref.AGGREGATIONS)
 @pytest.mark.parametrize("raw_norm", ["clipped_l2norm", "softmax", "no_norm"])
 def test_scan_t2i_with_one_region_is_aggregated_word_region_cosine(raw_norm, agg):
@@ -181,9 +187,7 @@ def test_scan_t2i_with_one_region_is_aggregated_word_region_cosine(raw_norm, agg
     for i, j in itertools.product(range(3), range(len(LENS))):
         x, words = img[i, 0], cap[j, :LENS[j]]
         r = (words @ x) / (words.norm(dim=1) * x.norm())
-        want = {"mean": r.mean(), "sum": r.sum(), "max": r.max(),
-                "lse": torch.log(torch.exp(6.0 * r).sum()) / 6.0}[agg]
-        assert out[i, j].item() == approx(want.item(), F64_SCALAR_CLOSED_FORM)
+        assert out[i, j].item() == approx(_pooled_by_hand(r, agg, lse_lambda=6.0), F64_SCALAR_CLOSED_FORM)
 
 
 @pytest.mark.parametrize("agg", ref.AGGREGATIONS)
@@ -193,9 +197,7 @@ def test_scan_i2t_with_one_word_is_aggregated_region_word_cosine(agg):
     for i, j in itertools.product(range(3), range(2)):
         w, regions = cap[j, 0], img[i]
         r = (regions @ w) / (regions.norm(dim=1) * w.norm())
-        want = {"mean": r.mean(), "sum": r.sum(), "max": r.max(),
-                "lse": torch.log(torch.exp(5.0 * r).sum()) / 5.0}[agg]
-        assert out[i, j].item() == approx(want.item(), F64_SCALAR_CLOSED_FORM)
+        assert out[i, j].item() == approx(_pooled_by_hand(r, agg, lse_lambda=5.0), F64_SCALAR_CLOSED_FORM)
 
 
 @pytest.mark.parametrize("direction", ref.DIRECTIONS)

@@ -23,12 +23,16 @@ def options(direction, raw_norm="clipped_l2norm", agg="mean"):
     return scan_published(direction, "f30k", raw_norm=raw_norm, agg=agg)
 
 
+# every direction x raw norm; the tests loop over the aggregations inside (one input batch each)
+EVERY_DIRECTION_AND_NORM = pytest.mark.parametrize(
+    "direction,raw_norm", [(direction, norm) for direction in DIRECTIONS for norm in RAW_NORMS])
+
+
 def reference64(img, cap, lens, **kw):
     return reference.scan_similarity_loop(img.double(), cap.double(), lens, **kw)
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("raw_norm", RAW_NORMS)
+@EVERY_DIRECTION_AND_NORM
 def test_forward_every_norm_and_aggregation(direction, raw_norm):
     # R = 11, L up to 9: neither is a multiple of the 8 / 4 lane vectors
     img, cap, lens = make_inputs(5, 7, 11, 13, 9)
@@ -95,8 +99,7 @@ def cpu_gradients(img, cap, lens, grad, **kw):
     return img.grad, cap.grad
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("raw_norm", RAW_NORMS)
+@EVERY_DIRECTION_AND_NORM
 def test_backward_matches_reference_gradients(direction, raw_norm):
     img, cap, lens = make_inputs(4, 6, 11, 10, 9)
     for agg in AGGREGATIONS:

@@ -161,15 +161,7 @@ def test_the_typed_problem_takes_every_field_and_names_a_bad_one():
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_problem_dict_matches_what_the_binding_reads(direction):
-    options = _options(direction)
-    img, cap, lens = _inputs(2, 3, 4, 8, [2, 3, 1])
-    f32 = torch.zeros(8)
-    i64 = torch.zeros(4, dtype=torch.int64)
-    caps = scan_cuda.Captions(cap=cap, lens=lens, lens_host=[2, 3, 1], word_off=i64, total_words=6,
-                              max_len=3, col_frags=8, group_first=torch.zeros(2, dtype=torch.int32),
-                              gram=f32, gram_off=i64, word_sq=f32)
-    images = scan_cuda.Images(img=img, gram=f32, region_sq=f32)
-    problem = scan_cuda.problem(images, caps, options)
+    problem = _problem_fields(direction)
     assert set(problem) == binding_fields("ScanProblem")
     assert problem["raw_norm"] == 0 and problem["agg"] == 0 and problem["i2t"] == int(direction == "i2t")
     assert all(isinstance(v, (int, float)) for v in problem.values())

@@ -512,16 +512,7 @@ void rcar_forward_impl(const at::Tensor& img_in, const at::Tensor& cap, const at
 
 at::Tensor rcar_forward(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
                         const RcarSettings& settings, const std::vector<at::Tensor>& weights) {
-  TORCH_CHECK(img.dim() == 3 && cap.dim() == 3, "rcar (cpu): img must be (n_img, R, d) and cap (n_cap, Lmax, d), got ",
-              img.sizes(), " and ", cap.sizes());
-  TORCH_CHECK(img.device().is_cpu() && cap.device().is_cpu() && lens.device().is_cpu(),
-              "rcar (cpu): img, cap and lens must be CPU tensors");
-  TORCH_CHECK(img.scalar_type() == cap.scalar_type() &&
-                  (img.scalar_type() == at::kFloat || img.scalar_type() == at::kDouble),
-              "rcar (cpu): img and cap must both be float32 or both float64, got ", img.scalar_type(), " and ",
-              cap.scalar_type());
-  TORCH_CHECK(img.size(2) == cap.size(2), "rcar (cpu): img and cap must share d");
-  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == cap.size(0), "rcar (cpu): lens must be (n_cap,)");
+  check_pair_inputs("rcar (cpu)", img, cap, lens);
   TORCH_CHECK(settings.direction == rcar_contract::kT2I || settings.direction == rcar_contract::kI2T,
               "rcar (cpu): direction must be a Direction code in [0, ", rcar_contract::kDirectionCount, "), got ",
               settings.direction);

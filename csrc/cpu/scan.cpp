@@ -826,24 +826,12 @@ std::vector<at::Tensor> scan_backward_impl(const ScanProblem<T>& P, const at::Te
   return finish_gradients(P, G);
 }
 
-void check_inputs(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens) {
-  TORCH_CHECK(img.dim() == 3 && cap.dim() == 3, "scan (cpu): img must be (n_img, R, d) and cap (n_cap, Lmax, d), got ",
-              img.sizes(), " and ", cap.sizes());
-  TORCH_CHECK(img.device().is_cpu() && cap.device().is_cpu() && lens.device().is_cpu(),
-              "scan (cpu): img, cap and lens must be CPU tensors");
-  TORCH_CHECK(img.scalar_type() == cap.scalar_type() &&
-                  (img.scalar_type() == at::kFloat || img.scalar_type() == at::kDouble),
-              "scan (cpu): img and cap must both be float32 or both float64, got ", img.scalar_type(), " and ",
-              cap.scalar_type());
-  TORCH_CHECK(img.size(2) == cap.size(2), "scan (cpu): img and cap must share d");
-  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == cap.size(0), "scan (cpu): lens must be (n_cap,)");
-}
 
 }  // namespace
 
 at::Tensor scan_forward(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
                         const ScanSettings& settings) {
-  check_inputs(img, cap, lens);
+  check_pair_inputs("scan (cpu)", img, cap, lens);
   const ScanOptions opt = parse_options(settings);
   at::Tensor out = at::empty({img.size(0), cap.size(0)}, img.options());
   if (out.numel() == 0) return out;
@@ -856,7 +844,7 @@ at::Tensor scan_forward(const at::Tensor& img, const at::Tensor& cap, const at::
 
 std::vector<at::Tensor> scan_backward(const at::Tensor& grad, const at::Tensor& img, const at::Tensor& cap,
                                       const at::Tensor& lens, const ScanSettings& settings) {
-  check_inputs(img, cap, lens);
+  check_pair_inputs("scan (cpu)", img, cap, lens);
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == img.size(0) && grad.size(1) == cap.size(0),
               "scan (cpu) backward: grad must be (n_img, n_cap), got ", grad.sizes());
   const ScanOptions opt = parse_options(settings);

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "cuda/kernels.h"
+#include "cuda/warp.cuh"
 
 namespace rcar_cuda {
 namespace {
@@ -23,7 +24,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowBlock = 16;  // rows of A per register block in block_gemm
 constexpr float kEps = kEpsF;  // rcar_contract
-constexpr unsigned kFullMask = 0xffffffffu;
 
 __host__ __device__ inline int64_t padded_rows(int64_t queries) {
   return (queries + kRowBlock - 1) / kRowBlock * kRowBlock;
@@ -40,14 +40,6 @@ __host__ __device__ inline int64_t shared_floats(int64_t qcap, int64_t cmax, int
   return qcap * cmax + 4 * qcap + cmax + 2 * s + 32;
 }
 
-__device__ inline float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
-  return v;
-}
-__device__ inline float warp_max(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
-  return v;
-}
 
 // Sum over the block; every thread gets the total. `red` holds kWarps floats.
 __device__ float block_sum(float v, float* red) {

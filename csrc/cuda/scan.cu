@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "cuda/kernels.h"
+#include "cuda/warp.cuh"
 #include "cuda/load.cuh"
 
 namespace rcar_cuda {
@@ -42,7 +43,6 @@ constexpr int kLd16 = kTileK16 + 8;                      // staged row length: 8
 constexpr int kTileK32 = 16;                             // K slice per step, fp32 inputs
 constexpr int kStripes = kGroupRows / 8;                 // fp32: 20 stripes of 8 rows per lane
 constexpr float kEps = kEpsF;  // rcar_contract
-constexpr unsigned kFullMask = 0xffffffffu;
 
 // ----------------------------------------------------------------------------------------------
 // Tile geometry and shared-memory layout (computed identically on host and device)
@@ -339,15 +339,6 @@ __device__ void score_tile(const ScanProblem& p, const Tile& t, const Layout& l,
 // ----------------------------------------------------------------------------------------------
 // Step 2: per-pair reductions (one warp per pair)
 // ----------------------------------------------------------------------------------------------
-
-__device__ inline float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
-  return v;
-}
-__device__ inline float warp_max(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
-  return v;
-}
 
 __device__ inline bool is_clipped(int raw_norm) {
   return raw_norm == kClippedL2 || raw_norm == kClippedL1 || raw_norm == kClipped;
