@@ -56,15 +56,16 @@ def _context():
     return suite.RunContext(plan=PLAN, device=DEVICE, common={}, peak_name="", log=lambda *_: None)
 
 
-def _require(op_name, backend, dtype):
-    reason = dispatch.rejection(op_name, backend, DEVICE, dtype)
+def _require(op_name, backend, dtype, needs_backward):
+    reason = (dispatch.rejection(op_name, backend, DEVICE, dtype)
+              or suite.forward_only_reason(op_name, backend, needs_backward))
     if reason is not None:
         pytest.skip(reason)
 
 
 @pytest.mark.parametrize("op,shape,mode,backend", list(_op_params()))
 def test_op(benchmark, op, shape, mode, backend):
-    _require(op.dispatch_op, backend, shape.dtype)
+    _require(op.dispatch_op, backend, shape.dtype, needs_backward=mode != "forward")
     img, cap, lens = cases.make_inputs(shape, DEVICE)
     head = suite.make_head(op, shape, DEVICE) if op.family == "rcar" else None
     fn = suite.similarity_fn(_context(), op, backend, head)
@@ -79,7 +80,7 @@ def test_op(benchmark, op, shape, mode, backend):
 
 @pytest.mark.parametrize("op,shape,variant,backend", list(_loss_params()))
 def test_loss_step(benchmark, op, shape, variant, backend):
-    _require(op.dispatch_op, backend, shape.dtype)
+    _require(op.dispatch_op, backend, shape.dtype, needs_backward=variant == "full")
     img, cap, lens = cases.make_inputs(shape, DEVICE)
     head = suite.make_head(op, shape, DEVICE) if op.family == "rcar" else None
     model = "scan" if head is None else head
