@@ -434,7 +434,10 @@ def test_backward_every_option_fp32(direction, raw_norm, agg):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_backward_low_precision(direction, dtype):
-    img, cap, lens = _inputs(6, 8, 36, 256, _random_lens(8, 20), dtype=dtype, device="cuda", lmax=20)
+    # fp16: the reference's own fp16 gradient overflows at 1-word captions (inf: the 2x rule has
+    # no bound; seen on CPU with these lengths), so fp16 draws 2..20 words; bf16 keeps 1..20.
+    shortest = 2 if dtype == torch.float16 else 1
+    img, cap, lens = _inputs(6, 8, 36, 256, _random_lens(8, 20, shortest), dtype=dtype, device="cuda", lmax=20)
     grad_sims = torch.randn(6, 8, device="cuda")
     kw = _kwargs(direction)
     d_img, d_cap = _grads("cuda", img, cap, lens, grad_sims, **kw)
