@@ -31,11 +31,6 @@ AGG_CODES = {name: code for code, name in enumerate(AGGREGATIONS)}
 REGULATOR_CODES = {name: code for code, name in enumerate(REGULATORS)}
 CUDA_DTYPE_CODES = {name: code for code, name in enumerate(CUDA_DTYPES)}
 
-# The raw norms that pass the scores through leaky(x) first, and the norm each one then applies.
-CLIPPED_RAW_NORMS = ("clipped_l2norm", "clipped_l1norm", "clipped")
-RAW_NORM_FAMILY = {"clipped_l2norm": "l2", "l2norm": "l2", "clipped_l1norm": "l1", "l1norm": "l1",
-                   "clipped": "none", "no_norm": "none", "softmax": "softmax"}
-
 # --------------------------------------------------------------------------------------------
 # Numeric constants of the public code
 # --------------------------------------------------------------------------------------------

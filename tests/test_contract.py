@@ -42,8 +42,6 @@ def test_codes_are_the_indices_of_the_names():
                          (contract.REGULATORS, contract.REGULATOR_CODES),
                          (contract.CUDA_DTYPES, contract.CUDA_DTYPE_CODES)]:
         assert [codes[name] for name in names] == list(range(len(names)))
-    assert set(contract.RAW_NORM_FAMILY) == set(contract.RAW_NORMS)
-    assert set(contract.CLIPPED_RAW_NORMS) <= set(contract.RAW_NORMS)
     for name in contract.CUDA_DTYPES + tuple(contract.SMOOTH_LIMITS):
         assert isinstance(getattr(torch, name), torch.dtype), name
 
