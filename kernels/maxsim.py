@@ -315,7 +315,7 @@ def _maxsim_bwd_cap_kernel(img_ptr, si0, si1, si2, img_ids_ptr, img_lens_ptr, n_
 # masked copy and the per-word / per-region maxima live, far less than SCAN's.
 _LIMITS = {
     ("fwd", "low"): dict(max_m=128, max_n=128, max_area=128 * 128, min_area=64 * 64),
-    ("bwd", "low"): dict(max_m=128, max_n=128, max_area=64 * 128, min_area=32 * 32),
+    ("bwd", "low"): dict(max_m=128, max_n=128, max_area=64 * 128, min_area=64 * 32),
     ("fwd", "fp32"): dict(max_m=128, max_n=128, max_area=64 * 64, min_area=32 * 16),
     ("bwd", "fp32"): dict(max_m=64, max_n=64, max_area=64 * 32, min_area=16 * 16),
 }
@@ -341,19 +341,19 @@ def _prune(direction: str):
                and c.kwargs["BK"] == bk]
         if not out:  # paddings beyond the budget: the smallest tile
             bi, bj = smallest_shape(r_pad, l_pad)
-            extra = dict(GROUP=8) if direction == "fwd" else dict(BD=32)
+            extra = dict(GROUP=8) if direction == "fwd" else dict(BD=64 if kind == "low" else 32)
             out = [triton.Config(dict(BI=bi, BJ=bj, BK=bk, **extra), num_warps=8, num_stages=2)]
         return quick(out, _area(r_pad, l_pad))
     return prune
 
 
 _SHAPES = [(bi, bj) for bi in (1, 2, 4, 8, 16) for bj in (1, 2, 4, 8, 16, 32)]
-_FWD_CONFIGS = ([triton.Config(dict(BI=bi, BJ=bj, BK=64, GROUP=8), num_warps=w, num_stages=3)
-                 for bi, bj in _SHAPES for w in (4, 8)]
+_FWD_CONFIGS = ([triton.Config(dict(BI=bi, BJ=bj, BK=64, GROUP=8), num_warps=8, num_stages=3)
+                 for bi, bj in _SHAPES]
                 + [triton.Config(dict(BI=bi, BJ=bj, BK=_FP32_BK, GROUP=8), num_warps=8,
                                  num_stages=2) for bi, bj in _SHAPES])
-_BWD_CONFIGS = ([triton.Config(dict(BI=bi, BJ=bj, BK=64, BD=bd), num_warps=8, num_stages=2)
-                 for bi, bj in _SHAPES for bd in (32, 64)]
+_BWD_CONFIGS = ([triton.Config(dict(BI=bi, BJ=bj, BK=64, BD=64), num_warps=8, num_stages=2)
+                 for bi, bj in _SHAPES]
                 + [triton.Config(dict(BI=bi, BJ=bj, BK=_FP32_BK, BD=32), num_warps=8,
                                  num_stages=2) for bi, bj in _SHAPES])
 _KEY = ["R_PAD", "L_PAD", "D", "DIRECTION", "POOL", "LEAKY"]
