@@ -430,7 +430,7 @@ def maxsim_forward(p: MaxSimProblem, out: Optional[torch.Tensor] = None) -> torc
         out = torch.empty((p.images.count, p.cap.shape[0]), device=p.img.device,
                           dtype=p.out_dtype)
     d = p.img.shape[2]
-    for cg in p.captions:
+    for cg in p.captions if p.images.count else ():   # (an empty grid is not launched)
         args = (*_operands(p, cg), out, out.stride(0), out.stride(1), d, p.params)
         if interpreter_on():
             bi, bj = _interpreter_shape(p.images.pad, cg.pad)
@@ -451,6 +451,8 @@ def _launch_backward(p: MaxSimProblem, cg: OwnerGroup, dsim, target, of_img: boo
             target.stride(1), p.img.shape[2], p.params)
     cexpr = dict(_constexprs(p, cg), EPI_PREC=p.epi_prec)
     count = p.images.count if of_img else cg.count
+    if p.images.count == 0:   # nothing to sum: the gradient stays zero (no empty grid)
+        return
     if interpreter_on():
         bi, bj = _interpreter_shape(p.images.pad, cg.pad)
         grid = (triton.cdiv(count, bi if of_img else bj),)

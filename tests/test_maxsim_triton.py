@@ -13,7 +13,9 @@ import itertools
 import pytest
 import torch
 
+import rcar_fast
 from rcar_fast import dispatch
+from rcar_fast.losses import vse_hinge_loss
 from rcar_fast.contract import HEAD_DIRECTIONS, POOLS
 from rcar_fast.ops.maxsim_triton import MaxSimTriton, maxsim_triton_op
 from rcar_fast.reference_heads import head_similarity_vectorized
@@ -258,6 +260,47 @@ def test_custom_op_opcheck():
                                        dtype=torch.float64, pad=0.5)
     torch.library.opcheck(maxsim_triton_op, (img.requires_grad_(), cap.requires_grad_(), lens,
                                              img_lens, "both", "lse", 0.1, True, 0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the public wrapper: presets, normalisation, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+@requires_interpreter
+@pytest.mark.parametrize("preset", ["laps", "chan", "aladin"])
+def test_public_wrapper_runs_the_presets_on_triton(preset):
+    # the wrapper normalises (normalize="unit" for laps and aladin) in torch, differentiably,
+    # then calls the backend: forward and gradients against the reference backend's
+    img, cap, lens, img_lens = _inputs(dtype=torch.float64)
+    grad = torch.randn(3, 5, dtype=torch.float64)
+    results = {}
+    for backend in ("triton", "reference"):
+        a, c = img.clone().requires_grad_(), cap.clone().requires_grad_()
+        out = rcar_fast.max_similarity(a, c, lens, img_lens=img_lens, preset=preset,
+                                       backend=backend)
+        results[backend] = (out, *torch.autograd.grad(out, (a, c), grad))
+    for got, want in zip(results["triton"], results["reference"]):
+        assert_close_to_reference(got, want, dtype=torch.float64, what=f"preset {preset}")
+
+
+@requires_interpreter
+def test_training_step_compiles_fullgraph():
+    img, cap, lens, img_lens = _inputs(n_img=3, lens=(5, 2, 3), img_lens=(4, 1, 3), regions=4,
+                                       dim=6, dtype=torch.float64, pad=0.5)
+    img, cap = img.requires_grad_(), cap.requires_grad_()
+
+    def step(a, c):
+        sims = rcar_fast.max_similarity(a, c, lens, img_lens=img_lens, preset="laps",
+                                        backend="triton")
+        return vse_hinge_loss(sims, margin=0.2)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(img, cap)
+    grads_c = torch.autograd.grad(loss_c, (img, cap))
+    loss_e = step(img, cap)
+    grads_e = torch.autograd.grad(loss_e, (img, cap))
+    for got, want in zip((loss_c, *grads_c), (loss_e, *grads_e)):
+        assert_close_to_reference(got, want, dtype=torch.float64, what="compiled step")
 
 
 # ---------------------------------------------------------------------------------------------
