@@ -28,7 +28,9 @@ import itertools
 import torch
 
 import rcar_fast
+from rcar_fast import validate
 from rcar_fast.contract import HEAD_DIRECTIONS, HEAD_NORMALIZATIONS, POOLS
+from rcar_fast.ops.maxsim import DEFAULTS
 from rcar_fast.reference_heads import max_similarity_reference
 from tests.inputs import NAN, ragged_lengths, real_words
 from tests.tolerances import assert_close_to_reference
@@ -171,10 +173,16 @@ CASES = {"ragged": ragged_case, "ties": tie_case, "L=1": single_word_case, "R=1"
 # Reference and comparison
 # ---------------------------------------------------------------------------------------------
 
+def resolved(settings: dict) -> dict:
+    """Every setting of a max_similarity call spelled out (a preset filled in), as the reference
+    functions take them."""
+    given = dict(settings)
+    return validate.head_settings(given.pop("preset", None), given, DEFAULTS)
+
+
 def reference_scores(case: HeadCase, settings: dict, dtype=F64) -> torch.Tensor:
     """The vectorised reference of the case's head in `dtype` (float64 by default), on the CPU."""
-    kw = dict(settings)
-    kw.pop("preset", None)
+    kw = resolved(settings)
     img, cap = (x.detach().to("cpu", dtype) for x in (case.img, case.cap))
     return max_similarity_reference(img, cap, case.lens.cpu(), case.img_lens.cpu(), **kw)
 
@@ -203,7 +211,7 @@ def assert_head_matches_reference(case: HeadCase, settings: dict, *, backend: st
 
     def reference_in(precision):
         return lambda c: max_similarity_reference(c.img.to(precision), c.cap.to(precision), c.lens,
-                                                  c.img_lens, **settings)
+                                                  c.img_lens, **resolved(settings))
 
     low = dtype in (torch.float16, torch.bfloat16)
     if not grad:

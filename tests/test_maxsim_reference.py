@@ -394,6 +394,17 @@ def test_the_shared_checker_passes_the_reference_in_low_precision(settings, dtyp
     assert_head_matches_reference(ragged_case(seed=18, scale=0.5), settings, backend="reference", dtype=dtype)
 
 
+@pytest.mark.parametrize("preset", sorted(HEAD_PRESETS))
+def test_the_shared_checker_takes_presets(preset):
+    assert_head_matches_reference(ragged_case(seed=31), dict(preset=preset), backend="reference_loop",
+                                  dtype=torch.float64)
+
+
+def test_a_passed_setting_is_checked_before_the_preset_compares_it():
+    with pytest.raises(TypeError, match="tau must be a real number"):
+        _heads(ragged_case(seed=32), preset="chan", tau="0.1")
+
+
 def test_the_shared_checker_catches_a_wrong_backend(monkeypatch):
     def off_by_a_bit(img, cap, lens, img_lens, **kw):
         return maxsim_reference.MaxSimReference.fn(img, cap, lens, img_lens, **kw) * (1 + 1e-3)
