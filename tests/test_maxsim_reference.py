@@ -194,7 +194,7 @@ def test_chan_public_floor_at_minus_one_differs_where_heads_md_says():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("pool", ("mean", "sum", "max", "lse"))
+@pytest.mark.parametrize("pool", [p for p in POOLS if p != "softmax"])   # public softmax: NaN with padding
 def test_chan_vsa_coding(pool, backend):
     case = _unit(ragged_case(seed=4))
     want = chan_vsa_public(case.img, case.cap, case.lens, case.img_lens, pool)
