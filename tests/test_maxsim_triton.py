@@ -1,33 +1,32 @@
-"""The Triton S-only heads (kernels/maxsim.py, forward and backward) against the float64
-reference (rcar_fast.reference_heads).
+"""The Triton S-only heads (kernels/maxsim.py, forward and backward; all pairs and listed pairs)
+against the float64 reference (rcar_fast.reference_heads).
 
 On CPU the kernels run in triton's interpreter (conftest sets TRITON_INTERPRET=1) on tiny grids
-whose sizes are off every tile size: 3 images of 5 regions (real counts 5, 2, 4), 5 captions of
-up to 7 words (lengths 1..7), d=20, NaN in every padding position of both inputs. Every
-direction x pool x leaky of HEADS.md, forward and gradients; ties, L=1, R=1, several caption
-buckets, all-negative scores, poisoned outputs, fp64 gradcheck, fp16 by the 2x rule. GPU tests
-(COCO-sized batches, fp32/fp16/bf16) run only with a GPU.
+whose sizes are off every tile size. The shared cases (tests/maxsim_cases.py: ragged on both
+sides with NaN padding, ties, L=1, R=1, all-negative S) run the whole settings grid (direction x
+pool x leaky x normalize) through rcar_fast.max_similarity(backend="triton"), forward and
+gradients; this file adds several caption buckets, poisoned outputs, fp64 gradcheck, fp16 by the
+2x rule, ties taking no gradient, determinism, pair lists, rcar_fast.maxsim, torch.compile and
+dispatch reasons. GPU tests (COCO-sized batches, fp32/fp16/bf16) run only with a GPU.
 """
-import itertools
-
 import pytest
 import torch
 
 import rcar_fast
 from rcar_fast import dispatch
 from rcar_fast.losses import vse_hinge_loss
-from rcar_fast.contract import HEAD_DIRECTIONS, POOLS
+from rcar_fast.contract import HEAD_DIRECTIONS
 from rcar_fast.ops.maxsim_triton import (MaxSimPairsTriton, MaxSimTriton, maxsim_pairs_triton_op,
                                          maxsim_triton_op)
 from rcar_fast.reference_heads import head_pairs_vectorized, head_similarity_vectorized
 from tests.conftest import requires_gpu, requires_interpreter
 from tests.inputs import make_inputs, real_words
+from tests.maxsim_cases import (CASES, assert_head_matches_reference, poisoned_allocations,
+                                settings_grid, settings_id)
 from tests.tolerances import F64_GRADCHECK, assert_bit_equal, assert_close_to_reference
 
 LENS = (1, 7, 3, 5, 2)
 IMG_LENS = (5, 2, 4)
-SETTINGS = list(itertools.product(HEAD_DIRECTIONS, POOLS, (False, True)))
-SETTING_IDS = [f"{d}-{p}-{'leaky' if lk else 'plain'}" for d, p, lk in SETTINGS]
 NAN = float("nan")
 
 
@@ -92,19 +91,41 @@ def _check_gradients(img, cap, lens, img_lens, *, dtype, what, **opts):
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward
+# The shared cases (tests/maxsim_cases.py) through rcar_fast.max_similarity(backend="triton")
 # ---------------------------------------------------------------------------------------------
 
 @requires_interpreter
-@pytest.mark.parametrize("direction,pool,leaky", SETTINGS, ids=SETTING_IDS)
-def test_forward_matches_float64_reference(direction, pool, leaky):
-    img, cap, lens, img_lens = _inputs()
-    opts = _options(direction, pool, leaky)
-    out = _triton(img, cap, lens, img_lens, **opts)
-    assert out.dtype == torch.float32 and out.shape == (3, 5)
-    assert_close_to_reference(out, _reference(img, cap, lens, img_lens, **opts),
-                              dtype=torch.float32, what=f"maxsim triton {opts}")
+@pytest.mark.parametrize("settings", settings_grid(), ids=settings_id)
+def test_grid_matches_float64_reference(settings):
+    # every direction x pool x leaky x normalize: forward and both gradients, fp32 rule
+    assert_head_matches_reference(CASES["ragged"](dtype=torch.float32), settings,
+                                  backend="triton", dtype=torch.float32)
 
+
+EDGE_SETTINGS = settings_grid(pools=("mean", "max", "lse", "softmax"), leaky=(True,),
+                              normalize=("none",))
+
+
+@requires_interpreter
+@pytest.mark.parametrize("case", ["ties", "L=1", "R=1", "all-negative"])
+@pytest.mark.parametrize("settings", EDGE_SETTINGS, ids=settings_id)
+def test_edge_cases_match_float64_reference(case, settings):
+    assert_head_matches_reference(CASES[case](dtype=torch.float64), settings, backend="triton",
+                                  dtype=torch.float64)
+
+
+@requires_interpreter
+def test_every_output_is_written_under_poisoned_allocations():
+    case = CASES["ragged"](dtype=torch.float32)
+    with poisoned_allocations():
+        for direction in HEAD_DIRECTIONS:
+            settings = dict(direction=direction, pool="softmax", leaky=True)
+            assert_head_matches_reference(case, settings, backend="triton", dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
 
 @requires_interpreter
 @pytest.mark.parametrize("direction,pool", [("t2i", "lse"), ("i2t", "softmax"), ("both", "max")])
@@ -149,36 +170,6 @@ def test_several_caption_buckets_and_odd_sizes(direction):
 
 
 @requires_interpreter
-@pytest.mark.parametrize("direction", HEAD_DIRECTIONS)
-def test_one_word_and_one_region(direction):
-    # L = 1 for every caption, R = 1 for every image (a tile of 16 images), d = 1
-    for lens, regions, img_lens, dim in (((1, 1, 1), 5, (5, 2, 4), 20), ((1, 4, 2), 1, (1, 1, 1), 1)):
-        img, cap, lens_t, img_lens_t = _inputs(lens=lens, img_lens=img_lens, regions=regions,
-                                               dim=dim)
-        for pool in ("mean", "lse", "softmax"):
-            opts = _options(direction, pool, leaky=True)
-            assert_close_to_reference(_triton(img, cap, lens_t, img_lens_t, **opts),
-                                      _reference(img, cap, lens_t, img_lens_t, **opts),
-                                      dtype=torch.float32, what=f"L=1/R=1 {opts}")
-        _check_gradients(img, cap, lens_t, img_lens_t, dtype=torch.float32,
-                         what=f"L=1/R=1 {direction}", **_options(direction, "max"))
-
-
-@requires_interpreter
-@pytest.mark.parametrize("direction", HEAD_DIRECTIONS)
-def test_all_negative_scores_are_not_floored(direction):
-    # positive regions, negative words: every real score < 0, and no floor at 0 or -1
-    img, cap, lens, img_lens = _inputs()
-    img, cap = img.abs(), -cap.abs()
-    for pool, leaky in (("max", False), ("sum", True), ("softmax", False)):
-        opts = _options(direction, pool, leaky)
-        out = _triton(img, cap, lens, img_lens, **opts)
-        assert bool((out < 0).all()), out
-        assert_close_to_reference(out, _reference(img, cap, lens, img_lens, **opts),
-                                  dtype=torch.float32)
-
-
-@requires_interpreter
 def test_float16_two_x_rule():
     img, cap, lens, img_lens = _inputs(dtype=torch.float16, unit_norm=True)
     for direction, pool, leaky in (("t2i", "sum", False), ("both", "mean", True), ("i2t", "lse", False)):
@@ -195,14 +186,6 @@ def test_float16_two_x_rule():
 # ---------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------
-
-@requires_interpreter
-@pytest.mark.parametrize("direction,pool,leaky", SETTINGS, ids=SETTING_IDS)
-def test_gradients_match_float64_reference(direction, pool, leaky):
-    img, cap, lens, img_lens = _inputs()
-    _check_gradients(img, cap, lens, img_lens, dtype=torch.float32,
-                     what=f"{direction} {pool} leaky={leaky}", **_options(direction, pool, leaky))
-
 
 @requires_interpreter
 @pytest.mark.parametrize("direction,pool", [("t2i", "lse"), ("i2t", "softmax"), ("both", "mean")])
