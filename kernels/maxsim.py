@@ -24,6 +24,10 @@ dL/dS is zero except at each maximum's first argmax, where it is G * pool weight
 A program stores its rows on its first iteration and read-modify-writes afterwards, with a CTA
 barrier between iterations (as kernels/scan.py does).
 
+Listed pairs (maxsim_pairs, re-ranking): one pair per program, the same tile and epilogue with
+BI = BJ = 1; the backward groups each caption bucket's pairs by image (and by caption), one
+program per distinct image (caption) walking its pairs, so every row still has one owner.
+
 Precision: fp32 inputs use IEEE fp32 dots; fp16/bf16 inputs the native tensor-core GEMM for
 the scores and tf32 for the gradient GEMMs (dS is fp32); float64 under the interpreter.
 """
