@@ -379,6 +379,46 @@ def test_dispatch_reasons():
 
 
 # ---------------------------------------------------------------------------------------------
+# Autotune config lists (the prunes only: runs anywhere, no kernel)
+# ---------------------------------------------------------------------------------------------
+
+# (R_PAD, L_PAD): 36 regions x COCO's caption buckets, the ColBERT document shape, R = 1
+TUNE_BUCKETS = [(64, 8), (64, 16), (64, 32), (64, 64), (512, 32), (1, 8)]
+
+
+def _kept(kernel, dtype, r_pad, l_pad):
+    from rcar_fast.kernels import maxsim as kernels
+
+    tuner = {"fwd": kernels._fwd_tuned, "bwd_img": kernels._bwd_img_tuned,
+             "bwd_cap": kernels._bwd_cap_tuned}[kernel]
+    return tuner.early_config_prune(tuner.configs, dict(img_ptr=torch.empty(1, dtype=dtype)),
+                                    R_PAD=r_pad, L_PAD=l_pad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("kernel", ["fwd", "bwd_img", "bwd_cap"])
+def test_kept_configs_fit_the_measured_budget_and_quick_keeps_one(monkeypatch, kernel, dtype):
+    from rcar_fast.kernels import maxsim as kernels
+    from rcar_fast.kernels import tile
+
+    kind = "fp32" if dtype == torch.float32 else "low"
+    limits = kernels._LIMITS[(kernel, kind)]
+    for r_pad, l_pad in TUNE_BUCKETS:
+        monkeypatch.delenv(tile.AUTOTUNE_VARIABLE, raising=False)
+        full = _kept(kernel, dtype, r_pad, l_pad)
+        assert full, (r_pad, l_pad)
+        for c in full:
+            m, n = c.kwargs["BI"] * r_pad, c.kwargs["BJ"] * l_pad
+            smallest = (c.kwargs["BI"], c.kwargs["BJ"]) == tile.smallest_shape(r_pad, l_pad)
+            assert m * n <= limits["max_area"] or (smallest and len(full) == 1), (r_pad, l_pad, c)
+            assert m >= tile.MIN_DOT and n >= tile.MIN_DOT
+            assert c.kwargs["BK"] == (kernels._FP32_BK if kind == "fp32" else 64)
+        monkeypatch.setenv(tile.AUTOTUNE_VARIABLE, "quick")
+        quick = _kept(kernel, dtype, r_pad, l_pad)
+        assert len(quick) == 1 and str(quick[0]) in {str(c) for c in full}
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU: COCO-sized batches, fp32 / fp16 / bf16, the 2x rule
 # ---------------------------------------------------------------------------------------------
 
