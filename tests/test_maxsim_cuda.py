@@ -79,6 +79,7 @@ def test_launch_check_takes_the_tile_shapes_and_names_what_it_refuses():
                            (dict(dtype=7), "dtype")):
         why = native.maxsim_problem_error(_problem(native, **changes))
         assert why is not None and words in why, (changes, why)
+    assert native.maxsim_problem_error(_problem(native, n_img=0)) is None  # nothing to launch
 
 
 def test_launchers_refuse_a_bad_problem_before_launching():
@@ -106,6 +107,10 @@ def test_dispatch_lists_the_cuda_backend_and_refuses_shapes_beyond_the_tile():
     assert "129 words" in maxsim_cuda.MaxSimCuda.extra_reasons(too_long)[0]
     assert maxsim_cuda.MaxSimCuda.extra_reasons(
         Inputs(torch.device("cuda"), torch.float16, (2, 36, 64), (3, 128, 64), "t2i")) == []
+    # beyond the tile's shapes, the launch check's own limits (here the backward's grid) count too
+    too_deep = Inputs(torch.device("cuda"), torch.float16, (2, 36, 65535 * 128 + 1), (3, 8, 65535 * 128 + 1), "both")
+    (reason,) = maxsim_cuda.MaxSimCuda.extra_reasons(too_deep)
+    assert reason.startswith("the CUDA maxsim kernels: d is beyond"), reason
 
 
 def test_tile_shape_choice_is_the_widest_that_fits():

@@ -400,8 +400,11 @@ const char* maxsim_problem_error(const MaxSimProblem& p) {
   if (p.direction < kHeadT2I || p.direction > kHeadBoth) return "unknown direction code";
   if (p.pool < kPoolMean || p.pool > kPoolSoftmax) return "unknown pool code";
   if (!(p.tau > 0.f)) return "tau must be > 0";
+  if (p.n_img < 0 || p.n_cap < 0) return "negative image or caption count";
   if (p.n_img > 0x7fffffff || p.n_cap > 0x7fffffff) return "too many images or captions";
-  if (tile::block_count(p, t, p.n_groups) > 0x7fffffff) return "too many tiles for one launch";
+  if (p.n_img > 0 && tile::block_count(p, t, p.n_groups) > 0x7fffffff) {
+    return "too many tiles for one launch";
+  }
   return nullptr;
 }
 
