@@ -613,13 +613,24 @@ def _caption_labels(path, caption_ids, lens, vocab_path) -> dict:
     return labels
 
 
-def _per_image_path(pattern: str, i: int, pairs, flag: str) -> str:
-    if "{img}" in pattern:
-        return pattern.replace("{img}", str(i))
-    if len({p[0] for p in pairs}) > 1:
-        raise ValueError(f"{flag} names one file but --pairs use several images; put {{img}} "
-                         f"in the path for the image index")
-    return pattern
+def _boxes_of(pattern: str, i: int, pairs) -> tuple:
+    """(path, boxes of image i): a file per image ({img} in the path), one (n_img, R, 4) file
+    for the split, or one (R, 4) file when the pairs use one image."""
+    from rcar_fast import data
+
+    path = pattern.replace("{img}", str(i))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--boxes {path}: file not found")
+    boxes = np.asarray(data.load_npy(path, mmap=False))
+    if "{img}" not in pattern and boxes.ndim == 3:
+        if i >= boxes.shape[0]:
+            raise ValueError(f"--boxes {path} holds {boxes.shape[0]} images' boxes; image {i} "
+                             f"is not there")
+        return path, boxes[i]
+    if "{img}" not in pattern and len({p[0] for p in pairs}) > 1:
+        raise ValueError(f"--boxes {path} holds one image's boxes but --pairs use several "
+                         f"images; give (n_img, R, 4) boxes or put {{img}} in the path")
+    return path, boxes
 
 
 def _pair_pictures(args, pairs, n_regions: int) -> dict:
@@ -628,25 +639,18 @@ def _pair_pictures(args, pairs, n_regions: int) -> dict:
         raise ValueError("--image and --boxes go together (the overlay needs both)")
     if args.image is None:
         return {}
-    _, _, _ = _matplotlib()
+    _matplotlib()
     from matplotlib.image import imread
 
-    from rcar_fast import data
-
+    if "{img}" not in args.image and len({p[0] for p in pairs}) > 1:
+        raise ValueError("--image names one file but --pairs use several images; put {img} in "
+                         "the path for the image index")
     pictures = {}
     for i in sorted({p[0] for p in pairs}):
-        image_path = _per_image_path(args.image, i, pairs, "--image")
-        boxes_path = _per_image_path(args.boxes, i, pairs, "--boxes")
+        image_path = args.image.replace("{img}", str(i))
         if not os.path.isfile(image_path):
             raise FileNotFoundError(f"--image {image_path}: file not found")
-        if not os.path.isfile(boxes_path):
-            raise FileNotFoundError(f"--boxes {boxes_path}: file not found")
-        boxes = np.asarray(data.load_npy(boxes_path, mmap=False))
-        if boxes.ndim == 3 and "{img}" not in args.boxes:
-            if i >= boxes.shape[0]:
-                raise ValueError(f"--boxes {boxes_path} holds {boxes.shape[0]} images' boxes; "
-                                 f"image {i} is not there")
-            boxes = boxes[i]        # one (n_img, R, 4) file for the whole split
+        boxes_path, boxes = _boxes_of(args.boxes, i, pairs)
         try:
             image = imread(image_path)
         except Exception as err:  # noqa: BLE001 -- PIL / PNG errors of several kinds
@@ -672,17 +676,23 @@ def run_command(args) -> int:
     with --save-weights)."""
     from rcar_fast import data
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; give a folder (created if missing)")
+    if args.word is not None and args.image is None:
+        raise ValueError("--word selects the word of the overlay: it needs --image and --boxes")
     pairs = parse_pairs(args.pairs)
     img_all, cap_all, lens_all = data.load_embeddings(args.embeddings)
     pair_list(pairs, img_all.shape[0], cap_all.shape[0])           # range check, named
     head, options, own_direction, description = _command_head(args)
+    if own_direction and args.direction not in (None, own_direction):
+        raise ValueError(f"--direction {args.direction}: the checkpoint's SCAN model attends "
+                         f"{own_direction}")
     # A head scoring both directions (laps) gets both maps unless --direction picks one.
     directions = ([args.direction] if args.direction else [own_direction] if own_direction
                   else list(head_directions(head, **options)))
     labels = (_caption_labels(args.captions, sorted({j for _, j in pairs}), lens_all, args.vocab)
               if args.captions else {})
     pictures = _pair_pictures(args, pairs, img_all.shape[1])
-    os.makedirs(args.out, exist_ok=True)
 
     # Only the images and captions the pairs use leave the (memory-mapped) files.
     images, captions = sorted({i for i, _ in pairs}), sorted({j for _, j in pairs})
@@ -690,17 +700,20 @@ def run_command(args) -> int:
     cap = torch.as_tensor(np.stack([np.asarray(cap_all[j]) for j in captions]))
     lens = lens_all[captions]
     local = [(images.index(i), captions.index(j)) for i, j in pairs]
+    # Everything is computed and checked before the first file is written.
+    maps = {direction: attention_maps(img, cap, lens, local, head, direction=direction, **options)
+            for direction in directions}
+    words = {j: labels.get(j, [str(w) for w in range(int(lens_all[j]))]) for j in captions}
+    chosen_word = {j: _word_index(args.word, words[j]) for j in captions} if pictures else {}
+    os.makedirs(args.out, exist_ok=True)
     written = []
-    for direction in directions:
-        maps = attention_maps(img, cap, lens, local, head, direction=direction, **options)
-        for (i, j), weights in zip(pairs, maps):
-            words = labels.get(j, [str(w) for w in range(weights.shape[0])])
+    for direction, direction_maps in maps.items():
+        for (i, j), weights in zip(pairs, direction_maps):
             image, boxes = pictures.get(i, (None, None))
             stem = os.path.join(args.out, f"img{i}_cap{j}_{direction}")
-            fig = render_pair(weights, words, image=image, boxes=boxes,
-                              word=_word_index(args.word, words) if image is not None else None,
-                              title=f"{description} {direction}: image {i}, caption {j}",
-                              cmap=args.cmap, dpi=args.dpi)
+            fig = render_pair(weights, words[j], image=image, boxes=boxes,
+                              word=chosen_word.get(j), cmap=args.cmap, dpi=args.dpi,
+                              title=f"{description} {direction}: image {i}, caption {j}")
             written.append(save_figure(fig, stem + ".png"))
             if args.save_weights:
                 data.save_npy(stem + ".npy", weights.cpu().numpy())
