@@ -613,9 +613,10 @@ def _caption_labels(path, caption_ids, lens, vocab_path) -> dict:
     return labels
 
 
-def _boxes_of(pattern: str, i: int, pairs) -> tuple:
-    """(path, boxes of image i): a file per image ({img} in the path), one (n_img, R, 4) file
-    for the split, or one (R, 4) file when the pairs use one image."""
+def _boxes_of(pattern: str, i: int, pairs, n_img: int, n_cap: int) -> tuple:
+    """(path, boxes of image i): a file per image ({img} in the path), one file for the split
+    ((n_img, R, 4), or the public test_ims_bbx.npy's one row per caption (n_cap, R, 4), read
+    at image i's first caption), or one (R, 4) file when the pairs use one image."""
     from rcar_fast import data
 
     path = pattern.replace("{img}", str(i))
@@ -623,17 +624,17 @@ def _boxes_of(pattern: str, i: int, pairs) -> tuple:
         raise FileNotFoundError(f"--boxes {path}: file not found")
     boxes = np.asarray(data.load_npy(path, mmap=False))
     if "{img}" not in pattern and boxes.ndim == 3:
-        if i >= boxes.shape[0]:
-            raise ValueError(f"--boxes {path} holds {boxes.shape[0]} images' boxes; image {i} "
-                             f"is not there")
-        return path, boxes[i]
+        if boxes.shape[0] not in (n_img, n_cap):
+            raise ValueError(f"--boxes {path} holds {boxes.shape[0]} rows of boxes; expected "
+                             f"one per image ({n_img}) or one per caption ({n_cap})")
+        return path, boxes[i if boxes.shape[0] == n_img else i * (n_cap // n_img)]
     if "{img}" not in pattern and len({p[0] for p in pairs}) > 1:
         raise ValueError(f"--boxes {path} holds one image's boxes but --pairs use several "
                          f"images; give (n_img, R, 4) boxes or put {{img}} in the path")
     return path, boxes
 
 
-def _pair_pictures(args, pairs, n_regions: int) -> dict:
+def _pair_pictures(args, pairs, n_regions: int, n_img: int, n_cap: int) -> dict:
     """{image index: (RGB image, boxes (R, 4))} for the overlay, read and checked up front."""
     if (args.image is None) != (args.boxes is None):
         raise ValueError("--image and --boxes go together (the overlay needs both)")
@@ -650,7 +651,7 @@ def _pair_pictures(args, pairs, n_regions: int) -> dict:
         image_path = args.image.replace("{img}", str(i))
         if not os.path.isfile(image_path):
             raise FileNotFoundError(f"--image {image_path}: file not found")
-        boxes_path, boxes = _boxes_of(args.boxes, i, pairs)
+        boxes_path, boxes = _boxes_of(args.boxes, i, pairs, n_img, n_cap)
         try:
             image = imread(image_path)
         except Exception as err:  # noqa: BLE001 -- PIL / PNG errors of several kinds
@@ -692,7 +693,7 @@ def run_command(args) -> int:
                   else list(head_directions(head, **options)))
     labels = (_caption_labels(args.captions, sorted({j for _, j in pairs}), lens_all, args.vocab)
               if args.captions else {})
-    pictures = _pair_pictures(args, pairs, img_all.shape[1])
+    pictures = _pair_pictures(args, pairs, img_all.shape[1], img_all.shape[0], cap_all.shape[0])
 
     # Only the images and captions the pairs use leave the (memory-mapped) files.
     images, captions = sorted({i for i, _ in pairs}), sorted({j for _, j in pairs})

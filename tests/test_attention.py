@@ -442,6 +442,21 @@ def test_command_laps_writes_both_directions_and_a_checkpoint_head_its_last_step
     assert_close(torch.from_numpy(np.load(tmp / "out" / "img2_cap4_t2i.npy")), want, BIT_EQUAL)
 
 
+def test_split_boxes_per_image_or_per_caption_row(tmp_path):
+    """One boxes file for the split: a row per image, or the public test_ims_bbx.npy's row per
+    caption (image i's boxes at row 5 i)."""
+    per_caption = np.arange(15 * 4 * 4, dtype=np.float64).reshape(15, 4, 4)
+    np.save(tmp_path / "bbx.npy", per_caption)
+    path, boxes = attention._boxes_of(str(tmp_path / "bbx.npy"), 2, [(2, 11), (0, 1)], 3, 15)
+    assert_bit_equal(torch.from_numpy(boxes), torch.from_numpy(per_caption[10]))
+    np.save(tmp_path / "bbx.npy", per_caption[:3])
+    _, boxes = attention._boxes_of(str(tmp_path / "bbx.npy"), 2, [(2, 11), (0, 1)], 3, 15)
+    assert_bit_equal(torch.from_numpy(boxes), torch.from_numpy(per_caption[2]))
+    np.save(tmp_path / "bbx.npy", per_caption[:7])
+    with pytest.raises(ValueError, match=r"holds 7 rows of boxes; expected one per image \(3\)"):
+        attention._boxes_of(str(tmp_path / "bbx.npy"), 2, [(2, 11)], 3, 15)
+
+
 @pytest.mark.parametrize("extra,match", [
     (["--pairs", "0-1"], "--pairs must be image:caption index pairs"),
     (["--pairs", "0:1,0:1"], "--pairs lists 0:1 more than once"),
