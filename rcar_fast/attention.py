@@ -12,6 +12,8 @@ n_region); its region2word weights are the transpose of our i2t map). What a map
   ``smooth`` as ``scan_similarity`` takes them (``agg`` / ``lse_lambda`` are accepted and
   checked, and do not change the weights). t2i: row w is word w's softmax over the regions
   (rows sum to 1); i2t: column r is region r's softmax over the words (columns sum to 1).
+  A SCAN checkpoint's ``SCANHead`` (``load_checkpoint(...).sim_enc``) gives the same at its
+  own direction, raw_norm and smooth.
 * an RCAR head module (``RCARSimilarity`` / ``reference.RCARHead``): the same softmax at the
   head's own direction, with the per-word modulation and temperature of RCAR's LAST attention
   step (``step`` picks another: 0 .. n_steps - 1, or negative from the end; only_rar has one
@@ -25,8 +27,8 @@ n_region); its region2word weights are the transpose of our i2t map). What a map
   ``coding="vsa"`` (CHAN's VSA, i2t): column r is softmax_w(S[r, .] / vsa_tau) instead.
 
 ``direction`` chooses the map: "t2i" or "i2t"; None means the head's own (SCAN: "t2i"). A head
-that scores both directions ("laps", or direction="both") needs it named. An RCAR head's map
-is its own direction only.
+that scores both directions ("laps") needs it named. A module's (RCAR head, SCANHead) and a
+one-direction preset's map is their own direction only.
 
 Computed pair by pair on the real block (sliced, so padding, NaN or not, is never read), in
 float64 whatever the inputs' dtype (an RCAR head is copied to float64 for the call), without
@@ -47,6 +49,7 @@ from rcar_fast import reference_math, validate
 from rcar_fast.atomic import atomic_path
 from rcar_fast.contract import (CHAN_TAU, DIRECTIONS, HEAD_CODINGS, HEAD_NORMALIZATIONS,
                                 HEAD_PRESETS, HEAD_TAU_MIN, POOLS, UNIT_NORM_EPS)
+from rcar_fast.encoders import SCANHead
 from rcar_fast.heads import RCARHead
 from rcar_fast.pairs import SCAN_DEFAULTS
 
@@ -294,7 +297,15 @@ def _resolve_head(head, step, options: dict, dtype: torch.dtype = torch.float64)
                      f"this RCAR head (direction {head.direction!r})")
     if step != -1:
         raise TypeError("step applies to an RCAR head only (the other heads have one attention)")
-    if head == "scan":
+    if isinstance(head, SCANHead):          # a SCAN checkpoint's sim_enc: its own settings
+        if options:
+            raise TypeError(f"keywords {sorted(options)} do not apply to a SCANHead (its "
+                            "settings are the module's attributes)")
+        settings = {k: v for k, v in head.options().items() if k != "direction"}
+        resolved = _scan_head(settings, dtype)
+        return resolved._replace(allowed=(head.direction,), default=head.direction,
+                                 what=f"this SCANHead (direction {head.direction!r})")
+    if isinstance(head, str) and head == "scan":
         return _scan_head(options, dtype)
     if isinstance(head, str) and head in HEAD_NAMES:
         settings = _maxsim_settings(head, dict(options))
@@ -307,8 +318,9 @@ def _resolve_head(head, step, options: dict, dtype: torch.dtype = torch.float64)
             allowed, default = DIRECTIONS, (None if own == "both" else "t2i")
         return _Head(allowed, default, lambda direction: _maxsim_map_fn(direction, settings),
                      f"head {head!r}")
-    raise ValueError(f"head must be one of {HEAD_NAMES} or an RCAR head module "
-                     f"(rcar_fast.RCARSimilarity / reference.RCARHead), got {head!r}")
+    raise ValueError(f"head must be one of {HEAD_NAMES}, an RCAR head module "
+                     f"(rcar_fast.RCARSimilarity / reference.RCARHead) or a SCAN checkpoint's "
+                     f"SCANHead, got {type(head).__name__} {head!r}")
 
 
 def head_directions(head="scan", step: int = -1, **options) -> tuple:
@@ -554,7 +566,7 @@ def parse_pairs(text: str) -> List[tuple]:
 
 
 def _command_head(args):
-    """(head, options, description) from --checkpoint or --head and the option flags."""
+    """(head, its options, a description) from --checkpoint or --head and the option flags."""
     scan_flags = {"smooth": args.smooth, "raw_norm": args.raw_norm}
     maxsim_flags = {"normalize": args.normalize, "coding": args.coding}
     if args.checkpoint is not None:
@@ -563,18 +575,20 @@ def _command_head(args):
         if args.head is not None:
             raise ValueError("give --checkpoint or --head, not both")
         model = load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
-        name = os.path.basename(args.checkpoint)
-        if model.kind == "scan":
-            options = {k: v for k, v in model.sim_enc.options().items() if k != "direction"}
-            return "scan", options, model.sim_enc.direction, f"SCAN ({name})"
-        return model.sim_enc, {}, None, f"RCAR {model.sim_enc.regulator} ({name})"
+        unused = [f"--{k.replace('_', '-')}" for k, v in {**scan_flags, **maxsim_flags}.items()
+                  if v is not None]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} do(es) not apply to --checkpoint (the "
+                             f"checkpoint's settings are used)")
+        kind = "SCAN" if model.kind == "scan" else f"RCAR {model.sim_enc.regulator}"
+        return model.sim_enc, {}, f"{kind} ({os.path.basename(args.checkpoint)})"
     head = args.head or "scan"
     flags = scan_flags if head == "scan" else maxsim_flags
     other = maxsim_flags if head == "scan" else scan_flags
     unused = [f"--{k.replace('_', '-')}" for k, v in other.items() if v is not None]
     if unused:
         raise ValueError(f"{', '.join(unused)} do(es) not apply to --head {head}")
-    return head, {k: v for k, v in flags.items() if v is not None}, None, head
+    return head, {k: v for k, v in flags.items() if v is not None}, head
 
 
 def _caption_labels(path, caption_ids, lens, vocab_path) -> dict:
@@ -684,13 +698,9 @@ def run_command(args) -> int:
     pairs = parse_pairs(args.pairs)
     img_all, cap_all, lens_all = data.load_embeddings(args.embeddings)
     pair_list(pairs, img_all.shape[0], cap_all.shape[0])           # range check, named
-    head, options, own_direction, description = _command_head(args)
-    if own_direction and args.direction not in (None, own_direction):
-        raise ValueError(f"--direction {args.direction}: the checkpoint's SCAN model attends "
-                         f"{own_direction}")
+    head, options, description = _command_head(args)
     # A head scoring both directions (laps) gets both maps unless --direction picks one.
-    directions = ([args.direction] if args.direction else [own_direction] if own_direction
-                  else list(head_directions(head, **options)))
+    directions = [args.direction] if args.direction else list(head_directions(head, **options))
     labels = (_caption_labels(args.captions, sorted({j for _, j in pairs}), lens_all, args.vocab)
               if args.captions else {})
     pictures = _pair_pictures(args, pairs, img_all.shape[1], img_all.shape[0], cap_all.shape[0])

@@ -10,9 +10,11 @@ import torch
 from rcar_fast import attention, cli, data, reference_math
 from rcar_fast.attention import attention_maps
 from rcar_fast.checkpoint import load_rcar_checkpoint
+from rcar_fast.encoders import SCANHead
 from rcar_fast.heads import RCARHead
 from tests.inputs import make_inputs
 from tests.test_checkpoint import SIZES, make_official_checkpoint
+from tests.test_scan_checkpoint import save_scan_checkpoint, scan_opt
 from tests.tolerances import (BIT_EQUAL, F64_IDENTITY, F64_SOFTMAX_SUMS_TO_ONE, PNG_COLOUR,
                               assert_bit_equal, assert_close)
 
@@ -89,6 +91,20 @@ def test_pair_forms_and_ragged_shapes():
         assert_bit_equal(a, b)
         assert_bit_equal(a, c)
     assert attention_maps(img, cap, lens, [], img_lens=img_lens) == []
+
+
+def test_a_scan_checkpoints_head_maps_with_its_own_settings():
+    img, cap, lens, img_lens = ragged(seed=7)
+    head = SCANHead(direction="i2t", raw_norm="l2norm", smooth=4.0, agg="mean")
+    got = attention_maps(img, cap, lens, PAIRS, head, img_lens=img_lens)
+    want = attention_maps(img, cap, lens, PAIRS, "scan", img_lens=img_lens, direction="i2t",
+                          raw_norm="l2norm", smooth=4.0)
+    for g, w in zip(got, want):
+        assert_bit_equal(g, w)
+    with pytest.raises(ValueError, match="not a direction of this SCANHead"):
+        attention_maps(img, cap, lens, PAIRS, head, img_lens=img_lens, direction="t2i")
+    with pytest.raises(TypeError, match="do not apply to a SCANHead"):
+        attention_maps(img, cap, lens, PAIRS, head, img_lens=img_lens, smooth=9.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,6 +456,11 @@ def test_command_laps_writes_both_directions_and_a_checkpoint_head_its_last_step
                 "--dpi", "20") == 0
     (want,) = attention_maps(ds.img, ds.cap, ds.lens, [(2, 4)], load_rcar_checkpoint(ckpt).sim_enc)
     assert_close(torch.from_numpy(np.load(tmp / "out" / "img2_cap4_t2i.npy")), want, BIT_EQUAL)
+    save_scan_checkpoint(tmp / "scan.pth.tar", scan_opt(cross_attn="i2t", lambda_softmax=4.0))
+    assert _run(tmp, "--pairs", "2:4", "--checkpoint", str(tmp / "scan.pth.tar"),
+                "--save-weights", "--dpi", "20") == 0
+    (want,) = attention_maps(ds.img, ds.cap, ds.lens, [(2, 4)], "scan", direction="i2t", smooth=4.0)
+    assert_bit_equal(torch.from_numpy(np.load(tmp / "out" / "img2_cap4_i2t.npy")), want)
 
 
 def test_split_boxes_per_image_or_per_caption_row(tmp_path):
@@ -475,10 +496,16 @@ def test_split_boxes_per_image_or_per_caption_row(tmp_path):
     (["--pairs", "0:0", "--word", "zebra", "--captions", "{tmp}/caps.txt", "--image",
       "{tmp}/im0.png", "--boxes", "{tmp}/boxes.npy"], "--word 'zebra' is not a word"),
     (["--pairs", "0:0", "--cmap", "no-such-map"], "cmap must name a matplotlib colormap"),
+    (["--pairs", "0:0", "--checkpoint", "{tmp}/scan.pth.tar", "--direction", "t2i"],
+     "not a direction of this SCANHead"),
+    (["--pairs", "0:0", "--checkpoint", "{tmp}/scan.pth.tar", "--smooth", "4"],
+     "--smooth do.* not apply to --checkpoint"),
+    (["--pairs", "0:0", "--checkpoint", "{tmp}/scan.pth.tar", "--head", "scan"], "not both"),
 ])
 def test_command_mistakes_give_one_line_exit_2_and_no_file(split, capsys, extra, match):
     _, tmp = split
     np.save(tmp / "bad_boxes.npy", np.zeros((3, 4)))
+    save_scan_checkpoint(tmp / "scan.pth.tar", scan_opt(cross_attn="i2t"))
     (tmp / "short_caps.txt").write_text("a dog\n" * 15)
     rc = _run(tmp, *[a.replace("{tmp}", str(tmp)) for a in extra])
     err = capsys.readouterr().err
