@@ -47,11 +47,12 @@ import torch
 
 from rcar_fast import reference_math, validate
 from rcar_fast.atomic import atomic_path
-from rcar_fast.contract import (CHAN_TAU, DIRECTIONS, HEAD_CODINGS, HEAD_NORMALIZATIONS,
-                                HEAD_PRESETS, HEAD_TAU_MIN, POOLS, UNIT_NORM_EPS)
+from rcar_fast.contract import DIRECTIONS, HEAD_PRESETS
 from rcar_fast.encoders import SCANHead
 from rcar_fast.heads import RCARHead
+from rcar_fast.ops import maxsim as maxsim_op
 from rcar_fast.pairs import SCAN_DEFAULTS
+from rcar_fast.reference_heads import unit_normalize
 
 __all__ = ["attention_maps", "attention_steps", "pair_list", "overlay", "render_pair",
            "save_figure", "HEAD_NAMES"]
@@ -59,9 +60,8 @@ __all__ = ["attention_maps", "attention_steps", "pair_list", "overlay", "render_
 # The S-only heads by name: "maxsim" takes max_similarity's parameters, a preset fills them.
 MAXSIM_HEAD = "maxsim"
 HEAD_NAMES = ("scan", MAXSIM_HEAD) + tuple(HEAD_PRESETS)
-# max_similarity's keyword parameters (besides direction) and their defaults.
-MAXSIM_DEFAULTS = dict(pool="mean", tau=CHAN_TAU, leaky=False, normalize="none", both_scale=0.5,
-                       coding="max", vsa_tau=CHAN_TAU)
+# max_similarity's keyword parameters and their defaults.
+MAXSIM_DEFAULTS = maxsim_op.DEFAULTS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,45 +97,6 @@ def pair_list(pairs, n_img: int, n_cap: int) -> List[tuple]:
     return found
 
 
-def _region_counts(img_lens, img: torch.Tensor) -> List[int]:
-    """Real regions per image: img_lens (n_img,) integers in [1, R], or R for every image."""
-    n_img, n_regions = img.shape[0], img.shape[1]
-    if img_lens is None:
-        return [n_regions] * n_img
-    if isinstance(img_lens, (torch.Tensor, np.ndarray)):
-        kind_ok = (not (img_lens.dtype.is_floating_point or img_lens.dtype.is_complex
-                        or img_lens.dtype == torch.bool)
-                   if isinstance(img_lens, torch.Tensor) else img_lens.dtype.kind in "iu")
-        if not kind_ok or img_lens.ndim != 1:
-            raise TypeError(f"img_lens must be None or integers of shape (n_img,) = ({n_img},), "
-                            f"got dtype {img_lens.dtype} and shape {tuple(img_lens.shape)}")
-        values = [int(v) for v in img_lens.tolist()]
-    else:
-        values = list(img_lens) if hasattr(img_lens, "__iter__") and not isinstance(
-            img_lens, (str, bytes, dict)) else None
-        if values is None or not all(validate._is_integer_scalar(v) for v in values):
-            raise TypeError(f"img_lens must be None or integers of shape (n_img,) = ({n_img},), "
-                            f"got {type(img_lens).__name__}")
-    if len(values) != n_img:
-        raise ValueError(f"img_lens must have shape (n_img,) = ({n_img},), got {len(values)} values")
-    if values and (min(values) < 1 or max(values) > n_regions):
-        raise ValueError(f"img_lens must lie in [1, R={n_regions}] (R = img.shape[1]), got min "
-                         f"{min(values)}, max {max(values)}")
-    return [int(v) for v in values]
-
-
-def _check_finite(img, cap, regions: List[int], words: List[int], pairs) -> None:
-    """NaN / Inf only in padding, checked on the images and captions the pairs use."""
-    for i in sorted({i for i, _ in pairs}):
-        if not bool(torch.isfinite(img[i, :regions[i]]).all()):
-            raise ValueError(f"img holds NaN or Inf at real regions of image {i} (positions < "
-                             f"img_lens[{i}] = {regions[i]}); only padding may be non-finite")
-    for j in sorted({j for _, j in pairs}):
-        if not bool(torch.isfinite(cap[j, :words[j]]).all()):
-            raise ValueError(f"cap holds NaN or Inf at real word positions of caption {j} "
-                             f"(positions < lens[{j}] = {words[j]}); only padding may be non-finite")
-
-
 class _Head(NamedTuple):
     """A resolved head: the directions it maps, its default one (None: it scores both, the
     caller must choose) and make(direction) -> the pair function."""
@@ -159,45 +120,24 @@ def _choose_direction(direction, head: _Head) -> str:
     return direction
 
 
-def _maxsim_settings(head: str, options: dict) -> dict:
-    """max_similarity's parameters of an S-only head with the preset filled in; a parameter
-    that contradicts the preset is an error naming both."""
-    unknown = set(options) - set(MAXSIM_DEFAULTS) - {"preset"}
+def _maxsim_settings(head: str, options: dict, direction) -> dict:
+    """max_similarity's settings of an S-only head (validate.head_settings: the preset filled
+    in, a contradicting argument an error naming both). Without a preset the head's direction
+    is the map's."""
+    accepted = (set(MAXSIM_DEFAULTS) - {"direction"}) | {"preset"}
+    unknown = set(options) - accepted
     if unknown:
         raise TypeError(f"unexpected keyword(s) {sorted(unknown)} for head {head!r}; expected "
-                        f"some of {sorted(MAXSIM_DEFAULTS) + ['preset']} (the map's direction "
-                        f"is direction=)")
+                        f"some of {sorted(accepted)} (the map's direction is direction=)")
     preset = options.pop("preset", None)
     if head != MAXSIM_HEAD:
         if preset not in (None, head):
             raise ValueError(f"preset={preset!r} contradicts head={head!r} (a preset name)")
         preset = head
-    settings = dict(MAXSIM_DEFAULTS, direction=None)
-    if preset is not None:
-        validate.choice(preset, "preset", tuple(HEAD_PRESETS))
-        for name, value in HEAD_PRESETS[preset].items():
-            if options.get(name) is not None and options[name] != value:
-                raise ValueError(f"{name}={options[name]!r} contradicts preset {preset!r} "
-                                 f"({name}={value!r})")
-        settings.update(HEAD_PRESETS[preset])
-    settings.update({k: v for k, v in options.items() if v is not None})
-    _check_maxsim_settings(settings)
-    return settings
-
-
-def _check_maxsim_settings(settings: dict) -> None:
-    validate.choice(settings["pool"], "pool", POOLS)
-    validate.choice(settings["normalize"], "normalize", HEAD_NORMALIZATIONS)
-    validate.choice(settings["coding"], "coding", HEAD_CODINGS)
-    if not isinstance(settings["leaky"], (bool, np.bool_)):
-        raise TypeError(f"leaky must be True or False, got {settings['leaky']!r}")
-    validate.number(settings["both_scale"], "both_scale")
-    for name in ("tau", "vsa_tau"):
-        if validate.positive_number(settings[name], name) < HEAD_TAU_MIN:
-            raise ValueError(f"{name} must be at least {HEAD_TAU_MIN:g}, got {settings[name]!r}")
-    if settings["coding"] == "vsa" and settings["direction"] not in (None, "i2t"):
-        raise ValueError(f"coding='vsa' (CHAN's VSA) is i2t only, got preset direction "
-                         f"{settings['direction']!r}")
+    given = {k: v for k, v in options.items() if v is not None}
+    if preset is None and direction is not None:
+        given["direction"] = direction
+    return validate.head_settings(preset, given, MAXSIM_DEFAULTS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,15 +182,10 @@ def _rcar_map_fn(head: RCARHead, step: int):
     return fn
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """x / max(|x|, 1e-12) per vector (HEADS.md normalize="unit")."""
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=UNIT_NORM_EPS)
-
-
 def _maxsim_map_fn(direction: str, settings: dict):
     def fn(regions, words):
         if settings["normalize"] == "unit":
-            regions, words = _unit(regions), _unit(words)
+            regions, words = unit_normalize(regions), unit_normalize(words)
         tile = regions @ words.T                                     # S (R_i, L)
         if settings["coding"] == "vsa":                              # a_r = softmax_w(S / tau)
             return torch.softmax(tile / settings["vsa_tau"], dim=1).T
@@ -287,7 +222,8 @@ def _scan_head(options: dict, dtype: torch.dtype) -> _Head:
                  lambda direction: _scan_map_fn(direction, kw["raw_norm"], smooth), "SCAN")
 
 
-def _resolve_head(head, step, options: dict, dtype: torch.dtype = torch.float64) -> _Head:
+def _resolve_head(head, step, options: dict, dtype: torch.dtype = torch.float64,
+                  direction=None) -> _Head:
     if isinstance(head, RCARHead):
         if options:
             raise TypeError(f"keywords {sorted(options)} do not apply to an RCAR head (its "
@@ -308,16 +244,11 @@ def _resolve_head(head, step, options: dict, dtype: torch.dtype = torch.float64)
     if isinstance(head, str) and head == "scan":
         return _scan_head(options, dtype)
     if isinstance(head, str) and head in HEAD_NAMES:
-        settings = _maxsim_settings(head, dict(options))
+        settings = _maxsim_settings(head, dict(options), direction)
         own = settings["direction"]
-        if settings["coding"] == "vsa":
-            allowed, default = ("i2t",), "i2t"
-        elif own in DIRECTIONS:
-            allowed, default = (own,), own
-        else:   # "both", or no preset: max_similarity's default t2i, either map allowed
-            allowed, default = DIRECTIONS, (None if own == "both" else "t2i")
-        return _Head(allowed, default, lambda direction: _maxsim_map_fn(direction, settings),
-                     f"head {head!r}")
+        allowed = DIRECTIONS if own == "both" else (own,)
+        return _Head(allowed, None if own == "both" else own,
+                     lambda chosen: _maxsim_map_fn(chosen, settings), f"head {head!r}")
     raise ValueError(f"head must be one of {HEAD_NAMES}, an RCAR head module "
                      f"(rcar_fast.RCARSimilarity / reference.RCARHead) or a SCAN checkpoint's "
                      f"SCANHead, got {type(head).__name__} {head!r}")
@@ -326,7 +257,8 @@ def _resolve_head(head, step, options: dict, dtype: torch.dtype = torch.float64)
 def head_directions(head="scan", step: int = -1, **options) -> tuple:
     """The map direction(s) of the head's own scoring: (its direction,), or ("t2i", "i2t")
     for a head that scores both (where attention_maps needs direction= named)."""
-    resolved = _resolve_head(head, step, dict(options))
+    direction = options.pop("direction", None)
+    resolved = _resolve_head(head, step, options, direction=direction)
     return resolved.allowed if resolved.default is None else (resolved.default,)
 
 
@@ -345,15 +277,15 @@ def attention_maps(img, cap, lens, pairs, head="scan", *, img_lens=None, directi
     map's, "t2i" | "i2t" (None: the head's own); step: an RCAR head's attention step. Returns one (lens[j], img_lens[i]) float64
     tensor per pair, in order, on img's device.
     """
-    lens = validate.similarity_inputs(img, cap, lens, check_finite=False)
-    regions = _region_counts(img_lens, img)
-    words = [int(v) for v in lens.tolist()]
+    if lens is None:
+        raise TypeError("lens must be the caption lengths (n_cap,), got None")
+    lens, img_lens = validate.head_inputs(img, cap, lens, img_lens)
+    regions, words = img_lens.tolist(), lens.tolist()
     chosen = pair_list(pairs, img.shape[0], cap.shape[0])
-    resolved = _resolve_head(head, step, dict(options), img.dtype)
+    resolved = _resolve_head(head, step, dict(options), img.dtype, direction)
     if isinstance(head, RCARHead):
         validate.head_fits(head, img)
     pair_fn = resolved.make(_choose_direction(direction, resolved))
-    _check_finite(img, cap, regions, words, chosen)
     with torch.no_grad():
         return [pair_fn(img[i, :regions[i]].to(torch.float64), cap[j, :words[j]].to(torch.float64))
                 for i, j in chosen]

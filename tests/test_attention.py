@@ -12,6 +12,7 @@ from rcar_fast.attention import attention_maps
 from rcar_fast.checkpoint import load_rcar_checkpoint
 from rcar_fast.encoders import SCANHead
 from rcar_fast.heads import RCARHead
+from rcar_fast.reference_heads import max_similarity_reference
 from tests.inputs import make_inputs
 from tests.test_checkpoint import SIZES, make_official_checkpoint
 from tests.test_scan_checkpoint import save_scan_checkpoint, scan_opt
@@ -186,6 +187,10 @@ def test_maxsim_one_hot_at_the_first_argmax_and_the_max_it_selects():
                                                                dtype=torch.float64))
             maxima = tile.amax(dim=0 if direction == "t2i" else 1)
             assert_bit_equal((one_hot * tile.T).sum(dim=axis), maxima)
+            # the maxima the one-hots select, summed: the reference's MrSw / MwSr score
+            want = max_similarity_reference(img, cap, lens, img_lens, direction=direction,
+                                            pool="sum", loop=True)[i, j]
+            assert_close(maxima.sum(), want, F64_IDENTITY)
             first = one_hot.argmax(dim=axis)                   # argmax of a one-hot: its 1
             if (i, j, direction) == (0, 0, "t2i"):
                 assert (first != 4).all() and (first == 1).any(), "ties go to the first region"
@@ -208,21 +213,26 @@ def test_unit_normalisation_changes_the_argmax_leaky_and_pool_do_not():
 def test_vsa_coding_columns_are_each_regions_softmax_over_the_words():
     img, cap, lens, img_lens = ragged(seed=6)
     maps = attention_maps(img, cap, lens, PAIRS, "maxsim", img_lens=img_lens, coding="vsa",
-                          vsa_tau=0.5)
+                          vsa_tau=0.5, direction="i2t")
     for (i, j), weights in zip(PAIRS, maps):
         regions, words = sliced(img, cap, lens, img_lens, i, j)
         assert_close(weights.sum(dim=0), torch.ones(len(regions), dtype=torch.float64),
                      F64_SOFTMAX_SUMS_TO_ONE)
-        # log-weights differ from S / tau by a per-region constant (the softmax's normaliser)
-        shifted = weights.log().T - (regions @ words.T) / 0.5
-        assert_close(shifted - shifted[:, :1], torch.zeros_like(shifted), F64_IDENTITY)
+        # CHAN's VSA code of each region from these weights, summed: the reference's score
+        context = weights.T @ words                                    # c_r (R_i, d)
+        codes = (regions * context).sum(dim=1) / (context.norm(dim=1) + reference_math.EPS)
+        want = max_similarity_reference(img, cap, lens, img_lens, direction="i2t", pool="sum",
+                                        coding="vsa", vsa_tau=0.5, loop=True)[i, j]
+        assert_close(codes.sum(), want, F64_IDENTITY)
 
 
 def test_head_directions():
     assert attention.head_directions("laps") == ("t2i", "i2t")
     assert attention.head_directions("chan") == ("t2i",)
     assert attention.head_directions("scan") == ("t2i",)
-    assert attention.head_directions("maxsim", coding="vsa") == ("i2t",)
+    assert attention.head_directions("maxsim", coding="vsa", direction="i2t") == ("i2t",)
+    with pytest.raises(ValueError, match="coding='vsa' .* needs direction='i2t'"):
+        attention.head_directions("maxsim", coding="vsa")
     assert attention.head_directions(_head("only_rar", 1, "i2t")) == ("i2t",)
 
 
@@ -239,13 +249,14 @@ def test_head_directions():
     (dict(direction="both"), ValueError, "direction must be one of"),
     (dict(head="chan", direction="i2t"), ValueError, "not a direction of head 'chan'"),
     (dict(head="laps"), ValueError, "direction: head 'laps' scores both directions"),
-    (dict(head="chan", normalize="unit"), ValueError, r"normalize='unit' contradicts preset 'chan'"),
-    (dict(head="maxsim", preset="chan", normalize="unit"), ValueError, "contradicts preset 'chan'"),
+    (dict(head="chan", normalize="unit"), ValueError,
+     r"preset='chan' sets normalize='none', but normalize='unit' was passed"),
+    (dict(head="maxsim", preset="chan", normalize="unit"), ValueError, "preset='chan' sets"),
     (dict(head="chan", preset="laps"), ValueError, "contradicts head='chan'"),
     (dict(head="maxsim", pool="median"), ValueError, "pool must be one of"),
     (dict(head="maxsim", tau=0.0), ValueError, "tau must be a positive"),
     (dict(head="maxsim", leaky=1), TypeError, "leaky must be True or False"),
-    (dict(head="maxsim", coding="vsa", direction="t2i"), ValueError, "not a direction of"),
+    (dict(head="maxsim", coding="vsa", direction="t2i"), ValueError, "needs direction='i2t'"),
     (dict(head="maxsim", smooth=3.0), TypeError, r"unexpected keyword\(s\) \['smooth'\]"),
     (dict(smooth=0.0), ValueError, "smooth must be a positive"),
     (dict(smooth=5e6), ValueError, "smooth must be at most 1e\\+06"),
@@ -254,7 +265,7 @@ def test_head_directions():
     (dict(step=0), TypeError, "step applies to an RCAR head only"),
     (dict(img_lens=[7, 1, 1]), ValueError, r"img_lens must lie in \[1, R=6\]"),
     (dict(img_lens=[1, 1]), ValueError, r"img_lens must have shape \(n_img,\) = \(3,\)"),
-    (dict(img_lens=[1.0, 1, 1]), TypeError, "img_lens must be None or integers"),
+    (dict(img_lens=[1.0, 1, 1]), TypeError, "img_lens must hold integers"),
     (dict(lens=[9, 1, 1, 1, 1]), ValueError, "lens must lie in"),
 ])
 def test_bad_arguments_are_refused_with_one_clear_error(call, error, match):
@@ -267,11 +278,11 @@ def test_bad_arguments_are_refused_with_one_clear_error(call, error, match):
 
 def test_non_finite_real_values_and_rcar_misfits_are_refused():
     img, cap, lens, img_lens = ragged()
-    with pytest.raises(ValueError, match="img holds NaN or Inf at real regions of image 1"):
+    with pytest.raises(ValueError, match=r"img holds NaN or Inf at real positions \(rows < img_lens\)"):
         attention_maps(img, cap, lens, [(1, 0)], img_lens=[6, 4, 1])
     bad_cap = cap.clone()
     bad_cap[1, 0, 0] = float("inf")
-    with pytest.raises(ValueError, match="cap holds NaN or Inf at real word positions of caption 1"):
+    with pytest.raises(ValueError, match=r"cap holds NaN or Inf at real positions \(rows < lens\)"):
         attention_maps(img, bad_cap, lens, [(0, 1)], img_lens=img_lens)
     head = _head("coop_rcar", 2, d=5)
     with pytest.raises(ValueError, match="embed_dim = 5"):
