@@ -28,7 +28,8 @@ n_region); its region2word weights are the transpose of our i2t map). What a map
 
 ``direction`` chooses the map: "t2i" or "i2t"; None means the head's own (SCAN: "t2i"). A head
 that scores both directions ("laps") needs it named. A module's (RCAR head, SCANHead) and a
-one-direction preset's map is their own direction only.
+one-direction preset's map is their own direction only; for "maxsim" without a preset it is
+the head's direction (default "t2i"; coding="vsa" needs "i2t", as in max_similarity).
 
 Computed pair by pair on the real block (sliced, so padding, NaN or not, is never read), in
 float64 whatever the inputs' dtype (an RCAR head is copied to float64 for the call), without
@@ -172,7 +173,9 @@ def attention_steps(head: RCARHead) -> int:
 
 
 def _rcar_map_fn(head: RCARHead, step: int):
-    head64 = copy.deepcopy(head).to(torch.float64)
+    # A float64 copy in eval mode: the caller's head keeps its dtype, mode and RNG stream (RAR's
+    # dropout, which would draw numbers in training mode, does not touch the attention).
+    head64 = copy.deepcopy(head).to(torch.float64).eval()
 
     def fn(regions, words):
         query, context = _orient(head.direction, regions.unsqueeze(0), words.unsqueeze(0))

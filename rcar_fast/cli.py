@@ -157,8 +157,9 @@ def _attention_parser(sub):
                                      "vocabulary json")
     att.add_argument("--image", help="the image file of the overlay ({img} in the path: the "
                                      "pair's image index)")
-    att.add_argument("--boxes", help=".npy of the region boxes, (R, 4) or (n_img, R, 4), BUTD "
-                                     "x1 y1 x2 y2 in pixels ({img} as for --image)")
+    att.add_argument("--boxes", help=".npy of the region boxes, BUTD x1 y1 x2 y2 in pixels: "
+                                     "(R, 4), (n_img, R, 4) or one row per caption (the public "
+                                     "test_ims_bbx.npy); {img} as for --image")
     att.add_argument("--word", help="overlay this word only (its index or text; default each)")
     att.add_argument("--cmap", default=DEFAULT_CMAP, help=f"colormap (default {DEFAULT_CMAP})")
     att.add_argument("--dpi", type=_positive_int, default=100)

@@ -156,14 +156,21 @@ def test_only_rcr_final_attention_reproduces_the_head_score():
         assert_close(score, want, F64_IDENTITY)
 
 
-def test_rcar_head_in_float32_is_not_changed():
-    head = _head("coop_rcar", 2).float()
+def test_the_callers_rcar_head_is_not_changed():
+    """A float32 head in training mode keeps its dtype, weights and mode, and the global RNG
+    is not drawn from (RAR's dropout plays no part in the attention)."""
+    head = _head("coop_rcar", 2).float().train()
     before = {k: v.clone() for k, v in head.state_dict().items()}
     img, cap, lens, img_lens = ragged(seed=4)
-    attention_maps(img.float(), cap.float(), lens, PAIRS, head, img_lens=img_lens)
+    rng = torch.get_rng_state()
+    in_training = attention_maps(img.float(), cap.float(), lens, PAIRS, head, img_lens=img_lens)
+    assert torch.equal(torch.get_rng_state(), rng) and head.training
     assert all(v.dtype == torch.float32 for v in head.state_dict().values())
     for k, v in head.state_dict().items():
         assert_bit_equal(v, before[k], what=k)
+    in_eval = attention_maps(img.float(), cap.float(), lens, PAIRS, head.eval(), img_lens=img_lens)
+    for a, b in zip(in_training, in_eval):
+        assert_bit_equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------
