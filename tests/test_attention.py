@@ -15,6 +15,7 @@ from rcar_fast.heads import RCARHead
 from rcar_fast.reference_heads import max_similarity_reference
 from tests.inputs import make_inputs
 from tests.test_checkpoint import SIZES, make_official_checkpoint
+from tests.test_data import write_vocab
 from tests.test_scan_checkpoint import save_scan_checkpoint, scan_opt
 from tests.tolerances import (BIT_EQUAL, F64_IDENTITY, F64_SOFTMAX_SUMS_TO_ONE, PNG_COLOUR,
                               assert_bit_equal, assert_close)
@@ -411,7 +412,8 @@ def test_a_failed_write_leaves_no_file(tmp_path):
 # The rcar-fast attention command
 # ---------------------------------------------------------------------------------------------
 
-WORDS = "a dog runs on the green grass near two old trees by a lake today".split()
+WORDS = ("a dog runs on the green grass near two old trees by a lake today while three small "
+         "birds sing in the warm morning light and one cat sleeps").split()   # 29: > any caption
 
 
 @pytest.fixture
@@ -422,9 +424,15 @@ def split(tmp_path):
     _matplotlib()
     ds = data.synthetic(n_images=3, regions=4, dim=SIZES["embed_size"], seed=3)
     data.save_embeddings(tmp_path / "emb", *ds)
-    # The synthetic captions count <start> and <end> in their lengths, as the encoders do.
+    # The synthetic captions count <start> and <end> in their lengths, as the encoders do:
+    # caps.txt holds their text, ids.txt their word ids (for --vocab, no tokenizer needed).
     (tmp_path / "caps.txt").write_text(
         "".join(" ".join(WORDS[:int(n) - 2]) + "\n" for n in ds.lens.tolist()))
+    word2idx = write_vocab(tmp_path / "vocab.json", ["<pad>", "<start>", "<end>", "<unk>"]
+                           + sorted(set(WORDS)))
+    (tmp_path / "ids.txt").write_text("".join(
+        " ".join(str(word2idx[w]) for w in ["<start>", *WORDS[:int(n) - 2], "<end>"]) + "\n"
+        for n in ds.lens.tolist()))
     rng = np.random.default_rng(2)
     for i in (0, 2):
         imsave(tmp_path / f"im{i}.png", (rng.random((24, 32, 3)) * 255).astype(np.uint8))
@@ -441,9 +449,9 @@ def _run(tmp_path, *extra):
 
 def test_command_writes_a_png_per_pair_with_the_overlay(split, capsys):
     ds, tmp = split
-    rc = _run(tmp, "--pairs", "0:0,2:11", "--captions", str(tmp / "caps.txt"), "--image",
-              str(tmp / "im{img}.png"), "--boxes", str(tmp / "boxes.npy"), "--save-weights",
-              "--dpi", "30")
+    rc = _run(tmp, "--pairs", "0:0,2:11", "--captions", str(tmp / "ids.txt"), "--vocab",
+              str(tmp / "vocab.json"), "--image", str(tmp / "im{img}.png"), "--boxes",
+              str(tmp / "boxes.npy"), "--save-weights", "--dpi", "30")
     assert rc == 0
     printed = capsys.readouterr().out.split()
     want = attention_maps(ds.img, ds.cap, ds.lens, [(0, 0), (2, 11)])
@@ -457,6 +465,18 @@ def test_command_writes_a_png_per_pair_with_the_overlay(split, capsys):
         assert_bit_equal(torch.from_numpy(np.load(str(stem) + ".npy")), weights)
     assert sorted(os.listdir(tmp / "out")) == sorted(
         f"img{i}_cap{j}_t2i.{ext}" for i, j in [(0, 0), (2, 11)] for ext in ("png", "npy"))
+
+
+def test_caption_text_labels_match_the_lengths_with_or_without_start_and_end(split):
+    pytest.importorskip("nltk", reason="tokenising caption text needs nltk (absent on the GPU image)")
+    ds, tmp = split
+    n = int(ds.lens[0])
+    labels = attention._caption_labels(str(tmp / "caps.txt"), [0], ds.lens, None)
+    assert labels == {0: ["<start>", *WORDS[:n - 2], "<end>"]}
+    (tmp / "bare.txt").write_text(" ".join(WORDS[:n]) + "\n")
+    assert attention._caption_labels(str(tmp / "bare.txt"), [0], ds.lens, None) == {0: WORDS[:n]}
+    assert _run(tmp, "--pairs", "0:0", "--captions", str(tmp / "caps.txt"), "--dpi", "20") == 0
+    assert os.path.isfile(tmp / "out" / "img0_cap0_t2i.png")
 
 
 def test_command_laps_writes_both_directions_and_a_checkpoint_head_its_last_step(split):
@@ -507,12 +527,16 @@ def test_split_boxes_per_image_or_per_caption_row(tmp_path):
      r"must have shape \(R, 4\) = \(4, 4\)"),
     (["--pairs", "0:0", "--image", "{tmp}/missing.png", "--boxes", "{tmp}/boxes.npy"],
      "file not found"),
-    (["--pairs", "0:0", "--captions", "{tmp}/short_caps.txt"], "words in --captions"),
+    (["--pairs", "0:0", "--captions", "{tmp}/short_ids.txt", "--vocab", "{tmp}/vocab.json"],
+     r"caption 0 has 2 words in --captions .* but \d+ in cap_lens"),
+    (["--pairs", "0:0", "--captions", "{tmp}/caps.txt", "--vocab", "{tmp}/vocab.json"],
+     "with --vocab each line holds word ids"),
     (["--pairs", "0:0", "--head", "chan", "--smooth", "3"], "--smooth do.* not apply to --head chan"),
     (["--pairs", "0:0", "--head", "chan", "--direction", "i2t"], "not a direction of head 'chan'"),
     (["--pairs", "0:0", "--word", "dog"], "--word selects the word of the overlay"),
-    (["--pairs", "0:0", "--word", "zebra", "--captions", "{tmp}/caps.txt", "--image",
-      "{tmp}/im0.png", "--boxes", "{tmp}/boxes.npy"], "--word 'zebra' is not a word"),
+    (["--pairs", "0:0", "--word", "zebra", "--captions", "{tmp}/ids.txt", "--vocab",
+      "{tmp}/vocab.json", "--image", "{tmp}/im0.png", "--boxes", "{tmp}/boxes.npy"],
+     "--word 'zebra' is not a word"),
     (["--pairs", "0:0", "--cmap", "no-such-map"], "cmap must name a matplotlib colormap"),
     (["--pairs", "0:0", "--checkpoint", "{tmp}/scan.pth.tar", "--direction", "t2i"],
      "not a direction of this SCANHead"),
@@ -524,7 +548,7 @@ def test_command_mistakes_give_one_line_exit_2_and_no_file(split, capsys, extra,
     _, tmp = split
     np.save(tmp / "bad_boxes.npy", np.zeros((3, 4)))
     save_scan_checkpoint(tmp / "scan.pth.tar", scan_opt(cross_attn="i2t"))
-    (tmp / "short_caps.txt").write_text("a dog\n" * 15)
+    (tmp / "short_ids.txt").write_text("1 2\n" * 15)
     rc = _run(tmp, *[a.replace("{tmp}", str(tmp)) for a in extra])
     err = capsys.readouterr().err
     assert rc == 2
