@@ -419,9 +419,9 @@ WORDS = ("a dog runs on the green grass near two old trees by a lake today while
 @pytest.fixture
 def split(tmp_path):
     """Embeddings of 3 images x 15 captions, the captions' text, two images and their boxes."""
+    _matplotlib()
     from matplotlib.image import imsave
 
-    _matplotlib()
     ds = data.synthetic(n_images=3, regions=4, dim=SIZES["embed_size"], seed=3)
     data.save_embeddings(tmp_path / "emb", *ds)
     # The synthetic captions count <start> and <end> in their lengths, as the encoders do:
