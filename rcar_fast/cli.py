@@ -130,15 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _attention_parser(sub):
-    from rcar_fast.attention import DEFAULT_CMAP, HEAD_NAMES
-    from rcar_fast.contract import DIRECTIONS, HEAD_CODINGS, HEAD_NORMALIZATIONS, RAW_NORMS
+    from rcar_fast.contract import (DIRECTIONS, HEAD_CODINGS, HEAD_NORMALIZATIONS, HEAD_PRESETS,
+                                    RAW_NORMS)
+
+    head_names = ("scan", "maxsim") + tuple(HEAD_PRESETS)    # rcar_fast.attention.HEAD_NAMES
 
     att = sub.add_parser("attention", help="attention maps of chosen pairs, one PNG per pair")
     att.add_argument("--embeddings", required=True, metavar="DIR",
                      help="folder with img_embs, cap_embs, cap_lens (.npy/.pt), as eval reads")
     att.add_argument("--pairs", required=True, help="image:caption index pairs, e.g. 0:0,0:1,3:15")
     att.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs (created)")
-    att.add_argument("--head", choices=HEAD_NAMES,
+    att.add_argument("--head", choices=head_names,
                      help="scan (default): SCAN's softmax; maxsim or a preset: the S-only "
                           "heads' argmax one-hot")
     att.add_argument("--checkpoint", help="an official RCAR (its head's last step) or SCAN "
@@ -161,7 +163,7 @@ def _attention_parser(sub):
                                      "(R, 4), (n_img, R, 4) or one row per caption (the public "
                                      "test_ims_bbx.npy); {img} as for --image")
     att.add_argument("--word", help="overlay this word only (its index or text; default each)")
-    att.add_argument("--cmap", default=DEFAULT_CMAP, help=f"colormap (default {DEFAULT_CMAP})")
+    att.add_argument("--cmap", default="jet", help="matplotlib colormap (default jet)")
     att.add_argument("--dpi", type=_positive_int, default=100)
     att.add_argument("--save-weights", action="store_true",
                      help="also write each map as .npy (L, R) next to its PNG")

@@ -555,3 +555,11 @@ def test_command_mistakes_give_one_line_exit_2_and_no_file(split, capsys, extra,
     assert len(err.strip().splitlines()) == 1 and err.startswith("rcar-fast attention: error:")
     assert __import__("re").search(match, err), err
     assert not (tmp / "out").exists() or os.listdir(tmp / "out") == []
+
+
+def test_the_command_offers_every_head_and_the_default_colormap():
+    parser = cli.build_parser()
+    base = ["attention", "--embeddings", "emb", "--pairs", "0:0", "--out", "out"]
+    assert parser.parse_args(base).cmap == attention.DEFAULT_CMAP
+    for name in attention.HEAD_NAMES:
+        assert parser.parse_args(base + ["--head", name]).head == name
