@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -547,8 +548,6 @@ def _caption_labels(path, caption_ids, lens, vocab_path) -> dict:
                                  f"word ids, got {lines[j]!r}")
             tokens = [vocab.idx2word.get(int(t), f"<{t}>") for t in ids]
         else:
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)   # labels only
                 tokens = ["<start>"] + tokenizer(lines[j]) + ["<end>"]
