@@ -310,5 +310,8 @@ def test_shape_beyond_the_tile_falls_back_under_auto_and_is_refused_by_name():
 @requires_gpu
 def test_opcheck():
     case = ragged_case(3, 4, 5, 6, 8, pad=0.0).to(torch.float32, "cuda").requiring_grad()
-    args = (case.img, case.cap, case.lens, case.img_lens, "both", "softmax", 0.5, True, 0.5)
-    torch.library.opcheck(maxsim_cuda.maxsim_cuda_op, args)
+    options = ("both", "softmax", 0.5, True, 0.5)
+    torch.library.opcheck(maxsim_cuda.maxsim_cuda_op, (case.img, case.cap, case.lens, case.img_lens, *options))
+    grad = torch.randn(3, 4, device="cuda")
+    torch.library.opcheck(torch.ops.rcar_fast.maxsim_cuda_backward.default,
+                          (grad, case.img.detach(), case.cap.detach(), case.lens, case.img_lens, *options))
