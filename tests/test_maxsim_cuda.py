@@ -122,6 +122,22 @@ def test_tile_shape_choice_is_the_widest_that_fits():
         maxsim_cuda.tile_col_frags(641, 4)
 
 
+def test_the_problem_built_from_tensors_passes_the_launch_check():
+    # CPU tensors stand in for device ones: the problem is built (every field named and typed
+    # as the binding wants) and checked, never launched.
+    native = _cuda_native_or_skip()
+    case = ragged_case(3, 5, 7, 9, 16).to(torch.float16)
+    options = maxsim_cuda.Options("both", "lse", 0.5, True, 0.5)
+    caps = maxsim_cuda.prepare_captions(case.cap, case.lens, case.img.shape[1])
+    assert caps.total_words == int(case.lens.sum()) and caps.max_len == int(case.lens.max())
+    assert caps.word_off.tolist() == [0, *torch.cumsum(case.lens, 0).tolist()]
+    problem = maxsim_cuda.native_problem(case.img, case.img_lens, caps, options)
+    assert native.maxsim_problem_error(problem) is None
+    assert (problem.direction, problem.pool, problem.leaky, problem.col_frags) == (
+        contract.HEAD_DIRECTION_CODES["both"], contract.POOL_CODES["lse"], 1, 8)
+    assert problem.img_lens == case.img_lens.data_ptr() and problem.dtype == contract.CUDA_DTYPE_CODES["float16"]
+
+
 def test_backward_chunk_keeps_the_coefficient_buffers_under_the_budget():
     both = maxsim_cuda.Options("both", "mean", 0.1, False, 0.5)
     t2i = maxsim_cuda.Options("t2i", "mean", 0.1, False, 0.5)
