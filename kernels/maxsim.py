@@ -405,9 +405,10 @@ def _maxsim_pairs_bwd_kernel(own_ptr, so0, so1, so2, own_ids_ptr, own_lens_ptr, 
 # * fp16/bf16 forward: 64x64 .. 128x128, 44-160 registers;
 # * fp16/bf16 d img: 64x32 .. 64x128 / 128x64, 76-167; d cap holds the transposed dS and
 #   reached 238-255 registers at 64x128 / 128x64 with 3.6 (no spill, no margin): up to 64x64,
-#   78-206;
+#   78-190;
 # * fp32 (IEEE FMA dots, d-chunks of 16): forward up to 64x64, 42-80; backward up to 64x32,
-#   59-109 (the 64x64 fallback of the 64-word bucket: 16 B of stack in d cap with 3.6).
+#   59-109; the 64x64 fallback of the 64-word bucket runs its gradient GEMM in d-chunks of 16
+#   (of 32: 16 B of stack in d cap with 3.6; of 16: 80-110 registers, none).
 _LIMITS = {
     ("fwd", "low"): dict(max_m=128, max_n=128, max_area=128 * 128, min_area=64 * 64),
     ("bwd_img", "low"): dict(max_m=128, max_n=128, max_area=64 * 128, min_area=64 * 32),
@@ -440,7 +441,7 @@ def _prune(kernel: str):
                and c.kwargs["BK"] == bk]
         if not out:  # paddings beyond the budget: the smallest tile
             bi, bj = smallest_shape(r_pad, l_pad)
-            extra = dict(GROUP=8) if kernel == "fwd" else dict(BD=64 if kind == "low" else 32)
+            extra = dict(GROUP=8) if kernel == "fwd" else dict(BD=64 if kind == "low" else 16)
             out = [triton.Config(dict(BI=bi, BJ=bj, BK=bk, **extra), num_warps=8, num_stages=2)]
         return quick(out, _area(r_pad, l_pad))
     return prune
