@@ -23,7 +23,8 @@ from tests.conftest import requires_gpu, requires_interpreter
 from tests.inputs import make_inputs, real_words
 from tests.maxsim_cases import (CASES, assert_head_matches_reference, poisoned_allocations,
                                 settings_grid, settings_id)
-from tests.tolerances import F64_GRADCHECK, assert_bit_equal, assert_close_to_reference
+from tests.tolerances import (F32_BLOCKED, F64_GRADCHECK, assert_bit_equal, assert_close,
+                              assert_close_to_reference)
 
 LENS = (1, 7, 3, 5, 2)
 IMG_LENS = (5, 2, 4)
@@ -446,3 +447,50 @@ def test_gpu_coco_batch_forward_and_gradients(dtype):
         assert_close_to_reference(out, _reference(img, cap, lens, img_lens, **opts), dtype=dtype,
                                   ref_lowp=lowp, what=f"gpu {dtype} {opts}")
         _check_gradients(img, cap, lens, img_lens, dtype=dtype, what=f"gpu {dtype} {opts}", **opts)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_listed_pairs_forward_and_gradients(dtype):
+    img, cap, lens, img_lens = _coco_batch(24, 40, dtype, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    img_idx = torch.randint(0, 24, (300,), generator=gen).cuda()
+    cap_idx = torch.randint(0, 40, (300,), generator=gen).cuda()
+    opts = _options("both", "mean", True, both_scale=1.0)
+    grad = torch.randn(300, dtype=torch.float64, generator=gen).cuda()
+    a, c = img.clone().requires_grad_(), cap.clone().requires_grad_()
+    out = MaxSimPairsTriton.fn(a, c, lens, img_lens, img_idx, cap_idx, **opts)
+    got = (out, *torch.autograd.grad(out, (a, c), grad.float()))
+
+    def reference(precision):
+        a, c = img.to(precision).requires_grad_(), cap.to(precision).requires_grad_()
+        want = head_pairs_vectorized(a, c, lens, img_lens, img_idx, cap_idx, **opts)
+        return (want, *torch.autograd.grad(want, (a, c), grad.to(precision)))
+
+    want = reference(torch.float64)
+    low = reference(dtype) if dtype != torch.float32 else (None,) * 3
+    rows = (None, _real_rows(img, img_lens), _real_rows(cap, lens))
+    for what, g, w, lp, real in zip(("scores", "d img", "d cap"), got, want, low, rows):
+        pick = (lambda t: t) if real is None else (lambda t, real=real: t[real])
+        assert_close_to_reference(pick(g), pick(w), dtype=dtype,
+                                  ref_lowp=None if lp is None else pick(lp), what=f"pairs {what}")
+
+
+@requires_gpu
+def test_gpu_colbert_shape_scores_and_top_k():
+    # ColBERT: 32-token queries, 300-token documents (as regions), d = 128, bf16; all pairs
+    # and the top-k search against the reference backend on the same inputs
+    docs, queries, q_lens, d_lens = _inputs(n_img=200, lens=[32] * 6 + [9, 17],
+                                            img_lens=[300] + [120 + i for i in range(199)],
+                                            regions=300, dim=128, dtype=torch.bfloat16,
+                                            unit_norm=True, device="cuda", seed=5)
+    got = rcar_fast.maxsim(queries, docs, q_lens, d_lens, backend="triton")
+    want = rcar_fast.maxsim(queries.double(), docs.double(), q_lens, d_lens, backend="reference")
+    lowp = rcar_fast.maxsim(queries, docs, q_lens, d_lens, backend="reference")
+    assert_close_to_reference(got, want, dtype=torch.bfloat16, ref_lowp=lowp, what="colbert")
+    values, indices = rcar_fast.maxsim(queries, docs, q_lens, d_lens, k=5, doc_block=64,
+                                       backend="triton")
+    # blocks of documents pad to their own longest document: other tiles, other summation
+    # order, so the block-wise values agree with the whole matrix to float32 rounding
+    assert_close(values, got.gather(1, indices), F32_BLOCKED, what="top-k values")
+    assert bool((values[:, :-1] >= values[:, 1:]).all())
