@@ -56,7 +56,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import rcar_fast  # noqa: E402
-from rcar_fast import dispatch  # noqa: E402
+from rcar_fast import contract, dispatch  # noqa: E402
 from rcar_fast import reference as ref  # noqa: E402
 from rcar_fast.cli import _write_json  # noqa: E402
 from rcar_fast.modules import RCARSimilarity  # noqa: E402
@@ -401,7 +401,7 @@ def all_cases(seed):
                 if dtype == dtype_name:
                     cases.append(rcar_case(backend, regulator, steps, direction, dtype, with_grads, seed))
         for backend in ("triton", "cuda"):
-            for direction in ("t2i", "i2t", "both"):
+            for direction in contract.HEAD_DIRECTIONS:
                 cases.append(maxsim_case(backend, direction, dtype_name, seed))
     return cases
 
