@@ -31,36 +31,61 @@ def _skeleton(regulator, steps, direction, smooth, embed_dim, sim_dim):
     return head, tuple(name for name, _ in head.named_parameters())
 
 
-def _apply(img, cap, lens, weights, seed, config):
+class _Bound(torch.nn.Module):
+    """Holds a head so that torch.func.functional_call can run any function of it (not only
+    its forward) with the caller's weights."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, fn, *args):
+        return fn(self.head, *args)
+
+
+def with_weights(config, weights, fn, *args):
+    """fn(head, *args) on a head of this configuration (regulator, steps, direction, smooth,
+    embed_dim, sim_dim, training) whose parameters are `weights` (head.parameters() order):
+    how an RCAR op's implementation sees the head it was given as tensors."""
     *structure, training = config
     head, names = _skeleton(*structure)
     head.train(training)
-    params = dict(zip(names, weights))
-    if not (training and head.active_dropout()):
-        return torch.func.functional_call(head, params, (img, cap, lens), strict=True)
-    devices = [img.device] if img.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed))
-        return torch.func.functional_call(head, params, (img, cap, lens), strict=True)
+    params = {f"head.{name}": w for name, w in zip(names, weights)}
+    return torch.func.functional_call(_Bound(head), params, (fn, *args), strict=True)
 
 
-def _forward(img, cap, lens, weights, seed, config):
+def _apply(img, cap, lens, weights, seed, config):
+    def run(head, img, cap, lens):
+        if not head.active_dropout():
+            return head(img, cap, lens)
+        devices = [img.device] if img.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(seed))
+            return head(img, cap, lens)
+
+    return with_weights(config, weights, run, img, cap, lens)
+
+
+def forward_on_weights(img, cap, lens, weights, seed, config):
+    """The reference scores (n_img, n_cap) of the head given as weights and config (the RCAR
+    ops' arguments), dropout masks drawn from `seed`."""
     return _apply(img, cap, lens, weights, seed, config).to(output_dtype(img.dtype))
 
 
 def _backward(grad, img, cap, lens, weights, seed, config):
-    d_img, d_cap, *d_weights = vjp(lambda i, c, *w: _forward(i, c, lens, list(w), seed, config),
+    d_img, d_cap, *d_weights = vjp(lambda i, c, *w: forward_on_weights(i, c, lens, list(w), seed, config),
                                    [img, cap, *weights], grad)
     return d_img, d_cap, d_weights
 
 
 # rcar_fast::rcar_reference and rcar_fast::rcar_reference_backward
-rcar_reference_op = define_rcar_op("rcar_reference", _forward, _backward)
+rcar_reference_op = define_rcar_op("rcar_reference", forward_on_weights, _backward)
 
 
-def compiled_call(op, head, img, cap, lens):
-    """`op` (an RCAR custom op) on the head's weights and configuration."""
-    weights = list(head.parameters())
+def compiled_call(op, head, img, cap, lens, detach: bool = False):
+    """`op` (an RCAR custom op) on the head's weights and configuration (detached for a
+    forward-only op, which has no autograd formula)."""
+    weights = [p.detach() if detach else p for p in head.parameters()]
     dropout = bool(head.active_dropout())
     seed = (torch.randint(0, 2**62, (), dtype=torch.int64) if dropout
             else torch.zeros((), dtype=torch.int64))
