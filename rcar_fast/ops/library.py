@@ -78,6 +78,7 @@ def vjp(fn: Callable, inputs: list, grad: Tensor) -> list:
 # ---------------------------------------------------------------------------------------------
 
 SCAN_OPTIONS = "str direction, str raw_norm, float smooth, str agg, float lse_lambda"
+SCAN_OPTION_NAMES = ("direction", "raw_norm", "smooth", "agg", "lse_lambda")
 RCAR_CONFIG = ("str regulator, int steps, str direction, float smooth, int embed_dim, "
                "int sim_dim, bool training")
 _PAIR_INDICES = "Tensor img_idx, Tensor cap_idx, "
