@@ -1,6 +1,7 @@
-"""The ops as torch.library custom ops: torch.library.opcheck for every op that runs here, and a
-
-step's loss and gradients."""
+"""The ops as torch.library custom ops: torch.library.opcheck (schema, fake implementation,
+autograd registration, AOT dispatch) for every op that runs here (Triton ones in the CPU
+interpreter on tiny inputs, the CUDA ones in the `gpu` tests). The compiled training steps are in
+tests/test_compile_training.py."""
 import pytest
 import torch
 
