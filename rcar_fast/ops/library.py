@@ -1,17 +1,27 @@
 """The ops as torch.library custom ops: one shape function per op gives every fake (meta)
 implementation, and the autograd formula is registered with the op, so torch.compile traces a
 call as one node (no graph break at the pybind call, no data-dependent branch inside) and
-torch.library.opcheck can test each one.
+torch.library.opcheck can test each one (tests/test_custom_ops.py).
 
     rcar_fast::scan_<backend>(img, cap, lens, direction, raw_norm, smooth, agg, lse_lambda)
-        -> (n_img, n_cap)                            and its _backward -> (d img, d cap)
-    rcar_fast::rcar_reference(img, cap, lens, weights, seed, regulator, steps, direction,
+        -> (n_img, n_cap)                    backends reference, cpu, triton, cuda
+    rcar_fast::scan_pairs_<backend>(img, cap, lens, img_idx, cap_idx, <the options>) -> (P,)
+                                             backends reference, cpu
+        each with its _backward(grad, <the inputs>) -> (d img, d cap)
+    rcar_fast::rcar_<backend>(img, cap, lens, weights, seed, regulator, steps, direction,
         smooth, embed_dim, sim_dim, training) -> (n_img, n_cap)
-                                                    and its _backward -> (d img, d cap, d weights)
+                                             reference, triton; cuda forward only
+    rcar_fast::rcar_pairs_reference(img, cap, lens, img_idx, cap_idx, weights, seed, ...) -> (P,)
+        with _backward -> (d img, d cap, d weights) where not forward only
+    rcar_fast::rcar_cpu(img, cap, lens, weights, direction, regulator, steps, smooth): forward only
+        (rcar_cpu.py; the kernel's own flat weight order)
 
 A backend module defines its forward and backward with plain arguments and calls
-`define_scan_op`; the public wrappers validate eagerly (outside any compiled region they
-check lens and finiteness) and pass already-validated tensors here.
+`define_scan_op` / `define_rcar_op`; its backend class calls the op inside torch.compile (some
+call it in eager mode too). The public wrappers validate eagerly: inside a compiled region
+the checks that read the data (lens and pair indices in range, NaN/Inf) are skipped, the
+compiled step trusting inputs its caller validated (tests/test_compile_training.py checks that
+eager calls still refuse).
 """
 from __future__ import annotations
 
@@ -47,10 +57,14 @@ def input_grads(*tensors: Tensor) -> tuple:
 @contextlib.contextmanager
 def autograd_inside_op():
     """Autograd recording inside a custom op's implementation. The dispatcher runs an
-    implementation below the autograd keys (they are excluded); the reference backends'
-    backward ops differentiate the reference math there, so those keys are let back in for
+    implementation below the autograd keys (they are excluded); the backward ops that
+    recompute the reference math differentiate it there, so those keys are let back in for
     that block. (torch.func.vjp would do without private API, but its wrapped tensors break
-    opcheck's schema and fake-tensor checks.)"""
+    opcheck's schema and fake-tensor checks.)
+
+    torch._C._ForceDispatchKeyGuard and the dispatch TLS getters are private API: checked on
+    torch 2.13 (CI) and 2.11 (the GPU image) by the backward ops' opchecks and the compiled
+    training steps; a torch that drops them fails those tests, not silently."""
     keys = torch._C.DispatchKey
     autograd = torch._C.DispatchKeySet(keys.ADInplaceOrView)
     for name in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "AutogradCPU",
