@@ -62,6 +62,18 @@ def test_opcheck_scan(op, direction):
 
 
 @pytest.mark.parametrize("op", SCAN_OPS)
+def test_opcheck_scan_on_strided_inputs(op):
+    """Feature tensors that are views (a slice of a longer batch, regions transposed in): the
+    outputs and gradients keep the fakes' layout (contiguous)."""
+    img, cap, lens = _inputs(R=5, L=6, grad=False)
+    img = img.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    wide = torch.cat([cap.nan_to_num(1.0), torch.ones_like(cap)], dim=1)
+    cap = wide[:, :cap.shape[1]].requires_grad_()
+    assert not img.is_contiguous() and not cap.is_contiguous()
+    torch.library.opcheck(_op(op), (img, cap, lens, *OPTIONS["i2t"]))
+
+
+@pytest.mark.parametrize("op", SCAN_OPS)
 def test_opcheck_scan_backward(op):
     img, cap, lens = _inputs(grad=False)
     cap = cap.nan_to_num(1.0)

@@ -50,8 +50,17 @@ def pairs_output(img: Tensor, img_idx: Tensor) -> Tensor:
 
 
 def input_grads(*tensors: Tensor) -> tuple:
-    """Empty gradients shaped and typed like the inputs they belong to."""
-    return tuple(torch.empty_like(t) for t in tensors)
+    """Empty gradients shaped and typed like the inputs they belong to (contiguous, as every
+    implementation returns them: _define makes sure)."""
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors)
+
+
+def _contiguous(result):
+    """The implementation's outputs in the fakes' layout (contiguous), so that a compiled graph
+    that trusts the fake strides reads them right."""
+    if isinstance(result, Tensor):
+        return result.contiguous()
+    return type(result)(_contiguous(x) for x in result)
 
 
 @contextlib.contextmanager
@@ -130,12 +139,13 @@ def _define(name: str, inputs_schema: str, fake: Callable, forward: Callable,
     rcar_fast::{name}_backward(grad, inputs) -> grad_schema with the autograd formula that
     calls it: its outputs are the gradients of the inputs at the positions `differentiable`.
     Without a backward the op is forward-only (no autograd registration)."""
-    op = torch.library.custom_op(f"rcar_fast::{name}", forward, mutates_args=(),
-                                 schema=f"({inputs_schema}) -> Tensor")
+    op = torch.library.custom_op(f"rcar_fast::{name}", lambda *args: _contiguous(forward(*args)),
+                                 mutates_args=(), schema=f"({inputs_schema}) -> Tensor")
     op.register_fake(fake)
     if backward is None:
         return op
-    op_backward = torch.library.custom_op(f"rcar_fast::{name}_backward", backward, mutates_args=(),
+    op_backward = torch.library.custom_op(f"rcar_fast::{name}_backward",
+                                          lambda *args: _contiguous(backward(*args)), mutates_args=(),
                                           schema=f"(Tensor grad, {inputs_schema}) -> {grad_schema}")
     op_backward.register_fake(lambda grad, *inputs: fake_grads(*inputs))
 
