@@ -121,8 +121,7 @@ FORWARD_ONLY_CHECKS = ("test_schema", "test_faketensor", "test_aot_dispatch_stat
 
 
 def _rcar_op_args(head, img, cap, lens, weights, seed=0):
-    return (img, cap, lens, weights, torch.tensor(seed), head.regulator, head.steps,
-            head.direction, float(head.smooth), head.embed_dim, head.sim_dim, head.training)
+    return (img, cap, lens, weights, torch.tensor(seed), *rcar_reference.op_config(head))
 
 
 @needs_interpreter
@@ -172,6 +171,24 @@ def test_opcheck_rcar_cuda_forward_only(regulator):
     weights = [p.detach() for p in head.parameters()]
     torch.library.opcheck(rcar_cuda.rcar_cuda_op, _rcar_op_args(head, img, cap, lens, weights),
                           test_utils=FORWARD_ONLY_CHECKS)
+
+
+@pytest.mark.parametrize("regulator", ["only_rar", "only_rcr", "coop_rcar"])
+def test_rcar_ops_see_the_heads_weights(regulator):
+    """An RCAR op gets the head as tensors (weights in head.parameters() order) and a config;
+    the head it rebuilds from them hands each kernel the same weights as the module itself:
+    the CUDA kernel's pointer table, the Triton kernel's packed weights."""
+    head = rcar_fast.RCARSimilarity(embed_dim=8, sim_dim=6, regulator=regulator, steps=2)
+    weights = [p.detach().clone() for p in head.parameters()]
+    config = rcar_reference.op_config(head)
+    rebuilt = rcar_reference.with_weights(config, weights, rcar_cuda.weight_tensors)
+    assert len(rebuilt) == len(rcar_cuda.weight_tensors(head))
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt, rcar_cuda.weight_tensors(head)))
+    if TRITON is None:
+        packed = rcar_reference.with_weights(config, weights, rcar_triton.pack_weights, torch.float32, True)
+        direct = rcar_triton.pack_weights(head, torch.float32, True)
+        assert packed.keys() == direct.keys()
+        assert all(torch.equal(packed[k], direct[k]) for k in direct)
 
 
 def test_rcar_reference_backward_redraws_the_forwards_dropout_masks():

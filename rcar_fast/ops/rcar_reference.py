@@ -94,6 +94,13 @@ def _backward(grad, img, cap, lens, weights, seed, config):
 rcar_reference_op = define_rcar_op("rcar_reference", forward_on_weights, _backward)
 
 
+def op_config(head) -> tuple:
+    """The RCAR ops' config arguments of a head: (regulator, steps, direction, smooth,
+    embed_dim, sim_dim, training)."""
+    return (head.regulator, head.steps, head.direction, float(head.smooth), head.embed_dim,
+            head.sim_dim, bool(head.training))
+
+
 def compiled_call(op, head, img, cap, lens, *index, detach: bool = False):
     """`op` (an RCAR custom op) on the head's weights and configuration (detached for a
     forward-only op, which has no autograd formula); index: img_idx, cap_idx of a pair op."""
@@ -101,8 +108,7 @@ def compiled_call(op, head, img, cap, lens, *index, detach: bool = False):
     dropout = bool(head.active_dropout())
     seed = (torch.randint(0, 2**62, (), dtype=torch.int64) if dropout
             else torch.zeros((), dtype=torch.int64))
-    return op(img, cap, lens, *index, weights, seed, head.regulator, head.steps, head.direction,
-              float(head.smooth), head.embed_dim, head.sim_dim, bool(head.training))
+    return op(img, cap, lens, *index, weights, seed, *op_config(head))
 
 
 class RcarReference(Backend):
