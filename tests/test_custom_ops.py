@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rcar_fast
-from rcar_fast import dispatch
+from rcar_fast import contract, dispatch
 from rcar_fast.ops import (rcar_cpu, rcar_cuda, rcar_reference, rcar_triton, scan_cpu, scan_cuda,
                            scan_reference, scan_triton)
 from tests.conftest import requires_gpu, requires_interpreter
@@ -176,7 +176,7 @@ def test_opcheck_rcar_cuda_forward_only(regulator):
                           test_utils=FORWARD_ONLY_CHECKS)
 
 
-@pytest.mark.parametrize("regulator", ["only_rar", "only_rcr", "coop_rcar"])
+@pytest.mark.parametrize("regulator", contract.REGULATORS)
 def test_rcar_ops_see_the_heads_weights(regulator):
     """An RCAR op gets the head as tensors (weights in head.parameters() order) and a config;
     the head it rebuilds from them hands each kernel the same weights as the module itself:
