@@ -46,6 +46,11 @@ import triton.language as tl
 
 from rcar_fast import contract
 
+# The shared tile's padding rule (kernels/tile.py). RCAR's score GEMM is not the shared
+# tile.score_tile: its query rows are packed per tile on the host and modulated (q * m, RCR)
+# chunk by chunk inside the d loop, so only the padding rule is shared.
+from .tile import MIN_DOT, pow2_at_least
+
 MODES = contract.REGULATOR_CODES
 # The contract's constants as constexpr globals (all a jitted function can read).
 _EPS = tl.constexpr(contract.EPS)
@@ -481,8 +486,8 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
 # Launch helpers
 # ---------------------------------------------------------------------------------------------
 
-def _pow2_at_least(n: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+def _pow2_at_least(n: int, floor: int = MIN_DOT) -> int:
+    return pow2_at_least(n, floor)
 
 
 def pack_segments(seg_lengths, seg_row_base, rows: int, max_segs: int):

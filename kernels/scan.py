@@ -37,7 +37,6 @@ tensor-core GEMM for the scores (fp32 accumulation) and tf32 for the small fp32 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import List, Optional
 
 import torch
@@ -48,6 +47,19 @@ from rcar_fast import contract
 from rcar_fast.contract import AGG_CODES, RAW_NORM_CODES  # noqa: F401 (the codes the launch passes)
 
 from . import gram as _gram
+# The shared region-word tile (kernels/tile.py): the score GEMM, its owners and rows, the tile
+# order, and the host-side owner groups, tile shapes and autotune mode.
+from .tile import (AUTOTUNE_MODES, AUTOTUNE_VARIABLE, MIN_DOT, OwnerGroup,  # noqa: F401
+                   autotune_mode, caption_groups, interpreter_on)
+from .tile import named as _named
+from .tile import pow2_at_least as _pow2_at_least
+from .tile import quick as _quick
+from .tile import score_tile as _scores
+from .tile import smallest_shape as _smallest_shape
+from .tile import tile_owners as _owners
+from .tile import tile_rows as _rows
+from .tile import tile_shapes as _tile_shapes
+from .tile import tile_start as _tile_start
 
 # The contract's codes and constants as constexpr globals (all a jitted function can read).
 _EPS = tl.constexpr(contract.EPS)
@@ -62,60 +74,14 @@ _MEAN = tl.constexpr(AGG_CODES["mean"])
 _MAX = tl.constexpr(AGG_CODES["max"])
 _SUM = tl.constexpr(AGG_CODES["sum"])
 
-# tl.dot needs every dimension >= 16 (on GPUs and in the interpreter).
-MIN_DOT = 16
 # fp32 inputs: "ieee" keeps the 1e-4 contract vs the float64 reference; "tf32x3" is a faster
 # option on GPUs if that contract is relaxed.
 FP32_DOT_PRECISION = "ieee"
 
 
-def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
 # =============================================================================================
 # Device helpers (inlined into the kernels)
 # =============================================================================================
-
-@triton.jit
-def _owners(ids_ptr, lens_ptr, start, count, OWNERS: tl.constexpr):
-    """ids (int64) and lengths of OWNERS owners from `start`, and which are real. Owners past
-    `count` are clamped to the last real one, so their loads stay valid; results are masked."""
-    o = start + tl.arange(0, OWNERS)
-    real = o < count
-    o = tl.minimum(o, count - 1)
-    return tl.load(ids_ptr + o).to(tl.int64), tl.load(lens_ptr + o), real
-
-
-@triton.jit
-def _rows(ids_ptr, lens_ptr, start, count, s0, s1, OWNERS: tl.constexpr, PAD: tl.constexpr):
-    """For the OWNERS*PAD rows of a tile: offset of each row (owner, item) and whether it is a
-    real item of a real owner (everything else is masked: never loaded, never stored)."""
-    r = tl.arange(0, OWNERS * PAD)
-    owner = start + r // PAD
-    item = r % PAD
-    clamped = tl.minimum(owner, count - 1)
-    ident = tl.load(ids_ptr + clamped).to(tl.int64)
-    length = tl.load(lens_ptr + clamped)
-    return ident * s0 + item * s1, (item < length) & (owner < count)
-
-
-@triton.jit
-def _scores(x_ptr, x_rows, x_ok, sxd, y_ptr, y_rows, y_ok, syd, D,
-            M: tl.constexpr, N: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
-            MAIN_PREC: tl.constexpr):
-    """S[m, n] = x_row(m) . y_row(n) over d: the (M, N) region-word GEMM, ACC accumulation."""
-    acc = tl.zeros((M, N), dtype=ACC)
-    for k0 in range(0, D, BK):
-        kk = k0 + tl.arange(0, BK)
-        kin = kk < D
-        a = tl.load(x_ptr + x_rows[:, None] + kk[None, :] * sxd,
-                    mask=x_ok[:, None] & kin[None, :], other=0.0)
-        b = tl.load(y_ptr + y_rows[:, None] + kk[None, :] * syd,
-                    mask=y_ok[:, None] & kin[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=MAIN_PREC)
-    return acc
-
 
 @triton.jit
 def _load_gram(g_ptr, gs0, gs1, ids_ptr, lens_ptr, start, count,
@@ -286,20 +252,6 @@ def _backward_tile(g, pair_real, S4, u4, nrm, a4, alpha4, GA4, nc3, qn3, prod, d
 
 
 @triton.jit
-def _tile_start(pid, n_x, n_y, BI: tl.constexpr, BJ: tl.constexpr, GROUP: tl.constexpr):
-    """Grouped order of the (x block, y block) tiles: GROUP x blocks sweep the y blocks
-    together, so their operands stay in L2."""
-    tiles_x = tl.cdiv(n_x, BI)
-    tiles_y = tl.cdiv(n_y, BJ)
-    per_group = GROUP * tiles_y
-    first_x = (pid // per_group) * GROUP
-    group_size = tl.minimum(tiles_x - first_x, GROUP)
-    tx = first_x + (pid % per_group) % group_size
-    ty = (pid % per_group) // group_size
-    return tx * BI, ty * BJ
-
-
-@triton.jit
 def _masks(x_len, y_len, C_PAD: tl.constexpr, Q_PAD: tl.constexpr):
     cv2 = tl.arange(0, C_PAD)[None, :] < x_len[:, None]
     qv2 = tl.arange(0, Q_PAD)[None, :] < y_len[:, None]
@@ -464,10 +416,6 @@ def _scan_bwd_y_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
 # Tile shapes: fixed small tiles under the interpreter, autotuned on GPUs
 # =============================================================================================
 
-def _pow2_at_least(n: int, floor: int) -> int:
-    return max(floor, triton.next_power_of_2(max(int(n), 1)))
-
-
 # Tile budgets, from compiling for sm_90 with triton 3.6 (the GPU image's) and 3.8 (CI's) and
 # reading registers and stack per thread from the cubins (tests/test_sm90_compile.py). The
 # epilogue keeps many tile-sized fp32 tensors live, so the budget is the tile area:
@@ -500,22 +448,6 @@ def _precision_kind(named: dict) -> str:
     return "low" if named["x_ptr"].dtype in (torch.float16, torch.bfloat16) else "fp32"
 
 
-def _tile_shapes(c_pad: int, q_pad: int, max_m: int, max_n: int, max_area: int, min_area: int):
-    """(BI, BJ) whose tile (BI*C_PAD, BJ*Q_PAD) satisfies tl.dot's minimum of 16 and the
-    budget; empty when even the smallest tile (_smallest_shape) exceeds it."""
-    shapes = []
-    for bi in (1, 2, 4, 8, 16):
-        for bj in (1, 2, 4, 8, 16, 32):
-            m, n = bi * c_pad, bj * q_pad
-            if MIN_DOT <= m <= max_m and MIN_DOT <= n <= max_n and min_area <= m * n <= max_area:
-                shapes.append((bi, bj))
-    return shapes
-
-
-def _smallest_shape(c_pad: int, q_pad: int):
-    return max(1, MIN_DOT // c_pad), max(1, MIN_DOT // q_pad)
-
-
 def _fwd_warp_options(area: int):
     # A program is one CTA per SM either way: 8 warps at up to ~205 registers/thread use
     # 256 x 205 = 52K of an SM's 64K registers, 16 warps at ~70-110 use 36-56K, which leaves
@@ -530,39 +462,6 @@ def _interpreter_shape(c_pad: int, q_pad: int):
     # Small, but with several owners per tile on both sides so that multi-owner tiles and
     # partial last blocks are exercised by the CPU tests.
     return max(1, 32 // c_pad), max(2, MIN_DOT // q_pad)
-
-
-def _named(args, kwargs):
-    merged = dict(args)
-    merged.update(kwargs)
-    return merged
-
-
-AUTOTUNE_VARIABLE = "RCAR_FAST_AUTOTUNE"
-AUTOTUNE_MODES = ("full", "quick")
-
-
-def autotune_mode() -> str:
-    """'full' (RCAR_FAST_AUTOTUNE unset, empty or 'full': every config the prunes keep, the
-    users' default) or 'quick' (one default config per kernel and bucket: tests and GPU
-    checks, which would otherwise compile hundreds of configs). Anything else is an error."""
-    raw = os.environ.get(AUTOTUNE_VARIABLE, "")
-    mode = raw.strip().lower() or "full"
-    if mode not in AUTOTUNE_MODES:
-        raise ValueError(f"{AUTOTUNE_VARIABLE}={raw!r} is not understood: expected 'quick' "
-                         "(one autotune config per kernel, for tests and checks) or 'full' / "
-                         "unset (full autotuning, the default)")
-    return mode
-
-
-def _quick(configs, area_of):
-    """Quick mode: the config with the largest tile (the most reuse of each loaded operand),
-    ties broken by fewer warps and the larger d-chunk. One compile per kernel and bucket
-    (triton 3.8 then skips the benchmark; 3.6 times the one config once)."""
-    if autotune_mode() != "quick":
-        return configs
-    best = min(configs, key=lambda c: (-area_of(c), c.num_warps, -c.kwargs.get("BD", 0)))
-    return [best]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -629,16 +528,6 @@ _bwd_y_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_
 # =============================================================================================
 
 @dataclasses.dataclass
-class OwnerGroup:
-    """The owners (images or captions) of one launch on one side: their row ids in the input,
-    their lengths, and the power-of-two padding of their items."""
-    ids: torch.Tensor    # int32, on the device
-    lens: torch.Tensor   # int32, on the device, same order as ids
-    pad: int
-    count: int
-
-
-@dataclasses.dataclass
 class Side:
     """One input in its role (context or query): its features and its owner groups."""
     feats: torch.Tensor
@@ -662,20 +551,6 @@ class ScanProblem:
     out_dtype: torch.dtype
     main_prec: str
     epi_prec: str
-
-
-def caption_groups(lens_cpu: torch.Tensor, device, floor: int) -> List[OwnerGroup]:
-    """Captions sorted by length, split where the power-of-two padding changes."""
-    order = torch.argsort(lens_cpu, stable=True)
-    sorted_lens = lens_cpu[order]
-    pads = torch.tensor([_pow2_at_least(v, floor) for v in sorted_lens.tolist()])
-    groups = []
-    for pad in torch.unique(pads).tolist():
-        sel = pads == pad
-        groups.append(OwnerGroup(order[sel].to(device=device, dtype=torch.int32),
-                                 sorted_lens[sel].to(device=device, dtype=torch.int32),
-                                 int(pad), int(sel.sum())))
-    return groups
 
 
 def image_group(n_img: int, n_regions: int, device, floor: int) -> List[OwnerGroup]:

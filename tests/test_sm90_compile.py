@@ -295,3 +295,86 @@ def test_the_second_triton_is_the_gpu_images(triton_path):
     this process imports), so the two runs compile with different compilers."""
     expected = _installed_triton_version() if triton_path is None else sm90.TRITON_GPU_IMAGE
     assert sm90.triton_version_of(triton_path) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The S-only heads (kernels/maxsim.py): forward and both backward kernels, every kept config
+# ---------------------------------------------------------------------------------------------
+
+# (direction, dtype, pool, leaky, R, caption lengths, d, kernels compiled, hot kernels: no
+# spills). R=36 regions pad to 64; lengths 12 and 50 are COCO's common and longest caption
+# buckets (L_PAD 16 and 64). The hot heads: ALADIN / ColBERT MrSw (t2i sum) and LAPS (both mean
+# leaky) in bf16 and fp16, forward and backward. Also CHAN's lse (fp32 FMA path), i2t softmax,
+# and the ColBERT document shape (300 tokens as regions, 32-token queries, d=128).
+MAXSIM_BOTH = ("fwd", "bwd_img", "bwd_cap")
+MAXSIM_CASES = [
+    ("t2i", "bf16", "sum", False, 36, (12, 50), 1024, MAXSIM_BOTH, MAXSIM_BOTH),
+    ("both", "fp16", "mean", True, 36, (12, 50), 1024, MAXSIM_BOTH, MAXSIM_BOTH),
+    ("i2t", "bf16", "softmax", False, 36, (12,), 1024, MAXSIM_BOTH, ()),
+    ("t2i", "fp32", "lse", False, 36, (12, 50), 1024, MAXSIM_BOTH, ()),
+    ("t2i", "bf16", "sum", False, 300, (32,), 128, ("fwd",), ()),
+]
+
+_MAXSIM_SCRIPT = r"""
+import json, sys
+import torch
+from rcar_fast.kernels import maxsim as kernels
+from tests import sm90
+
+recorders = dict(zip(("fwd", "bwd_img", "bwd_cap"),
+                     sm90.record(kernels, "_fwd_tuned", "_bwd_img_tuned", "_bwd_cap_tuned")))
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+cases = json.loads(sys.argv[1])
+launches, owners = [], []
+for case, (direction, dtype, pool, leaky, regions, lens, d, names, hot) in enumerate(cases):
+    for rec in recorders.values():
+        rec.launches.clear()
+    # The real launchers (TRITON_INTERPRET unset: their GPU path) on CPU tensors, recorded.
+    img = torch.randn(4, regions, d).to(DTYPES[dtype])
+    cap = torch.randn(len(lens), max(lens), d).to(DTYPES[dtype])
+    problem = kernels.build_problem(img, cap, torch.tensor(lens), torch.full((4,), regions),
+                                    direction=direction, pool=pool, tau=0.1, leaky=leaky,
+                                    both_scale=0.5)
+    kernels.maxsim_forward(problem)
+    if set(names) - {"fwd"}:
+        kernels.maxsim_backward(problem, torch.ones(4, len(lens)), True, True)
+    for name in names:
+        rec = recorders[name]
+        assert rec.launches, f"{name} was not launched"
+        for nargs, kwargs in rec.launches:
+            for config in rec.configs(nargs, kwargs):
+                launches.append((rec.jit_fn, {**nargs, **kwargs}, config))
+                owners.append(dict(case=case, kernel=name, R_PAD=kwargs["R_PAD"],
+                                   L_PAD=kwargs["L_PAD"], config=str(config), hot=name in hot))
+builds = sm90.compile_many(launches)
+results = [[] for _ in cases]
+for owner, build in zip(owners, builds):
+    results[owner["case"]].append(dict(owner, **build))
+sm90.emit(results)
+"""
+
+_MAXSIM_KEYS = ("kernel", "R_PAD", "L_PAD", "config")
+_MAXSIM_IDS = ["-".join(map(str, c[:4])) + f"-R{c[4]}-L{','.join(map(str, c[5]))}"
+               for c in MAXSIM_CASES]
+
+
+@pytest.fixture(scope="module")
+def maxsim_builds(triton_path):
+    return sm90.run_offline(_MAXSIM_SCRIPT, MAXSIM_CASES, timeout=3000, triton_path=triton_path)
+
+
+@pytest.mark.parametrize("index", range(len(MAXSIM_CASES)), ids=_MAXSIM_IDS)
+def test_maxsim_configurations_compile_for_sm90(maxsim_builds, index):
+    builds = maxsim_builds[index]
+    assert {b["kernel"] for b in builds} == set(MAXSIM_CASES[index][7])
+    failures = _compile_failures(builds, *_MAXSIM_KEYS)
+    assert not failures, f"{len(failures)} of {len(builds)} configurations fail:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("index", [i for i, c in enumerate(MAXSIM_CASES) if c[8]],
+                         ids=[i for i, c in zip(_MAXSIM_IDS, MAXSIM_CASES) if c[8]])
+def test_maxsim_hot_configurations_do_not_spill(maxsim_builds, index):
+    hot = [b for b in maxsim_builds[index] if b["hot"]]
+    assert hot
+    spills = _spills(hot, *_MAXSIM_KEYS)
+    assert not spills, f"{len(spills)} of {len(hot)} hot configurations spill:\n" + "\n".join(spills)

@@ -1,0 +1,486 @@
+"""The S-only similarity heads (HEADS.md: CHAN, LAPS, TERAN / ALADIN, ColBERT MaxSim, DVSA) in
+Triton, forward and backward, as epilogues of the shared region-word tile (kernels/tile.py).
+
+Tiles. A program takes BI images x BJ captions; every image's R regions are padded to R_PAD
+(a power of two, the whole R in one tile), every caption's words to L_PAD (captions are sorted
+by length and launched in buckets of equal L_PAD). The score tile S (BI*R_PAD, BJ*L_PAD) is
+one GEMM over d (tile.score_tile, fp32 accumulation, fp64 for fp64 inputs) viewed as
+(BI, R_PAD, BJ, L_PAD); the head then reduces it per pair in registers:
+  t2i: m_w = max over the real regions of S[r, w] (axis 1), pooled over the real words;
+  i2t: n_r = max over the real words of S[r, w] (axis 3), pooled over the real regions;
+  both: both_scale * (t2i + i2t).
+Optional leaky (slope contract.LEAKY_SLOPE) on the maxima before pooling; pools mean, sum, max,
+lse(tau) = log sum exp(x / tau), softmax(tau) = sum softmax(x / tau) x. Padding (never loaded,
+so NaN there is never read) is excluded from every max and pool with tl.where on the masks,
+never by multiplication. Ties: the first index (lowest region / word / pooled position) wins.
+
+Backward (flash style: nothing per pair is stored; the tile and its argmaxes are recomputed).
+dL/dS is zero except at each maximum's first argmax, where it is G * pool weight * leaky'
+(HEADS.md, "Backward"). Two kernels, each owning its output rows (no atomics, deterministic):
+  _maxsim_bwd_img_kernel: one program per BI images, looping over the caption blocks of a
+      bucket: d img += dS @ cap, in d-chunks of BD;
+  _maxsim_bwd_cap_kernel: one program per BJ captions, looping over all image blocks:
+      d cap += dS^T @ img.
+A program stores its rows on its first iteration and read-modify-writes afterwards, with a CTA
+barrier between iterations (as kernels/scan.py does).
+
+Precision: fp32 inputs use IEEE fp32 dots; fp16/bf16 inputs the native tensor-core GEMM for
+the scores and tf32 for the gradient GEMMs (dS is fp32); float64 under the interpreter.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from rcar_fast import contract
+
+from .tile import (MIN_DOT, OwnerGroup, autotune_mode, caption_groups, interpreter_on, named,
+                   pow2_at_least, quick, score_tile, smallest_shape, tile_owners, tile_rows,
+                   tile_shapes, tile_start)
+
+_SLOPE = tl.constexpr(contract.LEAKY_SLOPE)
+_T2I = tl.constexpr(contract.HEAD_DIRECTION_CODES["t2i"])
+_I2T = tl.constexpr(contract.HEAD_DIRECTION_CODES["i2t"])
+_BOTH = tl.constexpr(contract.HEAD_DIRECTION_CODES["both"])
+_MEAN = tl.constexpr(contract.POOL_CODES["mean"])
+_SUM = tl.constexpr(contract.POOL_CODES["sum"])
+_MAX = tl.constexpr(contract.POOL_CODES["max"])
+_LSE = tl.constexpr(contract.POOL_CODES["lse"])
+_SOFTMAX = tl.constexpr(contract.POOL_CODES["softmax"])
+# An index larger than any tile axis: the "no candidate" value of the first-argmax search.
+_NO_INDEX = tl.constexpr(1 << 30)
+
+# fp32 inputs: the IEEE fp32 (FMA) dot keeps the 1e-4 contract against the float64 reference.
+FP32_DOT_PRECISION = "ieee"
+# The longest caption bucket and the most regions a tile holds whole: R_PAD x max(L_PAD, 16)
+# scores (the smallest tile of a bucket) at most this many (a 128 x 128 or 512 x 32 tile).
+MAX_TILE_SCORES = 128 * 128
+
+
+def max_tile_reason(n_regions: int, longest_caption: int) -> Optional[str]:
+    """Why the Triton heads cannot take these sizes (None: they can)."""
+    r_pad, l_pad = pow2_at_least(n_regions, 1), pow2_at_least(longest_caption, 8)
+    if r_pad * max(l_pad, MIN_DOT) > MAX_TILE_SCORES:
+        return (f"the Triton heads hold an image's regions and a caption's words whole in one "
+                f"tile: R={n_regions} (padded {r_pad}) x Lmax={longest_caption} (padded "
+                f"{l_pad}) exceeds {MAX_TILE_SCORES} scores per pair")
+    return None
+
+
+# =============================================================================================
+# Device helpers: the heads' epilogue
+# =============================================================================================
+
+@triton.jit
+def _max_first(S4, real, index, AXIS: tl.constexpr):
+    """The max over the real entries of axis AXIS and the first index attaining it."""
+    z = tl.where(real, S4, float("-inf"))
+    top = tl.max(z, axis=AXIS)
+    hit = z == tl.expand_dims(top, AXIS)
+    first = tl.min(tl.where(hit, index, _NO_INDEX), axis=AXIS)
+    return top, first
+
+
+@triton.jit
+def _leaky(x, LEAKY: tl.constexpr):
+    if LEAKY:
+        x = tl.where(x > 0, x, _SLOPE * x)
+    return x
+
+
+@triton.jit
+def _leaky_slope(x, LEAKY: tl.constexpr):
+    """d leaky(x) / dx at the selected score x: 1 if x > 0, else the slope (1 without leaky)."""
+    one = tl.full(x.shape, 1.0, x.dtype)   # in x's dtype: the slope stays exact in fp64
+    if LEAKY:
+        one = tl.where(x > 0, one, _SLOPE * one)
+    return one
+
+
+@triton.jit
+def _pool(x, real, count, tau, AXIS: tl.constexpr, POOL: tl.constexpr):
+    """Pool x over its real entries along AXIS; count (broadcastable to the result) is how
+    many are real (for the mean)."""
+    if POOL == _MEAN:
+        out = tl.sum(tl.where(real, x, 0.0), axis=AXIS) / count.to(x.dtype)
+    elif POOL == _SUM:
+        out = tl.sum(tl.where(real, x, 0.0), axis=AXIS)
+    elif POOL == _MAX:
+        out = tl.max(tl.where(real, x, float("-inf")), axis=AXIS)
+    else:
+        z = tl.where(real, x / tau, float("-inf"))
+        top = tl.max(z, axis=AXIS)
+        e = tl.exp(z - tl.expand_dims(top, AXIS))
+        total = tl.sum(e, axis=AXIS)
+        if POOL == _LSE:
+            out = top + tl.log(total)
+        else:
+            out = tl.sum(e * tl.where(real, x, 0.0), axis=AXIS) / total
+    return out
+
+
+@triton.jit
+def _pool_weights(x, real, index, count, tau, AXIS: tl.constexpr, POOL: tl.constexpr):
+    """dP/dx_k for every entry of x (HEADS.md's pooling table), 0 at padding."""
+    if POOL == _MEAN:
+        g = tl.where(real, 1.0 / tl.expand_dims(count, AXIS).to(x.dtype), 0.0)
+    elif POOL == _SUM:
+        g = tl.where(real, 1.0, 0.0)
+    elif POOL == _MAX:
+        z = tl.where(real, x, float("-inf"))
+        top = tl.expand_dims(tl.max(z, axis=AXIS), AXIS)
+        first = tl.min(tl.where(z == top, index, _NO_INDEX), axis=AXIS)
+        g = tl.where(index == tl.expand_dims(first, AXIS), 1.0, 0.0)
+    else:
+        z = tl.where(real, x / tau, float("-inf"))
+        top = tl.max(z, axis=AXIS)
+        e = tl.exp(z - tl.expand_dims(top, AXIS))
+        p = e / tl.expand_dims(tl.sum(e, axis=AXIS), AXIS)
+        if POOL == _LSE:
+            g = p / tau
+        else:
+            pooled = tl.sum(p * tl.where(real, x, 0.0), axis=AXIS)
+            g = p * (1.0 + (tl.where(real, x, 0.0) - tl.expand_dims(pooled, AXIS)) / tau)
+    return tl.where(real, g, 0.0)
+
+
+@triton.jit
+def _tile_geometry(r_len, w_len, R_PAD: tl.constexpr, L_PAD: tl.constexpr):
+    """Indices and real-masks of the (BI, R_PAD, BJ, L_PAD) view and of the two pooled views
+    (t2i: (BI, BJ, L_PAD), i2t: (BI, R_PAD, BJ))."""
+    r = tl.arange(0, R_PAD)
+    w = tl.arange(0, L_PAD)
+    region_real = r[None, :] < r_len[:, None]        # (BI, R_PAD)
+    word_real = w[None, :] < w_len[:, None]          # (BJ, L_PAD)
+    return (r[None, :, None, None], w[None, None, None, :], region_real[:, :, None, None],
+            word_real[None, None, :, :], r[None, :, None], w[None, None, :],
+            region_real[:, :, None], word_real[None, :, :])
+
+
+@triton.jit
+def _head(S, r_len, w_len, tau, both_scale, DIRECTION: tl.constexpr, POOL: tl.constexpr,
+          LEAKY: tl.constexpr, BI: tl.constexpr, R_PAD: tl.constexpr, BJ: tl.constexpr,
+          L_PAD: tl.constexpr):
+    """The similarity (BI, BJ) of every pair of the tile from its scores S."""
+    S4 = tl.reshape(S, (BI, R_PAD, BJ, L_PAD))
+    ri4, wi4, rv4, wv4, ri3, wi3, rv3, wv3 = _tile_geometry(r_len, w_len, R_PAD, L_PAD)
+    sim = tl.zeros((BI, BJ), dtype=S.dtype)
+    if DIRECTION != _I2T:
+        m = _leaky(_max_first(S4, rv4, ri4, 1)[0], LEAKY)                # (BI, BJ, L_PAD)
+        sim += _pool(m, wv3, w_len[None, :], tau, 2, POOL)
+    if DIRECTION != _T2I:
+        n = _leaky(_max_first(S4, wv4, wi4, 3)[0], LEAKY)                # (BI, R_PAD, BJ)
+        sim += _pool(n, rv3, r_len[:, None], tau, 1, POOL)
+    if DIRECTION == _BOTH:
+        sim = both_scale * sim
+    return sim
+
+
+@triton.jit
+def _head_grad(S, g, r_len, w_len, tau, both_scale, DIRECTION: tl.constexpr, POOL: tl.constexpr,
+               LEAKY: tl.constexpr, BI: tl.constexpr, R_PAD: tl.constexpr, BJ: tl.constexpr,
+               L_PAD: tl.constexpr):
+    """dL/dS (BI*R_PAD, BJ*L_PAD) for the upstream g = dL/dsim (BI, BJ), 0 at padding and for
+    pairs whose g is 0: each maximum's first argmax gets G x pool weight x leaky'."""
+    S4 = tl.reshape(S, (BI, R_PAD, BJ, L_PAD))
+    ri4, wi4, rv4, wv4, ri3, wi3, rv3, wv3 = _tile_geometry(r_len, w_len, R_PAD, L_PAD)
+    if DIRECTION == _BOTH:
+        g = both_scale * g
+    dS4 = tl.zeros((BI, R_PAD, BJ, L_PAD), dtype=S.dtype)
+    if DIRECTION != _I2T:
+        top, first = _max_first(S4, rv4, ri4, 1)                         # (BI, BJ, L_PAD)
+        weight = _pool_weights(_leaky(top, LEAKY), wv3, wi3, w_len[None, :], tau, 2, POOL)
+        coef = g[:, :, None] * weight * _leaky_slope(top, LEAKY)
+        dS4 += tl.where(ri4 == first[:, None, :, :], coef[:, None, :, :], 0.0)
+    if DIRECTION != _T2I:
+        top, first = _max_first(S4, wv4, wi4, 3)                         # (BI, R_PAD, BJ)
+        weight = _pool_weights(_leaky(top, LEAKY), rv3, ri3, r_len[:, None], tau, 1, POOL)
+        coef = g[:, None, :] * weight * _leaky_slope(top, LEAKY)
+        dS4 += tl.where(wi4 == first[:, :, :, None], coef[:, :, :, None], 0.0)
+    dS4 = tl.where(rv4 & wv4, dS4, 0.0)
+    return tl.reshape(dS4, (BI * R_PAD, BJ * L_PAD))
+
+
+@triton.jit
+def _add_rows(dst_ptr, dst_rows, dst_ok, src_ptr, src_rows, src_ok, sd, coef, D, accumulate,
+              BD: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """dst[rows] (+)= coef @ src[rows] over d in chunks of BD, coef (dst rows, src rows) in ACC;
+    stores (first iteration) or, if `accumulate`, read-modify-writes the rows this program
+    owns."""
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        din = dd < D
+        chunk = tl.load(src_ptr + src_rows[:, None] + dd[None, :] * sd,
+                        mask=src_ok[:, None] & din[None, :], other=0.0).to(ACC)
+        part = tl.dot(coef, chunk, input_precision=PREC)
+        ptrs = dst_ptr + dst_rows[:, None] + dd[None, :]
+        out_mask = dst_ok[:, None] & din[None, :]
+        prev = tl.load(ptrs, mask=out_mask & accumulate, other=0.0)
+        tl.store(ptrs, prev + part, mask=out_mask)
+
+
+# =============================================================================================
+# Kernels
+# =============================================================================================
+
+@triton.jit
+def _maxsim_fwd_kernel(img_ptr, si0, si1, si2, img_ids_ptr, img_lens_ptr, n_img,
+                       cap_ptr, sc0, sc1, sc2, cap_ids_ptr, cap_lens_ptr, n_cap,
+                       out_ptr, os_i, os_j, D, params_ptr,
+                       DIRECTION: tl.constexpr, POOL: tl.constexpr, LEAKY: tl.constexpr,
+                       R_PAD: tl.constexpr, L_PAD: tl.constexpr, ACC: tl.constexpr,
+                       MAIN_PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+                       BK: tl.constexpr, GROUP: tl.constexpr):
+    tau, both_scale = tl.load(params_ptr), tl.load(params_ptr + 1)
+    i_start, j_start = tile_start(tl.program_id(0), n_img, n_cap, BI, BJ, GROUP)
+    i_ids, r_len, i_real = tile_owners(img_ids_ptr, img_lens_ptr, i_start, n_img, BI)
+    j_ids, w_len, j_real = tile_owners(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, BJ)
+    i_rows, i_ok = tile_rows(img_ids_ptr, img_lens_ptr, i_start, n_img, si0, si1, BI, R_PAD)
+    j_rows, j_ok = tile_rows(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, sc0, sc1, BJ, L_PAD)
+    S = score_tile(img_ptr, i_rows, i_ok, si2, cap_ptr, j_rows, j_ok, sc2, D,
+                   BI * R_PAD, BJ * L_PAD, BK, ACC, MAIN_PREC)
+    sim = _head(S, r_len, w_len, tau, both_scale, DIRECTION, POOL, LEAKY, BI, R_PAD, BJ, L_PAD)
+    tl.store(out_ptr + i_ids[:, None] * os_i + j_ids[None, :] * os_j, sim,
+             mask=i_real[:, None] & j_real[None, :])
+
+
+@triton.jit
+def _maxsim_bwd_img_kernel(img_ptr, si0, si1, si2, img_ids_ptr, img_lens_ptr, n_img,
+                           cap_ptr, sc0, sc1, sc2, cap_ids_ptr, cap_lens_ptr, n_cap,
+                           dsim_ptr, ds_i, ds_j, dimg_ptr, dis0, dis1, D, params_ptr,
+                           DIRECTION: tl.constexpr, POOL: tl.constexpr, LEAKY: tl.constexpr,
+                           R_PAD: tl.constexpr, L_PAD: tl.constexpr, ACC: tl.constexpr,
+                           MAIN_PREC: tl.constexpr, EPI_PREC: tl.constexpr,
+                           BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+                           BD: tl.constexpr):
+    """d img for BI images, summed over every caption of the launch's bucket."""
+    tau, both_scale = tl.load(params_ptr), tl.load(params_ptr + 1)
+    i_start = tl.program_id(0) * BI
+    i_ids, r_len, i_real = tile_owners(img_ids_ptr, img_lens_ptr, i_start, n_img, BI)
+    i_rows, i_ok = tile_rows(img_ids_ptr, img_lens_ptr, i_start, n_img, si0, si1, BI, R_PAD)
+    di_rows, _ = tile_rows(img_ids_ptr, img_lens_ptr, i_start, n_img, dis0, dis1, BI, R_PAD)
+    for j_start in range(0, n_cap, BJ):
+        j_ids, w_len, j_real = tile_owners(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, BJ)
+        j_rows, j_ok = tile_rows(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, sc0, sc1, BJ, L_PAD)
+        S = score_tile(img_ptr, i_rows, i_ok, si2, cap_ptr, j_rows, j_ok, sc2, D,
+                       BI * R_PAD, BJ * L_PAD, BK, ACC, MAIN_PREC)
+        g = tl.load(dsim_ptr + i_ids[:, None] * ds_i + j_ids[None, :] * ds_j,
+                    mask=i_real[:, None] & j_real[None, :], other=0.0).to(ACC)
+        dS = _head_grad(S, g, r_len, w_len, tau, both_scale, DIRECTION, POOL, LEAKY,
+                        BI, R_PAD, BJ, L_PAD)
+        _add_rows(dimg_ptr, di_rows, i_ok, cap_ptr, j_rows, j_ok, sc2, dS, D, j_start > 0,
+                  BD, EPI_PREC, ACC)
+        tl.debug_barrier()  # the next iteration's threads read what this one wrote
+
+
+@triton.jit
+def _maxsim_bwd_cap_kernel(img_ptr, si0, si1, si2, img_ids_ptr, img_lens_ptr, n_img,
+                           cap_ptr, sc0, sc1, sc2, cap_ids_ptr, cap_lens_ptr, n_cap,
+                           dsim_ptr, ds_i, ds_j, dcap_ptr, dcs0, dcs1, D, params_ptr,
+                           DIRECTION: tl.constexpr, POOL: tl.constexpr, LEAKY: tl.constexpr,
+                           R_PAD: tl.constexpr, L_PAD: tl.constexpr, ACC: tl.constexpr,
+                           MAIN_PREC: tl.constexpr, EPI_PREC: tl.constexpr,
+                           BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+                           BD: tl.constexpr):
+    """d cap for BJ captions of the bucket, summed over every image."""
+    tau, both_scale = tl.load(params_ptr), tl.load(params_ptr + 1)
+    j_start = tl.program_id(0) * BJ
+    j_ids, w_len, j_real = tile_owners(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, BJ)
+    j_rows, j_ok = tile_rows(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, sc0, sc1, BJ, L_PAD)
+    dj_rows, _ = tile_rows(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, dcs0, dcs1, BJ, L_PAD)
+    for i_start in range(0, n_img, BI):
+        i_ids, r_len, i_real = tile_owners(img_ids_ptr, img_lens_ptr, i_start, n_img, BI)
+        i_rows, i_ok = tile_rows(img_ids_ptr, img_lens_ptr, i_start, n_img, si0, si1, BI, R_PAD)
+        S = score_tile(img_ptr, i_rows, i_ok, si2, cap_ptr, j_rows, j_ok, sc2, D,
+                       BI * R_PAD, BJ * L_PAD, BK, ACC, MAIN_PREC)
+        g = tl.load(dsim_ptr + i_ids[:, None] * ds_i + j_ids[None, :] * ds_j,
+                    mask=i_real[:, None] & j_real[None, :], other=0.0).to(ACC)
+        dS = _head_grad(S, g, r_len, w_len, tau, both_scale, DIRECTION, POOL, LEAKY,
+                        BI, R_PAD, BJ, L_PAD)
+        _add_rows(dcap_ptr, dj_rows, j_ok, img_ptr, i_rows, i_ok, si2, tl.trans(dS), D,
+                  i_start > 0, BD, EPI_PREC, ACC)
+        tl.debug_barrier()  # the next iteration's threads read what this one wrote
+
+
+# =============================================================================================
+# Tile shapes: fixed small tiles under the interpreter, autotuned on GPUs
+# =============================================================================================
+
+# Tile budgets (M = BI*R_PAD image rows x N = BJ*L_PAD word columns), from compiling for sm_90
+# with triton 3.6 and 3.8 (tests/test_sm90_compile.py). The epilogue keeps only the tile, its
+# masked copy and the per-word / per-region maxima live, far less than SCAN's.
+_LIMITS = {
+    ("fwd", "low"): dict(max_m=128, max_n=128, max_area=128 * 128, min_area=64 * 64),
+    ("bwd", "low"): dict(max_m=128, max_n=128, max_area=64 * 128, min_area=64 * 32),
+    ("fwd", "fp32"): dict(max_m=128, max_n=128, max_area=64 * 64, min_area=32 * 16),
+    ("bwd", "fp32"): dict(max_m=64, max_n=64, max_area=64 * 32, min_area=16 * 16),
+}
+# The d-chunk of the fp32 GEMM: FMA dots keep (rows, BK) operands per thread.
+_FP32_BK = 16
+
+
+def _precision_kind(args: dict) -> str:
+    return "low" if args["img_ptr"].dtype in (torch.float16, torch.bfloat16) else "fp32"
+
+
+def _area(r_pad, l_pad):
+    return lambda c: c.kwargs["BI"] * r_pad * c.kwargs["BJ"] * l_pad
+
+
+def _prune(direction: str):
+    def prune(configs, named_args, **kwargs):
+        a = named(named_args, kwargs)
+        r_pad, l_pad, kind = a["R_PAD"], a["L_PAD"], _precision_kind(a)
+        keep = tile_shapes(r_pad, l_pad, **_LIMITS[(direction, kind)])
+        bk = _FP32_BK if kind == "fp32" else 64
+        out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep
+               and c.kwargs["BK"] == bk]
+        if not out:  # paddings beyond the budget: the smallest tile
+            bi, bj = smallest_shape(r_pad, l_pad)
+            extra = dict(GROUP=8) if direction == "fwd" else dict(BD=64 if kind == "low" else 32)
+            out = [triton.Config(dict(BI=bi, BJ=bj, BK=bk, **extra), num_warps=8, num_stages=2)]
+        return quick(out, _area(r_pad, l_pad))
+    return prune
+
+
+_SHAPES = [(bi, bj) for bi in (1, 2, 4, 8, 16) for bj in (1, 2, 4, 8, 16, 32)]
+_FWD_CONFIGS = ([triton.Config(dict(BI=bi, BJ=bj, BK=64, GROUP=8), num_warps=8, num_stages=3)
+                 for bi, bj in _SHAPES]
+                + [triton.Config(dict(BI=bi, BJ=bj, BK=_FP32_BK, GROUP=8), num_warps=8,
+                                 num_stages=2) for bi, bj in _SHAPES])
+_BWD_CONFIGS = ([triton.Config(dict(BI=bi, BJ=bj, BK=64, BD=64), num_warps=8, num_stages=2)
+                 for bi, bj in _SHAPES]
+                + [triton.Config(dict(BI=bi, BJ=bj, BK=_FP32_BK, BD=32), num_warps=8,
+                                 num_stages=2) for bi, bj in _SHAPES])
+_KEY = ["R_PAD", "L_PAD", "D", "DIRECTION", "POOL", "LEAKY"]
+
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={
+    "early_config_prune": _prune("fwd")})(_maxsim_fwd_kernel)
+_bwd_img_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={
+    "early_config_prune": _prune("bwd")})(_maxsim_bwd_img_kernel)
+_bwd_cap_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={
+    "early_config_prune": _prune("bwd")})(_maxsim_bwd_cap_kernel)
+
+
+def _interpreter_shape(r_pad: int, l_pad: int):
+    # The smallest legal tile, with >= 2 captions per tile so that multi-owner tiles and partial
+    # last blocks are exercised by the CPU tests.
+    return max(1, MIN_DOT // r_pad), max(2, MIN_DOT // l_pad)
+
+
+# =============================================================================================
+# Launch helpers
+# =============================================================================================
+
+@dataclasses.dataclass
+class MaxSimProblem:
+    img: torch.Tensor
+    cap: torch.Tensor
+    images: OwnerGroup          # every image, its real region counts
+    captions: list              # OwnerGroups: caption length buckets
+    direction: int
+    pool: int
+    leaky: bool
+    params: torch.Tensor        # (tau, both_scale) in the accumulation dtype: exact in fp64
+    acc: object                 # tl.float32 / tl.float64
+    out_dtype: torch.dtype
+    main_prec: str
+    epi_prec: str
+
+
+def build_problem(img, cap, lens, img_lens, *, direction, pool, tau, leaky,
+                  both_scale) -> MaxSimProblem:
+    """Everything the kernels need for one call. lens, img_lens: int64 on any device."""
+    autotune_mode()  # a bad RCAR_FAST_AUTOTUNE fails here, before any kernel runs
+    n_img, n_regions, _ = img.shape
+    acc_torch = torch.float64 if img.dtype == torch.float64 else torch.float32
+    images = OwnerGroup(torch.arange(n_img, device=img.device, dtype=torch.int32),
+                        img_lens.to(device=img.device, dtype=torch.int32),
+                        pow2_at_least(n_regions, 1), n_img)
+    fp32_like = img.dtype in (torch.float32, torch.float64)
+    return MaxSimProblem(
+        img=img, cap=cap, images=images,
+        captions=caption_groups(lens.detach().to("cpu", torch.int64), cap.device, 8),
+        direction=contract.HEAD_DIRECTION_CODES[direction], pool=contract.POOL_CODES[pool],
+        leaky=bool(leaky),
+        params=torch.tensor([float(tau), float(both_scale)], dtype=acc_torch, device=img.device),
+        acc=tl.float64 if acc_torch == torch.float64 else tl.float32, out_dtype=acc_torch,
+        main_prec=FP32_DOT_PRECISION if fp32_like else "tf32",
+        epi_prec="ieee" if (fp32_like or interpreter_on()) else "tf32")
+
+
+def _operands(p: MaxSimProblem, cg: OwnerGroup):
+    im, cp, ig = p.img, p.cap, p.images
+    return (im, im.stride(0), im.stride(1), im.stride(2), ig.ids, ig.lens, ig.count,
+            cp, cp.stride(0), cp.stride(1), cp.stride(2), cg.ids, cg.lens, cg.count)
+
+
+def _constexprs(p: MaxSimProblem, cg: OwnerGroup) -> dict:
+    return dict(DIRECTION=p.direction, POOL=p.pool, LEAKY=p.leaky, R_PAD=p.images.pad,
+                L_PAD=cg.pad, ACC=p.acc, MAIN_PREC=p.main_prec)
+
+
+def maxsim_forward(p: MaxSimProblem, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(n_img, n_cap) similarities. `out`, if given, is written in full (tests poison it)."""
+    if out is None:
+        out = torch.empty((p.images.count, p.cap.shape[0]), device=p.img.device,
+                          dtype=p.out_dtype)
+    d = p.img.shape[2]
+    for cg in p.captions if p.images.count else ():   # (an empty grid is not launched)
+        args = (*_operands(p, cg), out, out.stride(0), out.stride(1), d, p.params)
+        if interpreter_on():
+            bi, bj = _interpreter_shape(p.images.pad, cg.pad)
+            grid = (triton.cdiv(p.images.count, bi) * triton.cdiv(cg.count, bj),)
+            _maxsim_fwd_kernel[grid](*args, **_constexprs(p, cg), BI=bi, BJ=bj, BK=MIN_DOT,
+                                     GROUP=2)
+        else:
+            grid = lambda meta, cg=cg: (  # noqa: E731
+                triton.cdiv(p.images.count, meta["BI"]) * triton.cdiv(cg.count, meta["BJ"]),)
+            _fwd_tuned[grid](*args, **_constexprs(p, cg))
+    return out
+
+
+def _launch_backward(p: MaxSimProblem, cg: OwnerGroup, dsim, target, of_img: bool):
+    kernel, tuned = ((_maxsim_bwd_img_kernel, _bwd_img_tuned) if of_img
+                     else (_maxsim_bwd_cap_kernel, _bwd_cap_tuned))
+    args = (*_operands(p, cg), dsim, dsim.stride(0), dsim.stride(1), target, target.stride(0),
+            target.stride(1), p.img.shape[2], p.params)
+    cexpr = dict(_constexprs(p, cg), EPI_PREC=p.epi_prec)
+    count = p.images.count if of_img else cg.count
+    if p.images.count == 0:   # nothing to sum: the gradient stays zero (no empty grid)
+        return
+    if interpreter_on():
+        bi, bj = _interpreter_shape(p.images.pad, cg.pad)
+        grid = (triton.cdiv(count, bi if of_img else bj),)
+        kernel[grid](*args, **cexpr, BI=bi, BJ=bj, BK=MIN_DOT, BD=MIN_DOT)
+    else:
+        block = "BI" if of_img else "BJ"
+        tuned[lambda meta: (triton.cdiv(count, meta[block]),)](*args, **cexpr)
+
+
+def maxsim_backward(p: MaxSimProblem, dsim: torch.Tensor, need_img: bool, need_cap: bool):
+    """(d img, d cap) in the inputs' dtypes (None where not needed), zero at padding.
+
+    d img: every caption bucket's launch covers all images, so the buckets' results are summed
+    (the first writes the gradient, the others a scratch buffer added to it). d cap: each
+    bucket's launch writes its own captions' rows of one buffer."""
+    dsim = dsim.to(p.out_dtype).contiguous()
+    dimg = dcap = None
+    if need_img:
+        dimg = torch.zeros(p.img.shape, device=p.img.device, dtype=p.out_dtype)
+        scratch = torch.zeros_like(dimg) if len(p.captions) > 1 else None
+        for k, cg in enumerate(p.captions):
+            _launch_backward(p, cg, dsim, dimg if k == 0 else scratch, of_img=True)
+            if k > 0:
+                dimg += scratch
+        dimg = dimg.to(p.img.dtype)
+    if need_cap:
+        dcap = torch.zeros(p.cap.shape, device=p.cap.device, dtype=p.out_dtype)
+        for cg in p.captions:
+            _launch_backward(p, cg, dsim, dcap, of_img=False)
+        dcap = dcap.to(p.cap.dtype)
+    return dimg, dcap

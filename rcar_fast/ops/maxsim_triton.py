@@ -1,0 +1,90 @@
+"""The S-only heads (max_similarity, HEADS.md) on the Triton backend: autograd wiring and the
+backend class.
+
+The kernels (rcar_fast.kernels.maxsim) score every (image, caption) pair from the shared
+region-word tile and, recomputing the tile and its argmaxes, give d img and d cap; nothing of
+size (pairs x words) is stored. Dtypes: fp32/fp16/bf16 on CUDA (output float32); under
+triton's CPU interpreter (tests) fp32/fp16 and float64 (output float64, for gradcheck).
+"""
+from __future__ import annotations
+
+import torch
+
+from rcar_fast.ops.backend import Backend, Inputs
+from rcar_fast.ops.library import MAXSIM_OPTION_NAMES, define_maxsim_op
+
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INTERPRETER_DTYPES = (torch.float32, torch.float16, torch.float64)
+
+
+def _kernels():
+    # Imported on first use: importing triton (and compiling) only when this backend runs.
+    from rcar_fast.kernels import maxsim as maxsim_kernels
+
+    return maxsim_kernels
+
+
+def _problem(img, cap, lens, img_lens, options):
+    return _kernels().build_problem(img, cap, lens, img_lens, **dict(zip(MAXSIM_OPTION_NAMES, options)))
+
+
+class MaxSimilarityTriton(torch.autograd.Function):
+    """sims = head(img, cap, lens, img_lens); backward gives d img and d cap (zero at padding),
+    none for the lengths and the options. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, img, cap, lens, img_lens, options):
+        problem = _problem(img, cap, lens, img_lens, options)
+        ctx.problem = problem   # the length buckets, reused by the backward
+        return _kernels().maxsim_forward(problem)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dsims):
+        need_img, need_cap = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dimg, dcap = _kernels().maxsim_backward(ctx.problem, dsims, need_img, need_cap)
+        return dimg, dcap, None, None, None
+
+
+def _op_forward(img, cap, lens, img_lens, options):
+    return _kernels().maxsim_forward(_problem(img, cap, lens, img_lens, options))
+
+
+def _op_backward(grad, img, cap, lens, img_lens, options):
+    return tuple(_kernels().maxsim_backward(_problem(img, cap, lens, img_lens, options), grad,
+                                            True, True))
+
+
+# rcar_fast::maxsim_triton and rcar_fast::maxsim_triton_backward: what torch.compile sees (its
+# backward op rebuilds the length buckets that the eager Function keeps from its forward).
+maxsim_triton_op = define_maxsim_op("maxsim_triton", _op_forward, _op_backward)
+
+
+class MaxSimTriton(Backend):
+    op, backend, kernel = "maxsim", "triton", "the Triton S-only head kernels"
+    dtypes = {"cuda": _CUDA_DTYPES, "cpu": _INTERPRETER_DTYPES}
+
+    @classmethod
+    def dtype_reason(cls, device_type, dtype):
+        if device_type == "cpu" and dtype == torch.bfloat16:
+            return ("bfloat16 is not supported under triton's CPU interpreter (its bf16 tl.dot "
+                    "is wrong); use float32/float16 on CPU, or a CUDA GPU")
+        return super().dtype_reason(device_type, dtype)
+
+    @classmethod
+    def extra_reasons(cls, inputs: Inputs) -> list[str]:
+        if inputs.img_shape is None or inputs.cap_shape is None:
+            return []
+        longest = inputs.longest_caption() or inputs.cap_shape[1]
+        why = _kernels().max_tile_reason(inputs.img_shape[1], longest)
+        return [why] if why else []
+
+    @staticmethod
+    def fn(img, cap, lens, img_lens, *, direction="t2i", pool="mean", tau=0.1, leaky=False,
+           both_scale=0.5):
+        """Inputs already validated and normalised by rcar_fast.max_similarity (lens, img_lens
+        int64 on the inputs' device). Returns (n_img, n_cap) float32 (float64 for float64)."""
+        options = (direction, pool, float(tau), bool(leaky), float(both_scale))
+        if torch.compiler.is_compiling():
+            return maxsim_triton_op(img, cap, lens, img_lens, *options)
+        return MaxSimilarityTriton.apply(img, cap, lens, img_lens, options)

@@ -1,0 +1,355 @@
+"""The Triton S-only heads (kernels/maxsim.py, forward and backward) against the float64
+reference (rcar_fast.reference_heads).
+
+On CPU the kernels run in triton's interpreter (conftest sets TRITON_INTERPRET=1) on tiny grids
+whose sizes are off every tile size: 3 images of 5 regions (real counts 5, 2, 4), 5 captions of
+up to 7 words (lengths 1..7), d=20, NaN in every padding position of both inputs. Every
+direction x pool x leaky of HEADS.md, forward and gradients; ties, L=1, R=1, several caption
+buckets, all-negative scores, poisoned outputs, fp64 gradcheck, fp16 by the 2x rule. GPU tests
+(COCO-sized batches, fp32/fp16/bf16) run only with a GPU.
+"""
+import itertools
+
+import pytest
+import torch
+
+import rcar_fast
+from rcar_fast import dispatch
+from rcar_fast.losses import vse_hinge_loss
+from rcar_fast.contract import HEAD_DIRECTIONS, POOLS
+from rcar_fast.ops.maxsim_triton import MaxSimTriton, maxsim_triton_op
+from rcar_fast.reference_heads import head_similarity_vectorized
+from tests.conftest import requires_gpu, requires_interpreter
+from tests.inputs import make_inputs, real_words
+from tests.tolerances import F64_GRADCHECK, assert_bit_equal, assert_close_to_reference
+
+LENS = (1, 7, 3, 5, 2)
+IMG_LENS = (5, 2, 4)
+SETTINGS = list(itertools.product(HEAD_DIRECTIONS, POOLS, (False, True)))
+SETTING_IDS = [f"{d}-{p}-{'leaky' if lk else 'plain'}" for d, p, lk in SETTINGS]
+NAN = float("nan")
+
+
+def _options(direction="t2i", pool="mean", leaky=False, tau=0.1, both_scale=0.5):
+    return dict(direction=direction, pool=pool, tau=tau, leaky=leaky, both_scale=both_scale)
+
+
+def _inputs(n_img=3, lens=LENS, img_lens=IMG_LENS, regions=5, dim=20, dtype=torch.float32,
+            pad=NAN, device="cpu", **kw):
+    """Ragged images and captions with `pad` in every padding row of both."""
+    img, cap, lens = make_inputs(n_img, len(lens), regions, dim, lens=lens, dtype=torch.float64,
+                                 pad=pad, **kw)
+    img_lens = torch.as_tensor(img_lens, dtype=torch.int64)
+    img[~real_words(img_lens, regions)] = pad
+    return (img.to(device=device, dtype=dtype), cap.to(device=device, dtype=dtype),
+            lens.to(device), img_lens.to(device))
+
+
+def _triton(img, cap, lens, img_lens, **opts):
+    """The backend's function (what dispatch runs for backend="triton": inputs validated)."""
+    return MaxSimTriton.fn(img, cap, lens, img_lens, **opts)
+
+
+def _reference(img, cap, lens, img_lens, **opts):
+    return head_similarity_vectorized(img.double(), cap.double(), lens, img_lens, **opts)
+
+
+def _reference_gradients(img, cap, lens, img_lens, grad, dtype=torch.float64, **opts):
+    a = img.detach().to(dtype).requires_grad_()
+    c = cap.detach().to(dtype).requires_grad_()
+    out = head_similarity_vectorized(a, c, lens, img_lens, **opts)
+    return torch.autograd.grad(out, (a, c), grad.to(out.dtype))
+
+
+def _triton_gradients(img, cap, lens, img_lens, grad, **opts):
+    a, c = img.detach().requires_grad_(), cap.detach().requires_grad_()
+    out = _triton(a, c, lens, img_lens, **opts)
+    return torch.autograd.grad(out, (a, c), grad.to(out.dtype))
+
+
+def _real_rows(x, lengths):
+    return real_words(lengths.cpu(), x.shape[1]).to(x.device)
+
+
+def _check_gradients(img, cap, lens, img_lens, *, dtype, what, **opts):
+    """Triton gradients against the float64 reference's (the 2x rule for fp16/bf16); exactly
+    0 at every padding row."""
+    grad = torch.randn(img.shape[0], cap.shape[0], dtype=torch.float64, device=img.device)
+    d_img, d_cap = _triton_gradients(img, cap, lens, img_lens, grad, **opts)
+    r_img, r_cap = _reference_gradients(img, cap, lens, img_lens, grad, **opts)
+    low = {}
+    if dtype in (torch.float16, torch.bfloat16):
+        l_img, l_cap = _reference_gradients(img, cap, lens, img_lens, grad, dtype=dtype, **opts)
+        low = dict(img=l_img, cap=l_cap)
+    for name, got, want, rows in (("img", d_img, r_img, _real_rows(img, img_lens)),
+                                  ("cap", d_cap, r_cap, _real_rows(cap, lens))):
+        assert got.dtype == img.dtype and got.shape == want.shape
+        lowp = low[name][rows] if low else None
+        assert_close_to_reference(got[rows], want[rows], dtype=dtype, ref_lowp=lowp,
+                                  what=f"{what} d {name}")
+        assert_bit_equal(got[~rows], torch.zeros_like(got[~rows]), what=f"{what} d {name} padding")
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+@requires_interpreter
+@pytest.mark.parametrize("direction,pool,leaky", SETTINGS, ids=SETTING_IDS)
+def test_forward_matches_float64_reference(direction, pool, leaky):
+    img, cap, lens, img_lens = _inputs()
+    opts = _options(direction, pool, leaky)
+    out = _triton(img, cap, lens, img_lens, **opts)
+    assert out.dtype == torch.float32 and out.shape == (3, 5)
+    assert_close_to_reference(out, _reference(img, cap, lens, img_lens, **opts),
+                              dtype=torch.float32, what=f"maxsim triton {opts}")
+
+
+@requires_interpreter
+@pytest.mark.parametrize("direction,pool", [("t2i", "lse"), ("i2t", "softmax"), ("both", "max")])
+def test_forward_float64_agrees_to_rounding(direction, pool):
+    # tau = 0.1 is not a binary fraction: the kernels read it in the accumulation dtype
+    img, cap, lens, img_lens = _inputs(dtype=torch.float64)
+    opts = _options(direction, pool, leaky=True, both_scale=1.0)
+    out = _triton(img, cap, lens, img_lens, **opts)
+    assert out.dtype == torch.float64
+    assert_close_to_reference(out, _reference(img, cap, lens, img_lens, **opts),
+                              dtype=torch.float64)
+
+
+@requires_interpreter
+def test_forward_writes_every_output_over_poison():
+    from rcar_fast.kernels import maxsim as kernels
+
+    img, cap, lens, img_lens = _inputs()
+    for direction in HEAD_DIRECTIONS:
+        opts = _options(direction, "softmax", leaky=True)
+        problem = kernels.build_problem(img, cap, lens, img_lens, **opts)
+        poisoned = torch.full((3, 5), NAN)
+        out = kernels.maxsim_forward(problem, out=poisoned)
+        assert out.data_ptr() == poisoned.data_ptr()
+        assert_close_to_reference(out, _reference(img, cap, lens, img_lens, **opts),
+                                  dtype=torch.float32, what=f"poisoned output {direction}")
+
+
+@requires_interpreter
+@pytest.mark.parametrize("direction", HEAD_DIRECTIONS)
+def test_several_caption_buckets_and_odd_sizes(direction):
+    # lengths 1..20 fall into the 8, 16 and 32 word buckets (three launches whose columns and
+    # image gradients must be combined); 6 regions, d = 24: no tile size
+    lens = (20, 1, 9, 16, 17, 4, 8, 3)
+    img, cap, lens, img_lens = _inputs(n_img=4, lens=lens, img_lens=(6, 1, 3, 5), regions=6,
+                                       dim=24)
+    opts = _options(direction, "lse", leaky=True)
+    assert_close_to_reference(_triton(img, cap, lens, img_lens, **opts),
+                              _reference(img, cap, lens, img_lens, **opts), dtype=torch.float32)
+    _check_gradients(img, cap, lens, img_lens, dtype=torch.float32, what=f"buckets {direction}",
+                     **opts)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("direction", HEAD_DIRECTIONS)
+def test_one_word_and_one_region(direction):
+    # L = 1 for every caption, R = 1 for every image (a tile of 16 images), d = 1
+    for lens, regions, img_lens, dim in (((1, 1, 1), 5, (5, 2, 4), 20), ((1, 4, 2), 1, (1, 1, 1), 1)):
+        img, cap, lens_t, img_lens_t = _inputs(lens=lens, img_lens=img_lens, regions=regions,
+                                               dim=dim)
+        for pool in ("mean", "lse", "softmax"):
+            opts = _options(direction, pool, leaky=True)
+            assert_close_to_reference(_triton(img, cap, lens_t, img_lens_t, **opts),
+                                      _reference(img, cap, lens_t, img_lens_t, **opts),
+                                      dtype=torch.float32, what=f"L=1/R=1 {opts}")
+        _check_gradients(img, cap, lens_t, img_lens_t, dtype=torch.float32,
+                         what=f"L=1/R=1 {direction}", **_options(direction, "max"))
+
+
+@requires_interpreter
+@pytest.mark.parametrize("direction", HEAD_DIRECTIONS)
+def test_all_negative_scores_are_not_floored(direction):
+    # positive regions, negative words: every real score < 0, and no floor at 0 or -1
+    img, cap, lens, img_lens = _inputs()
+    img, cap = img.abs(), -cap.abs()
+    for pool, leaky in (("max", False), ("sum", True), ("softmax", False)):
+        opts = _options(direction, pool, leaky)
+        out = _triton(img, cap, lens, img_lens, **opts)
+        assert bool((out < 0).all()), out
+        assert_close_to_reference(out, _reference(img, cap, lens, img_lens, **opts),
+                                  dtype=torch.float32)
+
+
+@requires_interpreter
+def test_float16_two_x_rule():
+    img, cap, lens, img_lens = _inputs(dtype=torch.float16, unit_norm=True)
+    for direction, pool, leaky in (("t2i", "sum", False), ("both", "mean", True), ("i2t", "lse", False)):
+        opts = _options(direction, pool, leaky)
+        out = _triton(img, cap, lens, img_lens, **opts)
+        assert out.dtype == torch.float32
+        ref16 = head_similarity_vectorized(img, cap, lens, img_lens, **opts)
+        assert_close_to_reference(out, _reference(img, cap, lens, img_lens, **opts),
+                                  dtype=torch.float16, ref_lowp=ref16, what=f"fp16 {opts}")
+    _check_gradients(img, cap, lens, img_lens, dtype=torch.float16, what="fp16",
+                     **_options("both", "mean", True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+@requires_interpreter
+@pytest.mark.parametrize("direction,pool,leaky", SETTINGS, ids=SETTING_IDS)
+def test_gradients_match_float64_reference(direction, pool, leaky):
+    img, cap, lens, img_lens = _inputs()
+    _check_gradients(img, cap, lens, img_lens, dtype=torch.float32,
+                     what=f"{direction} {pool} leaky={leaky}", **_options(direction, pool, leaky))
+
+
+@requires_interpreter
+@pytest.mark.parametrize("direction,pool", [("t2i", "lse"), ("i2t", "softmax"), ("both", "mean")])
+def test_gradcheck_float64(direction, pool):
+    img, cap, lens, img_lens = _inputs(n_img=2, lens=(3, 1), img_lens=(3, 2), regions=3, dim=5,
+                                       dtype=torch.float64, pad=0.5)
+    opts = _options(direction, pool, leaky=True)
+
+    def fn(a, c):
+        return _triton(a, c, lens, img_lens, **opts)
+
+    assert torch.autograd.gradcheck(fn, (img.requires_grad_(), cap.requires_grad_()),
+                                   atol=F64_GRADCHECK.atol, rtol=F64_GRADCHECK.rtol)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("direction", HEAD_DIRECTIONS)
+def test_ties_give_the_whole_gradient_to_the_first_index(direction):
+    # region 1 repeats region 0 and word 2 repeats word 1 (exact ties in every max), and the
+    # second caption is the first one again (ties in pool="max" too)
+    img, cap, lens, img_lens = _inputs(lens=(4, 4, 3), img_lens=(5, 4, 3), dtype=torch.float64)
+    img[:, 1] = img[:, 0]
+    cap[:, 2] = cap[:, 1]
+    cap[:, 3] = torch.where(torch.arange(3)[:, None] < 2, cap[:, 0], cap[:, 3])
+    for pool in ("max", "sum"):
+        opts = _options(direction, pool)
+        grad = torch.ones(3, 3, dtype=torch.float64)
+        d_img, d_cap = _triton_gradients(img, cap, lens, img_lens, grad, **opts)
+        r_img, r_cap = _reference_gradients(img, cap, lens, img_lens, grad, **opts)
+        rows_i, rows_c = _real_rows(img, img_lens), _real_rows(cap, lens)
+        assert_close_to_reference(d_img[rows_i], r_img[rows_i], dtype=torch.float64)
+        assert_close_to_reference(d_cap[rows_c], r_cap[rows_c], dtype=torch.float64)
+        if direction == "t2i":   # the repeated region never wins a word
+            assert_bit_equal(d_img[:, 1], torch.zeros_like(d_img[:, 1]), what="tied region")
+        if direction == "i2t":   # the repeated word never wins a region
+            assert_bit_equal(d_cap[:, 2], torch.zeros_like(d_cap[:, 2]), what="tied word")
+
+
+@requires_interpreter
+def test_backward_is_deterministic_and_one_sided():
+    img, cap, lens, img_lens = _inputs(lens=(20, 1, 9, 16, 3))
+    grad = torch.randn(3, 5)
+    opts = _options("both", "softmax", True)
+    first = _triton_gradients(img, cap, lens, img_lens, grad, **opts)
+    second = _triton_gradients(img, cap, lens, img_lens, grad, **opts)
+    for a, b in zip(first, second):
+        assert_bit_equal(a, b, what="a rerun of the backward")
+    a = img.detach().requires_grad_()
+    _triton(a, cap, lens, img_lens, **opts).backward(grad)
+    assert_bit_equal(a.grad, first[0], what="d img alone")
+
+
+@requires_interpreter
+def test_custom_op_opcheck():
+    img, cap, lens, img_lens = _inputs(n_img=2, lens=(3, 1), img_lens=(3, 2), regions=3, dim=5,
+                                       dtype=torch.float64, pad=0.5)
+    torch.library.opcheck(maxsim_triton_op, (img.requires_grad_(), cap.requires_grad_(), lens,
+                                             img_lens, "both", "lse", 0.1, True, 0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the public wrapper: presets, normalisation, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+@requires_interpreter
+@pytest.mark.parametrize("preset", ["laps", "chan", "aladin"])
+def test_public_wrapper_runs_the_presets_on_triton(preset):
+    # the wrapper normalises (normalize="unit" for laps and aladin) in torch, differentiably,
+    # then calls the backend: forward and gradients against the reference backend's
+    img, cap, lens, img_lens = _inputs(dtype=torch.float64)
+    grad = torch.randn(3, 5, dtype=torch.float64)
+    results = {}
+    for backend in ("triton", "reference"):
+        a, c = img.clone().requires_grad_(), cap.clone().requires_grad_()
+        out = rcar_fast.max_similarity(a, c, lens, img_lens=img_lens, preset=preset,
+                                       backend=backend)
+        results[backend] = (out, *torch.autograd.grad(out, (a, c), grad))
+    for got, want in zip(results["triton"], results["reference"]):
+        assert_close_to_reference(got, want, dtype=torch.float64, what=f"preset {preset}")
+
+
+@requires_interpreter
+def test_training_step_compiles_fullgraph():
+    img, cap, lens, img_lens = _inputs(n_img=3, lens=(5, 2, 3), img_lens=(4, 1, 3), regions=4,
+                                       dim=6, dtype=torch.float64, pad=0.5)
+    img, cap = img.requires_grad_(), cap.requires_grad_()
+
+    def step(a, c):
+        sims = rcar_fast.max_similarity(a, c, lens, img_lens=img_lens, preset="laps",
+                                        backend="triton")
+        return vse_hinge_loss(sims, margin=0.2)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(img, cap)
+    grads_c = torch.autograd.grad(loss_c, (img, cap))
+    loss_e = step(img, cap)
+    grads_e = torch.autograd.grad(loss_e, (img, cap))
+    for got, want in zip((loss_c, *grads_c), (loss_e, *grads_e)):
+        assert_close_to_reference(got, want, dtype=torch.float64, what="compiled step")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------
+
+def test_triton_is_in_the_maxsim_table():
+    assert dispatch.implementation("maxsim", "triton") is MaxSimTriton
+
+
+@requires_interpreter
+def test_dispatch_reasons():
+    cpu = torch.device("cpu")
+    assert dispatch.rejection("maxsim", "triton", cpu, torch.float32) is None
+    reason = dispatch.rejection("maxsim", "triton", cpu, torch.bfloat16)
+    assert reason is not None and "interpreter" in reason
+    assert dispatch.choose("maxsim", "auto", cpu, torch.float32).backend != "triton"
+    big = dispatch.Inputs(cpu, torch.float32, (2, 1000, 8), (3, 40, 8), "t2i")
+    reason = dispatch.rejection("maxsim", "triton", big)
+    assert reason is not None and "R=1000" in reason, reason
+    assert dispatch.rejection("maxsim", "triton",
+                              dispatch.Inputs(cpu, torch.float32, (2, 36, 8), (3, 64, 8))) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: COCO-sized batches, fp32 / fp16 / bf16, the 2x rule
+# ---------------------------------------------------------------------------------------------
+
+def _coco_batch(n_img, n_cap, dtype, seed=0):
+    """Unit-norm 36 x 1024 regions (some images with fewer: 10..36), captions of 1..50 words."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(6, 31, (n_cap,), generator=gen)
+    lens[0], lens[-1] = 1, 50
+    img_lens = torch.randint(10, 37, (n_img,), generator=gen)
+    img_lens[0] = 36
+    return _inputs(n_img=n_img, lens=lens, img_lens=img_lens, regions=36, dim=1024, dtype=dtype,
+                   unit_norm=True, device="cuda", seed=seed + 1)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gpu_coco_batch_forward_and_gradients(dtype):
+    img, cap, lens, img_lens = _coco_batch(48, 96, dtype)
+    for direction, pool, leaky in (("t2i", "sum", False), ("both", "mean", True),
+                                   ("t2i", "lse", False), ("i2t", "softmax", False)):
+        opts = _options(direction, pool, leaky, both_scale=1.0)
+        out = _triton(img, cap, lens, img_lens, **opts)
+        lowp = None if dtype == torch.float32 else head_similarity_vectorized(
+            img, cap, lens, img_lens, **opts)
+        assert_close_to_reference(out, _reference(img, cap, lens, img_lens, **opts), dtype=dtype,
+                                  ref_lowp=lowp, what=f"gpu {dtype} {opts}")
+        _check_gradients(img, cap, lens, img_lens, dtype=dtype, what=f"gpu {dtype} {opts}", **opts)
