@@ -1,8 +1,9 @@
 // pybind11 bindings of the CUDA launchers (csrc/cuda/). Pointers and the stream arrive as
 // integers from Python (tensor.data_ptr(), torch.cuda.current_stream().cuda_stream); 0 stands
 // for a null pointer. The SCAN and RCAR launchers take their problem description as a typed
-// object, ScanProblemCuda / RcarProblemCuda (the structs rcar_cuda::ScanProblem / RcarProblem of
-// csrc/cuda/kernels.h), built from keyword arguments by rcar_fast/ops/scan_cuda.py and rcar_cuda.py.
+// object, ScanProblemCuda / MaxSimProblemCuda / RcarProblemCuda (the structs of
+// csrc/cuda/kernels.h), built from keyword arguments by rcar_fast/ops/scan_cuda.py,
+// maxsim_cuda.py and rcar_cuda.py.
 #include "bindings.h"
 #ifdef RCAR_FAST_WITH_CUDA
 #include <functional>
@@ -106,6 +107,33 @@ void register_problem_types(py::module& m) {
       .field("smooth", &ScanProblem::smooth)
       .field("lse_lambda", &ScanProblem::lse_lambda)
       .finish();
+  using rcar_cuda::MaxSimProblem;
+  ProblemClass<MaxSimProblem>(m, "MaxSimProblemCuda", "rcar_cuda::MaxSimProblem (csrc/cuda/kernels.h)")
+      .field("img", &MaxSimProblem::img)
+      .field("cap", &MaxSimProblem::cap)
+      .field("dtype", &MaxSimProblem::dtype)
+      .field("n_img", &MaxSimProblem::n_img)
+      .field("R", &MaxSimProblem::R)
+      .field("d", &MaxSimProblem::d)
+      .field("n_cap", &MaxSimProblem::n_cap)
+      .field("img_stride_n", &MaxSimProblem::img_stride_n)
+      .field("img_stride_r", &MaxSimProblem::img_stride_r)
+      .field("cap_stride_n", &MaxSimProblem::cap_stride_n)
+      .field("cap_stride_w", &MaxSimProblem::cap_stride_w)
+      .field("img_lens", &MaxSimProblem::img_lens)
+      .field("lens", &MaxSimProblem::lens)
+      .field("word_off", &MaxSimProblem::word_off)
+      .field("total_words", &MaxSimProblem::total_words)
+      .field("max_len", &MaxSimProblem::max_len)
+      .field("group_first", &MaxSimProblem::group_first)
+      .field("n_groups", &MaxSimProblem::n_groups)
+      .field("col_frags", &MaxSimProblem::col_frags)
+      .field("direction", &MaxSimProblem::direction)
+      .field("pool", &MaxSimProblem::pool)
+      .field("leaky", &MaxSimProblem::leaky)
+      .field("tau", &MaxSimProblem::tau)
+      .field("both_scale", &MaxSimProblem::both_scale)
+      .finish();
   using rcar_cuda::RcarProblem;
   ProblemClass<RcarProblem>(m, "RcarProblemCuda", "rcar_cuda::RcarProblem (csrc/cuda/kernels.h)")
       .field("img", &RcarProblem::img)
@@ -184,6 +212,53 @@ void register_scan_ops(py::module& m) {
       "SCAN all-pairs backward: per-pair dL/dS, attention weights and dL/d|q| (see kernels.h)");
 }
 
+// One clear error for a problem the maxsim kernels do not take, before anything is launched.
+void check_maxsim_problem(const rcar_cuda::MaxSimProblem& p, const char* what) {
+  const char* why = rcar_cuda::maxsim_problem_error(p);
+  TORCH_CHECK(why == nullptr, what, ": ", why == nullptr ? "" : why, " (R=", p.R, ", longest caption ",
+              p.max_len, ", d=", p.d, ", col_frags=", p.col_frags, ", tile rows ",
+              rcar_cuda::scan_tile_rows(p.col_frags), ", tile columns ",
+              rcar_cuda::scan_tile_cols(p.col_frags), ")");
+}
+
+void register_maxsim_ops(py::module& m) {
+  m.def(
+      "maxsim_problem_error",
+      [](const rcar_cuda::MaxSimProblem& problem) -> py::object {
+        const char* why = rcar_cuda::maxsim_problem_error(problem);
+        return why == nullptr ? py::object(py::none()) : py::object(py::str(why));
+      },
+      py::arg("problem"), "None if the maxsim kernels take this MaxSimProblemCuda, else why not");
+  m.def(
+      "maxsim_forward_cuda",
+      [](const rcar_cuda::MaxSimProblem& problem, uintptr_t sims, uintptr_t stream) {
+        check_maxsim_problem(problem, "maxsim_forward_cuda");
+        check_cuda(rcar_cuda::maxsim_forward(problem, static_cast<float*>(as_ptr(sims)),
+                                             as_ptr(stream)),
+                   "maxsim_forward_cuda");
+      },
+      py::arg("problem"), py::arg("sims"), py::arg("stream"),
+      "S-only heads, all pairs, forward; problem: a MaxSimProblemCuda");
+  m.def(
+      "maxsim_backward_cuda",
+      [](const rcar_cuda::MaxSimProblem& problem, uintptr_t grad_sims, uintptr_t t2i_coef,
+         uintptr_t t2i_arg, uintptr_t i2t_coef, uintptr_t i2t_arg, uintptr_t d_img,
+         uintptr_t d_cap_packed, uintptr_t stream) {
+        check_maxsim_problem(problem, "maxsim_backward_cuda");
+        check_cuda(rcar_cuda::maxsim_backward(
+                       problem, static_cast<const float*>(as_ptr(grad_sims)),
+                       static_cast<float*>(as_ptr(t2i_coef)), static_cast<int32_t*>(as_ptr(t2i_arg)),
+                       static_cast<float*>(as_ptr(i2t_coef)), static_cast<int32_t*>(as_ptr(i2t_arg)),
+                       static_cast<float*>(as_ptr(d_img)), static_cast<float*>(as_ptr(d_cap_packed)),
+                       as_ptr(stream)),
+                   "maxsim_backward_cuda");
+      },
+      py::arg("problem"), py::arg("grad_sims"), py::arg("t2i_coef"), py::arg("t2i_arg"),
+      py::arg("i2t_coef"), py::arg("i2t_arg"), py::arg("d_img"), py::arg("d_cap_packed"),
+      py::arg("stream"),
+      "S-only heads backward: d img (written) and d cap packed (accumulated), see kernels.h");
+}
+
 void register_rcar_ops(py::module& m) {
   m.def("rcar_workspace_floats", &rcar_cuda::rcar_workspace_floats, py::arg("max_queries"),
         py::arg("d"), py::arg("sim_dim"), "workspace floats per persistent block of rcar_forward_cuda");
@@ -217,6 +292,7 @@ void register_cuda_bindings(pybind11::module& m) {
   register_problem_types(m);
   register_ragged_ops(m);
   register_scan_ops(m);
+  register_maxsim_ops(m);
   register_rcar_ops(m);
 #else
   m.def("built_with_cuda", [] { return false; }, "whether the CUDA kernels were compiled in");

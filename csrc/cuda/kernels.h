@@ -86,6 +86,56 @@ int scan_backward(const ScanProblem& p, const float* grad_sims, float* d_scores,
                   float* attn_scaled, float* d_query_norm, void* stream);
 
 // ---------------------------------------------------------------------------------------------
+// S-only heads, all pairs (csrc/cuda/maxsim.cu; HEADS.md, MAXSIM_API.md). The same tile as
+// SCAN (csrc/cuda/tile.cuh): captions packed and cut into groups (group_first) for a col_frags
+// tile shape (scan_tile_rows / scan_tile_cols give its capacity), images imgs_per_block at a
+// time. Regions r >= img_lens[i] and words w >= lens[j] are never read. Inputs fp32 / fp16 /
+// bf16 (dtype), fp32 accumulation; every output float32.
+struct MaxSimProblem {
+  const void* img;               // (n_img, R, d)
+  const void* cap;               // (n_cap, Lmax, d)
+  int dtype;                     // DType of img and cap
+  int64_t n_img, R, d, n_cap;
+  int64_t img_stride_n, img_stride_r, cap_stride_n, cap_stride_w;
+  const int64_t* img_lens;       // (n_img,) real regions, 1 <= img_lens[i] <= R
+  const int64_t* lens;           // (n_cap,) real words, 1 <= lens[j]
+  const int64_t* word_off;       // (n_cap + 1,) exclusive prefix sum of lens
+  int64_t total_words;           // word_off[n_cap]
+  int64_t max_len;               // max(lens)
+  const int32_t* group_first;    // (n_groups + 1,) first caption of each group, then n_cap
+  int64_t n_groups;
+  int col_frags;                 // 8, 4 or 2
+  int direction;                 // HeadDirection
+  int pool;                      // Pool
+  int leaky;                     // 1: leaky(x) = x > 0 ? x : kLeakySlope x on the maxima
+  float tau;                     // lse / softmax temperature, > 0
+  float both_scale;              // direction both: both_scale * (t2i + i2t)
+};
+
+// nullptr if the launchers take p, else why not (shapes beyond the tile, bad codes): callers
+// check before launching; the launchers return cudaErrorInvalidValue for such a p.
+const char* maxsim_problem_error(const MaxSimProblem& p);
+
+// sims[i * n_cap + j] (float32, every pair written).
+int maxsim_forward(const MaxSimProblem& p, float* sims, void* stream);
+
+// Backward for grad_sims (n_img, n_cap) float32, deterministic (no atomics; every sum in a
+// fixed order), in three kernels on `stream`:
+//   1. the tile recomputed: per pair the first argmax and the pooling weight of every pooled
+//      maximum, times grad_sims[i, j] (and both_scale, and the leaky slope), into
+//      t2i_coef / t2i_arg (n_img, total_words) [i, packed word] = (coefficient, region r*) and
+//      i2t_coef / i2t_arg (n_img * R, n_cap) [i * R + r, j] = (coefficient, word w*)
+//      (each pair only needs its direction's buffers; the others may be null);
+//   2. per image (a thread per feature column, captions in order): d_img (n_img, R, d),
+//      every entry written, 0 at padded regions;
+//   3. per caption (a thread per feature column, images in order): d_cap_packed
+//      (total_words, d) [packed word] += the caption's gradient (accumulates, so that a caller
+//      may run image chunks one after another into the same buffer).
+int maxsim_backward(const MaxSimProblem& p, const float* grad_sims, float* t2i_coef,
+                    int32_t* t2i_arg, float* i2t_coef, int32_t* i2t_arg, float* d_img,
+                    float* d_cap_packed, void* stream);
+
+// ---------------------------------------------------------------------------------------------
 // RCAR similarity head, eval-mode forward (csrc/cuda/rcar.cu). Features are float32.
 // `weights` is a device array of pointers to float32 tensors, in this order (Wt = the
 // nn.Linear weight transposed to (in, out), contiguous; b = its bias):

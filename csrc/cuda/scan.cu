@@ -1,9 +1,7 @@
 // SCAN all-pairs similarity on the GPU: forward and backward, through the Gram identity.
 //
-// Work split. Captions are packed (word w of caption j has packed index word_off[j] + w) and cut
-// into groups of consecutive captions whose words fit one tile's columns; images are taken
-// imgs_per_block at a time so that their regions fill the tile's rows. One thread block scores
-// one (image block, caption group) tile:
+// One thread block scores one (image block, caption group) tile of the shared region-word tile
+// (csrc/cuda/tile.cuh: the work split, the padding masks and the GEMM):
 //   1. the raw scores S = regions . words of the whole tile, one GEMM over d (tensor cores via
 //      WMMA for fp16/bf16 with fp32 accumulation, fp32 FMA for fp32 inputs), kept in shared
 //      memory; padding words are never loaded;
@@ -18,52 +16,22 @@
 // fast axis for both directions (t2i: word-major, i2t: region-major), so lanes walking c read
 // consecutive shared-memory words.
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "cuda/kernels.h"
+#include "cuda/tile.cuh"
 #include "cuda/warp.cuh"
-#include "cuda/load.cuh"
 
 namespace rcar_cuda {
 namespace {
 
-using namespace nvcuda;
+using tile::BlockWork;
+using tile::Tile;
+using tile::kThreads;
+using tile::kWarps;
 
-constexpr int kWarps = 8;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kFrag = 16;                                // WMMA tile edge
-constexpr int kRowFragsPerWarp = 10;                     // each warp holds 10 accumulator tiles
-constexpr int kGroupRows = kRowFragsPerWarp * kFrag;     // 160 rows per warp group
-constexpr int kTileK16 = 32;                             // K slice per step, 16-bit inputs
-constexpr int kLd16 = kTileK16 + 8;                      // staged row length: 80 bytes keeps
-                                                         // every fragment pointer 32B-aligned
-constexpr int kTileK32 = 16;                             // K slice per step, fp32 inputs
-constexpr int kStripes = kGroupRows / 8;                 // fp32: 20 stripes of 8 rows per lane
 constexpr float kEps = kEpsF;  // rcar_contract
-
-// ----------------------------------------------------------------------------------------------
-// Tile geometry and shared-memory layout (computed identically on host and device)
-// ----------------------------------------------------------------------------------------------
-
-// The 8 warps cover col_frags column tiles (16 words each) times row_groups groups of 160
-// region rows: warp w owns column tile w % col_frags and row group w / col_frags.
-struct Tile {
-  int col_frags, row_groups, rows_cap, cols_cap;
-};
-
-__host__ __device__ inline Tile make_tile(int col_frags) {
-  Tile t;
-  t.col_frags = col_frags;
-  t.row_groups = kWarps / col_frags;
-  t.rows_cap = t.row_groups * kGroupRows;
-  t.cols_cap = col_frags * kFrag;
-  return t;
-}
-
-__host__ __device__ inline size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 struct Layout {
   size_t row_off, col_off, main, scratch, total;
@@ -71,28 +39,20 @@ struct Layout {
   int scratch_warp;   // floats of scratch per warp
 };
 
-// Shared memory: the row/column source-offset tables, then the "main" area that first stages
-// the GEMM operands and then (aliased) holds the fp32 score tile, then per-warp scratch.
+// Shared memory: the tile's source-offset tables and main area (tile.cuh), then per-warp
+// scratch. The tile is region-major for i2t, word-major for t2i.
 __host__ __device__ inline Layout make_layout(const Tile& t, bool inputs16, bool i2t, int cmax,
                                               int qmax, bool backward) {
+  const tile::Regions regions = tile::make_regions(t, inputs16, i2t);
   Layout l;
-  l.row_off = 0;
-  l.col_off = align_up(l.row_off + sizeof(int64_t) * t.rows_cap, 16);
-  l.main = align_up(l.col_off + sizeof(int64_t) * t.cols_cap, 128);
-  const size_t staging = inputs16
-      ? size_t(t.rows_cap + t.cols_cap) * kLd16 * 2
-      : sizeof(float) * kTileK32 * (size_t(t.rows_cap + 1) + size_t(t.cols_cap + 4));
-  l.score_ld = i2t ? t.cols_cap + 4 : t.rows_cap + 4;
-  const size_t scores = sizeof(float) * size_t(i2t ? t.rows_cap : t.cols_cap) * l.score_ld;
-  l.scratch = align_up(l.main + (staging > scores ? staging : scores), 16);
+  l.row_off = regions.row_off;
+  l.col_off = regions.col_off;
+  l.main = regions.main;
+  l.score_ld = tile::score_ld(t, i2t);
+  l.scratch = tile::align_up(regions.end, 16);
   l.scratch_warp = 3 * cmax + (backward ? 3 * qmax : 0);
   l.total = l.scratch + sizeof(float) * kWarps * size_t(l.scratch_warp);
   return l;
-}
-
-__host__ __device__ inline int imgs_per_block(const ScanProblem& p, const Tile& t) {
-  const int64_t fit = t.rows_cap / p.R;
-  return static_cast<int>(fit < p.n_img ? fit : p.n_img);
 }
 
 __host__ __device__ inline int context_max(const ScanProblem& p) {
@@ -100,240 +60,6 @@ __host__ __device__ inline int context_max(const ScanProblem& p) {
 }
 __host__ __device__ inline int query_max(const ScanProblem& p) {
   return static_cast<int>(p.i2t ? p.R : p.max_len);
-}
-
-// ----------------------------------------------------------------------------------------------
-// Which images and captions a block scores, and where their rows live in global memory
-// ----------------------------------------------------------------------------------------------
-
-struct BlockWork {
-  int64_t img0;     // first image
-  int n_img;        // images in this block
-  int rows_used;    // n_img * R
-  int64_t cap0;     // first caption of the group
-  int n_caps;
-  int64_t word0;    // packed index of the group's first word
-  int words_used;
-};
-
-__device__ BlockWork block_work(const ScanProblem& p, const Tile& t) {
-  const int per_block = imgs_per_block(p, t);
-  const int64_t img_blocks = (p.n_img + per_block - 1) / per_block;
-  const int64_t b = blockIdx.x;
-  const int64_t group = b / img_blocks;
-  BlockWork w;
-  w.img0 = (b % img_blocks) * per_block;
-  const int64_t imgs_left = p.n_img - w.img0;
-  w.n_img = static_cast<int>(imgs_left < per_block ? imgs_left : per_block);
-  w.rows_used = w.n_img * static_cast<int>(p.R);
-  w.cap0 = p.group_first[group];
-  w.n_caps = static_cast<int>(p.group_first[group + 1] - w.cap0);
-  w.word0 = p.word_off[w.cap0];
-  w.words_used = static_cast<int>(p.word_off[w.cap0 + w.n_caps] - w.word0);
-  return w;
-}
-
-// row_off[m]: element offset of tile row m (region) in img, -1 past the block's rows.
-// col_off[n]: element offset of tile column n (word) in cap, -1 past the group's words; only
-// real words get an offset, which is how padding stays unread.
-__device__ void fill_offset_tables(const ScanProblem& p, const Tile& t, const BlockWork& w,
-                                   int64_t* row_off, int64_t* col_off) {
-  for (int m = threadIdx.x; m < t.rows_cap; m += kThreads) {
-    row_off[m] = m < w.rows_used
-        ? (w.img0 + m / p.R) * p.img_stride_n + (m % p.R) * p.img_stride_r
-        : -1;
-  }
-  for (int n = w.words_used + threadIdx.x; n < t.cols_cap; n += kThreads) col_off[n] = -1;
-  for (int jj = threadIdx.x; jj < w.n_caps; jj += kThreads) {
-    const int64_t j = w.cap0 + jj;
-    const int64_t col = p.word_off[j] - w.word0;
-    const int64_t len = p.lens[j];
-    for (int64_t k = 0; k < len; ++k) col_off[col + k] = j * p.cap_stride_n + k * p.cap_stride_w;
-  }
-  __syncthreads();
-}
-
-__device__ inline int round_up16(int x) { return (x + 15) / 16 * 16; }
-__device__ inline int clamp_int(int x, int lo, int hi) { return x < lo ? lo : (x > hi ? hi : x); }
-
-// ----------------------------------------------------------------------------------------------
-// Step 1: the raw-score tile
-// ----------------------------------------------------------------------------------------------
-
-// Stage a kTileK16-wide K slice of the tile's rows (As) and columns (Bs) as raw 16-bit values.
-// Rows/columns without a source and K past d are zero-filled. `vec` (host-checked: d and every
-// stride a multiple of 8, 16-byte aligned bases) moves 16 bytes per load.
-__device__ void stage16(const uint16_t* img, const uint16_t* cap, const int64_t* row_off,
-                        const int64_t* col_off, int rows16, int cols16, int64_t k0, int64_t d,
-                        bool vec, uint16_t* As, uint16_t* Bs) {
-  if (vec) {
-    constexpr int kChunks = kTileK16 / 8;
-    const int total = (rows16 + cols16) * kChunks;
-    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
-      const int row = idx / kChunks, chunk = idx % kChunks;
-      const bool is_a = row < rows16;
-      const int r = is_a ? row : row - rows16;
-      const int64_t off = is_a ? row_off[r] : col_off[r];
-      const int64_t k = k0 + chunk * 8;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (off >= 0 && k < d) v = __ldg(reinterpret_cast<const uint4*>((is_a ? img : cap) + off + k));
-      *reinterpret_cast<uint4*>((is_a ? As : Bs) + r * kLd16 + chunk * 8) = v;
-    }
-  } else {
-    const int total = (rows16 + cols16) * kTileK16;
-    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
-      const int row = idx / kTileK16, kk = idx % kTileK16;
-      const bool is_a = row < rows16;
-      const int r = is_a ? row : row - rows16;
-      const int64_t off = is_a ? row_off[r] : col_off[r];
-      const int64_t k = k0 + kk;
-      const uint16_t v = (off >= 0 && k < d) ? (is_a ? img : cap)[off + k] : uint16_t(0);
-      (is_a ? As : Bs)[r * kLd16 + kk] = v;
-    }
-  }
-}
-
-// fp16 / bf16 inputs: S tile on tensor cores (16x16x16 WMMA, fp32 accumulation). Each warp
-// keeps up to 10 accumulator tiles of its column tile; the B fragment is loaded once per K step.
-template <typename T>
-__device__ void score_tile_wmma(const ScanProblem& p, const Tile& t, const Layout& l,
-                                const BlockWork& w, const int64_t* row_off,
-                                const int64_t* col_off, unsigned char* main, bool vec) {
-  uint16_t* As = reinterpret_cast<uint16_t*>(main);
-  uint16_t* Bs = As + t.rows_cap * kLd16;
-  const int warp = threadIdx.x / 32;
-  const int nf = warp % t.col_frags, mf0 = (warp / t.col_frags) * kRowFragsPerWarp;
-  const int rows16 = round_up16(w.rows_used), cols16 = round_up16(w.words_used);
-  const int n_mf = clamp_int(rows16 / kFrag - mf0, 0, kRowFragsPerWarp);
-  const bool active = nf * kFrag < cols16 && n_mf > 0;  // warp-uniform
-
-  wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc[kRowFragsPerWarp];
-#pragma unroll
-  for (int i = 0; i < kRowFragsPerWarp; ++i) wmma::fill_fragment(acc[i], 0.f);
-
-  const uint16_t* img = static_cast<const uint16_t*>(p.img);
-  const uint16_t* cap = static_cast<const uint16_t*>(p.cap);
-  for (int64_t k0 = 0; k0 < p.d; k0 += kTileK16) {
-    stage16(img, cap, row_off, col_off, rows16, cols16, k0, p.d, vec, As, Bs);
-    __syncthreads();
-    if (active) {
-#pragma unroll
-      for (int kk = 0; kk < kTileK16; kk += kFrag) {
-        wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::col_major> b;
-        wmma::load_matrix_sync(b, reinterpret_cast<const T*>(Bs + nf * kFrag * kLd16 + kk), kLd16);
-#pragma unroll
-        for (int i = 0; i < kRowFragsPerWarp; ++i) {
-          if (i < n_mf) {
-            wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major> a;
-            wmma::load_matrix_sync(a, reinterpret_cast<const T*>(As + (mf0 + i) * kFrag * kLd16 + kk),
-                                   kLd16);
-            wmma::mma_sync(acc[i], a, b, acc[i]);
-          }
-        }
-      }
-    }
-    __syncthreads();  // staging is overwritten next step, and finally aliased by the scores
-  }
-  float* scores = reinterpret_cast<float*>(main);
-  if (active) {
-#pragma unroll
-    for (int i = 0; i < kRowFragsPerWarp; ++i) {
-      if (i < n_mf) {
-        const int m = (mf0 + i) * kFrag, n = nf * kFrag;
-        if (p.i2t) {
-          wmma::store_matrix_sync(scores + m * l.score_ld + n, acc[i], l.score_ld, wmma::mem_row_major);
-        } else {
-          wmma::store_matrix_sync(scores + n * l.score_ld + m, acc[i], l.score_ld, wmma::mem_col_major);
-        }
-      }
-    }
-  }
-  __syncthreads();
-}
-
-// fp32 inputs: the same tile with fp32 FMAs (exact fp32 products, unlike TF32). Lane layout in
-// a warp's 16-column x 160-row strip: 4 column quads x 8 row phases, 20 rows apart by 8.
-__device__ void score_tile_fma(const ScanProblem& p, const Tile& t, const Layout& l,
-                               const BlockWork& w, const int64_t* row_off,
-                               const int64_t* col_off, unsigned char* main) {
-  float* AsT = reinterpret_cast<float*>(main);  // [kTileK32][rows_cap + 1], K-major
-  const int lda = t.rows_cap + 1;
-  float* BsT = AsT + kTileK32 * lda;            // [kTileK32][cols_cap + 4], 16B-aligned rows
-  const int ldb = t.cols_cap + 4;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int nf = warp % t.col_frags, row_base = (warp / t.col_frags) * kGroupRows;
-  const int quad = lane % 4, phase = lane / 4;
-  const int rows8 = (w.rows_used + 7) / 8 * 8, cols16 = round_up16(w.words_used);
-  const int n_stripes = clamp_int((w.rows_used - row_base + 7) / 8, 0, kStripes);
-  const bool active = nf * kFrag < cols16 && n_stripes > 0;  // warp-uniform
-
-  float acc[kStripes][4];
-#pragma unroll
-  for (int s = 0; s < kStripes; ++s) acc[s][0] = acc[s][1] = acc[s][2] = acc[s][3] = 0.f;
-
-  const float* img = static_cast<const float*>(p.img);
-  const float* cap = static_cast<const float*>(p.cap);
-  for (int64_t k0 = 0; k0 < p.d; k0 += kTileK32) {
-    for (int idx = threadIdx.x; idx < rows8 * kTileK32; idx += kThreads) {
-      const int m = idx / kTileK32, kk = idx % kTileK32;
-      const int64_t off = row_off[m], k = k0 + kk;
-      AsT[kk * lda + m] = (off >= 0 && k < p.d) ? __ldg(img + off + k) : 0.f;
-    }
-    for (int idx = threadIdx.x; idx < cols16 * kTileK32; idx += kThreads) {
-      const int n = idx / kTileK32, kk = idx % kTileK32;
-      const int64_t off = col_off[n], k = k0 + kk;
-      BsT[kk * ldb + n] = (off >= 0 && k < p.d) ? __ldg(cap + off + k) : 0.f;
-    }
-    __syncthreads();
-    if (active) {
-#pragma unroll 4
-      for (int kk = 0; kk < kTileK32; ++kk) {
-        const float4 b = *reinterpret_cast<const float4*>(BsT + kk * ldb + nf * kFrag + quad * 4);
-        const float* a_col = AsT + kk * lda + row_base + phase;
-#pragma unroll
-        for (int s = 0; s < kStripes; ++s) {
-          if (s < n_stripes) {
-            const float a = a_col[8 * s];
-            acc[s][0] = fmaf(a, b.x, acc[s][0]);
-            acc[s][1] = fmaf(a, b.y, acc[s][1]);
-            acc[s][2] = fmaf(a, b.z, acc[s][2]);
-            acc[s][3] = fmaf(a, b.w, acc[s][3]);
-          }
-        }
-      }
-    }
-    __syncthreads();
-  }
-  float* scores = reinterpret_cast<float*>(main);
-  if (active) {
-#pragma unroll
-    for (int s = 0; s < kStripes; ++s) {
-      if (s < n_stripes) {
-        const int m = row_base + phase + 8 * s;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int n = nf * kFrag + quad * 4 + q;
-          if (p.i2t) {
-            scores[m * l.score_ld + n] = acc[s][q];
-          } else {
-            scores[n * l.score_ld + m] = acc[s][q];
-          }
-        }
-      }
-    }
-  }
-  __syncthreads();
-}
-
-template <typename T>
-__device__ void score_tile(const ScanProblem& p, const Tile& t, const Layout& l,
-                           const BlockWork& w, const int64_t* row_off, const int64_t* col_off,
-                           unsigned char* main, bool vec) {
-  if constexpr (std::is_same_v<T, float>) {
-    score_tile_fma(p, t, l, w, row_off, col_off, main);
-  } else {
-    score_tile_wmma<T>(p, t, l, w, row_off, col_off, main, vec);
-  }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -691,16 +417,16 @@ template <typename T>
 __device__ BlockSetup setup_and_score(const ScanProblem& p, unsigned char* smem, bool backward,
                                       bool vec) {
   BlockSetup b;
-  b.t = make_tile(p.col_frags);
+  b.t = tile::make_tile(p.col_frags);
   b.l = make_layout(b.t, sizeof(T) == 2, p.i2t, context_max(p), query_max(p), backward);
-  b.w = block_work(p, b.t);
+  b.w = tile::block_work(p, b.t);
   b.row_off = reinterpret_cast<int64_t*>(smem + b.l.row_off);
   b.col_off = reinterpret_cast<int64_t*>(smem + b.l.col_off);
   b.main = smem + b.l.main;
   b.warp_scratch = reinterpret_cast<float*>(smem + b.l.scratch) +
                    (threadIdx.x / 32) * b.l.scratch_warp;
-  fill_offset_tables(p, b.t, b.w, b.row_off, b.col_off);
-  score_tile<T>(p, b.t, b.l, b.w, b.row_off, b.col_off, b.main, vec);
+  tile::fill_offset_tables(p, b.t, b.w, nullptr, b.row_off, b.col_off);
+  tile::score_tile<T>(p, b.t, b.l.score_ld, p.i2t, b.w, b.row_off, b.col_off, b.main, vec);
   return b;
 }
 
@@ -743,28 +469,19 @@ __global__ void __launch_bounds__(kThreads, 2) scan_backward_kernel(
 // ----------------------------------------------------------------------------------------------
 
 bool valid_problem(const ScanProblem& p) {
-  if (p.col_frags != 8 && p.col_frags != 4 && p.col_frags != 2) return false;
-  const Tile t = make_tile(p.col_frags);
+  if (!tile::valid_col_frags(p.col_frags)) return false;
+  const Tile t = tile::make_tile(p.col_frags);
   return p.R >= 1 && p.R <= t.rows_cap && p.max_len >= 1 && p.max_len <= t.cols_cap &&
          p.d >= 1 && p.n_groups >= 1 && p.raw_norm >= kClippedL2 && p.raw_norm <= kSoftmaxNorm &&
          p.agg >= kMean && p.agg <= kSum;
 }
 
-// 16-byte vector loads need d and every row stride to be multiples of 8 elements and 16-byte
-// aligned bases.
-bool vector_loads_ok(const ScanProblem& p) {
-  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  return p.d % 8 == 0 && p.img_stride_n % 8 == 0 && p.img_stride_r % 8 == 0 &&
-         p.cap_stride_n % 8 == 0 && p.cap_stride_w % 8 == 0 && aligned(p.img) && aligned(p.cap);
-}
-
 template <typename Kernel, typename... Args>
 int launch(Kernel kernel, const ScanProblem& p, bool backward, int elem_bytes, void* stream,
            Args... args) {
-  const Tile t = make_tile(p.col_frags);
+  const Tile t = tile::make_tile(p.col_frags);
   const Layout l = make_layout(t, elem_bytes == 2, p.i2t, context_max(p), query_max(p), backward);
-  const int64_t img_blocks = (p.n_img + imgs_per_block(p, t) - 1) / imgs_per_block(p, t);
-  const int64_t blocks = img_blocks * p.n_groups;
+  const int64_t blocks = tile::block_count(p, t, p.n_groups);
   if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidConfiguration);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(l.total));
@@ -776,13 +493,13 @@ int launch(Kernel kernel, const ScanProblem& p, bool backward, int elem_bytes, v
 
 }  // namespace
 
-int scan_tile_rows(int col_frags) { return make_tile(col_frags).rows_cap; }
-int scan_tile_cols(int col_frags) { return make_tile(col_frags).cols_cap; }
+int scan_tile_rows(int col_frags) { return tile::make_tile(col_frags).rows_cap; }
+int scan_tile_cols(int col_frags) { return tile::make_tile(col_frags).cols_cap; }
 
 int scan_forward(const ScanProblem& p, float* sims, void* stream) {
   if (p.n_img == 0 || p.n_cap == 0) return 0;
   if (!valid_problem(p)) return static_cast<int>(cudaErrorInvalidValue);
-  const bool vec = vector_loads_ok(p);
+  const bool vec = tile::vector_loads_ok(p);
   switch (p.dtype) {
     case kFloat32: return launch(scan_forward_kernel<float>, p, false, 4, stream, sims, vec);
     case kFloat16: return launch(scan_forward_kernel<__half>, p, false, 2, stream, sims, vec);
@@ -796,7 +513,7 @@ int scan_backward(const ScanProblem& p, const float* grad_sims, float* d_scores,
                   float* attn_scaled, float* d_query_norm, void* stream) {
   if (p.n_img == 0 || p.n_cap == 0) return 0;
   if (!valid_problem(p)) return static_cast<int>(cudaErrorInvalidValue);
-  const bool vec = vector_loads_ok(p);
+  const bool vec = tile::vector_loads_ok(p);
   switch (p.dtype) {
     case kFloat32:
       return launch(scan_backward_kernel<float>, p, true, 4, stream, grad_sims, d_scores, attn,

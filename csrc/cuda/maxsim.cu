@@ -1,0 +1,434 @@
+// The S-only heads (HEADS.md) on the GPU: forward and a deterministic backward, as epilogues of
+// the shared region-word tile (csrc/cuda/tile.cuh). Torch-free: raw pointers, sizes, a stream.
+//
+// Forward. One thread block scores one (image block, caption group) tile, stored region-major
+// in shared memory; then one warp per (image i, caption j) pair reads its real R_i x L_j block:
+//   t2i: m_w = max_{r < R_i} S[r, w] (lanes over words), pooled over the L_j words;
+//   i2t: n_r = max_{w < L_j} S[r, w] (lanes over regions), pooled over the R_i regions;
+//   both: both_scale * (t2i + i2t). leaky is applied to the maxima (it is increasing, so this is
+//   leaky elementwise before the max, with the same first argmax).
+// Pools: mean, sum, max, lse(tau) = log sum exp(x / tau), softmax(tau) = sum softmax(x / tau) x.
+//
+// Backward (flash style: nothing saved from the forward). Kernel 1 recomputes the tile and the
+// first argmax of every maximum and writes, per pooled maximum, its coefficient
+// G[i, j] * (pool weight) * (leaky slope) (* both_scale) and the argmax index. Kernels 2 and 3
+// contract the coefficients with the features: kernel 2 owns image i (a thread per feature
+// column, captions and words in order), kernel 3 owns caption j (a thread per feature column,
+// images in order). Each output element has one owner thread that adds in a fixed order: no
+// atomics, bitwise deterministic. Padding is never read and gets no gradient.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/kernels.h"
+#include "cuda/load.cuh"
+#include "cuda/tile.cuh"
+#include "cuda/warp.cuh"
+
+namespace rcar_cuda {
+namespace {
+
+using tile::BlockWork;
+using tile::Tile;
+using tile::kThreads;
+using tile::kWarps;
+
+constexpr int kGradThreads = 128;  // feature columns per block of the contraction kernels
+
+// ----------------------------------------------------------------------------------------------
+// Shared memory: the tile (region-major), then per warp the maxima x and their argmax.
+// ----------------------------------------------------------------------------------------------
+
+struct Layout {
+  size_t row_off, col_off, main, scratch, total;
+  int score_ld;
+  int pooled_max;  // the most values one direction pools: max(R, max_len)
+};
+
+__host__ __device__ inline Layout make_layout(const MaxSimProblem& p, const Tile& t,
+                                              bool inputs16) {
+  const tile::Regions regions = tile::make_regions(t, inputs16, true);
+  Layout l;
+  l.row_off = regions.row_off;
+  l.col_off = regions.col_off;
+  l.main = regions.main;
+  l.score_ld = tile::score_ld(t, true);
+  l.pooled_max = static_cast<int>(p.R > p.max_len ? p.R : p.max_len);
+  l.scratch = tile::align_up(regions.end, 16);
+  l.total = l.scratch + (sizeof(float) + sizeof(int)) * kWarps * size_t(l.pooled_max);
+  return l;
+}
+
+__device__ inline bool has_t2i(int direction) { return direction != kHeadI2T; }
+__device__ inline bool has_i2t(int direction) { return direction != kHeadT2I; }
+
+__device__ inline float leaky(float x) { return x > 0.f ? x : kLeakySlopeF * x; }
+// d leaky / dx at the selected score; leaky(x) > 0 exactly when x > 0, so the slope can be
+// read from either value (0.1 at 0, as torch's LeakyReLU backward).
+__device__ inline float leaky_slope(float x) { return x > 0.f ? 1.f : kLeakySlopeF; }
+
+// One direction of one pair: K pooled maxima, each over M scores; score (k, m) at
+// S[k * k_stride + m * m_stride] (t2i: k = word, m = region; i2t: k = region, m = word).
+struct Direction {
+  const float* S;
+  int k_stride, m_stride, K, M;
+};
+
+// x[k] = (leaky of) max_m S(k, m) and arg[k] its first argmax, for k < K, in the warp's scratch.
+__device__ void maxima(const Direction& dir, bool use_leaky, float* x, int* arg, int lane) {
+  for (int k = lane; k < dir.K; k += 32) {
+    const float* row = dir.S + k * dir.k_stride;
+    float best = row[0];
+    int best_m = 0;
+    for (int m = 1; m < dir.M; ++m) {
+      const float v = row[m * dir.m_stride];
+      if (v > best) {  // strict: the first maximum keeps the argmax
+        best = v;
+        best_m = m;
+      }
+    }
+    x[k] = use_leaky ? leaky(best) : best;
+    arg[k] = best_m;
+  }
+  __syncwarp();
+}
+
+// The pooled value of x[0..K) and what its gradient needs (every lane gets them).
+struct Pooled {
+  float value;
+  float mx;     // max_k x_k (max, lse, softmax)
+  float z;      // sum_k exp((x_k - mx) / tau) (lse, softmax)
+  int first;    // first k with x_k == mx (max)
+};
+
+__device__ Pooled pool_values(const float* x, int K, int pool, float tau, int lane) {
+  Pooled out{0.f, 0.f, 1.f, 0};
+  if (pool == kPoolMean || pool == kPoolSum) {
+    float total = 0.f;
+    for (int k = lane; k < K; k += 32) total += x[k];
+    total = warp_sum(total);
+    out.value = pool == kPoolMean ? total / K : total;
+    return out;
+  }
+  float mx = -INFINITY;
+  for (int k = lane; k < K; k += 32) mx = fmaxf(mx, x[k]);
+  mx = warp_max(mx);
+  out.mx = mx;
+  if (pool == kPoolMax) {
+    unsigned first = 0xffffffffu;
+    for (int k = lane; k < K; k += 32) {
+      if (x[k] == mx) {
+        first = static_cast<unsigned>(k);
+        break;
+      }
+    }
+    out.first = static_cast<int>(__reduce_min_sync(kFullMask, first));
+    out.value = mx;
+    return out;
+  }
+  const float inv_tau = 1.f / tau;
+  float z = 0.f, weighted = 0.f;
+  for (int k = lane; k < K; k += 32) {
+    const float e = expf((x[k] - mx) * inv_tau);
+    z += e;
+    weighted = fmaf(e, x[k] - mx, weighted);
+  }
+  z = warp_sum(z);
+  out.z = z;
+  if (pool == kPoolLse) {
+    out.value = mx * inv_tau + logf(z);
+  } else {  // softmax: sum_k p_k x_k = mx + sum_k p_k (x_k - mx)
+    out.value = mx + warp_sum(weighted) / z;
+  }
+  return out;
+}
+
+// dP/dx_k of the pooling (HEADS.md's table).
+__device__ inline float pool_weight(const Pooled& s, float xk, int k, int K, int pool, float tau) {
+  switch (pool) {
+    case kPoolMean: return 1.f / K;
+    case kPoolSum: return 1.f;
+    case kPoolMax: return k == s.first ? 1.f : 0.f;
+    case kPoolLse: return expf((xk - s.mx) / tau) / (s.z * tau);
+    default: {
+      const float prob = expf((xk - s.mx) / tau) / s.z;
+      return prob * (1.f + (xk - s.value) / tau);
+    }
+  }
+}
+
+// The pair (li, jj) of the block: its image and caption, and its block of the score tile.
+struct PairRef {
+  int64_t i, j, word;  // image, caption, packed index of the caption's first word
+  int R_i, L;
+  const float* S;      // S[r * ld + w]
+};
+
+__device__ PairRef pair_ref(const MaxSimProblem& p, const BlockWork& w, const float* scores,
+                            int ld, int li, int jj) {
+  PairRef q;
+  q.i = w.img0 + li;
+  q.j = w.cap0 + jj;
+  q.word = p.word_off[q.j];
+  q.R_i = static_cast<int>(p.img_lens[q.i]);
+  q.L = static_cast<int>(p.lens[q.j]);
+  q.S = scores + li * static_cast<int>(p.R) * ld + static_cast<int>(q.word - w.word0);
+  return q;
+}
+
+__device__ inline Direction t2i_of(const PairRef& q, int ld) { return {q.S, 1, ld, q.L, q.R_i}; }
+__device__ inline Direction i2t_of(const PairRef& q, int ld) { return {q.S, ld, 1, q.R_i, q.L}; }
+
+// Forward of one direction: maxima, then the pool.
+__device__ float direction_forward(const MaxSimProblem& p, const Direction& dir, float* x,
+                                   int* arg, int lane) {
+  maxima(dir, p.leaky != 0, x, arg, lane);
+  const float value = pool_values(x, dir.K, p.pool, p.tau, lane).value;
+  __syncwarp();  // x is reused by the next direction / pair
+  return value;
+}
+
+// Backward of one direction: coef[k * coef_stride], index[k * coef_stride] for k < K.
+__device__ void direction_coefficients(const MaxSimProblem& p, const Direction& dir, float up,
+                                       float* x, int* arg, float* coef, int32_t* index,
+                                       int64_t coef_stride, int lane) {
+  maxima(dir, p.leaky != 0, x, arg, lane);
+  const Pooled s = pool_values(x, dir.K, p.pool, p.tau, lane);
+  for (int k = lane; k < dir.K; k += 32) {
+    const float slope = p.leaky ? leaky_slope(x[k]) : 1.f;
+    coef[k * coef_stride] = up * pool_weight(s, x[k], k, dir.K, p.pool, p.tau) * slope;
+    index[k * coef_stride] = arg[k];
+  }
+  __syncwarp();
+}
+
+// ----------------------------------------------------------------------------------------------
+// Kernels
+// ----------------------------------------------------------------------------------------------
+
+struct Coefficients {
+  float* t2i_coef;
+  int32_t* t2i_arg;
+  float* i2t_coef;
+  int32_t* i2t_arg;
+};
+
+// kBackward false: sims; true: the coefficients for grad_sims.
+template <typename T, bool kBackward>
+__global__ void __launch_bounds__(kThreads, 1) maxsim_tile_kernel(MaxSimProblem p, float* sims,
+                                                                const float* grad_sims,
+                                                                Coefficients c, bool vec) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const Tile t = tile::make_tile(p.col_frags);
+  const Layout l = make_layout(p, t, sizeof(T) == 2);
+  const BlockWork w = tile::block_work(p, t);
+  int64_t* row_off = reinterpret_cast<int64_t*>(smem + l.row_off);
+  int64_t* col_off = reinterpret_cast<int64_t*>(smem + l.col_off);
+  unsigned char* main = smem + l.main;
+  tile::fill_offset_tables(p, t, w, p.img_lens, row_off, col_off);
+  tile::score_tile<T>(p, t, l.score_ld, true, w, row_off, col_off, main, vec);
+
+  const float* scores = reinterpret_cast<const float*>(main);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* x = reinterpret_cast<float*>(smem + l.scratch) + warp * l.pooled_max;
+  int* arg = reinterpret_cast<int*>(smem + l.scratch) + (kWarps + warp) * l.pooled_max;
+  const int pairs = w.n_img * w.n_caps;
+  for (int pair = warp; pair < pairs; pair += kWarps) {
+    const PairRef q = pair_ref(p, w, scores, l.score_ld, pair % w.n_img, pair / w.n_img);
+    const float scale = p.direction == kHeadBoth ? p.both_scale : 1.f;
+    if constexpr (!kBackward) {
+      float total = 0.f;
+      if (has_t2i(p.direction)) total += direction_forward(p, t2i_of(q, l.score_ld), x, arg, lane);
+      if (has_i2t(p.direction)) total += direction_forward(p, i2t_of(q, l.score_ld), x, arg, lane);
+      if (lane == 0) sims[q.i * p.n_cap + q.j] = scale * total;
+    } else {
+      const float up = scale * grad_sims[q.i * p.n_cap + q.j];
+      if (has_t2i(p.direction)) {
+        const int64_t at = q.i * p.total_words + q.word;
+        direction_coefficients(p, t2i_of(q, l.score_ld), up, x, arg, c.t2i_coef + at,
+                               c.t2i_arg + at, 1, lane);
+      }
+      if (has_i2t(p.direction)) {
+        const int64_t at = q.i * p.R * p.n_cap + q.j;
+        direction_coefficients(p, i2t_of(q, l.score_ld), up, x, arg, c.i2t_coef + at,
+                               c.i2t_arg + at, p.n_cap, lane);
+        for (int r = q.R_i + lane; r < p.R; r += 32) {  // padded regions: no gradient
+          c.i2t_coef[at + r * p.n_cap] = 0.f;
+          c.i2t_arg[at + r * p.n_cap] = 0;
+        }
+      }
+    }
+  }
+}
+
+// d_img[i, r, k] for one image i (blockIdx.x) and a thread per feature column k.
+template <typename T>
+__global__ void __launch_bounds__(kGradThreads) maxsim_image_grad_kernel(MaxSimProblem p,
+                                                                         Coefficients c,
+                                                                         float* d_img) {
+  const int64_t i = blockIdx.x;
+  const int64_t k = int64_t(blockIdx.y) * kGradThreads + threadIdx.x;
+  if (k >= p.d) return;
+  const T* cap = static_cast<const T*>(p.cap);
+  float* out = d_img + i * p.R * p.d + k;
+  for (int64_t r = 0; r < p.R; ++r) out[r * p.d] = 0.f;
+  const int64_t R_i = p.img_lens[i];
+  if (has_t2i(p.direction)) {
+    // Every word's maximum sends its coefficient to the region that won it.
+    const float* coef = c.t2i_coef + i * p.total_words;
+    const int32_t* arg = c.t2i_arg + i * p.total_words;
+    for (int64_t j = 0; j < p.n_cap; ++j) {
+      const int64_t w0 = p.word_off[j], L = p.lens[j];
+      for (int64_t w = 0; w < L; ++w) {
+        const float a = coef[w0 + w];
+        if (a != 0.f) {
+          float* dst = out + int64_t(arg[w0 + w]) * p.d;
+          *dst = fmaf(a, to_float(cap[j * p.cap_stride_n + w * p.cap_stride_w + k]), *dst);
+        }
+      }
+    }
+  }
+  if (has_i2t(p.direction)) {
+    // Every region's maximum over each caption: the winning word's features.
+    for (int64_t r = 0; r < R_i; ++r) {
+      const float* coef = c.i2t_coef + (i * p.R + r) * p.n_cap;
+      const int32_t* arg = c.i2t_arg + (i * p.R + r) * p.n_cap;
+      float acc = 0.f;
+      for (int64_t j = 0; j < p.n_cap; ++j) {
+        const float a = coef[j];
+        if (a != 0.f) acc = fmaf(a, to_float(cap[j * p.cap_stride_n + arg[j] * p.cap_stride_w + k]), acc);
+      }
+      out[r * p.d] += acc;
+    }
+  }
+}
+
+// d_cap_packed[word_off[j] + w, k] += ... for one caption j (blockIdx.x), a thread per column k.
+template <typename T>
+__global__ void __launch_bounds__(kGradThreads) maxsim_caption_grad_kernel(MaxSimProblem p,
+                                                                           Coefficients c,
+                                                                           float* d_cap_packed) {
+  const int64_t j = blockIdx.x;
+  const int64_t k = int64_t(blockIdx.y) * kGradThreads + threadIdx.x;
+  if (k >= p.d) return;
+  const T* img = static_cast<const T*>(p.img);
+  const int64_t w0 = p.word_off[j], L = p.lens[j];
+  float* out = d_cap_packed + w0 * p.d + k;
+  if (has_t2i(p.direction)) {
+    // Word w's maximum over each image: the winning region's features.
+    for (int64_t w = 0; w < L; ++w) {
+      float acc = out[w * p.d];
+      for (int64_t i = 0; i < p.n_img; ++i) {
+        const float a = c.t2i_coef[i * p.total_words + w0 + w];
+        if (a != 0.f) {
+          const int64_t r = c.t2i_arg[i * p.total_words + w0 + w];
+          acc = fmaf(a, to_float(img[i * p.img_stride_n + r * p.img_stride_r + k]), acc);
+        }
+      }
+      out[w * p.d] = acc;
+    }
+  }
+  if (has_i2t(p.direction)) {
+    // Every region's maximum over this caption sends its coefficient to the winning word.
+    for (int64_t i = 0; i < p.n_img; ++i) {
+      const int64_t R_i = p.img_lens[i];
+      for (int64_t r = 0; r < R_i; ++r) {
+        const float a = c.i2t_coef[(i * p.R + r) * p.n_cap + j];
+        if (a != 0.f) {
+          float* dst = out + int64_t(c.i2t_arg[(i * p.R + r) * p.n_cap + j]) * p.d;
+          *dst = fmaf(a, to_float(img[i * p.img_stride_n + r * p.img_stride_r + k]), *dst);
+        }
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Host side
+// ----------------------------------------------------------------------------------------------
+
+template <typename T>
+int launch_tile(const MaxSimProblem& p, bool backward, float* sims, const float* grad_sims,
+                const Coefficients& c, cudaStream_t stream) {
+  const Tile t = tile::make_tile(p.col_frags);
+  const Layout l = make_layout(p, t, sizeof(T) == 2);
+  const int64_t blocks = tile::block_count(p, t, p.n_groups);
+  if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidConfiguration);
+  auto kernel = backward ? maxsim_tile_kernel<T, true> : maxsim_tile_kernel<T, false>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(l.total));
+  if (err != cudaSuccess) return static_cast<int>(err);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, l.total, stream>>>(p, sims, grad_sims, c,
+                                                                       tile::vector_loads_ok(p));
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int launch_backward(const MaxSimProblem& p, const float* grad_sims, const Coefficients& c,
+                    float* d_img, float* d_cap_packed, cudaStream_t stream) {
+  int err = launch_tile<T>(p, true, nullptr, grad_sims, c, stream);
+  if (err != 0) return err;
+  const unsigned col_blocks = static_cast<unsigned>((p.d + kGradThreads - 1) / kGradThreads);
+  maxsim_image_grad_kernel<T><<<dim3(static_cast<unsigned>(p.n_img), col_blocks), kGradThreads, 0,
+                                stream>>>(p, c, d_img);
+  err = static_cast<int>(cudaGetLastError());
+  if (err != 0) return err;
+  maxsim_caption_grad_kernel<T><<<dim3(static_cast<unsigned>(p.n_cap), col_blocks), kGradThreads,
+                                  0, stream>>>(p, c, d_cap_packed);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+const char* maxsim_problem_error(const MaxSimProblem& p) {
+  if (p.dtype != kFloat32 && p.dtype != kFloat16 && p.dtype != kBFloat16) {
+    return "dtype must be float32, float16 or bfloat16";
+  }
+  if (!tile::valid_col_frags(p.col_frags)) return "col_frags must be 8, 4 or 2";
+  const Tile t = tile::make_tile(p.col_frags);
+  if (p.R < 1 || p.R > t.rows_cap) return "R (regions) is beyond the tile's rows for col_frags";
+  if (p.max_len < 1 || p.max_len > t.cols_cap) {
+    return "the longest caption is beyond the tile's columns for col_frags";
+  }
+  if (p.d < 1) return "d must be >= 1";
+  if (p.n_groups < 1) return "there must be at least one caption group";
+  if (p.direction < kHeadT2I || p.direction > kHeadBoth) return "unknown direction code";
+  if (p.pool < kPoolMean || p.pool > kPoolSoftmax) return "unknown pool code";
+  if (!(p.tau > 0.f)) return "tau must be > 0";
+  if (p.n_img > 0x7fffffff || p.n_cap > 0x7fffffff) return "too many images or captions";
+  if (tile::block_count(p, t, p.n_groups) > 0x7fffffff) return "too many tiles for one launch";
+  return nullptr;
+}
+
+int maxsim_forward(const MaxSimProblem& p, float* sims, void* stream) {
+  if (p.n_img == 0 || p.n_cap == 0) return 0;
+  if (maxsim_problem_error(p) != nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const Coefficients none{nullptr, nullptr, nullptr, nullptr};
+  switch (p.dtype) {
+    case kFloat32: return launch_tile<float>(p, false, sims, nullptr, none, s);
+    case kFloat16: return launch_tile<__half>(p, false, sims, nullptr, none, s);
+    default: return launch_tile<__nv_bfloat16>(p, false, sims, nullptr, none, s);
+  }
+}
+
+int maxsim_backward(const MaxSimProblem& p, const float* grad_sims, float* t2i_coef,
+                    int32_t* t2i_arg, float* i2t_coef, int32_t* i2t_arg, float* d_img,
+                    float* d_cap_packed, void* stream) {
+  if (p.n_img == 0 || p.n_cap == 0) return 0;
+  if (maxsim_problem_error(p) != nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  const bool t2i = p.direction != kHeadI2T, i2t = p.direction != kHeadT2I;
+  if ((t2i && (t2i_coef == nullptr || t2i_arg == nullptr)) ||
+      (i2t && (i2t_coef == nullptr || i2t_arg == nullptr))) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const Coefficients c{t2i_coef, t2i_arg, i2t_coef, i2t_arg};
+  switch (p.dtype) {
+    case kFloat32: return launch_backward<float>(p, grad_sims, c, d_img, d_cap_packed, s);
+    case kFloat16: return launch_backward<__half>(p, grad_sims, c, d_img, d_cap_packed, s);
+    default: return launch_backward<__nv_bfloat16>(p, grad_sims, c, d_img, d_cap_packed, s);
+  }
+}
+
+}  // namespace rcar_cuda

@@ -1,0 +1,214 @@
+"""The S-only heads (max_similarity, op "maxsim") on the CUDA kernels of csrc/cuda/maxsim.cu,
+as the custom op rcar_fast::maxsim_cuda (and its _backward).
+
+Forward: the shared region-word tile (csrc/cuda/tile.cuh, the one SCAN's CUDA kernel uses) with
+the heads' per-pair epilogue: maxima with their first argmax, leaky, pools, padding never read.
+
+Backward (flash style: nothing is kept from the forward): the tile and every argmax are
+recomputed; per image chunk the kernel writes one coefficient and one argmax index per pooled
+maximum (t2i: (images, packed words), i2t: (image rows, captions)), and two contraction kernels
+turn them into d img (owned per image) and d cap (owned per caption, image chunks added in
+order). No atomics: gradients are bitwise deterministic. The chunk keeps those buffers below
+COEFFICIENT_BUFFER_BYTES. Gradients are computed in float32 and returned in the input dtype
+(as the custom op's fake says); padding gets exactly zero.
+
+Dtypes: float32 (fp32 FMA scores), float16 and bfloat16 (tensor-core scores, fp32 accumulation);
+output float32. Shape limits: the tile's (R <= 160 with captions up to 128 words, R <= 320 with
+up to 64, R <= 640 with up to 32); extra_reasons reports them before anything launches.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import torch
+
+from rcar_fast import contract
+from rcar_fast.ops.backend import Backend, BackendUnavailable, Inputs, native
+from rcar_fast.ops.library import MAXSIM_OPTION_NAMES, define_maxsim_op
+from rcar_fast.ops.scan_cuda import COL_FRAGS, DTYPE_CODES, caption_groups
+
+# Upper bound for one image chunk's coefficient and argmax buffers in the backward.
+COEFFICIENT_BUFFER_BYTES = 512 * 2**20
+
+
+class Options(NamedTuple):
+    direction: str
+    pool: str
+    tau: float
+    leaky: bool
+    both_scale: float
+
+    @property
+    def t2i(self) -> bool:
+        return self.direction != "i2t"
+
+    @property
+    def i2t(self) -> bool:
+        return self.direction != "t2i"
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # The kernels index rows with arbitrary strides but read each feature vector contiguously.
+    return x if x.stride(2) == 1 else x.contiguous()
+
+
+def tile_shape_rejection(R: int, max_len: int) -> Optional[str]:
+    """Why no tile shape holds R regions and a caption of max_len words (None if one does)."""
+    rows, cols = native().scan_tile_rows, native().scan_tile_cols
+    if any(R <= rows(c) and max_len <= cols(c) for c in COL_FRAGS):
+        return None
+    limits = ", ".join(f"R <= {rows(c)} with captions <= {cols(c)} words" for c in COL_FRAGS)
+    return (f"the CUDA maxsim kernel's tile cannot hold R={R} regions with a caption of {max_len} "
+            f"words (supported: {limits}); use backend='triton', 'cpu' or 'reference'")
+
+
+def tile_col_frags(R: int, max_len: int) -> int:
+    """The widest tile shape whose rows hold R regions and whose columns the longest caption."""
+    rows, cols = native().scan_tile_rows, native().scan_tile_cols
+    for col_frags in COL_FRAGS:
+        if R <= rows(col_frags) and max_len <= cols(col_frags):
+            return col_frags
+    raise BackendUnavailable(tile_shape_rejection(R, max_len))
+
+
+@dataclasses.dataclass
+class Captions:
+    """The packed-caption tables of one call (forward, or every backward chunk)."""
+    cap: torch.Tensor           # (n_cap, Lmax, d), rows contiguous
+    lens: torch.Tensor          # (n_cap,) int64 on the device
+    word_off: torch.Tensor      # (n_cap + 1,) int64
+    total_words: int
+    max_len: int
+    col_frags: int
+    group_first: torch.Tensor   # (n_groups + 1,) int32
+
+
+def prepare_captions(cap: torch.Tensor, lens: torch.Tensor, R: int) -> Captions:
+    device = cap.device
+    cap = _rows_contiguous(cap)
+    lens = lens.to(device=device, dtype=torch.int64).contiguous()
+    lens_host = [int(v) for v in lens.cpu().tolist()]
+    word_off = torch.zeros(len(lens_host) + 1, dtype=torch.int64, device=device)
+    torch.cumsum(lens, 0, out=word_off[1:])
+    max_len = max(lens_host)
+    col_frags = tile_col_frags(R, max_len)
+    group_first = torch.tensor(caption_groups(lens_host, native().scan_tile_cols(col_frags)),
+                               dtype=torch.int32, device=device)
+    return Captions(cap, lens, word_off, sum(lens_host), max_len, col_frags, group_first)
+
+
+def native_problem(img: torch.Tensor, img_lens: torch.Tensor, caps: Captions, options: Options):
+    """The typed MaxSimProblemCuda (csrc/cuda/kernels.h) of img (all of it, or a chunk) and caps."""
+    n_img, R, d = img.shape
+    cap = caps.cap
+    return native().MaxSimProblemCuda(
+        img=img.data_ptr(), cap=cap.data_ptr(), dtype=DTYPE_CODES[img.dtype],
+        n_img=n_img, R=R, d=d, n_cap=cap.shape[0],
+        img_stride_n=img.stride(0), img_stride_r=img.stride(1),
+        cap_stride_n=cap.stride(0), cap_stride_w=cap.stride(1),
+        img_lens=img_lens.data_ptr(), lens=caps.lens.data_ptr(), word_off=caps.word_off.data_ptr(),
+        total_words=caps.total_words, max_len=caps.max_len,
+        group_first=caps.group_first.data_ptr(), n_groups=caps.group_first.numel() - 1,
+        col_frags=caps.col_frags, direction=contract.HEAD_DIRECTION_CODES[options.direction],
+        pool=contract.POOL_CODES[options.pool], leaky=int(bool(options.leaky)),
+        tau=float(options.tau), both_scale=float(options.both_scale))
+
+
+def _image_lens(img_lens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return img_lens.to(device=device, dtype=torch.int64).contiguous()
+
+
+def maxsim_forward(img, cap, lens, img_lens, options: Options,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """sims (n_img, n_cap) float32; `out`, when given, is written in place (tests poison it)."""
+    img = _rows_contiguous(img)
+    caps = prepare_captions(cap, lens, img.shape[1])
+    img_lens = _image_lens(img_lens, img.device)
+    if out is None:
+        out = torch.empty((img.shape[0], cap.shape[0]), dtype=torch.float32, device=img.device)
+    native().maxsim_forward_cuda(native_problem(img, img_lens, caps, options), out.data_ptr(),
+                                 _stream(img.device))
+    return out
+
+
+def backward_image_chunk(n_img: int, R: int, total_words: int, n_cap: int, options: Options,
+                         budget: Optional[int] = None) -> int:
+    """Images per backward chunk so that the coefficient buffers stay below the budget."""
+    budget = COEFFICIENT_BUFFER_BYTES if budget is None else budget
+    per_image = 8 * (total_words * options.t2i + R * n_cap * options.i2t)  # float32 + int32
+    return max(1, min(n_img, budget // max(per_image, 1)))
+
+
+def maxsim_backward(grad_sims, img, cap, lens, img_lens, options: Options):
+    """(d img, d cap) in the input dtype; zero at padded regions and words."""
+    grad_sims = grad_sims.to(torch.float32).contiguous()
+    img = _rows_contiguous(img)
+    caps = prepare_captions(cap, lens, img.shape[1])
+    img_lens = _image_lens(img_lens, img.device)
+    n_img, R, d = img.shape
+    n_cap, device = cap.shape[0], img.device
+    d_img = torch.empty((n_img, R, d), dtype=torch.float32, device=device)
+    d_cap_packed = torch.zeros((caps.total_words, d), dtype=torch.float32, device=device)
+    chunk = backward_image_chunk(n_img, R, caps.total_words, n_cap, options)
+
+    def buffers(shape, wanted):
+        if not wanted:
+            return None, None
+        return (torch.empty(shape, dtype=torch.float32, device=device),
+                torch.empty(shape, dtype=torch.int32, device=device))
+
+    t2i_coef, t2i_arg = buffers((chunk, caps.total_words), options.t2i)
+    i2t_coef, i2t_arg = buffers((chunk * R, n_cap), options.i2t)
+    ptr = (lambda t: 0 if t is None else t.data_ptr())
+    for i0 in range(0, n_img, chunk):
+        img_chunk = img[i0:i0 + chunk]
+        problem = native_problem(img_chunk, img_lens[i0:i0 + chunk], caps, options)
+        native().maxsim_backward_cuda(problem, grad_sims[i0:i0 + chunk].data_ptr(), ptr(t2i_coef),
+                                      ptr(t2i_arg), ptr(i2t_coef), ptr(i2t_arg),
+                                      d_img[i0:i0 + chunk].data_ptr(), d_cap_packed.data_ptr(),
+                                      _stream(device))
+    real = torch.arange(cap.shape[1], device=device)[None, :] < caps.lens[:, None]
+    d_cap = torch.zeros(cap.shape, dtype=torch.float32, device=device)
+    d_cap[real] = d_cap_packed  # packed order = row-major order of the real words
+    return d_img.to(img.dtype), d_cap.to(cap.dtype)
+
+
+def _forward(img, cap, lens, img_lens, options):
+    return maxsim_forward(img, cap, lens, img_lens, Options(*options))
+
+
+def _backward(grad, img, cap, lens, img_lens, options):
+    return maxsim_backward(grad, img, cap, lens, img_lens, Options(*options))
+
+
+# rcar_fast::maxsim_cuda and rcar_fast::maxsim_cuda_backward
+maxsim_cuda_op = define_maxsim_op("maxsim_cuda", _forward, _backward)
+
+
+class MaxSimCuda(Backend):
+    op, backend, kernel = "maxsim", "cuda", "the CUDA maxsim kernels"
+    dtypes = {"cuda": tuple(DTYPE_CODES)}
+
+    @classmethod
+    def extra_reasons(cls, inputs: Inputs) -> list:
+        # The tile must hold R regions and the longest caption (Lmax when lens is not read).
+        if inputs.img_shape is None or inputs.cap_shape is None:
+            return []
+        longest = inputs.longest_caption()
+        longest = inputs.cap_shape[1] if longest is None else longest
+        reason = tile_shape_rejection(inputs.img_shape[1], longest)
+        return [reason] if reason else []
+
+    @staticmethod
+    def fn(img, cap, lens, img_lens, *, direction="t2i", pool="mean", tau=contract.CHAN_TAU,
+           leaky=False, both_scale=0.5) -> torch.Tensor:
+        """Inputs already validated by rcar_fast.max_similarity (normalised, lens and img_lens
+        int64 on the device). Returns (n_img, n_cap) float32."""
+        options = dict(direction=direction, pool=pool, tau=float(tau), leaky=bool(leaky),
+                       both_scale=float(both_scale))
+        return maxsim_cuda_op(img, cap, lens, img_lens, *(options[n] for n in MAXSIM_OPTION_NAMES))
