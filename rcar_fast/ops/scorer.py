@@ -13,7 +13,7 @@ these facts from it and never branch on a head's name:
                          stand for it with settings filled in (presets)
     module_type          module heads (weights): the nn.Module class that is the head
     validate             keyword settings checked (one clear error before any kernel)
-    inputs               the dispatch.Inputs a backend judges
+    inputs, choose       the dispatch.Inputs a backend judges; the choice (dispatch.choose)
     call_all_pairs,      how to call a chosen backend's fn
       call_pairs
     forward_flops,       the model FLOPs (rcar_fast.flops), for benchmarks
@@ -90,6 +90,12 @@ class Scorer:
     # -- calls ---------------------------------------------------------------------------------
 
     @classmethod
+    def choose(cls, op: str, backend: str, inputs: Inputs, model, settings: dict):
+        """The backend class to run (dispatch.choose; a head whose settings narrow the
+        backends further overrides this)."""
+        return dispatch.choose(op, backend, inputs)
+
+    @classmethod
     def inputs(cls, model, settings: dict, img, cap, lens) -> Inputs:
         raise NotImplementedError
 
@@ -157,7 +163,8 @@ class Scoring:
         return self.scorer.inputs(self.model, self.settings, img, cap, lens)
 
     def choose(self, op: str, backend: str, img, cap, lens):
-        return dispatch.choose(op, backend, self.inputs(img, cap, lens))
+        return self.scorer.choose(op, backend, self.inputs(img, cap, lens), self.model,
+                                  self.settings)
 
     def all_pairs(self, img, cap, lens, backend: str = "auto") -> torch.Tensor:
         """(n_img, n_cap) scores; img, cap, lens validated by the caller."""
