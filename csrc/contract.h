@@ -20,10 +20,18 @@ constexpr int kRegulatorCount = 3;
 // float32, float16, bfloat16
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 constexpr int kDTypeCount = 3;
+// t2i, i2t, both
+enum HeadDirection : int { kHeadT2I = 0, kHeadI2T = 1, kHeadBoth = 2 };
+constexpr int kHeadDirectionCount = 3;
+// mean, sum, max, lse, softmax
+enum Pool : int { kPoolMean = 0, kPoolSum = 1, kPoolMax = 2, kPoolLse = 3, kPoolSoftmax = 4 };
+constexpr int kPoolCount = 5;
 
 constexpr double kEps = 1e-08;
 constexpr float kEpsF = 1e-08f;
 constexpr double kLeakySlope = 0.1;
 constexpr float kLeakySlopeF = 0.1f;
+constexpr double kUnitNormEps = 1e-12;
+constexpr float kUnitNormEpsF = 1e-12f;
 
 }  // namespace rcar_contract

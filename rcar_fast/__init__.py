@@ -2,6 +2,9 @@
 
 Public names:
     scan_similarity(img, cap, lens, *, direction, raw_norm, smooth, agg, lse_lambda, backend)
+    max_similarity(img, cap, lens, *, direction, pool, tau, leaky, normalize, both_scale,
+                   img_lens, preset, coding, backend)   the S-only heads (CHAN, LAPS, ALADIN, ...)
+    maxsim(q, d, q_lens, d_lens, *, pairs, k, doc_block, backend)   ColBERT late interaction
     RCARSimilarity(embed_dim, sim_dim, regulator, steps, direction, smooth)  (nn.Module)
     score_pairs / hardest_negative_loss   chosen (image, caption) pairs; the sparse VSE++ loss
     all_pairs(img, cap, lens, similarity)  blocked, multi-GPU all-pairs scoring for evaluation
@@ -13,6 +16,7 @@ Public names:
 """
 from rcar_fast.dispatch import BackendUnavailable, backends
 from rcar_fast.ops.gram import gram
+from rcar_fast.ops.maxsim import max_similarity, maxsim
 from rcar_fast.ops.scan import scan_similarity
 from rcar_fast.losses import hardest_negative_loss
 from rcar_fast.pairs import score_pairs  # also registers the pair ops
@@ -46,7 +50,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'rcar_fast' has no attribute {name!r}")
 
 
-__all__ = ["scan_similarity", "RCARSimilarity", "gram", "backends", "BackendUnavailable",
+__all__ = ["scan_similarity", "max_similarity", "maxsim", "RCARSimilarity", "gram", "backends", "BackendUnavailable",
            "score_pairs", "hardest_negative_loss", "all_pairs", "recall_metrics", "coco1k_metrics",
            "ensemble", "load_rcar_checkpoint", "vse_hinge_loss", "info_nce_loss", "data",
            "evaluation", "metrics", "losses"]

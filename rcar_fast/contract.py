@@ -31,6 +31,15 @@ AGG_CODES = {name: code for code, name in enumerate(AGGREGATIONS)}
 REGULATOR_CODES = {name: code for code, name in enumerate(REGULATORS)}
 CUDA_DTYPE_CODES = {name: code for code, name in enumerate(CUDA_DTYPES)}
 
+# The S-only heads (HEADS.md, rcar_fast.max_similarity): the reduction's direction ("both" is
+# both_scale x (t2i + i2t)) and the pooling of the per-word / per-region maxima.
+HEAD_DIRECTIONS = ("t2i", "i2t", "both")
+POOLS = ("mean", "sum", "max", "lse", "softmax")
+HEAD_NORMALIZATIONS = ("none", "unit")
+HEAD_CODINGS = ("max", "vsa")      # "vsa": CHAN's VSACoding (i2t), on the reference backends only
+HEAD_DIRECTION_CODES = {name: code for code, name in enumerate(HEAD_DIRECTIONS)}
+POOL_CODES = {name: code for code, name in enumerate(POOLS)}
+
 # --------------------------------------------------------------------------------------------
 # Numeric constants of the public code
 # --------------------------------------------------------------------------------------------
@@ -42,6 +51,26 @@ LEAKY_SLOPE = 0.1   # leaky(x) = x if x > 0 else LEAKY_SLOPE * x (LeakyReLU(0.1)
 # reasons are in validate.py, which applies them), keyed by torch dtype name.
 SMOOTH_LIMITS = {"float64": 1e6, "float32": 1e3}
 LSE_LAMBDA_MIN = 1e-30
+
+UNIT_NORM_EPS = 1e-12   # normalize="unit": x / max(|x|, UNIT_NORM_EPS) (torch F.normalize's clamp)
+CHAN_TAU = 0.1          # CHAN's belta (lse / softmax pooling temperature) and VSA alpha
+# The smallest pooling temperature: x / tau must stay finite in float32 for |x| up to ~1e3.
+HEAD_TAU_MIN = 1e-30
+
+# Named settings of max_similarity (HEADS.md "Heads"): each fills these keyword arguments.
+HEAD_PRESETS = {
+    # VHA coding + lse(0.1) pooling: the released BiGRU CHAN models.
+    "chan": {"direction": "t2i", "pool": "lse", "tau": CHAN_TAU, "leaky": False, "normalize": "none"},
+    # mask_xattn_one_text (what LAPS's model calls): leaky max-mean both ways, c = 1.
+    "laps": {"direction": "both", "pool": "mean", "leaky": True, "normalize": "unit",
+             "both_scale": 1.0},
+    # AlignmentContrastiveLoss alignment-mode MrSw (every released ALADIN config).
+    "aladin": {"direction": "t2i", "pool": "sum", "leaky": False, "normalize": "unit"},
+    "teran": {"direction": "t2i", "pool": "sum", "leaky": False, "normalize": "unit"},
+    # colbert_score (caption = query, image = document) and DVSA eq. 8: MrSw, encoders normalise.
+    "colbert": {"direction": "t2i", "pool": "sum", "leaky": False, "normalize": "none"},
+    "dvsa": {"direction": "t2i", "pool": "sum", "leaky": False, "normalize": "none"},
+}
 
 # --------------------------------------------------------------------------------------------
 # Published settings per checkpoint family (the public SCAN README's training arguments and
@@ -115,6 +144,8 @@ _CPP_ENUMS = (
     ("Aggregation", AGGREGATIONS, ("kMean", "kLse", "kMax", "kSum")),
     ("Regulator", REGULATORS, ("kOnlyRar", "kOnlyRcr", "kCoopRcar")),
     ("DType", CUDA_DTYPES, ("kFloat32", "kFloat16", "kBFloat16")),
+    ("HeadDirection", HEAD_DIRECTIONS, ("kHeadT2I", "kHeadI2T", "kHeadBoth")),
+    ("Pool", POOLS, ("kPoolMean", "kPoolSum", "kPoolMax", "kPoolLse", "kPoolSoftmax")),
 )
 
 
@@ -131,7 +162,9 @@ def header() -> str:
         lines.append(f"constexpr int k{enum}Count = {len(names)};")
     lines += ["", f"constexpr double kEps = {EPS!r};", f"constexpr float kEpsF = {EPS!r}f;",
               f"constexpr double kLeakySlope = {LEAKY_SLOPE!r};",
-              f"constexpr float kLeakySlopeF = {LEAKY_SLOPE!r}f;", "",
+              f"constexpr float kLeakySlopeF = {LEAKY_SLOPE!r}f;",
+              f"constexpr double kUnitNormEps = {UNIT_NORM_EPS!r};",
+              f"constexpr float kUnitNormEpsF = {UNIT_NORM_EPS!r}f;", "",
               "}  // namespace rcar_contract", ""]
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ with a message that names the argument and says what was expected, before any co
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Sequence, Union
 
@@ -39,45 +40,63 @@ def _is_integer_scalar(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def _length_range_error(lo, hi, max_len: int) -> ValueError:
-    return ValueError(f"lens must lie in [1, Lmax={max_len}] (Lmax = cap.shape[1]), got min {lo}, max {hi}")
+@dataclasses.dataclass(frozen=True)
+class LengthsOf:
+    """How the messages of `lengths` name a length argument: caption lengths by default."""
+    name: str = "lens"              # the argument
+    count: str = "n_cap"            # the number of sequences
+    limit: str = "Lmax"             # the padded length
+    limit_doc: str = "cap.shape[1]"
+    what: str = "caption"           # "the n_cap caption lengths"
+    owner: str = "cap"              # the tensor whose device the lengths go to
 
 
-def _lengths_from_sequence(lens, n_cap: int, max_len: int) -> torch.Tensor:
+CAPTION_LENGTHS = LengthsOf()
+REGION_LENGTHS = LengthsOf("img_lens", "n_img", "R", "img.shape[1]", "image region", "img")
+
+
+def _length_range_error(lo, hi, max_len: int, of: LengthsOf = CAPTION_LENGTHS) -> ValueError:
+    return ValueError(f"{of.name} must lie in [1, {of.limit}={max_len}] ({of.limit} = {of.limit_doc}), "
+                      f"got min {lo}, max {hi}")
+
+
+def _lengths_from_sequence(lens, n_cap: int, max_len: int, of: LengthsOf = CAPTION_LENGTHS) -> torch.Tensor:
     if isinstance(lens, (str, bytes, dict, set)) or not hasattr(lens, "__iter__"):
-        raise TypeError(f"lens must be a sequence, NumPy array or integer tensor of the {n_cap} caption "
-                        f"lengths (n_cap,), got {type(lens).__name__}")
+        raise TypeError(f"{of.name} must be a sequence, NumPy array or integer tensor of the {n_cap} "
+                        f"{of.what} lengths ({of.count},), got {type(lens).__name__}")
     values = list(lens)
     bad = [type(v).__name__ for v in values if not _is_integer_scalar(v)]
     if bad:
-        raise TypeError(f"lens must hold integers (caption lengths), got {bad[:3]}...")
+        raise TypeError(f"{of.name} must hold integers ({of.what} lengths), got {bad[:3]}...")
     if values and (min(values) < 1 or max(values) > max_len):  # also keeps int64 overflow out
-        raise _length_range_error(min(values), max(values), max_len)
+        raise _length_range_error(min(values), max(values), max_len, of)
     return torch.tensor([int(v) for v in values], dtype=torch.int64)
 
 
-def lengths(lens: LensLike, n_cap: int, max_len: int, device: torch.device) -> torch.Tensor:
-    """Caption lengths as an int64 tensor on `device`, each in [1, max_len]."""
+def lengths(lens: LensLike, n_cap: int, max_len: int, device: torch.device,
+            of: LengthsOf = CAPTION_LENGTHS) -> torch.Tensor:
+    """Caption lengths (or the lengths `of` names) as an int64 tensor on `device`, each in
+    [1, max_len]."""
     if isinstance(lens, np.ndarray):
         if lens.dtype.kind not in "iu":  # object, float, complex, bool, str arrays
-            raise TypeError(f"lens must be an integer array of shape ({n_cap},), got dtype {lens.dtype}")
+            raise TypeError(f"{of.name} must be an integer array of shape ({n_cap},), got dtype {lens.dtype}")
         if lens.size and lens.dtype.kind == "u" and int(lens.max()) > max_len:  # before a wrapping cast
-            raise _length_range_error(int(lens.min()), int(lens.max()), max_len)
+            raise _length_range_error(int(lens.min()), int(lens.max()), max_len, of)
         lens = torch.from_numpy(np.ascontiguousarray(lens, dtype=np.int64))
     elif not isinstance(lens, torch.Tensor):
-        lens = _lengths_from_sequence(lens, n_cap, max_len)
+        lens = _lengths_from_sequence(lens, n_cap, max_len, of)
     if lens.dtype.is_floating_point or lens.dtype.is_complex or lens.dtype == torch.bool:
-        raise TypeError(f"lens must be an integer tensor of shape ({n_cap},), got dtype {lens.dtype}")
+        raise TypeError(f"{of.name} must be an integer tensor of shape ({n_cap},), got dtype {lens.dtype}")
     if lens.dim() != 1 or lens.shape[0] != n_cap:
-        raise ValueError(f"lens must have shape (n_cap,) = ({n_cap},), got {tuple(lens.shape)}")
+        raise ValueError(f"{of.name} must have shape ({of.count},) = ({n_cap},), got {tuple(lens.shape)}")
     if lens.device.type != "cpu" and lens.device != device:
-        raise ValueError(f"lens must be on the CPU or on cap's device {device}, got {lens.device}")
+        raise ValueError(f"{of.name} must be on the CPU or on {of.owner}'s device {device}, got {lens.device}")
     # Value checks read the data: done eagerly; inside torch.compile (a traced training step)
     # the graph is built without them, its caller having validated its inputs eagerly.
     if not torch.compiler.is_compiling():
         lo, hi = int(lens.min()), int(lens.max())
         if lo < 1 or hi > max_len:
-            raise _length_range_error(lo, hi, max_len)
+            raise _length_range_error(lo, hi, max_len, of)
     return lens.to(device=device, dtype=torch.int64)
 
 
@@ -106,18 +125,29 @@ def all_finite(x: torch.Tensor, real: Optional[torch.Tensor] = None) -> bool:
     return True
 
 
+def feature_pair(img, cap, names: tuple = ("img", "cap"),
+                 shapes: tuple = ("(n_img, R, d)", "(n_cap, Lmax, d)"), dim: str = "d") -> None:
+    """Two feature tensors that one tile multiplies: each a non-empty (n, rows, d) float
+    tensor, with one feature size, device and dtype. `names` / `shapes` name them in messages."""
+    (a_name, b_name), (a_shape, b_shape) = names, shapes
+    features(img, a_name, a_shape)
+    features(cap, b_name, b_shape)
+    if img.shape[2] != cap.shape[2]:
+        raise ValueError(f"{a_name} and {b_name} must share the feature size {dim}: {a_name} is "
+                         f"{tuple(img.shape)} ({dim}={img.shape[2]}), {b_name} is {tuple(cap.shape)} "
+                         f"({dim}={cap.shape[2]})")
+    if img.device != cap.device:
+        raise ValueError(f"{a_name} and {b_name} must be on the same device, got {a_name} on "
+                         f"{img.device}, {b_name} on {cap.device}")
+    if img.dtype != cap.dtype:
+        raise TypeError(f"{a_name} and {b_name} must have the same dtype, got {a_name} {img.dtype}, "
+                        f"{b_name} {cap.dtype}")
+
+
 def similarity_inputs(img, cap, lens: LensLike, check_finite: bool = True) -> torch.Tensor:
     """Checks (img, cap, lens) of an all-pairs similarity call; returns lens as int64 on
     cap's device. NaN/Inf are allowed in caption padding only."""
-    features(img, "img", "(n_img, R, d)")
-    features(cap, "cap", "(n_cap, Lmax, d)")
-    if img.shape[2] != cap.shape[2]:
-        raise ValueError(f"img and cap must share the feature size d: img is {tuple(img.shape)} "
-                         f"(d={img.shape[2]}), cap is {tuple(cap.shape)} (d={cap.shape[2]})")
-    if img.device != cap.device:
-        raise ValueError(f"img and cap must be on the same device, got img on {img.device}, cap on {cap.device}")
-    if img.dtype != cap.dtype:
-        raise TypeError(f"img and cap must have the same dtype, got img {img.dtype}, cap {cap.dtype}")
+    feature_pair(img, cap)
     lens_t = lengths(lens, cap.shape[0], cap.shape[1], cap.device)
     if check_finite and not torch.compiler.is_compiling():  # reads the data: eager only
         if not all_finite(img):
@@ -221,12 +251,7 @@ def _index_tensor(idx, name: str, bound: int, bound_name: str, device) -> torch.
 def pair_indices(img_idx, cap_idx, n_img: int, n_cap: int, device) -> tuple:
     """(img_idx, cap_idx) of a pair list: two 1-D integer sequences / tensors of one length P,
     values in [0, n_img) and [0, n_cap), as int64 tensors on `device`."""
-    img_idx = _index_tensor(img_idx, "img_idx", n_img, "n_img", device)
-    cap_idx = _index_tensor(cap_idx, "cap_idx", n_cap, "n_cap", device)
-    if img_idx.shape != cap_idx.shape:
-        raise ValueError(f"img_idx and cap_idx must have the same length P, got {img_idx.numel()} "
-                         f"and {cap_idx.numel()}")
-    return img_idx, cap_idx
+    return named_pair_indices(img_idx, cap_idx, n_img, n_cap, device)
 
 
 def head_fits(head, img: torch.Tensor) -> None:
@@ -240,3 +265,124 @@ def head_fits(head, img: torch.Tensor) -> None:
     if param.device != img.device:
         raise ValueError(f"img/cap are on {img.device} but the head's parameters are on "
                          f"{param.device}; move one of them")
+
+
+# ---------------------------------------------------------------------------------------------
+# The S-only heads (rcar_fast.max_similarity, rcar_fast.maxsim)
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class HeadArguments:
+    """How the messages of head_inputs name the two feature tensors and their lengths."""
+    names: tuple = ("img", "cap")
+    shapes: tuple = ("(n_img, R, d)", "(n_cap, Lmax, d)")
+    dim: str = "d"
+    lens: LengthsOf = CAPTION_LENGTHS
+    img_lens: LengthsOf = REGION_LENGTHS
+
+
+MAX_SIMILARITY_ARGUMENTS = HeadArguments()
+# maxsim(q, d, q_lens, d_lens): the document plays the image, the query the caption.
+MAXSIM_ARGUMENTS = HeadArguments(
+    ("d", "q"), ("(n_d, Ld, dim)", "(n_q, Lq, dim)"), "dim",
+    LengthsOf("q_lens", "n_q", "Lq", "q.shape[1]", "query token", "q"),
+    LengthsOf("d_lens", "n_d", "Ld", "d.shape[1]", "document token", "d"))
+
+
+def _full_lengths(x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), x.shape[1], dtype=torch.int64, device=x.device)
+
+
+def head_inputs(img, cap, lens, img_lens=None, args: HeadArguments = MAX_SIMILARITY_ARGUMENTS,
+                check_finite: bool = True) -> tuple:
+    """Checks the tensors of a head call; returns (lens, img_lens) as int64 on the features'
+    device (img_lens None: every region real). NaN/Inf are allowed in padding only (regions
+    >= img_lens, words >= lens)."""
+    feature_pair(img, cap, args.names, args.shapes, args.dim)
+    lens_t = _full_lengths(cap) if lens is None else lengths(lens, cap.shape[0], cap.shape[1],
+                                                               cap.device, args.lens)
+    img_lens_t = _full_lengths(img) if img_lens is None else lengths(
+        img_lens, img.shape[0], img.shape[1], img.device, args.img_lens)
+    if check_finite and not torch.compiler.is_compiling():  # reads the data: eager only
+        for x, name, counts, of in ((img, args.names[0], img_lens_t, args.img_lens),
+                                    (cap, args.names[1], lens_t, args.lens)):
+            if not all_finite(x, word_mask(counts, x.shape[1])):
+                raise ValueError(f"{name} holds NaN or Inf at real positions (rows < {of.name}); "
+                                 "only padding may be non-finite")
+    return lens_t, img_lens_t
+
+
+def flag(value, name: str) -> bool:
+    """A bool (Python or NumPy), as a Python bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def finite_number(value, name: str) -> float:
+    value_f = number(value, name)
+    if not math.isfinite(value_f):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value_f
+
+
+def temperature(value, name: str) -> float:
+    """A pooling / coding temperature: positive, finite, at least contract.HEAD_TAU_MIN."""
+    value_f = positive_number(value, name)
+    if value_f < contract.HEAD_TAU_MIN:
+        raise ValueError(f"{name} must be at least {contract.HEAD_TAU_MIN:g}, got {value!r}: "
+                         f"x / {name} would overflow")
+    return value_f
+
+
+def head_settings(preset, given: dict, defaults: dict) -> dict:
+    """The settings of a max_similarity call: `given` holds the keyword arguments the caller
+    passed, `defaults` the signature's defaults. A preset (contract.HEAD_PRESETS) fills its
+    settings; a passed argument that contradicts one is a ValueError naming both. Every setting
+    is then checked (choices, temperatures, flags, VSA's limits)."""
+    settings = dict(defaults)
+    if preset is not None:
+        choice(preset, "preset", tuple(contract.HEAD_PRESETS))
+        for key, value in contract.HEAD_PRESETS[preset].items():
+            if key in given and given[key] != value:
+                raise ValueError(f"preset={preset!r} sets {key}={value!r}, but {key}={given[key]!r} "
+                                 f"was passed: drop the preset or the argument")
+            settings[key] = value
+    settings.update(given)
+    choice(settings["direction"], "direction", contract.HEAD_DIRECTIONS)
+    choice(settings["pool"], "pool", contract.POOLS)
+    choice(settings["normalize"], "normalize", contract.HEAD_NORMALIZATIONS)
+    choice(settings["coding"], "coding", contract.HEAD_CODINGS)
+    settings["tau"] = temperature(settings["tau"], "tau")
+    settings["vsa_tau"] = temperature(settings["vsa_tau"], "vsa_tau")
+    settings["leaky"] = flag(settings["leaky"], "leaky")
+    settings["both_scale"] = finite_number(settings["both_scale"], "both_scale")
+    if settings["coding"] == "vsa":
+        if settings["direction"] != "i2t":
+            raise ValueError("coding='vsa' (CHAN's VSACoding) codes regions: it needs "
+                             f"direction='i2t', got direction={settings['direction']!r}")
+        if settings["leaky"]:
+            raise ValueError("coding='vsa' takes leaky=False (CHAN's VSA coding has no leaky)")
+    return settings
+
+
+def positive_int(value, name: str, upper: Optional[int] = None, upper_doc: str = "") -> int:
+    """A Python / NumPy integer >= 1 (and <= upper when given)."""
+    if not _is_integer_scalar(value):
+        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}")
+    if value < 1 or (upper is not None and value > upper):
+        bound = f" and at most {upper_doc}={upper}" if upper is not None else ""
+        raise ValueError(f"{name} must be at least 1{bound}, got {value!r}")
+    return int(value)
+
+
+def named_pair_indices(first, second, n_first: int, n_second: int, device,
+                       names: tuple = ("img_idx", "cap_idx"),
+                       bound_names: tuple = ("n_img", "n_cap")) -> tuple:
+    """pair_indices with other argument names (maxsim's q_idx / d_idx)."""
+    first = _index_tensor(first, names[0], n_first, bound_names[0], device)
+    second = _index_tensor(second, names[1], n_second, bound_names[1], device)
+    if first.shape != second.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same length P, got "
+                         f"{first.numel()} and {second.numel()}")
+    return first, second

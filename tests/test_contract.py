@@ -15,7 +15,8 @@ from rcar_fast import contract
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PY_DIRS = ("rcar_fast", "kernels", "bench", "tests", "examples", "scripts")
 ENUMERATIONS = {"DIRECTIONS": contract.DIRECTIONS, "RAW_NORMS": contract.RAW_NORMS,
-                "AGGREGATIONS": contract.AGGREGATIONS, "REGULATORS": contract.REGULATORS}
+                "AGGREGATIONS": contract.AGGREGATIONS, "REGULATORS": contract.REGULATORS,
+                "HEAD_DIRECTIONS": contract.HEAD_DIRECTIONS, "POOLS": contract.POOLS}
 
 
 def test_the_committed_header_is_the_generated_one():
@@ -40,7 +41,9 @@ def test_codes_are_the_indices_of_the_names():
                          (contract.RAW_NORMS, contract.RAW_NORM_CODES),
                          (contract.AGGREGATIONS, contract.AGG_CODES),
                          (contract.REGULATORS, contract.REGULATOR_CODES),
-                         (contract.CUDA_DTYPES, contract.CUDA_DTYPE_CODES)]:
+                         (contract.CUDA_DTYPES, contract.CUDA_DTYPE_CODES),
+                         (contract.HEAD_DIRECTIONS, contract.HEAD_DIRECTION_CODES),
+                         (contract.POOLS, contract.POOL_CODES)]:
         assert [codes[name] for name in names] == list(range(len(names)))
     for name in contract.CUDA_DTYPES + tuple(contract.SMOOTH_LIMITS):
         assert isinstance(getattr(torch, name), torch.dtype), name
@@ -98,8 +101,8 @@ def _redeclarations(path: pathlib.Path, root: pathlib.Path = ROOT):
                 torch_names = {f"torch.{n}" for n in names}
                 if keys in (set(names), torch_names):
                     found.append(f"{where}:{line}: a code table of contract.{name}")
-        if isinstance(value, ast.Constant) and value.value in (contract.EPS,):
-            found.append(f"{where}:{line}: eps {value.value!r} (use contract.EPS)")
+        if isinstance(value, ast.Constant) and value.value in (contract.EPS, contract.UNIT_NORM_EPS):
+            found.append(f"{where}:{line}: eps {value.value!r} (use contract.EPS / UNIT_NORM_EPS)")
     return found
 
 
@@ -120,8 +123,44 @@ def test_the_redeclaration_check_finds_a_copy(tmp_path):
     assert len(hits) == 5, hits
 
 
+def test_the_redeclaration_check_finds_a_copy_of_the_head_enumerations(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text('DIRS = ("t2i", "i2t", "both")\nfor p in ["mean", "sum", "max", "lse", "softmax"]:\n'
+                     '    pass\nCODES = {"t2i": 0, "i2t": 1, "both": 2}\nUNIT_EPS = 1e-12\n'
+                     'AGGS_ARE_NOT_POOLS = ("mean", "lse", "max")\n')
+    hits = _redeclarations(probe, root=tmp_path)
+    assert sorted(h.split(": ", 1)[1] for h in hits) == [
+        "a code table of contract.HEAD_DIRECTIONS", "a copy of contract.HEAD_DIRECTIONS",
+        "a copy of contract.POOLS", "eps 1e-12 (use contract.EPS / UNIT_NORM_EPS)"], hits
+
+
+def test_the_head_header_enums_follow_the_contract():
+    text = contract.header()
+    assert "enum HeadDirection : int { kHeadT2I = 0, kHeadI2T = 1, kHeadBoth = 2 };" in text
+    assert ("enum Pool : int { kPoolMean = 0, kPoolSum = 1, kPoolMax = 2, kPoolLse = 3, "
+            "kPoolSoftmax = 4 };") in text
+    assert "constexpr double kUnitNormEps = 1e-12;" in text
+
+
+def test_head_presets_follow_heads_md():
+    presets = contract.HEAD_PRESETS
+    assert set(presets) == {"chan", "laps", "aladin", "teran", "colbert", "dvsa"}
+    assert presets["chan"] == dict(direction="t2i", pool="lse", tau=0.1, leaky=False, normalize="none")
+    assert presets["laps"] == dict(direction="both", pool="mean", leaky=True, normalize="unit",
+                                   both_scale=1.0)
+    mrsw_unit = dict(direction="t2i", pool="sum", leaky=False, normalize="unit")
+    assert presets["aladin"] == presets["teran"] == mrsw_unit
+    assert presets["colbert"] == presets["dvsa"] == {**mrsw_unit, "normalize": "none"}
+    for name, kwargs in presets.items():   # every value is one the contract names
+        assert kwargs["direction"] in contract.HEAD_DIRECTIONS, name
+        assert kwargs["pool"] in contract.POOLS, name
+        assert kwargs["normalize"] in contract.HEAD_NORMALIZATIONS, name
+    assert contract.CHAN_TAU == 0.1 and contract.UNIT_NORM_EPS == 1e-12
+
+
 # Literals that belong in csrc/contract.h: an enum of the contract's names, eps, the leaky slope.
-_CPP_COPIES = re.compile(r"enum\s+(RawNorm|Aggregation|Regulator|DType|Direction)\b|\b1e-8f?\b|\b0\.1f?\b")
+_CPP_COPIES = re.compile(r"enum\s+(RawNorm|Aggregation|Regulator|DType|Direction|HeadDirection|Pool)\b"
+                         r"|\b1e-8f?\b|\b1e-12f?\b|\b0\.1f?\b")
 
 
 @pytest.mark.parametrize("path", sorted(p for ext in ("*.h", "*.cuh", "*.cpp", "*.cu")

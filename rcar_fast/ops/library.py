@@ -8,6 +8,8 @@ torch.library.opcheck can test each one.
     rcar_fast::rcar_reference(img, cap, lens, weights, seed, regulator, steps, direction,
         smooth, embed_dim, sim_dim, training) -> (n_img, n_cap)
                                                     and its _backward -> (d img, d cap, d weights)
+    rcar_fast::maxsim_<backend>(img, cap, lens, img_lens, direction, pool, tau, leaky, both_scale)
+        -> (n_img, n_cap)     (the pair form adds img_idx, cap_idx -> (P,)), and its _backward
 
 A backend module defines its forward and backward with plain arguments and calls
 `define_scan_op`; the public wrappers validate eagerly (outside any compiled region they
@@ -16,7 +18,7 @@ check lens and finiteness) and pass already-validated tensors here.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -161,4 +163,85 @@ def define_rcar_op(name: str, forward: Callable, backward: Callable):
                  d_weights if need_weights else None, None) + (None,) * 7)
 
     op.register_autograd(backward_formula, setup_context=setup_context)
+    return op
+
+
+# ---------------------------------------------------------------------------------------------
+# The S-only heads (max_similarity): all pairs and listed pairs, forward and backward
+# ---------------------------------------------------------------------------------------------
+
+# The options every maxsim op takes after its tensors, in this order.
+MAXSIM_OPTION_NAMES = ("direction", "pool", "tau", "leaky", "both_scale")
+
+
+def maxsim_output(img: Tensor, cap: Tensor, img_idx: Optional[Tensor] = None) -> Tensor:
+    """The one shape function of the maxsim ops: an empty (n_img, n_cap) result, or (P,) for a
+    pair list; float32 (float64 for float64 inputs), on img's device."""
+    shape = (img.shape[0], cap.shape[0]) if img_idx is None else (img_idx.shape[0],)
+    return img.new_empty(shape, dtype=output_dtype(img.dtype))
+
+
+def _register_maxsim_autograd(op, op_backward, n_tensors: int):
+    """Autograd of a maxsim op whose first n_tensors inputs are tensors (img, cap first)."""
+    n_inputs = n_tensors + len(MAXSIM_OPTION_NAMES)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensors])
+        ctx.options = inputs[n_tensors:]
+
+    def backward_formula(ctx, grad):
+        need_img, need_cap = ctx.needs_input_grad[:2]
+        if not (need_img or need_cap):
+            return (None,) * n_inputs
+        d_img, d_cap = op_backward(grad.contiguous(), *ctx.saved_tensors, *ctx.options)
+        return (d_img if need_img else None, d_cap if need_cap else None) + (None,) * (n_inputs - 2)
+
+    op.register_autograd(backward_formula, setup_context=setup_context)
+
+
+def define_maxsim_op(name: str, forward: Callable, backward: Callable, pairs: bool = False):
+    """Registers rcar_fast::{name} and rcar_fast::{name}_backward and returns the forward op.
+
+    All pairs (pairs=False):
+        forward(img, cap, lens, img_lens, options) -> (n_img, n_cap)
+        backward(grad, img, cap, lens, img_lens, options) -> (d img, d cap)
+    Listed pairs (pairs=True), img_idx / cap_idx int64 (P,) after img_lens:
+        forward(img, cap, lens, img_lens, img_idx, cap_idx, options) -> (P,)
+        backward(grad, img, cap, lens, img_lens, img_idx, cap_idx, options) -> (d img, d cap)
+    options: the tuple (direction, pool, tau, leaky, both_scale) (MAXSIM_OPTION_NAMES). The
+    fake implementations come from maxsim_output (and input_grads)."""
+    if pairs:
+        @torch.library.custom_op(f"rcar_fast::{name}", mutates_args=())
+        def op(img: Tensor, cap: Tensor, lens: Tensor, img_lens: Tensor, img_idx: Tensor,
+               cap_idx: Tensor, direction: str, pool: str, tau: float, leaky: bool,
+               both_scale: float) -> Tensor:
+            return forward(img, cap, lens, img_lens, img_idx, cap_idx,
+                           (direction, pool, tau, leaky, both_scale))
+
+        @torch.library.custom_op(f"rcar_fast::{name}_backward", mutates_args=())
+        def op_backward(grad: Tensor, img: Tensor, cap: Tensor, lens: Tensor, img_lens: Tensor,
+                        img_idx: Tensor, cap_idx: Tensor, direction: str, pool: str, tau: float,
+                        leaky: bool, both_scale: float) -> tuple[Tensor, Tensor]:
+            return backward(grad, img, cap, lens, img_lens, img_idx, cap_idx,
+                            (direction, pool, tau, leaky, both_scale))
+
+        op.register_fake(lambda img, cap, lens, img_lens, img_idx, *rest: maxsim_output(img, cap, img_idx))
+        op_backward.register_fake(lambda grad, img, cap, *rest: input_grads(img, cap))
+        _register_maxsim_autograd(op, op_backward, n_tensors=6)
+        return op
+
+    @torch.library.custom_op(f"rcar_fast::{name}", mutates_args=())
+    def op(img: Tensor, cap: Tensor, lens: Tensor, img_lens: Tensor, direction: str, pool: str,
+           tau: float, leaky: bool, both_scale: float) -> Tensor:
+        return forward(img, cap, lens, img_lens, (direction, pool, tau, leaky, both_scale))
+
+    @torch.library.custom_op(f"rcar_fast::{name}_backward", mutates_args=())
+    def op_backward(grad: Tensor, img: Tensor, cap: Tensor, lens: Tensor, img_lens: Tensor,
+                    direction: str, pool: str, tau: float, leaky: bool,
+                    both_scale: float) -> tuple[Tensor, Tensor]:
+        return backward(grad, img, cap, lens, img_lens, (direction, pool, tau, leaky, both_scale))
+
+    op.register_fake(lambda img, cap, *rest: maxsim_output(img, cap))
+    op_backward.register_fake(lambda grad, img, cap, *rest: input_grads(img, cap))
+    _register_maxsim_autograd(op, op_backward, n_tensors=4)
     return op
