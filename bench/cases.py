@@ -27,43 +27,66 @@ from typing import Optional
 
 import torch
 
+from rcar_fast import scorers
+
 MODES = ("forward", "backward", "train_step")
 
 
 @dataclasses.dataclass(frozen=True)
 class OpSpec:
+    """A head to measure: its row label, its name in the head registry (rcar_fast.scorers:
+    the scorer builds the model, makes the call, the compile baseline and the FLOPs) and its
+    build options (Scorer.build: direction, smooth, sim_dim, regulator, steps, or the head's
+    own keywords) as (key, value) pairs. A new case names a head and options; nothing else
+    in bench/ changes."""
     name: str                    # row label, e.g. "scan_t2i", "rcar_coop_rcar2_t2i"
-    family: str                  # "scan" | "rcar"
-    direction: str = "t2i"
-    smooth: float = 9.0
-    agg: str = "mean"
-    lse_lambda: float = 6.0
-    regulator: str = ""
-    steps: int = 0
-    sim_dim: int = 0
+    family: str                  # the head's name in rcar_fast.scorers ("scan", "rcar", ...)
+    options: tuple = ()
+
+    @property
+    def scorer(self):
+        return scorers.get(self.family)
 
     @property
     def dispatch_op(self) -> str:
-        return self.family
+        return self.scorer.all_pairs_op
 
     @property
     def pairs_op(self) -> str:
-        return f"{self.family}_pairs"
+        return self.scorer.pairs_op
+
+    def option(self, key: str, default=None):
+        return dict(self.options).get(key, default)
+
+    @property
+    def direction(self) -> str:
+        return self.option("direction", "t2i")
+
+    @property
+    def sim_dim(self) -> int:
+        return self.option("sim_dim", 0)
+
+    def build(self, embed_dim: Optional[int]) -> tuple:
+        """(model, keyword settings) of this head (Scorer.build); embed_dim matters only for
+        heads with weights."""
+        return self.scorer.build(self.family, embed_dim, dict(self.options))
 
     def scan_kwargs(self) -> dict:
-        return dict(direction=self.direction, smooth=self.smooth, agg=self.agg,
-                    lse_lambda=self.lse_lambda)
+        """The keyword settings of a head without weights ({} for a module head)."""
+        return {} if self.scorer.module_type is not None else self.build(None)[1]
 
 
 def scan_op(direction: str) -> OpSpec:
     # Published SCAN settings: t2i smooth 9, i2t smooth 4 (mean aggregation, "AVG").
-    return OpSpec(f"scan_{direction}", "scan", direction, smooth=9.0 if direction == "t2i" else 4.0)
+    return OpSpec(f"scan_{direction}", "scan",
+                  (("direction", direction), ("smooth", 9.0 if direction == "t2i" else 4.0)))
 
 
 def rcar_op(regulator: str, steps: int, direction: str, sim_dim: int) -> OpSpec:
-    smooth = 10.0 if direction == "t2i" else 3.0
-    return OpSpec(f"rcar_{regulator}{steps}_{direction}", "rcar", direction, smooth=smooth,
-                  regulator=regulator, steps=steps, sim_dim=sim_dim)
+    # smooth: the published 10 (t2i) / 3 (i2t), the scorer's default.
+    return OpSpec(f"rcar_{regulator}{steps}_{direction}", "rcar",
+                  (("direction", direction), ("regulator", regulator), ("steps", steps),
+                   ("sim_dim", sim_dim)))
 
 
 @dataclasses.dataclass(frozen=True)
