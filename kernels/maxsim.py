@@ -61,9 +61,10 @@ FP32_DOT_PRECISION = "ieee"
 MAX_TILE_SCORES = 128 * 128
 
 
-def max_tile_reason(n_regions: int, longest_caption: int) -> Optional[str]:
-    """Why the Triton heads cannot take these sizes (None: they can)."""
-    r_pad, l_pad = pow2_at_least(n_regions, 1), pow2_at_least(longest_caption, 8)
+def max_tile_reason(n_regions: int, longest_caption: int, region_floor: int = 1) -> Optional[str]:
+    """Why the Triton heads cannot take these sizes (None: they can); region_floor: the
+    regions' padding floor of the kernels asked about (16 for the pair kernels)."""
+    r_pad, l_pad = pow2_at_least(n_regions, region_floor), pow2_at_least(longest_caption, 8)
     if r_pad * max(l_pad, MIN_DOT) > MAX_TILE_SCORES:
         return (f"the Triton heads hold an image's regions and a caption's words whole in one "
                 f"tile: R={n_regions} (padded {r_pad}) x Lmax={longest_caption} (padded "
@@ -306,6 +307,89 @@ def _maxsim_bwd_cap_kernel(img_ptr, si0, si1, si2, img_ids_ptr, img_lens_ptr, n_
         tl.debug_barrier()  # the next iteration's threads read what this one wrote
 
 
+# ---------------------------------------------------------------------------------------------
+# Listed pairs (maxsim_pairs: re-ranking a shortlist): one pair per program, the same epilogue
+# ---------------------------------------------------------------------------------------------
+# A launch covers one caption bucket's pairs; per pair p: its image and caption row ids and
+# lengths (pair-order arrays built on the host), and where its score goes (pos). The backward
+# groups the bucket's pairs by image (and, separately, by caption): one program per distinct
+# image walks that image's pairs (offsets into the grouped order) and read-modify-writes the
+# image's rows, so every row has one owner per launch (deterministic, no atomics).
+
+@triton.jit
+def _pair_tile(img_ptr, si0, si1, si2, i_ids_ptr, i_lens_ptr, i_at, n_i,
+               cap_ptr, sc0, sc1, sc2, j_ids_ptr, j_lens_ptr, j_at, n_j, D,
+               R_PAD: tl.constexpr, L_PAD: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+               MAIN_PREC: tl.constexpr):
+    """The (R_PAD, L_PAD) tile of one pair: image entry i_at of (i_ids, i_lens) and caption
+    entry j_at of (j_ids, j_lens); also their lengths (1,) and the rows' offsets and masks."""
+    _, r_len, _ = tile_owners(i_ids_ptr, i_lens_ptr, i_at, n_i, 1)
+    _, w_len, _ = tile_owners(j_ids_ptr, j_lens_ptr, j_at, n_j, 1)
+    i_rows, i_ok = tile_rows(i_ids_ptr, i_lens_ptr, i_at, n_i, si0, si1, 1, R_PAD)
+    j_rows, j_ok = tile_rows(j_ids_ptr, j_lens_ptr, j_at, n_j, sc0, sc1, 1, L_PAD)
+    S = score_tile(img_ptr, i_rows, i_ok, si2, cap_ptr, j_rows, j_ok, sc2, D,
+                   R_PAD, L_PAD, BK, ACC, MAIN_PREC)
+    return S, r_len, w_len, i_rows, i_ok, j_rows, j_ok
+
+
+@triton.jit
+def _maxsim_pairs_fwd_kernel(img_ptr, si0, si1, si2, p_img_ptr, p_img_lens_ptr,
+                             cap_ptr, sc0, sc1, sc2, p_cap_ptr, p_cap_lens_ptr, n_pairs,
+                             pos_ptr, out_ptr, D, params_ptr,
+                             DIRECTION: tl.constexpr, POOL: tl.constexpr, LEAKY: tl.constexpr,
+                             R_PAD: tl.constexpr, L_PAD: tl.constexpr, ACC: tl.constexpr,
+                             MAIN_PREC: tl.constexpr, BK: tl.constexpr):
+    tau, both_scale = tl.load(params_ptr), tl.load(params_ptr + 1)
+    p = tl.program_id(0)
+    S, r_len, w_len, _, _, _, _ = _pair_tile(
+        img_ptr, si0, si1, si2, p_img_ptr, p_img_lens_ptr, p, n_pairs,
+        cap_ptr, sc0, sc1, sc2, p_cap_ptr, p_cap_lens_ptr, p, n_pairs, D,
+        R_PAD, L_PAD, BK, ACC, MAIN_PREC)
+    sim = _head(S, r_len, w_len, tau, both_scale, DIRECTION, POOL, LEAKY, 1, R_PAD, 1, L_PAD)
+    pos = tl.load(pos_ptr + p + tl.arange(0, 1)).to(tl.int64)
+    tl.store(out_ptr + pos[:, None], sim)
+
+
+@triton.jit
+def _maxsim_pairs_bwd_kernel(own_ptr, so0, so1, so2, own_ids_ptr, own_lens_ptr, n_own,
+                             other_ptr, st0, st1, st2, other_ids_ptr, other_lens_ptr, n_listed,
+                             offsets_ptr, pos_ptr, dsim_ptr, dst_ptr, ds0, ds1, D, params_ptr,
+                             OWN_IS_IMG: tl.constexpr, DIRECTION: tl.constexpr,
+                             POOL: tl.constexpr, LEAKY: tl.constexpr, R_PAD: tl.constexpr,
+                             L_PAD: tl.constexpr, ACC: tl.constexpr, MAIN_PREC: tl.constexpr,
+                             EPI_PREC: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    """d(own side) for one distinct owner u (an image if OWN_IS_IMG, else a caption): the sum
+    over its pairs k in [offsets[u], offsets[u+1]) of the grouped order, whose other sides are
+    (other_ids[k], other_lens[k]) and whose upstream gradient is dsim[pos[k]]."""
+    tau, both_scale = tl.load(params_ptr), tl.load(params_ptr + 1)
+    u = tl.program_id(0)
+    start = tl.load(offsets_ptr + u)
+    end = tl.load(offsets_ptr + u + 1)
+    for k in range(start, end):
+        g = tl.load(dsim_ptr + tl.load(pos_ptr + k + tl.arange(0, 1)).to(tl.int64)).to(ACC)
+        if OWN_IS_IMG:
+            S, r_len, w_len, i_rows, i_ok, j_rows, j_ok = _pair_tile(
+                own_ptr, so0, so1, so2, own_ids_ptr, own_lens_ptr, u, n_own,
+                other_ptr, st0, st1, st2, other_ids_ptr, other_lens_ptr, k, n_listed, D,
+                R_PAD, L_PAD, BK, ACC, MAIN_PREC)
+            dS = _head_grad(S, g[:, None], r_len, w_len, tau, both_scale, DIRECTION, POOL,
+                            LEAKY, 1, R_PAD, 1, L_PAD)
+            d_rows, _ = tile_rows(own_ids_ptr, own_lens_ptr, u, n_own, ds0, ds1, 1, R_PAD)
+            _add_rows(dst_ptr, d_rows, i_ok, other_ptr, j_rows, j_ok, st2, dS, D, True,
+                      BD, EPI_PREC, ACC)
+        else:
+            S, r_len, w_len, i_rows, i_ok, j_rows, j_ok = _pair_tile(
+                other_ptr, st0, st1, st2, other_ids_ptr, other_lens_ptr, k, n_listed,
+                own_ptr, so0, so1, so2, own_ids_ptr, own_lens_ptr, u, n_own, D,
+                R_PAD, L_PAD, BK, ACC, MAIN_PREC)
+            dS = _head_grad(S, g[:, None], r_len, w_len, tau, both_scale, DIRECTION, POOL,
+                            LEAKY, 1, R_PAD, 1, L_PAD)
+            d_rows, _ = tile_rows(own_ids_ptr, own_lens_ptr, u, n_own, ds0, ds1, 1, L_PAD)
+            _add_rows(dst_ptr, d_rows, j_ok, other_ptr, i_rows, i_ok, st2, tl.trans(dS), D,
+                      True, BD, EPI_PREC, ACC)
+        tl.debug_barrier()  # the next pair's threads read what this one wrote
+
+
 # =============================================================================================
 # Tile shapes: fixed small tiles under the interpreter, autotuned on GPUs
 # =============================================================================================
@@ -484,3 +568,132 @@ def maxsim_backward(p: MaxSimProblem, dsim: torch.Tensor, need_img: bool, need_c
             _launch_backward(p, cg, dsim, dcap, of_img=False)
         dcap = dcap.to(p.cap.dtype)
     return dimg, dcap
+
+
+# ---------------------------------------------------------------------------------------------
+# Listed pairs
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PairGrouping:
+    """A bucket's pairs grouped by one side: the distinct owners (ids, lens), offsets (U + 1,)
+    into the grouped order, and per grouped pair the other side's ids and lens and the pair's
+    output position."""
+    owners: OwnerGroup
+    offsets: torch.Tensor
+    other_ids: torch.Tensor
+    other_lens: torch.Tensor
+    pos: torch.Tensor
+
+
+@dataclasses.dataclass
+class PairBucket:
+    """The listed pairs whose captions share one padding L_PAD, in list order."""
+    img_ids: torch.Tensor
+    img_lens: torch.Tensor
+    cap_ids: torch.Tensor
+    cap_lens: torch.Tensor
+    pos: torch.Tensor
+    l_pad: int
+    by_img: PairGrouping
+    by_cap: PairGrouping
+
+
+@dataclasses.dataclass
+class MaxSimPairsProblem:
+    heads: MaxSimProblem        # features, settings, precisions (its owner groups unused)
+    buckets: list
+    n_pairs: int
+    r_pad: int
+
+
+# Pair programs hold one pair: both paddings at least tl.dot's minimum.
+_PAIR_FLOOR = MIN_DOT
+
+
+def _grouping(key_ids, key_lens, other_ids, other_lens, pos, device) -> PairGrouping:
+    order = torch.argsort(key_ids, stable=True)
+    owners, counts = torch.unique_consecutive(key_ids[order], return_counts=True)
+    first = torch.cumsum(counts, 0) - counts
+    offsets = torch.cat([first, counts.sum().reshape(1)])
+    i32 = dict(device=device, dtype=torch.int32)
+    return PairGrouping(OwnerGroup(owners.to(**i32), key_lens[order][first].to(**i32),
+                                   0, int(owners.numel())),
+                        offsets.to(**i32), other_ids[order].to(**i32),
+                        other_lens[order].to(**i32), pos[order].to(**i32))
+
+
+def build_pairs_problem(img, cap, lens, img_lens, img_idx, cap_idx, **settings) -> MaxSimPairsProblem:
+    """Everything the pair kernels need. img_idx, cap_idx: int64 (P,) on any device."""
+    heads = build_problem(img, cap, lens[:0], img_lens, **settings)
+    cpu = dict(device="cpu", dtype=torch.int64)
+    img_idx, cap_idx = img_idx.detach().to(**cpu), cap_idx.detach().to(**cpu)
+    lens_cpu, img_lens_cpu = lens.detach().to(**cpu), img_lens.detach().to(**cpu)
+    pair_lens, pair_img_lens = lens_cpu[cap_idx], img_lens_cpu[img_idx]
+    pads = torch.tensor([pow2_at_least(v, _PAIR_FLOOR) for v in pair_lens.tolist()],
+                        dtype=torch.int64)
+    i32 = dict(device=img.device, dtype=torch.int32)
+    buckets = []
+    for l_pad in torch.unique(pads).tolist():
+        pos = torch.nonzero(pads == l_pad).flatten()
+        ii, il, cj, cl = img_idx[pos], pair_img_lens[pos], cap_idx[pos], pair_lens[pos]
+        buckets.append(PairBucket(ii.to(**i32), il.to(**i32), cj.to(**i32), cl.to(**i32),
+                                  pos.to(**i32), int(l_pad),
+                                  _grouping(ii, il, cj, cl, pos, img.device),
+                                  _grouping(cj, cl, ii, il, pos, img.device)))
+    return MaxSimPairsProblem(heads, buckets, int(img_idx.numel()),
+                              pow2_at_least(img.shape[1], _PAIR_FLOOR))
+
+
+def _pair_launch_options(p: MaxSimPairsProblem) -> dict:
+    """One fixed config (pair programs are small: one (R_PAD, L_PAD) tile each)."""
+    if interpreter_on():
+        return dict(BK=MIN_DOT)
+    low = p.heads.img.dtype in (torch.float16, torch.bfloat16)
+    return dict(BK=64 if low else _FP32_BK, num_warps=4, num_stages=2)
+
+
+def _pair_constexprs(p: MaxSimPairsProblem, b: PairBucket) -> dict:
+    h = p.heads
+    return dict(DIRECTION=h.direction, POOL=h.pool, LEAKY=h.leaky, R_PAD=p.r_pad, L_PAD=b.l_pad,
+                ACC=h.acc, MAIN_PREC=h.main_prec)
+
+
+def maxsim_pairs_forward(p: MaxSimPairsProblem, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(P,) scores of the listed pairs. `out`, if given, is written in full."""
+    h = p.heads
+    if out is None:
+        out = torch.empty((p.n_pairs,), device=h.img.device, dtype=h.out_dtype)
+    im, cp = h.img, h.cap
+    for b in p.buckets:
+        _maxsim_pairs_fwd_kernel[(b.pos.numel(),)](
+            im, im.stride(0), im.stride(1), im.stride(2), b.img_ids, b.img_lens,
+            cp, cp.stride(0), cp.stride(1), cp.stride(2), b.cap_ids, b.cap_lens, b.pos.numel(),
+            b.pos, out, im.shape[2], h.params, **_pair_constexprs(p, b), **_pair_launch_options(p))
+    return out
+
+
+def _pairs_side_gradient(p: MaxSimPairsProblem, dsim, of_img: bool) -> torch.Tensor:
+    h = p.heads
+    own, other = (h.img, h.cap) if of_img else (h.cap, h.img)
+    grad = torch.zeros(own.shape, device=own.device, dtype=h.out_dtype)
+    options = _pair_launch_options(p)
+    bd = MIN_DOT if interpreter_on() else (64 if options["BK"] == 64 else 32)
+    for b in p.buckets:
+        g = b.by_img if of_img else b.by_cap
+        _maxsim_pairs_bwd_kernel[(g.owners.count,)](
+            own, own.stride(0), own.stride(1), own.stride(2), g.owners.ids, g.owners.lens,
+            g.owners.count, other, other.stride(0), other.stride(1), other.stride(2),
+            g.other_ids, g.other_lens, g.pos.numel(), g.offsets, g.pos, dsim, grad,
+            grad.stride(0), grad.stride(1), own.shape[2], h.params, OWN_IS_IMG=of_img,
+            EPI_PREC=h.epi_prec, BD=bd, **_pair_constexprs(p, b), **options)
+    return grad.to(own.dtype)
+
+
+def maxsim_pairs_backward(p: MaxSimPairsProblem, dsim: torch.Tensor, need_img: bool,
+                          need_cap: bool):
+    """(d img, d cap) of the listed pairs' scores (None where not needed), zero at padding and
+    at rows no pair uses. Each launch read-modify-writes its owners' rows (zero first)."""
+    dsim = dsim.to(p.heads.out_dtype).contiguous()
+    return (_pairs_side_gradient(p, dsim, True) if need_img else None,
+            _pairs_side_gradient(p, dsim, False) if need_cap else None)

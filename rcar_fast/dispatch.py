@@ -58,7 +58,7 @@ TABLE: dict[str, tuple[type[Backend], ...]] = {
     "maxsim": (maxsim_reference.MaxSimReference, maxsim_reference.MaxSimReferenceLoop,
                maxsim_triton.MaxSimTriton, maxsim_cuda.MaxSimCuda),
     "maxsim_pairs": (maxsim_reference.MaxSimPairsReference,
-                     maxsim_reference.MaxSimPairsReferenceLoop),
+                     maxsim_reference.MaxSimPairsReferenceLoop, maxsim_triton.MaxSimPairsTriton),
 }
 
 

@@ -17,8 +17,9 @@ import rcar_fast
 from rcar_fast import dispatch
 from rcar_fast.losses import vse_hinge_loss
 from rcar_fast.contract import HEAD_DIRECTIONS, POOLS
-from rcar_fast.ops.maxsim_triton import MaxSimTriton, maxsim_triton_op
-from rcar_fast.reference_heads import head_similarity_vectorized
+from rcar_fast.ops.maxsim_triton import (MaxSimPairsTriton, MaxSimTriton, maxsim_pairs_triton_op,
+                                         maxsim_triton_op)
+from rcar_fast.reference_heads import head_pairs_vectorized, head_similarity_vectorized
 from tests.conftest import requires_gpu, requires_interpreter
 from tests.inputs import make_inputs, real_words
 from tests.tolerances import F64_GRADCHECK, assert_bit_equal, assert_close_to_reference
@@ -258,8 +259,77 @@ def test_backward_is_deterministic_and_one_sided():
 def test_custom_op_opcheck():
     img, cap, lens, img_lens = _inputs(n_img=2, lens=(3, 1), img_lens=(3, 2), regions=3, dim=5,
                                        dtype=torch.float64, pad=0.5)
-    torch.library.opcheck(maxsim_triton_op, (img.requires_grad_(), cap.requires_grad_(), lens,
-                                             img_lens, "both", "lse", 0.1, True, 0.5))
+    img, cap = img.requires_grad_(), cap.requires_grad_()
+    torch.library.opcheck(maxsim_triton_op, (img, cap, lens, img_lens, "both", "lse", 0.1, True,
+                                             0.5))
+    pairs = (torch.tensor([1, 0, 1]), torch.tensor([0, 0, 1]))
+    torch.library.opcheck(maxsim_pairs_triton_op, (img, cap, lens, img_lens, *pairs, "i2t",
+                                                   "softmax", 0.1, False, 0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Listed pairs (maxsim_pairs)
+# ---------------------------------------------------------------------------------------------
+
+# Repeated pairs, images and captions in several pairs, caption 2 in none (zero gradient), and
+# captions of 1..20 words: two length buckets (16 and 32).
+PAIRS = (torch.tensor([0, 2, 1, 0, 2, 2, 1, 0]), torch.tensor([1, 1, 3, 4, 0, 1, 4, 0]))
+PAIR_LENS = (1, 20, 3, 17, 2)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("direction,pool,leaky", [("t2i", "lse", True), ("i2t", "softmax", False),
+                                                  ("both", "max", True), ("both", "mean", False)])
+def test_pairs_match_float64_reference(direction, pool, leaky):
+    img, cap, lens, img_lens = _inputs(lens=PAIR_LENS)
+    img_idx, cap_idx = PAIRS
+    opts = _options(direction, pool, leaky)
+    grad = torch.randn(len(img_idx), dtype=torch.float64)
+    a, c = img.clone().requires_grad_(), cap.clone().requires_grad_()
+    out = MaxSimPairsTriton.fn(a, c, lens, img_lens, img_idx, cap_idx, **opts)
+    assert out.dtype == torch.float32 and out.shape == (len(img_idx),)
+    d_img, d_cap = torch.autograd.grad(out, (a, c), grad.float())
+    a64, c64 = img.double().requires_grad_(), cap.double().requires_grad_()
+    want = head_pairs_vectorized(a64, c64, lens, img_lens, img_idx, cap_idx, **opts)
+    r_img, r_cap = torch.autograd.grad(want, (a64, c64), grad)
+    assert_close_to_reference(out, want, dtype=torch.float32, what=f"pairs {opts}")
+    for name, got, ref, rows in (("img", d_img, r_img, _real_rows(img, img_lens)),
+                                 ("cap", d_cap, r_cap, _real_rows(cap, lens))):
+        assert_close_to_reference(got[rows], ref[rows], dtype=torch.float32, what=f"pairs d {name}")
+        assert_bit_equal(got[~rows], torch.zeros_like(got[~rows]), what=f"pairs d {name} padding")
+    assert_bit_equal(d_cap[2], torch.zeros_like(d_cap[2]), what="a caption in no pair")
+
+
+@requires_interpreter
+def test_late_interaction_on_triton_matches_reference():
+    # rcar_fast.maxsim: all pairs, a shortlist and the top-k search (all pairs per document
+    # block, then the chosen pairs again through the pair op for differentiable values)
+    docs, queries, q_lens, d_lens = _inputs(lens=PAIR_LENS, img_lens=(5, 2, 4, 3), n_img=4,
+                                            dtype=torch.float64)
+    for form in (dict(), dict(pairs=(PAIRS[1], PAIRS[0])), dict(k=2, doc_block=3)):
+        got, want = (rcar_fast.maxsim(queries.clone().requires_grad_(), docs, q_lens, d_lens,
+                                      backend=backend, **form) for backend in ("triton", "reference"))
+        for g, w in zip(got if "k" in form else (got,), want if "k" in form else (want,)):
+            if g.dtype == torch.int64:
+                assert torch.equal(g, w), (g, w)
+            else:
+                assert_close_to_reference(g, w, dtype=torch.float64, what=f"maxsim {form}")
+
+
+@requires_interpreter
+def test_vsa_coding_is_refused_with_the_reason():
+    img, cap, lens, img_lens = _inputs()
+    with pytest.raises(dispatch.BackendUnavailable, match="reference backends only"):
+        rcar_fast.max_similarity(img, cap, lens, img_lens=img_lens, direction="i2t", coding="vsa",
+                                 backend="triton")
+
+
+@requires_interpreter
+def test_pairs_dispatch_reasons():
+    cpu = torch.device("cpu")
+    assert dispatch.implementation("maxsim_pairs", "triton") is MaxSimPairsTriton
+    assert dispatch.rejection("maxsim_pairs", "triton", cpu, torch.float32) is None
+    assert "interpreter" in dispatch.rejection("maxsim_pairs", "triton", cpu, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------

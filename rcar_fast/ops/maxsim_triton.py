@@ -1,5 +1,5 @@
 """The S-only heads (max_similarity, HEADS.md) on the Triton backend: autograd wiring and the
-backend class.
+backend classes (all pairs, op "maxsim"; listed pairs, op "maxsim_pairs").
 
 The kernels (rcar_fast.kernels.maxsim) score every (image, caption) pair from the shared
 region-word tile and, recomputing the tile and its argmaxes, give d img and d cap; nothing of
@@ -60,9 +60,11 @@ def _op_backward(grad, img, cap, lens, img_lens, options):
 maxsim_triton_op = define_maxsim_op("maxsim_triton", _op_forward, _op_backward)
 
 
-class MaxSimTriton(Backend):
-    op, backend, kernel = "maxsim", "triton", "the Triton S-only head kernels"
+class _TritonHeads(Backend):
+    """What both Triton head backends share: dtypes and the tile-size limit."""
+    backend, kernel = "triton", "the Triton S-only head kernels"
     dtypes = {"cuda": _CUDA_DTYPES, "cpu": _INTERPRETER_DTYPES}
+    region_floor = 1   # the regions' padding floor of the op's kernels
 
     @classmethod
     def dtype_reason(cls, device_type, dtype):
@@ -76,8 +78,12 @@ class MaxSimTriton(Backend):
         if inputs.img_shape is None or inputs.cap_shape is None:
             return []
         longest = inputs.longest_caption() or inputs.cap_shape[1]
-        why = _kernels().max_tile_reason(inputs.img_shape[1], longest)
+        why = _kernels().max_tile_reason(inputs.img_shape[1], longest, cls.region_floor)
         return [why] if why else []
+
+
+class MaxSimTriton(_TritonHeads):
+    op = "maxsim"
 
     @staticmethod
     def fn(img, cap, lens, img_lens, *, direction="t2i", pool="mean", tau=0.1, leaky=False,
@@ -88,3 +94,58 @@ class MaxSimTriton(Backend):
         if torch.compiler.is_compiling():
             return maxsim_triton_op(img, cap, lens, img_lens, *options)
         return MaxSimilarityTriton.apply(img, cap, lens, img_lens, options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Listed pairs
+# ---------------------------------------------------------------------------------------------
+
+def _pairs_problem(img, cap, lens, img_lens, img_idx, cap_idx, options):
+    return _kernels().build_pairs_problem(img, cap, lens, img_lens, img_idx, cap_idx,
+                                          **dict(zip(MAXSIM_OPTION_NAMES, options)))
+
+
+class MaxSimilarityPairsTriton(torch.autograd.Function):
+    """scores[p] = head(img[img_idx[p]], cap[cap_idx[p]]); backward gives d img and d cap."""
+
+    @staticmethod
+    def forward(ctx, img, cap, lens, img_lens, img_idx, cap_idx, options):
+        problem = _pairs_problem(img, cap, lens, img_lens, img_idx, cap_idx, options)
+        ctx.problem = problem   # the buckets and groupings, reused by the backward
+        return _kernels().maxsim_pairs_forward(problem)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dscores):
+        need_img, need_cap = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dimg, dcap = _kernels().maxsim_pairs_backward(ctx.problem, dscores, need_img, need_cap)
+        return dimg, dcap, None, None, None, None, None
+
+
+def _pairs_op_forward(img, cap, lens, img_lens, img_idx, cap_idx, options):
+    return _kernels().maxsim_pairs_forward(_pairs_problem(img, cap, lens, img_lens, img_idx,
+                                                          cap_idx, options))
+
+
+def _pairs_op_backward(grad, img, cap, lens, img_lens, img_idx, cap_idx, options):
+    problem = _pairs_problem(img, cap, lens, img_lens, img_idx, cap_idx, options)
+    return tuple(_kernels().maxsim_pairs_backward(problem, grad, True, True))
+
+
+maxsim_pairs_triton_op = define_maxsim_op("maxsim_pairs_triton", _pairs_op_forward,
+                                          _pairs_op_backward, pairs=True)
+
+
+class MaxSimPairsTriton(_TritonHeads):
+    op = "maxsim_pairs"
+    region_floor = 16   # one pair per program: both tile sides at least tl.dot's 16
+
+    @staticmethod
+    def fn(img, cap, lens, img_lens, img_idx, cap_idx, *, direction="t2i", pool="mean", tau=0.1,
+           leaky=False, both_scale=0.5):
+        """Listed pairs (img_idx[p], cap_idx[p]), int64 (P,) validated by the wrapper: (P,)
+        float32 (float64 for float64 inputs)."""
+        options = (direction, pool, float(tau), bool(leaky), float(both_scale))
+        if torch.compiler.is_compiling():
+            return maxsim_pairs_triton_op(img, cap, lens, img_lens, img_idx, cap_idx, *options)
+        return MaxSimilarityPairsTriton.apply(img, cap, lens, img_lens, img_idx, cap_idx, options)
