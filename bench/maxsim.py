@@ -565,7 +565,8 @@ def targets_section(rows: list) -> list:
     for r in ours:
         cells = [_ratio(rows, r, b) for b in ("reference", NAIVE, EINSUM) + tuple(PEERS)]
         peak = r.get("peak_mem_mb")
-        extra = None if peak is None else peak - _output_mb(r)
+        # Forward rows only: a backward's outputs are the gradients, not the score matrix.
+        extra = None if peak is None or r["mode"] != "forward" else peak - _output_mb(r)
         out.append(
             f"| {r['op']} | {r['mode']} | {r['sweep']} | {r['n_img']}x{r['n_cap']} | {r['mean_len']:.3g} "
             f"| {r['d']} | {r['backend']} | {r['median_ms']:.4g} | {_pct(r.get('pct_ceiling'))} | "
