@@ -27,9 +27,9 @@ from typing import Optional, Union
 
 import torch
 
-from rcar_fast.ops import (gram_backends, maxsim_reference, pair_backends, rcar_cpu, rcar_cuda,
-                           rcar_reference, rcar_triton, scan_cpu, scan_cuda, scan_reference,
-                           scan_triton)
+from rcar_fast.ops import (gram_backends, maxsim_cpu, maxsim_reference, pair_backends, rcar_cpu,
+                           rcar_cuda, rcar_reference, rcar_triton, scan_cpu, scan_cuda,
+                           scan_reference, scan_triton)
 from rcar_fast.ops.backend import (Backend, BackendUnavailable, Inputs,  # noqa: F401
                                    environment_reason, native_module, triton_interpreter_on,
                                    triton_module)
@@ -55,9 +55,10 @@ TABLE: dict[str, tuple[type[Backend], ...]] = {
     "scan_pairs": (pair_backends.ScanPairsReference, pair_backends.ScanPairsReferenceLoop,
                    pair_backends.ScanPairsCpu),
     "rcar_pairs": (pair_backends.RcarPairsReference, pair_backends.RcarPairsReferenceLoop),
-    "maxsim": (maxsim_reference.MaxSimReference, maxsim_reference.MaxSimReferenceLoop),
+    "maxsim": (maxsim_reference.MaxSimReference, maxsim_reference.MaxSimReferenceLoop,
+               maxsim_cpu.MaxSimCpu),
     "maxsim_pairs": (maxsim_reference.MaxSimPairsReference,
-                     maxsim_reference.MaxSimPairsReferenceLoop),
+                     maxsim_reference.MaxSimPairsReferenceLoop, maxsim_cpu.MaxSimPairsCpu),
 }
 
 
