@@ -31,9 +31,15 @@
 namespace rcar_cpu {
 namespace {
 using namespace detail;
-// rcar_fast.contract HEAD_DIRECTION_CODES and POOL_CODES (csrc/contract.h once regenerated).
-constexpr int kHeadT2I = 0, kHeadI2T = 1, kHeadBoth = 2, kHeadDirectionCount = 3;
-constexpr int kPoolMean = 0, kPoolSum = 1, kPoolMax = 2, kPoolLse = 3, kPoolSoftmax = 4, kPoolCount = 5;
+using rcar_contract::kHeadBoth;
+using rcar_contract::kHeadDirectionCount;
+using rcar_contract::kHeadI2T;
+using rcar_contract::kHeadT2I;
+using rcar_contract::kPoolCount;
+using rcar_contract::kPoolLse;
+using rcar_contract::kPoolMax;
+using rcar_contract::kPoolMean;
+using rcar_contract::kPoolSum;
 
 template <typename T>
 using V = simd::Vec<T>;
