@@ -306,12 +306,15 @@ def test_the_second_triton_is_the_gpu_images(triton_path):
 # buckets (L_PAD 16 and 64). The hot heads: ALADIN / ColBERT MrSw (t2i sum) and LAPS (both mean
 # leaky) in bf16 and fp16, forward and backward. Also CHAN's lse (fp32 FMA path), i2t softmax,
 # and the ColBERT document shape (300 tokens as regions, 32-token queries, d=128).
+# The pair kernels (maxsim_pairs: "pairs_fwd", "pairs_bwd" for both sides) have one config.
 MAXSIM_BOTH = ("fwd", "bwd_img", "bwd_cap")
+MAXSIM_PAIRS = ("pairs_fwd", "pairs_bwd")
 MAXSIM_CASES = [
-    ("t2i", "bf16", "sum", False, 36, (12, 50), 1024, MAXSIM_BOTH, MAXSIM_BOTH),
+    ("t2i", "bf16", "sum", False, 36, (12, 50), 1024, MAXSIM_BOTH + MAXSIM_PAIRS,
+     MAXSIM_BOTH + MAXSIM_PAIRS),
     ("both", "fp16", "mean", True, 36, (12, 50), 1024, MAXSIM_BOTH, MAXSIM_BOTH),
     ("i2t", "bf16", "softmax", False, 36, (12,), 1024, MAXSIM_BOTH, ()),
-    ("t2i", "fp32", "lse", False, 36, (12, 50), 1024, MAXSIM_BOTH, ()),
+    ("t2i", "fp32", "lse", False, 36, (12, 50), 1024, MAXSIM_BOTH + MAXSIM_PAIRS, ()),
     ("t2i", "bf16", "sum", False, 300, (32,), 128, ("fwd",), ()),
 ]
 
@@ -321,8 +324,9 @@ import torch
 from rcar_fast.kernels import maxsim as kernels
 from tests import sm90
 
-recorders = dict(zip(("fwd", "bwd_img", "bwd_cap"),
-                     sm90.record(kernels, "_fwd_tuned", "_bwd_img_tuned", "_bwd_cap_tuned")))
+recorders = dict(zip(("fwd", "bwd_img", "bwd_cap", "pairs_fwd", "pairs_bwd"),
+                     sm90.record(kernels, "_fwd_tuned", "_bwd_img_tuned", "_bwd_cap_tuned",
+                                 "_maxsim_pairs_fwd_kernel", "_maxsim_pairs_bwd_kernel")))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 cases = json.loads(sys.argv[1])
 launches, owners = [], []
@@ -336,8 +340,16 @@ for case, (direction, dtype, pool, leaky, regions, lens, d, names, hot) in enume
                                     direction=direction, pool=pool, tau=0.1, leaky=leaky,
                                     both_scale=0.5)
     kernels.maxsim_forward(problem)
-    if set(names) - {"fwd"}:
+    if {"bwd_img", "bwd_cap"} & set(names):
         kernels.maxsim_backward(problem, torch.ones(4, len(lens)), True, True)
+    if "pairs_fwd" in names:   # every (image, caption) pair, listed
+        img_idx = torch.arange(4).repeat_interleave(len(lens))
+        pairs = kernels.build_pairs_problem(
+            img, cap, torch.tensor(lens), torch.full((4,), regions), img_idx,
+            torch.arange(len(lens)).repeat(4), direction=direction, pool=pool, tau=0.1,
+            leaky=leaky, both_scale=0.5)
+        kernels.maxsim_pairs_forward(pairs)
+        kernels.maxsim_pairs_backward(pairs, torch.ones(len(img_idx)), True, True)
     for name in names:
         rec = recorders[name]
         assert rec.launches, f"{name} was not launched"
