@@ -2,8 +2,10 @@
 small sizes, for scripts/gpu_check.sh.
 
 Cases: SCAN t2i/i2t in bf16/fp16/fp32 (two option sets), RCAR only_rar / only_rcr / coop_rcar
-in both directions and the three dtypes; each on ragged caption lengths (1 and Lmax among them,
-sizes off the tile sizes), NaN in every padding position. Per case up to three checks:
+in both directions and the three dtypes, the S-only heads (max_similarity) t2i/i2t/both in the
+three dtypes (MAXSIM_OPTION_SETS: every pool, leaky on and off); each on ragged caption lengths
+(1 and Lmax among them, sizes off the tile sizes; the heads also ragged in regions), NaN in
+every padding position. Per case up to three checks:
 forward through the public API, the kernel writing every entry of a NaN-poisoned output, and
 gradients (SCAN on both backends, RCAR on Triton: the CUDA RCAR kernel is forward only). The
 rule is tests/tolerances.py's (fp32: relative 1e-4; fp16/bf16: 2x the reference's own error in
@@ -14,7 +16,8 @@ writes correctness.json and correctness.csv into --out; exits 1 if any case fail
 passed), 3 if --budget-s left cases unrun, else 0.
 
 --dry-run: a CPU machine's rehearsal. GPUs are hidden, Triton runs in its CPU interpreter on
-CPU tensors at tiny sizes (bf16 is refused there: skipped with the reason), CUDA cases skip.
+CPU tensors at tiny sizes (bf16 is refused there: skipped with the reason), CUDA cases skip, and
+so do the heads' cases (GPU only: their coverage on the CPU is the backends' own test files).
 """
 import argparse
 import copy
@@ -300,6 +303,91 @@ def rcar_case(backend, regulator, steps, direction, dtype_name, with_grads, seed
     return Case(f"rcar/{backend}/{regulator}{steps}/{direction}/{dtype_name}", backend, run)
 
 
+# ---------------------------------------------------------------------------------------------
+# The S-only heads (max_similarity)
+# ---------------------------------------------------------------------------------------------
+
+MAXSIM_OPTION_SETS = (("mean", False), ("sum", True), ("max", False), ("lse", True), ("softmax", False))
+MAXSIM_TAU, MAXSIM_BOTH_SCALE = 0.5, 0.5
+
+
+def make_region_lens(n_img, R, seed):
+    """Ragged region counts: the first image full, the last a single region."""
+    lens = torch.randint(1, R + 1, (n_img,), generator=torch.Generator().manual_seed(seed + 7))
+    lens[0], lens[-1] = R, 1
+    return lens
+
+
+def maxsim_poisoned(backend, img, cap, lens, img_lens, settings):
+    """The CUDA forward kernel writing into a NaN-filled output it is handed; other backends
+    through the public API from a NaN-filled allocator."""
+    if backend == "cuda":
+        from rcar_fast.ops import maxsim_cuda
+
+        out = torch.full((img.shape[0], cap.shape[0]), float("nan"), device=img.device)
+        return maxsim_cuda.maxsim_forward(img, cap, lens, img_lens, maxsim_cuda.Options(**settings), out=out)
+    poison_allocator(img.device.type)
+    return rcar_fast.max_similarity(img, cap, lens, img_lens=img_lens, backend=backend, **settings)
+
+
+def maxsim_case(backend, direction, dtype_name, seed):
+    def run():
+        if ARGS.dry_run:
+            raise Skip("skipped: no GPU (the heads' cases run on a GPU only, not in the dry run's "
+                       "interpreter; tests/test_maxsim_*.py cover the CPU side)")
+        from rcar_fast.reference_heads import max_similarity_reference
+
+        dtype = DTYPES[dtype_name]
+        device = device_for(backend)
+        check_usable("maxsim", backend, device, dtype)
+        img, cap, lens = make_inputs(device, dtype, seed)
+        img_lens = make_region_lens(img.shape[0], img.shape[1], seed).to(device)
+        img[real_words(img_lens, img.shape[1]).logical_not()] = float("nan")  # image padding too
+        low = dtype not in (torch.float32, torch.float64)
+        checks = []
+
+        def reference(a, c, settings):
+            return max_similarity_reference(a, c, lens.cpu(), img_lens.cpu(), **settings)
+
+        def cpu(x, precision):
+            return x.detach().to("cpu", precision)
+
+        for pool, leaky in MAXSIM_OPTION_SETS:
+            settings = dict(direction=direction, pool=pool, tau=MAXSIM_TAU, leaky=leaky,
+                            both_scale=MAXSIM_BOTH_SCALE)
+            ref64 = reference(cpu(img, torch.float64), cpu(cap, torch.float64), settings)
+            lowp = reference(cpu(img, dtype), cpu(cap, dtype), settings).float() if low else None
+            poison_allocator(device)
+            out = rcar_fast.max_similarity(img, cap, lens, img_lens=img_lens, backend=backend, **settings)
+            measure(checks, f"forward {pool}{'/leaky' if leaky else ''}", out.cpu(), ref64, dtype, lowp)
+        measure(checks, f"poisoned output {pool}", maxsim_poisoned(backend, img, cap, lens, img_lens, settings).cpu(),
+                ref64, dtype, lowp)
+        # Gradients (lse with leaky: every coefficient non-zero, the slope exercised) against
+        # autograd through the float64 reference, same weights; exactly zero in all padding.
+        settings = dict(direction=direction, pool="lse", tau=MAXSIM_TAU, leaky=True, both_scale=MAXSIM_BOTH_SCALE)
+        weights = torch.randn(img.shape[0], cap.shape[0], dtype=torch.float64,
+                              generator=torch.Generator().manual_seed(seed + 1))
+        poison_allocator(device)
+        dimg, dcap = gradients(lambda a, c: rcar_fast.max_similarity(a, c, lens, img_lens=img_lens,
+                                                                     backend=backend, **settings),
+                               img, cap, weights.to(device))
+        rimg, rcap = gradients(lambda a, c: reference(a, c, settings), cpu(img, torch.float64),
+                               cpu(cap, torch.float64), weights)
+        limg = lcap = None
+        if low:
+            limg, lcap = gradients(lambda a, c: reference(a, c, settings), cpu(img, dtype), cpu(cap, dtype), weights)
+        dimg, dcap = dimg.cpu(), dcap.cpu()
+        regions, words = real_words(img_lens.cpu(), img.shape[1]), real_words(lens.cpu(), cap.shape[1])
+        measure(checks, "d img (real regions)", dimg[regions], rimg[regions], dtype,
+                None if limg is None else limg[regions])
+        measure(checks, "d cap (real words)", dcap[words], rcap[words], dtype, None if lcap is None else lcap[words])
+        measure_zero(checks, "d img (padding)", dimg[~regions].float())
+        measure_zero(checks, "d cap (padding)", dcap[~words].float())
+        return checks
+
+    return Case(f"maxsim/{backend}/{direction}/{dtype_name}", backend, run)
+
+
 def all_cases(seed):
     """In priority order, for a budget that runs out: bf16 and fp32 (what is benchmarked) before
     fp16, each op on both backends before the next dtype."""
@@ -312,6 +400,9 @@ def all_cases(seed):
             for regulator, steps, direction, dtype, with_grads in RCAR_CASES:
                 if dtype == dtype_name:
                     cases.append(rcar_case(backend, regulator, steps, direction, dtype, with_grads, seed))
+        for backend in ("triton", "cuda"):
+            for direction in ("t2i", "i2t", "both"):
+                cases.append(maxsim_case(backend, direction, dtype_name, seed))
     return cases
 
 

@@ -1,12 +1,18 @@
 """Every CUDA source (csrc/cuda/*.cu) compiles with nvcc for sm_80 (A100, the portable path) and
 sm_90a (H100/H200), with the flags setup.py uses. Runs on machines without a GPU (nvcc only);
 skips where no nvcc is installed. Files compile in parallel, one nvcc call per file covering
-both architectures, so the whole check stays around a minute or two even on 2 cores."""
+both architectures, so the whole check stays around a minute or two even on 2 cores.
+
+The compiles also print ptxas's resource stats (-Xptxas -v): the S-only heads' kernels
+(maxsim.cu) and the shared tile (tile.cuh, compiled alone in a probe kernel per dtype) must not
+spill registers on either architecture."""
 import concurrent.futures
 import glob
 import os
+import re
 import shutil
 import subprocess
+import textwrap
 
 import pytest
 
@@ -29,28 +35,119 @@ def find_nvcc():
 NVCC = find_nvcc()
 
 
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME): cannot compile csrc/cuda/*.cu")
+
+
 def compile_one(source, out_dir):
     obj = os.path.join(out_dir, os.path.basename(source) + ".o")
     cmd = [NVCC, "-c", source, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
-           "-Xcompiler", "-fPIC", "-I", os.path.join(ROOT, "csrc"), *ARCH_FLAGS]
+           "-Xcompiler", "-fPIC", "-I", os.path.join(ROOT, "csrc"), *ARCH_FLAGS, "-Xptxas", "-v"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=PER_FILE_TIMEOUT_S)
     return source, done.returncode, done.stdout + done.stderr, obj
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME): cannot compile csrc/cuda/*.cu")
-def test_every_cuda_source_compiles_for_sm80_and_sm90a(tmp_path):
+def kernel_stats(log):
+    """(kernel, arch, registers, spill store bytes, spill load bytes) per entry function in a
+    -Xptxas -v log."""
+    stats, current = [], None
+    for line in log.splitlines():
+        entry = re.search(r"Compiling entry function '(\S+)' for '(\S+)'", line)
+        if entry:
+            current = [entry.group(1), entry.group(2), None, None, None]
+            continue
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if spills and current:
+            current[3], current[4] = int(spills.group(1)), int(spills.group(2))
+        registers = re.search(r"Used (\d+) registers", line)
+        if registers and current:
+            current[2] = int(registers.group(1))
+            stats.append(tuple(current))
+            current = None
+    return stats
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Every csrc/cuda/*.cu compiled once: {source basename: (exit code, log, object)}."""
     assert SOURCES, "no csrc/cuda/*.cu found"
+    out_dir = str(tmp_path_factory.mktemp("cuda_objects"))
     workers = max(1, min(len(SOURCES), os.cpu_count() or 1))
     # The biggest files go first so that the slowest compile starts at once.
     order = sorted(SOURCES, key=os.path.getsize, reverse=True)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(lambda src: compile_one(src, str(tmp_path)), order))
-    failures = [f"{os.path.relpath(src, ROOT)} (exit {rc}):\n{log[-3000:]}"
-                for src, rc, log, _ in results if rc != 0]
+        results = list(pool.map(lambda src: compile_one(src, out_dir), order))
+    return {os.path.basename(src): (rc, log, obj) for src, rc, log, obj in results}
+
+
+def assert_no_spills(stats, what):
+    assert stats, f"{what}: ptxas printed no kernel stats"
+    archs = {arch for _, arch, *_ in stats}
+    assert archs == {"sm_80", "sm_90a"}, f"{what}: stats for {sorted(archs)}"
+    spilling = [f"{name} ({arch}): {regs} registers, {st} bytes spill stores, {ld} bytes spill loads"
+                for name, arch, regs, st, ld in stats if st or ld]
+    assert not spilling, f"{what} spills registers:\n" + "\n".join(spilling)
+
+
+@pytest.mark.slow
+@needs_nvcc
+def test_every_cuda_source_compiles_for_sm80_and_sm90a(compiled):
+    failures = [f"csrc/cuda/{name} (exit {rc}):\n{log[-3000:]}" for name, (rc, log, _) in compiled.items() if rc != 0]
     assert not failures, "nvcc failed:\n" + "\n".join(failures)
-    for src, _, _, obj in results:
-        assert os.path.getsize(obj) > 0, f"{os.path.relpath(src, ROOT)}: empty object file"
+    for name, (_, _, obj) in compiled.items():
+        assert os.path.getsize(obj) > 0, f"csrc/cuda/{name}: empty object file"
+
+
+@pytest.mark.slow
+@needs_nvcc
+def test_maxsim_kernels_do_not_spill(compiled):
+    rc, log, _ = compiled["maxsim.cu"]
+    assert rc == 0, log[-3000:]
+    stats = kernel_stats(log)
+    names = {name for name, *_ in stats}
+    for kernel in ("maxsim_tile_kernel", "maxsim_image_grad_kernel", "maxsim_caption_grad_kernel"):
+        assert any(kernel in name for name in names), f"{kernel} missing from ptxas's stats"
+    assert_no_spills(stats, "csrc/cuda/maxsim.cu")
+
+
+# The shared tile alone: a probe kernel per input dtype that stages, multiplies and stores one
+# block's tile (both layouts), so tile.cuh is checked as a self-contained header.
+TILE_PROBE = textwrap.dedent("""
+    #include "cuda/tile.cuh"
+    struct ProbeProblem {
+      const void* img; const void* cap;
+      int64_t d, n_img, R, img_stride_n, img_stride_r, cap_stride_n, cap_stride_w;
+      const int64_t* lens; const int64_t* word_off; const int32_t* group_first; const int64_t* img_lens;
+    };
+    template <typename T>
+    __global__ void __launch_bounds__(rcar_cuda::tile::kThreads, 1)
+    tile_probe_kernel(ProbeProblem p, int col_frags, bool region_major, bool vec, float* out) {
+      using namespace rcar_cuda::tile;
+      extern __shared__ __align__(128) unsigned char smem[];
+      const Tile t = make_tile(col_frags);
+      const Regions r = make_regions(t, sizeof(T) == 2, region_major);
+      const BlockWork w = block_work(p, t);
+      int64_t* row_off = reinterpret_cast<int64_t*>(smem + r.row_off);
+      int64_t* col_off = reinterpret_cast<int64_t*>(smem + r.col_off);
+      fill_offset_tables(p, t, w, p.img_lens, row_off, col_off);
+      score_tile<T>(p, t, score_ld(t, region_major), region_major, w, row_off, col_off, smem + r.main, vec);
+      out[blockIdx.x * kThreads + threadIdx.x] = reinterpret_cast<const float*>(smem + r.main)[threadIdx.x];
+    }
+    template __global__ void tile_probe_kernel<float>(ProbeProblem, int, bool, bool, float*);
+    template __global__ void tile_probe_kernel<__half>(ProbeProblem, int, bool, bool, float*);
+    template __global__ void tile_probe_kernel<__nv_bfloat16>(ProbeProblem, int, bool, bool, float*);
+""")
+
+
+@pytest.mark.slow
+@needs_nvcc
+def test_the_shared_tile_compiles_alone_without_spills(tmp_path):
+    probe = tmp_path / "tile_probe.cu"
+    probe.write_text(TILE_PROBE)
+    _, rc, log, _ = compile_one(str(probe), str(tmp_path))
+    assert rc == 0, log[-3000:]
+    stats = kernel_stats(log)
+    assert len(stats) == 6, f"expected 3 dtypes x 2 architectures, got {stats}"
+    assert_no_spills(stats, "csrc/cuda/tile.cuh (probe kernel)")
 
 
 @pytest.mark.slow

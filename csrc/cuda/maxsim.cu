@@ -296,7 +296,9 @@ __global__ void __launch_bounds__(kGradThreads) maxsim_image_grad_kernel(MaxSimP
       float acc = 0.f;
       for (int64_t j = 0; j < p.n_cap; ++j) {
         const float a = coef[j];
-        if (a != 0.f) acc = fmaf(a, to_float(cap[j * p.cap_stride_n + arg[j] * p.cap_stride_w + k]), acc);
+        if (a != 0.f) {
+          acc = fmaf(a, to_float(cap[j * p.cap_stride_n + arg[j] * p.cap_stride_w + k]), acc);
+        }
       }
       out[r * p.d] += acc;
     }
@@ -391,6 +393,9 @@ const char* maxsim_problem_error(const MaxSimProblem& p) {
     return "the longest caption is beyond the tile's columns for col_frags";
   }
   if (p.d < 1) return "d must be >= 1";
+  if ((p.d + kGradThreads - 1) / kGradThreads > 65535) {
+    return "d is beyond the backward kernels' grid (65535 x 128 columns)";
+  }
   if (p.n_groups < 1) return "there must be at least one caption group";
   if (p.direction < kHeadT2I || p.direction > kHeadBoth) return "unknown direction code";
   if (p.pool < kPoolMean || p.pool > kPoolSoftmax) return "unknown pool code";

@@ -1,0 +1,309 @@
+"""The S-only heads on the CUDA backend (csrc/cuda/maxsim.cu, rcar_fast/ops/maxsim_cuda.py).
+
+Without a GPU this file checks what the host side decides: the extension carries the maxsim
+launchers when built with CUDA, the launch check (maxsim_problem_error) refuses shapes beyond
+the tile and bad codes with one clear message before anything launches, the dispatcher's
+reasons, the backward's chunking. The GPU tests run the kernels against the float64 reference
+(tests/maxsim_cases.py): every direction x pool x leaky x normalize, fp32 / fp16 / bf16 by the
+2x rule, ragged on both sides with NaN padding, ties, L = 1, R = 1, all-negative scores,
+poisoned outputs, gradients (zero in the padding, deterministic), every tile shape.
+"""
+import os
+import shutil
+
+import pytest
+import torch
+
+import rcar_fast
+from rcar_fast import contract, dispatch
+from rcar_fast.ops import maxsim_cuda
+from rcar_fast.ops.backend import BackendUnavailable, Inputs
+from rcar_fast.reference_heads import max_similarity_reference
+from tests.conftest import requires_gpu
+from tests.maxsim_cases import (CASES, assert_head_matches_reference, poisoned_allocations, ragged_case,
+                                reference_scores, settings_grid, settings_id, tie_case)
+from tests.tolerances import F64_PAIR_BACKWARD, assert_bit_equal, assert_close, assert_close_to_reference
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _nvcc_available() -> bool:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    return shutil.which("nvcc") is not None or os.path.exists(os.path.join(home, "bin", "nvcc"))
+
+
+def _cuda_native_or_skip():
+    native = dispatch.native_module()
+    if isinstance(native, str):
+        pytest.skip(native)
+    if not native.built_with_cuda():
+        pytest.skip("the extension was built without the CUDA kernels")
+    return native
+
+
+def _problem(native, **changes):
+    """A MaxSimProblemCuda the launch check takes (null pointers: it is never launched here)."""
+    fields = dict(img=0, cap=0, dtype=contract.CUDA_DTYPE_CODES["float32"], n_img=2, R=36, d=64, n_cap=3,
+                  img_stride_n=36 * 64, img_stride_r=64, cap_stride_n=12 * 64, cap_stride_w=64,
+                  img_lens=0, lens=0, word_off=0, total_words=20, max_len=12, group_first=0, n_groups=1,
+                  col_frags=8, direction=contract.HEAD_DIRECTION_CODES["t2i"],
+                  pool=contract.POOL_CODES["mean"], leaky=0, tau=0.1, both_scale=0.5)
+    fields.update(changes)
+    return native.MaxSimProblemCuda(**fields)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs anywhere
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not _nvcc_available() or os.environ.get("RCAR_FAST_CUDA") == "0",
+                    reason="no nvcc on this machine (or RCAR_FAST_CUDA=0): the extension is CPU-only")
+def test_extension_carries_the_maxsim_launchers():
+    native = _cuda_native_or_skip()
+    for name in ("maxsim_forward_cuda", "maxsim_backward_cuda", "maxsim_problem_error", "MaxSimProblemCuda"):
+        assert hasattr(native, name), f"rcar_fast._C has no {name}: rebuild the extension"
+
+
+def test_launch_check_takes_the_tile_shapes_and_names_what_it_refuses():
+    native = _cuda_native_or_skip()
+    for col_frags in maxsim_cuda.COL_FRAGS:
+        rows, cols = native.scan_tile_rows(col_frags), native.scan_tile_cols(col_frags)
+        assert native.maxsim_problem_error(_problem(native, R=rows, max_len=cols, col_frags=col_frags)) is None
+        assert "R (regions)" in native.maxsim_problem_error(
+            _problem(native, R=rows + 1, max_len=cols, col_frags=col_frags))
+        assert "longest caption" in native.maxsim_problem_error(
+            _problem(native, R=rows, max_len=cols + 1, col_frags=col_frags))
+    for changes, words in ((dict(pool=len(contract.POOLS)), "pool"),
+                           (dict(direction=len(contract.HEAD_DIRECTIONS)), "direction"),
+                           (dict(tau=0.0), "tau"), (dict(col_frags=3), "col_frags"), (dict(d=0), "d must"),
+                           (dict(dtype=7), "dtype")):
+        why = native.maxsim_problem_error(_problem(native, **changes))
+        assert why is not None and words in why, (changes, why)
+
+
+def test_launchers_refuse_a_bad_problem_before_launching():
+    # The check runs first, so this needs no GPU: a launch would fault on the null pointers.
+    native = _cuda_native_or_skip()
+    bad = _problem(native, R=native.scan_tile_rows(2) + 1, col_frags=2, max_len=4)
+    with pytest.raises(RuntimeError, match=r"maxsim_forward_cuda: R \(regions\) is beyond"):
+        native.maxsim_forward_cuda(bad, 0, 0)
+    with pytest.raises(RuntimeError, match=r"maxsim_backward_cuda: R \(regions\) is beyond.*R=641"):
+        native.maxsim_backward_cuda(bad, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def test_dispatch_lists_the_cuda_backend_and_refuses_shapes_beyond_the_tile():
+    assert maxsim_cuda.MaxSimCuda in dispatch.TABLE["maxsim"]
+    assert dispatch.implementation("maxsim", "cuda") is maxsim_cuda.MaxSimCuda
+    on_cpu = dispatch.reasons("maxsim", "cuda", torch.device("cpu"), torch.float32)
+    assert on_cpu and ("CUDA" in on_cpu[0] or "native" in on_cpu[0])
+    native = dispatch.native_module()
+    if isinstance(native, str):
+        pytest.skip(native)
+    too_wide = Inputs(torch.device("cuda"), torch.float16, (2, 641, 64), (3, 8, 64), "t2i")
+    (reason,) = maxsim_cuda.MaxSimCuda.extra_reasons(too_wide)
+    assert "R=641" in reason and "maxsim" in reason
+    too_long = Inputs(torch.device("cuda"), torch.float16, (2, 36, 64), (3, 129, 64), "t2i")
+    assert "129 words" in maxsim_cuda.MaxSimCuda.extra_reasons(too_long)[0]
+    assert maxsim_cuda.MaxSimCuda.extra_reasons(
+        Inputs(torch.device("cuda"), torch.float16, (2, 36, 64), (3, 128, 64), "t2i")) == []
+
+
+def test_tile_shape_choice_is_the_widest_that_fits():
+    _cuda_native_or_skip()
+    assert maxsim_cuda.tile_col_frags(36, 128) == 8
+    assert maxsim_cuda.tile_col_frags(161, 64) == 4
+    assert maxsim_cuda.tile_col_frags(400, 12) == 2
+    with pytest.raises(BackendUnavailable, match="R=641"):
+        maxsim_cuda.tile_col_frags(641, 4)
+
+
+def test_backward_chunk_keeps_the_coefficient_buffers_under_the_budget():
+    both = maxsim_cuda.Options("both", "mean", 0.1, False, 0.5)
+    t2i = maxsim_cuda.Options("t2i", "mean", 0.1, False, 0.5)
+    # per image: 8 bytes per packed word (t2i) plus 8 per (region, caption) (i2t)
+    assert maxsim_cuda.backward_image_chunk(100, 36, 1000, 80, t2i, budget=8 * 1000 * 10) == 10
+    assert maxsim_cuda.backward_image_chunk(100, 36, 1000, 80, both, budget=8 * (1000 + 36 * 80) * 7) == 7
+    assert maxsim_cuda.backward_image_chunk(100, 36, 1000, 80, both, budget=1) == 1
+    assert maxsim_cuda.backward_image_chunk(5, 36, 1000, 80, t2i, budget=2**40) == 5
+
+
+def _pool_weights(x, pool, tau):
+    """dP/dx_k of the pools, as the kernel's pool_weight writes them (HEADS.md's table)."""
+    if pool == "mean":
+        return torch.full_like(x, 1.0 / x.numel())
+    if pool == "sum":
+        return torch.ones_like(x)
+    if pool == "max":
+        return torch.nn.functional.one_hot(torch.argmax(x), x.numel()).to(x)  # the first maximum
+    p = torch.softmax(x / tau, 0)
+    return p / tau if pool == "lse" else p * (1 + (x - (p * x).sum()) / tau)
+
+
+def _coefficient_backward(case, settings, upstream):
+    """The kernels' backward in float64 on the CPU: per pair the first argmax and the pooled
+    maximum's coefficient (upstream x pool weight x leaky slope x both_scale), contracted with
+    the winning rows, as maxsim_tile_kernel<.., true>, maxsim_image_grad_kernel and
+    maxsim_caption_grad_kernel do."""
+    img, cap = case.img, case.cap
+    d_img, d_cap = torch.zeros_like(img), torch.zeros_like(cap)
+    direction, pool, tau, leaky = (settings[k] for k in ("direction", "pool", "tau", "leaky"))
+    scale = settings["both_scale"] if direction == "both" else 1.0
+    for i in range(img.shape[0]):
+        for j in range(cap.shape[0]):
+            regions, words = img[i, :case.img_lens[i]], cap[j, :case.lens[j]]
+            S = regions @ words.T
+            for axis, wanted in ((0, direction != "i2t"), (1, direction != "t2i")):
+                if not wanted:
+                    continue
+                best, arg = S.max(axis)  # t2i (axis 0): over regions for each word
+                x = torch.where(best > 0, best, contract.LEAKY_SLOPE * best) if leaky else best
+                ones = torch.ones_like(best)
+                slope = torch.where(best > 0, ones, contract.LEAKY_SLOPE * ones) if leaky else ones
+                coef = upstream[i, j] * scale * _pool_weights(x, pool, tau) * slope
+                if axis == 0:
+                    d_img[i].index_add_(0, arg, coef[:, None] * words)
+                    d_cap[j, :case.lens[j]] += coef[:, None] * regions[arg]
+                else:
+                    d_img[i, :case.img_lens[i]] += coef[:, None] * words[arg]
+                    d_cap[j].index_add_(0, arg, coef[:, None] * regions)
+    return d_img, d_cap
+
+
+@pytest.mark.parametrize("settings", settings_grid(normalize=("none",)), ids=settings_id)
+def test_the_kernels_backward_formulas_match_autograd_float64(settings):
+    # What the GPU kernels compute, emulated in float64 against autograd through the reference
+    # (finite padding: the emulation never reads it, autograd multiplies it by 0).
+    for case in (ragged_case(pad=0.0), tie_case(pad=0.0)):
+        upstream = torch.randn(case.img.shape[0], case.cap.shape[0], dtype=torch.float64,
+                               generator=torch.Generator().manual_seed(2))
+        grad_case = case.requiring_grad()
+        out = max_similarity_reference(grad_case.img, grad_case.cap, case.lens, case.img_lens, **settings)
+        want = torch.autograd.grad(out, [grad_case.img, grad_case.cap], upstream)
+        got = _coefficient_backward(case, settings, upstream)
+        for what, g, w in zip(("d img", "d cap"), got, want):
+            assert_close(g, w, F64_PAIR_BACKWARD, what=f"{case.name} {what}")
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: numerics against the float64 reference
+# ----------------------------------------------------------------------------------------------
+
+def _in(case, dtype):
+    """The case with features representable in dtype (float64 otherwise): the float64 reference
+    then scores the very inputs the kernel reads, so that a near-tie among maxima cannot be
+    decided one way by the rounding of the inputs and the other way by the reference."""
+    return case.to(dtype).to(torch.float64)
+
+
+@requires_gpu
+@pytest.mark.parametrize("settings", settings_grid(), ids=settings_id)
+def test_every_setting_matches_the_reference_fp32(settings):
+    assert_head_matches_reference(ragged_case(n_img=4, n_cap=5, R=7, L=9, d=24), settings,
+                                  backend="cuda", dtype=torch.float32, device="cuda")
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("settings", settings_grid(normalize=("none",)), ids=settings_id)
+def test_every_setting_low_precision_by_the_2x_rule(settings, dtype):
+    assert_head_matches_reference(_in(ragged_case(n_img=4, n_cap=5, R=7, L=9, d=24, scale=0.5), dtype),
+                                  settings, backend="cuda", dtype=dtype, device="cuda")
+
+
+@requires_gpu
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("settings", settings_grid(pools=("mean", "max", "softmax"), normalize=("none",)),
+                         ids=settings_id)
+def test_edge_cases(name, dtype, settings):
+    # ties: exact in every dtype, so the first argmax must win on both sides
+    assert_head_matches_reference(_in(CASES[name](), dtype), settings, backend="cuda", dtype=dtype,
+                                  device="cuda")
+
+
+# (n_img, n_cap, R, L, d): several image blocks and caption groups, the 16-byte load path
+# (d % 8 == 0) and the scalar one, every tile shape (col_frags 8 / 4 / 2).
+SHAPES = [(1, 1, 1, 1, 1), (3, 40, 36, 30, 1024), (9, 50, 36, 30, 64), (7, 30, 37, 128, 33),
+          (2, 5, 161, 20, 24), (2, 3, 400, 12, 16), (17, 3, 5, 3, 8)]
+
+
+@requires_gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("direction", contract.HEAD_DIRECTIONS)
+def test_tile_shapes(shape, dtype, direction):
+    n_img, n_cap, R, L, d = shape
+    case = _in(ragged_case(n_img, n_cap, R, L, d, scale=d ** -0.5, seed=sum(shape)), dtype)
+    settings = dict(direction=direction, pool="lse", tau=0.5, leaky=True)
+    assert_head_matches_reference(case, settings, backend="cuda", dtype=dtype, device="cuda")
+
+
+@requires_gpu
+def test_forward_writes_every_entry_of_a_poisoned_output():
+    case = ragged_case(6, 40, 36, 25, 64, scale=0.125).to(torch.float32, "cuda")
+    for direction in contract.HEAD_DIRECTIONS:
+        settings = dict(direction=direction, pool="softmax", tau=0.5, leaky=False, both_scale=0.5)
+        out = torch.full((6, 40), float("nan"), device="cuda")
+        options = maxsim_cuda.Options(**settings)
+        maxsim_cuda.maxsim_forward(case.img, case.cap, case.lens, case.img_lens, options, out=out)
+        assert_close_to_reference(out.cpu().double(), reference_scores(case, settings), dtype=torch.float32,
+                                  what=f"poisoned output {direction}")
+
+
+@requires_gpu
+@pytest.mark.parametrize("direction", contract.HEAD_DIRECTIONS)
+def test_gradients_with_poisoned_allocations_and_small_chunks(direction, monkeypatch):
+    # Every buffer the wrapper allocates starts as NaN (integers -7), and the coefficient budget
+    # forces one image per chunk: the backward must still write every gradient entry.
+    monkeypatch.setattr(maxsim_cuda, "COEFFICIENT_BUFFER_BYTES", 1)
+    with poisoned_allocations():
+        assert_head_matches_reference(ragged_case(5, 6, 9, 7, 16), dict(direction=direction, pool="lse", tau=0.5),
+                                      backend="cuda", dtype=torch.float32, device="cuda")
+
+
+def _grads(case, settings):
+    case = case.requiring_grad()
+    out = rcar_fast.max_similarity(case.img, case.cap, case.lens, img_lens=case.img_lens, backend="cuda",
+                                   **settings)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
+    return torch.autograd.grad(out, [case.img, case.cap], upstream)
+
+
+@requires_gpu
+@pytest.mark.parametrize("direction", ("t2i", "i2t"))
+def test_backward_is_deterministic_and_chunking_does_not_change_it(direction, monkeypatch):
+    case = ragged_case(12, 30, 36, 20, 64, scale=0.125, seed=5).to(torch.bfloat16, "cuda")
+    settings = dict(direction=direction, pool="softmax", tau=0.5, leaky=True)
+    first, again = _grads(case, settings), _grads(case, settings)
+    # one image per chunk: each output element still sums the same terms in the same order
+    monkeypatch.setattr(maxsim_cuda, "COEFFICIENT_BUFFER_BYTES", 1)
+    chunked = _grads(case, settings)
+    for what, a, b, c in zip(("d img", "d cap"), first, again, chunked):
+        assert_bit_equal(b, a, what=f"{what} rerun")
+        assert_bit_equal(c, a, what=f"{what} chunked")
+
+
+@requires_gpu
+def test_tie_gradient_goes_to_the_first_region_and_word():
+    # Region 1 repeats region 0 and word 1 repeats word 0 (tie_case): the repeat gets nothing.
+    case = tie_case().to(torch.float32, "cuda")
+    for direction in ("t2i", "i2t"):
+        d_img, d_cap = _grads(case, dict(direction=direction, pool="sum"))
+        repeat_grad = d_img[:, 1] if direction == "t2i" else d_cap[:, 1]
+        assert bool((repeat_grad == 0).all()), f"{direction}: the repeated row took gradient"
+
+
+@requires_gpu
+def test_shape_beyond_the_tile_falls_back_under_auto_and_is_refused_by_name():
+    case = ragged_case(2, 3, 700, 4, 8).to(torch.float32, "cuda")
+    with pytest.raises(BackendUnavailable, match="R=700"):
+        rcar_fast.max_similarity(case.img, case.cap, case.lens, img_lens=case.img_lens, backend="cuda")
+    out = rcar_fast.max_similarity(case.img, case.cap, case.lens, img_lens=case.img_lens, backend="auto")
+    assert out.shape == (2, 3) and bool(torch.isfinite(out).all())
+
+
+@requires_gpu
+def test_opcheck():
+    case = ragged_case(3, 4, 5, 6, 8, pad=0.0).to(torch.float32, "cuda").requiring_grad()
+    args = (case.img, case.cap, case.lens, case.img_lens, "both", "softmax", 0.5, True, 0.5)
+    torch.library.opcheck(maxsim_cuda.maxsim_cuda_op, args)
