@@ -57,13 +57,14 @@ import torch
 
 from rcar_fast.encoders import SCANHead
 from rcar_fast.modules import RcarScorer
+from rcar_fast.ops.maxsim import MaxsimScorer
 from rcar_fast.ops.scan import ScanScorer
 from rcar_fast.ops.scorer import Scorer, Scoring
 
 __all__ = ["SCORERS", "Scorer", "Scoring", "get", "names", "scoring", "of_module"]
 
 # Every head family, in the order messages and --help list them.
-SCORERS: tuple = (ScanScorer, RcarScorer)
+SCORERS: tuple = (ScanScorer, RcarScorer, MaxsimScorer)
 
 
 def _check_registry() -> dict:
