@@ -155,9 +155,11 @@ def tiny_plan() -> Plan:
         name="tiny",
         op_cases=(OpCase(scan_op("t2i"), MODES, scan_shapes),
                   OpCase(scan_op("i2t"), MODES, scan_shapes[:1]),
-                  OpCase(rcar, MODES, _pairs_sweep([(2, 4)], 6, 4, 16, f32))),
+                  OpCase(rcar, MODES, _pairs_sweep([(2, 4)], 6, 4, 16, f32)),
+                  OpCase(OpSpec("maxsim_chan_t2i", "chan"), MODES, scan_shapes[:1])),
         loss_cases=(LossCase(scan_op("t2i"), _batch_sweep([6], 6, 4, 16, f32)),
-                    LossCase(rcar, _batch_sweep([4], 6, 4, 16, f32))),
+                    LossCase(rcar, _batch_sweep([4], 6, 4, 16, f32)),
+                    LossCase(OpSpec("maxsim_aladin_t2i", "aladin"), _batch_sweep([4], 6, 4, 16, f32))),
         budget_s=0.0, min_repeats=1, max_repeats=1, skip_after_s=30.0,
         compile="tiny mode: torch.compile takes about a minute per shape on a CPU")
 
@@ -185,7 +187,12 @@ def quick_plan(device: torch.device) -> Plan:
                   OpCase(rcar_op("only_rar", 2, "t2i", 64), ("forward",),
                          _pairs_sweep([(4, 20)], R, L, d, f32)),
                   OpCase(rcar_op("only_rcr", 2, "t2i", 64), ("forward",),
-                         _pairs_sweep([(4, 20)], R, L, d, f32))),
+                         _pairs_sweep([(4, 20)], R, L, d, f32)),
+                  # The S-only heads (issue 14): ALADIN's MrSw and LAPS's both-way max-mean.
+                  OpCase(OpSpec("maxsim_aladin_t2i", "aladin"), MODES,
+                         _pairs_sweep(pair_sizes, R, L, d, f32)),
+                  OpCase(OpSpec("maxsim_laps_both", "laps"), ("forward",),
+                         _pairs_sweep([mid], R, L, d, f32))),
         loss_cases=(LossCase(scan_op("t2i"), _batch_sweep([16, 32, 64], R, L, d, f32)),
                     LossCase(rcar, _batch_sweep([8, 16, 32], R, L, d, f32))),
         budget_s=0.5, min_repeats=1, max_repeats=10, skip_after_s=10.0,

@@ -106,12 +106,12 @@ def _check_batch(img, cap, margin, reduction):
 
 def full_hardest_negative_loss(img, cap, lens, *, model="scan", margin: float = 0.2,
                                backend: str = "auto", reduction: str = "sum",
-                               **head_kwargs) -> torch.Tensor:
+                               **scan_kwargs) -> torch.Tensor:
     """The B x B version: all pairs scored with autograd, then vse_hinge_loss
     (max_violation). Its cost (time and autograd memory) grows with B^2;
     hardest_negative_loss is the same loss at a cost growing with B."""
     _check_batch(img, cap, margin, reduction)
-    scores = pairs.all_pairs_scores(img, cap, lens, model=model, backend=backend, **head_kwargs)
+    scores = pairs.all_pairs_scores(img, cap, lens, model=model, backend=backend, **scan_kwargs)
     return vse_hinge_loss(scores, margin, max_violation=True, reduction=reduction)
 
 
@@ -145,7 +145,7 @@ def _hardest_pairs(scores: torch.Tensor):
     return img_idx, cap_idx
 
 
-def _selection_scores(img, cap, lens, model, backend, head_kwargs):
+def _selection_scores(img, cap, lens, model, backend, scan_kwargs):
     """The no-grad all-pairs pass. A head in training mode is scored in eval mode (dropout
     off): the hardest negatives are picked on the deterministic scores, and forward-only
     kernels that refuse training mode can do the selection."""
@@ -153,7 +153,7 @@ def _selection_scores(img, cap, lens, model, backend, head_kwargs):
     if was_training:
         model.eval()
     try:
-        return pairs.all_pairs_scores(img, cap, lens, model=model, backend=backend, **head_kwargs)
+        return pairs.all_pairs_scores(img, cap, lens, model=model, backend=backend, **scan_kwargs)
     finally:
         if was_training:
             model.train()
@@ -161,12 +161,12 @@ def _selection_scores(img, cap, lens, model, backend, head_kwargs):
 
 def hardest_negative_loss(img, cap, lens, *, model="scan", score_fn=None, margin: float = 0.2,
                           backend: str = "auto", pair_backend: str = "auto",
-                          reduction: str = "sum", return_details: bool = False, **head_kwargs):
+                          reduction: str = "sum", return_details: bool = False, **scan_kwargs):
     """VSE++ max_violation loss of a batch of B pairs (image i with caption i), computing
     autograd for at most 3B pairs instead of B^2 (= vse_hinge_loss of the
     full (B, B) matrix).
 
-    model: a head of rcar_fast.scorers, as in rcar_fast.score_pairs: "scan" (head_kwargs as
+    model: a head of rcar_fast.scorers, as in rcar_fast.score_pairs: "scan" (scan_kwargs as
         in scan_similarity), another keyword head or preset with its keywords, or a head
         module (an RCAR head).
     score_fn: optional fn(img, cap, lens) -> (B, B) used for the no-grad selection pass
@@ -193,14 +193,14 @@ def hardest_negative_loss(img, cap, lens, *, model="scan", score_fn=None, margin
     B = img.shape[0]
     with torch.no_grad():
         if score_fn is None:
-            scores = _selection_scores(img.detach(), cap.detach(), lens, model, backend, head_kwargs)
+            scores = _selection_scores(img.detach(), cap.detach(), lens, model, backend, scan_kwargs)
         else:
             scores = _checked_selection_scores(score_fn(img.detach(), cap.detach(), lens), B)
         img_idx, cap_idx = _hardest_pairs(scores)
         # Row- and column-hardest negatives can coincide: score each distinct pair once.
         keys, inverse = torch.unique(img_idx * B + cap_idx, return_inverse=True)
     pair_scores = pairs.score_pairs(img, cap, lens, keys // B, keys % B, model=model,
-                              backend=pair_backend, **head_kwargs)[inverse]
+                              backend=pair_backend, **scan_kwargs)[inverse]
     positives, hard_caption, hard_image = pair_scores.split(B)
     loss = ((margin + hard_caption - positives).clamp(min=0).sum()
             + (margin + hard_image - positives).clamp(min=0).sum())
