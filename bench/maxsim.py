@@ -137,7 +137,8 @@ def quick_plan() -> MaxSimPlan:
     lengths, d = 1024) scaled down to 64 x 320 pairs (all heads and modes) and 200 x 1000
     (MrSw and maxsim forward), the ColBERT shape (Lq 32, Ld 300, d 128) at 1 and 32 queries x
     2,000 documents (1 and 1,000 x 10K scaled down). Calls over 3 s are timed once (the
-    memory call), after their warm-up."""
+    memory call), after their warm-up; a warm-up over 30 s is the measurement (maxsim-cpu at
+    the COCO shape takes minutes)."""
     f32 = torch.float32
     small = Problem(64, 320, 36, 12, 1024, f32, "pairs", "coco")
     large = Problem(200, 1000, 36, 12, 1024, f32, "pairs", "coco")
@@ -148,7 +149,7 @@ def quick_plan() -> MaxSimPlan:
     return MaxSimPlan("maxsim-quick", heads + (Case("maxsim", ("forward",), late),), gemm_n=2048,
                       budget_s=1.0, min_repeats=1, max_repeats=5, skip_after_s=60.0,
                       chunk_bytes=256 * 2**20, baseline_max_pairs=(("reference_loop", 2000),),
-                      single_call_over_s=3.0)
+                      single_call_over_s=3.0, warmup_only_over_s=30.0)
 
 
 def full_plan() -> MaxSimPlan:
@@ -374,6 +375,32 @@ def _head_fn(ctx, op: str, backend: str) -> Callable:
     return lambda img, cap, lens: rcar_fast.max_similarity(img, cap, lens, backend=backend, **settings)
 
 
+def direct_settings(settings: dict) -> Optional[dict]:
+    """The backend keywords of max_similarity settings (preset spelled out), or None where
+    the wrapper does more than dispatch (normalize="unit": it normalises in torch)."""
+    from rcar_fast.contract import CHAN_TAU, HEAD_PRESETS
+
+    full = dict(direction="t2i", pool="mean", tau=CHAN_TAU, leaky=False, normalize="none",
+                both_scale=0.5)
+    full.update(HEAD_PRESETS.get(settings.get("preset"), {}))
+    full.update({k: v for k, v in settings.items() if k != "preset"})
+    if full.pop("normalize") != "none":
+        return None
+    return full
+
+
+def direct_fn(backend: str, settings: dict, img_lens) -> Optional[Callable]:
+    """fn(img, cap, lens) calling the backend's function itself: the kernels without the
+    public wrapper's validation (its finite check reads every input element)."""
+    from rcar_fast import dispatch
+
+    kwargs = direct_settings(settings)
+    impl = dispatch.implementation("maxsim", backend)
+    if kwargs is None or impl is None:
+        return None
+    return lambda img, cap, lens: impl.fn(img, cap, lens, img_lens, **kwargs)
+
+
 def _measure_row(ctx, row, run, flops, dtype, skip_key, reference_out):
     from bench import suite
 
@@ -419,7 +446,36 @@ def run_head_case(ctx, case: Case) -> list:
                     row.update(status="skipped", reason=reason)
                 rows.append(row)
                 suite.log_row(ctx, row)
+                if mode == "forward" and backend in OUR_BACKENDS and row["status"] == "ok":
+                    rows.append(_direct_row(ctx, case.op, problem, lens, backend, inputs, flops,
+                                            HEADS[case.op], reference_out))
     return rows
+
+
+def _direct_row(ctx, op, problem, lens, backend, inputs, flops, settings, reference_out) -> dict:
+    """The same forward call on the backend's function directly (variant "direct")."""
+    from bench import suite
+
+    row = _row(ctx, op, problem, lens, "forward", backend)
+    row["variant"] = "direct"
+    img, cap, _, img_lens = inputs
+    fn = direct_fn(backend, settings, img_lens)
+    skip_key = (op, "forward", backend, "direct", row["dtype"], problem.sweep, problem.n_cap)
+    reason = "the wrapper normalises (normalize='unit'): no direct call" if fn is None else None
+    reason = reason or _skip_reason(ctx, backend, problem, skip_key)
+    if reason is None:
+        try:
+            def run():
+                with torch.no_grad():
+                    return fn(img, cap, lens)
+            _measure_row(ctx, row, run, flops, problem.dtype, skip_key, reference_out)
+            row["detail"] = "the backend's fn without the public wrapper (validation, dispatch)"
+        except Exception as err:
+            suite.record_failure(ctx, row, err, skip_key, f"{op} forward {backend} direct")
+    if not row["status"]:
+        row.update(status="skipped", reason=reason)
+    suite.log_row(ctx, row)
+    return row
 
 
 def _late_fn(ctx, backend: str, q, d, q_lens, d_lens):
@@ -473,6 +529,13 @@ def run_late_case(ctx, case: Case) -> list:
                 row.update(status="skipped", reason=reason)
             rows.append(row)
             suite.log_row(ctx, row)
+            if backend in OUR_BACKENDS and row["status"] == "ok":
+                # maxsim(q, d) = the MrSw head on (d, q), transposed: the direct call returns
+                # (n_d, n_q); compared after the transpose.
+                direct = _direct_row(ctx, "maxsim", problem, q_lens, backend, inputs, flops,
+                                     HEADS["head_mrsw"], None if reference_out is None
+                                     else reference_out.transpose(0, 1))
+                rows.append(direct)
     return rows
 
 
@@ -513,7 +576,12 @@ def add_ratios(rows: list) -> None:
 
     measured = [r for r in rows if r["status"] == "ok" and r["family"] != "ceiling"]
     suite.add_speedups(measured)
-    index = {tuple(r[k] for k in _KEY) + (r["backend"],): r["median_ms"] for r in measured}
+    index = {tuple(r[k] for k in _KEY) + (r["backend"],): r["median_ms"] for r in measured
+             if not r["variant"]}
+    for r in measured:
+        if r["variant"] == "direct":
+            base = index.get(tuple(r[k] for k in _KEY) + ("reference",))
+            r["speedup_vs_reference"] = None if base is None else base / r["median_ms"]
     for r in measured:
         ratios = []
         for baseline in PEER_BASELINES:
@@ -533,7 +601,7 @@ def add_ratios(rows: list) -> None:
 
 def _ratio(rows, row, baseline) -> Optional[float]:
     for r in rows:
-        if (r["status"] == "ok" and r["backend"] == baseline
+        if (r["status"] == "ok" and r["backend"] == baseline and not r["variant"]
                 and all(r[k] == row[k] for k in _KEY)):
             return r["median_ms"] / row["median_ms"]
     return None
@@ -569,7 +637,7 @@ def targets_section(rows: list) -> list:
         extra = None if peak is None or r["mode"] != "forward" else peak - _output_mb(r)
         out.append(
             f"| {r['op']} | {r['mode']} | {r['sweep']} | {r['n_img']}x{r['n_cap']} | {r['mean_len']:.3g} "
-            f"| {r['d']} | {r['backend']} | {r['median_ms']:.4g} | {_pct(r.get('pct_ceiling'))} | "
+            f"| {r['d']} | {r['backend']}{' ' + r['variant'] if r['variant'] else ''} | {r['median_ms']:.4g} | {_pct(r.get('pct_ceiling'))} | "
             + " | ".join("" if c is None else f"{c:.2f}" for c in cells)
             + f" | {'' if peak is None else f'{peak:.4g}'} | {'' if extra is None else f'{extra:.4g}'} |")
     out += ["", "Targets (CPU): the COCO-shaped MrSw head >= 80% of the GEMM rate, >= 3x "

@@ -41,6 +41,17 @@ def test_every_head_and_mode_is_measured_against_the_baselines(maxsim_run):
         assert float(row["gflops_per_s"]) == approx(
             float(row["flops"]) / (float(row["median_ms"]) / 1e3) / 1e9, CSV_DERIVED)
         assert row["mem_method"] and row["peak_mem_mb"] != ""
+    # The fused backends' forward rows come with a "direct" row (the backend's fn, no wrapper),
+    # except where the wrapper normalises (LAPS).
+    direct = [r for r in rows if r["variant"] == "direct"]
+    fused_here = {b for b, _ in maxsim.head_candidates(_context(), torch.float32)} & set(maxsim.OUR_BACKENDS)
+    assert bool(direct) == bool(fused_here)
+    for row in direct:
+        assert row["backend"] in maxsim.OUR_BACKENDS and row["mode"] == "forward"
+        if row["op"] == "head_laps":
+            assert row["status"] == "skipped" and "normalises" in row["reason"]
+        else:
+            assert row["status"] == "ok" and float(row["err_vs_reference"]) < BENCH_FP32_ERROR, row
     # Every backend dispatch registers for "maxsim" and has here gets a row (measured or skipped).
     for backend, _ in maxsim.head_candidates(_context(), torch.float32):
         assert [r for r in rows if r["op"] == "head_mrsw" and r["backend"] == backend]
@@ -79,7 +90,7 @@ def test_ratios_are_medians_of_the_same_run(maxsim_run):
                                            CSV_EXTRAPOLATED)
             checked += 1
         reference = _ok(rows, op=row["op"], mode=row["mode"], sweep=row["sweep"], n_img=row["n_img"],
-                        backend="reference")
+                        n_cap=row["n_cap"], backend="reference")
         assert float(row["speedup_vs_reference"]) == approx(
             float(reference[0]["median_ms"]) / float(row["median_ms"]), CSV_DERIVED)
     assert checked > 0
