@@ -9,13 +9,15 @@
 // the words (i2t), then pools them. Memory is O(threads x tile) beyond the inputs, their packed
 // copies and the result.
 //
-// Backward, flash style: recompute the tile and the FIRST argmax of every max, then scatter along
-// those argmax links: one link per word (t2i) or region (i2t) and pair carries the coefficient
-// c = G[i, j] g (g the pooling's gradient, times leaky'(S) and both_scale) and adds c v_r into
-// d e_w and c e_w into d v_r. No dense dS, no second GEMM: the scatter is O(links x d), a small
-// fraction of the recomputed GEMM. Deterministic: caption rows belong to the one thread that
-// handles their caption block; each image block's rows are added from per-tile partials in
-// caption-block order (OrderedTurns).
+// Backward, flash style: recompute the tile and the FIRST argmax of every max; each argmax link
+// (one per word (t2i) or region (i2t) and pair) carries c = G[i, j] g (g the pooling's gradient,
+// times leaky'(S) and both_scale) and adds c v_r into d e_w and c e_w into d v_r. No dense dS and
+// no second GEMM: the tile's links are bucketed by word row and by region row, and each gradient
+// row is one register-blocked gather-sum over its bucket (read and written once per tile).
+// Deterministic: caption rows belong to the one thread that handles their caption block; each
+// image block's rows are added from per-tile partials in caption-block order (OrderedTurns).
+// The pair list scores one small GEMM per pair; its backward accumulates each caption's and each
+// image's rows in one task, in pair order.
 #include "cpu/kernels.h"
 #include "cpu/tile.h"
 
@@ -452,16 +454,38 @@ RCAR_INLINE PairBlock<T> pair_in_tile(const MaxSimProblem<T>& P, const Tile& t, 
                       P.img_len(i), t.cols};
 }
 
-// Per-thread buffers: the tile's scores (one vector of slack, see PairBlock), the image
-// gradient's per-tile partial (backward), the pair scratch.
+// One argmax link of a tile: coefficient c between tile word row `word` and tile region row `region`.
+template <typename T>
+struct Link {
+  T c;
+  int32_t word, region;
+};
+
+// One term c x of a gather-sum.
+template <typename T>
+struct Term {
+  T c;
+  const T* x;
+};
+
+// Per-thread buffers: the tile's scores (one vector of slack, see PairBlock), the pair scratch;
+// backward: the tile's links, bucketed by word row and by region row (terms + bucket starts),
+// and the image gradient's per-tile partial.
 template <typename T>
 struct TileScratch {
   std::vector<T> scores, d_regions;
   PairScratch<T> pair;
+  std::vector<Link<T>> links;
+  std::vector<Term<T>> word_terms, region_terms;
+  std::vector<int64_t> word_start, region_start;
   TileScratch(const MaxSimProblem<T>& P, bool backward)
       : scores(P.max_block_words * P.max_block_regions + simd::kWidth<T>, T(0)),
         pair(P.words.max_len, P.regions.max_len) {
-    if (backward) d_regions.resize(P.max_block_regions * P.d);
+    if (backward) {
+      d_regions.resize(P.max_block_regions * P.d);
+      word_start.resize(P.max_block_words + 1);
+      region_start.resize(P.max_block_regions + 1);
+    }
   }
 };
 
@@ -526,25 +550,94 @@ bool tile_has_gradient(const MaxSimProblem<T>& P, const Tile& t, const T* g) {
   return false;
 }
 
-// Every pair of the tile: caption rows straight into d_words, region rows into ts.d_regions.
+// y = [y +] sum_t c_t x_t over d, the terms in their order (the same bits on every run), with
+// U vectors of y held in registers across all terms: y is read and written once.
 template <typename T>
-RCAR_INLINE void backward_tile_body(const MaxSimProblem<T>& P, const Tile& t, TileScratch<T>& ts, const T* g,
-                                    T* d_words) {
+RCAR_INLINE void gather_sum(T* y, const Term<T>* terms, int64_t n, int64_t d, bool accumulate) {
+  constexpr int64_t W = simd::kWidth<T>;
+  constexpr int U = 4;
+  int64_t k = 0;
+  for (; k + U * W <= d; k += U * W) {
+    V<T> acc[U];
+    for (int u = 0; u < U; ++u) acc[u] = accumulate ? simd::load(y + k + u * W) : simd::splat<T>(T(0));
+    for (int64_t t = 0; t < n; ++t) {
+      const V<T> c = simd::splat<T>(terms[t].c);
+      const T* x = terms[t].x + k;
+      for (int u = 0; u < U; ++u) acc[u] += c * simd::load(x + u * W);
+    }
+    for (int u = 0; u < U; ++u) simd::store(y + k + u * W, acc[u]);
+  }
+  for (; k + W <= d; k += W) {
+    V<T> acc = accumulate ? simd::load(y + k) : simd::splat<T>(T(0));
+    for (int64_t t = 0; t < n; ++t) acc += simd::splat<T>(terms[t].c) * simd::load(terms[t].x + k);
+    simd::store(y + k, acc);
+  }
+  for (; k < d; ++k) {
+    T acc = accumulate ? y[k] : T(0);
+    for (int64_t t = 0; t < n; ++t) acc += terms[t].c * terms[t].x[k];
+    y[k] = acc;
+  }
+}
+
+// Every link of every pair of the tile with a gradient, in (caption, image, word / region) order.
+template <typename T>
+RCAR_INLINE void collect_tile_links(const MaxSimProblem<T>& P, const Tile& t, TileScratch<T>& ts, const T* g) {
   const Opt<T> o(P.opt);
-  const int64_t d = P.d;
+  ts.links.clear();
   for (int64_t j = t.j0; j < t.j1; ++j) {
-    const int64_t w = P.words.offsets[j];
+    const int32_t w0 = static_cast<int32_t>(P.words.offsets[j] - t.w0);
     for (int64_t i = t.i0; i < t.i1; ++i) {
       const T gij = g[i * P.n_cap + j];
       if (gij == T(0)) continue;
       const PairBlock<T> b = pair_in_tile(P, t, ts.scores.data(), i, j);
       pair_links(b, o, gij, ts.pair);
-      const int64_t r = P.regions.offsets[i];
-      const PairRows<T> rows{P.words_ptr() + w * d, P.regions_ptr() + r * d, d_words + w * d,
-                             ts.d_regions.data() + (r - t.c0) * d};
-      scatter_links(b, o, ts.pair, rows, d);
+      const int32_t r0 = static_cast<int32_t>(P.regions.offsets[i] - t.c0);
+      if (o.t2i)
+        for (int64_t k = 0; k < b.L; ++k)
+          if (ts.pair.word_coef[k] != T(0))
+            ts.links.push_back({ts.pair.word_coef[k], w0 + int32_t(k), r0 + int32_t(ts.pair.word_arg[k])});
+      if (o.i2t)
+        for (int64_t r = 0; r < b.R; ++r)
+          if (ts.pair.region_coef[r] != T(0))
+            ts.links.push_back({ts.pair.region_coef[r], w0 + int32_t(ts.pair.region_arg[r]), r0 + int32_t(r)});
     }
   }
+}
+
+// The links bucketed (stably: link order kept inside a bucket) by word row or by region row, as
+// terms c x with x the other side's feature row; start (n_rows + 1) the bucket bounds.
+template <typename T>
+RCAR_INLINE void bucket_links(const std::vector<Link<T>>& links, bool by_word, int64_t n_rows, const T* other_rows,
+                              int64_t d, std::vector<Term<T>>& terms, int64_t* start) {
+  std::fill(start, start + n_rows + 1, int64_t(0));
+  for (const Link<T>& l : links) ++start[(by_word ? l.word : l.region) + 1];
+  for (int64_t r = 0; r < n_rows; ++r) start[r + 1] += start[r];
+  terms.resize(links.size());
+  std::vector<int64_t> next(start, start + n_rows);
+  for (const Link<T>& l : links) {
+    const int32_t row = by_word ? l.word : l.region, other = by_word ? l.region : l.word;
+    terms[next[row]++] = Term<T>{l.c, other_rows + int64_t(other) * d};
+  }
+}
+
+// The tile's gradient: caption rows added into d_words (rows owned by this caption block), region
+// rows written into the per-tile partial ts.d_regions (rows without a link are left stale: the
+// flush in backward_caption_block skips them).
+template <typename T>
+RCAR_INLINE void backward_tile_body(const MaxSimProblem<T>& P, const Tile& t, TileScratch<T>& ts, const T* g,
+                                    T* d_words) {
+  const int64_t d = P.d;
+  collect_tile_links(P, t, ts, g);
+  const int64_t* ws = ts.word_start.data();
+  const int64_t* rs = ts.region_start.data();
+  bucket_links(ts.links, true, t.rows, P.regions_ptr() + t.c0 * d, d, ts.word_terms, ts.word_start.data());
+  for (int64_t w = 0; w < t.rows; ++w)
+    if (ws[w + 1] > ws[w])
+      gather_sum(d_words + (t.w0 + w) * d, ts.word_terms.data() + ws[w], ws[w + 1] - ws[w], d, true);
+  bucket_links(ts.links, false, t.cols, P.words_ptr() + t.w0 * d, d, ts.region_terms, ts.region_start.data());
+  for (int64_t r = 0; r < t.cols; ++r)
+    if (rs[r + 1] > rs[r])
+      gather_sum(ts.d_regions.data() + r * d, ts.region_terms.data() + rs[r], rs[r + 1] - rs[r], d, false);
 }
 
 template <typename T>
@@ -574,14 +667,16 @@ void backward_caption_block(const MaxSimProblem<T>& P, int64_t cb, TileScratch<T
       continue;
     }
     tile_scores(P, t, ts.scores.data());
-    const int64_t partial = t.cols * P.d;
-    std::fill(ts.d_regions.begin(), ts.d_regions.begin() + partial, T(0));
     if (avx2) backward_tile_avx2(P, t, ts, g, d_words);
     else backward_tile_base(P, t, ts, g, d_words);
     if (!G.img_turns.wait(ib, cb, turn)) return;
-    T* dst = d_regions + t.c0 * P.d;
-    const T* src = ts.d_regions.data();
-    for (int64_t e = 0; e < partial; ++e) dst[e] += src[e];
+    const int64_t* rs = ts.region_start.data();
+    for (int64_t r = 0; r < t.cols; ++r) {
+      if (rs[r + 1] == rs[r]) continue;  // no link: the partial row holds nothing of this tile
+      T* dst = d_regions + (t.c0 + r) * P.d;
+      const T* src = ts.d_regions.data() + r * P.d;
+      for (int64_t e = 0; e < P.d; ++e) dst[e] += src[e];
+    }
     G.img_turns.pass(ib, turn);
   }
 }
