@@ -24,6 +24,10 @@ dL/dS is zero except at each maximum's first argmax, where it is G * pool weight
 A program stores its rows on its first iteration and read-modify-writes afterwards, with a CTA
 barrier between iterations (as kernels/scan.py does).
 
+Listed pairs (maxsim_pairs, re-ranking): one pair per program, the same tile and epilogue with
+BI = BJ = 1; the backward groups each caption bucket's pairs by image (and by caption), one
+program per distinct image (caption) walking its pairs, so every row still has one owner.
+
 Precision: fp32 inputs use IEEE fp32 dots; fp16/bf16 inputs the native tensor-core GEMM for
 the scores and tf32 for the gradient GEMMs (dS is fp32); float64 under the interpreter.
 """
@@ -395,13 +399,23 @@ def _maxsim_pairs_bwd_kernel(own_ptr, so0, so1, so2, own_ids_ptr, own_lens_ptr, 
 # =============================================================================================
 
 # Tile budgets (M = BI*R_PAD image rows x N = BJ*L_PAD word columns), from compiling for sm_90
-# with triton 3.6 and 3.8 (tests/test_sm90_compile.py). The epilogue keeps only the tile, its
-# masked copy and the per-word / per-region maxima live, far less than SCAN's.
+# with triton 3.6 and 3.8 (tests/test_sm90_compile.py, registers per thread at 8 warps, 0 B
+# of stack in every kept config). The epilogue keeps only the tile, its masked copy and the
+# per-word / per-region maxima live, far less than SCAN's:
+# * fp16/bf16 forward: 64x64 .. 128x128, 44-160 registers;
+# * fp16/bf16 d img: 64x32 .. 64x128 / 128x64, 76-167; d cap holds the transposed dS and
+#   reached 238-255 registers at 64x128 / 128x64 with 3.6 (no spill, no margin): up to 64x64,
+#   78-190;
+# * fp32 (IEEE FMA dots, d-chunks of 16): forward up to 64x64, 42-80; backward up to 64x32,
+#   59-109; the 64x64 fallback of the 64-word bucket runs its gradient GEMM in d-chunks of 16
+#   (of 32: 16 B of stack in d cap with 3.6; of 16: 80-110 registers, none).
 _LIMITS = {
     ("fwd", "low"): dict(max_m=128, max_n=128, max_area=128 * 128, min_area=64 * 64),
-    ("bwd", "low"): dict(max_m=128, max_n=128, max_area=64 * 128, min_area=64 * 32),
+    ("bwd_img", "low"): dict(max_m=128, max_n=128, max_area=64 * 128, min_area=64 * 32),
+    ("bwd_cap", "low"): dict(max_m=128, max_n=128, max_area=64 * 64, min_area=64 * 32),
     ("fwd", "fp32"): dict(max_m=128, max_n=128, max_area=64 * 64, min_area=32 * 16),
-    ("bwd", "fp32"): dict(max_m=64, max_n=64, max_area=64 * 32, min_area=16 * 16),
+    ("bwd_img", "fp32"): dict(max_m=64, max_n=64, max_area=64 * 32, min_area=16 * 16),
+    ("bwd_cap", "fp32"): dict(max_m=64, max_n=64, max_area=64 * 32, min_area=16 * 16),
 }
 # The d-chunk of the fp32 GEMM: FMA dots keep (rows, BK) operands per thread.
 _FP32_BK = 16
@@ -415,17 +429,19 @@ def _area(r_pad, l_pad):
     return lambda c: c.kwargs["BI"] * r_pad * c.kwargs["BJ"] * l_pad
 
 
-def _prune(direction: str):
+def _prune(kernel: str):
+    """The early_config_prune of one kernel ("fwd", "bwd_img", "bwd_cap"): the configs whose
+    tile fits its budget and dtype's d-chunk; the smallest tile when none does."""
     def prune(configs, named_args, **kwargs):
         a = named(named_args, kwargs)
         r_pad, l_pad, kind = a["R_PAD"], a["L_PAD"], _precision_kind(a)
-        keep = tile_shapes(r_pad, l_pad, **_LIMITS[(direction, kind)])
+        keep = tile_shapes(r_pad, l_pad, **_LIMITS[(kernel, kind)])
         bk = _FP32_BK if kind == "fp32" else 64
         out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep
                and c.kwargs["BK"] == bk]
         if not out:  # paddings beyond the budget: the smallest tile
             bi, bj = smallest_shape(r_pad, l_pad)
-            extra = dict(GROUP=8) if direction == "fwd" else dict(BD=64 if kind == "low" else 32)
+            extra = dict(GROUP=8) if kernel == "fwd" else dict(BD=64 if kind == "low" else 16)
             out = [triton.Config(dict(BI=bi, BJ=bj, BK=bk, **extra), num_warps=8, num_stages=2)]
         return quick(out, _area(r_pad, l_pad))
     return prune
@@ -445,9 +461,9 @@ _KEY = ["R_PAD", "L_PAD", "D", "DIRECTION", "POOL", "LEAKY"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={
     "early_config_prune": _prune("fwd")})(_maxsim_fwd_kernel)
 _bwd_img_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={
-    "early_config_prune": _prune("bwd")})(_maxsim_bwd_img_kernel)
+    "early_config_prune": _prune("bwd_img")})(_maxsim_bwd_img_kernel)
 _bwd_cap_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={
-    "early_config_prune": _prune("bwd")})(_maxsim_bwd_cap_kernel)
+    "early_config_prune": _prune("bwd_cap")})(_maxsim_bwd_cap_kernel)
 
 
 def _interpreter_shape(r_pad: int, l_pad: int):

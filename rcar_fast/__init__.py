@@ -30,6 +30,7 @@ _LAZY = {
     "ensemble": ("rcar_fast.metrics", "ensemble"),
     "all_pairs": ("rcar_fast.evaluation", "all_pairs"),
     "load_rcar_checkpoint": ("rcar_fast.checkpoint", "load_rcar_checkpoint"),
+    "attention_maps": ("rcar_fast.attention", "attention_maps"),
     "vse_hinge_loss": ("rcar_fast.losses", "vse_hinge_loss"),
     "info_nce_loss": ("rcar_fast.losses", "info_nce_loss"),
     "data": ("rcar_fast.data", None),
@@ -53,4 +54,4 @@ def __getattr__(name):
 __all__ = ["scan_similarity", "max_similarity", "maxsim", "RCARSimilarity", "gram", "backends", "BackendUnavailable",
            "score_pairs", "hardest_negative_loss", "all_pairs", "recall_metrics", "coco1k_metrics",
            "ensemble", "load_rcar_checkpoint", "vse_hinge_loss", "info_nce_loss", "data",
-           "evaluation", "metrics", "losses"]
+           "evaluation", "metrics", "losses", "attention_maps"]

@@ -16,6 +16,10 @@
     rcar-fast ensemble a.npy b.npy [...] [--protocol P] [--save ...] [--json ...]
         average saved similarity matrices (bare, or the public {'npts', 'sims'} results)
         and evaluate the ensemble, as the public eval_ensemble does.
+    rcar-fast attention --embeddings DIR --pairs 0:0,0:1 --out DIR [--head H | --checkpoint C]
+                        [--captions caps.txt] [--image im.jpg --boxes boxes.npy [--word W]]
+        one PNG per pair: the word x region attention heat map, with the overlay on the image
+        when an image and its region boxes are given (rcar_fast.attention).
     rcar-fast bench ...
         the benchmarks (bench/), when present.
 """
@@ -64,7 +68,7 @@ _non_negative_int = _int_at_least(0, "an integer >= 0")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rcar-fast", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="{demo,eval,ensemble,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,eval,ensemble,attention,bench}")
     sub.required = True
 
     demo = sub.add_parser("demo", help="all-pairs SCAN retrieval on the synthetic set")
@@ -124,9 +128,53 @@ def build_parser() -> argparse.ArgumentParser:
     ens.add_argument("--debug", action="store_true",
                      help="show the full error and traceback instead of one line")
 
+    _attention_parser(sub)
+
     bench = sub.add_parser("bench", help="run the benchmarks (bench/)", add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
+
+
+def _attention_parser(sub):
+    from rcar_fast.contract import (DIRECTIONS, HEAD_CODINGS, HEAD_NORMALIZATIONS, HEAD_PRESETS,
+                                    RAW_NORMS)
+
+    head_names = ("scan", "maxsim") + tuple(HEAD_PRESETS)    # rcar_fast.attention.HEAD_NAMES
+
+    att = sub.add_parser("attention", help="attention maps of chosen pairs, one PNG per pair")
+    att.add_argument("--embeddings", required=True, metavar="DIR",
+                     help="folder with img_embs, cap_embs, cap_lens (.npy/.pt), as eval reads")
+    att.add_argument("--pairs", required=True, help="image:caption index pairs, e.g. 0:0,0:1,3:15")
+    att.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs (created)")
+    att.add_argument("--head", choices=head_names,
+                     help="scan (default): SCAN's softmax; maxsim or a preset: the S-only "
+                          "heads' argmax one-hot")
+    att.add_argument("--checkpoint", help="an official RCAR (its head's last step) or SCAN "
+                                          "checkpoint instead of --head")
+    att.add_argument("--trust-checkpoint", action="store_true",
+                     help="load a checkpoint with arbitrary pickled objects (trusted files only)")
+    att.add_argument("--direction", choices=DIRECTIONS,
+                     help="the map's direction (default: the head's; both for laps)")
+    att.add_argument("--smooth", type=float, help="SCAN's softmax temperature (default 9)")
+    att.add_argument("--raw-norm", choices=RAW_NORMS, help="SCAN's raw-score normalisation")
+    att.add_argument("--normalize", choices=HEAD_NORMALIZATIONS, help="maxsim: input normalisation")
+    att.add_argument("--coding", choices=HEAD_CODINGS, help="maxsim: max, or CHAN's vsa (i2t)")
+    att.add_argument("--captions", help="caption text, one a line ({split}_caps.txt): the "
+                                        "word labels (default: word positions)")
+    att.add_argument("--vocab", help="with --captions: its lines are word ids, named by this "
+                                     "vocabulary json")
+    att.add_argument("--image", help="the image file of the overlay ({img} in the path: the "
+                                     "pair's image index)")
+    att.add_argument("--boxes", help=".npy of the region boxes, BUTD x1 y1 x2 y2 in pixels: "
+                                     "(R, 4), (n_img, R, 4) or one row per caption (the public "
+                                     "test_ims_bbx.npy); {img} as for --image")
+    att.add_argument("--word", help="overlay this word only (its index or text; default each)")
+    att.add_argument("--cmap", default="jet", help="matplotlib colormap (default jet)")
+    att.add_argument("--dpi", type=_positive_int, default=100)
+    att.add_argument("--save-weights", action="store_true",
+                     help="also write each map as .npy (L, R) next to its PNG")
+    att.add_argument("--debug", action="store_true",
+                     help="show the full error and traceback instead of one line")
 
 
 def _protocol_args(p):
@@ -168,6 +216,10 @@ def main(argv: Optional[list] = None) -> int:
             return _demo(args)
         if args.command == "ensemble":
             return _ensemble_command(args)
+        if args.command == "attention":
+            from rcar_fast.attention import run_command
+
+            return run_command(args)
         return _eval(args)
     except USER_ERRORS as err:
         if args.debug:

@@ -133,14 +133,18 @@ def attend(alpha: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
 
 def cross_attention(query: torch.Tensor, context: torch.Tensor, smooth=9.0,
                     raw_norm: str = "clipped_l2norm", modulation=None,
-                    query_mask=None, context_mask=None) -> torch.Tensor:
+                    query_mask=None, context_mask=None, observe=None) -> torch.Tensor:
     """Attended (unmodulated) context for every query: (..., Q, d), computed explicitly.
 
     query (..., Q, d), context (..., C, d), modulation m (..., Q, d) or None (all ones),
     smooth: scalar or per-query lambda (..., Q). Masks as in normalize_raw_scores.
+    observe: None, or a function called with the attention weights alpha (..., Q, C) (how
+    rcar_fast.attention reads the weights of a step without repeating the math).
     """
     scores = raw_scores(query, context, modulation)
     alpha = attention_weights(scores, smooth, raw_norm, query_mask, context_mask)
+    if observe is not None:
+        observe(alpha)
     return attend(alpha, context)
 
 
@@ -366,14 +370,15 @@ def scan_similarity_vectorized(img, cap, lens, *, direction="t2i", raw_norm="cli
 # (RCARHead): its alv / rcr / rar modules and sim_eval_w, regulator, steps and smooth.
 # --------------------------------------------------------------------------------------------
 
-def _rcar_unit_context(query, context, matrix, smooth, query_mask, context_mask):
+def _rcar_unit_context(query, context, matrix, smooth, query_mask, context_mask, observe=None):
     ctx = cross_attention(query, context, smooth, "clipped_l2norm", matrix,
-                          query_mask, context_mask)
+                          query_mask, context_mask, observe)
     return l2norm(ctx)
 
 
-def _rcar_alignment(head, step, query, context, matrix, smooth, query_mask, context_mask):
-    unit = _rcar_unit_context(query, context, matrix, smooth, query_mask, context_mask)
+def _rcar_alignment(head, step, query, context, matrix, smooth, query_mask, context_mask,
+                    observe=None):
+    unit = _rcar_unit_context(query, context, matrix, smooth, query_mask, context_mask, observe)
     return head.alv_modules[step](query, unit)
 
 
@@ -381,26 +386,28 @@ def _rcar_final_score(head, hig):
     return head.sigmoid(head.sim_eval_w(hig)).squeeze(-1)
 
 
-def rcar_pair_scores(head, query, context, query_mask=None, context_mask=None):
+def rcar_pair_scores(head, query, context, query_mask=None, context_mask=None, observe=None):
     """RCAR's pair function: scores of the pairs described by query (..., Q, d) and context
-    (..., C, d) -> (...), with the head's parameters."""
-    masks = (query_mask, context_mask)
+    (..., C, d) -> (...), with the head's parameters. observe (None or a function) is called
+    with each cross attention's weights (..., Q, C) in step order: the last call is the
+    attention of RCAR's last step."""
+    step_args = (query_mask, context_mask, observe)
     matrix, smooth = None, head.smooth
     if head.regulator == "only_rar":
-        mid = _rcar_alignment(head, 0, query, context, matrix, smooth, *masks)
+        mid = _rcar_alignment(head, 0, query, context, matrix, smooth, *step_args)
         hig = masked_mean(mid, query_mask)
         for rar in head.rar_modules:
             hig = rar(mid, hig, query_mask)
         return _rcar_final_score(head, hig)
     if head.regulator == "only_rcr":
         for step, rcr in enumerate(head.rcr_modules):
-            mid = _rcar_alignment(head, step, query, context, matrix, smooth, *masks)
+            mid = _rcar_alignment(head, step, query, context, matrix, smooth, *step_args)
             matrix, smooth = rcr(mid, matrix, smooth)
-        unit = _rcar_unit_context(query, context, matrix, smooth, *masks)
+        unit = _rcar_unit_context(query, context, matrix, smooth, *step_args)
         return aggregate(cosine(query, unit), "mean", query_mask=query_mask)
     hig = None
     for step, rar in enumerate(head.rar_modules):
-        mid = _rcar_alignment(head, step, query, context, matrix, smooth, *masks)
+        mid = _rcar_alignment(head, step, query, context, matrix, smooth, *step_args)
         if step == 0:
             hig = masked_mean(mid, query_mask)
         if step < head.steps - 1:

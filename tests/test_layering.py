@@ -61,6 +61,7 @@ LAYERS = [
     ("evaluation streaming", ["rcar_fast.evaluation.streaming"]),
     ("evaluation entry points", ["rcar_fast.evaluation.matrix", "rcar_fast.evaluation.topk"]),
     ("evaluation", ["rcar_fast.evaluation"]),
+    ("attention", ["rcar_fast.attention"]),
     ("train", ["rcar_fast.train"]),
     ("cli", ["rcar_fast.cli"]),
     ("entry point", ["rcar_fast.__main__"]),

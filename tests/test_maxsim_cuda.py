@@ -79,6 +79,7 @@ def test_launch_check_takes_the_tile_shapes_and_names_what_it_refuses():
                            (dict(dtype=7), "dtype")):
         why = native.maxsim_problem_error(_problem(native, **changes))
         assert why is not None and words in why, (changes, why)
+    assert native.maxsim_problem_error(_problem(native, n_img=0)) is None  # nothing to launch
 
 
 def test_launchers_refuse_a_bad_problem_before_launching():
@@ -106,6 +107,10 @@ def test_dispatch_lists_the_cuda_backend_and_refuses_shapes_beyond_the_tile():
     assert "129 words" in maxsim_cuda.MaxSimCuda.extra_reasons(too_long)[0]
     assert maxsim_cuda.MaxSimCuda.extra_reasons(
         Inputs(torch.device("cuda"), torch.float16, (2, 36, 64), (3, 128, 64), "t2i")) == []
+    # beyond the tile's shapes, the launch check's own limits (here the backward's grid) count too
+    too_deep = Inputs(torch.device("cuda"), torch.float16, (2, 36, 65535 * 128 + 1), (3, 8, 65535 * 128 + 1), "both")
+    (reason,) = maxsim_cuda.MaxSimCuda.extra_reasons(too_deep)
+    assert reason.startswith("the CUDA maxsim kernels: d is beyond"), reason
 
 
 def test_tile_shape_choice_is_the_widest_that_fits():
@@ -115,6 +120,22 @@ def test_tile_shape_choice_is_the_widest_that_fits():
     assert maxsim_cuda.tile_col_frags(400, 12) == 2
     with pytest.raises(BackendUnavailable, match="R=641"):
         maxsim_cuda.tile_col_frags(641, 4)
+
+
+def test_the_problem_built_from_tensors_passes_the_launch_check():
+    # CPU tensors stand in for device ones: the problem is built (every field named and typed
+    # as the binding wants) and checked, never launched.
+    native = _cuda_native_or_skip()
+    case = ragged_case(3, 5, 7, 9, 16).to(torch.float16)
+    options = maxsim_cuda.Options("both", "lse", 0.5, True, 0.5)
+    caps = maxsim_cuda.prepare_captions(case.cap, case.lens, case.img.shape[1])
+    assert caps.total_words == int(case.lens.sum()) and caps.max_len == int(case.lens.max())
+    assert caps.word_off.tolist() == [0, *torch.cumsum(case.lens, 0).tolist()]
+    problem = maxsim_cuda.native_problem(case.img, case.img_lens, caps, options)
+    assert native.maxsim_problem_error(problem) is None
+    assert (problem.direction, problem.pool, problem.leaky, problem.col_frags) == (
+        contract.HEAD_DIRECTION_CODES["both"], contract.POOL_CODES["lse"], 1, 8)
+    assert problem.img_lens == case.img_lens.data_ptr() and problem.dtype == contract.CUDA_DTYPE_CODES["float16"]
 
 
 def test_backward_chunk_keeps_the_coefficient_buffers_under_the_budget():
@@ -305,5 +326,8 @@ def test_shape_beyond_the_tile_falls_back_under_auto_and_is_refused_by_name():
 @requires_gpu
 def test_opcheck():
     case = ragged_case(3, 4, 5, 6, 8, pad=0.0).to(torch.float32, "cuda").requiring_grad()
-    args = (case.img, case.cap, case.lens, case.img_lens, "both", "softmax", 0.5, True, 0.5)
-    torch.library.opcheck(maxsim_cuda.maxsim_cuda_op, args)
+    options = ("both", "softmax", 0.5, True, 0.5)
+    torch.library.opcheck(maxsim_cuda.maxsim_cuda_op, (case.img, case.cap, case.lens, case.img_lens, *options))
+    grad = torch.randn(3, 4, device="cuda")
+    torch.library.opcheck(torch.ops.rcar_fast.maxsim_cuda_backward.default,
+                          (grad, case.img.detach(), case.cap.detach(), case.lens, case.img_lens, *options))

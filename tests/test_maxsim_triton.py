@@ -1,33 +1,33 @@
-"""The Triton S-only heads (kernels/maxsim.py, forward and backward) against the float64
-reference (rcar_fast.reference_heads).
+"""The Triton S-only heads (kernels/maxsim.py, forward and backward; all pairs and listed pairs)
+against the float64 reference (rcar_fast.reference_heads).
 
 On CPU the kernels run in triton's interpreter (conftest sets TRITON_INTERPRET=1) on tiny grids
-whose sizes are off every tile size: 3 images of 5 regions (real counts 5, 2, 4), 5 captions of
-up to 7 words (lengths 1..7), d=20, NaN in every padding position of both inputs. Every
-direction x pool x leaky of HEADS.md, forward and gradients; ties, L=1, R=1, several caption
-buckets, all-negative scores, poisoned outputs, fp64 gradcheck, fp16 by the 2x rule. GPU tests
-(COCO-sized batches, fp32/fp16/bf16) run only with a GPU.
+whose sizes are off every tile size. The shared cases (tests/maxsim_cases.py: ragged on both
+sides with NaN padding, ties, L=1, R=1, all-negative S) run the whole settings grid (direction x
+pool x leaky x normalize) through rcar_fast.max_similarity(backend="triton"), forward and
+gradients; this file adds several caption buckets, poisoned outputs, fp64 gradcheck, fp16 by the
+2x rule, ties taking no gradient, determinism, pair lists, rcar_fast.maxsim, torch.compile and
+dispatch reasons. GPU tests (COCO-sized batches, fp32/fp16/bf16) run only with a GPU.
 """
-import itertools
-
 import pytest
 import torch
 
 import rcar_fast
 from rcar_fast import dispatch
 from rcar_fast.losses import vse_hinge_loss
-from rcar_fast.contract import HEAD_DIRECTIONS, POOLS
+from rcar_fast.contract import HEAD_DIRECTIONS
 from rcar_fast.ops.maxsim_triton import (MaxSimPairsTriton, MaxSimTriton, maxsim_pairs_triton_op,
                                          maxsim_triton_op)
 from rcar_fast.reference_heads import head_pairs_vectorized, head_similarity_vectorized
 from tests.conftest import requires_gpu, requires_interpreter
 from tests.inputs import make_inputs, real_words
-from tests.tolerances import F64_GRADCHECK, assert_bit_equal, assert_close_to_reference
+from tests.maxsim_cases import (CASES, assert_head_matches_reference, poisoned_allocations,
+                                settings_grid, settings_id)
+from tests.tolerances import (F32_BLOCKED, F64_GRADCHECK, assert_bit_equal, assert_close,
+                              assert_close_to_reference)
 
 LENS = (1, 7, 3, 5, 2)
 IMG_LENS = (5, 2, 4)
-SETTINGS = list(itertools.product(HEAD_DIRECTIONS, POOLS, (False, True)))
-SETTING_IDS = [f"{d}-{p}-{'leaky' if lk else 'plain'}" for d, p, lk in SETTINGS]
 NAN = float("nan")
 
 
@@ -92,19 +92,41 @@ def _check_gradients(img, cap, lens, img_lens, *, dtype, what, **opts):
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward
+# The shared cases (tests/maxsim_cases.py) through rcar_fast.max_similarity(backend="triton")
 # ---------------------------------------------------------------------------------------------
 
 @requires_interpreter
-@pytest.mark.parametrize("direction,pool,leaky", SETTINGS, ids=SETTING_IDS)
-def test_forward_matches_float64_reference(direction, pool, leaky):
-    img, cap, lens, img_lens = _inputs()
-    opts = _options(direction, pool, leaky)
-    out = _triton(img, cap, lens, img_lens, **opts)
-    assert out.dtype == torch.float32 and out.shape == (3, 5)
-    assert_close_to_reference(out, _reference(img, cap, lens, img_lens, **opts),
-                              dtype=torch.float32, what=f"maxsim triton {opts}")
+@pytest.mark.parametrize("settings", settings_grid(), ids=settings_id)
+def test_grid_matches_float64_reference(settings):
+    # every direction x pool x leaky x normalize: forward and both gradients, fp32 rule
+    assert_head_matches_reference(CASES["ragged"](dtype=torch.float32), settings,
+                                  backend="triton", dtype=torch.float32)
 
+
+EDGE_SETTINGS = settings_grid(pools=("mean", "max", "lse", "softmax"), leaky=(True,),
+                              normalize=("none",))
+
+
+@requires_interpreter
+@pytest.mark.parametrize("case", ["ties", "L=1", "R=1", "all-negative"])
+@pytest.mark.parametrize("settings", EDGE_SETTINGS, ids=settings_id)
+def test_edge_cases_match_float64_reference(case, settings):
+    assert_head_matches_reference(CASES[case](dtype=torch.float64), settings, backend="triton",
+                                  dtype=torch.float64)
+
+
+@requires_interpreter
+def test_every_output_is_written_under_poisoned_allocations():
+    case = CASES["ragged"](dtype=torch.float32)
+    with poisoned_allocations():
+        for direction in HEAD_DIRECTIONS:
+            settings = dict(direction=direction, pool="softmax", leaky=True)
+            assert_head_matches_reference(case, settings, backend="triton", dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
 
 @requires_interpreter
 @pytest.mark.parametrize("direction,pool", [("t2i", "lse"), ("i2t", "softmax"), ("both", "max")])
@@ -149,36 +171,6 @@ def test_several_caption_buckets_and_odd_sizes(direction):
 
 
 @requires_interpreter
-@pytest.mark.parametrize("direction", HEAD_DIRECTIONS)
-def test_one_word_and_one_region(direction):
-    # L = 1 for every caption, R = 1 for every image (a tile of 16 images), d = 1
-    for lens, regions, img_lens, dim in (((1, 1, 1), 5, (5, 2, 4), 20), ((1, 4, 2), 1, (1, 1, 1), 1)):
-        img, cap, lens_t, img_lens_t = _inputs(lens=lens, img_lens=img_lens, regions=regions,
-                                               dim=dim)
-        for pool in ("mean", "lse", "softmax"):
-            opts = _options(direction, pool, leaky=True)
-            assert_close_to_reference(_triton(img, cap, lens_t, img_lens_t, **opts),
-                                      _reference(img, cap, lens_t, img_lens_t, **opts),
-                                      dtype=torch.float32, what=f"L=1/R=1 {opts}")
-        _check_gradients(img, cap, lens_t, img_lens_t, dtype=torch.float32,
-                         what=f"L=1/R=1 {direction}", **_options(direction, "max"))
-
-
-@requires_interpreter
-@pytest.mark.parametrize("direction", HEAD_DIRECTIONS)
-def test_all_negative_scores_are_not_floored(direction):
-    # positive regions, negative words: every real score < 0, and no floor at 0 or -1
-    img, cap, lens, img_lens = _inputs()
-    img, cap = img.abs(), -cap.abs()
-    for pool, leaky in (("max", False), ("sum", True), ("softmax", False)):
-        opts = _options(direction, pool, leaky)
-        out = _triton(img, cap, lens, img_lens, **opts)
-        assert bool((out < 0).all()), out
-        assert_close_to_reference(out, _reference(img, cap, lens, img_lens, **opts),
-                                  dtype=torch.float32)
-
-
-@requires_interpreter
 def test_float16_two_x_rule():
     img, cap, lens, img_lens = _inputs(dtype=torch.float16, unit_norm=True)
     for direction, pool, leaky in (("t2i", "sum", False), ("both", "mean", True), ("i2t", "lse", False)):
@@ -195,14 +187,6 @@ def test_float16_two_x_rule():
 # ---------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------
-
-@requires_interpreter
-@pytest.mark.parametrize("direction,pool,leaky", SETTINGS, ids=SETTING_IDS)
-def test_gradients_match_float64_reference(direction, pool, leaky):
-    img, cap, lens, img_lens = _inputs()
-    _check_gradients(img, cap, lens, img_lens, dtype=torch.float32,
-                     what=f"{direction} {pool} leaky={leaky}", **_options(direction, pool, leaky))
-
 
 @requires_interpreter
 @pytest.mark.parametrize("direction,pool", [("t2i", "lse"), ("i2t", "softmax"), ("both", "mean")])
@@ -396,6 +380,46 @@ def test_dispatch_reasons():
 
 
 # ---------------------------------------------------------------------------------------------
+# Autotune config lists (the prunes only: runs anywhere, no kernel)
+# ---------------------------------------------------------------------------------------------
+
+# (R_PAD, L_PAD): 36 regions x COCO's caption buckets, the ColBERT document shape, R = 1
+TUNE_BUCKETS = [(64, 8), (64, 16), (64, 32), (64, 64), (512, 32), (1, 8)]
+
+
+def _kept(kernel, dtype, r_pad, l_pad):
+    from rcar_fast.kernels import maxsim as kernels
+
+    tuner = {"fwd": kernels._fwd_tuned, "bwd_img": kernels._bwd_img_tuned,
+             "bwd_cap": kernels._bwd_cap_tuned}[kernel]
+    return tuner.early_config_prune(tuner.configs, dict(img_ptr=torch.empty(1, dtype=dtype)),
+                                    R_PAD=r_pad, L_PAD=l_pad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("kernel", ["fwd", "bwd_img", "bwd_cap"])
+def test_kept_configs_fit_the_measured_budget_and_quick_keeps_one(monkeypatch, kernel, dtype):
+    from rcar_fast.kernels import maxsim as kernels
+    from rcar_fast.kernels import tile
+
+    kind = "fp32" if dtype == torch.float32 else "low"
+    limits = kernels._LIMITS[(kernel, kind)]
+    for r_pad, l_pad in TUNE_BUCKETS:
+        monkeypatch.delenv(tile.AUTOTUNE_VARIABLE, raising=False)
+        full = _kept(kernel, dtype, r_pad, l_pad)
+        assert full, (r_pad, l_pad)
+        for c in full:
+            m, n = c.kwargs["BI"] * r_pad, c.kwargs["BJ"] * l_pad
+            smallest = (c.kwargs["BI"], c.kwargs["BJ"]) == tile.smallest_shape(r_pad, l_pad)
+            assert m * n <= limits["max_area"] or (smallest and len(full) == 1), (r_pad, l_pad, c)
+            assert m >= tile.MIN_DOT and n >= tile.MIN_DOT
+            assert c.kwargs["BK"] == (kernels._FP32_BK if kind == "fp32" else 64)
+        monkeypatch.setenv(tile.AUTOTUNE_VARIABLE, "quick")
+        quick = _kept(kernel, dtype, r_pad, l_pad)
+        assert len(quick) == 1 and str(quick[0]) in {str(c) for c in full}
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU: COCO-sized batches, fp32 / fp16 / bf16, the 2x rule
 # ---------------------------------------------------------------------------------------------
 
@@ -423,3 +447,50 @@ def test_gpu_coco_batch_forward_and_gradients(dtype):
         assert_close_to_reference(out, _reference(img, cap, lens, img_lens, **opts), dtype=dtype,
                                   ref_lowp=lowp, what=f"gpu {dtype} {opts}")
         _check_gradients(img, cap, lens, img_lens, dtype=dtype, what=f"gpu {dtype} {opts}", **opts)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_listed_pairs_forward_and_gradients(dtype):
+    img, cap, lens, img_lens = _coco_batch(24, 40, dtype, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    img_idx = torch.randint(0, 24, (300,), generator=gen).cuda()
+    cap_idx = torch.randint(0, 40, (300,), generator=gen).cuda()
+    opts = _options("both", "mean", True, both_scale=1.0)
+    grad = torch.randn(300, dtype=torch.float64, generator=gen).cuda()
+    a, c = img.clone().requires_grad_(), cap.clone().requires_grad_()
+    out = MaxSimPairsTriton.fn(a, c, lens, img_lens, img_idx, cap_idx, **opts)
+    got = (out, *torch.autograd.grad(out, (a, c), grad.float()))
+
+    def reference(precision):
+        a, c = img.to(precision).requires_grad_(), cap.to(precision).requires_grad_()
+        want = head_pairs_vectorized(a, c, lens, img_lens, img_idx, cap_idx, **opts)
+        return (want, *torch.autograd.grad(want, (a, c), grad.to(precision)))
+
+    want = reference(torch.float64)
+    low = reference(dtype) if dtype != torch.float32 else (None,) * 3
+    rows = (None, _real_rows(img, img_lens), _real_rows(cap, lens))
+    for what, g, w, lp, real in zip(("scores", "d img", "d cap"), got, want, low, rows):
+        pick = (lambda t: t) if real is None else (lambda t, real=real: t[real])
+        assert_close_to_reference(pick(g), pick(w), dtype=dtype,
+                                  ref_lowp=None if lp is None else pick(lp), what=f"pairs {what}")
+
+
+@requires_gpu
+def test_gpu_colbert_shape_scores_and_top_k():
+    # ColBERT: 32-token queries, 300-token documents (as regions), d = 128, bf16; all pairs
+    # and the top-k search against the reference backend on the same inputs
+    docs, queries, q_lens, d_lens = _inputs(n_img=200, lens=[32] * 6 + [9, 17],
+                                            img_lens=[300] + [120 + i for i in range(199)],
+                                            regions=300, dim=128, dtype=torch.bfloat16,
+                                            unit_norm=True, device="cuda", seed=5)
+    got = rcar_fast.maxsim(queries, docs, q_lens, d_lens, backend="triton")
+    want = rcar_fast.maxsim(queries.double(), docs.double(), q_lens, d_lens, backend="reference")
+    lowp = rcar_fast.maxsim(queries, docs, q_lens, d_lens, backend="reference")
+    assert_close_to_reference(got, want, dtype=torch.bfloat16, ref_lowp=lowp, what="colbert")
+    values, indices = rcar_fast.maxsim(queries, docs, q_lens, d_lens, k=5, doc_block=64,
+                                       backend="triton")
+    # blocks of documents pad to their own longest document: other tiles, other summation
+    # order, so the block-wise values agree with the whole matrix to float32 rounding
+    assert_close(values, got.gather(1, indices), F32_BLOCKED, what="top-k values")
+    assert bool((values[:, :-1] >= values[:, 1:]).all())

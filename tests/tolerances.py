@@ -131,6 +131,8 @@ UNIT_NORM_F32 = Tolerance(1.3e-6, 1e-5, "the norm of an l2-normalised float32 ve
 SAME_CALL_OTHER_ARGUMENT_FORM = Tolerance(1.3e-6, 1e-5, "one float32 call with an argument in another form "
                                                         "(list / array / tensor lens, numpy scalar): "
                                                         "torch.testing's float32 default")
+PNG_COLOUR = Tolerance(0.0, 1.5 / 255, "a colour written to an 8-bit PNG and read back: rounding to "
+                                       "the nearest 1/255")
 HALF_STORAGE = Tolerance(0.0, 1e-3, "unit-norm float32 features stored in float16")
 UNIT_NORM_BF16 = Tolerance(1e-5, 1e-2, "the norm of a unit vector rounded to bfloat16")
 CSV_DERIVED = Tolerance(1e-4, 1e-12, "a CSV column derived from others, all written to 6 significant digits")

@@ -119,6 +119,19 @@ def native_problem(img: torch.Tensor, img_lens: torch.Tensor, caps: Captions, op
         tau=float(options.tau), both_scale=float(options.both_scale))
 
 
+def shape_problem(inputs: Inputs, longest: int):
+    """A MaxSimProblemCuda with the shapes of `inputs` and null pointers, for the launch check
+    alone (it reads no memory): the same limits the launchers enforce, before any launch."""
+    (n_img, R, d), (n_cap, Lmax, _) = inputs.img_shape, inputs.cap_shape
+    return native().MaxSimProblemCuda(
+        img=0, cap=0, dtype=DTYPE_CODES.get(inputs.dtype, -1), n_img=n_img, R=R, d=d, n_cap=n_cap,
+        img_stride_n=R * d, img_stride_r=d, cap_stride_n=Lmax * d, cap_stride_w=d, img_lens=0, lens=0,
+        word_off=0, total_words=n_cap * longest, max_len=longest, group_first=0, n_groups=max(n_cap, 1),
+        col_frags=tile_col_frags(R, longest),
+        direction=contract.HEAD_DIRECTION_CODES.get(inputs.direction or "t2i", 0),
+        pool=contract.POOL_CODES["mean"], leaky=0, tau=1.0, both_scale=1.0)
+
+
 def _image_lens(img_lens: torch.Tensor, device: torch.device) -> torch.Tensor:
     return img_lens.to(device=device, dtype=torch.int64).contiguous()
 
@@ -196,12 +209,16 @@ class MaxSimCuda(Backend):
 
     @classmethod
     def extra_reasons(cls, inputs: Inputs) -> list:
-        # The tile must hold R regions and the longest caption (Lmax when lens is not read).
+        # The tile must hold R regions and the longest caption (Lmax when lens is not read);
+        # the launch check (maxsim_problem_error, the kernels' own limits) judges the rest.
         if inputs.img_shape is None or inputs.cap_shape is None:
             return []
         longest = inputs.longest_caption()
         longest = inputs.cap_shape[1] if longest is None else longest
         reason = tile_shape_rejection(inputs.img_shape[1], longest)
+        if reason is None:
+            reason = native().maxsim_problem_error(shape_problem(inputs, longest))
+            reason = reason and f"the CUDA maxsim kernels: {reason}"
         return [reason] if reason else []
 
     @staticmethod
