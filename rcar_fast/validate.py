@@ -335,11 +335,29 @@ def temperature(value, name: str) -> float:
     return value_f
 
 
+_HEAD_CHOICES = {"direction": contract.HEAD_DIRECTIONS, "pool": contract.POOLS,
+                 "normalize": contract.HEAD_NORMALIZATIONS, "coding": contract.HEAD_CODINGS}
+
+
+def _head_setting(key: str, value):
+    """One max_similarity setting, checked (and numbers / flags converted)."""
+    if key in _HEAD_CHOICES:
+        return choice(value, key, _HEAD_CHOICES[key])
+    if key in ("tau", "vsa_tau"):
+        return temperature(value, key)
+    if key == "leaky":
+        return flag(value, key)
+    if key == "both_scale":
+        return finite_number(value, key)
+    raise TypeError(f"unexpected head setting {key!r}")
+
+
 def head_settings(preset, given: dict, defaults: dict) -> dict:
     """The settings of a max_similarity call: `given` holds the keyword arguments the caller
-    passed, `defaults` the signature's defaults. A preset (contract.HEAD_PRESETS) fills its
-    settings; a passed argument that contradicts one is a ValueError naming both. Every setting
-    is then checked (choices, temperatures, flags, VSA's limits)."""
+    passed, `defaults` the signature's defaults. Each passed setting is checked; a preset
+    (contract.HEAD_PRESETS) then fills its settings, and a passed argument that contradicts one
+    is a ValueError naming both; VSA's limits last."""
+    given = {key: _head_setting(key, value) for key, value in given.items()}
     settings = dict(defaults)
     if preset is not None:
         choice(preset, "preset", tuple(contract.HEAD_PRESETS))
@@ -349,14 +367,6 @@ def head_settings(preset, given: dict, defaults: dict) -> dict:
                                  f"was passed: drop the preset or the argument")
             settings[key] = value
     settings.update(given)
-    choice(settings["direction"], "direction", contract.HEAD_DIRECTIONS)
-    choice(settings["pool"], "pool", contract.POOLS)
-    choice(settings["normalize"], "normalize", contract.HEAD_NORMALIZATIONS)
-    choice(settings["coding"], "coding", contract.HEAD_CODINGS)
-    settings["tau"] = temperature(settings["tau"], "tau")
-    settings["vsa_tau"] = temperature(settings["vsa_tau"], "vsa_tau")
-    settings["leaky"] = flag(settings["leaky"], "leaky")
-    settings["both_scale"] = finite_number(settings["both_scale"], "both_scale")
     if settings["coding"] == "vsa":
         if settings["direction"] != "i2t":
             raise ValueError("coding='vsa' (CHAN's VSACoding) codes regions: it needs "

@@ -64,6 +64,8 @@ F64_GRADIENT_ASSEMBLY = Tolerance(1e-8, 1e-10, "float64 gradients assembled from
                                                "chunks against autograd through the loop reference")
 F64_RCAR_EQUALS_SCAN = Tolerance(1e-7, 1e-9, "RCAR with its refinement switched off is SCAN; the "
                                              "float64 paths differ by eps placements")
+LAPS_REGION_COUNT_EPS = Tolerance(1e-7, 1e-12, "LAPS's i2t mean divides by R_i + 1e-8, the spec by R_i: "
+                                              "a relative 1e-8 / R_i, plus float64 rounding")
 F64_PAIRS = Tolerance(1e-11, 1e-14, "float64 pair scoring against the all-pairs matrix: same terms, "
                                     "different order")
 # Scalars (pytest.approx / math.isclose); an atol of 1e-12 is pytest.approx's default absolute part.
