@@ -280,7 +280,15 @@ def run(cfg: TrainConfig, json_path: Optional[str] = None) -> TrainResult:
 def main(argv=None) -> int:
     args = vars(_parser().parse_args(argv))
     json_path = args.pop("json")
-    run(TrainConfig(**args), json_path)
+    cfg = TrainConfig(**args)
+    try:   # a bad option (say --direction for the chosen --head): one line, before training
+        _check_config(cfg)
+        model = RetrievalModel(cfg)
+        scorers.scoring(model.similarity, model.head_kwargs)   # the head's settings checked
+    except (ValueError, TypeError) as err:
+        print(f"python -m rcar_fast.train: error: {err}", file=sys.stderr)
+        return 2
+    run(cfg, json_path)
     return 0
 
 

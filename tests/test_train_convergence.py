@@ -54,6 +54,14 @@ def test_trainer_refuses_an_unknown_head():
         curve(model="vse", steps=1)
 
 
+def test_trainer_command_reports_a_bad_head_option_in_one_line(capsys):
+    from rcar_fast.train import main
+
+    assert main(["--head", "laps", "--direction", "t2i", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "preset='laps' sets direction='both'" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("model", ["scan", "rcar"])
 def test_training_lowers_the_loss_on_a_fixed_set(model):
     # Six images, one batch: the model can fit them, so the loss must fall.
