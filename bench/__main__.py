@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
                            "5K shape through all_pairs vs the references, a training step "
                            "(bench/gpu_check.py); appends to bench/results and copies the "
                            "results to --out")
+    parser.add_argument("--maxsim", action="store_true",
+                        help="the S-only heads (CHAN, MrSw, LAPS) and late-interaction maxsim "
+                             "against the naive / einsum baselines and maxsim-cpu, flash-maxsim, "
+                             "late-interaction-kernels where importable (bench/maxsim.py); size "
+                             "from --tiny / --quick / --full; summary in <device>.maxsim.md")
     parser.add_argument("--dry-run", action="store_true",
                         help="with --gpu-check: the same steps at tiny sizes on the CPU, written "
                              "into --out only")
@@ -97,6 +102,8 @@ def _usage_error(args) -> str:
         return f"--threads must be >= 1, got {args.threads}"
     if args.max_minutes is not None and not args.max_minutes > 0:
         return f"--max-minutes must be > 0, got {args.max_minutes}"
+    if args.maxsim and args.gpu_check:
+        return "--maxsim and --gpu-check are separate runs: give one of them"
     if (args.dry_run or args.autotune) and not args.gpu_check:
         return "--dry-run and --autotune go with --gpu-check"
     if args.dry_run and not args.out:
@@ -151,6 +158,10 @@ def main(argv=None) -> int:
     try:
         if args.gpu_check:
             return _run_gpu_check(args, dev)
+        if args.maxsim:
+            from bench import maxsim as maxsim_bench
+
+            return maxsim_bench.main(args, dev, _start, DEFAULT_OUT)
         return _run(args, dev, _split(args.modes))
     finally:
         # main() also runs inside other processes (the CLI, tests): leave torch and the

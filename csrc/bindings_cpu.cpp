@@ -23,6 +23,31 @@ void register_cpu_bindings(pybind11::module& m) {
       .def_readonly("regulator", &rcar_cpu::RcarSettings::regulator)
       .def_readonly("steps", &rcar_cpu::RcarSettings::steps)
       .def_readonly("smooth", &rcar_cpu::RcarSettings::smooth);
+  py::class_<rcar_cpu::MaxSimSettings>(m, "MaxSimSettings", "an S-only head's options as contract codes")
+      .def(py::init([](int direction, int pool, double tau, bool leaky, double both_scale) {
+             return rcar_cpu::MaxSimSettings{direction, pool, tau, leaky, both_scale};
+           }),
+           py::arg("direction"), py::arg("pool"), py::arg("tau"), py::arg("leaky"), py::arg("both_scale"))
+      .def_readonly("direction", &rcar_cpu::MaxSimSettings::direction)
+      .def_readonly("pool", &rcar_cpu::MaxSimSettings::pool)
+      .def_readonly("tau", &rcar_cpu::MaxSimSettings::tau)
+      .def_readonly("leaky", &rcar_cpu::MaxSimSettings::leaky)
+      .def_readonly("both_scale", &rcar_cpu::MaxSimSettings::both_scale);
+  m.def("maxsim_forward_cpu", &rcar_cpu::maxsim_forward,
+        "S-only head of all pairs (n_img, n_cap), fused per tile; into `out` when given", py::arg("img"),
+        py::arg("cap"), py::arg("lens"), py::arg("img_lens"), py::arg("settings"), py::arg("out") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("maxsim_backward_cpu", &rcar_cpu::maxsim_backward,
+        "gradients [d img, d cap] of sum(grad * S-only head)", py::arg("grad"), py::arg("img"), py::arg("cap"),
+        py::arg("lens"), py::arg("img_lens"), py::arg("settings"), py::call_guard<py::gil_scoped_release>());
+  m.def("maxsim_pairs_forward_cpu", &rcar_cpu::maxsim_pairs_forward,
+        "S-only head of the pairs (img_idx[p], cap_idx[p]): (P,)", py::arg("img"), py::arg("cap"), py::arg("lens"),
+        py::arg("img_lens"), py::arg("img_idx"), py::arg("cap_idx"), py::arg("settings"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("maxsim_pairs_backward_cpu", &rcar_cpu::maxsim_pairs_backward,
+        "gradients [d img, d cap] of sum(grad * S-only head of the pairs)", py::arg("grad"), py::arg("img"),
+        py::arg("cap"), py::arg("lens"), py::arg("img_lens"), py::arg("img_idx"), py::arg("cap_idx"),
+        py::arg("settings"), py::call_guard<py::gil_scoped_release>());
   m.def("gram_cpu", &rcar_cpu::gram, "per-image Gram matrix (n, R, d) -> (n, R, R)");
   m.def("scan_forward_cpu", &rcar_cpu::scan_forward,
         "SCAN similarity of all pairs (n_img, n_cap), fused per tile", py::arg("img"), py::arg("cap"),

@@ -27,9 +27,9 @@ from typing import Optional, Union
 
 import torch
 
-from rcar_fast.ops import (gram_backends, maxsim_cuda, maxsim_reference, maxsim_triton,
-                           pair_backends, rcar_cpu, rcar_cuda, rcar_reference, rcar_triton,
-                           scan_cpu, scan_cuda, scan_reference, scan_triton)
+from rcar_fast.ops import (gram_backends, maxsim_cpu, maxsim_cuda, maxsim_reference,
+                           maxsim_triton, pair_backends, rcar_cpu, rcar_cuda, rcar_reference,
+                           rcar_triton, scan_cpu, scan_cuda, scan_reference, scan_triton)
 from rcar_fast.ops.backend import (Backend, BackendUnavailable, Inputs,  # noqa: F401
                                    environment_reason, native_module, triton_interpreter_on,
                                    triton_module)
@@ -56,9 +56,10 @@ TABLE: dict[str, tuple[type[Backend], ...]] = {
                    pair_backends.ScanPairsCpu),
     "rcar_pairs": (pair_backends.RcarPairsReference, pair_backends.RcarPairsReferenceLoop),
     "maxsim": (maxsim_reference.MaxSimReference, maxsim_reference.MaxSimReferenceLoop,
-               maxsim_triton.MaxSimTriton, maxsim_cuda.MaxSimCuda),
+               maxsim_triton.MaxSimTriton, maxsim_cuda.MaxSimCuda, maxsim_cpu.MaxSimCpu),
     "maxsim_pairs": (maxsim_reference.MaxSimPairsReference,
-                     maxsim_reference.MaxSimPairsReferenceLoop, maxsim_triton.MaxSimPairsTriton),
+                     maxsim_reference.MaxSimPairsReferenceLoop, maxsim_triton.MaxSimPairsTriton,
+                     maxsim_cpu.MaxSimPairsCpu),
 }
 
 

@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,16 @@ struct RcarSettings {
   int regulator;    // rcar_contract::Regulator
   int64_t steps;    // the official rar_step / rcr_step / rcar_step
   double smooth;    // the first attention's softmax temperature, > 0
+};
+
+// An S-only head's options (HEADS.md), as the codes of rcar_fast.contract; built from the names
+// by rcar_fast.ops.maxsim_cpu.native_settings.
+struct MaxSimSettings {
+  int direction;      // rcar_contract::HeadDirection: t2i, i2t, both
+  int pool;           // rcar_contract::Pool: mean, sum, max, lse, softmax
+  double tau;         // lse / softmax pooling temperature, > 0
+  bool leaky;         // leaky(x) (slope kLeakySlope) on the maxima before pooling
+  double both_scale;  // "both": both_scale * (t2i + i2t)
 };
 
 // The checks every pair kernel makes on its inputs; `op` names the kernel in the message.
@@ -62,6 +73,29 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& grad, const at::Tensor& 
 // rcar_fast.contract.rcar_linears.
 at::Tensor rcar_forward(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
                         const RcarSettings& settings, const std::vector<at::Tensor>& weights);
+
+// S-only head of all pairs (maxsim.cpp): img (n_img, R, d), cap (n_cap, Lmax, d), lens (n_cap,)
+// in [1, Lmax], img_lens (n_img,) in [1, R]; padding (words >= lens[j], regions >= img_lens[i])
+// is never read. float32 or float64 in, same dtype out (n_img, n_cap), written into `out` when
+// given (contiguous, that shape and dtype).
+at::Tensor maxsim_forward(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
+                          const at::Tensor& img_lens, const MaxSimSettings& settings,
+                          std::optional<at::Tensor> out);
+
+// Gradients of sum(grad * maxsim_forward(...)): {d img, d cap}, zero at the padding; the same
+// bits on every run.
+std::vector<at::Tensor> maxsim_backward(const at::Tensor& grad, const at::Tensor& img, const at::Tensor& cap,
+                                        const at::Tensor& lens, const at::Tensor& img_lens,
+                                        const MaxSimSettings& settings);
+
+// The same head for the pairs (img_idx[p], cap_idx[p]) (int64, in range): (P,), and its backward.
+at::Tensor maxsim_pairs_forward(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
+                                const at::Tensor& img_lens, const at::Tensor& img_idx, const at::Tensor& cap_idx,
+                                const MaxSimSettings& settings);
+std::vector<at::Tensor> maxsim_pairs_backward(const at::Tensor& grad, const at::Tensor& img, const at::Tensor& cap,
+                                              const at::Tensor& lens, const at::Tensor& img_lens,
+                                              const at::Tensor& img_idx, const at::Tensor& cap_idx,
+                                              const MaxSimSettings& settings);
 
 // Selects the compiled copy of the vectorised loops: "auto" (AVX2+FMA when the CPU has it),
 // "baseline" or "avx2" (falls back to baseline on a CPU without AVX2). Returns the copy that

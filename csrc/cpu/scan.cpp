@@ -12,7 +12,6 @@
 #include "cpu/kernels.h"
 #include "cpu/tile.h"
 
-#include <condition_variable>
 #include <limits>
 
 // Every function passing a 32-byte vector is always_inline: the ABI note does not apply.
@@ -632,43 +631,6 @@ void scan_forward_impl(const ScanProblem<T>& P, at::Tensor& out) {
 // ---------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------
-
-// Turns for adding into shared sums: image block ib takes the contributions of caption blocks
-// 0, 1, 2, ... in that order, whichever threads compute them, so the floating-point sums (and
-// the gradients) are the same bits on every run. A thread that finishes a tile early waits for
-// the caption block before it; caption blocks are handed out in increasing order, so the one
-// being waited for is always running. If a task fails, `abandon` wakes every waiter.
-class OrderedTurns {
- public:
-  explicit OrderedTurns(int64_t n_slots) : locks_(n_slots), changed_(n_slots), next_(n_slots, 0) {}
-
-  // Blocks until it is caption block cb's turn at `slot`; false if the run was abandoned.
-  bool wait(int64_t slot, int64_t cb, std::unique_lock<std::mutex>& lock) {
-    lock = std::unique_lock<std::mutex>(locks_[slot]);
-    changed_[slot].wait(lock, [&] { return next_[slot] == cb || abandoned_.load(); });
-    return !abandoned_.load();
-  }
-
-  void pass(int64_t slot, std::unique_lock<std::mutex>& lock) {
-    ++next_[slot];
-    lock.unlock();
-    changed_[slot].notify_all();
-  }
-
-  void abandon() {
-    abandoned_.store(true);
-    for (size_t slot = 0; slot < locks_.size(); ++slot) {
-      { std::lock_guard<std::mutex> guard(locks_[slot]); }
-      changed_[slot].notify_all();
-    }
-  }
-
- private:
-  std::vector<std::mutex> locks_;
-  std::vector<std::condition_variable> changed_;
-  std::vector<int64_t> next_;
-  std::atomic<bool> abandoned_{false};
-};
 
 // Gradient accumulators. Rows of the packed words (and, for i2t, caption Grams) belong to one
 // caption block, hence to the one thread that handles it; per-image accumulators are shared and

@@ -1,0 +1,954 @@
+// The S-only similarity heads (HEADS.md: CHAN, LAPS, TERAN / ALADIN, ColBERT, DVSA) on the CPU,
+// forward and backward, over all pairs and over a pair list.
+//
+// All pairs: per tile of (caption block x image block) one GEMM (tile.h score_tile) gives every
+// score S = word . region of the tile: rows the packed real words of the block's captions,
+// columns the packed real regions of its images. Padding of either side is never packed, so it
+// enters no GEMM and no reduction (it may hold NaN). Pair (i, j) is the (L_j x R_i) sub-block;
+// its epilogue takes per word the max over the regions (t2i) and / or per region the max over
+// the words (i2t), then pools them. Memory is O(threads x tile) beyond the inputs, their packed
+// copies and the result.
+//
+// Backward, flash style: recompute the tile and the FIRST argmax of every max; each argmax link
+// (one per word (t2i) or region (i2t) and pair) carries c = G[i, j] g (g the pooling's gradient,
+// times leaky'(S) and both_scale) and adds c v_r into d e_w and c e_w into d v_r. No dense dS and
+// no second GEMM: the tile's links are bucketed by word row and by region row, and each gradient
+// row is one register-blocked gather-sum over its bucket (read and written once per tile).
+// Deterministic: caption rows belong to the one thread that handles their caption block; each
+// image block's rows are added from per-tile partials in caption-block order (OrderedTurns).
+// The pair list scores one small GEMM per pair; its backward accumulates each caption's and each
+// image's rows in one task, in pair order.
+#include "cpu/kernels.h"
+#include "cpu/tile.h"
+
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <optional>
+#include <type_traits>
+
+// Every function passing a 32-byte vector is always_inline: the ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace rcar_cpu {
+namespace {
+using namespace detail;
+using rcar_contract::kHeadBoth;
+using rcar_contract::kHeadDirectionCount;
+using rcar_contract::kHeadI2T;
+using rcar_contract::kHeadT2I;
+using rcar_contract::kPoolCount;
+using rcar_contract::kPoolLse;
+using rcar_contract::kPoolMax;
+using rcar_contract::kPoolMean;
+using rcar_contract::kPoolSum;
+
+template <typename T>
+using V = simd::Vec<T>;
+template <typename T>
+using Mask = simd::Mask<T>;
+
+// The head's options, checked, in the compute type.
+struct HeadOptions {
+  bool t2i = true, i2t = false, leaky = false;
+  int pool = kPoolMean;
+  double tau = 0.1;
+  double scale = 1.0;  // each term's factor: 1 for one direction, both_scale for "both"
+};
+
+HeadOptions parse_options(const MaxSimSettings& s) {
+  TORCH_CHECK(s.direction == kHeadT2I || s.direction == kHeadI2T || s.direction == kHeadBoth,
+              "maxsim (cpu): direction must be a HeadDirection code in [0, ", kHeadDirectionCount,
+              "), got ", s.direction);
+  TORCH_CHECK(s.pool >= 0 && s.pool < kPoolCount, "maxsim (cpu): pool must be a Pool code in [0, ",
+              kPoolCount, "), got ", s.pool);
+  TORCH_CHECK(s.tau > 0 && std::isfinite(s.tau), "maxsim (cpu): tau must be positive and finite, got ", s.tau);
+  TORCH_CHECK(std::isfinite(s.both_scale), "maxsim (cpu): both_scale must be finite, got ", s.both_scale);
+  HeadOptions o;
+  o.t2i = s.direction != kHeadI2T;
+  o.i2t = s.direction != kHeadT2I;
+  o.leaky = s.leaky;
+  o.pool = s.pool;
+  o.tau = s.tau;
+  o.scale = s.direction == kHeadBoth ? s.both_scale : 1.0;
+  return o;
+}
+
+template <typename T>
+struct Opt {
+  bool t2i, i2t, leaky;
+  int pool;
+  T tau, scale, slope;
+  explicit Opt(const HeadOptions& h)
+      : t2i(h.t2i), i2t(h.i2t), leaky(h.leaky), pool(h.pool), tau(temperature_in<T>(h.tau)), scale(T(h.scale)),
+        slope(T(kLeakySlope)) {}
+  T leak(T x) const { return leaky && !(x > T(0)) ? slope * x : x; }
+  // d leaky / dx at x (1 without leaky).
+  T leak_grad(T x) const { return leaky && !(x > T(0)) ? slope : T(1); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Pooling of x[0..K) (HEADS.md table)
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+RCAR_INLINE int64_t first_argmax(const T* x, int64_t K) {
+  int64_t best = 0;
+  for (int64_t k = 1; k < K; ++k)
+    if (x[k] > x[best]) best = k;
+  return best;
+}
+
+// Sum of exp((x_k - top) / tau) into e[k] (each <= 1: shifted before scaling, see scan.cpp's
+// lse_weight), returned.
+template <typename T>
+RCAR_INLINE T shifted_exps(const T* x, int64_t K, T top, T tau, T* e) {
+  T total = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    e[k] = std::exp((x[k] - top) / tau);
+    total += e[k];
+  }
+  return total;
+}
+
+// P(x); e: K scratch values.
+template <typename T>
+RCAR_INLINE T pool_value(const T* x, int64_t K, const Opt<T>& o, T* e) {
+  switch (o.pool) {
+    case kPoolMean:
+    case kPoolSum: {
+      T total = 0;
+      for (int64_t k = 0; k < K; ++k) total += x[k];
+      return o.pool == kPoolSum ? total : total / T(K);
+    }
+    case kPoolMax:
+      return x[first_argmax(x, K)];
+    case kPoolLse: {  // log sum exp(x / tau) = top / tau + log sum exp((x - top) / tau)
+      const T top = x[first_argmax(x, K)];
+      return top / o.tau + std::log(shifted_exps(x, K, top, o.tau, e));
+    }
+    default: {  // softmax: sum p_k x_k = top + sum p_k (x_k - top)
+      const T top = x[first_argmax(x, K)];
+      const T total = shifted_exps(x, K, top, o.tau, e);
+      T weighted = 0;
+      for (int64_t k = 0; k < K; ++k) weighted += e[k] * (x[k] - top);
+      return top + weighted / total;
+    }
+  }
+}
+
+// g[k] = dP / dx_k.
+template <typename T>
+RCAR_INLINE void pool_gradient(const T* x, int64_t K, const Opt<T>& o, T* g) {
+  switch (o.pool) {
+    case kPoolMean:
+    case kPoolSum: {
+      const T each = o.pool == kPoolSum ? T(1) : T(1) / T(K);
+      for (int64_t k = 0; k < K; ++k) g[k] = each;
+      return;
+    }
+    case kPoolMax: {
+      const int64_t best = first_argmax(x, K);
+      for (int64_t k = 0; k < K; ++k) g[k] = k == best ? T(1) : T(0);
+      return;
+    }
+    case kPoolLse: {  // p_k / tau
+      const T top = x[first_argmax(x, K)];
+      const T total = shifted_exps(x, K, top, o.tau, g);
+      for (int64_t k = 0; k < K; ++k) g[k] = g[k] / total / o.tau;
+      return;
+    }
+    default: {  // p_k (1 + (x_k - P) / tau)
+      const T top = x[first_argmax(x, K)];
+      const T total = shifted_exps(x, K, top, o.tau, g);
+      T weighted = 0;
+      for (int64_t k = 0; k < K; ++k) weighted += g[k] * (x[k] - top);
+      const T value = top + weighted / total;
+      for (int64_t k = 0; k < K; ++k) g[k] = g[k] / total * (T(1) + (x[k] - value) / o.tau);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One pair: its (L x R) block of scores, the maxima, the argmax links
+// ---------------------------------------------------------------------------------------------
+
+// S[w, r] at s[w * ld + r]: rows the caption's L real words, columns the image's R real regions.
+// A vector load may run up to one vector past a row's R values (the buffers have that slack);
+// those lanes are never used.
+template <typename T>
+struct PairBlock {
+  const T* s;
+  int64_t L, R, ld;
+};
+
+// Per-thread scratch of the pair epilogues, sized for the longest caption and image.
+template <typename T>
+struct PairScratch {
+  std::vector<T> word_max, word_coef, region_max, region_coef, pooled;
+  std::vector<int64_t> word_arg, region_arg;
+  PairScratch(int64_t L_max, int64_t R_max)
+      : word_max(L_max), word_coef(L_max), region_max(simd::padded<T>(R_max) + simd::kWidth<T>),
+        region_coef(R_max), pooled(std::max(L_max, R_max)), word_arg(L_max), region_arg(R_max) {}
+};
+
+// max over row[0..R).
+template <typename T>
+RCAR_INLINE T row_max(const T* row, int64_t R) {
+  constexpr int64_t W = simd::kWidth<T>;
+  const V<T> minus_inf = simd::splat<T>(-std::numeric_limits<T>::infinity());
+  V<T> best = minus_inf;
+  int64_t r = 0;
+  for (; r + W <= R; r += W) best = simd::vmax<T>(best, simd::load(row + r));
+  if (r < R) {
+    const Mask<T> real = simd::lanes_below<T>(R - r);
+    best = simd::vmax<T>(best, real ? simd::load(row + r) : minus_inf);
+  }
+  return simd::hmax<T>(best);
+}
+
+template <typename T>
+RCAR_INLINE int64_t first_index_of(const T* row, int64_t R, T value) {
+  for (int64_t r = 0; r < R; ++r)
+    if (row[r] == value) return r;
+  return 0;
+}
+
+// out[r] = max_w S[w, r] for r < R (whole vectors: out has room for padded(R) values).
+template <typename T>
+RCAR_INLINE void column_maxima(const PairBlock<T>& b, T* out) {
+  constexpr int64_t W = simd::kWidth<T>;
+  for (int64_t r = 0; r < b.R; r += W) {
+    V<T> best = simd::load(b.s + r);
+    for (int64_t w = 1; w < b.L; ++w) best = simd::vmax<T>(best, simd::load(b.s + w * b.ld + r));
+    simd::store(out + r, best);
+  }
+}
+
+// column_maxima and the first word reaching each maximum (a strictly greater value replaces it).
+template <typename T>
+RCAR_INLINE void column_argmaxima(const PairBlock<T>& b, T* out, int64_t* arg) {
+  constexpr int64_t W = simd::kWidth<T>;
+  using Lane = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  for (int64_t r = 0; r < b.R; r += W) {
+    V<T> best = simd::load(b.s + r);
+    Mask<T> at = Mask<T>{};
+    for (int64_t w = 1; w < b.L; ++w) {
+      const V<T> x = simd::load(b.s + w * b.ld + r);
+      const Mask<T> greater = x > best;
+      best = greater ? x : best;
+      at = greater ? (Mask<T>{} + Lane(w)) : at;
+    }
+    simd::store(out + r, best);
+    for (int64_t k = 0; k < W && r + k < b.R; ++k) arg[r + k] = at[k];
+  }
+}
+
+// The pair's score.
+template <typename T>
+RCAR_INLINE T pair_score(const PairBlock<T>& b, const Opt<T>& o, PairScratch<T>& w) {
+  T total = 0;
+  if (o.t2i) {
+    T* m = w.word_max.data();
+    for (int64_t k = 0; k < b.L; ++k) m[k] = o.leak(row_max(b.s + k * b.ld, b.R));
+    total += pool_value(m, b.L, o, w.pooled.data());
+  }
+  if (o.i2t) {
+    T* n = w.region_max.data();
+    column_maxima(b, n);
+    for (int64_t r = 0; r < b.R; ++r) n[r] = o.leak(n[r]);
+    total += pool_value(n, b.R, o, w.pooled.data());
+  }
+  return o.t2i && o.i2t ? o.scale * total : total;
+}
+
+// The pair's argmax links and their coefficients d(g x score) / dS along them: t2i word k ->
+// region word_arg[k] with word_coef[k]; i2t region r -> word region_arg[r] with region_coef[r].
+template <typename T>
+RCAR_INLINE void pair_links(const PairBlock<T>& b, const Opt<T>& o, T g, PairScratch<T>& w) {
+  const T gs = o.t2i && o.i2t ? g * o.scale : g;
+  T* pooled = w.pooled.data();
+  if (o.t2i) {
+    T* m = w.word_max.data();
+    for (int64_t k = 0; k < b.L; ++k) {
+      const T* row = b.s + k * b.ld;
+      const T top = row_max(row, b.R);
+      w.word_arg[k] = first_index_of(row, b.R, top);
+      m[k] = o.leak(top);
+      w.word_coef[k] = o.leak_grad(top);
+    }
+    pool_gradient(m, b.L, o, pooled);
+    for (int64_t k = 0; k < b.L; ++k) w.word_coef[k] *= gs * pooled[k];
+  }
+  if (o.i2t) {
+    T* n = w.region_max.data();
+    column_argmaxima(b, n, w.region_arg.data());
+    for (int64_t r = 0; r < b.R; ++r) {
+      w.region_coef[r] = o.leak_grad(n[r]);
+      n[r] = o.leak(n[r]);
+    }
+    pool_gradient(n, b.R, o, pooled);
+    for (int64_t r = 0; r < b.R; ++r) w.region_coef[r] *= gs * pooled[r];
+  }
+}
+
+// y[0..d) += a x[0..d)
+template <typename T>
+RCAR_INLINE void axpy(T* y, T a, const T* x, int64_t d) {
+  constexpr int64_t W = simd::kWidth<T>;
+  const V<T> av = simd::splat<T>(a);
+  int64_t k = 0;
+  for (; k + 2 * W <= d; k += 2 * W) {
+    simd::store(y + k, simd::load(y + k) + av * simd::load(x + k));
+    simd::store(y + k + W, simd::load(y + k + W) + av * simd::load(x + k + W));
+  }
+  for (; k + W <= d; k += W) simd::store(y + k, simd::load(y + k) + av * simd::load(x + k));
+  for (; k < d; ++k) y[k] += a * x[k];
+}
+
+// Where a pair's rows live for the scatter: its words' and regions' features, and the gradient
+// rows that receive them (null: that side is not accumulated in this pass).
+template <typename T>
+struct PairRows {
+  const T* words;    // (L, d)
+  const T* regions;  // (R, d)
+  T* d_words;        // (L, d) or null
+  T* d_regions;      // (R, d) or null
+};
+
+// Adds the pair's links (pair_links) into its gradient rows, in a fixed order.
+template <typename T>
+RCAR_INLINE void scatter_links(const PairBlock<T>& b, const Opt<T>& o, const PairScratch<T>& w,
+                               const PairRows<T>& rows, int64_t d) {
+  if (o.t2i) {
+    for (int64_t k = 0; k < b.L; ++k) {
+      const T c = w.word_coef[k];
+      if (c == T(0)) continue;
+      const int64_t r = w.word_arg[k];
+      if (rows.d_words) axpy(rows.d_words + k * d, c, rows.regions + r * d, d);
+      if (rows.d_regions) axpy(rows.d_regions + r * d, c, rows.words + k * d, d);
+    }
+  }
+  if (o.i2t) {
+    for (int64_t r = 0; r < b.R; ++r) {
+      const T c = w.region_coef[r];
+      if (c == T(0)) continue;
+      const int64_t k = w.region_arg[r];
+      if (rows.d_words) axpy(rows.d_words + k * d, c, rows.regions + r * d, d);
+      if (rows.d_regions) axpy(rows.d_regions + r * d, c, rows.words + k * d, d);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The problem: packed real words and regions, the block partition
+// ---------------------------------------------------------------------------------------------
+
+// Rows of the tiles. Forward: about 0.5 M scores per tile (1.8 MB in float32, in L2) and GEMMs
+// large enough for the BLAS to run at its full rate. Backward: smaller image blocks, so that the
+// per-tile partial of the image gradient (regions x d) stays cache-sized.
+constexpr int64_t kTileWords = 768;
+constexpr int64_t kTileRegions = 576;
+constexpr int64_t kBackwardTileRegions = 288;
+
+// The real rows of a ragged (n, slots, d) batch, packed; no copy when every row is real.
+template <typename T>
+PackedWords<T> pack_real_rows(const at::Tensor& x, const at::Tensor& lens) {
+  const int64_t n = x.size(0), slots = x.size(1);
+  const at::Tensor lens64 = lens.to(at::kLong).contiguous();
+  const int64_t* lp = lens64.data_ptr<int64_t>();
+  const bool all_real = std::all_of(lp, lp + n, [&](int64_t l) { return l == slots; });
+  if (!(all_real && x.is_contiguous())) return pack_words<T>(x.stride(2) == 1 ? x : x.contiguous(), lens64);
+  PackedWords<T> packed;
+  packed.words = x.view({n * slots, x.size(2)});
+  packed.offsets.resize(n + 1);
+  for (int64_t j = 0; j <= n; ++j) packed.offsets[j] = j * slots;
+  packed.max_len = n > 0 ? slots : 0;
+  return packed;
+}
+
+template <typename T>
+struct MaxSimProblem {
+  HeadOptions opt;
+  int64_t n_img = 0, n_cap = 0, d = 0, img_slots = 0, cap_slots = 0;
+  PackedWords<T> words, regions;
+  std::vector<int64_t> cap_bounds, img_bounds;
+  int64_t max_block_words = 0, max_block_regions = 0;
+
+  const T* words_ptr() const { return words.words.template data_ptr<T>(); }
+  const T* regions_ptr() const { return regions.words.template data_ptr<T>(); }
+  int64_t len(int64_t j) const { return words.offsets[j + 1] - words.offsets[j]; }
+  int64_t img_len(int64_t i) const { return regions.offsets[i + 1] - regions.offsets[i]; }
+  int64_t n_cap_blocks() const { return static_cast<int64_t>(cap_bounds.size()) - 1; }
+  int64_t n_img_blocks() const { return static_cast<int64_t>(img_bounds.size()) - 1; }
+};
+
+int64_t largest_block(const std::vector<int64_t>& prefix, const std::vector<int64_t>& bounds) {
+  int64_t largest = 0;
+  for (size_t b = 0; b + 1 < bounds.size(); ++b) largest = std::max(largest, prefix[bounds[b + 1]] - prefix[bounds[b]]);
+  return largest;
+}
+
+// The packed rows only, for the pair list.
+template <typename T>
+MaxSimProblem<T> make_rows(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
+                           const at::Tensor& img_lens, const HeadOptions& opt) {
+  MaxSimProblem<T> P;
+  P.opt = opt;
+  P.n_img = img.size(0);
+  P.img_slots = img.size(1);
+  P.d = img.size(2);
+  P.n_cap = cap.size(0);
+  P.cap_slots = cap.size(1);
+  P.words = pack_real_rows<T>(cap, lens);
+  P.regions = pack_real_rows<T>(img, img_lens);
+  return P;
+}
+
+// min_cap_blocks: the backward parallelises over caption blocks and needs a few per thread.
+template <typename T>
+MaxSimProblem<T> make_problem(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
+                              const at::Tensor& img_lens, const HeadOptions& opt, int64_t min_cap_blocks,
+                              int64_t tile_regions) {
+  MaxSimProblem<T> P = make_rows<T>(img, cap, lens, img_lens, opt);
+  const int64_t total_words = P.words.offsets[P.n_cap];
+  int64_t target = kTileWords;
+  if (min_cap_blocks > 1) target = std::min(target, (total_words + min_cap_blocks - 1) / min_cap_blocks);
+  P.cap_bounds = weighted_blocks(P.words.offsets, std::max<int64_t>(target, 1));
+  P.img_bounds = weighted_blocks(P.regions.offsets, tile_regions);
+  P.max_block_words = largest_block(P.words.offsets, P.cap_bounds);
+  P.max_block_regions = largest_block(P.regions.offsets, P.img_bounds);
+  return P;
+}
+
+// One tile: captions [j0, j1) (packed words w0 .. w0 + rows) x images [i0, i1) (packed regions
+// c0 .. c0 + cols).
+struct Tile {
+  int64_t j0, j1, w0, rows, i0, i1, c0, cols;
+};
+
+template <typename T>
+Tile tile_of(const MaxSimProblem<T>& P, int64_t cb, int64_t ib) {
+  Tile t;
+  t.j0 = P.cap_bounds[cb];
+  t.j1 = P.cap_bounds[cb + 1];
+  t.w0 = P.words.offsets[t.j0];
+  t.rows = P.words.offsets[t.j1] - t.w0;
+  t.i0 = P.img_bounds[ib];
+  t.i1 = P.img_bounds[ib + 1];
+  t.c0 = P.regions.offsets[t.i0];
+  t.cols = P.regions.offsets[t.i1] - t.c0;
+  return t;
+}
+
+// scores (rows x cols) = tile words @ tile regions^T
+template <typename T>
+void tile_scores(const MaxSimProblem<T>& P, const Tile& t, T* scores) {
+  score_tile(P.words_ptr() + t.w0 * P.d, t.rows, P.regions_ptr() + t.c0 * P.d, t.cols, P.d, scores, t.cols);
+}
+
+template <typename T>
+RCAR_INLINE PairBlock<T> pair_in_tile(const MaxSimProblem<T>& P, const Tile& t, const T* scores, int64_t i,
+                                      int64_t j) {
+  return PairBlock<T>{scores + (P.words.offsets[j] - t.w0) * t.cols + (P.regions.offsets[i] - t.c0), P.len(j),
+                      P.img_len(i), t.cols};
+}
+
+// One argmax link of a tile: coefficient c between tile word row `word` and tile region row `region`.
+template <typename T>
+struct Link {
+  T c;
+  int32_t word, region;
+};
+
+// One term c x of a gather-sum.
+template <typename T>
+struct Term {
+  T c;
+  const T* x;
+};
+
+// Per-thread buffers: the tile's scores (one vector of slack, see PairBlock), the pair scratch;
+// backward: the tile's links, bucketed by word row and by region row (terms + bucket starts),
+// and the image gradient's per-tile partial.
+template <typename T>
+struct TileScratch {
+  std::vector<T> scores, d_regions;
+  PairScratch<T> pair;
+  std::vector<Link<T>> links;
+  std::vector<Term<T>> word_terms, region_terms;
+  std::vector<int64_t> word_start, region_start;
+  TileScratch(const MaxSimProblem<T>& P, bool backward)
+      : scores(P.max_block_words * P.max_block_regions + simd::kWidth<T>, T(0)),
+        pair(P.words.max_len, P.regions.max_len) {
+    if (backward) {
+      d_regions.resize(P.max_block_regions * P.d);
+      word_start.resize(P.max_block_words + 1);
+      region_start.resize(P.max_block_regions + 1);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// All pairs: forward
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+RCAR_INLINE void forward_tile_body(const MaxSimProblem<T>& P, const Tile& t, TileScratch<T>& ts, T* out) {
+  const Opt<T> o(P.opt);
+  for (int64_t j = t.j0; j < t.j1; ++j)
+    for (int64_t i = t.i0; i < t.i1; ++i)
+      out[i * P.n_cap + j] = pair_score(pair_in_tile(P, t, ts.scores.data(), i, j), o, ts.pair);
+}
+
+template <typename T>
+RCAR_TARGET_AVX2 void forward_tile_avx2(const MaxSimProblem<T>& P, const Tile& t, TileScratch<T>& ts, T* out) {
+  forward_tile_body(P, t, ts, out);
+}
+
+template <typename T>
+void forward_tile_base(const MaxSimProblem<T>& P, const Tile& t, TileScratch<T>& ts, T* out) {
+  forward_tile_body(P, t, ts, out);
+}
+
+template <typename T>
+void maxsim_forward_impl(const MaxSimProblem<T>& P, T* out) {
+  const int64_t n_tiles = P.n_cap_blocks() * P.n_img_blocks();
+  std::vector<std::unique_ptr<TileScratch<T>>> scratch(team_size(n_tiles));
+  const bool avx2 = use_avx2_path();
+  run_tasks(n_tiles, [&](int64_t task, int thread) {
+    if (!scratch[thread]) scratch[thread] = std::make_unique<TileScratch<T>>(P, false);
+    TileScratch<T>& ts = *scratch[thread];
+    // Image blocks vary fastest so consecutive tasks share a caption block's words.
+    const Tile t = tile_of(P, task / P.n_img_blocks(), task % P.n_img_blocks());
+    tile_scores(P, t, ts.scores.data());
+    if (avx2) forward_tile_avx2(P, t, ts, out);
+    else forward_tile_base(P, t, ts, out);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// All pairs: backward
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct MaxSimGrads {
+  at::Tensor d_words;    // (total words, d), rows owned by their caption block's thread
+  at::Tensor d_regions;  // (total regions, d), added per image block in caption-block order
+  OrderedTurns img_turns;
+  explicit MaxSimGrads(const MaxSimProblem<T>& P) : img_turns(P.n_img_blocks()) {
+    d_words = at::zeros({P.words.offsets[P.n_cap], P.d}, P.words.words.options());
+    d_regions = at::zeros({P.regions.offsets[P.n_img], P.d}, P.regions.words.options());
+  }
+};
+
+template <typename T>
+bool tile_has_gradient(const MaxSimProblem<T>& P, const Tile& t, const T* g) {
+  for (int64_t i = t.i0; i < t.i1; ++i)
+    for (int64_t j = t.j0; j < t.j1; ++j)
+      if (g[i * P.n_cap + j] != T(0)) return true;
+  return false;
+}
+
+// y = [y +] sum_t c_t x_t over d, the terms in their order (the same bits on every run), with
+// U vectors of y held in registers across all terms: y is read and written once.
+template <typename T>
+RCAR_INLINE void gather_sum(T* y, const Term<T>* terms, int64_t n, int64_t d, bool accumulate) {
+  constexpr int64_t W = simd::kWidth<T>;
+  constexpr int U = 4;
+  int64_t k = 0;
+  for (; k + U * W <= d; k += U * W) {
+    V<T> acc[U];
+    for (int u = 0; u < U; ++u) acc[u] = accumulate ? simd::load(y + k + u * W) : simd::splat<T>(T(0));
+    for (int64_t t = 0; t < n; ++t) {
+      const V<T> c = simd::splat<T>(terms[t].c);
+      const T* x = terms[t].x + k;
+      for (int u = 0; u < U; ++u) acc[u] += c * simd::load(x + u * W);
+    }
+    for (int u = 0; u < U; ++u) simd::store(y + k + u * W, acc[u]);
+  }
+  for (; k + W <= d; k += W) {
+    V<T> acc = accumulate ? simd::load(y + k) : simd::splat<T>(T(0));
+    for (int64_t t = 0; t < n; ++t) acc += simd::splat<T>(terms[t].c) * simd::load(terms[t].x + k);
+    simd::store(y + k, acc);
+  }
+  for (; k < d; ++k) {
+    T acc = accumulate ? y[k] : T(0);
+    for (int64_t t = 0; t < n; ++t) acc += terms[t].c * terms[t].x[k];
+    y[k] = acc;
+  }
+}
+
+// Every link of every pair of the tile with a gradient, in (caption, image, word / region) order.
+template <typename T>
+RCAR_INLINE void collect_tile_links(const MaxSimProblem<T>& P, const Tile& t, TileScratch<T>& ts, const T* g) {
+  const Opt<T> o(P.opt);
+  ts.links.clear();
+  for (int64_t j = t.j0; j < t.j1; ++j) {
+    const int32_t w0 = static_cast<int32_t>(P.words.offsets[j] - t.w0);
+    for (int64_t i = t.i0; i < t.i1; ++i) {
+      const T gij = g[i * P.n_cap + j];
+      if (gij == T(0)) continue;
+      const PairBlock<T> b = pair_in_tile(P, t, ts.scores.data(), i, j);
+      pair_links(b, o, gij, ts.pair);
+      const int32_t r0 = static_cast<int32_t>(P.regions.offsets[i] - t.c0);
+      if (o.t2i)
+        for (int64_t k = 0; k < b.L; ++k)
+          if (ts.pair.word_coef[k] != T(0))
+            ts.links.push_back({ts.pair.word_coef[k], w0 + int32_t(k), r0 + int32_t(ts.pair.word_arg[k])});
+      if (o.i2t)
+        for (int64_t r = 0; r < b.R; ++r)
+          if (ts.pair.region_coef[r] != T(0))
+            ts.links.push_back({ts.pair.region_coef[r], w0 + int32_t(ts.pair.region_arg[r]), r0 + int32_t(r)});
+    }
+  }
+}
+
+// The links bucketed (stably: link order kept inside a bucket) by word row or by region row, as
+// terms c x with x the other side's feature row; start (n_rows + 1) the bucket bounds.
+template <typename T>
+RCAR_INLINE void bucket_links(const std::vector<Link<T>>& links, bool by_word, int64_t n_rows, const T* other_rows,
+                              int64_t d, std::vector<Term<T>>& terms, int64_t* start) {
+  std::fill(start, start + n_rows + 1, int64_t(0));
+  for (const Link<T>& l : links) ++start[(by_word ? l.word : l.region) + 1];
+  for (int64_t r = 0; r < n_rows; ++r) start[r + 1] += start[r];
+  terms.resize(links.size());
+  std::vector<int64_t> next(start, start + n_rows);
+  for (const Link<T>& l : links) {
+    const int32_t row = by_word ? l.word : l.region, other = by_word ? l.region : l.word;
+    terms[next[row]++] = Term<T>{l.c, other_rows + int64_t(other) * d};
+  }
+}
+
+// The tile's gradient: caption rows added into d_words (rows owned by this caption block), region
+// rows written into the per-tile partial ts.d_regions (rows without a link are left stale: the
+// flush in backward_caption_block skips them).
+template <typename T>
+RCAR_INLINE void backward_tile_body(const MaxSimProblem<T>& P, const Tile& t, TileScratch<T>& ts, const T* g,
+                                    T* d_words) {
+  const int64_t d = P.d;
+  collect_tile_links(P, t, ts, g);
+  const int64_t* ws = ts.word_start.data();
+  const int64_t* rs = ts.region_start.data();
+  bucket_links(ts.links, true, t.rows, P.regions_ptr() + t.c0 * d, d, ts.word_terms, ts.word_start.data());
+  for (int64_t w = 0; w < t.rows; ++w)
+    if (ws[w + 1] > ws[w])
+      gather_sum(d_words + (t.w0 + w) * d, ts.word_terms.data() + ws[w], ws[w + 1] - ws[w], d, true);
+  bucket_links(ts.links, false, t.cols, P.words_ptr() + t.w0 * d, d, ts.region_terms, ts.region_start.data());
+  for (int64_t r = 0; r < t.cols; ++r)
+    if (rs[r + 1] > rs[r])
+      gather_sum(ts.d_regions.data() + r * d, ts.region_terms.data() + rs[r], rs[r + 1] - rs[r], d, false);
+}
+
+template <typename T>
+RCAR_TARGET_AVX2 void backward_tile_avx2(const MaxSimProblem<T>& P, const Tile& t, TileScratch<T>& ts, const T* g,
+                                         T* d_words) {
+  backward_tile_body(P, t, ts, g, d_words);
+}
+
+template <typename T>
+void backward_tile_base(const MaxSimProblem<T>& P, const Tile& t, TileScratch<T>& ts, const T* g, T* d_words) {
+  backward_tile_body(P, t, ts, g, d_words);
+}
+
+// One caption block against every image block, in image-block order (see scan.cpp's backward:
+// the threads run staggered by about one tile and rarely wait).
+template <typename T>
+void backward_caption_block(const MaxSimProblem<T>& P, int64_t cb, TileScratch<T>& ts, const T* g,
+                            MaxSimGrads<T>& G, bool avx2) {
+  T* d_words = G.d_words.template data_ptr<T>();
+  T* d_regions = G.d_regions.template data_ptr<T>();
+  for (int64_t ib = 0; ib < P.n_img_blocks(); ++ib) {
+    const Tile t = tile_of(P, cb, ib);
+    std::unique_lock<std::mutex> turn;
+    if (!tile_has_gradient(P, t, g)) {
+      if (!G.img_turns.wait(ib, cb, turn)) return;
+      G.img_turns.pass(ib, turn);
+      continue;
+    }
+    tile_scores(P, t, ts.scores.data());
+    if (avx2) backward_tile_avx2(P, t, ts, g, d_words);
+    else backward_tile_base(P, t, ts, g, d_words);
+    if (!G.img_turns.wait(ib, cb, turn)) return;
+    const int64_t* rs = ts.region_start.data();
+    for (int64_t r = 0; r < t.cols; ++r) {
+      if (rs[r + 1] == rs[r]) continue;  // no link: the partial row holds nothing of this tile
+      T* dst = d_regions + (t.c0 + r) * P.d;
+      const T* src = ts.d_regions.data() + r * P.d;
+      for (int64_t e = 0; e < P.d; ++e) dst[e] += src[e];
+    }
+    G.img_turns.pass(ib, turn);
+  }
+}
+
+template <typename T>
+std::vector<at::Tensor> unpacked_gradients(const MaxSimProblem<T>& P, const at::Tensor& d_words,
+                                           const at::Tensor& d_regions) {
+  return {unpack_words<T>(d_regions, P.regions.offsets, P.n_img, P.img_slots),
+          unpack_words<T>(d_words, P.words.offsets, P.n_cap, P.cap_slots)};
+}
+
+template <typename T>
+std::vector<at::Tensor> maxsim_backward_impl(const MaxSimProblem<T>& P, const T* g) {
+  MaxSimGrads<T> G(P);
+  const int64_t n_blocks = P.n_cap_blocks();
+  const int team = team_size(n_blocks);
+  std::vector<std::unique_ptr<TileScratch<T>>> scratch(team);
+  const bool avx2 = use_avx2_path();
+  // Caption blocks go out from one counter, in increasing order (OrderedTurns relies on it).
+  std::atomic<int64_t> next_block{0};
+  run_tasks(team, [&](int64_t, int thread) {
+    if (!scratch[thread]) scratch[thread] = std::make_unique<TileScratch<T>>(P, true);
+    try {
+      for (int64_t cb = next_block++; cb < n_blocks; cb = next_block++)
+        backward_caption_block(P, cb, *scratch[thread], g, G, avx2);
+    } catch (...) {
+      G.img_turns.abandon();
+      throw;
+    }
+  });
+  return unpacked_gradients(P, G.d_words, G.d_regions);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pair list
+// ---------------------------------------------------------------------------------------------
+
+// Per-thread scratch of the pair list: one pair's scores (L x R, with the vector of slack).
+template <typename T>
+struct ListScratch {
+  std::vector<T> scores;
+  PairScratch<T> pair;
+  explicit ListScratch(const MaxSimProblem<T>& P)
+      : scores(P.words.max_len * P.regions.max_len + simd::kWidth<T>, T(0)),
+        pair(P.words.max_len, P.regions.max_len) {}
+};
+
+// Pair (i, j)'s scores into ls.scores, words as rows.
+template <typename T>
+PairBlock<T> list_pair_scores(const MaxSimProblem<T>& P, int64_t i, int64_t j, ListScratch<T>& ls) {
+  const int64_t L = P.len(j), R = P.img_len(i);
+  score_tile(P.words_ptr() + P.words.offsets[j] * P.d, L, P.regions_ptr() + P.regions.offsets[i] * P.d, R, P.d,
+             ls.scores.data(), R);
+  return PairBlock<T>{ls.scores.data(), L, R, R};
+}
+
+constexpr int64_t kPairsPerTask = 32;
+
+template <typename T>
+RCAR_INLINE void list_forward_body(const MaxSimProblem<T>& P, const int64_t* ii, const int64_t* jj, int64_t p0,
+                                   int64_t p1, ListScratch<T>& ls, T* out) {
+  const Opt<T> o(P.opt);
+  for (int64_t p = p0; p < p1; ++p) out[p] = pair_score(list_pair_scores(P, ii[p], jj[p], ls), o, ls.pair);
+}
+
+template <typename T>
+RCAR_TARGET_AVX2 void list_forward_avx2(const MaxSimProblem<T>& P, const int64_t* ii, const int64_t* jj, int64_t p0,
+                                        int64_t p1, ListScratch<T>& ls, T* out) {
+  list_forward_body(P, ii, jj, p0, p1, ls, out);
+}
+
+template <typename T>
+void list_forward_base(const MaxSimProblem<T>& P, const int64_t* ii, const int64_t* jj, int64_t p0, int64_t p1,
+                       ListScratch<T>& ls, T* out) {
+  list_forward_body(P, ii, jj, p0, p1, ls, out);
+}
+
+template <typename T>
+void maxsim_pairs_forward_impl(const MaxSimProblem<T>& P, const int64_t* ii, const int64_t* jj, int64_t n_pairs,
+                               T* out) {
+  const int64_t n_tasks = (n_pairs + kPairsPerTask - 1) / kPairsPerTask;
+  std::vector<std::unique_ptr<ListScratch<T>>> scratch(team_size(n_tasks));
+  const bool avx2 = use_avx2_path();
+  run_tasks(n_tasks, [&](int64_t task, int thread) {
+    if (!scratch[thread]) scratch[thread] = std::make_unique<ListScratch<T>>(P);
+    const int64_t p0 = task * kPairsPerTask, p1 = std::min(n_pairs, p0 + kPairsPerTask);
+    if (avx2) list_forward_avx2(P, ii, jj, p0, p1, *scratch[thread], out);
+    else list_forward_base(P, ii, jj, p0, p1, *scratch[thread], out);
+  });
+}
+
+// The pairs of one owner (one caption or one image), in pair order: its gradient rows are
+// accumulated by this task alone, so the sums are the same bits on every run.
+template <typename T>
+RCAR_INLINE void list_backward_body(const MaxSimProblem<T>& P, const int64_t* ii, const int64_t* jj, const T* g,
+                                    const int64_t* order, int64_t q0, int64_t q1, bool caption_side,
+                                    ListScratch<T>& ls, T* d_rows) {
+  const Opt<T> o(P.opt);
+  const int64_t d = P.d;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t p = order[q], i = ii[p], j = jj[p];
+    if (g[p] == T(0)) continue;
+    const PairBlock<T> b = list_pair_scores(P, i, j, ls);
+    pair_links(b, o, g[p], ls.pair);
+    const int64_t w = P.words.offsets[j], r = P.regions.offsets[i];
+    const PairRows<T> rows{P.words_ptr() + w * d, P.regions_ptr() + r * d, caption_side ? d_rows + w * d : nullptr,
+                           caption_side ? nullptr : d_rows + r * d};
+    scatter_links(b, o, ls.pair, rows, d);
+  }
+}
+
+template <typename T>
+RCAR_TARGET_AVX2 void list_backward_avx2(const MaxSimProblem<T>& P, const int64_t* ii, const int64_t* jj, const T* g,
+                                         const int64_t* order, int64_t q0, int64_t q1, bool caption_side,
+                                         ListScratch<T>& ls, T* d_rows) {
+  list_backward_body(P, ii, jj, g, order, q0, q1, caption_side, ls, d_rows);
+}
+
+template <typename T>
+void list_backward_base(const MaxSimProblem<T>& P, const int64_t* ii, const int64_t* jj, const T* g,
+                        const int64_t* order, int64_t q0, int64_t q1, bool caption_side, ListScratch<T>& ls,
+                        T* d_rows) {
+  list_backward_body(P, ii, jj, g, order, q0, q1, caption_side, ls, d_rows);
+}
+
+// One side's gradient (captions: owner = cap index, else images): pairs ordered by owner (stably),
+// then runs of whole owners handed out as tasks of about kPairsPerTask pairs.
+template <typename T>
+void list_backward_side(const MaxSimProblem<T>& P, const int64_t* ii, const int64_t* jj, const T* g,
+                        int64_t n_pairs, bool caption_side, std::vector<std::unique_ptr<ListScratch<T>>>& scratch,
+                        T* d_rows) {
+  const int64_t* owner = caption_side ? jj : ii;
+  std::vector<int64_t> order(n_pairs);
+  std::iota(order.begin(), order.end(), int64_t(0));
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return owner[a] < owner[b]; });
+  std::vector<int64_t> bounds{0};
+  for (int64_t q = 1; q <= n_pairs; ++q) {
+    const bool owner_ends = q == n_pairs || owner[order[q]] != owner[order[q - 1]];
+    if (owner_ends && (q == n_pairs || q - bounds.back() >= kPairsPerTask)) bounds.push_back(q);
+  }
+  const bool avx2 = use_avx2_path();
+  run_tasks(static_cast<int64_t>(bounds.size()) - 1, [&](int64_t task, int thread) {
+    if (!scratch[thread]) scratch[thread] = std::make_unique<ListScratch<T>>(P);
+    if (avx2)
+      list_backward_avx2(P, ii, jj, g, order.data(), bounds[task], bounds[task + 1], caption_side, *scratch[thread],
+                         d_rows);
+    else
+      list_backward_base(P, ii, jj, g, order.data(), bounds[task], bounds[task + 1], caption_side, *scratch[thread],
+                         d_rows);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks
+// ---------------------------------------------------------------------------------------------
+
+// lengths (n,) int64 CPU in [1, slots]: read before any kernel, so that none reads out of bounds.
+void check_lengths(const char* name, const at::Tensor& lengths, int64_t n, int64_t slots) {
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == n && lengths.device().is_cpu(), "maxsim (cpu): ", name,
+              " must be a CPU tensor of shape (", n, ",), got ", lengths.sizes(), " on ", lengths.device());
+  TORCH_CHECK(!at::isFloatingType(lengths.scalar_type()), "maxsim (cpu): ", name, " must hold integers, got ",
+              lengths.scalar_type());
+  if (n == 0) return;
+  const at::Tensor l = lengths.to(at::kLong);
+  const int64_t lo = l.min().item<int64_t>(), hi = l.max().item<int64_t>();
+  TORCH_CHECK(lo >= 1 && hi <= slots, "maxsim (cpu): ", name, " must lie in [1, ", slots, "], got values in [", lo,
+              ", ", hi, "]");
+}
+
+void check_inputs(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens, const at::Tensor& img_lens) {
+  check_pair_inputs("maxsim (cpu)", img, cap, lens);
+  check_lengths("lens", lens, cap.size(0), cap.size(1));
+  check_lengths("img_lens", img_lens, img.size(0), img.size(1));
+}
+
+void check_pairs(const at::Tensor& idx, const char* name, int64_t n_pairs, int64_t n) {
+  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == n_pairs && idx.scalar_type() == at::kLong && idx.device().is_cpu(),
+              "maxsim pairs (cpu): ", name, " must be an int64 CPU tensor of shape (", n_pairs, ",), got ",
+              idx.sizes(), " ", idx.scalar_type(), " on ", idx.device());
+  if (n_pairs == 0) return;
+  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < n, "maxsim pairs (cpu): ", name, " must lie in [0, ", n, "), got values in [", lo,
+              ", ", hi, "]");
+}
+
+}  // namespace
+
+at::Tensor maxsim_forward(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
+                          const at::Tensor& img_lens, const MaxSimSettings& settings, std::optional<at::Tensor> out) {
+  check_inputs(img, cap, lens, img_lens);
+  const HeadOptions opt = parse_options(settings);
+  at::Tensor result;
+  if (out.has_value()) {
+    result = *out;
+    TORCH_CHECK(result.sizes() == at::IntArrayRef({img.size(0), cap.size(0)}) &&
+                    result.scalar_type() == img.scalar_type() && result.is_contiguous() && result.device().is_cpu(),
+                "maxsim (cpu): out must be a contiguous CPU (n_img, n_cap) = (", img.size(0), ", ", cap.size(0),
+                ") tensor of ", img.scalar_type(), ", got ", result.sizes(), " ", result.scalar_type());
+  } else {
+    result = at::empty({img.size(0), cap.size(0)}, img.options());
+  }
+  if (result.numel() == 0) return result;
+  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "rcar_cpu::maxsim_forward", [&] {
+    const auto P = make_problem<scalar_t>(img, cap, lens, img_lens, opt, 1, kTileRegions);
+    maxsim_forward_impl(P, result.data_ptr<scalar_t>());
+  });
+  return result;
+}
+
+std::vector<at::Tensor> maxsim_backward(const at::Tensor& grad, const at::Tensor& img, const at::Tensor& cap,
+                                        const at::Tensor& lens, const at::Tensor& img_lens,
+                                        const MaxSimSettings& settings) {
+  check_inputs(img, cap, lens, img_lens);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == img.size(0) && grad.size(1) == cap.size(0),
+              "maxsim (cpu) backward: grad must be (n_img, n_cap) = (", img.size(0), ", ", cap.size(0), "), got ",
+              grad.sizes());
+  const HeadOptions opt = parse_options(settings);
+  std::vector<at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "rcar_cpu::maxsim_backward", [&] {
+    const auto P = make_problem<scalar_t>(img, cap, lens, img_lens, opt, 4 * at::get_num_threads(),
+                                          kBackwardTileRegions);
+    const at::Tensor g = grad.to(img.scalar_type()).contiguous();
+    grads = maxsim_backward_impl(P, g.data_ptr<scalar_t>());
+  });
+  return grads;
+}
+
+at::Tensor maxsim_pairs_forward(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
+                                const at::Tensor& img_lens, const at::Tensor& img_idx, const at::Tensor& cap_idx,
+                                const MaxSimSettings& settings) {
+  check_inputs(img, cap, lens, img_lens);
+  const int64_t n_pairs = img_idx.numel();
+  check_pairs(img_idx, "img_idx", n_pairs, img.size(0));
+  check_pairs(cap_idx, "cap_idx", n_pairs, cap.size(0));
+  const HeadOptions opt = parse_options(settings);
+  at::Tensor out = at::empty({n_pairs}, img.options());
+  if (n_pairs == 0) return out;
+  const at::Tensor ii = img_idx.contiguous(), jj = cap_idx.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "rcar_cpu::maxsim_pairs_forward", [&] {
+    const auto P = make_rows<scalar_t>(img, cap, lens, img_lens, opt);
+    maxsim_pairs_forward_impl(P, ii.data_ptr<int64_t>(), jj.data_ptr<int64_t>(), n_pairs,
+                              out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::vector<at::Tensor> maxsim_pairs_backward(const at::Tensor& grad, const at::Tensor& img, const at::Tensor& cap,
+                                              const at::Tensor& lens, const at::Tensor& img_lens,
+                                              const at::Tensor& img_idx, const at::Tensor& cap_idx,
+                                              const MaxSimSettings& settings) {
+  check_inputs(img, cap, lens, img_lens);
+  const int64_t n_pairs = img_idx.numel();
+  check_pairs(img_idx, "img_idx", n_pairs, img.size(0));
+  check_pairs(cap_idx, "cap_idx", n_pairs, cap.size(0));
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == n_pairs, "maxsim pairs (cpu) backward: grad must be (", n_pairs,
+              ",), got ", grad.sizes());
+  const HeadOptions opt = parse_options(settings);
+  std::vector<at::Tensor> grads;
+  const at::Tensor ii = img_idx.contiguous(), jj = cap_idx.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "rcar_cpu::maxsim_pairs_backward", [&] {
+    using T = scalar_t;
+    const auto P = make_rows<T>(img, cap, lens, img_lens, opt);
+    const at::Tensor g = grad.to(img.scalar_type()).contiguous();
+    at::Tensor d_words = at::zeros({P.words.offsets[P.n_cap], P.d}, img.options());
+    at::Tensor d_regions = at::zeros({P.regions.offsets[P.n_img], P.d}, img.options());
+    std::vector<std::unique_ptr<ListScratch<T>>> scratch(std::max(1, at::get_num_threads()));
+    for (const bool caption_side : {true, false})
+      list_backward_side(P, ii.data_ptr<int64_t>(), jj.data_ptr<int64_t>(), g.data_ptr<T>(), n_pairs, caption_side,
+                         scratch, (caption_side ? d_words : d_regions).data_ptr<T>());
+    grads = unpacked_gradients(P, d_words, d_regions);
+  });
+  return grads;
+}
+
+}  // namespace rcar_cpu
