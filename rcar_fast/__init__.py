@@ -19,7 +19,7 @@ from rcar_fast.ops.gram import gram
 from rcar_fast.ops.maxsim import max_similarity, maxsim
 from rcar_fast.ops.scan import scan_similarity
 from rcar_fast.losses import hardest_negative_loss
-from rcar_fast.pairs import score_pairs  # also registers the pair ops
+from rcar_fast.pairs import score_pairs
 
 __version__ = "0.1.0"
 

@@ -59,7 +59,7 @@ TABLE: dict[str, tuple[type[Backend], ...]] = {
                maxsim_triton.MaxSimTriton, maxsim_cuda.MaxSimCuda, maxsim_cpu.MaxSimCpu),
     "maxsim_pairs": (maxsim_reference.MaxSimPairsReference,
                      maxsim_reference.MaxSimPairsReferenceLoop, maxsim_triton.MaxSimPairsTriton,
-                     maxsim_cpu.MaxSimPairsCpu),
+                     maxsim_cuda.MaxSimPairsCuda, maxsim_cpu.MaxSimPairsCpu),
 }
 
 

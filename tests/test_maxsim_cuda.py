@@ -22,7 +22,7 @@ from rcar_fast.reference_heads import max_similarity_reference
 from tests.conftest import requires_gpu
 from tests.maxsim_cases import (CASES, assert_head_matches_reference, poisoned_allocations, ragged_case,
                                 reference_scores, settings_grid, settings_id, tie_case)
-from tests.tolerances import F64_PAIR_BACKWARD, assert_bit_equal, assert_close, assert_close_to_reference
+from tests.tolerances import F64_BACKEND_AGREE, F64_PAIR_BACKWARD, F64_PAIRS, assert_bit_equal, assert_close, assert_close_to_reference
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -331,3 +331,77 @@ def test_opcheck():
     grad = torch.randn(3, 4, device="cuda")
     torch.library.opcheck(torch.ops.rcar_fast.maxsim_cuda_backward.default,
                           (grad, case.img.detach(), case.cap.detach(), case.lens, case.img_lens, *options))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pair lists through the all-pairs kernel (the blocking runs on any all-pairs function: here
+# the C++ CPU one, so that it is checked without a GPU)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pairs_per_block", [1, 3, 512])
+@pytest.mark.parametrize("direction", ["t2i", "both"])
+def test_pair_blocks_equal_the_listed_entries_of_all_pairs(pairs_per_block, direction):
+    from rcar_fast.ops import maxsim_cpu, maxsim_reference
+    from rcar_fast.ops.maxsim_cuda import pairs_through_all_pairs
+
+    gen = torch.Generator().manual_seed(7)
+    img = torch.randn(5, 6, 16, generator=gen, dtype=torch.float64)
+    cap = torch.randn(4, 7, 16, generator=gen, dtype=torch.float64)
+    lens = torch.tensor([7, 1, 4, 6])
+    img_lens = torch.tensor([6, 2, 5, 1, 3])
+    cap[1, 1:] = float("nan")
+    img[3, 1:] = float("nan")
+    img_idx = torch.tensor([4, 0, 4, 3, 1, 0, 2, 4, 3])
+    cap_idx = torch.tensor([0, 3, 0, 1, 2, 2, 3, 1, 1])
+    kw = dict(direction=direction, pool="lse", tau=0.5, leaky=True, both_scale=0.5)
+    img_g, cap_g = img.clone().requires_grad_(), cap.clone().requires_grad_()
+    got = pairs_through_all_pairs(maxsim_cpu.MaxSimCpu.fn, img_g, cap_g, lens, img_lens, img_idx,
+                                  cap_idx, kw, pairs_per_block=pairs_per_block)
+    want = maxsim_reference.MaxSimPairsReference.fn(img, cap, lens, img_lens, img_idx, cap_idx, **kw)
+    assert_close(got, want, F64_PAIRS, what="pair scores")
+    weights = torch.linspace(-1, 2, len(img_idx), dtype=torch.float64)
+    d_img, d_cap = torch.autograd.grad((got * weights).sum(), (img_g, cap_g))
+    img_r, cap_r = img.nan_to_num(0).requires_grad_(), cap.nan_to_num(0).requires_grad_()
+    ref = maxsim_reference.MaxSimPairsReference.fn(img_r, cap_r, lens, img_lens, img_idx, cap_idx, **kw)
+    r_img, r_cap = torch.autograd.grad((ref * weights).sum(), (img_r, cap_r))
+    assert_close(d_img, r_img, F64_BACKEND_AGREE, what="d img")
+    assert_close(d_cap, r_cap, F64_BACKEND_AGREE, what="d cap")
+    assert not torch.isnan(d_img).any() and not torch.isnan(d_cap).any()
+    with torch.no_grad():
+        again = pairs_through_all_pairs(maxsim_cpu.MaxSimCpu.fn, img, cap, lens, img_lens, img_idx,
+                                        cap_idx, kw, pairs_per_block=pairs_per_block)
+    assert torch.equal(again, got.detach())
+
+
+def test_pair_blocks_of_an_empty_list():
+    from rcar_fast.ops import maxsim_cpu
+    from rcar_fast.ops.maxsim_cuda import pairs_through_all_pairs
+
+    img, cap = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    out = pairs_through_all_pairs(maxsim_cpu.MaxSimCpu.fn, img, cap, torch.tensor([3, 2]),
+                                  torch.tensor([3, 3]), torch.empty(0, dtype=torch.long),
+                                  torch.empty(0, dtype=torch.long),
+                                  dict(direction="t2i", pool="sum", tau=0.1, leaky=False, both_scale=0.5))
+    assert out.shape == (0,) and out.dtype == torch.float32
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_maxsim_pairs_and_top_k_on_cuda(dtype):
+    """rcar_fast.maxsim's pair list and top-k (with differentiable values) on backend='cuda'
+    equal the all-pairs matrix's entries."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(6, 9, 32, generator=gen).to("cuda", dtype)
+    d = torch.randn(11, 20, 32, generator=gen).to("cuda", dtype)
+    q_lens = torch.tensor([9, 1, 5, 7, 2, 9], device="cuda")
+    d_lens = torch.tensor([20, 3, 8, 1, 20, 11, 5, 6, 7, 19, 2], device="cuda")
+    full = rcar_fast.maxsim(q, d, q_lens, d_lens, backend="cuda")
+    q_idx = torch.tensor([0, 5, 5, 2, 1, 0], device="cuda")
+    d_idx = torch.tensor([10, 0, 3, 3, 7, 10], device="cuda")
+    listed = rcar_fast.maxsim(q, d, q_lens, d_lens, pairs=(q_idx, d_idx), backend="cuda")
+    assert torch.equal(listed, full[q_idx, d_idx])
+    q_g = q.clone().requires_grad_()
+    values, indices = rcar_fast.maxsim(q_g, d, q_lens, d_lens, k=3, doc_block=4, backend="cuda")
+    assert torch.equal(values.detach(), full.gather(1, indices))
+    values.sum().backward()
+    assert q_g.grad is not None and torch.isfinite(q_g.grad).all()

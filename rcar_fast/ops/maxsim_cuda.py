@@ -229,3 +229,59 @@ class MaxSimCuda(Backend):
         options = dict(direction=direction, pool=pool, tau=float(tau), leaky=bool(leaky),
                        both_scale=float(both_scale))
         return maxsim_cuda_op(img, cap, lens, img_lens, *(options[n] for n in MAXSIM_OPTION_NAMES))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pair lists on the all-pairs kernel
+# ---------------------------------------------------------------------------------------------
+
+# Pairs per block of pairs_through_all_pairs: a block's matrix holds at most this squared
+# entries, so at most PAIRS_PER_BLOCK times the listed pairs are scored.
+PAIRS_PER_BLOCK = 512
+
+
+def pairs_through_all_pairs(all_pairs, img, cap, lens, img_lens, img_idx, cap_idx, kw,
+                            pairs_per_block: int = PAIRS_PER_BLOCK) -> torch.Tensor:
+    """The listed pairs (P,) scored by an all-pairs function: the pairs, sorted by (image,
+    caption), go in blocks; each block's distinct images and captions are gathered and scored
+    as one small all-pairs matrix, and its listed entries are picked out. The values are the
+    all-pairs kernel's own (same tile, same epilogue); gradients flow through the gathers and
+    the all-pairs op (distinct rows per block: no two updates of one row inside a block).
+
+    There is no CUDA pair kernel: this serves the sparse loss (<= 3B pairs of a B x B batch,
+    whose block matrix is at most B x B) and re-ranking; the work is at most pairs_per_block
+    times the listed pairs."""
+    n_pairs = img_idx.numel()
+    out = torch.empty(n_pairs, dtype=torch.float32 if img.dtype != torch.float64 else torch.float64,
+                      device=img.device)
+    if n_pairs == 0:
+        return out
+    order = torch.argsort(img_idx * cap.shape[0] + cap_idx, stable=True)
+    pieces = []
+    for start in range(0, n_pairs, pairs_per_block):
+        chosen = order[start:start + pairs_per_block]
+        images, img_at = torch.unique(img_idx[chosen], return_inverse=True)
+        captions, cap_at = torch.unique(cap_idx[chosen], return_inverse=True)
+        block_lens = lens.index_select(0, captions)
+        words = int(block_lens.max())
+        block = all_pairs(img.index_select(0, images), cap.index_select(0, captions)[:, :words].contiguous(),
+                          block_lens, img_lens.index_select(0, images), **kw)
+        pieces.append((chosen, block[img_at, cap_at]))
+    if not any(values.requires_grad for _, values in pieces):
+        for chosen, values in pieces:
+            out[chosen] = values.to(out.dtype)
+        return out
+    # Differentiable: put the blocks back in the list's order without in-place writes.
+    chosen = torch.cat([c for c, _ in pieces])
+    values = torch.cat([v for _, v in pieces]).to(out.dtype)
+    return values.index_select(0, torch.argsort(chosen))
+
+
+class MaxSimPairsCuda(MaxSimCuda):
+    op, backend, kernel = "maxsim_pairs", "cuda", "the CUDA maxsim kernels (pair lists in blocks)"
+
+    @staticmethod
+    def fn(img, cap, lens, img_lens, img_idx, cap_idx, *, direction="t2i", pool="mean",
+           tau=contract.CHAN_TAU, leaky=False, both_scale=0.5) -> torch.Tensor:
+        kw = dict(direction=direction, pool=pool, tau=tau, leaky=leaky, both_scale=both_scale)
+        return pairs_through_all_pairs(MaxSimCuda.fn, img, cap, lens, img_lens, img_idx, cap_idx, kw)
