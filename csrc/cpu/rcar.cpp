@@ -1167,7 +1167,7 @@ struct BackwardTile {
   }
 };
 
-constexpr int64_t kBackwardTileRows = 256;  // query rows per backward tile
+constexpr int64_t kBackwardTileRows = 512;  // query rows per backward tile
 
 template <typename T>
 void backward_tile_body(const RcarTile<T>& t, const HeadWeights& hw, const HeadConfig& cfg, TilePool& pool,
@@ -1181,16 +1181,28 @@ RCAR_TARGET_AVX2 void backward_tile_avx2(const RcarTile<T>& t, const HeadWeights
   backward_tile_body(t, hw, cfg, pool, go, g);
 }
 
-// Runs body(task, part) for the tasks of each of n_parts contiguous parts, the parts spread
-// over the team (static): part k always gets the same tasks, in order.
+// Runs body(task, part) for the tasks of each of n_parts contiguous parts, one part per thread
+// of the team: part k always gets the same tasks, in order. The cuts balance the parts' total
+// work (task weights, e.g. query rows), fixed by the weights alone.
 template <typename Body>
-void run_parts(int64_t n_tasks, int n_parts, Body&& body) {
+void run_parts(const std::vector<int64_t>& task_weight, int n_parts, Body&& body) {
+  const int64_t n_tasks = static_cast<int64_t>(task_weight.size());
+  std::vector<int64_t> prefix(n_tasks + 1, 0), cut(n_parts + 1, n_tasks);
+  for (int64_t i = 0; i < n_tasks; ++i) prefix[i + 1] = prefix[i] + task_weight[i];
+  cut[0] = 0;
+  for (int k = 1; k < n_parts; ++k) {
+    // the first task whose work starts at or after k/n_parts of the total
+    const int64_t target = prefix[n_tasks] * k / n_parts;
+    cut[k] = std::max(cut[k - 1], static_cast<int64_t>(std::lower_bound(prefix.begin(), prefix.end(), target) -
+                                                       prefix.begin()));
+    cut[k] = std::min(cut[k], n_tasks);
+  }
   std::exception_ptr failure;
   std::mutex failure_mutex;
 #pragma omp parallel for schedule(static, 1) num_threads(n_parts)
   for (int part = 0; part < n_parts; ++part) {
     c10::InferenceMode inference_guard;
-    const int64_t first = n_tasks * part / n_parts, last = n_tasks * (part + 1) / n_parts;
+    const int64_t first = cut[part], last = cut[part + 1];
     try {
       for (int64_t task = first; task < last; ++task) body(task, part);
     } catch (...) {
@@ -1222,7 +1234,13 @@ std::vector<at::Tensor> rcar_backward_impl(const at::Tensor& grad_in, const at::
   const bool avx2 = use_avx2_path();
   const T* grad_ptr = grad.data_ptr<T>();
   std::vector<std::unique_ptr<TilePool>> pools(n_parts);
-  run_parts(n_tasks, n_parts, [&](int64_t task, int part) {
+  std::vector<int64_t> work(n_tasks);
+  std::vector<int64_t> seg_scratch;
+  for (int64_t task = 0; task < n_tasks; ++task) {
+    const RcarTile<T> t = layout.tile(task, seg_scratch, nullptr);
+    work[task] = t.rows * (t.C + 1);
+  }
+  run_parts(work, n_parts, [&](int64_t task, int part) {
     if (!pools[part]) pools[part] = std::make_unique<TilePool>(img.options());
     std::vector<int64_t> seg;
     const RcarTile<T> t = layout.tile(task, seg, nullptr);
