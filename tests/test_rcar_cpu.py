@@ -248,3 +248,19 @@ def test_training_mode_head_runs_on_cpu_and_draws_masks():
     assert_close_to_reference(eval_out, head.forward_loop(img, cap, lens), dtype=torch.float64)
     out_a.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_training_head_without_dropout_rate_equals_eval_and_other_rates_are_refused():
+    head = make_head("coop_rcar", 2, "i2t", embed_dim=8, sim_dim=6)
+    img, cap, lens = make_inputs(2, 3, 5, 8, 4)
+    with torch.no_grad():
+        eval_out = head(img, cap, lens, backend="cpu")
+        for module in head.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        assert_bit_equal(head.train()(img, cap, lens, backend="cpu"), eval_out, what="training, p = 0")
+        for module in head.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.2
+        with pytest.raises(ValueError, match="p = 0.4"):
+            head(img, cap, lens, backend="cpu")
