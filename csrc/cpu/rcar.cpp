@@ -613,6 +613,13 @@ void rcar_forward_impl(const at::Tensor& img_in, const at::Tensor& cap, const at
 
 // Per-thread tensors reused from tile to tile: take() hands out slot after slot, each grown to
 // the largest size asked of it (views of one allocation, no allocation per tile).
+// Tests set this (set_poison_buffers): every buffer handed out (per-tile scratch, the forward's
+// output) is NaN-filled first, so an entry read before it was written shows up as NaN.
+std::atomic<bool>& poison_buffers() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+
 struct TilePool {
   std::vector<at::Tensor> slots;
   size_t next = 0;
@@ -623,7 +630,9 @@ struct TilePool {
     if (next == slots.size()) slots.push_back(at::empty({0}, opts));
     at::Tensor& slot = slots[next++];
     if (slot.numel() < rows * cols) slot = at::empty({rows * cols}, opts);
-    return slot.narrow(0, 0, rows * cols).view({rows, cols});
+    at::Tensor view = slot.narrow(0, 0, rows * cols).view({rows, cols});
+    if (poison_buffers().load()) view.fill_(std::numeric_limits<double>::quiet_NaN());
+    return view;
   }
   at::Tensor zeros(int64_t rows, int64_t cols) { return take(rows, cols).zero_(); }
 };
@@ -1250,6 +1259,9 @@ std::vector<at::Tensor> rcar_backward_impl(const at::Tensor& grad_in, const at::
       const int64_t pair = t.pair_base + p * t.pair_step;
       go[p] = grad_ptr[pair];  // grad is (n_img, n_cap): flat index i * n_cap + j
     }
+    // A tile whose pairs all have a zero output gradient contributes exactly nothing (a
+    // sparse loss's gradient): skipped.
+    if (std::all_of(go.begin(), go.end(), [](T v) { return v == T(0); })) return;
     T* query_grads = (t2i ? d_words[part] : d_img[part]).template data_ptr<T>();
     T* context_grads = (t2i ? d_img[part] : d_words[part]).template data_ptr<T>();
     const TileGrads<T> g{query_grads + layout.query_row(task) * d, context_grads + layout.context_row(task) * d,
@@ -1302,6 +1314,7 @@ at::Tensor rcar_forward(const at::Tensor& img, const at::Tensor& cap, const at::
   const Prepared pr = prepare(img, cap, lens, settings, weights);
   at::Tensor out = at::empty({img.size(0), cap.size(0)}, img.options());
   if (out.numel() == 0) return out;
+  if (poison_buffers().load()) out.fill_(std::numeric_limits<double>::quiet_NaN());
   AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "rcar_cpu::rcar_forward",
                              [&] { rcar_forward_impl<scalar_t>(img, cap, lens, pr.t2i, pr.hw, pr.cfg, out); });
   return out;
@@ -1343,6 +1356,10 @@ at::Tensor rcar_dropout_scales(int64_t seed, int64_t module, int64_t which, cons
 }  // namespace rcar_cpu
 
 namespace rcar_cpu {
+
+bool set_poison_buffers(bool on) {
+  return poison_buffers().exchange(on);
+}
 
 std::string set_simd_path(const std::string& path) {
   TORCH_CHECK(path == "auto" || path == "baseline" || path == "avx2",
