@@ -1,4 +1,5 @@
-// RCAR similarity head (official EncoderSimilarity, eval mode) over all pairs on the CPU.
+// RCAR similarity head (official EncoderSimilarity) over all pairs on the CPU: the forward,
+// RAR's counter-based dropout (training mode) and the fused backward (below, "Backward").
 //
 // A tile is one context owner against a block of query rows: t2i, one image's regions as the
 // context and the real words of a caption block as queries; i2t, one caption's words as the
