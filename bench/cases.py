@@ -27,43 +27,66 @@ from typing import Optional
 
 import torch
 
+from rcar_fast import scorers
+
 MODES = ("forward", "backward", "train_step")
 
 
 @dataclasses.dataclass(frozen=True)
 class OpSpec:
+    """A head to measure: its row label, its name in the head registry (rcar_fast.scorers:
+    the scorer builds the model, makes the call, the compile baseline and the FLOPs) and its
+    build options (Scorer.build: direction, smooth, sim_dim, regulator, steps, or the head's
+    own keywords) as (key, value) pairs. A new case names a head and options; nothing else
+    in bench/ changes."""
     name: str                    # row label, e.g. "scan_t2i", "rcar_coop_rcar2_t2i"
-    family: str                  # "scan" | "rcar"
-    direction: str = "t2i"
-    smooth: float = 9.0
-    agg: str = "mean"
-    lse_lambda: float = 6.0
-    regulator: str = ""
-    steps: int = 0
-    sim_dim: int = 0
+    family: str                  # the head's name in rcar_fast.scorers ("scan", "rcar", ...)
+    options: tuple = ()
+
+    @property
+    def scorer(self):
+        return scorers.get(self.family)
 
     @property
     def dispatch_op(self) -> str:
-        return self.family
+        return self.scorer.all_pairs_op
 
     @property
     def pairs_op(self) -> str:
-        return f"{self.family}_pairs"
+        return self.scorer.pairs_op
+
+    def option(self, key: str, default=None):
+        return dict(self.options).get(key, default)
+
+    @property
+    def direction(self) -> str:
+        return self.option("direction", "t2i")
+
+    @property
+    def sim_dim(self) -> int:
+        return self.option("sim_dim", 0)
+
+    def build(self, embed_dim: Optional[int]) -> tuple:
+        """(model, keyword settings) of this head (Scorer.build); embed_dim matters only for
+        heads with weights."""
+        return self.scorer.build(self.family, embed_dim, dict(self.options))
 
     def scan_kwargs(self) -> dict:
-        return dict(direction=self.direction, smooth=self.smooth, agg=self.agg,
-                    lse_lambda=self.lse_lambda)
+        """The keyword settings of a head without weights ({} for a module head)."""
+        return {} if self.scorer.module_type is not None else self.build(None)[1]
 
 
 def scan_op(direction: str) -> OpSpec:
     # Published SCAN settings: t2i smooth 9, i2t smooth 4 (mean aggregation, "AVG").
-    return OpSpec(f"scan_{direction}", "scan", direction, smooth=9.0 if direction == "t2i" else 4.0)
+    return OpSpec(f"scan_{direction}", "scan",
+                  (("direction", direction), ("smooth", 9.0 if direction == "t2i" else 4.0)))
 
 
 def rcar_op(regulator: str, steps: int, direction: str, sim_dim: int) -> OpSpec:
-    smooth = 10.0 if direction == "t2i" else 3.0
-    return OpSpec(f"rcar_{regulator}{steps}_{direction}", "rcar", direction, smooth=smooth,
-                  regulator=regulator, steps=steps, sim_dim=sim_dim)
+    # smooth: the published 10 (t2i) / 3 (i2t), the scorer's default.
+    return OpSpec(f"rcar_{regulator}{steps}_{direction}", "rcar",
+                  (("direction", direction), ("regulator", regulator), ("steps", steps),
+                   ("sim_dim", sim_dim)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +155,11 @@ def tiny_plan() -> Plan:
         name="tiny",
         op_cases=(OpCase(scan_op("t2i"), MODES, scan_shapes),
                   OpCase(scan_op("i2t"), MODES, scan_shapes[:1]),
-                  OpCase(rcar, MODES, _pairs_sweep([(2, 4)], 6, 4, 16, f32))),
+                  OpCase(rcar, MODES, _pairs_sweep([(2, 4)], 6, 4, 16, f32)),
+                  OpCase(OpSpec("maxsim_chan_t2i", "chan"), MODES, scan_shapes[:1])),
         loss_cases=(LossCase(scan_op("t2i"), _batch_sweep([6], 6, 4, 16, f32)),
-                    LossCase(rcar, _batch_sweep([4], 6, 4, 16, f32))),
+                    LossCase(rcar, _batch_sweep([4], 6, 4, 16, f32)),
+                    LossCase(OpSpec("maxsim_aladin_t2i", "aladin"), _batch_sweep([4], 6, 4, 16, f32))),
         budget_s=0.0, min_repeats=1, max_repeats=1, skip_after_s=30.0,
         compile="tiny mode: torch.compile takes about a minute per shape on a CPU")
 
@@ -162,7 +187,12 @@ def quick_plan(device: torch.device) -> Plan:
                   OpCase(rcar_op("only_rar", 2, "t2i", 64), ("forward",),
                          _pairs_sweep([(4, 20)], R, L, d, f32)),
                   OpCase(rcar_op("only_rcr", 2, "t2i", 64), ("forward",),
-                         _pairs_sweep([(4, 20)], R, L, d, f32))),
+                         _pairs_sweep([(4, 20)], R, L, d, f32)),
+                  # The S-only heads (issue 14): ALADIN's MrSw and LAPS's both-way max-mean.
+                  OpCase(OpSpec("maxsim_aladin_t2i", "aladin"), MODES,
+                         _pairs_sweep(pair_sizes, R, L, d, f32)),
+                  OpCase(OpSpec("maxsim_laps_both", "laps"), ("forward",),
+                         _pairs_sweep([mid], R, L, d, f32))),
         loss_cases=(LossCase(scan_op("t2i"), _batch_sweep([16, 32, 64], R, L, d, f32)),
                     LossCase(rcar, _batch_sweep([8, 16, 32], R, L, d, f32))),
         budget_s=0.5, min_repeats=1, max_repeats=10, skip_after_s=10.0,

@@ -1,5 +1,9 @@
 """Running a plan: every (op, mode, shape) against every usable backend and the baselines.
 
+Heads come from the head registry (rcar_fast.scorers): a case names a head and its options
+(bench/cases.py), and the head's scorer builds the model, makes the call, gives the compile
+baseline (its vectorised reference) and the model FLOPs; nothing here names a head.
+
 Backends come from rcar_fast.dispatch, so the suite grows as backends register:
 * a backend the environment lacks (no GPU, no extension, triton without the interpreter)
   gets no rows; the summary lists it with its reason;
@@ -26,10 +30,7 @@ from bench import cases as _cases
 from bench import flops as _flops
 from bench import measure
 
-from rcar_fast import dispatch, losses
-from rcar_fast.modules import RCARSimilarity
-from rcar_fast.ops.scan import scan_similarity
-from rcar_fast import reference
+from rcar_fast import dispatch, losses, pairs, scorers
 
 BASELINES = ("reference_loop", "reference", "reference_compile")
 OUT_OF_MEMORY = float("inf")   # ctx.slow marker: the backend ran out of memory at this key
@@ -96,33 +97,37 @@ def candidate_backends(ctx: RunContext, dispatch_op: str, dtype: torch.dtype, wi
 # The callables being measured
 # ---------------------------------------------------------------------------------------------
 
-def make_head(op: _cases.OpSpec, shape: _cases.Shape, device) -> RCARSimilarity:
+def make_head(op: _cases.OpSpec, shape: _cases.Shape, device) -> Optional[torch.nn.Module]:
+    """The op's head module (seeded weights, eval mode, on device in the shape's dtype), or
+    None for a head without weights (its name and keywords are op.scan_kwargs())."""
     torch.manual_seed(0)
-    head = RCARSimilarity(embed_dim=shape.d, sim_dim=op.sim_dim, regulator=op.regulator,
-                          steps=op.steps, direction=op.direction, smooth=op.smooth)
+    model, _ = op.build(shape.d)
+    if not isinstance(model, torch.nn.Module):
+        return None
     # Dropout off: every backend then computes the same function (dropout masks differ).
-    return head.to(device=device, dtype=shape.dtype).eval()
+    return model.to(device=device, dtype=shape.dtype).eval()
+
+
+def op_scoring(op: _cases.OpSpec, head: Optional[torch.nn.Module]) -> scorers.Scoring:
+    """The head of a row: make_head's module, or the op's head name and keywords."""
+    if head is not None:
+        return scorers.scoring(head)
+    model, kwargs = op.build(None)
+    return scorers.scoring(model, kwargs)
 
 
 def similarity_fn(ctx: RunContext, op: _cases.OpSpec, backend: str, head) -> Callable:
     """fn(img, cap, lens) -> (n_img, n_cap) for a backend or baseline. The compiled baseline
-    is compiled once per op and head with dynamic shapes, so a sweep does not recompile at
-    every size (its compile time shows in first_call_ms)."""
+    (the head's vectorised reference) is compiled once per op and head with dynamic shapes,
+    so a sweep does not recompile at every size (its compile time shows in first_call_ms)."""
+    scoring = op_scoring(op, head)
     if backend == "reference_compile":
         key = (op, id(head))
         if key not in ctx.compiled:
-            if op.family == "scan":
-                kwargs = op.scan_kwargs()
-                ctx.compiled[key] = torch.compile(
-                    lambda img, cap, lens: reference.scan_similarity_vectorized(img, cap, lens, **kwargs),
-                    dynamic=True)
-            else:
-                ctx.compiled[key] = torch.compile(head.forward_vectorized, dynamic=True)
+            ctx.compiled[key] = torch.compile(scoring.vectorized_reference(), dynamic=True)
         return ctx.compiled[key]
-    if op.family == "scan":
-        kwargs = op.scan_kwargs()
-        return lambda img, cap, lens: scan_similarity(img, cap, lens, backend=backend, **kwargs)
-    return lambda img, cap, lens: head(img, cap, lens, backend=backend)
+    return lambda img, cap, lens: pairs.all_pairs_scores(img, cap, lens, model=scoring.model,
+                                                         backend=backend, **scoring.settings)
 
 
 def _grad_inputs(img, cap, head):
@@ -166,19 +171,15 @@ def base_row(ctx: RunContext, op: _cases.OpSpec, shape: _cases.Shape, lens, mode
                 d=shape.d, sim_dim=op.sim_dim or "", lengths=shape.lengths, status="", reason="")
 
 
-def forward_flops(op: _cases.OpSpec, shape: _cases.Shape, lens) -> float:
-    lens_list = lens.tolist()
-    if op.family == "scan":
-        return _flops.scan_forward(shape.n_img, lens_list, shape.regions, shape.d, op.direction)
-    return _flops.rcar_forward(shape.n_img, lens_list, shape.regions, shape.d, op.sim_dim,
-                               op.regulator, op.steps, op.direction)
+def forward_flops(op: _cases.OpSpec, shape: _cases.Shape, lens, head=None) -> float:
+    """The head's model FLOPs over all pairs of the shape (its scorer's FLOP model)."""
+    if head is None:   # a module head's FLOPs read its settings: build one where not given
+        head = make_head(op, shape, "cpu")
+    return op_scoring(op, head).forward_flops(shape.n_img, lens.tolist(), shape.regions, shape.d)
 
 
-def _pairs_flops(op: _cases.OpSpec, shape: _cases.Shape, pair_lens) -> float:
-    if op.family == "scan":
-        return _flops.scan_pairs_forward(pair_lens, shape.regions, shape.d, op.direction)
-    return _flops.rcar_pairs_forward(pair_lens, shape.regions, shape.d, op.sim_dim, op.regulator,
-                                     op.steps, op.direction)
+def _pairs_flops(op: _cases.OpSpec, shape: _cases.Shape, pair_lens, head) -> float:
+    return op_scoring(op, head).pair_flops(pair_lens, shape.regions, shape.d)
 
 
 def relative_error(out, ref) -> Optional[float]:
@@ -261,8 +262,8 @@ def run_op_case(ctx: RunContext, case: _cases.OpCase) -> list:
         # skipped (time limit, baselines only) allocates nothing (the COCO 5K row: GBs).
         lens = _cases.caption_lengths(shape.n_cap, shape.mean_len, shape.lengths).to(ctx.device)
         inputs = None
-        head = make_head(op, shape, ctx.device) if op.family == "rcar" else None
-        op_flops = forward_flops(op, shape, lens)
+        head = make_head(op, shape, ctx.device)
+        op_flops = forward_flops(op, shape, lens, head)
         for mode in modes:
             reference_out = None
             for backend, reason in candidate_backends(ctx, op.dispatch_op, shape.dtype, True):
@@ -304,12 +305,12 @@ def run_loss_case(ctx: RunContext, case: _cases.LossCase) -> list:
         return rows
     for shape in case.shapes:
         img, cap, lens = _cases.make_inputs(shape, ctx.device)
-        head = make_head(op, shape, ctx.device) if op.family == "rcar" else None
-        model = "scan" if head is None else head
-        kwargs = op.scan_kwargs() if head is None else {}
-        all_pairs = forward_flops(op, shape, lens)
+        head = make_head(op, shape, ctx.device)
+        scoring = op_scoring(op, head)
+        model, kwargs = scoring.model, scoring.settings
+        all_pairs = forward_flops(op, shape, lens, head)
         # The sparse loss recomputes at most 3B pairs: the B positives and 2B negatives.
-        pair_flops = _pairs_flops(op, shape, lens.tolist() * 3)
+        pair_flops = _pairs_flops(op, shape, lens.tolist() * 3, head)
         reference_loss = None
         for backend, reason in candidate_backends(ctx, op.dispatch_op, shape.dtype, False):
             for variant in ("full", "sparse"):
@@ -349,7 +350,7 @@ def loss_step(ctx, variant, model, backend, img, cap, lens, head, kwargs):
                                                     backend=backend, **kwargs)
             return (loss.detach(),) + torch.autograd.grad(loss, targets)
         return run, ""
-    pairs_op = "scan_pairs" if head is None else "rcar_pairs"
+    pairs_op = scorers.scoring(model, kwargs).scorer.pairs_op
     pair_backend = dispatch.choose(pairs_op, "auto", ctx.device, img.dtype).backend
 
     def run():

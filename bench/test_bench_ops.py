@@ -67,12 +67,12 @@ def _require(op_name, backend, dtype, needs_backward):
 def test_op(benchmark, op, shape, mode, backend):
     _require(op.dispatch_op, backend, shape.dtype, needs_backward=mode != "forward")
     img, cap, lens = cases.make_inputs(shape, DEVICE)
-    head = suite.make_head(op, shape, DEVICE) if op.family == "rcar" else None
+    head = suite.make_head(op, shape, DEVICE)
     fn = suite.similarity_fn(_context(), op, backend, head)
     run, reason = suite.mode_fn(mode, fn, img, cap, lens, head)
     if run is None:
         pytest.skip(reason)
-    model_flops = suite.forward_flops(op, shape, lens) * flops.MODE_FACTOR[mode]
+    model_flops = suite.forward_flops(op, shape, lens, head) * flops.MODE_FACTOR[mode]
     benchmark.extra_info.update(flops=model_flops, pairs=shape.pairs, d=shape.d,
                                 dtype=str(shape.dtype))
     benchmark.pedantic(_synchronized(run), rounds=3, warmup_rounds=1)
@@ -82,9 +82,9 @@ def test_op(benchmark, op, shape, mode, backend):
 def test_loss_step(benchmark, op, shape, variant, backend):
     _require(op.dispatch_op, backend, shape.dtype, needs_backward=variant == "full")
     img, cap, lens = cases.make_inputs(shape, DEVICE)
-    head = suite.make_head(op, shape, DEVICE) if op.family == "rcar" else None
-    model = "scan" if head is None else head
-    kwargs = op.scan_kwargs() if head is None else {}
+    head = suite.make_head(op, shape, DEVICE)
+    scoring = suite.op_scoring(op, head)
+    model, kwargs = scoring.model, scoring.settings
     run, detail = suite.loss_step(_context(), variant, model, backend, img, cap, lens, head, kwargs)
     benchmark.extra_info.update(B=shape.n_img, detail=detail)
     benchmark.pedantic(_synchronized(run), rounds=3, warmup_rounds=1)

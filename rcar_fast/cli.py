@@ -8,8 +8,11 @@
                    [--save sims.npy [--save-format public]] [--json out.json]
         encode a precomputed split with an official RCAR checkpoint and evaluate retrieval;
         the protocol is chosen from the split's size unless --protocol names one.
-    rcar-fast eval --embeddings DIR [DIR ...] [--checkpoint model_best.pth] [--ensemble ...]
-        evaluate already-encoded embeddings (SCAN t2i, or the checkpoints' RCAR heads).
+    rcar-fast eval --embeddings DIR [DIR ...] [--head NAME] [--checkpoint model_best.pth]
+                   [--ensemble ...]
+        evaluate already-encoded embeddings: with a head of the registry (rcar_fast.scorers:
+        --head scan (default, SCAN t2i) or another head without weights or a preset), or
+        the checkpoints' heads.
     rcar-fast ensemble a.npy b.npy [...] [--protocol P] [--save ...] [--json ...]
         average saved similarity matrices (bare, or the public {'npts', 'sims'} results)
         and evaluate the ensemble, as the public eval_ensemble does.
@@ -33,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from rcar_fast import data, evaluation, metrics
+from rcar_fast import data, dispatch, evaluation, metrics, scorers
 from rcar_fast.atomic import atomic_path, check_output_path
 
 __all__ = ["main", "build_parser"]
@@ -102,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder(s) with img_embs, cap_embs, cap_lens (.npy/.pt) instead of "
                          "--data: one for all models, or one per checkpoint (--checkpoint "
                          "first, then the --ensemble checkpoints)")
+    ev.add_argument("--head", default=None,
+                    help="the head scoring --embeddings without --checkpoint: one of "
+                         + ", ".join(scorers.names(keyword_only=True)) + " (default scan: SCAN t2i)")
     _protocol_args(ev)
     ev.add_argument("--batch-size", type=_positive_int, default=128, help="encoder batch size")
     ev.add_argument("--trust-checkpoint", action="store_true",
@@ -180,8 +186,7 @@ def _protocol_args(p):
 
 
 def _common_compute_args(p):
-    p.add_argument("--backend", default="auto",
-                   choices=("auto", "reference", "reference_loop", "triton", "cuda", "cpu"))
+    p.add_argument("--backend", default="auto", choices=dispatch.REQUESTABLE)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--img-block", type=_positive_int, default=None,
                    help="images per similarity call")
@@ -256,8 +261,6 @@ def _bench(argv) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def _resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    from rcar_fast import dispatch
-
     return dispatch.choose(op, backend, device, dtype).backend
 
 
@@ -404,6 +407,7 @@ def _eval(args) -> int:
                          "encoded), not both")
     _check_outputs(args)
     checkpoints, saved = _split_ensemble(args)
+    _check_head(args, checkpoints)
     embeddings = _match_embeddings(args.embeddings, checkpoints)
     device, rank = _setup_device(args)
     timing, described = {}, []
@@ -423,7 +427,7 @@ def _eval(args) -> int:
         timing["load_s"] = time.perf_counter() - t0
 
     named = {}  # row name -> similarity matrix
-    # No checkpoint: SCAN t2i on each embeddings folder.
+    # No checkpoint: the --head (SCAN t2i by default) on each embeddings folder.
     models = checkpoints or [None] * len(embeddings or [None])
     for index, (path, folder) in enumerate(zip(models, embeddings or [None] * len(models))):
         label = "model" if index == 0 else f"ensemble{index}"
@@ -555,6 +559,22 @@ def _check_outputs(args):
         raise ValueError("--save and --json name the same file")
 
 
+def _check_head(args, checkpoints):
+    """--head names the head of embeddings scored without a checkpoint (one with weights
+    comes with its checkpoint)."""
+    if args.head is None:
+        return
+    if checkpoints:
+        raise ValueError("--head scores --embeddings without --checkpoint; a checkpoint "
+                         "brings its own head")
+    if args.embeddings is None:
+        raise ValueError("--head needs --embeddings (with --data, the checkpoint's head scores)")
+    allowed = scorers.names(keyword_only=True)
+    if args.head not in allowed:
+        why = " (a head with weights: give its --checkpoint)" if args.head in scorers.names() else ""
+        raise ValueError(f"--head must be one of {', '.join(allowed)}, got {args.head!r}{why}")
+
+
 def _split_ensemble(args):
     """(checkpoints in order: --checkpoint then --ensemble ones, saved results files)."""
     checkpoints = [args.checkpoint] if args.checkpoint else []
@@ -617,19 +637,17 @@ def _score_one(args, checkpoint_path, split, tokens, embeddings_dir, device, tim
         img, cap, lens = data.load_embeddings(embeddings_dir)
         timing[f"{label}_load_embeddings_s"] = time.perf_counter() - t0
 
-    if model is not None and model.kind == "scan":
-        similarity = evaluation.rcar_fn(model.sim_enc, args.backend)
-        op, name = "scan", f"SCAN {model.sim_enc.direction} ({os.path.basename(checkpoint_path)})"
-    elif model is not None:
-        similarity = evaluation.rcar_fn(model.sim_enc, args.backend)
-        op, name = "rcar", f"RCAR {model.opt.get('attn_type', 't2i')} ({os.path.basename(checkpoint_path)})"
-    else:
-        similarity = evaluation.scan_fn(args.backend)
-        op, name = "scan", "SCAN t2i"
-        if len(args.embeddings) > 1:
-            name += f" ({os.path.basename(os.path.normpath(embeddings_dir))})"
+    # The head: the checkpoint's (its module), else --head's (a name of the registry).
+    head_model = model.sim_enc if model is not None else (args.head or "scan")
+    head = scorers.scoring(head_model)
+    similarity = evaluation.head_fn(head_model, args.backend)
+    name = head.label()
+    if model is not None:
+        name += f" ({os.path.basename(checkpoint_path)})"
+    elif len(args.embeddings) > 1:
+        name += f" ({os.path.basename(os.path.normpath(embeddings_dir))})"
     cap_dtype = metrics._torch_dtype(cap)
-    backend = _resolve_backend(op, args.backend, device, cap_dtype)
+    backend = _resolve_backend(head.scorer.all_pairs_op, args.backend, device, cap_dtype)
     stats = {}
     sims = evaluation.all_pairs(img, cap, lens, similarity, img_block=args.img_block,
                                 cap_block=args.cap_block, device=device,

@@ -15,7 +15,9 @@ off-diagonal pair is treated as a negative, as the public code does.)
 * `info_nce_loss`: symmetric InfoNCE: the mean of the cross-entropies of the rows
   (image -> caption) and the columns (caption -> image) of sims / temperature.
 
-On a batch of B (image, caption) features instead of a matrix (scored by rcar_fast.pairs):
+On a batch of B (image, caption) features instead of a matrix (scored by rcar_fast.pairs,
+for any head of the registry rcar_fast.scorers: model="scan" and its keywords, another
+keyword head or preset, or a head module):
 
 * `full_hardest_negative_loss`: all B x B pairs scored with autograd, then `vse_hinge_loss`.
 * `hardest_negative_loss`: the same VSE++ max_violation loss with autograd for at most 3B
@@ -164,7 +166,9 @@ def hardest_negative_loss(img, cap, lens, *, model="scan", score_fn=None, margin
     autograd for at most 3B pairs instead of B^2 (= vse_hinge_loss of the
     full (B, B) matrix).
 
-    model: "scan" (scan_kwargs as in scan_similarity) or an RCAR head module.
+    model: a head of rcar_fast.scorers, as in rcar_fast.score_pairs: "scan" (scan_kwargs as
+        in scan_similarity), another keyword head or preset with its keywords, or a head
+        module (an RCAR head).
     score_fn: optional fn(img, cap, lens) -> (B, B) used for the no-grad selection pass
         instead of all_pairs_scores(model, backend) (e.g. another backend or a cache).
     backend: backend of the no-grad all-pairs pass; pair_backend: backend of the pair recompute.

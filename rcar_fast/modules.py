@@ -1,9 +1,11 @@
-"""nn.Modules users put in their models."""
+"""nn.Modules users put in their models, and the RCAR head's entry in the head registry
+(RcarScorer: rcar_fast.scorers lists it)."""
 import torch
 
-from rcar_fast import dispatch, validate
+from rcar_fast import contract, dispatch, flops, validate
 from rcar_fast.heads import RCARHead
 from rcar_fast.ops.backend import Inputs
+from rcar_fast.ops.scorer import Scorer
 
 
 class RCARSimilarity(RCARHead):
@@ -22,3 +24,66 @@ class RCARSimilarity(RCARHead):
         validate.head_fits(self, img)
         impl = dispatch.choose("rcar", backend, Inputs.of_head(self, img, cap, lens))
         return impl.fn(self, img, cap, lens)
+
+
+class RcarScorer(Scorer):
+    """The RCAR head as a head of the registry: a module head (its settings and weights are
+    the module's; RCARSimilarity or a plain reference RCARHead), the ops "rcar" and
+    "rcar_pairs". A head in training mode keeps backend="auto" off the forward-only kernels
+    (Inputs.of_head)."""
+    name, title = "rcar", "RCAR"
+    all_pairs_op, pairs_op = "rcar", "rcar_pairs"
+    module_type = RCARHead
+
+    @classmethod
+    def check_module(cls, model, img) -> None:
+        validate.head_fits(model, img)
+
+    @classmethod
+    def inputs(cls, model, settings, img, cap, lens) -> Inputs:
+        return Inputs.of_head(model, img, cap, lens)
+
+    @classmethod
+    def call_all_pairs(cls, impl, model, settings, img, cap, lens):
+        return impl.fn(model, img, cap, lens)
+
+    @classmethod
+    def call_pairs(cls, impl, model, settings, img, cap, lens, img_idx, cap_idx):
+        return impl.fn(model, img, cap, lens, img_idx, cap_idx)
+
+    @classmethod
+    def forward_flops(cls, model, settings, n_img, lens, regions, d) -> float:
+        return flops.rcar_forward(n_img, lens, regions, d, model.sim_dim, model.regulator,
+                                  model.steps, model.direction)
+
+    @classmethod
+    def pair_flops(cls, model, settings, pair_lens, regions, d) -> float:
+        return flops.rcar_pairs_forward(pair_lens, regions, d, model.sim_dim, model.regulator,
+                                        model.steps, model.direction)
+
+    @classmethod
+    def build(cls, name, embed_dim, options):
+        """An RCARSimilarity at the published settings (coop_rcar, 2 steps, smooth 10 / 3 by
+        direction) unless given; options["dropout"] sets every Dropout's p."""
+        def given(key, default):
+            return default if options.get(key) is None else options[key]
+
+        direction = given("direction", "t2i")
+        head = RCARSimilarity(
+            embed_dim=embed_dim, sim_dim=given("sim_dim", 256),
+            regulator=given("regulator", contract.RCAR_PUBLISHED["regulator"]),
+            steps=given("steps", contract.RCAR_PUBLISHED["steps"]), direction=direction,
+            smooth=given("smooth", contract.rcar_smooth(direction)))
+        if options.get("dropout") is not None:
+            for module in head.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = float(options["dropout"])
+        return head, {}
+
+    @classmethod
+    def vectorized_reference(cls, model, settings):
+        return model.forward_vectorized
+
+    @classmethod
+    def describe(cls, model, settings) -> str:
+        return f"RCAR({model.regulator}{model.steps}, {model.direction})"

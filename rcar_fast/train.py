@@ -1,12 +1,18 @@
-"""Example trainer: SCAN or an RCAR head on the synthetic set with the hardest-negative loss.
+"""Example trainer: any head of the registry (rcar_fast.scorers: SCAN, an RCAR head, ...) on
+the synthetic set with the hardest-negative loss.
 
-    python -m rcar_fast.train --model scan --backend auto --steps 200
-    python -m rcar_fast.train --model rcar --backend reference --steps 50 --loss full
+    python -m rcar_fast.train --head scan --backend auto --steps 200
+    python -m rcar_fast.train --head rcar --backend reference --steps 50 --loss full
+
+--head (also spelled --model) is any name of rcar_fast.scorers.names(); the head's scorer
+builds it for the joint embedding size (Scorer.build) from the generic options below
+(--direction, --smooth; --sim-dim, --regulator, --rcar-steps, --head-dropout for heads with
+weights), each head taking those that apply to it, None meaning the head's published default.
 
 What is trained: two projections, one for region features and one for word features
 (Linear + l2norm, stand-ins for the image and text encoders: the synthetic set already
-holds encoder-output-like vectors, not pixels or token ids), and for --model rcar the RCAR
-head's own weights. The word projection starts as a copy of the region projection (one
+holds encoder-output-like vectors, not pixels or token ids), and the head's own weights when
+it has any (--head rcar). The word projection starts as a copy of the region projection (one
 shared random embedding; --untied-init starts them apart, which takes SCAN many more steps
 at a higher --lr and lets RCAR's sigmoid head collapse to equal scores). Each step draws B images and one of the 5 captions of each (the batch's
 positives are the diagonal) and minimises the VSE++ max_violation hinge (margin 0.2, summed
@@ -39,10 +45,9 @@ import torch
 import torch.nn as nn
 
 from rcar_fast import data as _data
-from rcar_fast import dispatch, losses, metrics, pairs, reference_math
+from rcar_fast import dispatch, losses, metrics, pairs, reference_math, scorers
 from rcar_fast.atomic import atomic_path
 from rcar_fast.losses import info_nce_loss
-from rcar_fast.modules import RCARSimilarity
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
@@ -51,7 +56,7 @@ LOSSES = ("sparse", "full", "infonce")
 
 @dataclasses.dataclass
 class TrainConfig:
-    model: str = "scan"               # "scan" | "rcar"
+    model: str = "scan"               # the head: a name of rcar_fast.scorers.names()
     backend: str = "auto"             # all-pairs scoring (selection pass; the full loss)
     pair_backend: str = "auto"        # pair recompute of the sparse loss
     loss: str = "sparse"              # "sparse" | "full" | "infonce"
@@ -67,7 +72,7 @@ class TrainConfig:
     regulator: str = "coop_rcar"
     head_dropout: Optional[float] = None  # None: the official RAR dropout (0.4); 0 turns it off
     rcar_steps: int = 2
-    direction: str = "t2i"
+    direction: Optional[str] = None   # None: the head's default (t2i for SCAN and RCAR)
     smooth: Optional[float] = None    # None: 9 (SCAN t2i), 4 (SCAN i2t), 10 / 3 (RCAR t2i / i2t)
     regions: int = 36
     min_len: int = 6
@@ -104,7 +109,8 @@ class Projection(nn.Module):
 
 
 class RetrievalModel(nn.Module):
-    """Region / word projections and the similarity ("scan" or an RCAR head)."""
+    """Region / word projections and the similarity: cfg.model's head, built by its scorer
+    (a head name and keywords, or a module whose weights train with the projections)."""
 
     def __init__(self, cfg: TrainConfig):
         super().__init__()
@@ -116,22 +122,9 @@ class RetrievalModel(nn.Module):
             # RCAR's sigmoid head tends to collapse to equal scores without a warm-up).
             with torch.no_grad():
                 self.txt_proj.fc.weight.copy_(self.img_proj.fc.weight)
-        self.scan_kwargs = {}
-        if cfg.model == "scan":
-            self.similarity = "scan"
-            smooth = cfg.smooth if cfg.smooth is not None else (9.0 if cfg.direction == "t2i" else 4.0)
-            self.scan_kwargs = dict(direction=cfg.direction, smooth=smooth)
-        elif cfg.model == "rcar":
-            smooth = cfg.smooth if cfg.smooth is not None else (10.0 if cfg.direction == "t2i" else 3.0)
-            self.similarity = RCARSimilarity(embed_dim=cfg.dim, sim_dim=cfg.sim_dim,
-                                             regulator=cfg.regulator, steps=cfg.rcar_steps,
-                                             direction=cfg.direction, smooth=smooth)
-            if cfg.head_dropout is not None:
-                for module in self.similarity.modules():
-                    if isinstance(module, nn.Dropout):
-                        module.p = float(cfg.head_dropout)
-        else:
-            raise ValueError(f"model must be 'scan' or 'rcar', got {cfg.model!r}")
+        options = dict(direction=cfg.direction, smooth=cfg.smooth, sim_dim=cfg.sim_dim,
+                       regulator=cfg.regulator, steps=cfg.rcar_steps, dropout=cfg.head_dropout)
+        self.similarity, self.head_kwargs = scorers.get(cfg.model).build(cfg.model, cfg.dim, options)
 
     def encode(self, img_feat, cap_feat, lens):
         """Regions and real words projected; padding words stay zero. Projecting padding would
@@ -143,6 +136,8 @@ class RetrievalModel(nn.Module):
 
 
 def _check_config(cfg: TrainConfig):
+    if cfg.model not in scorers.names():
+        raise ValueError(f"model (--head) must be one of {scorers.names()}, got {cfg.model!r}")
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
     for name in ("backend", "pair_backend"):
@@ -184,7 +179,7 @@ def batch_indices(generator: torch.Generator, n_images: int, batch: int):
 
 def step_loss(model: RetrievalModel, cfg: TrainConfig, img_feat, cap_feat, lens):
     img, cap = model.encode(img_feat, cap_feat, lens)
-    kw = dict(model=model.similarity, margin=cfg.margin, backend=cfg.backend, **model.scan_kwargs)
+    kw = dict(model=model.similarity, margin=cfg.margin, backend=cfg.backend, **model.head_kwargs)
     if cfg.loss == "full":
         return losses.full_hardest_negative_loss(img, cap, lens, **kw)
     if cfg.loss == "infonce":
@@ -200,7 +195,7 @@ def evaluate(model: RetrievalModel, cfg: TrainConfig, eval_set) -> dict:
     model.eval()
     img, cap = model.encode(eval_set.img, eval_set.cap, eval_set.lens)
     sims = pairs.all_pairs_scores(img, cap, eval_set.lens, model=model.similarity,
-                                  backend=cfg.backend, **model.scan_kwargs)
+                                  backend=cfg.backend, **model.head_kwargs)
     model.train(was_training)
     return metrics.recall_metrics(sims.float().cpu(), captions_per_image=5)
 
@@ -241,7 +236,8 @@ def _parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m rcar_fast.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("scan", "rcar"), default=defaults.model)
+    parser.add_argument("--head", "--model", dest="model", choices=scorers.names(),
+                        default=defaults.model, help="the similarity head (rcar_fast.scorers)")
     parser.add_argument("--backend", choices=dispatch.REQUESTABLE, default=defaults.backend,
                         help="backend of the all-pairs scoring (selection pass / full loss)")
     parser.add_argument("--pair-backend", choices=dispatch.REQUESTABLE, default=defaults.pair_backend,
@@ -249,7 +245,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss", choices=LOSSES, default=defaults.loss)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=defaults.dtype)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--direction", choices=("t2i", "i2t"), default=defaults.direction)
+    parser.add_argument("--direction", default=defaults.direction,
+                        help="the head's direction (default: the head's own)")
     parser.add_argument("--regulator", choices=reference_math.REGULATORS, default=defaults.regulator)
     for name in ("steps", "batch", "feat_dim", "dim", "sim_dim", "rcar_steps", "regions",
                  "min_len", "max_len", "train_images", "eval_images", "seed", "log_every"):

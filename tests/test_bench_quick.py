@@ -81,7 +81,7 @@ def test_tiny_run_compares_sparse_and_full_loss(tiny_run):
         assert float(sparse[0]["speedup_vs_full"]) == approx(
             float(full[0]["median_ms"]) / float(sparse[0]["median_ms"]), CSV_DERIVED)
         # The pair recompute runs where backend="auto" sends it (the fused CPU kernels for SCAN).
-        pairs_op = "scan_pairs" if case.op.name.startswith("scan") else "rcar_pairs"
+        pairs_op = case.op.pairs_op
         expected = dispatch.choose(pairs_op, "auto", torch.device("cpu"), torch.float32).backend
         assert f"pairs: {expected}" in sparse[0]["detail"]
         # Same loss value either way.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rcar_fast import cli, data, evaluation, metrics
+from rcar_fast import cli, data, evaluation, metrics, scorers
 from rcar_fast.checkpoint import load_rcar_checkpoint
 from tests.test_checkpoint import SIZES, make_official_checkpoint, official_opt
 from tests.test_data import write_vocab
@@ -144,6 +144,36 @@ def test_eval_embeddings_with_a_checkpoint_head(tmp_path):
         sims = load_rcar_checkpoint(ckpt).sim_enc.forward_vectorized(*ds)
     assert row == pytest.approx(metrics.recall_metrics(sims))
     assert result["models"][0]["name"].startswith("RCAR t2i (model_best.pth)")
+
+
+@pytest.mark.parametrize("head", scorers.names(keyword_only=True))
+def test_eval_embeddings_with_every_head_of_the_registry(tmp_path, head):
+    ds = data.synthetic(n_images=6, regions=4, dim=16, seed=3)
+    data.save_embeddings(tmp_path / "emb", *ds)
+    saved, out = tmp_path / "sims.npy", tmp_path / "eval.json"
+    rc = cli.main(["eval", "--embeddings", str(tmp_path / "emb"), "--head", head, "--protocol",
+                   "f30k", "--any-size", "--save", str(saved), "--json", str(out), *FAST])
+    assert rc == 0
+    expected = evaluation.all_pairs(ds.img, ds.cap, ds.lens, head, backend="reference",
+                                    progress=False)
+    assert_close(torch.from_numpy(np.load(saved)), expected, F32_SAME_MATH)
+    name = json.loads(out.read_text())["models"][0]["name"]
+    assert name == f"{scorers.scoring(head).label()} [reference]"
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--head", "vse"], "--head must be one of"),
+    (["--head", "rcar"], "a head with weights: give its --checkpoint"),
+    (["--head", "scan", "--checkpoint", "model_best.pth"], "a checkpoint brings its own head"),
+])
+def test_eval_head_errors_are_one_line(tmp_path, capsys, monkeypatch, extra, match):
+    ds = data.synthetic(n_images=3, regions=2, dim=8, seed=0)
+    data.save_embeddings(tmp_path / "emb", *ds)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model_best.pth").write_bytes(b"")
+    assert cli.main(["eval", "--embeddings", str(tmp_path / "emb"), *extra, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("argv,match", [

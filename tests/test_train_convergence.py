@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from rcar_fast import dispatch
-from rcar_fast.train import TrainConfig, train
+from rcar_fast import dispatch, scorers
+from rcar_fast.train import TrainConfig, _parser, train
 from tests.tolerances import F32_CONVERGENCE_CURVE, F64_CONVERGENCE_CURVE, assert_close
 
 ON_GPU = torch.cuda.is_available()
@@ -37,6 +37,21 @@ def test_sparse_loss_trains_exactly_like_the_full_loss(model):
     sparse = curve(model=model, loss="sparse", dtype="float64", steps=5, backend="reference")
     full = curve(model=model, loss="full", dtype="float64", steps=5, backend="reference")
     assert_close(sparse, full, F64_CONVERGENCE_CURVE)
+
+
+@pytest.mark.parametrize("head", [n for n in scorers.names() if n not in ("scan", "rcar")])
+def test_every_head_of_the_registry_trains_sparse_like_full(head):
+    # --head takes every name of the registry; the scorer builds it (no weights here).
+    assert _parser().parse_args(["--head", head]).model == head
+    sparse = curve(model=head, loss="sparse", dtype="float64", steps=3, backend="reference")
+    full = curve(model=head, loss="full", dtype="float64", steps=3, backend="reference")
+    assert np.isfinite(sparse).all()
+    assert_close(sparse, full, F64_CONVERGENCE_CURVE)
+
+
+def test_trainer_refuses_an_unknown_head():
+    with pytest.raises(ValueError, match="model \\(--head\\) must be one of"):
+        curve(model="vse", steps=1)
 
 
 @pytest.mark.parametrize("model", ["scan", "rcar"])

@@ -14,7 +14,8 @@ shard per rank, every rank scores its shard against all captions, and the result
 gathered (top-k: merged) on rank 0, which returns them; the other ranks return None.
 
 Modules, one job each (lower ones never import higher ones):
-    adapters      similarity callables: scan_fn, rcar_fn, as_similarity_fn
+    adapters      similarity callables: head_fn (any head of rcar_fast.scorers), scan_fn,
+                  rcar_fn, as_similarity_fn
     inputs        argument checks before any work (lens: rcar_fast.validate), the device
     distributed   rank / world, shard_rows, gathering to rank 0
     streaming     the tile loop: device blocks, image cache, length-sorted caption blocks,
@@ -24,7 +25,8 @@ Modules, one job each (lower ones never import higher ones):
     protocols     PROTOCOLS, evaluate_protocol, protocols_for_size, coco1k_fold_size
     results       save_results / load_results (RESULT_FORMATS)
 """
-from rcar_fast.evaluation.adapters import SimilarityFn, as_similarity_fn, rcar_fn, scan_fn
+from rcar_fast.evaluation.adapters import (SimilarityFn, as_similarity_fn, head_fn, rcar_fn,
+                                           scan_fn)
 from rcar_fast.evaluation.distributed import shard_rows
 from rcar_fast.evaluation.inputs import ArrayLike, resolve_device
 from rcar_fast.evaluation.matrix import all_pairs
@@ -38,6 +40,7 @@ __all__ = [
     "TopK",
     "all_pairs",
     "all_pairs_topk",
+    "head_fn",
     "scan_fn",
     "rcar_fn",
     "as_similarity_fn",

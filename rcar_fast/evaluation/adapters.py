@@ -1,72 +1,62 @@
 """Similarity callables: what ``all_pairs`` calls on every tile.
 
 Every similarity becomes ``fn(img (bi, R, d), cap (bc, L, d), lens (bc,)) -> (bi, bc)``:
-SCAN through the scan op on any backend, an RCAR head (fused ``RCARSimilarity`` or the
-reference ``RCARHead``), or a callable given as is.
+a head of the registry (rcar_fast.scorers: a head name such as "scan" or a preset with its
+keywords, or a head module such as an RCAR head, fused ``RCARSimilarity`` or the reference
+``RCARHead``) through rcar_fast.pairs.all_pairs_scores on any backend, or a callable given
+as is.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Callable
 
 import torch
 
-from rcar_fast.ops.scan import scan_similarity
+from rcar_fast import pairs, scorers
 
 SimilarityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def scan_fn(backend: str = "auto", **scan_kwargs) -> SimilarityFn:
-    """fn(img, cap, lens) -> SCAN similarities through ``rcar_fast.scan_similarity``."""
+def head_fn(model, backend: str = "auto", **head_kwargs) -> SimilarityFn:
+    """fn(img, cap, lens) -> the head's similarities (no autograd) on ``backend``. model and
+    keywords as in rcar_fast.score_pairs; checked here, before any tile is scored. A head
+    module in training mode is refused when called (dropout would make the scores random)."""
+    head = scorers.scoring(model, head_kwargs)
 
     def fn(img, cap, lens):
+        if head.module is not None and head.module.training:
+            raise ValueError(f"the {head.scorer.title} head is in training mode (its dropout "
+                             "would make the scores random); call head.eval() before evaluating")
         with torch.no_grad():
-            return scan_similarity(img, cap, lens, backend=backend, **scan_kwargs)
+            return pairs.all_pairs_scores(img, cap, lens, model=model, backend=backend,
+                                          **head_kwargs)
 
-    fn.description = f"SCAN({', '.join(f'{k}={v}' for k, v in scan_kwargs.items())}) [{backend}]"
+    fn.description = f"{head.describe()} [{backend}]"
     return fn
+
+
+def scan_fn(backend: str = "auto", **scan_kwargs) -> SimilarityFn:
+    """fn(img, cap, lens) -> SCAN similarities (the keywords of rcar_fast.scan_similarity)."""
+    return head_fn("scan", backend, **scan_kwargs)
 
 
 def rcar_fn(head: torch.nn.Module, backend: str = "auto") -> SimilarityFn:
-    """fn(img, cap, lens) -> RCAR head similarities. ``RCARSimilarity`` heads run on
-    ``backend``; a plain reference ``RCARHead`` runs its vectorised form ("reference" /
-    "auto") or its per-caption loop ("reference_loop")."""
-    takes_backend = hasattr(head, "forward") and "backend" in _parameters(head.forward)
-
-    def fn(img, cap, lens):
-        if head.training:
-            raise ValueError("the RCAR head is in training mode (RAR dropout would make the "
-                             "scores random); call head.eval() before evaluating")
-        with torch.no_grad():
-            if takes_backend:
-                return head(img, cap, lens, backend=backend)
-            if backend == "reference_loop":
-                return head.forward_loop(img, cap, lens)
-            if backend not in ("auto", "reference"):
-                raise ValueError(f"a plain RCARHead runs on 'reference' or 'reference_loop', "
-                                 f"not {backend!r}; use rcar_fast.RCARSimilarity for fused backends")
-            return head.forward_vectorized(img, cap, lens)
-
-    fn.description = f"RCAR({getattr(head, 'regulator', '?')}, {getattr(head, 'direction', '?')}) [{backend}]"
-    return fn
-
-
-def _parameters(fn) -> tuple:
-    try:
-        return tuple(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return ()
+    """fn(img, cap, lens) -> the similarities of a head module (an RCAR head: fused
+    ``RCARSimilarity`` or a plain reference ``RCARHead``, any backend of the "rcar" op)."""
+    return head_fn(head, backend)
 
 
 def as_similarity_fn(similarity, backend: str = "auto") -> SimilarityFn:
-    """"scan" (default SCAN t2i settings), an RCAR head module, or a callable."""
+    """A head name ("scan": the default SCAN t2i settings; a preset), a head module, or a
+    callable fn(img, cap, lens) -> (n_img, n_cap)."""
+    expected = (f"similarity must be 'scan', another head name of {scorers.names(keyword_only=True)}, "
+                "a head module or a callable fn(img, cap, lens) -> (n_img, n_cap), got ")
     if isinstance(similarity, str):
-        if similarity != "scan":
-            raise ValueError(f"similarity must be 'scan', an RCAR head or a callable, got {similarity!r}")
-        return scan_fn(backend)
-    if isinstance(similarity, torch.nn.Module) and hasattr(similarity, "sim_eval_w"):
-        return rcar_fn(similarity, backend)
+        if similarity not in scorers.names(keyword_only=True):
+            raise ValueError(expected + repr(similarity))
+        return head_fn(similarity, backend)
+    if isinstance(similarity, torch.nn.Module) and scorers.of_module(similarity) is not None:
+        return head_fn(similarity, backend)
     if callable(similarity):
         return similarity
-    raise TypeError(f"similarity must be 'scan', an RCAR head or a callable "
-                    f"fn(img, cap, lens) -> (n_img, n_cap), got {type(similarity).__name__}")
+    raise TypeError(expected + type(similarity).__name__)

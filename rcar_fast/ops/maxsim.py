@@ -20,9 +20,10 @@ import torch
 from rcar_fast import dispatch, validate
 from rcar_fast.contract import CHAN_TAU, HEAD_PRESETS
 from rcar_fast.ops.backend import BackendUnavailable, Inputs
-from rcar_fast.reference_heads import normalize_inputs
+from rcar_fast.ops.scorer import Scorer
+from rcar_fast.reference_heads import max_similarity_reference, normalize_inputs
 
-__all__ = ["max_similarity", "maxsim", "HEAD_PRESETS"]
+__all__ = ["max_similarity", "maxsim", "MaxsimScorer", "HEAD_PRESETS"]
 
 # The signature's defaults (what an argument that is not passed means, when no preset sets it).
 DEFAULTS = dict(direction="t2i", pool="mean", tau=CHAN_TAU, leaky=False, normalize="none",
@@ -191,3 +192,99 @@ def maxsim(q, d, q_lens=None, d_lens=None, *, pairs=None, k=None, doc_block=None
                  else validate.positive_int(doc_block, "doc_block"))
     return _top_k(impl, lambda: dispatch.choose("maxsim_pairs", backend, inputs), q, d, q_lens, d_lens, k, doc_block, kw)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The head registry's entry (rcar_fast.scorers): model="maxsim" or a preset name
+# ---------------------------------------------------------------------------------------------
+
+class MaxsimScorer(Scorer):
+    """The S-only heads as a head of the registry: a keyword head (no weights) named "maxsim"
+    (the keywords of max_similarity) or by a preset ("chan", "laps", ...: model="chan" is
+    model="maxsim", preset="chan"), the ops "maxsim" and "maxsim_pairs". Every region of an
+    image is real here (img_lens = R): the consumers pass (img, cap, lens)."""
+    name, title = "maxsim", "MaxSim"
+    all_pairs_op, pairs_op = "maxsim", "maxsim_pairs"
+    defaults = dict(DEFAULTS, preset=None)
+    aliases = {preset: {"preset": preset} for preset in HEAD_PRESETS}
+
+    @classmethod
+    def settings(cls, model, kwargs, img, check: bool = True) -> dict:
+        unknown = set(kwargs) - set(cls.defaults)
+        if unknown:
+            raise TypeError(f"unexpected {cls.title} keyword(s) {sorted(unknown)}; expected some "
+                            f"of {sorted(cls.defaults)}")
+        given = dict(kwargs)
+        preset = given.pop("preset", None)
+        named = cls.aliases.get(model, {}).get("preset")
+        if named is not None and preset not in (None, named):
+            raise ValueError(f"model={model!r} is preset={named!r}, but preset={preset!r} was passed")
+        preset = preset or named
+        settings = validate.head_settings(preset, given, DEFAULTS)
+        return dict(settings, preset=preset)
+
+    @classmethod
+    def choose(cls, op, backend, inputs, model, settings):
+        return _backend_for(op, backend, inputs, settings["coding"])
+
+    @classmethod
+    def inputs(cls, model, settings, img, cap, lens) -> Inputs:
+        return Inputs.of_scan(img, cap, settings["direction"], lens)
+
+    @staticmethod
+    def _all_regions(img):
+        return torch.full((img.shape[0],), img.shape[1], dtype=torch.int64, device=img.device)
+
+    @classmethod
+    def call_all_pairs(cls, impl, model, settings, img, cap, lens):
+        img_lens = cls._all_regions(img)
+        img, cap = _prepared(img, cap, lens, img_lens, settings)
+        return impl.fn(img, cap, lens, img_lens, **_backend_keywords(settings))
+
+    @classmethod
+    def call_pairs(cls, impl, model, settings, img, cap, lens, img_idx, cap_idx):
+        img_lens = cls._all_regions(img)
+        img, cap = _prepared(img, cap, lens, img_lens, settings)
+        return impl.fn(img, cap, lens, img_lens, img_idx, cap_idx, **_backend_keywords(settings))
+
+    @staticmethod
+    def _pair_flops(L: int, R: int, d: int, settings: dict) -> float:
+        # The tile 2 R L d, then per direction a max over the tile (R L) and the pool (~4 per
+        # pooled value: exp, add, scale, compare); "both" reads the one tile twice.
+        directions = 2 if settings["direction"] == "both" else 1
+        pooled = {"t2i": L, "i2t": R, "both": L + R}[settings["direction"]]
+        return 2.0 * R * L * d + directions * R * L + 4.0 * pooled
+
+    @classmethod
+    def forward_flops(cls, model, settings, n_img, lens, regions, d) -> float:
+        lens = [int(v) for v in lens]
+        norms = 3.0 * d * (n_img * regions + sum(lens)) if settings["normalize"] == "unit" else 0.0
+        return n_img * sum(cls._pair_flops(L, regions, d, settings) for L in lens) + norms
+
+    @classmethod
+    def pair_flops(cls, model, settings, pair_lens, regions, d) -> float:
+        # Normalisation counted per pair (its R + L vectors, 3 d each).
+        unit = 3.0 * d if settings["normalize"] == "unit" else 0.0
+        return sum(cls._pair_flops(int(L), regions, d, settings) + unit * (regions + int(L))
+                   for L in pair_lens)
+
+    @classmethod
+    def build(cls, name, embed_dim, options):
+        """This head (no weights) with the options named like max_similarity's keywords."""
+        settings = {k: v for k, v in options.items() if k in cls.defaults and v is not None}
+        return name, settings
+
+    @classmethod
+    def vectorized_reference(cls, model, settings):
+        kw = dict(_backend_keywords(settings), normalize=settings["normalize"])
+        return lambda img, cap, lens: max_similarity_reference(img, cap, lens, **kw)
+
+    @classmethod
+    def label(cls, model, settings) -> str:
+        name = settings["preset"].upper() if settings.get("preset") else cls.title
+        return f"{name} {settings['direction']}"
+
+    @classmethod
+    def describe(cls, model, settings) -> str:
+        shown = ", ".join(f"{k}={v}" for k, v in settings.items() if k != "preset")
+        return f"{cls.label(model, settings)}({shown})"

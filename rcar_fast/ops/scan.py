@@ -7,14 +7,18 @@ scan_cuda.py), each a class whose `fn` has the signature
 
 `lens` arrives validated (int64, on cap's device); the result is float32, or float64 for
 float64 inputs, and differentiable w.r.t. img and cap.
+
+ScanScorer (below) is SCAN's entry in the head registry (rcar_fast.scorers): model="scan"
+with these keywords in score_pairs, the losses, all_pairs, the CLI and the trainer.
 """
 import torch
 
-from rcar_fast import dispatch, validate
+from rcar_fast import contract, dispatch, flops, reference_math, validate
 from rcar_fast.ops.backend import Inputs
+from rcar_fast.ops.scorer import Scorer
 from rcar_fast.reference_math import AGGREGATIONS, DIRECTIONS, RAW_NORMS
 
-__all__ = ["scan_similarity", "DIRECTIONS", "RAW_NORMS", "AGGREGATIONS"]
+__all__ = ["scan_similarity", "ScanScorer", "DIRECTIONS", "RAW_NORMS", "AGGREGATIONS"]
 
 
 def scan_similarity(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm", smooth=9.0,
@@ -40,3 +44,55 @@ def scan_similarity(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm
     impl = dispatch.choose("scan", backend, Inputs.of_scan(img, cap, direction, lens))
     return impl.fn(img, cap, lens, direction=direction, raw_norm=raw_norm, smooth=smooth,
                    agg=agg, lse_lambda=lse_lambda)
+
+
+class ScanScorer(Scorer):
+    """SCAN as a head of the registry: a keyword head (no weights), the ops "scan" and
+    "scan_pairs", the keywords of scan_similarity."""
+    name, title = "scan", "SCAN"
+    all_pairs_op, pairs_op = "scan", "scan_pairs"
+    defaults = dict(direction="t2i", raw_norm="clipped_l2norm", smooth=9.0, agg="mean",
+                    lse_lambda=6.0)
+
+    @classmethod
+    def validate(cls, kwargs: dict, dtype: torch.dtype) -> dict:
+        validate.choice(kwargs["direction"], "direction", DIRECTIONS)
+        validate.choice(kwargs["raw_norm"], "raw_norm", RAW_NORMS)
+        validate.choice(kwargs["agg"], "agg", AGGREGATIONS)
+        kwargs["smooth"] = validate.smooth_for(kwargs["smooth"], dtype)
+        kwargs["lse_lambda"] = validate.lse_lambda_value(kwargs["lse_lambda"])
+        return kwargs
+
+    @classmethod
+    def inputs(cls, model, settings, img, cap, lens) -> Inputs:
+        return Inputs.of_scan(img, cap, settings["direction"], lens)
+
+    @classmethod
+    def call_all_pairs(cls, impl, model, settings, img, cap, lens):
+        return impl.fn(img, cap, lens, **settings)
+
+    @classmethod
+    def call_pairs(cls, impl, model, settings, img, cap, lens, img_idx, cap_idx):
+        return impl.fn(img, cap, lens, img_idx, cap_idx, **settings)
+
+    @classmethod
+    def forward_flops(cls, model, settings, n_img, lens, regions, d) -> float:
+        return flops.scan_forward(n_img, lens, regions, d, settings["direction"])
+
+    @classmethod
+    def pair_flops(cls, model, settings, pair_lens, regions, d) -> float:
+        return flops.scan_pairs_forward(pair_lens, regions, d, settings["direction"])
+
+    @classmethod
+    def build(cls, name, embed_dim, options):
+        """SCAN at the published smooth of its direction (t2i 9, i2t 4) unless given; the
+        options named like SCAN's keywords are its settings."""
+        settings = {k: v for k, v in options.items() if k in cls.defaults and v is not None}
+        settings.setdefault("direction", cls.defaults["direction"])
+        settings.setdefault("smooth", contract.SCAN_PUBLISHED["f30k"][settings["direction"]]["smooth"])
+        return name, settings
+
+    @classmethod
+    def vectorized_reference(cls, model, settings):
+        return lambda img, cap, lens: reference_math.scan_similarity_vectorized(img, cap, lens,
+                                                                                **settings)
