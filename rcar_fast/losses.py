@@ -125,6 +125,8 @@ def _checked_selection_scores(scores, B: int) -> torch.Tensor:
         raise ValueError(f"score_fn must return a (B, B) = ({B}, {B}) matrix, got {tuple(scores.shape)}")
     if not (scores.dtype.is_floating_point or scores.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"score_fn must return real scores, got dtype {scores.dtype}")
+    if torch.compiler.is_compiling():  # the finiteness check reads the data: eager only
+        return scores
     off_diagonal = ~torch.eye(B, dtype=torch.bool, device=scores.device)
     if not bool(torch.isfinite(scores[off_diagonal]).all()):
         raise ValueError("score_fn returned NaN or Inf scores off the diagonal; the hardest negatives "
@@ -197,8 +199,14 @@ def hardest_negative_loss(img, cap, lens, *, model="scan", score_fn=None, margin
         else:
             scores = _checked_selection_scores(score_fn(img.detach(), cap.detach(), lens), B)
         img_idx, cap_idx = _hardest_pairs(scores)
-        # Row- and column-hardest negatives can coincide: score each distinct pair once.
-        keys, inverse = torch.unique(img_idx * B + cap_idx, return_inverse=True)
+        # Row- and column-hardest negatives can coincide: score each distinct pair once (eager;
+        # a compiled graph keeps its shapes static and scores the 3B pairs, repeats included:
+        # the same loss and gradients).
+        keys = img_idx * B + cap_idx
+        if torch.compiler.is_compiling():
+            inverse = torch.arange(keys.numel(), device=keys.device)
+        else:
+            keys, inverse = torch.unique(keys, return_inverse=True)
     pair_scores = pairs.score_pairs(img, cap, lens, keys // B, keys % B, model=model,
                               backend=pair_backend, **scan_kwargs)[inverse]
     positives, hard_caption, hard_image = pair_scores.split(B)

@@ -242,7 +242,8 @@ def _index_tensor(idx, name: str, bound: int, bound_name: str, device) -> torch.
         raise TypeError(f"{name} must be an integer tensor of shape (P,), got dtype {idx.dtype}")
     if idx.dim() != 1:
         raise ValueError(f"{name} must have shape (P,), got {tuple(idx.shape)}")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= bound):
+    # The range check reads the data: eager only, as for lens (see lengths()).
+    if not torch.compiler.is_compiling() and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= bound):
         raise ValueError(f"{name} values must lie in [0, {bound_name}={bound}), got min "
                          f"{int(idx.min())}, max {int(idx.max())}")
     return idx.to(device=device, dtype=torch.int64)

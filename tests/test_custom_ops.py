@@ -1,13 +1,15 @@
-"""The ops as torch.library custom ops: torch.library.opcheck for every op that runs here, and a
-SCAN and an RCAR training step compiled with torch.compile(fullgraph=True) giving the eager
-step's loss and gradients."""
+"""The ops as torch.library custom ops: torch.library.opcheck (schema, fake implementation,
+autograd registration, AOT dispatch) for every op that runs here (Triton ones in the CPU
+interpreter on tiny inputs, the CUDA ones in the `gpu` tests). The compiled training steps are in
+tests/test_compile_training.py."""
 import pytest
 import torch
 
 import rcar_fast
 from rcar_fast import dispatch
-from rcar_fast.losses import vse_hinge_loss
-from rcar_fast.ops import rcar_cpu, rcar_reference, scan_cpu, scan_reference, scan_triton
+from rcar_fast.ops import (rcar_cpu, rcar_cuda, rcar_reference, rcar_triton, scan_cpu, scan_cuda,
+                           scan_reference, scan_triton)
+from tests.conftest import requires_gpu
 from tests.tolerances import assert_close_to_reference
 
 F64 = torch.float64
@@ -43,6 +45,8 @@ SCAN_OPS = [pytest.param("scan_reference", id="reference"),
             pytest.param("scan_cpu", id="cpu", marks=needs_native),
             pytest.param("scan_triton", id="triton", marks=needs_interpreter)]
 assert scan_reference.scan_reference_op and scan_cpu.scan_cpu_op and scan_triton.scan_triton_op
+CUDA = dispatch.rejection("scan", "cuda", torch.device("cuda"), torch.float32)
+needs_cuda_kernels = pytest.mark.skipif(CUDA is not None, reason=f"the CUDA kernels: {CUDA}")
 
 
 def _op(name):
@@ -55,6 +59,18 @@ def test_opcheck_scan(op, direction):
     img, cap, lens = _inputs()
     cap = cap.detach().nan_to_num(1.0).requires_grad_()   # opcheck compares every element
     torch.library.opcheck(_op(op), (img, cap, lens, *OPTIONS[direction]))
+
+
+@pytest.mark.parametrize("op", SCAN_OPS)
+def test_opcheck_scan_on_strided_inputs(op):
+    """Feature tensors that are views (a slice of a longer batch, regions transposed in): the
+    outputs and gradients keep the fakes' layout (contiguous)."""
+    img, cap, lens = _inputs(R=5, L=6, grad=False)
+    img = img.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    wide = torch.cat([cap.nan_to_num(1.0), torch.ones_like(cap)], dim=1)
+    cap = wide[:, :cap.shape[1]].requires_grad_()
+    assert not img.is_contiguous() and not cap.is_contiguous()
+    torch.library.opcheck(_op(op), (img, cap, lens, *OPTIONS["i2t"]))
 
 
 @pytest.mark.parametrize("op", SCAN_OPS)
@@ -101,6 +117,80 @@ def test_opcheck_rcar_cpu_forward_only():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
+FORWARD_ONLY_CHECKS = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+
+
+def _rcar_op_args(head, img, cap, lens, weights, seed=0):
+    return (img, cap, lens, weights, torch.tensor(seed), *rcar_reference.op_config(head))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_opcheck_rcar_triton(direction):
+    """The fused Triton forward and its recomputing backward op (only_rcr: no dropout, so the
+    head may train on it), tiny shapes for the interpreter."""
+    img, cap, lens = _inputs(n_img=2, n_cap=2, R=3, L=4, d=8, dtype=torch.float32)
+    cap = cap.detach().nan_to_num(1.0).requires_grad_()
+    torch.manual_seed(3)
+    head = rcar_fast.RCARSimilarity(embed_dim=8, sim_dim=6, regulator="only_rcr", steps=1,
+                                    direction=direction).train()
+    weights = [p.detach().clone().requires_grad_() for p in head.parameters()]
+    args = _rcar_op_args(head, img, cap, lens, weights)
+    torch.library.opcheck(rcar_triton.rcar_triton_op, args)
+    grad = torch.randn(2, 2)
+    torch.library.opcheck(_op("rcar_triton_backward"),
+                          (grad,) + tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:3])
+                          + ([w.detach() for w in weights],) + args[4:])
+
+
+@requires_gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["scan_cuda", "scan_cuda_backward"])
+def test_opcheck_scan_cuda(op, dtype, direction):
+    img, cap, lens = _inputs(n_img=3, n_cap=4, R=5, L=6, d=16, dtype=dtype, grad=False)
+    img, cap, lens = img.cuda(), cap.nan_to_num(1.0).cuda(), lens.cuda()
+    if op == "scan_cuda":
+        args = (img.requires_grad_(), cap.requires_grad_(), lens)
+    else:
+        args = (torch.randn(3, 4, device="cuda"), img, cap, lens)
+    torch.library.opcheck(_op(op), args + OPTIONS[direction])
+
+
+assert scan_cuda.scan_cuda_op
+
+
+@requires_gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("regulator", ["only_rar", "coop_rcar"])
+def test_opcheck_rcar_cuda_forward_only(regulator):
+    img, cap, lens = _inputs(n_img=2, n_cap=3, dtype=torch.float32, grad=False)
+    img, cap, lens = img.cuda(), cap.nan_to_num(1.0).cuda(), lens.cuda()
+    head = _head(regulator).float().cuda().eval()
+    weights = [p.detach() for p in head.parameters()]
+    torch.library.opcheck(rcar_cuda.rcar_cuda_op, _rcar_op_args(head, img, cap, lens, weights),
+                          test_utils=FORWARD_ONLY_CHECKS)
+
+
+@pytest.mark.parametrize("regulator", ["only_rar", "only_rcr", "coop_rcar"])
+def test_rcar_ops_see_the_heads_weights(regulator):
+    """An RCAR op gets the head as tensors (weights in head.parameters() order) and a config;
+    the head it rebuilds from them hands each kernel the same weights as the module itself:
+    the CUDA kernel's pointer table, the Triton kernel's packed weights."""
+    head = rcar_fast.RCARSimilarity(embed_dim=8, sim_dim=6, regulator=regulator, steps=2)
+    weights = [p.detach().clone() for p in head.parameters()]
+    config = rcar_reference.op_config(head)
+    rebuilt = rcar_reference.with_weights(config, weights, rcar_cuda.weight_tensors)
+    assert len(rebuilt) == len(rcar_cuda.weight_tensors(head))
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt, rcar_cuda.weight_tensors(head)))
+    if TRITON is None:
+        packed = rcar_reference.with_weights(config, weights, rcar_triton.pack_weights, torch.float32, True)
+        direct = rcar_triton.pack_weights(head, torch.float32, True)
+        assert packed.keys() == direct.keys()
+        assert all(torch.equal(packed[k], direct[k]) for k in direct)
+
+
 def test_rcar_reference_backward_redraws_the_forwards_dropout_masks():
     """With dropout active, the op's backward recomputes the forward under the same seed: the
     gradient is that of the function the forward computed (gradcheck would fail otherwise)."""
@@ -125,70 +215,41 @@ def test_rcar_reference_backward_redraws_the_forwards_dropout_masks():
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.compile(fullgraph=True) of a training step
+# The pair-list ops (score_pairs under torch.compile)
 # ---------------------------------------------------------------------------------------------
 
-def _grads_of(loss_fn, tensors, *args):
-    for t in tensors:
-        t.grad = None
-    loss = loss_fn(*args)
-    loss.backward()
-    return loss.detach(), [t.grad.clone() for t in tensors]
+PAIRS = (torch.tensor([0, 3, 1, 1, 2]), torch.tensor([2, 0, 1, 1, 3]))   # a repeat included
 
 
-def _compiled_matches_eager(loss_fn, tensors, *args):
-    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
-    loss_c, grads_c = _grads_of(compiled, tensors, *args)
-    loss_e, grads_e = _grads_of(loss_fn, tensors, *args)
-    assert_close_to_reference(loss_c, loss_e, dtype=F64, what="compiled loss")
-    for got, want in zip(grads_c, grads_e):
-        assert_close_to_reference(got, want, dtype=F64, what="compiled gradient")
-
-
-@pytest.mark.parametrize("backend", [pytest.param("auto", marks=needs_native), "reference",
-                                     pytest.param("triton", marks=needs_interpreter)])
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
-def test_scan_training_step_compiles_fullgraph(backend, direction):
-    img, cap, lens = _inputs(R=3, L=4, d=4) if backend == "triton" else _inputs()
-    kw = dict(zip(("direction", "raw_norm", "smooth", "agg", "lse_lambda"), OPTIONS[direction]))
-    torch._dynamo.reset()
-
-    def loss_fn(img, cap, lens):
-        sims = rcar_fast.scan_similarity(img, cap, lens, backend=backend, **kw)
-        return vse_hinge_loss(sims, 0.2, max_violation=True)
-
-    _compiled_matches_eager(loss_fn, [img, cap], img, cap, lens)
+@pytest.mark.parametrize("op", [pytest.param("scan_pairs_reference", id="reference"),
+                                pytest.param("scan_pairs_cpu", id="cpu", marks=needs_native)])
+def test_opcheck_scan_pairs(op, direction):
+    img, cap, lens = _inputs()
+    cap = cap.detach().nan_to_num(1.0).requires_grad_()
+    torch.library.opcheck(_op(op), (img, cap, lens, *PAIRS, *OPTIONS[direction]))
+    grad = torch.randn(PAIRS[0].shape[0], dtype=F64)
+    torch.library.opcheck(_op(f"{op}_backward"),
+                          (grad, img.detach(), cap.detach(), lens, *PAIRS, *OPTIONS[direction]))
 
 
 @pytest.mark.parametrize("regulator", ["only_rcr", "coop_rcar"])
-def test_rcar_training_step_compiles_fullgraph(regulator):
-    """A head in training mode (auto: the reference, the CPU kernel being forward-only). With
-    RAR dropout active the compiled and eager steps draw different masks, so that case is
-    compared in eval mode, and in training mode only checked to train (finite, non-zero)."""
-    img, cap, lens = _inputs(n_img=3, n_cap=3)
+def test_opcheck_rcar_pairs_reference(regulator):
+    img, cap, lens = _inputs()
+    cap = cap.detach().nan_to_num(1.0).requires_grad_()
     head = _head(regulator).train()
-    torch._dynamo.reset()
+    weights = [p.detach().clone().requires_grad_() for p in head.parameters()]
+    config = _rcar_op_args(head, img, cap, lens, weights, seed=9)[4:]
+    torch.library.opcheck(_op("rcar_pairs_reference"), (img, cap, lens, *PAIRS, weights, *config))
+    grad = torch.randn(PAIRS[0].shape[0], dtype=F64)
+    torch.library.opcheck(_op("rcar_pairs_reference_backward"),
+                          (grad, img.detach(), cap.detach(), lens, *PAIRS, [w.detach() for w in weights],
+                           *config))
 
-    def loss_fn(img, cap, lens):
-        return vse_hinge_loss(head(img, cap, lens), 0.2, max_violation=True)
 
-    tensors = [img, cap, *head.parameters()]
-    if not head.active_dropout():
-        _compiled_matches_eager(loss_fn, [img, cap, head.rcr_modules[0].rcr_matrix_w[0].weight],
-                                img, cap, lens)
-        return
-    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
-    loss, grads = _grads_of(compiled, [img, cap, head.sim_eval_w.weight], img, cap, lens)
-    assert torch.isfinite(loss) and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
-    del tensors
-    head.eval()
-    torch._dynamo.reset()
-
-    def eval_loss_fn(img, cap, lens):
-        return vse_hinge_loss(head(img, cap, lens, backend="reference"), 0.2, max_violation=True)
-
-    _compiled_matches_eager(eval_loss_fn, [img, cap, head.sim_eval_w.weight], img, cap, lens)
-
+# ---------------------------------------------------------------------------------------------
+# torch.compile of a forward (the training steps: tests/test_compile_training.py)
+# ---------------------------------------------------------------------------------------------
 
 @needs_native
 def test_compiled_scoring_on_the_forward_only_cpu_kernel():
@@ -199,9 +260,3 @@ def test_compiled_scoring_on_the_forward_only_cpu_kernel():
         compiled = torch.compile(lambda i, c, n: head(i, c, n), fullgraph=True, backend="aot_eager")
         assert_close_to_reference(compiled(img, cap, lens), head(img, cap, lens, backend="cpu"),
                                   dtype=torch.float32, what="compiled RCAR cpu scores")
-
-
-def test_eager_calls_still_validate_lens():
-    img, cap, lens = _inputs()
-    with pytest.raises(ValueError, match="lens must lie in"):
-        rcar_fast.scan_similarity(img, cap, lens + cap.shape[1])

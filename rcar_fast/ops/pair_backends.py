@@ -20,7 +20,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from rcar_fast import reference_math
+from rcar_fast.ops import rcar_reference
 from rcar_fast.ops.backend import Backend, Inputs, output_dtype
+from rcar_fast.ops.library import SCAN_OPTION_NAMES, define_rcar_op, define_scan_op, vjp
 from rcar_fast.ops.scan_cpu import ScanCpu
 
 _output_dtype = output_dtype
@@ -124,12 +126,70 @@ def _grouped_by_image(all_pairs: Callable, img, cap, lens, img_idx, cap_idx):
 
 
 # ---------------------------------------------------------------------------------------------
+# The pair ops as custom ops (what torch.compile sees): the eager implementation as forward, its
+# recomputation under autograd as backward (the pair drivers and the per-image grouping branch on
+# the data, so torch.compile cannot trace them)
+# ---------------------------------------------------------------------------------------------
+
+def define_scan_pairs_op(name: str, scan_pairs: Callable):
+    """rcar_fast::{name}(img, cap, lens, img_idx, cap_idx, *options) -> (P,) on an eager
+    scan_pairs function (the signature of the scan_pairs op), and its backward op."""
+    def forward(img, cap, lens, img_idx, cap_idx, options):
+        return scan_pairs(img, cap, lens, img_idx, cap_idx, **dict(zip(SCAN_OPTION_NAMES, options)))
+
+    def backward(grad, img, cap, lens, img_idx, cap_idx, options):
+        return tuple(vjp(lambda i, c: forward(i, c, lens, img_idx, cap_idx, options), [img, cap], grad))
+
+    return define_scan_op(name, forward, backward, pairs=True)
+
+
+def _compiled_scan_pairs(op: Callable, eager: Callable) -> Callable:
+    def scan_pairs(img, cap, lens, img_idx, cap_idx, **kw):
+        if torch.compiler.is_compiling():
+            return op(img, cap, lens, img_idx, cap_idx, *(kw[name] for name in SCAN_OPTION_NAMES))
+        return eager(img, cap, lens, img_idx, cap_idx, **kw)
+    return scan_pairs
+
+
+def _scan_pairs_cpu(img, cap, lens, img_idx, cap_idx, **kw):
+    return _grouped_by_image(lambda i, c, n: ScanCpu.fn(i, c, n, **kw), img, cap, lens, img_idx, cap_idx)
+
+
+_scan_pairs_vectorized = _scan_pairs_reference(reference_math.pairs_vectorized)
+_rcar_pairs_vectorized = _rcar_pairs_reference(reference_math.pairs_vectorized)
+# rcar_fast::scan_pairs_reference, rcar_fast::scan_pairs_cpu (and their _backward)
+scan_pairs_reference_op = define_scan_pairs_op("scan_pairs_reference", _scan_pairs_vectorized)
+scan_pairs_cpu_op = define_scan_pairs_op("scan_pairs_cpu", _scan_pairs_cpu)
+
+
+def _rcar_pairs_forward(img, cap, lens, img_idx, cap_idx, weights, seed, config):
+    return rcar_reference.with_seeded_weights(config, weights, seed, _rcar_pairs_vectorized,
+                                              img, cap, lens, img_idx, cap_idx)
+
+
+def _rcar_pairs_backward(grad, img, cap, lens, img_idx, cap_idx, weights, seed, config):
+    return rcar_reference.rcar_vjp(_rcar_pairs_forward, grad, img, cap, lens, img_idx, cap_idx,
+                                   weights=weights, seed=seed, config=config)
+
+
+# rcar_fast::rcar_pairs_reference and its _backward
+rcar_pairs_reference_op = define_rcar_op("rcar_pairs_reference", _rcar_pairs_forward,
+                                         _rcar_pairs_backward, pairs=True)
+
+
+def _rcar_pairs_reference_or_op(head, img, cap, lens, img_idx, cap_idx):
+    if torch.compiler.is_compiling():
+        return rcar_reference.compiled_call(rcar_pairs_reference_op, head, img, cap, lens, img_idx, cap_idx)
+    return _rcar_pairs_vectorized(head, img, cap, lens, img_idx, cap_idx)
+
+
+# ---------------------------------------------------------------------------------------------
 # The backend classes
 # ---------------------------------------------------------------------------------------------
 
 class ScanPairsReference(Backend):
     op, backend, kernel = "scan_pairs", "reference", "the vectorised reference"
-    fn = staticmethod(_scan_pairs_reference(reference_math.pairs_vectorized))
+    fn = staticmethod(_compiled_scan_pairs(scan_pairs_reference_op, _scan_pairs_vectorized))
 
 
 class ScanPairsReferenceLoop(Backend):
@@ -152,15 +212,12 @@ class ScanPairsCpu(Backend):
     def capabilities(cls) -> dict:
         return ScanCpu.capabilities()
 
-    @staticmethod
-    def fn(img, cap, lens, img_idx, cap_idx, **kw):
-        return _grouped_by_image(lambda i, c, n: ScanCpu.fn(i, c, n, **kw), img, cap, lens,
-                                 img_idx, cap_idx)
+    fn = staticmethod(_compiled_scan_pairs(scan_pairs_cpu_op, _scan_pairs_cpu))
 
 
 class RcarPairsReference(Backend):
     op, backend, kernel = "rcar_pairs", "reference", "the vectorised reference"
-    fn = staticmethod(_rcar_pairs_reference(reference_math.pairs_vectorized))
+    fn = staticmethod(_rcar_pairs_reference_or_op)
 
 
 class RcarPairsReferenceLoop(Backend):

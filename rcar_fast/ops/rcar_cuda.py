@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from rcar_fast.ops.backend import Backend, native
 from rcar_fast import contract
+from rcar_fast.ops.backend import Backend, native
+from rcar_fast.ops.library import define_rcar_op
+from rcar_fast.ops.rcar_reference import compiled_call, with_weights
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCKS_PER_SM = 2  # the kernel is built for two resident 256-thread blocks per SM
@@ -87,9 +89,22 @@ def rcar_cuda(head, img, cap, lens) -> torch.Tensor:
     return sims
 
 
+def _op_forward(img, cap, lens, weights, seed, config) -> torch.Tensor:
+    return with_weights(config, weights, rcar_cuda, img, cap, lens)
+
+
+# rcar_fast::rcar_cuda, forward only (no autograd formula): what torch.compile sees.
+rcar_cuda_op = define_rcar_op("rcar_cuda", _op_forward)
+
+
 class RcarCuda(Backend):
     op, backend, kernel = "rcar", "cuda", "the CUDA RCAR kernel"
     dtypes = {"cuda": SUPPORTED_DTYPES}
     has_backward = False
     implements_dropout = False
-    fn = staticmethod(rcar_cuda)
+
+    @staticmethod
+    def fn(head, img, cap, lens):
+        if torch.compiler.is_compiling():
+            return compiled_call(rcar_cuda_op, head, img.detach(), cap.detach(), lens, detach=True)
+        return rcar_cuda(head, img, cap, lens)

@@ -22,6 +22,8 @@ import torch
 
 from rcar_fast import contract
 from rcar_fast.ops.backend import Backend
+from rcar_fast.ops.library import define_rcar_op, vjp
+from rcar_fast.ops import rcar_reference
 
 # Bytes of saved (pairs, Q, d)-sized activations one backward block may hold.
 BACKWARD_BLOCK_BYTES = 1 << 30
@@ -47,6 +49,8 @@ class RcarTriton(Backend):
 
     @staticmethod
     def fn(head, img, cap, lens):
+        if torch.compiler.is_compiling():
+            return rcar_reference.compiled_call(rcar_triton_op, head, img, cap, lens)
         return rcar_triton(head, img, cap, lens)
 
 
@@ -195,3 +199,44 @@ def rcar_triton(head, img, cap, lens) -> torch.Tensor:
     return _FusedRCAR.apply(head, lens, lens_list, img, cap, *params)
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom op (what torch.compile sees): the same fused forward, the same recomputing backward
+# ---------------------------------------------------------------------------------------------
+
+def _op_forward(img, cap, lens, weights, seed, config) -> torch.Tensor:
+    lens_list = [int(v) for v in lens.tolist()]
+    return rcar_reference.with_weights(config, weights, _fused_forward, img, cap, lens_list)
+
+
+def _op_backward(grad, img, cap, lens, weights, seed, config):
+    """As _FusedRCAR.backward: the reference math recomputed on bounded blocks of pairs, in
+    the weights' dtype, under autograd (dispatch refused active dropout: seed is unused)."""
+    n_img, n_regions, d = img.shape
+    n_cap = cap.shape[0]
+    dtype = weights[0].dtype
+    longest = max(n_regions, int(lens.max()))
+    img_block, cap_block = backward_blocks(n_img, n_cap, longest, d, dtype.itemsize, config[1])
+    d_img, d_cap = torch.zeros_like(img), torch.zeros_like(cap)
+    d_weights = [torch.zeros_like(w) for w in weights]
+
+    def block_scores(lens_block):
+        return lambda i, c, *w: rcar_reference.forward_on_weights(
+            i.to(dtype), c.to(dtype), lens_block, list(w), seed, config)
+
+    for i0 in range(0, n_img, img_block):
+        for j0 in range(0, n_cap, cap_block):
+            g_img, g_cap, *g_weights = vjp(
+                block_scores(lens[j0:j0 + cap_block]),
+                [img[i0:i0 + img_block], cap[j0:j0 + cap_block], *weights],
+                grad[i0:i0 + img_block, j0:j0 + cap_block])
+            d_img[i0:i0 + img_block] += g_img
+            d_cap[j0:j0 + cap_block] += g_cap
+            for total, g in zip(d_weights, g_weights):
+                total += g
+    return d_img, d_cap, d_weights
+
+
+# rcar_fast::rcar_triton and rcar_fast::rcar_triton_backward (eager calls keep _FusedRCAR).
+rcar_triton_op = define_rcar_op("rcar_triton", _op_forward, _op_backward)

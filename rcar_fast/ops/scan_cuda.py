@@ -23,8 +23,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from rcar_fast.ops.backend import Backend, BackendUnavailable, Inputs, native
 from rcar_fast import contract
+from rcar_fast.ops.backend import Backend, BackendUnavailable, Inputs, native
+from rcar_fast.ops.library import define_scan_op
 
 DTYPE_CODES = {getattr(torch, name): code for name, code in contract.CUDA_DTYPE_CODES.items()}
 # Tile shapes of the kernel, widest caption groups first (see scan_tile_rows / scan_tile_cols).
@@ -355,6 +356,20 @@ class ScanSimilarityCuda(torch.autograd.Function):
                 d_cap.to(cap.dtype) if need_cap else None, None, None)
 
 
+def _op_forward(img, cap, lens, options) -> torch.Tensor:
+    return scan_forward(img, cap, lens, Options(*options))
+
+
+def _op_backward(grad, img, cap, lens, options) -> tuple:
+    d_img, d_cap = scan_backward(img, cap, lens, grad, Options(*options))
+    return d_img.to(img.dtype), d_cap.to(cap.dtype)
+
+
+# rcar_fast::scan_cuda and rcar_fast::scan_cuda_backward: what torch.compile sees (eager calls
+# keep ScanSimilarityCuda; both run the same scan_forward / scan_backward).
+scan_cuda_op = define_scan_op("scan_cuda", _op_forward, _op_backward)
+
+
 class ScanCuda(Backend):
     op, backend, kernel = "scan", "cuda", "the CUDA SCAN kernels"
     dtypes = {"cuda": tuple(DTYPE_CODES)}
@@ -376,4 +391,6 @@ class ScanCuda(Backend):
         """Inputs already validated by rcar_fast.scan_similarity (lens int64 on cap's device).
         Returns (n_img, n_cap) float32."""
         options = Options(direction, raw_norm, float(smooth), agg, float(lse_lambda))
+        if torch.compiler.is_compiling():
+            return scan_cuda_op(img, cap, lens, *options)
         return ScanSimilarityCuda.apply(img, cap, lens, options)

@@ -9,9 +9,8 @@ import torch
 
 from rcar_fast import reference_math
 from rcar_fast.ops.backend import Backend, output_dtype
-from rcar_fast.ops.library import define_scan_op, vjp
+from rcar_fast.ops.library import SCAN_OPTION_NAMES, define_scan_op, vjp
 
-_OPTION_NAMES = ("direction", "raw_norm", "smooth", "agg", "lse_lambda")
 
 
 def _vectorized(img, cap, lens, **kw) -> torch.Tensor:
@@ -19,7 +18,7 @@ def _vectorized(img, cap, lens, **kw) -> torch.Tensor:
 
 
 def _forward(img, cap, lens, options) -> torch.Tensor:
-    return _vectorized(img, cap, lens, **dict(zip(_OPTION_NAMES, options)))
+    return _vectorized(img, cap, lens, **dict(zip(SCAN_OPTION_NAMES, options)))
 
 
 def _backward(grad, img, cap, lens, options) -> tuple:
@@ -36,7 +35,7 @@ class ScanReference(Backend):
     @staticmethod
     def fn(img, cap, lens, **kw) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return scan_reference_op(img, cap, lens, *(kw[name] for name in _OPTION_NAMES))
+            return scan_reference_op(img, cap, lens, *(kw[name] for name in SCAN_OPTION_NAMES))
         return _vectorized(img, cap, lens, **kw)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from rcar_fast.ops.backend import Backend
-from rcar_fast.ops.library import define_scan_op
+from rcar_fast.ops.library import SCAN_OPTION_NAMES, define_scan_op
 
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_DTYPES = (torch.float32, torch.float16, torch.float64)
@@ -49,16 +49,15 @@ class ScanSimilarityTriton(torch.autograd.Function):
         return dimg, dcap, None, None, None, None, None, None
 
 
-_OPTION_NAMES = ("direction", "raw_norm", "smooth", "agg", "lse_lambda")
 
 
 def _op_forward(img, cap, lens, options):
-    return _kernels().scan_forward(_kernels().build_problem(img, cap, lens, **dict(zip(_OPTION_NAMES, options))))
+    return _kernels().scan_forward(_kernels().build_problem(img, cap, lens, **dict(zip(SCAN_OPTION_NAMES, options))))
 
 
 def _op_backward(grad, img, cap, lens, options):
     kernels = _kernels()
-    problem = kernels.build_problem(img, cap, lens, **dict(zip(_OPTION_NAMES, options)))
+    problem = kernels.build_problem(img, cap, lens, **dict(zip(SCAN_OPTION_NAMES, options)))
     return tuple(kernels.scan_backward(problem, grad, True, True))
 
 
