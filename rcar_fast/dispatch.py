@@ -57,7 +57,8 @@ TABLE: dict[str, tuple[type[Backend], ...]] = {
              rcar_triton.RcarTriton, rcar_cuda.RcarCuda, rcar_cpu.RcarCpu),
     "scan_pairs": (pair_backends.ScanPairsReference, pair_backends.ScanPairsReferenceLoop,
                    pair_backends.ScanPairsCpu),
-    "rcar_pairs": (pair_backends.RcarPairsReference, pair_backends.RcarPairsReferenceLoop),
+    "rcar_pairs": (pair_backends.RcarPairsReference, pair_backends.RcarPairsReferenceLoop,
+                   pair_backends.RcarPairsCpu),
     "maxsim": (maxsim_reference.MaxSimReference, maxsim_reference.MaxSimReferenceLoop),
     "maxsim_pairs": (maxsim_reference.MaxSimPairsReference,
                      maxsim_reference.MaxSimPairsReferenceLoop),
@@ -88,8 +89,8 @@ def implementation(op: str, backend: str) -> Optional[type[Backend]]:
 
 def not_in_auto(op: str, backend: str) -> Optional[str]:
     """Why backend="auto" never tries `backend` for `op` (None: it does, in AUTO_ORDER)."""
-    cls = implementation(op, backend)
-    return getattr(cls, "not_in_auto", None) if cls is not None else None
+    note = getattr(implementation(op, backend), "not_in_auto", None)
+    return note() if callable(note) else note   # a string, or a classmethod that decides
 
 
 def auto_order(op: str, device_type: str) -> tuple:
