@@ -163,7 +163,7 @@ def mode_fn(mode: str, fn: Callable, img, cap, lens, head):
 
 def base_row(ctx: RunContext, op: _cases.OpSpec, shape: _cases.Shape, lens, mode: str,
               backend: str, variant: str = "") -> dict:
-    return dict(ctx.common, op=op.name, family=op.family, variant=variant, mode=mode,
+    return dict(ctx.common, op=op.name, family=op.scorer.name, variant=variant, mode=mode,
                 backend=backend, detail="", sweep=shape.sweep,
                 dtype=str(shape.dtype).replace("torch.", ""), n_img=shape.n_img,
                 n_cap=shape.n_cap, pairs=shape.pairs, regions=shape.regions,

@@ -5,7 +5,8 @@
     python examples/train_scan.py --backend reference --loss infonce
 
 A front end of the project's trainer, rcar_fast.train (``python -m rcar_fast.train`` has
-every option, RCAR heads included), with small defaults. Each step draws B images and one
+every option and every head of the registry, ``--head rcar|chan|laps|...``), with small
+defaults. Each step draws B images and one
 of each image's captions, projects both with a learned linear layer (+ l2norm, like the SCAN
 encoders' last step), scores all B x B pairs with the SCAN similarity on --backend (the
 backward flows through it) and applies the VSE++ hardest-negative hinge loss (--loss vse)

@@ -60,8 +60,10 @@ Adding (b) a backend "foo" of an existing op:
   3. rcar_fast/dispatch.py: TABLE (and AUTO_ORDER)
   4. tests/test_<op>_foo.py
   4 files for a Triton or Python backend; a native one adds its declaration (csrc/*/kernels.h)
-  and its binding entry (csrc/bindings_*.cpp): 6. Nothing else reads backend names: the
-  CLI's and the trainer's --backend choices, backends(), the benchmarks all read dispatch.
+  and its binding entry (csrc/bindings_*.cpp): 6. The CLI's and the trainer's --backend
+  choices, backends(), auto and the benchmark suite all read dispatch. Outside the count: a
+  GPU backend that the GPU check should measure is also named in bench/gpu_check.py
+  (FAST_BACKENDS) and scripts/gpu_correctness.py, and README's backend table documents it.
 
 Adding (c) a benchmark case: bench/cases.py only (an OpSpec naming a head of SCORERS and
   its build options, in a plan; e.g. the maxsim cases there). The suite asks the head's

@@ -315,12 +315,15 @@ def run(cfg: TrainConfig, json_path: Optional[str] = None) -> TrainResult:
 
 def run_or_complain(cfg: TrainConfig, json_path: Optional[str] = None,
                     prog: str = "python -m rcar_fast.train") -> int:
-    """run(cfg) as a command: a bad setting, or a backend that cannot run a pass (dispatch's
-    error with every reason), is one line on stderr and exit status 2, not a traceback."""
+    """run(cfg) as a command: a bad option (say --direction for the chosen --head), or a
+    backend that cannot run a pass (dispatch's error with every reason, raised before the
+    first step), is one line on stderr and exit status 2, not a traceback."""
     try:
         _check_config(cfg)
+        model = RetrievalModel(cfg)
+        scorers.scoring(model.similarity, model.head_kwargs)   # the head's settings checked
         complaint = None
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         complaint = err
     if complaint is None:
         try:
@@ -328,7 +331,7 @@ def run_or_complain(cfg: TrainConfig, json_path: Optional[str] = None,
         except dispatch.BackendUnavailable as err:
             complaint = err
     if complaint is not None:
-        print(f"{prog}: {complaint}", file=sys.stderr)
+        print(f"{prog}: error: {complaint}", file=sys.stderr)
         return 2
     return 0
 

@@ -16,6 +16,7 @@ import torch
 from rcar_fast import dispatch, reference, scorers
 from rcar_fast.evaluation import all_pairs, head_fn
 from rcar_fast.losses import full_hardest_negative_loss, hardest_negative_loss
+from rcar_fast.ops.maxsim import MaxsimScorer, max_similarity
 from rcar_fast.ops.scan import scan_similarity
 from rcar_fast.pairs import all_pairs_scores, score_pairs
 from tests.inputs import make_inputs
@@ -144,6 +145,35 @@ def test_every_scorer_has_a_flop_model_and_a_reference():
                          head.all_pairs(img, cap, lens, "reference"), F64_PAIRS)
 
 
+@pytest.mark.parametrize("preset", sorted(MaxsimScorer.aliases))
+def test_a_preset_name_is_maxsim_with_that_preset(preset):
+    img, cap, lens = _inputs(seed=3)
+    expected = max_similarity(img, cap, lens, preset=preset, backend="reference")
+    assert_close(all_pairs_scores(img, cap, lens, model=preset, backend="reference"), expected, F64_PAIRS)
+    assert_close(all_pairs_scores(img, cap, lens, model="maxsim", preset=preset, backend="reference"),
+                 expected, F64_PAIRS)
+
+
+def test_vsa_coding_through_the_registry_runs_where_max_similarity_does():
+    # The scorer's choice: CHAN's VSA coding only on the reference backends, also under auto.
+    img, cap, lens = make_inputs(4, 5, 3, D, lens=(5, 2, 1, 4, 3), seed=4, dtype=F64, pad=0.0)
+    kw = dict(direction="i2t", coding="vsa", pool="lse")
+    expected = max_similarity(img, cap, lens, backend="reference", **kw)
+    assert_close(all_pairs_scores(img, cap, lens, model="maxsim", **kw), expected, F64_PAIRS)
+    idx = torch.tensor([0, 3, 2])
+    assert_close(score_pairs(img, cap, lens, idx, idx, model="maxsim", **kw), expected[idx, idx],
+                 F64_PAIRS)
+
+
+def test_maxsim_flop_model_is_the_tile_gemm_at_the_coco_shape():
+    # COCO-shaped MrSw (issue 14): 2 R L d = 0.885 MFLOP per pair, the maxima and the pool a
+    # fraction of a percent on top.
+    head = scorers.scoring("aladin")
+    per_pair = head.forward_flops(1, [12], 36, 1024) - 3.0 * 1024 * (36 + 12)   # unit norms
+    gemm = 2.0 * 36 * 12 * 1024
+    assert gemm < per_pair < 1.01 * gemm
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +184,10 @@ def test_every_scorer_has_a_flop_model_and_a_reference():
     ("rcar", {}, ValueError, "head with weights"),
     ("scan", {"tau": 0.1}, TypeError, "unexpected SCAN keyword"),
     ("scan", {"direction": "both"}, ValueError, "direction"),
+    ("chan", {"preset": "laps"}, ValueError, "model='chan' is preset='chan'"),
+    ("laps", {"direction": "t2i"}, ValueError, "preset='laps' sets direction='both'"),
+    ("maxsim", {"pool": "median"}, ValueError, "pool"),
+    ("maxsim", {"smooth": 9.0}, TypeError, "unexpected MaxSim keyword"),
 ])
 def test_bad_models_and_keywords_are_one_clear_error(model, kwargs, error, match):
     img, cap, lens = _inputs()

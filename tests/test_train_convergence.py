@@ -61,6 +61,14 @@ def test_trainer_refuses_an_unknown_head():
         curve(model="vse", steps=1)
 
 
+def test_trainer_command_reports_a_bad_head_option_in_one_line(capsys):
+    from rcar_fast.train import main
+
+    assert main(["--head", "laps", "--direction", "t2i", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "preset='laps' sets direction='both'" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("model", ["scan", "rcar"])
 def test_training_lowers_the_loss_on_a_fixed_set(model):
     # Six images, one batch: the model can fit them, so the loss must fall.
@@ -191,5 +199,5 @@ def test_trainer_refuses_a_pair_backend_that_cannot_train_in_one_line(capsys):
         pytest.skip("the C++ CPU RCAR pair backend trains here (its backward landed)")
     assert run_or_complain(cfg, prog="train") == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("train: backend 'cpu' cannot run rcar_pairs") and "\n" not in err
+    assert err.startswith("train: error: backend 'cpu' cannot run rcar_pairs") and "\n" not in err
     assert "backward pass is needed" in err
