@@ -22,7 +22,7 @@ from rcar_fast.losses import hardest_negative_loss, vse_hinge_loss
 from rcar_fast.ops import rcar_reference
 from rcar_fast.ops.backend import BackendUnavailable
 from rcar_fast.pairs import score_pairs
-from tests.conftest import requires_gpu
+from tests.conftest import requires_gpu, requires_interpreter
 from tests.inputs import make_inputs
 from tests.tolerances import assert_close_to_reference
 
@@ -31,7 +31,9 @@ CPU = torch.device("cpu")
 NATIVE = dispatch.rejection("scan", "cpu", CPU, F64)
 TRITON = dispatch.rejection("scan", "triton", CPU, F64)
 needs_native = pytest.mark.skipif(NATIVE is not None, reason=f"the C++ CPU kernels: {NATIVE}")
-needs_interpreter = pytest.mark.skipif(TRITON is not None, reason=f"triton on CPU tensors: {TRITON}")
+# Triton on CPU tensors runs in its interpreter (tests marked `interpreter`, see conftest.py).
+triton_on_cpu = pytest.mark.skipif(TRITON is not None, reason=f"triton on CPU tensors: {TRITON}")
+needs_interpreter = [requires_interpreter, triton_on_cpu]
 SCAN_SETTINGS = {"t2i": dict(direction="t2i", raw_norm="clipped_l2norm", smooth=9.0, agg="mean"),
                  "i2t": dict(direction="i2t", raw_norm="l2norm", smooth=4.0, agg="lse", lse_lambda=5.0)}
 
@@ -196,7 +198,8 @@ def test_compiled_step_refuses_the_forward_only_cpu_kernel_in_training_mode():
         compiled(img.requires_grad_(), cap, lens)
 
 
-@needs_interpreter
+@requires_interpreter
+@triton_on_cpu
 def test_rcar_training_step_triton():
     """only_rcr trains on the fused Triton forward (its backward recomputes the reference)."""
     img, cap, lens, _ = _batch(B=2, R=3, L=4, dtype=F32)

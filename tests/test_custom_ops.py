@@ -9,7 +9,7 @@ import rcar_fast
 from rcar_fast import dispatch
 from rcar_fast.ops import (rcar_cpu, rcar_cuda, rcar_reference, rcar_triton, scan_cpu, scan_cuda,
                            scan_reference, scan_triton)
-from tests.conftest import requires_gpu
+from tests.conftest import requires_gpu, requires_interpreter
 from tests.tolerances import assert_close_to_reference
 
 F64 = torch.float64
@@ -40,7 +40,9 @@ def _head(regulator="coop_rcar", steps=1, d=8):
 
 # The ops register when their backend modules are imported (above): rcar_fast::<name>.
 TRITON = dispatch.rejection("scan", "triton", torch.device("cpu"), F64)
-needs_interpreter = pytest.mark.skipif(TRITON is not None, reason=f"triton on CPU tensors: {TRITON}")
+# Triton on CPU tensors runs in its interpreter (tests marked `interpreter`, see conftest.py).
+triton_on_cpu = pytest.mark.skipif(TRITON is not None, reason=f"triton on CPU tensors: {TRITON}")
+needs_interpreter = [requires_interpreter, triton_on_cpu]
 SCAN_OPS = [pytest.param("scan_reference", id="reference"),
             pytest.param("scan_cpu", id="cpu", marks=needs_native),
             pytest.param("scan_triton", id="triton", marks=needs_interpreter)]
@@ -124,7 +126,8 @@ def _rcar_op_args(head, img, cap, lens, weights, seed=0):
     return (img, cap, lens, weights, torch.tensor(seed), *rcar_reference.op_config(head))
 
 
-@needs_interpreter
+@requires_interpreter
+@triton_on_cpu
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_opcheck_rcar_triton(direction):
     """The fused Triton forward and its recomputing backward op (only_rcr: no dropout, so the

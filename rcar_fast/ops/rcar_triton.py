@@ -21,9 +21,9 @@ import math
 import torch
 
 from rcar_fast import contract
+from rcar_fast.ops import rcar_reference
 from rcar_fast.ops.backend import Backend
 from rcar_fast.ops.library import define_rcar_op, vjp
-from rcar_fast.ops import rcar_reference
 
 # Bytes of saved (pairs, Q, d)-sized activations one backward block may hold.
 BACKWARD_BLOCK_BYTES = 1 << 30
@@ -197,8 +197,6 @@ def rcar_triton(head, img, cap, lens) -> torch.Tensor:
     if not needs_grad:
         return _fused_forward(head, img, cap, lens_list)
     return _FusedRCAR.apply(head, lens, lens_list, img, cap, *params)
-
-
 
 
 # ---------------------------------------------------------------------------------------------
