@@ -15,10 +15,13 @@ void register_cpu_bindings(pybind11::module& m) {
       .def_readonly("smooth", &rcar_cpu::ScanSettings::smooth)
       .def_readonly("lse_lambda", &rcar_cpu::ScanSettings::lse_lambda);
   py::class_<rcar_cpu::RcarSettings>(m, "RcarSettings", "an RCAR head's configuration as contract codes")
-      .def(py::init([](int direction, int regulator, int64_t steps, double smooth) {
-             return rcar_cpu::RcarSettings{direction, regulator, steps, smooth};
+      .def(py::init([](int direction, int regulator, int64_t steps, double smooth, bool training, int64_t seed) {
+             return rcar_cpu::RcarSettings{direction, regulator, steps, smooth, training, seed};
            }),
-           py::arg("direction"), py::arg("regulator"), py::arg("steps"), py::arg("smooth"))
+           py::arg("direction"), py::arg("regulator"), py::arg("steps"), py::arg("smooth"),
+           py::arg("training") = false, py::arg("seed") = 0)
+      .def_readonly("training", &rcar_cpu::RcarSettings::training)
+      .def_readonly("seed", &rcar_cpu::RcarSettings::seed)
       .def_readonly("direction", &rcar_cpu::RcarSettings::direction)
       .def_readonly("regulator", &rcar_cpu::RcarSettings::regulator)
       .def_readonly("steps", &rcar_cpu::RcarSettings::steps)
@@ -31,8 +34,15 @@ void register_cpu_bindings(pybind11::module& m) {
         "gradients [d img, d cap] of sum(grad * SCAN similarity)", py::arg("grad"), py::arg("img"),
         py::arg("cap"), py::arg("lens"), py::arg("settings"), py::call_guard<py::gil_scoped_release>());
   m.def("rcar_forward_cpu", &rcar_cpu::rcar_forward,
-        "RCAR head (eval mode) over all pairs (n_img, n_cap); weights: flat list, see csrc/cpu/kernels.h",
+        "RCAR head over all pairs (n_img, n_cap); weights: flat list, see csrc/cpu/kernels.h",
         py::arg("img"), py::arg("cap"), py::arg("lens"), py::arg("settings"), py::arg("weights"), py::call_guard<py::gil_scoped_release>());
+  m.def("rcar_backward_cpu", &rcar_cpu::rcar_backward,
+        "gradients [d img, d cap, d weights...] of sum(grad * RCAR head), weights as rcar_forward_cpu",
+        py::arg("grad"), py::arg("img"), py::arg("cap"), py::arg("lens"), py::arg("settings"), py::arg("weights"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rcar_dropout_scales_cpu", &rcar_cpu::rcar_dropout_scales,
+        "RAR dropout scales (len(pairs), rows, channels) float64 (rcar_fast.dropout.rar_scales)", py::arg("seed"),
+        py::arg("module"), py::arg("which"), py::arg("pairs"), py::arg("rows"), py::arg("channels"));
   m.def("set_cpu_simd_path", &rcar_cpu::set_simd_path,
         "select the compiled copy of the CPU kernels' vector loops: 'auto' | 'baseline' | 'avx2'; "
         "returns the copy that will run",

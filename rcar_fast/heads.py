@@ -48,10 +48,16 @@ class AggregationRegulator(nn.Module):
         self.rar_v_w = nn.Sequential(nn.Linear(sim_dim, 1))
         self.softmax = nn.Softmax(dim=-1)
 
-    def forward(self, mid, hig, query_mask=None):
-        """mid (..., Q, s), hig (..., s) -> new hig (..., s)."""
-        keys = self.rar_k_w(mid)
-        question = self.rar_q_w(hig).unsqueeze(-2)
+    def forward(self, mid, hig, query_mask=None, masks=None):
+        """mid (..., Q, s), hig (..., s) -> new hig (..., s). masks: None (the Dropout modules
+        act), or given dropout scales (keys (..., Q, s), question (..., s)) applied in their
+        place (rcar_fast.dropout.counter_masks: the fused kernels' masks)."""
+        if masks is None:
+            keys, question = self.rar_k_w(mid), self.rar_q_w(hig)
+        else:
+            keys = self.rar_k_w[1](self.rar_k_w[0](mid)) * masks[0]
+            question = self.rar_q_w[1](self.rar_q_w[0](hig)) * masks[1]
+        question = question.unsqueeze(-2)
         logits = self.rar_v_w(keys * question).squeeze(-1)
         if query_mask is not None:
             logits = logits.masked_fill(~query_mask, float("-inf"))

@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rcar_fast import validate
+from rcar_fast import dropout, validate
 from rcar_fast.contract import AGGREGATIONS, DIRECTIONS, EPS, LEAKY_SLOPE, RAW_NORMS, REGULATORS  # noqa: F401
 
 # A block of the vectorised forms keeps each (pairs, Q, d) intermediate below this many bytes.
@@ -386,6 +386,12 @@ def _rcar_final_score(head, hig):
     return head.sigmoid(head.sim_eval_w(hig)).squeeze(-1)
 
 
+def _rar_masks(head, module, mid):
+    """The counter-based dropout scales of RAR module `module` when a test set them
+    (rcar_fast.dropout.counter_masks) and the head is in training mode; else None (nn.Dropout)."""
+    return dropout.active_rar_masks(module, mid) if head.training else None
+
+
 def rcar_pair_scores(head, query, context, query_mask=None, context_mask=None, observe=None):
     """RCAR's pair function: scores of the pairs described by query (..., Q, d) and context
     (..., C, d) -> (...), with the head's parameters. observe (None or a function) is called
@@ -396,8 +402,8 @@ def rcar_pair_scores(head, query, context, query_mask=None, context_mask=None, o
     if head.regulator == "only_rar":
         mid = _rcar_alignment(head, 0, query, context, matrix, smooth, *step_args)
         hig = masked_mean(mid, query_mask)
-        for rar in head.rar_modules:
-            hig = rar(mid, hig, query_mask)
+        for module, rar in enumerate(head.rar_modules):
+            hig = rar(mid, hig, query_mask, _rar_masks(head, module, mid))
         return _rcar_final_score(head, hig)
     if head.regulator == "only_rcr":
         for step, rcr in enumerate(head.rcr_modules):
@@ -412,7 +418,7 @@ def rcar_pair_scores(head, query, context, query_mask=None, context_mask=None, o
             hig = masked_mean(mid, query_mask)
         if step < head.steps - 1:
             matrix, smooth = head.rcr_modules[step](mid, matrix, smooth)
-        hig = rar(mid, hig, query_mask)
+        hig = rar(mid, hig, query_mask, _rar_masks(head, step, mid))
     return _rcar_final_score(head, hig)
 
 

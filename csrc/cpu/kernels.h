@@ -25,6 +25,8 @@ struct RcarSettings {
   int regulator;    // rcar_contract::Regulator
   int64_t steps;    // the official rar_step / rcr_step / rcar_step
   double smooth;    // the first attention's softmax temperature, > 0
+  bool training = false;  // training mode: RAR's dropout (p = 0.4) acts, masks from `seed`
+  int64_t seed = 0;       // the dropout masks' seed (>= 0), see rcar_fast/dropout.py
 };
 
 // The checks every pair kernel makes on its inputs; `op` names the kernel in the message.
@@ -55,13 +57,27 @@ at::Tensor scan_forward(const at::Tensor& img, const at::Tensor& cap, const at::
 std::vector<at::Tensor> scan_backward(const at::Tensor& grad, const at::Tensor& img, const at::Tensor& cap,
                                       const at::Tensor& lens, const ScanSettings& settings);
 
-// RCAR similarity head (official EncoderSimilarity, eval mode: no dropout) over all pairs
+// RCAR similarity head (official EncoderSimilarity; in training mode with RAR's counter-based
+// dropout masks) over all pairs
 // (rcar.cpp). weights: the head's Linear weights and biases as a flat list,
 // in module order: alv modules (W, b); RCR modules (rcr_matrix_w.0, .2, rcr_smooth_w.0, .2, each
 // W, b); RAR modules (rar_q_w.0, rar_k_w.0, rar_v_w.0, each W, b); sim_eval_w (W, b): the walk
 // rcar_fast.contract.rcar_linears.
 at::Tensor rcar_forward(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
                         const RcarSettings& settings, const std::vector<at::Tensor>& weights);
+
+// Gradients of sum(grad * rcar_forward(...)) (grad (n_img, n_cap)): {d img, d cap, then one
+// gradient per weight tensor in the same flat order}; d cap is zero at the padding. Recomputes
+// the forward per tile (nothing kept between the calls); deterministic for a thread count.
+std::vector<at::Tensor> rcar_backward(const at::Tensor& grad, const at::Tensor& img, const at::Tensor& cap,
+                                      const at::Tensor& lens, const RcarSettings& settings,
+                                      const std::vector<at::Tensor>& weights);
+
+// RAR's dropout scales (0 or 1/(1-p)), float64 (len(pairs), rows, channels), of module
+// `module`, which 0 (rar_k_w, row = query row) or 1 (rar_q_w, row 0): the C++ side of
+// rcar_fast.dropout.rar_scales, for the tests.
+at::Tensor rcar_dropout_scales(int64_t seed, int64_t module, int64_t which, const at::Tensor& pairs,
+                               int64_t rows, int64_t channels);
 
 // Selects the compiled copy of the vectorised loops: "auto" (AVX2+FMA when the CPU has it),
 // "baseline" or "avx2" (falls back to baseline on a CPU without AVX2). Returns the copy that

@@ -15,6 +15,10 @@
 #include "cpu/tile.h"
 
 #include <limits>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <utility>
 
 // Every function passing a 32-byte vector is always_inline: the ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -203,23 +207,76 @@ struct RcarTile {
   int64_t pairs;
   T* out;
   int64_t out_stride;
+  int64_t pair_base, pair_step;  // pair p's global id (i * n_cap + j): pair_base + p * pair_step
 };
 
 template <typename T>
 struct RcarScratch {
-  std::vector<T> S, lam, D, M, Vm, H, K, h, hq, inv, rowval;
-  RcarScratch(int64_t max_rows, int64_t max_ctx, int64_t max_pairs, const HeadWeights& hw, bool with_m)
+  std::vector<T> S, lam, D, M, Vm, H, K, h, hq, inv, rowval, key_scale, question_scale;
+  RcarScratch(int64_t max_rows, int64_t max_ctx, int64_t max_pairs, const HeadWeights& hw, bool with_m,
+              bool dropout)
       : S(max_rows * simd::padded<T>(max_ctx)), lam(max_rows), D(max_rows * hw.d),
         M(with_m ? max_rows * hw.d : 0), Vm(max_rows * hw.s), H(max_rows * std::max(hw.hidden, hw.s)),
         K(max_rows * hw.s), h(max_pairs * hw.s), hq(max_pairs * hw.s), inv(simd::padded<T>(max_ctx)),
-        rowval(max_rows) {}
+        rowval(max_rows), key_scale(dropout ? max_rows * hw.s : 0), question_scale(dropout ? max_pairs * hw.s : 0) {}
 };
 
 struct HeadConfig {
   Regulator reg;
   int64_t steps;
   double smooth;
+  bool dropout;    // training mode: RAR's dropout masks (rar_dropout_row_key) are applied
+  uint64_t seed;   // the masks' seed
 };
+
+// ---------------------------------------------------------------------------------------------
+// RAR dropout: a counter-based mask, the same function as rcar_fast/dropout.py. An element
+// (seed, module, which, pair, row, channel) is kept, scaled by 1/(1-p), iff its 32-bit hash is
+// >= p * 2^32. which 0: rar_k_w's output (row = the query row of the pair); which 1: rar_q_w's
+// (row 0). pair = i * n_cap + j. No state: a backward recomputes the forward's masks.
+// ---------------------------------------------------------------------------------------------
+
+constexpr double kDropoutP = 0.4;
+constexpr uint32_t kDropoutThreshold = 1717986918u;  // floor(0.4 * 2^32)
+
+inline uint32_t hash32(uint32_t x) {
+  x = ((x >> 16) ^ x) * 0x45d9f3bu;
+  x = ((x >> 16) ^ x) * 0x45d9f3bu;
+  return (x >> 16) ^ x;
+}
+
+// Folds a 64-bit counter into the hash state, low word then high word.
+inline uint32_t mix_in(uint32_t h, uint64_t v) {
+  h = hash32(h ^ static_cast<uint32_t>(v & 0xffffffffu));
+  return hash32(h ^ static_cast<uint32_t>(v >> 32));
+}
+
+inline uint32_t rar_dropout_row_key(uint64_t seed, int64_t module, int which, int64_t pair, int64_t row) {
+  uint32_t h = mix_in(0u, seed);
+  h = mix_in(h, static_cast<uint64_t>(2 * module + which));
+  h = mix_in(h, static_cast<uint64_t>(pair));
+  return mix_in(h, static_cast<uint64_t>(row));
+}
+
+// out[e] = 0 (dropped) or 1/(1-p) (kept) for channels e < n of a row.
+template <typename T>
+inline void rar_dropout_scales(uint32_t row_key, T* out, int64_t n) {
+  const T keep = T(1.0 / (1.0 - kDropoutP));
+  for (int64_t e = 0; e < n; ++e)
+    out[e] = hash32(row_key ^ static_cast<uint32_t>(e)) >= kDropoutThreshold ? keep : T(0);
+}
+
+// The dropout scales of one RAR module for a tile: keys (rows x s) and questions (pairs x s).
+template <typename T>
+void rar_dropout_tile(const RcarTile<T>& t, uint64_t seed, int64_t module, int64_t s, T* key_scale,
+                      T* question_scale) {
+  for (int64_t p = 0; p < t.pairs; ++p) {
+    const int64_t pair = t.pair_base + p * t.pair_step;
+    for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r)
+      rar_dropout_scales(rar_dropout_row_key(seed, module, 0, pair, r - t.seg[p]), key_scale + r * s, s);
+    rar_dropout_scales(rar_dropout_row_key(seed, module, 1, pair, 0), question_scale + p * s, s);
+  }
+}
 
 // S (rows x Cp) = (Q [o M]) C^T, padding columns zeroed.
 template <typename T>
@@ -338,7 +395,7 @@ RCAR_INLINE void mean_alignment(const RcarTile<T>& t, RcarScratch<T>& w, int64_t
 // RAR: h_p <- l2norm(sum_r softmax_r(v . (tanh(k V_r) o tanh(q h_p))) V_r).
 template <typename T>
 RCAR_INLINE void aggregation_update(const RcarTile<T>& t, RcarScratch<T>& w, const HeadWeights& hw,
-                                    const RarWeights& rar) {
+                                    const RarWeights& rar, const HeadConfig& cfg, int64_t module) {
   const int64_t s = hw.s, rows = t.rows;
   at::Tensor keys = view2d(w.K.data(), rows, s, s);
   linear_into(keys, view2d(w.Vm.data(), rows, s, s), rar.k.w, rar.k.b);
@@ -346,6 +403,11 @@ RCAR_INLINE void aggregation_update(const RcarTile<T>& t, RcarScratch<T>& w, con
   at::Tensor question = view2d(w.hq.data(), t.pairs, s, s);
   linear_into(question, view2d(w.h.data(), t.pairs, s, s), rar.q.w, rar.q.b);
   question.tanh_();
+  if (cfg.dropout) {
+    rar_dropout_tile(t, cfg.seed, module, s, w.key_scale.data(), w.question_scale.data());
+    keys.mul_(view2d(w.key_scale.data(), rows, s, s));
+    question.mul_(view2d(w.question_scale.data(), t.pairs, s, s));
+  }
   const T* wv = rar.v.w.data_ptr<T>();
   const T bv = rar.v.b.data_ptr<T>()[0];
   T* logits = w.rowval.data();
@@ -414,7 +476,8 @@ RCAR_INLINE void rcar_tile_body(const RcarTile<T>& t, RcarScratch<T>& w, const H
   if (cfg.reg == kOnlyRar) {
     alignment(t, w, hw, 0, Cp, false);
     mean_alignment(t, w, hw.s);
-    for (const RarWeights& rar : hw.rar) aggregation_update(t, w, hw, rar);
+    for (int64_t m = 0; m < static_cast<int64_t>(hw.rar.size()); ++m)
+      aggregation_update(t, w, hw, hw.rar[m], cfg, m);
     final_scores(t, w, hw);
     return;
   }
@@ -434,7 +497,7 @@ RCAR_INLINE void rcar_tile_body(const RcarTile<T>& t, RcarScratch<T>& w, const H
       correspondence_update(t, w, hw, hw.rcr[step], !modulated);
       modulated = true;
     }
-    aggregation_update(t, w, hw, hw.rar[step]);
+    aggregation_update(t, w, hw, hw.rar[step], cfg, step);
   }
   final_scores(t, w, hw);
 }
@@ -452,66 +515,750 @@ void rcar_tile_base(const RcarTile<T>& t, RcarScratch<T>& w, const HeadWeights& 
 
 constexpr int64_t kTileRows = 512;  // query rows per tile
 
+// ---------------------------------------------------------------------------------------------
+// Tile layout, shared by the forward and the backward
+// ---------------------------------------------------------------------------------------------
+
+// Query blocks (t2i caption blocks, i2t image blocks) x context owners; task = block * owners
+// + owner (owners vary fastest: consecutive tasks reuse the query block).
+template <typename T>
+struct TileLayout {
+  bool t2i;
+  int64_t n_img, R, d, n_cap;
+  const T* img;
+  const T* words;
+  const std::vector<int64_t>* off;
+  std::vector<int64_t> bounds, image_seg;
+  int64_t max_rows = 0, max_pairs = 0, max_ctx = 0, n_blocks = 0, n_owners = 0;
+
+  TileLayout(bool t2i_, const at::Tensor& img_c, const PackedWords<T>& w, int64_t n_cap_, int64_t tile_rows)
+      : t2i(t2i_), n_img(img_c.size(0)), R(img_c.size(1)), d(img_c.size(2)), n_cap(n_cap_),
+        img(img_c.data_ptr<T>()), words(w.words.template data_ptr<T>()), off(&w.offsets) {
+    if (t2i) {
+      bounds = weighted_blocks(*off, tile_rows);
+    } else {
+      const int64_t per_block = std::max<int64_t>(1, tile_rows / R);
+      for (int64_t i = 0; i < n_img; i += per_block) bounds.push_back(i);
+      bounds.push_back(n_img);
+      for (int64_t p = 0; p <= per_block; ++p) image_seg.push_back(p * R);
+    }
+    n_blocks = static_cast<int64_t>(bounds.size()) - 1;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t pairs = bounds[b + 1] - bounds[b];
+      max_pairs = std::max(max_pairs, pairs);
+      max_rows = std::max(max_rows, t2i ? (*off)[bounds[b + 1]] - (*off)[bounds[b]] : pairs * R);
+    }
+    n_owners = t2i ? n_img : n_cap;
+    max_ctx = t2i ? R : w.max_len;
+  }
+  int64_t tasks() const { return n_owners * n_blocks; }
+
+  // The tile of a task; seg holds its segments. out: the (n_img, n_cap) scores (may be null).
+  RcarTile<T> tile(int64_t task, std::vector<int64_t>& seg, T* out) const {
+    const int64_t b = task / n_owners, owner = task % n_owners;
+    const auto& o = *off;
+    if (t2i) {
+      const int64_t j0 = bounds[b], j1 = bounds[b + 1];
+      seg.clear();
+      for (int64_t j = j0; j <= j1; ++j) seg.push_back(o[j] - o[j0]);
+      return RcarTile<T>{words + o[j0] * d, o[j1] - o[j0], img + owner * R * d, R, seg.data(), j1 - j0,
+                         out ? out + owner * n_cap + j0 : nullptr, 1, owner * n_cap + j0, 1};
+    }
+    const int64_t i0 = bounds[b], i1 = bounds[b + 1];
+    return RcarTile<T>{img + i0 * R * d, (i1 - i0) * R, words + o[owner] * d, o[owner + 1] - o[owner],
+                       image_seg.data(), i1 - i0, out ? out + i0 * n_cap + owner : nullptr, n_cap,
+                       i0 * n_cap + owner, n_cap};
+  }
+  // Row offsets of a task's query rows and context rows in the packed img / words arrays.
+  int64_t query_row(int64_t task) const {
+    const int64_t b = task / n_owners;
+    return t2i ? (*off)[bounds[b]] : bounds[b] * R;
+  }
+  int64_t context_row(int64_t task) const {
+    const int64_t owner = task % n_owners;
+    return t2i ? owner * R : (*off)[owner];
+  }
+};
+
 template <typename T>
 void rcar_forward_impl(const at::Tensor& img_in, const at::Tensor& cap, const at::Tensor& lens, bool t2i,
                        const HeadWeights& hw, const HeadConfig& cfg, at::Tensor& out) {
   const at::Tensor img = img_in.contiguous();
-  const int64_t n_img = img.size(0), R = img.size(1), d = img.size(2), n_cap = cap.size(0);
   const PackedWords<T> words = pack_words<T>(cap.stride(2) == 1 ? cap : cap.contiguous(), lens);
-  const T* img_ptr = img.data_ptr<T>();
-  const T* words_ptr = words.words.template data_ptr<T>();
-  T* out_ptr = out.data_ptr<T>();
-  const auto& off = words.offsets;
-
-  // Query blocks: t2i caption blocks (segments = captions), i2t image blocks (segments of R).
-  std::vector<int64_t> bounds, image_seg;
-  int64_t max_rows = 0, max_pairs = 0;
-  if (t2i) {
-    bounds = weighted_blocks(off, kTileRows);
-  } else {
-    const int64_t per_block = std::max<int64_t>(1, kTileRows / R);
-    for (int64_t i = 0; i < n_img; i += per_block) bounds.push_back(i);
-    bounds.push_back(n_img);
-    for (int64_t p = 0; p <= per_block; ++p) image_seg.push_back(p * R);
-  }
-  const int64_t n_blocks = static_cast<int64_t>(bounds.size()) - 1;
-  for (int64_t b = 0; b < n_blocks; ++b) {
-    const int64_t pairs = bounds[b + 1] - bounds[b];
-    max_pairs = std::max(max_pairs, pairs);
-    max_rows = std::max(max_rows, t2i ? off[bounds[b + 1]] - off[bounds[b]] : pairs * R);
-  }
-  const int64_t n_owners = t2i ? n_img : n_cap;
-  const int64_t max_ctx = t2i ? R : words.max_len;
-  const int64_t n_tasks = n_owners * n_blocks;
+  const TileLayout<T> layout(t2i, img, words, cap.size(0), kTileRows);
+  const int64_t n_tasks = layout.tasks();
   const bool with_m = !hw.rcr.empty();
   std::vector<std::unique_ptr<RcarScratch<T>>> scratch(team_size(n_tasks));
   const bool avx2 = use_avx2_path();
+  T* out_ptr = out.data_ptr<T>();
   run_tasks(n_tasks, [&](int64_t task, int thread) {
     if (!scratch[thread])
-      scratch[thread] = std::make_unique<RcarScratch<T>>(max_rows, max_ctx, max_pairs, hw, with_m);
-    // Owners vary fastest: consecutive tasks of a thread reuse the same query block.
-    const int64_t b = task / n_owners, owner = task % n_owners;
-    RcarTile<T> t;
+      scratch[thread] = std::make_unique<RcarScratch<T>>(layout.max_rows, layout.max_ctx, layout.max_pairs, hw,
+                                                         with_m, cfg.dropout);
     std::vector<int64_t> seg;
-    if (t2i) {
-      const int64_t j0 = bounds[b], j1 = bounds[b + 1];
-      for (int64_t j = j0; j <= j1; ++j) seg.push_back(off[j] - off[j0]);
-      t = RcarTile<T>{words_ptr + off[j0] * d, off[j1] - off[j0], img_ptr + owner * R * d, R,
-                      seg.data(), j1 - j0, out_ptr + owner * n_cap + j0, 1};
-    } else {
-      const int64_t i0 = bounds[b], i1 = bounds[b + 1];
-      t = RcarTile<T>{img_ptr + i0 * R * d, (i1 - i0) * R, words_ptr + off[owner] * d, off[owner + 1] - off[owner],
-                      image_seg.data(), i1 - i0, out_ptr + i0 * n_cap + owner, n_cap};
-    }
+    const RcarTile<T> t = layout.tile(task, seg, out_ptr);
     if (avx2) rcar_tile_avx2(t, *scratch[thread], hw, cfg);
     else rcar_tile_base(t, *scratch[thread], hw, cfg);
   });
 }
 
-}  // namespace
+// =============================================================================================
+// Backward (flash style): each tile recomputes its forward, keeping the tile's intermediates
+// (O(tile) per thread, never all pairs), then runs the chain rule back through it. Gradients
+// of the query and context rows and of every weight go to per-part buffers: the tasks are cut
+// into a fixed number of contiguous parts (one per thread of the team), each part summing its
+// tasks in order, and the parts are added in part order, so the result does not depend on
+// which thread ran what: two runs with the same thread count are bit-identical.
+// =============================================================================================
 
-at::Tensor rcar_forward(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
-                        const RcarSettings& settings, const std::vector<at::Tensor>& weights) {
+// Per-thread tensors reused from tile to tile: take() hands out slot after slot, each grown to
+// the largest size asked of it (views of one allocation, no allocation per tile).
+struct TilePool {
+  std::vector<at::Tensor> slots;
+  size_t next = 0;
+  at::TensorOptions opts;
+  explicit TilePool(at::TensorOptions o) : opts(o) {}
+  void reset() { next = 0; }
+  at::Tensor take(int64_t rows, int64_t cols) {
+    if (next == slots.size()) slots.push_back(at::empty({0}, opts));
+    at::Tensor& slot = slots[next++];
+    if (slot.numel() < rows * cols) slot = at::empty({rows * cols}, opts);
+    return slot.narrow(0, 0, rows * cols).view({rows, cols});
+  }
+  at::Tensor zeros(int64_t rows, int64_t cols) { return take(rows, cols).zero_(); }
+};
+
+// One cross attention of the tile, as the backward needs it.
+struct SavedAttention {
+  at::Tensor M;      // rows x d modulation, undefined: all ones
+  at::Tensor lam;    // rows, the temperatures
+  at::Tensor L;      // rows x C, leaky(raw scores)
+  at::Tensor inv;    // pairs x C, 1 / (norm + eps) of L over each pair's rows
+  at::Tensor norm;   // pairs x C
+  at::Tensor alpha;  // rows x C, the attention weights
+  at::Tensor D;      // rows x d, the attended context
+  at::Tensor dnorm;  // rows, |D|
+  at::Tensor V, znorm;  // rows x s alignment vectors and the norms of their pre-images
+};
+struct SavedRcr {
+  at::Tensor H1, G1, Tm;  // tanh outputs: rows x 2s, rows x s/2, rows x d
+};
+struct SavedRar {
+  at::Tensor Kt, Qt, key_scale, question_scale, weight, gnorm;  // tanh outputs, dropout, softmax, |g|
+};
+
+// The gradients of the head's weights, same structure as HeadWeights.
+inline HeadWeights zeros_like_weights(const HeadWeights& hw) {
+  HeadWeights g = hw;
+  auto zero = [](Linear& l) { l = Linear{at::zeros_like(l.w), at::zeros_like(l.b)}; };
+  for (auto& a : g.alv) zero(a);
+  for (auto& r : g.rcr) { zero(r.matrix1); zero(r.matrix2); zero(r.smooth1); zero(r.smooth2); }
+  for (auto& r : g.rar) { zero(r.q); zero(r.k); zero(r.v); }
+  zero(g.eval);
+  return g;
+}
+
+// The flat list in unpack_weights' order.
+inline std::vector<at::Tensor> flatten_weights(const HeadWeights& hw) {
+  std::vector<at::Tensor> flat;
+  auto add = [&](const Linear& l) { flat.push_back(l.w); flat.push_back(l.b); };
+  for (const auto& a : hw.alv) add(a);
+  for (const auto& r : hw.rcr) { add(r.matrix1); add(r.matrix2); add(r.smooth1); add(r.smooth2); }
+  for (const auto& r : hw.rar) { add(r.q); add(r.k); add(r.v); }
+  add(hw.eval);
+  return flat;
+}
+
+// Linear backward: dW += dY^T X, db += colsum dY; returns nothing (dX is the caller's GEMM).
+inline void linear_weight_grads(Linear& g, const at::Tensor& dY, const at::Tensor& X) {
+  g.w.addmm_(dY.t(), X);
+  g.b.add_(dY.sum(0));
+}
+
+// Backward of y = z / (|z| + eps) per row, given y, |z| and dy: dz in place of dy.
+template <typename T>
+void unit_rows_backward(T* dy, const T* y, const T* znorm, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* g = dy + r * n;
+    const T* v = y + r * n;
+    const T zn = znorm[r], den = zn + T(kEps);
+    // d/dz of z * f(|z|): dy f + z (dy . z) f'(|z|) / |z|, written with y = z f
+    const T proj = zn > 0 ? dot(g, v, n) * den / zn : T(0);
+    for (int64_t e = 0; e < n; ++e) g[e] = (g[e] - v[e] * proj) / den;
+  }
+}
+
+template <typename T>
+struct TileGrads {
+  T* dquery;    // rows x d, accumulated
+  T* dcontext;  // C x d, accumulated
+  HeadWeights* dw;
+};
+
+template <typename T>
+struct BackwardTile {
+  const RcarTile<T>& t;
+  const HeadWeights& hw;
+  const HeadConfig& cfg;
+  TilePool& pool;
+  at::Tensor Q, Cx;  // rows x d, C x d views
+  int64_t N, C, P, d, s;
+
+  BackwardTile(const RcarTile<T>& tile, const HeadWeights& w, const HeadConfig& c, TilePool& p)
+      : t(tile), hw(w), cfg(c), pool(p), Q(view2d(tile.query, tile.rows, w.d, w.d)),
+        Cx(view2d(tile.context, tile.C, w.d, w.d)), N(tile.rows), C(tile.C), P(tile.pairs), d(w.d), s(w.s) {}
+
+  int64_t pair_rows(int64_t p) const { return t.seg[p + 1] - t.seg[p]; }
+
+  // ---- recording forward ------------------------------------------------------------------
+
+  SavedAttention attention(const at::Tensor& M, const at::Tensor& lam) {
+    SavedAttention a;
+    a.M = M;
+    a.lam = lam;
+    at::Tensor Qm = Q;
+    if (M.defined()) Qm = pool.take(N, d).copy_(Q).mul_(M);
+    a.L = pool.take(N, C);
+    at::mm_out(a.L, Qm, Cx.t());
+    T* L = a.L.data_ptr<T>();
+    for (int64_t i = 0; i < N * C; ++i) L[i] = L[i] > 0 ? L[i] : L[i] * T(kLeakySlope);
+    a.inv = pool.take(P, C);
+    a.norm = pool.take(P, C);
+    a.alpha = pool.take(N, C);
+    T* inv = a.inv.data_ptr<T>();
+    T* nrm = a.norm.data_ptr<T>();
+    T* al = a.alpha.data_ptr<T>();
+    const T* lm = lam.data_ptr<T>();
+    for (int64_t p = 0; p < P; ++p) {
+      for (int64_t c = 0; c < C; ++c) {
+        T acc = 0;
+        for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) acc += L[r * C + c] * L[r * C + c];
+        nrm[p * C + c] = std::sqrt(acc);
+        inv[p * C + c] = T(1) / (nrm[p * C + c] + T(kEps));
+      }
+      for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
+        T top = -std::numeric_limits<T>::infinity();
+        for (int64_t c = 0; c < C; ++c) top = std::max(top, L[r * C + c] * inv[p * C + c]);
+        T total = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const T e = std::exp((L[r * C + c] * inv[p * C + c] - top) * lm[r]);
+          al[r * C + c] = e;
+          total += e;
+        }
+        for (int64_t c = 0; c < C; ++c) al[r * C + c] /= total;
+      }
+    }
+    a.D = pool.take(N, d);
+    at::mm_out(a.D, a.alpha, Cx);
+    a.dnorm = pool.take(N, 1);
+    at::Tensor dn = a.dnorm;
+    at::linalg_vector_norm_out(dn, a.D, 2, {1}, true);
+    return a;
+  }
+
+  // X = (Q - D / (|D| + eps))^2 into a pool tensor.
+  at::Tensor squared_difference(const SavedAttention& a) {
+    at::Tensor X = pool.take(N, d);
+    at::div_out(X, a.D, a.dnorm + T(kEps));
+    at::sub_out(X, Q, X);
+    return X.mul_(X);
+  }
+
+  void alignment(SavedAttention& a, const Linear& alv) {
+    const at::Tensor X = squared_difference(a);
+    a.V = pool.take(N, s);
+    linear_into(a.V, X, alv.w, alv.b);
+    a.znorm = pool.take(N, 1);
+    at::Tensor zn = a.znorm;
+    at::linalg_vector_norm_out(zn, a.V, 2, {1}, true);
+    a.V.div_(a.znorm + T(kEps));
+  }
+
+  // RCR: returns (M', lambda'); saves the tanh outputs.
+  std::pair<at::Tensor, at::Tensor> correspondence(const SavedAttention& a, const RcrWeights& rcr, SavedRcr& out) {
+    out.H1 = pool.take(N, rcr.matrix1.out());
+    linear_into(out.H1, a.V, rcr.matrix1.w, rcr.matrix1.b);
+    out.H1.tanh_();
+    out.Tm = pool.take(N, d);
+    linear_into(out.Tm, out.H1, rcr.matrix2.w, rcr.matrix2.b);
+    out.Tm.tanh_();
+    at::Tensor M = pool.take(N, d);
+    M.copy_(out.Tm);
+    if (a.M.defined()) M.add_(a.M);
+    else M.add_(1);
+    M.clamp_(-1, 1);
+    out.G1 = pool.take(N, rcr.smooth1.out());
+    linear_into(out.G1, a.V, rcr.smooth1.w, rcr.smooth1.b);
+    out.G1.tanh_();
+    at::Tensor lam = pool.take(N, 1).view({N});
+    const T* g1 = out.G1.data_ptr<T>();
+    const T* ws2 = rcr.smooth2.w.data_ptr<T>();
+    const T bs2 = rcr.smooth2.b.data_ptr<T>()[0];
+    const T* prev = a.lam.data_ptr<T>();
+    T* nl = lam.data_ptr<T>();
+    const int64_t h2 = rcr.smooth1.out();
+    for (int64_t r = 0; r < N; ++r)
+      nl[r] = std::min(std::max(dot(g1 + r * h2, ws2, h2) + bs2 + prev[r], T(0)), std::numeric_limits<T>::max());
+    return {M, lam};
+  }
+
+  at::Tensor mean_rows(const at::Tensor& V) {
+    at::Tensor h = pool.take(P, s);
+    for (int64_t p = 0; p < P; ++p) h[p].copy_(V.narrow(0, t.seg[p], pair_rows(p)).mean(0));
+    return h;
+  }
+
+  // RAR module `module` on (V, h): returns the new h; saves what its backward needs.
+  at::Tensor aggregation(const at::Tensor& V, const at::Tensor& h, const RarWeights& rar, int64_t module,
+                         SavedRar& out) {
+    out.Kt = pool.take(N, s);
+    linear_into(out.Kt, V, rar.k.w, rar.k.b);
+    out.Kt.tanh_();
+    out.Qt = pool.take(P, s);
+    linear_into(out.Qt, h, rar.q.w, rar.q.b);
+    out.Qt.tanh_();
+    at::Tensor Kk = out.Kt, Qh = out.Qt;
+    if (cfg.dropout) {
+      out.key_scale = pool.take(N, s);
+      out.question_scale = pool.take(P, s);
+      rar_dropout_tile(t, cfg.seed, module, s, out.key_scale.data_ptr<T>(), out.question_scale.data_ptr<T>());
+      Kk = pool.take(N, s).copy_(out.Kt).mul_(out.key_scale);
+      Qh = pool.take(P, s).copy_(out.Qt).mul_(out.question_scale);
+    }
+    out.weight = pool.take(N, 1).view({N});
+    out.gnorm = pool.take(P, 1).view({P});
+    at::Tensor hn = pool.take(P, s);
+    const T* wv = rar.v.w.data_ptr<T>();
+    const T bv = rar.v.b.data_ptr<T>()[0];
+    const T* kk = Kk.data_ptr<T>();
+    const T* qh = Qh.data_ptr<T>();
+    const T* v = V.data_ptr<T>();
+    T* w = out.weight.data_ptr<T>();
+    T* hp = hn.data_ptr<T>();
+    std::vector<T> qv(s);
+    for (int64_t p = 0; p < P; ++p) {
+      for (int64_t e = 0; e < s; ++e) qv[e] = qh[p * s + e] * wv[e];
+      T top = -std::numeric_limits<T>::infinity();
+      for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
+        w[r] = dot(kk + r * s, qv.data(), s) + bv;
+        top = std::max(top, w[r]);
+      }
+      T total = 0;
+      for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) total += (w[r] = std::exp(w[r] - top));
+      T* g = hp + p * s;
+      std::fill(g, g + s, T(0));
+      for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
+        w[r] /= total;
+        for (int64_t e = 0; e < s; ++e) g[e] += w[r] * v[r * s + e];
+      }
+      const T gn = std::sqrt(dot(g, g, s));
+      out.gnorm.data_ptr<T>()[p] = gn;
+      scale(g, T(1) / (gn + T(kEps)), s);
+    }
+    return hn;
+  }
+
+  // ---- backward pieces --------------------------------------------------------------------
+
+  // Through one cross attention, given dD (rows x d, consumed): accumulates dQ, dC; adds to
+  // dM (rows x d) and dlam (rows) when the attention's M / lambda are variables (defined).
+  void attention_backward(const SavedAttention& a, at::Tensor dD, const TileGrads<T>& g, at::Tensor dM,
+                          at::Tensor dlam) {
+    at::Tensor dC = view2d(g.dcontext, C, d, d);
+    at::Tensor dalpha = pool.take(N, C);
+    at::mm_out(dalpha, dD, Cx.t());
+    dC.addmm_(a.alpha.t(), dD);
+    const T* L = a.L.data_ptr<T>();
+    const T* inv = a.inv.data_ptr<T>();
+    const T* nrm = a.norm.data_ptr<T>();
+    const T* al = a.alpha.data_ptr<T>();
+    const T* lm = a.lam.data_ptr<T>();
+    T* da = dalpha.data_ptr<T>();  // becomes dA, then dS
+    T* dl = dlam.defined() ? dlam.data_ptr<T>() : nullptr;
+    std::vector<T> dinv(C);
+    for (int64_t p = 0; p < P; ++p) {
+      std::fill(dinv.begin(), dinv.end(), T(0));
+      for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
+        T* row = da + r * C;
+        T sdot = 0;
+        for (int64_t c = 0; c < C; ++c) sdot += al[r * C + c] * row[c];
+        T dlr = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const T dE = al[r * C + c] * (row[c] - sdot);
+          dlr += dE * L[r * C + c] * inv[p * C + c];
+          row[c] = dE * lm[r];  // dA
+          dinv[c] += row[c] * L[r * C + c];
+        }
+        if (dl) dl[r] += dlr;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        // inv = 1 / (|L_c| + eps): d|L_c| = -dinv inv^2, dL += d|L_c| L / |L_c|
+        const T coef = nrm[p * C + c] > 0 ? -dinv[c] * inv[p * C + c] * inv[p * C + c] / nrm[p * C + c] : T(0);
+        for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
+          T& x = da[r * C + c];
+          const T l = L[r * C + c];
+          x = x * inv[p * C + c] + coef * l;
+          if (!(l > 0)) x *= T(kLeakySlope);  // leaky's slope; L > 0 iff the raw score is
+        }
+      }
+    }
+    // dS -> dQm = dS C, dC += dS^T Qm
+    at::Tensor Qm = Q;
+    if (a.M.defined()) Qm = pool.take(N, d).copy_(Q).mul_(a.M);
+    dC.addmm_(dalpha.t(), Qm);
+    at::Tensor dQm = pool.take(N, d);
+    at::mm_out(dQm, dalpha, Cx);
+    at::Tensor dQ = view2d(g.dquery, N, d, d);
+    if (a.M.defined()) {
+      dQ.addcmul_(dQm, a.M);
+      if (dM.defined()) dM.addcmul_(dQm, Q);
+    } else {
+      dQ.add_(dQm);
+    }
+  }
+
+  // From the gradient with respect to u = D / (|D| + eps) (consumed) to the attention's inputs.
+  void unit_context_backward(const SavedAttention& a, at::Tensor du, const TileGrads<T>& g, at::Tensor dM,
+                             at::Tensor dlam) {
+    at::Tensor u = pool.take(N, d);
+    at::div_out(u, a.D, a.dnorm + T(kEps));
+    unit_rows_backward(du.data_ptr<T>(), u.data_ptr<T>(), a.dnorm.data_ptr<T>(), N, d);
+    attention_backward(a, du, g, dM, dlam);
+  }
+
+  // Through alv(step) given dV (rows x s, consumed).
+  void alignment_backward(const SavedAttention& a, at::Tensor dV, const Linear& alv, Linear& dalv,
+                          const TileGrads<T>& g, at::Tensor dM, at::Tensor dlam) {
+    unit_rows_backward(dV.data_ptr<T>(), a.V.data_ptr<T>(), a.znorm.data_ptr<T>(), N, s);  // dZ
+    const at::Tensor X = squared_difference(a);
+    linear_weight_grads(dalv, dV, X);
+    at::Tensor dX = pool.take(N, d);
+    at::mm_out(dX, dV, alv.w);
+    // X = (Q - u)^2: dQ += 2 (Q - u) dX, du = -2 (Q - u) dX
+    at::Tensor diff = pool.take(N, d);
+    at::div_out(diff, a.D, a.dnorm + T(kEps));
+    at::sub_out(diff, Q, diff);
+    dX.mul_(diff).mul_(T(2));
+    view2d(g.dquery, N, d, d).add_(dX);
+    dX.neg_();
+    unit_context_backward(a, dX, g, dM, dlam);
+  }
+
+  // RCR backward: given dM' (rows x d) and dlam' (rows) of its outputs, adds to dV; returns
+  // the gradients of its inputs M, lambda in place of dM', dlam' (the clamp's and relu's pass).
+  void correspondence_backward(const SavedAttention& a, const SavedRcr& sv, const SavedAttention& next,
+                               const RcrWeights& rcr, RcrWeights& drcr, at::Tensor dM, at::Tensor dlam,
+                               at::Tensor dV) {
+    // M' = clamp(T + M, -1, 1): the gradient passes where T + M lies in [-1, 1]
+    at::Tensor inside = pool.take(N, d);
+    inside.copy_(sv.Tm);
+    if (a.M.defined()) inside.add_(a.M);
+    else inside.add_(1);
+    inside.abs_().le_(1);
+    dM.mul_(inside);  // now the gradient of both T and M
+    at::Tensor dpre2 = pool.take(N, d);
+    at::mul_out(dpre2, sv.Tm, sv.Tm).neg_().add_(1).mul_(dM);
+    linear_weight_grads(drcr.matrix2, dpre2, sv.H1);
+    at::Tensor dpre1 = pool.take(N, rcr.matrix1.out());
+    at::mm_out(dpre1, dpre2, rcr.matrix2.w);
+    dpre1.mul_(1 - sv.H1 * sv.H1);
+    linear_weight_grads(drcr.matrix1, dpre1, a.V);
+    dV.addmm_(dpre1, rcr.matrix1.w);
+    // lambda' = relu(G1 . ws2 + bs2 + lambda): passes where lambda' > 0
+    at::Tensor pass = next.lam.gt(0).to(dlam.scalar_type());
+    dlam.mul_(pass);
+    drcr.smooth2.w.addmm_(dlam.view({1, N}), sv.G1);
+    drcr.smooth2.b.add_(dlam.sum());
+    at::Tensor dG1 = at::mm(dlam.view({N, 1}), rcr.smooth2.w).mul_(1 - sv.G1 * sv.G1);
+    linear_weight_grads(drcr.smooth1, dG1, a.V);
+    dV.addmm_(dG1, rcr.smooth1.w);
+  }
+
+  // RAR backward: given dh' (pairs x s, consumed), adds to dV; returns dh (of its input h).
+  at::Tensor aggregation_backward(const at::Tensor& V, const at::Tensor& h, const at::Tensor& hn,
+                                  const SavedRar& sv, const RarWeights& rar, RarWeights& drar, at::Tensor dhn,
+                                  at::Tensor dV) {
+    unit_rows_backward(dhn.data_ptr<T>(), hn.data_ptr<T>(), sv.gnorm.data_ptr<T>(), P, s);  // dg
+    at::Tensor Kk = sv.Kt, Qh = sv.Qt;
+    if (cfg.dropout) {
+      Kk = pool.take(N, s).copy_(sv.Kt).mul_(sv.key_scale);
+      Qh = pool.take(P, s).copy_(sv.Qt).mul_(sv.question_scale);
+    }
+    const T* kk = Kk.data_ptr<T>();
+    const T* qh = Qh.data_ptr<T>();
+    const T* v = V.data_ptr<T>();
+    const T* w = sv.weight.data_ptr<T>();
+    const T* dg = dhn.data_ptr<T>();
+    const T* wv = rar.v.w.data_ptr<T>();
+    T* dv = dV.data_ptr<T>();
+    at::Tensor dlogit = pool.take(N, 1).view({N});
+    T* dlo = dlogit.data_ptr<T>();
+    at::Tensor dKk = pool.take(N, s);
+    at::Tensor dQh = pool.zeros(P, s);
+    T* dk = dKk.data_ptr<T>();
+    T* dq = dQh.data_ptr<T>();
+    T* dwv = drar.v.w.data_ptr<T>();
+    T dbv = 0;
+    for (int64_t p = 0; p < P; ++p) {
+      const T* gp = dg + p * s;
+      T wsum = 0;
+      for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
+        for (int64_t e = 0; e < s; ++e) dv[r * s + e] += w[r] * gp[e];
+        dlo[r] = dot(gp, v + r * s, s);  // d weight
+        wsum += w[r] * dlo[r];
+      }
+      for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
+        const T dl = w[r] * (dlo[r] - wsum);
+        dlo[r] = dl;
+        dbv += dl;
+        for (int64_t e = 0; e < s; ++e) {
+          dwv[e] += dl * kk[r * s + e] * qh[p * s + e];
+          dk[r * s + e] = dl * wv[e] * qh[p * s + e];
+          dq[p * s + e] += dl * wv[e] * kk[r * s + e];
+        }
+      }
+    }
+    drar.v.b.data_ptr<T>()[0] += dbv;
+    if (cfg.dropout) {
+      dKk.mul_(sv.key_scale);
+      dQh.mul_(sv.question_scale);
+    }
+    dKk.mul_(1 - sv.Kt * sv.Kt);
+    linear_weight_grads(drar.k, dKk, V);
+    dV.addmm_(dKk, rar.k.w);
+    dQh.mul_(1 - sv.Qt * sv.Qt);
+    linear_weight_grads(drar.q, dQh, h);
+    at::Tensor dh = pool.take(P, s);
+    at::mm_out(dh, dQh, rar.q.w);
+    return dh;
+  }
+
+  // sigmoid(we . h + be) backward: dh (pairs x s) for the tile's output gradients go.
+  at::Tensor final_backward(const at::Tensor& h, const T* go, Linear& deval) {
+    at::Tensor dh = pool.take(P, s);
+    const T* we = hw.eval.w.data_ptr<T>();
+    const T be = hw.eval.b.data_ptr<T>()[0];
+    const T* hp = h.data_ptr<T>();
+    T* dwe = deval.w.data_ptr<T>();
+    T dbe = 0;
+    T* dhp = dh.data_ptr<T>();
+    for (int64_t p = 0; p < P; ++p) {
+      const T score = T(1) / (T(1) + std::exp(-(dot(hp + p * s, we, s) + be)));
+      const T dl = go[p] * score * (T(1) - score);
+      dbe += dl;
+      for (int64_t e = 0; e < s; ++e) {
+        dwe[e] += dl * hp[p * s + e];
+        dhp[p * s + e] = dl * we[e];
+      }
+    }
+    deval.b.data_ptr<T>()[0] += dbe;
+    return dh;
+  }
+
+  // only_rcr's mean of cos(q, u) backward: the gradient of u (rows x d); adds dQ.
+  at::Tensor cosine_backward(const SavedAttention& a, const T* go, const TileGrads<T>& g) {
+    at::Tensor u = pool.take(N, d);
+    at::div_out(u, a.D, a.dnorm + T(kEps));
+    at::Tensor du = pool.take(N, d);
+    const T* up = u.data_ptr<T>();
+    const T* q = t.query;
+    T* dup = du.data_ptr<T>();
+    T* dq = g.dquery;
+    for (int64_t p = 0; p < P; ++p) {
+      const T dr = go[p] / T(pair_rows(p));
+      for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
+        const T* qr = q + r * d;
+        const T* ur = up + r * d;
+        const T qn = std::sqrt(dot(qr, qr, d)), un = std::sqrt(dot(ur, ur, d)), qu = dot(qr, ur, d);
+        const T den = qn * un;
+        T cq_u, cq_q, cu_q, cu_u;  // dr/dq = cq_u u + cq_q q, dr/du = cu_q q + cu_u u
+        if (den >= T(kEps)) {
+          cq_u = T(1) / den;
+          cq_q = qn > 0 ? -qu / (den * qn * qn) : T(0);
+          cu_q = T(1) / den;
+          cu_u = un > 0 ? -qu / (den * un * un) : T(0);
+        } else {
+          cq_u = cu_q = T(1) / T(kEps);
+          cq_q = cu_u = 0;
+        }
+        for (int64_t e = 0; e < d; ++e) {
+          dq[r * d + e] += dr * (cq_u * ur[e] + cq_q * qr[e]);
+          dup[r * d + e] = dr * (cu_q * qr[e] + cu_u * ur[e]);
+        }
+      }
+    }
+    return du;
+  }
+
+  // ---- the whole tile ---------------------------------------------------------------------
+
+  void run(const T* go, const TileGrads<T>& g) {
+    pool.reset();
+    HeadWeights& dw = *g.dw;
+    at::Tensor lam0 = pool.take(N, 1).view({N}).fill_(temperature_in<T>(cfg.smooth));
+    const at::Tensor none;
+    if (cfg.reg == kOnlyRar) {
+      SavedAttention a = attention(none, lam0);
+      alignment(a, hw.alv[0]);
+      const int64_t n = static_cast<int64_t>(hw.rar.size());
+      std::vector<at::Tensor> hs{mean_rows(a.V)};
+      std::vector<SavedRar> rars(n);
+      for (int64_t m = 0; m < n; ++m) hs.push_back(aggregation(a.V, hs[m], hw.rar[m], m, rars[m]));
+      at::Tensor dh = final_backward(hs[n], go, dw.eval);
+      at::Tensor dV = pool.zeros(N, s);
+      for (int64_t m = n - 1; m >= 0; --m) dh = aggregation_backward(a.V, hs[m], hs[m + 1], rars[m], hw.rar[m], dw.rar[m], dh, dV);
+      add_mean_backward(dh, dV);
+      alignment_backward(a, dV, hw.alv[0], dw.alv[0], g, none, none);
+      return;
+    }
+    const int64_t n = cfg.steps;
+    const bool coop = cfg.reg == kCoopRcar;
+    const int64_t n_rcr = static_cast<int64_t>(hw.rcr.size());
+    // attention t for t < n (alignment steps), plus only_rcr's final attention
+    std::vector<SavedAttention> att;
+    std::vector<SavedRcr> rcrs(n_rcr);
+    std::vector<SavedRar> rars(hw.rar.size());
+    std::vector<at::Tensor> hs;
+    at::Tensor M = none, lam = lam0;
+    for (int64_t step = 0; step < n; ++step) {
+      att.push_back(attention(M, lam));
+      alignment(att.back(), hw.alv[step]);
+      if (coop && step == 0) hs.push_back(mean_rows(att.back().V));
+      if (step < n_rcr) std::tie(M, lam) = correspondence(att.back(), hw.rcr[step], rcrs[step]);
+      if (coop) hs.push_back(aggregation(att.back().V, hs[step], hw.rar[step], step, rars[step]));
+    }
+    // gradients of the current step's M and lambda (defined once M / lambda are variables)
+    at::Tensor dM, dlam, dh;
+    auto variable_grads = [&](int64_t step) {
+      if (step == 0) { dM = at::Tensor(); dlam = at::Tensor(); return; }
+      dM = pool.zeros(N, d);
+      dlam = pool.zeros(N, 1).view({N});
+    };
+    if (coop) {
+      dh = final_backward(hs[n], go, dw.eval);
+    } else {
+      att.push_back(attention(M, lam));
+      variable_grads(n);
+      at::Tensor du = cosine_backward(att.back(), go, g);
+      unit_context_backward(att.back(), du, g, dM, dlam);
+    }
+    for (int64_t step = n - 1; step >= 0; --step) {
+      const SavedAttention& a = att[step];
+      at::Tensor dV = pool.zeros(N, s);
+      if (coop) dh = aggregation_backward(a.V, hs[step], hs[step + 1], rars[step], hw.rar[step], dw.rar[step], dh, dV);
+      at::Tensor dM_next = dM, dlam_next = dlam;
+      variable_grads(step);
+      if (step < n_rcr) {
+        correspondence_backward(a, rcrs[step], att[step + 1], hw.rcr[step], dw.rcr[step], dM_next, dlam_next, dV);
+        if (dM.defined()) {
+          dM.add_(dM_next);
+          dlam.add_(dlam_next);
+        }
+      }
+      if (coop && step == 0) add_mean_backward(dh, dV);
+      alignment_backward(a, dV, hw.alv[step], dw.alv[step], g, dM, dlam);
+    }
+  }
+
+  // h = mean of the pair's rows of V: dV += dh / rows.
+  void add_mean_backward(const at::Tensor& dh, at::Tensor& dV) {
+    for (int64_t p = 0; p < P; ++p)
+      dV.narrow(0, t.seg[p], pair_rows(p)).add_(dh[p].unsqueeze(0), T(1) / T(pair_rows(p)));
+  }
+};
+
+constexpr int64_t kBackwardTileRows = 256;  // query rows per backward tile
+
+template <typename T>
+void backward_tile_body(const RcarTile<T>& t, const HeadWeights& hw, const HeadConfig& cfg, TilePool& pool,
+                        const T* go, const TileGrads<T>& g) {
+  BackwardTile<T>(t, hw, cfg, pool).run(go, g);
+}
+
+template <typename T>
+RCAR_TARGET_AVX2 void backward_tile_avx2(const RcarTile<T>& t, const HeadWeights& hw, const HeadConfig& cfg,
+                                         TilePool& pool, const T* go, const TileGrads<T>& g) {
+  backward_tile_body(t, hw, cfg, pool, go, g);
+}
+
+// Runs body(task, part) for the tasks of each of n_parts contiguous parts, the parts spread
+// over the team (static): part k always gets the same tasks, in order.
+template <typename Body>
+void run_parts(int64_t n_tasks, int n_parts, Body&& body) {
+  std::exception_ptr failure;
+  std::mutex failure_mutex;
+#pragma omp parallel for schedule(static, 1) num_threads(n_parts)
+  for (int part = 0; part < n_parts; ++part) {
+    c10::InferenceMode inference_guard;
+    const int64_t first = n_tasks * part / n_parts, last = n_tasks * (part + 1) / n_parts;
+    try {
+      for (int64_t task = first; task < last; ++task) body(task, part);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(failure_mutex);
+      if (!failure) failure = std::current_exception();
+    }
+  }
+  if (failure) std::rethrow_exception(failure);
+}
+
+template <typename T>
+std::vector<at::Tensor> rcar_backward_impl(const at::Tensor& grad_in, const at::Tensor& img_in,
+                                           const at::Tensor& cap, const at::Tensor& lens, bool t2i,
+                                           const HeadWeights& hw, const HeadConfig& cfg) {
+  const at::Tensor img = img_in.contiguous();
+  const at::Tensor grad = grad_in.to(img.scalar_type()).contiguous();
+  const PackedWords<T> words = pack_words<T>(cap.stride(2) == 1 ? cap : cap.contiguous(), lens);
+  const TileLayout<T> layout(t2i, img, words, cap.size(0), kBackwardTileRows);
+  const int64_t n_tasks = layout.tasks(), n_cap = cap.size(0);
+  const int64_t n_words = words.words.size(0), d = hw.d;
+  const int n_parts = team_size(n_tasks);
+  std::vector<at::Tensor> d_img(n_parts), d_words(n_parts);
+  std::vector<HeadWeights> d_weights;
+  for (int k = 0; k < n_parts; ++k) {
+    d_img[k] = at::zeros({img.size(0) * img.size(1), d}, img.options());
+    d_words[k] = at::zeros({n_words, d}, img.options());
+    d_weights.push_back(zeros_like_weights(hw));
+  }
+  const bool avx2 = use_avx2_path();
+  const T* grad_ptr = grad.data_ptr<T>();
+  std::vector<std::unique_ptr<TilePool>> pools(n_parts);
+  run_parts(n_tasks, n_parts, [&](int64_t task, int part) {
+    if (!pools[part]) pools[part] = std::make_unique<TilePool>(img.options());
+    std::vector<int64_t> seg;
+    const RcarTile<T> t = layout.tile(task, seg, nullptr);
+    // the tile's output gradients, pair by pair
+    std::vector<T> go(t.pairs);
+    for (int64_t p = 0; p < t.pairs; ++p) {
+      const int64_t pair = t.pair_base + p * t.pair_step;
+      go[p] = grad_ptr[pair];  // grad is (n_img, n_cap): flat index i * n_cap + j
+    }
+    T* query_grads = (t2i ? d_words[part] : d_img[part]).template data_ptr<T>();
+    T* context_grads = (t2i ? d_img[part] : d_words[part]).template data_ptr<T>();
+    const TileGrads<T> g{query_grads + layout.query_row(task) * d, context_grads + layout.context_row(task) * d,
+                         &d_weights[part]};
+    if (avx2) backward_tile_avx2(t, hw, cfg, *pools[part], go.data(), g);
+    else backward_tile_body(t, hw, cfg, *pools[part], go.data(), g);
+  });
+  for (int k = 1; k < n_parts; ++k) {
+    d_img[0].add_(d_img[k]);
+    d_words[0].add_(d_words[k]);
+    const auto total = flatten_weights(d_weights[0]), part = flatten_weights(d_weights[k]);
+    for (size_t i = 0; i < total.size(); ++i) total[i].add_(part[i]);
+  }
+  std::vector<at::Tensor> result{d_img[0].view(img.sizes()),
+                                 unpack_words<T>(d_words[0], words.offsets, n_cap, cap.size(1))};
+  for (const at::Tensor& w : flatten_weights(d_weights[0])) result.push_back(w);
+  return result;
+}
+
+struct Prepared {
+  HeadWeights hw;
+  HeadConfig cfg;
+  bool t2i;
+};
+
+Prepared prepare(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens, const RcarSettings& settings,
+                 const std::vector<at::Tensor>& weights) {
   check_pair_inputs("rcar (cpu)", img, cap, lens);
   TORCH_CHECK(settings.direction == rcar_contract::kT2I || settings.direction == rcar_contract::kI2T,
               "rcar (cpu): direction must be a Direction code in [0, ", rcar_contract::kDirectionCount, "), got ",
@@ -520,17 +1267,58 @@ at::Tensor rcar_forward(const at::Tensor& img, const at::Tensor& cap, const at::
               "rcar (cpu): regulator must be a Regulator code in [0, ", rcar_contract::kRegulatorCount, "), got ",
               settings.regulator);
   TORCH_CHECK(settings.smooth > 0, "rcar (cpu): smooth must be positive, got ", settings.smooth);
+  TORCH_CHECK(settings.seed >= 0, "rcar (cpu): the dropout seed must be >= 0, got ", settings.seed);
   const auto reg = static_cast<Regulator>(settings.regulator);
-  const int64_t steps = settings.steps;
-  const double smooth = settings.smooth;
-  const bool t2i = settings.direction == rcar_contract::kT2I;
-  const ModuleCounts counts = module_counts(reg, steps);
-  const HeadWeights hw = unpack_weights(weights, counts, img.scalar_type(), img.size(2));
-  const HeadConfig cfg{reg, steps, smooth};
+  const ModuleCounts counts = module_counts(reg, settings.steps);
+  Prepared pr{unpack_weights(weights, counts, img.scalar_type(), img.size(2)),
+              HeadConfig{reg, settings.steps, settings.smooth, settings.training && counts.rar > 0,
+                         static_cast<uint64_t>(settings.seed)},
+              settings.direction == rcar_contract::kT2I};
+  return pr;
+}
+
+}  // namespace
+
+at::Tensor rcar_forward(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
+                        const RcarSettings& settings, const std::vector<at::Tensor>& weights) {
+  const Prepared pr = prepare(img, cap, lens, settings, weights);
   at::Tensor out = at::empty({img.size(0), cap.size(0)}, img.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "rcar_cpu::rcar_forward",
-                             [&] { rcar_forward_impl<scalar_t>(img, cap, lens, t2i, hw, cfg, out); });
+                             [&] { rcar_forward_impl<scalar_t>(img, cap, lens, pr.t2i, pr.hw, pr.cfg, out); });
+  return out;
+}
+
+std::vector<at::Tensor> rcar_backward(const at::Tensor& grad, const at::Tensor& img, const at::Tensor& cap,
+                                      const at::Tensor& lens, const RcarSettings& settings,
+                                      const std::vector<at::Tensor>& weights) {
+  const Prepared pr = prepare(img, cap, lens, settings, weights);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == img.size(0) && grad.size(1) == cap.size(0),
+              "rcar (cpu): grad must be (n_img, n_cap) = (", img.size(0), ", ", cap.size(0), "), got ", grad.sizes());
+  if (img.size(0) == 0 || cap.size(0) == 0) {
+    std::vector<at::Tensor> result{at::zeros_like(img), at::zeros_like(cap)};
+    for (const at::Tensor& w : flatten_weights(zeros_like_weights(pr.hw))) result.push_back(w);
+    return result;
+  }
+  std::vector<at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "rcar_cpu::rcar_backward", [&] {
+    result = rcar_backward_impl<scalar_t>(grad, img, cap, lens, pr.t2i, pr.hw, pr.cfg);
+  });
+  return result;
+}
+
+at::Tensor rcar_dropout_scales(int64_t seed, int64_t module, int64_t which, const at::Tensor& pairs,
+                               int64_t rows, int64_t channels) {
+  TORCH_CHECK(seed >= 0 && module >= 0 && (which == 0 || which == 1) && rows >= 0 && channels >= 0,
+              "rcar_dropout_scales: seed, module, rows, channels must be >= 0 and which 0 or 1");
+  const at::Tensor ids = pairs.to(at::kLong).contiguous();
+  at::Tensor out = at::empty({ids.numel(), rows, channels}, at::TensorOptions().dtype(at::kDouble));
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  double* op = out.data_ptr<double>();
+  for (int64_t p = 0; p < ids.numel(); ++p)
+    for (int64_t r = 0; r < rows; ++r)
+      rar_dropout_scales(rar_dropout_row_key(static_cast<uint64_t>(seed), module, static_cast<int>(which), ip[p], r),
+                         op + (p * rows + r) * channels, channels);
   return out;
 }
 

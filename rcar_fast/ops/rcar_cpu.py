@@ -1,15 +1,25 @@
-"""RCAR similarity head over all pairs on the C++ CPU kernels (csrc/cpu/rcar.cpp), forward only.
+"""RCAR similarity head over all pairs on the C++ CPU kernels (csrc/cpu/rcar.cpp): forward and
+fused backward, eval and training mode.
 
-The kernel runs the head in eval mode (RAR dropout off). It has no backward: dispatch refuses
-it for a training step (a head in training mode with autograd on), and an eval-mode result
-that autograd would need to differentiate carries a node whose backward raises, so training
-code fails loudly instead of silently getting no gradient.
+The backward recomputes the forward tile by tile (flash style: nothing of the forward is kept
+between the two calls, per-pair intermediates exist only for one tile per thread) and returns
+the gradients of img, cap and every head parameter; they are deterministic for a thread count.
+In training mode RAR's dropout uses the counter-based masks of rcar_fast.dropout, drawn from a
+seed that the op takes as an input, so the backward recomputes the forward's masks.
+
+The kernels read the head's Linear weights in contract.RCAR_LINEARS order; the op takes them in
+head.parameters() order (as every RCAR op does) and reorders them here.
 """
+from __future__ import annotations
+
+import functools
+
 import torch
 
 from rcar_fast import contract
+from rcar_fast.ops import rcar_reference
 from rcar_fast.ops.backend import Backend, native
-from rcar_fast.ops.library import scan_output
+from rcar_fast.ops.library import define_rcar_op
 from rcar_fast.ops.scan_cpu import ScanCpu
 
 
@@ -18,51 +28,56 @@ def flat_weights(head) -> list:
     return [t.detach() for _, layer, _ in contract.rcar_linears(head) for t in (layer.weight, layer.bias)]
 
 
-def native_settings(direction: str, regulator: str, steps: int, smooth: float):
+def native_settings(direction: str, regulator: str, steps: int, smooth: float, training: bool = False,
+                    seed: int = 0):
     """The kernel's typed head configuration (csrc/cpu/kernels.h RcarSettings)."""
     return native().RcarSettings(direction=contract.DIRECTION_CODES[direction],
                                  regulator=contract.REGULATOR_CODES[regulator], steps=int(steps),
-                                 smooth=float(smooth))
+                                 smooth=float(smooth), training=bool(training), seed=int(seed))
 
 
-class _NoBackward(torch.autograd.Function):
-    """Passes the scores through; differentiating them raises with the reason."""
-
-    @staticmethod
-    def forward(ctx, scores, *differentiable_inputs):
-        return scores.clone()
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("the RCAR head's 'cpu' backend has no backward pass; "
-                           "train with backend='reference' (or run the cpu backend under torch.no_grad())")
+@functools.lru_cache(maxsize=None)
+def kernel_order(regulator, steps, direction, smooth, embed_dim, sim_dim) -> tuple:
+    """For each tensor of the kernels' flat list, its index in head.parameters() order."""
+    head, _ = rcar_reference._skeleton(regulator, steps, direction, smooth, embed_dim, sim_dim)
+    position = {id(p): i for i, p in enumerate(head.parameters())}
+    return tuple(position[id(t)] for _, layer, _ in contract.rcar_linears(head)
+                 for t in (layer.weight, layer.bias))
 
 
-@torch.library.custom_op("rcar_fast::rcar_cpu", mutates_args=())
-def rcar_cpu_op(img: torch.Tensor, cap: torch.Tensor, lens: torch.Tensor, weights: list[torch.Tensor],
-                direction: str, regulator: str, steps: int, smooth: float) -> torch.Tensor:
-    """Forward only (no autograd formula is registered)."""
-    return native().rcar_forward_cpu(img, cap, lens, native_settings(direction, regulator, steps, smooth), weights)
+def _kernel_args(weights, seed, config):
+    regulator, steps, direction, smooth, embed_dim, sim_dim, training = config
+    order = kernel_order(regulator, steps, direction, smooth, embed_dim, sim_dim)
+    settings = native_settings(direction, regulator, steps, smooth, training, int(seed))
+    return order, settings, [weights[i] for i in order]
 
 
-@rcar_cpu_op.register_fake
-def _(img, cap, lens, weights, direction, regulator, steps, smooth):
-    return scan_output(img, cap)
+def _op_forward(img, cap, lens, weights, seed, config) -> torch.Tensor:
+    _, settings, flat = _kernel_args(weights, seed, config)
+    return native().rcar_forward_cpu(img, cap, lens, settings, flat)
+
+
+def _op_backward(grad, img, cap, lens, weights, seed, config):
+    order, settings, flat = _kernel_args(weights, seed, config)
+    d_img, d_cap, *d_flat = native().rcar_backward_cpu(grad.to(img.dtype), img, cap, lens, settings, flat)
+    d_weights = [None] * len(weights)
+    for g, i in zip(d_flat, order):
+        d_weights[i] = g.to(weights[i].dtype)
+    return d_img, d_cap, d_weights
+
+
+# rcar_fast::rcar_cpu and rcar_fast::rcar_cpu_backward
+rcar_cpu_op = define_rcar_op("rcar_cpu", _op_forward, _op_backward)
 
 
 class RcarCpu(Backend):
-    """Eval-mode forward: refused for a training step (no backward) and for active dropout."""
+    """Forward and fused backward, dropout included (counter-based masks)."""
     op, backend, kernel = "rcar", "cpu", "the C++ CPU RCAR kernel"
     dtypes = ScanCpu.dtypes
     dtype_reason = ScanCpu.dtype_reason   # same devices and dtypes as the SCAN kernels
-    has_backward = False
-    implements_dropout = False
+    has_backward = True
+    implements_dropout = True
 
     @staticmethod
     def fn(head, img, cap, lens):
-        scores = rcar_cpu_op(img.detach(), cap.detach(), lens, flat_weights(head), head.direction,
-                             head.regulator, head.steps, float(head.smooth))
-        tracked = [t for t in (img, cap, *head.parameters()) if t.requires_grad]
-        if torch.is_grad_enabled() and tracked and not torch.compiler.is_compiling():
-            return _NoBackward.apply(scores, *tracked)
-        return scores
+        return rcar_reference.compiled_call(rcar_cpu_op, head, img, cap, lens)
