@@ -138,8 +138,9 @@ def _training_head():
 
 
 def test_rcar_pairs_of_a_training_head_never_fall_back_silently():
-    """The sparse loss' pair recompute: auto takes a backend with a backward (and dropout) for
-    a training-mode head; an explicit forward-only kernel is one error with every reason."""
+    """The sparse loss' pair recompute: auto takes the first backend of its order with a
+    backward and dropout for a training-mode head; a requested backend that cannot take the
+    call is one error with every reason."""
     from rcar_fast import scorers
 
     img, cap, lens = _inputs()
@@ -147,18 +148,52 @@ def test_rcar_pairs_of_a_training_head_never_fall_back_silently():
     scoring = scorers.scoring(head, {}, img)
     chosen = scoring.choose("rcar_pairs", "auto", img, cap, lens)
     assert chosen.has_backward and chosen.implements_dropout
+    first = next(be for be in dispatch.auto_order("rcar_pairs", "cpu")
+                 if dispatch.rejection("rcar_pairs", be, scoring.inputs(img, cap, lens)) is None)
+    assert chosen.backend == first
     cpu = dispatch.implementation("rcar_pairs", "cpu")
-    if cpu is None or cpu.environment("cpu") is not None or cpu.has_backward:
-        pytest.skip("the forward-only C++ CPU RCAR pair backend is not what this machine has")
+    if cpu.environment("cpu") is not None:
+        pytest.skip(f"no C++ CPU kernels here: {cpu.environment('cpu')}")
+    with pytest.raises(dispatch.BackendUnavailable, match="rcar_pairs on cpu torch.float16.*float32 or float64"):
+        score_pairs(_leaf(img).half(), cap.half(), lens, IMG_IDX, CAP_IDX, model=head.half(), backend="cpu")
+    if cpu.has_backward:
+        assert dispatch.not_in_auto("rcar_pairs", "cpu") is None and chosen is cpu
+        return
+    # A forward-only pair kernel: refused for training, and auto leaves it out even for an
+    # eval-mode head (whose pair scores a loss may still differentiate), saying why.
+    head = _training_head()
     with pytest.raises(dispatch.BackendUnavailable, match="backward pass is needed.*dropout is active"):
         score_pairs(_leaf(img), cap, lens, IMG_IDX, CAP_IDX, model=head, backend="cpu")
     with pytest.raises(dispatch.BackendUnavailable, match="rcar_pairs.*backward pass is needed"):
         hardest_negative_loss(_leaf(img), cap[:5], lens[:5], model=head, pair_backend="cpu")
-    # auto leaves the forward-only pair kernel out even for an eval-mode head, whose pair
-    # scores a loss may still differentiate, with the reason in backends().
     assert scoring.choose("rcar_pairs", "auto", img, cap, lens).backend == "reference"
     assert "forward only" in dispatch.not_in_auto("rcar_pairs", "cpu")
     assert "not_in_auto" in rcar_fast.backends()["cpu"]["capabilities"]["rcar_pairs"]
+
+
+def test_rcar_cpu_kernel_refuses_a_dropout_rate_it_does_not_draw():
+    """The C++ kernel's counter-based masks have p = 0.4: a training head with another rate
+    is one error; with p = 0 it computes the eval-mode function (no masks)."""
+    from rcar_fast.ops.rcar_cpu import RcarCpu
+
+    if RcarCpu.environment("cpu") is not None or not RcarCpu.implements_dropout:
+        pytest.skip("no C++ CPU RCAR kernel with dropout here")
+    img, cap, lens = _inputs()
+    head = _training_head()
+    for module in head.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.25
+    with pytest.raises(ValueError, match="dropout has p = 0.4.*0.25"):
+        score_pairs(img, cap, lens, IMG_IDX, CAP_IDX, model=head, backend="cpu")
+    for module in head.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    img_a, img_b = _leaf(img), _leaf(img)
+    got = score_pairs(img_a, cap, lens, IMG_IDX, CAP_IDX, model=head, backend="cpu")
+    want = head.forward_loop(img_b, cap, lens)[IMG_IDX, CAP_IDX]
+    _assert_close(got, want, "scores, p = 0 in training mode")
+    _assert_close(torch.autograd.grad(got.sum(), img_a)[0], torch.autograd.grad(want.sum(), img_b)[0],
+                  "d img, p = 0 in training mode")
 
 
 def test_sparse_rcar_loss_selects_on_the_fused_kernel_and_matches_the_reference():

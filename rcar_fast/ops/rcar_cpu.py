@@ -80,4 +80,23 @@ class RcarCpu(Backend):
 
     @staticmethod
     def fn(head, img, cap, lens):
+        if head.training and not head.active_dropout():
+            # Dropout is RCAR's only training-mode behaviour: with every p = 0 (say the
+            # trainer's --head-dropout 0) the head computes its eval-mode function, and the
+            # kernel's training flag would apply its fixed p = 0.4 masks.
+            weights = list(head.parameters())
+            config = rcar_reference.op_config(head)[:-1] + (False,)
+            return rcar_cpu_op(img, cap, lens, weights, torch.zeros((), dtype=torch.int64), *config)
+        _check_dropout_rate(head)
         return rcar_reference.compiled_call(rcar_cpu_op, head, img, cap, lens)
+
+
+def _check_dropout_rate(head) -> None:
+    """The kernel's masks drop with p = rcar_fast.dropout.P (RAR's official 0.4) only."""
+    from rcar_fast import dropout
+
+    rates = {float(m.p) for m in head.modules() if isinstance(m, torch.nn.Dropout)}
+    if head.training and rates - {dropout.P}:
+        raise ValueError(f"the C++ CPU RCAR kernel's dropout has p = {dropout.P} (RAR's official); "
+                         f"this head's Dropout modules have p = {sorted(rates)}: set p to "
+                         f"{dropout.P} or 0, or use backend='reference'")
