@@ -260,7 +260,8 @@ class RcarPairsCpu(Backend):
     only, backend="auto" leaves this out (not_in_auto): a loss may differentiate the pair
     scores of an eval-mode head (no training step for dispatch to see), so auto must take a
     backend with a backward; backend="cpu" runs it for re-ranking without autograd and
-    refuses a training step with the reasons."""
+    refuses a training step with the reasons. With RcarCpu's fused backward it trains (request
+    it: auto leaves it out while per-image calls are slower than the reference, not_in_auto)."""
     op, backend, kernel = "rcar_pairs", "cpu", RcarCpu.kernel
     dtypes, dtype_reason = RcarCpu.dtypes, RcarCpu.dtype_reason
     has_backward, implements_dropout = RcarCpu.has_backward, RcarCpu.implements_dropout
@@ -273,9 +274,14 @@ class RcarPairsCpu(Backend):
 
     @classmethod
     def not_in_auto(cls):
-        if cls.has_backward:
-            return None
-        return ("the C++ CPU RCAR kernel is forward only, and a loss may differentiate the "
-                "pair scores of an eval-mode head: auto takes a backend with a backward")
+        if not cls.has_backward:
+            return ("the C++ CPU RCAR kernel is forward only, and a loss may differentiate the "
+                    "pair scores of an eval-mode head: auto takes a backend with a backward")
+        # Measured (bench/results, the rcar plan; d 1024, sim_dim 256, 2 cores): the sparse
+        # loss at B = 32 recomputes ~87 pairs over 32 images; here 32 kernel calls whose
+        # backward costs ~0.2 s each (fixed per call), ~7 s against ~2 s for the reference.
+        return ("one C++ kernel call per distinct image: the fused backward's fixed cost per "
+                "call (~0.2 s at d 1024, sim_dim 256) makes the B = 32 pair recompute ~3x "
+                "slower than the reference's; a pair-list kernel entry would fix it")
 
     fn = staticmethod(_rcar_pairs_cpu)
