@@ -43,6 +43,9 @@ void register_cpu_bindings(pybind11::module& m) {
   m.def("rcar_dropout_scales_cpu", &rcar_cpu::rcar_dropout_scales,
         "RAR dropout scales (len(pairs), rows, channels) float64 (rcar_fast.dropout.rar_scales)", py::arg("seed"),
         py::arg("module"), py::arg("which"), py::arg("pairs"), py::arg("rows"), py::arg("channels"));
+  m.def("set_cpu_poison_buffers", &rcar_cpu::set_poison_buffers,
+        "tests: NaN-fill the RCAR kernels' tile buffers and outputs before use; returns the previous setting",
+        py::arg("on"));
   m.def("set_cpu_simd_path", &rcar_cpu::set_simd_path,
         "select the compiled copy of the CPU kernels' vector loops: 'auto' | 'baseline' | 'avx2'; "
         "returns the copy that will run",

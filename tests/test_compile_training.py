@@ -20,7 +20,6 @@ import rcar_fast
 from rcar_fast import dispatch
 from rcar_fast.losses import hardest_negative_loss, vse_hinge_loss
 from rcar_fast.ops import rcar_reference
-from rcar_fast.ops.backend import BackendUnavailable
 from rcar_fast.pairs import score_pairs
 from tests.conftest import requires_gpu, requires_interpreter
 from tests.inputs import make_inputs
@@ -186,16 +185,19 @@ def test_rcar_hardest_negative_step_selects_on_the_cpu_kernel():
 
 
 @needs_native
-def test_compiled_step_refuses_the_forward_only_cpu_kernel_in_training_mode():
-    """The refusal is raised while tracing; with fullgraph=True torch reports it as an
-    Unsupported (observed exception) that carries the backend's reason."""
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+@pytest.mark.parametrize("regulator", ["only_rcr", "coop_rcar"])
+def test_rcar_training_step_cpu(regulator, direction):
+    """The C++ CPU kernel's fused backward, compiled as one op: its seed (RAR's counter-based
+    dropout) is drawn the same way in eager and compiled calls, so both take the same step."""
     img, cap, lens, _ = _batch(B=3)
-    head = _head("only_rcr")
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda i, c, n: head(i, c, n, backend="cpu").sum(), fullgraph=True,
-                             backend="aot_eager")
-    with pytest.raises((BackendUnavailable, torch._dynamo.exc.Unsupported), match="forward only"):
-        compiled(img.requires_grad_(), cap, lens)
+    img.requires_grad_()
+    head = _head(regulator, direction=direction)
+
+    def loss_fn(img, cap, lens):
+        return vse_hinge_loss(head(img, cap, lens, backend="cpu"), 0.2)
+
+    assert_compiled_step_matches(loss_fn, _rcar_params(head, img), (img, cap, lens), seed=17)
 
 
 @requires_interpreter

@@ -108,15 +108,14 @@ def test_opcheck_rcar_reference(regulator, training):
 
 
 @needs_native
-def test_opcheck_rcar_cpu_forward_only():
-    img, cap, lens = _inputs(dtype=torch.float32, grad=False)
-    cap = cap.nan_to_num(1.0)
-    head = _head().float().eval()
-    args = (img, cap, lens, rcar_cpu.flat_weights(head), head.direction, head.regulator,
-            head.steps, float(head.smooth))
-    # a forward-only op: no autograd registration to check
-    torch.library.opcheck(rcar_cpu.rcar_cpu_op, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+@pytest.mark.parametrize("training", [False, True])
+def test_opcheck_rcar_cpu(training):
+    img, cap, lens = _inputs(dtype=torch.float64)
+    cap = cap.detach().nan_to_num(1.0).requires_grad_()
+    head = _head("coop_rcar", steps=2).train(training)
+    weights = [p.detach().clone().requires_grad_() for p in head.parameters()]
+    args = (img, cap, lens, weights, torch.tensor(11), *rcar_reference.op_config(head))
+    torch.library.opcheck(rcar_cpu.rcar_cpu_op, args)
 
 
 FORWARD_ONLY_CHECKS = ("test_schema", "test_faketensor", "test_aot_dispatch_static")

@@ -106,9 +106,10 @@ def test_reference_backends_agree_on_scan():
     assert_close(a, b, F64_BACKEND_AGREE)
 
 
-def test_auto_skips_forward_only_backends_for_a_training_head(monkeypatch):
-    """A training-mode head must get dropout and a backward pass: auto falls back to the
-    reference instead of picking the forward-only CPU kernel; in eval mode it picks the kernel."""
+def test_auto_gives_a_training_head_a_backend_with_backward_and_dropout(monkeypatch):
+    """A training-mode head must get dropout and a backward pass: auto picks the C++ CPU kernel
+    (fused backward, counter-based dropout) where it is built, else the reference; the fused
+    GPU kernels without dropout refuse it with the reason."""
     head = rcar_fast.RCARSimilarity(embed_dim=4, sim_dim=8, regulator="coop_rcar", steps=1)
     img, cap, lens = _inputs()
     chosen = []
@@ -122,30 +123,28 @@ def test_auto_skips_forward_only_backends_for_a_training_head(monkeypatch):
     monkeypatch.setattr(dispatch, "choose", spy)
     head.train()
     sims = head(img, cap, lens)
-    sims.sum().backward()  # would raise on the forward-only cpu kernel
+    sims.sum().backward()
+    assert all(p.grad is not None for p in head.parameters())
     head.eval()
     with torch.no_grad():
         head(img, cap, lens)
-    expected_eval = "cpu" if dispatch.rejection("rcar", "cpu", img.device, img.dtype) is None else "reference"
-    assert chosen == ["reference", expected_eval]
+    expected = "cpu" if dispatch.rejection("rcar", "cpu", img.device, img.dtype) is None else "reference"
+    assert chosen == [expected, expected]
     training = dispatch.Inputs.of_head(head.train(), img, cap)
-    assert "backward" in dispatch.rejection("rcar", "cpu", training)
+    if expected == "cpu":
+        assert dispatch.rejection("rcar", "cpu", training) is None
     assert "dropout" in dispatch.rejection("rcar", "triton", training)
     assert "dropout" in dispatch.rejection("rcar", "cuda", training) or not dispatch.explain(
         "rcar", training)["cuda"].startswith("the CUDA RCAR")
     only_rcr = rcar_fast.RCARSimilarity(embed_dim=4, sim_dim=8, regulator="only_rcr").train()
     assert "dropout" not in (dispatch.rejection("rcar", "triton", dispatch.Inputs.of_head(only_rcr, img, cap)) or "")
-    with torch.no_grad():  # training mode, but no backward follows: the forward-only kernel may serve
-        assert "backward" not in (dispatch.rejection("rcar", "cpu", dispatch.Inputs.of_head(head, img, cap)) or "")
 
 
 def test_explicit_backend_still_refuses_a_training_head_with_dropout():
     head = rcar_fast.RCARSimilarity(embed_dim=4, sim_dim=8, regulator="only_rar", steps=1).train()
-    if dispatch.rejection("rcar", "cpu", torch.device("cpu"), torch.float32) is not None:
-        pytest.skip("the C++ CPU extension is not built here (its own tests cover that case)")
-    # one error, every reason: forward only and no dropout
-    with pytest.raises(dispatch.BackendUnavailable, match="backward pass is needed.*dropout is active"):
-        head(*_inputs(), backend="cpu")
+    training = dispatch.Inputs.of_head(head, *_inputs()[:2])
+    # the Triton kernel: a backward but no dropout
+    assert "dropout is active" in dispatch.rejection("rcar", "triton", training)
 
 
 def test_auto_error_lists_every_backend_and_its_reasons():
@@ -209,7 +208,8 @@ def test_a_new_backend_is_one_class_and_one_table_entry(monkeypatch):
 
 def test_backends_report_capabilities():
     report = rcar_fast.backends()
-    assert report["cpu"]["capabilities"]["rcar"]["has_backward"] is False
+    assert report["cpu"]["capabilities"]["rcar"]["has_backward"] is True
+    assert report["cpu"]["capabilities"]["rcar"]["implements_dropout"] is True
     assert report["cpu"]["capabilities"]["scan"]["has_backward"] is True
     assert report["triton"]["capabilities"]["rcar"]["implements_dropout"] is False
     assert report["reference"]["capabilities"]["rcar"]["implements_dropout"] is True

@@ -44,7 +44,7 @@ PACKAGE = "rcar_fast"
 LAYERS = [
     ("contract", ["rcar_fast.contract"]),
     ("kernels", ["rcar_fast.kernels", "rcar_fast._C"]),
-    ("base", ["rcar_fast.atomic", "rcar_fast.validate", "rcar_fast.metrics",
+    ("base", ["rcar_fast.atomic", "rcar_fast.validate", "rcar_fast.metrics", "rcar_fast.dropout",
               "rcar_fast.reference_math", "rcar_fast.reference_heads", "rcar_fast.checkpoint_keys",
               "rcar_fast.heads", "rcar_fast.reference", "rcar_fast.data", "rcar_fast.flops"]),
     ("backends", ["rcar_fast.ops"]),

@@ -182,9 +182,10 @@ def test_backward_matches_reference(direction, regulator, steps, training):
 
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_backward_several_tiles(direction):
-    # t2i: > 256 words (several caption blocks of the backward); i2t: several image blocks
+    # t2i: > 512 words (several caption blocks of the backward); i2t: > 512 regions (several
+    # image blocks); the parts of the deterministic reduction then hold several tasks each
     head = make_head("coop_rcar", 2, direction, embed_dim=9, sim_dim=10).train()
-    img, cap, lens = make_inputs(9, 40, 30, 9, 16)
+    img, cap, lens = make_inputs(20, 80, 30, 9, 16, lens=torch.randint(7, 17, (80,)))
     check_grads(head, img, cap, lens, f"{direction} tiles", dtypes=(torch.float64,))
 
 
@@ -247,3 +248,49 @@ def test_training_mode_head_runs_on_cpu_and_draws_masks():
     assert_close_to_reference(eval_out, head.forward_loop(img, cap, lens), dtype=torch.float64)
     out_a.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_training_head_without_dropout_rate_equals_eval_and_other_rates_are_refused():
+    head = make_head("coop_rcar", 2, "i2t", embed_dim=8, sim_dim=6)
+    img, cap, lens = make_inputs(2, 3, 5, 8, 4)
+    with torch.no_grad():
+        eval_out = head(img, cap, lens, backend="cpu")
+        for module in head.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        assert_bit_equal(head.train()(img, cap, lens, backend="cpu"), eval_out, what="training, p = 0")
+        for module in head.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.2
+        with pytest.raises(ValueError, match="p = 0.4"):
+            head(img, cap, lens, backend="cpu")
+
+
+@pytest.mark.parametrize("regulator,steps", [("coop_rcar", 2), ("only_rcr", 1), ("only_rar", 2)])
+def test_poisoned_buffers_are_written_before_read(regulator, steps):
+    # NaN in every tile buffer and in the forward's output before the kernel writes them: a
+    # read of a stale or unwritten entry would turn a score or a gradient into NaN. Two
+    # blocks of different sizes, so buffers are reused across tiles.
+    native = dispatch.native_module()
+    head = make_head(regulator, steps, "t2i", embed_dim=9, sim_dim=10).train()
+    img, cap, lens = make_inputs(3, 70, 5, 9, 16, lens=torch.randint(7, 17, (70,)))
+    previous = native.set_cpu_poison_buffers(True)
+    try:
+        check_grads(head, img, cap, lens, f"poisoned {regulator}", dtypes=(torch.float64,))
+    finally:
+        native.set_cpu_poison_buffers(previous)
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_sparse_output_gradient_skips_tiles_exactly(direction):
+    # A sparse loss's gradient: only a few pairs non-zero, so most tiles are skipped; the
+    # gradients still equal the reference's.
+    head = make_head("coop_rcar", 2, direction, embed_dim=12, sim_dim=8).train()
+    img, cap, lens = make_inputs(5, 4, 6, 12, 7)
+    grad = torch.zeros(5, 4, dtype=torch.float64)
+    grad[1, 2], grad[4, 0] = 0.7, -1.3
+    _, ref = reference_grads(head, img, cap, lens, grad, 5)
+    _, got = kernel_grads(head, img, cap, lens, grad, 5, torch.float64)
+    for g, r in zip(got, ref):
+        assert_close_to_reference(g, r, dtype=torch.float64, what=f"{direction} sparse gradient")
+    assert torch.all(got[0][[0, 2, 3]] == 0), "images without a non-zero pair get no gradient"

@@ -79,6 +79,10 @@ std::vector<at::Tensor> rcar_backward(const at::Tensor& grad, const at::Tensor& 
 at::Tensor rcar_dropout_scales(int64_t seed, int64_t module, int64_t which, const at::Tensor& pairs,
                                int64_t rows, int64_t channels);
 
+// Tests: NaN-fill the RCAR kernels' per-tile buffers and forward output before use (so a read
+// before a write shows as NaN). Returns the previous setting.
+bool set_poison_buffers(bool on);
+
 // Selects the compiled copy of the vectorised loops: "auto" (AVX2+FMA when the CPU has it),
 // "baseline" or "avx2" (falls back to baseline on a CPU without AVX2). Returns the copy that
 // will run. For tests and benchmarks.

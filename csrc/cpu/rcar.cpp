@@ -1,4 +1,5 @@
-// RCAR similarity head (official EncoderSimilarity, eval mode) over all pairs on the CPU.
+// RCAR similarity head (official EncoderSimilarity) over all pairs on the CPU: the forward,
+// RAR's counter-based dropout (training mode) and the fused backward (below, "Backward").
 //
 // A tile is one context owner against a block of query rows: t2i, one image's regions as the
 // context and the real words of a caption block as queries; i2t, one caption's words as the
@@ -613,6 +614,13 @@ void rcar_forward_impl(const at::Tensor& img_in, const at::Tensor& cap, const at
 
 // Per-thread tensors reused from tile to tile: take() hands out slot after slot, each grown to
 // the largest size asked of it (views of one allocation, no allocation per tile).
+// Tests set this (set_poison_buffers): every buffer handed out (per-tile scratch, the forward's
+// output) is NaN-filled first, so an entry read before it was written shows up as NaN.
+std::atomic<bool>& poison_buffers() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+
 struct TilePool {
   std::vector<at::Tensor> slots;
   size_t next = 0;
@@ -623,7 +631,9 @@ struct TilePool {
     if (next == slots.size()) slots.push_back(at::empty({0}, opts));
     at::Tensor& slot = slots[next++];
     if (slot.numel() < rows * cols) slot = at::empty({rows * cols}, opts);
-    return slot.narrow(0, 0, rows * cols).view({rows, cols});
+    at::Tensor view = slot.narrow(0, 0, rows * cols).view({rows, cols});
+    if (poison_buffers().load()) view.fill_(std::numeric_limits<double>::quiet_NaN());
+    return view;
   }
   at::Tensor zeros(int64_t rows, int64_t cols) { return take(rows, cols).zero_(); }
 };
@@ -1167,7 +1177,7 @@ struct BackwardTile {
   }
 };
 
-constexpr int64_t kBackwardTileRows = 256;  // query rows per backward tile
+constexpr int64_t kBackwardTileRows = 512;  // query rows per backward tile
 
 template <typename T>
 void backward_tile_body(const RcarTile<T>& t, const HeadWeights& hw, const HeadConfig& cfg, TilePool& pool,
@@ -1181,16 +1191,28 @@ RCAR_TARGET_AVX2 void backward_tile_avx2(const RcarTile<T>& t, const HeadWeights
   backward_tile_body(t, hw, cfg, pool, go, g);
 }
 
-// Runs body(task, part) for the tasks of each of n_parts contiguous parts, the parts spread
-// over the team (static): part k always gets the same tasks, in order.
+// Runs body(task, part) for the tasks of each of n_parts contiguous parts, one part per thread
+// of the team: part k always gets the same tasks, in order. The cuts balance the parts' total
+// work (task weights, e.g. query rows), fixed by the weights alone.
 template <typename Body>
-void run_parts(int64_t n_tasks, int n_parts, Body&& body) {
+void run_parts(const std::vector<int64_t>& task_weight, int n_parts, Body&& body) {
+  const int64_t n_tasks = static_cast<int64_t>(task_weight.size());
+  std::vector<int64_t> prefix(n_tasks + 1, 0), cut(n_parts + 1, n_tasks);
+  for (int64_t i = 0; i < n_tasks; ++i) prefix[i + 1] = prefix[i] + task_weight[i];
+  cut[0] = 0;
+  for (int k = 1; k < n_parts; ++k) {
+    // the first task whose work starts at or after k/n_parts of the total
+    const int64_t target = prefix[n_tasks] * k / n_parts;
+    cut[k] = std::max(cut[k - 1], static_cast<int64_t>(std::lower_bound(prefix.begin(), prefix.end(), target) -
+                                                       prefix.begin()));
+    cut[k] = std::min(cut[k], n_tasks);
+  }
   std::exception_ptr failure;
   std::mutex failure_mutex;
 #pragma omp parallel for schedule(static, 1) num_threads(n_parts)
   for (int part = 0; part < n_parts; ++part) {
     c10::InferenceMode inference_guard;
-    const int64_t first = n_tasks * part / n_parts, last = n_tasks * (part + 1) / n_parts;
+    const int64_t first = cut[part], last = cut[part + 1];
     try {
       for (int64_t task = first; task < last; ++task) body(task, part);
     } catch (...) {
@@ -1222,7 +1244,13 @@ std::vector<at::Tensor> rcar_backward_impl(const at::Tensor& grad_in, const at::
   const bool avx2 = use_avx2_path();
   const T* grad_ptr = grad.data_ptr<T>();
   std::vector<std::unique_ptr<TilePool>> pools(n_parts);
-  run_parts(n_tasks, n_parts, [&](int64_t task, int part) {
+  std::vector<int64_t> work(n_tasks);
+  std::vector<int64_t> seg_scratch;
+  for (int64_t task = 0; task < n_tasks; ++task) {
+    const RcarTile<T> t = layout.tile(task, seg_scratch, nullptr);
+    work[task] = t.rows * (t.C + 1);
+  }
+  run_parts(work, n_parts, [&](int64_t task, int part) {
     if (!pools[part]) pools[part] = std::make_unique<TilePool>(img.options());
     std::vector<int64_t> seg;
     const RcarTile<T> t = layout.tile(task, seg, nullptr);
@@ -1232,6 +1260,9 @@ std::vector<at::Tensor> rcar_backward_impl(const at::Tensor& grad_in, const at::
       const int64_t pair = t.pair_base + p * t.pair_step;
       go[p] = grad_ptr[pair];  // grad is (n_img, n_cap): flat index i * n_cap + j
     }
+    // A tile whose pairs all have a zero output gradient contributes exactly nothing (a
+    // sparse loss's gradient): skipped.
+    if (std::all_of(go.begin(), go.end(), [](T v) { return v == T(0); })) return;
     T* query_grads = (t2i ? d_words[part] : d_img[part]).template data_ptr<T>();
     T* context_grads = (t2i ? d_img[part] : d_words[part]).template data_ptr<T>();
     const TileGrads<T> g{query_grads + layout.query_row(task) * d, context_grads + layout.context_row(task) * d,
@@ -1284,6 +1315,7 @@ at::Tensor rcar_forward(const at::Tensor& img, const at::Tensor& cap, const at::
   const Prepared pr = prepare(img, cap, lens, settings, weights);
   at::Tensor out = at::empty({img.size(0), cap.size(0)}, img.options());
   if (out.numel() == 0) return out;
+  if (poison_buffers().load()) out.fill_(std::numeric_limits<double>::quiet_NaN());
   AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "rcar_cpu::rcar_forward",
                              [&] { rcar_forward_impl<scalar_t>(img, cap, lens, pr.t2i, pr.hw, pr.cfg, out); });
   return out;
@@ -1325,6 +1357,10 @@ at::Tensor rcar_dropout_scales(int64_t seed, int64_t module, int64_t which, cons
 }  // namespace rcar_cpu
 
 namespace rcar_cpu {
+
+bool set_poison_buffers(bool on) {
+  return poison_buffers().exchange(on);
+}
 
 std::string set_simd_path(const std::string& path) {
   TORCH_CHECK(path == "auto" || path == "baseline" || path == "avx2",

@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from rcar_fast import contract
+from rcar_fast import contract, dropout
 from rcar_fast.ops import rcar_reference
 from rcar_fast.ops.backend import Backend, native
 from rcar_fast.ops.library import define_rcar_op
@@ -80,23 +80,20 @@ class RcarCpu(Backend):
 
     @staticmethod
     def fn(head, img, cap, lens):
-        if head.training and not head.active_dropout():
-            # Dropout is RCAR's only training-mode behaviour: with every p = 0 (say the
-            # trainer's --head-dropout 0) the head computes its eval-mode function, and the
-            # kernel's training flag would apply its fixed p = 0.4 masks.
-            weights = list(head.parameters())
-            config = rcar_reference.op_config(head)[:-1] + (False,)
-            return rcar_cpu_op(img, cap, lens, weights, torch.zeros((), dtype=torch.int64), *config)
-        _check_dropout_rate(head)
-        return rcar_reference.compiled_call(rcar_cpu_op, head, img, cap, lens)
+        # The op's `training` argument says whether dropout acts: a training head whose
+        # Dropout modules have p = 0 (rcar_fast.train's head_dropout=0) has none.
+        dropout_on = _check_dropout(head)
+        seed = (torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_on
+                else torch.zeros((), dtype=torch.int64))
+        config = (*rcar_reference.op_config(head)[:-1], dropout_on)
+        return rcar_cpu_op(img, cap, lens, list(head.parameters()), seed, *config)
 
 
-def _check_dropout_rate(head) -> None:
-    """The kernel's masks drop with p = rcar_fast.dropout.P (RAR's official 0.4) only."""
-    from rcar_fast import dropout
-
-    rates = {float(m.p) for m in head.modules() if isinstance(m, torch.nn.Dropout)}
-    if head.training and rates - {dropout.P}:
-        raise ValueError(f"the C++ CPU RCAR kernel's dropout has p = {dropout.P} (RAR's official); "
-                         f"this head's Dropout modules have p = {sorted(rates)}: set p to "
-                         f"{dropout.P} or 0, or use backend='reference'")
+def _check_dropout(head) -> bool:
+    """Whether RAR's dropout acts in this call; refuses a rate the kernel does not implement."""
+    active = head.active_dropout()
+    for name, module in head.named_modules():
+        if name in active and module.p != dropout.P:
+            raise ValueError(f"{RcarCpu.kernel}: RAR dropout must have p = {dropout.P} (the official "
+                             f"rate) or 0, got p = {module.p} for {name}; use backend='reference'")
+    return bool(active)
