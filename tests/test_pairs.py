@@ -186,7 +186,7 @@ def test_rcar_cpu_kernel_refuses_a_dropout_rate_it_does_not_draw():
     for module in head.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.25
-    with pytest.raises(ValueError, match="dropout has p = 0.4.*0.25"):
+    with pytest.raises(ValueError, match="p = 0.4.*got p = 0.25"):
         score_pairs(img, cap, lens, IMG_IDX, CAP_IDX, model=head, backend="cpu")
     for module in head.modules():
         if isinstance(module, torch.nn.Dropout):

@@ -277,11 +277,12 @@ class RcarPairsCpu(Backend):
         if not cls.has_backward:
             return ("the C++ CPU RCAR kernel is forward only, and a loss may differentiate the "
                     "pair scores of an eval-mode head: auto takes a backend with a backward")
-        # Measured (bench/results, the rcar plan; d 1024, sim_dim 256, 2 cores): the sparse
-        # loss at B = 32 recomputes ~87 pairs over 32 images; here 32 kernel calls whose
-        # backward costs ~0.2 s each (fixed per call), ~7 s against ~2 s for the reference.
+        # Measured (d 1024, sim_dim 256, 2 cores): the sparse loss at B = 32 recomputes ~87
+        # pairs over 32 images, here 32 kernel calls: forward + backward 0.8 s against the
+        # reference's 0.15 s (idle machine; 8 s against 1-3 s loaded), the backward's fixed
+        # cost per call dominating.
         return ("one C++ kernel call per distinct image: the fused backward's fixed cost per "
-                "call (~0.2 s at d 1024, sim_dim 256) makes the B = 32 pair recompute ~3x "
-                "slower than the reference's; a pair-list kernel entry would fix it")
+                "call makes the B = 32 pair recompute ~5x slower than the reference's; a "
+                "pair-list kernel entry would fix it")
 
     fn = staticmethod(_rcar_pairs_cpu)
