@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help="a few minutes on a 2-core CPU "
                       "(default without a GPU)")
     size.add_argument("--full", action="store_true", help="the GPU suite (default with a GPU)")
+    size.add_argument("--rcar", action="store_true", help="issue 15's RCAR rows: coop_rcar(2) "
+                      "t2i, d 1024, sim_dim 256: forward / backward / train step at 8 x 40 and "
+                      "the full and sparse loss at B = 32, every backend and baseline")
     size.add_argument("--gpu-check", action="store_true",
                       help="a few minutes on one GPU: hardware ceilings, SCAN / RCAR at the COCO "
                            "5K shape through all_pairs vs the references, a training step "
@@ -76,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
 def _select_plan(args, dev: torch.device) -> cases.Plan:
     if args.tiny:
         plan = cases.tiny_plan()
+    elif args.rcar:
+        plan = cases.rcar_plan(dev)
     elif args.full or (not args.quick and dev.type == "cuda"):
         plan = cases.full_plan(dev)
     else:

@@ -1,4 +1,5 @@
-"""What the suite measures: ops, shapes and the three plans (tiny, quick, full).
+"""What the suite measures: ops, shapes and the plans (tiny, quick, full; rcar: issue 15's RCAR
+rows).
 
 An op row is (op, mode, shape, dtype, backend); a loss row compares the hardest-negative
 loss computed sparsely (rcar_fast.losses.hardest_negative_loss: <= 3B pairs with autograd)
@@ -197,6 +198,25 @@ def quick_plan(device: torch.device) -> Plan:
                     LossCase(rcar, _batch_sweep([8, 16, 32], R, L, d, f32))),
         budget_s=0.5, min_repeats=1, max_repeats=10, skip_after_s=10.0,
         compile=compile_reason)
+
+
+def rcar_plan(device: torch.device) -> Plan:
+    """Issue 15's RCAR rows: coop_rcar(2) t2i at the published sizes (d = 1024, sim_dim 256,
+    R = 36, mean caption length 12): forward, backward and train step at 8 x 40 pairs, and the
+    training step of the full (B x B with autograd) and sparse (hardest_negative_loss)
+    hardest-negative loss at B = 32, on every backend here against the vectorised reference,
+    its torch.compile and the public loop (op rows only). About 15-30 minutes on a 2-core CPU,
+    mostly the baselines (compiling the reference's backward takes minutes there)."""
+    f32, R, L, d = torch.float32, 36, 12, 1024
+    rcar = rcar_op("coop_rcar", 2, "t2i", 256)
+    return Plan(
+        name="rcar",
+        op_cases=(OpCase(rcar, MODES, _pairs_sweep([(8, 40)], R, L, d, f32)),),
+        loss_cases=(LossCase(rcar, _batch_sweep([32], R, L, d, f32)),),
+        budget_s=2.0, min_repeats=1, max_repeats=5, skip_after_s=300.0, compile=None,
+        # The public loop takes ~40 s for the 320 pairs' forward on a loaded 2-core CPU: its
+        # loss rows (1024 pairs, with autograd) would take most of the run.
+        baseline_max_pairs=(("reference_loop", 8 * 40),))
 
 
 def full_plan(device: torch.device) -> Plan:

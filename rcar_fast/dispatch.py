@@ -36,6 +36,9 @@ from rcar_fast.ops.backend import (Backend, BackendUnavailable, Inputs,  # noqa:
 
 # Order tried by backend="auto": fused kernels first, the vectorised reference last. Triton is
 # never chosen automatically for CPU tensors: its CPU mode is an interpreter, for testing only.
+# A backend class may also leave itself out of auto's order for its op with a reason
+# (`not_in_auto`, e.g. the CUDA RCAR kernel: slower than Triton); auto_order() applies it, and
+# backends() and auto's errors show the reason. An explicit backend= still runs it.
 AUTO_ORDER = {
     "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpu", "reference"),
@@ -54,7 +57,8 @@ TABLE: dict[str, tuple[type[Backend], ...]] = {
              rcar_triton.RcarTriton, rcar_cuda.RcarCuda, rcar_cpu.RcarCpu),
     "scan_pairs": (pair_backends.ScanPairsReference, pair_backends.ScanPairsReferenceLoop,
                    pair_backends.ScanPairsCpu),
-    "rcar_pairs": (pair_backends.RcarPairsReference, pair_backends.RcarPairsReferenceLoop),
+    "rcar_pairs": (pair_backends.RcarPairsReference, pair_backends.RcarPairsReferenceLoop,
+                   pair_backends.RcarPairsCpu),
     "maxsim": (maxsim_reference.MaxSimReference, maxsim_reference.MaxSimReferenceLoop,
                maxsim_triton.MaxSimTriton, maxsim_cuda.MaxSimCuda, maxsim_cpu.MaxSimCpu),
     "maxsim_pairs": (maxsim_reference.MaxSimPairsReference,
@@ -85,9 +89,26 @@ def implementation(op: str, backend: str) -> Optional[type[Backend]]:
     return _BY_KEY.get((op, backend))
 
 
+def not_in_auto(op: str, backend: str) -> Optional[str]:
+    """Why backend="auto" never tries `backend` for `op` (None: it does, in AUTO_ORDER)."""
+    note = getattr(implementation(op, backend), "not_in_auto", None)
+    return note() if callable(note) else note   # a string, or a classmethod that decides
+
+
+def auto_order(op: str, device_type: str) -> tuple:
+    """The backends backend="auto" tries for `op` on `device_type` tensors, in order."""
+    return tuple(be for be in AUTO_ORDER.get(device_type, ("reference",)) if not not_in_auto(op, be))
+
+
+def _capabilities(op: str, cls: type[Backend]) -> dict:
+    note = not_in_auto(op, cls.backend)
+    return cls.capabilities() if note is None else {**cls.capabilities(), "not_in_auto": note}
+
+
 def backends() -> dict[str, dict]:
     """Every backend: whether it can run here, why not, the ops it implements and, per op,
-    what it can do (has_backward, implements_dropout, dtypes per device).
+    what it can do (has_backward, implements_dropout, dtypes per device; not_in_auto: why
+    backend="auto" leaves it out for that op, where it does).
 
     >>> rcar_fast.backends()["cuda"]["reason"]
     'CUDA kernels are built, but no CUDA GPU is visible'
@@ -100,7 +121,7 @@ def backends() -> dict[str, dict]:
             "available": reason is None,
             "reason": reason or "available",
             "ops": sorted(classes),
-            "capabilities": {op: cls.capabilities() for op, cls in sorted(classes.items())},
+            "capabilities": {op: _capabilities(op, cls) for op, cls in sorted(classes.items())},
         }
     return report
 
@@ -138,8 +159,8 @@ def _describe(inputs: Inputs) -> str:
 
 def choose(op: str, backend: str, inputs: Union[Inputs, torch.device],
            dtype: Optional[torch.dtype] = None) -> type[Backend]:
-    """The backend class to run (call its `fn`). backend="auto" takes the first of AUTO_ORDER
-    that takes these inputs; otherwise the requested one, or BackendUnavailable with its
+    """The backend class to run (call its `fn`). backend="auto" takes the first of
+    auto_order(op, device) that takes these inputs; otherwise the requested one, or BackendUnavailable with its
     reasons (all of them, for every backend tried, under "auto")."""
     if backend not in REQUESTABLE:
         raise ValueError(f"backend must be one of {REQUESTABLE}, got {backend!r}")
@@ -152,6 +173,10 @@ def choose(op: str, backend: str, inputs: Union[Inputs, torch.device],
         return _BY_KEY[(op, backend)]
     tried = {}
     for candidate in AUTO_ORDER.get(inputs.device.type, ("reference",)):
+        skipped = not_in_auto(op, candidate)
+        if skipped:
+            tried[candidate] = f"not tried by backend='auto' ({skipped}); request it explicitly"
+            continue
         why = reasons(op, candidate, inputs)
         if not why:
             return _BY_KEY[(op, candidate)]

@@ -20,7 +20,11 @@ over both directions):
 
 * --loss sparse (default): rcar_fast.losses.hardest_negative_loss: all B x B pairs scored
   without autograd on --backend, then the <= 3B positives and hardest negatives recomputed
-  with autograd on --pair-backend. Cost grows with B, not B^2.
+  with autograd on --pair-backend. Cost grows with B, not B^2. For an RCAR head, auto runs
+  the selection pass on the fastest fused forward (the head in eval mode: the C++ CPU
+  kernel, Triton on a GPU) and the recompute on a backend with a backward and RAR's dropout
+  (the reference, or a fused pair backend once it has both); a requested backend that cannot
+  train is one error with every reason, never a silent fallback.
 * --loss full: all B x B pairs scored with autograd on --backend (that backend's backward:
   a forward-only backend, e.g. the RCAR head's "cpu" kernel, says so and stops; pick
   --backend reference or one with a backward).
@@ -28,7 +32,8 @@ over both directions):
   InfoNCE of rcar_fast.losses.info_nce_loss (temperature 0.05).
 
 Before and after training, the held-out images (--eval-images) are scored against all their
-captions and R@1 / rsum are printed: training must move them up.
+captions and R@1 / rsum are printed: training must move them up. The backends each pass runs
+(as dispatch chose them for the first batch) are printed first and kept in the result.
 
 This is the project's one trainer: examples/train_scan.py is a front end of it.
 """
@@ -92,6 +97,7 @@ class TrainResult:
     eval_before: Optional[dict]
     eval_after: Optional[dict]
     config: dict
+    backends: dict = dataclasses.field(default_factory=dict)   # pass -> backend (backend_plan)
 
 
 class Projection(nn.Module):
@@ -188,6 +194,31 @@ def step_loss(model: RetrievalModel, cfg: TrainConfig, img_feat, cap_feat, lens)
     return losses.hardest_negative_loss(img, cap, lens, pair_backend=cfg.pair_backend, **kw)
 
 
+def backend_plan(model: RetrievalModel, cfg: TrainConfig, img_feat, cap_feat, lens) -> dict:
+    """The backend of each pass of a training step, as dispatch chooses it for this batch:
+    sparse loss {"selection": the no-grad B x B pass (a head module in eval mode, as
+    hardest_negative_loss runs it), "pairs": the recompute with autograd}; full / InfoNCE
+    {"all_pairs": ...}. Raises dispatch's error (every backend's reasons) if a pass has none."""
+    img, cap = model.encode(img_feat, cap_feat, lens)
+    scoring = scorers.scoring(model.similarity, model.head_kwargs, img)
+    ops = scoring.scorer
+    if cfg.loss != "sparse":
+        return {"all_pairs": scoring.choose(ops.all_pairs_op, cfg.backend, img, cap, lens).backend}
+    pairs_backend = scoring.choose(ops.pairs_op, cfg.pair_backend, img, cap, lens).backend
+    head = scoring.module
+    was_training = head is not None and head.training
+    try:
+        if was_training:
+            head.eval()
+        with torch.no_grad():
+            detached = (img.detach(), cap.detach(), lens)
+            selection = scoring.choose(ops.all_pairs_op, cfg.backend, *detached).backend
+    finally:
+        if was_training:
+            head.train()
+    return {"selection": selection, "pairs": pairs_backend}
+
+
 @torch.no_grad()
 def evaluate(model: RetrievalModel, cfg: TrainConfig, eval_set) -> dict:
     """Recall metrics of all eval images against all their captions."""
@@ -209,14 +240,19 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     eval_before = evaluate(model, cfg, eval_set) if eval_set is not None else None
-    losses, seconds = [], []
+    losses, seconds, chosen = [], [], {}
     model.train()
     for step in range(cfg.steps):
         img_ids, cap_ids = batch_indices(generator, cfg.train_images, cfg.batch)
         lens = train_set.lens[cap_ids.to(train_set.lens.device)]
         longest = int(lens.max())
+        batch = (train_set.img[img_ids], train_set.cap[cap_ids, :longest], lens)
+        if step == 0:
+            chosen = backend_plan(model, cfg, *batch)
+            if log is not None:
+                log("backends: " + ", ".join(f"{name} {be}" for name, be in chosen.items()))
         start = time.perf_counter()
-        loss = step_loss(model, cfg, train_set.img[img_ids], train_set.cap[cap_ids, :longest], lens)
+        loss = step_loss(model, cfg, *batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -229,7 +265,7 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
         if log is not None and (step % cfg.log_every == 0 or step == cfg.steps - 1):
             log(f"step {step:5d}  loss {losses[-1]:.4f}  ({seconds[-1] * 1e3:.1f} ms)")
     eval_after = evaluate(model, cfg, eval_set) if eval_set is not None else None
-    return TrainResult(losses, seconds, eval_before, eval_after, dataclasses.asdict(cfg))
+    return TrainResult(losses, seconds, eval_before, eval_after, dataclasses.asdict(cfg), chosen)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -277,19 +313,33 @@ def run(cfg: TrainConfig, json_path: Optional[str] = None) -> TrainResult:
     return result
 
 
-def main(argv=None) -> int:
-    args = vars(_parser().parse_args(argv))
-    json_path = args.pop("json")
-    cfg = TrainConfig(**args)
-    try:   # a bad option (say --direction for the chosen --head): one line, before training
+def run_or_complain(cfg: TrainConfig, json_path: Optional[str] = None,
+                    prog: str = "python -m rcar_fast.train") -> int:
+    """run(cfg) as a command: a bad option (say --direction for the chosen --head), or a
+    backend that cannot run a pass (dispatch's error with every reason, raised before the
+    first step), is one line on stderr and exit status 2, not a traceback."""
+    try:
         _check_config(cfg)
         model = RetrievalModel(cfg)
         scorers.scoring(model.similarity, model.head_kwargs)   # the head's settings checked
+        complaint = None
     except (ValueError, TypeError) as err:
-        print(f"python -m rcar_fast.train: error: {err}", file=sys.stderr)
+        complaint = err
+    if complaint is None:
+        try:
+            run(cfg, json_path)
+        except dispatch.BackendUnavailable as err:
+            complaint = err
+    if complaint is not None:
+        print(f"{prog}: error: {complaint}", file=sys.stderr)
         return 2
-    run(cfg, json_path)
     return 0
+
+
+def main(argv=None) -> int:
+    args = vars(_parser().parse_args(argv))
+    json_path = args.pop("json")
+    return run_or_complain(TrainConfig(**args), json_path)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 import pytest
 import torch
 
+import rcar_fast
 from rcar_fast import dispatch, reference, reference_math
 from rcar_fast.losses import full_hardest_negative_loss, hardest_negative_loss, vse_hinge_loss
 from rcar_fast.pairs import score_pairs
@@ -94,10 +95,131 @@ def test_rcar_pairs_equal_gathered_all_pairs(regulator, steps, direction, backen
     want = head.forward_loop(img_b, cap_b, lens)[IMG_IDX, CAP_IDX]
     _assert_close(got, want, "scores")
     weights = torch.randn(len(IMG_IDX), dtype=F64)
+    if not dispatch.implementation("rcar_pairs", backend).has_backward:
+        # A forward-only kernel (the C++ CPU one, until its backward lands) says so when
+        # differentiated instead of handing back no gradient.
+        with pytest.raises(RuntimeError, match="no backward"):
+            _grads(got, weights, [img_a])
+        return
     got_grads = _grads(got, weights, [img_a, cap_a] + params)
     want_grads = _grads(want, weights, [img_b, cap_b] + params)
     for k, (g, w) in enumerate(zip(got_grads, want_grads)):
         _assert_close(g, w, f"gradient {k}")
+
+
+@pytest.mark.parametrize("regulator,steps,direction", RCAR_SETTINGS)
+def test_grouped_pairs_sum_the_head_weight_gradients(regulator, steps, direction):
+    """The per-image grouping that runs a fused all-pairs RCAR kernel on a pair list (the
+    "cpu" pair backend): scores and the gradients of img, cap and every head weight equal the
+    reference's, the groups' weight gradients summed. The all-pairs function here is the
+    vectorised reference, so the grouping itself is tested whatever the kernel's backward."""
+    from rcar_fast.ops import pair_backends
+
+    img, cap, lens = _inputs()
+    head = _head(regulator, steps, direction)
+    params = list(head.parameters())
+    img_a, cap_a, img_b, cap_b = _leaf(img), _leaf(cap), _leaf(img), _leaf(cap)
+    got = pair_backends._grouped_by_image(lambda i, c, n: head.forward_vectorized(i, c, n),
+                                          img_a, cap_a, lens, IMG_IDX, CAP_IDX, params)
+    want = head.forward_loop(img_b, cap_b, lens)[IMG_IDX, CAP_IDX]
+    _assert_close(got, want, "scores")
+    weights = torch.randn(len(IMG_IDX), dtype=F64)
+    got_grads = torch.autograd.grad((got * weights).sum(), [img_a, cap_a] + params, allow_unused=True)
+    want_grads = torch.autograd.grad((want * weights).sum(), [img_b, cap_b] + params, allow_unused=True)
+    for k, (g, w) in enumerate(zip(got_grads, want_grads)):
+        assert (g is None) == (w is None), f"gradient {k}: None on one side only"
+        if w is not None:
+            _assert_close(g, w, f"gradient {k}")
+
+
+def _training_head():
+    torch.manual_seed(0)
+    return RCARSimilarity(embed_dim=D, sim_dim=SIM_DIM).double().train()   # coop_rcar: RAR dropout
+
+
+def test_rcar_pairs_of_a_training_head_never_fall_back_silently():
+    """The sparse loss' pair recompute: auto takes the first backend of its order with a
+    backward and dropout for a training-mode head; a requested backend that cannot take the
+    call is one error with every reason."""
+    from rcar_fast import scorers
+
+    img, cap, lens = _inputs()
+    head = _training_head()
+    scoring = scorers.scoring(head, {}, img)
+    chosen = scoring.choose("rcar_pairs", "auto", img, cap, lens)
+    assert chosen.has_backward and chosen.implements_dropout
+    first = next(be for be in dispatch.auto_order("rcar_pairs", "cpu")
+                 if dispatch.rejection("rcar_pairs", be, scoring.inputs(img, cap, lens)) is None)
+    assert chosen.backend == first
+    cpu = dispatch.implementation("rcar_pairs", "cpu")
+    if cpu.environment("cpu") is not None:
+        pytest.skip(f"no C++ CPU kernels here: {cpu.environment('cpu')}")
+    with pytest.raises(dispatch.BackendUnavailable, match="rcar_pairs on cpu torch.float16.*float32 or float64"):
+        score_pairs(_leaf(img).half(), cap.half(), lens, IMG_IDX, CAP_IDX, model=head.half(), backend="cpu")
+    if cpu.has_backward:
+        # It trains (test_train_convergence), but auto leaves it out, with the measured reason.
+        assert "per distinct image" in dispatch.not_in_auto("rcar_pairs", "cpu")
+        assert chosen.backend == "reference"
+        assert "not_in_auto" in rcar_fast.backends()["cpu"]["capabilities"]["rcar_pairs"]
+        return
+    # A forward-only pair kernel: refused for training, and auto leaves it out even for an
+    # eval-mode head (whose pair scores a loss may still differentiate), saying why.
+    head = _training_head()
+    with pytest.raises(dispatch.BackendUnavailable, match="backward pass is needed.*dropout is active"):
+        score_pairs(_leaf(img), cap, lens, IMG_IDX, CAP_IDX, model=head, backend="cpu")
+    with pytest.raises(dispatch.BackendUnavailable, match="rcar_pairs.*backward pass is needed"):
+        hardest_negative_loss(_leaf(img), cap[:5], lens[:5], model=head, pair_backend="cpu")
+    assert scoring.choose("rcar_pairs", "auto", img, cap, lens).backend == "reference"
+    assert "forward only" in dispatch.not_in_auto("rcar_pairs", "cpu")
+    assert "not_in_auto" in rcar_fast.backends()["cpu"]["capabilities"]["rcar_pairs"]
+
+
+def test_rcar_cpu_kernel_refuses_a_dropout_rate_it_does_not_draw():
+    """The C++ kernel's counter-based masks have p = 0.4: a training head with another rate
+    is one error; with p = 0 it computes the eval-mode function (no masks)."""
+    from rcar_fast.ops.rcar_cpu import RcarCpu
+
+    if RcarCpu.environment("cpu") is not None or not RcarCpu.implements_dropout:
+        pytest.skip("no C++ CPU RCAR kernel with dropout here")
+    img, cap, lens = _inputs()
+    head = _training_head()
+    for module in head.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.25
+    with pytest.raises(ValueError, match="p = 0.4.*got p = 0.25"):
+        score_pairs(img, cap, lens, IMG_IDX, CAP_IDX, model=head, backend="cpu")
+    for module in head.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    img_a, img_b = _leaf(img), _leaf(img)
+    got = score_pairs(img_a, cap, lens, IMG_IDX, CAP_IDX, model=head, backend="cpu")
+    want = head.forward_loop(img_b, cap, lens)[IMG_IDX, CAP_IDX]
+    _assert_close(got, want, "scores, p = 0 in training mode")
+    _assert_close(torch.autograd.grad(got.sum(), img_a)[0], torch.autograd.grad(want.sum(), img_b)[0],
+                  "d img, p = 0 in training mode")
+
+
+def test_sparse_rcar_loss_selects_on_the_fused_kernel_and_matches_the_reference():
+    """hardest_negative_loss of an eval-mode RCAR head: the B x B selection pass on every
+    usable all-pairs backend (forward only, no graph) gives the reference's loss and
+    gradients (the pairs recomputed by auto's pair backend, one with a backward)."""
+    img, cap, lens = _inputs(n_img=6, n_cap=6)
+    head = _head()
+    params = list(head.parameters())
+    want_img, want_cap = _leaf(img), _leaf(cap)
+    want = full_hardest_negative_loss(want_img, want_cap, lens, model=head, backend="reference")
+    want_grads = torch.autograd.grad(want, [want_img, want_cap] + params, allow_unused=True)
+    usable = [be for be in dispatch.BACKENDS
+              if dispatch.rejection("rcar", be, torch.device("cpu"), F64) is None]
+    assert "reference" in usable
+    for backend in usable:
+        got_img, got_cap = _leaf(img), _leaf(cap)
+        got = hardest_negative_loss(got_img, got_cap, lens, model=head, backend=backend)
+        got_grads = torch.autograd.grad(got, [got_img, got_cap] + params, allow_unused=True)
+        assert_close(got, want, F64_SPARSE_VS_FULL_LOSS)
+        for k, (g, w) in enumerate(zip(got_grads, want_grads)):
+            if w is not None:
+                _assert_close(g, w, f"{backend}: gradient {k}")
 
 
 def test_score_pairs_float32_and_empty_list():

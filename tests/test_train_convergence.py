@@ -7,9 +7,16 @@
   fused backend's forward and backward drive the training.
 And training must actually train: the loss on a small fixed set goes down.
 
+For an RCAR head, the sparse loss on the fused kernels (issue 15): the B x B selection on
+each fused forward (RAR's dropout on or off) and the pair recompute on each fused pair
+backward that trains here give the reference's curve; auto picks a fused forward and a pair
+backend with a backward; a pair backend that cannot train is one line from the trainer.
+
 Under triton's CPU interpreter (no GPU) a step of the tiny model takes seconds, so the
 Triton curves are a few steps long there; on a GPU they run longer and larger.
 """
+from typing import Optional
+
 import numpy as np
 import pytest
 import torch
@@ -110,3 +117,92 @@ def test_fused_backend_trains_like_the_reference(backend, model):
     if _has_backward(model, backend):
         # All B x B pairs through the fused forward and backward.
         assert_close(curve(**common, backend=backend, loss="full"), reference_curve, F32_CONVERGENCE_CURVE)
+
+
+# ---------------------------------------------------------------------------------------------
+# RCAR with the sparse loss on the fused kernels (issue 15): B x B selection without a graph on
+# the fused forward, the <= 3B pairs with autograd on a pair backend with a backward
+# ---------------------------------------------------------------------------------------------
+
+def _usable_for_training(op: str, backend: str, dropout: Optional[float] = None) -> Optional[str]:
+    """None if `backend` can run `op` for a training-mode RCAR head here (a backward; RAR's
+    dropout at p = dropout, None: the official 0.4), else why not (the skip reason)."""
+    from rcar_fast.modules import RcarScorer
+
+    impl = dispatch.implementation(op, backend)
+    if impl is None:
+        return f"{backend} has no {op} backend"
+    head, _ = RcarScorer.build("rcar", 8, dict(sim_dim=4, dropout=dropout))
+    head = head.to(DEVICE).train()
+    inputs = dispatch.Inputs.of_head(head, torch.zeros(2, 3, 8, device=DEVICE), torch.zeros(2, 3, 8, device=DEVICE))
+    with torch.enable_grad():
+        why = impl.not_supported_reasons(inputs)
+    return "; ".join(why) or None
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_rcar_sparse_loss_with_dropout_selects_on_the_fused_kernel_like_the_reference(backend):
+    """RAR's dropout on (the official p = 0.4): the selection pass runs the head in eval mode
+    (no random draws) on the fused forward, the pairs draw their masks on the reference in
+    both runs, so the curves agree to rounding."""
+    reason = dispatch.rejection("rcar", backend, torch.device(DEVICE), torch.float32)
+    if reason is not None:
+        pytest.skip(f"{backend} cannot run rcar on {DEVICE} float32 here: {reason}")
+    size = dict(TINY) if not ON_GPU else dict(GPU_SIZE)
+    steps = 3 if backend == "triton" and not ON_GPU else 10
+    common = dict(size, model="rcar", steps=steps, dtype="float32", device=DEVICE,
+                  head_dropout=None, loss="sparse", pair_backend="reference")
+    fused = train(TrainConfig(**common, backend=backend))
+    reference_run = train(TrainConfig(**common, backend="reference"))
+    assert fused.backends == {"selection": backend, "pairs": "reference"}
+    assert_close(np.array(fused.losses), np.array(reference_run.losses), F32_CONVERGENCE_CURVE)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_rcar_pairs_on_a_fused_backward_train_like_the_reference(backend):
+    """The <= 3B pairs rescored with autograd on a fused pair backend (the C++ CPU RCAR
+    backward once it lands): the same curve as the reference pair recompute."""
+    reason = _usable_for_training("rcar_pairs", backend, dropout=0.0)
+    if reason is not None:
+        pytest.skip(f"no fused RCAR pair backward on {backend} here: {reason}")
+    size = dict(TINY) if not ON_GPU else dict(GPU_SIZE)
+    common = dict(size, model="rcar", steps=10, dtype="float32", device=DEVICE, loss="sparse",
+                  head_dropout=0.0, backend="reference")
+    fused = train(TrainConfig(**common, pair_backend=backend))
+    assert fused.backends["pairs"] == backend
+    reference_curve = curve(**common, pair_backend="reference")
+    assert_close(np.array(fused.losses), reference_curve, F32_CONVERGENCE_CURVE)
+
+
+def test_rcar_sparse_training_under_auto_runs_the_fused_forward_and_a_pair_backward():
+    """What auto chooses for a training RCAR head with the sparse loss: the first fused
+    forward that takes the inputs for the selection, a pair backend with a backward (and
+    dropout) for the recompute; and the loss falls."""
+    result = train(TrainConfig(**{**TINY, "model": "rcar", "steps": 12, "train_images": 6,
+                                  "lr": 1e-2, "head_dropout": None, "device": DEVICE}))
+    order = dispatch.auto_order("rcar", DEVICE)
+    expected = next(be for be in order
+                    if dispatch.rejection("rcar", be, torch.device(DEVICE), torch.float32) is None)
+    assert result.backends["selection"] == expected
+    pair_impl = dispatch.implementation("rcar_pairs", result.backends["pairs"])
+    assert pair_impl.has_backward and pair_impl.implements_dropout
+    losses = np.array(result.losses)
+    assert np.isfinite(losses).all() and losses[-4:].mean() < losses[:4].mean(), losses
+
+
+def test_trainer_refuses_a_pair_backend_that_cannot_train_in_one_line(capsys):
+    from rcar_fast.train import run_or_complain
+
+    if _usable_for_training("rcar_pairs", "cpu") is None:
+        # It trains: refuse it on a dtype the C++ kernels do not take instead.
+        cfg = TrainConfig(**{**TINY, "model": "rcar", "steps": 1, "pair_backend": "cpu",
+                             "dtype": "float16"})
+        expected = "float32 or float64"
+    else:
+        cfg = TrainConfig(**{**TINY, "model": "rcar", "steps": 1, "head_dropout": None,
+                             "pair_backend": "cpu"})
+        expected = "backward pass is needed"
+    assert run_or_complain(cfg, prog="train") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train: error: backend 'cpu' cannot run rcar_pairs") and "\n" not in err
+    assert expected in err

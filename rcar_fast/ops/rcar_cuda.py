@@ -7,6 +7,11 @@ float32, weights are passed as float32 (in, out) matrices through a device table
 whose order is fixed in csrc/cuda/kernels.h (`weight_tensors` below builds it).
 
 The result carries no gradient: dispatch refuses it for a training step and for active dropout.
+
+Not in backend="auto"'s order (RcarCuda.not_in_auto, shown by rcar_fast.backends() and in
+dispatch's errors): every FLOP is a CUDA-core FP32 FMA (the compiled kernel has no tensor-core
+instruction) and a block scores one pair at a time, an estimated ~5 minutes for COCO 5K t2i
+against 15-30 s for the Triton kernel (issue 15). backend="cuda" still runs it.
 """
 from __future__ import annotations
 
@@ -102,6 +107,8 @@ class RcarCuda(Backend):
     dtypes = {"cuda": SUPPORTED_DTYPES}
     has_backward = False
     implements_dropout = False
+    not_in_auto = ("plain FP32 FMA, no tensor cores, one pair per block: ~5 min estimated for "
+                   "COCO 5K t2i, the Triton RCAR kernel is the faster GPU path")
 
     @staticmethod
     def fn(head, img, cap, lens):
