@@ -51,6 +51,7 @@ from . import gram as _gram
 # order, and the host-side owner groups, tile shapes and autotune mode.
 from .tile import (AUTOTUNE_MODES, AUTOTUNE_VARIABLE, MIN_DOT, OwnerGroup,  # noqa: F401
                    autotune_mode, caption_groups, interpreter_on)
+from .tile import add_rows as _add_rows
 from .tile import named as _named
 from .tile import pow2_at_least as _pow2_at_least
 from .tile import quick as _quick
@@ -263,6 +264,33 @@ def _masks(x_len, y_len, C_PAD: tl.constexpr, Q_PAD: tl.constexpr):
 # =============================================================================================
 
 @triton.jit
+def _tile_backward(x_ptr, x_rows, x_ok, sx2, x_ids, x_len, x_real,
+                   y_ptr, y_rows, y_ok, sy2, y_ids, y_len, y_real,
+                   G2, qn3, dsim_ptr, ds_x, ds_y, D, lam, lse_lam,
+                   RAW_NORM: tl.constexpr, AGG: tl.constexpr,
+                   C_PAD: tl.constexpr, Q_PAD: tl.constexpr, ACC: tl.constexpr,
+                   MAIN_PREC: tl.constexpr, EPI_PREC: tl.constexpr,
+                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    """One (BI x BJ owners) tile of both backward kernels: scores and epilogue recomputed,
+    then the epilogue's backward from the tile's upstream gradients. Returns dS4 (the score
+    gradient), dn2 (of the attended-vector squared norms), dqn (of the query norms) and the
+    attention alpha4 (the Gram term needs it)."""
+    S = _scores(x_ptr, x_rows, x_ok, sx2, y_ptr, y_rows, y_ok, sy2, D,
+                BI * C_PAD, BJ * Q_PAD, BK, ACC, MAIN_PREC)
+    cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
+    (sim, S4, u4, nrm, a4, alpha4, GA4, dot3, nc3, prod, den, r3, rm, rmax,
+     wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, D > 0,
+                           RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)
+    pair_real = x_real[:, None] & y_real[None, :]
+    g = tl.load(dsim_ptr + x_ids[:, None] * ds_x + y_ids[None, :] * ds_y,
+                mask=pair_real, other=0.0).to(ACC)
+    dS4, dn2, dqn = _backward_tile(g, pair_real, S4, u4, nrm, a4, alpha4, GA4, nc3, qn3,
+                                   prod, den, r3, rm, rmax, wsum, cv4, qv4, qv3, y_len,
+                                   lam, lse_lam, RAW_NORM, AGG)
+    return dS4, dn2, dqn, alpha4
+
+
+@triton.jit
 def _scan_fwd_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
                      y_ptr, sy0, sy1, sy2, y_ids_ptr, y_lens_ptr, n_y,
                      g_ptr, gs0, gs1, qn_ptr, qs0, out_ptr, os_x, os_y, D, lam, lse_lam,
@@ -307,35 +335,18 @@ def _scan_bwd_x_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
     for y_start in range(0, n_y, BJ):
         y_ids, y_len, y_real = _owners(y_ids_ptr, y_lens_ptr, y_start, n_y, BJ)
         y_rows, y_ok = _rows(y_ids_ptr, y_lens_ptr, y_start, n_y, sy0, sy1, BJ, Q_PAD)
-        S = _scores(x_ptr, x_rows, x_ok, sx2, y_ptr, y_rows, y_ok, sy2, D,
-                    BI * C_PAD, BJ * Q_PAD, BK, ACC, MAIN_PREC)
-        cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
         qn3 = _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD)[None, :, :]
-        (sim, S4, u4, nrm, a4, alpha4, GA4, dot3, nc3, prod, den, r3, rm, rmax,
-         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, D > 0,
-                               RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)
-        pair_real = x_real[:, None] & y_real[None, :]
-        g = tl.load(dsim_ptr + x_ids[:, None] * ds_x + y_ids[None, :] * ds_y,
-                    mask=pair_real, other=0.0).to(ACC)
-        dS4, dn2, dqn = _backward_tile(g, pair_real, S4, u4, nrm, a4, alpha4, GA4, nc3, qn3,
-                                       prod, den, r3, rm, rmax, wsum, cv4, qv4, qv3, y_len,
-                                       lam, lse_lam, RAW_NORM, AGG)
+        dS4, dn2, dqn, alpha4 = _tile_backward(
+            x_ptr, x_rows, x_ok, sx2, x_ids, x_len, x_real, y_ptr, y_rows, y_ok, sy2, y_ids,
+            y_len, y_real, G2, qn3, dsim_ptr, ds_x, ds_y, D, lam, lse_lam, RAW_NORM, AGG,
+            C_PAD, Q_PAD, ACC, MAIN_PREC, EPI_PREC, BI, BJ, BK)
         # Gram term, summed over the queries of every pair: dG = sum_k dn2_k alpha_k alpha_k^T
         alpha2 = tl.reshape(alpha4, (BI * C_PAD, BJ * Q_PAD))
         weighted = tl.reshape(alpha4 * dn2[:, None, :, :], (BI * C_PAD, BJ * Q_PAD))
         dgram += tl.dot(weighted, tl.trans(alpha2), input_precision=EPI_PREC)
         # dX += dS @ Y, in d-chunks; this program owns its rows (store first, then add).
-        dS = tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD))
-        for d0 in range(0, D, BD):
-            dd = d0 + tl.arange(0, BD)
-            din = dd < D
-            yc = tl.load(y_ptr + y_rows[:, None] + dd[None, :] * sy2,
-                         mask=y_ok[:, None] & din[None, :], other=0.0).to(ACC)
-            part = tl.dot(dS, yc, input_precision=EPI_PREC)
-            ptrs = dx_ptr + dx_rows[:, None] + dd[None, :]
-            out_mask = x_ok[:, None] & din[None, :]
-            prev = tl.load(ptrs, mask=out_mask & (y_start > 0), other=0.0)
-            tl.store(ptrs, prev + part, mask=out_mask)
+        _add_rows(dx_ptr, dx_rows, x_ok, y_ptr, y_rows, y_ok, sy2,
+                  tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD)), D, y_start > 0, BD, EPI_PREC, ACC)
         tl.debug_barrier()  # the next iteration's threads read what this one wrote
     # dX_c += 2 sum_c' dG[c, c'] x_c'  (dG is symmetric), within each owner's block
     r = tl.arange(0, BI * C_PAD)
@@ -372,32 +383,16 @@ def _scan_bwd_y_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
     for x_start in range(0, n_x, BI):
         x_ids, x_len, x_real = _owners(x_ids_ptr, x_lens_ptr, x_start, n_x, BI)
         x_rows, x_ok = _rows(x_ids_ptr, x_lens_ptr, x_start, n_x, sx0, sx1, BI, C_PAD)
-        S = _scores(x_ptr, x_rows, x_ok, sx2, y_ptr, y_rows, y_ok, sy2, D,
-                    BI * C_PAD, BJ * Q_PAD, BK, ACC, MAIN_PREC)
-        cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
         G2 = _load_gram(g_ptr, gs0, gs1, x_ids_ptr, x_lens_ptr, x_start, n_x, BI, C_PAD)
-        (sim, S4, u4, nrm, a4, alpha4, GA4, dot3, nc3, prod, den, r3, rm, rmax,
-         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, D > 0,
-                               RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)
-        pair_real = x_real[:, None] & y_real[None, :]
-        g = tl.load(dsim_ptr + x_ids[:, None] * ds_x + y_ids[None, :] * ds_y,
-                    mask=pair_real, other=0.0).to(ACC)
-        dS4, dn2, dqn = _backward_tile(g, pair_real, S4, u4, nrm, a4, alpha4, GA4, nc3, qn3,
-                                       prod, den, r3, rm, rmax, wsum, cv4, qv4, qv3, y_len,
-                                       lam, lse_lam, RAW_NORM, AGG)
+        dS4, dn2, dqn, alpha4 = _tile_backward(
+            x_ptr, x_rows, x_ok, sx2, x_ids, x_len, x_real, y_ptr, y_rows, y_ok, sy2, y_ids,
+            y_len, y_real, G2, qn3, dsim_ptr, ds_x, ds_y, D, lam, lse_lam, RAW_NORM, AGG,
+            C_PAD, Q_PAD, ACC, MAIN_PREC, EPI_PREC, BI, BJ, BK)
         dqn_total += tl.sum(dqn, axis=0)
         # dY += dS^T @ X, in d-chunks; this program owns its rows (store first, then add).
-        dSt = tl.trans(tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD)))
-        for d0 in range(0, D, BD):
-            dd = d0 + tl.arange(0, BD)
-            din = dd < D
-            xc = tl.load(x_ptr + x_rows[:, None] + dd[None, :] * sx2,
-                         mask=x_ok[:, None] & din[None, :], other=0.0).to(ACC)
-            part = tl.dot(dSt, xc, input_precision=EPI_PREC)
-            ptrs = dy_ptr + dy_rows[:, None] + dd[None, :]
-            out_mask = y_ok[:, None] & din[None, :]
-            prev = tl.load(ptrs, mask=out_mask & (x_start > 0), other=0.0)
-            tl.store(ptrs, prev + part, mask=out_mask)
+        _add_rows(dy_ptr, dy_rows, y_ok, x_ptr, x_rows, x_ok, sx2,
+                  tl.trans(tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD))), D, x_start > 0, BD,
+                  EPI_PREC, ACC)
         tl.debug_barrier()  # the next iteration's threads read what this one wrote
     # Query norms: d|y_k| / dy_k = y_k / |y_k|.
     scale = tl.reshape(tl.where(qn2 > 0, dqn_total / tl.where(qn2 > 0, qn2, 1.0), 0.0), (BJ * Q_PAD,))

@@ -7,7 +7,8 @@ which a head reshapes to (BI, C_PAD, BJ, Q_PAD) and reduces per pair in register
 are masked at load time: they are never read (NaN there is harmless) and score 0, which every
 head must still mask out of its reductions.
 
-Device side (inlined into the kernels): `tile_owners`, `tile_rows`, `score_tile`, `tile_start`.
+Device side (inlined into the kernels): `tile_owners`, `tile_rows`, `score_tile`, `add_rows`
+(the backward's d-chunked row updates), `tile_start`.
 Host side: owner groups (owners bucketed by their power-of-two padding, one launch per bucket),
 the tile shapes a budget allows, and the autotune mode (RCAR_FAST_AUTOTUNE).
 """
@@ -71,6 +72,24 @@ def score_tile(x_ptr, x_rows, x_ok, sxd, y_ptr, y_rows, y_ok, syd, D,
                     mask=y_ok[:, None] & kin[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=MAIN_PREC)
     return acc
+
+
+@triton.jit
+def add_rows(dst_ptr, dst_rows, dst_ok, src_ptr, src_rows, src_ok, sd, coef, D, accumulate,
+             BD: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """dst[rows] (+)= coef @ src[rows] over d in chunks of BD, coef (dst rows, src rows) in ACC;
+    stores (first iteration) or, if `accumulate`, read-modify-writes the rows this program
+    owns."""
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        din = dd < D
+        chunk = tl.load(src_ptr + src_rows[:, None] + dd[None, :] * sd,
+                        mask=src_ok[:, None] & din[None, :], other=0.0).to(ACC)
+        part = tl.dot(coef, chunk, input_precision=PREC)
+        ptrs = dst_ptr + dst_rows[:, None] + dd[None, :]
+        out_mask = dst_ok[:, None] & din[None, :]
+        prev = tl.load(ptrs, mask=out_mask & accumulate, other=0.0)
+        tl.store(ptrs, prev + part, mask=out_mask)
 
 
 @triton.jit
