@@ -210,5 +210,20 @@ class Backend:
                            for dev, dts in cls.dtypes.items()} or "any"}
 
 
+class TritonBackend(Backend):
+    """What the Triton SCAN and head backends share: fp32/fp16/bf16 on CUDA; under triton's
+    CPU interpreter (tests) fp32/fp16 and float64 (for gradcheck), but not bfloat16."""
+    backend = "triton"
+    dtypes = {"cuda": (torch.float32, torch.float16, torch.bfloat16),
+              "cpu": (torch.float32, torch.float16, torch.float64)}
+
+    @classmethod
+    def dtype_reason(cls, device_type, dtype):
+        if device_type == "cpu" and dtype == torch.bfloat16:
+            return ("bfloat16 is not supported under triton's CPU interpreter (its bf16 tl.dot "
+                    "is wrong); use float32/float16 on CPU, or a CUDA GPU")
+        return super().dtype_reason(device_type, dtype)
+
+
 def output_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
