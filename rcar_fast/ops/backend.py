@@ -210,6 +210,22 @@ class Backend:
                            for dev, dts in cls.dtypes.items()} or "any"}
 
 
+class CpuKernelBackend(Backend):
+    """What the C++ CPU backends share: CPU tensors in float32 or float64 (the kernels'
+    compute types), refused otherwise with what to do instead."""
+    backend, kernel = "cpu", "the C++ CPU kernels"
+    dtypes = {"cpu": (torch.float32, torch.float64)}
+
+    @classmethod
+    def dtype_reason(cls, device_type, dtype):
+        if device_type != "cpu":
+            return f"{cls.kernel} take CPU tensors, got {device_type} tensors"
+        if dtype not in cls.dtypes["cpu"]:
+            return (f"{cls.kernel} compute in float32 or float64, got {dtype} "
+                    "(cast the inputs, or use backend='reference')")
+        return None
+
+
 class TritonBackend(Backend):
     """What the Triton SCAN and head backends share: fp32/fp16/bf16 on CUDA; under triton's
     CPU interpreter (tests) fp32/fp16 and float64 (for gradcheck), but not bfloat16."""
