@@ -119,6 +119,14 @@ class Inputs:
             return None
         return int(self.lens.max())
 
+    def tile_extent(self) -> Optional[tuple]:
+        """(regions, longest caption) a kernel's tile must hold, the padded length Lmax
+        standing in when lens is not read; None when the shapes are not known."""
+        if self.img_shape is None or self.cap_shape is None:
+            return None
+        longest = self.longest_caption()
+        return self.img_shape[1], self.cap_shape[1] if longest is None else longest
+
     @classmethod
     def of_scan(cls, img: torch.Tensor, cap: torch.Tensor, direction: str,
                 lens: Optional[torch.Tensor] = None) -> "Inputs":

@@ -211,13 +211,12 @@ class MaxSimCuda(Backend):
     def extra_reasons(cls, inputs: Inputs) -> list:
         # The tile must hold R regions and the longest caption (Lmax when lens is not read);
         # the launch check (maxsim_problem_error, the kernels' own limits) judges the rest.
-        if inputs.img_shape is None or inputs.cap_shape is None:
+        extent = inputs.tile_extent()
+        if extent is None:
             return []
-        longest = inputs.longest_caption()
-        longest = inputs.cap_shape[1] if longest is None else longest
-        reason = tile_shape_rejection(inputs.img_shape[1], longest)
+        reason = tile_shape_rejection(*extent)
         if reason is None:
-            reason = native().maxsim_problem_error(shape_problem(inputs, longest))
+            reason = native().maxsim_problem_error(shape_problem(inputs, extent[1]))
             reason = reason and f"the CUDA maxsim kernels: {reason}"
         return [reason] if reason else []
 

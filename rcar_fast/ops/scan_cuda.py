@@ -378,11 +378,10 @@ class ScanCuda(Backend):
     def extra_reasons(cls, inputs: Inputs) -> list:
         # The tile must hold R regions and the longest caption; when the wrapper did not read
         # the lengths, the padded length Lmax bounds it.
-        if inputs.img_shape is None or inputs.cap_shape is None:
+        extent = inputs.tile_extent()
+        if extent is None:
             return []
-        longest = inputs.longest_caption()
-        longest = inputs.cap_shape[1] if longest is None else longest
-        reason = tile_shape_rejection(inputs.img_shape[1], longest)
+        reason = tile_shape_rejection(*extent)
         return [reason] if reason else []
 
     @staticmethod
