@@ -118,19 +118,9 @@ for case, (direction, dtype, raw_norm, agg, lens, names, hot) in enumerate(cases
     if set(names) - {"fwd"}:
         kernels.scan_backward(problem, torch.ones(problem.n_img, problem.n_cap), True, True)
     for name in names:
-        rec = recorders[name]
-        assert rec.launches, f"{name} was not launched"
-        for nargs, kwargs in rec.launches:
-            for config in rec.configs(nargs, kwargs):
-                launches.append((rec.jit_fn, {**nargs, **kwargs}, config))
-                owners.append(dict(case=case, kernel=name, C_PAD=kwargs["C_PAD"],
-                                   Q_PAD=kwargs["Q_PAD"], config=str(config),
-                                   hot=name in hot))
-builds = sm90.compile_many(launches)
-results = [[] for _ in cases]
-for owner, build in zip(owners, builds):
-    results[owner["case"]].append(dict(owner, **build))
-sm90.emit(results)
+        sm90.add_recorded(recorders[name], launches, owners, ("C_PAD", "Q_PAD"), case=case, kernel=name,
+                          hot=name in hot)
+sm90.emit_by_case(launches, owners, len(cases))
 """
 
 _SCAN_KEYS = ("kernel", "C_PAD", "Q_PAD", "config")
@@ -353,18 +343,9 @@ for case, (direction, dtype, pool, leaky, regions, lens, d, names, hot) in enume
         kernels.maxsim_pairs_forward(pairs)
         kernels.maxsim_pairs_backward(pairs, torch.ones(len(img_idx)), True, True)
     for name in names:
-        rec = recorders[name]
-        assert rec.launches, f"{name} was not launched"
-        for nargs, kwargs in rec.launches:
-            for config in rec.configs(nargs, kwargs):
-                launches.append((rec.jit_fn, {**nargs, **kwargs}, config))
-                owners.append(dict(case=case, kernel=name, R_PAD=kwargs["R_PAD"],
-                                   L_PAD=kwargs["L_PAD"], config=str(config), hot=name in hot))
-builds = sm90.compile_many(launches)
-results = [[] for _ in cases]
-for owner, build in zip(owners, builds):
-    results[owner["case"]].append(dict(owner, **build))
-sm90.emit(results)
+        sm90.add_recorded(recorders[name], launches, owners, ("R_PAD", "L_PAD"), case=case, kernel=name,
+                          hot=name in hot)
+sm90.emit_by_case(launches, owners, len(cases))
 """
 
 _MAXSIM_KEYS = ("kernel", "R_PAD", "L_PAD", "config")
