@@ -348,19 +348,11 @@ def _scan_bwd_x_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
         _add_rows(dx_ptr, dx_rows, x_ok, y_ptr, y_rows, y_ok, sy2,
                   tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD)), D, y_start > 0, BD, EPI_PREC, ACC)
         tl.debug_barrier()  # the next iteration's threads read what this one wrote
-    # dX_c += 2 sum_c' dG[c, c'] x_c'  (dG is symmetric), within each owner's block
+    # dX_c += 2 sum_c' dG[c, c'] x_c'  (dG is symmetric), within each owner's block; the 2
+    # scales dG exactly (a power of two), as it did the product
     r = tl.arange(0, BI * C_PAD)
-    dgram = tl.where((r // C_PAD)[:, None] == (r // C_PAD)[None, :], dgram, 0.0)
-    for d0 in range(0, D, BD):
-        dd = d0 + tl.arange(0, BD)
-        din = dd < D
-        xc = tl.load(x_ptr + x_rows[:, None] + dd[None, :] * sx2,
-                     mask=x_ok[:, None] & din[None, :], other=0.0).to(ACC)
-        part = tl.dot(dgram, xc, input_precision=EPI_PREC)
-        ptrs = dx_ptr + dx_rows[:, None] + dd[None, :]
-        out_mask = x_ok[:, None] & din[None, :]
-        prev = tl.load(ptrs, mask=out_mask, other=0.0)
-        tl.store(ptrs, prev + 2.0 * part, mask=out_mask)
+    dgram = tl.where((r // C_PAD)[:, None] == (r // C_PAD)[None, :], 2.0 * dgram, 0.0)
+    _add_rows(dx_ptr, dx_rows, x_ok, x_ptr, x_rows, x_ok, sx2, dgram, D, True, BD, EPI_PREC, ACC)
 
 
 @triton.jit
