@@ -51,6 +51,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=_NO_INTERPRETER))
 
 
+def assert_interpreter_dispatch(op: str) -> None:
+    """Under triton's interpreter: `op` on backend='triton' takes CPU float32, refuses
+    bfloat16 naming the interpreter, and auto never picks triton for CPU tensors (the
+    interpreter is for tests)."""
+    from rcar_fast import dispatch
+
+    cpu = torch.device("cpu")
+    assert dispatch.rejection(op, "triton", cpu, torch.float32) is None
+    reason = dispatch.rejection(op, "triton", cpu, torch.bfloat16)
+    assert reason is not None and "interpreter" in reason
+    assert dispatch.choose(op, "auto", cpu, torch.float32).backend != "triton"
+
+
 _DEADLINE = float(os.environ.get("RCAR_FAST_TEST_DEADLINE") or "inf")
 
 
