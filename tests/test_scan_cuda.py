@@ -26,6 +26,13 @@ SMOOTH = {direction: s["smooth"] for direction, s in SCAN_PUBLISHED["f30k"].item
 LSE_LAMBDA = {direction: s["lse_lambda"] for direction, s in SCAN_PUBLISHED["f30k"].items()}
 
 
+def _every_option(test):
+    """Parametrizes `test` over the kernels' whole option grid: direction x raw_norm x agg."""
+    for name, values in (("agg", AGGREGATIONS), ("raw_norm", RAW_NORMS), ("direction", DIRECTIONS)):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
 def _options(direction, raw_norm="clipped_l2norm", agg="mean"):
     return scan_cuda.Options(direction, raw_norm, SMOOTH[direction], agg, LSE_LAMBDA[direction])
 
@@ -226,9 +233,7 @@ def _manual_pair_backward(scores, gram, q_sq, options, upstream):
     return d_s, alpha, 2 * d_sq[:, None] * alpha, d_qn
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("raw_norm", RAW_NORMS)
-@pytest.mark.parametrize("agg", AGGREGATIONS)
+@_every_option
 def test_hand_derived_pair_backward_matches_autograd(direction, raw_norm, agg):
     options = _options(direction, raw_norm, agg)
     C, Q, d = (7, 5, 12) if direction == "t2i" else (5, 7, 12)
@@ -323,9 +328,7 @@ def _random_lens(n_cap, max_len, min_len=1):
 
 
 @requires_gpu
-@pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("raw_norm", RAW_NORMS)
-@pytest.mark.parametrize("agg", AGGREGATIONS)
+@_every_option
 def test_forward_every_option_fp32(direction, raw_norm, agg):
     img, cap, lens = _inputs(5, 7, 11, 40, _random_lens(7, 9), device="cuda", lmax=10)
     kw = _kwargs(direction, raw_norm, agg)
@@ -400,9 +403,7 @@ def _grads(backend, img, cap, lens, grad_sims, **kw):
 
 
 @requires_gpu
-@pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("raw_norm", RAW_NORMS)
-@pytest.mark.parametrize("agg", AGGREGATIONS)
+@_every_option
 def test_backward_every_option_fp32(direction, raw_norm, agg):
     img, cap, lens = _inputs(4, 6, 9, 24, _random_lens(6, 7), device="cuda", lmax=8)
     grad_sims = torch.randn(4, 6, device="cuda")
