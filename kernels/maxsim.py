@@ -42,9 +42,9 @@ import triton.language as tl
 
 from rcar_fast import contract
 
-from .tile import (MIN_DOT, OwnerGroup, add_rows, autotune_mode, caption_groups, interpreter_on,
-                   named, pow2_at_least, quick, score_tile, smallest_shape, tile_owners, tile_rows,
-                   tile_shapes, tile_start)
+from .tile import (MIN_DOT, OWNER_SHAPES, OwnerGroup, add_rows, autotune_mode, caption_groups,
+                   config_area, interpreter_on, named, pow2_at_least, precision_kind, quick,
+                   score_tile, smallest_shape, tile_owners, tile_rows, tile_shapes, tile_start)
 
 _SLOPE = tl.constexpr(contract.LEAKY_SLOPE)
 _T2I = tl.constexpr(contract.HEAD_DIRECTION_CODES["t2i"])
@@ -416,20 +416,12 @@ _LIMITS = {
 _FP32_BK = 16
 
 
-def _precision_kind(args: dict) -> str:
-    return "low" if args["img_ptr"].dtype in (torch.float16, torch.bfloat16) else "fp32"
-
-
-def _area(r_pad, l_pad):
-    return lambda c: c.kwargs["BI"] * r_pad * c.kwargs["BJ"] * l_pad
-
-
 def _prune(kernel: str):
     """The early_config_prune of one kernel ("fwd", "bwd_img", "bwd_cap"): the configs whose
     tile fits its budget and dtype's d-chunk; the smallest tile when none does."""
     def prune(configs, named_args, **kwargs):
         a = named(named_args, kwargs)
-        r_pad, l_pad, kind = a["R_PAD"], a["L_PAD"], _precision_kind(a)
+        r_pad, l_pad, kind = a["R_PAD"], a["L_PAD"], precision_kind(a["img_ptr"])
         keep = tile_shapes(r_pad, l_pad, **_LIMITS[(kernel, kind)])
         bk = _FP32_BK if kind == "fp32" else 64
         out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep
@@ -438,19 +430,18 @@ def _prune(kernel: str):
             bi, bj = smallest_shape(r_pad, l_pad)
             extra = dict(GROUP=8) if kernel == "fwd" else dict(BD=64 if kind == "low" else 16)
             out = [triton.Config(dict(BI=bi, BJ=bj, BK=bk, **extra), num_warps=8, num_stages=2)]
-        return quick(out, _area(r_pad, l_pad))
+        return quick(out, config_area(r_pad, l_pad))
     return prune
 
 
-_SHAPES = [(bi, bj) for bi in (1, 2, 4, 8, 16) for bj in (1, 2, 4, 8, 16, 32)]
 _FWD_CONFIGS = ([triton.Config(dict(BI=bi, BJ=bj, BK=64, GROUP=8), num_warps=8, num_stages=3)
-                 for bi, bj in _SHAPES]
+                 for bi, bj in OWNER_SHAPES]
                 + [triton.Config(dict(BI=bi, BJ=bj, BK=_FP32_BK, GROUP=8), num_warps=8,
-                                 num_stages=2) for bi, bj in _SHAPES])
+                                 num_stages=2) for bi, bj in OWNER_SHAPES])
 _BWD_CONFIGS = ([triton.Config(dict(BI=bi, BJ=bj, BK=64, BD=64), num_warps=8, num_stages=2)
-                 for bi, bj in _SHAPES]
+                 for bi, bj in OWNER_SHAPES]
                 + [triton.Config(dict(BI=bi, BJ=bj, BK=_FP32_BK, BD=32), num_warps=8,
-                                 num_stages=2) for bi, bj in _SHAPES])
+                                 num_stages=2) for bi, bj in OWNER_SHAPES])
 _KEY = ["R_PAD", "L_PAD", "D", "DIRECTION", "POOL", "LEAKY"]
 
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={

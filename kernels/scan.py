@@ -51,9 +51,12 @@ from . import gram as _gram
 # order, and the host-side owner groups, tile shapes and autotune mode.
 from .tile import (AUTOTUNE_MODES, AUTOTUNE_VARIABLE, MIN_DOT, OwnerGroup,  # noqa: F401
                    autotune_mode, caption_groups, interpreter_on)
+from .tile import OWNER_SHAPES as _OWNER_SHAPES
 from .tile import add_rows as _add_rows
+from .tile import config_area as _config_area
 from .tile import named as _named
 from .tile import pow2_at_least as _pow2_at_least
+from .tile import precision_kind as _precision_kind
 from .tile import quick as _quick
 from .tile import score_tile as _scores
 from .tile import smallest_shape as _smallest_shape
@@ -429,12 +432,6 @@ _LIMITS = {
 _FP32_BK = 16
 
 
-def _precision_kind(named: dict) -> str:
-    """'fp32' for the IEEE fp32 (FMA) path (fp32 inputs; fp64 under the interpreter), 'low'
-    for fp16/bf16 inputs on tensor cores."""
-    return "low" if named["x_ptr"].dtype in (torch.float16, torch.bfloat16) else "fp32"
-
-
 def _fwd_warp_options(area: int):
     # A program is one CTA per SM either way: 8 warps at up to ~205 registers/thread use
     # 256 x 205 = 52K of an SM's 64K registers, 16 warps at ~70-110 use 36-56K, which leaves
@@ -454,13 +451,10 @@ def _interpreter_shape(c_pad: int, q_pad: int):
 def _prune_fwd(configs, named_args, **kwargs):
     a = _named(named_args, kwargs)
     c_pad, q_pad = a["C_PAD"], a["Q_PAD"]
-    kind = _precision_kind(a)
+    kind = _precision_kind(a["x_ptr"])
     keep = _tile_shapes(c_pad, q_pad, **_LIMITS[("fwd", kind)])
     bk = _FP32_BK if kind == "fp32" else 64
-
-    def area(c):
-        return c.kwargs["BI"] * c_pad * c.kwargs["BJ"] * q_pad
-
+    area = _config_area(c_pad, q_pad)
     out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep and c.kwargs["BK"] == bk
            and (kind == "fp32" or c.num_warps in _fwd_warp_options(area(c)))]
     if not out:  # paddings beyond the budget: the smallest tile
@@ -481,11 +475,8 @@ _SMALLEST_BWD = dict(BK=64, BD=32, num_warps=8, num_stages=1)
 def _prune_bwd(configs, named_args, **kwargs):
     a = _named(named_args, kwargs)
     c_pad, q_pad = a["C_PAD"], a["Q_PAD"]
-    keep = _tile_shapes(c_pad, q_pad, **_LIMITS[("bwd", _precision_kind(a))])
-
-    def area(c):
-        return c.kwargs["BI"] * c_pad * c.kwargs["BJ"] * q_pad
-
+    keep = _tile_shapes(c_pad, q_pad, **_LIMITS[("bwd", _precision_kind(a["x_ptr"]))])
+    area = _config_area(c_pad, q_pad)
     out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep]
     if not out:
         bi, bj = _smallest_shape(c_pad, q_pad)
@@ -494,15 +485,14 @@ def _prune_bwd(configs, named_args, **kwargs):
     return _quick(out, area)
 
 
-_SHAPES = [(bi, bj) for bi in (1, 2, 4, 8, 16) for bj in (1, 2, 4, 8, 16, 32)]
 # A small list per problem after pruning: up to ~6 tile shapes (8 configs) forward, ~3-5
 # shapes x 2 d-chunks backward. fp32 forward configs have the small d-chunk.
 _FWD_CONFIGS = ([triton.Config(dict(BI=bi, BJ=bj, BK=64, GROUP=8), num_warps=w, num_stages=3)
-                 for bi, bj in _SHAPES for w in (8, 16)]
+                 for bi, bj in _OWNER_SHAPES for w in (8, 16)]
                 + [triton.Config(dict(BI=bi, BJ=bj, BK=_FP32_BK, GROUP=8), num_warps=8,
-                                 num_stages=2) for bi, bj in _SHAPES])
+                                 num_stages=2) for bi, bj in _OWNER_SHAPES])
 _BWD_CONFIGS = [triton.Config(dict(BI=bi, BJ=bj, BK=64, BD=bd), num_warps=8, num_stages=2)
-                for bi, bj in _SHAPES for bd in (32, 64)]
+                for bi, bj in _OWNER_SHAPES for bd in (32, 64)]
 _KEY = ["C_PAD", "Q_PAD", "D", "RAW_NORM", "AGG"]
 
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(_scan_fwd_kernel)

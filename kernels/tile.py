@@ -154,6 +154,22 @@ def smallest_shape(c_pad: int, q_pad: int):
     return max(1, MIN_DOT // c_pad), max(1, MIN_DOT // q_pad)
 
 
+# The (BI, BJ) owners per tile that the autotune config lists start from (the prunes keep
+# those whose tile fits the kernel's budget).
+OWNER_SHAPES = [(bi, bj) for bi in (1, 2, 4, 8, 16) for bj in (1, 2, 4, 8, 16, 32)]
+
+
+def precision_kind(x: torch.Tensor) -> str:
+    """'low' for fp16/bf16 inputs (tensor-core dots), 'fp32' for the IEEE fp32 (FMA) path
+    (fp32 inputs; fp64 under the interpreter): the budgets' two kinds."""
+    return "low" if x.dtype in (torch.float16, torch.bfloat16) else "fp32"
+
+
+def config_area(x_pad: int, y_pad: int):
+    """A config's tile area (BI*x_pad rows x BJ*y_pad columns), as a function of the config."""
+    return lambda c: c.kwargs["BI"] * x_pad * c.kwargs["BJ"] * y_pad
+
+
 def named(args, kwargs):
     """An autotune prune's named arguments and constexprs as one dict."""
     merged = dict(args)
