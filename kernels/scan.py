@@ -262,10 +262,6 @@ def _masks(x_len, y_len, C_PAD: tl.constexpr, Q_PAD: tl.constexpr):
     return cv2[:, :, None, None], qv2[None, None, :, :], qv2[None, :, :]
 
 
-# =============================================================================================
-# Kernels
-# =============================================================================================
-
 @triton.jit
 def _tile_backward(x_ptr, x_rows, x_ok, sx2, x_ids, x_len, x_real,
                    y_ptr, y_rows, y_ok, sy2, y_ids, y_len, y_real,
@@ -292,6 +288,10 @@ def _tile_backward(x_ptr, x_rows, x_ok, sx2, x_ids, x_len, x_real,
                                    lam, lse_lam, RAW_NORM, AGG)
     return dS4, dn2, dqn, alpha4
 
+
+# =============================================================================================
+# Kernels
+# =============================================================================================
 
 @triton.jit
 def _scan_fwd_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
