@@ -72,22 +72,10 @@ PEERS = {
 OUR_BACKENDS = ("cpu", "triton", "cuda")
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """One shape. Heads: images (n_img, regions, d) x captions (n_cap, lengths, d). MaxSim:
-    documents = images (n_img, regions = Ld), queries = captions (n_cap, Lq = mean_len)."""
-    n_img: int
-    n_cap: int
-    regions: int
-    mean_len: int
-    d: int
-    dtype: torch.dtype
-    sweep: str
-    lengths: str                 # caption / query lengths: "coco", "uniform" or "fixed"
-
-    @property
-    def pairs(self) -> int:
-        return self.n_img * self.n_cap
+# One shape: the suite's (bench.cases.Shape). Heads: images (n_img, regions, d) x captions
+# (n_cap, lengths, d). MaxSim: documents = images (n_img, regions = Ld), queries = captions
+# (n_cap, Lq = mean_len). Lengths: "coco", "uniform" or "fixed" (every query mean_len long).
+Problem = _cases.Shape
 
 
 @dataclasses.dataclass(frozen=True)

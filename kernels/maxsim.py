@@ -42,9 +42,9 @@ import triton.language as tl
 
 from rcar_fast import contract
 
-from .tile import (MIN_DOT, OwnerGroup, autotune_mode, caption_groups, interpreter_on, named,
-                   pow2_at_least, quick, score_tile, smallest_shape, tile_owners, tile_rows,
-                   tile_shapes, tile_start)
+from .tile import (MIN_DOT, OWNER_SHAPES, OwnerGroup, add_rows, autotune_mode, caption_groups,
+                   config_area, interpreter_on, named, pow2_at_least, precision_kind, quick,
+                   score_tile, smallest_shape, tile_owners, tile_rows, tile_shapes, tile_start)
 
 _SLOPE = tl.constexpr(contract.LEAKY_SLOPE)
 _T2I = tl.constexpr(contract.HEAD_DIRECTION_CODES["t2i"])
@@ -211,21 +211,20 @@ def _head_grad(S, g, r_len, w_len, tau, both_scale, DIRECTION: tl.constexpr, POO
 
 
 @triton.jit
-def _add_rows(dst_ptr, dst_rows, dst_ok, src_ptr, src_rows, src_ok, sd, coef, D, accumulate,
-              BD: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """dst[rows] (+)= coef @ src[rows] over d in chunks of BD, coef (dst rows, src rows) in ACC;
-    stores (first iteration) or, if `accumulate`, read-modify-writes the rows this program
-    owns."""
-    for d0 in range(0, D, BD):
-        dd = d0 + tl.arange(0, BD)
-        din = dd < D
-        chunk = tl.load(src_ptr + src_rows[:, None] + dd[None, :] * sd,
-                        mask=src_ok[:, None] & din[None, :], other=0.0).to(ACC)
-        part = tl.dot(coef, chunk, input_precision=PREC)
-        ptrs = dst_ptr + dst_rows[:, None] + dd[None, :]
-        out_mask = dst_ok[:, None] & din[None, :]
-        prev = tl.load(ptrs, mask=out_mask & accumulate, other=0.0)
-        tl.store(ptrs, prev + part, mask=out_mask)
+def _tile_grad(img_ptr, i_rows, i_ok, si2, i_ids, i_real, r_len,
+               cap_ptr, j_rows, j_ok, sc2, j_ids, j_real, w_len,
+               dsim_ptr, ds_i, ds_j, D, tau, both_scale,
+               DIRECTION: tl.constexpr, POOL: tl.constexpr, LEAKY: tl.constexpr,
+               R_PAD: tl.constexpr, L_PAD: tl.constexpr, ACC: tl.constexpr,
+               MAIN_PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    """dS of one (BI images x BJ captions) tile: its scores recomputed, then the head's
+    backward from the tile's upstream gradients (0 for pairs outside the launch)."""
+    S = score_tile(img_ptr, i_rows, i_ok, si2, cap_ptr, j_rows, j_ok, sc2, D,
+                   BI * R_PAD, BJ * L_PAD, BK, ACC, MAIN_PREC)
+    g = tl.load(dsim_ptr + i_ids[:, None] * ds_i + j_ids[None, :] * ds_j,
+                mask=i_real[:, None] & j_real[None, :], other=0.0).to(ACC)
+    return _head_grad(S, g, r_len, w_len, tau, both_scale, DIRECTION, POOL, LEAKY,
+                      BI, R_PAD, BJ, L_PAD)
 
 
 # =============================================================================================
@@ -271,14 +270,12 @@ def _maxsim_bwd_img_kernel(img_ptr, si0, si1, si2, img_ids_ptr, img_lens_ptr, n_
     for j_start in range(0, n_cap, BJ):
         j_ids, w_len, j_real = tile_owners(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, BJ)
         j_rows, j_ok = tile_rows(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, sc0, sc1, BJ, L_PAD)
-        S = score_tile(img_ptr, i_rows, i_ok, si2, cap_ptr, j_rows, j_ok, sc2, D,
-                       BI * R_PAD, BJ * L_PAD, BK, ACC, MAIN_PREC)
-        g = tl.load(dsim_ptr + i_ids[:, None] * ds_i + j_ids[None, :] * ds_j,
-                    mask=i_real[:, None] & j_real[None, :], other=0.0).to(ACC)
-        dS = _head_grad(S, g, r_len, w_len, tau, both_scale, DIRECTION, POOL, LEAKY,
-                        BI, R_PAD, BJ, L_PAD)
-        _add_rows(dimg_ptr, di_rows, i_ok, cap_ptr, j_rows, j_ok, sc2, dS, D, j_start > 0,
-                  BD, EPI_PREC, ACC)
+        dS = _tile_grad(img_ptr, i_rows, i_ok, si2, i_ids, i_real, r_len,
+                        cap_ptr, j_rows, j_ok, sc2, j_ids, j_real, w_len,
+                        dsim_ptr, ds_i, ds_j, D, tau, both_scale, DIRECTION, POOL, LEAKY,
+                        R_PAD, L_PAD, ACC, MAIN_PREC, BI, BJ, BK)
+        add_rows(dimg_ptr, di_rows, i_ok, cap_ptr, j_rows, j_ok, sc2, dS, D, j_start > 0,
+                 BD, EPI_PREC, ACC)
         tl.debug_barrier()  # the next iteration's threads read what this one wrote
 
 
@@ -300,14 +297,12 @@ def _maxsim_bwd_cap_kernel(img_ptr, si0, si1, si2, img_ids_ptr, img_lens_ptr, n_
     for i_start in range(0, n_img, BI):
         i_ids, r_len, i_real = tile_owners(img_ids_ptr, img_lens_ptr, i_start, n_img, BI)
         i_rows, i_ok = tile_rows(img_ids_ptr, img_lens_ptr, i_start, n_img, si0, si1, BI, R_PAD)
-        S = score_tile(img_ptr, i_rows, i_ok, si2, cap_ptr, j_rows, j_ok, sc2, D,
-                       BI * R_PAD, BJ * L_PAD, BK, ACC, MAIN_PREC)
-        g = tl.load(dsim_ptr + i_ids[:, None] * ds_i + j_ids[None, :] * ds_j,
-                    mask=i_real[:, None] & j_real[None, :], other=0.0).to(ACC)
-        dS = _head_grad(S, g, r_len, w_len, tau, both_scale, DIRECTION, POOL, LEAKY,
-                        BI, R_PAD, BJ, L_PAD)
-        _add_rows(dcap_ptr, dj_rows, j_ok, img_ptr, i_rows, i_ok, si2, tl.trans(dS), D,
-                  i_start > 0, BD, EPI_PREC, ACC)
+        dS = _tile_grad(img_ptr, i_rows, i_ok, si2, i_ids, i_real, r_len,
+                        cap_ptr, j_rows, j_ok, sc2, j_ids, j_real, w_len,
+                        dsim_ptr, ds_i, ds_j, D, tau, both_scale, DIRECTION, POOL, LEAKY,
+                        R_PAD, L_PAD, ACC, MAIN_PREC, BI, BJ, BK)
+        add_rows(dcap_ptr, dj_rows, j_ok, img_ptr, i_rows, i_ok, si2, tl.trans(dS), D,
+                 i_start > 0, BD, EPI_PREC, ACC)
         tl.debug_barrier()  # the next iteration's threads read what this one wrote
 
 
@@ -379,8 +374,8 @@ def _maxsim_pairs_bwd_kernel(own_ptr, so0, so1, so2, own_ids_ptr, own_lens_ptr, 
             dS = _head_grad(S, g[:, None], r_len, w_len, tau, both_scale, DIRECTION, POOL,
                             LEAKY, 1, R_PAD, 1, L_PAD)
             d_rows, _ = tile_rows(own_ids_ptr, own_lens_ptr, u, n_own, ds0, ds1, 1, R_PAD)
-            _add_rows(dst_ptr, d_rows, i_ok, other_ptr, j_rows, j_ok, st2, dS, D, True,
-                      BD, EPI_PREC, ACC)
+            add_rows(dst_ptr, d_rows, i_ok, other_ptr, j_rows, j_ok, st2, dS, D, True,
+                     BD, EPI_PREC, ACC)
         else:
             S, r_len, w_len, i_rows, i_ok, j_rows, j_ok = _pair_tile(
                 other_ptr, st0, st1, st2, other_ids_ptr, other_lens_ptr, k, n_listed,
@@ -389,8 +384,8 @@ def _maxsim_pairs_bwd_kernel(own_ptr, so0, so1, so2, own_ids_ptr, own_lens_ptr, 
             dS = _head_grad(S, g[:, None], r_len, w_len, tau, both_scale, DIRECTION, POOL,
                             LEAKY, 1, R_PAD, 1, L_PAD)
             d_rows, _ = tile_rows(own_ids_ptr, own_lens_ptr, u, n_own, ds0, ds1, 1, L_PAD)
-            _add_rows(dst_ptr, d_rows, j_ok, other_ptr, i_rows, i_ok, st2, tl.trans(dS), D,
-                      True, BD, EPI_PREC, ACC)
+            add_rows(dst_ptr, d_rows, j_ok, other_ptr, i_rows, i_ok, st2, tl.trans(dS), D,
+                     True, BD, EPI_PREC, ACC)
         tl.debug_barrier()  # the next pair's threads read what this one wrote
 
 
@@ -421,20 +416,12 @@ _LIMITS = {
 _FP32_BK = 16
 
 
-def _precision_kind(args: dict) -> str:
-    return "low" if args["img_ptr"].dtype in (torch.float16, torch.bfloat16) else "fp32"
-
-
-def _area(r_pad, l_pad):
-    return lambda c: c.kwargs["BI"] * r_pad * c.kwargs["BJ"] * l_pad
-
-
 def _prune(kernel: str):
     """The early_config_prune of one kernel ("fwd", "bwd_img", "bwd_cap"): the configs whose
     tile fits its budget and dtype's d-chunk; the smallest tile when none does."""
     def prune(configs, named_args, **kwargs):
         a = named(named_args, kwargs)
-        r_pad, l_pad, kind = a["R_PAD"], a["L_PAD"], _precision_kind(a)
+        r_pad, l_pad, kind = a["R_PAD"], a["L_PAD"], precision_kind(a["img_ptr"])
         keep = tile_shapes(r_pad, l_pad, **_LIMITS[(kernel, kind)])
         bk = _FP32_BK if kind == "fp32" else 64
         out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep
@@ -443,19 +430,18 @@ def _prune(kernel: str):
             bi, bj = smallest_shape(r_pad, l_pad)
             extra = dict(GROUP=8) if kernel == "fwd" else dict(BD=64 if kind == "low" else 16)
             out = [triton.Config(dict(BI=bi, BJ=bj, BK=bk, **extra), num_warps=8, num_stages=2)]
-        return quick(out, _area(r_pad, l_pad))
+        return quick(out, config_area(r_pad, l_pad))
     return prune
 
 
-_SHAPES = [(bi, bj) for bi in (1, 2, 4, 8, 16) for bj in (1, 2, 4, 8, 16, 32)]
 _FWD_CONFIGS = ([triton.Config(dict(BI=bi, BJ=bj, BK=64, GROUP=8), num_warps=8, num_stages=3)
-                 for bi, bj in _SHAPES]
+                 for bi, bj in OWNER_SHAPES]
                 + [triton.Config(dict(BI=bi, BJ=bj, BK=_FP32_BK, GROUP=8), num_warps=8,
-                                 num_stages=2) for bi, bj in _SHAPES])
+                                 num_stages=2) for bi, bj in OWNER_SHAPES])
 _BWD_CONFIGS = ([triton.Config(dict(BI=bi, BJ=bj, BK=64, BD=64), num_warps=8, num_stages=2)
-                 for bi, bj in _SHAPES]
+                 for bi, bj in OWNER_SHAPES]
                 + [triton.Config(dict(BI=bi, BJ=bj, BK=_FP32_BK, BD=32), num_warps=8,
-                                 num_stages=2) for bi, bj in _SHAPES])
+                                 num_stages=2) for bi, bj in OWNER_SHAPES])
 _KEY = ["R_PAD", "L_PAD", "D", "DIRECTION", "POOL", "LEAKY"]
 
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={

@@ -51,8 +51,12 @@ from . import gram as _gram
 # order, and the host-side owner groups, tile shapes and autotune mode.
 from .tile import (AUTOTUNE_MODES, AUTOTUNE_VARIABLE, MIN_DOT, OwnerGroup,  # noqa: F401
                    autotune_mode, caption_groups, interpreter_on)
+from .tile import OWNER_SHAPES as _OWNER_SHAPES
+from .tile import add_rows as _add_rows
+from .tile import config_area as _config_area
 from .tile import named as _named
 from .tile import pow2_at_least as _pow2_at_least
+from .tile import precision_kind as _precision_kind
 from .tile import quick as _quick
 from .tile import score_tile as _scores
 from .tile import smallest_shape as _smallest_shape
@@ -258,6 +262,33 @@ def _masks(x_len, y_len, C_PAD: tl.constexpr, Q_PAD: tl.constexpr):
     return cv2[:, :, None, None], qv2[None, None, :, :], qv2[None, :, :]
 
 
+@triton.jit
+def _tile_backward(x_ptr, x_rows, x_ok, sx2, x_ids, x_len, x_real,
+                   y_ptr, y_rows, y_ok, sy2, y_ids, y_len, y_real,
+                   G2, qn3, dsim_ptr, ds_x, ds_y, D, lam, lse_lam,
+                   RAW_NORM: tl.constexpr, AGG: tl.constexpr,
+                   C_PAD: tl.constexpr, Q_PAD: tl.constexpr, ACC: tl.constexpr,
+                   MAIN_PREC: tl.constexpr, EPI_PREC: tl.constexpr,
+                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    """One (BI x BJ owners) tile of both backward kernels: scores and epilogue recomputed,
+    then the epilogue's backward from the tile's upstream gradients. Returns dS4 (the score
+    gradient), dn2 (of the attended-vector squared norms), dqn (of the query norms) and the
+    attention alpha4 (the Gram term needs it)."""
+    S = _scores(x_ptr, x_rows, x_ok, sx2, y_ptr, y_rows, y_ok, sy2, D,
+                BI * C_PAD, BJ * Q_PAD, BK, ACC, MAIN_PREC)
+    cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
+    (sim, S4, u4, nrm, a4, alpha4, GA4, dot3, nc3, prod, den, r3, rm, rmax,
+     wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, D > 0,
+                           RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)
+    pair_real = x_real[:, None] & y_real[None, :]
+    g = tl.load(dsim_ptr + x_ids[:, None] * ds_x + y_ids[None, :] * ds_y,
+                mask=pair_real, other=0.0).to(ACC)
+    dS4, dn2, dqn = _backward_tile(g, pair_real, S4, u4, nrm, a4, alpha4, GA4, nc3, qn3,
+                                   prod, den, r3, rm, rmax, wsum, cv4, qv4, qv3, y_len,
+                                   lam, lse_lam, RAW_NORM, AGG)
+    return dS4, dn2, dqn, alpha4
+
+
 # =============================================================================================
 # Kernels
 # =============================================================================================
@@ -307,49 +338,24 @@ def _scan_bwd_x_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
     for y_start in range(0, n_y, BJ):
         y_ids, y_len, y_real = _owners(y_ids_ptr, y_lens_ptr, y_start, n_y, BJ)
         y_rows, y_ok = _rows(y_ids_ptr, y_lens_ptr, y_start, n_y, sy0, sy1, BJ, Q_PAD)
-        S = _scores(x_ptr, x_rows, x_ok, sx2, y_ptr, y_rows, y_ok, sy2, D,
-                    BI * C_PAD, BJ * Q_PAD, BK, ACC, MAIN_PREC)
-        cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
         qn3 = _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD)[None, :, :]
-        (sim, S4, u4, nrm, a4, alpha4, GA4, dot3, nc3, prod, den, r3, rm, rmax,
-         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, D > 0,
-                               RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)
-        pair_real = x_real[:, None] & y_real[None, :]
-        g = tl.load(dsim_ptr + x_ids[:, None] * ds_x + y_ids[None, :] * ds_y,
-                    mask=pair_real, other=0.0).to(ACC)
-        dS4, dn2, dqn = _backward_tile(g, pair_real, S4, u4, nrm, a4, alpha4, GA4, nc3, qn3,
-                                       prod, den, r3, rm, rmax, wsum, cv4, qv4, qv3, y_len,
-                                       lam, lse_lam, RAW_NORM, AGG)
+        dS4, dn2, dqn, alpha4 = _tile_backward(
+            x_ptr, x_rows, x_ok, sx2, x_ids, x_len, x_real, y_ptr, y_rows, y_ok, sy2, y_ids,
+            y_len, y_real, G2, qn3, dsim_ptr, ds_x, ds_y, D, lam, lse_lam, RAW_NORM, AGG,
+            C_PAD, Q_PAD, ACC, MAIN_PREC, EPI_PREC, BI, BJ, BK)
         # Gram term, summed over the queries of every pair: dG = sum_k dn2_k alpha_k alpha_k^T
         alpha2 = tl.reshape(alpha4, (BI * C_PAD, BJ * Q_PAD))
         weighted = tl.reshape(alpha4 * dn2[:, None, :, :], (BI * C_PAD, BJ * Q_PAD))
         dgram += tl.dot(weighted, tl.trans(alpha2), input_precision=EPI_PREC)
         # dX += dS @ Y, in d-chunks; this program owns its rows (store first, then add).
-        dS = tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD))
-        for d0 in range(0, D, BD):
-            dd = d0 + tl.arange(0, BD)
-            din = dd < D
-            yc = tl.load(y_ptr + y_rows[:, None] + dd[None, :] * sy2,
-                         mask=y_ok[:, None] & din[None, :], other=0.0).to(ACC)
-            part = tl.dot(dS, yc, input_precision=EPI_PREC)
-            ptrs = dx_ptr + dx_rows[:, None] + dd[None, :]
-            out_mask = x_ok[:, None] & din[None, :]
-            prev = tl.load(ptrs, mask=out_mask & (y_start > 0), other=0.0)
-            tl.store(ptrs, prev + part, mask=out_mask)
+        _add_rows(dx_ptr, dx_rows, x_ok, y_ptr, y_rows, y_ok, sy2,
+                  tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD)), D, y_start > 0, BD, EPI_PREC, ACC)
         tl.debug_barrier()  # the next iteration's threads read what this one wrote
-    # dX_c += 2 sum_c' dG[c, c'] x_c'  (dG is symmetric), within each owner's block
+    # dX_c += 2 sum_c' dG[c, c'] x_c'  (dG is symmetric), within each owner's block; the 2
+    # scales dG exactly (a power of two), as it did the product
     r = tl.arange(0, BI * C_PAD)
-    dgram = tl.where((r // C_PAD)[:, None] == (r // C_PAD)[None, :], dgram, 0.0)
-    for d0 in range(0, D, BD):
-        dd = d0 + tl.arange(0, BD)
-        din = dd < D
-        xc = tl.load(x_ptr + x_rows[:, None] + dd[None, :] * sx2,
-                     mask=x_ok[:, None] & din[None, :], other=0.0).to(ACC)
-        part = tl.dot(dgram, xc, input_precision=EPI_PREC)
-        ptrs = dx_ptr + dx_rows[:, None] + dd[None, :]
-        out_mask = x_ok[:, None] & din[None, :]
-        prev = tl.load(ptrs, mask=out_mask, other=0.0)
-        tl.store(ptrs, prev + 2.0 * part, mask=out_mask)
+    dgram = tl.where((r // C_PAD)[:, None] == (r // C_PAD)[None, :], 2.0 * dgram, 0.0)
+    _add_rows(dx_ptr, dx_rows, x_ok, x_ptr, x_rows, x_ok, sx2, dgram, D, True, BD, EPI_PREC, ACC)
 
 
 @triton.jit
@@ -372,32 +378,16 @@ def _scan_bwd_y_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
     for x_start in range(0, n_x, BI):
         x_ids, x_len, x_real = _owners(x_ids_ptr, x_lens_ptr, x_start, n_x, BI)
         x_rows, x_ok = _rows(x_ids_ptr, x_lens_ptr, x_start, n_x, sx0, sx1, BI, C_PAD)
-        S = _scores(x_ptr, x_rows, x_ok, sx2, y_ptr, y_rows, y_ok, sy2, D,
-                    BI * C_PAD, BJ * Q_PAD, BK, ACC, MAIN_PREC)
-        cv4, qv4, qv3 = _masks(x_len, y_len, C_PAD, Q_PAD)
         G2 = _load_gram(g_ptr, gs0, gs1, x_ids_ptr, x_lens_ptr, x_start, n_x, BI, C_PAD)
-        (sim, S4, u4, nrm, a4, alpha4, GA4, dot3, nc3, prod, den, r3, rm, rmax,
-         wsum) = _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, D > 0,
-                               RAW_NORM, AGG, BI, C_PAD, BJ, Q_PAD, EPI_PREC)
-        pair_real = x_real[:, None] & y_real[None, :]
-        g = tl.load(dsim_ptr + x_ids[:, None] * ds_x + y_ids[None, :] * ds_y,
-                    mask=pair_real, other=0.0).to(ACC)
-        dS4, dn2, dqn = _backward_tile(g, pair_real, S4, u4, nrm, a4, alpha4, GA4, nc3, qn3,
-                                       prod, den, r3, rm, rmax, wsum, cv4, qv4, qv3, y_len,
-                                       lam, lse_lam, RAW_NORM, AGG)
+        dS4, dn2, dqn, alpha4 = _tile_backward(
+            x_ptr, x_rows, x_ok, sx2, x_ids, x_len, x_real, y_ptr, y_rows, y_ok, sy2, y_ids,
+            y_len, y_real, G2, qn3, dsim_ptr, ds_x, ds_y, D, lam, lse_lam, RAW_NORM, AGG,
+            C_PAD, Q_PAD, ACC, MAIN_PREC, EPI_PREC, BI, BJ, BK)
         dqn_total += tl.sum(dqn, axis=0)
         # dY += dS^T @ X, in d-chunks; this program owns its rows (store first, then add).
-        dSt = tl.trans(tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD)))
-        for d0 in range(0, D, BD):
-            dd = d0 + tl.arange(0, BD)
-            din = dd < D
-            xc = tl.load(x_ptr + x_rows[:, None] + dd[None, :] * sx2,
-                         mask=x_ok[:, None] & din[None, :], other=0.0).to(ACC)
-            part = tl.dot(dSt, xc, input_precision=EPI_PREC)
-            ptrs = dy_ptr + dy_rows[:, None] + dd[None, :]
-            out_mask = y_ok[:, None] & din[None, :]
-            prev = tl.load(ptrs, mask=out_mask & (x_start > 0), other=0.0)
-            tl.store(ptrs, prev + part, mask=out_mask)
+        _add_rows(dy_ptr, dy_rows, y_ok, x_ptr, x_rows, x_ok, sx2,
+                  tl.trans(tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD))), D, x_start > 0, BD,
+                  EPI_PREC, ACC)
         tl.debug_barrier()  # the next iteration's threads read what this one wrote
     # Query norms: d|y_k| / dy_k = y_k / |y_k|.
     scale = tl.reshape(tl.where(qn2 > 0, dqn_total / tl.where(qn2 > 0, qn2, 1.0), 0.0), (BJ * Q_PAD,))
@@ -442,12 +432,6 @@ _LIMITS = {
 _FP32_BK = 16
 
 
-def _precision_kind(named: dict) -> str:
-    """'fp32' for the IEEE fp32 (FMA) path (fp32 inputs; fp64 under the interpreter), 'low'
-    for fp16/bf16 inputs on tensor cores."""
-    return "low" if named["x_ptr"].dtype in (torch.float16, torch.bfloat16) else "fp32"
-
-
 def _fwd_warp_options(area: int):
     # A program is one CTA per SM either way: 8 warps at up to ~205 registers/thread use
     # 256 x 205 = 52K of an SM's 64K registers, 16 warps at ~70-110 use 36-56K, which leaves
@@ -467,13 +451,10 @@ def _interpreter_shape(c_pad: int, q_pad: int):
 def _prune_fwd(configs, named_args, **kwargs):
     a = _named(named_args, kwargs)
     c_pad, q_pad = a["C_PAD"], a["Q_PAD"]
-    kind = _precision_kind(a)
+    kind = _precision_kind(a["x_ptr"])
     keep = _tile_shapes(c_pad, q_pad, **_LIMITS[("fwd", kind)])
     bk = _FP32_BK if kind == "fp32" else 64
-
-    def area(c):
-        return c.kwargs["BI"] * c_pad * c.kwargs["BJ"] * q_pad
-
+    area = _config_area(c_pad, q_pad)
     out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep and c.kwargs["BK"] == bk
            and (kind == "fp32" or c.num_warps in _fwd_warp_options(area(c)))]
     if not out:  # paddings beyond the budget: the smallest tile
@@ -494,11 +475,8 @@ _SMALLEST_BWD = dict(BK=64, BD=32, num_warps=8, num_stages=1)
 def _prune_bwd(configs, named_args, **kwargs):
     a = _named(named_args, kwargs)
     c_pad, q_pad = a["C_PAD"], a["Q_PAD"]
-    keep = _tile_shapes(c_pad, q_pad, **_LIMITS[("bwd", _precision_kind(a))])
-
-    def area(c):
-        return c.kwargs["BI"] * c_pad * c.kwargs["BJ"] * q_pad
-
+    keep = _tile_shapes(c_pad, q_pad, **_LIMITS[("bwd", _precision_kind(a["x_ptr"]))])
+    area = _config_area(c_pad, q_pad)
     out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep]
     if not out:
         bi, bj = _smallest_shape(c_pad, q_pad)
@@ -507,15 +485,14 @@ def _prune_bwd(configs, named_args, **kwargs):
     return _quick(out, area)
 
 
-_SHAPES = [(bi, bj) for bi in (1, 2, 4, 8, 16) for bj in (1, 2, 4, 8, 16, 32)]
 # A small list per problem after pruning: up to ~6 tile shapes (8 configs) forward, ~3-5
 # shapes x 2 d-chunks backward. fp32 forward configs have the small d-chunk.
 _FWD_CONFIGS = ([triton.Config(dict(BI=bi, BJ=bj, BK=64, GROUP=8), num_warps=w, num_stages=3)
-                 for bi, bj in _SHAPES for w in (8, 16)]
+                 for bi, bj in _OWNER_SHAPES for w in (8, 16)]
                 + [triton.Config(dict(BI=bi, BJ=bj, BK=_FP32_BK, GROUP=8), num_warps=8,
-                                 num_stages=2) for bi, bj in _SHAPES])
+                                 num_stages=2) for bi, bj in _OWNER_SHAPES])
 _BWD_CONFIGS = [triton.Config(dict(BI=bi, BJ=bj, BK=64, BD=bd), num_warps=8, num_stages=2)
-                for bi, bj in _SHAPES for bd in (32, 64)]
+                for bi, bj in _OWNER_SHAPES for bd in (32, 64)]
 _KEY = ["C_PAD", "Q_PAD", "D", "RAW_NORM", "AGG"]
 
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(_scan_fwd_kernel)

@@ -7,7 +7,8 @@ which a head reshapes to (BI, C_PAD, BJ, Q_PAD) and reduces per pair in register
 are masked at load time: they are never read (NaN there is harmless) and score 0, which every
 head must still mask out of its reductions.
 
-Device side (inlined into the kernels): `tile_owners`, `tile_rows`, `score_tile`, `tile_start`.
+Device side (inlined into the kernels): `tile_owners`, `tile_rows`, `score_tile`, `add_rows`
+(the backward's d-chunked row updates), `tile_start`.
 Host side: owner groups (owners bucketed by their power-of-two padding, one launch per bucket),
 the tile shapes a budget allows, and the autotune mode (RCAR_FAST_AUTOTUNE).
 """
@@ -74,6 +75,24 @@ def score_tile(x_ptr, x_rows, x_ok, sxd, y_ptr, y_rows, y_ok, syd, D,
 
 
 @triton.jit
+def add_rows(dst_ptr, dst_rows, dst_ok, src_ptr, src_rows, src_ok, sd, coef, D, accumulate,
+             BD: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """dst[rows] (+)= coef @ src[rows] over d in chunks of BD, coef (dst rows, src rows) in ACC;
+    stores (first iteration) or, if `accumulate`, read-modify-writes the rows this program
+    owns."""
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        din = dd < D
+        chunk = tl.load(src_ptr + src_rows[:, None] + dd[None, :] * sd,
+                        mask=src_ok[:, None] & din[None, :], other=0.0).to(ACC)
+        part = tl.dot(coef, chunk, input_precision=PREC)
+        ptrs = dst_ptr + dst_rows[:, None] + dd[None, :]
+        out_mask = dst_ok[:, None] & din[None, :]
+        prev = tl.load(ptrs, mask=out_mask & accumulate, other=0.0)
+        tl.store(ptrs, prev + part, mask=out_mask)
+
+
+@triton.jit
 def tile_start(pid, n_x, n_y, BI: tl.constexpr, BJ: tl.constexpr, GROUP: tl.constexpr):
     """Grouped order of the (x block, y block) tiles: GROUP x blocks sweep the y blocks
     together, so their operands stay in L2."""
@@ -133,6 +152,22 @@ def tile_shapes(c_pad: int, q_pad: int, max_m: int, max_n: int, max_area: int, m
 
 def smallest_shape(c_pad: int, q_pad: int):
     return max(1, MIN_DOT // c_pad), max(1, MIN_DOT // q_pad)
+
+
+# The (BI, BJ) owners per tile that the autotune config lists start from (the prunes keep
+# those whose tile fits the kernel's budget).
+OWNER_SHAPES = [(bi, bj) for bi in (1, 2, 4, 8, 16) for bj in (1, 2, 4, 8, 16, 32)]
+
+
+def precision_kind(x: torch.Tensor) -> str:
+    """'low' for fp16/bf16 inputs (tensor-core dots), 'fp32' for the IEEE fp32 (FMA) path
+    (fp32 inputs; fp64 under the interpreter): the budgets' two kinds."""
+    return "low" if x.dtype in (torch.float16, torch.bfloat16) else "fp32"
+
+
+def config_area(x_pad: int, y_pad: int):
+    """A config's tile area (BI*x_pad rows x BJ*y_pad columns), as a function of the config."""
+    return lambda c: c.kwargs["BI"] * x_pad * c.kwargs["BJ"] * y_pad
 
 
 def named(args, kwargs):

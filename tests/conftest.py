@@ -17,6 +17,7 @@ RCAR_FAST_TEST_DEADLINE (a Unix time; scripts/gpu_check.sh sets it) skips the te
 start after it, so that a time-boxed run still ends normally, with its report and junit xml.
 """
 import os
+import shutil
 import time
 
 import pytest
@@ -50,6 +51,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=_NO_INTERPRETER))
 
 
+def assert_interpreter_dispatch(op: str) -> None:
+    """Under triton's interpreter: `op` on backend='triton' takes CPU float32, refuses
+    bfloat16 naming the interpreter, and auto never picks triton for CPU tensors (the
+    interpreter is for tests)."""
+    from rcar_fast import dispatch
+
+    cpu = torch.device("cpu")
+    assert dispatch.rejection(op, "triton", cpu, torch.float32) is None
+    reason = dispatch.rejection(op, "triton", cpu, torch.bfloat16)
+    assert reason is not None and "interpreter" in reason
+    assert dispatch.choose(op, "auto", cpu, torch.float32).backend != "triton"
+
+
 _DEADLINE = float(os.environ.get("RCAR_FAST_TEST_DEADLINE") or "inf")
 
 
@@ -61,3 +75,42 @@ def pytest_runtest_setup(item):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The native extension (rcar_fast._C): what the CPU and CUDA kernel tests share
+# ---------------------------------------------------------------------------------------------
+
+def _nvcc_available() -> bool:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    return shutil.which("nvcc") is not None or os.path.exists(os.path.join(home, "bin", "nvcc"))
+
+
+# The extension carries the CUDA kernels wherever nvcc exists (unless RCAR_FAST_CUDA=0).
+requires_cuda_build = pytest.mark.skipif(
+    not _nvcc_available() or os.environ.get("RCAR_FAST_CUDA") == "0",
+    reason="no nvcc on this machine (or RCAR_FAST_CUDA=0): the extension is CPU-only")
+
+
+def native_or_skip(with_cuda: bool = False):
+    """rcar_fast._C, or a skip naming why it is not importable (or, with_cuda, why it has no
+    CUDA kernels)."""
+    from rcar_fast import dispatch
+
+    native = dispatch.native_module()
+    if isinstance(native, str):
+        pytest.skip(native)
+    if with_cuda and not native.built_with_cuda():
+        pytest.skip("the extension was built without the CUDA kernels")
+    return native
+
+
+@pytest.fixture
+def baseline_simd():
+    """Runs the test on the baseline (non-AVX2) copy of the CPU kernels' vector loops."""
+    from rcar_fast import dispatch
+
+    native = dispatch.native_module()
+    assert native.set_cpu_simd_path("baseline") == "baseline"
+    yield
+    native.set_cpu_simd_path("auto")

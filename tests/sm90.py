@@ -238,6 +238,26 @@ def compile_many(launches, workers=None):
     return results
 
 
+def add_recorded(rec, launches: list, owners: list, pad_names, **owner) -> None:
+    """Script side: each launch `rec` recorded, once per config its autotuner would try, onto
+    `launches` (for compile_many), and whose it is onto `owners`: `owner` plus the launch's
+    padding constexprs named in `pad_names` and the config."""
+    assert rec.launches, f"{owner['kernel']} was not launched"
+    for nargs, kwargs in rec.launches:
+        for config in rec.configs(nargs, kwargs):
+            launches.append((rec.jit_fn, {**nargs, **kwargs}, config))
+            owners.append(dict(owner, **{pad: kwargs[pad] for pad in pad_names},
+                               config=str(config)))
+
+
+def emit_by_case(launches: list, owners: list, n_cases: int) -> None:
+    """Script side: compile `launches` (compile_many) and emit, per case, its owners' builds."""
+    results = [[] for _ in range(n_cases)]
+    for owner, build in zip(owners, compile_many(launches)):
+        results[owner["case"]].append(dict(owner, **build))
+    emit(results)
+
+
 class LaunchRecorder:
     """Stands in for a kernel (a @triton.jit function or a triton.autotune wrapper) in its
     module, so that running the real launcher on CPU tensors records its launches instead of

@@ -376,15 +376,6 @@ def _preset_options(preset):
     return dict(HEAD_PRESETS[preset])
 
 
-@pytest.fixture
-def baseline_simd():
-    """Runs the test on the baseline (non-AVX2) copy of the vector loops."""
-    native = dispatch.native_module()
-    assert native.set_cpu_simd_path("baseline") == "baseline"
-    yield
-    native.set_cpu_simd_path("auto")
-
-
 def test_baseline_simd_copy(baseline_simd):
     img, cap, lens, img_lens = ragged_inputs(4, 6, 11, 10, 9, seed=21)
     grad = torch.randn(4, 6, dtype=torch.float64)

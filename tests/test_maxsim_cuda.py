@@ -8,8 +8,6 @@ reasons, the backward's chunking. The GPU tests run the kernels against the floa
 2x rule, ragged on both sides with NaN padding, ties, L = 1, R = 1, all-negative scores,
 poisoned outputs, gradients (zero in the padding, deterministic), every tile shape.
 """
-import os
-import shutil
 
 import pytest
 import torch
@@ -19,26 +17,12 @@ from rcar_fast import contract, dispatch
 from rcar_fast.ops import maxsim_cuda
 from rcar_fast.ops.backend import BackendUnavailable, Inputs
 from rcar_fast.reference_heads import max_similarity_reference
-from tests.conftest import requires_gpu
+from tests.conftest import native_or_skip, requires_cuda_build, requires_gpu
 from tests.maxsim_cases import (CASES, assert_head_matches_reference, poisoned_allocations, ragged_case,
                                 reference_scores, settings_grid, settings_id, tie_case)
 from tests.tolerances import F64_BACKEND_AGREE, F64_PAIR_BACKWARD, F64_PAIRS, assert_bit_equal, assert_close, assert_close_to_reference
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _nvcc_available() -> bool:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    return shutil.which("nvcc") is not None or os.path.exists(os.path.join(home, "bin", "nvcc"))
-
-
-def _cuda_native_or_skip():
-    native = dispatch.native_module()
-    if isinstance(native, str):
-        pytest.skip(native)
-    if not native.built_with_cuda():
-        pytest.skip("the extension was built without the CUDA kernels")
-    return native
 
 
 def _problem(native, **changes):
@@ -56,16 +40,15 @@ def _problem(native, **changes):
 # Runs anywhere
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not _nvcc_available() or os.environ.get("RCAR_FAST_CUDA") == "0",
-                    reason="no nvcc on this machine (or RCAR_FAST_CUDA=0): the extension is CPU-only")
+@requires_cuda_build
 def test_extension_carries_the_maxsim_launchers():
-    native = _cuda_native_or_skip()
+    native = native_or_skip(with_cuda=True)
     for name in ("maxsim_forward_cuda", "maxsim_backward_cuda", "maxsim_problem_error", "MaxSimProblemCuda"):
         assert hasattr(native, name), f"rcar_fast._C has no {name}: rebuild the extension"
 
 
 def test_launch_check_takes_the_tile_shapes_and_names_what_it_refuses():
-    native = _cuda_native_or_skip()
+    native = native_or_skip(with_cuda=True)
     for col_frags in maxsim_cuda.COL_FRAGS:
         rows, cols = native.scan_tile_rows(col_frags), native.scan_tile_cols(col_frags)
         assert native.maxsim_problem_error(_problem(native, R=rows, max_len=cols, col_frags=col_frags)) is None
@@ -84,7 +67,7 @@ def test_launch_check_takes_the_tile_shapes_and_names_what_it_refuses():
 
 def test_launchers_refuse_a_bad_problem_before_launching():
     # The check runs first, so this needs no GPU: a launch would fault on the null pointers.
-    native = _cuda_native_or_skip()
+    native = native_or_skip(with_cuda=True)
     bad = _problem(native, R=native.scan_tile_rows(2) + 1, col_frags=2, max_len=4)
     with pytest.raises(RuntimeError, match=r"maxsim_forward_cuda: R \(regions\) is beyond"):
         native.maxsim_forward_cuda(bad, 0, 0)
@@ -114,7 +97,7 @@ def test_dispatch_lists_the_cuda_backend_and_refuses_shapes_beyond_the_tile():
 
 
 def test_tile_shape_choice_is_the_widest_that_fits():
-    _cuda_native_or_skip()
+    native_or_skip(with_cuda=True)
     assert maxsim_cuda.tile_col_frags(36, 128) == 8
     assert maxsim_cuda.tile_col_frags(161, 64) == 4
     assert maxsim_cuda.tile_col_frags(400, 12) == 2
@@ -125,7 +108,7 @@ def test_tile_shape_choice_is_the_widest_that_fits():
 def test_the_problem_built_from_tensors_passes_the_launch_check():
     # CPU tensors stand in for device ones: the problem is built (every field named and typed
     # as the binding wants) and checked, never launched.
-    native = _cuda_native_or_skip()
+    native = native_or_skip(with_cuda=True)
     case = ragged_case(3, 5, 7, 9, 16).to(torch.float16)
     options = maxsim_cuda.Options("both", "lse", 0.5, True, 0.5)
     caps = maxsim_cuda.prepare_captions(case.cap, case.lens, case.img.shape[1])

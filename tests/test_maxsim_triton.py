@@ -19,7 +19,7 @@ from rcar_fast.contract import HEAD_DIRECTIONS
 from rcar_fast.ops.maxsim_triton import (MaxSimPairsTriton, MaxSimTriton, maxsim_pairs_triton_op,
                                          maxsim_triton_op)
 from rcar_fast.reference_heads import head_pairs_vectorized, head_similarity_vectorized
-from tests.conftest import requires_gpu, requires_interpreter
+from tests.conftest import assert_interpreter_dispatch, requires_gpu, requires_interpreter
 from tests.inputs import make_inputs, real_words
 from tests.maxsim_cases import (CASES, assert_head_matches_reference, poisoned_allocations,
                                 settings_grid, settings_id)
@@ -367,11 +367,8 @@ def test_triton_is_in_the_maxsim_table():
 
 @requires_interpreter
 def test_dispatch_reasons():
+    assert_interpreter_dispatch("maxsim")
     cpu = torch.device("cpu")
-    assert dispatch.rejection("maxsim", "triton", cpu, torch.float32) is None
-    reason = dispatch.rejection("maxsim", "triton", cpu, torch.bfloat16)
-    assert reason is not None and "interpreter" in reason
-    assert dispatch.choose("maxsim", "auto", cpu, torch.float32).backend != "triton"
     big = dispatch.Inputs(cpu, torch.float32, (2, 1000, 8), (3, 40, 8), "t2i")
     reason = dispatch.rejection("maxsim", "triton", big)
     assert reason is not None and "R=1000" in reason, reason

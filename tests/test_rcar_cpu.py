@@ -80,16 +80,11 @@ def test_rejects_low_precision_with_reason():
 
 
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
-def test_baseline_simd_copy(direction):
-    native = dispatch.native_module()
-    assert native.set_cpu_simd_path("baseline") == "baseline"
-    try:
-        for regulator, steps in (("coop_rcar", 2), ("only_rcr", 1)):
-            head = make_head(regulator, steps, direction, embed_dim=20, sim_dim=12)
-            img, cap, lens = make_inputs(4, 6, 11, 20, 9)
-            check_against_reference(head, img, cap, lens, f"baseline {direction} {regulator}")
-    finally:
-        native.set_cpu_simd_path("auto")
+def test_baseline_simd_copy(direction, baseline_simd):
+    for regulator, steps in (("coop_rcar", 2), ("only_rcr", 1)):
+        head = make_head(regulator, steps, direction, embed_dim=20, sim_dim=12)
+        img, cap, lens = make_inputs(4, 6, 11, 20, 9)
+        check_against_reference(head, img, cap, lens, f"baseline {direction} {regulator}")
 
 
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])

@@ -394,17 +394,12 @@ def test_rcar_gradients_loop_equal_vectorized(regulator, direction, steps):
         assert_close(got, want, F64_VECTORIZED_VS_LOOP)
 
 
-def test_rcar_vectorized_gradcheck():
-    head = make_head("coop_rcar", 2, "t2i", d=3, sim_dim=4, seed=5)
-    img, cap, lens = make_inputs(n_img=2, lens=(3, 1, 2), regions=3, d=3, seed=14, pad=0.3)
-    img.requires_grad_(True)
-    cap.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda i, c: head.forward_vectorized(i, c, lens, 2, 2), (img, cap))
-
-
-def test_rcar_i2t_vectorized_gradcheck():
-    head = make_head("only_rcr", 1, "i2t", d=3, sim_dim=4, seed=6)
-    img, cap, lens = make_inputs(n_img=2, lens=(3, 1, 2), regions=2, d=3, seed=15, pad=0.3)
+@pytest.mark.parametrize("regulator,steps,direction,regions,head_seed,input_seed",
+                         [("coop_rcar", 2, "t2i", 3, 5, 14), ("only_rcr", 1, "i2t", 2, 6, 15)])
+def test_rcar_vectorized_gradcheck(regulator, steps, direction, regions, head_seed, input_seed):
+    head = make_head(regulator, steps, direction, d=3, sim_dim=4, seed=head_seed)
+    img, cap, lens = make_inputs(n_img=2, lens=(3, 1, 2), regions=regions, d=3, seed=input_seed,
+                                 pad=0.3)
     img.requires_grad_(True)
     cap.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda i, c: head.forward_vectorized(i, c, lens, 2, 2), (img, cap))

@@ -158,15 +158,6 @@ def test_auto_picks_cpu_for_cpu_float32():
     assert dispatch.choose("scan", "auto", torch.device("cpu"), torch.float32).backend == "cpu"
 
 
-@pytest.fixture
-def baseline_simd():
-    """Runs the test on the baseline (non-AVX2) copy of the vector loops."""
-    native = dispatch.native_module()
-    assert native.set_cpu_simd_path("baseline") == "baseline"
-    yield
-    native.set_cpu_simd_path("auto")
-
-
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_baseline_simd_copy(direction, baseline_simd):
     img, cap, lens = make_inputs(4, 6, 11, 10, 9)

@@ -8,7 +8,6 @@ GPU path uses). The GPU tests run the kernels against the float64 reference.
 """
 import os
 import re
-import shutil
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import rcar_fast
 from rcar_fast import dispatch, reference
 from rcar_fast.ops import scan_cuda
 from rcar_fast.contract import AGGREGATIONS, DIRECTIONS, RAW_NORMS, SCAN_PUBLISHED
-from tests.conftest import requires_gpu
+from tests.conftest import native_or_skip, requires_cuda_build, requires_gpu
 from tests.inputs import make_inputs
 from tests.tolerances import (CUDA_VS_TRITON, CUDA_VS_TRITON_FACTOR, CUDA_VS_TRITON_SCALE_FLOOR, F32_BLOCKED,
                               F64_GRADIENT_ASSEMBLY, F64_PAIR_BACKWARD, Tolerance, assert_bit_equal, assert_close,
@@ -27,16 +26,11 @@ SMOOTH = {direction: s["smooth"] for direction, s in SCAN_PUBLISHED["f30k"].item
 LSE_LAMBDA = {direction: s["lse_lambda"] for direction, s in SCAN_PUBLISHED["f30k"].items()}
 
 
-def _nvcc_available() -> bool:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    return shutil.which("nvcc") is not None or os.path.exists(os.path.join(home, "bin", "nvcc"))
-
-
-def _native_or_skip():
-    native = dispatch.native_module()
-    if isinstance(native, str):
-        pytest.skip(native)
-    return native
+def _every_option(test):
+    """Parametrizes `test` over the kernels' whole option grid: direction x raw_norm x agg."""
+    for name, values in (("agg", AGGREGATIONS), ("raw_norm", RAW_NORMS), ("direction", DIRECTIONS)):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
 
 
 def _options(direction, raw_norm="clipped_l2norm", agg="mean"):
@@ -52,10 +46,9 @@ def _inputs(n_img, n_cap, R, d, lens, *, lmax=None, dtype=torch.float32, **kw):
 # Runs anywhere
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not _nvcc_available() or os.environ.get("RCAR_FAST_CUDA") == "0",
-                    reason="no nvcc on this machine (or RCAR_FAST_CUDA=0): the extension is CPU-only")
+@requires_cuda_build
 def test_extension_built_with_cuda_when_nvcc_exists():
-    native = _native_or_skip()
+    native = native_or_skip()
     assert native.built_with_cuda(), "nvcc exists but rcar_fast._C was built without CUDA kernels"
     for name in ("scan_forward_cuda", "scan_backward_cuda", "gram_ragged_cuda", "row_sqnorms_cuda"):
         assert hasattr(native, name), f"rcar_fast._C lacks {name}"
@@ -63,7 +56,7 @@ def test_extension_built_with_cuda_when_nvcc_exists():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason given on a GPU-less machine")
 def test_backends_say_no_gpu_is_visible():
-    native = _native_or_skip()
+    native = native_or_skip()
     if not native.built_with_cuda():
         pytest.skip("extension built without CUDA kernels")
     report = rcar_fast.backends()["cuda"]
@@ -74,7 +67,7 @@ def test_backends_say_no_gpu_is_visible():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a GPU-less machine")
 def test_requesting_cuda_for_cpu_tensors_raises_with_the_reason():
-    native = _native_or_skip()
+    native = native_or_skip()
     img, cap, lens = _inputs(2, 3, 4, 8, [2, 3, 1])
     expected = "no CUDA GPU is visible" if native.built_with_cuda() else "built without CUDA"
     with pytest.raises(rcar_fast.BackendUnavailable, match=expected):
@@ -240,9 +233,7 @@ def _manual_pair_backward(scores, gram, q_sq, options, upstream):
     return d_s, alpha, 2 * d_sq[:, None] * alpha, d_qn
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("raw_norm", RAW_NORMS)
-@pytest.mark.parametrize("agg", AGGREGATIONS)
+@_every_option
 def test_hand_derived_pair_backward_matches_autograd(direction, raw_norm, agg):
     options = _options(direction, raw_norm, agg)
     C, Q, d = (7, 5, 12) if direction == "t2i" else (5, 7, 12)
@@ -337,9 +328,7 @@ def _random_lens(n_cap, max_len, min_len=1):
 
 
 @requires_gpu
-@pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("raw_norm", RAW_NORMS)
-@pytest.mark.parametrize("agg", AGGREGATIONS)
+@_every_option
 def test_forward_every_option_fp32(direction, raw_norm, agg):
     img, cap, lens = _inputs(5, 7, 11, 40, _random_lens(7, 9), device="cuda", lmax=10)
     kw = _kwargs(direction, raw_norm, agg)
@@ -414,9 +403,7 @@ def _grads(backend, img, cap, lens, grad_sims, **kw):
 
 
 @requires_gpu
-@pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("raw_norm", RAW_NORMS)
-@pytest.mark.parametrize("agg", AGGREGATIONS)
+@_every_option
 def test_backward_every_option_fp32(direction, raw_norm, agg):
     img, cap, lens = _inputs(4, 6, 9, 24, _random_lens(6, 7), device="cuda", lmax=8)
     grad_sims = torch.randn(4, 6, device="cuda")

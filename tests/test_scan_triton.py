@@ -19,7 +19,7 @@ from tests.conftest import requires_gpu
 from tests.inputs import make_inputs, real_words
 from tests.tolerances import (F32_STRIDED_VIEW, F64_GRADCHECK, assert_bit_equal, assert_close,
                               assert_close_to_reference)
-from tests.conftest import requires_interpreter
+from tests.conftest import assert_interpreter_dispatch, requires_interpreter
 
 LENS = (1, 7, 3, 5, 2)
 
@@ -152,12 +152,7 @@ def test_float64_output_is_float64():
 
 @requires_interpreter
 def test_dispatch_reasons():
-    cpu = torch.device("cpu")
-    assert dispatch.rejection("scan", "triton", cpu, torch.float32) is None
-    reason = dispatch.rejection("scan", "triton", cpu, torch.bfloat16)
-    assert reason is not None and "interpreter" in reason
-    # the interpreter is for tests: auto never picks triton for CPU tensors
-    assert dispatch.choose("scan", "auto", cpu, torch.float32).backend != "triton"
+    assert_interpreter_dispatch("scan")
     with pytest.raises(dispatch.BackendUnavailable, match="bfloat16"):
         img, cap, lens = _inputs(dtype=torch.bfloat16)
         _triton(img, cap, lens)

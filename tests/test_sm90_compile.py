@@ -62,6 +62,21 @@ def _spills(builds, *keys, allowed=lambda build: 0):
             if b["error"] is None and b["stack"] > allowed(b)]
 
 
+def _assert_every_config_compiles(builds, kernels, *keys):
+    """Every kernel of the case was compiled, and every kept config compiles within an H100's
+    shared memory."""
+    assert {b["kernel"] for b in builds} == set(kernels)
+    failures = _compile_failures(builds, *keys)
+    assert not failures, f"{len(failures)} of {len(builds)} configurations fail:\n" + "\n".join(failures)
+
+
+def _assert_hot_configs_do_not_spill(builds, *keys):
+    hot = [b for b in builds if b["hot"]]
+    assert hot
+    spills = _spills(hot, *keys)
+    assert not spills, f"{len(spills)} of {len(hot)} hot configurations spill:\n" + "\n".join(spills)
+
+
 # No spill is tolerated in a hot configuration (0 B of stack with triton 3.6 and 3.8). What it
 # took (issue 11), should one come back: at 64 rows and 8 warps, triton's rule for a dot whose
 # result reaches another dot (all warps along M) replicated the SCAN backward epilogue and
@@ -118,19 +133,9 @@ for case, (direction, dtype, raw_norm, agg, lens, names, hot) in enumerate(cases
     if set(names) - {"fwd"}:
         kernels.scan_backward(problem, torch.ones(problem.n_img, problem.n_cap), True, True)
     for name in names:
-        rec = recorders[name]
-        assert rec.launches, f"{name} was not launched"
-        for nargs, kwargs in rec.launches:
-            for config in rec.configs(nargs, kwargs):
-                launches.append((rec.jit_fn, {**nargs, **kwargs}, config))
-                owners.append(dict(case=case, kernel=name, C_PAD=kwargs["C_PAD"],
-                                   Q_PAD=kwargs["Q_PAD"], config=str(config),
-                                   hot=name in hot))
-builds = sm90.compile_many(launches)
-results = [[] for _ in cases]
-for owner, build in zip(owners, builds):
-    results[owner["case"]].append(dict(owner, **build))
-sm90.emit(results)
+        sm90.add_recorded(recorders[name], launches, owners, ("C_PAD", "Q_PAD"), case=case, kernel=name,
+                          hot=name in hot)
+sm90.emit_by_case(launches, owners, len(cases))
 """
 
 _SCAN_KEYS = ("kernel", "C_PAD", "Q_PAD", "config")
@@ -146,20 +151,14 @@ def scan_builds(triton_path):
                          ids=["-".join(map(str, c[:4])) + f"-L{','.join(map(str, c[4]))}"
                               for c in SCAN_CASES])
 def test_scan_configurations_compile_for_sm90(scan_builds, index):
-    builds = scan_builds[index]
-    assert {b["kernel"] for b in builds} == set(SCAN_CASES[index][5])
-    failures = _compile_failures(builds, *_SCAN_KEYS)
-    assert not failures, f"{len(failures)} of {len(builds)} configurations fail:\n" + "\n".join(failures)
+    _assert_every_config_compiles(scan_builds[index], SCAN_CASES[index][5], *_SCAN_KEYS)
 
 
 @pytest.mark.parametrize("index", [i for i, c in enumerate(SCAN_CASES) if c[6]],
                          ids=["-".join(map(str, c[:4])) + f"-L{','.join(map(str, c[4]))}"
                               for c in SCAN_CASES if c[6]])
 def test_scan_hot_configurations_do_not_spill(scan_builds, index):
-    hot = [b for b in scan_builds[index] if b["hot"]]
-    assert hot
-    spills = _spills(hot, *_SCAN_KEYS)
-    assert not spills, f"{len(spills)} of {len(hot)} hot configurations spill:\n" + "\n".join(spills)
+    _assert_hot_configs_do_not_spill(scan_builds[index], *_SCAN_KEYS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,18 +352,9 @@ for case, (direction, dtype, pool, leaky, regions, lens, d, names, hot) in enume
         kernels.maxsim_pairs_forward(pairs)
         kernels.maxsim_pairs_backward(pairs, torch.ones(len(img_idx)), True, True)
     for name in names:
-        rec = recorders[name]
-        assert rec.launches, f"{name} was not launched"
-        for nargs, kwargs in rec.launches:
-            for config in rec.configs(nargs, kwargs):
-                launches.append((rec.jit_fn, {**nargs, **kwargs}, config))
-                owners.append(dict(case=case, kernel=name, R_PAD=kwargs["R_PAD"],
-                                   L_PAD=kwargs["L_PAD"], config=str(config), hot=name in hot))
-builds = sm90.compile_many(launches)
-results = [[] for _ in cases]
-for owner, build in zip(owners, builds):
-    results[owner["case"]].append(dict(owner, **build))
-sm90.emit(results)
+        sm90.add_recorded(recorders[name], launches, owners, ("R_PAD", "L_PAD"), case=case, kernel=name,
+                          hot=name in hot)
+sm90.emit_by_case(launches, owners, len(cases))
 """
 
 _MAXSIM_KEYS = ("kernel", "R_PAD", "L_PAD", "config")
@@ -379,16 +369,10 @@ def maxsim_builds(triton_path):
 
 @pytest.mark.parametrize("index", range(len(MAXSIM_CASES)), ids=_MAXSIM_IDS)
 def test_maxsim_configurations_compile_for_sm90(maxsim_builds, index):
-    builds = maxsim_builds[index]
-    assert {b["kernel"] for b in builds} == set(MAXSIM_CASES[index][7])
-    failures = _compile_failures(builds, *_MAXSIM_KEYS)
-    assert not failures, f"{len(failures)} of {len(builds)} configurations fail:\n" + "\n".join(failures)
+    _assert_every_config_compiles(maxsim_builds[index], MAXSIM_CASES[index][7], *_MAXSIM_KEYS)
 
 
 @pytest.mark.parametrize("index", [i for i, c in enumerate(MAXSIM_CASES) if c[8]],
                          ids=[i for i, c in zip(_MAXSIM_IDS, MAXSIM_CASES) if c[8]])
 def test_maxsim_hot_configurations_do_not_spill(maxsim_builds, index):
-    hot = [b for b in maxsim_builds[index] if b["hot"]]
-    assert hot
-    spills = _spills(hot, *_MAXSIM_KEYS)
-    assert not spills, f"{len(spills)} of {len(hot)} hot configurations spill:\n" + "\n".join(spills)
+    _assert_hot_configs_do_not_spill(maxsim_builds[index], *_MAXSIM_KEYS)

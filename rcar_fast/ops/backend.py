@@ -119,6 +119,14 @@ class Inputs:
             return None
         return int(self.lens.max())
 
+    def tile_extent(self) -> Optional[tuple]:
+        """(regions, longest caption) a kernel's tile must hold, the padded length Lmax
+        standing in when lens is not read; None when the shapes are not known."""
+        if self.img_shape is None or self.cap_shape is None:
+            return None
+        longest = self.longest_caption()
+        return self.img_shape[1], self.cap_shape[1] if longest is None else longest
+
     @classmethod
     def of_scan(cls, img: torch.Tensor, cap: torch.Tensor, direction: str,
                 lens: Optional[torch.Tensor] = None) -> "Inputs":
@@ -208,6 +216,37 @@ class Backend:
         return {"has_backward": cls.has_backward, "implements_dropout": cls.implements_dropout,
                 "dtypes": {dev: [str(d).replace("torch.", "") for d in dts]
                            for dev, dts in cls.dtypes.items()} or "any"}
+
+
+class CpuKernelBackend(Backend):
+    """What the C++ CPU backends share: CPU tensors in float32 or float64 (the kernels'
+    compute types), refused otherwise with what to do instead."""
+    backend, kernel = "cpu", "the C++ CPU kernels"
+    dtypes = {"cpu": (torch.float32, torch.float64)}
+
+    @classmethod
+    def dtype_reason(cls, device_type, dtype):
+        if device_type != "cpu":
+            return f"{cls.kernel} take CPU tensors, got {device_type} tensors"
+        if dtype not in cls.dtypes["cpu"]:
+            return (f"{cls.kernel} compute in float32 or float64, got {dtype} "
+                    "(cast the inputs, or use backend='reference')")
+        return None
+
+
+class TritonBackend(Backend):
+    """What the Triton SCAN and head backends share: fp32/fp16/bf16 on CUDA; under triton's
+    CPU interpreter (tests) fp32/fp16 and float64 (for gradcheck), but not bfloat16."""
+    backend = "triton"
+    dtypes = {"cuda": (torch.float32, torch.float16, torch.bfloat16),
+              "cpu": (torch.float32, torch.float16, torch.float64)}
+
+    @classmethod
+    def dtype_reason(cls, device_type, dtype):
+        if device_type == "cpu" and dtype == torch.bfloat16:
+            return ("bfloat16 is not supported under triton's CPU interpreter (its bf16 tl.dot "
+                    "is wrong); use float32/float16 on CPU, or a CUDA GPU")
+        return super().dtype_reason(device_type, dtype)
 
 
 def output_dtype(dtype: torch.dtype) -> torch.dtype:

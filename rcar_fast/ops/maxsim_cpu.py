@@ -14,13 +14,9 @@ float32 and float64 CPU tensors; CHAN's VSA coding is on the reference backends 
 """
 from __future__ import annotations
 
-import torch
-
 from rcar_fast import contract
-from rcar_fast.ops.backend import Backend, native
+from rcar_fast.ops.backend import CpuKernelBackend, native
 from rcar_fast.ops.library import define_maxsim_op
-
-_DTYPES = (torch.float32, torch.float64)
 
 
 def native_settings(direction, pool, tau, leaky, both_scale):
@@ -53,22 +49,8 @@ maxsim_cpu_op = define_maxsim_op("maxsim_cpu", _forward, _backward)
 maxsim_pairs_cpu_op = define_maxsim_op("maxsim_pairs_cpu", _pairs_forward, _pairs_backward, pairs=True)
 
 
-def _dtype_reason(device_type, dtype):
-    if device_type != "cpu":
-        return f"the C++ CPU kernels take CPU tensors, got {device_type} tensors"
-    if dtype not in _DTYPES:
-        return (f"the C++ CPU kernels compute in float32 or float64, got {dtype} "
-                "(cast the inputs, or use backend='reference')")
-    return None
-
-
-class MaxSimCpu(Backend):
-    op, backend, kernel = "maxsim", "cpu", "the C++ CPU kernels"
-    dtypes = {"cpu": _DTYPES}
-
-    @classmethod
-    def dtype_reason(cls, device_type, dtype):
-        return _dtype_reason(device_type, dtype)
+class MaxSimCpu(CpuKernelBackend):
+    op = "maxsim"
 
     @staticmethod
     def fn(img, cap, lens, img_lens, *, direction, pool, tau, leaky, both_scale):
@@ -76,13 +58,8 @@ class MaxSimCpu(Backend):
                              float(both_scale))
 
 
-class MaxSimPairsCpu(Backend):
-    op, backend, kernel = "maxsim_pairs", "cpu", "the C++ CPU kernels"
-    dtypes = {"cpu": _DTYPES}
-
-    @classmethod
-    def dtype_reason(cls, device_type, dtype):
-        return _dtype_reason(device_type, dtype)
+class MaxSimPairsCpu(CpuKernelBackend):
+    op = "maxsim_pairs"
 
     @staticmethod
     def fn(img, cap, lens, img_lens, img_idx, cap_idx, *, direction, pool, tau, leaky, both_scale):

@@ -24,9 +24,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from rcar_fast import contract
-from rcar_fast.ops.backend import Backend, BackendUnavailable, Inputs, native
+from rcar_fast.ops.backend import BackendUnavailable, Inputs, native
 from rcar_fast.ops.library import MAXSIM_OPTION_NAMES, define_maxsim_op
-from rcar_fast.ops.scan_cuda import COL_FRAGS, DTYPE_CODES, caption_groups
+from rcar_fast.ops.scan_cuda import COL_FRAGS, DTYPE_CODES, CudaTileBackend, caption_groups
 
 # Upper bound for one image chunk's coefficient and argmax buffers in the backward.
 COEFFICIENT_BUFFER_BYTES = 512 * 2**20
@@ -203,23 +203,18 @@ def _backward(grad, img, cap, lens, img_lens, options):
 maxsim_cuda_op = define_maxsim_op("maxsim_cuda", _forward, _backward)
 
 
-class MaxSimCuda(Backend):
-    op, backend, kernel = "maxsim", "cuda", "the CUDA maxsim kernels"
-    dtypes = {"cuda": tuple(DTYPE_CODES)}
+class MaxSimCuda(CudaTileBackend):
+    op, kernel = "maxsim", "the CUDA maxsim kernels"
 
     @classmethod
-    def extra_reasons(cls, inputs: Inputs) -> list:
-        # The tile must hold R regions and the longest caption (Lmax when lens is not read);
-        # the launch check (maxsim_problem_error, the kernels' own limits) judges the rest.
-        if inputs.img_shape is None or inputs.cap_shape is None:
-            return []
-        longest = inputs.longest_caption()
-        longest = inputs.cap_shape[1] if longest is None else longest
-        reason = tile_shape_rejection(inputs.img_shape[1], longest)
+    def tile_reason(cls, inputs: Inputs, regions: int, longest: int) -> Optional[str]:
+        # This op's tile shapes first; the launch check (maxsim_problem_error, the kernels'
+        # own limits) judges the rest.
+        reason = tile_shape_rejection(regions, longest)
         if reason is None:
             reason = native().maxsim_problem_error(shape_problem(inputs, longest))
             reason = reason and f"the CUDA maxsim kernels: {reason}"
-        return [reason] if reason else []
+        return reason
 
     @staticmethod
     def fn(img, cap, lens, img_lens, *, direction="t2i", pool="mean", tau=contract.CHAN_TAU,

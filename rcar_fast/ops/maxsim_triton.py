@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from rcar_fast.ops.backend import Backend, Inputs
+from rcar_fast.ops.backend import Inputs, TritonBackend
 from rcar_fast.ops.library import MAXSIM_OPTION_NAMES, define_maxsim_op
-
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INTERPRETER_DTYPES = (torch.float32, torch.float16, torch.float64)
 
 
 def _kernels():
@@ -60,18 +57,10 @@ def _op_backward(grad, img, cap, lens, img_lens, options):
 maxsim_triton_op = define_maxsim_op("maxsim_triton", _op_forward, _op_backward)
 
 
-class _TritonHeads(Backend):
-    """What both Triton head backends share: dtypes and the tile-size limit."""
-    backend, kernel = "triton", "the Triton S-only head kernels"
-    dtypes = {"cuda": _CUDA_DTYPES, "cpu": _INTERPRETER_DTYPES}
+class _TritonHeads(TritonBackend):
+    """What both Triton head backends share: the tile-size limit."""
+    kernel = "the Triton S-only head kernels"
     region_floor = 1   # the regions' padding floor of the op's kernels
-
-    @classmethod
-    def dtype_reason(cls, device_type, dtype):
-        if device_type == "cpu" and dtype == torch.bfloat16:
-            return ("bfloat16 is not supported under triton's CPU interpreter (its bf16 tl.dot "
-                    "is wrong); use float32/float16 on CPU, or a CUDA GPU")
-        return super().dtype_reason(device_type, dtype)
 
     @classmethod
     def extra_reasons(cls, inputs: Inputs) -> list[str]:

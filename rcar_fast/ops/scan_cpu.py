@@ -16,10 +16,8 @@ from typing import Optional
 import torch
 
 from rcar_fast import contract
-from rcar_fast.ops.backend import Backend, native
+from rcar_fast.ops.backend import CpuKernelBackend, native
 from rcar_fast.ops.library import define_scan_op
-
-_DTYPES = (torch.float32, torch.float64)
 
 # Bytes of the per-image Grams one kernel call may hold (its backward holds as much again for
 # their gradients), and the most one image's Gram may take.
@@ -101,18 +99,8 @@ def _backward(grad, img, cap, lens, options) -> tuple:
 scan_cpu_op = define_scan_op("scan_cpu", _forward, _backward)
 
 
-class ScanCpu(Backend):
-    op, backend, kernel = "scan", "cpu", "the C++ CPU kernels"
-    dtypes = {"cpu": _DTYPES}
-
-    @classmethod
-    def dtype_reason(cls, device_type, dtype):
-        if device_type != "cpu":
-            return f"the C++ CPU kernels take CPU tensors, got {device_type} tensors"
-        if dtype not in _DTYPES:
-            return (f"the C++ CPU kernels compute in float32 or float64, got {dtype} "
-                    "(cast the inputs, or use backend='reference')")
-        return None
+class ScanCpu(CpuKernelBackend):
+    op = "scan"
 
     @classmethod
     def extra_reasons(cls, inputs):

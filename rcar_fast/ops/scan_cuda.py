@@ -370,20 +370,26 @@ def _op_backward(grad, img, cap, lens, options) -> tuple:
 scan_cuda_op = define_scan_op("scan_cuda", _op_forward, _op_backward)
 
 
-class ScanCuda(Backend):
-    op, backend, kernel = "scan", "cuda", "the CUDA SCAN kernels"
+class CudaTileBackend(Backend):
+    """What the CUDA SCAN and maxsim backends share: their dtypes, and a tile that must hold R
+    regions and the longest caption (when the wrapper did not read the lengths, the padded
+    length Lmax bounds it), judged by `tile_reason`."""
+    backend = "cuda"
     dtypes = {"cuda": tuple(DTYPE_CODES)}
 
     @classmethod
+    def tile_reason(cls, inputs: Inputs, regions: int, longest: int) -> Optional[str]:
+        return tile_shape_rejection(regions, longest)
+
+    @classmethod
     def extra_reasons(cls, inputs: Inputs) -> list:
-        # The tile must hold R regions and the longest caption; when the wrapper did not read
-        # the lengths, the padded length Lmax bounds it.
-        if inputs.img_shape is None or inputs.cap_shape is None:
-            return []
-        longest = inputs.longest_caption()
-        longest = inputs.cap_shape[1] if longest is None else longest
-        reason = tile_shape_rejection(inputs.img_shape[1], longest)
+        extent = inputs.tile_extent()
+        reason = extent and cls.tile_reason(inputs, *extent)
         return [reason] if reason else []
+
+
+class ScanCuda(CudaTileBackend):
+    op, kernel = "scan", "the CUDA SCAN kernels"
 
     @staticmethod
     def fn(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm", smooth=9.0,

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from rcar_fast.ops.backend import Backend
+from rcar_fast.ops.backend import TritonBackend
 from rcar_fast.ops.library import SCAN_OPTION_NAMES, define_scan_op
-
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INTERPRETER_DTYPES = (torch.float32, torch.float16, torch.float64)
 
 
 def _kernels():
@@ -67,16 +64,8 @@ def _op_backward(grad, img, cap, lens, options):
 scan_triton_op = define_scan_op("scan_triton", _op_forward, _op_backward)
 
 
-class ScanTriton(Backend):
-    op, backend, kernel = "scan", "triton", "the Triton SCAN kernels"
-    dtypes = {"cuda": _CUDA_DTYPES, "cpu": _INTERPRETER_DTYPES}
-
-    @classmethod
-    def dtype_reason(cls, device_type, dtype):
-        if device_type == "cpu" and dtype == torch.bfloat16:
-            return ("bfloat16 is not supported under triton's CPU interpreter (its bf16 tl.dot "
-                    "is wrong); use float32/float16 on CPU, or a CUDA GPU")
-        return super().dtype_reason(device_type, dtype)
+class ScanTriton(TritonBackend):
+    op, kernel = "scan", "the Triton SCAN kernels"
 
     @staticmethod
     def fn(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm", smooth=9.0,
