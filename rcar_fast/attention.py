@@ -53,7 +53,7 @@ from rcar_fast.contract import DIRECTIONS, HEAD_PRESETS
 from rcar_fast.encoders import SCANHead
 from rcar_fast.heads import RCARHead
 from rcar_fast.ops import maxsim as maxsim_op
-from rcar_fast.pairs import SCAN_DEFAULTS
+from rcar_fast.ops.scan import ScanScorer
 from rcar_fast.reference_heads import unit_normalize
 
 __all__ = ["attention_maps", "attention_steps", "pair_list", "overlay", "render_pair",
@@ -213,16 +213,16 @@ def _check_step(head: RCARHead, step) -> int:
 def _scan_head(options: dict, dtype: torch.dtype) -> _Head:
     if "direction" in options:
         raise TypeError("the map's direction is attention_maps' direction=, not a SCAN option")
-    unknown = set(options) - set(SCAN_DEFAULTS)
+    unknown = set(options) - set(ScanScorer.defaults)
     if unknown:
         raise TypeError(f"unexpected SCAN keyword(s) {sorted(unknown)}; expected some of "
-                        f"{sorted(k for k in SCAN_DEFAULTS if k != 'direction')}")
-    kw = {**SCAN_DEFAULTS, **options}
+                        f"{sorted(k for k in ScanScorer.defaults if k != 'direction')}")
+    kw = {**ScanScorer.defaults, **options}
     validate.choice(kw["raw_norm"], "raw_norm", reference_math.RAW_NORMS)
     validate.choice(kw["agg"], "agg", reference_math.AGGREGATIONS)
     validate.lse_lambda_value(kw["lse_lambda"])
     smooth = validate.smooth_for(kw["smooth"], dtype)
-    return _Head(DIRECTIONS, SCAN_DEFAULTS["direction"],
+    return _Head(DIRECTIONS, ScanScorer.defaults["direction"],
                  lambda direction: _scan_map_fn(direction, kw["raw_norm"], smooth), "SCAN")
 
 

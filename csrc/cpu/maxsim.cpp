@@ -52,7 +52,7 @@ using Mask = simd::Mask<T>;
 struct HeadOptions {
   bool t2i = true, i2t = false, leaky = false;
   int pool = kPoolMean;
-  double tau = 0.1;
+  double tau = 1.0;  // always set from MaxSimSettings
   double scale = 1.0;  // each term's factor: 1 for one direction, both_scale for "both"
 };
 
