@@ -27,10 +27,10 @@ import sys
 
 import torch
 
-REGULATORS = ("coop_rcar", "only_rar", "only_rcr")
-
 
 def parse_args(argv=None):
+    from rcar_fast.contract import REGULATORS  # after __main__ put the checkout on sys.path
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="auto",
                    help="B x B scoring: auto, cpu, triton, cuda, reference, reference_loop")
