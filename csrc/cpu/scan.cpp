@@ -769,22 +769,10 @@ std::vector<at::Tensor> scan_backward_impl(const ScanProblem<T>& P, const at::Te
   ScanGrads<T> G(P);
   const at::Tensor g = grad.contiguous();
   const T* gp = g.data_ptr<T>();
-  const int64_t n_blocks = P.n_cap_blocks();
-  const int team = team_size(n_blocks);
-  std::vector<std::unique_ptr<TileScratch<T>>> scratch(team);
   const bool avx2 = use_avx2_path();
-  // Caption blocks go out from one counter, in increasing order (OrderedTurns relies on it).
-  std::atomic<int64_t> next_block{0};
-  run_tasks(team, [&](int64_t, int thread) {
-    if (!scratch[thread]) scratch[thread] = std::make_unique<TileScratch<T>>(P, true);
-    try {
-      for (int64_t cb = next_block++; cb < n_blocks; cb = next_block++)
-        backward_caption_block(P, cb, *scratch[thread], gp, G, avx2);
-    } catch (...) {
-      G.img_turns.abandon();
-      throw;
-    }
-  });
+  for_caption_blocks_in_order<TileScratch<T>>(
+      P.n_cap_blocks(), G.img_turns, [&] { return std::make_unique<TileScratch<T>>(P, true); },
+      [&](int64_t cb, TileScratch<T>& scratch) { backward_caption_block(P, cb, scratch, gp, G, avx2); });
   return finish_gradients(P, G);
 }
 

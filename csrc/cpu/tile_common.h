@@ -19,6 +19,7 @@
 #include <cstring>
 #include <exception>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -243,5 +244,26 @@ class OrderedTurns {
   std::vector<int64_t> next_;
   std::atomic<bool> abandoned_{false};
 };
+
+// Runs body(cb, scratch) for caption blocks cb = 0 .. n_blocks-1 on a thread team, handing the
+// blocks out from one counter in increasing order (what OrderedTurns relies on); each thread
+// builds its scratch once, with make_scratch(). A failing block abandons `turns`, so that no
+// thread waits for a turn that will never come, and the error reaches the caller.
+template <typename Scratch, typename MakeScratch, typename Body>
+void for_caption_blocks_in_order(int64_t n_blocks, OrderedTurns& turns, MakeScratch&& make_scratch,
+                                 Body&& body) {
+  const int team = team_size(n_blocks);
+  std::vector<std::unique_ptr<Scratch>> scratch(team);
+  std::atomic<int64_t> next_block{0};
+  run_tasks(team, [&](int64_t, int thread) {
+    if (!scratch[thread]) scratch[thread] = make_scratch();
+    try {
+      for (int64_t cb = next_block++; cb < n_blocks; cb = next_block++) body(cb, *scratch[thread]);
+    } catch (...) {
+      turns.abandon();
+      throw;
+    }
+  });
+}
 
 }  // namespace rcar_cpu::detail
