@@ -140,6 +140,47 @@ def test_kernel_writes_every_entry_of_a_poisoned_buffer():
         assert_close_to_reference(out, reference64(head, img, cap, lens), dtype=torch.float32)
 
 
+# Tiling edge cases. In the interpreter a tile has pow2(longest query set) rows (at least 16)
+# and at most 16 segments; t2i packs captions (5 words: 3 per 16-row tile), i2t images (R=5:
+# 3 per tile). Per case: query sets, context sets, segments of each tile (largest first).
+TILING_CASES = {
+    # one image, one caption: one tile holding one segment
+    "single_pair": (1, 1, [1]),
+    # fewer query sets than a tile holds (2 < 3): one partly filled tile
+    "fewer_sets_than_a_tile": (2, 2, [2]),
+    # 7 query sets, 3 per tile: tiles of 3, 3 and 1 (a count that is not a multiple)
+    "partial_last_tile": (7, 7, [3, 3, 1]),
+}
+
+
+def _segments_per_tile(direction, n_img, n_regions, lens):
+    """How rcar_forward tiles the query sets of this batch: segments per tile, largest first."""
+    from rcar_fast.kernels import rcar
+
+    cfg = rcar.tile_config(direction, n_regions, lens, interpreter=True)
+    seg_lengths = lens if direction == "t2i" else [n_regions] * n_img
+    _, _, tile_items = rcar.pack_segments(seg_lengths, [0] * len(seg_lengths), cfg["ROWS"],
+                                          cfg["BSEG"])
+    return sorted(((tile_items >= 0).sum(dim=1)).tolist(), reverse=True)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+@pytest.mark.parametrize("case", list(TILING_CASES))
+def test_forward_tiling_edge_cases(case, direction):
+    n_sets, n_other, expected_tiles = TILING_CASES[case]
+    # the query sets are captions in t2i, images in i2t
+    n_cap, n_img = (n_sets, n_other) if direction == "t2i" else (n_other, n_sets)
+    lens = [5] * n_cap
+    assert _segments_per_tile(direction, n_img, 5, lens) == expected_tiles
+    img, cap, lens = _inputs(n_img=n_img, n_cap=n_cap, lens=lens)
+    head = make_head("coop_rcar", 2, direction)
+    out = triton_scores(head, img, cap, lens)
+    assert out.shape == (n_img, n_cap)
+    assert_close_to_reference(out, reference64(head, img, cap, lens), dtype=torch.float32,
+                              what=f"{case} {direction}")
+
+
 def test_pack_segments_keeps_items_whole_and_within_limits():
     from rcar_fast.kernels.rcar import pack_segments
 
