@@ -568,9 +568,9 @@ def pack_segments(seg_lengths, seg_row_base, rows: int, max_segs: int):
 # transposed (SP, BSEG) so that pooling and W_q have M = SP / NC: 1128 (and 368 at 64 rows);
 # the segment norm as one (ROWS, ROWS) same-segment product: 400 (112 at 64 rows); plain dots
 # for _dot_in_branch: 480. By mode at 128 rows: only_rar(0) 240 registers / 0 B, only_rcr(0)
-# 175 / 0, only_rar(1) and coop_rcar(1) 255 / 0, only_rcr(1) 264 B, only_rar(2) 88 B. The
-# spill code sits (nvdisasm line info) in RAR's feature loop (W_q with M = BSEG), the segment
-# sums of the raw-score norm (M = BSEG), the row reductions and the persistent loop.
+# 175 / 0, only_rar(1) 255 / 0, only_rcr(1) 264 B. The spill code sits (nvdisasm line info) in
+# the persistent loop, the segment sums of the raw-score norm (M = BSEG), the alignment's
+# column passes, the row reductions, RAR's feature loop (W_q, M = BSEG) and the pooling.
 GPU_ROWS = 64
 # The GPU tile space per precision kind: d chunk (DC), RCR hidden chunk (HC), RAR / RCR feature
 # and K chunks (NC, KC), warps, stages. Every entry compiles for sm_90 with 0 B of stack with
