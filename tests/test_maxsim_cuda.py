@@ -1,4 +1,4 @@
-"""The S-only heads on the CUDA backend (csrc/cuda/maxsim.cu, rcar_fast/ops/maxsim_ops.py).
+"""The S-only heads on the CUDA backend (csrc/cuda/maxsim.cu, rcar_fast/ops/maxsim.py).
 
 Without a GPU this file checks what the host side decides: the extension carries the maxsim
 launchers when built with CUDA, the launch check (maxsim_problem_error) refuses shapes beyond

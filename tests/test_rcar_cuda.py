@@ -1,4 +1,4 @@
-"""The RCAR head on the CUDA C++ backend (csrc/cuda/rcar.cu, rcar_fast/ops/rcar_ops.py),
+"""The RCAR head on the CUDA C++ backend (csrc/cuda/rcar.cu, rcar_fast/ops/rcar.py),
 eval-mode forward. Without a GPU: the dispatcher's reasons and the weight-table layout; with a
 GPU: every regulator mode, step count and direction against the float64 reference."""
 import copy

@@ -1,4 +1,4 @@
-"""SCAN on the CUDA C++ backend (csrc/cuda/scan.cu, rcar_fast/ops/scan_ops.py).
+"""SCAN on the CUDA C++ backend (csrc/cuda/scan.cu, rcar_fast/ops/scan.py).
 
 On a machine without a GPU this file checks what can be checked there: the extension was built
 with the CUDA kernels when nvcc exists, the dispatcher's reasons, the caption grouping and tile

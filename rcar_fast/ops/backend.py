@@ -277,12 +277,23 @@ def output_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# The CUDA tile kernels (SCAN's and the S-only heads'): the tile shapes and the caption groups
+# The CUDA kernels: streams and rows; the tile (SCAN's and the S-only heads'): shapes, caption groups
 # ---------------------------------------------------------------------------------------------
 
 CUDA_DTYPE_CODES = {getattr(torch, name): code for name, code in contract.CUDA_DTYPE_CODES.items()}
 # Tile shapes of the kernels, widest caption groups first (see scan_tile_rows / scan_tile_cols).
 COL_FRAGS = (8, 4, 2)
+
+
+def cuda_stream(device: torch.device) -> int:
+    """The current CUDA stream of `device`, as the launchers take it."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # The native kernels index rows with arbitrary strides but read each feature vector
+    # contiguously.
+    return x if x.stride(2) == 1 else x.contiguous()
 
 
 def tile_shape_rejection(R: int, max_len: int, tile_rows=None, tile_cols=None, kernel: str = "SCAN",

@@ -4,7 +4,8 @@ wrapper. It is the plumbing check of the project: one trivial but real kernel pe
 import torch
 
 from rcar_fast import validate
-from rcar_fast.ops.backend import CUDA_DTYPE_CODES, Backend, Inputs, choose, native
+from rcar_fast.ops.backend import (CUDA_DTYPE_CODES, Backend, Inputs, choose, cuda_stream, native,
+                                   rows_contiguous)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -53,12 +54,10 @@ class GramCuda(Backend):
     @staticmethod
     def fn(x):
         n, R, d = x.shape
-        if x.stride(2) != 1:
-            x = x.contiguous()
+        x = rows_contiguous(x)
         out = torch.empty((n, R, R), device=x.device, dtype=torch.float32)
-        stream = torch.cuda.current_stream(x.device).cuda_stream
         native().gram_cuda(x.data_ptr(), out.data_ptr(), n, R, d, x.stride(0), x.stride(1),
-                           CUDA_DTYPE_CODES[x.dtype], stream)
+                           CUDA_DTYPE_CODES[x.dtype], cuda_stream(x.device))
         return out
 
 

@@ -44,7 +44,7 @@ def pairs_output(img: Tensor, img_idx: Tensor) -> Tensor:
 
 def input_grads(*tensors: Tensor) -> tuple:
     """Empty gradients shaped and typed like the inputs they belong to (contiguous, as every
-    implementation returns them: _define makes sure)."""
+    implementation returns them: define makes sure)."""
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors)
 
 
@@ -123,8 +123,8 @@ def _saved_inputs(ctx) -> list:
 
 
 def define(name: str, inputs_schema: str, fake: Callable, forward: Callable,
-            backward: Optional[Callable], grad_schema: str, fake_grads: Callable,
-            differentiable: tuple):
+           backward: Optional[Callable], grad_schema: str, fake_grads: Callable,
+           differentiable: tuple):
     """rcar_fast::{name}(inputs) -> Tensor and, when `backward` is given,
     rcar_fast::{name}_backward(grad, inputs) -> grad_schema with the autograd formula that
     calls it: its outputs are the gradients of the inputs at the positions `differentiable`.
@@ -157,6 +157,8 @@ def define(name: str, inputs_schema: str, fake: Callable, forward: Callable,
 # ---------------------------------------------------------------------------------------------
 
 def listed_pairs(driver: Callable, img, cap, lens, img_idx, cap_idx, direction, pair_fn):
+    """The listed pairs' scores (P,) by a reference pair driver (reference_math.pairs_vectorized
+    or pairs_loop) with the head's pair function."""
     scores = driver(img, cap, lens, direction, pair_fn, img_idx, cap_idx)
     return scores.to(output_dtype(img.dtype))
 
@@ -243,6 +245,9 @@ _N_FIXED = 7
 
 
 def grouped_by_image(all_pairs: Callable, img, cap, lens, img_idx, cap_idx, params=()):
+    """The listed pairs' scores (P,) through all_pairs(img, cap, lens), one call per distinct
+    image against its distinct captions (_GroupedByImage); params: the tensors all_pairs also
+    reads (a head's weights), differentiated too."""
     if img_idx.numel() == 0:
         return img.new_zeros((0,), dtype=output_dtype(img.dtype))
     scores = _GroupedByImage.apply(img, cap, lens, img_idx, cap_idx, all_pairs,

@@ -32,7 +32,8 @@ from rcar_fast.contract import CHAN_TAU, HEAD_CODINGS, HEAD_PRESETS
 from rcar_fast.ops import backend as op_backend
 from rcar_fast.ops.backend import (COL_FRAGS, REQUESTABLE, Backend, BackendUnavailable,  # noqa: F401
                                    CpuKernelBackend, CudaTileBackend, Inputs, TritonBackend,
-                                   caption_groups, choose, find, native, output_dtype)
+                                   caption_groups, choose, cuda_stream, find, native, output_dtype,
+                                   rows_contiguous)
 from rcar_fast.ops.backend import CUDA_DTYPE_CODES as DTYPE_CODES
 from rcar_fast.ops.library import input_grads, vjp
 from rcar_fast.ops.scorer import Scorer
@@ -436,15 +437,6 @@ class Options(NamedTuple):
         return self.direction != "t2i"
 
 
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
-
-
-def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    # The kernels index rows with arbitrary strides but read each feature vector contiguously.
-    return x if x.stride(2) == 1 else x.contiguous()
-
-
 def tile_shape_rejection(R: int, max_len: int) -> Optional[str]:
     """Why no tile shape holds R regions and a caption of max_len words (None if one does)."""
     return op_backend.tile_shape_rejection(R, max_len, kernel="maxsim",
@@ -470,7 +462,7 @@ class Captions:
 
 def prepare_captions(cap: torch.Tensor, lens: torch.Tensor, R: int) -> Captions:
     device = cap.device
-    cap = _rows_contiguous(cap)
+    cap = rows_contiguous(cap)
     lens = lens.to(device=device, dtype=torch.int64).contiguous()
     lens_host = [int(v) for v in lens.cpu().tolist()]
     word_off = torch.zeros(len(lens_host) + 1, dtype=torch.int64, device=device)
@@ -519,13 +511,13 @@ def _image_lens(img_lens: torch.Tensor, device: torch.device) -> torch.Tensor:
 def maxsim_forward(img, cap, lens, img_lens, options: Options,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """sims (n_img, n_cap) float32; `out`, when given, is written in place (tests poison it)."""
-    img = _rows_contiguous(img)
+    img = rows_contiguous(img)
     caps = prepare_captions(cap, lens, img.shape[1])
     img_lens = _image_lens(img_lens, img.device)
     if out is None:
         out = torch.empty((img.shape[0], cap.shape[0]), dtype=torch.float32, device=img.device)
     native().maxsim_forward_cuda(native_problem(img, img_lens, caps, options), out.data_ptr(),
-                                 _stream(img.device))
+                                 cuda_stream(img.device))
     return out
 
 
@@ -540,7 +532,7 @@ def backward_image_chunk(n_img: int, R: int, total_words: int, n_cap: int, optio
 def maxsim_backward(grad_sims, img, cap, lens, img_lens, options: Options):
     """(d img, d cap) in the input dtype; zero at padded regions and words."""
     grad_sims = grad_sims.to(torch.float32).contiguous()
-    img = _rows_contiguous(img)
+    img = rows_contiguous(img)
     caps = prepare_captions(cap, lens, img.shape[1])
     img_lens = _image_lens(img_lens, img.device)
     n_img, R, d = img.shape
@@ -564,7 +556,7 @@ def maxsim_backward(grad_sims, img, cap, lens, img_lens, options: Options):
         native().maxsim_backward_cuda(problem, grad_sims[i0:i0 + chunk].data_ptr(), ptr(t2i_coef),
                                       ptr(t2i_arg), ptr(i2t_coef), ptr(i2t_arg),
                                       d_img[i0:i0 + chunk].data_ptr(), d_cap_packed.data_ptr(),
-                                      _stream(device))
+                                      cuda_stream(device))
     real = torch.arange(cap.shape[1], device=device)[None, :] < caps.lens[:, None]
     d_cap = torch.zeros(cap.shape, dtype=torch.float32, device=device)
     d_cap[real] = d_cap_packed  # packed order = row-major order of the real words

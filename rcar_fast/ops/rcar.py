@@ -75,7 +75,7 @@ def define_rcar_op(name: str, forward: Callable, backward: Optional[Callable] = 
     schema = (f"Tensor img, Tensor cap, Tensor lens, {PAIR_INDICES_SCHEMA if pairs else ''}"
               f"Tensor[] weights, Tensor seed, {RCAR_CONFIG}")
     return define(name, schema, fake, run_forward, backward and run_backward,
-                   "(Tensor, Tensor, Tensor[])", fake_grads, (0, 1, 3 + n_index))
+                  "(Tensor, Tensor, Tensor[])", fake_grads, (0, 1, 3 + n_index))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,8 +33,8 @@ from torch import Tensor
 from rcar_fast import contract, flops, reference_math, validate
 from rcar_fast.ops.backend import (COL_FRAGS, REQUESTABLE, Backend, BackendUnavailable,  # noqa: F401
                                    CpuKernelBackend, CudaTileBackend, Inputs, TritonBackend,
-                                   caption_groups, choose, native, output_dtype, tile_col_frags,
-                                   tile_shape_rejection)
+                                   caption_groups, choose, cuda_stream, native, output_dtype,
+                                   rows_contiguous, tile_col_frags, tile_shape_rejection)
 from rcar_fast.ops.backend import CUDA_DTYPE_CODES as DTYPE_CODES
 from rcar_fast.ops.library import (PAIR_INDICES_SCHEMA, define, grouped_by_image, input_grads,
                                    listed_pairs, pairs_output, scan_output, vjp)
@@ -74,7 +74,21 @@ def define_scan_op(name: str, forward: ScanForward, backward: Optional[ScanBackw
 
     schema = f"Tensor img, Tensor cap, Tensor lens, {PAIR_INDICES_SCHEMA if pairs else ''}{SCAN_OPTIONS}"
     return define(name, schema, fake, run_forward, backward and run_backward, "(Tensor, Tensor)",
-                   lambda img, cap, *rest: input_grads(img, cap), (0, 1))
+                  lambda img, cap, *rest: input_grads(img, cap), (0, 1))
+
+
+def _compiled_or_eager(op: Callable, eager: Callable) -> Callable:
+    """A fused backend's fn: the inputs already validated by scan_similarity (lens int64 on
+    cap's device), the custom op `op` inside torch.compile, else eager(img, cap, lens, options)
+    (an autograd Function that keeps its forward's tables for the backward). Returns (n_img,
+    n_cap) float32 (float64 for float64 inputs where the backend takes them)."""
+    def fn(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm", smooth=9.0, agg="mean",
+           lse_lambda=6.0):
+        options = (direction, raw_norm, float(smooth), agg, float(lse_lambda))
+        if torch.compiler.is_compiling():
+            return op(img, cap, lens, *options)
+        return eager(img, cap, lens, options)
+    return fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,17 +306,8 @@ scan_triton_op = define_scan_op("scan_triton", _triton_forward, _triton_backward
 
 class ScanTriton(TritonBackend):
     op, kernel = "scan", "the Triton SCAN kernels"
-
-    @staticmethod
-    def fn(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm", smooth=9.0,
-           agg="mean", lse_lambda=6.0):
-        """Inputs already validated by rcar_fast.scan_similarity (lens int64 on cap's device).
-        Returns (n_img, n_cap) float32 (float64 for float64)."""
-        if torch.compiler.is_compiling():
-            return scan_triton_op(img, cap, lens, direction, raw_norm, float(smooth), agg,
-                                  float(lse_lambda))
-        return ScanSimilarityTriton.apply(img, cap, lens, direction, raw_norm, smooth, agg,
-                                          lse_lambda)
+    fn = staticmethod(_compiled_or_eager(
+        scan_triton_op, lambda img, cap, lens, options: ScanSimilarityTriton.apply(img, cap, lens, *options)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,15 +349,6 @@ def _native():
     return native()
 
 
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
-
-
-def _feature_rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    # The kernels index rows with arbitrary strides but read each feature vector contiguously.
-    return x if x.stride(2) == 1 else x.contiguous()
-
-
 @dataclasses.dataclass
 class Captions:
     """Caption-side tables shared by the forward and every backward image chunk."""
@@ -379,7 +375,7 @@ class Images:
 def prepare_captions(cap, lens, R: int, options: Options) -> Captions:
     """Caption tables, and the tile shape / caption groups for images with R regions."""
     native, device = _native(), cap.device
-    cap = _feature_rows_contiguous(cap)
+    cap = rows_contiguous(cap)
     n_cap, Lmax, d = cap.shape
     lens = lens.to(device=device, dtype=torch.int64).contiguous()
     lens_host = [int(v) for v in lens.cpu().tolist()]
@@ -389,7 +385,7 @@ def prepare_captions(cap, lens, R: int, options: Options) -> Captions:
     col_frags = tile_col_frags(R, max_len)  # raises before any work when no tile fits
     group_first = torch.tensor(caption_groups(lens_host, native.scan_tile_cols(col_frags)),
                                dtype=torch.int32, device=device)
-    stream, dtype = _stream(device), DTYPE_CODES[cap.dtype]
+    stream, dtype = cuda_stream(device), DTYPE_CODES[cap.dtype]
     gram = gram_off = word_sq = None
     if options.i2t:
         gram_off = torch.zeros(n_cap + 1, dtype=torch.int64, device=device)
@@ -408,9 +404,9 @@ def prepare_captions(cap, lens, R: int, options: Options) -> Captions:
 
 def prepare_images(img, options: Options) -> Images:
     native, device = _native(), img.device
-    img = _feature_rows_contiguous(img)
+    img = rows_contiguous(img)
     n_img, R, d = img.shape
-    stream, dtype = _stream(device), DTYPE_CODES[img.dtype]
+    stream, dtype = cuda_stream(device), DTYPE_CODES[img.dtype]
     gram = region_sq = None
     if options.i2t:
         region_sq = torch.empty(n_img * R, dtype=torch.float32, device=device)
@@ -456,7 +452,7 @@ def scan_forward(img, cap, lens, options: Options, out: Optional[torch.Tensor] =
     images = prepare_images(img, options)
     if out is None:
         out = torch.empty((img.shape[0], cap.shape[0]), dtype=torch.float32, device=img.device)
-    _native().scan_forward_cuda(native_problem(images, caps, options), out.data_ptr(), _stream(img.device))
+    _native().scan_forward_cuda(native_problem(images, caps, options), out.data_ptr(), cuda_stream(img.device))
     return out
 
 
@@ -484,7 +480,7 @@ def pair_grads_cuda(images: Images, caps: Captions, grad_chunk: torch.Tensor,
                        dtype=torch.float32, device=device)
     _native().scan_backward_cuda(native_problem(images, caps, options), grad_chunk.data_ptr(),
                                  bufs[0].data_ptr(), bufs[1].data_ptr(), bufs[2].data_ptr(),
-                                 d_qn.data_ptr(), _stream(device))
+                                 d_qn.data_ptr(), cuda_stream(device))
     return PairGrads(*bufs, d_qn)
 
 
@@ -580,7 +576,7 @@ def backward_image_chunk(n_img: int, R: int, total_words: int, n_cap: int, max_l
 def scan_backward(img, cap, lens, grad_sims, options: Options):
     grad_sims = grad_sims.to(torch.float32).contiguous()
     caps = prepare_captions(cap, lens, img.shape[1], options)
-    img = _feature_rows_contiguous(img)
+    img = rows_contiguous(img)
     n_img, R, d = img.shape
     acc = GradientAccumulator(caps.cap, caps.lens_host, options, torch.float32)
     d_img = torch.empty((n_img, R, d), dtype=torch.float32, device=img.device)
@@ -630,17 +626,9 @@ scan_cuda_op = define_scan_op("scan_cuda", _cuda_forward, _cuda_backward)
 
 
 class ScanCuda(CudaTileBackend):
-    op, kernel = "scan", "the CUDA SCAN kernels"
-
-    @staticmethod
-    def fn(img, cap, lens, *, direction="t2i", raw_norm="clipped_l2norm", smooth=9.0,
-           agg="mean", lse_lambda=6.0):
-        """Inputs already validated by rcar_fast.scan_similarity (lens int64 on cap's device).
-        Returns (n_img, n_cap) float32."""
-        options = Options(direction, raw_norm, float(smooth), agg, float(lse_lambda))
-        if torch.compiler.is_compiling():
-            return scan_cuda_op(img, cap, lens, *options)
-        return ScanSimilarityCuda.apply(img, cap, lens, options)
+    op, kernel = "scan", "the CUDA SCAN kernels"   # output float32
+    fn = staticmethod(_compiled_or_eager(
+        scan_cuda_op, lambda img, cap, lens, options: ScanSimilarityCuda.apply(img, cap, lens, Options(*options))))
 
 
 # ---------------------------------------------------------------------------------------------
