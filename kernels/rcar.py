@@ -35,8 +35,8 @@ Numerics: elementwise math in fp32. GEMM operands are the "operand dtype" (the d
 packed weights): fp32 with input_precision="ieee" (exact FMA path) for fp32 inputs and in the
 interpreter, bf16/fp16 on tensor cores for low-precision inputs; accumulation always fp32.
 
-Packed weights (built by rcar_fast/ops/rcar.py, pack_weights, zero-padded so padded lanes contribute
-nothing): see `WEIGHT_LAYOUT`.
+Packed weights (built by pack_weights in rcar_fast/ops/rcar.py, zero-padded so padded lanes
+contribute nothing): see `WEIGHT_LAYOUT`.
 
 Work item, tensor-core M and traffic (issue 15 item 3; bf16, d=1024, s=256, coop_rcar(2), COCO
 captions of ~12 words, R=36). A work item is (context set, tile of GPU_ROWS = 64 query rows):
