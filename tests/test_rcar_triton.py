@@ -181,6 +181,23 @@ def test_forward_tiling_edge_cases(case, direction):
                               what=f"{case} {direction}")
 
 
+@pytest.mark.parametrize("op_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_every_gpu_tile_gives_a_launch_config_and_a_bad_index_is_refused(op_dtype):
+    from rcar_fast.kernels import rcar
+
+    dims = rcar.padded_dims(1024, 256, interpreter=False)
+    tiles = rcar.gpu_tiles(op_dtype)
+    for i, tile in enumerate(tiles):
+        cfg = rcar.launch_config("t2i", 36, [12, 5], "coop_rcar", 2, dims, op_dtype,
+                                 interpreter=False, tile=i)
+        assert cfg["DC"] == tile["DC"] and dims["DP"] % cfg["DC"] == 0
+        assert cfg["num_warps"] == tile["num_warps"] and cfg["ROWS"] == rcar.GPU_ROWS
+    for bad in (-1, len(tiles)):
+        with pytest.raises(ValueError, match="tile must be an index"):
+            rcar.launch_config("t2i", 36, [12, 5], "coop_rcar", 2, dims, op_dtype,
+                               interpreter=False, tile=bad)
+
+
 def test_pack_segments_keeps_items_whole_and_within_limits():
     from rcar_fast.kernels.rcar import pack_segments
 
