@@ -169,6 +169,7 @@ def test_scan_hot_configurations_do_not_spill(scan_builds, index):
 RCAR_CASES = [
     ("t2i", "coop_rcar", 2, "bf16", True),   # the COCO 5K target configuration
     ("i2t", "coop_rcar", 2, "bf16", True),   # 64-row tiles (one image of 36 regions)
+    ("t2i", "coop_rcar", 2, "fp16", True),   # the same "low" tiles as bf16
     ("t2i", "coop_rcar", 2, "fp32", False),  # the exact fp32 FMA path
     ("i2t", "only_rcr", 2, "fp32", False),
 ]
@@ -185,7 +186,7 @@ from tests import sm90
 
 F32_PTRS = {"gram", "ba", "b1", "b2", "bs1", "ws2", "bs2", "bq", "bk", "wv", "bv", "we", "be", "out"}
 INT_PTRS = {"c_count", "tile_seg", "tile_items"}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def build(direction, regulator, steps, op, hot, tile):
     dims = kernels.padded_dims(1024, 256, interpreter=False)
