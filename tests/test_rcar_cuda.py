@@ -55,7 +55,7 @@ def test_requesting_cuda_for_cpu_tensors_raises_with_the_reason():
 
 @pytest.mark.parametrize("regulator,steps", MODES)
 def test_weight_table_follows_the_kernel_layout(regulator, steps):
-    """The order and shapes documented in csrc/cuda/kernels.h (RcarProblem)."""
+    """The order and shapes documented in csrc/cuda/rcar.cu (RcarProblem)."""
     d, s = 12, 6
     head = _head(regulator, steps, "t2i", d, s)
     tensors = rcar_ops.weight_tensors(head)

@@ -100,28 +100,44 @@ def test_tile_choice_prefers_wide_groups_and_refuses_what_does_not_fit():
         assert [native.scan_tile_cols(c) for c in (8, 4, 2)] == [cols(c) for c in (8, 4, 2)]
 
 
+# The CUDA unit (csrc/cuda/<unit>) that defines and binds each problem struct.
+PROBLEM_UNITS = {"ScanProblem": "scan.cu", "MaxSimProblem": "maxsim.cu", "RcarProblem": "rcar.cu"}
+
+
+def _cuda_source(name: str) -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "csrc", "cuda", name)) as f:
+        return f.read()
+
+
 def binding_fields(struct_name: str) -> set:
-    """Keyword fields csrc/bindings_cuda.cpp's binding of rcar_cuda::`struct_name` requires."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "csrc", "bindings_cuda.cpp")) as f:
-        text = f.read()
-    body = text[text.index(f"ProblemClass<{struct_name}>("):]
+    """Keyword fields the binding of rcar_cuda::`struct_name` (the binding block of its .cu)
+    requires: its own ("name", &Struct::name) entries, plus the shared tile's (tile_fields,
+    csrc/cuda/bind.h)."""
+    text = _cuda_source(PROBLEM_UNITS[struct_name])
+    body = text[text.index(f"ProblemClass<{struct_name}>"):]
     body = body[:body.index(".finish()")]
-    return set(re.findall(rf'\.field\("(\w+)", &{struct_name}::\1\)', body))
+    fields = set(re.findall(rf'"(\w+)", &{struct_name}::\1\b', body))
+    if "tile_fields(" in body:
+        helper = _cuda_source("bind.h")
+        helper = helper[helper.index("tile_fields(ProblemClass<P>& cls)"):]
+        fields |= set(re.findall(r'"(\w+)", &P::\1\b', helper[:helper.index(";\n}")]))
+    return fields
 
 
-def kernel_fields(struct_name: str) -> set:
-    """Field names of rcar_cuda::`struct_name` in csrc/cuda/kernels.h."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "csrc", "cuda", "kernels.h")) as f:
-        text = f.read()
-    body = text[text.index(f"struct {struct_name} {{"):]
+def _struct_fields(body: str) -> set:
     body = re.sub(r"//[^\n]*", "", body[:body.index("};")])
-    declarations = [line.strip().rstrip(";") for line in body.split("\n")[1:] if line.strip()]
+    declarations = [line.strip().rstrip(";") for line in body.split("\n") if line.strip()]
     return {name.strip().split()[-1].lstrip("*") for decl in declarations for name in decl.split(",")}
 
 
-@pytest.mark.parametrize("struct_name", ["ScanProblem", "RcarProblem"])
+def kernel_fields(struct_name: str) -> set:
+    """Field names of rcar_cuda::`struct_name` in its .cu."""
+    text = _cuda_source(PROBLEM_UNITS[struct_name])
+    return _struct_fields(text[text.index(f"struct {struct_name} {{\n"):].split("\n", 1)[1])
+
+
+@pytest.mark.parametrize("struct_name", sorted(PROBLEM_UNITS))
 def test_the_binding_sets_every_field_of_the_kernel_struct(struct_name):
     fields = binding_fields(struct_name)
     assert len(fields) > 10 and fields == kernel_fields(struct_name)
