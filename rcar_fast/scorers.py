@@ -22,14 +22,15 @@ Adding (a) a head that reuses the region-word tile ("foo"; docs and tests listed
                                      BACKENDS, the public wrapper and its Scorer (`backends =
                                      BACKENDS`: dispatch.TABLE takes them from the Scorer)
    3. kernels/foo.py                 Triton epilogue on kernels/tile.py
-   4. csrc/cpu/foo.cpp               C++ epilogue on csrc/cpu/tile.h, with its own binding
-   5. csrc/cuda/foo.cu               CUDA epilogue on csrc/cuda/tile.cuh (+ csrc/cuda/foo_bind.cpp
-                                     where nvcc cannot compile the binding in the .cu)
+   4. csrc/cpu/foo.cpp               C++ epilogue on csrc/cpu/tile.h, ending in its own binding
+                                     block (RCAR_FAST_BINDINGS, csrc/bindings.h)
+   5. csrc/cuda/foo.cu               CUDA epilogue on csrc/cuda/tile.cuh, ending in its host-only
+                                     binding block (csrc/cuda/bind.h; no torch header)
    6. rcar_fast/scorers.py           this module: its Scorer in SCORERS
    7. rcar_fast/__init__.py          the public names
   (+ rcar_fast/contract.py only when the head brings new constants; its argument checks go
-  in validate.py only when no existing check fits.) 7 files, 8 with a CUDA bind unit, at most
-  9 with new constants. dispatch.py, pairs.py, losses.py, evaluation/, cli.py, train.py,
+  in validate.py only when no existing check fits.) 7 files, 8 with new constants; no shared
+  native file (no kernels.h, no bindings_*.cpp, no setup.py edit). dispatch.py, pairs.py, losses.py, evaluation/, cli.py, train.py,
   bench/suite.py, bench/flops.py are touched by no head.
   Tests: tests/test_foo_{reference,cpu,triton,cuda}.py (+ named entries in tests/tolerances.py);
   docs: README.md, CHANGELOG.md.
@@ -40,9 +41,9 @@ Adding (b) a backend "bar" of an existing op:
      Backend.environment there), the kernel as a custom op (define_<op>_op), the class in
      BACKENDS
   3. tests/test_<op>_bar.py
-  3 files (a native kernel with a separate bind unit: 4); a backend NAME new to the project
+  3 files (a native backend's kernel binds itself at its end); a backend NAME new to the project
   adds it to rcar_fast/ops/backend.py (BACKEND_NAMES, and AUTO_ORDER if auto should try
-  it): at most 5. The CLI's and the trainer's --backend choices, backends(), auto and the
+  it): at most 4. The CLI's and the trainer's --backend choices, backends(), auto and the
   benchmark suite all read dispatch, which reads the op modules. Outside the count: a GPU
   backend that the GPU check should measure is also named in bench/gpu_check.py
   (FAST_BACKENDS) and scripts/gpu_correctness.py, and README's backend table documents it.

@@ -479,7 +479,7 @@ int maxsim_backward(const MaxSimProblem& p, const float* grad_sims, float* t2i_c
 #ifndef __CUDA_ARCH__  // the Python bindings: host code only (csrc/cuda/bind.h)
 #include "cuda/bind.h"
 
-// Launchers (rcar_fast/ops/maxsim_cuda.py builds the MaxSimProblemCuda; pointers and the
+// Launchers (rcar_fast/ops/maxsim.py builds the MaxSimProblemCuda; pointers and the
 // stream are integers, every output float32):
 //   maxsim_problem_error: None if the launchers take the problem, else why not (shapes beyond
 //     the tile, bad codes); the launchers raise that reason before anything runs.

@@ -516,7 +516,7 @@ int rcar_forward(const RcarProblem& p, float* sims, void* stream) {
 #ifndef __CUDA_ARCH__  // the Python bindings: host code only (csrc/cuda/bind.h)
 #include "cuda/bind.h"
 
-// Launchers (rcar_fast/ops/rcar_cuda.py builds the RcarProblemCuda):
+// Launchers (rcar_fast/ops/rcar.py builds the RcarProblemCuda):
 //   rcar_workspace_floats: the workspace floats one persistent block needs (its per-pair
 //     (Q, d) and (Q, s) scratch).
 //   rcar_forward_cuda: sims[i * n_cap + j] float32 (n_img, n_cap).

@@ -570,7 +570,7 @@ int scan_backward(const ScanProblem& p, const float* grad_sims, float* d_scores,
 #ifndef __CUDA_ARCH__  // the Python bindings: host code only (csrc/cuda/bind.h)
 #include "cuda/bind.h"
 
-// Launchers (rcar_fast/ops/scan_cuda.py builds the ScanProblemCuda; pointers and the stream
+// Launchers (rcar_fast/ops/scan.py builds the ScanProblemCuda; pointers and the stream
 // are integers, every output float32):
 //   scan_tile_rows / scan_tile_cols: a col_frags tile's capacity, region rows and word columns.
 //   scan_forward_cuda: sims[i * n_cap + j], (n_img, n_cap).

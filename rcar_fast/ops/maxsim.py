@@ -235,7 +235,7 @@ class MaxSimPairsReferenceLoop(Backend):
 # float32 and float64 CPU tensors; CHAN's VSA coding is on the reference backends only.
 
 def native_settings(direction, pool, tau, leaky, both_scale):
-    """The kernels' typed options (csrc/cpu/kernels.h MaxSimSettings) from the names."""
+    """The kernels' typed options (csrc/cpu/maxsim.cpp MaxSimSettings) from the names."""
     return native().MaxSimSettings(
         direction=contract.HEAD_DIRECTION_CODES[direction], pool=contract.POOL_CODES[pool],
         tau=float(tau), leaky=bool(leaky), both_scale=float(both_scale))
@@ -475,7 +475,7 @@ def prepare_captions(cap: torch.Tensor, lens: torch.Tensor, R: int) -> Captions:
 
 
 def native_problem(img: torch.Tensor, img_lens: torch.Tensor, caps: Captions, options: Options):
-    """The typed MaxSimProblemCuda (csrc/cuda/kernels.h) of img (all of it, or a chunk) and caps."""
+    """The typed MaxSimProblemCuda (csrc/cuda/maxsim.cu) of img (all of it, or a chunk) and caps."""
     n_img, R, d = img.shape
     cap = caps.cap
     return native().MaxSimProblemCuda(

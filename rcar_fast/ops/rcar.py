@@ -214,13 +214,13 @@ class RcarReferenceLoop(Backend):
 # head.parameters() order (as every RCAR op does) and reorders them here.
 
 def flat_weights(head) -> list:
-    """The head's Linear weights and biases in the order csrc/cpu/kernels.h documents."""
+    """The head's Linear weights and biases in the order csrc/cpu/rcar.cpp documents."""
     return [t.detach() for _, layer, _ in contract.rcar_linears(head) for t in (layer.weight, layer.bias)]
 
 
 def native_settings(direction: str, regulator: str, steps: int, smooth: float, training: bool = False,
                     seed: int = 0):
-    """The kernel's typed head configuration (csrc/cpu/kernels.h RcarSettings)."""
+    """The kernel's typed head configuration (csrc/cpu/rcar.cpp RcarSettings)."""
     return native().RcarSettings(direction=contract.DIRECTION_CODES[direction],
                                  regulator=contract.REGULATOR_CODES[regulator], steps=int(steps),
                                  smooth=float(smooth), training=bool(training), seed=int(seed))
@@ -530,7 +530,7 @@ rcar_triton_op = define_rcar_op("rcar_triton", _triton_forward, _triton_backward
 # (image, caption) pair at a time, its (Q, d) intermediates in a per-block workspace slot that is
 # reused pair after pair (memory O(blocks x Q x d), never O(pairs x Q x d)). Features are cast to
 # float32, weights are passed as float32 (in, out) matrices through a device table of pointers
-# whose order is fixed in csrc/cuda/kernels.h (`weight_tensors` below builds it).
+# whose order is fixed in csrc/cuda/rcar.cu (`weight_tensors` below builds it).
 #
 # The result carries no gradient: dispatch refuses it for a training step and for active dropout.
 #
@@ -557,7 +557,7 @@ def _vector(t: torch.Tensor) -> torch.Tensor:
 
 
 def weight_tensors(head) -> list[torch.Tensor]:
-    """float32 weights in the order of the kernel's pointer table (csrc/cuda/kernels.h)."""
+    """float32 weights in the order of the kernel's pointer table (csrc/cuda/rcar.cu)."""
     # A Linear with one output passes its weight as a vector, the others as (in, out) matrices.
     return [t for _, lin, to_one in contract.rcar_linears(head)
             for t in ((_vector(lin.weight) if to_one else _matrix(lin)), _vector(lin.bias))]
@@ -574,7 +574,7 @@ def _features(x: torch.Tensor) -> torch.Tensor:
 
 
 def problem_dict(head, img, cap, lens, max_len, table, workspace, blocks) -> dict:
-    """The RcarProblem fields (csrc/cuda/kernels.h) as a dict of ints and floats."""
+    """The RcarProblem fields (csrc/cuda/rcar.cu) as a dict of ints and floats."""
     n_img, R, d = img.shape
     return dict(
         img=img.data_ptr(), cap=cap.data_ptr(), n_img=n_img, R=R, d=d, n_cap=cap.shape[0],

@@ -192,7 +192,7 @@ def _images_per_call(img: torch.Tensor, direction: str) -> int:
 
 
 def native_settings(direction, raw_norm, smooth, agg, lse_lambda):
-    """The kernels' typed problem description (csrc/cpu/kernels.h ScanSettings) from the names."""
+    """The kernels' typed problem description (csrc/cpu/scan.cpp ScanSettings) from the names."""
     return native().ScanSettings(
         direction=contract.DIRECTION_CODES[direction], raw_norm=contract.RAW_NORM_CODES[raw_norm],
         agg=contract.AGG_CODES[agg], smooth=float(smooth), lse_lambda=float(lse_lambda))
@@ -425,7 +425,7 @@ def native_problem(images: Images, caps: Captions, options: Options):
 
 
 def problem(images: Images, caps: Captions, options: Options) -> dict:
-    """The ScanProblem fields (csrc/cuda/kernels.h) as a dict of ints and floats."""
+    """The ScanProblem fields (csrc/cuda/scan.cu) as a dict of ints and floats."""
     img, cap = images.img, caps.cap
     n_img, R, d = img.shape
     gram = caps.gram if options.i2t else images.gram
@@ -461,7 +461,7 @@ def scan_forward(img, cap, lens, options: Options, out: Optional[torch.Tensor] =
 # -----------------------------------------------------------------------------------------------
 
 class PairGrads(NamedTuple):
-    """Per-pair outputs of the backward kernel for one image chunk (see kernels.h). Rows are
+    """Per-pair outputs of the backward kernel for one image chunk (see csrc/cuda/scan.cu). Rows are
     query items, columns context items: t2i (words, image rows), i2t (image rows, words)."""
     d_scores: torch.Tensor
     attn: torch.Tensor
