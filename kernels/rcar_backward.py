@@ -863,6 +863,7 @@ def unpack_gradients(head, packed: dict) -> dict:
             weight_grad, bias_grad = block[i, :n_in][None], bias[i:i + 1]
         else:
             weight_grad, bias_grad = block[i, :n_in, :n_out].t(), bias[i, :n_out]
-        grads[id(lin.weight)] = weight_grad.to(lin.weight.dtype).contiguous()
-        grads[id(lin.bias)] = bias_grad.to(lin.bias.dtype).contiguous()
+        # own memory (views of one buffer would alias each other as custom-op outputs)
+        grads[id(lin.weight)] = weight_grad.to(lin.weight.dtype).clone(memory_format=torch.contiguous_format)
+        grads[id(lin.bias)] = bias_grad.to(lin.bias.dtype).clone(memory_format=torch.contiguous_format)
     return grads
