@@ -232,6 +232,24 @@ def _dropout_scales(keys, SP: tl.constexpr):
     return tl.where(bits >= _KEEP_THRESHOLD, _KEEP_SCALE, 0.0)
 
 
+@triton.jit
+def _dropout_mask_kernel(out, seed_lo, seed_hi, module, which, pair, ROWS: tl.constexpr,
+                         SP: tl.constexpr):
+    rows = tl.arange(0, ROWS)
+    scales = _dropout_scales(_dropout_row_keys(seed_lo, seed_hi, module, which, pair, rows), SP)
+    tl.store(out + rows[:, None] * SP + tl.arange(0, SP)[None, :], scales)
+
+
+def dropout_scales(seed: int, module: int, which: int, pair: int, rows: int, channels: int,
+                   device="cpu") -> torch.Tensor:
+    """The kernel's dropout scales of one pair, (rows, channels) fp32 (rows and channels powers
+    of two): what tests compare with rcar_fast.dropout.rar_scales bit for bit."""
+    out = torch.empty((rows, channels), device=device, dtype=torch.float32)
+    _dropout_mask_kernel[(1,)](out, seed & 0xFFFFFFFF, seed >> 32, module, which, pair,
+                               ROWS=rows, SP=channels)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward pieces (recomputation of one pair into the scratch)
 # ---------------------------------------------------------------------------------------------

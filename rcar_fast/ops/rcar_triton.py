@@ -110,6 +110,11 @@ def dropout_acts(head) -> bool:
     return bool(active)
 
 
+def draw_seed() -> int:
+    """A fresh dropout seed (from torch's generator, so torch.manual_seed fixes it)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
 def _fused_forward(head, img, cap, lens_list, seed: int = 0, dropout_on: bool = False):
     from rcar_fast.kernels import rcar as kernels
     from rcar_fast.kernels import rcar_backward
@@ -172,7 +177,7 @@ def rcar_triton(head, img, cap, lens) -> torch.Tensor:
     """(n_img, n_cap) float32; training mode: RAR's dropout with a seed drawn here."""
     lens_list = [int(v) for v in lens.tolist()]
     dropout_on = dropout_acts(head)
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if dropout_on else 0
+    seed = draw_seed() if dropout_on else 0
     params = list(head.parameters())
     needs_grad = torch.is_grad_enabled() and (
         img.requires_grad or cap.requires_grad or any(p.requires_grad for p in params))
