@@ -478,6 +478,7 @@ def _attention_backward(qb, sq, nq, cb, sc, nc, D, dqb, dcb, gstride, m_blk, lam
         if not OWNER_IS_QUERY:
             _accumulate_rows(dcb, gstride, nc, d0,
                              tl.dot(tl.trans(alpha), dctx, input_precision=PREC), CP, DC)
+    tl.debug_barrier()  # the first loop's d C rows are complete before the second adds
     dlogits = alpha * (dalpha - tl.sum(alpha * dalpha, axis=1)[:, None])
     dlogits = tl.where(ctx_ok[None, :], dlogits, 0.0)
     scores = tl.load(s_blk + _grid2(QP, CP, CP, 0))

@@ -1,4 +1,5 @@
-"""Fused RCAR head on the Triton backend (kernels/rcar.py, rcar_fast/ops/rcar_triton.py).
+"""Fused RCAR head on the Triton backend (kernels/rcar.py, kernels/rcar_backward.py,
+rcar_fast/ops/rcar_triton.py): the forward, and the fused backward with RAR's dropout.
 
 On CPU the kernel runs in triton's interpreter on small shapes (d=32, sim_dim=16, R=5, Lmax=7,
 ragged lengths including 1, NaN in the caption padding); on a GPU the realistic shape
