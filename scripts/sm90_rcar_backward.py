@@ -9,7 +9,7 @@ A case: regulator, steps, direction, fp32 | bf16 (inputs; bf16 GEMMs at tf32), t
 import json, sys
 import torch
 from rcar_fast.modules import RCARSimilarity
-from rcar_fast.ops.rcar_triton import pack_weights
+from rcar_fast.ops.rcar import pack_weights
 from rcar_fast.kernels import rcar_backward as K
 from tests import sm90
 

@@ -1,5 +1,5 @@
 """Fused RCAR head on the Triton backend (kernels/rcar.py, kernels/rcar_backward.py,
-rcar_fast/ops/rcar_triton.py): the forward, and the fused backward with RAR's dropout.
+rcar_fast/ops/rcar.py): the forward, and the fused backward with RAR's dropout.
 
 On CPU the kernel runs in triton's interpreter on small shapes (d=32, sim_dim=16, R=5, Lmax=7,
 ragged lengths including 1, NaN in the caption padding); on a GPU the realistic shape
@@ -14,7 +14,7 @@ import torch
 from rcar_fast import dispatch, dropout
 from rcar_fast.contract import REGULATORS
 from rcar_fast.modules import RCARSimilarity
-from rcar_fast.ops import rcar_reference, rcar_triton
+from rcar_fast.ops import rcar as rcar_ops
 from tests.conftest import requires_gpu
 from tests.inputs import make_inputs, pad_captions
 from tests.tolerances import assert_bit_equal, assert_close_to_reference
@@ -129,7 +129,7 @@ def test_padding_values_never_read(direction):
 @requires_interpreter
 def test_kernel_writes_every_entry_of_a_poisoned_buffer():
     from rcar_fast.kernels import rcar as kernels
-    from rcar_fast.ops.rcar_triton import pack_weights
+    from rcar_fast.ops.rcar import pack_weights
 
     img, cap, lens = _inputs(n_img=3, n_cap=4, lens=(2, 7, 1, 5))
     for direction in ("t2i", "i2t"):
@@ -202,8 +202,8 @@ def triton_grads(head, img, cap, lens, grad, seed, training):
     img = img.detach().clone().requires_grad_()
     cap = cap.detach().clone().requires_grad_()
     params = [p.detach().clone().requires_grad_() for p in head.parameters()]
-    config = (*rcar_reference.op_config(head)[:-1], training)
-    out = rcar_triton.rcar_triton_op(img, cap, lens, params, torch.tensor(seed, dtype=torch.int64),
+    config = (*rcar_ops.op_config(head)[:-1], training)
+    out = rcar_ops.rcar_triton_op(img, cap, lens, params, torch.tensor(seed, dtype=torch.int64),
                                      *config)
     (out * grad).sum().backward()
     return out, img.grad, cap.grad, [p.grad for p in params]
@@ -288,7 +288,7 @@ def test_eager_path_matches_the_op_and_leaves_unused_parameters_without_gradient
                                                                                 monkeypatch):
     img, cap, lens = _inputs()
     head = make_head(regulator, 1, "t2i").train()
-    monkeypatch.setattr(rcar_triton, "draw_seed", lambda: 2**33 + 5)
+    monkeypatch.setattr(rcar_ops, "draw_seed", lambda: 2**33 + 5)
     grad = torch.randn(2, 3)
     g_img, g_cap, g_par = gradients(head, img, cap, lens, grad, "triton")
     op = triton_grads(head, img, cap, lens, grad, 2**33 + 5, regulator != "only_rcr")
