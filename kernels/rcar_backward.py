@@ -31,6 +31,14 @@ query row within the pair; nothing is stored.
 
 Numerics: fp32 everywhere (inputs of any dtype are loaded and widened; GEMMs in fp32, "ieee"
 for fp32 inputs, tf32 allowed for low-precision inputs on a GPU).
+
+GPU status (offline sm_90 compiles, scripts/sm90_rcar_backward.py, triton 3.8; no GPU run yet):
+correct in the interpreter, but shaped for small heads. The s-sized GEMMs take whole (SP, SP),
+(SP, HP) weight tiles and the RAR question / RCR hidden layers whole rows, so at d = 1024,
+s = 64 (coop_rcar 2, t2i, fp32, 4 warps) every launch spills: forward 255 registers + 1.4 KB
+stack, d query pass 128 + 5.9 KB, d context + weights pass 32 + 13.5 KB (56-84 KB shared);
+s = 256 did not finish compiling in 40 minutes here. Next: tile the s-sized GEMMs over
+columns through the scratch (as kernels/rcar.py does), bf16 operands, and more rows per item.
 """
 from __future__ import annotations
 
