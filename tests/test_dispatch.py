@@ -135,18 +135,18 @@ def test_auto_gives_a_training_head_a_backend_with_backward_and_dropout(monkeypa
     training = dispatch.Inputs.of_head(head.train(), img, cap)
     if expected == "cpu":
         assert dispatch.rejection("rcar", "cpu", training) is None
-    assert "dropout" in dispatch.rejection("rcar", "triton", training)
+    assert "dropout" not in (dispatch.rejection("rcar", "triton", training) or "")
     assert "dropout" in dispatch.rejection("rcar", "cuda", training) or not dispatch.explain(
         "rcar", training)["cuda"].startswith("the CUDA RCAR")
     only_rcr = rcar_fast.RCARSimilarity(embed_dim=4, sim_dim=8, regulator="only_rcr").train()
     assert "dropout" not in (dispatch.rejection("rcar", "triton", dispatch.Inputs.of_head(only_rcr, img, cap)) or "")
 
 
-def test_explicit_backend_still_refuses_a_training_head_with_dropout():
+def test_explicit_triton_backend_takes_a_training_head_with_dropout():
     head = rcar_fast.RCARSimilarity(embed_dim=4, sim_dim=8, regulator="only_rar", steps=1).train()
     training = dispatch.Inputs.of_head(head, *_inputs()[:2])
-    # the Triton kernel: a backward but no dropout
-    assert "dropout is active" in dispatch.rejection("rcar", "triton", training)
+    # the Triton kernels: a fused backward and RAR's counter-based dropout
+    assert "dropout" not in (dispatch.rejection("rcar", "triton", training) or "")
 
 
 def test_auto_error_lists_every_backend_and_its_reasons(monkeypatch):
@@ -222,7 +222,7 @@ def test_backends_report_capabilities():
     assert report["cpu"]["capabilities"]["rcar"]["has_backward"] is True
     assert report["cpu"]["capabilities"]["rcar"]["implements_dropout"] is True
     assert report["cpu"]["capabilities"]["scan"]["has_backward"] is True
-    assert report["triton"]["capabilities"]["rcar"]["implements_dropout"] is False
+    assert report["triton"]["capabilities"]["rcar"]["implements_dropout"] is True
     assert report["reference"]["capabilities"]["rcar"]["implements_dropout"] is True
 
 

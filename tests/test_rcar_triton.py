@@ -1,4 +1,5 @@
-"""Fused RCAR head on the Triton backend (kernels/rcar.py, rcar_fast/ops/rcar.py).
+"""Fused RCAR head on the Triton backend (kernels/rcar.py, kernels/rcar_backward.py,
+rcar_fast/ops/rcar.py): the forward, and the fused backward with RAR's dropout.
 
 On CPU the kernel runs in triton's interpreter on small shapes (d=32, sim_dim=16, R=5, Lmax=7,
 ragged lengths including 1, NaN in the caption padding); on a GPU the realistic shape
@@ -10,12 +11,13 @@ import copy
 import pytest
 import torch
 
-from rcar_fast import dispatch
+from rcar_fast import dispatch, dropout
 from rcar_fast.contract import REGULATORS
 from rcar_fast.modules import RCARSimilarity
+from rcar_fast.ops import rcar as rcar_ops
 from tests.conftest import requires_gpu
 from tests.inputs import make_inputs, pad_captions
-from tests.tolerances import F32_BLOCKED, assert_bit_equal, assert_close, assert_close_to_reference
+from tests.tolerances import assert_bit_equal, assert_close_to_reference
 from tests.conftest import requires_interpreter
 
 # (regulator, steps) pairs: every mode at 0..3 steps where the mode allows it (lean grid:
@@ -220,7 +222,7 @@ def test_pack_segments_keeps_items_whole_and_within_limits():
 
 
 # ---------------------------------------------------------------------------------------------
-# Gradients (recomputing backward)
+# Gradients (the fused backward, kernels/rcar_backward.py)
 # ---------------------------------------------------------------------------------------------
 
 def gradients(head, img, cap, lens, weights, backend):
@@ -235,62 +237,145 @@ def gradients(head, img, cap, lens, weights, backend):
     return img.grad, cap.grad, {n: p.grad for n, p in head.named_parameters()}
 
 
-@pytest.mark.parametrize("regulator,steps,direction",
-                         [("coop_rcar", 2, "t2i"), ("only_rcr", 1, "i2t"), ("only_rar", 1, "i2t")])
-@requires_interpreter
-def test_gradients_match_float64_reference(regulator, steps, direction):
-    img, cap, lens = _inputs()
-    head = make_head(regulator, steps, direction)
-    weights = torch.randn(img.shape[0], cap.shape[0])
-    head64 = copy.deepcopy(head).double()
-    g_img64, g_cap64, g_par64 = gradients(head64, img.double(), cap.double(), lens, weights,
-                                          "reference64")
-    g_img, g_cap, g_par = gradients(head, img, cap, lens, weights, "triton")
-    assert_close_to_reference(g_img, g_img64, dtype=torch.float32, what="grad img")
-    # The reference's caption gradient is 0 at padding (sliced away); NaN there would leak.
-    g_cap64 = torch.nan_to_num(g_cap64, nan=0.0)
-    assert_close_to_reference(g_cap, g_cap64, dtype=torch.float32, what="grad cap")
+def pair_ids(n_img, n_cap):
+    return torch.arange(n_img)[:, None] * n_cap + torch.arange(n_cap)[None, :]
+
+
+def reference_grads(head, img, cap, lens, grad, seed, training, dtype=torch.float64):
+    """The vectorised reference in `dtype` (one block of all pairs, so that RAR's dropout uses
+    the counter-based masks of `seed`): scores, d img, d cap, d parameters (zeros where the
+    score does not depend on a parameter, as the op returns)."""
+    ref = copy.deepcopy(head).to(dtype).train(training)
+    img = img.detach().to(dtype).requires_grad_()
+    cap = cap.detach().to(dtype).requires_grad_()
+    with dropout.counter_masks(seed, pair_ids(img.shape[0], cap.shape[0])):
+        out = ref.forward_vectorized(img, cap, lens, img_chunk=img.shape[0], cap_chunk=cap.shape[0])
+    (out * grad.to(dtype)).sum().backward()
+    params = [torch.zeros_like(p) if p.grad is None else p.grad for p in ref.parameters()]
+    return out, img.grad, cap.grad, params
+
+
+def triton_grads(head, img, cap, lens, grad, seed, training):
+    """The Triton op (the path torch.compile takes) with an explicit dropout seed."""
+    img = img.detach().clone().requires_grad_()
+    cap = cap.detach().clone().requires_grad_()
+    params = [p.detach().clone().requires_grad_() for p in head.parameters()]
+    config = (*rcar_ops.op_config(head)[:-1], training)
+    out = rcar_ops.rcar_triton_op(img, cap, lens, params, torch.tensor(seed, dtype=torch.int64),
+                                     *config)
+    (out * grad).sum().backward()
+    return out, img.grad, cap.grad, [p.grad for p in params]
+
+
+def check_against_reference(head, img, cap, lens, training, what, seed=2**40 + 7):
+    """Scores and every gradient of the Triton op against the float64 reference (the 2x rule
+    against the reference in the inputs' dtype for float16)."""
+    dtype = img.dtype
+    grad = torch.randn(img.shape[0], cap.shape[0])
+    got = triton_grads(head, img, cap, lens, grad, seed, training)
+    want = reference_grads(head, img, cap, lens, grad, seed, training)
+    lowp = None if dtype == torch.float32 else reference_grads(head, img, cap, lens, grad, seed,
+                                                               training, dtype)
+    names = ["scores", "grad img", "grad cap"] + [f"grad {n}" for n, _ in head.named_parameters()]
+    flat = lambda r: [r[0], r[1], r[2], *r[3]]  # noqa: E731
+    for i, (name, g, w) in enumerate(zip(names, flat(got), flat(want))):
+        assert g.dtype == (torch.float32 if i == 0 else dtype), f"{what} {name}: dtype {g.dtype}"
+        assert_close_to_reference(g, w, dtype=dtype, ref_lowp=None if lowp is None else flat(lowp)[i],
+                                  what=f"{what} {name}")
     real = torch.arange(cap.shape[1])[None, :] < lens[:, None]
-    assert bool((g_cap[~real] == 0).all())
-    for name, g64 in g_par64.items():
-        if g64 is None:
-            assert g_par[name] is None, f"{name} should get no gradient"
-            continue
-        assert_close_to_reference(g_par[name], g64, dtype=torch.float32, what=f"grad {name}")
+    assert bool((got[2][~real] == 0).all()), f"{what}: gradient in the caption padding"
+    return got
+
+
+# every regulator x steps (1, 2) x direction x eval/training; d = 40 (two d chunks, a partial
+# one) at 2 steps, sim_dim 24 (s, 2s, s/2 padded) in i2t
+GRAD_GRID = [(regulator, steps, direction, training) for regulator in REGULATORS
+             for steps in (1, 2) for direction in ("t2i", "i2t") for training in (False, True)]
 
 
 @requires_interpreter
-def test_backward_in_several_blocks_matches_one_block(monkeypatch):
-    from rcar_fast.ops import rcar as rcar_ops
+@pytest.mark.parametrize("regulator,steps,direction,training", GRAD_GRID)
+def test_fused_backward_matches_float64_reference(regulator, steps, direction, training):
+    d = 40 if steps == 2 else 32
+    sim_dim = 24 if direction == "i2t" else 16
+    img, cap, lens = _inputs(d=d)
+    head = make_head(regulator, steps, direction, d=d, sim_dim=sim_dim)
+    check_against_reference(head, img, cap, lens, training,
+                            f"{regulator} {steps} {direction} training={training}")
 
-    img, cap, lens = _inputs(n_img=3, n_cap=3)
+
+@requires_interpreter
+@pytest.mark.parametrize("regulator,steps,direction,training",
+                         [("coop_rcar", 2, "t2i", True), ("only_rcr", 1, "i2t", False),
+                          ("only_rar", 2, "i2t", True)])
+def test_fused_backward_float16_within_twice_the_reference_error(regulator, steps, direction,
+                                                                 training):
+    img, cap, lens = _inputs(dtype=torch.float16)
+    head = make_head(regulator, steps, direction).half()
+    check_against_reference(head, img, cap, lens, training, f"float16 {regulator} {steps} {direction}")
+
+
+@requires_interpreter
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_fused_backward_more_items_than_programs(direction):
+    # 5 images x 7 captions: each interpreter program (2) owns several items and the weight
+    # gradients are the sum of two programs' partials.
+    img, cap, lens = _inputs(n_img=5, n_cap=7, n_regions=6, lens=(3, 7, 1, 5, 2, 7, 4))
+    head = make_head("coop_rcar", 2, direction)
+    check_against_reference(head, img, cap, lens, True, f"5 x 7 {direction}")
+
+
+@requires_interpreter
+def test_fused_backward_is_deterministic_and_never_reads_padding():
     head = make_head("coop_rcar", 2, "i2t")
-    weights = torch.randn(3, 3)
-    whole = gradients(head, img, cap, lens, weights, "triton")
-    blocks = []
-    original = rcar_ops.backward_blocks
-    monkeypatch.setattr(rcar_ops, "backward_blocks",
-                        lambda *a, **k: blocks.append(original(*a, budget=1, **k)) or blocks[-1])
-    blocked = gradients(head, img, cap, lens, weights, "triton")
-    assert blocks == [(1, 1)]
-    assert_close(blocked[0], whole[0], F32_BLOCKED)
-    assert_close(blocked[1], whole[1], F32_BLOCKED)
-    for name, g in whole[2].items():
-        assert_close(blocked[2][name], g, F32_BLOCKED)
+    img, cap_nan, lens = _inputs(max_len=9, pad=float("nan"))
+    cap_big = pad_captions(cap_nan, lens, 1e30)
+    grad = torch.randn(2, 3)
+    first = triton_grads(head, img, cap_nan, lens, grad, 11, True)
+    again = triton_grads(head, img, cap_nan, lens, grad, 11, True)
+    big = triton_grads(head, img, cap_big, lens, grad, 11, True)
+    for a, b, c in zip([*first[:3], *first[3]], [*again[:3], *again[3]], [*big[:3], *big[3]]):
+        assert torch.isfinite(a).all()
+        assert_bit_equal(a, b, what="rerun")
+        assert_bit_equal(a, c, what="NaN vs 1e30 padding")
 
-
-# ---------------------------------------------------------------------------------------------
-# Training mode, dispatch
-# ---------------------------------------------------------------------------------------------
 
 @requires_interpreter
-@pytest.mark.parametrize("regulator,steps", [("coop_rcar", 2), ("only_rar", 1)])
-def test_training_mode_with_rar_dropout_is_refused_before_compute(regulator, steps):
+@pytest.mark.parametrize("regulator", ["coop_rcar", "only_rcr"])
+def test_eager_path_matches_the_op_and_leaves_unused_parameters_without_gradient(regulator,
+                                                                                monkeypatch):
     img, cap, lens = _inputs()
-    head = make_head(regulator, steps, "t2i").train()
-    with pytest.raises(RuntimeError, match="dropout.*eval\\(\\)"):
+    head = make_head(regulator, 1, "t2i").train()
+    monkeypatch.setattr(rcar_ops, "draw_seed", lambda: 2**33 + 5)
+    grad = torch.randn(2, 3)
+    g_img, g_cap, g_par = gradients(head, img, cap, lens, grad, "triton")
+    op = triton_grads(head, img, cap, lens, grad, 2**33 + 5, regulator != "only_rcr")
+    assert_bit_equal(g_img, op[1], what="grad img")
+    assert_bit_equal(g_cap, op[2], what="grad cap")
+    for (name, g), g_op in zip(g_par.items(), op[3]):
+        if regulator == "only_rcr" and name.startswith("sim_eval_w"):
+            assert g is None, f"{name}: the score does not depend on it"
+        else:
+            assert_bit_equal(g, g_op, what=f"grad {name}")
+
+
+@requires_interpreter
+def test_dropout_masks_are_the_bits_of_rcar_fast_dropout():
+    from rcar_fast.kernels import rcar_backward
+
+    for seed, module, which, pair in ((0, 0, 0, 0), (123456789012, 1, 1, 7), (2**62 - 1, 3, 0, 2**33 + 3)):
+        out = rcar_backward.dropout_scales(seed, module, which, pair, 16, 32)
+        want = dropout.rar_scales(seed, module, which, torch.tensor([pair]), 16, 32)[0].float()
+        assert_bit_equal(out, want, what=f"seed={seed} module={module} which={which} pair={pair}")
+
+
+@requires_interpreter
+def test_dropout_rate_other_than_the_official_is_refused():
+    img, cap, lens = _inputs()
+    head = make_head("only_rar", 1, "t2i").train()
+    head.rar_modules[0].rar_k_w[2].p = 0.2
+    with pytest.raises(ValueError, match="p = 0.4"):
         head(img, cap, lens, backend="triton")
-    assert triton_scores(head.eval(), img, cap, lens).shape == (2, 3)
 
 
 @requires_interpreter

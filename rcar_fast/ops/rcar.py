@@ -12,7 +12,8 @@ smooth) and `lens` (and the pair indices) arrive validated (int64 on cap's devic
 
     reference, reference_loop   the head module's own vectorised and loop forwards
     cpu                         the C++ CPU kernels (csrc/cpu/rcar.cpp), forward and backward
-    triton                      the Triton kernel (kernels/rcar.py), recomputing backward
+    triton                      the Triton kernels (kernels/rcar.py, kernels/rcar_backward.py):
+                                fused forward and backward, dropout included
     cuda                        the CUDA kernel (csrc/cuda/rcar.cu), eval-mode forward only
     rcar_pairs                  the reference's pair drivers; the C++ kernels per image
 
@@ -22,7 +23,6 @@ arguments, so torch.compile traces them as one node each.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, Optional
 
 import torch
@@ -279,12 +279,13 @@ class RcarCpu(Backend):
         return rcar_cpu_op(img, cap, lens, list(head.parameters()), seed, *config)
 
 
-def _check_dropout(head) -> bool:
-    """Whether RAR's dropout acts in this call; refuses a rate the kernel does not implement."""
+def _check_dropout(head, kernel: str = None) -> bool:
+    """Whether RAR's dropout acts in this call; refuses a rate the kernel (default: the C++
+    CPU kernel) does not implement."""
     active = head.active_dropout()
     for name, module in head.named_modules():
         if name in active and module.p != dropout.P:
-            raise ValueError(f"{RcarCpu.kernel}: RAR dropout must have p = {dropout.P} (the official "
+            raise ValueError(f"{kernel or RcarCpu.kernel}: RAR dropout must have p = {dropout.P} (the official "
                              f"rate) or 0, got p = {module.p} for {name}; use backend='reference'")
     return bool(active)
 
@@ -294,30 +295,22 @@ def _check_dropout(head) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 # Forward: one fused Triton kernel for the whole head over all pairs (kernels/rcar.py); nothing
-# of size (pairs, Q, d) or (pairs, Q, s) is written.
+# of size (pairs, Q, d) or (pairs, Q, s) is written. With RAR's dropout active (training mode)
+# the forward is kernels/rcar_backward.py's per-pair kernel instead (kernels/rcar.py has no
+# dropout): the same function with the counter-based masks of rcar_fast.dropout.
 #
-# Backward (what is and is not fused): the gradient w.r.t. img, cap and every head parameter is
-# computed by RECOMPUTATION, not from stored activations: the forward saves only its inputs, and
-# the backward re-runs the head on bounded blocks of (image, caption) pairs with the vectorised
-# reference math (RCARHead.forward_vectorized) under torch autograd, then discards each block's
-# graph. Memory is bounded by BACKWARD_BLOCK_BYTES; the backward itself is NOT a fused kernel (it
-# costs about one reference forward + backward).
-#
-# Training mode: RAR's dropout (p = 0.4) is not implemented by the fused kernel, so a head with
-# RAR modules in training mode is refused before any compute (call .eval(), or use
-# backend="reference" to train with dropout). only_rcr has no dropout and runs in either mode.
-
-# Bytes of saved (pairs, Q, d)-sized activations one backward block may hold.
-BACKWARD_BLOCK_BYTES = 1 << 30
-# Rough count of (pairs, Q, d) activations autograd keeps per alignment step of the reference.
-_SAVED_PER_STEP = 12
+# Backward: the fused Triton backward of kernels/rcar_backward.py (flash style: the forward
+# saves only its inputs; each pair is recomputed in a per-program scratch and differentiated by
+# hand), gradients of img, cap and every head parameter, deterministic (no atomics: per-program
+# partial weight gradients summed in a fixed order). Training mode: the dropout seed is drawn
+# per forward call and kept for the backward, so both see the same masks.
 
 
 class RcarTriton(Backend):
     op, backend, kernel = "rcar", "triton", "the Triton RCAR kernel"
     dtypes = {"cuda": (torch.float32, torch.float16, torch.bfloat16),
               "cpu": (torch.float32, torch.float16)}
-    implements_dropout = False
+    implements_dropout = True
 
     @classmethod
     def dtype_reason(cls, device_type, dtype):
@@ -332,7 +325,13 @@ class RcarTriton(Backend):
     @staticmethod
     def fn(head, img, cap, lens):
         if torch.compiler.is_compiling():
-            return compiled_call(rcar_triton_op, head, img, cap, lens)
+            # The op's `training` says whether dropout acts (a training head whose Dropout
+            # modules have p = 0 has none), as for the CPU op.
+            dropout_on = dropout_acts(head)
+            seed = (torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_on
+                    else torch.zeros((), dtype=torch.int64))
+            config = (*op_config(head)[:-1], dropout_on)
+            return rcar_triton_op(img, cap, lens, list(head.parameters()), seed, *config)
         return rcar_triton(head, img, cap, lens)
 
 
@@ -383,139 +382,115 @@ def pack_weights(head, op_dtype: torch.dtype, interpreter: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward and the recomputing backward
+# Forward and the fused backward
 # ---------------------------------------------------------------------------------------------
 
-def _fused_forward(head, img, cap, lens_list) -> torch.Tensor:
+def dropout_acts(head) -> bool:
+    """Whether RAR's dropout acts in this call (the Triton kernel's rate check)."""
+    return _check_dropout(head, RcarTriton.kernel)
+
+
+def draw_seed() -> int:
+    """A fresh dropout seed (from torch's generator, so torch.manual_seed fixes it)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+def _fused_forward(head, img, cap, lens_list, seed: int = 0, dropout_on: bool = False):
     from rcar_fast.kernels import rcar as kernels
+    from rcar_fast.kernels import rcar_backward
 
     interpreter = img.device.type == "cpu"
+    img, cap = img.detach().contiguous(), cap.detach().contiguous()
+    options = dict(regulator=head.regulator, steps=head.steps, direction=head.direction,
+                   smooth=head.smooth)
+    if dropout_on:
+        return rcar_backward.run(img, cap, lens_list, pack_weights(head, torch.float32, interpreter),
+                                 seed=seed, dropout_on=True, **options)
     op_dtype = torch.float32 if img.dtype == torch.float32 else img.dtype
-    weights = pack_weights(head, op_dtype, interpreter)
-    return kernels.rcar_forward(img.detach().contiguous(), cap.detach().contiguous(), lens_list,
-                                weights, regulator=head.regulator, steps=head.steps,
-                                direction=head.direction, smooth=head.smooth)
+    return kernels.rcar_forward(img, cap, lens_list, pack_weights(head, op_dtype, interpreter),
+                                **options)
 
 
-def backward_blocks(n_img: int, n_cap: int, longest: int, d: int, element_size: int,
-                    steps: int, budget: int = None):
-    """(image block, caption block) sizes whose recomputed graph stays within the budget."""
-    budget = BACKWARD_BLOCK_BYTES if budget is None else budget
-    per_pair = max(1, longest * d * element_size * _SAVED_PER_STEP * (steps + 1))
-    max_pairs = max(1, budget // per_pair)
-    cap_block = min(n_cap, max(1, math.isqrt(max_pairs)))
-    img_block = min(n_img, max(1, max_pairs // cap_block))
-    return img_block, cap_block
+def _fused_backward(head, grad, img, cap, lens_list, seed: int, dropout_on: bool):
+    """(d img, d cap, {id(parameter): gradient}) from kernels/rcar_backward.py."""
+    from rcar_fast.kernels import rcar_backward
+
+    weights = pack_weights(head, torch.float32, img.device.type == "cpu")
+    d_img, d_cap, packed = rcar_backward.run(
+        img.detach().contiguous(), cap.detach().contiguous(), lens_list, weights,
+        regulator=head.regulator, steps=head.steps, direction=head.direction,
+        smooth=head.smooth, grad=grad.detach(), seed=seed, dropout_on=dropout_on)
+    return d_img.to(img.dtype), d_cap.to(cap.dtype), rcar_backward.unpack_gradients(head, packed)
+
+
+def _unused_parameters(head) -> set:
+    """Parameters the score does not depend on (only_rcr's score is a cosine: no sim_eval_w):
+    they get no gradient, as with the reference."""
+    if head.regulator != "only_rcr":
+        return set()
+    return {id(p) for p in head.sim_eval_w.parameters()}
 
 
 class _FusedRCAR(torch.autograd.Function):
-    """Inputs: head (module), lens (int64), lens_list, img, cap, *params (head.parameters())."""
+    """Inputs: head (module), seed, dropout_on, lens_list, img, cap, *params (head.parameters())."""
 
     @staticmethod
-    def forward(ctx, head, lens, lens_list, img, cap, *params):
-        ctx.head, ctx.lens_list = head, lens_list
-        ctx.save_for_backward(img, cap, lens)
-        return _fused_forward(head, img, cap, lens_list)
+    def forward(ctx, head, seed, dropout_on, lens_list, img, cap, *params):
+        ctx.head, ctx.seed, ctx.dropout_on, ctx.lens_list = head, seed, dropout_on, lens_list
+        ctx.save_for_backward(img, cap)
+        return _fused_forward(head, img, cap, lens_list, seed, dropout_on)
 
     @staticmethod
     def backward(ctx, grad_out):
-        img, cap, lens = ctx.saved_tensors
+        img, cap = ctx.saved_tensors
         head = ctx.head
-        params = list(head.parameters())
-        want_img, want_cap = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        want_params = [i for i, p in enumerate(params) if ctx.needs_input_grad[5 + i]]
-        compute_dtype = params[0].dtype
-        grad_img = torch.zeros_like(img) if want_img else None
-        grad_cap = torch.zeros_like(cap) if want_cap else None
-        # Filled lazily: a parameter the output does not depend on (e.g. sim_eval_w in
-        # only_rcr) keeps a None gradient, as with the reference.
-        grad_params = [None] * len(params)
-        n_img, n_regions, d = img.shape
-        n_cap = cap.shape[0]
-        longest = max(n_regions, max(ctx.lens_list))
-        size = torch.empty((), dtype=compute_dtype).element_size()
-        img_block, cap_block = backward_blocks(n_img, n_cap, longest, d, size, head.steps)
-        for i0 in range(0, n_img, img_block):
-            for j0 in range(0, n_cap, cap_block):
-                _accumulate_block_grads(head, img, cap, lens, grad_out, i0, i0 + img_block,
-                                        j0, j0 + cap_block, compute_dtype, params, want_params,
-                                        grad_img, grad_cap, grad_params)
-        return (None, None, None, grad_img, grad_cap, *grad_params)
-
-
-def _accumulate_block_grads(head, img, cap, lens, grad_out, i0, i1, j0, j1, dtype, params,
-                            want_params, grad_img, grad_cap, grad_params):
-    """Recompute the block's scores with the reference math and add its gradients."""
-    with torch.enable_grad():
-        img_b = img[i0:i1].detach().to(dtype).requires_grad_(grad_img is not None)
-        cap_b = cap[j0:j1].detach().to(dtype).requires_grad_(grad_cap is not None)
-        scores = head.forward_vectorized(img_b, cap_b, lens[j0:j1],
-                                         img_chunk=img_b.shape[0], cap_chunk=cap_b.shape[0])
-        inputs = ([img_b] if grad_img is not None else []) + \
-                 ([cap_b] if grad_cap is not None else []) + [params[i] for i in want_params]
-        if not inputs:
-            return
-        grads = torch.autograd.grad(scores, inputs, grad_out[i0:i1, j0:j1].to(scores.dtype),
-                                    allow_unused=True)
-    grads = list(grads)
-    if grad_img is not None:
-        grad_img[i0:i1] += grads.pop(0).to(grad_img.dtype)
-    if grad_cap is not None:
-        g = grads.pop(0)
-        if g is not None:
-            grad_cap[j0:j1] += g.to(grad_cap.dtype)
-    for i, g in zip(want_params, grads):
-        if g is not None:
-            g = g.to(params[i].dtype)
-            grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
+        d_img, d_cap, grads = _fused_backward(head, grad_out, img, cap, ctx.lens_list, ctx.seed,
+                                              ctx.dropout_on)
+        unused = _unused_parameters(head)
+        grad_params = [None if id(p) in unused or not ctx.needs_input_grad[6 + i] else grads[id(p)]
+                       for i, p in enumerate(head.parameters())]
+        return (None, None, None, None, d_img if ctx.needs_input_grad[4] else None,
+                d_cap if ctx.needs_input_grad[5] else None, *grad_params)
 
 
 def rcar_triton(head, img, cap, lens) -> torch.Tensor:
-    """(n_img, n_cap) float32; dispatch refused a head with active dropout before this."""
+    """(n_img, n_cap) float32; training mode: RAR's dropout with a seed drawn here."""
     lens_list = [int(v) for v in lens.tolist()]
+    dropout_on = dropout_acts(head)
+    seed = draw_seed() if dropout_on else 0
     params = list(head.parameters())
     needs_grad = torch.is_grad_enabled() and (
         img.requires_grad or cap.requires_grad or any(p.requires_grad for p in params))
     if not needs_grad:
-        return _fused_forward(head, img, cap, lens_list)
-    return _FusedRCAR.apply(head, lens, lens_list, img, cap, *params)
+        return _fused_forward(head, img, cap, lens_list, seed, dropout_on)
+    return _FusedRCAR.apply(head, seed, dropout_on, lens_list, img, cap, *params)
 
 
 # ---------------------------------------------------------------------------------------------
-# The custom op (what torch.compile sees): the same fused forward, the same recomputing backward
+# The custom op (what torch.compile sees): the same fused forward and backward
 # ---------------------------------------------------------------------------------------------
 
 def _triton_forward(img, cap, lens, weights, seed, config) -> torch.Tensor:
     lens_list = [int(v) for v in lens.tolist()]
-    return with_weights(config, weights, _fused_forward, img, cap, lens_list)
+    return with_weights(config, weights, _triton_head_forward, img, cap, lens_list,
+                                       int(seed))
+
+
+def _triton_head_forward(head, img, cap, lens_list, seed):
+    return _fused_forward(head, img, cap, lens_list, seed, dropout_acts(head))
 
 
 def _triton_backward(grad, img, cap, lens, weights, seed, config):
-    """As _FusedRCAR.backward: the reference math recomputed on bounded blocks of pairs, in
-    the weights' dtype, under autograd (dispatch refused active dropout: seed is unused)."""
-    n_img, n_regions, d = img.shape
-    n_cap = cap.shape[0]
-    dtype = weights[0].dtype
-    longest = max(n_regions, int(lens.max()))
-    img_block, cap_block = backward_blocks(n_img, n_cap, longest, d, dtype.itemsize, config[1])
-    d_img, d_cap = torch.zeros_like(img), torch.zeros_like(cap)
-    d_weights = [torch.zeros_like(w) for w in weights]
+    """The fused backward on the head rebuilt from the op's weights (zeros for a weight the
+    score does not depend on, as the ops' vjp gives)."""
+    lens_list = [int(v) for v in lens.tolist()]
 
-    def block_scores(lens_block):
-        return lambda i, c, *w: forward_on_weights(
-            i.to(dtype), c.to(dtype), lens_block, list(w), seed, config)
+    def run(head):
+        d_img, d_cap, grads = _fused_backward(head, grad, img, cap, lens_list, int(seed),
+                                              dropout_acts(head))
+        return d_img, d_cap, [grads[id(p)] for p in head.parameters()]
 
-    for i0 in range(0, n_img, img_block):
-        for j0 in range(0, n_cap, cap_block):
-            g_img, g_cap, *g_weights = vjp(
-                block_scores(lens[j0:j0 + cap_block]),
-                [img[i0:i0 + img_block], cap[j0:j0 + cap_block], *weights],
-                grad[i0:i0 + img_block, j0:j0 + cap_block])
-            d_img[i0:i0 + img_block] += g_img
-            d_cap[j0:j0 + cap_block] += g_cap
-            for total, g in zip(d_weights, g_weights):
-                total += g
-    return d_img, d_cap, d_weights
+    return with_weights(config, weights, run)
 
 
 # rcar_fast::rcar_triton and rcar_fast::rcar_triton_backward (eager calls keep _FusedRCAR).
