@@ -129,8 +129,8 @@ def _rcar_op_args(head, img, cap, lens, weights, seed=0):
 @triton_on_cpu
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_opcheck_rcar_triton(direction):
-    """The fused Triton forward and its recomputing backward op (only_rcr: no dropout, so the
-    head may train on it), tiny shapes for the interpreter."""
+    """The fused Triton forward and its fused backward op (kernels/rcar_backward.py; only_rcr
+    keeps the case free of dropout), tiny shapes for the interpreter."""
     img, cap, lens = _inputs(n_img=2, n_cap=2, R=3, L=4, d=8, dtype=torch.float32)
     cap = cap.detach().nan_to_num(1.0).requires_grad_()
     torch.manual_seed(3)
