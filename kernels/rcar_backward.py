@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rcar_fast import contract, dropout
+from rcar_fast import contract
 
 from .rcar import WEIGHT_LAYOUT, _sigmoid, _tanh
 from .tile import MIN_DOT, pow2_at_least
@@ -56,9 +56,9 @@ _EPS = tl.constexpr(contract.EPS)
 _SLOPE = tl.constexpr(contract.LEAKY_SLOPE)
 _ONLY_RAR = tl.constexpr(MODES["only_rar"])
 _ONLY_RCR = tl.constexpr(MODES["only_rcr"])
-_HASH_MULTIPLIER = tl.constexpr(0x45D9F3B)        # rcar_fast/dropout.py's mixer
-_KEEP_THRESHOLD = tl.constexpr(dropout.THRESHOLD)
-_KEEP_SCALE = tl.constexpr(1.0 / (1.0 - dropout.P))
+_HASH_MULTIPLIER = tl.constexpr(contract.DROPOUT_HASH_MULTIPLIER)   # rcar_fast/dropout.py's mixer
+_KEEP_THRESHOLD = tl.constexpr(contract.RAR_DROPOUT_THRESHOLD)
+_KEEP_SCALE = tl.constexpr(1.0 / (1.0 - contract.RAR_DROPOUT_P))
 
 # The d chunk of every pass over d (packed weights are padded along d to a multiple of it).
 D_CHUNK = 32
@@ -68,12 +68,10 @@ D_CHUNK = 32
 # Layouts: the packed weights (and their gradients) as one flat buffer; the per-program scratch
 # ---------------------------------------------------------------------------------------------
 
-def module_slots(regulator: str, steps: int) -> dict:
+def module_slots(regulator: str, counts: dict) -> dict:
     """Slots of each packed module group (at least 1: an absent group has a zero dummy) and the
-    number of cross attentions the head runs."""
-    from rcar_fast.heads import module_counts
-
-    counts = module_counts(regulator, steps)
+    number of cross attentions the head runs, from the head's module counts
+    (rcar_fast.heads.module_counts, which the caller passes: kernels sit below the models)."""
     attentions = counts["alv"] + (1 if regulator == "only_rcr" else 0)
     return dict(NA=max(1, counts["alv"]), NR=max(1, counts["rcr"]), NN=max(1, counts["rar"]),
                 N_ALV=counts["alv"], N_RCR=counts["rcr"], N_RAR=counts["rar"], N_ATT=attentions)
@@ -797,15 +795,15 @@ def _sides(img, cap, lens_list, direction):
     return img, img_lens, cap, cap_lens, (n_cap, 1)
 
 
-def run(img, cap, lens_list, weights: dict, *, regulator: str, steps: int, direction: str,
-        smooth: float, grad=None, seed: int = 0, dropout_on: bool = False):
-    """grad None: the scores (n_img, n_cap) float32 (this kernel's forward, with dropout when
+def run(img, cap, lens_list, weights: dict, *, regulator: str, steps: int, module_counts: dict,
+        direction: str, smooth: float, grad=None, seed: int = 0, dropout_on: bool = False):
+    """module_counts: rcar_fast.heads.module_counts(regulator, steps). grad None: the scores (n_img, n_cap) float32 (this kernel's forward, with dropout when
     dropout_on). Else (d img, d cap) float32 and the packed weight gradients (dict of fp32
     tensors shaped like `weights`, summed over programs in a fixed order)."""
     n_img, n_regions, d = img.shape
     n_cap = cap.shape[0]
     device = img.device
-    slots = module_slots(regulator, steps)
+    slots = module_slots(regulator, module_counts)
     dims = dict(DP=weights["wa"].shape[1], SP=weights["wa"].shape[2], HP=weights["w1"].shape[2],
                 HSP=weights["ws1"].shape[2])
     if dims["DP"] < d or dims["DP"] % D_CHUNK:

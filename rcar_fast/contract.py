@@ -134,6 +134,14 @@ def rcar_linears(head) -> list:
     return walk
 
 
+# RAR's training-mode dropout (nn.Dropout(0.4) of rar_q_w / rar_k_w), drawn from a counter-based
+# hash so that every backend draws the same bits (rcar_fast/dropout.py, kernels/rcar_backward.py,
+# csrc/cpu/rcar.cpp): an element is kept iff its 32-bit hash >= RAR_DROPOUT_THRESHOLD.
+RAR_DROPOUT_P = 0.4
+RAR_DROPOUT_THRESHOLD = int(RAR_DROPOUT_P * 2**32)   # 1717986918
+DROPOUT_HASH_MULTIPLIER = 0x45D9F3B                  # the hash's 32-bit mixer constant
+
+
 # --------------------------------------------------------------------------------------------
 # csrc/contract.h
 # --------------------------------------------------------------------------------------------

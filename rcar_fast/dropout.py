@@ -17,10 +17,12 @@ import contextlib
 
 import torch
 
-P = 0.4                                  # nn.Dropout(0.4) of rar_q_w / rar_k_w
-THRESHOLD = int(P * 2**32)               # kept iff hash >= THRESHOLD (1717986918)
+from rcar_fast.contract import DROPOUT_HASH_MULTIPLIER, RAR_DROPOUT_P, RAR_DROPOUT_THRESHOLD
+
+P = RAR_DROPOUT_P                        # nn.Dropout(0.4) of rar_q_w / rar_k_w
+THRESHOLD = RAR_DROPOUT_THRESHOLD        # kept iff hash >= THRESHOLD
 _MASK32 = 0xFFFFFFFF
-_MULTIPLIER = 0x45D9F3B
+_MULTIPLIER = DROPOUT_HASH_MULTIPLIER
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ A case: regulator, steps, direction, fp32 | bf16 (inputs; bf16 GEMMs at tf32), t
 import json, sys
 import torch
 from rcar_fast.modules import RCARSimilarity
+from rcar_fast.heads import module_counts
 from rcar_fast.ops.rcar import pack_weights
 from rcar_fast.kernels import rcar_backward as K
 from tests import sm90
@@ -24,7 +25,7 @@ for case, (reg, steps, direction, op, training, sim_dim) in enumerate(CASES):
     lens = [12, 30, 1, 9, 23]
     cap = torch.zeros(5, 32, 1024, dtype=dtype)
     w = pack_weights(head, torch.float32, False)
-    opts = dict(regulator=reg, steps=steps, direction=direction, smooth=10.0, seed=5, dropout_on=training)
+    opts = dict(regulator=reg, steps=steps, module_counts=module_counts(reg, steps), direction=direction, smooth=10.0, seed=5, dropout_on=training)
     K.run(img, cap, lens, w, **opts)                              # forward (dropout) launch
     K.run(img, cap, lens, w, grad=torch.ones(4, 5), **opts)       # the two backward passes
     for nargs, kwargs in rec.launches:

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from rcar_fast import contract, dropout, reference_math
-from rcar_fast.heads import RCARHead
+from rcar_fast.heads import RCARHead, module_counts
 from rcar_fast.ops.backend import Backend, CpuKernelBackend, Inputs, native, output_dtype
 from rcar_fast.ops.library import (PAIR_INDICES_SCHEMA, define, grouped_by_image, input_grads,
                                    listed_pairs, pairs_output, scan_output, vjp)
@@ -405,6 +405,7 @@ def _fused_forward(head, img, cap, lens_list, seed: int = 0, dropout_on: bool = 
                    smooth=head.smooth)
     if dropout_on:
         return rcar_backward.run(img, cap, lens_list, pack_weights(head, torch.float32, interpreter),
+                                 module_counts=module_counts(head.regulator, head.steps),
                                  seed=seed, dropout_on=True, **options)
     op_dtype = torch.float32 if img.dtype == torch.float32 else img.dtype
     return kernels.rcar_forward(img, cap, lens_list, pack_weights(head, op_dtype, interpreter),
@@ -418,8 +419,8 @@ def _fused_backward(head, grad, img, cap, lens_list, seed: int, dropout_on: bool
     weights = pack_weights(head, torch.float32, img.device.type == "cpu")
     d_img, d_cap, packed = rcar_backward.run(
         img.detach().contiguous(), cap.detach().contiguous(), lens_list, weights,
-        regulator=head.regulator, steps=head.steps, direction=head.direction,
-        smooth=head.smooth, grad=grad.detach(), seed=seed, dropout_on=dropout_on)
+        regulator=head.regulator, steps=head.steps, module_counts=module_counts(head.regulator, head.steps),
+        direction=head.direction, smooth=head.smooth, grad=grad.detach(), seed=seed, dropout_on=dropout_on)
     return d_img.to(img.dtype), d_cap.to(cap.dtype), rcar_backward.unpack_gradients(head, packed)
 
 
