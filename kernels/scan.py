@@ -46,14 +46,17 @@ import triton.language as tl
 from rcar_fast import contract
 from rcar_fast.contract import AGG_CODES, RAW_NORM_CODES  # noqa: F401 (the codes the launch passes)
 
-from . import gram as _gram
 # The shared region-word tile (kernels/tile.py): the score GEMM, its owners and rows, the tile
 # order, and the host-side owner groups, tile shapes and autotune mode.
 from .tile import (AUTOTUNE_MODES, AUTOTUNE_VARIABLE, MIN_DOT, OwnerGroup,  # noqa: F401
                    autotune_mode, caption_groups, interpreter_on)
 from .tile import OWNER_SHAPES as _OWNER_SHAPES
+from .tile import add_gram_rows as _add_gram_rows
 from .tile import add_rows as _add_rows
 from .tile import config_area as _config_area
+from .tile import context_gram  # build_problem calls it here (the sm_90 compile test patches it)
+from .tile import halves_dot as _halves_dot
+from .tile import load_gram as _load_gram
 from .tile import named as _named
 from .tile import pow2_at_least as _pow2_at_least
 from .tile import precision_kind as _precision_kind
@@ -88,43 +91,11 @@ FP32_DOT_PRECISION = "ieee"
 # =============================================================================================
 
 @triton.jit
-def _load_gram(g_ptr, gs0, gs1, ids_ptr, lens_ptr, start, count,
-               OWNERS: tl.constexpr, PAD: tl.constexpr):
-    """The tile's context Gram matrices as one block-diagonal (OWNERS*PAD, OWNERS*PAD) matrix,
-    zero off the diagonal blocks and outside real items. (A 2D dot with it keeps the MMA layout
-    spread over all warps; a batched 3D dot over few owners replicates it across warps.)"""
-    r = tl.arange(0, OWNERS * PAD)
-    owner = start + r // PAD
-    item = r % PAD
-    clamped = tl.minimum(owner, count - 1)
-    ident = tl.load(ids_ptr + clamped).to(tl.int64)
-    real = item < tl.load(lens_ptr + clamped)
-    same = owner[:, None] == owner[None, :]
-    ptrs = g_ptr + ident[:, None] * gs0 + item[:, None] * gs1 + item[None, :]
-    return tl.load(ptrs, mask=same & real[:, None] & real[None, :], other=0.0)
-
-
-@triton.jit
 def _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD: tl.constexpr):
     """(BJ, Q_PAD) |y_k|; 1 at padding (finite, never used)."""
     k = tl.arange(0, Q_PAD)
     real = k[None, :] < y_len[:, None]
     return tl.load(qn_ptr + y_ids[:, None] * qs0 + k[None, :], mask=real, other=1.0)
-
-
-@triton.jit
-def _gram_dot(G2, alpha2, M: tl.constexpr, N: tl.constexpr, EPI_PREC: tl.constexpr):
-    """G2 @ alpha2, (M, M) x (M, N). The IEEE fp32 dot (FMA) holds whole K rows of its operands
-    in each thread's registers, which at K = 64 context items spills; there the product runs
-    as two K halves chained in one accumulator: the same sequential sum over K."""
-    if EPI_PREC == "ieee" and M >= 64:
-        g_lo, g_hi = tl.split(tl.permute(tl.reshape(G2, (M, 2, M // 2)), (0, 2, 1)))
-        a_lo, a_hi = tl.split(tl.permute(tl.reshape(alpha2, (2, M // 2, N)), (1, 2, 0)))
-        out = tl.dot(g_lo, a_lo, input_precision=EPI_PREC)
-        out = tl.dot(g_hi, a_hi, out, input_precision=EPI_PREC)
-    else:
-        out = tl.dot(G2, alpha2, input_precision=EPI_PREC)
-    return out
 
 
 @triton.jit
@@ -173,7 +144,7 @@ def _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, live,
     # 64 rows and 8 warps that replicates the whole epilogue across warp pairs (255 registers,
     # spills); its analysis stops at the branch's yield, so the dot keeps a 4 x 2 arrangement.
     if live:
-        GA2 = _gram_dot(G2, alpha2, BI * C_PAD, BJ * Q_PAD, EPI_PREC)
+        GA2 = _halves_dot(G2, alpha2, BI * C_PAD, BI * C_PAD, BJ * Q_PAD, EPI_PREC)
     else:
         GA2 = tl.zeros((BI * C_PAD, BJ * Q_PAD), dtype=alpha2.dtype)
     GA4 = tl.reshape(GA2, (BI, C_PAD, BJ, Q_PAD))
@@ -351,11 +322,9 @@ def _scan_bwd_x_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
         _add_rows(dx_ptr, dx_rows, x_ok, y_ptr, y_rows, y_ok, sy2,
                   tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD)), D, y_start > 0, BD, EPI_PREC, ACC)
         tl.debug_barrier()  # the next iteration's threads read what this one wrote
-    # dX_c += 2 sum_c' dG[c, c'] x_c'  (dG is symmetric), within each owner's block; the 2
-    # scales dG exactly (a power of two), as it did the product
-    r = tl.arange(0, BI * C_PAD)
-    dgram = tl.where((r // C_PAD)[:, None] == (r // C_PAD)[None, :], 2.0 * dgram, 0.0)
-    _add_rows(dx_ptr, dx_rows, x_ok, x_ptr, x_rows, x_ok, sx2, dgram, D, True, BD, EPI_PREC, ACC)
+    # dX_c += 2 sum_c' dG[c, c'] x_c'  (dG is symmetric), within each owner's block
+    _add_gram_rows(dx_ptr, dx_rows, x_ptr, x_rows, x_ok, sx2, dgram, D, BD, EPI_PREC, ACC,
+                   BI * C_PAD, C_PAD)
 
 
 @triton.jit
@@ -419,7 +388,7 @@ def _scan_bwd_y_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
 #   of _forward_tile ran in a branch (no warp replication): now 0 B, 106-255 registers.
 #   (128x16 and 64x64 spilled in _scan_bwd_y_kernel before that; not re-measured since.)
 # * fp32 (IEEE FMA dots, whose operands hold whole K rows in registers; the Gram product
-#   runs in K halves, _gram_dot): forward up to 64x64 at 8 warps (~60-195 registers); 128x32
+#   runs in K halves, tile.halves_dot): forward up to 64x64 at 8 warps (~60-195 registers); 128x32
 #   spills ~380 B. (Before the K halves, 64x32 already spilled 110-220 B at any warp count.)
 # Shared memory (3 stages) stays within an H100's 227 KB for all of these.
 _LIMITS = {
@@ -534,14 +503,6 @@ def image_group(n_img: int, n_regions: int, device, floor: int) -> List[OwnerGro
     return [OwnerGroup(torch.arange(n_img, device=device, dtype=torch.int32),
                        torch.full((n_img,), n_regions, device=device, dtype=torch.int32),
                        _pow2_at_least(n_regions, floor), n_img)]
-
-
-def context_gram(x: torch.Tensor) -> torch.Tensor:
-    """Per-owner Gram matrices in the accumulation dtype (fp32, fp64 for fp64 inputs). NaN in
-    caption padding only reaches padding rows/columns, which the kernels never load."""
-    if x.dtype == torch.float64:
-        return torch.bmm(x, x.transpose(1, 2))
-    return _gram.gram(x)
 
 
 def row_norms(x: torch.Tensor, dtype: torch.dtype, chunk: int = 1024) -> torch.Tensor:
