@@ -300,12 +300,148 @@ def test_late_interaction_on_triton_matches_reference():
                 assert_close_to_reference(g, w, dtype=torch.float64, what=f"maxsim {form}")
 
 
+# ---------------------------------------------------------------------------------------------
+# CHAN's VSA coding (coding="vsa", i2t): the Gram-identity epilogue and its closed-form backward
+# ---------------------------------------------------------------------------------------------
+
+VSA_TAU = 0.3   # not a binary fraction: read in the accumulation dtype
+
+
+def _vsa(pool, tau=0.5):
+    return dict(direction="i2t", pool=pool, coding="vsa", vsa_tau=VSA_TAU, tau=tau)
+
+
+def _vsa_options(pool, tau=0.5):
+    return dict(_options("i2t", pool, tau=tau), coding="vsa", vsa_tau=VSA_TAU)
+
+
 @requires_interpreter
-def test_vsa_coding_is_refused_with_the_reason():
-    img, cap, lens, img_lens = _inputs()
-    with pytest.raises(dispatch.BackendUnavailable, match="reference backends only"):
-        rcar_fast.max_similarity(img, cap, lens, img_lens=img_lens, direction="i2t", coding="vsa",
-                                 backend="triton")
+@pytest.mark.parametrize("pool", ["mean", "sum", "max", "lse", "softmax"])
+def test_vsa_matches_float64_reference(pool):
+    # fp32 through rcar_fast.max_similarity, ragged on both sides with NaN padding (never read:
+    # the kernels load real rows only), forward and both gradients; padding gradients exactly 0
+    assert_head_matches_reference(CASES["ragged"](dtype=torch.float32), _vsa(pool),
+                                  backend="triton", dtype=torch.float32)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("case", ["ties", "L=1", "R=1", "all-negative"])
+@pytest.mark.parametrize("pool", ["mean", "max", "lse", "softmax"])
+def test_vsa_edge_cases_match_float64_reference(case, pool):
+    assert_head_matches_reference(CASES[case](dtype=torch.float64), _vsa(pool), backend="triton",
+                                  dtype=torch.float64)
+
+
+@requires_interpreter
+def test_vsa_matches_chan_public_coding():
+    # against the transcription of CHAN's VSACoding (its -1 sentinel agrees on unit-norm inputs)
+    from rcar_fast.reference_heads import unit_normalize
+    from tests.test_maxsim_reference import chan_vsa_public
+
+    case = CASES["ragged"](dtype=torch.float64, seed=4)
+    img, cap = unit_normalize(case.img, case.img_lens), unit_normalize(case.cap, case.lens)
+    for pool in ("mean", "sum", "max", "lse"):   # public softmax: NaN with padding
+        want = chan_vsa_public(img, cap, case.lens, case.img_lens, pool)
+        got = rcar_fast.max_similarity(img, cap, case.lens, img_lens=case.img_lens,
+                                       direction="i2t", coding="vsa", pool=pool, tau=0.1,
+                                       backend="triton")
+        assert_close_to_reference(got, want, dtype=torch.float64, what=f"public VSA + {pool}")
+
+
+@requires_interpreter
+def test_vsa_several_caption_buckets_odd_sizes_and_poisoned_output():
+    # lengths 1..20: the 8, 16 and 32 word buckets; 6 regions, d = 24; the output buffer
+    # poisoned with NaN before the kernels run; NaN in every padding row of both inputs
+    from rcar_fast.kernels import maxsim as kernels
+
+    lens = (20, 1, 9, 16, 17, 4, 8, 3)
+    img, cap, lens, img_lens = _inputs(n_img=4, lens=lens, img_lens=(6, 1, 3, 5), regions=6,
+                                       dim=24)
+    opts = _vsa_options("lse")
+    want = _reference(img, cap, lens, img_lens, **opts)
+    poisoned = torch.full((4, 8), NAN)
+    out = kernels.maxsim_forward(kernels.build_problem(img, cap, lens, img_lens, **opts),
+                                 out=poisoned)
+    assert out.data_ptr() == poisoned.data_ptr()
+    assert_close_to_reference(out, want, dtype=torch.float32, what="VSA buckets, poisoned output")
+    _check_gradients(img, cap, lens, img_lens, dtype=torch.float32, what="VSA buckets", **opts)
+    with poisoned_allocations():
+        assert_close_to_reference(_triton(img, cap, lens, img_lens, **opts), want,
+                                  dtype=torch.float32, what="VSA under poisoned allocations")
+
+
+@requires_interpreter
+def test_vsa_float16_two_x_rule():
+    img, cap, lens, img_lens = _inputs(dtype=torch.float16, unit_norm=True)
+    for pool in ("mean", "lse"):
+        opts = _vsa_options(pool)
+        ref16 = head_similarity_vectorized(img, cap, lens, img_lens, **opts)
+        assert_close_to_reference(_triton(img, cap, lens, img_lens, **opts),
+                                  _reference(img, cap, lens, img_lens, **opts),
+                                  dtype=torch.float16, ref_lowp=ref16, what=f"VSA fp16 {pool}")
+    _check_gradients(img, cap, lens, img_lens, dtype=torch.float16, what="VSA fp16",
+                     **_vsa_options("softmax"))
+
+
+@requires_interpreter
+@pytest.mark.parametrize("pool", ["sum", "softmax"])
+def test_vsa_gradcheck_float64(pool):
+    img, cap, lens, img_lens = _inputs(n_img=2, lens=(3, 1), img_lens=(3, 2), regions=3, dim=5,
+                                       dtype=torch.float64, pad=0.5)
+    opts = _vsa_options(pool)
+
+    def fn(a, c):
+        return _triton(a, c, lens, img_lens, **opts)
+
+    assert torch.autograd.gradcheck(fn, (img.requires_grad_(), cap.requires_grad_()),
+                                   atol=F64_GRADCHECK.atol, rtol=F64_GRADCHECK.rtol)
+
+
+@requires_interpreter
+def test_vsa_backward_is_deterministic_and_one_sided():
+    img, cap, lens, img_lens = _inputs(lens=(20, 1, 9, 16, 3))
+    grad = torch.randn(3, 5)
+    opts = _vsa_options("softmax")
+    first = _triton_gradients(img, cap, lens, img_lens, grad, **opts)
+    second = _triton_gradients(img, cap, lens, img_lens, grad, **opts)
+    for a, b in zip(first, second):
+        assert_bit_equal(a, b, what="a rerun of the VSA backward")
+    c = cap.detach().requires_grad_()
+    _triton(img, c, lens, img_lens, **opts).backward(grad)
+    assert_bit_equal(c.grad, first[1], what="VSA d cap alone")
+
+
+@requires_interpreter
+@pytest.mark.parametrize("pool", ["mean", "lse"])
+def test_vsa_pairs_match_float64_reference(pool):
+    # two caption buckets (16, 32), repeated pairs, caption 2 in no pair: zero gradient
+    img, cap, lens, img_lens = _inputs(lens=PAIR_LENS)
+    img_idx, cap_idx = PAIRS
+    opts = _vsa_options(pool)
+    grad = torch.randn(len(img_idx), dtype=torch.float64)
+    a, c = img.clone().requires_grad_(), cap.clone().requires_grad_()
+    out = MaxSimPairsTriton.fn(a, c, lens, img_lens, img_idx, cap_idx, **opts)
+    d_img, d_cap = torch.autograd.grad(out, (a, c), grad.float())
+    a64, c64 = img.double().requires_grad_(), cap.double().requires_grad_()
+    want = head_pairs_vectorized(a64, c64, lens, img_lens, img_idx, cap_idx, **opts)
+    r_img, r_cap = torch.autograd.grad(want, (a64, c64), grad)
+    assert_close_to_reference(out, want, dtype=torch.float32, what=f"VSA pairs {pool}")
+    for name, got, ref, rows in (("img", d_img, r_img, _real_rows(img, img_lens)),
+                                 ("cap", d_cap, r_cap, _real_rows(cap, lens))):
+        assert_close_to_reference(got[rows], ref[rows], dtype=torch.float32,
+                                  what=f"VSA pairs d {name}")
+        assert_bit_equal(got[~rows], torch.zeros_like(got[~rows]), what=f"VSA d {name} padding")
+    assert_bit_equal(d_cap[2], torch.zeros_like(d_cap[2]), what="a caption in no pair")
+
+
+@requires_interpreter
+def test_vsa_dispatch_lists_the_coding_on_triton():
+    assert "vsa" in MaxSimTriton.codings and "vsa" in MaxSimPairsTriton.codings
+    img, cap, lens, img_lens = _inputs(dtype=torch.float64)
+    kw = dict(img_lens=img_lens, direction="i2t", coding="vsa", pool="mean")
+    assert_close_to_reference(rcar_fast.max_similarity(img, cap, lens, backend="triton", **kw),
+                              rcar_fast.max_similarity(img, cap, lens, backend="reference", **kw),
+                              dtype=torch.float64, what="VSA triton vs reference backend")
 
 
 @requires_interpreter

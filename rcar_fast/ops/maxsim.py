@@ -58,8 +58,8 @@ def _backend_for(op: str, backend: str, inputs: Inputs, coding: str):
     impl = dispatch.implementation(op, backend)
     if impl is not None and coding not in getattr(impl, "codings", ("max",)):
         raise BackendUnavailable(f"backend {backend!r} cannot run {op} with coding={coding!r}: "
-                                 "CHAN's VSA coding is on the reference backends only "
-                                 "(backend='reference' or 'reference_loop')")
+                                 "CHAN's VSA coding is on the reference backends only, and "
+                                 "on Triton (backend='reference', 'reference_loop' or 'triton')")
     return dispatch.choose(op, backend, inputs)
 
 

@@ -3,15 +3,20 @@ backend classes (all pairs, op "maxsim"; listed pairs, op "maxsim_pairs").
 
 The kernels (rcar_fast.kernels.maxsim) score every (image, caption) pair from the shared
 region-word tile and, recomputing the tile and its argmaxes, give d img and d cap; nothing of
-size (pairs x words) is stored. Dtypes: fp32/fp16/bf16 on CUDA (output float32); under
+size (pairs x words) is stored. CHAN's VSA coding (coding="vsa") runs eagerly (under
+torch.compile too: it is not an option of the custom ops, as on the reference backends). Dtypes: fp32/fp16/bf16 on CUDA (output float32); under
 triton's CPU interpreter (tests) fp32/fp16 and float64 (output float64, for gradcheck).
 """
 from __future__ import annotations
 
 import torch
 
+from rcar_fast.contract import CHAN_TAU, HEAD_CODINGS
 from rcar_fast.ops.backend import Inputs, TritonBackend
 from rcar_fast.ops.library import MAXSIM_OPTION_NAMES, define_maxsim_op
+
+# The kernels' settings: the custom ops' options, then the coding (eager calls only).
+_SETTING_NAMES = MAXSIM_OPTION_NAMES + ("coding", "vsa_tau")
 
 
 def _kernels():
@@ -22,7 +27,7 @@ def _kernels():
 
 
 def _problem(img, cap, lens, img_lens, options):
-    return _kernels().build_problem(img, cap, lens, img_lens, **dict(zip(MAXSIM_OPTION_NAMES, options)))
+    return _kernels().build_problem(img, cap, lens, img_lens, **dict(zip(_SETTING_NAMES, options)))
 
 
 class MaxSimilarityTriton(torch.autograd.Function):
@@ -61,6 +66,7 @@ class _TritonHeads(TritonBackend):
     """What both Triton head backends share: the tile-size limit."""
     kernel = "the Triton S-only head kernels"
     region_floor = 1   # the regions' padding floor of the op's kernels
+    codings = HEAD_CODINGS
 
     @classmethod
     def extra_reasons(cls, inputs: Inputs) -> list[str]:
@@ -76,13 +82,14 @@ class MaxSimTriton(_TritonHeads):
 
     @staticmethod
     def fn(img, cap, lens, img_lens, *, direction="t2i", pool="mean", tau=0.1, leaky=False,
-           both_scale=0.5):
+           both_scale=0.5, coding="max", vsa_tau=CHAN_TAU):
         """Inputs already validated and normalised by rcar_fast.max_similarity (lens, img_lens
         int64 on the inputs' device). Returns (n_img, n_cap) float32 (float64 for float64)."""
         options = (direction, pool, float(tau), bool(leaky), float(both_scale))
-        if torch.compiler.is_compiling():
+        if coding == "max" and torch.compiler.is_compiling():
             return maxsim_triton_op(img, cap, lens, img_lens, *options)
-        return MaxSimilarityTriton.apply(img, cap, lens, img_lens, options)
+        return MaxSimilarityTriton.apply(img, cap, lens, img_lens,
+                                         options + (coding, float(vsa_tau)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +98,7 @@ class MaxSimTriton(_TritonHeads):
 
 def _pairs_problem(img, cap, lens, img_lens, img_idx, cap_idx, options):
     return _kernels().build_pairs_problem(img, cap, lens, img_lens, img_idx, cap_idx,
-                                          **dict(zip(MAXSIM_OPTION_NAMES, options)))
+                                          **dict(zip(_SETTING_NAMES, options)))
 
 
 class MaxSimilarityPairsTriton(torch.autograd.Function):
@@ -131,10 +138,11 @@ class MaxSimPairsTriton(_TritonHeads):
 
     @staticmethod
     def fn(img, cap, lens, img_lens, img_idx, cap_idx, *, direction="t2i", pool="mean", tau=0.1,
-           leaky=False, both_scale=0.5):
+           leaky=False, both_scale=0.5, coding="max", vsa_tau=CHAN_TAU):
         """Listed pairs (img_idx[p], cap_idx[p]), int64 (P,) validated by the wrapper: (P,)
         float32 (float64 for float64 inputs)."""
         options = (direction, pool, float(tau), bool(leaky), float(both_scale))
-        if torch.compiler.is_compiling():
+        if coding == "max" and torch.compiler.is_compiling():
             return maxsim_pairs_triton_op(img, cap, lens, img_lens, img_idx, cap_idx, *options)
-        return MaxSimilarityPairsTriton.apply(img, cap, lens, img_lens, img_idx, cap_idx, options)
+        return MaxSimilarityPairsTriton.apply(img, cap, lens, img_lens, img_idx, cap_idx,
+                                              options + (coding, float(vsa_tau)))
