@@ -14,13 +14,23 @@ lse(tau) = log sum exp(x / tau), softmax(tau) = sum softmax(x / tau) x. Padding 
 so NaN there is never read) is excluded from every max and pool with tl.where on the masks,
 never by multiplication. Ties: the first index (lowest region / word / pooled position) wins.
 
+CHAN's VSA coding (CODING = vsa, direction i2t) replaces each region's max by
+  x_r = sum_w a_rw S[r, w] / (sqrt(a_r^T G a_r) + eps),  a_r = softmax_w(S[r, .] / vsa_tau),
+G the caption's word Gram (precomputed once per call, (n_cap, Lmax, Lmax) in the accumulation
+dtype; a tile reads its captions' blocks as one block-diagonal matrix, tile.load_gram), so the
+attended vectors c_r = sum_w a_rw e_w are never formed: one (BI*R_PAD, BJ*L_PAD) x
+(BJ*L_PAD)^2 product per tile, BJ*L_PAD / d of the score GEMM. Then pooled over the regions.
+
 Backward (flash style: nothing per pair is stored; the tile and its argmaxes are recomputed).
 dL/dS is zero except at each maximum's first argmax, where it is G * pool weight * leaky'
-(HEADS.md, "Backward"). Two kernels, each owning its output rows (no atomics, deterministic):
-  _maxsim_bwd_img_kernel: one program per BI images, looping over the caption blocks of a
-      bucket: d img += dS @ cap, in d-chunks of BD;
-  _maxsim_bwd_cap_kernel: one program per BJ captions, looping over all image blocks:
-      d cap += dS^T @ img.
+(HEADS.md, "Backward"); for VSA it is dense (through the softmax), and the captions also get
+the Gram term d cap += 2 dG @ cap, dG = sum over the pairs' regions of dL/d|c_r|^2 a_r a_r^T.
+One kernel, _maxsim_bwd_kernel, in two roles, each program owning its output rows (no atomics,
+deterministic):
+  OWN_IS_IMG: one program per BI images, looping over the caption blocks of a bucket:
+      d img += dS @ cap, in d-chunks of BD;
+  else: one program per BJ captions, looping over all image blocks: d cap += dS^T @ img (and
+      VSA's dG summed over them, applied once at the end).
 A program stores its rows on its first iteration and read-modify-writes afterwards, with a CTA
 barrier between iterations (as kernels/scan.py does).
 

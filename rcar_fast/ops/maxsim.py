@@ -11,7 +11,7 @@ img / cap arrive contiguous and already normalised (normalize="unit" is done her
 differentiably, padding zeroed first), lens / img_lens int64 on their device, always given. The
 result is float32 (float64 for float64 inputs), differentiable w.r.t. img and cap. CHAN's VSA
 coding (coding="vsa") adds the keywords coding, vsa_tau and runs on the backends whose class
-lists it in `codings` (the reference ones).
+lists it in `codings` (the reference ones and Triton).
 """
 from __future__ import annotations
 
@@ -94,8 +94,8 @@ def max_similarity(img, cap, lens, *, direction=_UNSET["direction"], pool=_UNSET
     max(|x|, 1e-12) first. Ties: the first argmax takes the whole gradient.
     preset "chan" | "laps" | "aladin" | "teran" | "colbert" | "dvsa" fills the settings of that
     model (contract.HEAD_PRESETS); an argument contradicting it is a ValueError.
-    coding="vsa": CHAN's VSACoding (direction "i2t", temperature vsa_tau), reference backends
-    only. Returns float32 (float64 for float64 inputs), differentiable w.r.t. img and cap.
+    coding="vsa": CHAN's VSACoding (direction "i2t", temperature vsa_tau), on the reference
+    and Triton backends (auto: the reference). Returns float32 (float64 for float64 inputs), differentiable w.r.t. img and cap.
     """
     settings = validate.head_settings(preset, _passed(
         direction=direction, pool=pool, tau=tau, leaky=leaky, normalize=normalize,
