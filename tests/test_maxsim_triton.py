@@ -35,6 +35,21 @@ def _options(direction="t2i", pool="mean", leaky=False, tau=0.1, both_scale=0.5)
     return dict(direction=direction, pool=pool, tau=tau, leaky=leaky, both_scale=both_scale)
 
 
+# CHAN's VSA coding (i2t); its temperature is not a binary fraction (read in the accumulation
+# dtype, like tau)
+VSA_TAU = 0.3
+
+
+def _vsa(pool, tau=0.5):
+    """max_similarity keywords of CHAN's VSA coding."""
+    return dict(direction="i2t", pool=pool, coding="vsa", vsa_tau=VSA_TAU, tau=tau)
+
+
+def _vsa_options(pool, tau=0.5):
+    """The backend functions' keywords of CHAN's VSA coding."""
+    return dict(_options("i2t", pool, tau=tau), coding="vsa", vsa_tau=VSA_TAU)
+
+
 def _inputs(n_img=3, lens=LENS, img_lens=IMG_LENS, regions=5, dim=20, dtype=torch.float32,
             pad=NAN, device="cpu", **kw):
     """Ragged images and captions with `pad` in every padding row of both."""
@@ -226,17 +241,20 @@ def test_ties_give_the_whole_gradient_to_the_first_index(direction):
 
 
 @requires_interpreter
-def test_backward_is_deterministic_and_one_sided():
+@pytest.mark.parametrize("opts", [_options("both", "softmax", True), _vsa_options("softmax")],
+                         ids=settings_id)
+def test_backward_is_deterministic_and_one_sided(opts):
     img, cap, lens, img_lens = _inputs(lens=(20, 1, 9, 16, 3))
     grad = torch.randn(3, 5)
-    opts = _options("both", "softmax", True)
     first = _triton_gradients(img, cap, lens, img_lens, grad, **opts)
     second = _triton_gradients(img, cap, lens, img_lens, grad, **opts)
     for a, b in zip(first, second):
         assert_bit_equal(a, b, what="a rerun of the backward")
-    a = img.detach().requires_grad_()
-    _triton(a, cap, lens, img_lens, **opts).backward(grad)
-    assert_bit_equal(a.grad, first[0], what="d img alone")
+    for side, name in enumerate(("img", "cap")):
+        inputs = [img, cap]
+        inputs[side] = inputs[side].detach().requires_grad_()
+        _triton(*inputs, lens, img_lens, **opts).backward(grad)
+        assert_bit_equal(inputs[side].grad, first[side], what=f"d {name} alone")
 
 
 @requires_interpreter
@@ -261,13 +279,16 @@ PAIRS = (torch.tensor([0, 2, 1, 0, 2, 2, 1, 0]), torch.tensor([1, 1, 3, 4, 0, 1,
 PAIR_LENS = (1, 20, 3, 17, 2)
 
 
+PAIR_SETTINGS = [_options("t2i", "lse", True), _options("i2t", "softmax", False),
+                 _options("both", "max", True), _options("both", "mean", False),
+                 _vsa_options("mean"), _vsa_options("lse")]
+
+
 @requires_interpreter
-@pytest.mark.parametrize("direction,pool,leaky", [("t2i", "lse", True), ("i2t", "softmax", False),
-                                                  ("both", "max", True), ("both", "mean", False)])
-def test_pairs_match_float64_reference(direction, pool, leaky):
+@pytest.mark.parametrize("opts", PAIR_SETTINGS, ids=settings_id)
+def test_pairs_match_float64_reference(opts):
     img, cap, lens, img_lens = _inputs(lens=PAIR_LENS)
     img_idx, cap_idx = PAIRS
-    opts = _options(direction, pool, leaky)
     grad = torch.randn(len(img_idx), dtype=torch.float64)
     a, c = img.clone().requires_grad_(), cap.clone().requires_grad_()
     out = MaxSimPairsTriton.fn(a, c, lens, img_lens, img_idx, cap_idx, **opts)
@@ -303,17 +324,6 @@ def test_late_interaction_on_triton_matches_reference():
 # ---------------------------------------------------------------------------------------------
 # CHAN's VSA coding (coding="vsa", i2t): the Gram-identity epilogue and its closed-form backward
 # ---------------------------------------------------------------------------------------------
-
-VSA_TAU = 0.3   # not a binary fraction: read in the accumulation dtype
-
-
-def _vsa(pool, tau=0.5):
-    return dict(direction="i2t", pool=pool, coding="vsa", vsa_tau=VSA_TAU, tau=tau)
-
-
-def _vsa_options(pool, tau=0.5):
-    return dict(_options("i2t", pool, tau=tau), coding="vsa", vsa_tau=VSA_TAU)
-
 
 @requires_interpreter
 @pytest.mark.parametrize("pool", ["mean", "sum", "max", "lse", "softmax"])
@@ -395,43 +405,6 @@ def test_vsa_gradcheck_float64(pool):
 
     assert torch.autograd.gradcheck(fn, (img.requires_grad_(), cap.requires_grad_()),
                                    atol=F64_GRADCHECK.atol, rtol=F64_GRADCHECK.rtol)
-
-
-@requires_interpreter
-def test_vsa_backward_is_deterministic_and_one_sided():
-    img, cap, lens, img_lens = _inputs(lens=(20, 1, 9, 16, 3))
-    grad = torch.randn(3, 5)
-    opts = _vsa_options("softmax")
-    first = _triton_gradients(img, cap, lens, img_lens, grad, **opts)
-    second = _triton_gradients(img, cap, lens, img_lens, grad, **opts)
-    for a, b in zip(first, second):
-        assert_bit_equal(a, b, what="a rerun of the VSA backward")
-    c = cap.detach().requires_grad_()
-    _triton(img, c, lens, img_lens, **opts).backward(grad)
-    assert_bit_equal(c.grad, first[1], what="VSA d cap alone")
-
-
-@requires_interpreter
-@pytest.mark.parametrize("pool", ["mean", "lse"])
-def test_vsa_pairs_match_float64_reference(pool):
-    # two caption buckets (16, 32), repeated pairs, caption 2 in no pair: zero gradient
-    img, cap, lens, img_lens = _inputs(lens=PAIR_LENS)
-    img_idx, cap_idx = PAIRS
-    opts = _vsa_options(pool)
-    grad = torch.randn(len(img_idx), dtype=torch.float64)
-    a, c = img.clone().requires_grad_(), cap.clone().requires_grad_()
-    out = MaxSimPairsTriton.fn(a, c, lens, img_lens, img_idx, cap_idx, **opts)
-    d_img, d_cap = torch.autograd.grad(out, (a, c), grad.float())
-    a64, c64 = img.double().requires_grad_(), cap.double().requires_grad_()
-    want = head_pairs_vectorized(a64, c64, lens, img_lens, img_idx, cap_idx, **opts)
-    r_img, r_cap = torch.autograd.grad(want, (a64, c64), grad)
-    assert_close_to_reference(out, want, dtype=torch.float32, what=f"VSA pairs {pool}")
-    for name, got, ref, rows in (("img", d_img, r_img, _real_rows(img, img_lens)),
-                                 ("cap", d_cap, r_cap, _real_rows(cap, lens))):
-        assert_close_to_reference(got[rows], ref[rows], dtype=torch.float32,
-                                  what=f"VSA pairs d {name}")
-        assert_bit_equal(got[~rows], torch.zeros_like(got[~rows]), what=f"VSA d {name} padding")
-    assert_bit_equal(d_cap[2], torch.zeros_like(d_cap[2]), what="a caption in no pair")
 
 
 @requires_interpreter
