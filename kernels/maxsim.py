@@ -59,7 +59,8 @@ from .tile import (MIN_DOT, OWNER_SHAPES, OwnerGroup, add_gram_rows, add_rows, a
 
 _SLOPE = tl.constexpr(contract.LEAKY_SLOPE)
 _EPS = tl.constexpr(contract.EPS)
-_VSA = tl.constexpr(contract.HEAD_CODINGS.index("vsa"))
+_MAX_CODING, _VSA_CODING = (contract.HEAD_CODINGS.index(c) for c in ("max", "vsa"))
+_VSA = tl.constexpr(_VSA_CODING)
 _T2I = tl.constexpr(contract.HEAD_DIRECTION_CODES["t2i"])
 _I2T = tl.constexpr(contract.HEAD_DIRECTION_CODES["i2t"])
 _BOTH = tl.constexpr(contract.HEAD_DIRECTION_CODES["both"])
@@ -529,8 +530,33 @@ _LIMITS = {
     ("bwd_img", "fp32"): dict(max_m=64, max_n=64, max_area=64 * 32, min_area=16 * 16),
     ("bwd_cap", "fp32"): dict(max_m=64, max_n=64, max_area=64 * 32, min_area=16 * 16),
 }
+# CHAN's VSA keeps more tile-sized tensors live (the softmax weights, a G, and in the backward
+# the Gram term's factors and the caption's dG): its own budgets where they differ (sm_90,
+# triton 3.6 and 3.8, 0 B of stack in every kept config). fp16/bf16: forward up to 64x128 /
+# 128x64, 75-190 registers (128x128: 80-96 B of stack); d img up to N = 64 columns, 98-212
+# (64x128: 184-432 B); d cap up to 128x32, 140-204 (64x64 reaches 255 registers: only the
+# 64-word bucket's fallback, with d-chunks of 32); fp32: d cap up to 64x16 (64x32: 8 B).
+_VSA_LIMITS = {
+    ("fwd", "low"): dict(max_m=128, max_n=128, max_area=64 * 128, min_area=64 * 64),
+    ("bwd_img", "low"): dict(max_m=128, max_n=64, max_area=128 * 64, min_area=64 * 32),
+    ("bwd_cap", "low"): dict(max_m=128, max_n=32, max_area=128 * 32, min_area=64 * 16),
+    ("bwd_cap", "fp32"): dict(max_m=64, max_n=64, max_area=64 * 16, min_area=16 * 16),
+}
 # The d-chunk of the fp32 GEMM: FMA dots keep (rows, BK) operands per thread.
 _FP32_BK = 16
+
+
+def _limits(kernel: str, kind: str, coding: int) -> dict:
+    if coding == _VSA_CODING:
+        return _VSA_LIMITS.get((kernel, kind), _LIMITS[(kernel, kind)])
+    return _LIMITS[(kernel, kind)]
+
+
+def _fallback_bd(kind: str, coding: int) -> int:
+    """The gradient GEMM's d-chunk of the smallest-tile fallback (see _LIMITS, _VSA_LIMITS)."""
+    if kind == "fp32":
+        return 16
+    return 32 if coding == _VSA_CODING else 64
 
 
 def _prune(kernel: str):
@@ -539,13 +565,15 @@ def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
         a = named(named_args, kwargs)
         r_pad, l_pad, kind = a["R_PAD"], a["L_PAD"], precision_kind(a["img_ptr"])
-        keep = tile_shapes(r_pad, l_pad, **_LIMITS[(kernel, kind)])
+        coding = a.get("CODING", _MAX_CODING)
+        keep = tile_shapes(r_pad, l_pad, **_limits(kernel, kind, coding))
         bk = _FP32_BK if kind == "fp32" else 64
         out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep
                and c.kwargs["BK"] == bk]
         if not out:  # paddings beyond the budget: the smallest tile
             bi, bj = smallest_shape(r_pad, l_pad)
-            extra = dict(GROUP=8) if kernel == "fwd" else dict(BD=64 if kind == "low" else 16)
+            extra = (dict(GROUP=8) if kernel == "fwd" else
+                     dict(BD=_fallback_bd(kind, coding)))
             out = [triton.Config(dict(BI=bi, BJ=bj, BK=bk, **extra), num_warps=8, num_stages=2)]
         return quick(out, config_area(r_pad, l_pad))
     return prune
@@ -780,11 +808,19 @@ def build_pairs_problem(img, cap, lens, img_lens, img_idx, cap_idx, **settings) 
 
 def _pair_launch_options(p: MaxSimPairsProblem, backward: bool) -> dict:
     """One fixed config (pair programs are small: one (R_PAD, L_PAD) tile each). The backward
-    keeps the tile, dS and a d-chunk live: 8 warps (4 reach 254 registers at 64 x 64, sm_90)."""
+    keeps the tile, dS and a d-chunk live: 8 warps (4 reach 254 registers at 64 x 64, sm_90),
+    d-chunks BD of 64 (fp16/bf16) or 32 (fp32). VSA (more live tensors, and the caption's dG
+    in the d cap programs): 8 warps forward too, and half the d-chunk backward (with the full
+    one, d cap at 64 x 64 spills 8-16 B, sm_90)."""
     if interpreter_on():
-        return dict(BK=MIN_DOT)
+        return dict(BK=MIN_DOT, BD=MIN_DOT) if backward else dict(BK=MIN_DOT)
     low = p.heads.img.dtype in (torch.float16, torch.bfloat16)
-    return dict(BK=64 if low else _FP32_BK, num_warps=8 if backward else 4, num_stages=2)
+    vsa = p.heads.coding == _VSA_CODING
+    options = dict(BK=64 if low else _FP32_BK, num_warps=8 if backward or vsa else 4,
+                   num_stages=2)
+    if backward:
+        options["BD"] = (64 if low else 32) // (2 if vsa else 1)
+    return options
 
 
 def _pair_constexprs(p: MaxSimPairsProblem, b: PairBucket) -> dict:
@@ -814,7 +850,6 @@ def _pairs_side_gradient(p: MaxSimPairsProblem, dsim, of_img: bool) -> torch.Ten
     own, other = (h.img, h.cap) if of_img else (h.cap, h.img)
     grad = torch.zeros(own.shape, device=own.device, dtype=h.out_dtype)
     options = _pair_launch_options(p, backward=True)
-    bd = MIN_DOT if interpreter_on() else (64 if options["BK"] == 64 else 32)
     for b in p.buckets:
         g = b.by_img if of_img else b.by_cap
         _maxsim_pairs_bwd_kernel[(g.owners.count,)](
@@ -822,7 +857,7 @@ def _pairs_side_gradient(p: MaxSimPairsProblem, dsim, of_img: bool) -> torch.Ten
             g.owners.count, other, other.stride(0), other.stride(1), other.stride(2),
             g.other_ids, g.other_lens, g.pos.numel(), g.offsets, g.pos, dsim, grad,
             grad.stride(0), grad.stride(1), own.shape[2], *_settings(h), OWN_IS_IMG=of_img,
-            BD=bd, **_pair_constexprs(p, b), **options)
+            **_pair_constexprs(p, b), **options)
     return grad.to(own.dtype)
 
 
