@@ -15,7 +15,7 @@ import torch
 import rcar_fast
 from rcar_fast import dispatch
 from rcar_fast.losses import vse_hinge_loss
-from rcar_fast.contract import HEAD_DIRECTIONS
+from rcar_fast.contract import HEAD_CODINGS, HEAD_DIRECTIONS
 from rcar_fast.ops.maxsim_triton import (MaxSimPairsTriton, MaxSimTriton, maxsim_pairs_triton_op,
                                          maxsim_triton_op)
 from rcar_fast.reference_heads import head_pairs_vectorized, head_similarity_vectorized
@@ -493,26 +493,30 @@ def test_dispatch_reasons():
 TUNE_BUCKETS = [(64, 8), (64, 16), (64, 32), (64, 64), (512, 32), (1, 8)]
 
 
-def _kept(kernel, dtype, r_pad, l_pad):
+def _kept(kernel, dtype, r_pad, l_pad, coding):
     from rcar_fast.kernels import maxsim as kernels
 
     tuner = {"fwd": kernels._fwd_tuned, "bwd_img": kernels._bwd_img_tuned,
              "bwd_cap": kernels._bwd_cap_tuned}[kernel]
     return tuner.early_config_prune(tuner.configs, dict(img_ptr=torch.empty(1, dtype=dtype)),
-                                    R_PAD=r_pad, L_PAD=l_pad)
+                                    R_PAD=r_pad, L_PAD=l_pad,
+                                    CODING=HEAD_CODINGS.index(coding))
 
 
+@pytest.mark.parametrize("coding", HEAD_CODINGS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("kernel", ["fwd", "bwd_img", "bwd_cap"])
-def test_kept_configs_fit_the_measured_budget_and_quick_keeps_one(monkeypatch, kernel, dtype):
+def test_kept_configs_fit_the_measured_budget_and_quick_keeps_one(monkeypatch, kernel, dtype,
+                                                                  coding):
     from rcar_fast.kernels import maxsim as kernels
     from rcar_fast.kernels import tile
 
     kind = "fp32" if dtype == torch.float32 else "low"
-    limits = kernels._LIMITS[(kernel, kind)]
+    limits = (kernels._VSA_LIMITS if coding == "vsa" else {}).get((kernel, kind),
+                                                                  kernels._LIMITS[(kernel, kind)])
     for r_pad, l_pad in TUNE_BUCKETS:
         monkeypatch.delenv(tile.AUTOTUNE_VARIABLE, raising=False)
-        full = _kept(kernel, dtype, r_pad, l_pad)
+        full = _kept(kernel, dtype, r_pad, l_pad, coding)
         assert full, (r_pad, l_pad)
         for c in full:
             m, n = c.kwargs["BI"] * r_pad, c.kwargs["BJ"] * l_pad
@@ -521,7 +525,7 @@ def test_kept_configs_fit_the_measured_budget_and_quick_keeps_one(monkeypatch, k
             assert m >= tile.MIN_DOT and n >= tile.MIN_DOT
             assert c.kwargs["BK"] == (kernels._FP32_BK if kind == "fp32" else 64)
         monkeypatch.setenv(tile.AUTOTUNE_VARIABLE, "quick")
-        quick = _kept(kernel, dtype, r_pad, l_pad)
+        quick = _kept(kernel, dtype, r_pad, l_pad, coding)
         assert len(quick) == 1 and str(quick[0]) in {str(c) for c in full}
 
 
