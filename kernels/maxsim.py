@@ -552,11 +552,16 @@ def _limits(kernel: str, kind: str, coding: int) -> dict:
     return _LIMITS[(kernel, kind)]
 
 
-def _fallback_bd(kind: str, coding: int) -> int:
-    """The gradient GEMM's d-chunk of the smallest-tile fallback (see _LIMITS, _VSA_LIMITS)."""
-    if kind == "fp32":
-        return 16
-    return 32 if coding == _VSA_CODING else 64
+def _fallback(kernel: str, kind: str, coding: int, bi: int, bj: int, bk: int) -> triton.Config:
+    """The smallest-tile config, for paddings beyond the budget (see _LIMITS, _VSA_LIMITS):
+    backward d-chunks of 16 (fp32) or 64 (fp16/bf16); VSA's d cap at 64 x 64 (fp16/bf16) keeps
+    0 B of stack only with d-chunks of 32 in one stage (2 stages: 16 B with triton 3.6)."""
+    if kernel == "fwd":
+        return triton.Config(dict(BI=bi, BJ=bj, BK=bk, GROUP=8), num_warps=8, num_stages=2)
+    vsa_low = coding == _VSA_CODING and kind == "low"
+    bd = 16 if kind == "fp32" else (32 if vsa_low else 64)
+    return triton.Config(dict(BI=bi, BJ=bj, BK=bk, BD=bd), num_warps=8,
+                         num_stages=1 if vsa_low else 2)
 
 
 def _prune(kernel: str):
@@ -571,10 +576,7 @@ def _prune(kernel: str):
         out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep
                and c.kwargs["BK"] == bk]
         if not out:  # paddings beyond the budget: the smallest tile
-            bi, bj = smallest_shape(r_pad, l_pad)
-            extra = (dict(GROUP=8) if kernel == "fwd" else
-                     dict(BD=_fallback_bd(kind, coding)))
-            out = [triton.Config(dict(BI=bi, BJ=bj, BK=bk, **extra), num_warps=8, num_stages=2)]
+            out = [_fallback(kernel, kind, coding, *smallest_shape(r_pad, l_pad), bk)]
         return quick(out, config_area(r_pad, l_pad))
     return prune
 
@@ -810,14 +812,15 @@ def _pair_launch_options(p: MaxSimPairsProblem, backward: bool) -> dict:
     """One fixed config (pair programs are small: one (R_PAD, L_PAD) tile each). The backward
     keeps the tile, dS and a d-chunk live: 8 warps (4 reach 254 registers at 64 x 64, sm_90),
     d-chunks BD of 64 (fp16/bf16) or 32 (fp32). VSA (more live tensors, and the caption's dG
-    in the d cap programs): 8 warps forward too, and half the d-chunk backward (with the full
-    one, d cap at 64 x 64 spills 8-16 B, sm_90)."""
+    in the d cap programs): 8 warps forward too, and backward half the d-chunk in one stage
+    (d cap at 64 x 64, bf16, triton 3.6: 16 B of stack with BD 64 or 32 in 2 stages, 0 B in
+    one)."""
     if interpreter_on():
         return dict(BK=MIN_DOT, BD=MIN_DOT) if backward else dict(BK=MIN_DOT)
     low = p.heads.img.dtype in (torch.float16, torch.bfloat16)
     vsa = p.heads.coding == _VSA_CODING
     options = dict(BK=64 if low else _FP32_BK, num_warps=8 if backward or vsa else 4,
-                   num_stages=2)
+                   num_stages=1 if backward and vsa else 2)
     if backward:
         options["BD"] = (64 if low else 32) // (2 if vsa else 1)
     return options
