@@ -532,10 +532,11 @@ _LIMITS = {
 }
 # CHAN's VSA keeps more tile-sized tensors live (the softmax weights, a G, and in the backward
 # the Gram term's factors and the caption's dG): its own budgets where they differ (sm_90,
-# triton 3.6 and 3.8, 0 B of stack in every kept config). fp16/bf16: forward up to 64x128 /
-# 128x64, 75-190 registers (128x128: 80-96 B of stack); d img up to N = 64 columns, 98-212
-# (64x128: 184-432 B); d cap up to 128x32, 140-204 (64x64 reaches 255 registers: only the
-# 64-word bucket's fallback, with d-chunks of 32); fp32: d cap up to 64x16 (64x32: 8 B).
+# triton 3.6 and 3.8, 0 B of stack in every kept config, R=36, captions of 12 and 50 words).
+# fp16/bf16: forward up to 64x128 / 128x64, 75-191 registers (128x128: 80-96 B of stack); d img
+# up to N = 64 columns, 98-213 (64x128: 184-432 B); d cap up to 128x32, 103-225 (64x64: only
+# the 64-word bucket's fallback, _fallback: 246-255). fp32: forward 55-122, d img 60-230,
+# d cap up to 64x16, 80-230 (64x32: 8 B).
 _VSA_LIMITS = {
     ("fwd", "low"): dict(max_m=128, max_n=128, max_area=64 * 128, min_area=64 * 64),
     ("bwd_img", "low"): dict(max_m=128, max_n=64, max_area=128 * 64, min_area=64 * 32),
@@ -554,14 +555,17 @@ def _limits(kernel: str, kind: str, coding: int) -> dict:
 
 def _fallback(kernel: str, kind: str, coding: int, bi: int, bj: int, bk: int) -> triton.Config:
     """The smallest-tile config, for paddings beyond the budget (see _LIMITS, _VSA_LIMITS):
-    backward d-chunks of 16 (fp32) or 64 (fp16/bf16); VSA's d cap at 64 x 64 (fp16/bf16) keeps
-    0 B of stack only with d-chunks of 32 in one stage (2 stages: 16 B with triton 3.6)."""
+    backward d-chunks of 16 (fp32) or 64 (fp16/bf16). VSA's d cap at 64 x 64 keeps 0 B of
+    stack (triton 3.6) only with, fp16/bf16, d-chunks of 32 in one stage (2 stages: 16 B) and,
+    fp32, 16 warps (86-116 registers; 8 warps: 16-32 B with mean pooling)."""
     if kernel == "fwd":
         return triton.Config(dict(BI=bi, BJ=bj, BK=bk, GROUP=8), num_warps=8, num_stages=2)
-    vsa_low = coding == _VSA_CODING and kind == "low"
-    bd = 16 if kind == "fp32" else (32 if vsa_low else 64)
-    return triton.Config(dict(BI=bi, BJ=bj, BK=bk, BD=bd), num_warps=8,
-                         num_stages=1 if vsa_low else 2)
+    vsa = coding == _VSA_CODING
+    if kind == "fp32":
+        return triton.Config(dict(BI=bi, BJ=bj, BK=bk, BD=16), num_warps=16 if vsa else 8,
+                             num_stages=2)
+    return triton.Config(dict(BI=bi, BJ=bj, BK=bk, BD=32 if vsa else 64), num_warps=8,
+                         num_stages=1 if vsa else 2)
 
 
 def _prune(kernel: str):
@@ -812,15 +816,17 @@ def _pair_launch_options(p: MaxSimPairsProblem, backward: bool) -> dict:
     """One fixed config (pair programs are small: one (R_PAD, L_PAD) tile each). The backward
     keeps the tile, dS and a d-chunk live: 8 warps (4 reach 254 registers at 64 x 64, sm_90),
     d-chunks BD of 64 (fp16/bf16) or 32 (fp32). VSA (more live tensors, and the caption's dG
-    in the d cap programs): 8 warps forward too, and backward half the d-chunk in one stage
-    (d cap at 64 x 64, bf16, triton 3.6: 16 B of stack with BD 64 or 32 in 2 stages, 0 B in
-    one)."""
+    in the d cap programs): 8 warps forward too, and backward half the d-chunk, fp16/bf16 in
+    one stage (d cap at 64 x 64, bf16, triton 3.6: 16 B of stack with BD 64 or 32 in 2
+    stages, 0 B in one). Known spill: fp32 VSA with mean or sum pooling at 64 x 64 (the
+    64-word bucket) keeps 8 B (3.8, d cap; 3.6 d img) to 120-136 B (3.6, d cap) of stack in
+    every variant tried (BD 16/32, 1-2 stages, 8/16 warps); max, lse and softmax: 0 B."""
     if interpreter_on():
         return dict(BK=MIN_DOT, BD=MIN_DOT) if backward else dict(BK=MIN_DOT)
     low = p.heads.img.dtype in (torch.float16, torch.bfloat16)
     vsa = p.heads.coding == _VSA_CODING
     options = dict(BK=64 if low else _FP32_BK, num_warps=8 if backward or vsa else 4,
-                   num_stages=1 if backward and vsa else 2)
+                   num_stages=1 if backward and vsa and low else 2)
     if backward:
         options["BD"] = (64 if low else 32) // (2 if vsa else 1)
     return options
