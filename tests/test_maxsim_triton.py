@@ -15,7 +15,7 @@ import torch
 import rcar_fast
 from rcar_fast import dispatch
 from rcar_fast.losses import vse_hinge_loss
-from rcar_fast.contract import HEAD_CODINGS, HEAD_DIRECTIONS
+from rcar_fast.contract import HEAD_CODINGS, HEAD_DIRECTIONS, POOLS
 from rcar_fast.ops.maxsim import (MaxSimPairsTriton, MaxSimTriton, maxsim_pairs_triton_op,
                                   maxsim_triton_op)
 from rcar_fast.reference_heads import head_pairs_vectorized, head_similarity_vectorized
@@ -326,7 +326,7 @@ def test_late_interaction_on_triton_matches_reference():
 # ---------------------------------------------------------------------------------------------
 
 @requires_interpreter
-@pytest.mark.parametrize("pool", ["mean", "sum", "max", "lse", "softmax"])
+@pytest.mark.parametrize("pool", POOLS)
 def test_vsa_matches_float64_reference(pool):
     # fp32 through rcar_fast.max_similarity, ragged on both sides with NaN padding (never read:
     # the kernels load real rows only), forward and both gradients; padding gradients exactly 0
@@ -336,7 +336,7 @@ def test_vsa_matches_float64_reference(pool):
 
 @requires_interpreter
 @pytest.mark.parametrize("case", ["ties", "L=1", "R=1", "all-negative"])
-@pytest.mark.parametrize("pool", ["mean", "max", "lse", "softmax"])
+@pytest.mark.parametrize("pool", [p for p in POOLS if p != "sum"])   # sum: as mean, scaled
 def test_vsa_edge_cases_match_float64_reference(case, pool):
     assert_head_matches_reference(CASES[case](dtype=torch.float64), _vsa(pool), backend="triton",
                                   dtype=torch.float64)
@@ -350,7 +350,7 @@ def test_vsa_matches_chan_public_coding():
 
     case = CASES["ragged"](dtype=torch.float64, seed=4)
     img, cap = unit_normalize(case.img, case.img_lens), unit_normalize(case.cap, case.lens)
-    for pool in ("mean", "sum", "max", "lse"):   # public softmax: NaN with padding
+    for pool in (p for p in POOLS if p != "softmax"):   # public softmax: NaN with padding
         want = chan_vsa_public(img, cap, case.lens, case.img_lens, pool)
         got = rcar_fast.max_similarity(img, cap, case.lens, img_lens=case.img_lens,
                                        direction="i2t", coding="vsa", pool=pool, tau=0.1,
