@@ -14,13 +14,23 @@ lse(tau) = log sum exp(x / tau), softmax(tau) = sum softmax(x / tau) x. Padding 
 so NaN there is never read) is excluded from every max and pool with tl.where on the masks,
 never by multiplication. Ties: the first index (lowest region / word / pooled position) wins.
 
+CHAN's VSA coding (CODING = vsa, direction i2t) replaces each region's max by
+  x_r = sum_w a_rw S[r, w] / (sqrt(a_r^T G a_r) + eps),  a_r = softmax_w(S[r, .] / vsa_tau),
+G the caption's word Gram (precomputed once per call, (n_cap, Lmax, Lmax) in the accumulation
+dtype; a tile reads its captions' blocks as one block-diagonal matrix, tile.load_gram), so the
+attended vectors c_r = sum_w a_rw e_w are never formed: one (BI*R_PAD, BJ*L_PAD) x
+(BJ*L_PAD)^2 product per tile, BJ*L_PAD / d of the score GEMM. Then pooled over the regions.
+
 Backward (flash style: nothing per pair is stored; the tile and its argmaxes are recomputed).
 dL/dS is zero except at each maximum's first argmax, where it is G * pool weight * leaky'
-(HEADS.md, "Backward"). Two kernels, each owning its output rows (no atomics, deterministic):
-  _maxsim_bwd_img_kernel: one program per BI images, looping over the caption blocks of a
-      bucket: d img += dS @ cap, in d-chunks of BD;
-  _maxsim_bwd_cap_kernel: one program per BJ captions, looping over all image blocks:
-      d cap += dS^T @ img.
+(HEADS.md, "Backward"); for VSA it is dense (through the softmax), and the captions also get
+the Gram term d cap += 2 dG @ cap, dG = sum over the pairs' regions of dL/d|c_r|^2 a_r a_r^T.
+One kernel, _maxsim_bwd_kernel, in two roles, each program owning its output rows (no atomics,
+deterministic):
+  OWN_IS_IMG: one program per BI images, looping over the caption blocks of a bucket:
+      d img += dS @ cap, in d-chunks of BD;
+  else: one program per BJ captions, looping over all image blocks: d cap += dS^T @ img (and
+      VSA's dG summed over them, applied once at the end).
 A program stores its rows on its first iteration and read-modify-writes afterwards, with a CTA
 barrier between iterations (as kernels/scan.py does).
 
@@ -42,11 +52,15 @@ import triton.language as tl
 
 from rcar_fast import contract
 
-from .tile import (MIN_DOT, OWNER_SHAPES, OwnerGroup, add_rows, autotune_mode, caption_groups,
-                   config_area, interpreter_on, named, pow2_at_least, precision_kind, quick,
-                   score_tile, smallest_shape, tile_owners, tile_rows, tile_shapes, tile_start)
+from .tile import (MIN_DOT, OWNER_SHAPES, OwnerGroup, add_gram_rows, add_rows, autotune_mode,
+                   caption_groups, config_area, context_gram, halves_dot, interpreter_on,
+                   load_gram, named, pow2_at_least, precision_kind, quick, score_tile,
+                   smallest_shape, tile_owners, tile_rows, tile_shapes, tile_start)
 
 _SLOPE = tl.constexpr(contract.LEAKY_SLOPE)
+_EPS = tl.constexpr(contract.EPS)
+_MAX_CODING, _VSA_CODING = (contract.HEAD_CODINGS.index(c) for c in ("max", "vsa"))
+_VSA = tl.constexpr(_VSA_CODING)
 _T2I = tl.constexpr(contract.HEAD_DIRECTION_CODES["t2i"])
 _I2T = tl.constexpr(contract.HEAD_DIRECTION_CODES["i2t"])
 _BOTH = tl.constexpr(contract.HEAD_DIRECTION_CODES["both"])
@@ -167,64 +181,143 @@ def _tile_geometry(r_len, w_len, R_PAD: tl.constexpr, L_PAD: tl.constexpr):
 
 
 @triton.jit
-def _head(S, r_len, w_len, tau, both_scale, DIRECTION: tl.constexpr, POOL: tl.constexpr,
-          LEAKY: tl.constexpr, BI: tl.constexpr, R_PAD: tl.constexpr, BJ: tl.constexpr,
-          L_PAD: tl.constexpr):
-    """The similarity (BI, BJ) of every pair of the tile from its scores S."""
+def _params(params_ptr):
+    """The launch's run-time settings: (tau, both_scale, vsa_tau), in the accumulation dtype."""
+    return tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2)
+
+
+@triton.jit
+def _caption_gram(g_ptr, gs0, gs1, ids_ptr, lens_ptr, start, count, CODING: tl.constexpr,
+                  OWNERS: tl.constexpr, PAD: tl.constexpr):
+    """VSA's block-diagonal word Gram matrix of OWNERS captions from `start` (tile.load_gram);
+    the other codings read none (a placeholder, never used)."""
+    if CODING == _VSA:
+        G2 = load_gram(g_ptr, gs0, gs1, ids_ptr, lens_ptr, start, count, OWNERS, PAD)
+    else:
+        G2 = tl.zeros((1, 1), dtype=tl.float32)
+    return G2
+
+
+@triton.jit
+def _vsa_codes(S4, G2, wv4, vsa_tau, BI: tl.constexpr, R_PAD: tl.constexpr, BJ: tl.constexpr,
+               L_PAD: tl.constexpr, EPI_PREC: tl.constexpr):
+    """CHAN's VSA coding of every region of the tile (HEADS.md): a_r = softmax over the real
+    words of S[r, .] / vsa_tau, c_r = sum_w a_rw e_w, x_r = (v_r . c_r) / (|c_r| + eps) by the
+    Gram identity: v_r . c_r = sum_w a_rw S[r, w], |c_r|^2 = a_r^T G a_r (G2: the tile's
+    block-diagonal word Gram), so the attended vectors are never formed. Returns x
+    (BI, R_PAD, BJ) and what the backward needs: a, a G (BI, R_PAD, BJ, L_PAD), |c|, |c| + eps."""
+    z = tl.where(wv4, S4 / vsa_tau, float("-inf"))
+    e = tl.exp(z - tl.expand_dims(tl.max(z, axis=3), 3))
+    a4 = e / tl.expand_dims(tl.sum(e, axis=3), 3)
+    AG2 = halves_dot(tl.reshape(a4, (BI * R_PAD, BJ * L_PAD)), G2, BI * R_PAD, BJ * L_PAD,
+                     BJ * L_PAD, EPI_PREC)
+    AG4 = tl.reshape(AG2, (BI, R_PAD, BJ, L_PAD))
+    norm = tl.sqrt(tl.maximum(tl.sum(AG4 * a4, axis=3), 0.0))  # rounding can go below an exact 0
+    den = norm + _EPS
+    return tl.sum(a4 * S4, axis=3) / den, a4, AG4, norm, den
+
+
+@triton.jit
+def _vsa_grad(coef, S4, a4, AG4, x, norm, den, vsa_tau):
+    """The VSA coding's backward for coef = dL/dx_r (BI, R_PAD, BJ): dL/dS (through the
+    numerator and the softmax) and the Gram term's weights W = a_r dL/d|c_r|^2, whose
+    sum_r W_r^T a_r is dL/dG (HEADS.md's closed form, written through G)."""
+    d_num = coef / den
+    # d x / d|c|^2 = -x / (2 |c| (|c| + eps)); 0 at |c| = 0, as torch's norm gives
+    d_sq = tl.where(norm > 0, -coef * x / (2.0 * tl.where(norm > 0, norm, 1.0) * den), 0.0)
+    da = (tl.expand_dims(d_num, 3) * S4 + 2.0 * tl.expand_dims(d_sq, 3) * AG4)
+    dS4 = a4 * (tl.expand_dims(d_num, 3)
+                + (da - tl.expand_dims(tl.sum(a4 * da, axis=3), 3)) / vsa_tau)
+    return dS4, a4 * tl.expand_dims(d_sq, 3)
+
+
+@triton.jit
+def _head(S, G2, r_len, w_len, tau, both_scale, vsa_tau, DIRECTION: tl.constexpr,
+          POOL: tl.constexpr, LEAKY: tl.constexpr, CODING: tl.constexpr, BI: tl.constexpr,
+          R_PAD: tl.constexpr, BJ: tl.constexpr, L_PAD: tl.constexpr, EPI_PREC: tl.constexpr):
+    """The similarity (BI, BJ) of every pair of the tile from its scores S (and, for VSA, the
+    captions' Gram G2)."""
     S4 = tl.reshape(S, (BI, R_PAD, BJ, L_PAD))
     ri4, wi4, rv4, wv4, ri3, wi3, rv3, wv3 = _tile_geometry(r_len, w_len, R_PAD, L_PAD)
     sim = tl.zeros((BI, BJ), dtype=S.dtype)
-    if DIRECTION != _I2T:
-        m = _leaky(_max_first(S4, rv4, ri4, 1)[0], LEAKY)                # (BI, BJ, L_PAD)
-        sim += _pool(m, wv3, w_len[None, :], tau, 2, POOL)
-    if DIRECTION != _T2I:
-        n = _leaky(_max_first(S4, wv4, wi4, 3)[0], LEAKY)                # (BI, R_PAD, BJ)
-        sim += _pool(n, rv3, r_len[:, None], tau, 1, POOL)
-    if DIRECTION == _BOTH:
-        sim = both_scale * sim
+    if CODING == _VSA:   # regions coded (i2t), pooled over the real regions
+        x = _leaky(_vsa_codes(S4, G2, wv4, vsa_tau, BI, R_PAD, BJ, L_PAD, EPI_PREC)[0], LEAKY)
+        sim += _pool(x, rv3, r_len[:, None], tau, 1, POOL)
+    else:
+        if DIRECTION != _I2T:
+            m = _leaky(_max_first(S4, rv4, ri4, 1)[0], LEAKY)                # (BI, BJ, L_PAD)
+            sim += _pool(m, wv3, w_len[None, :], tau, 2, POOL)
+        if DIRECTION != _T2I:
+            n = _leaky(_max_first(S4, wv4, wi4, 3)[0], LEAKY)                # (BI, R_PAD, BJ)
+            sim += _pool(n, rv3, r_len[:, None], tau, 1, POOL)
+        if DIRECTION == _BOTH:
+            sim = both_scale * sim
     return sim
 
 
 @triton.jit
-def _head_grad(S, g, r_len, w_len, tau, both_scale, DIRECTION: tl.constexpr, POOL: tl.constexpr,
-               LEAKY: tl.constexpr, BI: tl.constexpr, R_PAD: tl.constexpr, BJ: tl.constexpr,
-               L_PAD: tl.constexpr):
+def _head_grad(S, G2, g, r_len, w_len, tau, both_scale, vsa_tau, DIRECTION: tl.constexpr,
+               POOL: tl.constexpr, LEAKY: tl.constexpr, CODING: tl.constexpr, BI: tl.constexpr,
+               R_PAD: tl.constexpr, BJ: tl.constexpr, L_PAD: tl.constexpr,
+               EPI_PREC: tl.constexpr):
     """dL/dS (BI*R_PAD, BJ*L_PAD) for the upstream g = dL/dsim (BI, BJ), 0 at padding and for
-    pairs whose g is 0: each maximum's first argmax gets G x pool weight x leaky'."""
+    pairs whose g is 0: each maximum's first argmax gets G x pool weight x leaky'. For VSA
+    also the Gram term's factors (W, a), (BI*R_PAD, BJ*L_PAD) each (zeros otherwise): the
+    captions' dG = W^T a, within each caption's block."""
     S4 = tl.reshape(S, (BI, R_PAD, BJ, L_PAD))
     ri4, wi4, rv4, wv4, ri3, wi3, rv3, wv3 = _tile_geometry(r_len, w_len, R_PAD, L_PAD)
     if DIRECTION == _BOTH:
         g = both_scale * g
     dS4 = tl.zeros((BI, R_PAD, BJ, L_PAD), dtype=S.dtype)
-    if DIRECTION != _I2T:
-        top, first = _max_first(S4, rv4, ri4, 1)                         # (BI, BJ, L_PAD)
-        weight = _pool_weights(_leaky(top, LEAKY), wv3, wi3, w_len[None, :], tau, 2, POOL)
-        coef = g[:, :, None] * weight * _leaky_slope(top, LEAKY)
-        dS4 += tl.where(ri4 == first[:, None, :, :], coef[:, None, :, :], 0.0)
-    if DIRECTION != _T2I:
-        top, first = _max_first(S4, wv4, wi4, 3)                         # (BI, R_PAD, BJ)
-        weight = _pool_weights(_leaky(top, LEAKY), rv3, ri3, r_len[:, None], tau, 1, POOL)
-        coef = g[:, None, :] * weight * _leaky_slope(top, LEAKY)
-        dS4 += tl.where(wi4 == first[:, :, :, None], coef[:, :, :, None], 0.0)
+    W4 = tl.zeros((BI, R_PAD, BJ, L_PAD), dtype=S.dtype)
+    a4 = tl.zeros((BI, R_PAD, BJ, L_PAD), dtype=S.dtype)
+    if CODING == _VSA:
+        x, a4, AG4, norm, den = _vsa_codes(S4, G2, wv4, vsa_tau, BI, R_PAD, BJ, L_PAD, EPI_PREC)
+        weight = _pool_weights(_leaky(x, LEAKY), rv3, ri3, r_len[:, None], tau, 1, POOL)
+        coef = g[:, None, :] * weight * _leaky_slope(x, LEAKY)           # (BI, R_PAD, BJ)
+        dS4, W4 = _vsa_grad(coef, S4, a4, AG4, x, norm, den, vsa_tau)
+    else:
+        if DIRECTION != _I2T:
+            top, first = _max_first(S4, rv4, ri4, 1)                     # (BI, BJ, L_PAD)
+            weight = _pool_weights(_leaky(top, LEAKY), wv3, wi3, w_len[None, :], tau, 2, POOL)
+            coef = g[:, :, None] * weight * _leaky_slope(top, LEAKY)
+            dS4 += tl.where(ri4 == first[:, None, :, :], coef[:, None, :, :], 0.0)
+        if DIRECTION != _T2I:
+            top, first = _max_first(S4, wv4, wi4, 3)                     # (BI, R_PAD, BJ)
+            weight = _pool_weights(_leaky(top, LEAKY), rv3, ri3, r_len[:, None], tau, 1, POOL)
+            coef = g[:, None, :] * weight * _leaky_slope(top, LEAKY)
+            dS4 += tl.where(wi4 == first[:, :, :, None], coef[:, :, :, None], 0.0)
     dS4 = tl.where(rv4 & wv4, dS4, 0.0)
-    return tl.reshape(dS4, (BI * R_PAD, BJ * L_PAD))
+    return (tl.reshape(dS4, (BI * R_PAD, BJ * L_PAD)), tl.reshape(W4, (BI * R_PAD, BJ * L_PAD)),
+            tl.reshape(a4, (BI * R_PAD, BJ * L_PAD)))
+
+
+@triton.jit
+def _side(ids_ptr, lens_ptr, start, count, s0, s1, OWNERS: tl.constexpr, PAD: tl.constexpr):
+    """One side of a tile: its OWNERS owners from `start` (ids, lengths, which are real) and
+    their OWNERS*PAD rows (offsets with strides s0, s1, and which are real items)."""
+    ids, lens, real = tile_owners(ids_ptr, lens_ptr, start, count, OWNERS)
+    rows, ok = tile_rows(ids_ptr, lens_ptr, start, count, s0, s1, OWNERS, PAD)
+    return ids, lens, real, rows, ok
 
 
 @triton.jit
 def _tile_grad(img_ptr, i_rows, i_ok, si2, i_ids, i_real, r_len,
-               cap_ptr, j_rows, j_ok, sc2, j_ids, j_real, w_len,
-               dsim_ptr, ds_i, ds_j, D, tau, both_scale,
+               cap_ptr, j_rows, j_ok, sc2, j_ids, j_real, w_len, G2,
+               dsim_ptr, ds_i, ds_j, D, tau, both_scale, vsa_tau,
                DIRECTION: tl.constexpr, POOL: tl.constexpr, LEAKY: tl.constexpr,
-               R_PAD: tl.constexpr, L_PAD: tl.constexpr, ACC: tl.constexpr,
-               MAIN_PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
-    """dS of one (BI images x BJ captions) tile: its scores recomputed, then the head's
-    backward from the tile's upstream gradients (0 for pairs outside the launch)."""
+               CODING: tl.constexpr, R_PAD: tl.constexpr, L_PAD: tl.constexpr,
+               ACC: tl.constexpr, MAIN_PREC: tl.constexpr, EPI_PREC: tl.constexpr,
+               BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    """dS (and VSA's Gram factors) of one (BI images x BJ captions) tile: its scores
+    recomputed, then the head's backward from the tile's upstream gradients (0 for pairs
+    outside the launch)."""
     S = score_tile(img_ptr, i_rows, i_ok, si2, cap_ptr, j_rows, j_ok, sc2, D,
                    BI * R_PAD, BJ * L_PAD, BK, ACC, MAIN_PREC)
     g = tl.load(dsim_ptr + i_ids[:, None] * ds_i + j_ids[None, :] * ds_j,
                 mask=i_real[:, None] & j_real[None, :], other=0.0).to(ACC)
-    return _head_grad(S, g, r_len, w_len, tau, both_scale, DIRECTION, POOL, LEAKY,
-                      BI, R_PAD, BJ, L_PAD)
+    return _head_grad(S, G2, g, r_len, w_len, tau, both_scale, vsa_tau, DIRECTION, POOL, LEAKY,
+                      CODING, BI, R_PAD, BJ, L_PAD, EPI_PREC)
 
 
 # =============================================================================================
@@ -234,76 +327,87 @@ def _tile_grad(img_ptr, i_rows, i_ok, si2, i_ids, i_real, r_len,
 @triton.jit
 def _maxsim_fwd_kernel(img_ptr, si0, si1, si2, img_ids_ptr, img_lens_ptr, n_img,
                        cap_ptr, sc0, sc1, sc2, cap_ids_ptr, cap_lens_ptr, n_cap,
-                       out_ptr, os_i, os_j, D, params_ptr,
+                       out_ptr, os_i, os_j, D, params_ptr, g_ptr, gs0, gs1,
                        DIRECTION: tl.constexpr, POOL: tl.constexpr, LEAKY: tl.constexpr,
-                       R_PAD: tl.constexpr, L_PAD: tl.constexpr, ACC: tl.constexpr,
-                       MAIN_PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
-                       BK: tl.constexpr, GROUP: tl.constexpr):
-    tau, both_scale = tl.load(params_ptr), tl.load(params_ptr + 1)
+                       CODING: tl.constexpr, R_PAD: tl.constexpr, L_PAD: tl.constexpr,
+                       ACC: tl.constexpr, MAIN_PREC: tl.constexpr, EPI_PREC: tl.constexpr,
+                       BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+                       GROUP: tl.constexpr):
+    tau, both_scale, vsa_tau = _params(params_ptr)
     i_start, j_start = tile_start(tl.program_id(0), n_img, n_cap, BI, BJ, GROUP)
-    i_ids, r_len, i_real = tile_owners(img_ids_ptr, img_lens_ptr, i_start, n_img, BI)
-    j_ids, w_len, j_real = tile_owners(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, BJ)
-    i_rows, i_ok = tile_rows(img_ids_ptr, img_lens_ptr, i_start, n_img, si0, si1, BI, R_PAD)
-    j_rows, j_ok = tile_rows(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, sc0, sc1, BJ, L_PAD)
+    i_ids, r_len, i_real, i_rows, i_ok = _side(img_ids_ptr, img_lens_ptr, i_start, n_img,
+                                               si0, si1, BI, R_PAD)
+    j_ids, w_len, j_real, j_rows, j_ok = _side(cap_ids_ptr, cap_lens_ptr, j_start, n_cap,
+                                               sc0, sc1, BJ, L_PAD)
     S = score_tile(img_ptr, i_rows, i_ok, si2, cap_ptr, j_rows, j_ok, sc2, D,
                    BI * R_PAD, BJ * L_PAD, BK, ACC, MAIN_PREC)
-    sim = _head(S, r_len, w_len, tau, both_scale, DIRECTION, POOL, LEAKY, BI, R_PAD, BJ, L_PAD)
+    G2 = _caption_gram(g_ptr, gs0, gs1, cap_ids_ptr, cap_lens_ptr, j_start, n_cap, CODING, BJ,
+                       L_PAD)
+    sim = _head(S, G2, r_len, w_len, tau, both_scale, vsa_tau, DIRECTION, POOL, LEAKY, CODING,
+                BI, R_PAD, BJ, L_PAD, EPI_PREC)
     tl.store(out_ptr + i_ids[:, None] * os_i + j_ids[None, :] * os_j, sim,
              mask=i_real[:, None] & j_real[None, :])
 
 
 @triton.jit
-def _maxsim_bwd_img_kernel(img_ptr, si0, si1, si2, img_ids_ptr, img_lens_ptr, n_img,
-                           cap_ptr, sc0, sc1, sc2, cap_ids_ptr, cap_lens_ptr, n_cap,
-                           dsim_ptr, ds_i, ds_j, dimg_ptr, dis0, dis1, D, params_ptr,
-                           DIRECTION: tl.constexpr, POOL: tl.constexpr, LEAKY: tl.constexpr,
-                           R_PAD: tl.constexpr, L_PAD: tl.constexpr, ACC: tl.constexpr,
-                           MAIN_PREC: tl.constexpr, EPI_PREC: tl.constexpr,
-                           BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
-                           BD: tl.constexpr):
-    """d img for BI images, summed over every caption of the launch's bucket."""
-    tau, both_scale = tl.load(params_ptr), tl.load(params_ptr + 1)
-    i_start = tl.program_id(0) * BI
-    i_ids, r_len, i_real = tile_owners(img_ids_ptr, img_lens_ptr, i_start, n_img, BI)
-    i_rows, i_ok = tile_rows(img_ids_ptr, img_lens_ptr, i_start, n_img, si0, si1, BI, R_PAD)
-    di_rows, _ = tile_rows(img_ids_ptr, img_lens_ptr, i_start, n_img, dis0, dis1, BI, R_PAD)
-    for j_start in range(0, n_cap, BJ):
-        j_ids, w_len, j_real = tile_owners(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, BJ)
-        j_rows, j_ok = tile_rows(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, sc0, sc1, BJ, L_PAD)
-        dS = _tile_grad(img_ptr, i_rows, i_ok, si2, i_ids, i_real, r_len,
-                        cap_ptr, j_rows, j_ok, sc2, j_ids, j_real, w_len,
-                        dsim_ptr, ds_i, ds_j, D, tau, both_scale, DIRECTION, POOL, LEAKY,
-                        R_PAD, L_PAD, ACC, MAIN_PREC, BI, BJ, BK)
-        add_rows(dimg_ptr, di_rows, i_ok, cap_ptr, j_rows, j_ok, sc2, dS, D, j_start > 0,
-                 BD, EPI_PREC, ACC)
+def _maxsim_bwd_kernel(img_ptr, si0, si1, si2, img_ids_ptr, img_lens_ptr, n_img,
+                       cap_ptr, sc0, sc1, sc2, cap_ids_ptr, cap_lens_ptr, n_cap,
+                       dsim_ptr, ds_i, ds_j, dst_ptr, dst0, dst1, D, params_ptr, g_ptr, gs0,
+                       gs1, OWN_IS_IMG: tl.constexpr, DIRECTION: tl.constexpr,
+                       POOL: tl.constexpr, LEAKY: tl.constexpr, CODING: tl.constexpr,
+                       R_PAD: tl.constexpr, L_PAD: tl.constexpr, ACC: tl.constexpr,
+                       MAIN_PREC: tl.constexpr, EPI_PREC: tl.constexpr,
+                       BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+                       BD: tl.constexpr):
+    """d img for BI images (OWN_IS_IMG), summed over every caption of the launch's bucket, or
+    d cap for BJ captions of the bucket, summed over every image: the program's own side is
+    fixed, the other side's blocks are walked."""
+    tau, both_scale, vsa_tau = _params(params_ptr)
+    if OWN_IS_IMG:
+        i_start = tl.program_id(0) * BI
+        i_ids, r_len, i_real, i_rows, i_ok = _side(img_ids_ptr, img_lens_ptr, i_start, n_img,
+                                                   si0, si1, BI, R_PAD)
+        d_rows, _ = tile_rows(img_ids_ptr, img_lens_ptr, i_start, n_img, dst0, dst1, BI, R_PAD)
+        n_other = n_cap
+    else:
+        j_start = tl.program_id(0) * BJ
+        j_ids, w_len, j_real, j_rows, j_ok = _side(cap_ids_ptr, cap_lens_ptr, j_start, n_cap,
+                                                   sc0, sc1, BJ, L_PAD)
+        d_rows, _ = tile_rows(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, dst0, dst1, BJ, L_PAD)
+        n_other = n_img
+        G2 = _caption_gram(g_ptr, gs0, gs1, cap_ids_ptr, cap_lens_ptr, j_start, n_cap, CODING,
+                           BJ, L_PAD)
+        dgram = tl.zeros((BJ * L_PAD, BJ * L_PAD), dtype=ACC)   # VSA: sum over images of dG
+    for other in range(0, n_other, BJ if OWN_IS_IMG else BI):
+        if OWN_IS_IMG:
+            j_start = other
+            j_ids, w_len, j_real, j_rows, j_ok = _side(cap_ids_ptr, cap_lens_ptr, j_start,
+                                                       n_cap, sc0, sc1, BJ, L_PAD)
+            G2 = _caption_gram(g_ptr, gs0, gs1, cap_ids_ptr, cap_lens_ptr, j_start, n_cap,
+                               CODING, BJ, L_PAD)
+        else:
+            i_start = other
+            i_ids, r_len, i_real, i_rows, i_ok = _side(img_ids_ptr, img_lens_ptr, i_start,
+                                                       n_img, si0, si1, BI, R_PAD)
+        dS, W2, A2 = _tile_grad(img_ptr, i_rows, i_ok, si2, i_ids, i_real, r_len,
+                                cap_ptr, j_rows, j_ok, sc2, j_ids, j_real, w_len, G2,
+                                dsim_ptr, ds_i, ds_j, D, tau, both_scale, vsa_tau, DIRECTION,
+                                POOL, LEAKY, CODING, R_PAD, L_PAD, ACC, MAIN_PREC, EPI_PREC,
+                                BI, BJ, BK)
+        if OWN_IS_IMG:   # d img += dS @ cap, in d-chunks (stored first, then added)
+            add_rows(dst_ptr, d_rows, i_ok, cap_ptr, j_rows, j_ok, sc2, dS, D, other > 0,
+                     BD, EPI_PREC, ACC)
+        else:            # d cap += dS^T @ img
+            add_rows(dst_ptr, d_rows, j_ok, img_ptr, i_rows, i_ok, si2, tl.trans(dS), D,
+                     other > 0, BD, EPI_PREC, ACC)
+            if CODING == _VSA:
+                dgram += halves_dot(tl.trans(W2), A2, BJ * L_PAD, BI * R_PAD, BJ * L_PAD,
+                                    EPI_PREC)
         tl.debug_barrier()  # the next iteration's threads read what this one wrote
-
-
-@triton.jit
-def _maxsim_bwd_cap_kernel(img_ptr, si0, si1, si2, img_ids_ptr, img_lens_ptr, n_img,
-                           cap_ptr, sc0, sc1, sc2, cap_ids_ptr, cap_lens_ptr, n_cap,
-                           dsim_ptr, ds_i, ds_j, dcap_ptr, dcs0, dcs1, D, params_ptr,
-                           DIRECTION: tl.constexpr, POOL: tl.constexpr, LEAKY: tl.constexpr,
-                           R_PAD: tl.constexpr, L_PAD: tl.constexpr, ACC: tl.constexpr,
-                           MAIN_PREC: tl.constexpr, EPI_PREC: tl.constexpr,
-                           BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
-                           BD: tl.constexpr):
-    """d cap for BJ captions of the bucket, summed over every image."""
-    tau, both_scale = tl.load(params_ptr), tl.load(params_ptr + 1)
-    j_start = tl.program_id(0) * BJ
-    j_ids, w_len, j_real = tile_owners(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, BJ)
-    j_rows, j_ok = tile_rows(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, sc0, sc1, BJ, L_PAD)
-    dj_rows, _ = tile_rows(cap_ids_ptr, cap_lens_ptr, j_start, n_cap, dcs0, dcs1, BJ, L_PAD)
-    for i_start in range(0, n_img, BI):
-        i_ids, r_len, i_real = tile_owners(img_ids_ptr, img_lens_ptr, i_start, n_img, BI)
-        i_rows, i_ok = tile_rows(img_ids_ptr, img_lens_ptr, i_start, n_img, si0, si1, BI, R_PAD)
-        dS = _tile_grad(img_ptr, i_rows, i_ok, si2, i_ids, i_real, r_len,
-                        cap_ptr, j_rows, j_ok, sc2, j_ids, j_real, w_len,
-                        dsim_ptr, ds_i, ds_j, D, tau, both_scale, DIRECTION, POOL, LEAKY,
-                        R_PAD, L_PAD, ACC, MAIN_PREC, BI, BJ, BK)
-        add_rows(dcap_ptr, dj_rows, j_ok, img_ptr, i_rows, i_ok, si2, tl.trans(dS), D,
-                 i_start > 0, BD, EPI_PREC, ACC)
-        tl.debug_barrier()  # the next iteration's threads read what this one wrote
+    if not OWN_IS_IMG:
+        if CODING == _VSA:   # d cap += 2 dG @ cap, within each caption's block
+            add_gram_rows(dst_ptr, d_rows, cap_ptr, j_rows, j_ok, sc2, dgram, D, BD, EPI_PREC,
+                          ACC, BJ * L_PAD, L_PAD)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,34 +421,36 @@ def _maxsim_bwd_cap_kernel(img_ptr, si0, si1, si2, img_ids_ptr, img_lens_ptr, n_
 
 @triton.jit
 def _pair_tile(img_ptr, si0, si1, si2, i_ids_ptr, i_lens_ptr, i_at, n_i,
-               cap_ptr, sc0, sc1, sc2, j_ids_ptr, j_lens_ptr, j_at, n_j, D,
-               R_PAD: tl.constexpr, L_PAD: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
-               MAIN_PREC: tl.constexpr):
+               cap_ptr, sc0, sc1, sc2, j_ids_ptr, j_lens_ptr, j_at, n_j, D, g_ptr, gs0, gs1,
+               CODING: tl.constexpr, R_PAD: tl.constexpr, L_PAD: tl.constexpr,
+               BK: tl.constexpr, ACC: tl.constexpr, MAIN_PREC: tl.constexpr):
     """The (R_PAD, L_PAD) tile of one pair: image entry i_at of (i_ids, i_lens) and caption
-    entry j_at of (j_ids, j_lens); also their lengths (1,) and the rows' offsets and masks."""
-    _, r_len, _ = tile_owners(i_ids_ptr, i_lens_ptr, i_at, n_i, 1)
-    _, w_len, _ = tile_owners(j_ids_ptr, j_lens_ptr, j_at, n_j, 1)
-    i_rows, i_ok = tile_rows(i_ids_ptr, i_lens_ptr, i_at, n_i, si0, si1, 1, R_PAD)
-    j_rows, j_ok = tile_rows(j_ids_ptr, j_lens_ptr, j_at, n_j, sc0, sc1, 1, L_PAD)
+    entry j_at of (j_ids, j_lens); also the caption's Gram (VSA), their lengths (1,) and the
+    rows' offsets and masks."""
+    _, r_len, _, i_rows, i_ok = _side(i_ids_ptr, i_lens_ptr, i_at, n_i, si0, si1, 1, R_PAD)
+    _, w_len, _, j_rows, j_ok = _side(j_ids_ptr, j_lens_ptr, j_at, n_j, sc0, sc1, 1, L_PAD)
     S = score_tile(img_ptr, i_rows, i_ok, si2, cap_ptr, j_rows, j_ok, sc2, D,
                    R_PAD, L_PAD, BK, ACC, MAIN_PREC)
-    return S, r_len, w_len, i_rows, i_ok, j_rows, j_ok
+    G2 = _caption_gram(g_ptr, gs0, gs1, j_ids_ptr, j_lens_ptr, j_at, n_j, CODING, 1, L_PAD)
+    return S, G2, r_len, w_len, i_rows, i_ok, j_rows, j_ok
 
 
 @triton.jit
 def _maxsim_pairs_fwd_kernel(img_ptr, si0, si1, si2, p_img_ptr, p_img_lens_ptr,
                              cap_ptr, sc0, sc1, sc2, p_cap_ptr, p_cap_lens_ptr, n_pairs,
-                             pos_ptr, out_ptr, D, params_ptr,
+                             pos_ptr, out_ptr, D, params_ptr, g_ptr, gs0, gs1,
                              DIRECTION: tl.constexpr, POOL: tl.constexpr, LEAKY: tl.constexpr,
-                             R_PAD: tl.constexpr, L_PAD: tl.constexpr, ACC: tl.constexpr,
-                             MAIN_PREC: tl.constexpr, BK: tl.constexpr):
-    tau, both_scale = tl.load(params_ptr), tl.load(params_ptr + 1)
+                             CODING: tl.constexpr, R_PAD: tl.constexpr, L_PAD: tl.constexpr,
+                             ACC: tl.constexpr, MAIN_PREC: tl.constexpr,
+                             EPI_PREC: tl.constexpr, BK: tl.constexpr):
+    tau, both_scale, vsa_tau = _params(params_ptr)
     p = tl.program_id(0)
-    S, r_len, w_len, _, _, _, _ = _pair_tile(
+    S, G2, r_len, w_len, _, _, _, _ = _pair_tile(
         img_ptr, si0, si1, si2, p_img_ptr, p_img_lens_ptr, p, n_pairs,
-        cap_ptr, sc0, sc1, sc2, p_cap_ptr, p_cap_lens_ptr, p, n_pairs, D,
-        R_PAD, L_PAD, BK, ACC, MAIN_PREC)
-    sim = _head(S, r_len, w_len, tau, both_scale, DIRECTION, POOL, LEAKY, 1, R_PAD, 1, L_PAD)
+        cap_ptr, sc0, sc1, sc2, p_cap_ptr, p_cap_lens_ptr, p, n_pairs, D, g_ptr, gs0, gs1,
+        CODING, R_PAD, L_PAD, BK, ACC, MAIN_PREC)
+    sim = _head(S, G2, r_len, w_len, tau, both_scale, vsa_tau, DIRECTION, POOL, LEAKY, CODING,
+                1, R_PAD, 1, L_PAD, EPI_PREC)
     pos = tl.load(pos_ptr + p + tl.arange(0, 1)).to(tl.int64)
     tl.store(out_ptr + pos[:, None], sim)
 
@@ -353,40 +459,52 @@ def _maxsim_pairs_fwd_kernel(img_ptr, si0, si1, si2, p_img_ptr, p_img_lens_ptr,
 def _maxsim_pairs_bwd_kernel(own_ptr, so0, so1, so2, own_ids_ptr, own_lens_ptr, n_own,
                              other_ptr, st0, st1, st2, other_ids_ptr, other_lens_ptr, n_listed,
                              offsets_ptr, pos_ptr, dsim_ptr, dst_ptr, ds0, ds1, D, params_ptr,
-                             OWN_IS_IMG: tl.constexpr, DIRECTION: tl.constexpr,
-                             POOL: tl.constexpr, LEAKY: tl.constexpr, R_PAD: tl.constexpr,
-                             L_PAD: tl.constexpr, ACC: tl.constexpr, MAIN_PREC: tl.constexpr,
+                             g_ptr, gs0, gs1, OWN_IS_IMG: tl.constexpr,
+                             DIRECTION: tl.constexpr, POOL: tl.constexpr, LEAKY: tl.constexpr,
+                             CODING: tl.constexpr, R_PAD: tl.constexpr, L_PAD: tl.constexpr,
+                             ACC: tl.constexpr, MAIN_PREC: tl.constexpr,
                              EPI_PREC: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
     """d(own side) for one distinct owner u (an image if OWN_IS_IMG, else a caption): the sum
     over its pairs k in [offsets[u], offsets[u+1]) of the grouped order, whose other sides are
     (other_ids[k], other_lens[k]) and whose upstream gradient is dsim[pos[k]]."""
-    tau, both_scale = tl.load(params_ptr), tl.load(params_ptr + 1)
+    tau, both_scale, vsa_tau = _params(params_ptr)
     u = tl.program_id(0)
     start = tl.load(offsets_ptr + u)
     end = tl.load(offsets_ptr + u + 1)
+    if not OWN_IS_IMG:
+        dgram = tl.zeros((L_PAD, L_PAD), dtype=ACC)   # VSA: the caption's dG over its pairs
     for k in range(start, end):
         g = tl.load(dsim_ptr + tl.load(pos_ptr + k + tl.arange(0, 1)).to(tl.int64)).to(ACC)
         if OWN_IS_IMG:
-            S, r_len, w_len, i_rows, i_ok, j_rows, j_ok = _pair_tile(
+            S, G2, r_len, w_len, i_rows, i_ok, j_rows, j_ok = _pair_tile(
                 own_ptr, so0, so1, so2, own_ids_ptr, own_lens_ptr, u, n_own,
                 other_ptr, st0, st1, st2, other_ids_ptr, other_lens_ptr, k, n_listed, D,
-                R_PAD, L_PAD, BK, ACC, MAIN_PREC)
-            dS = _head_grad(S, g[:, None], r_len, w_len, tau, both_scale, DIRECTION, POOL,
-                            LEAKY, 1, R_PAD, 1, L_PAD)
+                g_ptr, gs0, gs1, CODING, R_PAD, L_PAD, BK, ACC, MAIN_PREC)
+        else:
+            S, G2, r_len, w_len, i_rows, i_ok, j_rows, j_ok = _pair_tile(
+                other_ptr, st0, st1, st2, other_ids_ptr, other_lens_ptr, k, n_listed,
+                own_ptr, so0, so1, so2, own_ids_ptr, own_lens_ptr, u, n_own, D,
+                g_ptr, gs0, gs1, CODING, R_PAD, L_PAD, BK, ACC, MAIN_PREC)
+        dS, W2, A2 = _head_grad(S, G2, g[:, None], r_len, w_len, tau, both_scale, vsa_tau,
+                                DIRECTION, POOL, LEAKY, CODING, 1, R_PAD, 1, L_PAD, EPI_PREC)
+        if OWN_IS_IMG:
             d_rows, _ = tile_rows(own_ids_ptr, own_lens_ptr, u, n_own, ds0, ds1, 1, R_PAD)
             add_rows(dst_ptr, d_rows, i_ok, other_ptr, j_rows, j_ok, st2, dS, D, True,
                      BD, EPI_PREC, ACC)
         else:
-            S, r_len, w_len, i_rows, i_ok, j_rows, j_ok = _pair_tile(
-                other_ptr, st0, st1, st2, other_ids_ptr, other_lens_ptr, k, n_listed,
-                own_ptr, so0, so1, so2, own_ids_ptr, own_lens_ptr, u, n_own, D,
-                R_PAD, L_PAD, BK, ACC, MAIN_PREC)
-            dS = _head_grad(S, g[:, None], r_len, w_len, tau, both_scale, DIRECTION, POOL,
-                            LEAKY, 1, R_PAD, 1, L_PAD)
             d_rows, _ = tile_rows(own_ids_ptr, own_lens_ptr, u, n_own, ds0, ds1, 1, L_PAD)
             add_rows(dst_ptr, d_rows, j_ok, other_ptr, i_rows, i_ok, st2, tl.trans(dS), D,
                      True, BD, EPI_PREC, ACC)
+            if CODING == _VSA:
+                dgram += halves_dot(tl.trans(W2), A2, L_PAD, R_PAD, L_PAD, EPI_PREC)
         tl.debug_barrier()  # the next pair's threads read what this one wrote
+    if not OWN_IS_IMG:
+        if CODING == _VSA:   # d cap += 2 dG @ cap
+            own_rows, own_ok = tile_rows(own_ids_ptr, own_lens_ptr, u, n_own, so0, so1, 1,
+                                         L_PAD)
+            d_rows, _ = tile_rows(own_ids_ptr, own_lens_ptr, u, n_own, ds0, ds1, 1, L_PAD)
+            add_gram_rows(dst_ptr, d_rows, own_ptr, own_rows, own_ok, so2, dgram, D, BD,
+                          EPI_PREC, ACC, L_PAD, L_PAD)
 
 
 # =============================================================================================
@@ -412,8 +530,42 @@ _LIMITS = {
     ("bwd_img", "fp32"): dict(max_m=64, max_n=64, max_area=64 * 32, min_area=16 * 16),
     ("bwd_cap", "fp32"): dict(max_m=64, max_n=64, max_area=64 * 32, min_area=16 * 16),
 }
+# CHAN's VSA keeps more tile-sized tensors live (the softmax weights, a G, and in the backward
+# the Gram term's factors and the caption's dG): its own budgets where they differ (sm_90,
+# triton 3.6 and 3.8, 0 B of stack in every kept config, R=36, captions of 12 and 50 words).
+# fp16/bf16: forward up to 64x128 / 128x64, 75-191 registers (128x128: 80-96 B of stack); d img
+# up to N = 64 columns, 98-213 (64x128: 184-432 B); d cap up to 128x32, 103-225 (64x64: only
+# the 64-word bucket's fallback, _fallback: 246-255). fp32: forward 55-122, d img 60-230,
+# d cap up to 64x16, 80-230 (64x32: 8 B).
+_VSA_LIMITS = {
+    ("fwd", "low"): dict(max_m=128, max_n=128, max_area=64 * 128, min_area=64 * 64),
+    ("bwd_img", "low"): dict(max_m=128, max_n=64, max_area=128 * 64, min_area=64 * 32),
+    ("bwd_cap", "low"): dict(max_m=128, max_n=32, max_area=128 * 32, min_area=64 * 16),
+    ("bwd_cap", "fp32"): dict(max_m=64, max_n=64, max_area=64 * 16, min_area=16 * 16),
+}
 # The d-chunk of the fp32 GEMM: FMA dots keep (rows, BK) operands per thread.
 _FP32_BK = 16
+
+
+def _limits(kernel: str, kind: str, coding: int) -> dict:
+    if coding == _VSA_CODING:
+        return _VSA_LIMITS.get((kernel, kind), _LIMITS[(kernel, kind)])
+    return _LIMITS[(kernel, kind)]
+
+
+def _fallback(kernel: str, kind: str, coding: int, bi: int, bj: int, bk: int) -> triton.Config:
+    """The smallest-tile config, for paddings beyond the budget (see _LIMITS, _VSA_LIMITS):
+    backward d-chunks of 16 (fp32) or 64 (fp16/bf16). VSA's d cap at 64 x 64 keeps 0 B of
+    stack (triton 3.6) only with, fp16/bf16, d-chunks of 32 in one stage (2 stages: 16 B) and,
+    fp32, 16 warps (86-116 registers; 8 warps: 16-32 B with mean pooling)."""
+    if kernel == "fwd":
+        return triton.Config(dict(BI=bi, BJ=bj, BK=bk, GROUP=8), num_warps=8, num_stages=2)
+    vsa = coding == _VSA_CODING
+    if kind == "fp32":
+        return triton.Config(dict(BI=bi, BJ=bj, BK=bk, BD=16), num_warps=16 if vsa else 8,
+                             num_stages=2)
+    return triton.Config(dict(BI=bi, BJ=bj, BK=bk, BD=32 if vsa else 64), num_warps=8,
+                         num_stages=1 if vsa else 2)
 
 
 def _prune(kernel: str):
@@ -422,14 +574,13 @@ def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
         a = named(named_args, kwargs)
         r_pad, l_pad, kind = a["R_PAD"], a["L_PAD"], precision_kind(a["img_ptr"])
-        keep = tile_shapes(r_pad, l_pad, **_LIMITS[(kernel, kind)])
+        coding = a.get("CODING", _MAX_CODING)
+        keep = tile_shapes(r_pad, l_pad, **_limits(kernel, kind, coding))
         bk = _FP32_BK if kind == "fp32" else 64
         out = [c for c in configs if (c.kwargs["BI"], c.kwargs["BJ"]) in keep
                and c.kwargs["BK"] == bk]
         if not out:  # paddings beyond the budget: the smallest tile
-            bi, bj = smallest_shape(r_pad, l_pad)
-            extra = dict(GROUP=8) if kernel == "fwd" else dict(BD=64 if kind == "low" else 16)
-            out = [triton.Config(dict(BI=bi, BJ=bj, BK=bk, **extra), num_warps=8, num_stages=2)]
+            out = [_fallback(kernel, kind, coding, *smallest_shape(r_pad, l_pad), bk)]
         return quick(out, config_area(r_pad, l_pad))
     return prune
 
@@ -442,14 +593,14 @@ _BWD_CONFIGS = ([triton.Config(dict(BI=bi, BJ=bj, BK=64, BD=64), num_warps=8, nu
                  for bi, bj in OWNER_SHAPES]
                 + [triton.Config(dict(BI=bi, BJ=bj, BK=_FP32_BK, BD=32), num_warps=8,
                                  num_stages=2) for bi, bj in OWNER_SHAPES])
-_KEY = ["R_PAD", "L_PAD", "D", "DIRECTION", "POOL", "LEAKY"]
+_KEY = ["R_PAD", "L_PAD", "D", "DIRECTION", "POOL", "LEAKY", "CODING"]
 
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={
     "early_config_prune": _prune("fwd")})(_maxsim_fwd_kernel)
 _bwd_img_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={
-    "early_config_prune": _prune("bwd_img")})(_maxsim_bwd_img_kernel)
+    "early_config_prune": _prune("bwd_img")})(_maxsim_bwd_kernel)
 _bwd_cap_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={
-    "early_config_prune": _prune("bwd_cap")})(_maxsim_bwd_cap_kernel)
+    "early_config_prune": _prune("bwd_cap")})(_maxsim_bwd_kernel)
 
 
 def _interpreter_shape(r_pad: int, l_pad: int):
@@ -471,19 +622,26 @@ class MaxSimProblem:
     direction: int
     pool: int
     leaky: bool
-    params: torch.Tensor        # (tau, both_scale) in the accumulation dtype: exact in fp64
+    coding: int
+    params: torch.Tensor        # (tau, both_scale, vsa_tau) in the accumulation dtype
+    gram: torch.Tensor          # VSA: the captions' word Gram (n_cap, Lmax, Lmax); else (1, 1, 1)
     acc: object                 # tl.float32 / tl.float64
     out_dtype: torch.dtype
     main_prec: str
     epi_prec: str
 
 
-def build_problem(img, cap, lens, img_lens, *, direction, pool, tau, leaky,
-                  both_scale) -> MaxSimProblem:
-    """Everything the kernels need for one call. lens, img_lens: int64 on any device."""
+def build_problem(img, cap, lens, img_lens, *, direction, pool, tau, leaky, both_scale,
+                  coding="max", vsa_tau=contract.CHAN_TAU) -> MaxSimProblem:
+    """Everything the kernels need for one call. lens, img_lens: int64 on any device.
+    coding="vsa" (CHAN's VSA, direction "i2t") also computes the captions' Gram matrices
+    (n_cap x Lmax^2 in the accumulation dtype: the one buffer beyond inputs and outputs)."""
     autotune_mode()  # a bad RCAR_FAST_AUTOTUNE fails here, before any kernel runs
     n_img, n_regions, _ = img.shape
     acc_torch = torch.float64 if img.dtype == torch.float64 else torch.float32
+    vsa = coding == "vsa"
+    gram = (context_gram(cap) if vsa and cap.shape[0] else
+            torch.zeros((1, 1, 1), dtype=acc_torch, device=img.device))
     images = OwnerGroup(torch.arange(n_img, device=img.device, dtype=torch.int32),
                         img_lens.to(device=img.device, dtype=torch.int32),
                         pow2_at_least(n_regions, 1), n_img)
@@ -492,8 +650,10 @@ def build_problem(img, cap, lens, img_lens, *, direction, pool, tau, leaky,
         img=img, cap=cap, images=images,
         captions=caption_groups(lens.detach().to("cpu", torch.int64), cap.device, 8),
         direction=contract.HEAD_DIRECTION_CODES[direction], pool=contract.POOL_CODES[pool],
-        leaky=bool(leaky),
-        params=torch.tensor([float(tau), float(both_scale)], dtype=acc_torch, device=img.device),
+        leaky=bool(leaky), coding=contract.HEAD_CODINGS.index(coding),
+        params=torch.tensor([float(tau), float(both_scale), float(vsa_tau)], dtype=acc_torch,
+                            device=img.device),
+        gram=gram,
         acc=tl.float64 if acc_torch == torch.float64 else tl.float32, out_dtype=acc_torch,
         main_prec=FP32_DOT_PRECISION if fp32_like else "tf32",
         epi_prec="ieee" if (fp32_like or interpreter_on()) else "tf32")
@@ -505,9 +665,15 @@ def _operands(p: MaxSimProblem, cg: OwnerGroup):
             cp, cp.stride(0), cp.stride(1), cp.stride(2), cg.ids, cg.lens, cg.count)
 
 
+def _settings(p: MaxSimProblem):
+    """The kernels' run-time settings and VSA's Gram: (params, gram and its row strides)."""
+    return p.params, p.gram, p.gram.stride(0), p.gram.stride(1)
+
+
 def _constexprs(p: MaxSimProblem, cg: OwnerGroup) -> dict:
-    return dict(DIRECTION=p.direction, POOL=p.pool, LEAKY=p.leaky, R_PAD=p.images.pad,
-                L_PAD=cg.pad, ACC=p.acc, MAIN_PREC=p.main_prec)
+    return dict(DIRECTION=p.direction, POOL=p.pool, LEAKY=p.leaky, CODING=p.coding,
+                R_PAD=p.images.pad, L_PAD=cg.pad, ACC=p.acc, MAIN_PREC=p.main_prec,
+                EPI_PREC=p.epi_prec)
 
 
 def maxsim_forward(p: MaxSimProblem, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -517,7 +683,7 @@ def maxsim_forward(p: MaxSimProblem, out: Optional[torch.Tensor] = None) -> torc
                           dtype=p.out_dtype)
     d = p.img.shape[2]
     for cg in p.captions if p.images.count else ():   # (an empty grid is not launched)
-        args = (*_operands(p, cg), out, out.stride(0), out.stride(1), d, p.params)
+        args = (*_operands(p, cg), out, out.stride(0), out.stride(1), d, *_settings(p))
         if interpreter_on():
             bi, bj = _interpreter_shape(p.images.pad, cg.pad)
             grid = (triton.cdiv(p.images.count, bi) * triton.cdiv(cg.count, bj),)
@@ -531,18 +697,17 @@ def maxsim_forward(p: MaxSimProblem, out: Optional[torch.Tensor] = None) -> torc
 
 
 def _launch_backward(p: MaxSimProblem, cg: OwnerGroup, dsim, target, of_img: bool):
-    kernel, tuned = ((_maxsim_bwd_img_kernel, _bwd_img_tuned) if of_img
-                     else (_maxsim_bwd_cap_kernel, _bwd_cap_tuned))
+    tuned = _bwd_img_tuned if of_img else _bwd_cap_tuned
     args = (*_operands(p, cg), dsim, dsim.stride(0), dsim.stride(1), target, target.stride(0),
-            target.stride(1), p.img.shape[2], p.params)
-    cexpr = dict(_constexprs(p, cg), EPI_PREC=p.epi_prec)
+            target.stride(1), p.img.shape[2], *_settings(p))
+    cexpr = dict(_constexprs(p, cg), OWN_IS_IMG=of_img)
     count = p.images.count if of_img else cg.count
     if p.images.count == 0:   # nothing to sum: the gradient stays zero (no empty grid)
         return
     if interpreter_on():
         bi, bj = _interpreter_shape(p.images.pad, cg.pad)
         grid = (triton.cdiv(count, bi if of_img else bj),)
-        kernel[grid](*args, **cexpr, BI=bi, BJ=bj, BK=MIN_DOT, BD=MIN_DOT)
+        _maxsim_bwd_kernel[grid](*args, **cexpr, BI=bi, BJ=bj, BK=MIN_DOT, BD=MIN_DOT)
     else:
         block = "BI" if of_img else "BJ"
         tuned[lambda meta: (triton.cdiv(count, meta[block]),)](*args, **cexpr)
@@ -649,17 +814,29 @@ def build_pairs_problem(img, cap, lens, img_lens, img_idx, cap_idx, **settings) 
 
 def _pair_launch_options(p: MaxSimPairsProblem, backward: bool) -> dict:
     """One fixed config (pair programs are small: one (R_PAD, L_PAD) tile each). The backward
-    keeps the tile, dS and a d-chunk live: 8 warps (4 reach 254 registers at 64 x 64, sm_90)."""
+    keeps the tile, dS and a d-chunk live: 8 warps (4 reach 254 registers at 64 x 64, sm_90),
+    d-chunks BD of 64 (fp16/bf16) or 32 (fp32). VSA (more live tensors, and the caption's dG
+    in the d cap programs): 8 warps forward too, and backward half the d-chunk, fp16/bf16 in
+    one stage (d cap at 64 x 64, bf16, triton 3.6: 16 B of stack with BD 64 or 32 in 2
+    stages, 0 B in one). Known spill: fp32 VSA with mean or sum pooling at 64 x 64 (the
+    64-word bucket) keeps 8 B (3.8, d cap; 3.6 d img) to 120-136 B (3.6, d cap) of stack in
+    every variant tried (BD 16/32, 1-2 stages, 8/16 warps); max, lse and softmax: 0 B."""
     if interpreter_on():
-        return dict(BK=MIN_DOT)
+        return dict(BK=MIN_DOT, BD=MIN_DOT) if backward else dict(BK=MIN_DOT)
     low = p.heads.img.dtype in (torch.float16, torch.bfloat16)
-    return dict(BK=64 if low else _FP32_BK, num_warps=8 if backward else 4, num_stages=2)
+    vsa = p.heads.coding == _VSA_CODING
+    options = dict(BK=64 if low else _FP32_BK, num_warps=8 if backward or vsa else 4,
+                   num_stages=1 if backward and vsa and low else 2)
+    if backward:
+        options["BD"] = (64 if low else 32) // (2 if vsa else 1)
+    return options
 
 
 def _pair_constexprs(p: MaxSimPairsProblem, b: PairBucket) -> dict:
     h = p.heads
-    return dict(DIRECTION=h.direction, POOL=h.pool, LEAKY=h.leaky, R_PAD=p.r_pad, L_PAD=b.l_pad,
-                ACC=h.acc, MAIN_PREC=h.main_prec)
+    return dict(DIRECTION=h.direction, POOL=h.pool, LEAKY=h.leaky, CODING=h.coding,
+                R_PAD=p.r_pad, L_PAD=b.l_pad, ACC=h.acc, MAIN_PREC=h.main_prec,
+                EPI_PREC=h.epi_prec)
 
 
 def maxsim_pairs_forward(p: MaxSimPairsProblem, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -672,7 +849,7 @@ def maxsim_pairs_forward(p: MaxSimPairsProblem, out: Optional[torch.Tensor] = No
         _maxsim_pairs_fwd_kernel[(b.pos.numel(),)](
             im, im.stride(0), im.stride(1), im.stride(2), b.img_ids, b.img_lens,
             cp, cp.stride(0), cp.stride(1), cp.stride(2), b.cap_ids, b.cap_lens, b.pos.numel(),
-            b.pos, out, im.shape[2], h.params, **_pair_constexprs(p, b),
+            b.pos, out, im.shape[2], *_settings(h), **_pair_constexprs(p, b),
             **_pair_launch_options(p, backward=False))
     return out
 
@@ -682,15 +859,14 @@ def _pairs_side_gradient(p: MaxSimPairsProblem, dsim, of_img: bool) -> torch.Ten
     own, other = (h.img, h.cap) if of_img else (h.cap, h.img)
     grad = torch.zeros(own.shape, device=own.device, dtype=h.out_dtype)
     options = _pair_launch_options(p, backward=True)
-    bd = MIN_DOT if interpreter_on() else (64 if options["BK"] == 64 else 32)
     for b in p.buckets:
         g = b.by_img if of_img else b.by_cap
         _maxsim_pairs_bwd_kernel[(g.owners.count,)](
             own, own.stride(0), own.stride(1), own.stride(2), g.owners.ids, g.owners.lens,
             g.owners.count, other, other.stride(0), other.stride(1), other.stride(2),
             g.other_ids, g.other_lens, g.pos.numel(), g.offsets, g.pos, dsim, grad,
-            grad.stride(0), grad.stride(1), own.shape[2], h.params, OWN_IS_IMG=of_img,
-            EPI_PREC=h.epi_prec, BD=bd, **_pair_constexprs(p, b), **options)
+            grad.stride(0), grad.stride(1), own.shape[2], *_settings(h), OWN_IS_IMG=of_img,
+            **_pair_constexprs(p, b), **options)
     return grad.to(own.dtype)
 
 

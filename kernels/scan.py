@@ -21,10 +21,11 @@ with G the per-owner context Gram matrix (precomputed once, (n_x, C, C) fp32; a 
 owners' blocks as one block-diagonal matrix in a 2D dot), so the attended d-vectors are never
 formed: memory beyond inputs and outputs is G, the query norms and O(tile).
 
-Backward (flash-attention style: recompute, never store per-pair tensors). Two kernels:
-  _scan_bwd_x_kernel: one program per BI context owners, looping over all query blocks:
+Backward (flash-attention style: recompute, never store per-pair tensors). One kernel,
+_scan_bwd_kernel, in two roles:
+  OWN_IS_X: one program per BI context owners, looping over all query blocks:
       dX += dS @ Y  and the Gram term dX += 2 (sum alpha dn2 alpha^T) X;
-  _scan_bwd_y_kernel: one program per BJ query owners, looping over all context blocks:
+  else: one program per BJ query owners, looping over all context blocks:
       dY += dS^T @ X  and the query-norm term dY += (dqn / |y|) y.
 Each program owns its output rows (deterministic, no atomics): it stores them on the first loop
 iteration and read-modify-writes afterwards, with a CTA barrier between iterations. Both kernels
@@ -46,14 +47,17 @@ import triton.language as tl
 from rcar_fast import contract
 from rcar_fast.contract import AGG_CODES, RAW_NORM_CODES  # noqa: F401 (the codes the launch passes)
 
-from . import gram as _gram
 # The shared region-word tile (kernels/tile.py): the score GEMM, its owners and rows, the tile
 # order, and the host-side owner groups, tile shapes and autotune mode.
 from .tile import (AUTOTUNE_MODES, AUTOTUNE_VARIABLE, MIN_DOT, OwnerGroup,  # noqa: F401
                    autotune_mode, caption_groups, interpreter_on)
 from .tile import OWNER_SHAPES as _OWNER_SHAPES
+from .tile import add_gram_rows as _add_gram_rows
 from .tile import add_rows as _add_rows
 from .tile import config_area as _config_area
+from .tile import context_gram  # build_problem calls it here (the sm_90 compile test patches it)
+from .tile import halves_dot as _halves_dot
+from .tile import load_gram as _load_gram
 from .tile import named as _named
 from .tile import pow2_at_least as _pow2_at_least
 from .tile import precision_kind as _precision_kind
@@ -88,43 +92,11 @@ FP32_DOT_PRECISION = "ieee"
 # =============================================================================================
 
 @triton.jit
-def _load_gram(g_ptr, gs0, gs1, ids_ptr, lens_ptr, start, count,
-               OWNERS: tl.constexpr, PAD: tl.constexpr):
-    """The tile's context Gram matrices as one block-diagonal (OWNERS*PAD, OWNERS*PAD) matrix,
-    zero off the diagonal blocks and outside real items. (A 2D dot with it keeps the MMA layout
-    spread over all warps; a batched 3D dot over few owners replicates it across warps.)"""
-    r = tl.arange(0, OWNERS * PAD)
-    owner = start + r // PAD
-    item = r % PAD
-    clamped = tl.minimum(owner, count - 1)
-    ident = tl.load(ids_ptr + clamped).to(tl.int64)
-    real = item < tl.load(lens_ptr + clamped)
-    same = owner[:, None] == owner[None, :]
-    ptrs = g_ptr + ident[:, None] * gs0 + item[:, None] * gs1 + item[None, :]
-    return tl.load(ptrs, mask=same & real[:, None] & real[None, :], other=0.0)
-
-
-@triton.jit
 def _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD: tl.constexpr):
     """(BJ, Q_PAD) |y_k|; 1 at padding (finite, never used)."""
     k = tl.arange(0, Q_PAD)
     real = k[None, :] < y_len[:, None]
     return tl.load(qn_ptr + y_ids[:, None] * qs0 + k[None, :], mask=real, other=1.0)
-
-
-@triton.jit
-def _gram_dot(G2, alpha2, M: tl.constexpr, N: tl.constexpr, EPI_PREC: tl.constexpr):
-    """G2 @ alpha2, (M, M) x (M, N). The IEEE fp32 dot (FMA) holds whole K rows of its operands
-    in each thread's registers, which at K = 64 context items spills; there the product runs
-    as two K halves chained in one accumulator: the same sequential sum over K."""
-    if EPI_PREC == "ieee" and M >= 64:
-        g_lo, g_hi = tl.split(tl.permute(tl.reshape(G2, (M, 2, M // 2)), (0, 2, 1)))
-        a_lo, a_hi = tl.split(tl.permute(tl.reshape(alpha2, (2, M // 2, N)), (1, 2, 0)))
-        out = tl.dot(g_lo, a_lo, input_precision=EPI_PREC)
-        out = tl.dot(g_hi, a_hi, out, input_precision=EPI_PREC)
-    else:
-        out = tl.dot(G2, alpha2, input_precision=EPI_PREC)
-    return out
 
 
 @triton.jit
@@ -173,7 +145,7 @@ def _forward_tile(S, cv4, qv4, qv3, G2, qn3, y_len, lam, lse_lam, live,
     # 64 rows and 8 warps that replicates the whole epilogue across warp pairs (255 registers,
     # spills); its analysis stops at the branch's yield, so the dot keeps a 4 x 2 arrangement.
     if live:
-        GA2 = _gram_dot(G2, alpha2, BI * C_PAD, BJ * Q_PAD, EPI_PREC)
+        GA2 = _halves_dot(G2, alpha2, BI * C_PAD, BI * C_PAD, BJ * Q_PAD, EPI_PREC)
     else:
         GA2 = tl.zeros((BI * C_PAD, BJ * Q_PAD), dtype=alpha2.dtype)
     GA4 = tl.reshape(GA2, (BI, C_PAD, BJ, Q_PAD))
@@ -318,88 +290,84 @@ def _scan_fwd_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
 
 
 @triton.jit
-def _scan_bwd_x_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
-                       y_ptr, sy0, sy1, sy2, y_ids_ptr, y_lens_ptr, n_y,
-                       g_ptr, gs0, gs1, qn_ptr, qs0, dsim_ptr, ds_x, ds_y,
-                       dx_ptr, dxs0, dxs1, D, lam, lse_lam,
-                       RAW_NORM: tl.constexpr, AGG: tl.constexpr,
-                       C_PAD: tl.constexpr, Q_PAD: tl.constexpr, ACC: tl.constexpr,
-                       MAIN_PREC: tl.constexpr, EPI_PREC: tl.constexpr,
-                       BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
-    """dX for BI context owners, summed over every query owner of the launch."""
-    x_start = tl.program_id(0) * BI
-    x_ids, x_len, x_real = _owners(x_ids_ptr, x_lens_ptr, x_start, n_x, BI)
-    x_rows, x_ok = _rows(x_ids_ptr, x_lens_ptr, x_start, n_x, sx0, sx1, BI, C_PAD)
-    dx_rows, _ = _rows(x_ids_ptr, x_lens_ptr, x_start, n_x, dxs0, dxs1, BI, C_PAD)
-    G2 = _load_gram(g_ptr, gs0, gs1, x_ids_ptr, x_lens_ptr, x_start, n_x, BI, C_PAD)
-    # sum over pairs and queries of dn2_k alpha_k alpha_k^T; only its diagonal blocks (one
-    # per context owner) are used, the rest mixes owners and is masked at the end
-    dgram = tl.zeros((BI * C_PAD, BI * C_PAD), dtype=ACC)
-    for y_start in range(0, n_y, BJ):
-        y_ids, y_len, y_real = _owners(y_ids_ptr, y_lens_ptr, y_start, n_y, BJ)
-        y_rows, y_ok = _rows(y_ids_ptr, y_lens_ptr, y_start, n_y, sy0, sy1, BJ, Q_PAD)
-        qn3 = _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD)[None, :, :]
-        dS4, dn2, dqn, alpha4 = _tile_backward(
-            x_ptr, x_rows, x_ok, sx2, x_ids, x_len, x_real, y_ptr, y_rows, y_ok, sy2, y_ids,
-            y_len, y_real, G2, qn3, dsim_ptr, ds_x, ds_y, D, lam, lse_lam, RAW_NORM, AGG,
-            C_PAD, Q_PAD, ACC, MAIN_PREC, EPI_PREC, BI, BJ, BK)
-        # Gram term, summed over the queries of every pair: dG = sum_k dn2_k alpha_k alpha_k^T
-        alpha2 = tl.reshape(alpha4, (BI * C_PAD, BJ * Q_PAD))
-        weighted = tl.reshape(alpha4 * dn2[:, None, :, :], (BI * C_PAD, BJ * Q_PAD))
-        dgram += tl.dot(weighted, tl.trans(alpha2), input_precision=EPI_PREC)
-        # dX += dS @ Y, in d-chunks; this program owns its rows (store first, then add).
-        _add_rows(dx_ptr, dx_rows, x_ok, y_ptr, y_rows, y_ok, sy2,
-                  tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD)), D, y_start > 0, BD, EPI_PREC, ACC)
-        tl.debug_barrier()  # the next iteration's threads read what this one wrote
-    # dX_c += 2 sum_c' dG[c, c'] x_c'  (dG is symmetric), within each owner's block; the 2
-    # scales dG exactly (a power of two), as it did the product
-    r = tl.arange(0, BI * C_PAD)
-    dgram = tl.where((r // C_PAD)[:, None] == (r // C_PAD)[None, :], 2.0 * dgram, 0.0)
-    _add_rows(dx_ptr, dx_rows, x_ok, x_ptr, x_rows, x_ok, sx2, dgram, D, True, BD, EPI_PREC, ACC)
-
-
-@triton.jit
-def _scan_bwd_y_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
-                       y_ptr, sy0, sy1, sy2, y_ids_ptr, y_lens_ptr, n_y,
-                       g_ptr, gs0, gs1, qn_ptr, qs0, dsim_ptr, ds_x, ds_y,
-                       dy_ptr, dys0, dys1, D, lam, lse_lam,
-                       RAW_NORM: tl.constexpr, AGG: tl.constexpr,
-                       C_PAD: tl.constexpr, Q_PAD: tl.constexpr, ACC: tl.constexpr,
-                       MAIN_PREC: tl.constexpr, EPI_PREC: tl.constexpr,
-                       BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
-    """dY for BJ query owners, summed over every context owner of the launch."""
-    y_start = tl.program_id(0) * BJ
-    y_ids, y_len, y_real = _owners(y_ids_ptr, y_lens_ptr, y_start, n_y, BJ)
-    y_rows, y_ok = _rows(y_ids_ptr, y_lens_ptr, y_start, n_y, sy0, sy1, BJ, Q_PAD)
-    dy_rows, _ = _rows(y_ids_ptr, y_lens_ptr, y_start, n_y, dys0, dys1, BJ, Q_PAD)
-    qn2 = _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD)
-    qn3 = qn2[None, :, :]
-    dqn_total = tl.zeros((BJ, Q_PAD), dtype=ACC)
-    for x_start in range(0, n_x, BI):
+def _scan_bwd_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
+                     y_ptr, sy0, sy1, sy2, y_ids_ptr, y_lens_ptr, n_y,
+                     g_ptr, gs0, gs1, qn_ptr, qs0, dsim_ptr, ds_x, ds_y,
+                     dst_ptr, dst0, dst1, D, lam, lse_lam, OWN_IS_X: tl.constexpr,
+                     RAW_NORM: tl.constexpr, AGG: tl.constexpr,
+                     C_PAD: tl.constexpr, Q_PAD: tl.constexpr, ACC: tl.constexpr,
+                     MAIN_PREC: tl.constexpr, EPI_PREC: tl.constexpr,
+                     BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    """dX for BI context owners, summed over every query owner of the launch (OWN_IS_X), or
+    dY for BJ query owners, summed over every context owner: the program's own side is
+    fixed, the other side's blocks are walked."""
+    if OWN_IS_X:
+        x_start = tl.program_id(0) * BI
         x_ids, x_len, x_real = _owners(x_ids_ptr, x_lens_ptr, x_start, n_x, BI)
         x_rows, x_ok = _rows(x_ids_ptr, x_lens_ptr, x_start, n_x, sx0, sx1, BI, C_PAD)
+        d_rows, _ = _rows(x_ids_ptr, x_lens_ptr, x_start, n_x, dst0, dst1, BI, C_PAD)
         G2 = _load_gram(g_ptr, gs0, gs1, x_ids_ptr, x_lens_ptr, x_start, n_x, BI, C_PAD)
+        # sum over pairs and queries of dn2_k alpha_k alpha_k^T; only its diagonal blocks (one
+        # per context owner) are used, the rest mixes owners and is masked at the end
+        dgram = tl.zeros((BI * C_PAD, BI * C_PAD), dtype=ACC)
+        n_other = n_y
+    else:
+        y_start = tl.program_id(0) * BJ
+        y_ids, y_len, y_real = _owners(y_ids_ptr, y_lens_ptr, y_start, n_y, BJ)
+        y_rows, y_ok = _rows(y_ids_ptr, y_lens_ptr, y_start, n_y, sy0, sy1, BJ, Q_PAD)
+        d_rows, _ = _rows(y_ids_ptr, y_lens_ptr, y_start, n_y, dst0, dst1, BJ, Q_PAD)
+        qn2 = _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD)
+        qn3 = qn2[None, :, :]
+        dqn_total = tl.zeros((BJ, Q_PAD), dtype=ACC)
+        n_other = n_x
+    for other in range(0, n_other, BJ if OWN_IS_X else BI):
+        if OWN_IS_X:
+            y_start = other
+            y_ids, y_len, y_real = _owners(y_ids_ptr, y_lens_ptr, y_start, n_y, BJ)
+            y_rows, y_ok = _rows(y_ids_ptr, y_lens_ptr, y_start, n_y, sy0, sy1, BJ, Q_PAD)
+            qn3 = _load_query_norms(qn_ptr, qs0, y_ids, y_len, Q_PAD)[None, :, :]
+        else:
+            x_start = other
+            x_ids, x_len, x_real = _owners(x_ids_ptr, x_lens_ptr, x_start, n_x, BI)
+            x_rows, x_ok = _rows(x_ids_ptr, x_lens_ptr, x_start, n_x, sx0, sx1, BI, C_PAD)
+            G2 = _load_gram(g_ptr, gs0, gs1, x_ids_ptr, x_lens_ptr, x_start, n_x, BI, C_PAD)
         dS4, dn2, dqn, alpha4 = _tile_backward(
             x_ptr, x_rows, x_ok, sx2, x_ids, x_len, x_real, y_ptr, y_rows, y_ok, sy2, y_ids,
             y_len, y_real, G2, qn3, dsim_ptr, ds_x, ds_y, D, lam, lse_lam, RAW_NORM, AGG,
             C_PAD, Q_PAD, ACC, MAIN_PREC, EPI_PREC, BI, BJ, BK)
-        dqn_total += tl.sum(dqn, axis=0)
-        # dY += dS^T @ X, in d-chunks; this program owns its rows (store first, then add).
-        _add_rows(dy_ptr, dy_rows, y_ok, x_ptr, x_rows, x_ok, sx2,
-                  tl.trans(tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD))), D, x_start > 0, BD,
-                  EPI_PREC, ACC)
+        if OWN_IS_X:
+            # Gram term, summed over the queries of every pair: dG = sum_k dn2_k alpha_k alpha_k^T
+            alpha2 = tl.reshape(alpha4, (BI * C_PAD, BJ * Q_PAD))
+            weighted = tl.reshape(alpha4 * dn2[:, None, :, :], (BI * C_PAD, BJ * Q_PAD))
+            dgram += tl.dot(weighted, tl.trans(alpha2), input_precision=EPI_PREC)
+            # dX += dS @ Y, in d-chunks; this program owns its rows (store first, then add).
+            _add_rows(dst_ptr, d_rows, x_ok, y_ptr, y_rows, y_ok, sy2,
+                      tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD)), D, other > 0, BD, EPI_PREC,
+                      ACC)
+        else:
+            dqn_total += tl.sum(dqn, axis=0)
+            # dY += dS^T @ X, in d-chunks; this program owns its rows (store first, then add).
+            _add_rows(dst_ptr, d_rows, y_ok, x_ptr, x_rows, x_ok, sx2,
+                      tl.trans(tl.reshape(dS4, (BI * C_PAD, BJ * Q_PAD))), D, other > 0, BD,
+                      EPI_PREC, ACC)
         tl.debug_barrier()  # the next iteration's threads read what this one wrote
-    # Query norms: d|y_k| / dy_k = y_k / |y_k|.
-    scale = tl.reshape(tl.where(qn2 > 0, dqn_total / tl.where(qn2 > 0, qn2, 1.0), 0.0), (BJ * Q_PAD,))
-    for d0 in range(0, D, BD):
-        dd = d0 + tl.arange(0, BD)
-        din = dd < D
-        out_mask = y_ok[:, None] & din[None, :]
-        yc = tl.load(y_ptr + y_rows[:, None] + dd[None, :] * sy2, mask=out_mask,
-                     other=0.0).to(ACC)
-        ptrs = dy_ptr + dy_rows[:, None] + dd[None, :]
-        prev = tl.load(ptrs, mask=out_mask, other=0.0)
-        tl.store(ptrs, prev + scale[:, None] * yc, mask=out_mask)
+    if OWN_IS_X:
+        # dX_c += 2 sum_c' dG[c, c'] x_c'  (dG is symmetric), within each owner's block
+        _add_gram_rows(dst_ptr, d_rows, x_ptr, x_rows, x_ok, sx2, dgram, D, BD, EPI_PREC, ACC,
+                       BI * C_PAD, C_PAD)
+    else:
+        # Query norms: d|y_k| / dy_k = y_k / |y_k|.
+        scale = tl.reshape(tl.where(qn2 > 0, dqn_total / tl.where(qn2 > 0, qn2, 1.0), 0.0),
+                           (BJ * Q_PAD,))
+        for d0 in range(0, D, BD):
+            dd = d0 + tl.arange(0, BD)
+            din = dd < D
+            out_mask = y_ok[:, None] & din[None, :]
+            yc = tl.load(y_ptr + y_rows[:, None] + dd[None, :] * sy2, mask=out_mask,
+                         other=0.0).to(ACC)
+            ptrs = dst_ptr + d_rows[:, None] + dd[None, :]
+            prev = tl.load(ptrs, mask=out_mask, other=0.0)
+            tl.store(ptrs, prev + scale[:, None] * yc, mask=out_mask)
 
 
 # =============================================================================================
@@ -417,9 +385,9 @@ def _scan_bwd_y_kernel(x_ptr, sx0, sx1, sx2, x_ids_ptr, x_lens_ptr, n_x,
 #   queries (the Lmax bucket): see _SMALLEST_BWD. With 64 queries per owner (i2t: 36 regions,
 #   and that bucket) both backward kernels spilled 8-170 B in every config until the Gram dot
 #   of _forward_tile ran in a branch (no warp replication): now 0 B, 106-255 registers.
-#   (128x16 and 64x64 spilled in _scan_bwd_y_kernel before that; not re-measured since.)
+#   (128x16 and 64x64 spilled in the dY role before that; not re-measured since.)
 # * fp32 (IEEE FMA dots, whose operands hold whole K rows in registers; the Gram product
-#   runs in K halves, _gram_dot): forward up to 64x64 at 8 warps (~60-195 registers); 128x32
+#   runs in K halves, tile.halves_dot): forward up to 64x64 at 8 warps (~60-195 registers); 128x32
 #   spills ~380 B. (Before the K halves, 64x32 already spilled 110-220 B at any warp count.)
 # Shared memory (3 stages) stays within an H100's 227 KB for all of these.
 _LIMITS = {
@@ -467,7 +435,7 @@ def _prune_fwd(configs, named_args, **kwargs):
 # The smallest backward tile, for buckets whose 64 x 64 minimum exceeds the budget: of the
 # configs tried at 64 x 64 (BK 32/64, BD 16/32/64, 1-2 stages, 8/16 warps), BK=64, BD=32 in one
 # stage spilled least before the Gram dot's branch (bf16, triton 3.6: 8 B / 40 B in
-# _scan_bwd_x_kernel / _scan_bwd_y_kernel; 16 warps: 600-1000 B); with it: 0 B, ~150-240
+# _scan_bwd_kernel's dX / dY roles; 16 warps: 600-1000 B); with it: 0 B, ~150-240
 # registers with triton 3.6 and 3.8.
 _SMALLEST_BWD = dict(BK=64, BD=32, num_warps=8, num_stages=1)
 
@@ -496,8 +464,8 @@ _BWD_CONFIGS = [triton.Config(dict(BI=bi, BJ=bj, BK=64, BD=bd), num_warps=8, num
 _KEY = ["C_PAD", "Q_PAD", "D", "RAW_NORM", "AGG"]
 
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(_scan_fwd_kernel)
-_bwd_x_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})(_scan_bwd_x_kernel)
-_bwd_y_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})(_scan_bwd_y_kernel)
+_bwd_x_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})(_scan_bwd_kernel)
+_bwd_y_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})(_scan_bwd_kernel)
 
 
 # =============================================================================================
@@ -534,14 +502,6 @@ def image_group(n_img: int, n_regions: int, device, floor: int) -> List[OwnerGro
     return [OwnerGroup(torch.arange(n_img, device=device, dtype=torch.int32),
                        torch.full((n_img,), n_regions, device=device, dtype=torch.int32),
                        _pow2_at_least(n_regions, floor), n_img)]
-
-
-def context_gram(x: torch.Tensor) -> torch.Tensor:
-    """Per-owner Gram matrices in the accumulation dtype (fp32, fp64 for fp64 inputs). NaN in
-    caption padding only reaches padding rows/columns, which the kernels never load."""
-    if x.dtype == torch.float64:
-        return torch.bmm(x, x.transpose(1, 2))
-    return _gram.gram(x)
 
 
 def row_norms(x: torch.Tensor, dtype: torch.dtype, chunk: int = 1024) -> torch.Tensor:
@@ -621,7 +581,7 @@ def _launch_backward(kernel, tuned, p, xg, yg, dsim, target, parallel_over_x):
     d = p.x.feats.shape[2]
     args = (*_common_args(p, xg, yg), dsim, ds_x, ds_y, target, target.stride(0),
             target.stride(1), d, p.smooth, p.lse_lambda)
-    cexpr = _constexprs(p, xg, yg)
+    cexpr = dict(_constexprs(p, xg, yg), OWN_IS_X=parallel_over_x)
     count = xg.count if parallel_over_x else yg.count
     if interpreter_on():
         bi, bj = _interpreter_shape(xg.pad, yg.pad)
@@ -640,7 +600,7 @@ def _side_gradient(p: ScanProblem, dsim: torch.Tensor, of_x: bool) -> torch.Tens
     covers all of this side's rows, so their results are summed; otherwise the launches write
     disjoint rows of one buffer."""
     own, other = (p.x, p.y) if of_x else (p.y, p.x)
-    kernel, tuned = (_scan_bwd_x_kernel, _bwd_x_tuned) if of_x else (_scan_bwd_y_kernel, _bwd_y_tuned)
+    kernel, tuned = _scan_bwd_kernel, (_bwd_x_tuned if of_x else _bwd_y_tuned)
     grad = torch.zeros(own.feats.shape, device=own.feats.device, dtype=p.out_dtype)
     scratch = torch.zeros_like(grad) if len(other.groups) > 1 else None
     for i, og in enumerate(other.groups):

@@ -8,8 +8,10 @@ are masked at load time: they are never read (NaN there is harmless) and score 0
 head must still mask out of its reductions.
 
 Device side (inlined into the kernels): `tile_owners`, `tile_rows`, `score_tile`, `add_rows`
-(the backward's d-chunked row updates), `tile_start`.
-Host side: owner groups (owners bucketed by their power-of-two padding, one launch per bucket),
+(the backward's d-chunked row updates), `tile_start`, and the Gram identity's pieces
+(|sum_k a_k y_k|^2 = a^T G a without the attended vectors: SCAN, CHAN's VSA): `load_gram`,
+`halves_dot`, `add_gram_rows`.
+Host side: `context_gram`, owner groups (owners bucketed by their power-of-two padding, one launch per bucket),
 the tile shapes a budget allows, and the autotune mode (RCAR_FAST_AUTOTUNE).
 """
 from __future__ import annotations
@@ -20,6 +22,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from . import gram as _gram
 
 # tl.dot needs every dimension >= 16 (on GPUs and in the interpreter).
 MIN_DOT = 16
@@ -93,6 +97,51 @@ def add_rows(dst_ptr, dst_rows, dst_ok, src_ptr, src_rows, src_ok, sd, coef, D, 
 
 
 @triton.jit
+def load_gram(g_ptr, gs0, gs1, ids_ptr, lens_ptr, start, count,
+              OWNERS: tl.constexpr, PAD: tl.constexpr):
+    """The Gram matrices of OWNERS owners from `start` (g (n, PAD+, PAD+), rows gs0, gs1) as one
+    block-diagonal (OWNERS*PAD, OWNERS*PAD) matrix, zero off the diagonal blocks and outside
+    real items. (A 2D dot with it keeps the MMA layout spread over all warps; a batched 3D dot
+    over few owners replicates it across warps.)"""
+    r = tl.arange(0, OWNERS * PAD)
+    owner = start + r // PAD
+    item = r % PAD
+    clamped = tl.minimum(owner, count - 1)
+    ident = tl.load(ids_ptr + clamped).to(tl.int64)
+    real = item < tl.load(lens_ptr + clamped)
+    same = owner[:, None] == owner[None, :]
+    ptrs = g_ptr + ident[:, None] * gs0 + item[:, None] * gs1 + item[None, :]
+    return tl.load(ptrs, mask=same & real[:, None] & real[None, :], other=0.0)
+
+
+@triton.jit
+def halves_dot(a, b, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr):
+    """a @ b, (M, K) x (K, N), for the epilogues' fp32 products. The IEEE fp32 dot (FMA) holds
+    whole K rows of its operands in each thread's registers, which at K = 64 spills; there the
+    product runs as two K halves chained in one accumulator: the same sequential sum over K."""
+    if PREC == "ieee" and K >= 64:
+        a_lo, a_hi = tl.split(tl.permute(tl.reshape(a, (M, 2, K // 2)), (0, 2, 1)))
+        b_lo, b_hi = tl.split(tl.permute(tl.reshape(b, (2, K // 2, N)), (1, 2, 0)))
+        out = tl.dot(a_lo, b_lo, input_precision=PREC)
+        out = tl.dot(a_hi, b_hi, out, input_precision=PREC)
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def add_gram_rows(dst_ptr, dst_rows, src_ptr, src_rows, ok, sd, dgram, D, BD: tl.constexpr,
+                  PREC: tl.constexpr, ACC: tl.constexpr, M: tl.constexpr, PAD: tl.constexpr):
+    """The Gram term of a backward: dst[rows] += 2 dG @ src[rows], the M = owners x PAD rows of
+    the program's owners (dst and src: their gradient and feature rows; dG (M, M) symmetric,
+    summed over the owners' pairs), within each owner's diagonal block only: the other blocks
+    mix owners. The 2 scales dG exactly (a power of two)."""
+    r = tl.arange(0, M)
+    dgram = tl.where((r // PAD)[:, None] == (r // PAD)[None, :], 2.0 * dgram, 0.0)
+    add_rows(dst_ptr, dst_rows, ok, src_ptr, src_rows, ok, sd, dgram, D, True, BD, PREC, ACC)
+
+
+@triton.jit
 def tile_start(pid, n_x, n_y, BI: tl.constexpr, BJ: tl.constexpr, GROUP: tl.constexpr):
     """Grouped order of the (x block, y block) tiles: GROUP x blocks sweep the y blocks
     together, so their operands stay in L2."""
@@ -107,7 +156,7 @@ def tile_start(pid, n_x, n_y, BI: tl.constexpr, BJ: tl.constexpr, GROUP: tl.cons
 
 
 # =============================================================================================
-# Host side: owner groups, tile shapes, autotune mode
+# Host side: `context_gram`, owner groups, tile shapes, autotune mode
 # =============================================================================================
 
 def pow2_at_least(n: int, floor: int) -> int:
@@ -122,6 +171,15 @@ class OwnerGroup:
     lens: torch.Tensor   # int32, on the device, same order as ids
     pad: int
     count: int
+
+
+def context_gram(x: torch.Tensor) -> torch.Tensor:
+    """Per-owner Gram matrices (n, M, M) of x (n, M, d) in the accumulation dtype (fp32, fp64
+    for fp64 inputs). NaN in padding only reaches padding rows/columns, which the kernels never
+    load (load_gram)."""
+    if x.dtype == torch.float64:
+        return torch.bmm(x, x.transpose(1, 2))
+    return _gram.gram(x)
 
 
 def caption_groups(lens_cpu: torch.Tensor, device, floor: int) -> list:

@@ -15,9 +15,9 @@ import torch
 import rcar_fast
 from rcar_fast import dispatch
 from rcar_fast.losses import vse_hinge_loss
-from rcar_fast.contract import HEAD_DIRECTIONS
+from rcar_fast.contract import HEAD_CODINGS, HEAD_DIRECTIONS, POOLS
 from rcar_fast.ops.maxsim import (MaxSimPairsTriton, MaxSimTriton, maxsim_pairs_triton_op,
-                                         maxsim_triton_op)
+                                  maxsim_triton_op)
 from rcar_fast.reference_heads import head_pairs_vectorized, head_similarity_vectorized
 from tests.conftest import assert_interpreter_dispatch, requires_gpu, requires_interpreter
 from tests.inputs import make_inputs, real_words
@@ -33,6 +33,21 @@ NAN = float("nan")
 
 def _options(direction="t2i", pool="mean", leaky=False, tau=0.1, both_scale=0.5):
     return dict(direction=direction, pool=pool, tau=tau, leaky=leaky, both_scale=both_scale)
+
+
+# CHAN's VSA coding (i2t); its temperature is not a binary fraction (read in the accumulation
+# dtype, like tau)
+VSA_TAU = 0.3
+
+
+def _vsa(pool, tau=0.5):
+    """max_similarity keywords of CHAN's VSA coding."""
+    return dict(direction="i2t", pool=pool, coding="vsa", vsa_tau=VSA_TAU, tau=tau)
+
+
+def _vsa_options(pool, tau=0.5):
+    """The backend functions' keywords of CHAN's VSA coding."""
+    return dict(_options("i2t", pool, tau=tau), coding="vsa", vsa_tau=VSA_TAU)
 
 
 def _inputs(n_img=3, lens=LENS, img_lens=IMG_LENS, regions=5, dim=20, dtype=torch.float32,
@@ -226,17 +241,20 @@ def test_ties_give_the_whole_gradient_to_the_first_index(direction):
 
 
 @requires_interpreter
-def test_backward_is_deterministic_and_one_sided():
+@pytest.mark.parametrize("opts", [_options("both", "softmax", True), _vsa_options("softmax")],
+                         ids=settings_id)
+def test_backward_is_deterministic_and_one_sided(opts):
     img, cap, lens, img_lens = _inputs(lens=(20, 1, 9, 16, 3))
     grad = torch.randn(3, 5)
-    opts = _options("both", "softmax", True)
     first = _triton_gradients(img, cap, lens, img_lens, grad, **opts)
     second = _triton_gradients(img, cap, lens, img_lens, grad, **opts)
     for a, b in zip(first, second):
         assert_bit_equal(a, b, what="a rerun of the backward")
-    a = img.detach().requires_grad_()
-    _triton(a, cap, lens, img_lens, **opts).backward(grad)
-    assert_bit_equal(a.grad, first[0], what="d img alone")
+    for side, name in enumerate(("img", "cap")):
+        inputs = [img, cap]
+        inputs[side] = inputs[side].detach().requires_grad_()
+        _triton(*inputs, lens, img_lens, **opts).backward(grad)
+        assert_bit_equal(inputs[side].grad, first[side], what=f"d {name} alone")
 
 
 @requires_interpreter
@@ -261,13 +279,16 @@ PAIRS = (torch.tensor([0, 2, 1, 0, 2, 2, 1, 0]), torch.tensor([1, 1, 3, 4, 0, 1,
 PAIR_LENS = (1, 20, 3, 17, 2)
 
 
+PAIR_SETTINGS = [_options("t2i", "lse", True), _options("i2t", "softmax", False),
+                 _options("both", "max", True), _options("both", "mean", False),
+                 _vsa_options("mean"), _vsa_options("lse")]
+
+
 @requires_interpreter
-@pytest.mark.parametrize("direction,pool,leaky", [("t2i", "lse", True), ("i2t", "softmax", False),
-                                                  ("both", "max", True), ("both", "mean", False)])
-def test_pairs_match_float64_reference(direction, pool, leaky):
+@pytest.mark.parametrize("opts", PAIR_SETTINGS, ids=settings_id)
+def test_pairs_match_float64_reference(opts):
     img, cap, lens, img_lens = _inputs(lens=PAIR_LENS)
     img_idx, cap_idx = PAIRS
-    opts = _options(direction, pool, leaky)
     grad = torch.randn(len(img_idx), dtype=torch.float64)
     a, c = img.clone().requires_grad_(), cap.clone().requires_grad_()
     out = MaxSimPairsTriton.fn(a, c, lens, img_lens, img_idx, cap_idx, **opts)
@@ -300,12 +321,100 @@ def test_late_interaction_on_triton_matches_reference():
                 assert_close_to_reference(g, w, dtype=torch.float64, what=f"maxsim {form}")
 
 
+# ---------------------------------------------------------------------------------------------
+# CHAN's VSA coding (coding="vsa", i2t): the Gram-identity epilogue and its closed-form backward
+# ---------------------------------------------------------------------------------------------
+
 @requires_interpreter
-def test_vsa_coding_is_refused_with_the_reason():
-    img, cap, lens, img_lens = _inputs()
-    with pytest.raises(dispatch.BackendUnavailable, match="reference backends only"):
-        rcar_fast.max_similarity(img, cap, lens, img_lens=img_lens, direction="i2t", coding="vsa",
-                                 backend="triton")
+@pytest.mark.parametrize("pool", POOLS)
+def test_vsa_matches_float64_reference(pool):
+    # fp32 through rcar_fast.max_similarity, ragged on both sides with NaN padding (never read:
+    # the kernels load real rows only), forward and both gradients; padding gradients exactly 0
+    assert_head_matches_reference(CASES["ragged"](dtype=torch.float32), _vsa(pool),
+                                  backend="triton", dtype=torch.float32)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("case", ["ties", "L=1", "R=1", "all-negative"])
+@pytest.mark.parametrize("pool", [p for p in POOLS if p != "sum"])   # sum: as mean, scaled
+def test_vsa_edge_cases_match_float64_reference(case, pool):
+    assert_head_matches_reference(CASES[case](dtype=torch.float64), _vsa(pool), backend="triton",
+                                  dtype=torch.float64)
+
+
+@requires_interpreter
+def test_vsa_matches_chan_public_coding():
+    # against the transcription of CHAN's VSACoding (its -1 sentinel agrees on unit-norm inputs)
+    from rcar_fast.reference_heads import unit_normalize
+    from tests.test_maxsim_reference import chan_vsa_public
+
+    case = CASES["ragged"](dtype=torch.float64, seed=4)
+    img, cap = unit_normalize(case.img, case.img_lens), unit_normalize(case.cap, case.lens)
+    for pool in (p for p in POOLS if p != "softmax"):   # public softmax: NaN with padding
+        want = chan_vsa_public(img, cap, case.lens, case.img_lens, pool)
+        got = rcar_fast.max_similarity(img, cap, case.lens, img_lens=case.img_lens,
+                                       direction="i2t", coding="vsa", pool=pool, tau=0.1,
+                                       backend="triton")
+        assert_close_to_reference(got, want, dtype=torch.float64, what=f"public VSA + {pool}")
+
+
+@requires_interpreter
+def test_vsa_several_caption_buckets_odd_sizes_and_poisoned_output():
+    # lengths 1..20: the 8, 16 and 32 word buckets; 6 regions, d = 24; the output buffer
+    # poisoned with NaN before the kernels run; NaN in every padding row of both inputs
+    from rcar_fast.kernels import maxsim as kernels
+
+    lens = (20, 1, 9, 16, 17, 4, 8, 3)
+    img, cap, lens, img_lens = _inputs(n_img=4, lens=lens, img_lens=(6, 1, 3, 5), regions=6,
+                                       dim=24)
+    opts = _vsa_options("lse")
+    want = _reference(img, cap, lens, img_lens, **opts)
+    poisoned = torch.full((4, 8), NAN)
+    out = kernels.maxsim_forward(kernels.build_problem(img, cap, lens, img_lens, **opts),
+                                 out=poisoned)
+    assert out.data_ptr() == poisoned.data_ptr()
+    assert_close_to_reference(out, want, dtype=torch.float32, what="VSA buckets, poisoned output")
+    _check_gradients(img, cap, lens, img_lens, dtype=torch.float32, what="VSA buckets", **opts)
+    with poisoned_allocations():
+        assert_close_to_reference(_triton(img, cap, lens, img_lens, **opts), want,
+                                  dtype=torch.float32, what="VSA under poisoned allocations")
+
+
+@requires_interpreter
+def test_vsa_float16_two_x_rule():
+    img, cap, lens, img_lens = _inputs(dtype=torch.float16, unit_norm=True)
+    for pool in ("mean", "lse"):
+        opts = _vsa_options(pool)
+        ref16 = head_similarity_vectorized(img, cap, lens, img_lens, **opts)
+        assert_close_to_reference(_triton(img, cap, lens, img_lens, **opts),
+                                  _reference(img, cap, lens, img_lens, **opts),
+                                  dtype=torch.float16, ref_lowp=ref16, what=f"VSA fp16 {pool}")
+    _check_gradients(img, cap, lens, img_lens, dtype=torch.float16, what="VSA fp16",
+                     **_vsa_options("softmax"))
+
+
+@requires_interpreter
+@pytest.mark.parametrize("pool", ["sum", "softmax"])
+def test_vsa_gradcheck_float64(pool):
+    img, cap, lens, img_lens = _inputs(n_img=2, lens=(3, 1), img_lens=(3, 2), regions=3, dim=5,
+                                       dtype=torch.float64, pad=0.5)
+    opts = _vsa_options(pool)
+
+    def fn(a, c):
+        return _triton(a, c, lens, img_lens, **opts)
+
+    assert torch.autograd.gradcheck(fn, (img.requires_grad_(), cap.requires_grad_()),
+                                   atol=F64_GRADCHECK.atol, rtol=F64_GRADCHECK.rtol)
+
+
+@requires_interpreter
+def test_vsa_dispatch_lists_the_coding_on_triton():
+    assert "vsa" in MaxSimTriton.codings and "vsa" in MaxSimPairsTriton.codings
+    img, cap, lens, img_lens = _inputs(dtype=torch.float64)
+    kw = dict(img_lens=img_lens, direction="i2t", coding="vsa", pool="mean")
+    assert_close_to_reference(rcar_fast.max_similarity(img, cap, lens, backend="triton", **kw),
+                              rcar_fast.max_similarity(img, cap, lens, backend="reference", **kw),
+                              dtype=torch.float64, what="VSA triton vs reference backend")
 
 
 @requires_interpreter
@@ -384,26 +493,30 @@ def test_dispatch_reasons():
 TUNE_BUCKETS = [(64, 8), (64, 16), (64, 32), (64, 64), (512, 32), (1, 8)]
 
 
-def _kept(kernel, dtype, r_pad, l_pad):
+def _kept(kernel, dtype, r_pad, l_pad, coding):
     from rcar_fast.kernels import maxsim as kernels
 
     tuner = {"fwd": kernels._fwd_tuned, "bwd_img": kernels._bwd_img_tuned,
              "bwd_cap": kernels._bwd_cap_tuned}[kernel]
     return tuner.early_config_prune(tuner.configs, dict(img_ptr=torch.empty(1, dtype=dtype)),
-                                    R_PAD=r_pad, L_PAD=l_pad)
+                                    R_PAD=r_pad, L_PAD=l_pad,
+                                    CODING=HEAD_CODINGS.index(coding))
 
 
+@pytest.mark.parametrize("coding", HEAD_CODINGS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("kernel", ["fwd", "bwd_img", "bwd_cap"])
-def test_kept_configs_fit_the_measured_budget_and_quick_keeps_one(monkeypatch, kernel, dtype):
+def test_kept_configs_fit_the_measured_budget_and_quick_keeps_one(monkeypatch, kernel, dtype,
+                                                                  coding):
     from rcar_fast.kernels import maxsim as kernels
     from rcar_fast.kernels import tile
 
     kind = "fp32" if dtype == torch.float32 else "low"
-    limits = kernels._LIMITS[(kernel, kind)]
+    limits = (kernels._VSA_LIMITS if coding == "vsa" else {}).get((kernel, kind),
+                                                                  kernels._LIMITS[(kernel, kind)])
     for r_pad, l_pad in TUNE_BUCKETS:
         monkeypatch.delenv(tile.AUTOTUNE_VARIABLE, raising=False)
-        full = _kept(kernel, dtype, r_pad, l_pad)
+        full = _kept(kernel, dtype, r_pad, l_pad, coding)
         assert full, (r_pad, l_pad)
         for c in full:
             m, n = c.kwargs["BI"] * r_pad, c.kwargs["BJ"] * l_pad
@@ -412,7 +525,7 @@ def test_kept_configs_fit_the_measured_budget_and_quick_keeps_one(monkeypatch, k
             assert m >= tile.MIN_DOT and n >= tile.MIN_DOT
             assert c.kwargs["BK"] == (kernels._FP32_BK if kind == "fp32" else 64)
         monkeypatch.setenv(tile.AUTOTUNE_VARIABLE, "quick")
-        quick = _kept(kernel, dtype, r_pad, l_pad)
+        quick = _kept(kernel, dtype, r_pad, l_pad, coding)
         assert len(quick) == 1 and str(quick[0]) in {str(c) for c in full}
 
 

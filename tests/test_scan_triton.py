@@ -254,7 +254,7 @@ def test_backward_kernels_overwrite_poisoned_targets(of_x):
     problem = kernels.build_problem(img, cap, lens, **_options("t2i"))
     dsim = torch.randn(3, 5)
     (xg,), (yg,) = problem.x.groups, problem.y.groups
-    kernel = kernels._scan_bwd_x_kernel if of_x else kernels._scan_bwd_y_kernel
+    kernel = kernels._scan_bwd_kernel   # both roles (OWN_IS_X = of_x)
     feats = problem.x.feats if of_x else problem.y.feats
     clean = torch.zeros(feats.shape)
     kernels._launch_backward(kernel, None, problem, xg, yg, dsim, clean, parallel_over_x=of_x)

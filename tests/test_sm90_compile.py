@@ -314,6 +314,8 @@ def test_the_second_triton_is_the_gpu_images(triton_path):
 # tokens as regions, 32-token queries, d=128). Every kept config of every case is held to 0 B
 # of stack (registers per thread: kernels/maxsim.py, _LIMITS).
 # The pair kernels (maxsim_pairs: "pairs_fwd", "pairs_bwd" for both sides) have one config.
+# An optional last item holds further build_problem settings (CHAN's VSA coding: its own
+# budgets, kernels/maxsim.py _VSA_LIMITS).
 MAXSIM_BOTH = ("fwd", "bwd_img", "bwd_cap")
 MAXSIM_PAIRS = ("pairs_fwd", "pairs_bwd")
 MAXSIM_CASES = [
@@ -324,6 +326,10 @@ MAXSIM_CASES = [
     ("t2i", "fp32", "lse", False, 36, (12, 50), 1024, MAXSIM_BOTH + MAXSIM_PAIRS,
      MAXSIM_BOTH + MAXSIM_PAIRS),
     ("t2i", "bf16", "sum", False, 300, (32,), 128, ("fwd",), ("fwd",)),
+    ("i2t", "bf16", "mean", False, 36, (12, 50), 1024, MAXSIM_BOTH + MAXSIM_PAIRS,
+     MAXSIM_BOTH + MAXSIM_PAIRS, {"coding": "vsa"}),
+    ("i2t", "fp32", "lse", False, 36, (12, 50), 1024, MAXSIM_BOTH + MAXSIM_PAIRS,
+     MAXSIM_BOTH + MAXSIM_PAIRS, {"coding": "vsa"}),
 ]
 
 _MAXSIM_SCRIPT = r"""
@@ -332,21 +338,24 @@ import torch
 from rcar_fast.kernels import maxsim as kernels
 from tests import sm90
 
+# VSA's caption Gram matrices come from the Gram kernel; only their shape and dtype matter here.
+kernels.context_gram = lambda x: torch.zeros(x.shape[0], x.shape[1], x.shape[1])
 recorders = dict(zip(("fwd", "bwd_img", "bwd_cap", "pairs_fwd", "pairs_bwd"),
                      sm90.record(kernels, "_fwd_tuned", "_bwd_img_tuned", "_bwd_cap_tuned",
                                  "_maxsim_pairs_fwd_kernel", "_maxsim_pairs_bwd_kernel")))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 cases = json.loads(sys.argv[1])
 launches, owners = [], []
-for case, (direction, dtype, pool, leaky, regions, lens, d, names, hot) in enumerate(cases):
+for case, (direction, dtype, pool, leaky, regions, lens, d, names, hot, *more) in enumerate(cases):
+    settings = dict(direction=direction, pool=pool, tau=0.1, leaky=leaky, both_scale=0.5,
+                    **(more[0] if more else {}))
     for rec in recorders.values():
         rec.launches.clear()
     # The real launchers (TRITON_INTERPRET unset: their GPU path) on CPU tensors, recorded.
     img = torch.randn(4, regions, d).to(DTYPES[dtype])
     cap = torch.randn(len(lens), max(lens), d).to(DTYPES[dtype])
     problem = kernels.build_problem(img, cap, torch.tensor(lens), torch.full((4,), regions),
-                                    direction=direction, pool=pool, tau=0.1, leaky=leaky,
-                                    both_scale=0.5)
+                                    **settings)
     kernels.maxsim_forward(problem)
     if {"bwd_img", "bwd_cap"} & set(names):
         kernels.maxsim_backward(problem, torch.ones(4, len(lens)), True, True)
@@ -354,8 +363,7 @@ for case, (direction, dtype, pool, leaky, regions, lens, d, names, hot) in enume
         img_idx = torch.arange(4).repeat_interleave(len(lens))
         pairs = kernels.build_pairs_problem(
             img, cap, torch.tensor(lens), torch.full((4,), regions), img_idx,
-            torch.arange(len(lens)).repeat(4), direction=direction, pool=pool, tau=0.1,
-            leaky=leaky, both_scale=0.5)
+            torch.arange(len(lens)).repeat(4), **settings)
         kernels.maxsim_pairs_forward(pairs)
         kernels.maxsim_pairs_backward(pairs, torch.ones(len(img_idx)), True, True)
     for name in names:
@@ -366,6 +374,7 @@ sm90.emit_by_case(launches, owners, len(cases))
 
 _MAXSIM_KEYS = ("kernel", "R_PAD", "L_PAD", "config")
 _MAXSIM_IDS = ["-".join(map(str, c[:4])) + f"-R{c[4]}-L{','.join(map(str, c[5]))}"
+               + "".join(f"-{v}" for v in (c[9] if len(c) > 9 else {}).values())
                for c in MAXSIM_CASES]
 
 

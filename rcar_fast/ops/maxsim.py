@@ -12,7 +12,7 @@ img / cap arrive contiguous and already normalised (normalize="unit" is done by 
 in torch, differentiably, padding zeroed first), lens / img_lens int64 on their device, always
 given. The result is float32 (float64 for float64 inputs), differentiable w.r.t. img and cap.
 CHAN's VSA coding (coding="vsa") adds the keywords coding, vsa_tau and runs on the backends
-whose class lists it in `codings` (the reference ones).
+whose class lists it in `codings` (the reference ones and Triton).
 
     reference, reference_loop   the float64-faithful reference (rcar_fast.reference_heads)
     cpu                         the C++ CPU kernels (csrc/cpu/maxsim.cpp)
@@ -170,7 +170,7 @@ maxsim_pairs_reference_op = define_maxsim_op("maxsim_pairs_reference", _referenc
 
 
 def _compiled(coding: str) -> bool:
-    # VSA is not an op option: a compiled VSA call runs the reference eagerly (a graph break).
+    # VSA is not an op option: a compiled VSA call runs eagerly (a graph break; reference, Triton).
     return coding == "max" and torch.compiler.is_compiling()
 
 
@@ -232,7 +232,7 @@ class MaxSimPairsReferenceLoop(Backend):
 # every run. Pair list: one small GEMM per pair; its backward accumulates each caption's and each
 # image's rows in one task, in pair order.
 #
-# float32 and float64 CPU tensors; CHAN's VSA coding is on the reference backends only.
+# float32 and float64 CPU tensors; CHAN's VSA coding is not here (reference and Triton only).
 
 def native_settings(direction, pool, tau, leaky, both_scale):
     """The kernels' typed options (csrc/cpu/maxsim.cpp MaxSimSettings) from the names."""
@@ -288,14 +288,20 @@ class MaxSimPairsCpu(CpuKernelBackend):
 
 # The kernels (rcar_fast.kernels.maxsim) score every (image, caption) pair from the shared
 # region-word tile and, recomputing the tile and its argmaxes, give d img and d cap; nothing of
-# size (pairs x words) is stored. Dtypes: fp32/fp16/bf16 on CUDA (output float32); under
-# triton's CPU interpreter (tests) fp32/fp16 and float64 (output float64, for gradcheck).
+# size (pairs x words) is stored. CHAN's VSA coding (coding="vsa") runs eagerly (under
+# torch.compile too: it is not an option of the custom ops, as on the reference backends).
+# Dtypes: fp32/fp16/bf16 on CUDA (output float32); under triton's CPU interpreter (tests)
+# fp32/fp16 and float64 (output float64, for gradcheck).
 
 def _triton_kernels():
     # Imported on first use: importing triton (and compiling) only when this backend runs.
     from rcar_fast.kernels import maxsim as maxsim_kernels
 
     return maxsim_kernels
+
+
+# The kernels' settings: the custom ops' options, then the coding (eager calls only).
+_TRITON_SETTING_NAMES = MAXSIM_OPTION_NAMES + ("coding", "vsa_tau")
 
 
 class _TritonEntry(NamedTuple):
@@ -308,7 +314,7 @@ class _TritonEntry(NamedTuple):
     def problem(self, img, cap, *rest):
         *tensors, options = rest
         return getattr(_triton_kernels(), self.build)(img, cap, *tensors,
-                                                      **dict(zip(MAXSIM_OPTION_NAMES, options)))
+                                                      **dict(zip(_TRITON_SETTING_NAMES, options)))
 
     def run_forward(self, problem):
         return getattr(_triton_kernels(), self.forward)(problem)
@@ -359,6 +365,7 @@ class _TritonHeads(TritonBackend):
     """What both Triton head backends share: the tile-size limit."""
     kernel = "the Triton S-only head kernels"
     region_floor = 1   # the regions' padding floor of the op's kernels
+    codings = HEAD_CODINGS
 
     @classmethod
     def extra_reasons(cls, inputs: Inputs) -> list[str]:
@@ -374,13 +381,14 @@ class MaxSimTriton(_TritonHeads):
 
     @staticmethod
     def fn(img, cap, lens, img_lens, *, direction="t2i", pool="mean", tau=0.1, leaky=False,
-           both_scale=0.5):
+           both_scale=0.5, coding="max", vsa_tau=CHAN_TAU):
         """Inputs already validated and normalised by rcar_fast.max_similarity (lens, img_lens
         int64 on the inputs' device). Returns (n_img, n_cap) float32 (float64 for float64)."""
         options = (direction, pool, float(tau), bool(leaky), float(both_scale))
-        if torch.compiler.is_compiling():
+        if _compiled(coding):
             return maxsim_triton_op(img, cap, lens, img_lens, *options)
-        return MaxSimilarityTriton.apply(_ALL_PAIRS, img, cap, lens, img_lens, options)
+        return MaxSimilarityTriton.apply(_ALL_PAIRS, img, cap, lens, img_lens,
+                                         options + (coding, float(vsa_tau)))
 
 
 class MaxSimPairsTriton(_TritonHeads):
@@ -389,13 +397,14 @@ class MaxSimPairsTriton(_TritonHeads):
 
     @staticmethod
     def fn(img, cap, lens, img_lens, img_idx, cap_idx, *, direction="t2i", pool="mean", tau=0.1,
-           leaky=False, both_scale=0.5):
+           leaky=False, both_scale=0.5, coding="max", vsa_tau=CHAN_TAU):
         """Listed pairs (img_idx[p], cap_idx[p]), int64 (P,) validated by the wrapper: (P,)
         float32 (float64 for float64 inputs)."""
         options = (direction, pool, float(tau), bool(leaky), float(both_scale))
-        if torch.compiler.is_compiling():
+        if _compiled(coding):
             return maxsim_pairs_triton_op(img, cap, lens, img_lens, img_idx, cap_idx, *options)
-        return MaxSimilarityTriton.apply(_PAIR_LIST, img, cap, lens, img_lens, img_idx, cap_idx, options)
+        return MaxSimilarityTriton.apply(_PAIR_LIST, img, cap, lens, img_lens, img_idx, cap_idx,
+                                         options + (coding, float(vsa_tau)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,8 +712,8 @@ def _backend_for(op: str, backend: str, inputs: Inputs, coding: str):
     impl = find(BACKENDS[op], backend)
     if impl is not None and coding not in getattr(impl, "codings", ("max",)):
         raise BackendUnavailable(f"backend {backend!r} cannot run {op} with coding={coding!r}: "
-                                 "CHAN's VSA coding is on the reference backends only "
-                                 "(backend='reference' or 'reference_loop')")
+                                 "CHAN's VSA coding is on the reference backends only, and "
+                                 "on Triton (backend='reference', 'reference_loop' or 'triton')")
     return choose(op, BACKENDS[op], backend, inputs)
 
 
@@ -739,8 +748,8 @@ def max_similarity(img, cap, lens, *, direction=_UNSET["direction"], pool=_UNSET
     max(|x|, 1e-12) first. Ties: the first argmax takes the whole gradient.
     preset "chan" | "laps" | "aladin" | "teran" | "colbert" | "dvsa" fills the settings of that
     model (contract.HEAD_PRESETS); an argument contradicting it is a ValueError.
-    coding="vsa": CHAN's VSACoding (direction "i2t", temperature vsa_tau), reference backends
-    only. Returns float32 (float64 for float64 inputs), differentiable w.r.t. img and cap.
+    coding="vsa": CHAN's VSACoding (direction "i2t", temperature vsa_tau), on the reference
+    and Triton backends (auto: the reference). Returns float32 (float64 for float64 inputs), differentiable w.r.t. img and cap.
     """
     settings = validate.head_settings(preset, _passed(
         direction=direction, pool=pool, tau=tau, leaky=leaky, normalize=normalize,
