@@ -27,10 +27,13 @@ void register_cpu_bindings(pybind11::module& m) {
       .def_readonly("steps", &rcar_cpu::RcarSettings::steps)
       .def_readonly("smooth", &rcar_cpu::RcarSettings::smooth);
   py::class_<rcar_cpu::MaxSimSettings>(m, "MaxSimSettings", "an S-only head's options as contract codes")
-      .def(py::init([](int direction, int pool, double tau, bool leaky, double both_scale) {
-             return rcar_cpu::MaxSimSettings{direction, pool, tau, leaky, both_scale};
+      .def(py::init([](int direction, int pool, double tau, bool leaky, double both_scale, bool vsa, double vsa_tau) {
+             return rcar_cpu::MaxSimSettings{direction, pool, tau, leaky, both_scale, vsa, vsa_tau};
            }),
-           py::arg("direction"), py::arg("pool"), py::arg("tau"), py::arg("leaky"), py::arg("both_scale"))
+           py::arg("direction"), py::arg("pool"), py::arg("tau"), py::arg("leaky"), py::arg("both_scale"),
+           py::arg("vsa") = false, py::arg("vsa_tau") = 1.0)
+      .def_readonly("vsa", &rcar_cpu::MaxSimSettings::vsa)
+      .def_readonly("vsa_tau", &rcar_cpu::MaxSimSettings::vsa_tau)
       .def_readonly("direction", &rcar_cpu::MaxSimSettings::direction)
       .def_readonly("pool", &rcar_cpu::MaxSimSettings::pool)
       .def_readonly("tau", &rcar_cpu::MaxSimSettings::tau)
@@ -51,6 +54,9 @@ void register_cpu_bindings(pybind11::module& m) {
         "gradients [d img, d cap] of sum(grad * S-only head of the pairs)", py::arg("grad"), py::arg("img"),
         py::arg("cap"), py::arg("lens"), py::arg("img_lens"), py::arg("img_idx"), py::arg("cap_idx"),
         py::arg("settings"), py::call_guard<py::gil_scoped_release>());
+  m.def("real_rows_finite_cpu", &rcar_cpu::real_rows_finite,
+        "True if the rows < lens[s] of every sequence of x (n, slots, d) float32/float64 CPU are finite",
+        py::arg("x"), py::arg("lens"), py::call_guard<py::gil_scoped_release>());
   m.def("gram_cpu", &rcar_cpu::gram, "per-image Gram matrix (n, R, d) -> (n, R, R)");
   m.def("scan_forward_cpu", &rcar_cpu::scan_forward,
         "SCAN similarity of all pairs (n_img, n_cap), fused per tile", py::arg("img"), py::arg("cap"),

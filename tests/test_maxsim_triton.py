@@ -303,7 +303,7 @@ def test_late_interaction_on_triton_matches_reference():
 @requires_interpreter
 def test_vsa_coding_is_refused_with_the_reason():
     img, cap, lens, img_lens = _inputs()
-    with pytest.raises(dispatch.BackendUnavailable, match="reference backends only"):
+    with pytest.raises(dispatch.BackendUnavailable, match="CHAN's VSA coding runs on the backends"):
         rcar_fast.max_similarity(img, cap, lens, img_lens=img_lens, direction="i2t", coding="vsa",
                                  backend="triton")
 

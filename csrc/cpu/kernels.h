@@ -38,6 +38,8 @@ struct MaxSimSettings {
   double tau;         // lse / softmax pooling temperature, > 0
   bool leaky;         // leaky(x) (slope kLeakySlope) on the maxima before pooling
   double both_scale;  // "both": both_scale * (t2i + i2t)
+  bool vsa = false;     // CHAN's VSA coding instead of the max (direction i2t, no leaky)
+  double vsa_tau = 1;   // its softmax temperature, > 0 (when vsa)
 };
 
 // The checks every pair kernel makes on its inputs; `op` names the kernel in the message.
@@ -116,6 +118,11 @@ std::vector<at::Tensor> maxsim_pairs_backward(const at::Tensor& grad, const at::
                                               const at::Tensor& lens, const at::Tensor& img_lens,
                                               const at::Tensor& img_idx, const at::Tensor& cap_idx,
                                               const MaxSimSettings& settings);
+
+// True if every real row of x (n, slots, d) float32 / float64 CPU, rows < lens[s] (int, CPU, in
+// [0, slots]) of sequence s, is finite; nothing is allocated (maxsim.cpp). For the wrappers'
+// NaN / Inf check.
+bool real_rows_finite(const at::Tensor& x, const at::Tensor& lens);
 
 // Selects the compiled copy of the vectorised loops: "auto" (AVX2+FMA when the CPU has it),
 // "baseline" or "avx2" (falls back to baseline on a CPU without AVX2). Returns the copy that

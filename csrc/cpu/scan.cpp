@@ -614,18 +614,15 @@ void forward_tile_pairs_base(const ScanProblem<T>& P, const Tile& t, TileScratch
 template <typename T>
 void scan_forward_impl(const ScanProblem<T>& P, at::Tensor& out) {
   T* out_ptr = out.data_ptr<T>();
-  const int64_t n_tiles = P.n_cap_blocks() * P.n_img_blocks;
-  std::vector<std::unique_ptr<TileScratch<T>>> scratch(team_size(n_tiles));
   const bool avx2 = use_avx2_path();
-  run_tasks(n_tiles, [&](int64_t task, int thread) {
-    if (!scratch[thread]) scratch[thread] = std::make_unique<TileScratch<T>>(P, false);
-    TileScratch<T>& ts = *scratch[thread];
-    // Image blocks vary fastest so consecutive tasks share a caption block's words.
-    const Tile t = tile_of(P, task / P.n_img_blocks, task % P.n_img_blocks);
-    tile_scores(P, t, ts.scores.data());
-    if (avx2) forward_tile_pairs_avx2(P, t, ts, out_ptr);
-    else forward_tile_pairs_base(P, t, ts, out_ptr);
-  });
+  for_each_tile<TileScratch<T>>(
+      P.n_cap_blocks(), P.n_img_blocks, [&] { return std::make_unique<TileScratch<T>>(P, false); },
+      [&](int64_t cb, int64_t ib, TileScratch<T>& ts) {
+        const Tile t = tile_of(P, cb, ib);
+        tile_scores(P, t, ts.scores.data());
+        if (avx2) forward_tile_pairs_avx2(P, t, ts, out_ptr);
+        else forward_tile_pairs_base(P, t, ts, out_ptr);
+      });
 }
 
 // ---------------------------------------------------------------------------------------------

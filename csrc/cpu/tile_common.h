@@ -245,6 +245,19 @@ class OrderedTurns {
   std::atomic<bool> abandoned_{false};
 };
 
+// Runs body(cb, ib, scratch) for every tile (caption block cb x image block ib) on a thread team,
+// image blocks varying fastest so that consecutive tasks share a caption block's words; each
+// thread builds its scratch once, with make_scratch().
+template <typename Scratch, typename MakeScratch, typename Body>
+void for_each_tile(int64_t n_cap_blocks, int64_t n_img_blocks, MakeScratch&& make_scratch, Body&& body) {
+  const int64_t n_tiles = n_cap_blocks * n_img_blocks;
+  std::vector<std::unique_ptr<Scratch>> scratch(team_size(n_tiles));
+  run_tasks(n_tiles, [&](int64_t task, int thread) {
+    if (!scratch[thread]) scratch[thread] = make_scratch();
+    body(task / n_img_blocks, task % n_img_blocks, *scratch[thread]);
+  });
+}
+
 // Runs body(cb, scratch) for caption blocks cb = 0 .. n_blocks-1 on a thread team, handing the
 // blocks out from one counter in increasing order (what OrderedTurns relies on); each thread
 // builds its scratch once, with make_scratch(). A failing block abandons `turns`, so that no

@@ -11,7 +11,7 @@ img / cap arrive contiguous and already normalised (normalize="unit" is done her
 differentiably, padding zeroed first), lens / img_lens int64 on their device, always given. The
 result is float32 (float64 for float64 inputs), differentiable w.r.t. img and cap. CHAN's VSA
 coding (coding="vsa") adds the keywords coding, vsa_tau and runs on the backends whose class
-lists it in `codings` (the reference ones).
+lists it in `codings` (the reference ones and the C++ CPU kernels).
 """
 from __future__ import annotations
 
@@ -49,17 +49,23 @@ def _passed(**arguments) -> dict:
     return {key: value for key, value in arguments.items() if not isinstance(value, _NotPassed)}
 
 
+def _takes(op: str, backend: str, coding: str) -> bool:
+    return coding in getattr(dispatch.implementation(op, backend), "codings", ("max",))
+
+
 def _backend_for(op: str, backend: str, inputs: Inputs, coding: str):
-    """dispatch.choose, with the coding: only backends whose class lists it in `codings`."""
+    """dispatch.choose, with the coding: only backends whose class lists it in `codings`
+    (backend="auto": the first of dispatch.auto_order that lists it and takes the inputs)."""
     if coding == "max":
         return dispatch.choose(op, backend, inputs)
     if backend == "auto":
-        backend = "reference"
-    impl = dispatch.implementation(op, backend)
-    if impl is not None and coding not in getattr(impl, "codings", ("max",)):
+        backend = next((be for be in dispatch.auto_order(op, inputs.device.type)
+                        if _takes(op, be, coding) and dispatch.rejection(op, be, inputs) is None),
+                       "reference")
+    if dispatch.implementation(op, backend) is not None and not _takes(op, backend, coding):
+        takers = ", ".join(repr(be) for be in dispatch.BACKENDS if _takes(op, be, coding))
         raise BackendUnavailable(f"backend {backend!r} cannot run {op} with coding={coding!r}: "
-                                 "CHAN's VSA coding is on the reference backends only "
-                                 "(backend='reference' or 'reference_loop')")
+                                 f"CHAN's VSA coding runs on the backends {takers}")
     return dispatch.choose(op, backend, inputs)
 
 
@@ -94,8 +100,8 @@ def max_similarity(img, cap, lens, *, direction=_UNSET["direction"], pool=_UNSET
     max(|x|, 1e-12) first. Ties: the first argmax takes the whole gradient.
     preset "chan" | "laps" | "aladin" | "teran" | "colbert" | "dvsa" fills the settings of that
     model (contract.HEAD_PRESETS); an argument contradicting it is a ValueError.
-    coding="vsa": CHAN's VSACoding (direction "i2t", temperature vsa_tau), reference backends
-    only. Returns float32 (float64 for float64 inputs), differentiable w.r.t. img and cap.
+    coding="vsa": CHAN's VSACoding (direction "i2t", temperature vsa_tau), on the backends that
+    list it (reference, reference_loop, cpu). Returns float32 (float64 for float64 inputs), differentiable w.r.t. img and cap.
     """
     settings = validate.head_settings(preset, _passed(
         direction=direction, pool=pool, tau=tau, leaky=leaky, normalize=normalize,
