@@ -1,4 +1,4 @@
-"""Fused RCAR head on the Triton backend (kernels/rcar.py, rcar_fast/ops/rcar_triton.py).
+"""Fused RCAR head on the Triton backend (kernels/rcar.py, rcar_fast/ops/rcar.py).
 
 On CPU the kernel runs in triton's interpreter on small shapes (d=32, sim_dim=16, R=5, Lmax=7,
 ragged lengths including 1, NaN in the caption padding); on a GPU the realistic shape
@@ -127,7 +127,7 @@ def test_padding_values_never_read(direction):
 @requires_interpreter
 def test_kernel_writes_every_entry_of_a_poisoned_buffer():
     from rcar_fast.kernels import rcar as kernels
-    from rcar_fast.ops.rcar_triton import pack_weights
+    from rcar_fast.ops.rcar import pack_weights
 
     img, cap, lens = _inputs(n_img=3, n_cap=4, lens=(2, 7, 1, 5))
     for direction in ("t2i", "i2t"):
@@ -203,15 +203,15 @@ def test_gradients_match_float64_reference(regulator, steps, direction):
 
 @requires_interpreter
 def test_backward_in_several_blocks_matches_one_block(monkeypatch):
-    from rcar_fast.ops import rcar_triton
+    from rcar_fast.ops import rcar as rcar_ops
 
     img, cap, lens = _inputs(n_img=3, n_cap=3)
     head = make_head("coop_rcar", 2, "i2t")
     weights = torch.randn(3, 3)
     whole = gradients(head, img, cap, lens, weights, "triton")
     blocks = []
-    original = rcar_triton.backward_blocks
-    monkeypatch.setattr(rcar_triton, "backward_blocks",
+    original = rcar_ops.backward_blocks
+    monkeypatch.setattr(rcar_ops, "backward_blocks",
                         lambda *a, **k: blocks.append(original(*a, budget=1, **k)) or blocks[-1])
     blocked = gradients(head, img, cap, lens, weights, "triton")
     assert blocks == [(1, 1)]
