@@ -24,10 +24,18 @@ EVERY_SETTING = [dict(direction=direction, pool=pool, leaky=leaky, tau=0.1 if po
                       both_scale=0.5 if leaky else 1.0)
                  for direction, pool, leaky in itertools.product(HEAD_DIRECTIONS, POOLS, (False, True))]
 DTYPES = (torch.float64, torch.float32)
+# CHAN's VSA coding (HEADS.md "VSA"): i2t, x_r = sum_w a_rw S / (|c_r| + eps), pooled
+VSA_SETTINGS = [dict(direction="i2t", coding="vsa", pool=pool, tau=0.5, vsa_tau=vsa_tau)
+                for pool in POOLS for vsa_tau in (0.1, 0.7)]
+
+
+def vsa_id(kw):
+    return f"{kw['pool']}-vsa_tau{kw['vsa_tau']}"
 
 
 def setting_id(kw):
-    return f"{kw['direction']}-{kw['pool']}-{'leaky' if kw.get('leaky') else 'plain'}"
+    coding = kw.get("coding", "leaky" if kw.get("leaky") else "plain")
+    return f"{kw['direction']}-{kw['pool']}-{coding}"
 
 
 def ragged_inputs(n_img, n_cap, R, d, max_len, *, seed=0, pad=NAN, scale=0.5):
@@ -247,15 +255,16 @@ def test_backward_only_one_input_needs_grad():
     assert img.grad is not None and bool(torch.isfinite(img.grad).all())
 
 
-@pytest.mark.parametrize("direction", HEAD_DIRECTIONS)
-def test_forward_and_backward_are_bit_reproducible_with_two_threads(direction):
+@pytest.mark.parametrize("kw", [dict(direction=direction, pool="softmax", leaky=True) for direction in HEAD_DIRECTIONS]
+                         + [dict(direction="i2t", coding="vsa", pool="lse", tau=0.5, vsa_tau=0.1)],
+                         ids=lambda kw: f"{kw['direction']}-{kw.get('coding', 'max')}")
+def test_forward_and_backward_are_bit_reproducible_with_two_threads(kw):
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         img, cap, lens, img_lens = ragged_inputs(40, 90, 36, 64, 16, seed=12)
         img, cap = img.float(), cap.float()
         grad = torch.linspace(-1, 1, 40 * 90).view(40, 90)
-        kw = dict(direction=direction, pool="softmax", leaky=True)
         first = cpu_scores(img, cap, lens, img_lens, **kw)
         first_grads = cpu_gradients(img, cap, lens, img_lens, grad, **kw)
         for _ in range(3):
@@ -279,7 +288,7 @@ def listed_pairs(n_img, n_cap, n_pairs, seed):
     return img_idx, cap_idx
 
 
-@pytest.mark.parametrize("kw", EVERY_SETTING[::2], ids=setting_id)
+@pytest.mark.parametrize("kw", EVERY_SETTING[::2] + VSA_SETTINGS[::3], ids=setting_id)
 def test_pairs_forward_and_backward(kw):
     img, cap, lens, img_lens = ragged_inputs(5, 7, 11, 10, 9, seed=13)
     img_idx, cap_idx = listed_pairs(5, 7, 70, seed=13)
@@ -305,6 +314,9 @@ def test_pairs_forward_and_backward(kw):
         d_img, d_cap = gradients(cpu_pairs, img.to(dtype), cap.to(dtype), grad)
         assert_close_to_reference(d_img, ref_img, dtype=dtype, what=f"pairs d img {kw} {dtype}")
         assert_close_to_reference(d_cap, ref_cap, dtype=dtype, what=f"pairs d cap {kw} {dtype}")
+        again = gradients(cpu_pairs, img.to(dtype), cap.to(dtype), grad)
+        assert_bit_equal(again[0], d_img, what="pairs d img rerun")
+        assert_bit_equal(again[1], d_cap, what="pairs d cap rerun")
 
 
 def test_pairs_backward_is_bit_reproducible():
@@ -403,16 +415,8 @@ def test_bad_lengths_are_refused_by_the_kernel_itself():
 
 
 # ---------------------------------------------------------------------------------------------
-# CHAN's VSA coding (HEADS.md "VSA"): i2t, x_r = sum_w a_rw S / (|c_r| + eps), pooled
+# CHAN's VSA coding (VSA_SETTINGS; the pair list and reruns: in the tests above)
 # ---------------------------------------------------------------------------------------------
-
-VSA_SETTINGS = [dict(direction="i2t", coding="vsa", pool=pool, tau=0.5, vsa_tau=vsa_tau)
-                for pool in POOLS for vsa_tau in (0.1, 0.7)]
-
-
-def vsa_id(kw):
-    return f"{kw['pool']}-vsa_tau{kw['vsa_tau']}"
-
 
 @pytest.mark.parametrize("kw", VSA_SETTINGS, ids=vsa_id)
 def test_vsa_shared_cases_forward_and_gradients(kw):
@@ -477,55 +481,6 @@ def test_vsa_every_output_is_written_and_padding_never_read(dtype):
                                   what=f"vsa poisoned out {kw}")
         huge = cpu_scores(img.nan_to_num(1e30).to(dtype), cap.nan_to_num(1e30).to(dtype), lens, img_lens, **kw)
         assert_bit_equal(poisoned, huge, what=f"vsa NaN vs 1e30 padding {kw}")
-
-
-def test_vsa_forward_and_backward_are_bit_reproducible_with_two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        img, cap, lens, img_lens = ragged_inputs(40, 90, 36, 64, 16, seed=35)
-        img, cap = img.float(), cap.float()
-        grad = torch.linspace(-1, 1, 40 * 90).view(40, 90)
-        kw = dict(direction="i2t", coding="vsa", pool="lse", tau=0.5, vsa_tau=0.1)
-        first = cpu_scores(img, cap, lens, img_lens, **kw)
-        first_grads = cpu_gradients(img, cap, lens, img_lens, grad, **kw)
-        for _ in range(3):
-            assert_bit_equal(cpu_scores(img, cap, lens, img_lens, **kw), first, what="vsa forward rerun")
-            again = cpu_gradients(img, cap, lens, img_lens, grad, **kw)
-            assert_bit_equal(again[0], first_grads[0], what="vsa d img rerun")
-            assert_bit_equal(again[1], first_grads[1], what="vsa d cap rerun")
-    finally:
-        torch.set_num_threads(previous)
-
-
-@pytest.mark.parametrize("kw", VSA_SETTINGS[::3], ids=vsa_id)
-def test_vsa_pairs_forward_and_backward(kw):
-    img, cap, lens, img_lens = ragged_inputs(5, 7, 11, 10, 9, seed=36)
-    img_idx, cap_idx = listed_pairs(5, 7, 70, seed=36)
-    pair_fn = dispatch.choose("maxsim_pairs", "cpu", torch.device("cpu"), torch.float32).fn
-    listed = dict(kw, leaky=False, both_scale=0.5)
-
-    def reference_pairs(i, c):
-        return reference_heads.head_pairs_vectorized(i, c, lens, img_lens, img_idx, cap_idx, **kw)
-
-    grad = torch.randn(70, dtype=torch.float64, generator=torch.Generator().manual_seed(37))
-    finite_img, finite_cap = img.nan_to_num(0.0), cap.nan_to_num(0.0)   # the reference's backward: 0 x NaN
-    ref = reference_pairs(finite_img, finite_cap)
-    ref_img, ref_cap = gradients(reference_pairs, finite_img, finite_cap, grad)
-    for dtype in DTYPES:
-        def cpu_pairs(i, c):
-            return pair_fn(i, c, lens, img_lens, img_idx, cap_idx, **listed)
-        out = cpu_pairs(img.to(dtype), cap.to(dtype))
-        assert out.shape == (70,) and out.dtype == dtype
-        assert_close_to_reference(out, ref, dtype=dtype, what=f"vsa pairs {kw} {dtype}")
-        all_pairs = cpu_scores(img.to(dtype), cap.to(dtype), lens, img_lens, **kw)[img_idx, cap_idx]
-        assert_close_to_reference(out, all_pairs.double(), dtype=dtype, what="vsa pairs vs all pairs")
-        d_img, d_cap = gradients(cpu_pairs, img.to(dtype), cap.to(dtype), grad)
-        assert_close_to_reference(d_img, ref_img, dtype=dtype, what=f"vsa pairs d img {kw} {dtype}")
-        assert_close_to_reference(d_cap, ref_cap, dtype=dtype, what=f"vsa pairs d cap {kw} {dtype}")
-        again = gradients(cpu_pairs, img.to(dtype), cap.to(dtype), grad)
-        assert_bit_equal(again[0], d_img, what="vsa pairs d img rerun")
-        assert_bit_equal(again[1], d_cap, what="vsa pairs d cap rerun")
 
 
 def test_vsa_auto_picks_the_cpu_kernels_and_the_kernel_checks_its_options():

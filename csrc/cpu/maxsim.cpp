@@ -707,16 +707,6 @@ RCAR_INLINE void forward_tile_body(const MaxSimProblem<T>& P, const Tile& t, Til
 }
 
 template <typename T>
-RCAR_TARGET_AVX2 void forward_tile_avx2(const MaxSimProblem<T>& P, const Tile& t, TileScratch<T>& ts, T* out) {
-  forward_tile_body(P, t, ts, out);
-}
-
-template <typename T>
-void forward_tile_base(const MaxSimProblem<T>& P, const Tile& t, TileScratch<T>& ts, T* out) {
-  forward_tile_body(P, t, ts, out);
-}
-
-template <typename T>
 void maxsim_forward_impl(const MaxSimProblem<T>& P, T* out) {
   const bool avx2 = use_avx2_path();
   for_each_tile<TileScratch<T>>(
@@ -725,8 +715,7 @@ void maxsim_forward_impl(const MaxSimProblem<T>& P, T* out) {
         const Tile t = tile_of(P, cb, ib);
         select_blocks(P, t, cb, ib, ts);
         tile_scores(P, t, ts);
-        if (avx2) forward_tile_avx2(P, t, ts, out);
-        else forward_tile_base(P, t, ts, out);
+        in_simd_copy(avx2, [&]() RCAR_INLINE_LAMBDA { forward_tile_body(P, t, ts, out); });
       });
 }
 
@@ -864,16 +853,6 @@ RCAR_INLINE void backward_tile_body(const MaxSimProblem<T>& P, const Tile& t, Ti
   else max_backward_tile(P, t, ts, g);
 }
 
-template <typename T>
-RCAR_TARGET_AVX2 void backward_tile_avx2(const MaxSimProblem<T>& P, const Tile& t, TileScratch<T>& ts, const T* g) {
-  backward_tile_body(P, t, ts, g);
-}
-
-template <typename T>
-void backward_tile_base(const MaxSimProblem<T>& P, const Tile& t, TileScratch<T>& ts, const T* g) {
-  backward_tile_body(P, t, ts, g);
-}
-
 // VSA: the coefficient tile C (over the scores) into the word gradient (+= C regions) and the
 // image partial (= C^T words).
 template <typename T>
@@ -934,8 +913,7 @@ void backward_caption_block(const MaxSimProblem<T>& P, int64_t cb, TileScratch<T
     }
     select_blocks(P, t, cb, ib, ts);
     tile_scores(P, t, ts);
-    if (avx2) backward_tile_avx2(P, t, ts, g);
-    else backward_tile_base(P, t, ts, g);
+    in_simd_copy(avx2, [&]() RCAR_INLINE_LAMBDA { backward_tile_body(P, t, ts, g); });
     if (P.opt.vsa) vsa_tile_products(P, t, ts);
     if (!G.img_turns.wait(ib, cb, turn)) return;
     flush_image_partial(P, t, ts, d_img);
@@ -990,18 +968,6 @@ RCAR_INLINE void list_forward_body(const MaxSimProblem<T>& P, const int64_t* ii,
 }
 
 template <typename T>
-RCAR_TARGET_AVX2 void list_forward_avx2(const MaxSimProblem<T>& P, const int64_t* ii, const int64_t* jj, int64_t p0,
-                                        int64_t p1, ListScratch<T>& ls, T* out) {
-  list_forward_body(P, ii, jj, p0, p1, ls, out);
-}
-
-template <typename T>
-void list_forward_base(const MaxSimProblem<T>& P, const int64_t* ii, const int64_t* jj, int64_t p0, int64_t p1,
-                       ListScratch<T>& ls, T* out) {
-  list_forward_body(P, ii, jj, p0, p1, ls, out);
-}
-
-template <typename T>
 void maxsim_pairs_forward_impl(const MaxSimProblem<T>& P, const int64_t* ii, const int64_t* jj, int64_t n_pairs,
                                T* out) {
   const int64_t n_tasks = (n_pairs + kPairsPerTask - 1) / kPairsPerTask;
@@ -1010,8 +976,7 @@ void maxsim_pairs_forward_impl(const MaxSimProblem<T>& P, const int64_t* ii, con
   run_tasks(n_tasks, [&](int64_t task, int thread) {
     if (!scratch[thread]) scratch[thread] = std::make_unique<ListScratch<T>>(P);
     const int64_t p0 = task * kPairsPerTask, p1 = std::min(n_pairs, p0 + kPairsPerTask);
-    if (avx2) list_forward_avx2(P, ii, jj, p0, p1, *scratch[thread], out);
-    else list_forward_base(P, ii, jj, p0, p1, *scratch[thread], out);
+    in_simd_copy(avx2, [&]() RCAR_INLINE_LAMBDA { list_forward_body(P, ii, jj, p0, p1, *scratch[thread], out); });
   });
 }
 
@@ -1060,20 +1025,6 @@ RCAR_INLINE void list_backward_body(const MaxSimProblem<T>& P, const int64_t* ii
   }
 }
 
-template <typename T>
-RCAR_TARGET_AVX2 void list_backward_avx2(const MaxSimProblem<T>& P, const int64_t* ii, const int64_t* jj, const T* g,
-                                         const int64_t* order, int64_t q0, int64_t q1, bool caption_side,
-                                         ListScratch<T>& ls, T* d_rows) {
-  list_backward_body(P, ii, jj, g, order, q0, q1, caption_side, ls, d_rows);
-}
-
-template <typename T>
-void list_backward_base(const MaxSimProblem<T>& P, const int64_t* ii, const int64_t* jj, const T* g,
-                        const int64_t* order, int64_t q0, int64_t q1, bool caption_side, ListScratch<T>& ls,
-                        T* d_rows) {
-  list_backward_body(P, ii, jj, g, order, q0, q1, caption_side, ls, d_rows);
-}
-
 // One side's gradient (captions: owner = cap index, else images): pairs ordered by owner (stably),
 // then runs of whole owners handed out as tasks of about kPairsPerTask pairs.
 template <typename T>
@@ -1092,12 +1043,10 @@ void list_backward_side(const MaxSimProblem<T>& P, const int64_t* ii, const int6
   const bool avx2 = use_avx2_path();
   run_tasks(static_cast<int64_t>(bounds.size()) - 1, [&](int64_t task, int thread) {
     if (!scratch[thread]) scratch[thread] = std::make_unique<ListScratch<T>>(P);
-    if (avx2)
-      list_backward_avx2(P, ii, jj, g, order.data(), bounds[task], bounds[task + 1], caption_side, *scratch[thread],
+    in_simd_copy(avx2, [&]() RCAR_INLINE_LAMBDA {
+      list_backward_body(P, ii, jj, g, order.data(), bounds[task], bounds[task + 1], caption_side, *scratch[thread],
                          d_rows);
-    else
-      list_backward_base(P, ii, jj, g, order.data(), bounds[task], bounds[task + 1], caption_side, *scratch[thread],
-                         d_rows);
+    });
   });
 }
 
@@ -1176,18 +1125,6 @@ RCAR_INLINE bool sequences_finite_body(const T* x, const int64_t* len, int64_t s
   return true;
 }
 
-template <typename T>
-RCAR_TARGET_AVX2 bool sequences_finite_avx2(const T* x, const int64_t* len, int64_t s0, int64_t s1,
-                                            int64_t seq_stride, int64_t row_stride, int64_t d) {
-  return sequences_finite_body(x, len, s0, s1, seq_stride, row_stride, d);
-}
-
-template <typename T>
-bool sequences_finite_base(const T* x, const int64_t* len, int64_t s0, int64_t s1, int64_t seq_stride,
-                           int64_t row_stride, int64_t d) {
-  return sequences_finite_body(x, len, s0, s1, seq_stride, row_stride, d);
-}
-
 // Values per task of the check: large enough that a task costs more than handing it out.
 constexpr int64_t kFiniteCheckGrain = 1 << 16;
 
@@ -1200,8 +1137,10 @@ bool real_rows_finite_impl(const at::Tensor& x, const int64_t* len) {
   const int64_t grain = std::max<int64_t>(1, kFiniteCheckGrain / std::max<int64_t>(1, slots * d));
   at::parallel_for(0, n, grain, [&](int64_t s0, int64_t s1) {
     if (!finite.load(std::memory_order_relaxed)) return;
-    const bool ok = avx2 ? sequences_finite_avx2(base, len, s0, s1, x.stride(0), x.stride(1), d)
-                         : sequences_finite_base(base, len, s0, s1, x.stride(0), x.stride(1), d);
+    bool ok = true;
+    in_simd_copy(avx2, [&]() RCAR_INLINE_LAMBDA {
+      ok = sequences_finite_body(base, len, s0, s1, x.stride(0), x.stride(1), d);
+    });
     if (!ok) finite.store(false, std::memory_order_relaxed);
   });
   return finite.load();

@@ -40,6 +40,28 @@
 
 namespace rcar_cpu::detail {
 
+// A lambda whose body is pasted into its caller, for in_simd_copy.
+#define RCAR_INLINE_LAMBDA __attribute__((always_inline))
+
+template <typename F>
+__attribute__((noinline)) RCAR_TARGET_AVX2 void run_avx2_copy(F& f) {
+  f();
+}
+
+template <typename F>
+__attribute__((noinline)) void run_baseline_copy(F& f) {
+  f();
+}
+
+// Runs f() in its copy compiled for AVX2+FMA (avx2) or in its baseline copy. f is a
+// RCAR_INLINE_LAMBDA over always_inline bodies: each of the two wrappers above gets its own
+// vectorised copy of the whole body, one pair per lambda.
+template <typename F>
+void in_simd_copy(bool avx2, F&& f) {
+  if (avx2) run_avx2_copy(f);
+  else run_baseline_copy(f);
+}
+
 using rcar_contract::kEps;
 using rcar_contract::kLeakySlope;
 
