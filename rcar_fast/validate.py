@@ -6,6 +6,8 @@ with a message that names the argument and says what was expected, before any co
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import math
 from typing import Optional, Sequence, Union
 
@@ -125,6 +127,28 @@ def all_finite(x: torch.Tensor, real: Optional[torch.Tensor] = None) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _native_finite_check():
+    """The C++ check of the real rows (csrc/cpu/maxsim.cpp real_rows_finite), None where the
+    extension is not importable."""
+    try:
+        return importlib.import_module("rcar_fast._C").real_rows_finite_cpu
+    except (ImportError, AttributeError):
+        return None
+
+
+def real_rows_finite(x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> bool:
+    """True if the rows m < lengths[i] of x (n, M, d) (every row when lengths is None) hold no
+    NaN/Inf. float32 / float64 CPU tensors go to the native check (it reads those rows once,
+    on the thread team, and allocates nothing); other tensors to all_finite."""
+    check = (_native_finite_check() if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+             else None)
+    if check is None:
+        return all_finite(x, None if lengths is None else word_mask(lengths, x.shape[1]))
+    counts = lengths if lengths is not None else torch.full((x.shape[0],), x.shape[1], dtype=torch.int64)
+    return bool(check(x, counts))
+
+
 def feature_pair(img, cap, names: tuple = ("img", "cap"),
                  shapes: tuple = ("(n_img, R, d)", "(n_cap, Lmax, d)"), dim: str = "d") -> None:
     """Two feature tensors that one tile multiplies: each a non-empty (n, rows, d) float
@@ -150,9 +174,9 @@ def similarity_inputs(img, cap, lens: LensLike, check_finite: bool = True) -> to
     feature_pair(img, cap)
     lens_t = lengths(lens, cap.shape[0], cap.shape[1], cap.device)
     if check_finite and not torch.compiler.is_compiling():  # reads the data: eager only
-        if not all_finite(img):
+        if not real_rows_finite(img):
             raise ValueError("img holds NaN or Inf values")
-        if not all_finite(cap, word_mask(lens_t, cap.shape[1])):
+        if not real_rows_finite(cap, lens_t):
             raise ValueError("cap holds NaN or Inf at real word positions (positions < lens); "
                              "only padding may be non-finite")
     return lens_t
@@ -307,7 +331,7 @@ def head_inputs(img, cap, lens, img_lens=None, args: HeadArguments = MAX_SIMILAR
     if check_finite and not torch.compiler.is_compiling():  # reads the data: eager only
         for x, name, counts, of in ((img, args.names[0], img_lens_t, args.img_lens),
                                     (cap, args.names[1], lens_t, args.lens)):
-            if not all_finite(x, word_mask(counts, x.shape[1])):
+            if not real_rows_finite(x, counts):
                 raise ValueError(f"{name} holds NaN or Inf at real positions (rows < {of.name}); "
                                  "only padding may be non-finite")
     return lens_t, img_lens_t

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rcar_fast
-from rcar_fast import dispatch, reference_heads
+from rcar_fast import dispatch, reference_heads, validate
 from rcar_fast.contract import HEAD_DIRECTIONS, POOLS
 from rcar_fast.ops.maxsim import maxsim_cpu_op, maxsim_pairs_cpu_op, native_settings
 from tests.inputs import NAN, make_inputs
@@ -24,10 +24,18 @@ EVERY_SETTING = [dict(direction=direction, pool=pool, leaky=leaky, tau=0.1 if po
                       both_scale=0.5 if leaky else 1.0)
                  for direction, pool, leaky in itertools.product(HEAD_DIRECTIONS, POOLS, (False, True))]
 DTYPES = (torch.float64, torch.float32)
+# CHAN's VSA coding (HEADS.md "VSA"): i2t, x_r = sum_w a_rw S / (|c_r| + eps), pooled
+VSA_SETTINGS = [dict(direction="i2t", coding="vsa", pool=pool, tau=0.5, vsa_tau=vsa_tau)
+                for pool in POOLS for vsa_tau in (0.1, 0.7)]
+
+
+def vsa_id(kw):
+    return f"{kw['pool']}-vsa_tau{kw['vsa_tau']}"
 
 
 def setting_id(kw):
-    return f"{kw['direction']}-{kw['pool']}-{'leaky' if kw.get('leaky') else 'plain'}"
+    coding = kw.get("coding", "leaky" if kw.get("leaky") else "plain")
+    return f"{kw['direction']}-{kw['pool']}-{coding}"
 
 
 def ragged_inputs(n_img, n_cap, R, d, max_len, *, seed=0, pad=NAN, scale=0.5):
@@ -247,15 +255,16 @@ def test_backward_only_one_input_needs_grad():
     assert img.grad is not None and bool(torch.isfinite(img.grad).all())
 
 
-@pytest.mark.parametrize("direction", HEAD_DIRECTIONS)
-def test_forward_and_backward_are_bit_reproducible_with_two_threads(direction):
+@pytest.mark.parametrize("kw", [dict(direction=direction, pool="softmax", leaky=True) for direction in HEAD_DIRECTIONS]
+                         + [dict(direction="i2t", coding="vsa", pool="lse", tau=0.5, vsa_tau=0.1)],
+                         ids=lambda kw: f"{kw['direction']}-{kw.get('coding', 'max')}")
+def test_forward_and_backward_are_bit_reproducible_with_two_threads(kw):
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         img, cap, lens, img_lens = ragged_inputs(40, 90, 36, 64, 16, seed=12)
         img, cap = img.float(), cap.float()
         grad = torch.linspace(-1, 1, 40 * 90).view(40, 90)
-        kw = dict(direction=direction, pool="softmax", leaky=True)
         first = cpu_scores(img, cap, lens, img_lens, **kw)
         first_grads = cpu_gradients(img, cap, lens, img_lens, grad, **kw)
         for _ in range(3):
@@ -279,7 +288,7 @@ def listed_pairs(n_img, n_cap, n_pairs, seed):
     return img_idx, cap_idx
 
 
-@pytest.mark.parametrize("kw", EVERY_SETTING[::2], ids=setting_id)
+@pytest.mark.parametrize("kw", EVERY_SETTING[::2] + VSA_SETTINGS[::3], ids=setting_id)
 def test_pairs_forward_and_backward(kw):
     img, cap, lens, img_lens = ragged_inputs(5, 7, 11, 10, 9, seed=13)
     img_idx, cap_idx = listed_pairs(5, 7, 70, seed=13)
@@ -305,6 +314,9 @@ def test_pairs_forward_and_backward(kw):
         d_img, d_cap = gradients(cpu_pairs, img.to(dtype), cap.to(dtype), grad)
         assert_close_to_reference(d_img, ref_img, dtype=dtype, what=f"pairs d img {kw} {dtype}")
         assert_close_to_reference(d_cap, ref_cap, dtype=dtype, what=f"pairs d cap {kw} {dtype}")
+        again = gradients(cpu_pairs, img.to(dtype), cap.to(dtype), grad)
+        assert_bit_equal(again[0], d_img, what="pairs d img rerun")
+        assert_bit_equal(again[1], d_cap, what="pairs d cap rerun")
 
 
 def test_pairs_backward_is_bit_reproducible():
@@ -400,3 +412,126 @@ def test_bad_lengths_are_refused_by_the_kernel_itself():
         native.maxsim_forward_cpu(img, cap, torch.tensor([0, 1, 2]), img_lens, settings)
     with pytest.raises(RuntimeError, match=r"cap_idx must lie in \[0, 3\)"):
         native.maxsim_pairs_forward_cpu(img, cap, lens, img_lens, torch.tensor([0]), torch.tensor([3]), settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# CHAN's VSA coding (VSA_SETTINGS; the pair list and reruns: in the tests above)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", VSA_SETTINGS, ids=vsa_id)
+def test_vsa_shared_cases_forward_and_gradients(kw):
+    # ragged both sides with NaN padding, exact ties, L = 1, R = 1, all-negative S; both normalisations
+    for name, case in CASES.items():
+        for normalize in ("none", "unit"):
+            settings = dict(kw, normalize=normalize)
+            for dtype in DTYPES:
+                if not float32_breaks_ties_differently(name, settings, dtype):
+                    assert_head_matches_reference(case(seed=31), settings, backend="cpu", dtype=dtype)
+
+
+@pytest.mark.parametrize("shape", [
+    (1, 1, 1, 1, 1),        # n_img, n_cap, R, d, Lmax
+    (40, 130, 20, 9, 12),   # several image and caption blocks, forward and backward
+    (2, 3, 3, 70, 33),      # L longer than R, d beyond two vectors
+    (3, 4, 16, 8, 8),       # R and L whole vectors
+])
+def test_vsa_across_tiles_and_odd_sizes(shape):
+    n_img, n_cap, R, d, Lmax = shape
+    img, cap, lens, img_lens = ragged_inputs(n_img, n_cap, R, d, Lmax, seed=32)
+    grad = torch.randn(n_img, n_cap, dtype=torch.float64, generator=torch.Generator().manual_seed(32))
+    for kw in (VSA_SETTINGS[0], VSA_SETTINGS[7]):
+        ref = reference64(img, cap, lens, img_lens, **kw)
+        ref_img, ref_cap = reference_gradients(img, cap, lens, img_lens, grad, **kw)
+        for dtype in DTYPES:
+            out = cpu_scores(img.to(dtype), cap.to(dtype), lens, img_lens, **kw)
+            assert out.dtype == dtype and out.shape == (n_img, n_cap)
+            assert_close_to_reference(out, ref, dtype=dtype, what=f"vsa {shape} {kw} {dtype}")
+            if d == 1 and dtype == torch.float32:
+                # d = 1: c_r = a e, so x_r = v e / (|e| + eps) and d x / d e is an eps-sized
+                # difference of two O(v / |e|) terms, which float32 (the reference's own too) cannot resolve
+                continue
+            d_img, d_cap = cpu_gradients(img.to(dtype), cap.to(dtype), lens, img_lens, grad, **kw)
+            assert_close_to_reference(d_img, ref_img, dtype=dtype, what=f"vsa d img {shape} {kw} {dtype}")
+            assert_close_to_reference(d_cap, ref_cap, dtype=dtype, what=f"vsa d cap {shape} {kw} {dtype}")
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_vsa_gradcheck(pool):
+    gen = torch.Generator().manual_seed(33)
+    img = torch.randn(2, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    cap = torch.randn(3, 4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    lens, img_lens = torch.tensor([4, 2, 1]), torch.tensor([5, 3])
+    kw = dict(direction="i2t", coding="vsa", pool=pool, tau=0.5, vsa_tau=0.3)
+    assert torch.autograd.gradcheck(lambda i, c: cpu_scores(i, c, lens, img_lens, **kw), (img, cap))
+    img_idx, cap_idx = torch.tensor([0, 1, 1, 0]), torch.tensor([2, 0, 1, 2])
+    pair_fn = dispatch.choose("maxsim_pairs", "cpu", torch.device("cpu"), torch.float64).fn
+    listed = dict(kw, leaky=False, both_scale=0.5)
+    assert torch.autograd.gradcheck(
+        lambda i, c: pair_fn(i, c, lens, img_lens, img_idx, cap_idx, **listed), (img, cap))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vsa_every_output_is_written_and_padding_never_read(dtype):
+    img, cap, lens, img_lens = ragged_inputs(30, 70, 20, 9, 12, seed=34)
+    for kw in VSA_SETTINGS[::3]:
+        poisoned = torch.full((30, 70), NAN, dtype=dtype)
+        dispatch.native_module().maxsim_forward_cpu(img.to(dtype), cap.to(dtype), lens, img_lens,
+                                                    native_settings(leaky=False, both_scale=0.5, **kw), out=poisoned)
+        assert_close_to_reference(poisoned, reference64(img, cap, lens, img_lens, **kw), dtype=dtype,
+                                  what=f"vsa poisoned out {kw}")
+        huge = cpu_scores(img.nan_to_num(1e30).to(dtype), cap.nan_to_num(1e30).to(dtype), lens, img_lens, **kw)
+        assert_bit_equal(poisoned, huge, what=f"vsa NaN vs 1e30 padding {kw}")
+
+
+def test_vsa_auto_picks_the_cpu_kernels_and_the_kernel_checks_its_options():
+    img, cap, lens, img_lens = ragged_inputs(3, 4, 5, 6, 5, seed=38)
+    kw = dict(direction="i2t", coding="vsa", pool="mean")
+    auto = rcar_fast.max_similarity(img, cap, lens, img_lens=img_lens, **kw)
+    assert_bit_equal(auto, cpu_scores(img, cap, lens, img_lens, **kw), what="auto = cpu for VSA")
+    native = dispatch.native_module()
+    with pytest.raises(RuntimeError, match="needs direction i2t and no leaky"):
+        native.maxsim_forward_cpu(img, cap, lens, img_lens, native_settings("t2i", "mean", 0.1, False, 0.5,
+                                                                            coding="vsa"))
+    with pytest.raises(RuntimeError, match="vsa_tau must be positive"):
+        native.maxsim_forward_cpu(img, cap, lens, img_lens, native_settings("i2t", "mean", 0.1, False, 0.5,
+                                                                            coding="vsa", vsa_tau=0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The wrappers' finite check (csrc/cpu/maxsim.cpp real_rows_finite)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_finite_check_reads_exactly_the_real_rows(dtype):
+    check = dispatch.native_module().real_rows_finite_cpu
+    gen = torch.Generator().manual_seed(39)
+    x = torch.randn(9, 7, 37, generator=gen).to(dtype)      # d = 37: vectors and a scalar tail
+    lens = torch.tensor([7, 1, 3, 7, 2, 5, 6, 4, 7])
+    padded = x.clone()
+    padded[torch.arange(7)[None, :] >= lens[:, None]] = NAN
+    assert check(padded, lens) and check(x, lens)
+    for bad in (NAN, float("inf"), float("-inf")):
+        for s, r, e in ((0, 0, 0), (3, 6, 36), (5, 4, 17), (8, 6, 32)):
+            poisoned = padded.clone()
+            poisoned[s, r, e] = bad
+            assert not check(poisoned, lens), (bad, s, r, e)
+            assert check(poisoned, lens) == validate.all_finite(poisoned, validate.word_mask(lens, 7))
+    wide = torch.randn(3, 7, 40, generator=gen).to(dtype)[:, :, :37]   # rows not adjacent
+    wide_lens = torch.tensor([7, 2, 5])
+    assert check(wide, wide_lens)
+    wide[1, 1, 36] = NAN
+    assert not check(wide, wide_lens)
+    wide_lens[1] = 1
+    assert check(wide, wide_lens)
+
+
+def test_the_wrapper_names_the_argument_with_a_non_finite_real_row():
+    img, cap, lens, img_lens = ragged_inputs(3, 4, 5, 6, 5, seed=40)
+    bad_cap = cap.clone()
+    bad_cap[2, int(lens[2]) - 1, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"cap holds NaN or Inf at real positions \(rows < lens\)"):
+        cpu_scores(img, bad_cap, lens, img_lens)
+    bad_img = img.clone()
+    bad_img[1, int(img_lens[1]) - 1, 0] = NAN
+    with pytest.raises(ValueError, match=r"img holds NaN or Inf at real positions \(rows < img_lens\)"):
+        cpu_scores(bad_img, cap, lens, img_lens)

@@ -612,7 +612,7 @@ def test_vsa_runs_only_on_backends_that_list_it(monkeypatch):
     monkeypatch.setitem(maxsim_module.BACKENDS, "maxsim", tuple(
         NoVsa if cls.backend == "cpu" else cls for cls in maxsim_module.BACKENDS["maxsim"]))
     case = ragged_case(seed=27)
-    with pytest.raises(BackendUnavailable, match="CHAN's VSA coding is on the reference backends only"):
+    with pytest.raises(BackendUnavailable, match="CHAN's VSA coding runs on the backends"):
         _heads(case, "cpu", direction="i2t", coding="vsa")
     assert torch.isfinite(_heads(case, "auto", direction="i2t", coding="vsa")).all()   # auto: the reference
 

@@ -616,30 +616,16 @@ RCAR_INLINE void forward_tile_pairs_body(const ScanProblem<T>& P, const Tile& t,
 }
 
 template <typename T>
-RCAR_TARGET_AVX2 void forward_tile_pairs_avx2(const ScanProblem<T>& P, const Tile& t, TileScratch<T>& ts, T* out) {
-  forward_tile_pairs_body(P, t, ts, out);
-}
-
-template <typename T>
-void forward_tile_pairs_base(const ScanProblem<T>& P, const Tile& t, TileScratch<T>& ts, T* out) {
-  forward_tile_pairs_body(P, t, ts, out);
-}
-
-template <typename T>
 void scan_forward_impl(const ScanProblem<T>& P, at::Tensor& out) {
   T* out_ptr = out.data_ptr<T>();
-  const int64_t n_tiles = P.n_cap_blocks() * P.n_img_blocks;
-  std::vector<std::unique_ptr<TileScratch<T>>> scratch(team_size(n_tiles));
   const bool avx2 = use_avx2_path();
-  run_tasks(n_tiles, [&](int64_t task, int thread) {
-    if (!scratch[thread]) scratch[thread] = std::make_unique<TileScratch<T>>(P, false);
-    TileScratch<T>& ts = *scratch[thread];
-    // Image blocks vary fastest so consecutive tasks share a caption block's words.
-    const Tile t = tile_of(P, task / P.n_img_blocks, task % P.n_img_blocks);
-    tile_scores(P, t, ts.scores.data());
-    if (avx2) forward_tile_pairs_avx2(P, t, ts, out_ptr);
-    else forward_tile_pairs_base(P, t, ts, out_ptr);
-  });
+  for_each_tile<TileScratch<T>>(
+      P.n_cap_blocks(), P.n_img_blocks, [&] { return std::make_unique<TileScratch<T>>(P, false); },
+      [&](int64_t cb, int64_t ib, TileScratch<T>& ts) {
+        const Tile t = tile_of(P, cb, ib);
+        tile_scores(P, t, ts.scores.data());
+        in_simd_copy(avx2, [&]() RCAR_INLINE_LAMBDA { forward_tile_pairs_body(P, t, ts, out_ptr); });
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -704,18 +690,6 @@ RCAR_INLINE void backward_tile_pairs_body(const ScanProblem<T>& P, const Tile& t
   }
 }
 
-template <typename T>
-RCAR_TARGET_AVX2 void backward_tile_pairs_avx2(const ScanProblem<T>& P, const Tile& t, TileScratch<T>& ts,
-                                               const T* g, ScanGrads<T>& G) {
-  backward_tile_pairs_body(P, t, ts, g, G);
-}
-
-template <typename T>
-void backward_tile_pairs_base(const ScanProblem<T>& P, const Tile& t, TileScratch<T>& ts, const T* g,
-                              ScanGrads<T>& G) {
-  backward_tile_pairs_body(P, t, ts, g, G);
-}
-
 // One caption block against every image block, in image-block order: caption block cb adds
 // into image block ib right after caption block cb - 1 did, so the threads run staggered by
 // about one addition and rarely wait.
@@ -733,8 +707,7 @@ void backward_caption_block(const ScanProblem<T>& P, int64_t cb, TileScratch<T>&
     tile_scores(P, t, ts.scores.data());
     std::fill(ts.dgram_tile.begin(), ts.dgram_tile.end(), T(0));
     std::fill(ts.cq_tile.begin(), ts.cq_tile.end(), T(0));
-    if (avx2) backward_tile_pairs_avx2(P, t, ts, g, G);
-    else backward_tile_pairs_base(P, t, ts, g, G);
+    in_simd_copy(avx2, [&]() RCAR_INLINE_LAMBDA { backward_tile_pairs_body(P, t, ts, g, G); });
     // scores = W V^T  =>  dW += dS V (rows owned by this caption block), dV += dS^T W (shared).
     const at::Tensor ds = view2d(ts.dscores.data(), t.rows, t.cols, t.cols);
     const at::Tensor w = view2d(P.words_ptr() + t.w0 * P.d, t.rows, P.d, P.d);

@@ -120,44 +120,53 @@ RCAR_INLINE Vec<T> sign(Vec<T> x) {
 // (float, degree 7) / a few ulp (double, degree 13). Inputs are clamped to where 2^k stays a
 // normal number; callers use it for softmax numerators (arguments <= 0), where values below
 // e^-86 (float) / e^-700 (double) are negligible against the max term, which is 1.
-RCAR_INLINE Vec<float> vexp(Vec<float> x) {
-  x = vmax<float>(x, splat<float>(-86.0f));
-  x = vmin<float>(x, splat<float>(88.0f));
-  const Vec<float> shifter = splat<float>(12582912.0f);  // 1.5 * 2^23
-  const Vec<float> shifted = x * 1.44269504088896341f + shifter;
-  const Vec<float> k = shifted - shifter;
-  const Vec<float> r = (x - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
-  Vec<float> p = splat<float>(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const Mask<float> scaled = (Mask<float>)p + ((Mask<float>)shifted << 23);
-  return (Vec<float>)scaled;
+template <typename T>
+struct ExpConstants;
+template <>
+struct ExpConstants<float> {
+  static constexpr float lo = -86.0f, hi = 88.0f;
+  static constexpr float shifter = 12582912.0f;  // 1.5 * 2^23
+  static constexpr float log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693145751953125f, ln2_lo = 1.428606765330187045e-06f;
+  static constexpr int mantissa_bits = 23;
+  // Horner coefficients, highest degree first: 1/7! .. 1/2!, 1, 1
+  static constexpr float poly[] = {1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f,
+                                   1.0f / 6.0f,    0.5f,           1.0f,           1.0f};
+};
+template <>
+struct ExpConstants<double> {
+  static constexpr double lo = -700.0, hi = 700.0;
+  static constexpr double shifter = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double log2e = 1.4426950408889634;
+  static constexpr double ln2_hi = 0.6931471803691238, ln2_lo = 1.9082149292705877e-10;
+  static constexpr int mantissa_bits = 52;
+  // 1/13! .. 1/2!, 1, 1
+  static constexpr double poly[] = {1.6059043836821613e-10, 2.08767569878681e-09, 2.505210838544172e-08,
+                                    2.755731922398589e-07,  2.755731922398589e-06, 2.48015873015873e-05,
+                                    1.984126984126984e-04,  1.388888888888889e-03, 8.333333333333333e-03,
+                                    4.166666666666666e-02,  1.666666666666667e-01, 0.5,
+                                    1.0,                    1.0};
+};
+
+template <typename T>
+RCAR_INLINE Vec<T> cody_waite_exp(Vec<T> x) {
+  using C = ExpConstants<T>;
+  x = vmax<T>(x, splat<T>(C::lo));
+  x = vmin<T>(x, splat<T>(C::hi));
+  const Vec<T> shifter = splat<T>(C::shifter);
+  const Vec<T> shifted = x * C::log2e + shifter;
+  const Vec<T> k = shifted - shifter;
+  const Vec<T> r = (x - k * C::ln2_hi) - k * C::ln2_lo;
+  constexpr int terms = sizeof(C::poly) / sizeof(C::poly[0]);
+  Vec<T> p = splat<T>(C::poly[0]);
+  for (int i = 1; i < terms; ++i) p = p * r + C::poly[i];
+  const Mask<T> scaled = (Mask<T>)p + ((Mask<T>)shifted << C::mantissa_bits);
+  return (Vec<T>)scaled;
 }
 
-RCAR_INLINE Vec<double> vexp(Vec<double> x) {
-  x = vmax<double>(x, splat<double>(-700.0));
-  x = vmin<double>(x, splat<double>(700.0));
-  const Vec<double> shifter = splat<double>(6755399441055744.0);  // 1.5 * 2^52
-  const Vec<double> shifted = x * 1.4426950408889634 + shifter;
-  const Vec<double> k = shifted - shifter;
-  const Vec<double> r = (x - k * 0.6931471803691238) - k * 1.9082149292705877e-10;
-  // 1/n! for n = 13 .. 2
-  constexpr double kInvFact[] = {1.6059043836821613e-10, 2.08767569878681e-09, 2.505210838544172e-08,
-                                 2.755731922398589e-07,  2.755731922398589e-06, 2.48015873015873e-05,
-                                 1.984126984126984e-04,  1.388888888888889e-03, 8.333333333333333e-03,
-                                 4.166666666666666e-02,  1.666666666666667e-01, 0.5};
-  Vec<double> p = splat<double>(kInvFact[0]);
-  for (int i = 1; i < 12; ++i) p = p * r + kInvFact[i];
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  const Mask<double> scaled = (Mask<double>)p + ((Mask<double>)shifted << 52);
-  return (Vec<double>)scaled;
-}
+// The overloads callers use (T is not deducible from Vec<T>).
+RCAR_INLINE Vec<float> vexp(Vec<float> x) { return cody_waite_exp<float>(x); }
+RCAR_INLINE Vec<double> vexp(Vec<double> x) { return cody_waite_exp<double>(x); }
 
 // exp over a buffer whose length is a whole number of vectors.
 template <typename T>

@@ -40,6 +40,28 @@
 
 namespace rcar_cpu::detail {
 
+// A lambda whose body is pasted into its caller, for in_simd_copy.
+#define RCAR_INLINE_LAMBDA __attribute__((always_inline))
+
+template <typename F>
+__attribute__((noinline)) RCAR_TARGET_AVX2 void run_avx2_copy(F& f) {
+  f();
+}
+
+template <typename F>
+__attribute__((noinline)) void run_baseline_copy(F& f) {
+  f();
+}
+
+// Runs f() in its copy compiled for AVX2+FMA (avx2) or in its baseline copy. f is a
+// RCAR_INLINE_LAMBDA over always_inline bodies: each of the two wrappers above gets its own
+// vectorised copy of the whole body, one pair per lambda.
+template <typename F>
+void in_simd_copy(bool avx2, F&& f) {
+  if (avx2) run_avx2_copy(f);
+  else run_baseline_copy(f);
+}
+
 using rcar_contract::kEps;
 using rcar_contract::kLeakySlope;
 
@@ -244,6 +266,19 @@ class OrderedTurns {
   std::vector<int64_t> next_;
   std::atomic<bool> abandoned_{false};
 };
+
+// Runs body(cb, ib, scratch) for every tile (caption block cb x image block ib) on a thread team,
+// image blocks varying fastest so that consecutive tasks share a caption block's words; each
+// thread builds its scratch once, with make_scratch().
+template <typename Scratch, typename MakeScratch, typename Body>
+void for_each_tile(int64_t n_cap_blocks, int64_t n_img_blocks, MakeScratch&& make_scratch, Body&& body) {
+  const int64_t n_tiles = n_cap_blocks * n_img_blocks;
+  std::vector<std::unique_ptr<Scratch>> scratch(team_size(n_tiles));
+  run_tasks(n_tiles, [&](int64_t task, int thread) {
+    if (!scratch[thread]) scratch[thread] = make_scratch();
+    body(task / n_img_blocks, task % n_img_blocks, *scratch[thread]);
+  });
+}
 
 // Runs body(cb, scratch) for caption blocks cb = 0 .. n_blocks-1 on a thread team, handing the
 // blocks out from one counter in increasing order (what OrderedTurns relies on); each thread

@@ -12,7 +12,7 @@ img / cap arrive contiguous and already normalised (normalize="unit" is done by 
 in torch, differentiably, padding zeroed first), lens / img_lens int64 on their device, always
 given. The result is float32 (float64 for float64 inputs), differentiable w.r.t. img and cap.
 CHAN's VSA coding (coding="vsa") adds the keywords coding, vsa_tau and runs on the backends
-whose class lists it in `codings` (the reference ones and Triton).
+whose class lists it in `codings` (the reference ones, the C++ CPU kernels and Triton).
 
     reference, reference_loop   the float64-faithful reference (rcar_fast.reference_heads)
     cpu                         the C++ CPU kernels (csrc/cpu/maxsim.cpp)
@@ -127,7 +127,7 @@ def define_maxsim_op(name: str, forward: Callable, backward: Callable, pairs: bo
 # reference, reference_loop: the reference math (rcar_fast.reference_heads)
 # ---------------------------------------------------------------------------------------------
 
-# Only these backends take CHAN's VSA coding (coding="vsa"; `codings` below). Eager calls run the
+# These backends take CHAN's VSA coding (coding="vsa"; `codings` below). Eager calls run the
 # reference directly; inside torch.compile the vectorised form runs as the custom ops
 # rcar_fast::maxsim_reference / maxsim_pairs_reference (their backward ops recompute the forward
 # under autograd), since its length-dependent slicing cannot be traced into one graph.
@@ -224,21 +224,25 @@ class MaxSimPairsReferenceLoop(Backend):
 # ---------------------------------------------------------------------------------------------
 
 # All pairs: per tile of (caption block x image block) one GEMM gives every word-region score of
-# the tile (packed real words x packed real regions: padding never enters), and the per-pair
-# epilogue takes the maxima (t2i per word over the regions, i2t per region over the words) and
-# pools them, vectorised, with OpenMP over tiles; memory O(threads x tile). The backward
-# recomputes the tile and the first argmax of every max and scatters the pooled gradient along
-# those links (no dense score gradient, no further GEMM), deterministically: the same bits on
-# every run. Pair list: one small GEMM per pair; its backward accumulates each caption's and each
-# image's rows in one task, in pair order.
+# the tile (the real words x the real regions, read in place or packed per tile: padding never
+# enters), and the per-pair epilogue takes the maxima (t2i per word over the regions, i2t per
+# region over the words) or the VSA codes and pools them, vectorised, with OpenMP over tiles;
+# memory O(threads x tile) beyond the inputs and the result. The backward recomputes the tile:
+# for the max coding the first argmax of every max, scattering the pooled gradient along those
+# links (no dense score gradient, no further GEMM); for VSA the closed form of HEADS.md (two
+# GEMMs per tile); deterministically: the same bits on every run. Pair list: one small GEMM per
+# pair; its backward accumulates each caption's and each image's rows in one task, in pair order.
 #
-# float32 and float64 CPU tensors; CHAN's VSA coding is not here (reference and Triton only).
+# float32 and float64 CPU tensors. coding="vsa" is not an option of the maxsim custom ops
+# (MAXSIM_OPTION_NAMES): it runs through a torch.autograd.Function (_VsaCpu; under torch.compile
+# a graph break, as the reference's VSA).
 
-def native_settings(direction, pool, tau, leaky, both_scale):
+def native_settings(direction, pool, tau, leaky, both_scale, coding="max", vsa_tau=CHAN_TAU):
     """The kernels' typed options (csrc/cpu/maxsim.cpp MaxSimSettings) from the names."""
     return native().MaxSimSettings(
         direction=contract.HEAD_DIRECTION_CODES[direction], pool=contract.POOL_CODES[pool],
-        tau=float(tau), leaky=bool(leaky), both_scale=float(both_scale))
+        tau=float(tau), leaky=bool(leaky), both_scale=float(both_scale), vsa=coding == "vsa",
+        vsa_tau=float(vsa_tau))
 
 
 def _cpu_forward(img, cap, lens, img_lens, options):
@@ -264,20 +268,53 @@ maxsim_cpu_op = define_maxsim_op("maxsim_cpu", _cpu_forward, _cpu_backward)
 maxsim_pairs_cpu_op = define_maxsim_op("maxsim_pairs_cpu", _cpu_pairs_forward, _cpu_pairs_backward, pairs=True)
 
 
-class MaxSimCpu(CpuKernelBackend):
-    op = "maxsim"
+class _VsaCpu(torch.autograd.Function):
+    """The VSA coding on the kernels: all pairs (pairs = ()) or the pairs (img_idx, cap_idx)."""
 
     @staticmethod
-    def fn(img, cap, lens, img_lens, *, direction, pool, tau, leaky, both_scale):
+    def forward(ctx, img, cap, lens, img_lens, pairs, settings):
+        ctx.save_for_backward(img, cap, lens, img_lens, *pairs)
+        ctx.settings = settings
+        if pairs:
+            return native().maxsim_pairs_forward_cpu(img, cap, lens, img_lens, *pairs, settings)
+        return native().maxsim_forward_cpu(img, cap, lens, img_lens, settings)
+
+    @staticmethod
+    def backward(ctx, grad):
+        img, cap, lens, img_lens, *pairs = ctx.saved_tensors
+        kernel = native().maxsim_pairs_backward_cpu if pairs else native().maxsim_backward_cpu
+        d_img, d_cap = kernel(grad.contiguous(), img, cap, lens, img_lens, *pairs, ctx.settings)
+        return d_img, d_cap, None, None, None, None
+
+
+def _cpu_vsa(img, cap, lens, img_lens, pairs, **kw):
+    return _VsaCpu.apply(img, cap, lens, img_lens, pairs, native_settings(**kw))
+
+
+class MaxSimCpu(CpuKernelBackend):
+    op = "maxsim"
+    codings = HEAD_CODINGS
+
+    @staticmethod
+    def fn(img, cap, lens, img_lens, *, direction, pool, tau, leaky, both_scale, coding="max",
+           vsa_tau=CHAN_TAU):
+        if coding != "max":
+            return _cpu_vsa(img, cap, lens, img_lens, (), direction=direction, pool=pool, tau=tau,
+                            leaky=leaky, both_scale=both_scale, coding=coding, vsa_tau=vsa_tau)
         return maxsim_cpu_op(img, cap, lens, img_lens, direction, pool, float(tau), bool(leaky),
                              float(both_scale))
 
 
 class MaxSimPairsCpu(CpuKernelBackend):
     op = "maxsim_pairs"
+    codings = HEAD_CODINGS
 
     @staticmethod
-    def fn(img, cap, lens, img_lens, img_idx, cap_idx, *, direction, pool, tau, leaky, both_scale):
+    def fn(img, cap, lens, img_lens, img_idx, cap_idx, *, direction, pool, tau, leaky, both_scale,
+           coding="max", vsa_tau=CHAN_TAU):
+        if coding != "max":
+            return _cpu_vsa(img, cap, lens, img_lens, (img_idx, cap_idx), direction=direction, pool=pool,
+                            tau=tau, leaky=leaky, both_scale=both_scale, coding=coding, vsa_tau=vsa_tau)
         return maxsim_pairs_cpu_op(img, cap, lens, img_lens, img_idx, cap_idx, direction, pool,
                                    float(tau), bool(leaky), float(both_scale))
 
@@ -702,18 +739,23 @@ def _passed(**arguments) -> dict:
     return {key: value for key, value in arguments.items() if not isinstance(value, _NotPassed)}
 
 
+def _takes(op: str, backend: str, coding: str) -> bool:
+    return coding in getattr(find(BACKENDS[op], backend), "codings", ("max",))
+
+
 def _backend_for(op: str, backend: str, inputs: Inputs, coding: str):
     """The choice among BACKENDS[op], with the coding: only backends whose class lists it in
-    `codings`."""
+    `codings` (backend="auto": the first of AUTO_ORDER that lists it and takes the inputs)."""
     if coding == "max":
         return choose(op, BACKENDS[op], backend, inputs)
     if backend == "auto":
-        backend = "reference"
-    impl = find(BACKENDS[op], backend)
-    if impl is not None and coding not in getattr(impl, "codings", ("max",)):
+        backend = next((be for be in op_backend.AUTO_ORDER.get(inputs.device.type, ())
+                        if _takes(op, be, coding) and not op_backend.not_in_auto(find(BACKENDS[op], be))
+                        and not op_backend.reasons(op, BACKENDS[op], be, inputs)), "reference")
+    if find(BACKENDS[op], backend) is not None and not _takes(op, backend, coding):
+        takers = ", ".join(repr(cls.backend) for cls in BACKENDS[op] if _takes(op, cls.backend, coding))
         raise BackendUnavailable(f"backend {backend!r} cannot run {op} with coding={coding!r}: "
-                                 "CHAN's VSA coding is on the reference backends only, and "
-                                 "on Triton (backend='reference', 'reference_loop' or 'triton')")
+                                 f"CHAN's VSA coding runs on the backends {takers}")
     return choose(op, BACKENDS[op], backend, inputs)
 
 
@@ -748,8 +790,8 @@ def max_similarity(img, cap, lens, *, direction=_UNSET["direction"], pool=_UNSET
     max(|x|, 1e-12) first. Ties: the first argmax takes the whole gradient.
     preset "chan" | "laps" | "aladin" | "teran" | "colbert" | "dvsa" fills the settings of that
     model (contract.HEAD_PRESETS); an argument contradicting it is a ValueError.
-    coding="vsa": CHAN's VSACoding (direction "i2t", temperature vsa_tau), on the reference
-    and Triton backends (auto: the reference). Returns float32 (float64 for float64 inputs), differentiable w.r.t. img and cap.
+    coding="vsa": CHAN's VSACoding (direction "i2t", temperature vsa_tau), on the backends that
+    list it (reference, reference_loop, cpu, triton). Returns float32 (float64 for float64 inputs), differentiable w.r.t. img and cap.
     """
     settings = validate.head_settings(preset, _passed(
         direction=direction, pool=pool, tau=tau, leaky=leaky, normalize=normalize,
