@@ -65,6 +65,13 @@ void register_cpu_bindings(pybind11::module& m) {
         "gradients [d img, d cap, d weights...] of sum(grad * RCAR head), weights as rcar_forward_cpu",
         py::arg("grad"), py::arg("img"), py::arg("cap"), py::arg("lens"), py::arg("settings"), py::arg("weights"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("rcar_pairs_forward_cpu", &rcar_cpu::rcar_pairs_forward, "RCAR head of the pairs (img_idx[p], cap_idx[p]): (P,)",
+        py::arg("img"), py::arg("cap"), py::arg("lens"), py::arg("img_idx"), py::arg("cap_idx"), py::arg("settings"),
+        py::arg("weights"), py::call_guard<py::gil_scoped_release>());
+  m.def("rcar_pairs_backward_cpu", &rcar_cpu::rcar_pairs_backward,
+        "gradients [d img, d cap, d weights...] of sum(grad * RCAR pair scores)", py::arg("grad"), py::arg("img"),
+        py::arg("cap"), py::arg("lens"), py::arg("img_idx"), py::arg("cap_idx"), py::arg("settings"),
+        py::arg("weights"), py::call_guard<py::gil_scoped_release>());
   m.def("rcar_dropout_scales_cpu", &rcar_cpu::rcar_dropout_scales,
         "RAR dropout scales (len(pairs), rows, channels) float64 (rcar_fast.dropout.rar_scales)", py::arg("seed"),
         py::arg("module"), py::arg("which"), py::arg("pairs"), py::arg("rows"), py::arg("channels"));

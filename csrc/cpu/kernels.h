@@ -84,6 +84,17 @@ std::vector<at::Tensor> rcar_backward(const at::Tensor& grad, const at::Tensor& 
                                       const at::Tensor& lens, const RcarSettings& settings,
                                       const std::vector<at::Tensor>& weights);
 
+// The same head for the pairs (img_idx[p], cap_idx[p]) (int64, in range, repeats allowed): (P,),
+// and the gradients of sum(grad * scores) (grad (P,)) as rcar_backward's; dropout masks as the
+// all-pairs kernel's for each (image, caption).
+at::Tensor rcar_pairs_forward(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
+                              const at::Tensor& img_idx, const at::Tensor& cap_idx, const RcarSettings& settings,
+                              const std::vector<at::Tensor>& weights);
+std::vector<at::Tensor> rcar_pairs_backward(const at::Tensor& grad, const at::Tensor& img, const at::Tensor& cap,
+                                            const at::Tensor& lens, const at::Tensor& img_idx,
+                                            const at::Tensor& cap_idx, const RcarSettings& settings,
+                                            const std::vector<at::Tensor>& weights);
+
 // RAR's dropout scales (0 or 1/(1-p)), float64 (len(pairs), rows, channels), of module
 // `module`, which 0 (rar_k_w, row = query row) or 1 (rar_q_w, row 0): the C++ side of
 // rcar_fast.dropout.rar_scales, for the tests.

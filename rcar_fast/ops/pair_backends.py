@@ -8,9 +8,9 @@ lens, img_idx and cap_idx arrive validated (int64 on img's device, see rcar_fast
 result is float32 (float64 for float64 inputs), differentiable w.r.t. img, cap (and the
 head's parameters). "reference" and "reference_loop" are the reference's pair drivers
 (rcar_fast.reference_math.pairs_vectorized: length-sorted blocks; pairs_loop: one pair at a
-time, sliced to its length like the public code) on the listed pairs; "cpu" runs the fused
-C++ all-pairs kernels (SCAN's; RCAR's, see RcarPairsCpu), forward and backward, one call per
-distinct image against its distinct captions.
+time, sliced to its length like the public code) on the listed pairs; "cpu" runs SCAN's fused
+C++ all-pairs kernels one call per distinct image against its distinct captions, and RCAR's
+pair-list kernel entry (one call for the whole list, forward and fused backward).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from rcar_fast import reference_math
 from rcar_fast.ops import rcar_reference
-from rcar_fast.ops.rcar_cpu import RcarCpu
+from rcar_fast.ops.rcar_cpu import RcarCpu, call_kernel_op, rcar_pairs_cpu_op
 from rcar_fast.ops.backend import Backend, Inputs, output_dtype
 from rcar_fast.ops.library import SCAN_OPTION_NAMES, define_rcar_op, define_scan_op, vjp
 from rcar_fast.ops.scan_cpu import ScanCpu
@@ -176,11 +176,7 @@ def _scan_pairs_cpu(img, cap, lens, img_idx, cap_idx, **kw):
 
 
 def _rcar_pairs_cpu(head, img, cap, lens, img_idx, cap_idx):
-    # The head's weights go in as the Function's inputs: their gradients are summed over the
-    # groups by the C++ kernels' own backward (RcarCpu.fn's autograd).
-    params = [p for p in head.parameters() if p.requires_grad]
-    return _grouped_by_image(lambda i, c, n: RcarCpu.fn(head, i, c, n), img, cap, lens,
-                             img_idx, cap_idx, params)
+    return call_kernel_op(rcar_pairs_cpu_op, head, img, cap, lens, img_idx, cap_idx)
 
 
 _scan_pairs_vectorized = _scan_pairs_reference(reference_math.pairs_vectorized)
@@ -254,35 +250,17 @@ class RcarPairsReferenceLoop(Backend):
 
 
 class RcarPairsCpu(Backend):
-    """The C++ CPU RCAR kernels per distinct image (as ScanPairsCpu): what RcarCpu can do, it
-    can (its backward, dropout and dtypes, and its reasons), so a fused backward landing in
-    RcarCpu makes this the training path of the sparse loss on CPU. While RcarCpu is forward
-    only, backend="auto" leaves this out (not_in_auto): a loss may differentiate the pair
-    scores of an eval-mode head (no training step for dispatch to see), so auto must take a
-    backend with a backward; backend="cpu" runs it for re-ranking without autograd and
-    refuses a training step with the reasons. With RcarCpu's fused backward it trains (request
-    it: auto leaves it out while per-image calls are slower than the reference, not_in_auto)."""
+    """The C++ CPU RCAR kernel's pair-list entry (csrc/cpu/rcar.cpp, rcar_pairs_forward /
+    rcar_pairs_backward): the whole list in one call, tiled by context owner, forward and fused
+    backward, dropout with the all-pairs kernel's masks; what RcarCpu can do, it can.
+    Measured (d 1024, sim_dim 256, 2 threads, the sparse loss' ~87 pairs at B = 32): see
+    bench/results (rows loss_rcar_coop_rcar2_t2i, "pairs: cpu")."""
     op, backend, kernel = "rcar_pairs", "cpu", RcarCpu.kernel
     dtypes, dtype_reason = RcarCpu.dtypes, RcarCpu.dtype_reason
     has_backward, implements_dropout = RcarCpu.has_backward, RcarCpu.implements_dropout
 
     @classmethod
     def not_supported_reasons(cls, inputs: Inputs) -> list:
-        if torch.compiler.is_compiling():   # no custom op yet: the grouping reads the indices
-            return [f"{cls.kernel}: pair lists run eagerly only (not inside torch.compile)"]
         return RcarCpu.not_supported_reasons(inputs)
-
-    @classmethod
-    def not_in_auto(cls):
-        if not cls.has_backward:
-            return ("the C++ CPU RCAR kernel is forward only, and a loss may differentiate the "
-                    "pair scores of an eval-mode head: auto takes a backend with a backward")
-        # Measured (d 1024, sim_dim 256, 2 cores): the sparse loss at B = 32 recomputes ~87
-        # pairs over 32 images, here 32 kernel calls: forward + backward 0.8 s against the
-        # reference's 0.15 s (idle machine; 8 s against 1-3 s loaded), the backward's fixed
-        # cost per call dominating.
-        return ("one C++ kernel call per distinct image: the fused backward's fixed cost per "
-                "call makes the B = 32 pair recompute ~5x slower than the reference's; a "
-                "pair-list kernel entry would fix it")
 
     fn = staticmethod(_rcar_pairs_cpu)

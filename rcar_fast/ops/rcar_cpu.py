@@ -1,5 +1,5 @@
-"""RCAR similarity head over all pairs on the C++ CPU kernels (csrc/cpu/rcar.cpp): forward and
-fused backward, eval and training mode.
+"""RCAR similarity head over all pairs, and over a pair list (rcar_pairs_cpu_op), on the C++ CPU
+kernels (csrc/cpu/rcar.cpp): forward and fused backward, eval and training mode.
 
 The backward recomputes the forward tile by tile (flash style: nothing of the forward is kept
 between the two calls, per-pair intermediates exist only for one tile per thread) and returns
@@ -57,17 +57,47 @@ def _op_forward(img, cap, lens, weights, seed, config) -> torch.Tensor:
     return native().rcar_forward_cpu(img, cap, lens, settings, flat)
 
 
-def _op_backward(grad, img, cap, lens, weights, seed, config):
-    order, settings, flat = _kernel_args(weights, seed, config)
-    d_img, d_cap, *d_flat = native().rcar_backward_cpu(grad.to(img.dtype), img, cap, lens, settings, flat)
+def _parameter_order(d_flat, order, weights) -> list:
+    """The kernels' weight gradients (their flat order) in head.parameters() order."""
     d_weights = [None] * len(weights)
     for g, i in zip(d_flat, order):
         d_weights[i] = g.to(weights[i].dtype)
-    return d_img, d_cap, d_weights
+    return d_weights
 
 
-# rcar_fast::rcar_cpu and rcar_fast::rcar_cpu_backward
+def _op_backward(grad, img, cap, lens, weights, seed, config):
+    order, settings, flat = _kernel_args(weights, seed, config)
+    d_img, d_cap, *d_flat = native().rcar_backward_cpu(grad.to(img.dtype), img, cap, lens, settings, flat)
+    return d_img, d_cap, _parameter_order(d_flat, order, weights)
+
+
+def _pairs_forward(img, cap, lens, img_idx, cap_idx, weights, seed, config) -> torch.Tensor:
+    _, settings, flat = _kernel_args(weights, seed, config)
+    return native().rcar_pairs_forward_cpu(img, cap, lens, img_idx, cap_idx, settings, flat)
+
+
+def _pairs_backward(grad, img, cap, lens, img_idx, cap_idx, weights, seed, config):
+    order, settings, flat = _kernel_args(weights, seed, config)
+    d_img, d_cap, *d_flat = native().rcar_pairs_backward_cpu(grad.to(img.dtype), img, cap, lens, img_idx,
+                                                             cap_idx, settings, flat)
+    return d_img, d_cap, _parameter_order(d_flat, order, weights)
+
+
+# rcar_fast::rcar_cpu, rcar_fast::rcar_pairs_cpu and their _backward
 rcar_cpu_op = define_rcar_op("rcar_cpu", _op_forward, _op_backward)
+rcar_pairs_cpu_op = define_rcar_op("rcar_pairs_cpu", _pairs_forward, _pairs_backward, pairs=True)
+
+
+def call_kernel_op(op, head, img, cap, lens, *index):
+    """`op` (rcar_cpu_op, or rcar_pairs_cpu_op with index = (img_idx, cap_idx)) on the head's
+    weights; in training mode with a fresh dropout seed."""
+    # The op's `training` argument says whether dropout acts: a training head whose
+    # Dropout modules have p = 0 (rcar_fast.train's head_dropout=0) has none.
+    dropout_on = _check_dropout(head)
+    seed = (torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_on
+            else torch.zeros((), dtype=torch.int64))
+    config = (*rcar_reference.op_config(head)[:-1], dropout_on)
+    return op(img, cap, lens, *index, list(head.parameters()), seed, *config)
 
 
 class RcarCpu(Backend):
@@ -80,13 +110,7 @@ class RcarCpu(Backend):
 
     @staticmethod
     def fn(head, img, cap, lens):
-        # The op's `training` argument says whether dropout acts: a training head whose
-        # Dropout modules have p = 0 (rcar_fast.train's head_dropout=0) has none.
-        dropout_on = _check_dropout(head)
-        seed = (torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_on
-                else torch.zeros((), dtype=torch.int64))
-        config = (*rcar_reference.op_config(head)[:-1], dropout_on)
-        return rcar_cpu_op(img, cap, lens, list(head.parameters()), seed, *config)
+        return call_kernel_op(rcar_cpu_op, head, img, cap, lens)
 
 
 def _check_dropout(head) -> bool:
