@@ -662,15 +662,21 @@ struct SavedRar {
   at::Tensor Kt, Qt, key_scale, question_scale, weight, gnorm;  // tanh outputs, dropout, softmax, |g|
 };
 
-// The gradients of the head's weights, same structure as HeadWeights.
-inline HeadWeights zeros_like_weights(const HeadWeights& hw) {
+// Buffers for the gradients of the head's weights, same structure as HeadWeights: make(tensor)
+// gives each one (at::zeros_like, at::empty_like).
+template <typename Make>
+HeadWeights weights_like(const HeadWeights& hw, Make make) {
   HeadWeights g = hw;
-  auto zero = [](Linear& l) { l = Linear{at::zeros_like(l.w), at::zeros_like(l.b)}; };
-  for (auto& a : g.alv) zero(a);
-  for (auto& r : g.rcr) { zero(r.matrix1); zero(r.matrix2); zero(r.smooth1); zero(r.smooth2); }
-  for (auto& r : g.rar) { zero(r.q); zero(r.k); zero(r.v); }
-  zero(g.eval);
+  auto like = [&](Linear& l) { l = Linear{make(l.w), make(l.b)}; };
+  for (auto& a : g.alv) like(a);
+  for (auto& r : g.rcr) { like(r.matrix1); like(r.matrix2); like(r.smooth1); like(r.smooth2); }
+  for (auto& r : g.rar) { like(r.q); like(r.k); like(r.v); }
+  like(g.eval);
   return g;
+}
+
+inline HeadWeights zeros_like_weights(const HeadWeights& hw) {
+  return weights_like(hw, [](const at::Tensor& t) { return at::zeros_like(t); });
 }
 
 // The flat list in unpack_weights' order.
@@ -808,13 +814,31 @@ struct BackwardTile {
     return a;
   }
 
-  // X = (Q - D / (|D| + eps))^2 into a pool tensor.
-  at::Tensor squared_difference(const SavedAttention& a) {
-    at::Tensor X = pool.take(N, d);
-    at::div_out(X, a.D, a.dnorm + T(kEps));
-    at::sub_out(X, Q, X);
-    return X.mul_(X);
+  // u = D / (|D| + eps) per row into a pool tensor; from_query: Q - u instead, squared when
+  // `square` (one pass each, no temporaries).
+  at::Tensor unit_context(const SavedAttention& a, bool from_query = false, bool square = false) {
+    at::Tensor out = pool.take(N, d);
+    const T* D = a.D.data_ptr<T>();
+    const T* dn = a.dnorm.data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    for (int64_t r = 0; r < N; ++r) {
+      const T inv = T(1) / (dn[r] + T(kEps));
+      const T* Dr = D + r * d;
+      const T* qr = t.query + r * d;
+      T* orow = o + r * d;
+      if (!from_query) {
+        for (int64_t e = 0; e < d; ++e) orow[e] = Dr[e] * inv;
+      } else if (square) {
+        for (int64_t e = 0; e < d; ++e) orow[e] = (qr[e] - Dr[e] * inv) * (qr[e] - Dr[e] * inv);
+      } else {
+        for (int64_t e = 0; e < d; ++e) orow[e] = qr[e] - Dr[e] * inv;
+      }
+    }
+    return out;
   }
+
+  // X = (Q - D / (|D| + eps))^2, the alignment's input.
+  at::Tensor squared_difference(const SavedAttention& a) { return unit_context(a, true, true); }
 
   void alignment(SavedAttention& a, const Linear& alv) {
     const at::Tensor X = squared_difference(a);
@@ -987,8 +1011,7 @@ struct BackwardTile {
   // From the gradient with respect to u = D / (|D| + eps) (consumed) to the attention's inputs.
   void unit_context_backward(const SavedAttention& a, at::Tensor du, const TileGrads<T>& g, at::Tensor dM,
                              at::Tensor dlam) {
-    at::Tensor u = pool.take(N, d);
-    at::div_out(u, a.D, a.dnorm + T(kEps));
+    const at::Tensor u = unit_context(a);
     unit_rows_backward(du.data_ptr<T>(), u.data_ptr<T>(), a.dnorm.data_ptr<T>(), N, d);
     attention_backward(a, du, g, dM, dlam);
   }
@@ -1001,13 +1024,15 @@ struct BackwardTile {
     linear_weight_grads(dalv, dV, X);
     at::Tensor dX = pool.take(N, d);
     at::mm_out(dX, dV, alv.w);
-    // X = (Q - u)^2: dQ += 2 (Q - u) dX, du = -2 (Q - u) dX
-    at::Tensor diff = pool.take(N, d);
-    at::div_out(diff, a.D, a.dnorm + T(kEps));
-    at::sub_out(diff, Q, diff);
-    dX.mul_(diff).mul_(T(2));
-    view2d(g.dquery, N, d, d).add_(dX);
-    dX.neg_();
+    // X = (Q - u)^2: dQ += 2 (Q - u) dX, du = -2 (Q - u) dX (in place of dX)
+    const at::Tensor diff = unit_context(a, true);
+    const T* df = diff.data_ptr<T>();
+    T* dx = dX.data_ptr<T>();
+    for (int64_t i = 0; i < N * d; ++i) {
+      const T v = T(2) * df[i] * dx[i];
+      g.dquery[i] += v;
+      dx[i] = -v;
+    }
     unit_context_backward(a, dX, g, dM, dlam);
   }
 
@@ -1016,15 +1041,17 @@ struct BackwardTile {
   void correspondence_backward(const SavedAttention& a, const SavedRcr& sv, const SavedAttention& next,
                                const RcrWeights& rcr, RcrWeights& drcr, at::Tensor dM, at::Tensor dlam,
                                at::Tensor dV) {
-    // M' = clamp(T + M, -1, 1): the gradient passes where T + M lies in [-1, 1]
-    at::Tensor inside = pool.take(N, d);
-    inside.copy_(sv.Tm);
-    if (a.M.defined()) inside.add_(a.M);
-    else inside.add_(1);
-    inside.abs_().le_(1);
-    dM.mul_(inside);  // now the gradient of both T and M
+    // M' = clamp(T + M, -1, 1): the gradient passes where T + M lies in [-1, 1] (dM becomes
+    // the gradient of both T and M); T = tanh(pre2): dpre2 = (1 - T^2) dM
     at::Tensor dpre2 = pool.take(N, d);
-    at::mul_out(dpre2, sv.Tm, sv.Tm).neg_().add_(1).mul_(dM);
+    const T* tm = sv.Tm.data_ptr<T>();
+    const T* m = a.M.defined() ? a.M.data_ptr<T>() : nullptr;
+    T* dm = dM.data_ptr<T>();
+    T* dp = dpre2.data_ptr<T>();
+    for (int64_t i = 0; i < N * d; ++i) {
+      if (!(std::abs(tm[i] + (m ? m[i] : T(1))) <= T(1))) dm[i] = T(0);
+      dp[i] = (T(1) - tm[i] * tm[i]) * dm[i];
+    }
     linear_weight_grads(drcr.matrix2, dpre2, sv.H1);
     at::Tensor dpre1 = pool.take(N, rcr.matrix1.out());
     at::mm_out(dpre1, dpre2, rcr.matrix2.w);
@@ -1124,8 +1151,7 @@ struct BackwardTile {
 
   // only_rcr's mean of cos(q, u) backward: the gradient of u (rows x d); adds dQ.
   at::Tensor cosine_backward(const SavedAttention& a, const T* go, const TileGrads<T>& g) {
-    at::Tensor u = pool.take(N, d);
-    at::div_out(u, a.D, a.dnorm + T(kEps));
+    const at::Tensor u = unit_context(a);
     at::Tensor du = pool.take(N, d);
     const T* up = u.data_ptr<T>();
     const T* q = t.query;
@@ -1334,6 +1360,89 @@ void run_parts(const std::vector<int64_t>& task_weight, int n_parts, Body&& body
   if (failure) std::rethrow_exception(failure);
 }
 
+// dst[i] = srcs[0][i] + srcs[1][i] + ... (in that order; 0 without sources), i < n.
+template <typename T>
+void sum_in_order(T* dst, const std::vector<const T*>& srcs, int64_t offset, int64_t n) {
+  if (srcs.empty()) {
+    std::fill(dst, dst + n, T(0));
+    return;
+  }
+  std::memcpy(dst, srcs[0] + offset, sizeof(T) * n);
+  for (size_t k = 1; k < srcs.size(); ++k) {
+    const T* src = srcs[k] + offset;
+    for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+  }
+}
+
+// The backward's gradients per part (one part per thread of the team, see run_parts): image
+// rows, packed caption words and every weight. A part's buffers are zeroed by its own thread at
+// its first task (begin), and the parts are summed in part order by a team again, each thread
+// a slice of every output: the bits do not depend on the schedule, and no parallel ATen op runs
+// outside a team (on a shared machine each such op waits for a second, descheduled thread).
+template <typename T>
+struct PartGrads {
+  std::vector<at::Tensor> img, words;
+  std::vector<HeadWeights> weights;
+  std::vector<char> started;
+
+  PartGrads(int n_parts, int64_t img_rows, int64_t n_words, const HeadWeights& hw, const at::TensorOptions& opts)
+      : started(n_parts, 0) {
+    for (int k = 0; k < n_parts; ++k) {
+      img.push_back(at::empty({img_rows, hw.d}, opts));
+      words.push_back(at::empty({n_words, hw.d}, opts));
+      weights.push_back(weights_like(hw, [](const at::Tensor& t) { return at::empty_like(t); }));
+    }
+  }
+
+  // By part k's thread before each of its tasks: zeroes its buffers the first time.
+  void begin(int k) {
+    if (started[k]) return;
+    started[k] = 1;
+    img[k].zero_();
+    words[k].zero_();
+    for (const at::Tensor& t : flatten_weights(weights[k])) t.zero_();
+  }
+
+  // {d img (img_shape), d cap (n_cap, max_len, d), the weights' gradients (flat order)}: the
+  // started parts summed in part order; the caption padding's gradient is 0.
+  std::vector<at::Tensor> sum(at::IntArrayRef img_shape, const std::vector<int64_t>& off, int64_t max_len) const {
+    const int64_t d = img[0].size(1), n_cap = static_cast<int64_t>(off.size()) - 1;
+    std::vector<const T*> img_parts, word_parts;
+    std::vector<std::vector<at::Tensor>> weight_parts;
+    for (size_t k = 0; k < started.size(); ++k) {
+      if (!started[k]) continue;
+      img_parts.push_back(img[k].template data_ptr<T>());
+      word_parts.push_back(words[k].template data_ptr<T>());
+      weight_parts.push_back(flatten_weights(weights[k]));
+    }
+    std::vector<at::Tensor> result{at::empty(img_shape, img[0].options()),
+                                   at::empty({n_cap, max_len, d}, img[0].options())};
+    for (const at::Tensor& t : flatten_weights(weights[0])) result.push_back(at::empty_like(t));
+    const int n_slices = static_cast<int>(started.size());
+    run_parts(std::vector<int64_t>(n_slices, 1), n_slices, [&](int64_t slice, int) {
+      auto first = [&](int64_t n) { return n * slice / n_slices; };
+      auto count = [&](int64_t n) { return n * (slice + 1) / n_slices - n * slice / n_slices; };
+      const int64_t n_img_values = result[0].numel();
+      sum_in_order(result[0].data_ptr<T>() + first(n_img_values), img_parts, first(n_img_values),
+                   count(n_img_values));
+      T* cap_out = result[1].data_ptr<T>();
+      for (int64_t j = first(n_cap), j1 = j + count(n_cap); j < j1; ++j) {
+        const int64_t values = (off[j + 1] - off[j]) * d;
+        T* dst = cap_out + j * max_len * d;
+        sum_in_order(dst, word_parts, off[j] * d, values);
+        std::fill(dst + values, dst + max_len * d, T(0));
+      }
+      for (size_t i = 2; i < result.size(); ++i) {
+        std::vector<const T*> srcs;
+        for (const auto& flat : weight_parts) srcs.push_back(flat[i - 2].template data_ptr<T>());
+        const int64_t n = result[i].numel();
+        sum_in_order(result[i].data_ptr<T>() + first(n), srcs, first(n), count(n));
+      }
+    });
+    return result;
+  }
+};
+
 template <typename T>
 std::vector<at::Tensor> rcar_backward_impl(const at::Tensor& grad_in, const at::Tensor& img_in,
                                            const at::Tensor& cap, const at::Tensor& lens, bool t2i,
@@ -1342,16 +1451,10 @@ std::vector<at::Tensor> rcar_backward_impl(const at::Tensor& grad_in, const at::
   const at::Tensor grad = grad_in.to(img.scalar_type()).contiguous();
   const PackedWords<T> words = pack_words<T>(cap.stride(2) == 1 ? cap : cap.contiguous(), lens);
   const TileLayout<T> layout(t2i, img, words, cap.size(0), kBackwardTileRows);
-  const int64_t n_tasks = layout.tasks(), n_cap = cap.size(0);
+  const int64_t n_tasks = layout.tasks();
   const int64_t n_words = words.words.size(0), d = hw.d;
   const int n_parts = team_size(n_tasks);
-  std::vector<at::Tensor> d_img(n_parts), d_words(n_parts);
-  std::vector<HeadWeights> d_weights;
-  for (int k = 0; k < n_parts; ++k) {
-    d_img[k] = at::zeros({img.size(0) * img.size(1), d}, img.options());
-    d_words[k] = at::zeros({n_words, d}, img.options());
-    d_weights.push_back(zeros_like_weights(hw));
-  }
+  PartGrads<T> parts(n_parts, img.size(0) * img.size(1), n_words, hw, img.options());
   const bool avx2 = use_avx2_path();
   const T* grad_ptr = grad.data_ptr<T>();
   std::vector<std::unique_ptr<TilePool>> pools(n_parts);
@@ -1362,6 +1465,7 @@ std::vector<at::Tensor> rcar_backward_impl(const at::Tensor& grad_in, const at::
     work[task] = t.rows * (t.C + 1);
   }
   run_parts(work, n_parts, [&](int64_t task, int part) {
+    parts.begin(part);
     if (!pools[part]) pools[part] = std::make_unique<TilePool>(img.options());
     std::vector<int64_t> seg;
     const RcarTile<T> t = layout.tile(task, seg, nullptr);
@@ -1374,22 +1478,13 @@ std::vector<at::Tensor> rcar_backward_impl(const at::Tensor& grad_in, const at::
     // A tile whose pairs all have a zero output gradient contributes exactly nothing (a
     // sparse loss's gradient): skipped.
     if (std::all_of(go.begin(), go.end(), [](T v) { return v == T(0); })) return;
-    T* query_grads = (t2i ? d_words[part] : d_img[part]).template data_ptr<T>();
-    T* context_grads = (t2i ? d_img[part] : d_words[part]).template data_ptr<T>();
-    const TileGrads<T> g{query_grads + layout.query_row(task) * d, &d_weights[part]};
+    T* query_grads = (t2i ? parts.words[part] : parts.img[part]).template data_ptr<T>();
+    T* context_grads = (t2i ? parts.img[part] : parts.words[part]).template data_ptr<T>();
+    const TileGrads<T> g{query_grads + layout.query_row(task) * d, &parts.weights[part]};
     recorded_tile(avx2, t, hw, cfg, *pools[part], single_group(t, context_grads + layout.context_row(task) * d),
                   go.data(), &g, static_cast<T*>(nullptr));
   });
-  for (int k = 1; k < n_parts; ++k) {
-    d_img[0].add_(d_img[k]);
-    d_words[0].add_(d_words[k]);
-    const auto total = flatten_weights(d_weights[0]), part = flatten_weights(d_weights[k]);
-    for (size_t i = 0; i < total.size(); ++i) total[i].add_(part[i]);
-  }
-  std::vector<at::Tensor> result{d_img[0].view(img.sizes()),
-                                 unpack_words<T>(d_words[0], words.offsets, n_cap, cap.size(1))};
-  for (const at::Tensor& w : flatten_weights(d_weights[0])) result.push_back(w);
-  return result;
+  return parts.sum(img.sizes(), words.offsets, cap.size(1));
 }
 
 // =============================================================================================
@@ -1528,15 +1623,9 @@ std::vector<at::Tensor> rcar_pairs_backward_impl(const at::Tensor& grad_in, cons
   const at::Tensor grad = grad_in.to(img.scalar_type()).contiguous();
   const PackedWords<T> words = pack_words<T>(cap.stride(2) == 1 ? cap : cap.contiguous(), lens);
   const PairTiles<T> tiles(t2i, img, words, cap.size(0), ii, jj, n_pairs, at::get_num_threads());
-  const int64_t n_tasks = tiles.tasks(), n_cap = cap.size(0), d = hw.d;
+  const int64_t n_tasks = tiles.tasks(), d = hw.d;
   const int n_parts = team_size(n_tasks);
-  std::vector<at::Tensor> d_img(n_parts), d_words(n_parts);
-  std::vector<HeadWeights> d_weights;
-  for (int k = 0; k < n_parts; ++k) {
-    d_img[k] = at::zeros({img.size(0) * img.size(1), d}, img.options());
-    d_words[k] = at::zeros({words.words.size(0), d}, img.options());
-    d_weights.push_back(zeros_like_weights(hw));
-  }
+  PartGrads<T> parts(n_parts, img.size(0) * img.size(1), words.words.size(0), hw, img.options());
   std::vector<int64_t> work(n_tasks, 0);
   for (int64_t task = 0; task < n_tasks; ++task)
     for (int64_t k = tiles.bounds[task]; k < tiles.bounds[task + 1]; ++k) work[task] += tiles.query_rows(tiles.order[k]);
@@ -1544,18 +1633,19 @@ std::vector<at::Tensor> rcar_pairs_backward_impl(const at::Tensor& grad_in, cons
   const bool avx2 = use_avx2_path();
   const T* grad_ptr = grad.data_ptr<T>();
   run_parts(work, n_parts, [&](int64_t task, int part) {
+    parts.begin(part);
     PairScratch<T>& w = scratch[part];
     w.ensure(img.options(), tiles.max_rows, d);
     const int64_t k0 = tiles.bounds[task];
-    T* query_grads = (t2i ? d_words[part] : d_img[part]).template data_ptr<T>();
-    T* context_grads = (t2i ? d_img[part] : d_words[part]).template data_ptr<T>();
+    T* query_grads = (t2i ? parts.words[part] : parts.img[part]).template data_ptr<T>();
+    T* context_grads = (t2i ? parts.img[part] : parts.words[part]).template data_ptr<T>();
     const RcarTile<T> t = tiles.tile(task, w.query.data(), w.seg, w.ids, w.groups, context_grads);
     w.values.resize(t.pairs);
     for (int64_t p = 0; p < t.pairs; ++p) w.values[p] = grad_ptr[tiles.order[k0 + p]];
     // pairs with a zero output gradient contribute nothing: a tile of only those is skipped
     if (std::all_of(w.values.begin(), w.values.end(), [](T v) { return v == T(0); })) return;
     std::fill(w.dquery.begin(), w.dquery.begin() + t.rows * d, T(0));
-    const TileGrads<T> g{w.dquery.data(), &d_weights[part]};
+    const TileGrads<T> g{w.dquery.data(), &parts.weights[part]};
     recorded_tile(avx2, t, hw, cfg, *w.pool, w.groups, w.values.data(), &g, static_cast<T*>(nullptr));
     // each pair's query-row gradients back to its query owner's rows, in tile order
     for (int64_t p = 0; p < t.pairs; ++p) {
@@ -1565,16 +1655,7 @@ std::vector<at::Tensor> rcar_pairs_backward_impl(const at::Tensor& grad_in, cons
       for (int64_t e = 0; e < n; ++e) dst[e] += src[e];
     }
   });
-  for (int k = 1; k < n_parts; ++k) {
-    d_img[0].add_(d_img[k]);
-    d_words[0].add_(d_words[k]);
-    const auto total = flatten_weights(d_weights[0]), part = flatten_weights(d_weights[k]);
-    for (size_t i = 0; i < total.size(); ++i) total[i].add_(part[i]);
-  }
-  std::vector<at::Tensor> result{d_img[0].view(img.sizes()),
-                                 unpack_words<T>(d_words[0], words.offsets, n_cap, cap.size(1))};
-  for (const at::Tensor& wt : flatten_weights(d_weights[0])) result.push_back(wt);
-  return result;
+  return parts.sum(img.sizes(), words.offsets, cap.size(1));
 }
 
 // img_idx / cap_idx: int64 CPU (n_pairs,) with values in [0, n).
