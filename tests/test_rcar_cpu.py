@@ -92,7 +92,7 @@ def test_kernel_keeps_a_temperature_beyond_float32_range_finite(direction):
     # The public limit keeps smooth far below float32's range (rcar_fast.validate.SMOOTH_LIMITS);
     # the kernel itself must not turn a larger one into inf (inf * 0 = NaN): its hard attention
     # equals the float64 reference's at the same temperature.
-    from rcar_fast.ops.rcar_cpu import flat_weights, native_settings
+    from rcar_fast.ops.rcar import flat_weights, native_settings
 
     torch.manual_seed(5)
     # >= 2 words: one word normalises to exactly 1 in float32
@@ -136,14 +136,14 @@ def reference_grads(head, img, cap, lens, grad, seed):
 
 def kernel_grads(head, img, cap, lens, grad, seed, dtype):
     """The same through the rcar_fast::rcar_cpu op and its autograd formula, in dtype."""
-    from rcar_fast.ops import rcar_cpu, rcar_reference
+    from rcar_fast.ops import rcar as rcar_ops
 
     head = head.to(dtype)
     img = img.to(dtype).requires_grad_()
     cap = cap.to(dtype).requires_grad_()
     params = list(head.parameters())
-    out = rcar_cpu.rcar_cpu_op(img, cap, lens, params, torch.tensor(seed, dtype=torch.int64),
-                               *rcar_reference.op_config(head))
+    out = rcar_ops.rcar_cpu_op(img, cap, lens, params, torch.tensor(seed, dtype=torch.int64),
+                               *rcar_ops.op_config(head))
     grads = torch.autograd.grad(out, [img, cap, *params], grad.to(dtype))
     head.double()
     return out.detach(), list(grads)
@@ -162,14 +162,18 @@ def check_grads(head, img, cap, lens, what, seed=7, dtypes=(torch.float64, torch
     return got
 
 
+@pytest.mark.parametrize("pair_list", [False, True], ids=["all_pairs", "pair_list"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 @pytest.mark.parametrize("regulator,steps", BACKWARD_MODES)
-def test_backward_matches_reference(direction, regulator, steps, training):
-    # d = 20, s = 12, R = 11, L <= 9, ragged with NaN padding; fresh inputs per case
+def test_backward_matches_reference(direction, regulator, steps, training, pair_list):
+    # d = 20, s = 12, R = 11, L <= 9, ragged with NaN padding; fresh inputs per case; all pairs
+    # or the pair list PAIR_IMG x PAIR_CAP (repeats, every image and caption)
     head = make_head(regulator, steps, direction, embed_dim=20, sim_dim=12).train(training)
     img, cap, lens = make_inputs(4, 6, 11, 20, 9)
-    grads = check_grads(head, img, cap, lens, f"{direction} {regulator} {steps} training={training}")
+    what = f"{'pairs ' if pair_list else ''}{direction} {regulator} {steps} training={training}"
+    grads = (check_pair_grads(head, img, cap, lens, PAIR_IMG, PAIR_CAP, what) if pair_list
+             else check_grads(head, img, cap, lens, what))
     d_cap = grads[1]
     padding = ~real_words(lens, cap.shape[1])
     assert torch.all(d_cap[padding] == 0), "d cap must be exactly 0 at the padding"
@@ -184,34 +188,39 @@ def test_backward_several_tiles(direction):
     check_grads(head, img, cap, lens, f"{direction} tiles", dtypes=(torch.float64,))
 
 
+@pytest.mark.parametrize("pair_list", [False, True], ids=["all_pairs", "pair_list"])
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 @pytest.mark.parametrize("regulator,steps", [("only_rar", 2), ("only_rcr", 2), ("coop_rcar", 2)])
-def test_gradcheck_float64(direction, regulator, steps):
-    from rcar_fast.ops import rcar_cpu, rcar_reference
+def test_gradcheck_float64(direction, regulator, steps, pair_list):
+    # all pairs (rcar_cpu_op), or a pair list with a repeat (rcar_pairs_cpu_op)
+    from rcar_fast.ops import rcar as rcar_ops
 
     head = make_head(regulator, steps, direction, embed_dim=5, sim_dim=4).train()
     img, cap, lens = make_inputs(2, 3, 3, 5, 3, pad=0.0)
     params = [p.detach().clone().requires_grad_() for p in head.parameters()]
-    config = rcar_reference.op_config(head)
+    config = rcar_ops.op_config(head)
     seed = torch.tensor(11, dtype=torch.int64)
+    img_idx, cap_idx = torch.tensor([1, 0, 1, 1]), torch.tensor([2, 0, 2, 1])
 
     def fn(img, cap, *weights):
-        return rcar_cpu.rcar_cpu_op(img, cap, lens, list(weights), seed, *config)
+        if pair_list:
+            return rcar_ops.rcar_pairs_cpu_op(img, cap, lens, img_idx, cap_idx, list(weights), seed, *config)
+        return rcar_ops.rcar_cpu_op(img, cap, lens, list(weights), seed, *config)
 
     assert torch.autograd.gradcheck(fn, (img.requires_grad_(), cap.requires_grad_(), *params))
 
 
 def test_backward_is_deterministic_and_ignores_poison():
     native = dispatch.native_module()
-    from rcar_fast.ops import rcar_cpu
+    from rcar_fast.ops import rcar as rcar_ops
 
     head = make_head("coop_rcar", 2, "t2i", embed_dim=16, sim_dim=8).float().train()
     img, cap, lens = make_inputs(5, 7, 6, 16, 8, dtype=torch.float32)
-    settings = rcar_cpu.native_settings("t2i", "coop_rcar", 2, 10.0, True, 3)
+    settings = rcar_ops.native_settings("t2i", "coop_rcar", 2, 10.0, True, 3)
     grad = torch.randn(5, 7)
-    first = native.rcar_backward_cpu(grad, img, cap, lens, settings, rcar_cpu.flat_weights(head))
+    first = native.rcar_backward_cpu(grad, img, cap, lens, settings, rcar_ops.flat_weights(head))
     cap_poisoned = pad_captions(cap, lens, 1e30)
-    again = native.rcar_backward_cpu(grad, img, cap_poisoned, lens, settings, rcar_cpu.flat_weights(head))
+    again = native.rcar_backward_cpu(grad, img, cap_poisoned, lens, settings, rcar_ops.flat_weights(head))
     for a, b in zip(first, again):
         assert_bit_equal(a, b, what="rerun with other padding")
     assert all(torch.isfinite(g).all() for g in first)
@@ -297,14 +306,14 @@ def test_sparse_output_gradient_skips_tiles_exactly(direction):
 
 def pair_kernel(head, img, cap, lens, img_idx, cap_idx, grad, seed, dtype):
     """(pair scores, [d img, d cap, d params...]) through the rcar_fast::rcar_pairs_cpu op."""
-    from rcar_fast.ops import rcar_cpu, rcar_reference
+    from rcar_fast.ops import rcar as rcar_ops
 
     head = head.to(dtype)
     img = img.to(dtype).requires_grad_()
     cap = cap.to(dtype).requires_grad_()
     params = list(head.parameters())
-    out = rcar_cpu.rcar_pairs_cpu_op(img, cap, lens, img_idx, cap_idx, params,
-                                     torch.tensor(seed, dtype=torch.int64), *rcar_reference.op_config(head))
+    out = rcar_ops.rcar_pairs_cpu_op(img, cap, lens, img_idx, cap_idx, params,
+                                     torch.tensor(seed, dtype=torch.int64), *rcar_ops.op_config(head))
     grads = torch.autograd.grad(out, [img, cap, *params], grad.to(dtype))
     head.double()
     return out.detach(), list(grads)
@@ -339,17 +348,6 @@ PAIR_IMG = torch.tensor([0, 3, 2, 2, 1, 3, 0, 1, 2])
 PAIR_CAP = torch.tensor([5, 0, 2, 2, 1, 3, 4, 2, 0])
 
 
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("direction", ["t2i", "i2t"])
-@pytest.mark.parametrize("regulator,steps", BACKWARD_MODES)
-def test_pair_list_matches_reference(direction, regulator, steps, training):
-    head = make_head(regulator, steps, direction, embed_dim=20, sim_dim=12).train(training)
-    img, cap, lens = make_inputs(4, 6, 11, 20, 9)
-    grads = check_pair_grads(head, img, cap, lens, PAIR_IMG, PAIR_CAP,
-                             f"pairs {direction} {regulator} {steps} training={training}")
-    assert torch.all(grads[1][~real_words(lens, cap.shape[1])] == 0), "d cap must be exactly 0 at the padding"
-
-
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_pair_list_several_tiles_and_context_groups(direction):
     # ~300 pairs of 7..16 words / 30 regions: several tiles, each spanning several context
@@ -359,24 +357,6 @@ def test_pair_list_several_tiles_and_context_groups(direction):
     img, cap, lens = make_inputs(12, 40, 30, 9, 16, lens=torch.randint(7, 17, (40,)))
     img_idx, cap_idx = torch.randint(0, 12, (300,)), torch.randint(0, 40, (300,))
     check_pair_grads(head, img, cap, lens, img_idx, cap_idx, f"pairs {direction} tiles", dtypes=(torch.float64,))
-
-
-@pytest.mark.parametrize("direction", ["t2i", "i2t"])
-@pytest.mark.parametrize("regulator,steps", [("only_rar", 2), ("only_rcr", 2), ("coop_rcar", 2)])
-def test_pair_list_gradcheck_float64(direction, regulator, steps):
-    from rcar_fast.ops import rcar_cpu, rcar_reference
-
-    head = make_head(regulator, steps, direction, embed_dim=5, sim_dim=4).train()
-    img, cap, lens = make_inputs(2, 3, 3, 5, 3, pad=0.0)
-    params = [p.detach().clone().requires_grad_() for p in head.parameters()]
-    config = rcar_reference.op_config(head)
-    seed = torch.tensor(11, dtype=torch.int64)
-    img_idx, cap_idx = torch.tensor([1, 0, 1, 1]), torch.tensor([2, 0, 2, 1])
-
-    def fn(img, cap, *weights):
-        return rcar_cpu.rcar_pairs_cpu_op(img, cap, lens, img_idx, cap_idx, list(weights), seed, *config)
-
-    assert torch.autograd.gradcheck(fn, (img.requires_grad_(), cap.requires_grad_(), *params))
 
 
 def test_pair_list_repeats_add_their_gradients():
@@ -392,14 +372,14 @@ def test_pair_list_repeats_add_their_gradients():
 
 
 def test_pair_list_empty():
-    from rcar_fast.ops import rcar_cpu
+    from rcar_fast.ops import rcar as rcar_ops
 
     native = dispatch.native_module()
     head = make_head("coop_rcar", 2, "t2i", embed_dim=8, sim_dim=6)
     img, cap, lens = make_inputs(2, 3, 5, 8, 4)
-    settings = rcar_cpu.native_settings("t2i", "coop_rcar", 2, 10.0)
+    settings = rcar_ops.native_settings("t2i", "coop_rcar", 2, 10.0)
     none = torch.zeros(0, dtype=torch.int64)
-    flat = rcar_cpu.flat_weights(head)
+    flat = rcar_ops.flat_weights(head)
     assert native.rcar_pairs_forward_cpu(img, cap, lens, none, none, settings, flat).shape == (0,)
     grads = native.rcar_pairs_backward_cpu(torch.zeros(0, dtype=torch.float64), img, cap, lens, none, none,
                                            settings, flat)
@@ -408,13 +388,13 @@ def test_pair_list_empty():
 
 
 def test_pair_list_rejects_bad_indices():
-    from rcar_fast.ops import rcar_cpu
+    from rcar_fast.ops import rcar as rcar_ops
 
     native = dispatch.native_module()
     head = make_head("coop_rcar", 2, "t2i", embed_dim=8, sim_dim=6)
     img, cap, lens = make_inputs(2, 3, 5, 8, 4)
-    settings = rcar_cpu.native_settings("t2i", "coop_rcar", 2, 10.0)
-    flat = rcar_cpu.flat_weights(head)
+    settings = rcar_ops.native_settings("t2i", "coop_rcar", 2, 10.0)
+    flat = rcar_ops.flat_weights(head)
     with pytest.raises(RuntimeError, match="cap_idx must lie in \\[0, 3\\)"):
         native.rcar_pairs_forward_cpu(img, cap, lens, torch.tensor([0, 1]), torch.tensor([0, 3]), settings, flat)
     with pytest.raises(RuntimeError, match="img_idx must be an int64 CPU tensor of shape \\(2,\\)"):
@@ -429,16 +409,16 @@ def test_pair_list_rejects_bad_indices():
 def test_pair_list_dropout_masks_are_the_all_pairs_kernels(direction):
     # Training mode, the same seed: each listed pair's score is the all-pairs kernel's score of
     # that (image, caption) (masks keyed by i * n_cap + j), and another seed changes them.
-    from rcar_fast.ops import rcar_cpu
+    from rcar_fast.ops import rcar as rcar_ops
 
     native = dispatch.native_module()
     head = make_head("coop_rcar", 3, direction, embed_dim=16, sim_dim=8)
     img, cap, lens = make_inputs(4, 6, 7, 16, 8)
-    flat = rcar_cpu.flat_weights(head)
+    flat = rcar_ops.flat_weights(head)
     img_idx, cap_idx = torch.tensor([3, 0, 2, 3, 1]), torch.tensor([5, 4, 0, 5, 2])
     outs = {}
     for seed in (21, 22):
-        settings = rcar_cpu.native_settings(direction, "coop_rcar", 3, head.smooth, True, seed)
+        settings = rcar_ops.native_settings(direction, "coop_rcar", 3, head.smooth, True, seed)
         all_pairs = native.rcar_forward_cpu(img, cap, lens, settings, flat)[img_idx, cap_idx]
         outs[seed] = native.rcar_pairs_forward_cpu(img, cap, lens, img_idx, cap_idx, settings, flat)
         assert_close_to_reference(outs[seed], all_pairs, dtype=torch.float64, what=f"seed {seed}")
@@ -446,14 +426,14 @@ def test_pair_list_dropout_masks_are_the_all_pairs_kernels(direction):
 
 
 def test_pair_list_is_deterministic_and_ignores_poison():
-    from rcar_fast.ops import rcar_cpu
+    from rcar_fast.ops import rcar as rcar_ops
 
     native = dispatch.native_module()
     head = make_head("coop_rcar", 2, "t2i", embed_dim=16, sim_dim=8).float()
     img, cap, lens = make_inputs(6, 9, 6, 16, 8, dtype=torch.float32)
     img_idx, cap_idx = torch.randint(0, 6, (70,)), torch.randint(0, 9, (70,))
-    settings = rcar_cpu.native_settings("t2i", "coop_rcar", 2, 10.0, True, 3)
-    flat = rcar_cpu.flat_weights(head)
+    settings = rcar_ops.native_settings("t2i", "coop_rcar", 2, 10.0, True, 3)
+    flat = rcar_ops.flat_weights(head)
     grad = torch.randn(70)
     first = [native.rcar_pairs_forward_cpu(img, cap, lens, img_idx, cap_idx, settings, flat),
              *native.rcar_pairs_backward_cpu(grad, img, cap, lens, img_idx, cap_idx, settings, flat)]

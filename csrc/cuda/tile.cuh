@@ -12,7 +12,7 @@
 // region_lens[i] when given) gets no source offset, is staged as zeros and never read from
 // global memory, so NaN there cannot reach the tile.
 //
-// Problem type P (ScanProblem, MaxSimProblem of kernels.h): the tile reads the fields
+// Problem type P (ScanProblem of scan.cu, MaxSimProblem of maxsim.cu): the tile reads the fields
 //   img, cap (device pointers), d, n_img, R, img_stride_n, img_stride_r, cap_stride_n,
 //   cap_stride_w, lens, word_off, group_first.
 // Layout of the stored tile: "region-major" puts S[m, n] (m: tile row = region, n: tile column
