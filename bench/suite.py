@@ -360,11 +360,15 @@ def loss_step(ctx, variant, model, backend, img, cap, lens, head, kwargs):
             return (loss.detach(),) + torch.autograd.grad(loss, targets)
         return run, ""
     pairs_op = scorers.scoring(model, kwargs).scorer.pairs_op
-    pair_backend = dispatch.choose(pairs_op, "auto", ctx.device, img.dtype).backend
+    # The pair recompute on the row's backend where the pair op has it (the reference row stays
+    # the reference throughout), else on auto's choice.
+    pair_backend = (backend if dispatch.implementation(pairs_op, backend) is not None
+                    and dispatch.rejection(pairs_op, backend, ctx.device, img.dtype) is None
+                    else dispatch.choose(pairs_op, "auto", ctx.device, img.dtype).backend)
 
     def run():
         loss = losses.hardest_negative_loss(img_g, cap_g, lens, model=model, backend=backend,
-                                           pair_backend="auto", **kwargs)
+                                           pair_backend=pair_backend, **kwargs)
         return (loss.detach(),) + torch.autograd.grad(loss, targets)
     return run, f"selection: {backend}, pairs: {pair_backend}"
 

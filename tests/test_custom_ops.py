@@ -236,15 +236,17 @@ def test_opcheck_scan_pairs(op, direction):
 
 
 @pytest.mark.parametrize("regulator", ["only_rcr", "coop_rcar"])
-def test_opcheck_rcar_pairs_reference(regulator):
+@pytest.mark.parametrize("op", [pytest.param("rcar_pairs_reference", id="reference"),
+                                pytest.param("rcar_pairs_cpu", id="cpu", marks=needs_native)])
+def test_opcheck_rcar_pairs(op, regulator):
     img, cap, lens = _inputs()
     cap = cap.detach().nan_to_num(1.0).requires_grad_()
     head = _head(regulator).train()
     weights = [p.detach().clone().requires_grad_() for p in head.parameters()]
     config = _rcar_op_args(head, img, cap, lens, weights, seed=9)[4:]
-    torch.library.opcheck(_op("rcar_pairs_reference"), (img, cap, lens, *PAIRS, weights, *config))
+    torch.library.opcheck(_op(op), (img, cap, lens, *PAIRS, weights, *config))
     grad = torch.randn(PAIRS[0].shape[0], dtype=F64)
-    torch.library.opcheck(_op("rcar_pairs_reference_backward"),
+    torch.library.opcheck(_op(f"{op}_backward"),
                           (grad, img.detach(), cap.detach(), lens, *PAIRS, [w.detach() for w in weights],
                            *config))
 

@@ -157,10 +157,10 @@ def test_rcar_pairs_of_a_training_head_never_fall_back_silently():
     with pytest.raises(dispatch.BackendUnavailable, match="rcar_pairs on cpu torch.float16.*float32 or float64"):
         score_pairs(_leaf(img).half(), cap.half(), lens, IMG_IDX, CAP_IDX, model=head.half(), backend="cpu")
     if cpu.has_backward:
-        # It trains (test_train_convergence), but auto leaves it out, with the measured reason.
-        assert "per distinct image" in dispatch.not_in_auto("rcar_pairs", "cpu")
-        assert chosen.backend == "reference"
-        assert "not_in_auto" in rcar_fast.backends()["cpu"]["capabilities"]["rcar_pairs"]
+        # The pair-list kernel trains with the all-pairs kernel's dropout: auto's first choice.
+        assert dispatch.not_in_auto("rcar_pairs", "cpu") is None
+        assert chosen.backend == "cpu"
+        assert "not_in_auto" not in rcar_fast.backends()["cpu"]["capabilities"]["rcar_pairs"]
         return
     # A forward-only pair kernel: refused for training, and auto leaves it out even for an
     # eval-mode head (whose pair scores a loss may still differentiate), saying why.

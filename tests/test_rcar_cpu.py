@@ -162,14 +162,18 @@ def check_grads(head, img, cap, lens, what, seed=7, dtypes=(torch.float64, torch
     return got
 
 
+@pytest.mark.parametrize("pair_list", [False, True], ids=["all_pairs", "pair_list"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 @pytest.mark.parametrize("regulator,steps", BACKWARD_MODES)
-def test_backward_matches_reference(direction, regulator, steps, training):
-    # d = 20, s = 12, R = 11, L <= 9, ragged with NaN padding; fresh inputs per case
+def test_backward_matches_reference(direction, regulator, steps, training, pair_list):
+    # d = 20, s = 12, R = 11, L <= 9, ragged with NaN padding; fresh inputs per case; all pairs
+    # or the pair list PAIR_IMG x PAIR_CAP (repeats, every image and caption)
     head = make_head(regulator, steps, direction, embed_dim=20, sim_dim=12).train(training)
     img, cap, lens = make_inputs(4, 6, 11, 20, 9)
-    grads = check_grads(head, img, cap, lens, f"{direction} {regulator} {steps} training={training}")
+    what = f"{'pairs ' if pair_list else ''}{direction} {regulator} {steps} training={training}"
+    grads = (check_pair_grads(head, img, cap, lens, PAIR_IMG, PAIR_CAP, what) if pair_list
+             else check_grads(head, img, cap, lens, what))
     d_cap = grads[1]
     padding = ~real_words(lens, cap.shape[1])
     assert torch.all(d_cap[padding] == 0), "d cap must be exactly 0 at the padding"
@@ -184,9 +188,11 @@ def test_backward_several_tiles(direction):
     check_grads(head, img, cap, lens, f"{direction} tiles", dtypes=(torch.float64,))
 
 
+@pytest.mark.parametrize("pair_list", [False, True], ids=["all_pairs", "pair_list"])
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 @pytest.mark.parametrize("regulator,steps", [("only_rar", 2), ("only_rcr", 2), ("coop_rcar", 2)])
-def test_gradcheck_float64(direction, regulator, steps):
+def test_gradcheck_float64(direction, regulator, steps, pair_list):
+    # all pairs (rcar_cpu_op), or a pair list with a repeat (rcar_pairs_cpu_op)
     from rcar_fast.ops import rcar as rcar_ops
 
     head = make_head(regulator, steps, direction, embed_dim=5, sim_dim=4).train()
@@ -194,8 +200,11 @@ def test_gradcheck_float64(direction, regulator, steps):
     params = [p.detach().clone().requires_grad_() for p in head.parameters()]
     config = rcar_ops.op_config(head)
     seed = torch.tensor(11, dtype=torch.int64)
+    img_idx, cap_idx = torch.tensor([1, 0, 1, 1]), torch.tensor([2, 0, 2, 1])
 
     def fn(img, cap, *weights):
+        if pair_list:
+            return rcar_ops.rcar_pairs_cpu_op(img, cap, lens, img_idx, cap_idx, list(weights), seed, *config)
         return rcar_ops.rcar_cpu_op(img, cap, lens, list(weights), seed, *config)
 
     assert torch.autograd.gradcheck(fn, (img.requires_grad_(), cap.requires_grad_(), *params))
@@ -289,3 +298,152 @@ def test_sparse_output_gradient_skips_tiles_exactly(direction):
     for g, r in zip(got, ref):
         assert_close_to_reference(g, r, dtype=torch.float64, what=f"{direction} sparse gradient")
     assert torch.all(got[0][[0, 2, 3]] == 0), "images without a non-zero pair get no gradient"
+
+
+# ---------------------------------------------------------------------------------------------
+# The pair-list entry (rcar_pairs_forward / rcar_pairs_backward): one call for a list of pairs
+# ---------------------------------------------------------------------------------------------
+
+def pair_kernel(head, img, cap, lens, img_idx, cap_idx, grad, seed, dtype):
+    """(pair scores, [d img, d cap, d params...]) through the rcar_fast::rcar_pairs_cpu op."""
+    from rcar_fast.ops import rcar as rcar_ops
+
+    head = head.to(dtype)
+    img = img.to(dtype).requires_grad_()
+    cap = cap.to(dtype).requires_grad_()
+    params = list(head.parameters())
+    out = rcar_ops.rcar_pairs_cpu_op(img, cap, lens, img_idx, cap_idx, params,
+                                     torch.tensor(seed, dtype=torch.int64), *rcar_ops.op_config(head))
+    grads = torch.autograd.grad(out, [img, cap, *params], grad.to(dtype))
+    head.double()
+    return out.detach(), list(grads)
+
+
+def listed_grad_matrix(img_idx, cap_idx, grad, n_img, n_cap):
+    """The all-pairs output gradient equivalent to `grad` on the listed pairs (repeats summed)."""
+    matrix = torch.zeros(n_img, n_cap, dtype=torch.float64)
+    return matrix.index_put_((img_idx, cap_idx), grad, accumulate=True)
+
+
+def check_pair_grads(head, img, cap, lens, img_idx, cap_idx, what, seed=7, dtypes=(torch.float64, torch.float32)):
+    """Pair scores and gradients against the float64 reference over all pairs (the same
+    counter-based dropout masks): scores gathered, gradients of the listed pairs' weighted sum."""
+    n_img, n_cap = img.shape[0], cap.shape[0]
+    grad = torch.randn(len(img_idx), dtype=torch.float64)
+    ref_out, ref = reference_grads(head, img, cap, lens, listed_grad_matrix(img_idx, cap_idx, grad, n_img, n_cap),
+                                   seed)
+    names = ["img", "cap"] + [name for name, _ in head.named_parameters()]
+    for dtype in dtypes:
+        out, got = pair_kernel(head, img, cap, lens, img_idx, cap_idx, grad, seed, dtype)
+        assert out.shape == (len(img_idx),) and out.dtype == dtype
+        assert_close_to_reference(out, ref_out[img_idx, cap_idx], dtype=dtype, what=f"{what} {dtype} scores")
+        for name, g, r in zip(names, got, ref):
+            assert g.dtype == dtype and g.shape == r.shape, f"{what}: d {name} is {g.dtype} {tuple(g.shape)}"
+            assert_close_to_reference(g, r, dtype=dtype, what=f"{what} {dtype} d {name}")
+    return got
+
+
+# repeats (2, 2) twice, every image and caption, in no order
+PAIR_IMG = torch.tensor([0, 3, 2, 2, 1, 3, 0, 1, 2])
+PAIR_CAP = torch.tensor([5, 0, 2, 2, 1, 3, 4, 2, 0])
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_pair_list_several_tiles_and_context_groups(direction):
+    # ~300 pairs of 7..16 words / 30 regions: several tiles, each spanning several context
+    # owners (i2t: captions of different lengths, so the attention buffers' widths differ)
+    torch.manual_seed(3)
+    head = make_head("coop_rcar", 2, direction, embed_dim=9, sim_dim=10).train()
+    img, cap, lens = make_inputs(12, 40, 30, 9, 16, lens=torch.randint(7, 17, (40,)))
+    img_idx, cap_idx = torch.randint(0, 12, (300,)), torch.randint(0, 40, (300,))
+    check_pair_grads(head, img, cap, lens, img_idx, cap_idx, f"pairs {direction} tiles", dtypes=(torch.float64,))
+
+
+def test_pair_list_repeats_add_their_gradients():
+    head = make_head("coop_rcar", 2, "i2t", embed_dim=12, sim_dim=8).train()
+    img, cap, lens = make_inputs(3, 4, 5, 12, 6)
+    once, thrice = (torch.tensor([2]), torch.tensor([1])), (torch.tensor([2, 2, 2]), torch.tensor([1, 1, 1]))
+    g3 = torch.tensor([0.5, -2.0, 0.25], dtype=torch.float64)
+    out1, grads1 = pair_kernel(head, img, cap, lens, *once, g3.sum().reshape(1), 9, torch.float64)
+    out3, grads3 = pair_kernel(head, img, cap, lens, *thrice, g3, 9, torch.float64)
+    assert_bit_equal(out3, out1.expand(3), what="a repeated pair's scores")
+    for a, b in zip(grads3, grads1):
+        assert_close_to_reference(a, b, dtype=torch.float64, what="three repeats vs their summed gradient")
+
+
+def test_pair_list_empty():
+    from rcar_fast.ops import rcar as rcar_ops
+
+    native = dispatch.native_module()
+    head = make_head("coop_rcar", 2, "t2i", embed_dim=8, sim_dim=6)
+    img, cap, lens = make_inputs(2, 3, 5, 8, 4)
+    settings = rcar_ops.native_settings("t2i", "coop_rcar", 2, 10.0)
+    none = torch.zeros(0, dtype=torch.int64)
+    flat = rcar_ops.flat_weights(head)
+    assert native.rcar_pairs_forward_cpu(img, cap, lens, none, none, settings, flat).shape == (0,)
+    grads = native.rcar_pairs_backward_cpu(torch.zeros(0, dtype=torch.float64), img, cap, lens, none, none,
+                                           settings, flat)
+    assert [g.shape for g in grads] == [img.shape, cap.shape] + [w.shape for w in flat]
+    assert all(torch.all(g == 0) for g in grads)
+
+
+def test_pair_list_rejects_bad_indices():
+    from rcar_fast.ops import rcar as rcar_ops
+
+    native = dispatch.native_module()
+    head = make_head("coop_rcar", 2, "t2i", embed_dim=8, sim_dim=6)
+    img, cap, lens = make_inputs(2, 3, 5, 8, 4)
+    settings = rcar_ops.native_settings("t2i", "coop_rcar", 2, 10.0)
+    flat = rcar_ops.flat_weights(head)
+    with pytest.raises(RuntimeError, match="cap_idx must lie in \\[0, 3\\)"):
+        native.rcar_pairs_forward_cpu(img, cap, lens, torch.tensor([0, 1]), torch.tensor([0, 3]), settings, flat)
+    with pytest.raises(RuntimeError, match="img_idx must be an int64 CPU tensor of shape \\(2,\\)"):
+        native.rcar_pairs_forward_cpu(img, cap, lens, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 1]),
+                                      settings, flat)
+    with pytest.raises(RuntimeError, match="grad must be \\(2,\\)"):
+        native.rcar_pairs_backward_cpu(torch.zeros(3, dtype=torch.float64), img, cap, lens, torch.tensor([0, 1]),
+                                       torch.tensor([0, 1]), settings, flat)
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_pair_list_dropout_masks_are_the_all_pairs_kernels(direction):
+    # Training mode, the same seed: each listed pair's score is the all-pairs kernel's score of
+    # that (image, caption) (masks keyed by i * n_cap + j), and another seed changes them.
+    from rcar_fast.ops import rcar as rcar_ops
+
+    native = dispatch.native_module()
+    head = make_head("coop_rcar", 3, direction, embed_dim=16, sim_dim=8)
+    img, cap, lens = make_inputs(4, 6, 7, 16, 8)
+    flat = rcar_ops.flat_weights(head)
+    img_idx, cap_idx = torch.tensor([3, 0, 2, 3, 1]), torch.tensor([5, 4, 0, 5, 2])
+    outs = {}
+    for seed in (21, 22):
+        settings = rcar_ops.native_settings(direction, "coop_rcar", 3, head.smooth, True, seed)
+        all_pairs = native.rcar_forward_cpu(img, cap, lens, settings, flat)[img_idx, cap_idx]
+        outs[seed] = native.rcar_pairs_forward_cpu(img, cap, lens, img_idx, cap_idx, settings, flat)
+        assert_close_to_reference(outs[seed], all_pairs, dtype=torch.float64, what=f"seed {seed}")
+    assert (outs[21] - outs[22]).abs().max() > MUST_DIFFER, "the seed must change the masks"
+
+
+def test_pair_list_is_deterministic_and_ignores_poison():
+    from rcar_fast.ops import rcar as rcar_ops
+
+    native = dispatch.native_module()
+    head = make_head("coop_rcar", 2, "t2i", embed_dim=16, sim_dim=8).float()
+    img, cap, lens = make_inputs(6, 9, 6, 16, 8, dtype=torch.float32)
+    img_idx, cap_idx = torch.randint(0, 6, (70,)), torch.randint(0, 9, (70,))
+    settings = rcar_ops.native_settings("t2i", "coop_rcar", 2, 10.0, True, 3)
+    flat = rcar_ops.flat_weights(head)
+    grad = torch.randn(70)
+    first = [native.rcar_pairs_forward_cpu(img, cap, lens, img_idx, cap_idx, settings, flat),
+             *native.rcar_pairs_backward_cpu(grad, img, cap, lens, img_idx, cap_idx, settings, flat)]
+    previous = native.set_cpu_poison_buffers(True)
+    try:
+        cap_poisoned = pad_captions(cap, lens, float("nan"))
+        again = [native.rcar_pairs_forward_cpu(img, cap_poisoned, lens, img_idx, cap_idx, settings, flat),
+                 *native.rcar_pairs_backward_cpu(grad, img, cap_poisoned, lens, img_idx, cap_idx, settings, flat)]
+    finally:
+        native.set_cpu_poison_buffers(previous)
+    for a, b in zip(first, again):
+        assert_bit_equal(a, b, what="rerun with poisoned buffers and padding")
+    assert all(torch.isfinite(g).all() for g in first)

@@ -16,7 +16,9 @@
 #include "cpu/tile.h"
 
 #include <limits>
+#include <cstring>
 #include <memory>
+#include <numeric>
 #include <mutex>
 #include <tuple>
 #include <utility>
@@ -223,6 +225,9 @@ struct RcarTile {
   T* out;
   int64_t out_stride;
   int64_t pair_base, pair_step;  // pair p's global id (i * n_cap + j): pair_base + p * pair_step
+  const int64_t* pair_ids = nullptr;  // else (a pair list's tile): pair p's global id pair_ids[p]
+
+  int64_t pair_id(int64_t p) const { return pair_ids ? pair_ids[p] : pair_base + p * pair_step; }
 };
 
 template <typename T>
@@ -286,7 +291,7 @@ template <typename T>
 void rar_dropout_tile(const RcarTile<T>& t, uint64_t seed, int64_t module, int64_t s, T* key_scale,
                       T* question_scale) {
   for (int64_t p = 0; p < t.pairs; ++p) {
-    const int64_t pair = t.pair_base + p * t.pair_step;
+    const int64_t pair = t.pair_id(p);
     for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r)
       rar_dropout_scales(rar_dropout_row_key(seed, module, 0, pair, r - t.seg[p]), key_scale + r * s, s);
     rar_dropout_scales(rar_dropout_row_key(seed, module, 1, pair, 0), question_scale + p * s, s);
@@ -671,15 +676,21 @@ struct SavedRar {
   at::Tensor Kt, Qt, key_scale, question_scale, weight, gnorm;  // tanh outputs, dropout, softmax, |g|
 };
 
-// The gradients of the head's weights, same structure as HeadWeights.
-inline HeadWeights zeros_like_weights(const HeadWeights& hw) {
+// Buffers for the gradients of the head's weights, same structure as HeadWeights: make(tensor)
+// gives each one (at::zeros_like, at::empty_like).
+template <typename Make>
+HeadWeights weights_like(const HeadWeights& hw, Make make) {
   HeadWeights g = hw;
-  auto zero = [](Linear& l) { l = Linear{at::zeros_like(l.w), at::zeros_like(l.b)}; };
-  for (auto& a : g.alv) zero(a);
-  for (auto& r : g.rcr) { zero(r.matrix1); zero(r.matrix2); zero(r.smooth1); zero(r.smooth2); }
-  for (auto& r : g.rar) { zero(r.q); zero(r.k); zero(r.v); }
-  zero(g.eval);
+  auto like = [&](Linear& l) { l = Linear{make(l.w), make(l.b)}; };
+  for (auto& a : g.alv) like(a);
+  for (auto& r : g.rcr) { like(r.matrix1); like(r.matrix2); like(r.smooth1); like(r.smooth2); }
+  for (auto& r : g.rar) { like(r.q); like(r.k); like(r.v); }
+  like(g.eval);
   return g;
+}
+
+inline HeadWeights zeros_like_weights(const HeadWeights& hw) {
+  return weights_like(hw, [](const at::Tensor& t) { return at::zeros_like(t); });
 }
 
 // The flat list in unpack_weights' order.
@@ -714,9 +725,31 @@ void unit_rows_backward(T* dy, const T* y, const T* znorm, int64_t rows, int64_t
 
 template <typename T>
 struct TileGrads {
-  T* dquery;    // rows x d, accumulated
-  T* dcontext;  // C x d, accumulated
+  T* dquery;  // rows x d, accumulated (the contexts' gradients: ContextGroup::dcontext)
   HeadWeights* dw;
+};
+
+// The pairs [p0, p1) of a tile that attend to one context (C x d). An all-pairs tile is one
+// group; a pair list's tile spans several context owners, one group each: the cross
+// attentions run per group, every per-row stage (the MLPs) over the whole tile.
+template <typename T>
+struct ContextGroup {
+  const T* context;
+  int64_t C, p0, p1;
+  T* dcontext;  // C x d, accumulated (unused by a forward-only pass)
+};
+
+template <typename T>
+std::vector<ContextGroup<T>> single_group(const RcarTile<T>& t, T* dcontext) {
+  return {ContextGroup<T>{t.context, t.C, 0, t.pairs, dcontext}};
+}
+
+// Everything the recording forward of a tile keeps for its backward.
+struct TileRecord {
+  std::vector<SavedAttention> att;  // one per alignment step (only_rcr: then the final attention)
+  std::vector<SavedRcr> rcrs;
+  std::vector<SavedRar> rars;
+  std::vector<at::Tensor> hs;  // the pair vector h before each RAR module, then after the last
 };
 
 template <typename T>
@@ -725,14 +758,23 @@ struct BackwardTile {
   const HeadWeights& hw;
   const HeadConfig& cfg;
   TilePool& pool;
-  at::Tensor Q, Cx;  // rows x d, C x d views
-  int64_t N, C, P, d, s;
+  std::vector<ContextGroup<T>> groups;
+  at::Tensor Q;  // rows x d view
+  int64_t N, Cs, P, d, s;  // Cs: the row stride of the rows x C buffers, the widest context
 
-  BackwardTile(const RcarTile<T>& tile, const HeadWeights& w, const HeadConfig& c, TilePool& p)
-      : t(tile), hw(w), cfg(c), pool(p), Q(view2d(tile.query, tile.rows, w.d, w.d)),
-        Cx(view2d(tile.context, tile.C, w.d, w.d)), N(tile.rows), C(tile.C), P(tile.pairs), d(w.d), s(w.s) {}
+  BackwardTile(const RcarTile<T>& tile, const HeadWeights& w, const HeadConfig& c, TilePool& p,
+               std::vector<ContextGroup<T>> context_groups)
+      : t(tile), hw(w), cfg(c), pool(p), groups(std::move(context_groups)),
+        Q(view2d(tile.query, tile.rows, w.d, w.d)), N(tile.rows), Cs(0), P(tile.pairs), d(w.d), s(w.s) {
+    for (const auto& G : groups) Cs = std::max(Cs, G.C);
+  }
 
   int64_t pair_rows(int64_t p) const { return t.seg[p + 1] - t.seg[p]; }
+  at::Tensor context(const ContextGroup<T>& G) const { return view2d(G.context, G.C, d, d); }
+  // The group's rows of a rows x (Cs or d) buffer, its first `cols` columns.
+  at::Tensor group_rows(const at::Tensor& x, const ContextGroup<T>& G, int64_t cols) const {
+    return x.narrow(0, t.seg[G.p0], t.seg[G.p1] - t.seg[G.p0]).narrow(1, 0, cols);
+  }
 
   // ---- recording forward ------------------------------------------------------------------
 
@@ -742,51 +784,75 @@ struct BackwardTile {
     a.lam = lam;
     at::Tensor Qm = Q;
     if (M.defined()) Qm = pool.take(N, d).copy_(Q).mul_(M);
-    a.L = pool.take(N, C);
-    at::mm_out(a.L, Qm, Cx.t());
+    a.L = pool.take(N, Cs);
+    a.inv = pool.take(P, Cs);
+    a.norm = pool.take(P, Cs);
+    a.alpha = pool.take(N, Cs);
+    a.D = pool.take(N, d);
     T* L = a.L.data_ptr<T>();
-    for (int64_t i = 0; i < N * C; ++i) L[i] = L[i] > 0 ? L[i] : L[i] * T(kLeakySlope);
-    a.inv = pool.take(P, C);
-    a.norm = pool.take(P, C);
-    a.alpha = pool.take(N, C);
     T* inv = a.inv.data_ptr<T>();
     T* nrm = a.norm.data_ptr<T>();
     T* al = a.alpha.data_ptr<T>();
     const T* lm = lam.data_ptr<T>();
-    for (int64_t p = 0; p < P; ++p) {
-      for (int64_t c = 0; c < C; ++c) {
-        T acc = 0;
-        for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) acc += L[r * C + c] * L[r * C + c];
-        nrm[p * C + c] = std::sqrt(acc);
-        inv[p * C + c] = T(1) / (nrm[p * C + c] + T(kEps));
-      }
-      for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
-        T top = -std::numeric_limits<T>::infinity();
-        for (int64_t c = 0; c < C; ++c) top = std::max(top, L[r * C + c] * inv[p * C + c]);
-        T total = 0;
+    for (const auto& G : groups) {
+      const int64_t C = G.C;
+      at::Tensor Lg = group_rows(a.L, G, C);
+      at::mm_out(Lg, group_rows(Qm, G, d), context(G).t());
+      for (int64_t r = t.seg[G.p0]; r < t.seg[G.p1]; ++r)
+        for (int64_t c = 0; c < C; ++c) L[r * Cs + c] = L[r * Cs + c] > 0 ? L[r * Cs + c] : L[r * Cs + c] * T(kLeakySlope);
+      for (int64_t p = G.p0; p < G.p1; ++p) {
         for (int64_t c = 0; c < C; ++c) {
-          const T e = std::exp((L[r * C + c] * inv[p * C + c] - top) * lm[r]);
-          al[r * C + c] = e;
-          total += e;
+          T acc = 0;
+          for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) acc += L[r * Cs + c] * L[r * Cs + c];
+          nrm[p * Cs + c] = std::sqrt(acc);
+          inv[p * Cs + c] = T(1) / (nrm[p * Cs + c] + T(kEps));
         }
-        for (int64_t c = 0; c < C; ++c) al[r * C + c] /= total;
+        for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
+          T top = -std::numeric_limits<T>::infinity();
+          for (int64_t c = 0; c < C; ++c) top = std::max(top, L[r * Cs + c] * inv[p * Cs + c]);
+          T total = 0;
+          for (int64_t c = 0; c < C; ++c) {
+            const T e = std::exp((L[r * Cs + c] * inv[p * Cs + c] - top) * lm[r]);
+            al[r * Cs + c] = e;
+            total += e;
+          }
+          for (int64_t c = 0; c < C; ++c) al[r * Cs + c] /= total;
+        }
       }
+      at::Tensor Dg = group_rows(a.D, G, d);
+      at::mm_out(Dg, group_rows(a.alpha, G, C), context(G));
     }
-    a.D = pool.take(N, d);
-    at::mm_out(a.D, a.alpha, Cx);
     a.dnorm = pool.take(N, 1);
     at::Tensor dn = a.dnorm;
     at::linalg_vector_norm_out(dn, a.D, 2, {1}, true);
     return a;
   }
 
-  // X = (Q - D / (|D| + eps))^2 into a pool tensor.
-  at::Tensor squared_difference(const SavedAttention& a) {
-    at::Tensor X = pool.take(N, d);
-    at::div_out(X, a.D, a.dnorm + T(kEps));
-    at::sub_out(X, Q, X);
-    return X.mul_(X);
+  // u = D / (|D| + eps) per row into a pool tensor; from_query: Q - u instead, squared when
+  // `square` (one pass each, no temporaries).
+  at::Tensor unit_context(const SavedAttention& a, bool from_query = false, bool square = false) {
+    at::Tensor out = pool.take(N, d);
+    const T* D = a.D.data_ptr<T>();
+    const T* dn = a.dnorm.data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    for (int64_t r = 0; r < N; ++r) {
+      const T inv = T(1) / (dn[r] + T(kEps));
+      const T* Dr = D + r * d;
+      const T* qr = t.query + r * d;
+      T* orow = o + r * d;
+      if (!from_query) {
+        for (int64_t e = 0; e < d; ++e) orow[e] = Dr[e] * inv;
+      } else if (square) {
+        for (int64_t e = 0; e < d; ++e) orow[e] = (qr[e] - Dr[e] * inv) * (qr[e] - Dr[e] * inv);
+      } else {
+        for (int64_t e = 0; e < d; ++e) orow[e] = qr[e] - Dr[e] * inv;
+      }
+    }
+    return out;
   }
+
+  // X = (Q - D / (|D| + eps))^2, the alignment's input.
+  at::Tensor squared_difference(const SavedAttention& a) { return unit_context(a, true, true); }
 
   void alignment(SavedAttention& a, const Linear& alv) {
     const at::Tensor X = squared_difference(a);
@@ -888,50 +954,11 @@ struct BackwardTile {
   // dM (rows x d) and dlam (rows) when the attention's M / lambda are variables (defined).
   void attention_backward(const SavedAttention& a, at::Tensor dD, const TileGrads<T>& g, at::Tensor dM,
                           at::Tensor dlam) {
-    at::Tensor dC = view2d(g.dcontext, C, d, d);
-    at::Tensor dalpha = pool.take(N, C);
-    at::mm_out(dalpha, dD, Cx.t());
-    dC.addmm_(a.alpha.t(), dD);
-    const T* L = a.L.data_ptr<T>();
-    const T* inv = a.inv.data_ptr<T>();
-    const T* nrm = a.norm.data_ptr<T>();
-    const T* al = a.alpha.data_ptr<T>();
-    const T* lm = a.lam.data_ptr<T>();
-    T* da = dalpha.data_ptr<T>();  // becomes dA, then dS
-    T* dl = dlam.defined() ? dlam.data_ptr<T>() : nullptr;
-    std::vector<T> dinv(C);
-    for (int64_t p = 0; p < P; ++p) {
-      std::fill(dinv.begin(), dinv.end(), T(0));
-      for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
-        T* row = da + r * C;
-        T sdot = 0;
-        for (int64_t c = 0; c < C; ++c) sdot += al[r * C + c] * row[c];
-        T dlr = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          const T dE = al[r * C + c] * (row[c] - sdot);
-          dlr += dE * L[r * C + c] * inv[p * C + c];
-          row[c] = dE * lm[r];  // dA
-          dinv[c] += row[c] * L[r * C + c];
-        }
-        if (dl) dl[r] += dlr;
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        // inv = 1 / (|L_c| + eps): d|L_c| = -dinv inv^2, dL += d|L_c| L / |L_c|
-        const T coef = nrm[p * C + c] > 0 ? -dinv[c] * inv[p * C + c] * inv[p * C + c] / nrm[p * C + c] : T(0);
-        for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
-          T& x = da[r * C + c];
-          const T l = L[r * C + c];
-          x = x * inv[p * C + c] + coef * l;
-          if (!(l > 0)) x *= T(kLeakySlope);  // leaky's slope; L > 0 iff the raw score is
-        }
-      }
-    }
-    // dS -> dQm = dS C, dC += dS^T Qm
     at::Tensor Qm = Q;
     if (a.M.defined()) Qm = pool.take(N, d).copy_(Q).mul_(a.M);
-    dC.addmm_(dalpha.t(), Qm);
+    at::Tensor dalpha = pool.take(N, Cs);
     at::Tensor dQm = pool.take(N, d);
-    at::mm_out(dQm, dalpha, Cx);
+    for (const auto& G : groups) group_attention_backward(a, G, dD, Qm, dalpha, dQm, dlam);
     at::Tensor dQ = view2d(g.dquery, N, d, d);
     if (a.M.defined()) {
       dQ.addcmul_(dQm, a.M);
@@ -941,11 +968,64 @@ struct BackwardTile {
     }
   }
 
+  // attention_backward for the pairs of one context group: adds to its context's gradient and
+  // to dlam, writes the group's rows of dQm (the gradient of the modulated queries).
+  void group_attention_backward(const SavedAttention& a, const ContextGroup<T>& G, const at::Tensor& dD,
+                                const at::Tensor& Qm, const at::Tensor& dalpha_all, const at::Tensor& dQm,
+                                const at::Tensor& dlam) {
+    const int64_t C = G.C;
+    const at::Tensor Cx = context(G);
+    at::Tensor dC = view2d(G.dcontext, C, d, d);
+    at::Tensor dalpha = group_rows(dalpha_all, G, C);
+    const at::Tensor dDg = group_rows(dD, G, d);
+    at::mm_out(dalpha, dDg, Cx.t());
+    dC.addmm_(group_rows(a.alpha, G, C).t(), dDg);
+    const T* L = a.L.data_ptr<T>();
+    const T* inv = a.inv.data_ptr<T>();
+    const T* nrm = a.norm.data_ptr<T>();
+    const T* al = a.alpha.data_ptr<T>();
+    const T* lm = a.lam.data_ptr<T>();
+    T* da = dalpha_all.data_ptr<T>();  // becomes dA, then dS
+    T* dl = dlam.defined() ? dlam.data_ptr<T>() : nullptr;
+    std::vector<T> dinv(C);
+    for (int64_t p = G.p0; p < G.p1; ++p) {
+      std::fill(dinv.begin(), dinv.end(), T(0));
+      for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
+        T* row = da + r * Cs;
+        T sdot = 0;
+        for (int64_t c = 0; c < C; ++c) sdot += al[r * Cs + c] * row[c];
+        T dlr = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const T dE = al[r * Cs + c] * (row[c] - sdot);
+          dlr += dE * L[r * Cs + c] * inv[p * Cs + c];
+          row[c] = dE * lm[r];  // dA
+          dinv[c] += row[c] * L[r * Cs + c];
+        }
+        if (dl) dl[r] += dlr;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        // inv = 1 / (|L_c| + eps): d|L_c| = -dinv inv^2, dL += d|L_c| L / |L_c|
+        const T coef =
+            nrm[p * Cs + c] > 0 ? -dinv[c] * inv[p * Cs + c] * inv[p * Cs + c] / nrm[p * Cs + c] : T(0);
+        for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
+          T& x = da[r * Cs + c];
+          const T l = L[r * Cs + c];
+          x = x * inv[p * Cs + c] + coef * l;
+          if (!(l > 0)) x *= T(kLeakySlope);  // leaky's slope; L > 0 iff the raw score is
+        }
+      }
+    }
+    // dS -> dQm = dS C, dC += dS^T Qm
+    const at::Tensor Qmg = group_rows(Qm, G, d);
+    dC.addmm_(dalpha.t(), Qmg);
+    at::Tensor dQmg = group_rows(dQm, G, d);
+    at::mm_out(dQmg, dalpha, Cx);
+  }
+
   // From the gradient with respect to u = D / (|D| + eps) (consumed) to the attention's inputs.
   void unit_context_backward(const SavedAttention& a, at::Tensor du, const TileGrads<T>& g, at::Tensor dM,
                              at::Tensor dlam) {
-    at::Tensor u = pool.take(N, d);
-    at::div_out(u, a.D, a.dnorm + T(kEps));
+    const at::Tensor u = unit_context(a);
     unit_rows_backward(du.data_ptr<T>(), u.data_ptr<T>(), a.dnorm.data_ptr<T>(), N, d);
     attention_backward(a, du, g, dM, dlam);
   }
@@ -958,13 +1038,15 @@ struct BackwardTile {
     linear_weight_grads(dalv, dV, X);
     at::Tensor dX = pool.take(N, d);
     at::mm_out(dX, dV, alv.w);
-    // X = (Q - u)^2: dQ += 2 (Q - u) dX, du = -2 (Q - u) dX
-    at::Tensor diff = pool.take(N, d);
-    at::div_out(diff, a.D, a.dnorm + T(kEps));
-    at::sub_out(diff, Q, diff);
-    dX.mul_(diff).mul_(T(2));
-    view2d(g.dquery, N, d, d).add_(dX);
-    dX.neg_();
+    // X = (Q - u)^2: dQ += 2 (Q - u) dX, du = -2 (Q - u) dX (in place of dX)
+    const at::Tensor diff = unit_context(a, true);
+    const T* df = diff.data_ptr<T>();
+    T* dx = dX.data_ptr<T>();
+    for (int64_t i = 0; i < N * d; ++i) {
+      const T v = T(2) * df[i] * dx[i];
+      g.dquery[i] += v;
+      dx[i] = -v;
+    }
     unit_context_backward(a, dX, g, dM, dlam);
   }
 
@@ -973,15 +1055,17 @@ struct BackwardTile {
   void correspondence_backward(const SavedAttention& a, const SavedRcr& sv, const SavedAttention& next,
                                const RcrWeights& rcr, RcrWeights& drcr, at::Tensor dM, at::Tensor dlam,
                                at::Tensor dV) {
-    // M' = clamp(T + M, -1, 1): the gradient passes where T + M lies in [-1, 1]
-    at::Tensor inside = pool.take(N, d);
-    inside.copy_(sv.Tm);
-    if (a.M.defined()) inside.add_(a.M);
-    else inside.add_(1);
-    inside.abs_().le_(1);
-    dM.mul_(inside);  // now the gradient of both T and M
+    // M' = clamp(T + M, -1, 1): the gradient passes where T + M lies in [-1, 1] (dM becomes
+    // the gradient of both T and M); T = tanh(pre2): dpre2 = (1 - T^2) dM
     at::Tensor dpre2 = pool.take(N, d);
-    at::mul_out(dpre2, sv.Tm, sv.Tm).neg_().add_(1).mul_(dM);
+    const T* tm = sv.Tm.data_ptr<T>();
+    const T* m = a.M.defined() ? a.M.data_ptr<T>() : nullptr;
+    T* dm = dM.data_ptr<T>();
+    T* dp = dpre2.data_ptr<T>();
+    for (int64_t i = 0; i < N * d; ++i) {
+      if (!(std::abs(tm[i] + (m ? m[i] : T(1))) <= T(1))) dm[i] = T(0);
+      dp[i] = (T(1) - tm[i] * tm[i]) * dm[i];
+    }
     linear_weight_grads(drcr.matrix2, dpre2, sv.H1);
     at::Tensor dpre1 = pool.take(N, rcr.matrix1.out());
     at::mm_out(dpre1, dpre2, rcr.matrix2.w);
@@ -1081,8 +1165,7 @@ struct BackwardTile {
 
   // only_rcr's mean of cos(q, u) backward: the gradient of u (rows x d); adds dQ.
   at::Tensor cosine_backward(const SavedAttention& a, const T* go, const TileGrads<T>& g) {
-    at::Tensor u = pool.take(N, d);
-    at::div_out(u, a.D, a.dnorm + T(kEps));
+    const at::Tensor u = unit_context(a);
     at::Tensor du = pool.take(N, d);
     const T* up = u.data_ptr<T>();
     const T* q = t.query;
@@ -1116,41 +1199,82 @@ struct BackwardTile {
 
   // ---- the whole tile ---------------------------------------------------------------------
 
-  void run(const T* go, const TileGrads<T>& g) {
+  // The recording forward: every step's intermediates, in the pool (reset here).
+  TileRecord record() {
     pool.reset();
-    HeadWeights& dw = *g.dw;
+    TileRecord rec;
     at::Tensor lam0 = pool.take(N, 1).view({N}).fill_(temperature_in<T>(cfg.smooth));
     const at::Tensor none;
+    rec.rcrs.resize(hw.rcr.size());
+    rec.rars.resize(hw.rar.size());
     if (cfg.reg == kOnlyRar) {
-      SavedAttention a = attention(none, lam0);
-      alignment(a, hw.alv[0]);
+      rec.att.push_back(attention(none, lam0));
+      alignment(rec.att[0], hw.alv[0]);
+      rec.hs.push_back(mean_rows(rec.att[0].V));
+      for (size_t m = 0; m < hw.rar.size(); ++m)
+        rec.hs.push_back(aggregation(rec.att[0].V, rec.hs[m], hw.rar[m], static_cast<int64_t>(m), rec.rars[m]));
+      return rec;
+    }
+    const bool coop = cfg.reg == kCoopRcar;
+    const int64_t n_rcr = static_cast<int64_t>(hw.rcr.size());
+    at::Tensor M = none, lam = lam0;
+    for (int64_t step = 0; step < cfg.steps; ++step) {
+      rec.att.push_back(attention(M, lam));
+      alignment(rec.att.back(), hw.alv[step]);
+      if (coop && step == 0) rec.hs.push_back(mean_rows(rec.att.back().V));
+      if (step < n_rcr) std::tie(M, lam) = correspondence(rec.att.back(), hw.rcr[step], rec.rcrs[step]);
+      if (coop) rec.hs.push_back(aggregation(rec.att.back().V, rec.hs[step], hw.rar[step], step, rec.rars[step]));
+    }
+    if (!coop) rec.att.push_back(attention(M, lam));  // only_rcr's final attention
+    return rec;
+  }
+
+  // The tile's pair scores from its record: out[p] for p < pairs.
+  void scores(const TileRecord& rec, T* out) const {
+    if (cfg.reg == kOnlyRcr) {
+      // mean over the pair's queries of cos(q, u), u = D / (|D| + eps)
+      const SavedAttention& a = rec.att.back();
+      const T* D = a.D.data_ptr<T>();
+      const T* dn = a.dnorm.data_ptr<T>();
+      for (int64_t p = 0; p < P; ++p) {
+        T total = 0;
+        for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
+          const T* q = t.query + r * d;
+          const T inv = T(1) / (dn[r] + T(kEps));
+          const T qn = std::sqrt(dot(q, q, d));
+          total += dot(q, D + r * d, d) * inv / std::max(qn * (dn[r] * inv), T(kEps));
+        }
+        out[p] = total / T(pair_rows(p));
+      }
+      return;
+    }
+    const T* we = hw.eval.w.data_ptr<T>();
+    const T be = hw.eval.b.data_ptr<T>()[0];
+    const T* h = rec.hs.back().data_ptr<T>();
+    for (int64_t p = 0; p < P; ++p) out[p] = T(1) / (T(1) + std::exp(-(dot(h + p * s, we, s) + be)));
+  }
+
+  void run(const T* go, const TileGrads<T>& g) { backward(record(), go, g); }
+
+  // The chain rule back through a recorded tile, for the pairs' output gradients go.
+  void backward(TileRecord rec, const T* go, const TileGrads<T>& g) {
+    HeadWeights& dw = *g.dw;
+    const at::Tensor none;
+    auto& att = rec.att;
+    auto& hs = rec.hs;
+    if (cfg.reg == kOnlyRar) {
       const int64_t n = static_cast<int64_t>(hw.rar.size());
-      std::vector<at::Tensor> hs{mean_rows(a.V)};
-      std::vector<SavedRar> rars(n);
-      for (int64_t m = 0; m < n; ++m) hs.push_back(aggregation(a.V, hs[m], hw.rar[m], m, rars[m]));
       at::Tensor dh = final_backward(hs[n], go, dw.eval);
       at::Tensor dV = pool.zeros(N, s);
-      for (int64_t m = n - 1; m >= 0; --m) dh = aggregation_backward(a.V, hs[m], hs[m + 1], rars[m], hw.rar[m], dw.rar[m], dh, dV);
+      for (int64_t m = n - 1; m >= 0; --m)
+        dh = aggregation_backward(att[0].V, hs[m], hs[m + 1], rec.rars[m], hw.rar[m], dw.rar[m], dh, dV);
       add_mean_backward(dh, dV);
-      alignment_backward(a, dV, hw.alv[0], dw.alv[0], g, none, none);
+      alignment_backward(att[0], dV, hw.alv[0], dw.alv[0], g, none, none);
       return;
     }
     const int64_t n = cfg.steps;
     const bool coop = cfg.reg == kCoopRcar;
     const int64_t n_rcr = static_cast<int64_t>(hw.rcr.size());
-    // attention t for t < n (alignment steps), plus only_rcr's final attention
-    std::vector<SavedAttention> att;
-    std::vector<SavedRcr> rcrs(n_rcr);
-    std::vector<SavedRar> rars(hw.rar.size());
-    std::vector<at::Tensor> hs;
-    at::Tensor M = none, lam = lam0;
-    for (int64_t step = 0; step < n; ++step) {
-      att.push_back(attention(M, lam));
-      alignment(att.back(), hw.alv[step]);
-      if (coop && step == 0) hs.push_back(mean_rows(att.back().V));
-      if (step < n_rcr) std::tie(M, lam) = correspondence(att.back(), hw.rcr[step], rcrs[step]);
-      if (coop) hs.push_back(aggregation(att.back().V, hs[step], hw.rar[step], step, rars[step]));
-    }
     // gradients of the current step's M and lambda (defined once M / lambda are variables)
     at::Tensor dM, dlam, dh;
     auto variable_grads = [&](int64_t step) {
@@ -1161,7 +1285,6 @@ struct BackwardTile {
     if (coop) {
       dh = final_backward(hs[n], go, dw.eval);
     } else {
-      att.push_back(attention(M, lam));
       variable_grads(n);
       at::Tensor du = cosine_backward(att.back(), go, g);
       unit_context_backward(att.back(), du, g, dM, dlam);
@@ -1169,11 +1292,13 @@ struct BackwardTile {
     for (int64_t step = n - 1; step >= 0; --step) {
       const SavedAttention& a = att[step];
       at::Tensor dV = pool.zeros(N, s);
-      if (coop) dh = aggregation_backward(a.V, hs[step], hs[step + 1], rars[step], hw.rar[step], dw.rar[step], dh, dV);
+      if (coop)
+        dh = aggregation_backward(a.V, hs[step], hs[step + 1], rec.rars[step], hw.rar[step], dw.rar[step], dh, dV);
       at::Tensor dM_next = dM, dlam_next = dlam;
       variable_grads(step);
       if (step < n_rcr) {
-        correspondence_backward(a, rcrs[step], att[step + 1], hw.rcr[step], dw.rcr[step], dM_next, dlam_next, dV);
+        correspondence_backward(a, rec.rcrs[step], att[step + 1], hw.rcr[step], dw.rcr[step], dM_next, dlam_next,
+                                dV);
         if (dM.defined()) {
           dM.add_(dM_next);
           dlam.add_(dlam_next);
@@ -1193,16 +1318,28 @@ struct BackwardTile {
 
 constexpr int64_t kBackwardTileRows = 512;  // query rows per backward tile
 
+// One tile on the recording machinery: its backward for the output gradients go (g: where the
+// gradients go), or, go null, its forward scores into out.
 template <typename T>
-void backward_tile_body(const RcarTile<T>& t, const HeadWeights& hw, const HeadConfig& cfg, TilePool& pool,
-                        const T* go, const TileGrads<T>& g) {
-  BackwardTile<T>(t, hw, cfg, pool).run(go, g);
+void recorded_tile_body(const RcarTile<T>& t, const HeadWeights& hw, const HeadConfig& cfg, TilePool& pool,
+                        std::vector<ContextGroup<T>> groups, const T* go, const TileGrads<T>* g, T* out) {
+  BackwardTile<T> bt(t, hw, cfg, pool, std::move(groups));
+  if (go) bt.run(go, *g);
+  else bt.scores(bt.record(), out);
 }
 
 template <typename T>
-RCAR_TARGET_AVX2 void backward_tile_avx2(const RcarTile<T>& t, const HeadWeights& hw, const HeadConfig& cfg,
-                                         TilePool& pool, const T* go, const TileGrads<T>& g) {
-  backward_tile_body(t, hw, cfg, pool, go, g);
+RCAR_TARGET_AVX2 void recorded_tile_avx2(const RcarTile<T>& t, const HeadWeights& hw, const HeadConfig& cfg,
+                                         TilePool& pool, std::vector<ContextGroup<T>> groups, const T* go,
+                                         const TileGrads<T>* g, T* out) {
+  recorded_tile_body(t, hw, cfg, pool, std::move(groups), go, g, out);
+}
+
+template <typename T>
+void recorded_tile(bool avx2, const RcarTile<T>& t, const HeadWeights& hw, const HeadConfig& cfg, TilePool& pool,
+                   std::vector<ContextGroup<T>> groups, const T* go, const TileGrads<T>* g, T* out) {
+  if (avx2) recorded_tile_avx2(t, hw, cfg, pool, std::move(groups), go, g, out);
+  else recorded_tile_body(t, hw, cfg, pool, std::move(groups), go, g, out);
 }
 
 // Runs body(task, part) for the tasks of each of n_parts contiguous parts, one part per thread
@@ -1237,6 +1374,89 @@ void run_parts(const std::vector<int64_t>& task_weight, int n_parts, Body&& body
   if (failure) std::rethrow_exception(failure);
 }
 
+// dst[i] = srcs[0][i] + srcs[1][i] + ... (in that order; 0 without sources), i < n.
+template <typename T>
+void sum_in_order(T* dst, const std::vector<const T*>& srcs, int64_t offset, int64_t n) {
+  if (srcs.empty()) {
+    std::fill(dst, dst + n, T(0));
+    return;
+  }
+  std::memcpy(dst, srcs[0] + offset, sizeof(T) * n);
+  for (size_t k = 1; k < srcs.size(); ++k) {
+    const T* src = srcs[k] + offset;
+    for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+  }
+}
+
+// The backward's gradients per part (one part per thread of the team, see run_parts): image
+// rows, packed caption words and every weight. A part's buffers are zeroed by its own thread at
+// its first task (begin), and the parts are summed in part order by a team again, each thread
+// a slice of every output: the bits do not depend on the schedule, and no parallel ATen op runs
+// outside a team (on a shared machine each such op waits for a second, descheduled thread).
+template <typename T>
+struct PartGrads {
+  std::vector<at::Tensor> img, words;
+  std::vector<HeadWeights> weights;
+  std::vector<char> started;
+
+  PartGrads(int n_parts, int64_t img_rows, int64_t n_words, const HeadWeights& hw, const at::TensorOptions& opts)
+      : started(n_parts, 0) {
+    for (int k = 0; k < n_parts; ++k) {
+      img.push_back(at::empty({img_rows, hw.d}, opts));
+      words.push_back(at::empty({n_words, hw.d}, opts));
+      weights.push_back(weights_like(hw, [](const at::Tensor& t) { return at::empty_like(t); }));
+    }
+  }
+
+  // By part k's thread before each of its tasks: zeroes its buffers the first time.
+  void begin(int k) {
+    if (started[k]) return;
+    started[k] = 1;
+    img[k].zero_();
+    words[k].zero_();
+    for (const at::Tensor& t : flatten_weights(weights[k])) t.zero_();
+  }
+
+  // {d img (img_shape), d cap (n_cap, max_len, d), the weights' gradients (flat order)}: the
+  // started parts summed in part order; the caption padding's gradient is 0.
+  std::vector<at::Tensor> sum(at::IntArrayRef img_shape, const std::vector<int64_t>& off, int64_t max_len) const {
+    const int64_t d = img[0].size(1), n_cap = static_cast<int64_t>(off.size()) - 1;
+    std::vector<const T*> img_parts, word_parts;
+    std::vector<std::vector<at::Tensor>> weight_parts;
+    for (size_t k = 0; k < started.size(); ++k) {
+      if (!started[k]) continue;
+      img_parts.push_back(img[k].template data_ptr<T>());
+      word_parts.push_back(words[k].template data_ptr<T>());
+      weight_parts.push_back(flatten_weights(weights[k]));
+    }
+    std::vector<at::Tensor> result{at::empty(img_shape, img[0].options()),
+                                   at::empty({n_cap, max_len, d}, img[0].options())};
+    for (const at::Tensor& t : flatten_weights(weights[0])) result.push_back(at::empty_like(t));
+    const int n_slices = static_cast<int>(started.size());
+    run_parts(std::vector<int64_t>(n_slices, 1), n_slices, [&](int64_t slice, int) {
+      auto first = [&](int64_t n) { return n * slice / n_slices; };
+      auto count = [&](int64_t n) { return n * (slice + 1) / n_slices - n * slice / n_slices; };
+      const int64_t n_img_values = result[0].numel();
+      sum_in_order(result[0].data_ptr<T>() + first(n_img_values), img_parts, first(n_img_values),
+                   count(n_img_values));
+      T* cap_out = result[1].data_ptr<T>();
+      for (int64_t j = first(n_cap), j1 = j + count(n_cap); j < j1; ++j) {
+        const int64_t values = (off[j + 1] - off[j]) * d;
+        T* dst = cap_out + j * max_len * d;
+        sum_in_order(dst, word_parts, off[j] * d, values);
+        std::fill(dst + values, dst + max_len * d, T(0));
+      }
+      for (size_t i = 2; i < result.size(); ++i) {
+        std::vector<const T*> srcs;
+        for (const auto& flat : weight_parts) srcs.push_back(flat[i - 2].template data_ptr<T>());
+        const int64_t n = result[i].numel();
+        sum_in_order(result[i].data_ptr<T>() + first(n), srcs, first(n), count(n));
+      }
+    });
+    return result;
+  }
+};
+
 template <typename T>
 std::vector<at::Tensor> rcar_backward_impl(const at::Tensor& grad_in, const at::Tensor& img_in,
                                            const at::Tensor& cap, const at::Tensor& lens, bool t2i,
@@ -1245,16 +1465,10 @@ std::vector<at::Tensor> rcar_backward_impl(const at::Tensor& grad_in, const at::
   const at::Tensor grad = grad_in.to(img.scalar_type()).contiguous();
   const PackedWords<T> words = pack_words<T>(cap.stride(2) == 1 ? cap : cap.contiguous(), lens);
   const TileLayout<T> layout(t2i, img, words, cap.size(0), kBackwardTileRows);
-  const int64_t n_tasks = layout.tasks(), n_cap = cap.size(0);
+  const int64_t n_tasks = layout.tasks();
   const int64_t n_words = words.words.size(0), d = hw.d;
   const int n_parts = team_size(n_tasks);
-  std::vector<at::Tensor> d_img(n_parts), d_words(n_parts);
-  std::vector<HeadWeights> d_weights;
-  for (int k = 0; k < n_parts; ++k) {
-    d_img[k] = at::zeros({img.size(0) * img.size(1), d}, img.options());
-    d_words[k] = at::zeros({n_words, d}, img.options());
-    d_weights.push_back(zeros_like_weights(hw));
-  }
+  PartGrads<T> parts(n_parts, img.size(0) * img.size(1), n_words, hw, img.options());
   const bool avx2 = use_avx2_path();
   const T* grad_ptr = grad.data_ptr<T>();
   std::vector<std::unique_ptr<TilePool>> pools(n_parts);
@@ -1265,6 +1479,7 @@ std::vector<at::Tensor> rcar_backward_impl(const at::Tensor& grad_in, const at::
     work[task] = t.rows * (t.C + 1);
   }
   run_parts(work, n_parts, [&](int64_t task, int part) {
+    parts.begin(part);
     if (!pools[part]) pools[part] = std::make_unique<TilePool>(img.options());
     std::vector<int64_t> seg;
     const RcarTile<T> t = layout.tile(task, seg, nullptr);
@@ -1277,23 +1492,195 @@ std::vector<at::Tensor> rcar_backward_impl(const at::Tensor& grad_in, const at::
     // A tile whose pairs all have a zero output gradient contributes exactly nothing (a
     // sparse loss's gradient): skipped.
     if (std::all_of(go.begin(), go.end(), [](T v) { return v == T(0); })) return;
-    T* query_grads = (t2i ? d_words[part] : d_img[part]).template data_ptr<T>();
-    T* context_grads = (t2i ? d_img[part] : d_words[part]).template data_ptr<T>();
-    const TileGrads<T> g{query_grads + layout.query_row(task) * d, context_grads + layout.context_row(task) * d,
-                         &d_weights[part]};
-    if (avx2) backward_tile_avx2(t, hw, cfg, *pools[part], go.data(), g);
-    else backward_tile_body(t, hw, cfg, *pools[part], go.data(), g);
+    T* query_grads = (t2i ? parts.words[part] : parts.img[part]).template data_ptr<T>();
+    T* context_grads = (t2i ? parts.img[part] : parts.words[part]).template data_ptr<T>();
+    const TileGrads<T> g{query_grads + layout.query_row(task) * d, &parts.weights[part]};
+    recorded_tile(avx2, t, hw, cfg, *pools[part], single_group(t, context_grads + layout.context_row(task) * d),
+                  go.data(), &g, static_cast<T*>(nullptr));
   });
-  for (int k = 1; k < n_parts; ++k) {
-    d_img[0].add_(d_img[k]);
-    d_words[0].add_(d_words[k]);
-    const auto total = flatten_weights(d_weights[0]), part = flatten_weights(d_weights[k]);
-    for (size_t i = 0; i < total.size(); ++i) total[i].add_(part[i]);
+  return parts.sum(img.sizes(), words.offsets, cap.size(1));
+}
+
+// =============================================================================================
+// A pair list: (img_idx[k], cap_idx[k]) for k < n_pairs, repeats allowed, forward and backward
+// on the recording machinery above. The pairs, sorted by their context owner (t2i the image,
+// i2t the caption; stably, so the list order breaks ties), are cut into tiles of at most
+// kPairTileRows query rows. A tile's query rows are gathered into one buffer, so its per-row
+// stages (alignment, RCR and RAR MLPs, forward and backward) run as GEMMs over all its pairs,
+// while each cross attention runs per context owner (one ContextGroup each). RAR's dropout
+// masks are keyed by the pair's global id i * n_cap + j: the bits of the all-pairs kernel.
+// =============================================================================================
+
+constexpr int64_t kPairTileRows = 512;  // query rows per pair-list tile, at most
+
+template <typename T>
+struct PairTiles {
+  bool t2i;
+  int64_t R, d, n_cap;
+  const T* img;
+  const T* words;
+  const std::vector<int64_t>& off;
+  const int64_t* ii;
+  const int64_t* jj;
+  std::vector<int64_t> order, bounds;  // tile task holds the pairs order[bounds[task] .. bounds[task + 1])
+  int64_t max_rows = 0;
+
+  PairTiles(bool t2i_, const at::Tensor& img_c, const PackedWords<T>& w, int64_t n_cap_, const int64_t* ii_,
+            const int64_t* jj_, int64_t n_pairs, int n_threads)
+      : t2i(t2i_), R(img_c.size(1)), d(img_c.size(2)), n_cap(n_cap_), img(img_c.data_ptr<T>()),
+        words(w.words.template data_ptr<T>()), off(w.offsets), ii(ii_), jj(jj_), order(n_pairs) {
+    std::iota(order.begin(), order.end(), int64_t(0));
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return context_owner(a) < context_owner(b); });
+    int64_t total = 0;
+    for (int64_t k = 0; k < n_pairs; ++k) total += query_rows(k);
+    // Tiles of about equal rows, at least one per thread and a multiple of the thread count.
+    const int64_t threads = std::max(1, n_threads);
+    int64_t n_tiles = std::max<int64_t>(threads, (total + kPairTileRows - 1) / kPairTileRows);
+    n_tiles = (n_tiles + threads - 1) / threads * threads;
+    const int64_t target = std::max<int64_t>(1, (total + n_tiles - 1) / n_tiles);
+    bounds.push_back(0);
+    int64_t rows = 0;
+    for (int64_t k = 0; k < n_pairs; ++k) {
+      const int64_t r = query_rows(order[k]);
+      if (rows > 0 && rows + r > target) {
+        bounds.push_back(k);
+        rows = 0;
+      }
+      rows += r;
+      max_rows = std::max(max_rows, rows);
+    }
+    bounds.push_back(n_pairs);
   }
-  std::vector<at::Tensor> result{d_img[0].view(img.sizes()),
-                                 unpack_words<T>(d_words[0], words.offsets, n_cap, cap.size(1))};
-  for (const at::Tensor& w : flatten_weights(d_weights[0])) result.push_back(w);
-  return result;
+
+  int64_t tasks() const { return static_cast<int64_t>(bounds.size()) - 1; }
+  int64_t context_owner(int64_t k) const { return t2i ? ii[k] : jj[k]; }
+  int64_t query_rows(int64_t k) const { return t2i ? off[jj[k] + 1] - off[jj[k]] : R; }
+  // Listed pair k's first query row in the packed query side (t2i: words, i2t: img rows).
+  int64_t query_row(int64_t k) const { return t2i ? off[jj[k]] : ii[k] * R; }
+  int64_t context_row(int64_t owner) const { return t2i ? owner * R : off[owner]; }
+  int64_t context_len(int64_t owner) const { return t2i ? R : off[owner + 1] - off[owner]; }
+
+  // The tile of a task: its query rows gathered into `query` (max_rows x d), its segments, pair
+  // ids and context groups (their gradients in dcontext, the context side's rows; null: none).
+  RcarTile<T> tile(int64_t task, T* query, std::vector<int64_t>& seg, std::vector<int64_t>& ids,
+                   std::vector<ContextGroup<T>>& groups, T* dcontext) const {
+    const int64_t k0 = bounds[task], k1 = bounds[task + 1];
+    const T* query_side = t2i ? words : img;
+    const T* context_side = t2i ? img : words;
+    seg.assign(1, 0);
+    ids.clear();
+    groups.clear();
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t q = order[k], rows = query_rows(q), p = k - k0, owner = context_owner(q);
+      std::memcpy(query + seg.back() * d, query_side + query_row(q) * d, sizeof(T) * rows * d);
+      seg.push_back(seg.back() + rows);
+      ids.push_back(ii[q] * n_cap + jj[q]);
+      if (p > 0 && owner == context_owner(order[k - 1])) {
+        groups.back().p1 = p + 1;
+        continue;
+      }
+      const int64_t row = context_row(owner);
+      groups.push_back(ContextGroup<T>{context_side + row * d, context_len(owner), p, p + 1,
+                                       dcontext ? dcontext + row * d : nullptr});
+    }
+    RcarTile<T> t{query, seg.back(), groups[0].context, groups[0].C, seg.data(), k1 - k0, nullptr, 1, 0, 0};
+    t.pair_ids = ids.data();
+    return t;
+  }
+};
+
+// Per-thread buffers of the pair-list passes.
+template <typename T>
+struct PairScratch {
+  std::unique_ptr<TilePool> pool;
+  std::vector<T> query, dquery, values;
+  std::vector<int64_t> seg, ids;
+  std::vector<ContextGroup<T>> groups;
+
+  void ensure(const at::TensorOptions& opts, int64_t max_rows, int64_t d) {
+    if (pool) return;
+    pool = std::make_unique<TilePool>(opts);
+    query.resize(max_rows * d);
+    dquery.resize(max_rows * d);
+  }
+};
+
+template <typename T>
+void rcar_pairs_forward_impl(const at::Tensor& img_in, const at::Tensor& cap, const at::Tensor& lens,
+                             const int64_t* ii, const int64_t* jj, int64_t n_pairs, bool t2i, const HeadWeights& hw,
+                             const HeadConfig& cfg, at::Tensor& out) {
+  const at::Tensor img = img_in.contiguous();
+  const PackedWords<T> words = pack_words<T>(cap.stride(2) == 1 ? cap : cap.contiguous(), lens);
+  const PairTiles<T> tiles(t2i, img, words, cap.size(0), ii, jj, n_pairs, at::get_num_threads());
+  const int64_t n_tasks = tiles.tasks();
+  std::vector<PairScratch<T>> scratch(team_size(n_tasks));
+  const bool avx2 = use_avx2_path();
+  T* out_ptr = out.data_ptr<T>();
+  run_tasks(n_tasks, [&](int64_t task, int thread) {
+    PairScratch<T>& w = scratch[thread];
+    w.ensure(img.options(), tiles.max_rows, hw.d);
+    const RcarTile<T> t = tiles.tile(task, w.query.data(), w.seg, w.ids, w.groups, nullptr);
+    w.values.resize(t.pairs);
+    recorded_tile(avx2, t, hw, cfg, *w.pool, w.groups, static_cast<const T*>(nullptr),
+                  static_cast<const TileGrads<T>*>(nullptr), w.values.data());
+    for (int64_t p = 0; p < t.pairs; ++p) out_ptr[tiles.order[tiles.bounds[task] + p]] = w.values[p];
+  });
+}
+
+template <typename T>
+std::vector<at::Tensor> rcar_pairs_backward_impl(const at::Tensor& grad_in, const at::Tensor& img_in,
+                                                 const at::Tensor& cap, const at::Tensor& lens, const int64_t* ii,
+                                                 const int64_t* jj, int64_t n_pairs, bool t2i, const HeadWeights& hw,
+                                                 const HeadConfig& cfg) {
+  const at::Tensor img = img_in.contiguous();
+  const at::Tensor grad = grad_in.to(img.scalar_type()).contiguous();
+  const PackedWords<T> words = pack_words<T>(cap.stride(2) == 1 ? cap : cap.contiguous(), lens);
+  const PairTiles<T> tiles(t2i, img, words, cap.size(0), ii, jj, n_pairs, at::get_num_threads());
+  const int64_t n_tasks = tiles.tasks(), d = hw.d;
+  const int n_parts = team_size(n_tasks);
+  PartGrads<T> parts(n_parts, img.size(0) * img.size(1), words.words.size(0), hw, img.options());
+  std::vector<int64_t> work(n_tasks, 0);
+  for (int64_t task = 0; task < n_tasks; ++task)
+    for (int64_t k = tiles.bounds[task]; k < tiles.bounds[task + 1]; ++k) work[task] += tiles.query_rows(tiles.order[k]);
+  std::vector<PairScratch<T>> scratch(n_parts);
+  const bool avx2 = use_avx2_path();
+  const T* grad_ptr = grad.data_ptr<T>();
+  run_parts(work, n_parts, [&](int64_t task, int part) {
+    parts.begin(part);
+    PairScratch<T>& w = scratch[part];
+    w.ensure(img.options(), tiles.max_rows, d);
+    const int64_t k0 = tiles.bounds[task];
+    T* query_grads = (t2i ? parts.words[part] : parts.img[part]).template data_ptr<T>();
+    T* context_grads = (t2i ? parts.img[part] : parts.words[part]).template data_ptr<T>();
+    const RcarTile<T> t = tiles.tile(task, w.query.data(), w.seg, w.ids, w.groups, context_grads);
+    w.values.resize(t.pairs);
+    for (int64_t p = 0; p < t.pairs; ++p) w.values[p] = grad_ptr[tiles.order[k0 + p]];
+    // pairs with a zero output gradient contribute nothing: a tile of only those is skipped
+    if (std::all_of(w.values.begin(), w.values.end(), [](T v) { return v == T(0); })) return;
+    std::fill(w.dquery.begin(), w.dquery.begin() + t.rows * d, T(0));
+    const TileGrads<T> g{w.dquery.data(), &parts.weights[part]};
+    recorded_tile(avx2, t, hw, cfg, *w.pool, w.groups, w.values.data(), &g, static_cast<T*>(nullptr));
+    // each pair's query-row gradients back to its query owner's rows, in tile order
+    for (int64_t p = 0; p < t.pairs; ++p) {
+      T* dst = query_grads + tiles.query_row(tiles.order[k0 + p]) * d;
+      const T* src = w.dquery.data() + t.seg[p] * d;
+      const int64_t n = (t.seg[p + 1] - t.seg[p]) * d;
+      for (int64_t e = 0; e < n; ++e) dst[e] += src[e];
+    }
+  });
+  return parts.sum(img.sizes(), words.offsets, cap.size(1));
+}
+
+// img_idx / cap_idx: int64 CPU (n_pairs,) with values in [0, n).
+void check_pair_index(const at::Tensor& idx, const char* name, int64_t n_pairs, int64_t n) {
+  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == n_pairs && idx.scalar_type() == at::kLong && idx.device().is_cpu(),
+              "rcar pairs (cpu): ", name, " must be an int64 CPU tensor of shape (", n_pairs, ",), got ", idx.sizes(),
+              " ", idx.scalar_type(), " on ", idx.device());
+  if (n_pairs == 0) return;
+  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < n, "rcar pairs (cpu): ", name, " must lie in [0, ", n, "), got values in [", lo, ", ",
+              hi, "]");
 }
 
 struct Prepared {
@@ -1353,6 +1740,48 @@ std::vector<at::Tensor> rcar_backward(const at::Tensor& grad, const at::Tensor& 
   return result;
 }
 
+at::Tensor rcar_pairs_forward(const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens,
+                              const at::Tensor& img_idx, const at::Tensor& cap_idx, const RcarSettings& settings,
+                              const std::vector<at::Tensor>& weights) {
+  const Prepared pr = prepare(img, cap, lens, settings, weights);
+  const int64_t n_pairs = img_idx.numel();
+  check_pair_index(img_idx, "img_idx", n_pairs, img.size(0));
+  check_pair_index(cap_idx, "cap_idx", n_pairs, cap.size(0));
+  at::Tensor out = at::empty({n_pairs}, img.options());
+  if (n_pairs == 0) return out;
+  if (poison_buffers().load()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  const at::Tensor ii = img_idx.contiguous(), jj = cap_idx.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "rcar_cpu::rcar_pairs_forward", [&] {
+    rcar_pairs_forward_impl<scalar_t>(img, cap, lens, ii.data_ptr<int64_t>(), jj.data_ptr<int64_t>(), n_pairs, pr.t2i,
+                                      pr.hw, pr.cfg, out);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> rcar_pairs_backward(const at::Tensor& grad, const at::Tensor& img, const at::Tensor& cap,
+                                            const at::Tensor& lens, const at::Tensor& img_idx,
+                                            const at::Tensor& cap_idx, const RcarSettings& settings,
+                                            const std::vector<at::Tensor>& weights) {
+  const Prepared pr = prepare(img, cap, lens, settings, weights);
+  const int64_t n_pairs = img_idx.numel();
+  check_pair_index(img_idx, "img_idx", n_pairs, img.size(0));
+  check_pair_index(cap_idx, "cap_idx", n_pairs, cap.size(0));
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == n_pairs, "rcar pairs (cpu): grad must be (", n_pairs, ",), got ",
+              grad.sizes());
+  if (n_pairs == 0) {
+    std::vector<at::Tensor> result{at::zeros_like(img), at::zeros_like(cap)};
+    for (const at::Tensor& w : flatten_weights(zeros_like_weights(pr.hw))) result.push_back(w);
+    return result;
+  }
+  const at::Tensor ii = img_idx.contiguous(), jj = cap_idx.contiguous();
+  std::vector<at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "rcar_cpu::rcar_pairs_backward", [&] {
+    result = rcar_pairs_backward_impl<scalar_t>(grad, img, cap, lens, ii.data_ptr<int64_t>(), jj.data_ptr<int64_t>(),
+                                                n_pairs, pr.t2i, pr.hw, pr.cfg);
+  });
+  return result;
+}
+
 at::Tensor rcar_dropout_scales(int64_t seed, int64_t module, int64_t which, const at::Tensor& pairs,
                                int64_t rows, int64_t channels) {
   TORCH_CHECK(seed >= 0 && module >= 0 && (which == 0 || which == 1) && rows >= 0 && channels >= 0,
@@ -1396,6 +1825,10 @@ std::string set_simd_path(const std::string& path) {
 //     [d img, d cap, then one gradient per weight tensor in the same flat order]; d cap is zero
 //     at the padding. Recomputes the forward per tile (nothing kept between the calls);
 //     deterministic for a thread count.
+//   rcar_pairs_forward_cpu / rcar_pairs_backward_cpu: the same head for the pairs (img_idx[p],
+//     cap_idx[p]) (int64, in range, repeats allowed): (P,), and the gradients of
+//     sum(grad * scores) (grad (P,)) as rcar_backward_cpu's; dropout masks as the all-pairs
+//     kernel's for each (image, caption).
 //   rcar_dropout_scales_cpu: RAR's dropout scales (0 or 1/(1-p)), float64 (len(pairs), rows,
 //     channels), of module `module`, which 0 (rar_k_w, row = query row) or 1 (rar_q_w, row 0):
 //     the C++ side of rcar_fast.dropout.rar_scales, for the tests.
@@ -1417,6 +1850,13 @@ RCAR_FAST_BINDINGS(cpu_rcar, m) {
         "gradients [d img, d cap, d weights...] of sum(grad * RCAR head), weights as rcar_forward_cpu",
         py::arg("grad"), py::arg("img"), py::arg("cap"), py::arg("lens"), py::arg("settings"), py::arg("weights"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("rcar_pairs_forward_cpu", &rcar_cpu::rcar_pairs_forward, "RCAR head of the pairs (img_idx[p], cap_idx[p]): (P,)",
+        py::arg("img"), py::arg("cap"), py::arg("lens"), py::arg("img_idx"), py::arg("cap_idx"), py::arg("settings"),
+        py::arg("weights"), py::call_guard<py::gil_scoped_release>());
+  m.def("rcar_pairs_backward_cpu", &rcar_cpu::rcar_pairs_backward,
+        "gradients [d img, d cap, d weights...] of sum(grad * RCAR pair scores)", py::arg("grad"), py::arg("img"),
+        py::arg("cap"), py::arg("lens"), py::arg("img_idx"), py::arg("cap_idx"), py::arg("settings"),
+        py::arg("weights"), py::call_guard<py::gil_scoped_release>());
   m.def("rcar_dropout_scales_cpu", &rcar_cpu::rcar_dropout_scales,
         "RAR dropout scales (len(pairs), rows, channels) float64 (rcar_fast.dropout.rar_scales)", py::arg("seed"),
         py::arg("module"), py::arg("which"), py::arg("pairs"), py::arg("rows"), py::arg("channels"));

@@ -15,7 +15,7 @@ smooth) and `lens` (and the pair indices) arrive validated (int64 on cap's devic
     triton                      the Triton kernels (kernels/rcar.py, kernels/rcar_backward.py):
                                 fused forward and backward, dropout included
     cuda                        the CUDA kernel (csrc/cuda/rcar.cu), eval-mode forward only
-    rcar_pairs                  the reference's pair drivers; the C++ kernels per image
+    rcar_pairs                  the reference's pair drivers; the C++ kernel's pair-list entry
 
 The ops take the head's weights as inputs (head.parameters() order) and its configuration as
 arguments, so torch.compile traces them as one node each.
@@ -30,7 +30,7 @@ import torch
 from rcar_fast import contract, dropout, reference_math
 from rcar_fast.heads import RCARHead, module_counts
 from rcar_fast.ops.backend import Backend, CpuKernelBackend, Inputs, native, output_dtype
-from rcar_fast.ops.library import (PAIR_INDICES_SCHEMA, define, grouped_by_image, input_grads,
+from rcar_fast.ops.library import (PAIR_INDICES_SCHEMA, define, input_grads,
                                    listed_pairs, pairs_output, scan_output, vjp)
 
 __all__ = ["BACKENDS", "define_rcar_op"]
@@ -247,17 +247,47 @@ def _cpu_forward(img, cap, lens, weights, seed, config) -> torch.Tensor:
     return native().rcar_forward_cpu(img, cap, lens, settings, flat)
 
 
-def _cpu_backward(grad, img, cap, lens, weights, seed, config):
-    order, settings, flat = _kernel_args(weights, seed, config)
-    d_img, d_cap, *d_flat = native().rcar_backward_cpu(grad.to(img.dtype), img, cap, lens, settings, flat)
+def _parameter_order(d_flat, order, weights) -> list:
+    """The kernels' weight gradients (their flat order) in head.parameters() order."""
     d_weights = [None] * len(weights)
     for g, i in zip(d_flat, order):
         d_weights[i] = g.to(weights[i].dtype)
-    return d_img, d_cap, d_weights
+    return d_weights
 
 
-# rcar_fast::rcar_cpu and rcar_fast::rcar_cpu_backward
+def _cpu_backward(grad, img, cap, lens, weights, seed, config):
+    order, settings, flat = _kernel_args(weights, seed, config)
+    d_img, d_cap, *d_flat = native().rcar_backward_cpu(grad.to(img.dtype), img, cap, lens, settings, flat)
+    return d_img, d_cap, _parameter_order(d_flat, order, weights)
+
+
+def _cpu_pairs_forward(img, cap, lens, img_idx, cap_idx, weights, seed, config) -> torch.Tensor:
+    _, settings, flat = _kernel_args(weights, seed, config)
+    return native().rcar_pairs_forward_cpu(img, cap, lens, img_idx, cap_idx, settings, flat)
+
+
+def _cpu_pairs_backward(grad, img, cap, lens, img_idx, cap_idx, weights, seed, config):
+    order, settings, flat = _kernel_args(weights, seed, config)
+    d_img, d_cap, *d_flat = native().rcar_pairs_backward_cpu(grad.to(img.dtype), img, cap, lens, img_idx,
+                                                             cap_idx, settings, flat)
+    return d_img, d_cap, _parameter_order(d_flat, order, weights)
+
+
+# rcar_fast::rcar_cpu, rcar_fast::rcar_pairs_cpu (the pair-list entry) and their _backward
 rcar_cpu_op = define_rcar_op("rcar_cpu", _cpu_forward, _cpu_backward)
+rcar_pairs_cpu_op = define_rcar_op("rcar_pairs_cpu", _cpu_pairs_forward, _cpu_pairs_backward, pairs=True)
+
+
+def call_kernel_op(op, head, img, cap, lens, *index):
+    """`op` (rcar_cpu_op, or rcar_pairs_cpu_op with index = (img_idx, cap_idx)) on the head's
+    weights; in training mode with a fresh dropout seed."""
+    # The op's `training` argument says whether dropout acts: a training head whose
+    # Dropout modules have p = 0 (rcar_fast.train's head_dropout=0) has none.
+    dropout_on = _check_dropout(head)
+    seed = (torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_on
+            else torch.zeros((), dtype=torch.int64))
+    config = (*op_config(head)[:-1], dropout_on)
+    return op(img, cap, lens, *index, list(head.parameters()), seed, *config)
 
 
 class RcarCpu(Backend):
@@ -270,13 +300,7 @@ class RcarCpu(Backend):
 
     @staticmethod
     def fn(head, img, cap, lens):
-        # The op's `training` argument says whether dropout acts: a training head whose
-        # Dropout modules have p = 0 (rcar_fast.train's head_dropout=0) has none.
-        dropout_on = _check_dropout(head)
-        seed = (torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_on
-                else torch.zeros((), dtype=torch.int64))
-        config = (*op_config(head)[:-1], dropout_on)
-        return rcar_cpu_op(img, cap, lens, list(head.parameters()), seed, *config)
+        return call_kernel_op(rcar_cpu_op, head, img, cap, lens)
 
 
 def _check_dropout(head, kernel: str = None) -> bool:
@@ -611,7 +635,7 @@ class RcarCuda(Backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# rcar_pairs: the reference's pair drivers on listed pairs; the C++ kernel per image
+# rcar_pairs: the reference's pair drivers on listed pairs; the C++ kernel's pair-list entry
 # ---------------------------------------------------------------------------------------------
 
 def _rcar_pairs_reference(driver: Callable) -> Callable:
@@ -623,11 +647,7 @@ def _rcar_pairs_reference(driver: Callable) -> Callable:
 
 
 def _rcar_pairs_cpu(head, img, cap, lens, img_idx, cap_idx):
-    # The head's weights go in as the Function's inputs: their gradients are summed over the
-    # groups by the C++ kernels' own backward (RcarCpu.fn's autograd).
-    params = [p for p in head.parameters() if p.requires_grad]
-    return grouped_by_image(lambda i, c, n: RcarCpu.fn(head, i, c, n), img, cap, lens,
-                             img_idx, cap_idx, params)
+    return call_kernel_op(rcar_pairs_cpu_op, head, img, cap, lens, img_idx, cap_idx)
 
 
 _rcar_pairs_vectorized = _rcar_pairs_reference(reference_math.pairs_vectorized)
@@ -665,36 +685,19 @@ class RcarPairsReferenceLoop(Backend):
 
 
 class RcarPairsCpu(Backend):
-    """The C++ CPU RCAR kernels per distinct image (as ScanPairsCpu): what RcarCpu can do, it
-    can (its backward, dropout and dtypes, and its reasons), so a fused backward landing in
-    RcarCpu makes this the training path of the sparse loss on CPU. While RcarCpu is forward
-    only, backend="auto" leaves this out (not_in_auto): a loss may differentiate the pair
-    scores of an eval-mode head (no training step for dispatch to see), so auto must take a
-    backend with a backward; backend="cpu" runs it for re-ranking without autograd and
-    refuses a training step with the reasons. With RcarCpu's fused backward it trains (request
-    it: auto leaves it out while per-image calls are slower than the reference, not_in_auto)."""
+    """The C++ CPU RCAR kernel's pair-list entry (csrc/cpu/rcar.cpp, rcar_pairs_forward /
+    rcar_pairs_backward): the whole list in one call, tiled by context owner, forward and fused
+    backward, dropout with the all-pairs kernel's masks; what RcarCpu can do, it can. Measured
+    (d 1024, sim_dim 256, 2 threads): the sparse loss' 87-pair recompute at B = 32, forward and
+    backward, 0.8 s against the reference's 3.4 s (machine loaded; bench/results rows
+    loss_rcar_coop_rcar2_t2i), so auto takes it."""
     op, backend, kernel = "rcar_pairs", "cpu", RcarCpu.kernel
     dtypes, dtype_reason = RcarCpu.dtypes, RcarCpu.dtype_reason
     has_backward, implements_dropout = RcarCpu.has_backward, RcarCpu.implements_dropout
 
     @classmethod
     def not_supported_reasons(cls, inputs: Inputs) -> list:
-        if torch.compiler.is_compiling():   # no custom op yet: the grouping reads the indices
-            return [f"{cls.kernel}: pair lists run eagerly only (not inside torch.compile)"]
         return RcarCpu.not_supported_reasons(inputs)
-
-    @classmethod
-    def not_in_auto(cls):
-        if not cls.has_backward:
-            return ("the C++ CPU RCAR kernel is forward only, and a loss may differentiate the "
-                    "pair scores of an eval-mode head: auto takes a backend with a backward")
-        # Measured (d 1024, sim_dim 256, 2 cores): the sparse loss at B = 32 recomputes ~87
-        # pairs over 32 images, here 32 kernel calls: forward + backward 0.8 s against the
-        # reference's 0.15 s (idle machine; 8 s against 1-3 s loaded), the backward's fixed
-        # cost per call dominating.
-        return ("one C++ kernel call per distinct image: the fused backward's fixed cost per "
-                "call makes the B = 32 pair recompute ~5x slower than the reference's; a "
-                "pair-list kernel entry would fix it")
 
     fn = staticmethod(_rcar_pairs_cpu)
 
