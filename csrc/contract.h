@@ -33,5 +33,8 @@ constexpr double kLeakySlope = 0.1;
 constexpr float kLeakySlopeF = 0.1f;
 constexpr double kUnitNormEps = 1e-12;
 constexpr float kUnitNormEpsF = 1e-12f;
+constexpr double kRarDropoutP = 0.4;
+constexpr unsigned kRarDropoutThreshold = 1717986918u;
+constexpr unsigned kDropoutHashMultiplier = 0x45d9f3bu;
 
 }  // namespace rcar_contract

@@ -172,7 +172,10 @@ def header() -> str:
               f"constexpr double kLeakySlope = {LEAKY_SLOPE!r};",
               f"constexpr float kLeakySlopeF = {LEAKY_SLOPE!r}f;",
               f"constexpr double kUnitNormEps = {UNIT_NORM_EPS!r};",
-              f"constexpr float kUnitNormEpsF = {UNIT_NORM_EPS!r}f;", "",
+              f"constexpr float kUnitNormEpsF = {UNIT_NORM_EPS!r}f;",
+              f"constexpr double kRarDropoutP = {RAR_DROPOUT_P!r};",
+              f"constexpr unsigned kRarDropoutThreshold = {RAR_DROPOUT_THRESHOLD}u;",
+              f"constexpr unsigned kDropoutHashMultiplier = {DROPOUT_HASH_MULTIPLIER:#x}u;", "",
               "}  // namespace rcar_contract", ""]
     return "\n".join(lines)
 

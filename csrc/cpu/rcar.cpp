@@ -256,12 +256,12 @@ struct HeadConfig {
 // (row 0). pair = i * n_cap + j. No state: a backward recomputes the forward's masks.
 // ---------------------------------------------------------------------------------------------
 
-constexpr double kDropoutP = 0.4;
-constexpr uint32_t kDropoutThreshold = 1717986918u;  // floor(0.4 * 2^32)
+constexpr double kDropoutP = rcar_contract::kRarDropoutP;
+constexpr uint32_t kDropoutThreshold = rcar_contract::kRarDropoutThreshold;  // floor(p * 2^32)
 
 inline uint32_t hash32(uint32_t x) {
-  x = ((x >> 16) ^ x) * 0x45d9f3bu;
-  x = ((x >> 16) ^ x) * 0x45d9f3bu;
+  x = ((x >> 16) ^ x) * rcar_contract::kDropoutHashMultiplier;
+  x = ((x >> 16) ^ x) * rcar_contract::kDropoutHashMultiplier;
   return (x >> 16) ^ x;
 }
 
