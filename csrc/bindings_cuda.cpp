@@ -133,6 +133,10 @@ void register_problem_types(py::module& m) {
       .field("leaky", &MaxSimProblem::leaky)
       .field("tau", &MaxSimProblem::tau)
       .field("both_scale", &MaxSimProblem::both_scale)
+      .field("vsa", &MaxSimProblem::vsa)
+      .field("vsa_tau", &MaxSimProblem::vsa_tau)
+      .field("gram", &MaxSimProblem::gram)
+      .field("gram_off", &MaxSimProblem::gram_off)
       .finish();
   using rcar_cuda::RcarProblem;
   ProblemClass<RcarProblem>(m, "RcarProblemCuda", "rcar_cuda::RcarProblem (csrc/cuda/kernels.h)")
@@ -257,6 +261,20 @@ void register_maxsim_ops(py::module& m) {
       py::arg("i2t_coef"), py::arg("i2t_arg"), py::arg("d_img"), py::arg("d_cap_packed"),
       py::arg("stream"),
       "S-only heads backward: d img (written) and d cap packed (accumulated), see kernels.h");
+  m.def(
+      "maxsim_vsa_backward_cuda",
+      [](const rcar_cuda::MaxSimProblem& problem, uintptr_t grad_sims, uintptr_t d_scores,
+         uintptr_t attn, uintptr_t attn_scaled, uintptr_t stream) {
+        check_maxsim_problem(problem, "maxsim_vsa_backward_cuda");
+        check_cuda(rcar_cuda::maxsim_vsa_backward(
+                       problem, static_cast<const float*>(as_ptr(grad_sims)),
+                       static_cast<float*>(as_ptr(d_scores)), static_cast<float*>(as_ptr(attn)),
+                       static_cast<float*>(as_ptr(attn_scaled)), as_ptr(stream)),
+                   "maxsim_vsa_backward_cuda");
+      },
+      py::arg("problem"), py::arg("grad_sims"), py::arg("d_scores"), py::arg("attn"),
+      py::arg("attn_scaled"), py::arg("stream"),
+      "the VSA coding's backward: per-pair dL/dS, a and 2 dL/d|c|^2 a (see kernels.h)");
 }
 
 void register_rcar_ops(py::module& m) {

@@ -110,6 +110,10 @@ struct MaxSimProblem {
   int leaky;                     // 1: leaky(x) = x > 0 ? x : kLeakySlope x on the maxima
   float tau;                     // lse / softmax temperature, > 0
   float both_scale;              // direction both: both_scale * (t2i + i2t)
+  int vsa;                       // 1: CHAN's VSA coding (direction i2t, leaky 0) replaces the maxima
+  float vsa_tau;                 // its softmax temperature over the words, > 0
+  const float* gram;             // vsa: packed caption Grams, caption j's lens[j]^2 at gram_off[j]
+  const int64_t* gram_off;       // vsa: (n_cap,) offsets into gram
 };
 
 // nullptr if the launchers take p, else why not (shapes beyond the tile, bad codes): callers
@@ -134,6 +138,14 @@ int maxsim_forward(const MaxSimProblem& p, float* sims, void* stream);
 int maxsim_backward(const MaxSimProblem& p, const float* grad_sims, float* t2i_coef,
                     int32_t* t2i_arg, float* i2t_coef, int32_t* i2t_arg, float* d_img,
                     float* d_cap_packed, void* stream);
+
+// Backward of the VSA coding (p.vsa) for grad_sims (n_img, n_cap) float32: the tile
+// recomputed, and per pair, each (n_img * R, total_words) [i * R + r, packed word] float32,
+// every entry written (0 at padded regions), as scan_backward's i2t outputs:
+//   d_scores dL/dS, attn a_rw, attn_scaled 2 dL/d|c_r|^2 a_rw (2 dL/dG_j = attn_scaled^T attn
+//   over caption j's words). The caller contracts them with the features.
+int maxsim_vsa_backward(const MaxSimProblem& p, const float* grad_sims, float* d_scores,
+                        float* attn, float* attn_scaled, void* stream);
 
 // ---------------------------------------------------------------------------------------------
 // RCAR similarity head, eval-mode forward (csrc/cuda/rcar.cu). Features are float32.
