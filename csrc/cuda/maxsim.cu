@@ -24,22 +24,10 @@
 // (maxsim_vsa_backward) recomputes the tile and writes per pair, like SCAN's i2t backward,
 // dL/dS, a and 2 dL/d|c_r|^2 a into (image rows x packed words) buffers; the caller contracts
 // them with the features (dense GEMMs) and the caption Grams' gradient.
-#include <cuda_runtime.h>
-
-#include <cstdint>
-
-#include "cuda/kernels.h"
-#include "cuda/load.cuh"
 #include "cuda/tile.cuh"
-#include "cuda/warp.cuh"
 
 namespace rcar_cuda {
 namespace {
-
-using tile::BlockWork;
-using tile::Tile;
-using tile::kThreads;
-using tile::kWarps;
 
 constexpr int kGradThreads = 128;  // feature columns per block of the contraction kernels
 
@@ -47,23 +35,16 @@ constexpr int kGradThreads = 128;  // feature columns per block of the contracti
 // Shared memory: the tile (region-major), then per warp the maxima x and their argmax.
 // ----------------------------------------------------------------------------------------------
 
-struct Layout {
-  size_t row_off, col_off, main, scratch, total;
-  int score_ld;
+struct Layout : tile::Layout {
   int pooled_max;  // the most values one direction pools: max(R, max_len)
 };
 
 __host__ __device__ inline Layout make_layout(const MaxSimProblem& p, const Tile& t,
                                               bool inputs16) {
-  const tile::Regions regions = tile::make_regions(t, inputs16, true);
   Layout l;
-  l.row_off = regions.row_off;
-  l.col_off = regions.col_off;
-  l.main = regions.main;
-  l.score_ld = tile::score_ld(t, true);
   l.pooled_max = static_cast<int>(p.R > p.max_len ? p.R : p.max_len);
-  l.scratch = tile::align_up(regions.end, 16);
-  l.total = l.scratch + (sizeof(float) + sizeof(int)) * kWarps * size_t(l.pooled_max);
+  static_cast<tile::Layout&>(l) = tile::make_layout(
+      t, inputs16, true, (sizeof(float) + sizeof(int)) * kWarps * size_t(l.pooled_max));
   return l;
 }
 
@@ -353,12 +334,11 @@ __global__ void __launch_bounds__(kThreads, 1) maxsim_tile_kernel(MaxSimProblem 
   tile::score_tile<T>(p, t, l.score_ld, true, w, row_off, col_off, main, vec);
 
   float* scores = reinterpret_cast<float*>(main);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
   float* x = reinterpret_cast<float*>(smem + l.scratch) + warp * l.pooled_max;
   int* arg = reinterpret_cast<int*>(smem + l.scratch) + (kWarps + warp) * l.pooled_max;
-  const int pairs = w.n_img * w.n_caps;
-  for (int pair = warp; pair < pairs; pair += kWarps) {
-    const PairRef q = pair_ref(p, w, scores, l.score_ld, pair % w.n_img, pair / w.n_img);
+  tile::for_each_pair(w, [&](int li, int jj, int lane) {
+    const PairRef q = pair_ref(p, w, scores, l.score_ld, li, jj);
     const float scale = p.direction == kHeadBoth ? p.both_scale : 1.f;
     if constexpr (!kBackward) {
       float total = 0.f;
@@ -373,7 +353,7 @@ __global__ void __launch_bounds__(kThreads, 1) maxsim_tile_kernel(MaxSimProblem 
       const float up = scale * grad_sims[q.i * p.n_cap + q.j];
       if (p.vsa) {
         vsa_backward(p, q, l.score_ld, up, x, v, lane);
-        continue;
+        return;
       }
       if (has_t2i(p.direction)) {
         const int64_t at = q.i * p.total_words + q.word;
@@ -390,17 +370,13 @@ __global__ void __launch_bounds__(kThreads, 1) maxsim_tile_kernel(MaxSimProblem 
         }
       }
     }
-  }
+  });
 }
 
-// d_img[i, r, k] for one image i (blockIdx.x) and a thread per feature column k.
+// d_img[i, r, k] of image i for feature column k.
 template <typename T>
-__global__ void __launch_bounds__(kGradThreads) maxsim_image_grad_kernel(MaxSimProblem p,
-                                                                         Coefficients c,
-                                                                         float* d_img) {
-  const int64_t i = blockIdx.x;
-  const int64_t k = int64_t(blockIdx.y) * kGradThreads + threadIdx.x;
-  if (k >= p.d) return;
+__device__ void image_grad(const MaxSimProblem& p, const Coefficients& c, int64_t i, int64_t k,
+                           float* d_img) {
   const T* cap = static_cast<const T*>(p.cap);
   float* out = d_img + i * p.R * p.d + k;
   for (int64_t r = 0; r < p.R; ++r) out[r * p.d] = 0.f;
@@ -437,14 +413,10 @@ __global__ void __launch_bounds__(kGradThreads) maxsim_image_grad_kernel(MaxSimP
   }
 }
 
-// d_cap_packed[word_off[j] + w, k] += ... for one caption j (blockIdx.x), a thread per column k.
+// d_cap_packed[word_off[j] + w, k] += ... of caption j for feature column k.
 template <typename T>
-__global__ void __launch_bounds__(kGradThreads) maxsim_caption_grad_kernel(MaxSimProblem p,
-                                                                           Coefficients c,
-                                                                           float* d_cap_packed) {
-  const int64_t j = blockIdx.x;
-  const int64_t k = int64_t(blockIdx.y) * kGradThreads + threadIdx.x;
-  if (k >= p.d) return;
+__device__ void caption_grad(const MaxSimProblem& p, const Coefficients& c, int64_t j, int64_t k,
+                             float* d_cap_packed) {
   const T* img = static_cast<const T*>(p.img);
   const int64_t w0 = p.word_off[j], L = p.lens[j];
   float* out = d_cap_packed + w0 * p.d + k;
@@ -477,6 +449,21 @@ __global__ void __launch_bounds__(kGradThreads) maxsim_caption_grad_kernel(MaxSi
   }
 }
 
+// The contraction kernels (kernels 2 and 3): one block per image (kImages) or caption,
+// blockIdx.x, and a thread per feature column.
+template <typename T, bool kImages>
+__global__ void __launch_bounds__(kGradThreads) maxsim_grad_kernel(MaxSimProblem p,
+                                                                   Coefficients c, float* out) {
+  const int64_t item = blockIdx.x;
+  const int64_t k = int64_t(blockIdx.y) * kGradThreads + threadIdx.x;
+  if (k >= p.d) return;
+  if constexpr (kImages) {
+    image_grad<T>(p, c, item, k, out);
+  } else {
+    caption_grad<T>(p, c, item, k, out);
+  }
+}
+
 // ----------------------------------------------------------------------------------------------
 // Host side
 // ----------------------------------------------------------------------------------------------
@@ -503,11 +490,11 @@ int launch_backward(const MaxSimProblem& p, const float* grad_sims, const Coeffi
   int err = launch_tile<T>(p, true, nullptr, grad_sims, c, VsaGrads{}, stream);
   if (err != 0) return err;
   const unsigned col_blocks = static_cast<unsigned>((p.d + kGradThreads - 1) / kGradThreads);
-  maxsim_image_grad_kernel<T><<<dim3(static_cast<unsigned>(p.n_img), col_blocks), kGradThreads, 0,
-                                stream>>>(p, c, d_img);
+  maxsim_grad_kernel<T, true><<<dim3(static_cast<unsigned>(p.n_img), col_blocks), kGradThreads,
+                                 0, stream>>>(p, c, d_img);
   err = static_cast<int>(cudaGetLastError());
   if (err != 0) return err;
-  maxsim_caption_grad_kernel<T><<<dim3(static_cast<unsigned>(p.n_cap), col_blocks), kGradThreads,
+  maxsim_grad_kernel<T, false><<<dim3(static_cast<unsigned>(p.n_cap), col_blocks), kGradThreads,
                                   0, stream>>>(p, c, d_cap_packed);
   return static_cast<int>(cudaGetLastError());
 }
