@@ -15,6 +15,8 @@ float64 below and checked on the CPU against the reference and autograd; the GPU
 kernel itself.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -24,14 +26,43 @@ from rcar_fast.ops import maxsim_cuda
 from rcar_fast.ops.backend import BackendUnavailable, Inputs
 from rcar_fast.reference_heads import max_similarity_reference
 from tests.conftest import native_or_skip, requires_cuda_build, requires_gpu
+from tests.test_cuda_compiles import ROOT, assert_no_spills, compile_one, kernel_stats, needs_nvcc
 from rcar_fast import reference_heads
+from rcar_fast.ops import maxsim_reference, scan_cuda
 from rcar_fast.ops.scan_cuda import GradientAccumulator, PairGrads
 from tests.maxsim_cases import (CASES, all_negative_case, assert_head_matches_reference, poisoned_allocations,
                                 ragged_case, reference_scores, settings_grid, settings_id, single_region_case,
-                                tie_case)
+                                single_word_case, tie_case)
 from tests.tolerances import F64_BACKEND_AGREE, F64_PAIR_BACKWARD, F64_PAIRS, assert_bit_equal, assert_close, assert_close_to_reference
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# nvcc: every maxsim kernel compiles for sm_80 and sm_90a without spills
+# ----------------------------------------------------------------------------------------------
+
+MAXSIM_SOURCE = os.path.join(ROOT, "csrc", "cuda", "maxsim.cu")
+# (kernel, template arguments as ptxas's mangled names spell them) per architecture: the tile
+# kernel (forward / backward, the VSA coding's included) and the contraction kernel (images /
+# captions), for each input dtype.
+MAXSIM_KERNELS = [(kernel, f"I{dtype}Lb{flag}E") for kernel in ("maxsim_tile_kernel", "maxsim_grad_kernel")
+                  for dtype in ("f", "6__half", "13__nv_bfloat16") for flag in (0, 1)]
+
+
+@pytest.mark.slow
+@needs_nvcc
+def test_maxsim_kernels_compile_without_spills(tmp_path):
+    _, rc, log, _ = compile_one(MAXSIM_SOURCE, str(tmp_path))
+    assert rc == 0, log[-3000:]
+    stats = kernel_stats(log)
+    for arch in ("sm_80", "sm_90a"):
+        names = [name for name, a, *_ in stats if a == arch]
+        for kernel, args in MAXSIM_KERNELS:
+            assert sum(kernel in n and args in n for n in names) == 1, f"{kernel}{args} ({arch}) not in ptxas's stats"
+    assert_no_spills(stats, "csrc/cuda/maxsim.cu")
+    # the registers, for the record (pytest -s / -rP shows them)
+    print("\n".join(f"{name} {arch}: {regs} registers" for name, arch, regs, *_ in stats))
 
 
 def _problem(native, **changes):
@@ -471,6 +502,84 @@ def test_opcheck():
     torch.library.opcheck(maxsim_cuda.maxsim_cuda_op, (case.img, case.cap, case.lens, case.img_lens, *options))
     grad = torch.randn(3, 4, device="cuda")
     torch.library.opcheck(torch.ops.rcar_fast.maxsim_cuda_backward.default,
+                          (grad, case.img.detach(), case.cap.detach(), case.lens, case.img_lens, *options))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: CHAN's VSA coding
+# ---------------------------------------------------------------------------------------------
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", (torch.float32, *LOW_PRECISION), ids=str)
+@pytest.mark.parametrize("settings", VSA_SETTINGS, ids=_vsa_id)
+def test_vsa_matches_the_reference(settings, dtype):
+    # forward and both gradients, NaN padding, by the 1e-4 / 2x rules
+    for case in (ragged_case(n_img=4, n_cap=5, R=7, L=9, d=24, scale=0.5), tie_case(), single_word_case()):
+        assert_head_matches_reference(_in(case, dtype), settings, backend="cuda", dtype=dtype, device="cuda")
+
+
+@requires_gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_vsa_tile_shapes(shape, dtype):
+    n_img, n_cap, R, L, d = shape
+    case = _in(ragged_case(n_img, n_cap, R, L, d, scale=d ** -0.5, seed=sum(shape)), dtype)
+    settings = dict(direction="i2t", coding="vsa", pool="lse", tau=0.5, vsa_tau=0.1)
+    assert_head_matches_reference(case, settings, backend="cuda", dtype=dtype, device="cuda")
+
+
+@requires_gpu
+def test_vsa_forward_writes_every_entry_of_a_poisoned_output():
+    case = ragged_case(6, 40, 36, 25, 64, scale=0.125).to(torch.float32, "cuda")
+    settings = dict(direction="i2t", pool="softmax", tau=0.5, leaky=False, both_scale=1.0, coding="vsa",
+                    vsa_tau=0.1)
+    out = torch.full((6, 40), float("nan"), device="cuda")
+    maxsim_cuda.maxsim_forward(case.img, case.cap, case.lens, case.img_lens, maxsim_cuda.Options(**settings),
+                               out=out)
+    assert_close_to_reference(out.cpu().double(), reference_scores(case, settings), dtype=torch.float32,
+                              what="poisoned VSA output")
+
+
+@requires_gpu
+def test_vsa_gradients_with_poisoned_allocations_and_small_chunks(monkeypatch):
+    # NaN-filled allocations (the kernel's three per-pair buffers among them) and one image per
+    # backward chunk: every buffer entry must still be written.
+    monkeypatch.setattr(scan_cuda, "BACKWARD_BUFFER_BYTES", 1)
+    with poisoned_allocations():
+        assert_head_matches_reference(ragged_case(5, 6, 9, 7, 16), VSA_SETTINGS[6], backend="cuda",
+                                      dtype=torch.float32, device="cuda")
+
+
+@requires_gpu
+def test_vsa_backward_is_deterministic():
+    case = ragged_case(12, 30, 36, 20, 64, scale=0.125, seed=5).to(torch.bfloat16, "cuda")
+    settings = dict(direction="i2t", coding="vsa", pool="lse", tau=0.5, vsa_tau=0.1)
+    first, again = _grads(case, settings), _grads(case, settings)
+    for what, a, b in zip(("d img", "d cap"), first, again):
+        assert_bit_equal(b, a, what=f"VSA {what} rerun")
+
+
+@requires_gpu
+def test_vsa_pairs_through_the_all_pairs_kernel_equal_the_reference():
+    case = ragged_case(5, 6, 9, 7, 16, seed=21)
+    img_idx = torch.tensor([4, 0, 4, 3, 1, 0, 2])
+    cap_idx = torch.tensor([0, 5, 0, 1, 2, 2, 3])
+    kw = dict(direction="i2t", pool="mean", tau=0.5, leaky=False, both_scale=1.0, coding="vsa", vsa_tau=0.1)
+    run = case.to(torch.float32, "cuda")  # NaN padding: never read
+    got = maxsim_cuda.MaxSimPairsCuda.fn(run.img, run.cap, run.lens, run.img_lens, img_idx.cuda(), cap_idx.cuda(),
+                                         **kw)
+    want = maxsim_reference.MaxSimPairsReference.fn(case.img, case.cap, case.lens, case.img_lens, img_idx, cap_idx,
+                                                    **kw)
+    assert_close_to_reference(got.cpu().double(), want, dtype=torch.float32, what="VSA pair scores")
+
+
+@requires_gpu
+def test_vsa_opcheck():
+    case = ragged_case(3, 4, 5, 6, 8, pad=0.0).to(torch.float32, "cuda").requiring_grad()
+    options = ("lse", 0.5, 0.1)
+    torch.library.opcheck(maxsim_cuda.maxsim_vsa_cuda_op, (case.img, case.cap, case.lens, case.img_lens, *options))
+    grad = torch.randn(3, 4, device="cuda")
+    torch.library.opcheck(maxsim_cuda.maxsim_vsa_cuda_backward_op,
                           (grad, case.img.detach(), case.cap.detach(), case.lens, case.img_lens, *options))
 
 
