@@ -623,6 +623,25 @@ def test_pair_blocks_equal_the_listed_entries_of_all_pairs(pairs_per_block, dire
     assert torch.equal(again, got.detach())
 
 
+def test_pair_blocks_carry_the_vsa_coding(monkeypatch):
+    # MaxSimPairsCuda hands coding / vsa_tau on to the all-pairs function (here the reference
+    # one in the CUDA backend's place, so that the plumbing is checked without a GPU).
+    from rcar_fast.ops.maxsim_cuda import MaxSimCuda, MaxSimPairsCuda
+
+    monkeypatch.setattr(MaxSimCuda, "fn", staticmethod(maxsim_reference.MaxSimReference.fn))
+    case = ragged_case(5, 4, 6, 7, 16, seed=22)
+    img_idx = torch.tensor([4, 0, 4, 3, 1, 0, 2, 4, 3])
+    cap_idx = torch.tensor([0, 3, 0, 1, 2, 2, 3, 1, 1])
+    kw = dict(direction="i2t", pool="softmax", tau=0.5, leaky=False, both_scale=1.0, coding="vsa", vsa_tau=0.2)
+    got = MaxSimPairsCuda.fn(case.img, case.cap, case.lens, case.img_lens, img_idx, cap_idx, **kw)
+    want = maxsim_reference.MaxSimPairsReference.fn(case.img, case.cap, case.lens, case.img_lens, img_idx,
+                                                    cap_idx, **kw)
+    assert_close(got, want, F64_PAIRS, what="VSA pair scores")
+    without = MaxSimPairsCuda.fn(case.img, case.cap, case.lens, case.img_lens, img_idx, cap_idx,
+                                 **{**kw, "coding": "max"})
+    assert not torch.allclose(without, want)  # the coding made the difference
+
+
 def test_pair_blocks_of_an_empty_list():
     from rcar_fast.ops import maxsim_cpu
     from rcar_fast.ops.maxsim_cuda import pairs_through_all_pairs
