@@ -1,11 +1,13 @@
 """Build of rcar_fast: one native extension `rcar_fast._C` from csrc/.
 
-* The C++ CPU kernels (csrc/cpu/*.cpp) and the binding (csrc/bindings.cpp) always build,
-  through torch.utils.cpp_extension (pybind11 + ninja).
+* The C++ CPU kernels (csrc/cpu/*.cpp) and the module (csrc/bindings.cpp) always build,
+  through torch.utils.cpp_extension (pybind11 + ninja). Every kernel unit binds its own
+  Python entries (csrc/bindings.h), so a new kernel file is picked up by the globs below
+  without editing this file or any shared native file.
 * The CUDA kernels (csrc/cuda/*.cu) include no torch header (the CPU torch wheel ships
   none): nvcc compiles them to plain objects that are linked into the same extension,
   together with the static CUDA runtime, so the module imports on a machine with no GPU
-  and no libcudart on the loader path.
+  and no libcudart on the loader path. Each .cu ends with its host-only pybind11 block.
   RCAR_FAST_CUDA=0 skips them, RCAR_FAST_CUDA=1 makes a missing nvcc an error; unset,
   they build whenever nvcc is found.
 * Triton kernels live in kernels/ and ship as the subpackage rcar_fast.kernels.
@@ -15,9 +17,10 @@ import glob
 import os
 import shutil
 import subprocess
+import sysconfig
 
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, include_paths
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # sm_80 (A100) portable path and sm_90a (H100/H200, wgmma/TMA), plus PTX for newer parts.
@@ -26,6 +29,13 @@ CUDA_ARCH_FLAGS = [
     "-gencode=arch=compute_90a,code=sm_90a",
     "-gencode=arch=compute_90,code=compute_90",
 ]
+
+
+def cuda_binding_includes():
+    """nvcc's include flags for the .cu files' host-only binding blocks (csrc/cuda/bind.h): the
+    pybind11 that torch ships (the one every C++ unit of the module compiles against; no torch
+    header is included) and Python's headers."""
+    return ["-isystem", include_paths()[0], "-isystem", sysconfig.get_paths()["include"]]
 
 
 def find_cuda_home():
@@ -63,10 +73,10 @@ class BuildWithNvccObjects(BuildExtension):
         if cuda_home is not None:
             lib_dir = static_cudart_dir(cuda_home)  # before minutes of nvcc, not after
             objects = self.compile_cuda_objects(cuda_home)
+            # Link-time only: the C++ units compile the same with or without CUDA (the .cu
+            # objects register their own bindings), so ninja reuses them across both builds.
             for ext in self.extensions:
                 ext.extra_objects += objects
-                ext.define_macros.append(("RCAR_FAST_WITH_CUDA", "1"))
-                ext.include_dirs.append(os.path.join(cuda_home, "include"))
                 ext.library_dirs.append(lib_dir)
                 ext.libraries += ["cudart_static", "rt", "pthread", "dl"]
         super().build_extensions()
@@ -77,13 +87,15 @@ class BuildWithNvccObjects(BuildExtension):
         nvcc = os.path.join(cuda_home, "bin", "nvcc")
         out_dir = os.path.join(self.build_temp, "cuda_objects")
         os.makedirs(out_dir, exist_ok=True)
-        headers = [h for ext in ("*.h", "*.cuh") for h in glob.glob(os.path.join(ROOT, "csrc", "cuda", ext))]
+        headers = [h for folder in ("csrc", os.path.join("csrc", "cuda")) for ext in ("*.h", "*.cuh")
+                   for h in glob.glob(os.path.join(ROOT, folder, ext))]
         objects, commands = [], []
         for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")
             if not os.path.exists(obj) or os.path.getmtime(obj) < max(map(os.path.getmtime, [src] + headers)):
                 commands.append([nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
-                                 "-Xcompiler", "-fPIC", "-I", os.path.join(ROOT, "csrc"), *CUDA_ARCH_FLAGS])
+                                 "-Xcompiler", "-fPIC", "-I", os.path.join(ROOT, "csrc"), *cuda_binding_includes(),
+                                 *CUDA_ARCH_FLAGS])
             objects.append(obj)
         workers = max(1, min(len(commands), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:

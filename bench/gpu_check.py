@@ -64,10 +64,23 @@ class Sizes:
     matmul_n: int
     matmul_dtype: torch.dtype
     copy_bytes: int
-    dtypes: tuple
     budget_s: float               # per-row timing budget (repeats adapt to it)
-    single_call_over_s: float     # a call slower than this is measured once after warm-up
     warmup_only_over_s: float     # a warm-up slower than this is the measurement
+    dtypes: tuple = (torch.bfloat16, torch.float32)
+    single_call_over_s: float = 2.0   # a call slower than this is measured once after warm-up
+
+
+# The reference baselines measured on a sample of the pairs: (family, baseline), the keys of
+# Sizes.samples in the order sampled() takes their sizes.
+SAMPLED_BASELINES = (("scan", "reference"), ("scan", "reference_loop"), ("rcar", "reference"),
+                     ("rcar", "reference_loop"))
+
+
+def sampled(*sizes: tuple) -> dict:
+    """Sizes.samples: the (n_img, n_cap) of each of SAMPLED_BASELINES, in that order."""
+    if len(sizes) != len(SAMPLED_BASELINES):
+        raise ValueError(f"one sample size per baseline of {SAMPLED_BASELINES}, got {len(sizes)}")
+    return dict(zip(SAMPLED_BASELINES, sizes))
 
 
 def full_sizes() -> Sizes:
@@ -75,10 +88,8 @@ def full_sizes() -> Sizes:
         suite="gpu-check", n_img=5000, n_cap=25000, regions=36, d=1024, sim_dim=256,
         rcar_sample=(1000, 5000),
         # The loop runs caption by caption over all images: few captions, many images.
-        samples={("scan", "reference"): (250, 1000), ("scan", "reference_loop"): (500, 50),
-                 ("rcar", "reference"): (50, 250), ("rcar", "reference_loop"): (50, 20)},
-        loss_batch=128, matmul_n=8192, matmul_dtype=torch.bfloat16, copy_bytes=2**30,
-        dtypes=(torch.bfloat16, torch.float32), budget_s=0.5, single_call_over_s=2.0,
+        samples=sampled((250, 1000), (500, 50), (50, 250), (50, 20)),
+        loss_batch=128, matmul_n=8192, matmul_dtype=torch.bfloat16, copy_bytes=2**30, budget_s=0.5,
         # Above the compile + autotune time of a first call (quick autotune: ~10-30 s), so a
         # row is timed from its warm-up only when even one more call would not fit the budget.
         warmup_only_over_s=45.0)
@@ -88,10 +99,8 @@ def dry_sizes() -> Sizes:
     return Sizes(
         suite="gpu-check-dry", n_img=4, n_cap=10, regions=6, d=32, sim_dim=16,
         rcar_sample=(2, 5),
-        samples={("scan", "reference"): (2, 5), ("scan", "reference_loop"): (2, 4),
-                 ("rcar", "reference"): (2, 4), ("rcar", "reference_loop"): (2, 3)},
-        loss_batch=4, matmul_n=256, matmul_dtype=torch.float32, copy_bytes=2**23,
-        dtypes=(torch.bfloat16, torch.float32), budget_s=0.0, single_call_over_s=2.0,
+        samples=sampled((2, 5), (2, 4), (2, 4), (2, 3)),
+        loss_batch=4, matmul_n=256, matmul_dtype=torch.float32, copy_bytes=2**23, budget_s=0.0,
         warmup_only_over_s=20.0)
 
 

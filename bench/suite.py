@@ -20,6 +20,7 @@ so a fast wrong kernel shows up in the table instead of at the top of it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Callable, Optional
@@ -57,6 +58,24 @@ def record_failure(ctx: RunContext, row: dict, err: BaseException, skip_key, wha
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     ctx.log(f"  error: {what}: {error_text(err)}")
+
+
+@contextlib.contextmanager
+def failures_recorded(ctx: RunContext, row: dict, skip_key, what: str):
+    """Runs a row's measurement; an error is recorded in the row (record_failure), not raised:
+    one broken backend must not stop the suite."""
+    try:
+        yield
+    except Exception as err:
+        record_failure(ctx, row, err, skip_key, what)
+
+
+def keep_row(ctx: RunContext, rows: list, row: dict, reason: Optional[str]) -> None:
+    """The row, skipped with `reason` when nothing measured it, kept and logged."""
+    if not row["status"]:
+        row.update(status="skipped", reason=reason)
+    rows.append(row)
+    log_row(ctx, row)
 
 
 @dataclasses.dataclass
@@ -273,7 +292,7 @@ def run_op_case(ctx: RunContext, case: _cases.OpCase) -> list:
                           or baseline_limit_reason(ctx, backend, shape.pairs)
                           or _skip_reason(ctx, skip_key))
                 if reason is None:
-                    try:
+                    with failures_recorded(ctx, row, skip_key, f"{op.name} {mode} {backend}"):
                         if inputs is None:
                             inputs = _cases.make_inputs(shape, ctx.device)
                         img, cap, _ = inputs
@@ -287,12 +306,7 @@ def run_op_case(ctx: RunContext, case: _cases.OpCase) -> list:
                                 reference_out = out
                             row["err_vs_reference"] = relative_error(out, reference_out)
                             del run, out
-                    except Exception as err:  # one broken backend must not stop the suite
-                        record_failure(ctx, row, err, skip_key, f"{op.name} {mode} {backend}")
-                if not row["status"]:
-                    row.update(status="skipped", reason=reason)
-                rows.append(row)
-                log_row(ctx, row)
+                keep_row(ctx, rows, row, reason)
     return rows
 
 
@@ -321,7 +335,7 @@ def run_loss_case(ctx: RunContext, case: _cases.LossCase) -> list:
                               or baseline_limit_reason(ctx, backend, shape.pairs)
                               or _skip_reason(ctx, skip_key))
                 if row_reason is None:
-                    try:
+                    with failures_recorded(ctx, row, skip_key, f"{row['op']} {variant} {backend}"):
                         run, detail = loss_step(ctx, variant, model, backend, img, cap, lens, head, kwargs)
                         row["detail"] = detail
                         model_flops = 3 * all_pairs if variant == "full" else all_pairs + 3 * pair_flops
@@ -333,12 +347,7 @@ def run_loss_case(ctx: RunContext, case: _cases.LossCase) -> list:
                             tuple(t.reshape(-1) for t in out),
                             None if reference_loss is None else tuple(t.reshape(-1) for t in reference_loss))
                         del run, out
-                    except Exception as err:
-                        record_failure(ctx, row, err, skip_key, f"{row['op']} {variant} {backend}")
-                if not row["status"]:
-                    row.update(status="skipped", reason=row_reason)
-                rows.append(row)
-                log_row(ctx, row)
+                keep_row(ctx, rows, row, row_reason)
     return rows
 
 

@@ -25,50 +25,34 @@ import argparse
 import os
 import sys
 
-import torch
-
 
 def parse_args(argv=None):
-    from rcar_fast.contract import REGULATORS  # after __main__ put the checkout on sys.path
+    # after __main__ put the checkout on sys.path
+    from rcar_fast.contract import REGULATORS
+    from rcar_fast.train import add_example_arguments
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="auto",
                    help="B x B scoring: auto, cpu, triton, cuda, reference, reference_loop")
     p.add_argument("--pair-backend", default="auto", help="the sparse loss' pair recompute")
     p.add_argument("--loss", default="sparse", choices=("sparse", "full"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))
     p.add_argument("--regulator", default="coop_rcar", choices=REGULATORS)
     p.add_argument("--rcar-steps", type=int, default=2, help="regulator steps")
-    p.add_argument("--direction", default="t2i", choices=("t2i", "i2t"))
     p.add_argument("--head-dropout", type=float, default=None,
                    help="RAR dropout p (default: the official 0.4; 0 turns it off)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--images", type=int, default=64, help="synthetic training images")
-    p.add_argument("--regions", type=int, default=8)
-    p.add_argument("--dim", type=int, default=32, help="synthetic feature size")
-    p.add_argument("--embed", type=int, default=32, help="joint space size d")
     p.add_argument("--sim-dim", type=int, default=16, help="RCAR sim_dim")
-    p.add_argument("--max-len", type=int, default=12)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=5)
+    add_example_arguments(p, lr=5e-3)
     return p.parse_args(argv)
 
 
 def config(args):
     """The rcar_fast.train configuration of these arguments (held-out: one batch of images)."""
-    from rcar_fast.train import TrainConfig
+    from rcar_fast.train import example_config
 
-    return TrainConfig(
-        model="rcar", backend=args.backend, pair_backend=args.pair_backend, loss=args.loss,
-        regulator=args.regulator, rcar_steps=args.rcar_steps, direction=args.direction,
-        head_dropout=args.head_dropout, steps=args.steps, batch=args.batch,
-        train_images=args.images, eval_images=args.batch, regions=args.regions,
-        feat_dim=args.dim, dim=args.embed, sim_dim=args.sim_dim, max_len=args.max_len,
-        min_len=min(TrainConfig.min_len, args.max_len), lr=args.lr, seed=args.seed,
-        log_every=args.log_every, dtype=args.dtype, device=args.device)
+    return example_config(args, model="rcar", pair_backend=args.pair_backend, loss=args.loss,
+                          regulator=args.regulator, rcar_steps=args.rcar_steps,
+                          head_dropout=args.head_dropout, sim_dim=args.sim_dim)
 
 
 def main(argv=None) -> int:

@@ -19,43 +19,27 @@ import argparse
 import os
 import sys
 
-import torch
-
 # This script's --loss names -> rcar_fast.train's (both score all B x B pairs with autograd).
 LOSSES = {"vse": "full", "infonce": "infonce"}
 
 
 def parse_args(argv=None):
+    from rcar_fast.train import add_example_arguments  # after __main__ put the checkout on sys.path
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="auto",
                    help="scan backend: auto, triton, reference, reference_loop, cpu, cuda")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--loss", default="vse", choices=tuple(LOSSES))
-    p.add_argument("--direction", default="t2i", choices=("t2i", "i2t"))
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--images", type=int, default=64, help="synthetic training images")
-    p.add_argument("--regions", type=int, default=8)
-    p.add_argument("--dim", type=int, default=32, help="synthetic feature size")
-    p.add_argument("--embed", type=int, default=32, help="joint space size")
-    p.add_argument("--max-len", type=int, default=12)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=5)
+    add_example_arguments(p, lr=1e-2)
     return p.parse_args(argv)
 
 
 def config(args):
     """The rcar_fast.train configuration of these arguments (held-out: one batch of images)."""
-    from rcar_fast.train import TrainConfig
+    from rcar_fast.train import example_config
 
-    return TrainConfig(
-        model="scan", backend=args.backend, loss=LOSSES[args.loss], direction=args.direction,
-        steps=args.steps, batch=args.batch, train_images=args.images, eval_images=args.batch,
-        regions=args.regions, feat_dim=args.dim, dim=args.embed, max_len=args.max_len,
-        min_len=min(TrainConfig.min_len, args.max_len), lr=args.lr, seed=args.seed,
-        log_every=args.log_every, dtype=args.dtype, device=args.device)
+    return example_config(args, model="scan", loss=LOSSES[args.loss])
 
 
 def main(argv=None):

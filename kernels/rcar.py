@@ -35,8 +35,35 @@ Numerics: elementwise math in fp32. GEMM operands are the "operand dtype" (the d
 packed weights): fp32 with input_precision="ieee" (exact FMA path) for fp32 inputs and in the
 interpreter, bf16/fp16 on tensor cores for low-precision inputs; accumulation always fp32.
 
-Packed weights (built by rcar_fast/ops/rcar_triton.py, zero-padded so padded lanes contribute
-nothing): see `WEIGHT_LAYOUT`.
+Packed weights (built by pack_weights in rcar_fast/ops/rcar.py, zero-padded so padded lanes
+contribute nothing): see `WEIGHT_LAYOUT`.
+
+Work item, tensor-core M and traffic (issue 15 item 3; bf16, d=1024, s=256, coop_rcar(2), COCO
+captions of ~12 words, R=36). A work item is (context set, tile of GPU_ROWS = 64 query rows):
+t2i ~5.3 captions (~94% of the rows real), i2t ONE image (36 of 64 rows). Per GEMM (M x N x K):
+  scores (q m) C^T          64 x 64(CP) x 1024    ctx = alpha C      64 x 32(DC) x 64(CP)
+  alignment W_a             64 x 128(SW) x 1024   RCR W_2 (per d chunk) 64 x 32 x 512
+  RCR W_1 / smooth W_s1     64 x 64 / 128 x 256   RAR W_k            64 x 64 x 256
+  RAR W_q (per pair)        16(BSEG) x 64 x 256   segment sums / pooling: M = 16 (BSEG)
+Padded work ~43 MFLOP per pair against 36 useful (CP = 64 for 36 regions; ctx recomputed by
+the two column halves of the alignment, S_SPLIT).
+L2 bytes per t2i item (model, read + written): weights 2.8 MiB (W_a 1.0, W_2 1.0, W_q + W_k
+0.5, W_1 0.25, W_s1 0.06), the image 0.42 (6 passes over d), the packed query tile 0.75 (6
+passes), v in the scratch 0.9, and the RCR hidden layer re-read once per d chunk 2.0 (32 x 64
+KiB; an L1 hit if it stays there: L1 has ~180 KiB beside the 45 KiB of shared memory): 4.9-6.9
+MiB per item, 0.92-1.3 MiB per pair. HBM: the packed queries (~590 MiB for COCO 5K, more than
+L2) are fetched once per item, ~24 KiB per pair; images, weights and the 21 MiB of scratch
+(132 programs x 160 KiB) stay in L2.
+Projection (NOT a measurement; H200 bf16 ~990 TFLOP/s dense, 4.8 TB/s HBM, L2 assumed ~8-10
+TB/s) for COCO 5K coop_rcar(2) t2i, 1.25e8 pairs: tensor work 5.4 s at peak, HBM 0.65 s, L2
+120-170 TB -> 12-21 s: L2-bound, against the issue's 4.6 s floor and 8 s target.
+128-row tiles (~10.7 captions, 3 images in i2t: M = 128 for every GEMM above but the BSEG
+ones) would halve the weight and context bytes per pair (0.62 -> 0.30 MiB), while the query,
+hidden-layer and v bytes per pair stay (they scale with the rows): 0.61-0.98 MiB per pair,
+~8-16 s projected; the hidden re-reads are then 128 KiB per d chunk and less likely L1 hits.
+They do not fit the registers: compiled for sm_90 (8 warps, coop_rcar(2) bf16) 128 rows take
+255 registers and spill 432 B per thread with triton 3.8, 672 B with 3.6 (16 warps: 128
+registers, 816 B); no variant tried reaches 0 B (see GPU_ROWS). GPU_ROWS stays 64.
 """
 from __future__ import annotations
 
@@ -534,10 +561,29 @@ def pack_segments(seg_lengths, seg_row_base, rows: int, max_segs: int):
 # stage are the configuration that does not spill registers with triton 3.6 or 3.8 (249-255
 # registers; with 3.6 a 64-wide chunk or a second stage spills 130-430 B per thread, 128-row
 # i2t tiles 400-550 B at 8 warps and 800+ B at 16, whose cap is 128 registers); fp16 too.
+# 128 rows (issue 15, stop 18; t2i coop_rcar(2) bf16, 8 warps, triton 3.8, B of stack per
+# thread): as is 432 (3.6: 672); DC 16 and HC = NC = KC = 32: 288; BSEG 8: 176, with the small
+# chunks 104 (but 8 captions at most per 128 rows); h kept in a scratch instead of registers:
+# 408; offsets tied to the work item (nothing hoisted out of the persistent loop): 456; h
+# transposed (SP, BSEG) so that pooling and W_q have M = SP / NC: 1128 (and 368 at 64 rows);
+# the segment norm as one (ROWS, ROWS) same-segment product: 400 (112 at 64 rows); plain dots
+# for _dot_in_branch: 480. By mode at 128 rows: only_rar(0) 240 registers / 0 B, only_rcr(0)
+# 175 / 0, only_rar(1) 255 / 0, only_rcr(1) 264 B. The spill code sits (nvdisasm line info) in
+# the persistent loop, the segment sums of the raw-score norm (M = BSEG), the alignment's
+# column passes, the row reductions, RAR's feature loop (W_q, M = BSEG) and the pooling.
 GPU_ROWS = 64
-GPU_D_CHUNK = {"low": 32, "fp32": 32}
-GPU_NUM_WARPS = 8
-GPU_NUM_STAGES = {"low": 1, "fp32": 1}
+# The GPU tile space per precision kind: d chunk (DC), RCR hidden chunk (HC), RAR / RCR feature
+# and K chunks (NC, KC), warps, stages. Every entry compiles for sm_90 with 0 B of stack with
+# triton 3.6 and 3.8 in the hot cases (tests/test_sm90_compile.py compiles each); the first is
+# the default, the others what a GPU benchmark chooses among (rcar_forward(..., tile=i)). Not a
+# triton.autotune: the kernel is persistent over the whole launch (one COCO launch runs for
+# seconds), so timing each config on the real launch would cost more than it saves.
+GPU_TILES = {
+    "low": (dict(DC=32, HC=64, NC=64, KC=64, num_warps=8, num_stages=1),
+            dict(DC=16, HC=64, NC=64, KC=64, num_warps=8, num_stages=1),
+            dict(DC=32, HC=32, NC=32, KC=32, num_warps=8, num_stages=1)),
+    "fp32": (dict(DC=32, HC=64, NC=64, KC=64, num_warps=8, num_stages=1),),
+}
 # The persistent grid is (programs that fit one SM at once) x SMs, derived from the compiled
 # kernel's registers and shared memory (`occupancy`). Without them (a triton lacking the
 # internals used), this: compiled for sm_90 (tests/test_sm90_compile.py) the bf16 kernels take
@@ -600,32 +646,45 @@ def alignment_split(sp: int) -> int:
     return 2 if sp >= 2 * 16 else 1
 
 
+# The interpreter's one tile (tl.dot's minimum of 16 everywhere; D_PAD["interpreter"] = 32).
+INTERPRETER_TILE = dict(DC=32, HC=64, NC=64, KC=64, num_warps=4, num_stages=1)
+
+
+def gpu_tiles(op_dtype: torch.dtype) -> tuple:
+    """The GPU tile space (GPU_TILES) for GEMM operands of op_dtype."""
+    return GPU_TILES["fp32" if op_dtype == torch.float32 else "low"]
+
+
 def launch_config(direction: str, n_regions: int, lens_list, regulator: str, steps: int,
-                  dims: dict, op_dtype: torch.dtype, interpreter: bool) -> dict:
-    """Every constexpr of _rcar_kernel plus num_warps / num_stages. dims: padded_dims()."""
+                  dims: dict, op_dtype: torch.dtype, interpreter: bool, tile: int = 0) -> dict:
+    """Every constexpr of _rcar_kernel plus num_warps / num_stages. dims: padded_dims().
+    tile: index into gpu_tiles(op_dtype) (ignored by the interpreter, which has one tile)."""
     cfg = tile_config(direction, n_regions, lens_list, interpreter)
     fp32 = op_dtype == torch.float32
-    kind = "fp32" if fp32 else "low"
-    dc = 32 if interpreter else GPU_D_CHUNK[kind]
-    if dims["DP"] % dc:
-        raise ValueError(f"padded d {dims['DP']} is not a multiple of the d chunk {dc}")
+    tiles = gpu_tiles(op_dtype)
+    if not interpreter and not 0 <= tile < len(tiles):
+        raise ValueError(f"tile must be an index into the {len(tiles)} GPU tiles for "
+                         f"{op_dtype} operands (kernels/rcar.py GPU_TILES), got {tile}")
+    chunks = INTERPRETER_TILE if interpreter else tiles[tile]
+    if dims["DP"] % chunks["DC"]:
+        raise ValueError(f"padded d {dims['DP']} is not a multiple of the d chunk {chunks['DC']}")
     sp, hp = dims["SP"], dims["HP"]
     return dict(
         MODE=MODES[regulator], STEPS=steps, N_SLOTS=max(1, steps), ROWS=cfg["ROWS"],
-        BSEG=cfg["BSEG"], CP=cfg["CP"], SP=sp, HP=hp, HSP=dims["HSP"], HC=min(hp, 64),
-        NC=min(sp, 64), KC=min(sp, 64), DC=dc, S_SPLIT=alignment_split(sp),
+        BSEG=cfg["BSEG"], CP=cfg["CP"], SP=sp, HP=hp, HSP=dims["HSP"], HC=min(hp, chunks["HC"]),
+        NC=min(sp, chunks["NC"]), KC=min(sp, chunks["KC"]), DC=chunks["DC"],
+        S_SPLIT=alignment_split(sp),
         PREC="ieee" if fp32 else "tf32", SEG_PREC="ieee" if fp32 else "tf32",
-        num_warps=4 if interpreter else GPU_NUM_WARPS,
-        num_stages=1 if interpreter else GPU_NUM_STAGES[kind],
+        num_warps=chunks["num_warps"], num_stages=chunks["num_stages"],
     )
 
 
 def rcar_forward(img, cap, lens_list, weights: dict, *, regulator: str, steps: int,
-                 direction: str, smooth: float, out=None) -> torch.Tensor:
+                 direction: str, smooth: float, out=None, tile: int = 0) -> torch.Tensor:
     """All-pairs RCAR scores (n_img, n_cap) float32 from contiguous img (n_img, R, d) and cap
     (n_cap, Lmax, d) and packed weights (WEIGHT_LAYOUT; their operand dtype picks the GEMM
     precision). Padding words are never read. `out`: optional (n_img, n_cap) float32 buffer;
-    every entry is written."""
+    every entry is written. `tile`: which of gpu_tiles() a GPU launch uses (benchmarks)."""
     n_img, n_regions, d = img.shape
     n_cap, max_len, _ = cap.shape
     if out is None:
@@ -643,7 +702,7 @@ def rcar_forward(img, cap, lens_list, weights: dict, *, regulator: str, steps: i
     if DP < d:
         raise ValueError(f"packed weights have DP={DP} < d={d}")
     cfg = launch_config(direction, n_regions, lens_list, regulator, steps, dims, op_dtype,
-                        interpreter)
+                        interpreter, tile)
     if direction == "t2i":
         # Query rows: caption words (row j * Lmax + k); context sets: images.
         queries, contexts = cap, img

@@ -1,25 +1,33 @@
-"""Backend choice: which implementation of an op runs, and why the others do not.
+"""Backend choice by op name: which implementation of an op runs, and why the others do not.
 
-TABLE below is the whole registry: for every op, its backend classes (rcar_fast/ops/*, one
-small class per op and backend, see rcar_fast.ops.backend.Backend). Each class judges the
-full inputs of a call (rcar_fast.ops.backend.Inputs: environment, device, dtype, shapes,
-whether a backward follows, active dropout) in `not_supported_reasons`. `choose` runs the
-requested backend or, for backend="auto", the first of AUTO_ORDER that takes the inputs;
-when none does (or the requested one does not), one BackendUnavailable lists every
-backend's reasons, before any kernel runs. `backends()` reports, per backend, whether it is
-present on this machine and what it implements.
+TABLE below is the whole registry, assembled from OP_FAMILIES: the plumbing op gram and every
+head of the head registry (rcar_fast.scorers.SCORERS), each Scorer's `backends` being its op
+module's BACKENDS (rcar_fast/ops/<op>.py lists its backend classes per op there: one small
+class per op and backend, see rcar_fast.ops.backend.Backend). A new head is in TABLE by its
+entry in SCORERS; nothing here names it. Each class judges the full inputs of a call
+(rcar_fast.ops.backend.Inputs: environment, device, dtype, shapes, whether a backward follows,
+active dropout) in `not_supported_reasons`. `choose` runs the requested backend or, for
+backend="auto", the first of AUTO_ORDER that takes the inputs; when none does (or the requested
+one does not), one BackendUnavailable lists every backend's reasons, before any kernel runs
+(the one algorithm, rcar_fast.ops.backend.choose, which the op modules' wrappers call on their
+own BACKENDS). `backends()` reports, per backend, whether it is present on this machine and
+what it implements.
 
-Layering: wrappers (rcar_fast.ops.scan, ops.gram, modules, pairs) -> dispatch -> the backend
-modules -> kernels / the native extension. The backend modules never import this module.
+Layering: callers by op name (pairs, losses, evaluation, the CLI, the trainer, bench) ->
+dispatch -> the head registry (scorers) -> the models (modules.RCARSimilarity) -> the op
+modules (custom ops, backends, wrappers) -> ops.library, ops.backend -> kernels / the native
+extension. Nothing below imports this module: the wrappers choose among their own op's
+BACKENDS with rcar_fast.ops.backend.choose, the one algorithm this module also runs.
 
 Adding a backend (say "foo" for SCAN) touches:
-  1. the kernel: kernels/foo.py (Triton) or csrc/... (+ csrc/bindings.cpp for native code);
-  2. rcar_fast/ops/scan_foo.py: class ScanFoo(Backend) with its dtypes, capability flags
+  1. its kernel: kernels/foo.py (Triton) or its native unit(s) under csrc/;
+  2. rcar_fast/ops/scan.py: class ScanFoo(Backend) with its dtypes, capability flags
      (has_backward, implements_dropout), extra_reasons (shape limits), environment (whether
-     "foo" is present here) and fn, the kernel wrapped as a custom op with
-     ops.library.define_scan_op (forward, backward; fake and autograd come with it);
-  3. this module: ScanFoo in TABLE["scan"] (and "foo" in AUTO_ORDER if auto should try it);
-  4. tests/test_scan_foo.py (numerics against the float64 reference; opcheck of the op).
+     "foo" is present here) and fn, the kernel wrapped as a custom op with define_scan_op
+     (forward, backward; fake and autograd come with it); ScanFoo in BACKENDS["scan"];
+  3. tests/test_scan_foo.py (numerics against the float64 reference; opcheck of the op);
+  and, only for a backend NAME new to the project, rcar_fast/ops/backend.py: "foo" in
+  BACKEND_NAMES (and in AUTO_ORDER if auto should try it). This module is not touched.
 """
 from __future__ import annotations
 
@@ -27,44 +35,21 @@ from typing import Optional, Union
 
 import torch
 
-from rcar_fast.ops import (gram_backends, maxsim_cpu, maxsim_cuda, maxsim_reference,
-                           maxsim_triton, pair_backends, rcar_cpu, rcar_cuda, rcar_reference,
-                           rcar_triton, scan_cpu, scan_cuda, scan_reference, scan_triton)
-from rcar_fast.ops.backend import (Backend, BackendUnavailable, Inputs,  # noqa: F401
-                                   environment_reason, native_module, triton_interpreter_on,
-                                   triton_module)
+from rcar_fast import scorers
+from rcar_fast.ops import backend as _backend
+from rcar_fast.ops import gram
+from rcar_fast.ops.backend import (AUTO_ORDER, BACKEND_NAMES, Backend,  # noqa: F401
+                                   BackendUnavailable, Inputs, environment_reason, native_module,
+                                   triton_interpreter_on, triton_module)
 
-# Order tried by backend="auto": fused kernels first, the vectorised reference last. Triton is
-# never chosen automatically for CPU tensors: its CPU mode is an interpreter, for testing only.
-# A backend class may also leave itself out of auto's order for its op with a reason
-# (`not_in_auto`, e.g. the CUDA RCAR kernel: slower than Triton); auto_order() applies it, and
-# backends() and auto's errors show the reason. An explicit backend= still runs it.
-AUTO_ORDER = {
-    "cuda": ("triton", "cuda", "reference"),
-    "cpu": ("cpu", "reference"),
-}
+# The op families whose backends make up TABLE, {op: backend classes} each: the plumbing op
+# gram (no head) and every head of the registry (its Scorer's `backends`, its op module's
+# BACKENDS: ops/scan.py, ops/rcar.py, ops/maxsim.py).
+OP_FAMILIES: tuple = (gram.BACKENDS,) + tuple(scorer.backends for scorer in scorers.SCORERS)
 
-# op -> its backend classes (BACKENDS, the requestable names, follow from it). Adding a
-# backend: write its class beside the op's others (rcar_fast/ops/<op>_<backend>.py; a backend
-# new to the project also overrides Backend.environment there) and list it here (and in
-# AUTO_ORDER if backend="auto" should try it).
+# op -> its backend classes (BACKENDS, the requestable names, follow from it).
 TABLE: dict[str, tuple[type[Backend], ...]] = {
-    "gram": (gram_backends.GramReference, gram_backends.GramReferenceLoop, gram_backends.GramTriton,
-             gram_backends.GramCuda, gram_backends.GramCpu),
-    "scan": (scan_reference.ScanReference, scan_reference.ScanReferenceLoop,
-             scan_triton.ScanTriton, scan_cuda.ScanCuda, scan_cpu.ScanCpu),
-    "rcar": (rcar_reference.RcarReference, rcar_reference.RcarReferenceLoop,
-             rcar_triton.RcarTriton, rcar_cuda.RcarCuda, rcar_cpu.RcarCpu),
-    "scan_pairs": (pair_backends.ScanPairsReference, pair_backends.ScanPairsReferenceLoop,
-                   pair_backends.ScanPairsCpu),
-    "rcar_pairs": (pair_backends.RcarPairsReference, pair_backends.RcarPairsReferenceLoop,
-                   pair_backends.RcarPairsCpu),
-    "maxsim": (maxsim_reference.MaxSimReference, maxsim_reference.MaxSimReferenceLoop,
-               maxsim_triton.MaxSimTriton, maxsim_cuda.MaxSimCuda, maxsim_cpu.MaxSimCpu),
-    "maxsim_pairs": (maxsim_reference.MaxSimPairsReference,
-                     maxsim_reference.MaxSimPairsReferenceLoop, maxsim_triton.MaxSimPairsTriton,
-                     maxsim_cuda.MaxSimPairsCuda, maxsim_cpu.MaxSimPairsCpu),
-}
+    op: classes for family in OP_FAMILIES for op, classes in family.items()}
 
 
 def _check_table() -> dict[tuple[str, str], type[Backend]]:
@@ -82,6 +67,8 @@ def _check_table() -> dict[tuple[str, str], type[Backend]]:
 _BY_KEY = _check_table()
 # Every backend of the table, in the order of its first appearance.
 BACKENDS = tuple(dict.fromkeys(backend for (_, backend) in _BY_KEY))
+# What backend= may say (the op modules' wrappers check ops.backend.REQUESTABLE, the same names:
+# tests/test_dispatch.py holds them equal).
 REQUESTABLE = ("auto",) + BACKENDS
 
 
@@ -91,8 +78,7 @@ def implementation(op: str, backend: str) -> Optional[type[Backend]]:
 
 def not_in_auto(op: str, backend: str) -> Optional[str]:
     """Why backend="auto" never tries `backend` for `op` (None: it does, in AUTO_ORDER)."""
-    note = getattr(implementation(op, backend), "not_in_auto", None)
-    return note() if callable(note) else note   # a string, or a classmethod that decides
+    return _backend.not_in_auto(implementation(op, backend))
 
 
 def auto_order(op: str, device_type: str) -> tuple:
@@ -131,13 +117,15 @@ def _as_inputs(inputs: Union[Inputs, torch.device], dtype: Optional[torch.dtype]
     return inputs if isinstance(inputs, Inputs) else Inputs(torch.device(inputs), dtype)
 
 
+def _classes(op: str) -> tuple:
+    # Through _BY_KEY, the one lookup every question here goes through (tests patch it).
+    return tuple(cls for (name, _), cls in _BY_KEY.items() if name == op)
+
+
 def reasons(op: str, backend: str, inputs: Union[Inputs, torch.device],
             dtype: Optional[torch.dtype] = None) -> list[str]:
     """Why `backend` cannot run `op` on these inputs ([] if it can)."""
-    cls = implementation(op, backend)
-    if cls is None:
-        return [f"{backend} has no implementation of {op!r}"]
-    return cls.not_supported_reasons(_as_inputs(inputs, dtype))
+    return _backend.reasons(op, _classes(op), backend, _as_inputs(inputs, dtype))
 
 
 def rejection(op: str, backend: str, inputs: Union[Inputs, torch.device],
@@ -153,33 +141,12 @@ def explain(op: str, inputs: Union[Inputs, torch.device],
     return {be: rejection(op, be, inputs, dtype) or "usable" for be in BACKENDS}
 
 
-def _describe(inputs: Inputs) -> str:
-    return f"{inputs.device.type} {inputs.dtype} tensors"
-
-
 def choose(op: str, backend: str, inputs: Union[Inputs, torch.device],
            dtype: Optional[torch.dtype] = None) -> type[Backend]:
-    """The backend class to run (call its `fn`). backend="auto" takes the first of
-    auto_order(op, device) that takes these inputs; otherwise the requested one, or BackendUnavailable with its
-    reasons (all of them, for every backend tried, under "auto")."""
+    """The backend class to run (call its `fn`): rcar_fast.ops.backend.choose among TABLE[op].
+    backend="auto" takes the first of auto_order(op, device) that takes these inputs; otherwise
+    the requested one, or BackendUnavailable with its reasons (all of them, for every backend
+    tried, under "auto")."""
     if backend not in REQUESTABLE:
         raise ValueError(f"backend must be one of {REQUESTABLE}, got {backend!r}")
-    inputs = _as_inputs(inputs, dtype)
-    if backend != "auto":
-        why = reasons(op, backend, inputs)
-        if why:
-            raise BackendUnavailable(f"backend {backend!r} cannot run {op} on {_describe(inputs)}: "
-                                     + "; ".join(why))
-        return _BY_KEY[(op, backend)]
-    tried = {}
-    for candidate in AUTO_ORDER.get(inputs.device.type, ("reference",)):
-        skipped = not_in_auto(op, candidate)
-        if skipped:
-            tried[candidate] = f"not tried by backend='auto' ({skipped}); request it explicitly"
-            continue
-        why = reasons(op, candidate, inputs)
-        if not why:
-            return _BY_KEY[(op, candidate)]
-        tried[candidate] = "; ".join(why)
-    detail = "; ".join(f"{be}: {why}" for be, why in tried.items())
-    raise BackendUnavailable(f"no backend can run {op} on {_describe(inputs)} ({detail})")
+    return _backend.choose(op, _classes(op), backend, _as_inputs(inputs, dtype))

@@ -2,8 +2,10 @@
 (RcarScorer: rcar_fast.scorers lists it)."""
 import torch
 
-from rcar_fast import contract, dispatch, flops, validate
+from rcar_fast import contract, flops, validate
 from rcar_fast.heads import RCARHead
+from rcar_fast.ops import backend as op_backend
+from rcar_fast.ops import rcar
 from rcar_fast.ops.backend import Inputs
 from rcar_fast.ops.scorer import Scorer
 
@@ -19,10 +21,10 @@ class RCARSimilarity(RCARHead):
     """
 
     def forward(self, img, cap, lens, backend: str = "auto") -> torch.Tensor:
-        validate.choice(backend, "backend", dispatch.REQUESTABLE)
+        validate.choice(backend, "backend", op_backend.REQUESTABLE)
         lens = validate.similarity_inputs(img, cap, lens)
         validate.head_fits(self, img)
-        impl = dispatch.choose("rcar", backend, Inputs.of_head(self, img, cap, lens))
+        impl = op_backend.choose("rcar", rcar.BACKENDS["rcar"], backend, Inputs.of_head(self, img, cap, lens))
         return impl.fn(self, img, cap, lens)
 
 
@@ -33,6 +35,7 @@ class RcarScorer(Scorer):
     (Inputs.of_head)."""
     name, title = "rcar", "RCAR"
     all_pairs_op, pairs_op = "rcar", "rcar_pairs"
+    backends = rcar.BACKENDS
     module_type = RCARHead
 
     @classmethod

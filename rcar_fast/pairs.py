@@ -11,7 +11,7 @@ Dispatch: the head's scorer names its ops (SCAN: "scan" and "scan_pairs"; an RCA
 (rcar_fast.ops.scorer). The pair ops' fn take (..., img_idx, cap_idx) with lens, img_idx
 and cap_idx validated (int64 on img's device); the result is float32 (float64 for float64
 inputs), differentiable w.r.t. img, cap (and the head's parameters) where the backend has a
-backward. The pair backends are in rcar_fast/ops/pair_backends.py.
+backward. The pair backends are in their op's module (rcar_fast/ops/scan.py, rcar.py, maxsim.py).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 SCORERS below is the whole registry (nothing registers on import). Each entry is a
 rcar_fast.ops.scorer.Scorer subclass written beside its head's op: the facts the consumers
-read (names and presets, the dispatch ops, keyword defaults and their validation, the
+read (names and presets, the ops and their backends, keyword defaults and their validation, the
 backend Inputs, how to call the all-pairs and pair-list backends, the FLOP model, how to
 build a model for the trainer and the benchmarks, labels). The consumers never branch on a
 head's name:
@@ -14,55 +14,38 @@ head's name:
     rcar_fast.train         --head NAME (the example trainer; examples/ are front ends)
     bench/                  cases name a head and its options; suite and FLOPs ask the scorer
 
-Adding (a) a head that reuses the region-word tile: the files, counted on the first such
-head, the S-only heads of issue 14 ("maxsim"; docs and tests listed apart). Product code:
-   1. rcar_fast/reference_heads.py        its float64 reference (vectorised and per-pair loop)
-   2. rcar_fast/ops/maxsim.py             public wrapper and its Scorer (MaxsimScorer)
-   3. rcar_fast/ops/maxsim_reference.py   Backend classes: reference, reference_loop
-   4. rcar_fast/ops/maxsim_cpu.py         Backend class: C++ CPU
-   5. rcar_fast/ops/maxsim_triton.py      Backend class: Triton
-   6. rcar_fast/ops/maxsim_cuda.py        Backend class: CUDA
-   7. rcar_fast/ops/library.py            its torch.library custom op (define_maxsim_op)
-   8. rcar_fast/dispatch.py               TABLE["maxsim"], TABLE["maxsim_pairs"]
-   9. rcar_fast/contract.py               its enumerations and presets (+ csrc/contract.h,
-                                          generated: python -m rcar_fast.contract --header)
-  10. rcar_fast/validate.py               its argument checks (head_settings, head_inputs)
-  11. rcar_fast/__init__.py               the public names (max_similarity, maxsim)
-  12. kernels/maxsim.py                   Triton epilogue on kernels/tile.py
-  13. csrc/cpu/maxsim.cpp                 C++ epilogue on csrc/cpu/tile.h
-  14. csrc/cuda/maxsim.cu                 CUDA epilogue on csrc/cuda/tile.cuh
-  15. csrc/cpu/kernels.h, 16. csrc/cuda/kernels.h: the kernels' declarations
-  17. csrc/bindings_cpu.cpp, 18. csrc/bindings_cuda.cpp: their pybind entries
-  19. rcar_fast/scorers.py                this module: one name in SCORERS
-  Tests: tests/maxsim_cases.py, tests/test_maxsim_{reference,cpu,triton,cuda}.py,
-  tests/tolerances.py (named entries), tests/test_layering.py (the new modules placed);
+Adding (a) a head that reuses the region-word tile ("foo"; docs and tests listed apart):
+   1. rcar_fast/reference_heads.py   its float64 reference (vectorised and per-pair loop)
+   2. rcar_fast/ops/foo.py           the op family's module: its custom ops (torch.library,
+                                     on ops/library.py's define), its Backend classes
+                                     (reference, reference_loop, cpu, triton, cuda) listed in
+                                     BACKENDS, the public wrapper and its Scorer (`backends =
+                                     BACKENDS`: dispatch.TABLE takes them from the Scorer)
+   3. kernels/foo.py                 Triton epilogue on kernels/tile.py
+   4. csrc/cpu/foo.cpp               C++ epilogue on csrc/cpu/tile.h, ending in its own binding
+                                     block (RCAR_FAST_BINDINGS, csrc/bindings.h)
+   5. csrc/cuda/foo.cu               CUDA epilogue on csrc/cuda/tile.cuh, ending in its host-only
+                                     binding block (csrc/cuda/bind.h; no torch header)
+   6. rcar_fast/scorers.py           this module: its Scorer in SCORERS
+   7. rcar_fast/__init__.py          the public names
+  (+ rcar_fast/contract.py only when the head brings new constants; its argument checks go
+  in validate.py only when no existing check fits.) 7 files, 8 with new constants; no shared
+  native file (no kernels.h, no bindings_*.cpp, no setup.py edit). dispatch.py, pairs.py, losses.py, evaluation/, cli.py, train.py,
+  bench/suite.py, bench/flops.py are touched by no head.
+  Tests: tests/test_foo_{reference,cpu,triton,cuda}.py (+ named entries in tests/tolerances.py);
   docs: README.md, CHANGELOG.md.
-  The consumers are no longer among them: pairs.py, losses.py, evaluation/, cli.py,
-  train.py, bench/suite.py, bench/flops.py are touched by no head (19 files, not the 22+
-  of issue 13, of which those consumers were 8). The target of at most 8 is not reached.
-  What stands in the way, by the files it costs beyond 8:
-  - one Backend module per backend (3-6 above): 4 files where one <head>_backends.py (as
-    ops/gram_backends.py and ops/pair_backends.py are) would be 1, and the custom op (7)
-    defined there instead of in library.py: -4;
-  - the native binding layer: a declaration in each kernels.h and an entry in each
-    bindings_*.cpp per kernel (15-18): 4 files, which a per-kernel binding unit compiled
-    from the kernel file itself would remove: -4;
-  - central validation and contract (9, 10) and the package exports (11), kept central by
-    design (one source of truth for the constants, every check in one place): 3 files.
-  With those two changes a head on all five backends is 11 files (1, 2, one backends
-  module, 8, 9, 10, 11, 12, 13, 14, this module); a head on the reference and Triton only
-  is 6 (1, 2, one backends module, 8, 12, this module) + its test.
 
-Adding (b) a backend "foo" of an existing op:
-  1. its kernel: kernels/foo.py (Triton), or csrc/<foo>/<op>.cpp|.cu
-  2. rcar_fast/ops/<op>_foo.py: the Backend class (a backend new to the project overrides
-     Backend.environment there)
-  3. rcar_fast/dispatch.py: TABLE (and AUTO_ORDER)
-  4. tests/test_<op>_foo.py
-  4 files for a Triton or Python backend; a native one adds its declaration (csrc/*/kernels.h)
-  and its binding entry (csrc/bindings_*.cpp): 6. The CLI's and the trainer's --backend
-  choices, backends(), auto and the benchmark suite all read dispatch. Outside the count: a
-  GPU backend that the GPU check should measure is also named in bench/gpu_check.py
+Adding (b) a backend "bar" of an existing op:
+  1. its kernel file(s): kernels/bar.py (Triton), or its native unit(s) under csrc/<bar>/
+  2. rcar_fast/ops/<op>.py: the Backend class (a backend new to the project overrides
+     Backend.environment there), the kernel as a custom op (define_<op>_op), the class in
+     BACKENDS
+  3. tests/test_<op>_bar.py
+  3 files (a native backend's kernel binds itself at its end); a backend NAME new to the project
+  adds it to rcar_fast/ops/backend.py (BACKEND_NAMES, and AUTO_ORDER if auto should try
+  it): at most 4. The CLI's and the trainer's --backend choices, backends(), auto and the
+  benchmark suite all read dispatch, which reads the op modules. Outside the count: a GPU
+  backend that the GPU check should measure is also named in bench/gpu_check.py
   (FAST_BACKENDS) and scripts/gpu_correctness.py, and README's backend table documents it.
 
 Adding (c) a benchmark case: bench/cases.py only (an OpSpec naming a head of SCORERS and

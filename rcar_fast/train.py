@@ -268,6 +268,34 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     return TrainResult(losses, seconds, eval_before, eval_after, dataclasses.asdict(cfg), chosen)
 
 
+def add_example_arguments(parser: argparse.ArgumentParser, *, lr: float) -> None:
+    """The options the example front ends (examples/train_*.py) share, with their small
+    defaults; example_config maps them onto a TrainConfig."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--direction", default="t2i", choices=("t2i", "i2t"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--images", type=int, default=64, help="synthetic training images")
+    parser.add_argument("--regions", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=32, help="synthetic feature size")
+    parser.add_argument("--embed", type=int, default=32, help="joint space size d")
+    parser.add_argument("--max-len", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=5)
+
+
+def example_config(args: argparse.Namespace, **head_options) -> TrainConfig:
+    """The TrainConfig of an example's options (add_example_arguments, and --backend, --dtype):
+    held-out one batch of images; head_options are the example's own (model, loss, ...)."""
+    return TrainConfig(
+        backend=args.backend, direction=args.direction, steps=args.steps, batch=args.batch,
+        train_images=args.images, eval_images=args.batch, regions=args.regions,
+        feat_dim=args.dim, dim=args.embed, max_len=args.max_len,
+        min_len=min(TrainConfig.min_len, args.max_len), lr=args.lr, seed=args.seed,
+        log_every=args.log_every, dtype=args.dtype, device=args.device, **head_options)
+
+
 def _parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m rcar_fast.train", description=__doc__,

@@ -187,11 +187,11 @@ def scan_poisoned(backend, img, cap, lens, opts):
         from rcar_fast.kernels import scan as kernels
 
         return kernels.scan_forward(kernels.build_problem(img, cap, lens, **opts), out=out)
-    from rcar_fast.ops import scan_cuda
+    from rcar_fast.ops import scan as scan_ops
 
-    options = scan_cuda.Options(opts["direction"], opts["raw_norm"], float(opts["smooth"]), opts["agg"],
+    options = scan_ops.Options(opts["direction"], opts["raw_norm"], float(opts["smooth"]), opts["agg"],
                                 float(opts["lse_lambda"]))
-    return scan_cuda.scan_forward(img, cap, lens, options, out=out)
+    return scan_ops.scan_forward(img, cap, lens, options, out=out)
 
 
 def scan_case(backend, direction, dtype_name, seed):
@@ -252,7 +252,7 @@ def make_head(regulator, steps, direction, device, seed):
 def rcar_poisoned(backend, head, img, cap, lens):
     if backend == "triton":
         from rcar_fast.kernels import rcar as kernels
-        from rcar_fast.ops.rcar_triton import pack_weights
+        from rcar_fast.ops.rcar import pack_weights
 
         out = torch.full((img.shape[0], cap.shape[0]), float("nan"), device=img.device)
         op_dtype = torch.float32 if img.dtype == torch.float32 else img.dtype
@@ -324,10 +324,10 @@ def maxsim_poisoned(backend, img, cap, lens, img_lens, settings):
     """The CUDA forward kernel writing into a NaN-filled output it is handed; other backends
     through the public API from a NaN-filled allocator."""
     if backend == "cuda":
-        from rcar_fast.ops import maxsim_cuda
+        from rcar_fast.ops import maxsim as maxsim_ops
 
         out = torch.full((img.shape[0], cap.shape[0]), float("nan"), device=img.device)
-        return maxsim_cuda.maxsim_forward(img, cap, lens, img_lens, maxsim_cuda.Options(**settings), out=out)
+        return maxsim_ops.maxsim_forward(img, cap, lens, img_lens, maxsim_ops.Options(**settings), out=out)
     poison_allocator(img.device.type)
     return rcar_fast.max_similarity(img, cap, lens, img_lens=img_lens, backend=backend, **settings)
 

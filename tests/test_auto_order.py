@@ -7,9 +7,9 @@ import torch
 
 import rcar_fast
 from rcar_fast import dispatch
-from rcar_fast.ops.rcar_cuda import RcarCuda
-from rcar_fast.ops.rcar_reference import RcarReference
-from rcar_fast.ops.rcar_triton import RcarTriton
+from rcar_fast.ops.rcar import RcarCuda
+from rcar_fast.ops.rcar import RcarReference
+from rcar_fast.ops.rcar import RcarTriton
 
 CUDA_INPUTS = dispatch.Inputs(torch.device("cuda"), torch.float32, (2, 3, 8), (2, 4, 8), "t2i")
 

@@ -19,7 +19,7 @@ import torch
 import rcar_fast
 from rcar_fast import dispatch
 from rcar_fast.losses import hardest_negative_loss, vse_hinge_loss
-from rcar_fast.ops import rcar_reference
+from rcar_fast.ops import rcar as rcar_ops
 from rcar_fast.pairs import score_pairs
 from tests.conftest import requires_gpu, requires_interpreter
 from tests.inputs import make_inputs
@@ -161,7 +161,7 @@ def test_rcar_training_step_reference(regulator, direction):
     eager_fn = None
     if head.active_dropout():
         def eager_fn(img, cap, lens):
-            scores = rcar_reference.compiled_call(rcar_reference.rcar_reference_op, head, img, cap, lens)
+            scores = rcar_ops.compiled_call(rcar_ops.rcar_reference_op, head, img, cap, lens)
             return vse_hinge_loss(scores, 0.2)
 
     assert_compiled_step_matches(loss_fn, _rcar_params(head, img), (img, cap, lens),

@@ -7,8 +7,8 @@ import torch
 
 import rcar_fast
 from rcar_fast import contract, dispatch
-from rcar_fast.ops import (rcar_cpu, rcar_cuda, rcar_reference, rcar_triton, scan_cpu, scan_cuda,
-                           scan_reference, scan_triton)
+from rcar_fast.ops import rcar as rcar_ops
+from rcar_fast.ops import scan as scan_ops
 from tests.conftest import requires_gpu, requires_interpreter
 from tests.tolerances import assert_close_to_reference
 
@@ -46,7 +46,7 @@ needs_interpreter = [requires_interpreter, triton_on_cpu]
 SCAN_OPS = [pytest.param("scan_reference", id="reference"),
             pytest.param("scan_cpu", id="cpu", marks=needs_native),
             pytest.param("scan_triton", id="triton", marks=needs_interpreter)]
-assert scan_reference.scan_reference_op and scan_cpu.scan_cpu_op and scan_triton.scan_triton_op
+assert scan_ops.scan_reference_op and scan_ops.scan_cpu_op and scan_ops.scan_triton_op
 CUDA = dispatch.rejection("scan", "cuda", torch.device("cuda"), torch.float32)
 needs_cuda_kernels = pytest.mark.skipif(CUDA is not None, reason=f"the CUDA kernels: {CUDA}")
 
@@ -104,7 +104,7 @@ def test_opcheck_rcar_reference(regulator, training):
     seed = torch.tensor(11)
     args = (img, cap, lens, weights, seed, head.regulator, head.steps, head.direction,
             float(head.smooth), head.embed_dim, head.sim_dim, training)
-    torch.library.opcheck(rcar_reference.rcar_reference_op, args)
+    torch.library.opcheck(rcar_ops.rcar_reference_op, args)
 
 
 @needs_native
@@ -114,15 +114,15 @@ def test_opcheck_rcar_cpu(training):
     cap = cap.detach().nan_to_num(1.0).requires_grad_()
     head = _head("coop_rcar", steps=2).train(training)
     weights = [p.detach().clone().requires_grad_() for p in head.parameters()]
-    args = (img, cap, lens, weights, torch.tensor(11), *rcar_reference.op_config(head))
-    torch.library.opcheck(rcar_cpu.rcar_cpu_op, args)
+    args = (img, cap, lens, weights, torch.tensor(11), *rcar_ops.op_config(head))
+    torch.library.opcheck(rcar_ops.rcar_cpu_op, args)
 
 
 FORWARD_ONLY_CHECKS = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
 
 
 def _rcar_op_args(head, img, cap, lens, weights, seed=0):
-    return (img, cap, lens, weights, torch.tensor(seed), *rcar_reference.op_config(head))
+    return (img, cap, lens, weights, torch.tensor(seed), *rcar_ops.op_config(head))
 
 
 @requires_interpreter
@@ -138,7 +138,7 @@ def test_opcheck_rcar_triton(direction):
                                     direction=direction).train()
     weights = [p.detach().clone().requires_grad_() for p in head.parameters()]
     args = _rcar_op_args(head, img, cap, lens, weights)
-    torch.library.opcheck(rcar_triton.rcar_triton_op, args)
+    torch.library.opcheck(rcar_ops.rcar_triton_op, args)
     grad = torch.randn(2, 2)
     torch.library.opcheck(_op("rcar_triton_backward"),
                           (grad,) + tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:3])
@@ -160,7 +160,7 @@ def test_opcheck_scan_cuda(op, dtype, direction):
     torch.library.opcheck(_op(op), args + OPTIONS[direction])
 
 
-assert scan_cuda.scan_cuda_op
+assert scan_ops.scan_cuda_op
 
 
 @requires_gpu
@@ -171,7 +171,7 @@ def test_opcheck_rcar_cuda_forward_only(regulator):
     img, cap, lens = img.cuda(), cap.nan_to_num(1.0).cuda(), lens.cuda()
     head = _head(regulator).float().cuda().eval()
     weights = [p.detach() for p in head.parameters()]
-    torch.library.opcheck(rcar_cuda.rcar_cuda_op, _rcar_op_args(head, img, cap, lens, weights),
+    torch.library.opcheck(rcar_ops.rcar_cuda_op, _rcar_op_args(head, img, cap, lens, weights),
                           test_utils=FORWARD_ONLY_CHECKS)
 
 
@@ -182,13 +182,13 @@ def test_rcar_ops_see_the_heads_weights(regulator):
     the CUDA kernel's pointer table, the Triton kernel's packed weights."""
     head = rcar_fast.RCARSimilarity(embed_dim=8, sim_dim=6, regulator=regulator, steps=2)
     weights = [p.detach().clone() for p in head.parameters()]
-    config = rcar_reference.op_config(head)
-    rebuilt = rcar_reference.with_weights(config, weights, rcar_cuda.weight_tensors)
-    assert len(rebuilt) == len(rcar_cuda.weight_tensors(head))
-    assert all(torch.equal(a, b) for a, b in zip(rebuilt, rcar_cuda.weight_tensors(head)))
+    config = rcar_ops.op_config(head)
+    rebuilt = rcar_ops.with_weights(config, weights, rcar_ops.weight_tensors)
+    assert len(rebuilt) == len(rcar_ops.weight_tensors(head))
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt, rcar_ops.weight_tensors(head)))
     if TRITON is None:
-        packed = rcar_reference.with_weights(config, weights, rcar_triton.pack_weights, torch.float32, True)
-        direct = rcar_triton.pack_weights(head, torch.float32, True)
+        packed = rcar_ops.with_weights(config, weights, rcar_ops.pack_weights, torch.float32, True)
+        direct = rcar_ops.pack_weights(head, torch.float32, True)
         assert packed.keys() == direct.keys()
         assert all(torch.equal(packed[k], direct[k]) for k in direct)
 
@@ -203,13 +203,13 @@ def test_rcar_reference_backward_redraws_the_forwards_dropout_masks():
     weights = [p.detach().clone().requires_grad_() for p in head.parameters()]
 
     def scores(img, cap, *some_weights):  # the first weights varied, the others fixed
-        return rcar_reference.rcar_reference_op(
+        return rcar_ops.rcar_reference_op(
             img, cap, lens, list(some_weights) + weights[len(some_weights):], torch.tensor(5), head.regulator, head.steps,
             head.direction, float(head.smooth), head.embed_dim, head.sim_dim, True)
 
     first, again = scores(img, cap, *weights), scores(img, cap, *weights)
     assert torch.equal(first, again)   # the seed fixes the masks
-    other = rcar_reference.rcar_reference_op(
+    other = rcar_ops.rcar_reference_op(
         img, cap, lens, weights, torch.tensor(6), head.regulator, head.steps, head.direction,
         float(head.smooth), head.embed_dim, head.sim_dim, True)
     assert not torch.equal(first, other)  # and a different seed draws different ones

@@ -7,6 +7,8 @@ import torch
 
 import rcar_fast
 from rcar_fast import dispatch
+from rcar_fast.ops import backend as backend_choice
+from rcar_fast.ops import gram as gram_ops
 from tests.inputs import make_inputs
 from tests.tolerances import F64_BACKEND_AGREE, assert_close
 
@@ -113,14 +115,14 @@ def test_auto_gives_a_training_head_a_backend_with_backward_and_dropout(monkeypa
     head = rcar_fast.RCARSimilarity(embed_dim=4, sim_dim=8, regulator="coop_rcar", steps=1)
     img, cap, lens = _inputs()
     chosen = []
-    real_choose = dispatch.choose
+    real_choose = backend_choice.choose
 
     def spy(*args, **kwargs):
         impl = real_choose(*args, **kwargs)
         chosen.append(impl.backend)
         return impl
 
-    monkeypatch.setattr(dispatch, "choose", spy)
+    monkeypatch.setattr(backend_choice, "choose", spy)   # RCARSimilarity's choice
     head.train()
     sims = head(img, cap, lens)
     sims.sum().backward()
@@ -147,29 +149,38 @@ def test_explicit_backend_still_refuses_a_training_head_with_dropout():
     assert "dropout is active" in dispatch.rejection("rcar", "triton", training)
 
 
-def test_auto_error_lists_every_backend_and_its_reasons():
+def test_auto_error_lists_every_backend_and_its_reasons(monkeypatch):
     inputs = dispatch.Inputs(torch.device("cpu"), torch.complex64)
     with pytest.raises(dispatch.BackendUnavailable) as err:
         dispatch.choose("gram", "cpu", inputs)
     assert "complex64" in str(err.value)
-    monkeypatch_order = {"cpu": ("cpu", "triton")}
-    real = dispatch.AUTO_ORDER
-    try:
-        dispatch.AUTO_ORDER = monkeypatch_order
-        with pytest.raises(dispatch.BackendUnavailable, match=r"no backend can run gram.*cpu: .*triton: "):
-            dispatch.choose("gram", "auto", inputs)
-    finally:
-        dispatch.AUTO_ORDER = real
+    # dispatch.AUTO_ORDER is ops.backend.AUTO_ORDER, the one order (the wrappers' too)
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("cpu", "triton"))
+    with pytest.raises(dispatch.BackendUnavailable, match=r"no backend can run gram.*cpu: .*triton: "):
+        dispatch.choose("gram", "auto", inputs)
+    with pytest.raises(dispatch.BackendUnavailable, match=r"no backend can run gram.*cpu: .*triton: "):
+        backend_choice.choose("gram", gram_ops.BACKENDS["gram"], "auto", inputs)
+
+
+def test_the_wrappers_names_are_the_tables():
+    """The op modules' wrappers check backend= against ops.backend.REQUESTABLE (they cannot
+    import dispatch): the same names as dispatch's, which come from TABLE."""
+    assert set(dispatch.REQUESTABLE) == set(backend_choice.REQUESTABLE)
+    assert dispatch.TABLE == {op: classes for family in dispatch.OP_FAMILIES
+                              for op, classes in family.items()}
+    for family in dispatch.OP_FAMILIES:
+        for op, classes in family.items():
+            assert all(cls.op == op for cls in classes), op
 
 
 def test_auto_falls_back_past_a_shape_limit():
     """The C++ kernels refuse a t2i image whose Gram exceeds their limit: auto then takes the
     reference, on the same inputs that the cpu backend's reasons name."""
-    from rcar_fast.ops import scan_cpu
+    from rcar_fast.ops import scan as scan_ops
 
     if dispatch.rejection("scan", "cpu", torch.device("cpu"), torch.float32) is not None:
         pytest.skip("the C++ CPU extension is not built here")
-    R = scan_cpu._largest_region_count(4) + 1
+    R = scan_ops._largest_region_count(4) + 1
     big = dispatch.Inputs(torch.device("cpu"), torch.float32, (1, R, 4), (1, 3, 4), "t2i")
     assert "Gram" in dispatch.rejection("scan", "cpu", big)
     assert dispatch.choose("scan", "auto", big).backend == "reference"

@@ -16,13 +16,17 @@ That gives, among others:
   which sits below the entry points (matrix, topk);
 * ``bench`` (outside the package) is imported only by cli, and only inside a function (the
   ``rcar-fast bench`` subcommand), so importing rcar_fast never loads the benchmarks;
-* no import cycle at all (dispatch imports the backend modules, never the reverse).
+* no import cycle at all (dispatch imports the op modules, never the reverse).
 
 A new module must be placed in ``LAYERS`` (the test names it otherwise).
 
-The backend modules (rcar_fast/ops/*: backend.py and the <op>_<backend> classes) sit below
-dispatch, which lists them in its TABLE; the public op wrappers (ops/scan.py, ops/gram.py)
-sit above dispatch. No cycle is allowed anywhere.
+The op modules (rcar_fast/ops/<op>.py: an op family's custom ops, backend classes, public
+wrapper and Scorer) sit on the op machinery (ops/backend.py, ops/library.py, ops/scorer.py),
+which never imports an op module; above them the models (RCARSimilarity) and the head registry
+(scorers), and above those dispatch, which assembles the op modules' BACKENDS (gram's, and
+every registered head's through its Scorer) into its TABLE: an op module chooses among its own
+backends (ops.backend.choose) and nothing below dispatch imports it, not even inside a
+function. No cycle is allowed anywhere.
 
 TODO:
 """
@@ -47,12 +51,11 @@ LAYERS = [
     ("base", ["rcar_fast.atomic", "rcar_fast.validate", "rcar_fast.metrics", "rcar_fast.dropout",
               "rcar_fast.reference_math", "rcar_fast.reference_heads", "rcar_fast.checkpoint_keys",
               "rcar_fast.heads", "rcar_fast.reference", "rcar_fast.data", "rcar_fast.flops"]),
-    ("backends", ["rcar_fast.ops"]),
-    ("dispatch", ["rcar_fast.dispatch"]),
-    ("op wrappers", ["rcar_fast.ops.scan", "rcar_fast.ops.gram", "rcar_fast.ops.maxsim",
-                     "rcar_fast.ops.scorer"]),
+    ("op machinery", ["rcar_fast.ops.backend", "rcar_fast.ops.library", "rcar_fast.ops.scorer"]),
+    ("ops", ["rcar_fast.ops"]),
     ("models", ["rcar_fast.modules", "rcar_fast.encoders"]),
     ("head registry", ["rcar_fast.scorers"]),
+    ("dispatch", ["rcar_fast.dispatch"]),
     ("scoring", ["rcar_fast.pairs", "rcar_fast.losses"]),
     ("checkpoint", ["rcar_fast.checkpoint"]),
     ("evaluation parts", ["rcar_fast.evaluation.adapters", "rcar_fast.evaluation.inputs",
@@ -263,6 +266,7 @@ def test_every_import_is_seen():
     assert ("rcar_fast.cli", "bench.__main__", True) in seen
     assert ("rcar_fast.evaluation.matrix", "rcar_fast.evaluation.distributed", False) in seen
     assert ("rcar_fast", "rcar_fast.ops.scan", False) in seen
+    assert ("rcar_fast.dispatch", "rcar_fast.scorers", False) in seen
 
 
 def _with(module: str, source: str) -> list:
@@ -286,11 +290,17 @@ def _added_line(module: str, line: str) -> list:
      "reaches up to layer 'cli'"),
     ("rcar_fast.evaluation.adapters", "from rcar_fast.evaluation.matrix import all_pairs",
      "reaches up to layer 'evaluation entry points'"),
-    ("rcar_fast.kernels.scan", "from rcar_fast.ops import scan_triton", "reaches up to layer 'backends'"),
+    ("rcar_fast.kernels.scan", "from rcar_fast.ops import scan", "reaches up to layer 'ops'"),
     ("rcar_fast.kernels.rcar", "def f():\n    from rcar_fast.dispatch import choose",
      "reaches up to layer \'dispatch\'"),
-    ("rcar_fast.ops.scan_cpu", "from rcar_fast import dispatch", "reaches up to layer 'dispatch'"),
-    ("rcar_fast.dispatch", "from rcar_fast.ops import scan", "reaches up to layer 'op wrappers'"),
+    ("rcar_fast.ops.scan", "from rcar_fast import dispatch", "reaches up to layer 'dispatch'"),
+    ("rcar_fast.ops.maxsim", "def f():\n    from rcar_fast.dispatch import choose",
+     "reaches up to layer 'dispatch'"),
+    ("rcar_fast.ops.library", "from rcar_fast.ops import rcar", "reaches up to layer 'ops'"),
+    ("rcar_fast.ops.backend", "from rcar_fast.ops.scan import ScanCpu", "reaches up to layer 'ops'"),
+    ("rcar_fast.ops.gram", "from rcar_fast.modules import RCARSimilarity", "reaches up to layer 'models'"),
+    ("rcar_fast.modules", "from rcar_fast import dispatch", "reaches up to layer 'dispatch'"),
+    ("rcar_fast.scorers", "def f():\n    from rcar_fast.dispatch import TABLE", "reaches up to layer 'dispatch'"),
     ("rcar_fast.cli", "import bench.__main__", "at module level"),
     ("rcar_fast.train", "def f():\n    import bench", "only ['rcar_fast.cli'] may import bench"),
     ("rcar_fast.metrics", "from tests import tolerances", "must not depend on tests/"),
@@ -299,6 +309,27 @@ def _added_line(module: str, line: str) -> list:
 def test_the_checker_catches_a_broken_rule(module, line, expected):
     problems = _added_line(module, line)
     assert any(expected in p for p in problems), problems
+
+
+def test_dispatch_assembles_every_op_module():
+    # Every module of rcar_fast/ops that lists backends (BACKENDS) reaches dispatch.TABLE by a
+    # name a reader finds: gram imported by dispatch, the heads' through scorers.SCORERS (their
+    # Scorer's `backends`); no registration by import side effect.
+    import importlib
+
+    from rcar_fast import dispatch, scorers
+
+    modules, sources = _tree_sources()
+    with_backends = {name for name, source in sources.items() if name.startswith("rcar_fast.ops.")
+                     and any(isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "BACKENDS"
+                                                                   for t in node.targets)
+                             for node in ast.parse(source).body)}
+    assert with_backends == {"rcar_fast.ops.gram", "rcar_fast.ops.scan", "rcar_fast.ops.rcar",
+                             "rcar_fast.ops.maxsim"}
+    families = {id(family) for family in dispatch.OP_FAMILIES}
+    for name in with_backends:
+        assert id(importlib.import_module(name).BACKENDS) in families, f"{name}.BACKENDS is not in dispatch.TABLE"
+    assert {id(s.backends) for s in scorers.SCORERS} <= families
 
 
 def test_an_unplaced_module_is_named():

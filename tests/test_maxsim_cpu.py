@@ -11,7 +11,7 @@ import torch
 import rcar_fast
 from rcar_fast import dispatch, reference_heads
 from rcar_fast.contract import HEAD_DIRECTIONS, POOLS
-from rcar_fast.ops.maxsim_cpu import maxsim_cpu_op, maxsim_pairs_cpu_op, native_settings
+from rcar_fast.ops.maxsim import maxsim_cpu_op, maxsim_pairs_cpu_op, native_settings
 from tests.inputs import NAN, make_inputs
 from tests.maxsim_cases import CASES, assert_head_matches_reference, settings_grid, settings_id
 from tests.tolerances import assert_bit_equal, assert_close_to_reference

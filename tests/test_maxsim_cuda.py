@@ -1,4 +1,4 @@
-"""The S-only heads on the CUDA backend (csrc/cuda/maxsim.cu, rcar_fast/ops/maxsim_cuda.py).
+"""The S-only heads on the CUDA backend (csrc/cuda/maxsim.cu, rcar_fast/ops/maxsim.py).
 
 Without a GPU this file checks what the host side decides: the extension carries the maxsim
 launchers when built with CUDA, the launch check (maxsim_problem_error) refuses shapes beyond
@@ -21,15 +21,14 @@ import pytest
 import torch
 
 import rcar_fast
-from rcar_fast import contract, dispatch
-from rcar_fast.ops import maxsim_cuda
+from rcar_fast import contract, dispatch, reference_heads
+from rcar_fast.ops import maxsim as maxsim_ops
+from rcar_fast.ops import scan as scan_ops
 from rcar_fast.ops.backend import BackendUnavailable, Inputs
+from rcar_fast.ops.scan import GradientAccumulator, PairGrads
 from rcar_fast.reference_heads import max_similarity_reference
 from tests.conftest import native_or_skip, requires_cuda_build, requires_gpu
 from tests.test_cuda_compiles import ROOT, assert_no_spills, compile_one, kernel_stats, needs_nvcc
-from rcar_fast import reference_heads
-from rcar_fast.ops import maxsim_reference, scan_cuda
-from rcar_fast.ops.scan_cuda import GradientAccumulator, PairGrads
 from tests.maxsim_cases import (CASES, all_negative_case, assert_head_matches_reference, poisoned_allocations,
                                 ragged_case, reference_scores, settings_grid, settings_id, single_region_case,
                                 single_word_case, tie_case)
@@ -91,7 +90,7 @@ def test_extension_carries_the_maxsim_launchers():
 
 def test_launch_check_takes_the_tile_shapes_and_names_what_it_refuses():
     native = native_or_skip(with_cuda=True)
-    for col_frags in maxsim_cuda.COL_FRAGS:
+    for col_frags in maxsim_ops.COL_FRAGS:
         rows, cols = native.scan_tile_rows(col_frags), native.scan_tile_cols(col_frags)
         assert native.maxsim_problem_error(_problem(native, R=rows, max_len=cols, col_frags=col_frags)) is None
         assert "R (regions)" in native.maxsim_problem_error(
@@ -145,33 +144,33 @@ def test_launchers_refuse_a_bad_problem_before_launching():
 
 
 def test_dispatch_lists_the_cuda_backend_and_refuses_shapes_beyond_the_tile():
-    assert maxsim_cuda.MaxSimCuda in dispatch.TABLE["maxsim"]
-    assert dispatch.implementation("maxsim", "cuda") is maxsim_cuda.MaxSimCuda
+    assert maxsim_ops.MaxSimCuda in dispatch.TABLE["maxsim"]
+    assert dispatch.implementation("maxsim", "cuda") is maxsim_ops.MaxSimCuda
     on_cpu = dispatch.reasons("maxsim", "cuda", torch.device("cpu"), torch.float32)
     assert on_cpu and ("CUDA" in on_cpu[0] or "native" in on_cpu[0])
     native = dispatch.native_module()
     if isinstance(native, str):
         pytest.skip(native)
     too_wide = Inputs(torch.device("cuda"), torch.float16, (2, 641, 64), (3, 8, 64), "t2i")
-    (reason,) = maxsim_cuda.MaxSimCuda.extra_reasons(too_wide)
+    (reason,) = maxsim_ops.MaxSimCuda.extra_reasons(too_wide)
     assert "R=641" in reason and "maxsim" in reason
     too_long = Inputs(torch.device("cuda"), torch.float16, (2, 36, 64), (3, 129, 64), "t2i")
-    assert "129 words" in maxsim_cuda.MaxSimCuda.extra_reasons(too_long)[0]
-    assert maxsim_cuda.MaxSimCuda.extra_reasons(
+    assert "129 words" in maxsim_ops.MaxSimCuda.extra_reasons(too_long)[0]
+    assert maxsim_ops.MaxSimCuda.extra_reasons(
         Inputs(torch.device("cuda"), torch.float16, (2, 36, 64), (3, 128, 64), "t2i")) == []
     # beyond the tile's shapes, the launch check's own limits (here the backward's grid) count too
     too_deep = Inputs(torch.device("cuda"), torch.float16, (2, 36, 65535 * 128 + 1), (3, 8, 65535 * 128 + 1), "both")
-    (reason,) = maxsim_cuda.MaxSimCuda.extra_reasons(too_deep)
+    (reason,) = maxsim_ops.MaxSimCuda.extra_reasons(too_deep)
     assert reason.startswith("the CUDA maxsim kernels: d is beyond"), reason
 
 
 def test_tile_shape_choice_is_the_widest_that_fits():
     native_or_skip(with_cuda=True)
-    assert maxsim_cuda.tile_col_frags(36, 128) == 8
-    assert maxsim_cuda.tile_col_frags(161, 64) == 4
-    assert maxsim_cuda.tile_col_frags(400, 12) == 2
+    assert maxsim_ops.tile_col_frags(36, 128) == 8
+    assert maxsim_ops.tile_col_frags(161, 64) == 4
+    assert maxsim_ops.tile_col_frags(400, 12) == 2
     with pytest.raises(BackendUnavailable, match="R=641"):
-        maxsim_cuda.tile_col_frags(641, 4)
+        maxsim_ops.tile_col_frags(641, 4)
 
 
 def test_the_problem_built_from_tensors_passes_the_launch_check():
@@ -179,11 +178,11 @@ def test_the_problem_built_from_tensors_passes_the_launch_check():
     # as the binding wants) and checked, never launched.
     native = native_or_skip(with_cuda=True)
     case = ragged_case(3, 5, 7, 9, 16).to(torch.float16)
-    options = maxsim_cuda.Options("both", "lse", 0.5, True, 0.5)
-    caps = maxsim_cuda.prepare_captions(case.cap, case.lens, case.img.shape[1])
+    options = maxsim_ops.Options("both", "lse", 0.5, True, 0.5)
+    caps = maxsim_ops.prepare_captions(case.cap, case.lens, case.img.shape[1])
     assert caps.total_words == int(case.lens.sum()) and caps.max_len == int(case.lens.max())
     assert caps.word_off.tolist() == [0, *torch.cumsum(case.lens, 0).tolist()]
-    problem = maxsim_cuda.native_problem(case.img, case.img_lens, caps, options)
+    problem = maxsim_ops.native_problem(case.img, case.img_lens, caps, options)
     assert native.maxsim_problem_error(problem) is None
     assert (problem.direction, problem.pool, problem.leaky, problem.col_frags) == (
         contract.HEAD_DIRECTION_CODES["both"], contract.POOL_CODES["lse"], 1, 8)
@@ -191,13 +190,13 @@ def test_the_problem_built_from_tensors_passes_the_launch_check():
 
 
 def test_backward_chunk_keeps_the_coefficient_buffers_under_the_budget():
-    both = maxsim_cuda.Options("both", "mean", 0.1, False, 0.5)
-    t2i = maxsim_cuda.Options("t2i", "mean", 0.1, False, 0.5)
+    both = maxsim_ops.Options("both", "mean", 0.1, False, 0.5)
+    t2i = maxsim_ops.Options("t2i", "mean", 0.1, False, 0.5)
     # per image: 8 bytes per packed word (t2i) plus 8 per (region, caption) (i2t)
-    assert maxsim_cuda.backward_image_chunk(100, 36, 1000, 80, t2i, budget=8 * 1000 * 10) == 10
-    assert maxsim_cuda.backward_image_chunk(100, 36, 1000, 80, both, budget=8 * (1000 + 36 * 80) * 7) == 7
-    assert maxsim_cuda.backward_image_chunk(100, 36, 1000, 80, both, budget=1) == 1
-    assert maxsim_cuda.backward_image_chunk(5, 36, 1000, 80, t2i, budget=2**40) == 5
+    assert maxsim_ops.backward_image_chunk(100, 36, 1000, 80, t2i, budget=8 * 1000 * 10) == 10
+    assert maxsim_ops.backward_image_chunk(100, 36, 1000, 80, both, budget=8 * (1000 + 36 * 80) * 7) == 7
+    assert maxsim_ops.backward_image_chunk(100, 36, 1000, 80, both, budget=1) == 1
+    assert maxsim_ops.backward_image_chunk(5, 36, 1000, 80, t2i, budget=2**40) == 5
 
 
 def _pool_weights(x, pool, tau):
@@ -319,11 +318,11 @@ def _vsa_kernel(case, settings, upstream=None):
 
 
 def _vsa_contraction(case, bufs, chunk):
-    """What maxsim_cuda.maxsim_vsa_backward does with the kernel's buffers, in float64: image
-    chunks through scan_cuda's GradientAccumulator, padded regions zeroed first."""
+    """What ops/maxsim.py's maxsim_vsa_backward does with the kernel's buffers, in float64:
+    image chunks through ops/scan.py's GradientAccumulator, padded regions zeroed first."""
     img = reference_heads.zero_padding(case.img, case.img_lens)
     n_img, R, _ = img.shape
-    options = maxsim_cuda.Options("i2t", "mean", 0.5, False, 1.0, "vsa", 0.1)
+    options = maxsim_ops.Options("i2t", "mean", 0.5, False, 1.0, "vsa", 0.1)
     acc = GradientAccumulator(case.cap, case.lens.tolist(), options, torch.float64)
     d_img = []
     for i0 in range(0, n_img, chunk):
@@ -437,8 +436,8 @@ def test_forward_writes_every_entry_of_a_poisoned_output():
     for direction in contract.HEAD_DIRECTIONS:
         settings = dict(direction=direction, pool="softmax", tau=0.5, leaky=False, both_scale=0.5)
         out = torch.full((6, 40), float("nan"), device="cuda")
-        options = maxsim_cuda.Options(**settings)
-        maxsim_cuda.maxsim_forward(case.img, case.cap, case.lens, case.img_lens, options, out=out)
+        options = maxsim_ops.Options(**settings)
+        maxsim_ops.maxsim_forward(case.img, case.cap, case.lens, case.img_lens, options, out=out)
         assert_close_to_reference(out.cpu().double(), reference_scores(case, settings), dtype=torch.float32,
                                   what=f"poisoned output {direction}")
 
@@ -448,7 +447,7 @@ def test_forward_writes_every_entry_of_a_poisoned_output():
 def test_gradients_with_poisoned_allocations_and_small_chunks(direction, monkeypatch):
     # Every buffer the wrapper allocates starts as NaN (integers -7), and the coefficient budget
     # forces one image per chunk: the backward must still write every gradient entry.
-    monkeypatch.setattr(maxsim_cuda, "COEFFICIENT_BUFFER_BYTES", 1)
+    monkeypatch.setattr(maxsim_ops, "COEFFICIENT_BUFFER_BYTES", 1)
     with poisoned_allocations():
         assert_head_matches_reference(ragged_case(5, 6, 9, 7, 16), dict(direction=direction, pool="lse", tau=0.5),
                                       backend="cuda", dtype=torch.float32, device="cuda")
@@ -469,7 +468,7 @@ def test_backward_is_deterministic_and_chunking_does_not_change_it(direction, mo
     settings = dict(direction=direction, pool="softmax", tau=0.5, leaky=True)
     first, again = _grads(case, settings), _grads(case, settings)
     # one image per chunk: each output element still sums the same terms in the same order
-    monkeypatch.setattr(maxsim_cuda, "COEFFICIENT_BUFFER_BYTES", 1)
+    monkeypatch.setattr(maxsim_ops, "COEFFICIENT_BUFFER_BYTES", 1)
     chunked = _grads(case, settings)
     for what, a, b, c in zip(("d img", "d cap"), first, again, chunked):
         assert_bit_equal(b, a, what=f"{what} rerun")
@@ -499,7 +498,7 @@ def test_shape_beyond_the_tile_falls_back_under_auto_and_is_refused_by_name():
 def test_opcheck():
     case = ragged_case(3, 4, 5, 6, 8, pad=0.0).to(torch.float32, "cuda").requiring_grad()
     options = ("both", "softmax", 0.5, True, 0.5)
-    torch.library.opcheck(maxsim_cuda.maxsim_cuda_op, (case.img, case.cap, case.lens, case.img_lens, *options))
+    torch.library.opcheck(maxsim_ops.maxsim_cuda_op, (case.img, case.cap, case.lens, case.img_lens, *options))
     grad = torch.randn(3, 4, device="cuda")
     torch.library.opcheck(torch.ops.rcar_fast.maxsim_cuda_backward.default,
                           (grad, case.img.detach(), case.cap.detach(), case.lens, case.img_lens, *options))
@@ -534,7 +533,7 @@ def test_vsa_forward_writes_every_entry_of_a_poisoned_output():
     settings = dict(direction="i2t", pool="softmax", tau=0.5, leaky=False, both_scale=1.0, coding="vsa",
                     vsa_tau=0.1)
     out = torch.full((6, 40), float("nan"), device="cuda")
-    maxsim_cuda.maxsim_forward(case.img, case.cap, case.lens, case.img_lens, maxsim_cuda.Options(**settings),
+    maxsim_ops.maxsim_forward(case.img, case.cap, case.lens, case.img_lens, maxsim_ops.Options(**settings),
                                out=out)
     assert_close_to_reference(out.cpu().double(), reference_scores(case, settings), dtype=torch.float32,
                               what="poisoned VSA output")
@@ -544,7 +543,7 @@ def test_vsa_forward_writes_every_entry_of_a_poisoned_output():
 def test_vsa_gradients_with_poisoned_allocations_and_small_chunks(monkeypatch):
     # NaN-filled allocations (the kernel's three per-pair buffers among them) and one image per
     # backward chunk: every buffer entry must still be written.
-    monkeypatch.setattr(scan_cuda, "BACKWARD_BUFFER_BYTES", 1)
+    monkeypatch.setattr(scan_ops, "BACKWARD_BUFFER_BYTES", 1)
     with poisoned_allocations():
         assert_head_matches_reference(ragged_case(5, 6, 9, 7, 16), VSA_SETTINGS[6], backend="cuda",
                                       dtype=torch.float32, device="cuda")
@@ -566,9 +565,9 @@ def test_vsa_pairs_through_the_all_pairs_kernel_equal_the_reference():
     cap_idx = torch.tensor([0, 5, 0, 1, 2, 2, 3])
     kw = dict(direction="i2t", pool="mean", tau=0.5, leaky=False, both_scale=1.0, coding="vsa", vsa_tau=0.1)
     run = case.to(torch.float32, "cuda")  # NaN padding: never read
-    got = maxsim_cuda.MaxSimPairsCuda.fn(run.img, run.cap, run.lens, run.img_lens, img_idx.cuda(), cap_idx.cuda(),
+    got = maxsim_ops.MaxSimPairsCuda.fn(run.img, run.cap, run.lens, run.img_lens, img_idx.cuda(), cap_idx.cuda(),
                                          **kw)
-    want = maxsim_reference.MaxSimPairsReference.fn(case.img, case.cap, case.lens, case.img_lens, img_idx, cap_idx,
+    want = maxsim_ops.MaxSimPairsReference.fn(case.img, case.cap, case.lens, case.img_lens, img_idx, cap_idx,
                                                     **kw)
     assert_close_to_reference(got.cpu().double(), want, dtype=torch.float32, what="VSA pair scores")
 
@@ -577,9 +576,9 @@ def test_vsa_pairs_through_the_all_pairs_kernel_equal_the_reference():
 def test_vsa_opcheck():
     case = ragged_case(3, 4, 5, 6, 8, pad=0.0).to(torch.float32, "cuda").requiring_grad()
     options = ("lse", 0.5, 0.1)
-    torch.library.opcheck(maxsim_cuda.maxsim_vsa_cuda_op, (case.img, case.cap, case.lens, case.img_lens, *options))
+    torch.library.opcheck(maxsim_ops.maxsim_vsa_cuda_op, (case.img, case.cap, case.lens, case.img_lens, *options))
     grad = torch.randn(3, 4, device="cuda")
-    torch.library.opcheck(maxsim_cuda.maxsim_vsa_cuda_backward_op,
+    torch.library.opcheck(maxsim_ops.maxsim_vsa_cuda_backward_op,
                           (grad, case.img.detach(), case.cap.detach(), case.lens, case.img_lens, *options))
 
 
@@ -591,8 +590,8 @@ def test_vsa_opcheck():
 @pytest.mark.parametrize("pairs_per_block", [1, 3, 512])
 @pytest.mark.parametrize("direction", ["t2i", "both"])
 def test_pair_blocks_equal_the_listed_entries_of_all_pairs(pairs_per_block, direction):
-    from rcar_fast.ops import maxsim_cpu, maxsim_reference
-    from rcar_fast.ops.maxsim_cuda import pairs_through_all_pairs
+    from rcar_fast.ops import maxsim as maxsim_ops
+    from rcar_fast.ops.maxsim import pairs_through_all_pairs
 
     gen = torch.Generator().manual_seed(7)
     img = torch.randn(5, 6, 16, generator=gen, dtype=torch.float64)
@@ -605,20 +604,20 @@ def test_pair_blocks_equal_the_listed_entries_of_all_pairs(pairs_per_block, dire
     cap_idx = torch.tensor([0, 3, 0, 1, 2, 2, 3, 1, 1])
     kw = dict(direction=direction, pool="lse", tau=0.5, leaky=True, both_scale=0.5)
     img_g, cap_g = img.clone().requires_grad_(), cap.clone().requires_grad_()
-    got = pairs_through_all_pairs(maxsim_cpu.MaxSimCpu.fn, img_g, cap_g, lens, img_lens, img_idx,
+    got = pairs_through_all_pairs(maxsim_ops.MaxSimCpu.fn, img_g, cap_g, lens, img_lens, img_idx,
                                   cap_idx, kw, pairs_per_block=pairs_per_block)
-    want = maxsim_reference.MaxSimPairsReference.fn(img, cap, lens, img_lens, img_idx, cap_idx, **kw)
+    want = maxsim_ops.MaxSimPairsReference.fn(img, cap, lens, img_lens, img_idx, cap_idx, **kw)
     assert_close(got, want, F64_PAIRS, what="pair scores")
     weights = torch.linspace(-1, 2, len(img_idx), dtype=torch.float64)
     d_img, d_cap = torch.autograd.grad((got * weights).sum(), (img_g, cap_g))
     img_r, cap_r = img.nan_to_num(0).requires_grad_(), cap.nan_to_num(0).requires_grad_()
-    ref = maxsim_reference.MaxSimPairsReference.fn(img_r, cap_r, lens, img_lens, img_idx, cap_idx, **kw)
+    ref = maxsim_ops.MaxSimPairsReference.fn(img_r, cap_r, lens, img_lens, img_idx, cap_idx, **kw)
     r_img, r_cap = torch.autograd.grad((ref * weights).sum(), (img_r, cap_r))
     assert_close(d_img, r_img, F64_BACKEND_AGREE, what="d img")
     assert_close(d_cap, r_cap, F64_BACKEND_AGREE, what="d cap")
     assert not torch.isnan(d_img).any() and not torch.isnan(d_cap).any()
     with torch.no_grad():
-        again = pairs_through_all_pairs(maxsim_cpu.MaxSimCpu.fn, img, cap, lens, img_lens, img_idx,
+        again = pairs_through_all_pairs(maxsim_ops.MaxSimCpu.fn, img, cap, lens, img_lens, img_idx,
                                         cap_idx, kw, pairs_per_block=pairs_per_block)
     assert torch.equal(again, got.detach())
 
@@ -626,15 +625,15 @@ def test_pair_blocks_equal_the_listed_entries_of_all_pairs(pairs_per_block, dire
 def test_pair_blocks_carry_the_vsa_coding(monkeypatch):
     # MaxSimPairsCuda hands coding / vsa_tau on to the all-pairs function (here the reference
     # one in the CUDA backend's place, so that the plumbing is checked without a GPU).
-    from rcar_fast.ops.maxsim_cuda import MaxSimCuda, MaxSimPairsCuda
+    from rcar_fast.ops.maxsim import MaxSimCuda, MaxSimPairsCuda
 
-    monkeypatch.setattr(MaxSimCuda, "fn", staticmethod(maxsim_reference.MaxSimReference.fn))
+    monkeypatch.setattr(MaxSimCuda, "fn", staticmethod(maxsim_ops.MaxSimReference.fn))
     case = ragged_case(5, 4, 6, 7, 16, seed=22)
     img_idx = torch.tensor([4, 0, 4, 3, 1, 0, 2, 4, 3])
     cap_idx = torch.tensor([0, 3, 0, 1, 2, 2, 3, 1, 1])
     kw = dict(direction="i2t", pool="softmax", tau=0.5, leaky=False, both_scale=1.0, coding="vsa", vsa_tau=0.2)
     got = MaxSimPairsCuda.fn(case.img, case.cap, case.lens, case.img_lens, img_idx, cap_idx, **kw)
-    want = maxsim_reference.MaxSimPairsReference.fn(case.img, case.cap, case.lens, case.img_lens, img_idx,
+    want = maxsim_ops.MaxSimPairsReference.fn(case.img, case.cap, case.lens, case.img_lens, img_idx,
                                                     cap_idx, **kw)
     assert_close(got, want, F64_PAIRS, what="VSA pair scores")
     without = MaxSimPairsCuda.fn(case.img, case.cap, case.lens, case.img_lens, img_idx, cap_idx,
@@ -643,11 +642,11 @@ def test_pair_blocks_carry_the_vsa_coding(monkeypatch):
 
 
 def test_pair_blocks_of_an_empty_list():
-    from rcar_fast.ops import maxsim_cpu
-    from rcar_fast.ops.maxsim_cuda import pairs_through_all_pairs
+    from rcar_fast.ops import maxsim as maxsim_ops
+    from rcar_fast.ops.maxsim import pairs_through_all_pairs
 
     img, cap = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
-    out = pairs_through_all_pairs(maxsim_cpu.MaxSimCpu.fn, img, cap, torch.tensor([3, 2]),
+    out = pairs_through_all_pairs(maxsim_ops.MaxSimCpu.fn, img, cap, torch.tensor([3, 2]),
                                   torch.tensor([3, 3]), torch.empty(0, dtype=torch.long),
                                   torch.empty(0, dtype=torch.long),
                                   dict(direction="t2i", pool="sum", tau=0.1, leaky=False, both_scale=0.5))

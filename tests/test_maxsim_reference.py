@@ -19,7 +19,7 @@ import rcar_fast
 from rcar_fast import dispatch, reference_heads
 from rcar_fast.contract import HEAD_PRESETS, LEAKY_SLOPE, POOLS
 from rcar_fast.ops import maxsim as maxsim_module
-from rcar_fast.ops import maxsim_reference
+
 from rcar_fast.ops.backend import Backend, BackendUnavailable
 from tests.inputs import real_words
 from tests.maxsim_cases import (CASES, F64, HeadCase, assert_head_matches_reference, poisoned_allocations,
@@ -408,9 +408,9 @@ def test_a_passed_setting_is_checked_before_the_preset_compares_it():
 
 def test_the_shared_checker_catches_a_wrong_backend(monkeypatch):
     def off_by_a_bit(img, cap, lens, img_lens, **kw):
-        return maxsim_reference.MaxSimReference.fn(img, cap, lens, img_lens, **kw) * (1 + 1e-3)
+        return maxsim_module.MaxSimReference.fn(img, cap, lens, img_lens, **kw) * (1 + 1e-3)
 
-    monkeypatch.setattr(maxsim_reference.MaxSimReferenceLoop, "fn", staticmethod(off_by_a_bit))
+    monkeypatch.setattr(maxsim_module.MaxSimReferenceLoop, "fn", staticmethod(off_by_a_bit))
     with pytest.raises(AssertionError, match="scores"):
         assert_head_matches_reference(ragged_case(seed=19), GRID[0], backend="reference_loop",
                                       dtype=torch.float32)
@@ -606,9 +606,11 @@ def test_settings_a_preset_leaves_open_stay_free():
 def test_vsa_runs_only_on_backends_that_list_it(monkeypatch):
     class NoVsa(Backend):
         op, backend, kernel = "maxsim", "cpu", "a kernel without VSA"
-        fn = staticmethod(maxsim_reference.MaxSimReference.fn)
+        fn = staticmethod(maxsim_module.MaxSimReference.fn)
 
-    monkeypatch.setitem(dispatch._BY_KEY, ("maxsim", "cpu"), NoVsa)
+    # max_similarity chooses among its own module's BACKENDS
+    monkeypatch.setitem(maxsim_module.BACKENDS, "maxsim", tuple(
+        NoVsa if cls.backend == "cpu" else cls for cls in maxsim_module.BACKENDS["maxsim"]))
     case = ragged_case(seed=27)
     with pytest.raises(BackendUnavailable, match="CHAN's VSA coding is on the reference backends only"):
         _heads(case, "cpu", direction="i2t", coding="vsa")
@@ -692,13 +694,13 @@ def test_maxsim_top_k_breaks_ties_by_the_lower_document_index():
 def test_maxsim_top_k_streams_blocks_of_doc_block_documents(monkeypatch):
     q, d, q_lens, d_lens = _colbert_inputs(n_d=9)
     seen = []
-    original = maxsim_reference.MaxSimReference.fn
+    original = maxsim_module.MaxSimReference.fn
 
     def spy(img, cap, lens, img_lens, **kw):
         seen.append(img.shape[0])
         return original(img, cap, lens, img_lens, **kw)
 
-    monkeypatch.setattr(maxsim_reference.MaxSimReference, "fn", staticmethod(spy))
+    monkeypatch.setattr(maxsim_module.MaxSimReference, "fn", staticmethod(spy))
     rcar_fast.maxsim(q, d, q_lens, d_lens, k=2, doc_block=4, backend="reference")
     assert seen == [4, 4, 1]                                  # never the whole (n_q, n_d) matrix
     seen.clear()
@@ -769,9 +771,9 @@ def _op_inputs(grad=True):
 def test_opcheck_maxsim_reference_ops(direction, pool, leaky):
     img, cap, lens, img_lens = _op_inputs()
     options = (direction, pool, 0.5, leaky, 0.5)
-    torch.library.opcheck(maxsim_reference.maxsim_reference_op, (img, cap, lens, img_lens, *options))
+    torch.library.opcheck(maxsim_module.maxsim_reference_op, (img, cap, lens, img_lens, *options))
     pairs = (torch.tensor([0, 2, 2, 1]), torch.tensor([3, 0, 0, 1]))
-    torch.library.opcheck(maxsim_reference.maxsim_pairs_reference_op, (img, cap, lens, img_lens, *pairs, *options))
+    torch.library.opcheck(maxsim_module.maxsim_pairs_reference_op, (img, cap, lens, img_lens, *pairs, *options))
 
 
 def test_opcheck_maxsim_reference_backward_ops():

@@ -16,7 +16,7 @@ import rcar_fast
 from rcar_fast import dispatch
 from rcar_fast.losses import vse_hinge_loss
 from rcar_fast.contract import HEAD_DIRECTIONS
-from rcar_fast.ops.maxsim_triton import (MaxSimPairsTriton, MaxSimTriton, maxsim_pairs_triton_op,
+from rcar_fast.ops.maxsim import (MaxSimPairsTriton, MaxSimTriton, maxsim_pairs_triton_op,
                                          maxsim_triton_op)
 from rcar_fast.reference_heads import head_pairs_vectorized, head_similarity_vectorized
 from tests.conftest import assert_interpreter_dispatch, requires_gpu, requires_interpreter

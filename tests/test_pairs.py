@@ -113,13 +113,13 @@ def test_grouped_pairs_sum_the_head_weight_gradients(regulator, steps, direction
     "cpu" pair backend): scores and the gradients of img, cap and every head weight equal the
     reference's, the groups' weight gradients summed. The all-pairs function here is the
     vectorised reference, so the grouping itself is tested whatever the kernel's backward."""
-    from rcar_fast.ops import pair_backends
+    from rcar_fast.ops import library
 
     img, cap, lens = _inputs()
     head = _head(regulator, steps, direction)
     params = list(head.parameters())
     img_a, cap_a, img_b, cap_b = _leaf(img), _leaf(cap), _leaf(img), _leaf(cap)
-    got = pair_backends._grouped_by_image(lambda i, c, n: head.forward_vectorized(i, c, n),
+    got = library.grouped_by_image(lambda i, c, n: head.forward_vectorized(i, c, n),
                                           img_a, cap_a, lens, IMG_IDX, CAP_IDX, params)
     want = head.forward_loop(img_b, cap_b, lens)[IMG_IDX, CAP_IDX]
     _assert_close(got, want, "scores")
@@ -177,7 +177,7 @@ def test_rcar_pairs_of_a_training_head_never_fall_back_silently():
 def test_rcar_cpu_kernel_refuses_a_dropout_rate_it_does_not_draw():
     """The C++ kernel's counter-based masks have p = 0.4: a training head with another rate
     is one error; with p = 0 it computes the eval-mode function (no masks)."""
-    from rcar_fast.ops.rcar_cpu import RcarCpu
+    from rcar_fast.ops.rcar import RcarCpu
 
     if RcarCpu.environment("cpu") is not None or not RcarCpu.implements_dropout:
         pytest.skip("no C++ CPU RCAR kernel with dropout here")

@@ -92,7 +92,7 @@ def test_kernel_keeps_a_temperature_beyond_float32_range_finite(direction):
     # The public limit keeps smooth far below float32's range (rcar_fast.validate.SMOOTH_LIMITS);
     # the kernel itself must not turn a larger one into inf (inf * 0 = NaN): its hard attention
     # equals the float64 reference's at the same temperature.
-    from rcar_fast.ops.rcar_cpu import flat_weights, native_settings
+    from rcar_fast.ops.rcar import flat_weights, native_settings
 
     torch.manual_seed(5)
     # >= 2 words: one word normalises to exactly 1 in float32
@@ -136,14 +136,14 @@ def reference_grads(head, img, cap, lens, grad, seed):
 
 def kernel_grads(head, img, cap, lens, grad, seed, dtype):
     """The same through the rcar_fast::rcar_cpu op and its autograd formula, in dtype."""
-    from rcar_fast.ops import rcar_cpu, rcar_reference
+    from rcar_fast.ops import rcar as rcar_ops
 
     head = head.to(dtype)
     img = img.to(dtype).requires_grad_()
     cap = cap.to(dtype).requires_grad_()
     params = list(head.parameters())
-    out = rcar_cpu.rcar_cpu_op(img, cap, lens, params, torch.tensor(seed, dtype=torch.int64),
-                               *rcar_reference.op_config(head))
+    out = rcar_ops.rcar_cpu_op(img, cap, lens, params, torch.tensor(seed, dtype=torch.int64),
+                               *rcar_ops.op_config(head))
     grads = torch.autograd.grad(out, [img, cap, *params], grad.to(dtype))
     head.double()
     return out.detach(), list(grads)
@@ -187,31 +187,31 @@ def test_backward_several_tiles(direction):
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 @pytest.mark.parametrize("regulator,steps", [("only_rar", 2), ("only_rcr", 2), ("coop_rcar", 2)])
 def test_gradcheck_float64(direction, regulator, steps):
-    from rcar_fast.ops import rcar_cpu, rcar_reference
+    from rcar_fast.ops import rcar as rcar_ops
 
     head = make_head(regulator, steps, direction, embed_dim=5, sim_dim=4).train()
     img, cap, lens = make_inputs(2, 3, 3, 5, 3, pad=0.0)
     params = [p.detach().clone().requires_grad_() for p in head.parameters()]
-    config = rcar_reference.op_config(head)
+    config = rcar_ops.op_config(head)
     seed = torch.tensor(11, dtype=torch.int64)
 
     def fn(img, cap, *weights):
-        return rcar_cpu.rcar_cpu_op(img, cap, lens, list(weights), seed, *config)
+        return rcar_ops.rcar_cpu_op(img, cap, lens, list(weights), seed, *config)
 
     assert torch.autograd.gradcheck(fn, (img.requires_grad_(), cap.requires_grad_(), *params))
 
 
 def test_backward_is_deterministic_and_ignores_poison():
     native = dispatch.native_module()
-    from rcar_fast.ops import rcar_cpu
+    from rcar_fast.ops import rcar as rcar_ops
 
     head = make_head("coop_rcar", 2, "t2i", embed_dim=16, sim_dim=8).float().train()
     img, cap, lens = make_inputs(5, 7, 6, 16, 8, dtype=torch.float32)
-    settings = rcar_cpu.native_settings("t2i", "coop_rcar", 2, 10.0, True, 3)
+    settings = rcar_ops.native_settings("t2i", "coop_rcar", 2, 10.0, True, 3)
     grad = torch.randn(5, 7)
-    first = native.rcar_backward_cpu(grad, img, cap, lens, settings, rcar_cpu.flat_weights(head))
+    first = native.rcar_backward_cpu(grad, img, cap, lens, settings, rcar_ops.flat_weights(head))
     cap_poisoned = pad_captions(cap, lens, 1e30)
-    again = native.rcar_backward_cpu(grad, img, cap_poisoned, lens, settings, rcar_cpu.flat_weights(head))
+    again = native.rcar_backward_cpu(grad, img, cap_poisoned, lens, settings, rcar_ops.flat_weights(head))
     for a, b in zip(first, again):
         assert_bit_equal(a, b, what="rerun with other padding")
     assert all(torch.isfinite(g).all() for g in first)

@@ -1,4 +1,4 @@
-"""The RCAR head on the CUDA C++ backend (csrc/cuda/rcar.cu, rcar_fast/ops/rcar_cuda.py),
+"""The RCAR head on the CUDA C++ backend (csrc/cuda/rcar.cu, rcar_fast/ops/rcar.py),
 eval-mode forward. Without a GPU: the dispatcher's reasons and the weight-table layout; with a
 GPU: every regulator mode, step count and direction against the float64 reference."""
 import copy
@@ -9,7 +9,7 @@ import torch
 import rcar_fast
 from rcar_fast import dispatch
 from rcar_fast.contract import rcar_smooth
-from rcar_fast.ops import rcar_cuda
+from rcar_fast.ops import rcar as rcar_ops
 from rcar_fast.reference import module_counts
 from tests.conftest import requires_gpu
 from tests.inputs import make_inputs
@@ -55,10 +55,10 @@ def test_requesting_cuda_for_cpu_tensors_raises_with_the_reason():
 
 @pytest.mark.parametrize("regulator,steps", MODES)
 def test_weight_table_follows_the_kernel_layout(regulator, steps):
-    """The order and shapes documented in csrc/cuda/kernels.h (RcarProblem)."""
+    """The order and shapes documented in csrc/cuda/rcar.cu (RcarProblem)."""
     d, s = 12, 6
     head = _head(regulator, steps, "t2i", d, s)
-    tensors = rcar_cuda.weight_tensors(head)
+    tensors = rcar_ops.weight_tensors(head)
     counts = module_counts(regulator, steps)
     expected = []
     expected += [(d, s), (s,)] * counts["alv"]
@@ -78,7 +78,7 @@ def test_problem_dict_matches_what_the_binding_reads():
 
     head = _head("coop_rcar", 2, "i2t", 16, 8)
     img, cap, lens = _inputs(2, 3, 4, 16, [2, 3, 1])
-    problem = rcar_cuda.problem_dict(head, img, cap, lens, 3, torch.zeros(3, dtype=torch.int64),
+    problem = rcar_ops.problem_dict(head, img, cap, lens, 3, torch.zeros(3, dtype=torch.int64),
                                      torch.zeros(5), 2)
     assert set(problem) == binding_fields("RcarProblem")
     assert problem["regulator"] == 2 and problem["i2t"] == 1 and problem["steps"] == 2

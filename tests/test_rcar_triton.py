@@ -1,4 +1,4 @@
-"""Fused RCAR head on the Triton backend (kernels/rcar.py, rcar_fast/ops/rcar_triton.py).
+"""Fused RCAR head on the Triton backend (kernels/rcar.py, rcar_fast/ops/rcar.py).
 
 On CPU the kernel runs in triton's interpreter on small shapes (d=32, sim_dim=16, R=5, Lmax=7,
 ragged lengths including 1, NaN in the caption padding); on a GPU the realistic shape
@@ -127,7 +127,7 @@ def test_padding_values_never_read(direction):
 @requires_interpreter
 def test_kernel_writes_every_entry_of_a_poisoned_buffer():
     from rcar_fast.kernels import rcar as kernels
-    from rcar_fast.ops.rcar_triton import pack_weights
+    from rcar_fast.ops.rcar import pack_weights
 
     img, cap, lens = _inputs(n_img=3, n_cap=4, lens=(2, 7, 1, 5))
     for direction in ("t2i", "i2t"):
@@ -138,6 +138,64 @@ def test_kernel_writes_every_entry_of_a_poisoned_buffer():
                              smooth=head.smooth, out=out)
         assert torch.isfinite(out).all(), direction
         assert_close_to_reference(out, reference64(head, img, cap, lens), dtype=torch.float32)
+
+
+# Tiling edge cases. In the interpreter a tile has pow2(longest query set) rows (at least 16)
+# and at most 16 segments; t2i packs captions (5 words: 3 per 16-row tile), i2t images (R=5:
+# 3 per tile). Per case: query sets, context sets, segments of each tile (largest first).
+TILING_CASES = {
+    # one image, one caption: one tile holding one segment
+    "single_pair": (1, 1, [1]),
+    # fewer query sets than a tile holds (2 < 3): one partly filled tile
+    "fewer_sets_than_a_tile": (2, 2, [2]),
+    # 7 query sets, 3 per tile: tiles of 3, 3 and 1 (a count that is not a multiple)
+    "partial_last_tile": (7, 7, [3, 3, 1]),
+}
+
+
+def _segments_per_tile(direction, n_img, n_regions, lens):
+    """How rcar_forward tiles the query sets of this batch: segments per tile, largest first."""
+    from rcar_fast.kernels import rcar
+
+    cfg = rcar.tile_config(direction, n_regions, lens, interpreter=True)
+    seg_lengths = lens if direction == "t2i" else [n_regions] * n_img
+    _, _, tile_items = rcar.pack_segments(seg_lengths, [0] * len(seg_lengths), cfg["ROWS"],
+                                          cfg["BSEG"])
+    return sorted(((tile_items >= 0).sum(dim=1)).tolist(), reverse=True)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+@pytest.mark.parametrize("case", list(TILING_CASES))
+def test_forward_tiling_edge_cases(case, direction):
+    n_sets, n_other, expected_tiles = TILING_CASES[case]
+    # the query sets are captions in t2i, images in i2t
+    n_cap, n_img = (n_sets, n_other) if direction == "t2i" else (n_other, n_sets)
+    lens = [5] * n_cap
+    assert _segments_per_tile(direction, n_img, 5, lens) == expected_tiles
+    img, cap, lens = _inputs(n_img=n_img, n_cap=n_cap, lens=lens)
+    head = make_head("coop_rcar", 2, direction)
+    out = triton_scores(head, img, cap, lens)
+    assert out.shape == (n_img, n_cap)
+    assert_close_to_reference(out, reference64(head, img, cap, lens), dtype=torch.float32,
+                              what=f"{case} {direction}")
+
+
+@pytest.mark.parametrize("op_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_every_gpu_tile_gives_a_launch_config_and_a_bad_index_is_refused(op_dtype):
+    from rcar_fast.kernels import rcar
+
+    dims = rcar.padded_dims(1024, 256, interpreter=False)
+    tiles = rcar.gpu_tiles(op_dtype)
+    for i, tile in enumerate(tiles):
+        cfg = rcar.launch_config("t2i", 36, [12, 5], "coop_rcar", 2, dims, op_dtype,
+                                 interpreter=False, tile=i)
+        assert cfg["DC"] == tile["DC"] and dims["DP"] % cfg["DC"] == 0
+        assert cfg["num_warps"] == tile["num_warps"] and cfg["ROWS"] == rcar.GPU_ROWS
+    for bad in (-1, len(tiles)):
+        with pytest.raises(ValueError, match="tile must be an index"):
+            rcar.launch_config("t2i", 36, [12, 5], "coop_rcar", 2, dims, op_dtype,
+                               interpreter=False, tile=bad)
 
 
 def test_pack_segments_keeps_items_whole_and_within_limits():
@@ -203,15 +261,15 @@ def test_gradients_match_float64_reference(regulator, steps, direction):
 
 @requires_interpreter
 def test_backward_in_several_blocks_matches_one_block(monkeypatch):
-    from rcar_fast.ops import rcar_triton
+    from rcar_fast.ops import rcar as rcar_ops
 
     img, cap, lens = _inputs(n_img=3, n_cap=3)
     head = make_head("coop_rcar", 2, "i2t")
     weights = torch.randn(3, 3)
     whole = gradients(head, img, cap, lens, weights, "triton")
     blocks = []
-    original = rcar_triton.backward_blocks
-    monkeypatch.setattr(rcar_triton, "backward_blocks",
+    original = rcar_ops.backward_blocks
+    monkeypatch.setattr(rcar_ops, "backward_blocks",
                         lambda *a, **k: blocks.append(original(*a, budget=1, **k)) or blocks[-1])
     blocked = gradients(head, img, cap, lens, weights, "triton")
     assert blocks == [(1, 1)]

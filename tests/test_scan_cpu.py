@@ -9,7 +9,7 @@ import torch
 import rcar_fast
 from rcar_fast import dispatch, reference
 from rcar_fast.contract import AGGREGATIONS, DIRECTIONS, RAW_NORMS, scan_published
-from rcar_fast.ops.scan_cpu import native_settings
+from rcar_fast.ops.scan import native_settings
 from tests.inputs import make_inputs
 from tests.tolerances import (F64_CHUNKED, F64_CPU_KERNEL_PARTS, assert_bit_equal, assert_close,
                               assert_close_to_reference)
@@ -261,9 +261,9 @@ def test_t2i_with_huge_R_is_refused_before_any_kernel(monkeypatch):
         def __getattr__(self, name):
             raise AssertionError(f"the kernel {name} must not run")
 
-    from rcar_fast.ops import scan_cpu
+    from rcar_fast.ops import scan as scan_ops
 
-    monkeypatch.setattr(scan_cpu, "native", lambda: NoKernel())   # the kernels' only way in
+    monkeypatch.setattr(scan_ops, "native", lambda: NoKernel())   # the kernels' only way in
     with pytest.raises(dispatch.BackendUnavailable, match=r"R = 50000 needs 9537 MiB per image.*R <= 4096"):
         rcar_fast.scan_similarity(img, cap, lens, backend="cpu")
     monkeypatch.undo()
@@ -274,7 +274,7 @@ def test_t2i_with_huge_R_is_refused_before_any_kernel(monkeypatch):
 
 
 def test_t2i_images_in_chunks_equal_one_call(monkeypatch):
-    from rcar_fast.ops import scan_cpu
+    from rcar_fast.ops import scan as scan_ops
 
     img, cap, lens = make_inputs(7, 5, 9, 6, 5)
     grad = torch.randn(7, 5, dtype=torch.float64)
@@ -282,8 +282,8 @@ def test_t2i_images_in_chunks_equal_one_call(monkeypatch):
     whole = rcar_fast.scan_similarity(img, cap, lens, backend="cpu", **kw)
     whole_grads = cpu_gradients(img, cap, lens, grad, **kw)
     calls = []
-    monkeypatch.setattr(scan_cpu, "GRAM_CHUNK_BYTES", 3 * scan_cpu._image_gram_bytes(img))
-    monkeypatch.setattr(scan_cpu, "_forward_chunk", _counting(scan_cpu._forward_chunk, calls))
+    monkeypatch.setattr(scan_ops, "GRAM_CHUNK_BYTES", 3 * scan_ops._image_gram_bytes(img))
+    monkeypatch.setattr(scan_ops, "_forward_chunk", _counting(scan_ops._forward_chunk, calls))
     chunked = rcar_fast.scan_similarity(img, cap, lens, backend="cpu", **kw)
     assert len(calls) == 3  # 3 + 3 + 1 images
     assert_close(chunked, whole, F64_CHUNKED)

@@ -1,4 +1,4 @@
-"""SCAN on the CUDA C++ backend (csrc/cuda/scan.cu, rcar_fast/ops/scan_cuda.py).
+"""SCAN on the CUDA C++ backend (csrc/cuda/scan.cu, rcar_fast/ops/scan.py).
 
 On a machine without a GPU this file checks what can be checked there: the extension was built
 with the CUDA kernels when nvcc exists, the dispatcher's reasons, the caption grouping and tile
@@ -14,7 +14,7 @@ import torch
 
 import rcar_fast
 from rcar_fast import dispatch, reference
-from rcar_fast.ops import scan_cuda
+from rcar_fast.ops import scan as scan_ops
 from rcar_fast.contract import AGGREGATIONS, DIRECTIONS, RAW_NORMS, SCAN_PUBLISHED
 from tests.conftest import native_or_skip, requires_cuda_build, requires_gpu
 from tests.inputs import make_inputs
@@ -34,7 +34,7 @@ def _every_option(test):
 
 
 def _options(direction, raw_norm="clipped_l2norm", agg="mean"):
-    return scan_cuda.Options(direction, raw_norm, SMOOTH[direction], agg, LSE_LAMBDA[direction])
+    return scan_ops.Options(direction, raw_norm, SMOOTH[direction], agg, LSE_LAMBDA[direction])
 
 
 def _inputs(n_img, n_cap, R, d, lens, *, lmax=None, dtype=torch.float32, **kw):
@@ -77,7 +77,7 @@ def test_requesting_cuda_for_cpu_tensors_raises_with_the_reason():
 @pytest.mark.parametrize("lens,capacity", [([1], 128), ([5, 9, 3, 12, 7, 1, 2], 16),
                                            ([16, 16, 1, 16], 16), (list(range(1, 40)), 64)])
 def test_caption_groups_are_consecutive_and_fit(lens, capacity):
-    first = scan_cuda.caption_groups(lens, capacity)
+    first = scan_ops.caption_groups(lens, capacity)
     assert first[0] == 0 and first[-1] == len(lens)
     assert all(a < b for a, b in zip(first, first[1:])), "every group holds at least one caption"
     for a, b in zip(first, first[1:]):
@@ -89,39 +89,55 @@ def test_caption_groups_are_consecutive_and_fit(lens, capacity):
 def test_tile_choice_prefers_wide_groups_and_refuses_what_does_not_fit():
     rows = lambda c: (8 // c) * 160  # noqa: E731  (the kernel's rule, see make_tile in scan.cu)
     cols = lambda c: c * 16  # noqa: E731
-    assert scan_cuda.tile_col_frags(36, 128, rows, cols) == 8
-    assert scan_cuda.tile_col_frags(197, 40, rows, cols) == 4
-    assert scan_cuda.tile_col_frags(577, 30, rows, cols) == 2
+    assert scan_ops.tile_col_frags(36, 128, rows, cols) == 8
+    assert scan_ops.tile_col_frags(197, 40, rows, cols) == 4
+    assert scan_ops.tile_col_frags(577, 30, rows, cols) == 2
     with pytest.raises(rcar_fast.BackendUnavailable, match="R=36 regions with a caption of 129"):
-        scan_cuda.tile_col_frags(36, 129, rows, cols)
+        scan_ops.tile_col_frags(36, 129, rows, cols)
     native = dispatch.native_module()
     if not isinstance(native, str) and native.built_with_cuda():
         assert [native.scan_tile_rows(c) for c in (8, 4, 2)] == [rows(c) for c in (8, 4, 2)]
         assert [native.scan_tile_cols(c) for c in (8, 4, 2)] == [cols(c) for c in (8, 4, 2)]
 
 
+# The CUDA unit (csrc/cuda/<unit>) that defines and binds each problem struct.
+PROBLEM_UNITS = {"ScanProblem": "scan.cu", "MaxSimProblem": "maxsim.cu", "RcarProblem": "rcar.cu"}
+
+
+def _cuda_source(name: str) -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "csrc", "cuda", name)) as f:
+        return f.read()
+
+
 def binding_fields(struct_name: str) -> set:
-    """Keyword fields csrc/bindings_cuda.cpp's binding of rcar_cuda::`struct_name` requires."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "csrc", "bindings_cuda.cpp")) as f:
-        text = f.read()
-    body = text[text.index(f"ProblemClass<{struct_name}>("):]
+    """Keyword fields the binding of rcar_cuda::`struct_name` (the binding block of its .cu)
+    requires: its own ("name", &Struct::name) entries, plus the shared tile's (tile_fields,
+    csrc/cuda/bind.h)."""
+    text = _cuda_source(PROBLEM_UNITS[struct_name])
+    body = text[text.index(f"ProblemClass<{struct_name}>"):]
     body = body[:body.index(".finish()")]
-    return set(re.findall(rf'\.field\("(\w+)", &{struct_name}::\1\)', body))
+    fields = set(re.findall(rf'"(\w+)", &{struct_name}::\1\b', body))
+    if "tile_fields(" in body:
+        helper = _cuda_source("bind.h")
+        helper = helper[helper.index("tile_fields(ProblemClass<P>& cls)"):]
+        fields |= set(re.findall(r'"(\w+)", &P::\1\b', helper[:helper.index(";\n}")]))
+    return fields
 
 
-def kernel_fields(struct_name: str) -> set:
-    """Field names of rcar_cuda::`struct_name` in csrc/cuda/kernels.h."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "csrc", "cuda", "kernels.h")) as f:
-        text = f.read()
-    body = text[text.index(f"struct {struct_name} {{"):]
+def _struct_fields(body: str) -> set:
     body = re.sub(r"//[^\n]*", "", body[:body.index("};")])
-    declarations = [line.strip().rstrip(";") for line in body.split("\n")[1:] if line.strip()]
+    declarations = [line.strip().rstrip(";") for line in body.split("\n") if line.strip()]
     return {name.strip().split()[-1].lstrip("*") for decl in declarations for name in decl.split(",")}
 
 
-@pytest.mark.parametrize("struct_name", ["ScanProblem", "RcarProblem"])
+def kernel_fields(struct_name: str) -> set:
+    """Field names of rcar_cuda::`struct_name` in its .cu."""
+    text = _cuda_source(PROBLEM_UNITS[struct_name])
+    return _struct_fields(text[text.index(f"struct {struct_name} {{\n"):].split("\n", 1)[1])
+
+
+@pytest.mark.parametrize("struct_name", sorted(PROBLEM_UNITS))
 def test_the_binding_sets_every_field_of_the_kernel_struct(struct_name):
     fields = binding_fields(struct_name)
     assert len(fields) > 10 and fields == kernel_fields(struct_name)
@@ -131,11 +147,11 @@ def _problem_fields(direction="t2i"):
     img, cap, lens = _inputs(2, 3, 4, 8, [2, 3, 1])
     f32 = torch.zeros(8)
     i64 = torch.zeros(4, dtype=torch.int64)
-    caps = scan_cuda.Captions(cap=cap, lens=lens, lens_host=[2, 3, 1], word_off=i64, total_words=6,
+    caps = scan_ops.Captions(cap=cap, lens=lens, lens_host=[2, 3, 1], word_off=i64, total_words=6,
                               max_len=3, col_frags=8, group_first=torch.zeros(2, dtype=torch.int32),
                               gram=f32, gram_off=i64, word_sq=f32)
-    images = scan_cuda.Images(img=img, gram=f32, region_sq=f32)
-    return scan_cuda.problem(images, caps, _options(direction))
+    images = scan_ops.Images(img=img, gram=f32, region_sq=f32)
+    return scan_ops.problem(images, caps, _options(direction))
 
 
 def test_the_typed_problem_takes_every_field_and_names_a_bad_one():
@@ -271,7 +287,7 @@ def _emulated_pair_grads(img, cap, lens, options, grad_sims):
                 d_qn[image_rows, j] = dq
             else:
                 d_qn[word_cols, i] = dq
-    return scan_cuda.PairGrads(d_scores, attn, scaled, d_qn)
+    return scan_ops.PairGrads(d_scores, attn, scaled, d_qn)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -284,7 +300,7 @@ def test_gradient_assembly_matches_reference_autograd(direction, raw_norm, agg):
     lens = [3, 1, 5, 2]
     img, cap, lens_t = _inputs(3, 4, 4, 6, lens, dtype=torch.float64, lmax=6)
     grad_sims = torch.randn(3, 4, dtype=torch.float64)
-    acc = scan_cuda.GradientAccumulator(cap, lens, options, torch.float64)
+    acc = scan_ops.GradientAccumulator(cap, lens, options, torch.float64)
     d_img = torch.cat([acc.add_chunk(img[i0:i1], _emulated_pair_grads(img[i0:i1], cap, lens, options,
                                                                        grad_sims[i0:i1]))
                        for i0, i1 in ((0, 2), (2, 3))])
@@ -303,11 +319,11 @@ def test_gradient_assembly_matches_reference_autograd(direction, raw_norm, agg):
 
 def test_backward_chunk_size_respects_budget():
     per_image = 4 * 36 * (3 * 1000 + 80)
-    assert scan_cuda.backward_image_chunk(100, 36, 1000, 80, 20, False, budget=10 * per_image) == 10
-    assert scan_cuda.backward_image_chunk(100, 36, 1000, 80, 20, False, budget=1) == 1
-    assert scan_cuda.backward_image_chunk(5, 36, 1000, 80, 20, False, budget=2**40) == 5
-    assert (scan_cuda.backward_image_chunk(100, 36, 1000, 80, 20, True, budget=10 * per_image)
-            < scan_cuda.backward_image_chunk(100, 36, 1000, 80, 20, False, budget=10 * per_image))
+    assert scan_ops.backward_image_chunk(100, 36, 1000, 80, 20, False, budget=10 * per_image) == 10
+    assert scan_ops.backward_image_chunk(100, 36, 1000, 80, 20, False, budget=1) == 1
+    assert scan_ops.backward_image_chunk(5, 36, 1000, 80, 20, False, budget=2**40) == 5
+    assert (scan_ops.backward_image_chunk(100, 36, 1000, 80, 20, True, budget=10 * per_image)
+            < scan_ops.backward_image_chunk(100, 36, 1000, 80, 20, False, budget=10 * per_image))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,7 +389,7 @@ def test_forward_writes_every_entry_of_a_poisoned_output():
     img, cap, lens = _inputs(6, 40, 36, 64, _random_lens(40, 25), device="cuda", lmax=25)
     for direction in DIRECTIONS:
         out = torch.full((6, 40), float("nan"), device="cuda")
-        scan_cuda.scan_forward(img, cap, lens, _options(direction), out=out)
+        scan_ops.scan_forward(img, cap, lens, _options(direction), out=out)
         assert_close_to_reference(out, _ref64(img, cap, lens, **_kwargs(direction)), dtype=torch.float32)
 
 
@@ -445,7 +461,7 @@ def test_backward_chunked_equals_whole_and_is_deterministic(direction, monkeypat
     again = _grads("cuda", img, cap, lens, grad_sims, **kw)
     for a, b in zip(whole, again):
         assert_bit_equal(a, b, what="backward must be deterministic")
-    monkeypatch.setattr(scan_cuda, "BACKWARD_BUFFER_BYTES", 1)  # one image per chunk
+    monkeypatch.setattr(scan_ops, "BACKWARD_BUFFER_BYTES", 1)  # one image per chunk
     chunked = _grads("cuda", img, cap, lens, grad_sims, **kw)
     for a, b in zip(whole, chunked):
         assert_close(a, b, F32_BLOCKED, what="chunked backward")

@@ -162,19 +162,21 @@ def test_scan_hot_configurations_do_not_spill(scan_builds, index):
 
 
 # ---------------------------------------------------------------------------------------------
-# RCAR: the one configuration launch_config picks per (direction, dtype)
+# RCAR: every tile of the GPU tile space (kernels/rcar.py GPU_TILES) per (direction, dtype)
 # ---------------------------------------------------------------------------------------------
 
 # (direction, regulator, steps, operand dtype, hot: no spills)
 RCAR_CASES = [
     ("t2i", "coop_rcar", 2, "bf16", True),   # the COCO 5K target configuration
     ("i2t", "coop_rcar", 2, "bf16", True),   # 64-row tiles (one image of 36 regions)
+    ("t2i", "coop_rcar", 2, "fp16", True),   # the same "low" tiles as bf16
     ("t2i", "coop_rcar", 2, "fp32", False),  # the exact fp32 FMA path
     ("i2t", "only_rcr", 2, "fp32", False),
 ]
 
 # The launcher needs a GPU (its programs per SM): the kernel is compiled from the launch
-# configuration and a signature typed as rcar_forward's arguments are.
+# configuration of each tile and a signature typed as rcar_forward's arguments are. One list
+# of builds per case, one build per tile.
 _RCAR_SCRIPT = r"""
 import inspect, json, sys
 import torch, triton
@@ -184,12 +186,12 @@ from tests import sm90
 
 F32_PTRS = {"gram", "ba", "b1", "b2", "bs1", "ws2", "bs2", "bq", "bk", "wv", "bv", "we", "be", "out"}
 INT_PTRS = {"c_count", "tile_seg", "tile_items"}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-results = []
-for direction, regulator, steps, op, hot in json.loads(sys.argv[1]):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+def build(direction, regulator, steps, op, hot, tile):
     dims = kernels.padded_dims(1024, 256, interpreter=False)
     cfg = kernels.launch_config(direction, 36, [12, 50, 1, 9, 23], regulator, steps, dims,
-                                DTYPES[op], interpreter=False)
+                                DTYPES[op], interpreter=False, tile=tile)
     options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     signature = {}
     for name in inspect.signature(kernels._rcar_kernel.fn).parameters:
@@ -208,12 +210,15 @@ for direction, regulator, steps, op, hot in json.loads(sys.argv[1]):
         compiled = triton.compile(ASTSource(kernels._rcar_kernel, signature, constexprs=cfg,
                                             attrs=attrs),
                                   target=sm90._target()[0], options=options)
-        build = dict(shared=compiled.metadata.shared, error=None,
-                     **sm90.resource_usage(compiled.asm["cubin"]))
+        result = dict(shared=compiled.metadata.shared, error=None,
+                      **sm90.resource_usage(compiled.asm["cubin"]))
     except Exception as err:  # reported by the test
-        build = sm90._error(err)
-    results.append(dict(build, config=dict(cfg, **options), hot=hot))
-sm90.emit(results)
+        result = sm90._error(err)
+    return dict(result, tile=tile, config=dict(cfg, **options), hot=hot)
+
+
+sm90.emit([[build(*case, tile) for tile in range(len(kernels.gpu_tiles(DTYPES[case[3]])))]
+           for case in json.loads(sys.argv[1])])
 """
 
 
@@ -225,11 +230,12 @@ def rcar_builds(triton_path):
 @pytest.mark.parametrize("index", range(len(RCAR_CASES)),
                          ids=["-".join(map(str, c[:4])) for c in RCAR_CASES])
 def test_rcar_configuration_compiles_for_sm90(rcar_builds, index):
-    build = rcar_builds[index]
-    assert not _compile_failures([build], "config")
-    if build["hot"]:
-        spills = _spills([build], "config")
-        assert not spills, f"hot configuration spills: {spills}"
+    builds = rcar_builds[index]
+    assert len(builds) >= 1
+    failures = _compile_failures(builds, "tile", "config")
+    assert not failures, f"{len(failures)} of {len(builds)} tiles fail:\n" + "\n".join(failures)
+    if RCAR_CASES[index][4]:
+        _assert_hot_configs_do_not_spill(builds, "tile", "config")
 
 
 def test_occupancy_counts_registers_shared_memory_and_threads():
@@ -248,8 +254,9 @@ def test_rcar_fallback_programs_per_sm_matches_the_compiled_kernels(rcar_builds)
     (more programs than fit at once would run as a second, partial wave)."""
     from rcar_fast.kernels import rcar
 
-    fits = [rcar.occupancy(b["regs"], b["shared"], b["config"]["num_warps"]) for b in rcar_builds]
-    assert rcar.GPU_PROGRAMS_PER_SM == min(fits), list(zip(fits, map(_describe, rcar_builds,
+    builds = [b for case in rcar_builds for b in case]
+    fits = [rcar.occupancy(b["regs"], b["shared"], b["config"]["num_warps"]) for b in builds]
+    assert rcar.GPU_PROGRAMS_PER_SM == min(fits), list(zip(fits, map(_describe, builds,
                                                                   ["config"] * len(fits))))
 
 

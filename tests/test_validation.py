@@ -139,6 +139,8 @@ def _lens_cases():
 @pytest.mark.parametrize("name,lens,exc,pattern", _lens_cases(), ids=[c[0] for c in _lens_cases()])
 def test_bad_lens_raise_one_clear_error_before_any_kernel(entry, name, lens, exc, pattern, monkeypatch):
     from rcar_fast import dispatch
+    from rcar_fast.ops import backend as op_backend
+    from rcar_fast.ops import scan as scan_ops
 
     img, cap, _ = _good()
     fn = _entry_points()[entry]
@@ -147,6 +149,8 @@ def test_bad_lens_raise_one_clear_error_before_any_kernel(entry, name, lens, exc
         raise AssertionError("no backend may be chosen for bad lens")
 
     monkeypatch.setattr(dispatch, "choose", no_backend)
+    monkeypatch.setattr(op_backend, "choose", no_backend)   # RCARSimilarity's choice
+    monkeypatch.setattr(scan_ops, "choose", no_backend)     # scan_similarity's
     with pytest.raises(exc, match=pattern):
         fn(img, cap, lens)
 

@@ -1,6 +1,6 @@
 // Per-image Gram matrix G = X X^T on the CPU, OpenMP over images. Only the upper triangle is
 // computed; the lower one is mirrored.
-#include "cpu/kernels.h"
+#include "cpu/bind.h"
 
 namespace rcar_cpu {
 namespace {
@@ -47,3 +47,9 @@ at::Tensor gram(const at::Tensor& x_in) {
 }
 
 }  // namespace rcar_cpu
+
+// Python binding (rcar_fast._C), registered through csrc/bindings.h:
+//   gram_cpu: x (n, R, d) float32/float64 -> (n, R, R) in x's dtype.
+RCAR_FAST_BINDINGS(cpu_gram, m) {
+  m.def("gram_cpu", &rcar_cpu::gram, "per-image Gram matrix (n, R, d) -> (n, R, R)");
+}

@@ -18,7 +18,7 @@
 // image block's rows are added from per-tile partials in caption-block order (OrderedTurns).
 // The pair list scores one small GEMM per pair; its backward accumulates each caption's and each
 // image's rows in one task, in pair order.
-#include "cpu/kernels.h"
+#include "cpu/bind.h"
 #include "cpu/tile.h"
 
 #include <limits>
@@ -29,6 +29,20 @@
 
 // Every function passing a 32-byte vector is always_inline: the ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace rcar_cpu {
+
+// An S-only head's options (HEADS.md), as the codes of rcar_fast.contract; built from the names
+// by rcar_fast.ops.maxsim_cpu.native_settings.
+struct MaxSimSettings {
+  int direction;      // rcar_contract::HeadDirection: t2i, i2t, both
+  int pool;           // rcar_contract::Pool: mean, sum, max, lse, softmax
+  double tau;         // lse / softmax pooling temperature, > 0
+  bool leaky;         // leaky(x) (slope kLeakySlope) on the maxima before pooling
+  double both_scale;  // "both": both_scale * (t2i + i2t)
+};
+
+}  // namespace rcar_cpu
 
 namespace rcar_cpu {
 namespace {
@@ -940,3 +954,37 @@ std::vector<at::Tensor> maxsim_pairs_backward(const at::Tensor& grad, const at::
 }
 
 }  // namespace rcar_cpu
+
+// ---------------------------------------------------------------------------------------------
+// Python bindings (rcar_fast._C), registered through csrc/bindings.h.
+//   maxsim_forward_cpu: img (n_img, R, d), cap (n_cap, Lmax, d), lens (n_cap,) in [1, Lmax],
+//     img_lens (n_img,) in [1, R]; padding (words >= lens[j], regions >= img_lens[i]) is never
+//     read. float32 or float64 in, same dtype out (n_img, n_cap), written into `out` when given
+//     (contiguous, that shape and dtype).
+//   maxsim_backward_cpu: gradients of sum(grad * maxsim_forward(...)): [d img, d cap], zero at
+//     the padding; the same bits on every run.
+//   maxsim_pairs_forward_cpu / _backward_cpu: the same head for the pairs (img_idx[p],
+//     cap_idx[p]) (int64, in range): (P,), and its backward.
+RCAR_FAST_BINDINGS(cpu_maxsim, m) {
+  namespace py = pybind11;
+  using rcar_cpu::MaxSimSettings;
+  rcar_cpu::bind::settings_class<MaxSimSettings, &MaxSimSettings::direction, &MaxSimSettings::pool, &MaxSimSettings::tau,
+                                 &MaxSimSettings::leaky, &MaxSimSettings::both_scale>(
+      m, "MaxSimSettings", "an S-only head's options as contract codes", py::arg("direction"), py::arg("pool"),
+      py::arg("tau"), py::arg("leaky"), py::arg("both_scale"));
+  m.def("maxsim_forward_cpu", &rcar_cpu::maxsim_forward,
+        "S-only head of all pairs (n_img, n_cap), fused per tile; into `out` when given", py::arg("img"),
+        py::arg("cap"), py::arg("lens"), py::arg("img_lens"), py::arg("settings"), py::arg("out") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("maxsim_backward_cpu", &rcar_cpu::maxsim_backward,
+        "gradients [d img, d cap] of sum(grad * S-only head)", py::arg("grad"), py::arg("img"), py::arg("cap"),
+        py::arg("lens"), py::arg("img_lens"), py::arg("settings"), py::call_guard<py::gil_scoped_release>());
+  m.def("maxsim_pairs_forward_cpu", &rcar_cpu::maxsim_pairs_forward,
+        "S-only head of the pairs (img_idx[p], cap_idx[p]): (P,)", py::arg("img"), py::arg("cap"), py::arg("lens"),
+        py::arg("img_lens"), py::arg("img_idx"), py::arg("cap_idx"), py::arg("settings"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("maxsim_pairs_backward_cpu", &rcar_cpu::maxsim_pairs_backward,
+        "gradients [d img, d cap] of sum(grad * S-only head of the pairs)", py::arg("grad"), py::arg("img"),
+        py::arg("cap"), py::arg("lens"), py::arg("img_lens"), py::arg("img_idx"), py::arg("cap_idx"),
+        py::arg("settings"), py::call_guard<py::gil_scoped_release>());
+}

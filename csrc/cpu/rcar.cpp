@@ -12,7 +12,7 @@
 //   RAR         h per pair from V (attention pooling)           pairs x s
 // The per-pair and per-row reductions in between are vectorised loops. Buffers are O(tile)
 // per thread; no (pairs, Q, d) tensor exists. See SIMILARITY.md for the exact functions.
-#include "cpu/kernels.h"
+#include "cpu/bind.h"
 #include "cpu/tile.h"
 
 #include <limits>
@@ -23,6 +23,20 @@
 
 // Every function passing a 32-byte vector is always_inline: the ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace rcar_cpu {
+
+// An RCAR head's configuration (rcar_fast.ops.rcar_cpu.native_settings).
+struct RcarSettings {
+  int direction;    // rcar_contract::Direction
+  int regulator;    // rcar_contract::Regulator
+  int64_t steps;    // the official rar_step / rcr_step / rcar_step
+  double smooth;    // the first attention's softmax temperature, > 0
+  bool training = false;  // training mode: RAR's dropout (p = 0.4) acts, masks from `seed`
+  int64_t seed = 0;       // the dropout masks' seed (>= 0), see rcar_fast/dropout.py
+};
+
+}  // namespace rcar_cpu
 
 namespace rcar_cpu {
 namespace {
@@ -1370,3 +1384,47 @@ std::string set_simd_path(const std::string& path) {
 }
 
 }  // namespace rcar_cpu
+
+// ---------------------------------------------------------------------------------------------
+// Python bindings (rcar_fast._C), registered through csrc/bindings.h.
+//   rcar_forward_cpu: the RCAR head (official EncoderSimilarity; in training mode with RAR's
+//     counter-based dropout masks) over all pairs. weights: the head's Linear weights and
+//     biases as a flat list, in module order: alv modules (W, b); RCR modules (rcr_matrix_w.0,
+//     .2, rcr_smooth_w.0, .2, each W, b); RAR modules (rar_q_w.0, rar_k_w.0, rar_v_w.0, each
+//     W, b); sim_eval_w (W, b): the walk rcar_fast.contract.rcar_linears.
+//   rcar_backward_cpu: gradients of sum(grad * rcar_forward(...)) (grad (n_img, n_cap)):
+//     [d img, d cap, then one gradient per weight tensor in the same flat order]; d cap is zero
+//     at the padding. Recomputes the forward per tile (nothing kept between the calls);
+//     deterministic for a thread count.
+//   rcar_dropout_scales_cpu: RAR's dropout scales (0 or 1/(1-p)), float64 (len(pairs), rows,
+//     channels), of module `module`, which 0 (rar_k_w, row = query row) or 1 (rar_q_w, row 0):
+//     the C++ side of rcar_fast.dropout.rar_scales, for the tests.
+//   set_cpu_poison_buffers: tests; NaN-fill the RCAR kernels' per-tile buffers and forward
+//     output before use (so a read before a write shows as NaN).
+//   set_cpu_simd_path: the compiled copy of every CPU kernel's vector loops: "auto" (AVX2+FMA
+//     when the CPU has it), "baseline" or "avx2" (baseline on a CPU without AVX2).
+RCAR_FAST_BINDINGS(cpu_rcar, m) {
+  namespace py = pybind11;
+  using rcar_cpu::RcarSettings;
+  rcar_cpu::bind::settings_class<RcarSettings, &RcarSettings::direction, &RcarSettings::regulator, &RcarSettings::steps,
+                                 &RcarSettings::smooth, &RcarSettings::training, &RcarSettings::seed>(
+      m, "RcarSettings", "an RCAR head's configuration as contract codes", py::arg("direction"), py::arg("regulator"),
+      py::arg("steps"), py::arg("smooth"), py::arg("training") = false, py::arg("seed") = 0);
+  m.def("rcar_forward_cpu", &rcar_cpu::rcar_forward,
+        "RCAR head over all pairs (n_img, n_cap); weights: flat list, see csrc/cpu/rcar.cpp",
+        py::arg("img"), py::arg("cap"), py::arg("lens"), py::arg("settings"), py::arg("weights"), py::call_guard<py::gil_scoped_release>());
+  m.def("rcar_backward_cpu", &rcar_cpu::rcar_backward,
+        "gradients [d img, d cap, d weights...] of sum(grad * RCAR head), weights as rcar_forward_cpu",
+        py::arg("grad"), py::arg("img"), py::arg("cap"), py::arg("lens"), py::arg("settings"), py::arg("weights"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rcar_dropout_scales_cpu", &rcar_cpu::rcar_dropout_scales,
+        "RAR dropout scales (len(pairs), rows, channels) float64 (rcar_fast.dropout.rar_scales)", py::arg("seed"),
+        py::arg("module"), py::arg("which"), py::arg("pairs"), py::arg("rows"), py::arg("channels"));
+  m.def("set_cpu_poison_buffers", &rcar_cpu::set_poison_buffers,
+        "tests: NaN-fill the RCAR kernels' tile buffers and outputs before use; returns the previous setting",
+        py::arg("on"));
+  m.def("set_cpu_simd_path", &rcar_cpu::set_simd_path,
+        "select the compiled copy of the CPU kernels' vector loops: 'auto' | 'baseline' | 'avx2'; "
+        "returns the copy that will run",
+        py::arg("path"));
+}

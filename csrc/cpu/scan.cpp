@@ -9,13 +9,27 @@
 // copied into a small scratch with the queries as rows (t2i: as is; i2t: transposed) and the
 // context padded to whole SIMD vectors, so that one vectorised pair kernel serves both
 // directions.
-#include "cpu/kernels.h"
+#include "cpu/bind.h"
 #include "cpu/tile.h"
 
 #include <limits>
 
 // Every function passing a 32-byte vector is always_inline: the ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace rcar_cpu {
+
+// A SCAN problem's options, as the codes of rcar_fast.contract (csrc/contract.h); built from the
+// option names by rcar_fast.ops.scan_cpu.native_settings.
+struct ScanSettings {
+  int direction;    // rcar_contract::Direction
+  int raw_norm;     // rcar_contract::RawNorm
+  int agg;          // rcar_contract::Aggregation
+  double smooth;    // the attention softmax temperature, > 0
+  double lse_lambda;  // lse aggregation temperature, > 0
+};
+
+}  // namespace rcar_cpu
 
 namespace rcar_cpu {
 namespace {
@@ -807,3 +821,25 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& grad, const at::Tensor& 
 }
 
 }  // namespace rcar_cpu
+
+// ---------------------------------------------------------------------------------------------
+// Python bindings (rcar_fast._C), registered through csrc/bindings.h.
+//   scan_forward_cpu: img (n_img, R, d), cap (n_cap, Lmax, d) with positions >= lens[j] never
+//     read, lens (n_cap,) int64 in [1, Lmax]; float32 or float64 in, same dtype out,
+//     (n_img, n_cap). Options as in SIMILARITY.md.
+//   scan_backward_cpu: gradients of sum(grad * scan_forward(...)) w.r.t. img and cap:
+//     [d img, d cap]; d cap is zero at the padding.
+RCAR_FAST_BINDINGS(cpu_scan, m) {
+  namespace py = pybind11;
+  using rcar_cpu::ScanSettings;
+  rcar_cpu::bind::settings_class<ScanSettings, &ScanSettings::direction, &ScanSettings::raw_norm, &ScanSettings::agg,
+                                 &ScanSettings::smooth, &ScanSettings::lse_lambda>(
+      m, "ScanSettings", "a SCAN problem's options as contract codes", py::arg("direction"), py::arg("raw_norm"),
+      py::arg("agg"), py::arg("smooth"), py::arg("lse_lambda"));
+  m.def("scan_forward_cpu", &rcar_cpu::scan_forward,
+        "SCAN similarity of all pairs (n_img, n_cap), fused per tile", py::arg("img"), py::arg("cap"),
+        py::arg("lens"), py::arg("settings"), py::call_guard<py::gil_scoped_release>());
+  m.def("scan_backward_cpu", &rcar_cpu::scan_backward,
+        "gradients [d img, d cap] of sum(grad * SCAN similarity)", py::arg("grad"), py::arg("img"),
+        py::arg("cap"), py::arg("lens"), py::arg("settings"), py::call_guard<py::gil_scoped_release>());
+}

@@ -267,3 +267,21 @@ void for_caption_blocks_in_order(int64_t n_blocks, OrderedTurns& turns, MakeScra
 }
 
 }  // namespace rcar_cpu::detail
+
+namespace rcar_cpu {
+
+// The checks every pair kernel makes on its inputs; `op` names the kernel in the message.
+inline void check_pair_inputs(const char* op, const at::Tensor& img, const at::Tensor& cap, const at::Tensor& lens) {
+  TORCH_CHECK(img.dim() == 3 && cap.dim() == 3, op, ": img must be (n_img, R, d) and cap (n_cap, Lmax, d), got ",
+              img.sizes(), " and ", cap.sizes());
+  TORCH_CHECK(img.device().is_cpu() && cap.device().is_cpu() && lens.device().is_cpu(), op,
+              ": img, cap and lens must be CPU tensors");
+  TORCH_CHECK(img.scalar_type() == cap.scalar_type() &&
+                  (img.scalar_type() == at::kFloat || img.scalar_type() == at::kDouble),
+              op, ": img and cap must both be float32 or both float64, got ", img.scalar_type(), " and ",
+              cap.scalar_type());
+  TORCH_CHECK(img.size(2) == cap.size(2), op, ": img and cap must share d");
+  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == cap.size(0), op, ": lens must be (n_cap,)");
+}
+
+}  // namespace rcar_cpu

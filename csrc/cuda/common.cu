@@ -1,7 +1,6 @@
 // Device queries shared by every CUDA kernel file.
 #include <cuda_runtime.h>
 
-#include "cuda/kernels.h"
 
 namespace rcar_cuda {
 
@@ -15,6 +14,14 @@ int device_count() {
   return count;
 }
 
-const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
-
 }  // namespace rcar_cuda
+
+#ifndef __CUDA_ARCH__  // the Python bindings: host code only (csrc/cuda/bind.h)
+#include "cuda/bind.h"
+
+// Without CUDA (this file not linked in) csrc/bindings.cpp defines the two as false / 0.
+RCAR_FAST_BINDINGS(cuda_common, m) {
+  m.def("built_with_cuda", [] { return true; }, "whether the CUDA kernels were compiled in");
+  m.def("cuda_device_count", &rcar_cuda::device_count, "CUDA devices seen by the static runtime");
+}
+#endif

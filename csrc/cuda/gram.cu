@@ -5,8 +5,15 @@
 
 #include <type_traits>
 
-#include "cuda/kernels.h"
+#include "contract.h"
 #include "cuda/load.cuh"
+
+namespace rcar_cuda {
+
+// The codes of rcar_fast.contract (DType, RawNorm, ...), generated into csrc/contract.h.
+using namespace rcar_contract;
+
+}  // namespace rcar_cuda
 
 namespace rcar_cuda {
 namespace {
@@ -108,3 +115,25 @@ int row_sqnorms(const void* x, const int64_t* lens, const int64_t* out_off, floa
 }
 
 }  // namespace rcar_cuda
+
+#ifndef __CUDA_ARCH__  // the Python bindings: host code only (csrc/cuda/bind.h)
+#include "cuda/bind.h"
+
+// Launchers, every pointer a device pointer, strides in elements, output float32:
+//   gram_cuda: out[n, r, r'] = sum_k x[n, r, k] * x[n, r', k]; x is (n, R, d) with row stride
+//     `stride_r` and image stride `stride_n`, out is contiguous (n, R, R).
+//   gram_ragged_cuda: Gram matrices of ragged item sets: item n has rows 0..len(n)-1
+//     (len(n) = lens[n], or R when lens is 0); rows >= len(n) are never read. Item n's
+//     len x len matrix is written row-major at out + out_off[n] (or out + n*R*R when out_off
+//     is 0).
+//   row_sqnorms_cuda: out[out_off[n] + r] = sum_k x[n, r, k]^2 for r < len(n) (out_off 0:
+//     out[n*R + r]; lens 0: len(n) = R). Padding rows are never read.
+RCAR_FAST_BINDINGS(cuda_gram, m) {
+  using rcar_cuda::bind::bind_launcher;
+  bind_launcher<&rcar_cuda::gram>(m, "gram_cuda", "per-image Gram matrix on the GPU (raw pointers; float32 output)");
+  bind_launcher<&rcar_cuda::gram_ragged>(
+      m, "gram_ragged_cuda", "Gram matrices of ragged row sets (lens / out_off may be 0 = all R rows / n*R*R layout)");
+  bind_launcher<&rcar_cuda::row_sqnorms>(m, "row_sqnorms_cuda",
+                                         "squared row norms of ragged row sets, packed (lens / out_off may be 0)");
+}
+#endif

@@ -24,7 +24,42 @@
 // (maxsim_vsa_backward) recomputes the tile and writes per pair, like SCAN's i2t backward,
 // dL/dS, a and 2 dL/d|c_r|^2 a into (image rows x packed words) buffers; the caller contracts
 // them with the features (dense GEMMs) and the caption Grams' gradient.
+#include "contract.h"
 #include "cuda/tile.cuh"
+
+namespace rcar_cuda {
+
+// An S-only heads all-pairs problem (HEADS.md, MAXSIM_API.md). The same tile as
+// SCAN (csrc/cuda/tile.cuh): captions packed and cut into groups (group_first) for a col_frags
+// tile shape (scan_tile_rows / scan_tile_cols give its capacity), images imgs_per_block at a
+// time. Regions r >= img_lens[i] and words w >= lens[j] are never read. Inputs fp32 / fp16 /
+// bf16 (dtype), fp32 accumulation; every output float32.
+struct MaxSimProblem {
+  const void* img;               // (n_img, R, d)
+  const void* cap;               // (n_cap, Lmax, d)
+  int dtype;                     // DType of img and cap
+  int64_t n_img, R, d, n_cap;
+  int64_t img_stride_n, img_stride_r, cap_stride_n, cap_stride_w;
+  const int64_t* img_lens;       // (n_img,) real regions, 1 <= img_lens[i] <= R
+  const int64_t* lens;           // (n_cap,) real words, 1 <= lens[j]
+  const int64_t* word_off;       // (n_cap + 1,) exclusive prefix sum of lens
+  int64_t total_words;           // word_off[n_cap]
+  int64_t max_len;               // max(lens)
+  const int32_t* group_first;    // (n_groups + 1,) first caption of each group, then n_cap
+  int64_t n_groups;
+  int col_frags;                 // 8, 4 or 2
+  int direction;                 // HeadDirection
+  int pool;                      // Pool
+  int leaky;                     // 1: leaky(x) = x > 0 ? x : kLeakySlope x on the maxima
+  float tau;                     // lse / softmax temperature, > 0
+  float both_scale;              // direction both: both_scale * (t2i + i2t)
+  int vsa;                       // 1: CHAN's VSA coding (direction i2t, leaky 0) replaces the maxima
+  float vsa_tau;                 // its softmax temperature over the words, > 0
+  const float* gram;             // vsa: packed caption Grams, caption j's lens[j]^2 at gram_off[j]
+  const int64_t* gram_off;       // vsa: (n_cap,) offsets into gram
+};
+
+}  // namespace rcar_cuda
 
 namespace rcar_cuda {
 namespace {
@@ -589,3 +624,76 @@ int maxsim_vsa_backward(const MaxSimProblem& p, const float* grad_sims, float* d
 }
 
 }  // namespace rcar_cuda
+
+#ifndef __CUDA_ARCH__  // the Python bindings: host code only (csrc/cuda/bind.h)
+#include "cuda/bind.h"
+
+// Launchers (rcar_fast/ops/maxsim.py builds the MaxSimProblemCuda; pointers and the
+// stream are integers, every output float32):
+//   maxsim_problem_error: None if the launchers take the problem, else why not (shapes beyond
+//     the tile, bad codes); the launchers raise that reason before anything runs.
+//   maxsim_forward_cuda: sims[i * n_cap + j], every pair written.
+//   maxsim_backward_cuda: for grad_sims (n_img, n_cap), deterministic (no atomics; every sum
+//     in a fixed order), in three kernels on `stream`:
+//     1. the tile recomputed: per pair the first argmax and the pooling weight of every pooled
+//        maximum, times grad_sims[i, j] (and both_scale, and the leaky slope), into
+//        t2i_coef / t2i_arg (n_img, total_words) [i, packed word] = (coefficient, region r*)
+//        and i2t_coef / i2t_arg (n_img * R, n_cap) [i * R + r, j] = (coefficient, word w*)
+//        (each pair only needs its direction's buffers; the others may be 0);
+//     2. per image (a thread per feature column, captions in order): d_img (n_img, R, d),
+//        every entry written, 0 at padded regions;
+//     3. per caption (a thread per feature column, images in order): d_cap_packed
+//        (total_words, d) [packed word] += the caption's gradient (accumulates, so that a
+//        caller may run image chunks one after another into the same buffer).
+//   maxsim_vsa_backward_cuda: the VSA coding's backward (p.vsa) for grad_sims: the tile
+//     recomputed, and per pair, each (n_img * R, total_words) [i * R + r, packed word] float32,
+//     every entry written (0 at padded regions), as scan_backward's i2t outputs: d_scores dL/dS,
+//     attn a_rw, attn_scaled 2 dL/d|c_r|^2 a_rw (2 dL/dG_j = attn_scaled^T attn over caption
+//     j's words); the caller contracts them with the features.
+namespace rcar_cuda::bind {
+namespace {
+
+// One clear error for a problem the maxsim kernels do not take, before anything is launched.
+void require_maxsim_problem(const MaxSimProblem& p, const char* what) {
+  const char* why = maxsim_problem_error(p);
+  if (why == nullptr) return;
+  const tile::Tile t = tile::make_tile(p.col_frags);
+  fail(what, ": ", why, " (R=", p.R, ", longest caption ", p.max_len, ", d=", p.d, ", col_frags=", p.col_frags,
+       ", tile rows ", t.rows_cap, ", tile columns ", t.cols_cap, ")");
+}
+
+}  // namespace
+}  // namespace rcar_cuda::bind
+
+RCAR_FAST_BINDINGS(cuda_maxsim, m) {
+  namespace py = pybind11;
+  using namespace rcar_cuda::bind;
+  using rcar_cuda::MaxSimProblem;
+  ProblemClass<MaxSimProblem> problem(m, "MaxSimProblemCuda", "rcar_cuda::MaxSimProblem (csrc/cuda/maxsim.cu)");
+  tile_fields(problem)
+      .fields("img_lens", &MaxSimProblem::img_lens, "direction", &MaxSimProblem::direction,
+              "pool", &MaxSimProblem::pool, "leaky", &MaxSimProblem::leaky, "tau", &MaxSimProblem::tau,
+              "both_scale", &MaxSimProblem::both_scale)
+      .fields("vsa", &MaxSimProblem::vsa, "vsa_tau", &MaxSimProblem::vsa_tau, "gram", &MaxSimProblem::gram,
+              "gram_off", &MaxSimProblem::gram_off)
+      .finish();
+  m.def(
+      "maxsim_problem_error",
+      [](const MaxSimProblem& p) -> py::object {
+        const char* why = rcar_cuda::maxsim_problem_error(p);
+        return why == nullptr ? py::object(py::none()) : py::object(py::str(why));
+      },
+      py::arg("problem"), "None if the maxsim kernels take this MaxSimProblemCuda, else why not");
+  bind_launcher<&rcar_cuda::maxsim_forward, &require_maxsim_problem>(
+      m, "maxsim_forward_cuda", py::arg("problem"), py::arg("sims"), py::arg("stream"),
+      "S-only heads, all pairs, forward; problem: a MaxSimProblemCuda");
+  bind_launcher<&rcar_cuda::maxsim_backward, &require_maxsim_problem>(
+      m, "maxsim_backward_cuda", py::arg("problem"), py::arg("grad_sims"), py::arg("t2i_coef"), py::arg("t2i_arg"),
+      py::arg("i2t_coef"), py::arg("i2t_arg"), py::arg("d_img"), py::arg("d_cap_packed"), py::arg("stream"),
+      "S-only heads backward: d img (written) and d cap packed (accumulated), see maxsim.cu");
+  bind_launcher<&rcar_cuda::maxsim_vsa_backward, &require_maxsim_problem>(
+      m, "maxsim_vsa_backward_cuda", py::arg("problem"), py::arg("grad_sims"), py::arg("d_scores"),
+      py::arg("attn"), py::arg("attn_scaled"), py::arg("stream"),
+      "the VSA coding's backward: per-pair dL/dS, a and 2 dL/d|c|^2 a (see maxsim.cu)");
+}
+#endif

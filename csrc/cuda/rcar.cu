@@ -14,8 +14,41 @@
 
 #include <cstdint>
 
-#include "cuda/kernels.h"
+#include "contract.h"
 #include "cuda/warp.cuh"
+
+namespace rcar_cuda {
+
+// The codes of rcar_fast.contract (DType, RawNorm, ...), generated into csrc/contract.h.
+using namespace rcar_contract;
+
+// RCAR similarity head, eval-mode forward (csrc/cuda/rcar.cu). Features are float32.
+// `weights` is a device array of pointers to float32 tensors, in this order (Wt = the
+// nn.Linear weight transposed to (in, out), contiguous; b = its bias):
+//   per alignment step t:  alv.Wt (d, s), alv.b (s)
+//   per RCR step t:        matrix1.Wt (s, 2s), matrix1.b (2s), matrix2.Wt (2s, d), matrix2.b (d),
+//                          smooth1.Wt (s, s/2), smooth1.b (s/2), smooth2.w (s/2), smooth2.b (1)
+//   per RAR step n:        q.Wt (s, s), q.b (s), k.Wt (s, s), k.b (s), v.w (s), v.b (1)
+//   then                   eval.w (s), eval.b (1)
+// with step counts alv/rcr/rar = only_rar n: 1/0/n; only_rcr n: n/n/0; coop_rcar n: n/n-1/n.
+struct RcarProblem {
+  const float* img;              // (n_img, R, d)
+  const float* cap;              // (n_cap, Lmax, d); padding never read
+  int64_t n_img, R, d, n_cap;
+  int64_t img_stride_n, img_stride_r, cap_stride_n, cap_stride_w;
+  const int64_t* lens;
+  int64_t max_len;
+  int64_t sim_dim;
+  int regulator;                 // Regulator
+  int steps;
+  int i2t;
+  float smooth;
+  const float* const* weights;
+  float* workspace;              // n_blocks * rcar_workspace_floats(...) floats
+  int64_t n_blocks;              // persistent blocks; each loops over pairs
+};
+
+}  // namespace rcar_cuda
 
 namespace rcar_cuda {
 namespace {
@@ -77,7 +110,7 @@ __device__ inline float tanh_accurate(float x) {
   return copysignf(e / (e + 2.f), x);
 }
 
-// The weight pointer table (order documented in kernels.h).
+// The weight pointer table (order documented at RcarProblem above).
 struct Weights {
   const float* const* table;
   int n_alv, n_rcr, n_rar;
@@ -481,3 +514,30 @@ int rcar_forward(const RcarProblem& p, float* sims, void* stream) {
 }
 
 }  // namespace rcar_cuda
+
+#ifndef __CUDA_ARCH__  // the Python bindings: host code only (csrc/cuda/bind.h)
+#include "cuda/bind.h"
+
+// Launchers (rcar_fast/ops/rcar.py builds the RcarProblemCuda):
+//   rcar_workspace_floats: the workspace floats one persistent block needs (its per-pair
+//     (Q, d) and (Q, s) scratch).
+//   rcar_forward_cuda: sims[i * n_cap + j] float32 (n_img, n_cap).
+RCAR_FAST_BINDINGS(cuda_rcar, m) {
+  namespace py = pybind11;
+  using namespace rcar_cuda::bind;
+  using rcar_cuda::RcarProblem;
+  ProblemClass<RcarProblem>(m, "RcarProblemCuda", "rcar_cuda::RcarProblem (csrc/cuda/rcar.cu)")
+      .fields("img", &RcarProblem::img, "cap", &RcarProblem::cap, "n_img", &RcarProblem::n_img, "R", &RcarProblem::R,
+              "d", &RcarProblem::d, "n_cap", &RcarProblem::n_cap, "img_stride_n", &RcarProblem::img_stride_n,
+              "img_stride_r", &RcarProblem::img_stride_r, "cap_stride_n", &RcarProblem::cap_stride_n,
+              "cap_stride_w", &RcarProblem::cap_stride_w, "lens", &RcarProblem::lens, "max_len", &RcarProblem::max_len)
+      .fields("sim_dim", &RcarProblem::sim_dim, "regulator", &RcarProblem::regulator, "steps", &RcarProblem::steps,
+              "i2t", &RcarProblem::i2t, "smooth", &RcarProblem::smooth, "weights", &RcarProblem::weights,
+              "workspace", &RcarProblem::workspace, "n_blocks", &RcarProblem::n_blocks)
+      .finish();
+  m.def("rcar_workspace_floats", &rcar_cuda::rcar_workspace_floats, py::arg("max_queries"), py::arg("d"),
+        py::arg("sim_dim"), "workspace floats per persistent block of rcar_forward_cuda");
+  bind_launcher<&rcar_cuda::rcar_forward>(m, "rcar_forward_cuda", py::arg("problem"), py::arg("sims"),
+                                          py::arg("stream"), "RCAR head eval-mode forward; problem: an RcarProblemCuda");
+}
+#endif

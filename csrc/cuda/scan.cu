@@ -9,13 +9,48 @@
 //      the query axis, the context softmax, q.ctx = sum_c alpha S and |ctx|^2 = alpha^T G alpha
 //      (G: the context's Gram matrix from gram.cu), the cosine and the aggregation.
 // The backward recomputes the same tile and writes, per pair, dL/dS and the attention weights
-// (see kernels.h); the contractions with the features are dense GEMMs done by the caller.
+// (see the binding block at the end); the contractions with the features are dense GEMMs done by
+// the caller.
 //
 // Indexing convention inside a pair: "context" c and "query" k as in SIMILARITY.md (t2i:
 // c = region, k = word; i2t: c = word, k = region). The score tile is laid out so that c is the
 // fast axis for both directions (t2i: word-major, i2t: region-major), so lanes walking c read
 // consecutive shared-memory words.
+#include "contract.h"
 #include "cuda/tile.cuh"
+
+namespace rcar_cuda {
+
+// A SCAN all-pairs problem.
+//
+// Captions are addressed in a "packed" word order: word w of caption j has the packed index
+// word_off[j] + w. Captions are cut into groups of consecutive captions whose words fit one
+// block's score tile (col_frags * 16 words; see scan_tile_rows / scan_tile_cols); a block scores
+// imgs_per_block images against one group.
+struct ScanProblem {
+  const void* img;               // (n_img, R, d)
+  const void* cap;               // (n_cap, Lmax, d); padding words are never read
+  int dtype;                     // DType of img and cap
+  int64_t n_img, R, d, n_cap;
+  int64_t img_stride_n, img_stride_r, cap_stride_n, cap_stride_w;
+  const int64_t* lens;           // (n_cap,) caption lengths, 1 <= lens[j]
+  const int64_t* word_off;       // (n_cap + 1,) exclusive prefix sum of lens
+  int64_t total_words;           // word_off[n_cap]
+  int64_t max_len;               // max(lens)
+  const int32_t* group_first;    // (n_groups + 1,) first caption of each group, then n_cap
+  int64_t n_groups;
+  int col_frags;                 // 8, 4 or 2 (tile geometry, see scan_tile_*)
+  const float* gram;             // t2i: (n_img, R, R) region Grams; i2t: caption Grams
+  const int64_t* gram_off;       // i2t: (n_cap,) offset of caption j's len x len Gram; t2i: unused
+  const float* query_sq;         // squared query norms: t2i packed words (total_words,),
+                                 // i2t regions (n_img * R,)
+  int i2t;                       // 0: t2i (words attend to regions), 1: i2t
+  int raw_norm;                  // RawNorm
+  int agg;                       // Aggregation
+  float smooth, lse_lambda;
+};
+
+}  // namespace rcar_cuda
 
 namespace rcar_cuda {
 namespace {
@@ -259,7 +294,7 @@ __device__ float aggregation_weight(int agg, float r, float stat_a, float stat_b
   }
 }
 
-// The backward of one pair (see kernels.h for what is written). Passes:
+// The backward of one pair (see scan_backward_cuda at the end for what is written). Passes:
 //   1. context statistics; 2. per query: alpha, r_k, and what the cosine needs;
 //   3. the aggregation's and the cosine's backward -> dL/d(q.ctx), dL/d|ctx|^2, dL/d|q|;
 //   4. per query: back through alpha's softmax -> dL/da (a: normalised raw scores), stored in
@@ -507,3 +542,41 @@ int scan_backward(const ScanProblem& p, const float* grad_sims, float* d_scores,
 }
 
 }  // namespace rcar_cuda
+
+#ifndef __CUDA_ARCH__  // the Python bindings: host code only (csrc/cuda/bind.h)
+#include "cuda/bind.h"
+
+// Launchers (rcar_fast/ops/scan.py builds the ScanProblemCuda; pointers and the stream
+// are integers, every output float32):
+//   scan_tile_rows / scan_tile_cols: a col_frags tile's capacity, region rows and word columns.
+//   scan_forward_cuda: sims[i * n_cap + j], (n_img, n_cap).
+//   scan_backward_cuda: the backward of scan_forward for grad_sims (n_img, n_cap). Writes, for
+//     every pair, with "query rows" and "context columns" (t2i: rows = packed words, columns =
+//     image rows i*R + c; i2t: rows = image rows i*R + k, columns = packed words), each a
+//     row-major matrix:
+//       d_scores    dL/dS for the raw scores S[c, k] = context_c . query_k
+//       attn        alpha[k, c], the attention weights
+//       attn_scaled 2 * dL/d|ctx_k|^2 * alpha[k, c]   (so that dL/dG = attn_scaled^T attn)
+//     and d_query_norm, dL/d|q_k|: t2i (total_words, n_img) [word, i]; i2t (n_img*R, n_cap)
+//     [row, j]. Every entry of the outputs that belongs to a pair is written; the caller does
+//     the big GEMMs.
+RCAR_FAST_BINDINGS(cuda_scan, m) {
+  namespace py = pybind11;
+  using namespace rcar_cuda::bind;
+  using rcar_cuda::ScanProblem;
+  ProblemClass<ScanProblem> problem(m, "ScanProblemCuda", "rcar_cuda::ScanProblem (csrc/cuda/scan.cu)");
+  tile_fields(problem)
+      .fields("gram", &ScanProblem::gram, "gram_off", &ScanProblem::gram_off, "query_sq", &ScanProblem::query_sq,
+              "i2t", &ScanProblem::i2t, "raw_norm", &ScanProblem::raw_norm, "agg", &ScanProblem::agg,
+              "smooth", &ScanProblem::smooth, "lse_lambda", &ScanProblem::lse_lambda)
+      .finish();
+  m.def("scan_tile_rows", &rcar_cuda::scan_tile_rows, "region rows of a SCAN tile for col_frags");
+  m.def("scan_tile_cols", &rcar_cuda::scan_tile_cols, "word columns of a SCAN tile for col_frags");
+  bind_launcher<&rcar_cuda::scan_forward>(m, "scan_forward_cuda", py::arg("problem"), py::arg("sims"),
+                                          py::arg("stream"), "SCAN all-pairs forward; problem: a ScanProblemCuda");
+  bind_launcher<&rcar_cuda::scan_backward>(
+      m, "scan_backward_cuda", py::arg("problem"), py::arg("grad_sims"), py::arg("d_scores"), py::arg("attn"),
+      py::arg("attn_scaled"), py::arg("d_query_norm"), py::arg("stream"),
+      "SCAN all-pairs backward: per-pair dL/dS, attention weights and dL/d|q| (see scan.cu)");
+}
+#endif

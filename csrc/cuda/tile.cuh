@@ -12,13 +12,13 @@
 // region_lens[i] when given) gets no source offset, is staged as zeros and never read from
 // global memory, so NaN there cannot reach the tile.
 //
-// Problem type P (ScanProblem, MaxSimProblem of kernels.h): the tile reads the fields
+// Problem type P (ScanProblem of scan.cu, MaxSimProblem of maxsim.cu): the tile reads the fields
 //   img, cap (device pointers), d, n_img, R, img_stride_n, img_stride_r, cap_stride_n,
 //   cap_stride_w, lens, word_off, group_first.
 // Layout of the stored tile: "region-major" puts S[m, n] (m: tile row = region, n: tile column
 // = word) at scores[m * score_ld + n]; "word-major" at scores[n * score_ld + m].
 //
-// A head's .cu file includes this header alone: it brings the launch interface (kernels.h), the
+// A head's .cu file includes this header alone: it brings the contract's codes (contract.h), the
 // element loads and warp reductions, and the tile names the epilogues use unqualified.
 #pragma once
 #include <cuda_runtime.h>
@@ -28,7 +28,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "cuda/kernels.h"
+#include "contract.h"
 #include "cuda/load.cuh"
 #include "cuda/warp.cuh"
 
@@ -404,6 +404,8 @@ __device__ inline void for_each_pair(const BlockWork& w, F&& f) {
 
 }  // namespace tile
 
+// The codes of rcar_fast.contract (DType, RawNorm, Pool, ...), generated into csrc/contract.h.
+using namespace rcar_contract;
 using tile::BlockWork;
 using tile::Tile;
 using tile::kThreads;

@@ -1,5 +1,5 @@
 // Warp-level reductions shared by the CUDA kernels (scan.cu, rcar.cu): every lane of a full
-// warp gets the result. No torch headers here (see kernels.h).
+// warp gets the result. No torch headers here (the .cu files are compiled without torch).
 #pragma once
 
 namespace rcar_cuda {

@@ -1,13 +1,18 @@
 """What every backend of every op shares: the environment probes (the one place the native
 library and triton are loaded, never raising at import), the description of a call's inputs
-that a backend judges, and the Backend base class.
+that a backend judges, the Backend base class and the bases of the backend kinds (C++ CPU,
+Triton, the CUDA tile kernels), and the choice among an op's backends (`choose`, with
+AUTO_ORDER: the order backend="auto" tries).
 
 A backend is a small class (one per op and backend, in the op's backend module) that says
 `not_supported_reasons(inputs) -> list[str]` over the full inputs: the environment, device,
 dtype, shapes, whether a backward pass will be needed, active dropout. An empty list means it
-can run them. rcar_fast.dispatch holds the table of these classes per op and chooses.
+can run them. Each op module (rcar_fast/ops/<op>.py) lists its classes in BACKENDS and its
+public wrapper chooses among them with `choose`; rcar_fast.dispatch assembles every op
+module's BACKENDS into its TABLE (choice by op name, backends(), explain()).
 
-This module imports nothing of rcar_fast: the backend modules import it, dispatch imports them.
+This module imports nothing of rcar_fast but the contract: the op modules import it, dispatch
+imports them.
 """
 from __future__ import annotations
 
@@ -15,9 +20,27 @@ import dataclasses
 import functools
 import importlib
 import os
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Sequence
 
 import torch
+
+from rcar_fast import contract
+
+# The backend names of the project, what backend= may request besides "auto" (a new backend
+# name is added here, in AUTO_ORDER if auto should try it, and its class overrides
+# Backend.environment).
+BACKEND_NAMES = ("reference", "reference_loop", "triton", "cuda", "cpu")
+REQUESTABLE = ("auto",) + BACKEND_NAMES
+
+# Order tried by backend="auto": fused kernels first, the vectorised reference last. Triton is
+# never chosen automatically for CPU tensors: its CPU mode is an interpreter, for testing only.
+# A backend class may also leave itself out of auto's order for its op with a reason
+# (`not_in_auto`, e.g. the CUDA RCAR kernel: slower than Triton); auto_order() applies it, and
+# backends() and auto's errors show the reason. An explicit backend= still runs it.
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "reference"),
+    "cpu": ("cpu", "reference"),
+}
 
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run this op on these inputs; the message says why."""
@@ -251,3 +274,132 @@ class TritonBackend(Backend):
 
 def output_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels: streams and rows; the tile (SCAN's and the S-only heads'): shapes, caption groups
+# ---------------------------------------------------------------------------------------------
+
+CUDA_DTYPE_CODES = {getattr(torch, name): code for name, code in contract.CUDA_DTYPE_CODES.items()}
+# Tile shapes of the kernels, widest caption groups first (see scan_tile_rows / scan_tile_cols).
+COL_FRAGS = (8, 4, 2)
+
+
+def cuda_stream(device: torch.device) -> int:
+    """The current CUDA stream of `device`, as the launchers take it."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # The native kernels index rows with arbitrary strides but read each feature vector
+    # contiguously.
+    return x if x.stride(2) == 1 else x.contiguous()
+
+
+def tile_shape_rejection(R: int, max_len: int, tile_rows=None, tile_cols=None, kernel: str = "SCAN",
+                         instead: str = "'triton' or 'reference'") -> Optional[str]:
+    """Why no tile shape of the CUDA `kernel` holds R regions and a caption of max_len words
+    (None if one does); `instead`: the backends to use then."""
+    tile_rows = tile_rows or native().scan_tile_rows
+    tile_cols = tile_cols or native().scan_tile_cols
+    if any(R <= tile_rows(c) and max_len <= tile_cols(c) for c in COL_FRAGS):
+        return None
+    limits = ", ".join(f"R <= {tile_rows(c)} with captions <= {tile_cols(c)} words" for c in COL_FRAGS)
+    return (f"the CUDA {kernel} kernel's tile cannot hold R={R} regions with a caption of {max_len} words "
+            f"(supported: {limits}); use backend={instead}")
+
+
+def tile_col_frags(R: int, max_len: int, tile_rows=None, tile_cols=None, **why) -> int:
+    """The tile shape (col_frags) whose rows hold R regions and whose columns hold the longest
+    caption; raises BackendUnavailable (tile_shape_rejection's reason, `why` its wording) when
+    no tile shape fits."""
+    tile_rows = tile_rows or native().scan_tile_rows
+    tile_cols = tile_cols or native().scan_tile_cols
+    for col_frags in COL_FRAGS:
+        if R <= tile_rows(col_frags) and max_len <= tile_cols(col_frags):
+            return col_frags
+    raise BackendUnavailable(tile_shape_rejection(R, max_len, tile_rows, tile_cols, **why))
+
+
+def caption_groups(lens: list[int], capacity: int) -> list[int]:
+    """Greedy cut of consecutive captions into groups of at most `capacity` words:
+    the first caption of each group, then len(lens)."""
+    first, used = [0], 0
+    for j, n_words in enumerate(lens):
+        if used + n_words > capacity:
+            first.append(j)
+            used = 0
+        used += n_words
+    first.append(len(lens))
+    return first
+
+
+class CudaTileBackend(Backend):
+    """What the CUDA SCAN and maxsim backends share: their dtypes, and a tile that must hold R
+    regions and the longest caption (when the wrapper did not read the lengths, the padded
+    length Lmax bounds it), judged by `tile_reason`."""
+    backend = "cuda"
+    dtypes = {"cuda": tuple(CUDA_DTYPE_CODES)}
+
+    @classmethod
+    def tile_reason(cls, inputs: Inputs, regions: int, longest: int) -> Optional[str]:
+        return tile_shape_rejection(regions, longest)
+
+    @classmethod
+    def extra_reasons(cls, inputs: Inputs) -> list:
+        extent = inputs.tile_extent()
+        reason = extent and cls.tile_reason(inputs, *extent)
+        return [reason] if reason else []
+
+
+# ---------------------------------------------------------------------------------------------
+# The choice among an op's backends
+# ---------------------------------------------------------------------------------------------
+
+def find(classes: Sequence[type[Backend]], backend: str) -> Optional[type[Backend]]:
+    """The class of `classes` named `backend` (None if the op has none)."""
+    return next((cls for cls in classes if cls.backend == backend), None)
+
+
+def not_in_auto(cls: Optional[type[Backend]]) -> Optional[str]:
+    """Why backend="auto" never tries this class (None: it does, in AUTO_ORDER's order)."""
+    note = getattr(cls, "not_in_auto", None)
+    return note() if callable(note) else note   # a string, or a classmethod that decides
+
+
+def reasons(op: str, classes: Sequence[type[Backend]], backend: str, inputs: Inputs) -> list[str]:
+    """Why `backend` cannot run `op` (its classes `classes`) on these inputs ([] if it can)."""
+    cls = find(classes, backend)
+    if cls is None:
+        return [f"{backend} has no implementation of {op!r}"]
+    return cls.not_supported_reasons(inputs)
+
+
+def _describe(inputs: Inputs) -> str:
+    return f"{inputs.device.type} {inputs.dtype} tensors"
+
+
+def choose(op: str, classes: Sequence[type[Backend]], backend: str, inputs: Inputs) -> type[Backend]:
+    """The class of `classes` (op's backends) to run (call its `fn`). backend="auto" takes the
+    first of AUTO_ORDER[device] that takes these inputs; otherwise the requested one, or
+    BackendUnavailable with its reasons (all of them, for every backend tried, under "auto")."""
+    if backend not in REQUESTABLE and find(classes, backend) is None:
+        raise ValueError(f"backend must be one of {REQUESTABLE}, got {backend!r}")
+    if backend != "auto":
+        why = reasons(op, classes, backend, inputs)
+        if why:
+            raise BackendUnavailable(f"backend {backend!r} cannot run {op} on {_describe(inputs)}: "
+                                     + "; ".join(why))
+        return find(classes, backend)
+    tried = {}
+    for candidate in AUTO_ORDER.get(inputs.device.type, ("reference",)):
+        skipped = not_in_auto(find(classes, candidate))
+        if skipped:
+            tried[candidate] = f"not tried by backend='auto' ({skipped}); request it explicitly"
+            continue
+        why = reasons(op, classes, candidate, inputs)
+        if not why:
+            return find(classes, candidate)
+        tried[candidate] = "; ".join(why)
+    detail = "; ".join(f"{be}: {why}" for be, why in tried.items())
+    raise BackendUnavailable(f"no backend can run {op} on {_describe(inputs)} ({detail})")

@@ -1,29 +1,19 @@
-"""The ops as torch.library custom ops: one shape function per op gives every fake (meta)
-implementation, and the autograd formula is registered with the op, so torch.compile traces a
-call as one node (no graph break at the pybind call, no data-dependent branch inside) and
-torch.library.opcheck can test each one (tests/test_custom_ops.py).
+"""The generic machinery of the ops as torch.library custom ops: an op, its backward op,
+their fakes (meta implementations, from one shape function per op) and the autograd formula
+registered in one call (`define`), so torch.compile traces a call as one node (no graph break
+at the pybind call, no data-dependent branch inside) and torch.library.opcheck can test each
+one (tests/test_custom_ops.py); `vjp` for backward ops that recompute a reference under
+autograd; `grouped_by_image` for pair lists scored through an all-pairs implementation.
 
-    rcar_fast::scan_<backend>(img, cap, lens, direction, raw_norm, smooth, agg, lse_lambda)
-        -> (n_img, n_cap)                    backends reference, cpu, triton, cuda
-    rcar_fast::scan_pairs_<backend>(img, cap, lens, img_idx, cap_idx, <the options>) -> (P,)
-                                             backends reference, cpu
-        each with its _backward(grad, <the inputs>) -> (d img, d cap)
-    rcar_fast::rcar_<backend>(img, cap, lens, weights, seed, regulator, steps, direction,
-        smooth, embed_dim, sim_dim, training) -> (n_img, n_cap)
-                                             reference, triton; cuda forward only
-    rcar_fast::rcar_pairs_reference(img, cap, lens, img_idx, cap_idx, weights, seed, ...) -> (P,)
-        with _backward -> (d img, d cap, d weights) where not forward only
-    rcar_fast::rcar_cpu(img, cap, lens, weights, direction, regulator, steps, smooth): forward only
-        (rcar_cpu.py; the kernel's own flat weight order)
-    rcar_fast::maxsim_<backend>(img, cap, lens, img_lens, direction, pool, tau, leaky, both_scale)
-        -> (n_img, n_cap)     (the pair form adds img_idx, cap_idx -> (P,)), and its _backward
-
-A backend module defines its forward and backward with plain arguments and calls
-`define_scan_op` / `define_rcar_op`; its backend class calls the op inside torch.compile (some
-call it in eager mode too). The public wrappers validate eagerly: inside a compiled region
-the checks that read the data (lens and pair indices in range, NaN/Inf) are skipped, the
-compiled step trusting inputs its caller validated (tests/test_compile_training.py checks that
-eager calls still refuse).
+Each op module defines its own ops on top of it (the schemas and the argument order are the
+op's): rcar_fast/ops/scan.py define_scan_op (rcar_fast::scan_<backend>, scan_pairs_<backend>),
+rcar_fast/ops/rcar.py define_rcar_op (rcar_fast::rcar_<backend>, rcar_pairs_<backend>),
+rcar_fast/ops/maxsim.py define_maxsim_op (rcar_fast::maxsim_<backend>, maxsim_pairs_<backend>).
+A backend defines its forward and backward with plain arguments and calls its op module's
+define_*_op; its backend class calls the op inside torch.compile (some call it in eager mode
+too). The public wrappers validate eagerly: inside a compiled region the checks that read the
+data (lens and pair indices in range, NaN/Inf) are skipped, the compiled step trusting inputs
+its caller validated (tests/test_compile_training.py checks that eager calls still refuse).
 """
 from __future__ import annotations
 
@@ -32,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from rcar_fast.ops.backend import output_dtype
 
@@ -53,7 +44,7 @@ def pairs_output(img: Tensor, img_idx: Tensor) -> Tensor:
 
 def input_grads(*tensors: Tensor) -> tuple:
     """Empty gradients shaped and typed like the inputs they belong to (contiguous, as every
-    implementation returns them: _define makes sure)."""
+    implementation returns them: define makes sure)."""
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors)
 
 
@@ -102,11 +93,8 @@ def vjp(fn: Callable, inputs: list, grad: Tensor) -> list:
 # Registration: an op, its backward op, their fakes and the autograd formula
 # ---------------------------------------------------------------------------------------------
 
-SCAN_OPTIONS = "str direction, str raw_norm, float smooth, str agg, float lse_lambda"
-SCAN_OPTION_NAMES = ("direction", "raw_norm", "smooth", "agg", "lse_lambda")
-RCAR_CONFIG = ("str regulator, int steps, str direction, float smooth, int embed_dim, "
-               "int sim_dim, bool training")
-_PAIR_INDICES = "Tensor img_idx, Tensor cap_idx, "
+# The pair indices of a pair-list op, between its tensors and its options.
+PAIR_INDICES_SCHEMA = "Tensor img_idx, Tensor cap_idx, "
 
 
 def _save_inputs(ctx, inputs) -> None:
@@ -134,9 +122,9 @@ def _saved_inputs(ctx) -> list:
     return inputs
 
 
-def _define(name: str, inputs_schema: str, fake: Callable, forward: Callable,
-            backward: Optional[Callable], grad_schema: str, fake_grads: Callable,
-            differentiable: tuple):
+def define(name: str, inputs_schema: str, fake: Callable, forward: Callable,
+           backward: Optional[Callable], grad_schema: str, fake_grads: Callable,
+           differentiable: tuple):
     """rcar_fast::{name}(inputs) -> Tensor and, when `backward` is given,
     rcar_fast::{name}_backward(grad, inputs) -> grad_schema with the autograd formula that
     calls it: its outputs are the gradients of the inputs at the positions `differentiable`.
@@ -165,149 +153,103 @@ def _define(name: str, inputs_schema: str, fake: Callable, forward: Callable,
 
 
 # ---------------------------------------------------------------------------------------------
-# SCAN: all pairs, or a pair list
+# Pair lists: a reference pair driver on listed pairs; an all-pairs backend, one call per image
 # ---------------------------------------------------------------------------------------------
 
-ScanForward = Callable[..., Tensor]      # (img, cap, lens, [img_idx, cap_idx,] options) -> scores
-ScanBackward = Callable[..., tuple]      # (grad, img, cap, lens, [img_idx, cap_idx,] options) -> (d img, d cap)
+def listed_pairs(driver: Callable, img, cap, lens, img_idx, cap_idx, direction, pair_fn):
+    """The listed pairs' scores (P,) by a reference pair driver (reference_math.pairs_vectorized
+    or pairs_loop) with the head's pair function."""
+    scores = driver(img, cap, lens, direction, pair_fn, img_idx, cap_idx)
+    return scores.to(output_dtype(img.dtype))
 
 
-def define_scan_op(name: str, forward: ScanForward, backward: Optional[ScanBackward] = None,
-                   pairs: bool = False):
-    """Registers rcar_fast::{name} (and rcar_fast::{name}_backward when a backward is given)
-    and returns the forward op. options = the 5-tuple (direction, raw_norm, smooth, agg,
-    lse_lambda). All pairs: op(img, cap, lens, *options) -> (n_img, n_cap); pairs=True:
-    op(img, cap, lens, img_idx, cap_idx, *options) -> (P,)."""
-    n_index = 2 if pairs else 0
-
-    def run_forward(img, cap, lens, *rest):
-        return forward(img, cap, lens, *rest[:n_index], tuple(rest[n_index:]))
-
-    def run_backward(grad, img, cap, lens, *rest):
-        return tuple(backward(grad, img, cap, lens, *rest[:n_index], tuple(rest[n_index:])))
-
-    def fake(img, cap, lens, *rest):
-        return pairs_output(img, rest[0]) if pairs else scan_output(img, cap)
-
-    schema = f"Tensor img, Tensor cap, Tensor lens, {_PAIR_INDICES if pairs else ''}{SCAN_OPTIONS}"
-    return _define(name, schema, fake, run_forward, backward and run_backward, "(Tensor, Tensor)",
-                   lambda img, cap, *rest: input_grads(img, cap), (0, 1))
 
 
-# ---------------------------------------------------------------------------------------------
-# RCAR: the head's weights as op inputs
-# ---------------------------------------------------------------------------------------------
-
-def define_rcar_op(name: str, forward: Callable, backward: Optional[Callable] = None,
-                   pairs: bool = False):
-    """Registers rcar_fast::{name} (and its _backward when a backward is given). The op takes
-    (img, cap, lens, [img_idx, cap_idx,] weights, seed, *config) with weights the head's
-    parameters in head.parameters() order, seed an int64 0-d tensor (the dropout masks'),
-    config (regulator, steps, direction, smooth, embed_dim, sim_dim, training);
-    `forward(img, cap, lens, [img_idx, cap_idx,] weights, seed, config)` and
-    `backward(grad, <the same>) -> (d img, d cap, d weights)`."""
-    n_index = 2 if pairs else 0
-
-    def split(rest):
-        index, (weights, seed, *config) = rest[:n_index], rest[n_index:]
-        return (*index, weights, seed, tuple(config))
-
-    def run_forward(img, cap, lens, *rest):
-        return forward(img, cap, lens, *split(rest))
-
-    def run_backward(grad, img, cap, lens, *rest):
-        d_img, d_cap, d_weights = backward(grad, img, cap, lens, *split(rest))
-        return d_img, d_cap, list(d_weights)
-
-    def fake(img, cap, lens, *rest):
-        return pairs_output(img, rest[0]) if pairs else scan_output(img, cap)
-
-    def fake_grads(img, cap, lens, *rest):
-        d_img, d_cap = input_grads(img, cap)
-        return d_img, d_cap, list(input_grads(*rest[n_index]))
-
-    schema = (f"Tensor img, Tensor cap, Tensor lens, {_PAIR_INDICES if pairs else ''}"
-              f"Tensor[] weights, Tensor seed, {RCAR_CONFIG}")
-    return _define(name, schema, fake, run_forward, backward and run_backward,
-                   "(Tensor, Tensor, Tensor[])", fake_grads, (0, 1, 3 + n_index))
+def _image_groups(img_idx, cap_idx, n_cap: int):
+    """The distinct pairs grouped by image: [(image, its distinct captions)], and `inverse`
+    mapping each requested pair to its row in the concatenation of the groups."""
+    # Sorted keys group the pairs by image; `inverse` restores the requested order and repeats.
+    keys, inverse = torch.unique(img_idx * n_cap + cap_idx, return_inverse=True)
+    images, counts = torch.unique_consecutive(keys // n_cap, return_counts=True)
+    return list(zip(images.tolist(), (keys % n_cap).split(counts.tolist()))), inverse
 
 
-# ---------------------------------------------------------------------------------------------
-# The S-only heads (max_similarity): all pairs and listed pairs, forward and backward
-# ---------------------------------------------------------------------------------------------
+class _GroupedByImage(torch.autograd.Function):
+    """Pair scores through an all-pairs implementation, one call per distinct image against
+    its distinct captions: exactly the distinct requested pairs are computed, forward and
+    backward by the backend itself. `params`: the tensors all_pairs also reads (an RCAR
+    head's weights), whose gradients are the sum over the groups.
 
-# The options every maxsim op takes after its tensors, in this order.
-MAXSIM_OPTION_NAMES = ("direction", "pool", "tau", "leaky", "both_scale")
+    Why a Function: differentiating through per-group slices of img and cap directly would
+    give every group a gradient the size of the whole batch (O(B^2 L d) zeros and adds); here
+    each group's gradient is added into one buffer at its own rows."""
 
+    @staticmethod
+    def forward(ctx, img, cap, lens, img_idx, cap_idx, all_pairs, grad_enabled, *params):
+        groups, inverse = _image_groups(img_idx, cap_idx, cap.shape[0])
+        # Under no_grad (re-ranking) keep no per-group graphs: nothing will call backward.
+        need_img, need_cap = (grad_enabled and need for need in ctx.needs_input_grad[:2])
+        ctx.wanted_params = [p for p, need in zip(params, ctx.needs_input_grad[_N_FIXED:])
+                             if grad_enabled and need]
+        pieces, graphs = [], []
+        for i, chosen in groups:
+            chosen_lens = lens[chosen]
+            with torch.enable_grad():   # each group's graph, kept for the backward
+                img_part = img[i:i + 1].detach().requires_grad_(need_img)
+                cap_part = cap[chosen, :int(chosen_lens.max())].detach().requires_grad_(need_cap)
+                scores = all_pairs(img_part, cap_part, chosen_lens).reshape(-1)
+            pieces.append(scores.detach())
+            graphs.append((scores, img_part, cap_part))
+        ctx.groups, ctx.graphs = groups, graphs
+        ctx.save_for_backward(inverse)
+        ctx.layouts = [(t.shape, t.dtype) for t in (img, cap)]
+        return torch.cat(pieces)[inverse]
 
-def maxsim_output(img: Tensor, cap: Tensor, img_idx: Optional[Tensor] = None) -> Tensor:
-    """The one shape function of the maxsim ops: an empty (n_img, n_cap) result, or (P,) for a
-    pair list; float32 (float64 for float64 inputs), on img's device."""
-    shape = (img.shape[0], cap.shape[0]) if img_idx is None else (img_idx.shape[0],)
-    return img.new_empty(shape, dtype=output_dtype(img.dtype))
-
-
-def _register_maxsim_autograd(op, op_backward, n_tensors: int):
-    """Autograd of a maxsim op whose first n_tensors inputs are tensors (img, cap first)."""
-    n_inputs = n_tensors + len(MAXSIM_OPTION_NAMES)
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:n_tensors])
-        ctx.options = inputs[n_tensors:]
-
-    def backward_formula(ctx, grad):
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (inverse,) = ctx.saved_tensors
+        n_rows = sum(len(chosen) for _, chosen in ctx.groups)
+        grad_rows = grad_out.new_zeros(n_rows).index_add_(0, inverse, grad_out)
         need_img, need_cap = ctx.needs_input_grad[:2]
-        if not (need_img or need_cap):
-            return (None,) * n_inputs
-        d_img, d_cap = op_backward(grad.contiguous(), *ctx.saved_tensors, *ctx.options)
-        return (d_img if need_img else None, d_cap if need_cap else None) + (None,) * (n_inputs - 2)
+        (img_shape, img_dtype), (cap_shape, cap_dtype) = ctx.layouts
+        grad_img = grad_out.new_zeros(img_shape, dtype=img_dtype) if need_img else None
+        grad_cap = grad_out.new_zeros(cap_shape, dtype=cap_dtype) if need_cap else None
+        grad_params = [None] * len(ctx.wanted_params)
+        start = 0
+        for (i, chosen), (scores, img_part, cap_part) in zip(ctx.groups, ctx.graphs):
+            g = grad_rows[start:start + len(chosen)].to(scores.dtype)
+            start += len(chosen)
+            wanted = [t for t, need in ((img_part, need_img), (cap_part, need_cap)) if need]
+            grads = list(torch.autograd.grad(scores, wanted + ctx.wanted_params, g,
+                                             allow_unused=bool(ctx.wanted_params)))
+            if need_img:
+                grad_img[i:i + 1] += grads.pop(0)
+            if need_cap:  # captions within a group are distinct: no index is written twice
+                grad_cap[chosen, :cap_part.shape[1]] += grads.pop(0)
+            # Groups in a fixed order: the weight gradients' sum is deterministic.
+            for k, grad in enumerate(grads):
+                if grad is not None:
+                    grad_params[k] = grad if grad_params[k] is None else grad_params[k] + grad
+        ctx.graphs = None
+        # A weight the scores do not depend on (only_rcr's sim_eval_w) keeps a None gradient.
+        by_param = iter(grad_params)
+        needs = ctx.needs_input_grad[_N_FIXED:]
+        ctx.wanted_params = None
+        return (grad_img, grad_cap, None, None, None, None, None,
+                *(next(by_param) if need else None for need in needs))
 
-    op.register_autograd(backward_formula, setup_context=setup_context)
+
+# _GroupedByImage.forward's arguments before *params
+_N_FIXED = 7
 
 
-def define_maxsim_op(name: str, forward: Callable, backward: Callable, pairs: bool = False):
-    """Registers rcar_fast::{name} and rcar_fast::{name}_backward and returns the forward op.
-
-    All pairs (pairs=False):
-        forward(img, cap, lens, img_lens, options) -> (n_img, n_cap)
-        backward(grad, img, cap, lens, img_lens, options) -> (d img, d cap)
-    Listed pairs (pairs=True), img_idx / cap_idx int64 (P,) after img_lens:
-        forward(img, cap, lens, img_lens, img_idx, cap_idx, options) -> (P,)
-        backward(grad, img, cap, lens, img_lens, img_idx, cap_idx, options) -> (d img, d cap)
-    options: the tuple (direction, pool, tau, leaky, both_scale) (MAXSIM_OPTION_NAMES). The
-    fake implementations come from maxsim_output (and input_grads)."""
-    if pairs:
-        @torch.library.custom_op(f"rcar_fast::{name}", mutates_args=())
-        def op(img: Tensor, cap: Tensor, lens: Tensor, img_lens: Tensor, img_idx: Tensor,
-               cap_idx: Tensor, direction: str, pool: str, tau: float, leaky: bool,
-               both_scale: float) -> Tensor:
-            return forward(img, cap, lens, img_lens, img_idx, cap_idx,
-                           (direction, pool, tau, leaky, both_scale))
-
-        @torch.library.custom_op(f"rcar_fast::{name}_backward", mutates_args=())
-        def op_backward(grad: Tensor, img: Tensor, cap: Tensor, lens: Tensor, img_lens: Tensor,
-                        img_idx: Tensor, cap_idx: Tensor, direction: str, pool: str, tau: float,
-                        leaky: bool, both_scale: float) -> tuple[Tensor, Tensor]:
-            return backward(grad, img, cap, lens, img_lens, img_idx, cap_idx,
-                            (direction, pool, tau, leaky, both_scale))
-
-        op.register_fake(lambda img, cap, lens, img_lens, img_idx, *rest: maxsim_output(img, cap, img_idx))
-        op_backward.register_fake(lambda grad, img, cap, *rest: input_grads(img, cap))
-        _register_maxsim_autograd(op, op_backward, n_tensors=6)
-        return op
-
-    @torch.library.custom_op(f"rcar_fast::{name}", mutates_args=())
-    def op(img: Tensor, cap: Tensor, lens: Tensor, img_lens: Tensor, direction: str, pool: str,
-           tau: float, leaky: bool, both_scale: float) -> Tensor:
-        return forward(img, cap, lens, img_lens, (direction, pool, tau, leaky, both_scale))
-
-    @torch.library.custom_op(f"rcar_fast::{name}_backward", mutates_args=())
-    def op_backward(grad: Tensor, img: Tensor, cap: Tensor, lens: Tensor, img_lens: Tensor,
-                    direction: str, pool: str, tau: float, leaky: bool,
-                    both_scale: float) -> tuple[Tensor, Tensor]:
-        return backward(grad, img, cap, lens, img_lens, (direction, pool, tau, leaky, both_scale))
-
-    op.register_fake(lambda img, cap, *rest: maxsim_output(img, cap))
-    op_backward.register_fake(lambda grad, img, cap, *rest: input_grads(img, cap))
-    _register_maxsim_autograd(op, op_backward, n_tensors=4)
-    return op
+def grouped_by_image(all_pairs: Callable, img, cap, lens, img_idx, cap_idx, params=()):
+    """The listed pairs' scores (P,) through all_pairs(img, cap, lens), one call per distinct
+    image against its distinct captions (_GroupedByImage); params: the tensors all_pairs also
+    reads (a head's weights), differentiated too."""
+    if img_idx.numel() == 0:
+        return img.new_zeros((0,), dtype=output_dtype(img.dtype))
+    scores = _GroupedByImage.apply(img, cap, lens, img_idx, cap_idx, all_pairs,
+                                   torch.is_grad_enabled(), *params)
+    return scores.to(output_dtype(img.dtype))

@@ -7,13 +7,15 @@ scoring and the losses, the evaluation adapters, the CLI, the trainer, the bench
 these facts from it and never branch on a head's name:
 
     name, title          what ``model=`` / ``--head`` say ("scan"), how messages name it
-    all_pairs_op,        the dispatch ops it runs (rcar_fast.dispatch.TABLE): all pairs
-      pairs_op           (n_img, n_cap) and a pair list (P,)
+    all_pairs_op,        the ops it runs: all pairs (n_img, n_cap) and a pair list (P,)
+      pairs_op
+    backends             those ops' backend classes (the op module's BACKENDS, which
+                         rcar_fast.dispatch.TABLE assembles)
     defaults, aliases    keyword heads: every keyword and its default; other names that
                          stand for it with settings filled in (presets)
     module_type          module heads (weights): the nn.Module class that is the head
     validate             keyword settings checked (one clear error before any kernel)
-    inputs, choose       the dispatch.Inputs a backend judges; the choice (dispatch.choose)
+    inputs, choose       the Inputs a backend judges; the choice (ops.backend.choose)
     call_all_pairs,      how to call a chosen backend's fn
       call_pairs
     forward_flops,       the model FLOPs (rcar_fast.flops), for benchmarks
@@ -32,8 +34,7 @@ from typing import Callable, ClassVar, Mapping, Optional
 
 import torch
 
-from rcar_fast import dispatch
-from rcar_fast.ops.backend import Inputs
+from rcar_fast.ops.backend import Inputs, choose
 
 
 class Scorer:
@@ -44,6 +45,7 @@ class Scorer:
     title: ClassVar[str]
     all_pairs_op: ClassVar[str]
     pairs_op: ClassVar[str]
+    backends: ClassVar[Mapping[str, tuple]]   # op -> its backend classes
     defaults: ClassVar[Mapping] = {}
     aliases: ClassVar[Mapping[str, Mapping]] = {}
     module_type: ClassVar[Optional[type]] = None
@@ -91,9 +93,9 @@ class Scorer:
 
     @classmethod
     def choose(cls, op: str, backend: str, inputs: Inputs, model, settings: dict):
-        """The backend class to run (dispatch.choose; a head whose settings narrow the
-        backends further overrides this)."""
-        return dispatch.choose(op, backend, inputs)
+        """The backend class to run (ops.backend.choose among this head's backends of `op`; a
+        head whose settings narrow the backends further overrides this)."""
+        return choose(op, cls.backends[op], backend, inputs)
 
     @classmethod
     def inputs(cls, model, settings: dict, img, cap, lens) -> Inputs:

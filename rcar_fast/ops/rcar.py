@@ -1,0 +1,733 @@
+"""The RCAR head (op "rcar": all pairs; op "rcar_pairs": a pair list): the ops' custom ops and
+their autograd, and their backends. The public wrapper is rcar_fast.modules.RCARSimilarity (an
+nn.Module, beside the head registry's entry RcarScorer). Every "rcar" backend is a class whose
+`fn` has the signature
+
+    fn(head, img, cap, lens) -> (n_img, n_cap)
+
+and every "rcar_pairs" backend fn(head, img, cap, lens, img_idx, cap_idx) -> (P,), where `head`
+is the RCAR head module (weights under the official names, plus regulator, steps, direction,
+smooth) and `lens` (and the pair indices) arrive validated (int64 on cap's device). BACKENDS
+(at the end) lists them per op; rcar_fast.dispatch.TABLE takes them from there.
+
+    reference, reference_loop   the head module's own vectorised and loop forwards
+    cpu                         the C++ CPU kernels (csrc/cpu/rcar.cpp), forward and backward
+    triton                      the Triton kernel (kernels/rcar.py), recomputing backward
+    cuda                        the CUDA kernel (csrc/cuda/rcar.cu), eval-mode forward only
+    rcar_pairs                  the reference's pair drivers; the C++ kernels per image
+
+The ops take the head's weights as inputs (head.parameters() order) and its configuration as
+arguments, so torch.compile traces them as one node each.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional
+
+import torch
+
+from rcar_fast import contract, dropout, reference_math
+from rcar_fast.heads import RCARHead
+from rcar_fast.ops.backend import Backend, CpuKernelBackend, Inputs, native, output_dtype
+from rcar_fast.ops.library import (PAIR_INDICES_SCHEMA, define, grouped_by_image, input_grads,
+                                   listed_pairs, pairs_output, scan_output, vjp)
+
+__all__ = ["BACKENDS", "define_rcar_op"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops: rcar_fast::rcar_<backend>, rcar_pairs_<backend> (and _backward)
+# ---------------------------------------------------------------------------------------------
+
+RCAR_CONFIG = ("str regulator, int steps, str direction, float smooth, int embed_dim, "
+               "int sim_dim, bool training")
+
+
+def define_rcar_op(name: str, forward: Callable, backward: Optional[Callable] = None,
+                   pairs: bool = False):
+    """Registers rcar_fast::{name} (and its _backward when a backward is given). The op takes
+    (img, cap, lens, [img_idx, cap_idx,] weights, seed, *config) with weights the head's
+    parameters in head.parameters() order, seed an int64 0-d tensor (the dropout masks'),
+    config (regulator, steps, direction, smooth, embed_dim, sim_dim, training);
+    `forward(img, cap, lens, [img_idx, cap_idx,] weights, seed, config)` and
+    `backward(grad, <the same>) -> (d img, d cap, d weights)`."""
+    n_index = 2 if pairs else 0
+
+    def split(rest):
+        index, (weights, seed, *config) = rest[:n_index], rest[n_index:]
+        return (*index, weights, seed, tuple(config))
+
+    def run_forward(img, cap, lens, *rest):
+        return forward(img, cap, lens, *split(rest))
+
+    def run_backward(grad, img, cap, lens, *rest):
+        d_img, d_cap, d_weights = backward(grad, img, cap, lens, *split(rest))
+        return d_img, d_cap, list(d_weights)
+
+    def fake(img, cap, lens, *rest):
+        return pairs_output(img, rest[0]) if pairs else scan_output(img, cap)
+
+    def fake_grads(img, cap, lens, *rest):
+        d_img, d_cap = input_grads(img, cap)
+        return d_img, d_cap, list(input_grads(*rest[n_index]))
+
+    schema = (f"Tensor img, Tensor cap, Tensor lens, {PAIR_INDICES_SCHEMA if pairs else ''}"
+              f"Tensor[] weights, Tensor seed, {RCAR_CONFIG}")
+    return define(name, schema, fake, run_forward, backward and run_backward,
+                  "(Tensor, Tensor, Tensor[])", fake_grads, (0, 1, 3 + n_index))
+
+
+# ---------------------------------------------------------------------------------------------
+# reference, reference_loop: the head module's forwards
+# ---------------------------------------------------------------------------------------------
+
+# fn(head, img, cap, lens) -> (n_img, n_cap)
+#
+# where `head` is the RCAR head module (weights under the official names, plus regulator,
+# steps, direction, smooth) and `lens` arrives validated (int64 on cap's device).
+#
+# Eager calls run the module's forward directly. Inside torch.compile the vectorised form runs
+# as the custom op rcar_fast::rcar_reference, the head's weights passed as op inputs and applied
+# to a weightless copy of the head (torch.func.functional_call), since its lens-dependent Python
+# branches cannot be traced into one graph. Its backward op recomputes the forward under autograd;
+# a seed drawn in the graph makes the recomputation draw the same dropout masks.
+
+@functools.lru_cache(maxsize=None)
+def _skeleton(regulator, steps, direction, smooth, embed_dim, sim_dim):
+    """A head of this configuration whose parameters live on the meta device (no memory):
+    only its structure is used, with the caller's weights."""
+    with torch.device("meta"):
+        head = RCARHead(embed_dim, sim_dim, regulator, steps, direction, smooth)
+    return head, tuple(name for name, _ in head.named_parameters())
+
+
+class _Bound(torch.nn.Module):
+    """Holds a head so that torch.func.functional_call can run any function of it (not only
+    its forward) with the caller's weights."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, fn, *args):
+        return fn(self.head, *args)
+
+
+def with_weights(config, weights, fn, *args):
+    """fn(head, *args) on a head of this configuration (regulator, steps, direction, smooth,
+    embed_dim, sim_dim, training) whose parameters are `weights` (head.parameters() order):
+    how an RCAR op's implementation sees the head it was given as tensors."""
+    *structure, training = config
+    head, names = _skeleton(*structure)
+    head.train(training)
+    params = {f"head.{name}": w for name, w in zip(names, weights)}
+    return torch.func.functional_call(_Bound(head), params, (fn, *args), strict=True)
+
+
+def with_seeded_weights(config, weights, seed, fn, img, *args):
+    """with_weights, and dropout (if the head has active dropout) draws its masks from `seed`
+    (an int64 0-d tensor): a recomputation under the same seed draws the same masks."""
+    def run(head, img, *args):
+        if not head.active_dropout():
+            return fn(head, img, *args)
+        devices = [img.device] if img.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(seed))
+            return fn(head, img, *args)
+
+    return with_weights(config, weights, run, img, *args)
+
+
+def _all_pairs(head, img, cap, lens):
+    return head(img, cap, lens).to(output_dtype(img.dtype))
+
+
+def forward_on_weights(img, cap, lens, weights, seed, config):
+    """The reference scores (n_img, n_cap) of the head given as weights and config (the RCAR
+    ops' arguments), dropout masks drawn from `seed`."""
+    return with_seeded_weights(config, weights, seed, _all_pairs, img, cap, lens)
+
+
+def rcar_vjp(forward, grad, img, cap, lens, *index, weights, seed, config):
+    """(d img, d cap, d weights) of forward(img, cap, lens, *index, weights, seed, config):
+    the backward of an RCAR op that recomputes its forward under autograd."""
+    d_img, d_cap, *d_weights = vjp(lambda i, c, *w: forward(i, c, lens, *index, list(w), seed, config),
+                                   [img, cap, *weights], grad)
+    return d_img, d_cap, d_weights
+
+
+def _reference_backward(grad, img, cap, lens, weights, seed, config):
+    return rcar_vjp(forward_on_weights, grad, img, cap, lens, weights=weights, seed=seed, config=config)
+
+
+# rcar_fast::rcar_reference and rcar_fast::rcar_reference_backward
+rcar_reference_op = define_rcar_op("rcar_reference", forward_on_weights, _reference_backward)
+
+
+def op_config(head) -> tuple:
+    """The RCAR ops' config arguments of a head: (regulator, steps, direction, smooth,
+    embed_dim, sim_dim, training)."""
+    return (head.regulator, head.steps, head.direction, float(head.smooth), head.embed_dim,
+            head.sim_dim, bool(head.training))
+
+
+def compiled_call(op, head, img, cap, lens, *index, detach: bool = False):
+    """`op` (an RCAR custom op) on the head's weights and configuration (detached for a
+    forward-only op, which has no autograd formula); index: img_idx, cap_idx of a pair op."""
+    weights = [p.detach() if detach else p for p in head.parameters()]
+    dropout = bool(head.active_dropout())
+    seed = (torch.randint(0, 2**62, (), dtype=torch.int64) if dropout
+            else torch.zeros((), dtype=torch.int64))
+    return op(img, cap, lens, *index, weights, seed, *op_config(head))
+
+
+class RcarReference(Backend):
+    op, backend, kernel = "rcar", "reference", "the vectorised reference"
+
+    @staticmethod
+    def fn(head, img, cap, lens):
+        if torch.compiler.is_compiling():
+            return compiled_call(rcar_reference_op, head, img, cap, lens)
+        return head.forward_vectorized(img, cap, lens).to(output_dtype(img.dtype))
+
+
+class RcarReferenceLoop(Backend):
+    op, backend, kernel = "rcar", "reference_loop", "the reference loop"
+
+    @staticmethod
+    def fn(head, img, cap, lens):
+        return head.forward_loop(img, cap, lens).to(output_dtype(img.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu: the C++ CPU kernels (csrc/cpu/rcar.cpp), forward and fused backward
+# ---------------------------------------------------------------------------------------------
+
+# The backward recomputes the forward tile by tile (flash style: nothing of the forward is kept
+# between the two calls, per-pair intermediates exist only for one tile per thread) and returns
+# the gradients of img, cap and every head parameter; they are deterministic for a thread count.
+# In training mode RAR's dropout uses the counter-based masks of rcar_fast.dropout, drawn from a
+# seed that the op takes as an input, so the backward recomputes the forward's masks.
+#
+# The kernels read the head's Linear weights in contract.RCAR_LINEARS order; the op takes them in
+# head.parameters() order (as every RCAR op does) and reorders them here.
+
+def flat_weights(head) -> list:
+    """The head's Linear weights and biases in the order csrc/cpu/rcar.cpp documents."""
+    return [t.detach() for _, layer, _ in contract.rcar_linears(head) for t in (layer.weight, layer.bias)]
+
+
+def native_settings(direction: str, regulator: str, steps: int, smooth: float, training: bool = False,
+                    seed: int = 0):
+    """The kernel's typed head configuration (csrc/cpu/rcar.cpp RcarSettings)."""
+    return native().RcarSettings(direction=contract.DIRECTION_CODES[direction],
+                                 regulator=contract.REGULATOR_CODES[regulator], steps=int(steps),
+                                 smooth=float(smooth), training=bool(training), seed=int(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_order(regulator, steps, direction, smooth, embed_dim, sim_dim) -> tuple:
+    """For each tensor of the kernels' flat list, its index in head.parameters() order."""
+    head, _ = _skeleton(regulator, steps, direction, smooth, embed_dim, sim_dim)
+    position = {id(p): i for i, p in enumerate(head.parameters())}
+    return tuple(position[id(t)] for _, layer, _ in contract.rcar_linears(head)
+                 for t in (layer.weight, layer.bias))
+
+
+def _kernel_args(weights, seed, config):
+    regulator, steps, direction, smooth, embed_dim, sim_dim, training = config
+    order = kernel_order(regulator, steps, direction, smooth, embed_dim, sim_dim)
+    settings = native_settings(direction, regulator, steps, smooth, training, int(seed))
+    return order, settings, [weights[i] for i in order]
+
+
+def _cpu_forward(img, cap, lens, weights, seed, config) -> torch.Tensor:
+    _, settings, flat = _kernel_args(weights, seed, config)
+    return native().rcar_forward_cpu(img, cap, lens, settings, flat)
+
+
+def _cpu_backward(grad, img, cap, lens, weights, seed, config):
+    order, settings, flat = _kernel_args(weights, seed, config)
+    d_img, d_cap, *d_flat = native().rcar_backward_cpu(grad.to(img.dtype), img, cap, lens, settings, flat)
+    d_weights = [None] * len(weights)
+    for g, i in zip(d_flat, order):
+        d_weights[i] = g.to(weights[i].dtype)
+    return d_img, d_cap, d_weights
+
+
+# rcar_fast::rcar_cpu and rcar_fast::rcar_cpu_backward
+rcar_cpu_op = define_rcar_op("rcar_cpu", _cpu_forward, _cpu_backward)
+
+
+class RcarCpu(Backend):
+    """Forward and fused backward, dropout included (counter-based masks)."""
+    op, backend, kernel = "rcar", "cpu", "the C++ CPU RCAR kernel"
+    dtypes = CpuKernelBackend.dtypes
+    dtype_reason = CpuKernelBackend.dtype_reason   # the devices and dtypes of every C++ CPU kernel
+    has_backward = True
+    implements_dropout = True
+
+    @staticmethod
+    def fn(head, img, cap, lens):
+        # The op's `training` argument says whether dropout acts: a training head whose
+        # Dropout modules have p = 0 (rcar_fast.train's head_dropout=0) has none.
+        dropout_on = _check_dropout(head)
+        seed = (torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_on
+                else torch.zeros((), dtype=torch.int64))
+        config = (*op_config(head)[:-1], dropout_on)
+        return rcar_cpu_op(img, cap, lens, list(head.parameters()), seed, *config)
+
+
+def _check_dropout(head) -> bool:
+    """Whether RAR's dropout acts in this call; refuses a rate the kernel does not implement."""
+    active = head.active_dropout()
+    for name, module in head.named_modules():
+        if name in active and module.p != dropout.P:
+            raise ValueError(f"{RcarCpu.kernel}: RAR dropout must have p = {dropout.P} (the official "
+                             f"rate) or 0, got p = {module.p} for {name}; use backend='reference'")
+    return bool(active)
+
+
+# ---------------------------------------------------------------------------------------------
+# triton: the Triton kernel (kernels/rcar.py)
+# ---------------------------------------------------------------------------------------------
+
+# Forward: one fused Triton kernel for the whole head over all pairs (kernels/rcar.py); nothing
+# of size (pairs, Q, d) or (pairs, Q, s) is written.
+#
+# Backward (what is and is not fused): the gradient w.r.t. img, cap and every head parameter is
+# computed by RECOMPUTATION, not from stored activations: the forward saves only its inputs, and
+# the backward re-runs the head on bounded blocks of (image, caption) pairs with the vectorised
+# reference math (RCARHead.forward_vectorized) under torch autograd, then discards each block's
+# graph. Memory is bounded by BACKWARD_BLOCK_BYTES; the backward itself is NOT a fused kernel (it
+# costs about one reference forward + backward).
+#
+# Training mode: RAR's dropout (p = 0.4) is not implemented by the fused kernel, so a head with
+# RAR modules in training mode is refused before any compute (call .eval(), or use
+# backend="reference" to train with dropout). only_rcr has no dropout and runs in either mode.
+
+# Bytes of saved (pairs, Q, d)-sized activations one backward block may hold.
+BACKWARD_BLOCK_BYTES = 1 << 30
+# Rough count of (pairs, Q, d) activations autograd keeps per alignment step of the reference.
+_SAVED_PER_STEP = 12
+
+
+class RcarTriton(Backend):
+    op, backend, kernel = "rcar", "triton", "the Triton RCAR kernel"
+    dtypes = {"cuda": (torch.float32, torch.float16, torch.bfloat16),
+              "cpu": (torch.float32, torch.float16)}
+    implements_dropout = False
+
+    @classmethod
+    def dtype_reason(cls, device_type, dtype):
+        if dtype == torch.float64:
+            return ("the Triton RCAR kernel computes in float32 (bf16/fp16 GEMM operands on GPU); "
+                    "use backend='reference' for float64")
+        if device_type == "cpu" and dtype == torch.bfloat16:
+            return ("the Triton CPU interpreter computes bfloat16 tl.dot wrongly; use float32 or "
+                    "float16 on CPU, or a GPU")
+        return super().dtype_reason(device_type, dtype)
+
+    @staticmethod
+    def fn(head, img, cap, lens):
+        if torch.compiler.is_compiling():
+            return compiled_call(rcar_triton_op, head, img, cap, lens)
+        return rcar_triton(head, img, cap, lens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight packing (kernels/rcar.py WEIGHT_LAYOUT): transposed, zero-padded, stacked per step
+# ---------------------------------------------------------------------------------------------
+
+def _stack(tensors, shape, dtype, device):
+    """Zero (max(1, n), *shape) tensor with tensors[i] in the leading corner of slot i."""
+    out = torch.zeros((max(1, len(tensors)),) + tuple(shape), dtype=dtype, device=device)
+    for i, t in enumerate(tensors):
+        out[(i,) + tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
+@torch.no_grad()
+def pack_weights(head, op_dtype: torch.dtype, interpreter: bool) -> dict:
+    from rcar_fast.kernels import rcar as kernels
+
+    dims = kernels.padded_dims(head.embed_dim, head.sim_dim, interpreter)
+    DP, SP, HP, HSP = dims["DP"], dims["SP"], dims["HP"], dims["HSP"]
+    dev = head.sim_eval_w.weight.device
+    f32 = torch.float32
+    linears = {}  # short name -> the Linears of that role, in module order (the contract's walk)
+    for short, lin, _ in contract.rcar_linears(head):
+        linears.setdefault(short, []).append(lin)
+
+    def op(short, shape):  # operand-dtype weights, (in, out)
+        return _stack([lin.weight.t() for lin in linears.get(short, [])], shape, op_dtype, dev)
+
+    def fp(short, shape, part="bias"):  # float32 biases, or the weight row of a one-output Linear
+        rows = [lin.bias if part == "bias" else lin.weight[0] for lin in linears.get(short, [])]
+        rows = [r[0] for r in rows] if shape == () else rows
+        return _stack(rows, shape, f32, dev)
+
+    return {
+        "wa": op("wa", (DP, SP)), "ba": fp("wa", (SP,)),
+        "w1": op("w1", (SP, HP)), "b1": fp("w1", (HP,)),
+        "w2": op("w2", (HP, DP)), "b2": fp("w2", (DP,)),
+        "ws1": op("ws1", (SP, HSP)), "bs1": fp("ws1", (HSP,)),
+        "ws2": fp("ws2", (HSP,), "weight"), "bs2": fp("ws2", ()),
+        "wq": op("wq", (SP, SP)), "bq": fp("wq", (SP,)),
+        "wk": op("wk", (SP, SP)), "bk": fp("wk", (SP,)),
+        "wv": fp("wv", (SP,), "weight"), "bv": fp("wv", ()),
+        "we": fp("we", (SP,), "weight")[0],
+        "be": head.sim_eval_w.bias.detach().to(f32).reshape(1).clone(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and the recomputing backward
+# ---------------------------------------------------------------------------------------------
+
+def _fused_forward(head, img, cap, lens_list) -> torch.Tensor:
+    from rcar_fast.kernels import rcar as kernels
+
+    interpreter = img.device.type == "cpu"
+    op_dtype = torch.float32 if img.dtype == torch.float32 else img.dtype
+    weights = pack_weights(head, op_dtype, interpreter)
+    return kernels.rcar_forward(img.detach().contiguous(), cap.detach().contiguous(), lens_list,
+                                weights, regulator=head.regulator, steps=head.steps,
+                                direction=head.direction, smooth=head.smooth)
+
+
+def backward_blocks(n_img: int, n_cap: int, longest: int, d: int, element_size: int,
+                    steps: int, budget: int = None):
+    """(image block, caption block) sizes whose recomputed graph stays within the budget."""
+    budget = BACKWARD_BLOCK_BYTES if budget is None else budget
+    per_pair = max(1, longest * d * element_size * _SAVED_PER_STEP * (steps + 1))
+    max_pairs = max(1, budget // per_pair)
+    cap_block = min(n_cap, max(1, math.isqrt(max_pairs)))
+    img_block = min(n_img, max(1, max_pairs // cap_block))
+    return img_block, cap_block
+
+
+class _FusedRCAR(torch.autograd.Function):
+    """Inputs: head (module), lens (int64), lens_list, img, cap, *params (head.parameters())."""
+
+    @staticmethod
+    def forward(ctx, head, lens, lens_list, img, cap, *params):
+        ctx.head, ctx.lens_list = head, lens_list
+        ctx.save_for_backward(img, cap, lens)
+        return _fused_forward(head, img, cap, lens_list)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        img, cap, lens = ctx.saved_tensors
+        head = ctx.head
+        params = list(head.parameters())
+        want_img, want_cap = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        want_params = [i for i, p in enumerate(params) if ctx.needs_input_grad[5 + i]]
+        compute_dtype = params[0].dtype
+        grad_img = torch.zeros_like(img) if want_img else None
+        grad_cap = torch.zeros_like(cap) if want_cap else None
+        # Filled lazily: a parameter the output does not depend on (e.g. sim_eval_w in
+        # only_rcr) keeps a None gradient, as with the reference.
+        grad_params = [None] * len(params)
+        n_img, n_regions, d = img.shape
+        n_cap = cap.shape[0]
+        longest = max(n_regions, max(ctx.lens_list))
+        size = torch.empty((), dtype=compute_dtype).element_size()
+        img_block, cap_block = backward_blocks(n_img, n_cap, longest, d, size, head.steps)
+        for i0 in range(0, n_img, img_block):
+            for j0 in range(0, n_cap, cap_block):
+                _accumulate_block_grads(head, img, cap, lens, grad_out, i0, i0 + img_block,
+                                        j0, j0 + cap_block, compute_dtype, params, want_params,
+                                        grad_img, grad_cap, grad_params)
+        return (None, None, None, grad_img, grad_cap, *grad_params)
+
+
+def _accumulate_block_grads(head, img, cap, lens, grad_out, i0, i1, j0, j1, dtype, params,
+                            want_params, grad_img, grad_cap, grad_params):
+    """Recompute the block's scores with the reference math and add its gradients."""
+    with torch.enable_grad():
+        img_b = img[i0:i1].detach().to(dtype).requires_grad_(grad_img is not None)
+        cap_b = cap[j0:j1].detach().to(dtype).requires_grad_(grad_cap is not None)
+        scores = head.forward_vectorized(img_b, cap_b, lens[j0:j1],
+                                         img_chunk=img_b.shape[0], cap_chunk=cap_b.shape[0])
+        inputs = ([img_b] if grad_img is not None else []) + \
+                 ([cap_b] if grad_cap is not None else []) + [params[i] for i in want_params]
+        if not inputs:
+            return
+        grads = torch.autograd.grad(scores, inputs, grad_out[i0:i1, j0:j1].to(scores.dtype),
+                                    allow_unused=True)
+    grads = list(grads)
+    if grad_img is not None:
+        grad_img[i0:i1] += grads.pop(0).to(grad_img.dtype)
+    if grad_cap is not None:
+        g = grads.pop(0)
+        if g is not None:
+            grad_cap[j0:j1] += g.to(grad_cap.dtype)
+    for i, g in zip(want_params, grads):
+        if g is not None:
+            g = g.to(params[i].dtype)
+            grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
+
+
+def rcar_triton(head, img, cap, lens) -> torch.Tensor:
+    """(n_img, n_cap) float32; dispatch refused a head with active dropout before this."""
+    lens_list = [int(v) for v in lens.tolist()]
+    params = list(head.parameters())
+    needs_grad = torch.is_grad_enabled() and (
+        img.requires_grad or cap.requires_grad or any(p.requires_grad for p in params))
+    if not needs_grad:
+        return _fused_forward(head, img, cap, lens_list)
+    return _FusedRCAR.apply(head, lens, lens_list, img, cap, *params)
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom op (what torch.compile sees): the same fused forward, the same recomputing backward
+# ---------------------------------------------------------------------------------------------
+
+def _triton_forward(img, cap, lens, weights, seed, config) -> torch.Tensor:
+    lens_list = [int(v) for v in lens.tolist()]
+    return with_weights(config, weights, _fused_forward, img, cap, lens_list)
+
+
+def _triton_backward(grad, img, cap, lens, weights, seed, config):
+    """As _FusedRCAR.backward: the reference math recomputed on bounded blocks of pairs, in
+    the weights' dtype, under autograd (dispatch refused active dropout: seed is unused)."""
+    n_img, n_regions, d = img.shape
+    n_cap = cap.shape[0]
+    dtype = weights[0].dtype
+    longest = max(n_regions, int(lens.max()))
+    img_block, cap_block = backward_blocks(n_img, n_cap, longest, d, dtype.itemsize, config[1])
+    d_img, d_cap = torch.zeros_like(img), torch.zeros_like(cap)
+    d_weights = [torch.zeros_like(w) for w in weights]
+
+    def block_scores(lens_block):
+        return lambda i, c, *w: forward_on_weights(
+            i.to(dtype), c.to(dtype), lens_block, list(w), seed, config)
+
+    for i0 in range(0, n_img, img_block):
+        for j0 in range(0, n_cap, cap_block):
+            g_img, g_cap, *g_weights = vjp(
+                block_scores(lens[j0:j0 + cap_block]),
+                [img[i0:i0 + img_block], cap[j0:j0 + cap_block], *weights],
+                grad[i0:i0 + img_block, j0:j0 + cap_block])
+            d_img[i0:i0 + img_block] += g_img
+            d_cap[j0:j0 + cap_block] += g_cap
+            for total, g in zip(d_weights, g_weights):
+                total += g
+    return d_img, d_cap, d_weights
+
+
+# rcar_fast::rcar_triton and rcar_fast::rcar_triton_backward (eager calls keep _FusedRCAR).
+rcar_triton_op = define_rcar_op("rcar_triton", _triton_forward, _triton_backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# cuda: the CUDA kernel (csrc/cuda/rcar.cu), eval-mode forward only
+# ---------------------------------------------------------------------------------------------
+
+# The kernel is plain SIMT (correctness first): a persistent grid of blocks, each scoring one
+# (image, caption) pair at a time, its (Q, d) intermediates in a per-block workspace slot that is
+# reused pair after pair (memory O(blocks x Q x d), never O(pairs x Q x d)). Features are cast to
+# float32, weights are passed as float32 (in, out) matrices through a device table of pointers
+# whose order is fixed in csrc/cuda/rcar.cu (`weight_tensors` below builds it).
+#
+# The result carries no gradient: dispatch refuses it for a training step and for active dropout.
+#
+# Not in backend="auto"'s order (RcarCuda.not_in_auto, shown by rcar_fast.backends() and in
+# dispatch's errors): every FLOP is a CUDA-core FP32 FMA (the compiled kernel has no tensor-core
+# instruction) and a block scores one pair at a time, an estimated ~5 minutes for COCO 5K t2i
+# against 15-30 s for the Triton kernel (issue 15). backend="cuda" still runs it.
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCKS_PER_SM = 2  # the kernel is built for two resident 256-thread blocks per SM
+
+
+def _native():
+    return native()
+
+
+def _matrix(linear: torch.nn.Linear) -> torch.Tensor:
+    """The Linear's weight as a float32 (in, out) matrix: a thread per output reads it coalesced."""
+    return linear.weight.detach().to(torch.float32).t().contiguous()
+
+
+def _vector(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32).reshape(-1).contiguous()
+
+
+def weight_tensors(head) -> list[torch.Tensor]:
+    """float32 weights in the order of the kernel's pointer table (csrc/cuda/rcar.cu)."""
+    # A Linear with one output passes its weight as a vector, the others as (in, out) matrices.
+    return [t for _, lin, to_one in contract.rcar_linears(head)
+            for t in ((_vector(lin.weight) if to_one else _matrix(lin)), _vector(lin.bias))]
+
+
+def _persistent_blocks(device: torch.device, pairs: int) -> int:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(pairs, sms * BLOCKS_PER_SM))
+
+
+def _features(x: torch.Tensor) -> torch.Tensor:
+    x = x.to(torch.float32)
+    return x if x.stride(2) == 1 else x.contiguous()
+
+
+def problem_dict(head, img, cap, lens, max_len, table, workspace, blocks) -> dict:
+    """The RcarProblem fields (csrc/cuda/rcar.cu) as a dict of ints and floats."""
+    n_img, R, d = img.shape
+    return dict(
+        img=img.data_ptr(), cap=cap.data_ptr(), n_img=n_img, R=R, d=d, n_cap=cap.shape[0],
+        img_stride_n=img.stride(0), img_stride_r=img.stride(1),
+        cap_stride_n=cap.stride(0), cap_stride_w=cap.stride(1),
+        lens=lens.data_ptr(), max_len=max_len, sim_dim=head.sim_dim,
+        regulator=contract.REGULATOR_CODES[head.regulator], steps=head.steps,
+        i2t=int(head.direction == "i2t"), smooth=float(head.smooth), weights=table.data_ptr(),
+        workspace=workspace.data_ptr(), n_blocks=blocks,
+    )
+
+
+def rcar_cuda(head, img, cap, lens) -> torch.Tensor:
+    """The registered implementation: inputs validated by RCARSimilarity.forward (lens int64 on
+    cap's device). Returns (n_img, n_cap) float32."""
+    if head.regulator not in contract.REGULATORS or head.direction not in contract.DIRECTIONS:
+        raise ValueError(f"unknown regulator {head.regulator!r} or direction {head.direction!r}")
+    native, device = _native(), img.device
+    img, cap = _features(img), _features(cap)
+    lens = lens.to(device=device, dtype=torch.int64).contiguous()
+    max_len = int(lens.max())
+    n_img, R, d = img.shape
+    i2t = head.direction == "i2t"
+    tensors = weight_tensors(head)
+    table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+    blocks = _persistent_blocks(device, n_img * cap.shape[0])
+    per_block = native.rcar_workspace_floats(R if i2t else max_len, d, head.sim_dim)
+    workspace = torch.empty(blocks * per_block, dtype=torch.float32, device=device)
+    sims = torch.empty((n_img, cap.shape[0]), dtype=torch.float32, device=device)
+    problem = native.RcarProblemCuda(**problem_dict(head, img, cap, lens, max_len, table, workspace, blocks))
+    native.rcar_forward_cuda(problem, sims.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
+    # `tensors`, `table` and `workspace` are released after the launch: the caching allocator
+    # reuses their memory only for work queued later on this stream.
+    return sims
+
+
+def _cuda_forward(img, cap, lens, weights, seed, config) -> torch.Tensor:
+    return with_weights(config, weights, rcar_cuda, img, cap, lens)
+
+
+# rcar_fast::rcar_cuda, forward only (no autograd formula): what torch.compile sees.
+rcar_cuda_op = define_rcar_op("rcar_cuda", _cuda_forward)
+
+
+class RcarCuda(Backend):
+    op, backend, kernel = "rcar", "cuda", "the CUDA RCAR kernel"
+    dtypes = {"cuda": SUPPORTED_DTYPES}
+    has_backward = False
+    implements_dropout = False
+    not_in_auto = ("plain FP32 FMA, no tensor cores, one pair per block: ~5 min estimated for "
+                   "COCO 5K t2i, the Triton RCAR kernel is the faster GPU path")
+
+    @staticmethod
+    def fn(head, img, cap, lens):
+        if torch.compiler.is_compiling():
+            return compiled_call(rcar_cuda_op, head, img.detach(), cap.detach(), lens, detach=True)
+        return rcar_cuda(head, img, cap, lens)
+
+
+# ---------------------------------------------------------------------------------------------
+# rcar_pairs: the reference's pair drivers on listed pairs; the C++ kernel per image
+# ---------------------------------------------------------------------------------------------
+
+def _rcar_pairs_reference(driver: Callable) -> Callable:
+    """The rcar_pairs op on a reference pair driver, with the head's pair function."""
+    def rcar_pairs(head, img, cap, lens, img_idx, cap_idx):
+        return listed_pairs(driver, img, cap, lens, img_idx, cap_idx, head.direction,
+                             head.pair_scores)
+    return rcar_pairs
+
+
+def _rcar_pairs_cpu(head, img, cap, lens, img_idx, cap_idx):
+    # The head's weights go in as the Function's inputs: their gradients are summed over the
+    # groups by the C++ kernels' own backward (RcarCpu.fn's autograd).
+    params = [p for p in head.parameters() if p.requires_grad]
+    return grouped_by_image(lambda i, c, n: RcarCpu.fn(head, i, c, n), img, cap, lens,
+                             img_idx, cap_idx, params)
+
+
+_rcar_pairs_vectorized = _rcar_pairs_reference(reference_math.pairs_vectorized)
+
+
+def _rcar_pairs_forward(img, cap, lens, img_idx, cap_idx, weights, seed, config):
+    return with_seeded_weights(config, weights, seed, _rcar_pairs_vectorized,
+                                              img, cap, lens, img_idx, cap_idx)
+
+
+def _rcar_pairs_backward(grad, img, cap, lens, img_idx, cap_idx, weights, seed, config):
+    return rcar_vjp(_rcar_pairs_forward, grad, img, cap, lens, img_idx, cap_idx,
+                                   weights=weights, seed=seed, config=config)
+
+
+# rcar_fast::rcar_pairs_reference and its _backward
+rcar_pairs_reference_op = define_rcar_op("rcar_pairs_reference", _rcar_pairs_forward,
+                                         _rcar_pairs_backward, pairs=True)
+
+
+def _rcar_pairs_reference_or_op(head, img, cap, lens, img_idx, cap_idx):
+    if torch.compiler.is_compiling():
+        return compiled_call(rcar_pairs_reference_op, head, img, cap, lens, img_idx, cap_idx)
+    return _rcar_pairs_vectorized(head, img, cap, lens, img_idx, cap_idx)
+
+
+class RcarPairsReference(Backend):
+    op, backend, kernel = "rcar_pairs", "reference", "the vectorised reference"
+    fn = staticmethod(_rcar_pairs_reference_or_op)
+
+
+class RcarPairsReferenceLoop(Backend):
+    op, backend, kernel = "rcar_pairs", "reference_loop", "the reference loop"
+    fn = staticmethod(_rcar_pairs_reference(reference_math.pairs_loop))
+
+
+class RcarPairsCpu(Backend):
+    """The C++ CPU RCAR kernels per distinct image (as ScanPairsCpu): what RcarCpu can do, it
+    can (its backward, dropout and dtypes, and its reasons), so a fused backward landing in
+    RcarCpu makes this the training path of the sparse loss on CPU. While RcarCpu is forward
+    only, backend="auto" leaves this out (not_in_auto): a loss may differentiate the pair
+    scores of an eval-mode head (no training step for dispatch to see), so auto must take a
+    backend with a backward; backend="cpu" runs it for re-ranking without autograd and
+    refuses a training step with the reasons. With RcarCpu's fused backward it trains (request
+    it: auto leaves it out while per-image calls are slower than the reference, not_in_auto)."""
+    op, backend, kernel = "rcar_pairs", "cpu", RcarCpu.kernel
+    dtypes, dtype_reason = RcarCpu.dtypes, RcarCpu.dtype_reason
+    has_backward, implements_dropout = RcarCpu.has_backward, RcarCpu.implements_dropout
+
+    @classmethod
+    def not_supported_reasons(cls, inputs: Inputs) -> list:
+        if torch.compiler.is_compiling():   # no custom op yet: the grouping reads the indices
+            return [f"{cls.kernel}: pair lists run eagerly only (not inside torch.compile)"]
+        return RcarCpu.not_supported_reasons(inputs)
+
+    @classmethod
+    def not_in_auto(cls):
+        if not cls.has_backward:
+            return ("the C++ CPU RCAR kernel is forward only, and a loss may differentiate the "
+                    "pair scores of an eval-mode head: auto takes a backend with a backward")
+        # Measured (d 1024, sim_dim 256, 2 cores): the sparse loss at B = 32 recomputes ~87
+        # pairs over 32 images, here 32 kernel calls: forward + backward 0.8 s against the
+        # reference's 0.15 s (idle machine; 8 s against 1-3 s loaded), the backward's fixed
+        # cost per call dominating.
+        return ("one C++ kernel call per distinct image: the fused backward's fixed cost per "
+                "call makes the B = 32 pair recompute ~5x slower than the reference's; a "
+                "pair-list kernel entry would fix it")
+
+    fn = staticmethod(_rcar_pairs_cpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backends of the ops (rcar_fast.dispatch.TABLE takes them from here)
+# ---------------------------------------------------------------------------------------------
+
+BACKENDS = {
+    "rcar": (RcarReference, RcarReferenceLoop, RcarTriton, RcarCuda, RcarCpu),
+    "rcar_pairs": (RcarPairsReference, RcarPairsReferenceLoop, RcarPairsCpu),
+}
