@@ -3,7 +3,8 @@ small sizes, for scripts/gpu_check.sh.
 
 Cases: SCAN t2i/i2t in bf16/fp16/fp32 (two option sets), RCAR only_rar / only_rcr / coop_rcar
 in both directions and the three dtypes, the S-only heads (max_similarity) t2i/i2t/both in the
-three dtypes (MAXSIM_OPTION_SETS: every pool, leaky on and off); each on ragged caption lengths
+three dtypes (MAXSIM_OPTION_SETS: every pool, leaky on and off) and CHAN's VSA coding (i2t, every
+pool, CUDA: the Triton heads do not take it); each on ragged caption lengths
 (1 and Lmax among them, sizes off the tile sizes; the heads also ragged in regions), NaN in
 every padding position. Per case up to three checks:
 forward through the public API, the kernel writing every entry of a NaN-poisoned output, and
@@ -309,6 +310,7 @@ def rcar_case(backend, regulator, steps, direction, dtype_name, with_grads, seed
 
 MAXSIM_OPTION_SETS = (("mean", False), ("sum", True), ("max", False), ("lse", True), ("softmax", False))
 MAXSIM_TAU, MAXSIM_BOTH_SCALE = 0.5, 0.5
+MAXSIM_VSA_TAU = 0.1   # CHAN's alpha
 
 
 def make_region_lens(n_img, R, seed):
@@ -330,7 +332,11 @@ def maxsim_poisoned(backend, img, cap, lens, img_lens, settings):
     return rcar_fast.max_similarity(img, cap, lens, img_lens=img_lens, backend=backend, **settings)
 
 
-def maxsim_case(backend, direction, dtype_name, seed):
+def maxsim_case(backend, direction, dtype_name, seed, coding="max"):
+    vsa = coding == "vsa"
+    coding_settings = dict(coding="vsa", vsa_tau=MAXSIM_VSA_TAU) if vsa else {}
+    option_sets = tuple((pool, leaky and not vsa) for pool, leaky in MAXSIM_OPTION_SETS)  # VSA: no leaky
+
     def run():
         if ARGS.dry_run:
             raise Skip("skipped: no GPU (the heads' cases run on a GPU only, not in the dry run's "
@@ -352,9 +358,9 @@ def maxsim_case(backend, direction, dtype_name, seed):
         def cpu(x, precision):
             return x.detach().to("cpu", precision)
 
-        for pool, leaky in MAXSIM_OPTION_SETS:
+        for pool, leaky in option_sets:
             settings = dict(direction=direction, pool=pool, tau=MAXSIM_TAU, leaky=leaky,
-                            both_scale=MAXSIM_BOTH_SCALE)
+                            both_scale=MAXSIM_BOTH_SCALE, **coding_settings)
             ref64 = reference(cpu(img, torch.float64), cpu(cap, torch.float64), settings)
             lowp = reference(cpu(img, dtype), cpu(cap, dtype), settings).float() if low else None
             poison_allocator(device)
@@ -364,7 +370,8 @@ def maxsim_case(backend, direction, dtype_name, seed):
                 ref64, dtype, lowp)
         # Gradients (lse with leaky: every coefficient non-zero, the slope exercised) against
         # autograd through the float64 reference, same weights; exactly zero in all padding.
-        settings = dict(direction=direction, pool="lse", tau=MAXSIM_TAU, leaky=True, both_scale=MAXSIM_BOTH_SCALE)
+        settings = dict(direction=direction, pool="lse", tau=MAXSIM_TAU, leaky=not vsa, both_scale=MAXSIM_BOTH_SCALE,
+                        **coding_settings)
         weights = torch.randn(img.shape[0], cap.shape[0], dtype=torch.float64,
                               generator=torch.Generator().manual_seed(seed + 1))
         poison_allocator(device)
@@ -385,7 +392,7 @@ def maxsim_case(backend, direction, dtype_name, seed):
         measure_zero(checks, "d cap (padding)", dcap[~words].float())
         return checks
 
-    return Case(f"maxsim/{backend}/{direction}/{dtype_name}", backend, run)
+    return Case(f"maxsim/{backend}/{direction}{'/vsa' if vsa else ''}/{dtype_name}", backend, run)
 
 
 def all_cases(seed):
@@ -403,6 +410,7 @@ def all_cases(seed):
         for backend in ("triton", "cuda"):
             for direction in contract.HEAD_DIRECTIONS:
                 cases.append(maxsim_case(backend, direction, dtype_name, seed))
+        cases.append(maxsim_case("cuda", "i2t", dtype_name, seed, coding="vsa"))
     return cases
 
 

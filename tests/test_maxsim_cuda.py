@@ -7,22 +7,61 @@ reasons, the backward's chunking. The GPU tests run the kernels against the floa
 (tests/maxsim_cases.py): every direction x pool x leaky x normalize, fp32 / fp16 / bf16 by the
 2x rule, ragged on both sides with NaN padding, ties, L = 1, R = 1, all-negative scores,
 poisoned outputs, gradients (zero in the padding, deterministic), every tile shape.
+
+CHAN's VSA coding (coding="vsa") runs on the same tile kernel: its algorithm (per region the
+softmax exponentials, the code through the caption's word Gram, the pool, then the per-pair
+buffers dL/dS, a, 2 dL/d|c|^2 a of the backward kernel and their contraction) is transcribed in
+float64 below and checked on the CPU against the reference and autograd; the GPU tests run the
+kernel itself.
 """
+
+import os
 
 import pytest
 import torch
 
 import rcar_fast
-from rcar_fast import contract, dispatch
+from rcar_fast import contract, dispatch, reference_heads
 from rcar_fast.ops import maxsim as maxsim_ops
+from rcar_fast.ops import scan as scan_ops
 from rcar_fast.ops.backend import BackendUnavailable, Inputs
+from rcar_fast.ops.scan import GradientAccumulator, PairGrads
 from rcar_fast.reference_heads import max_similarity_reference
 from tests.conftest import native_or_skip, requires_cuda_build, requires_gpu
-from tests.maxsim_cases import (CASES, assert_head_matches_reference, poisoned_allocations, ragged_case,
-                                reference_scores, settings_grid, settings_id, tie_case)
+from tests.test_cuda_compiles import ROOT, assert_no_spills, compile_one, kernel_stats, needs_nvcc
+from tests.maxsim_cases import (CASES, all_negative_case, assert_head_matches_reference, poisoned_allocations,
+                                ragged_case, reference_scores, settings_grid, settings_id, single_region_case,
+                                single_word_case, tie_case)
 from tests.tolerances import F64_BACKEND_AGREE, F64_PAIR_BACKWARD, F64_PAIRS, assert_bit_equal, assert_close, assert_close_to_reference
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# nvcc: every maxsim kernel compiles for sm_80 and sm_90a without spills
+# ----------------------------------------------------------------------------------------------
+
+MAXSIM_SOURCE = os.path.join(ROOT, "csrc", "cuda", "maxsim.cu")
+# (kernel, template arguments as ptxas's mangled names spell them) per architecture: the tile
+# kernel (forward / backward, the VSA coding's included) and the contraction kernel (images /
+# captions), for each input dtype.
+MAXSIM_KERNELS = [(kernel, f"I{dtype}Lb{flag}E") for kernel in ("maxsim_tile_kernel", "maxsim_grad_kernel")
+                  for dtype in ("f", "6__half", "13__nv_bfloat16") for flag in (0, 1)]
+
+
+@pytest.mark.slow
+@needs_nvcc
+def test_maxsim_kernels_compile_without_spills(tmp_path):
+    _, rc, log, _ = compile_one(MAXSIM_SOURCE, str(tmp_path))
+    assert rc == 0, log[-3000:]
+    stats = kernel_stats(log)
+    for arch in ("sm_80", "sm_90a"):
+        names = [name for name, a, *_ in stats if a == arch]
+        for kernel, args in MAXSIM_KERNELS:
+            assert sum(kernel in n and args in n for n in names) == 1, f"{kernel}{args} ({arch}) not in ptxas's stats"
+    assert_no_spills(stats, "csrc/cuda/maxsim.cu")
+    # the registers, for the record (pytest -s / -rP shows them)
+    print("\n".join(f"{name} {arch}: {regs} registers" for name, arch, regs, *_ in stats))
 
 
 def _problem(native, **changes):
@@ -31,7 +70,8 @@ def _problem(native, **changes):
                   img_stride_n=36 * 64, img_stride_r=64, cap_stride_n=12 * 64, cap_stride_w=64,
                   img_lens=0, lens=0, word_off=0, total_words=20, max_len=12, group_first=0, n_groups=1,
                   col_frags=8, direction=contract.HEAD_DIRECTION_CODES["t2i"],
-                  pool=contract.POOL_CODES["mean"], leaky=0, tau=0.1, both_scale=0.5)
+                  pool=contract.POOL_CODES["mean"], leaky=0, tau=0.1, both_scale=0.5, vsa=0, vsa_tau=0.1,
+                  gram=0, gram_off=0)
     fields.update(changes)
     return native.MaxSimProblemCuda(**fields)
 
@@ -43,7 +83,8 @@ def _problem(native, **changes):
 @requires_cuda_build
 def test_extension_carries_the_maxsim_launchers():
     native = native_or_skip(with_cuda=True)
-    for name in ("maxsim_forward_cuda", "maxsim_backward_cuda", "maxsim_problem_error", "MaxSimProblemCuda"):
+    for name in ("maxsim_forward_cuda", "maxsim_backward_cuda", "maxsim_vsa_backward_cuda", "maxsim_problem_error",
+                 "MaxSimProblemCuda"):
         assert hasattr(native, name), f"rcar_fast._C has no {name}: rebuild the extension"
 
 
@@ -63,6 +104,33 @@ def test_launch_check_takes_the_tile_shapes_and_names_what_it_refuses():
         why = native.maxsim_problem_error(_problem(native, **changes))
         assert why is not None and words in why, (changes, why)
     assert native.maxsim_problem_error(_problem(native, n_img=0)) is None  # nothing to launch
+
+
+def test_launch_check_takes_the_vsa_coding_on_i2t_alone():
+    native = native_or_skip(with_cuda=True)
+    i2t = contract.HEAD_DIRECTION_CODES["i2t"]
+    assert native.maxsim_problem_error(_problem(native, vsa=1, direction=i2t)) is None
+    for changes, words in ((dict(direction=contract.HEAD_DIRECTION_CODES["t2i"]), "i2t only"),
+                           (dict(direction=contract.HEAD_DIRECTION_CODES["both"]), "i2t only"),
+                           (dict(direction=i2t, leaky=1), "leaky 0"),
+                           (dict(direction=i2t, vsa_tau=0.0), "vsa_tau")):
+        why = native.maxsim_problem_error(_problem(native, vsa=1, **changes))
+        assert why is not None and words in why, (changes, why)
+
+
+def test_vsa_launchers_refuse_before_launching():
+    # Null grams (or the coding's backward asked of the max-coding launcher) are refused by
+    # the launchers themselves, before any launch: no GPU is needed to see it.
+    native = native_or_skip(with_cuda=True)
+    vsa = _problem(native, vsa=1, direction=contract.HEAD_DIRECTION_CODES["i2t"])
+    with pytest.raises(RuntimeError, match="maxsim_forward_cuda failed"):
+        native.maxsim_forward_cuda(vsa, 0, 0)
+    with pytest.raises(RuntimeError, match="maxsim_backward_cuda failed"):
+        native.maxsim_backward_cuda(vsa, 0, 0, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(RuntimeError, match="maxsim_vsa_backward_cuda failed"):
+        native.maxsim_vsa_backward_cuda(_problem(native), 0, 0, 0, 0, 0)
+    with pytest.raises(RuntimeError, match=r"maxsim_vsa_backward_cuda: the VSA coding \(vsa\) runs direction i2t"):
+        native.maxsim_vsa_backward_cuda(_problem(native, vsa=1), 0, 0, 0, 0, 0)
 
 
 def test_launchers_refuse_a_bad_problem_before_launching():
@@ -186,6 +254,126 @@ def test_the_kernels_backward_formulas_match_autograd_float64(settings):
         got = _coefficient_backward(case, settings, upstream)
         for what, g, w in zip(("d img", "d cap"), got, want):
             assert_close(g, w, F64_PAIR_BACKWARD, what=f"{case.name} {what}")
+
+
+# The VSA coding's settings the transcription and the GPU tests run: every pool, two
+# temperatures for the words' softmax.
+VSA_SETTINGS = [dict(direction="i2t", coding="vsa", pool=pool, tau=0.5, vsa_tau=vsa_tau)
+                for pool in contract.POOLS for vsa_tau in (0.1, 0.5)]
+
+
+def _vsa_id(settings):
+    return f"{settings['pool']}-vsa_tau{settings['vsa_tau']}"
+
+
+def _vsa_code(S, G, inv_tau):
+    """vsa_code of maxsim.cu: the exponentials e (max-shifted), x = (sum e S / z) / (|c| + eps)
+    with |c| = sqrt(e^T G e) / z; also what the backward reuses (mean, norm, z, e, G e)."""
+    e = torch.exp((S - S.max()) * inv_tau)
+    z = e.sum()
+    mean = (e * S).sum() / z
+    ge = G @ e
+    norm = (e * ge).sum().clamp(min=0).sqrt() / z
+    return mean / (norm + contract.EPS), mean, norm, z, e, ge
+
+
+def _vsa_region_grads(S, code, h, inv_tau):
+    """vsa_region_grads of maxsim.cu: (dL/dS, a, 2 dL/d|c|^2 a) of one region's row."""
+    _, mean, norm, z, e, ge = code
+    a, ga = e / z, ge / z
+    inv_ne = 1.0 / (norm + contract.EPS)
+    k = mean / norm * inv_ne * inv_ne if norm > 0 else torch.zeros_like(norm)
+    slope = inv_ne + ((S - mean) * inv_ne - k * (ga - norm * norm)) * inv_tau
+    return h * a * slope, a, -h * k * a
+
+
+def _vsa_kernel(case, settings, upstream=None):
+    """maxsim_tile_kernel with p.vsa in float64: per pair the codes of the real regions (the
+    caption's Gram, as gram.cu writes it) pooled into sims; with upstream, also the backward
+    kernel's per-pair buffers (n_img * R, total_words), NaN where the kernel would not write."""
+    img, cap, lens, img_lens = case.img, case.cap, case.lens.tolist(), case.img_lens.tolist()
+    n_img, R, _ = img.shape
+    word_off = [0, *torch.cumsum(case.lens, 0).tolist()]
+    inv_tau = 1.0 / settings["vsa_tau"]
+    sims = torch.full((n_img, cap.shape[0]), float("nan"), dtype=torch.float64)
+    bufs = [torch.full((n_img * R, word_off[-1]), float("nan"), dtype=torch.float64) for _ in range(3)]
+    for i in range(n_img):
+        for j in range(cap.shape[0]):
+            words = cap[j, :lens[j]]
+            S, G = img[i, :img_lens[i]] @ words.T, words @ words.T
+            codes = [_vsa_code(S[r], G, inv_tau) for r in range(img_lens[i])]
+            x = torch.stack([c[0] for c in codes])
+            sims[i, j] = reference_heads.pool_values(x, settings["pool"], settings["tau"])
+            if upstream is None:
+                continue
+            weights = _pool_weights(x, settings["pool"], settings["tau"])
+            cols = slice(word_off[j], word_off[j + 1])
+            for r in range(R):
+                row = i * R + r
+                grads = (_vsa_region_grads(S[r], codes[r], upstream[i, j] * weights[r], inv_tau)
+                         if r < img_lens[i] else [torch.zeros(lens[j], dtype=torch.float64)] * 3)
+                for buf, value in zip(bufs, grads):
+                    buf[row, cols] = value
+    return sims, bufs
+
+
+def _vsa_contraction(case, bufs, chunk):
+    """What ops/maxsim.py's maxsim_vsa_backward does with the kernel's buffers, in float64:
+    image chunks through ops/scan.py's GradientAccumulator, padded regions zeroed first."""
+    img = reference_heads.zero_padding(case.img, case.img_lens)
+    n_img, R, _ = img.shape
+    options = maxsim_ops.Options("i2t", "mean", 0.5, False, 1.0, "vsa", 0.1)
+    acc = GradientAccumulator(case.cap, case.lens.tolist(), options, torch.float64)
+    d_img = []
+    for i0 in range(0, n_img, chunk):
+        rows = slice(i0 * R, min(n_img, i0 + chunk) * R)
+        grads = PairGrads(*(b[rows] for b in bufs), torch.zeros(rows.stop - rows.start, 1, dtype=torch.float64))
+        d_img.append(acc.add_chunk(img[i0:i0 + chunk], grads))
+    return torch.cat(d_img), acc.caption_grad()
+
+
+@pytest.mark.parametrize("settings", VSA_SETTINGS, ids=_vsa_id)
+def test_the_vsa_kernels_forward_matches_the_reference_float64(settings):
+    for case in (ragged_case(seed=11), ragged_case(2, 3, 4, 1, 8, seed=12), all_negative_case(seed=13)):
+        sims, _ = _vsa_kernel(case, settings)
+        want = max_similarity_reference(case.img, case.cap, case.lens, case.img_lens, **settings)
+        assert_close(sims, want, F64_PAIRS, what=f"{case.name} VSA sims")
+
+
+@pytest.mark.parametrize("settings", VSA_SETTINGS, ids=_vsa_id)
+def test_the_vsa_kernels_backward_matches_autograd_float64(settings):
+    # The transcribed kernel buffers (every entry of every pair's block written, NaN padding of
+    # the inputs never read), contracted as the CUDA backend does, in one chunk and in chunks
+    # of one image, against autograd through the reference (finite padding for autograd).
+    for case in (ragged_case(seed=14), tie_case(seed=15), single_region_case(seed=16)):
+        upstream = torch.randn(case.img.shape[0], case.cap.shape[0], dtype=torch.float64,
+                               generator=torch.Generator().manual_seed(4))
+        _, bufs = _vsa_kernel(case, settings, upstream)
+        for buf in bufs:
+            assert bool(torch.isfinite(buf).all()), "an entry of the per-pair buffers is left unwritten"
+        finite = case.with_padding(0.0).requiring_grad()
+        out = max_similarity_reference(finite.img, finite.cap, case.lens, case.img_lens, **settings)
+        want = torch.autograd.grad(out, [finite.img, finite.cap], upstream)
+        for chunk in (case.img.shape[0], 1):
+            got = _vsa_contraction(case, bufs, chunk)
+            for what, g, w in zip(("d img", "d cap"), got, want):
+                assert_close(g, w, F64_PAIR_BACKWARD, what=f"{case.name} {what} chunk {chunk}")
+                assert not torch.isnan(g).any()
+
+
+def test_vsa_transcription_sees_a_wrong_gram_term():
+    # The check above can fail: dropping the Gram path's gradient (attn_scaled = 0) is caught.
+    settings = VSA_SETTINGS[0]
+    case = ragged_case(seed=17)
+    upstream = torch.randn(case.img.shape[0], case.cap.shape[0], dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(5))
+    _, (d_scores, attn, scaled) = _vsa_kernel(case, settings, upstream)
+    _, d_cap = _vsa_contraction(case, (d_scores, attn, torch.zeros_like(scaled)), 2)
+    finite = case.with_padding(0.0).requiring_grad()
+    out = max_similarity_reference(finite.img, finite.cap, case.lens, case.img_lens, **settings)
+    _, want = torch.autograd.grad(out, [finite.img, finite.cap], upstream)
+    with pytest.raises(AssertionError):
+        assert_close(d_cap, want, F64_PAIR_BACKWARD, what="d cap without the Gram term")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,6 +505,84 @@ def test_opcheck():
 
 
 # ---------------------------------------------------------------------------------------------
+# GPU: CHAN's VSA coding
+# ---------------------------------------------------------------------------------------------
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", (torch.float32, *LOW_PRECISION), ids=str)
+@pytest.mark.parametrize("settings", VSA_SETTINGS, ids=_vsa_id)
+def test_vsa_matches_the_reference(settings, dtype):
+    # forward and both gradients, NaN padding, by the 1e-4 / 2x rules
+    for case in (ragged_case(n_img=4, n_cap=5, R=7, L=9, d=24, scale=0.5), tie_case(), single_word_case()):
+        assert_head_matches_reference(_in(case, dtype), settings, backend="cuda", dtype=dtype, device="cuda")
+
+
+@requires_gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_vsa_tile_shapes(shape, dtype):
+    n_img, n_cap, R, L, d = shape
+    case = _in(ragged_case(n_img, n_cap, R, L, d, scale=d ** -0.5, seed=sum(shape)), dtype)
+    settings = dict(direction="i2t", coding="vsa", pool="lse", tau=0.5, vsa_tau=0.1)
+    assert_head_matches_reference(case, settings, backend="cuda", dtype=dtype, device="cuda")
+
+
+@requires_gpu
+def test_vsa_forward_writes_every_entry_of_a_poisoned_output():
+    case = ragged_case(6, 40, 36, 25, 64, scale=0.125).to(torch.float32, "cuda")
+    settings = dict(direction="i2t", pool="softmax", tau=0.5, leaky=False, both_scale=1.0, coding="vsa",
+                    vsa_tau=0.1)
+    out = torch.full((6, 40), float("nan"), device="cuda")
+    maxsim_ops.maxsim_forward(case.img, case.cap, case.lens, case.img_lens, maxsim_ops.Options(**settings),
+                               out=out)
+    assert_close_to_reference(out.cpu().double(), reference_scores(case, settings), dtype=torch.float32,
+                              what="poisoned VSA output")
+
+
+@requires_gpu
+def test_vsa_gradients_with_poisoned_allocations_and_small_chunks(monkeypatch):
+    # NaN-filled allocations (the kernel's three per-pair buffers among them) and one image per
+    # backward chunk: every buffer entry must still be written.
+    monkeypatch.setattr(scan_ops, "BACKWARD_BUFFER_BYTES", 1)
+    with poisoned_allocations():
+        assert_head_matches_reference(ragged_case(5, 6, 9, 7, 16), VSA_SETTINGS[6], backend="cuda",
+                                      dtype=torch.float32, device="cuda")
+
+
+@requires_gpu
+def test_vsa_backward_is_deterministic():
+    case = ragged_case(12, 30, 36, 20, 64, scale=0.125, seed=5).to(torch.bfloat16, "cuda")
+    settings = dict(direction="i2t", coding="vsa", pool="lse", tau=0.5, vsa_tau=0.1)
+    first, again = _grads(case, settings), _grads(case, settings)
+    for what, a, b in zip(("d img", "d cap"), first, again):
+        assert_bit_equal(b, a, what=f"VSA {what} rerun")
+
+
+@requires_gpu
+def test_vsa_pairs_through_the_all_pairs_kernel_equal_the_reference():
+    case = ragged_case(5, 6, 9, 7, 16, seed=21)
+    img_idx = torch.tensor([4, 0, 4, 3, 1, 0, 2])
+    cap_idx = torch.tensor([0, 5, 0, 1, 2, 2, 3])
+    kw = dict(direction="i2t", pool="mean", tau=0.5, leaky=False, both_scale=1.0, coding="vsa", vsa_tau=0.1)
+    run = case.to(torch.float32, "cuda")  # NaN padding: never read
+    got = maxsim_ops.MaxSimPairsCuda.fn(run.img, run.cap, run.lens, run.img_lens, img_idx.cuda(), cap_idx.cuda(),
+                                         **kw)
+    want = maxsim_ops.MaxSimPairsReference.fn(case.img, case.cap, case.lens, case.img_lens, img_idx, cap_idx,
+                                                    **kw)
+    assert_close_to_reference(got.cpu().double(), want, dtype=torch.float32, what="VSA pair scores")
+
+
+@requires_gpu
+def test_vsa_opcheck():
+    case = ragged_case(3, 4, 5, 6, 8, pad=0.0).to(torch.float32, "cuda").requiring_grad()
+    options = ("lse", 0.5, 0.1)
+    torch.library.opcheck(maxsim_ops.maxsim_vsa_cuda_op, (case.img, case.cap, case.lens, case.img_lens, *options))
+    grad = torch.randn(3, 4, device="cuda")
+    torch.library.opcheck(maxsim_ops.maxsim_vsa_cuda_backward_op,
+                          (grad, case.img.detach(), case.cap.detach(), case.lens, case.img_lens, *options))
+
+
+# ---------------------------------------------------------------------------------------------
 # Pair lists through the all-pairs kernel (the blocking runs on any all-pairs function: here
 # the C++ CPU one, so that it is checked without a GPU)
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +620,25 @@ def test_pair_blocks_equal_the_listed_entries_of_all_pairs(pairs_per_block, dire
         again = pairs_through_all_pairs(maxsim_ops.MaxSimCpu.fn, img, cap, lens, img_lens, img_idx,
                                         cap_idx, kw, pairs_per_block=pairs_per_block)
     assert torch.equal(again, got.detach())
+
+
+def test_pair_blocks_carry_the_vsa_coding(monkeypatch):
+    # MaxSimPairsCuda hands coding / vsa_tau on to the all-pairs function (here the reference
+    # one in the CUDA backend's place, so that the plumbing is checked without a GPU).
+    from rcar_fast.ops.maxsim import MaxSimCuda, MaxSimPairsCuda
+
+    monkeypatch.setattr(MaxSimCuda, "fn", staticmethod(maxsim_ops.MaxSimReference.fn))
+    case = ragged_case(5, 4, 6, 7, 16, seed=22)
+    img_idx = torch.tensor([4, 0, 4, 3, 1, 0, 2, 4, 3])
+    cap_idx = torch.tensor([0, 3, 0, 1, 2, 2, 3, 1, 1])
+    kw = dict(direction="i2t", pool="softmax", tau=0.5, leaky=False, both_scale=1.0, coding="vsa", vsa_tau=0.2)
+    got = MaxSimPairsCuda.fn(case.img, case.cap, case.lens, case.img_lens, img_idx, cap_idx, **kw)
+    want = maxsim_ops.MaxSimPairsReference.fn(case.img, case.cap, case.lens, case.img_lens, img_idx,
+                                                    cap_idx, **kw)
+    assert_close(got, want, F64_PAIRS, what="VSA pair scores")
+    without = MaxSimPairsCuda.fn(case.img, case.cap, case.lens, case.img_lens, img_idx, cap_idx,
+                                 **{**kw, "coding": "max"})
+    assert not torch.allclose(without, want)  # the coding made the difference
 
 
 def test_pair_blocks_of_an_empty_list():

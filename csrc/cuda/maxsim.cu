@@ -16,19 +16,18 @@
 // column, captions and words in order), kernel 3 owns caption j (a thread per feature column,
 // images in order). Each output element has one owner thread that adds in a fixed order: no
 // atomics, bitwise deterministic. Padding is never read and gets no gradient.
-#include <cuda_runtime.h>
-
-#include <cstdint>
-
+//
+// CHAN's VSA coding (p.vsa, direction i2t): region r's code replaces its maximum,
+//   x_r = (sum_w a_rw S[r, w]) / (sqrt(a_r^T G a_r) + eps),   a_r = softmax_w(S[r, .] / vsa_tau),
+// with G the caption's word Gram (csrc/cuda/gram.cu), i.e. (v_r . c_r) / (|c_r| + eps) for the
+// attended word c_r = sum_w a_rw e_w; the codes are pooled over the regions. Its backward
+// (maxsim_vsa_backward) recomputes the tile and writes per pair, like SCAN's i2t backward,
+// dL/dS, a and 2 dL/d|c_r|^2 a into (image rows x packed words) buffers; the caller contracts
+// them with the features (dense GEMMs) and the caption Grams' gradient.
 #include "contract.h"
-#include "cuda/load.cuh"
 #include "cuda/tile.cuh"
-#include "cuda/warp.cuh"
 
 namespace rcar_cuda {
-
-// The codes of rcar_fast.contract (DType, RawNorm, ...), generated into csrc/contract.h.
-using namespace rcar_contract;
 
 // An S-only heads all-pairs problem (HEADS.md, MAXSIM_API.md). The same tile as
 // SCAN (csrc/cuda/tile.cuh): captions packed and cut into groups (group_first) for a col_frags
@@ -54,6 +53,10 @@ struct MaxSimProblem {
   int leaky;                     // 1: leaky(x) = x > 0 ? x : kLeakySlope x on the maxima
   float tau;                     // lse / softmax temperature, > 0
   float both_scale;              // direction both: both_scale * (t2i + i2t)
+  int vsa;                       // 1: CHAN's VSA coding (direction i2t, leaky 0) replaces the maxima
+  float vsa_tau;                 // its softmax temperature over the words, > 0
+  const float* gram;             // vsa: packed caption Grams, caption j's lens[j]^2 at gram_off[j]
+  const int64_t* gram_off;       // vsa: (n_cap,) offsets into gram
 };
 
 }  // namespace rcar_cuda
@@ -61,34 +64,22 @@ struct MaxSimProblem {
 namespace rcar_cuda {
 namespace {
 
-using tile::BlockWork;
-using tile::Tile;
-using tile::kThreads;
-using tile::kWarps;
-
 constexpr int kGradThreads = 128;  // feature columns per block of the contraction kernels
 
 // ----------------------------------------------------------------------------------------------
 // Shared memory: the tile (region-major), then per warp the maxima x and their argmax.
 // ----------------------------------------------------------------------------------------------
 
-struct Layout {
-  size_t row_off, col_off, main, scratch, total;
-  int score_ld;
+struct Layout : tile::Layout {
   int pooled_max;  // the most values one direction pools: max(R, max_len)
 };
 
 __host__ __device__ inline Layout make_layout(const MaxSimProblem& p, const Tile& t,
                                               bool inputs16) {
-  const tile::Regions regions = tile::make_regions(t, inputs16, true);
   Layout l;
-  l.row_off = regions.row_off;
-  l.col_off = regions.col_off;
-  l.main = regions.main;
-  l.score_ld = tile::score_ld(t, true);
   l.pooled_max = static_cast<int>(p.R > p.max_len ? p.R : p.max_len);
-  l.scratch = tile::align_up(regions.end, 16);
-  l.total = l.scratch + (sizeof(float) + sizeof(int)) * kWarps * size_t(l.pooled_max);
+  static_cast<tile::Layout&>(l) = tile::make_layout(
+      t, inputs16, true, (sizeof(float) + sizeof(int)) * kWarps * size_t(l.pooled_max));
   return l;
 }
 
@@ -194,10 +185,10 @@ __device__ inline float pool_weight(const Pooled& s, float xk, int k, int K, int
 struct PairRef {
   int64_t i, j, word;  // image, caption, packed index of the caption's first word
   int R_i, L;
-  const float* S;      // S[r * ld + w]
+  float* S;            // S[r * ld + w]; the pair's own block (the VSA forward reuses it)
 };
 
-__device__ PairRef pair_ref(const MaxSimProblem& p, const BlockWork& w, const float* scores,
+__device__ PairRef pair_ref(const MaxSimProblem& p, const BlockWork& w, float* scores,
                             int ld, int li, int jj) {
   PairRef q;
   q.i = w.img0 + li;
@@ -235,6 +226,118 @@ __device__ void direction_coefficients(const MaxSimProblem& p, const Direction& 
   __syncwarp();
 }
 
+
+// ----------------------------------------------------------------------------------------------
+// CHAN's VSA coding
+// ----------------------------------------------------------------------------------------------
+
+struct VsaCode {
+  float x;     // the region's code
+  float mean;  // sum_w a_w S[w] (= v_r . c_r)
+  float norm;  // |c_r| = sqrt(a^T G a)
+  float z;     // sum_w exp((S[w] - max S) / vsa_tau), so that a_w = e[w] / z
+};
+
+// The code of one region from its L scores S[w] against caption words with Gram G (L x L,
+// row-major). e[w] receives exp((S[w] - max S) / vsa_tau) and may alias S (each S[w] is read
+// before e[w] is written); ge[w], when not null, receives (G e)[w].
+__device__ VsaCode vsa_code(const float* S, int L, const float* G, float inv_tau, float* e,
+                            float* ge) {
+  float mx = S[0];
+  for (int w = 1; w < L; ++w) mx = fmaxf(mx, S[w]);
+  float z = 0.f, weighted = 0.f;
+  for (int w = 0; w < L; ++w) {
+    const float s = S[w];
+    const float ew = expf((s - mx) * inv_tau);
+    z += ew;
+    weighted = fmaf(ew, s, weighted);
+    e[w] = ew;
+  }
+  float quad = 0.f;  // e^T G e = z^2 |c_r|^2
+  for (int w = 0; w < L; ++w) {
+    float row = 0.f;
+    for (int v = 0; v < L; ++v) row = fmaf(__ldg(G + w * L + v), e[v], row);
+    if (ge != nullptr) ge[w] = row;
+    quad = fmaf(e[w], row, quad);
+  }
+  VsaCode c;
+  c.z = z;
+  c.mean = weighted / z;
+  c.norm = sqrtf(fmaxf(quad, 0.f)) / z;  // rounding may take e^T G e just below 0
+  c.x = c.mean / (c.norm + kEpsF);
+  return c;
+}
+
+__device__ inline const float* caption_gram(const MaxSimProblem& p, const PairRef& q) {
+  return p.gram + p.gram_off[q.j];
+}
+
+// Forward of one pair: lanes over regions; each score row is overwritten by its exponentials.
+__device__ float vsa_forward(const MaxSimProblem& p, const PairRef& q, int ld, float* x,
+                             int lane) {
+  const float* G = caption_gram(p, q);
+  const float inv_tau = 1.f / p.vsa_tau;
+  for (int r = lane; r < q.R_i; r += 32) {
+    float* row = q.S + r * ld;
+    x[r] = vsa_code(row, q.L, G, inv_tau, row, nullptr).x;
+  }
+  __syncwarp();
+  const float value = pool_values(x, q.R_i, p.pool, p.tau, lane).value;
+  __syncwarp();  // x is reused by the next pair
+  return value;
+}
+
+// The per-pair outputs of the VSA backward, each (n_img * R, total_words) [i * R + r, packed
+// word]: every entry of a pair's block is written, 0 at padded regions.
+struct VsaGrads {
+  float* d_scores;     // dL/dS[r, w]
+  float* attn;         // a_rw
+  float* attn_scaled;  // 2 dL/d|c_r|^2 a_rw: 2 dL/dG = attn_scaled^T attn on the caption's words
+};
+
+// dx_r/dS[r, w] = a_w / (n + eps) + a_w ((S[w] - m) / (n + eps) - k ((G a)_w - n^2)) / vsa_tau
+// with m = sum_w a_w S[w], n = |c_r|, k = m / (n (n + eps)^2) (0 where n = 0, as torch's norm
+// backward), and dx_r/d|c_r|^2 = -k / 2.
+__device__ void vsa_region_grads(const float* S, int L, const VsaCode& c, float h, float inv_tau,
+                                 float* a, float* ds, float* scaled) {
+  const float inv_z = 1.f / c.z, inv_ne = 1.f / (c.norm + kEpsF);
+  const float k = c.norm > 0.f ? c.mean / c.norm * inv_ne * inv_ne : 0.f;
+  const float n2 = c.norm * c.norm;
+  for (int w = 0; w < L; ++w) {
+    const float aw = a[w] * inv_z, gaw = ds[w] * inv_z;  // a_w and (G a)_w
+    const float slope = inv_ne + ((S[w] - c.mean) * inv_ne - k * (gaw - n2)) * inv_tau;
+    ds[w] = h * aw * slope;
+    a[w] = aw;
+    scaled[w] = -h * k * aw;
+  }
+}
+
+// Backward of one pair for upstream `up`: the codes (lanes over regions, exponentials parked in
+// attn), their pool weights, then each region recomputed with (G e) parked in d_scores.
+__device__ void vsa_backward(const MaxSimProblem& p, const PairRef& q, int ld, float up,
+                             float* x, const VsaGrads& g, int lane) {
+  const float* G = caption_gram(p, q);
+  const float inv_tau = 1.f / p.vsa_tau;
+  const int64_t block = q.i * p.R * p.total_words + q.word;  // (r, w) at block + r * W + w
+  for (int r = lane; r < q.R_i; r += 32) {
+    x[r] = vsa_code(q.S + r * ld, q.L, G, inv_tau, g.attn + block + r * p.total_words, nullptr).x;
+  }
+  __syncwarp();
+  const Pooled pooled = pool_values(x, q.R_i, p.pool, p.tau, lane);
+  for (int r = lane; r < q.R_i; r += 32) {
+    const int64_t at = block + r * p.total_words;
+    const float* S = q.S + r * ld;
+    const VsaCode c = vsa_code(S, q.L, G, inv_tau, g.attn + at, g.d_scores + at);
+    const float h = up * pool_weight(pooled, x[r], r, q.R_i, p.pool, p.tau);
+    vsa_region_grads(S, q.L, c, h, inv_tau, g.attn + at, g.d_scores + at, g.attn_scaled + at);
+  }
+  for (int r = q.R_i + lane; r < p.R; r += 32) {  // padded regions: no gradient
+    const int64_t at = block + r * p.total_words;
+    for (int w = 0; w < q.L; ++w) g.d_scores[at + w] = g.attn[at + w] = g.attn_scaled[at + w] = 0.f;
+  }
+  __syncwarp();  // x is reused by the next pair
+}
+
 // ----------------------------------------------------------------------------------------------
 // Kernels
 // ----------------------------------------------------------------------------------------------
@@ -246,13 +349,15 @@ struct Coefficients {
   int32_t* i2t_arg;
 };
 
-// kBackward false: sims; true: the coefficients for grad_sims. One resident block per SM:
-// with two (at most 128 registers a thread) the WMMA tile's ten accumulator fragments spill
-// (about 150 bytes a thread on sm_80 / sm_90a); with one it uses 139-229 and spills nothing.
+// kBackward false: sims; true: the coefficients (or, for the VSA coding, the VsaGrads) for
+// grad_sims. One resident block per SM: with two (at most 128 registers a thread) the WMMA
+// tile's ten accumulator fragments spill (about 150 bytes a thread on sm_80 / sm_90a); with one
+// it uses 139-229 and spills nothing.
 template <typename T, bool kBackward>
 __global__ void __launch_bounds__(kThreads, 1) maxsim_tile_kernel(MaxSimProblem p, float* sims,
                                                                 const float* grad_sims,
-                                                                Coefficients c, bool vec) {
+                                                                Coefficients c, VsaGrads v,
+                                                                bool vec) {
   extern __shared__ __align__(128) unsigned char smem[];
   const Tile t = tile::make_tile(p.col_frags);
   const Layout l = make_layout(p, t, sizeof(T) == 2);
@@ -263,21 +368,28 @@ __global__ void __launch_bounds__(kThreads, 1) maxsim_tile_kernel(MaxSimProblem 
   tile::fill_offset_tables(p, t, w, p.img_lens, row_off, col_off);
   tile::score_tile<T>(p, t, l.score_ld, true, w, row_off, col_off, main, vec);
 
-  const float* scores = reinterpret_cast<const float*>(main);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* scores = reinterpret_cast<float*>(main);
+  const int warp = threadIdx.x / 32;
   float* x = reinterpret_cast<float*>(smem + l.scratch) + warp * l.pooled_max;
   int* arg = reinterpret_cast<int*>(smem + l.scratch) + (kWarps + warp) * l.pooled_max;
-  const int pairs = w.n_img * w.n_caps;
-  for (int pair = warp; pair < pairs; pair += kWarps) {
-    const PairRef q = pair_ref(p, w, scores, l.score_ld, pair % w.n_img, pair / w.n_img);
+  tile::for_each_pair(w, [&](int li, int jj, int lane) {
+    const PairRef q = pair_ref(p, w, scores, l.score_ld, li, jj);
     const float scale = p.direction == kHeadBoth ? p.both_scale : 1.f;
     if constexpr (!kBackward) {
       float total = 0.f;
-      if (has_t2i(p.direction)) total += direction_forward(p, t2i_of(q, l.score_ld), x, arg, lane);
-      if (has_i2t(p.direction)) total += direction_forward(p, i2t_of(q, l.score_ld), x, arg, lane);
+      if (p.vsa) {
+        total = vsa_forward(p, q, l.score_ld, x, lane);
+      } else {
+        if (has_t2i(p.direction)) total += direction_forward(p, t2i_of(q, l.score_ld), x, arg, lane);
+        if (has_i2t(p.direction)) total += direction_forward(p, i2t_of(q, l.score_ld), x, arg, lane);
+      }
       if (lane == 0) sims[q.i * p.n_cap + q.j] = scale * total;
     } else {
       const float up = scale * grad_sims[q.i * p.n_cap + q.j];
+      if (p.vsa) {
+        vsa_backward(p, q, l.score_ld, up, x, v, lane);
+        return;
+      }
       if (has_t2i(p.direction)) {
         const int64_t at = q.i * p.total_words + q.word;
         direction_coefficients(p, t2i_of(q, l.score_ld), up, x, arg, c.t2i_coef + at,
@@ -293,17 +405,13 @@ __global__ void __launch_bounds__(kThreads, 1) maxsim_tile_kernel(MaxSimProblem 
         }
       }
     }
-  }
+  });
 }
 
-// d_img[i, r, k] for one image i (blockIdx.x) and a thread per feature column k.
+// d_img[i, r, k] of image i for feature column k.
 template <typename T>
-__global__ void __launch_bounds__(kGradThreads) maxsim_image_grad_kernel(MaxSimProblem p,
-                                                                         Coefficients c,
-                                                                         float* d_img) {
-  const int64_t i = blockIdx.x;
-  const int64_t k = int64_t(blockIdx.y) * kGradThreads + threadIdx.x;
-  if (k >= p.d) return;
+__device__ void image_grad(const MaxSimProblem& p, const Coefficients& c, int64_t i, int64_t k,
+                           float* d_img) {
   const T* cap = static_cast<const T*>(p.cap);
   float* out = d_img + i * p.R * p.d + k;
   for (int64_t r = 0; r < p.R; ++r) out[r * p.d] = 0.f;
@@ -340,14 +448,10 @@ __global__ void __launch_bounds__(kGradThreads) maxsim_image_grad_kernel(MaxSimP
   }
 }
 
-// d_cap_packed[word_off[j] + w, k] += ... for one caption j (blockIdx.x), a thread per column k.
+// d_cap_packed[word_off[j] + w, k] += ... of caption j for feature column k.
 template <typename T>
-__global__ void __launch_bounds__(kGradThreads) maxsim_caption_grad_kernel(MaxSimProblem p,
-                                                                           Coefficients c,
-                                                                           float* d_cap_packed) {
-  const int64_t j = blockIdx.x;
-  const int64_t k = int64_t(blockIdx.y) * kGradThreads + threadIdx.x;
-  if (k >= p.d) return;
+__device__ void caption_grad(const MaxSimProblem& p, const Coefficients& c, int64_t j, int64_t k,
+                             float* d_cap_packed) {
   const T* img = static_cast<const T*>(p.img);
   const int64_t w0 = p.word_off[j], L = p.lens[j];
   float* out = d_cap_packed + w0 * p.d + k;
@@ -380,13 +484,28 @@ __global__ void __launch_bounds__(kGradThreads) maxsim_caption_grad_kernel(MaxSi
   }
 }
 
+// The contraction kernels (kernels 2 and 3): one block per image (kImages) or caption,
+// blockIdx.x, and a thread per feature column.
+template <typename T, bool kImages>
+__global__ void __launch_bounds__(kGradThreads) maxsim_grad_kernel(MaxSimProblem p,
+                                                                   Coefficients c, float* out) {
+  const int64_t item = blockIdx.x;
+  const int64_t k = int64_t(blockIdx.y) * kGradThreads + threadIdx.x;
+  if (k >= p.d) return;
+  if constexpr (kImages) {
+    image_grad<T>(p, c, item, k, out);
+  } else {
+    caption_grad<T>(p, c, item, k, out);
+  }
+}
+
 // ----------------------------------------------------------------------------------------------
 // Host side
 // ----------------------------------------------------------------------------------------------
 
 template <typename T>
 int launch_tile(const MaxSimProblem& p, bool backward, float* sims, const float* grad_sims,
-                const Coefficients& c, cudaStream_t stream) {
+                const Coefficients& c, const VsaGrads& v, cudaStream_t stream) {
   const Tile t = tile::make_tile(p.col_frags);
   const Layout l = make_layout(p, t, sizeof(T) == 2);
   const int64_t blocks = tile::block_count(p, t, p.n_groups);
@@ -395,7 +514,7 @@ int launch_tile(const MaxSimProblem& p, bool backward, float* sims, const float*
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(l.total));
   if (err != cudaSuccess) return static_cast<int>(err);
-  kernel<<<static_cast<unsigned>(blocks), kThreads, l.total, stream>>>(p, sims, grad_sims, c,
+  kernel<<<static_cast<unsigned>(blocks), kThreads, l.total, stream>>>(p, sims, grad_sims, c, v,
                                                                        tile::vector_loads_ok(p));
   return static_cast<int>(cudaGetLastError());
 }
@@ -403,14 +522,14 @@ int launch_tile(const MaxSimProblem& p, bool backward, float* sims, const float*
 template <typename T>
 int launch_backward(const MaxSimProblem& p, const float* grad_sims, const Coefficients& c,
                     float* d_img, float* d_cap_packed, cudaStream_t stream) {
-  int err = launch_tile<T>(p, true, nullptr, grad_sims, c, stream);
+  int err = launch_tile<T>(p, true, nullptr, grad_sims, c, VsaGrads{}, stream);
   if (err != 0) return err;
   const unsigned col_blocks = static_cast<unsigned>((p.d + kGradThreads - 1) / kGradThreads);
-  maxsim_image_grad_kernel<T><<<dim3(static_cast<unsigned>(p.n_img), col_blocks), kGradThreads, 0,
-                                stream>>>(p, c, d_img);
+  maxsim_grad_kernel<T, true><<<dim3(static_cast<unsigned>(p.n_img), col_blocks), kGradThreads,
+                                 0, stream>>>(p, c, d_img);
   err = static_cast<int>(cudaGetLastError());
   if (err != 0) return err;
-  maxsim_caption_grad_kernel<T><<<dim3(static_cast<unsigned>(p.n_cap), col_blocks), kGradThreads,
+  maxsim_grad_kernel<T, false><<<dim3(static_cast<unsigned>(p.n_cap), col_blocks), kGradThreads,
                                   0, stream>>>(p, c, d_cap_packed);
   return static_cast<int>(cudaGetLastError());
 }
@@ -435,6 +554,11 @@ const char* maxsim_problem_error(const MaxSimProblem& p) {
   if (p.direction < kHeadT2I || p.direction > kHeadBoth) return "unknown direction code";
   if (p.pool < kPoolMean || p.pool > kPoolSoftmax) return "unknown pool code";
   if (!(p.tau > 0.f)) return "tau must be > 0";
+  if (p.vsa) {
+    if (p.direction != kHeadI2T) return "the VSA coding (vsa) runs direction i2t only";
+    if (p.leaky) return "the VSA coding (vsa) takes leaky 0";
+    if (!(p.vsa_tau > 0.f)) return "vsa_tau must be > 0";
+  }
   if (p.n_img < 0 || p.n_cap < 0) return "negative image or caption count";
   if (p.n_img > 0x7fffffff || p.n_cap > 0x7fffffff) return "too many images or captions";
   if (p.n_img > 0 && tile::block_count(p, t, p.n_groups) > 0x7fffffff) {
@@ -443,15 +567,22 @@ const char* maxsim_problem_error(const MaxSimProblem& p) {
   return nullptr;
 }
 
+// The VSA coding reads the caption Grams.
+static bool has_grams(const MaxSimProblem& p) {
+  return !p.vsa || (p.gram != nullptr && p.gram_off != nullptr);
+}
+
 int maxsim_forward(const MaxSimProblem& p, float* sims, void* stream) {
   if (p.n_img == 0 || p.n_cap == 0) return 0;
-  if (maxsim_problem_error(p) != nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  if (maxsim_problem_error(p) != nullptr || !has_grams(p)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const Coefficients none{nullptr, nullptr, nullptr, nullptr};
+  const Coefficients none{};
   switch (p.dtype) {
-    case kFloat32: return launch_tile<float>(p, false, sims, nullptr, none, s);
-    case kFloat16: return launch_tile<__half>(p, false, sims, nullptr, none, s);
-    default: return launch_tile<__nv_bfloat16>(p, false, sims, nullptr, none, s);
+    case kFloat32: return launch_tile<float>(p, false, sims, nullptr, none, VsaGrads{}, s);
+    case kFloat16: return launch_tile<__half>(p, false, sims, nullptr, none, VsaGrads{}, s);
+    default: return launch_tile<__nv_bfloat16>(p, false, sims, nullptr, none, VsaGrads{}, s);
   }
 }
 
@@ -459,7 +590,8 @@ int maxsim_backward(const MaxSimProblem& p, const float* grad_sims, float* t2i_c
                     int32_t* t2i_arg, float* i2t_coef, int32_t* i2t_arg, float* d_img,
                     float* d_cap_packed, void* stream) {
   if (p.n_img == 0 || p.n_cap == 0) return 0;
-  if (maxsim_problem_error(p) != nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  // The VSA coding has its own backward (maxsim_vsa_backward).
+  if (maxsim_problem_error(p) != nullptr || p.vsa) return static_cast<int>(cudaErrorInvalidValue);
   const bool t2i = p.direction != kHeadI2T, i2t = p.direction != kHeadT2I;
   if ((t2i && (t2i_coef == nullptr || t2i_arg == nullptr)) ||
       (i2t && (i2t_coef == nullptr || i2t_arg == nullptr))) {
@@ -471,6 +603,23 @@ int maxsim_backward(const MaxSimProblem& p, const float* grad_sims, float* t2i_c
     case kFloat32: return launch_backward<float>(p, grad_sims, c, d_img, d_cap_packed, s);
     case kFloat16: return launch_backward<__half>(p, grad_sims, c, d_img, d_cap_packed, s);
     default: return launch_backward<__nv_bfloat16>(p, grad_sims, c, d_img, d_cap_packed, s);
+  }
+}
+
+int maxsim_vsa_backward(const MaxSimProblem& p, const float* grad_sims, float* d_scores,
+                        float* attn, float* attn_scaled, void* stream) {
+  if (p.n_img == 0 || p.n_cap == 0) return 0;
+  if (maxsim_problem_error(p) != nullptr || !p.vsa || !has_grams(p) || d_scores == nullptr ||
+      attn == nullptr || attn_scaled == nullptr) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const Coefficients none{};
+  const VsaGrads v{d_scores, attn, attn_scaled};
+  switch (p.dtype) {
+    case kFloat32: return launch_tile<float>(p, true, nullptr, grad_sims, none, v, s);
+    case kFloat16: return launch_tile<__half>(p, true, nullptr, grad_sims, none, v, s);
+    default: return launch_tile<__nv_bfloat16>(p, true, nullptr, grad_sims, none, v, s);
   }
 }
 
@@ -496,6 +645,11 @@ int maxsim_backward(const MaxSimProblem& p, const float* grad_sims, float* t2i_c
 //     3. per caption (a thread per feature column, images in order): d_cap_packed
 //        (total_words, d) [packed word] += the caption's gradient (accumulates, so that a
 //        caller may run image chunks one after another into the same buffer).
+//   maxsim_vsa_backward_cuda: the VSA coding's backward (p.vsa) for grad_sims: the tile
+//     recomputed, and per pair, each (n_img * R, total_words) [i * R + r, packed word] float32,
+//     every entry written (0 at padded regions), as scan_backward's i2t outputs: d_scores dL/dS,
+//     attn a_rw, attn_scaled 2 dL/d|c_r|^2 a_rw (2 dL/dG_j = attn_scaled^T attn over caption
+//     j's words); the caller contracts them with the features.
 namespace rcar_cuda::bind {
 namespace {
 
@@ -520,6 +674,8 @@ RCAR_FAST_BINDINGS(cuda_maxsim, m) {
       .fields("img_lens", &MaxSimProblem::img_lens, "direction", &MaxSimProblem::direction,
               "pool", &MaxSimProblem::pool, "leaky", &MaxSimProblem::leaky, "tau", &MaxSimProblem::tau,
               "both_scale", &MaxSimProblem::both_scale)
+      .fields("vsa", &MaxSimProblem::vsa, "vsa_tau", &MaxSimProblem::vsa_tau, "gram", &MaxSimProblem::gram,
+              "gram_off", &MaxSimProblem::gram_off)
       .finish();
   m.def(
       "maxsim_problem_error",
@@ -535,5 +691,9 @@ RCAR_FAST_BINDINGS(cuda_maxsim, m) {
       m, "maxsim_backward_cuda", py::arg("problem"), py::arg("grad_sims"), py::arg("t2i_coef"), py::arg("t2i_arg"),
       py::arg("i2t_coef"), py::arg("i2t_arg"), py::arg("d_img"), py::arg("d_cap_packed"), py::arg("stream"),
       "S-only heads backward: d img (written) and d cap packed (accumulated), see maxsim.cu");
+  bind_launcher<&rcar_cuda::maxsim_vsa_backward, &require_maxsim_problem>(
+      m, "maxsim_vsa_backward_cuda", py::arg("problem"), py::arg("grad_sims"), py::arg("d_scores"),
+      py::arg("attn"), py::arg("attn_scaled"), py::arg("stream"),
+      "the VSA coding's backward: per-pair dL/dS, a and 2 dL/d|c|^2 a (see maxsim.cu)");
 }
 #endif

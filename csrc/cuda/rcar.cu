@@ -74,6 +74,19 @@ __host__ __device__ inline int64_t shared_floats(int64_t qcap, int64_t cmax, int
 }
 
 
+// For each of the Q rows, a warp per row: out(k, sum_{n < N} term(k, n) * weight[n]), lanes
+// over n (out runs on lane 0).
+template <class Term, class Out>
+__device__ void warp_row_dots(int Q, int64_t N, const float* weight, Term term, Out out) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int k = warp; k < Q; k += kWarps) {
+    float total = 0.f;
+    for (int64_t n = lane; n < N; n += 32) total = fmaf(term(k, n), __ldg(weight + n), total);
+    total = warp_sum(total);
+    if (lane == 0) out(k, total);
+  }
+}
+
 // Sum over the block; every thread gets the total. `red` holds kWarps floats.
 __device__ float block_sum(float v, float* red) {
   v = warp_sum(v);
@@ -345,15 +358,9 @@ __device__ void correspondence(const PairRefs& pr, const Scratch& sc, const Weig
   block_gemm<kRowBlock>(sc.V, s, pr.Q, s, w.rcr(t, 4), sh, w.rcr(t, 5),
                         [&](int r, int64_t n, float v) { H[r * sh + n] = tanh_accurate(v); });
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float* w2 = w.rcr(t, 6);
   const float b2 = *w.rcr(t, 7);
-  for (int k = warp; k < pr.Q; k += kWarps) {
-    float total = 0.f;
-    for (int64_t n = lane; n < sh; n += 32) total = fmaf(H[k * sh + n], __ldg(w2 + n), total);
-    total = warp_sum(total);
-    if (lane == 0) sc.lam[k] = fmaxf(total + b2 + sc.lam[k], 0.f);
-  }
+  warp_row_dots(pr.Q, sh, w.rcr(t, 6), [&](int k, int64_t n) { return H[k * sh + n]; },
+                [&](int k, float total) { sc.lam[k] = fmaxf(total + b2 + sc.lam[k], 0.f); });
   __syncthreads();
 }
 
@@ -376,16 +383,11 @@ __device__ void aggregation(const PairRefs& pr, const Scratch& sc, const Weights
   block_gemm<kRowBlock>(sc.V, s, pr.Q, s, w.rar(n_step, 2), s, w.rar(n_step, 3),
                         [&](int r, int64_t n, float v) { H[r * s + n] = tanh_accurate(v); });
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float* vw = w.rar(n_step, 4);
   const float vb = *w.rar(n_step, 5);
-  for (int k = warp; k < pr.Q; k += kWarps) {
-    float total = 0.f;
-    for (int64_t n = lane; n < s; n += 32) total = fmaf(H[k * s + n] * qh[n], __ldg(vw + n), total);
-    total = warp_sum(total);
-    if (lane == 0) sc.logits[k] = total + vb;
-  }
+  warp_row_dots(pr.Q, s, w.rar(n_step, 4), [&](int k, int64_t n) { return H[k * s + n] * qh[n]; },
+                [&](int k, float total) { sc.logits[k] = total + vb; });
   __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp == 0) {  // softmax over the queries
     float mx = -INFINITY;
     for (int k = lane; k < pr.Q; k += 32) mx = fmaxf(mx, sc.logits[k]);

@@ -16,18 +16,10 @@
 // c = region, k = word; i2t: c = word, k = region). The score tile is laid out so that c is the
 // fast axis for both directions (t2i: word-major, i2t: region-major), so lanes walking c read
 // consecutive shared-memory words.
-#include <cuda_runtime.h>
-
-#include <cstdint>
-
 #include "contract.h"
 #include "cuda/tile.cuh"
-#include "cuda/warp.cuh"
 
 namespace rcar_cuda {
-
-// The codes of rcar_fast.contract (DType, RawNorm, ...), generated into csrc/contract.h.
-using namespace rcar_contract;
 
 // A SCAN all-pairs problem.
 //
@@ -63,16 +55,9 @@ struct ScanProblem {
 namespace rcar_cuda {
 namespace {
 
-using tile::BlockWork;
-using tile::Tile;
-using tile::kThreads;
-using tile::kWarps;
-
 constexpr float kEps = kEpsF;  // rcar_contract
 
-struct Layout {
-  size_t row_off, col_off, main, scratch, total;
-  int score_ld;       // leading dimension of the score tile (floats)
+struct Layout : tile::Layout {
   int scratch_warp;   // floats of scratch per warp
 };
 
@@ -80,15 +65,10 @@ struct Layout {
 // scratch. The tile is region-major for i2t, word-major for t2i.
 __host__ __device__ inline Layout make_layout(const Tile& t, bool inputs16, bool i2t, int cmax,
                                               int qmax, bool backward) {
-  const tile::Regions regions = tile::make_regions(t, inputs16, i2t);
   Layout l;
-  l.row_off = regions.row_off;
-  l.col_off = regions.col_off;
-  l.main = regions.main;
-  l.score_ld = tile::score_ld(t, i2t);
-  l.scratch = tile::align_up(regions.end, 16);
   l.scratch_warp = 3 * cmax + (backward ? 3 * qmax : 0);
-  l.total = l.scratch + sizeof(float) * kWarps * size_t(l.scratch_warp);
+  static_cast<tile::Layout&>(l) =
+      tile::make_layout(t, inputs16, i2t, sizeof(float) * kWarps * size_t(l.scratch_warp));
   return l;
 }
 
@@ -475,13 +455,11 @@ __global__ void __launch_bounds__(kThreads, 2) scan_forward_kernel(ScanProblem p
   extern __shared__ __align__(128) unsigned char smem[];
   const BlockSetup b = setup_and_score<T>(p, smem, false, vec);
   const float* scores = reinterpret_cast<const float*>(b.main);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int pairs = b.w.n_img * b.w.n_caps;
-  for (int pair = warp; pair < pairs; pair += kWarps) {
-    const Pair q = make_pair(p, b.w, scores, b.l.score_ld, pair % b.w.n_img, pair / b.w.n_img);
+  tile::for_each_pair(b.w, [&](int li, int jj, int lane) {
+    const Pair q = make_pair(p, b.w, scores, b.l.score_ld, li, jj);
     const float sim = pair_forward(p, q, b.warp_scratch, context_max(p), lane);
     if (lane == 0) sims[q.i * p.n_cap + q.j] = sim;
-  }
+  });
 }
 
 template <typename T>
@@ -491,14 +469,12 @@ __global__ void __launch_bounds__(kThreads, 2) scan_backward_kernel(
   extern __shared__ __align__(128) unsigned char smem[];
   const BlockSetup b = setup_and_score<T>(p, smem, true, vec);
   const float* scores = reinterpret_cast<const float*>(b.main);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int pairs = b.w.n_img * b.w.n_caps;
-  for (int pair = warp; pair < pairs; pair += kWarps) {
-    const Pair q = make_pair(p, b.w, scores, b.l.score_ld, pair % b.w.n_img, pair / b.w.n_img);
+  tile::for_each_pair(b.w, [&](int li, int jj, int lane) {
+    const Pair q = make_pair(p, b.w, scores, b.l.score_ld, li, jj);
     const PairGrad g = make_pair_grad(p, q, d_scores, attn, attn_scaled, d_qnorm);
     pair_backward(p, q, grad_sims[q.i * p.n_cap + q.j], g, b.warp_scratch, context_max(p),
                   query_max(p), lane);
-  }
+  });
 }
 
 // ----------------------------------------------------------------------------------------------

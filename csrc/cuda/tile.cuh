@@ -17,6 +17,9 @@
 //   cap_stride_w, lens, word_off, group_first.
 // Layout of the stored tile: "region-major" puts S[m, n] (m: tile row = region, n: tile column
 // = word) at scores[m * score_ld + n]; "word-major" at scores[n * score_ld + m].
+//
+// A head's .cu file includes this header alone: it brings the contract's codes (contract.h), the
+// element loads and warp reductions, and the tile names the epilogues use unqualified.
 #pragma once
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -25,7 +28,9 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "contract.h"
 #include "cuda/load.cuh"
+#include "cuda/warp.cuh"
 
 namespace rcar_cuda {
 namespace tile {
@@ -94,6 +99,26 @@ __host__ __device__ inline Regions make_regions(const Tile& t, bool inputs16, bo
   r.main = align_up(r.col_off + sizeof(int64_t) * t.cols_cap, 128);
   r.end = r.main + main_bytes(t, inputs16, region_major);
   return r;
+}
+
+// Shared memory of a head's kernel: the tile's regions, then scratch_bytes of scratch (the
+// head's per-warp buffers) from `scratch` on, `total` bytes in all.
+struct Layout {
+  size_t row_off, col_off, main, scratch, total;
+  int score_ld;  // leading dimension of the score tile (floats)
+};
+
+__host__ __device__ inline Layout make_layout(const Tile& t, bool inputs16, bool region_major,
+                                              size_t scratch_bytes) {
+  const Regions regions = make_regions(t, inputs16, region_major);
+  Layout l;
+  l.row_off = regions.row_off;
+  l.col_off = regions.col_off;
+  l.main = regions.main;
+  l.score_ld = score_ld(t, region_major);
+  l.scratch = align_up(regions.end, 16);
+  l.total = l.scratch + scratch_bytes;
+  return l;
 }
 
 template <class P>
@@ -178,6 +203,21 @@ __device__ inline int clamp_int(int x, int lo, int hi) { return x < lo ? lo : (x
 // The raw-score tile
 // ----------------------------------------------------------------------------------------------
 
+// Staged row `row` of one K slice: the first rows16 are tile rows (regions, staged into As),
+// the rest tile columns (words, into Bs); off: its source offset, -1 for none.
+struct StagedRow {
+  bool is_a;
+  int r;        // its row in As or Bs
+  int64_t off;
+};
+
+__device__ inline StagedRow staged_row(int row, int rows16, const int64_t* row_off,
+                                       const int64_t* col_off) {
+  const bool is_a = row < rows16;
+  const int r = is_a ? row : row - rows16;
+  return {is_a, r, is_a ? row_off[r] : col_off[r]};
+}
+
 // Stage a kTileK16-wide K slice of the tile's rows (As) and columns (Bs) as raw 16-bit values.
 // Rows/columns without a source and K past d are zero-filled. `vec` (host-checked: d and every
 // stride a multiple of 8, 16-byte aligned bases) moves 16 bytes per load.
@@ -188,25 +228,21 @@ __device__ inline void stage16(const uint16_t* img, const uint16_t* cap, const i
     constexpr int kChunks = kTileK16 / 8;
     const int total = (rows16 + cols16) * kChunks;
     for (int idx = threadIdx.x; idx < total; idx += kThreads) {
-      const int row = idx / kChunks, chunk = idx % kChunks;
-      const bool is_a = row < rows16;
-      const int r = is_a ? row : row - rows16;
-      const int64_t off = is_a ? row_off[r] : col_off[r];
+      const int chunk = idx % kChunks;
+      const StagedRow s = staged_row(idx / kChunks, rows16, row_off, col_off);
       const int64_t k = k0 + chunk * 8;
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (off >= 0 && k < d) v = __ldg(reinterpret_cast<const uint4*>((is_a ? img : cap) + off + k));
-      *reinterpret_cast<uint4*>((is_a ? As : Bs) + r * kLd16 + chunk * 8) = v;
+      if (s.off >= 0 && k < d) v = __ldg(reinterpret_cast<const uint4*>((s.is_a ? img : cap) + s.off + k));
+      *reinterpret_cast<uint4*>((s.is_a ? As : Bs) + s.r * kLd16 + chunk * 8) = v;
     }
   } else {
     const int total = (rows16 + cols16) * kTileK16;
     for (int idx = threadIdx.x; idx < total; idx += kThreads) {
-      const int row = idx / kTileK16, kk = idx % kTileK16;
-      const bool is_a = row < rows16;
-      const int r = is_a ? row : row - rows16;
-      const int64_t off = is_a ? row_off[r] : col_off[r];
+      const int kk = idx % kTileK16;
+      const StagedRow s = staged_row(idx / kTileK16, rows16, row_off, col_off);
       const int64_t k = k0 + kk;
-      const uint16_t v = (off >= 0 && k < d) ? (is_a ? img : cap)[off + k] : uint16_t(0);
-      (is_a ? As : Bs)[r * kLd16 + kk] = v;
+      const uint16_t v = (s.off >= 0 && k < d) ? (s.is_a ? img : cap)[s.off + k] : uint16_t(0);
+      (s.is_a ? As : Bs)[s.r * kLd16 + kk] = v;
     }
   }
 }
@@ -358,5 +394,21 @@ __device__ void score_tile(const P& p, const Tile& t, int ld, bool region_major,
   }
 }
 
+// f(li, jj, lane) for every (image li, caption jj) pair of the block, one warp per pair.
+template <class F>
+__device__ inline void for_each_pair(const BlockWork& w, F&& f) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int pairs = w.n_img * w.n_caps;
+  for (int pair = warp; pair < pairs; pair += kWarps) f(pair % w.n_img, pair / w.n_img, lane);
+}
+
 }  // namespace tile
+
+// The codes of rcar_fast.contract (DType, RawNorm, Pool, ...), generated into csrc/contract.h.
+using namespace rcar_contract;
+using tile::BlockWork;
+using tile::Tile;
+using tile::kThreads;
+using tile::kWarps;
+
 }  // namespace rcar_cuda

@@ -30,6 +30,7 @@ from torch import Tensor
 from rcar_fast import contract, reference_heads, validate
 from rcar_fast.contract import CHAN_TAU, HEAD_CODINGS, HEAD_PRESETS
 from rcar_fast.ops import backend as op_backend
+from rcar_fast.ops import scan as scan_ops
 from rcar_fast.ops.backend import (COL_FRAGS, REQUESTABLE, Backend, BackendUnavailable,  # noqa: F401
                                    CpuKernelBackend, CudaTileBackend, Inputs, TritonBackend,
                                    caption_groups, choose, cuda_stream, find, native, output_dtype,
@@ -462,6 +463,11 @@ class MaxSimPairsTriton(_TritonHeads):
 # Dtypes: float32 (fp32 FMA scores), float16 and bfloat16 (tensor-core scores, fp32 accumulation);
 # output float32. Shape limits: the tile's (R <= 160 with captions up to 128 words, R <= 320 with
 # up to 64, R <= 640 with up to 32); extra_reasons reports them before anything launches.
+#
+# CHAN's VSA coding (coding="vsa", i2t; the op rcar_fast::maxsim_vsa_cuda): the same tile, each
+# region's code from the caption's word Gram (csrc/cuda/gram.cu); its backward kernel writes SCAN
+# i2t's per-pair buffers (dL/dS, a, 2 dL/d|c|^2 a), contracted by ops/scan.py's
+# GradientAccumulator (cuBLAS GEMMs, no atomics: deterministic run to run).
 
 # Upper bound for one image chunk's coefficient and argmax buffers in the backward.
 COEFFICIENT_BUFFER_BYTES = 512 * 2**20
@@ -473,6 +479,12 @@ class Options(NamedTuple):
     tau: float
     leaky: bool
     both_scale: float
+    coding: str = "max"
+    vsa_tau: float = contract.CHAN_TAU
+
+    @property
+    def vsa(self) -> bool:
+        return self.coding == "vsa"
 
     @property
     def t2i(self) -> bool:
@@ -504,9 +516,12 @@ class Captions:
     max_len: int
     col_frags: int
     group_first: torch.Tensor   # (n_groups + 1,) int32
+    lens_host: list
+    gram: Optional[torch.Tensor] = None      # vsa: packed caption Grams (ops/scan.py caption_grams)
+    gram_off: Optional[torch.Tensor] = None
 
 
-def prepare_captions(cap: torch.Tensor, lens: torch.Tensor, R: int) -> Captions:
+def prepare_captions(cap: torch.Tensor, lens: torch.Tensor, R: int, vsa: bool = False) -> Captions:
     device = cap.device
     cap = rows_contiguous(cap)
     lens = lens.to(device=device, dtype=torch.int64).contiguous()
@@ -517,7 +532,9 @@ def prepare_captions(cap: torch.Tensor, lens: torch.Tensor, R: int) -> Captions:
     col_frags = tile_col_frags(R, max_len)
     group_first = torch.tensor(caption_groups(lens_host, native().scan_tile_cols(col_frags)),
                                dtype=torch.int32, device=device)
-    return Captions(cap, lens, word_off, sum(lens_host), max_len, col_frags, group_first)
+    gram, gram_off = scan_ops.caption_grams(cap, lens, lens_host) if vsa else (None, None)
+    return Captions(cap, lens, word_off, sum(lens_host), max_len, col_frags, group_first, lens_host,
+                    gram, gram_off)
 
 
 def native_problem(img: torch.Tensor, img_lens: torch.Tensor, caps: Captions, options: Options):
@@ -534,7 +551,9 @@ def native_problem(img: torch.Tensor, img_lens: torch.Tensor, caps: Captions, op
         group_first=caps.group_first.data_ptr(), n_groups=caps.group_first.numel() - 1,
         col_frags=caps.col_frags, direction=contract.HEAD_DIRECTION_CODES[options.direction],
         pool=contract.POOL_CODES[options.pool], leaky=int(bool(options.leaky)),
-        tau=float(options.tau), both_scale=float(options.both_scale))
+        tau=float(options.tau), both_scale=float(options.both_scale), vsa=int(options.vsa),
+        vsa_tau=float(options.vsa_tau), gram=0 if caps.gram is None else caps.gram.data_ptr(),
+        gram_off=0 if caps.gram_off is None else caps.gram_off.data_ptr())
 
 
 def shape_problem(inputs: Inputs, longest: int):
@@ -547,7 +566,8 @@ def shape_problem(inputs: Inputs, longest: int):
         word_off=0, total_words=n_cap * longest, max_len=longest, group_first=0, n_groups=max(n_cap, 1),
         col_frags=tile_col_frags(R, longest),
         direction=contract.HEAD_DIRECTION_CODES.get(inputs.direction or "t2i", 0),
-        pool=contract.POOL_CODES["mean"], leaky=0, tau=1.0, both_scale=1.0)
+        pool=contract.POOL_CODES["mean"], leaky=0, tau=1.0, both_scale=1.0, vsa=0, vsa_tau=1.0, gram=0,
+        gram_off=0)
 
 
 def _image_lens(img_lens: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -558,7 +578,7 @@ def maxsim_forward(img, cap, lens, img_lens, options: Options,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """sims (n_img, n_cap) float32; `out`, when given, is written in place (tests poison it)."""
     img = rows_contiguous(img)
-    caps = prepare_captions(cap, lens, img.shape[1])
+    caps = prepare_captions(cap, lens, img.shape[1], options.vsa)
     img_lens = _image_lens(img_lens, img.device)
     if out is None:
         out = torch.empty((img.shape[0], cap.shape[0]), dtype=torch.float32, device=img.device)
@@ -609,6 +629,32 @@ def maxsim_backward(grad_sims, img, cap, lens, img_lens, options: Options):
     return d_img.to(img.dtype), d_cap.to(cap.dtype)
 
 
+def maxsim_vsa_backward(grad_sims, img, cap, lens, img_lens, options: Options):
+    """(d img, d cap) of the VSA coding in the input dtype; zero at padded regions and words.
+    The kernel's per-pair buffers (SCAN i2t's layout) go through ops/scan.py's
+    GradientAccumulator image chunk by image chunk; padded regions are zeroed first (they meet
+    zero rows there)."""
+    grad_sims = grad_sims.to(torch.float32).contiguous()
+    img_lens = _image_lens(img_lens, img.device)
+    img = rows_contiguous(reference_heads.zero_padding(img, img_lens))
+    caps = prepare_captions(cap, lens, img.shape[1], vsa=True)
+    n_img, R, d = img.shape
+    acc = scan_ops.GradientAccumulator(caps.cap, caps.lens_host, options, torch.float32)
+    d_img = torch.empty((n_img, R, d), dtype=torch.float32, device=img.device)
+    chunk = scan_ops.backward_image_chunk(n_img, R, caps.total_words, cap.shape[0], caps.max_len, True)
+    no_query_norm = torch.zeros((chunk * R, 1), dtype=torch.float32, device=img.device)
+    for i0 in range(0, n_img, chunk):
+        img_chunk = img[i0:i0 + chunk]
+        rows = img_chunk.shape[0] * R
+        bufs = [torch.empty((rows, caps.total_words), dtype=torch.float32, device=img.device)
+                for _ in range(3)]
+        native().maxsim_vsa_backward_cuda(native_problem(img_chunk, img_lens[i0:i0 + chunk], caps, options),
+                                          grad_sims[i0:i0 + chunk].data_ptr(),
+                                          *(b.data_ptr() for b in bufs), cuda_stream(img.device))
+        d_img[i0:i0 + chunk] = acc.add_chunk(img_chunk, scan_ops.PairGrads(*bufs, no_query_norm[:rows]))
+    return d_img.to(img.dtype), acc.caption_grad().to(cap.dtype)
+
+
 def _cuda_forward(img, cap, lens, img_lens, options):
     return maxsim_forward(img, cap, lens, img_lens, Options(*options))
 
@@ -621,8 +667,52 @@ def _cuda_backward(grad, img, cap, lens, img_lens, options):
 maxsim_cuda_op = define_maxsim_op("maxsim_cuda", _cuda_forward, _cuda_backward)
 
 
+def _vsa_options(pool: str, tau: float, vsa_tau: float) -> Options:
+    return Options("i2t", pool, tau, False, 1.0, "vsa", vsa_tau)
+
+
+@torch.library.custom_op("rcar_fast::maxsim_vsa_cuda", mutates_args=())
+def maxsim_vsa_cuda_op(img: Tensor, cap: Tensor, lens: Tensor, img_lens: Tensor, pool: str, tau: float,
+                       vsa_tau: float) -> Tensor:
+    """CHAN's VSA coding (i2t), all pairs: (n_img, n_cap) float32."""
+    return maxsim_forward(img, cap, lens, img_lens, _vsa_options(pool, tau, vsa_tau))
+
+
+@torch.library.custom_op("rcar_fast::maxsim_vsa_cuda_backward", mutates_args=())
+def maxsim_vsa_cuda_backward_op(grad: Tensor, img: Tensor, cap: Tensor, lens: Tensor, img_lens: Tensor,
+                                pool: str, tau: float, vsa_tau: float) -> tuple[Tensor, Tensor]:
+    return maxsim_vsa_backward(grad, img, cap, lens, img_lens, _vsa_options(pool, tau, vsa_tau))
+
+
+@maxsim_vsa_cuda_op.register_fake
+def _(img, cap, lens, img_lens, pool, tau, vsa_tau):
+    return img.new_empty((img.shape[0], cap.shape[0]), dtype=torch.float32)
+
+
+@maxsim_vsa_cuda_backward_op.register_fake
+def _(grad, img, cap, lens, img_lens, pool, tau, vsa_tau):
+    return torch.empty_like(img), torch.empty_like(cap)
+
+
+def _vsa_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.options = inputs[4:]
+
+
+def _vsa_backward_formula(ctx, grad):
+    need_img, need_cap = ctx.needs_input_grad[:2]
+    if not (need_img or need_cap):
+        return (None,) * 7
+    d_img, d_cap = maxsim_vsa_cuda_backward_op(grad.contiguous(), *ctx.saved_tensors, *ctx.options)
+    return (d_img if need_img else None, d_cap if need_cap else None) + (None,) * 5
+
+
+maxsim_vsa_cuda_op.register_autograd(_vsa_backward_formula, setup_context=_vsa_setup_context)
+
+
 class MaxSimCuda(CudaTileBackend):
     op, kernel = "maxsim", "the CUDA maxsim kernels"
+    codings = HEAD_CODINGS
 
     @classmethod
     def tile_reason(cls, inputs: Inputs, regions: int, longest: int) -> Optional[str]:
@@ -636,9 +726,11 @@ class MaxSimCuda(CudaTileBackend):
 
     @staticmethod
     def fn(img, cap, lens, img_lens, *, direction="t2i", pool="mean", tau=contract.CHAN_TAU,
-           leaky=False, both_scale=0.5) -> torch.Tensor:
+           leaky=False, both_scale=0.5, coding="max", vsa_tau=contract.CHAN_TAU) -> torch.Tensor:
         """Inputs already validated by rcar_fast.max_similarity (normalised, lens and img_lens
         int64 on the device). Returns (n_img, n_cap) float32."""
+        if coding == "vsa":
+            return maxsim_vsa_cuda_op(img, cap, lens, img_lens, pool, float(tau), float(vsa_tau))
         options = dict(direction=direction, pool=pool, tau=float(tau), leaky=bool(leaky),
                        both_scale=float(both_scale))
         return maxsim_cuda_op(img, cap, lens, img_lens, *(options[n] for n in MAXSIM_OPTION_NAMES))
@@ -695,8 +787,11 @@ class MaxSimPairsCuda(MaxSimCuda):
 
     @staticmethod
     def fn(img, cap, lens, img_lens, img_idx, cap_idx, *, direction="t2i", pool="mean",
-           tau=contract.CHAN_TAU, leaky=False, both_scale=0.5) -> torch.Tensor:
+           tau=contract.CHAN_TAU, leaky=False, both_scale=0.5, coding="max",
+           vsa_tau=contract.CHAN_TAU) -> torch.Tensor:
         kw = dict(direction=direction, pool=pool, tau=tau, leaky=leaky, both_scale=both_scale)
+        if coding != "max":
+            kw.update(coding=coding, vsa_tau=vsa_tau)
         return pairs_through_all_pairs(MaxSimCuda.fn, img, cap, lens, img_lens, img_idx, cap_idx, kw)
 
 

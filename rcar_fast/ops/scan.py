@@ -372,6 +372,19 @@ class Images:
     region_sq: Optional[torch.Tensor]  # i2t: (n_img * R,) squared region norms
 
 
+def caption_grams(cap, lens, lens_host: list) -> tuple:
+    """(gram, gram_off): caption j's lens[j] x lens[j] word Gram (float32, row-major) at
+    gram[gram_off[j]:], padding never read. cap rows contiguous, lens int64 on cap's device."""
+    n_cap, Lmax, d = cap.shape
+    gram_off = torch.zeros(n_cap + 1, dtype=torch.int64, device=cap.device)
+    torch.cumsum(lens * lens, 0, out=gram_off[1:])
+    gram = torch.empty(sum(n * n for n in lens_host), dtype=torch.float32, device=cap.device)
+    _native().gram_ragged_cuda(cap.data_ptr(), lens.data_ptr(), gram_off.data_ptr(), gram.data_ptr(),
+                               n_cap, Lmax, d, cap.stride(0), cap.stride(1), DTYPE_CODES[cap.dtype],
+                               cuda_stream(cap.device))
+    return gram, gram_off
+
+
 def prepare_captions(cap, lens, R: int, options: Options) -> Captions:
     """Caption tables, and the tile shape / caption groups for images with R regions."""
     native, device = _native(), cap.device
@@ -388,11 +401,7 @@ def prepare_captions(cap, lens, R: int, options: Options) -> Captions:
     stream, dtype = cuda_stream(device), DTYPE_CODES[cap.dtype]
     gram = gram_off = word_sq = None
     if options.i2t:
-        gram_off = torch.zeros(n_cap + 1, dtype=torch.int64, device=device)
-        torch.cumsum(lens * lens, 0, out=gram_off[1:])
-        gram = torch.empty(sum(n * n for n in lens_host), dtype=torch.float32, device=device)
-        native.gram_ragged_cuda(cap.data_ptr(), lens.data_ptr(), gram_off.data_ptr(), gram.data_ptr(),
-                                n_cap, Lmax, d, cap.stride(0), cap.stride(1), dtype, stream)
+        gram, gram_off = caption_grams(cap, lens, lens_host)
     else:
         word_sq = torch.empty(total_words, dtype=torch.float32, device=device)
         native.row_sqnorms_cuda(cap.data_ptr(), lens.data_ptr(), word_off.data_ptr(), word_sq.data_ptr(),
