@@ -36,7 +36,7 @@ CUDA_DTYPE_CODES = {name: code for code, name in enumerate(CUDA_DTYPES)}
 HEAD_DIRECTIONS = ("t2i", "i2t", "both")
 POOLS = ("mean", "sum", "max", "lse", "softmax")
 HEAD_NORMALIZATIONS = ("none", "unit")
-HEAD_CODINGS = ("max", "vsa")      # "vsa": CHAN's VSACoding (i2t), on the backends listing it
+HEAD_CODINGS = ("max", "vsa")      # "vsa": CHAN's VSACoding (i2t), on every backend
 HEAD_DIRECTION_CODES = {name: code for code, name in enumerate(HEAD_DIRECTIONS)}
 POOL_CODES = {name: code for code, name in enumerate(POOLS)}
 

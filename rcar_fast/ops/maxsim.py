@@ -12,7 +12,7 @@ img / cap arrive contiguous and already normalised (normalize="unit" is done by 
 in torch, differentiably, padding zeroed first), lens / img_lens int64 on their device, always
 given. The result is float32 (float64 for float64 inputs), differentiable w.r.t. img and cap.
 CHAN's VSA coding (coding="vsa") adds the keywords coding, vsa_tau and runs on the backends
-whose class lists it in `codings` (the reference ones, the C++ CPU kernels and Triton).
+whose class lists it in `codings` (all of them: the reference ones, the C++ CPU kernels, Triton and CUDA).
 
     reference, reference_loop   the float64-faithful reference (rcar_fast.reference_heads)
     cpu                         the C++ CPU kernels (csrc/cpu/maxsim.cpp)
@@ -171,7 +171,7 @@ maxsim_pairs_reference_op = define_maxsim_op("maxsim_pairs_reference", _referenc
 
 
 def _compiled(coding: str) -> bool:
-    # VSA is not an op option: a compiled VSA call runs eagerly (a graph break; reference, Triton).
+    # VSA is not an op option of these: a compiled VSA call runs eagerly (a graph break).
     return coding == "max" and torch.compiler.is_compiling()
 
 
@@ -886,7 +886,7 @@ def max_similarity(img, cap, lens, *, direction=_UNSET["direction"], pool=_UNSET
     preset "chan" | "laps" | "aladin" | "teran" | "colbert" | "dvsa" fills the settings of that
     model (contract.HEAD_PRESETS); an argument contradicting it is a ValueError.
     coding="vsa": CHAN's VSACoding (direction "i2t", temperature vsa_tau), on the backends that
-    list it (reference, reference_loop, cpu, triton). Returns float32 (float64 for float64 inputs), differentiable w.r.t. img and cap.
+    list it (reference, reference_loop, cpu, triton, cuda). Returns float32 (float64 for float64 inputs), differentiable w.r.t. img and cap.
     """
     settings = validate.head_settings(preset, _passed(
         direction=direction, pool=pool, tau=tau, leaky=leaky, normalize=normalize,
