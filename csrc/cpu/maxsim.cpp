@@ -750,10 +750,7 @@ struct MaxSimGrads {
 
 template <typename T>
 bool tile_has_gradient(const MaxSimProblem<T>& P, const Tile& t, const T* g) {
-  for (int64_t i = t.i0; i < t.i1; ++i)
-    for (int64_t j = t.j0; j < t.j1; ++j)
-      if (g[i * P.n_cap + j] != T(0)) return true;
-  return false;
+  return block_has_nonzero(g, P.n_cap, t.i0, t.i1, t.j0, t.j1);
 }
 
 // y = [y +] sum_t c_t x_t over d, the terms in their order (the same bits on every run), with

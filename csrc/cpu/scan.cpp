@@ -652,10 +652,7 @@ struct ScanGrads {
 
 template <typename T>
 bool tile_has_gradient(const ScanProblem<T>& P, const Tile& t, const T* g) {
-  for (int64_t i = t.i0; i < t.i1; ++i)
-    for (int64_t j = t.j0; j < t.j1; ++j)
-      if (g[i * P.n_cap + j] != T(0)) return true;
-  return false;
+  return block_has_nonzero(g, P.n_cap, t.i0, t.i1, t.j0, t.j1);
 }
 
 // d scores of every pair of the tile into ts.dscores; Gram and norm gradients accumulated

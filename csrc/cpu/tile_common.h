@@ -301,6 +301,16 @@ void for_caption_blocks_in_order(int64_t n_blocks, OrderedTurns& turns, MakeScra
   });
 }
 
+// True if any g[i * ld + j], i in [i0, i1), j in [j0, j1), is nonzero: a backward skips a tile
+// whose pairs all have zero upstream gradient (their recompute would add exactly nothing).
+template <typename T>
+bool block_has_nonzero(const T* g, int64_t ld, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t j = j0; j < j1; ++j)
+      if (g[i * ld + j] != T(0)) return true;
+  return false;
+}
+
 }  // namespace rcar_cpu::detail
 
 namespace rcar_cpu {
