@@ -28,9 +28,10 @@ Adding (a) a head that reuses the region-word tile ("foo"; docs and tests listed
                                      binding block (csrc/cuda/bind.h; no torch header)
    6. rcar_fast/scorers.py           this module: its Scorer in SCORERS
    7. rcar_fast/__init__.py          the public names
-  (+ rcar_fast/contract.py only when the head brings new constants; its argument checks go
-  in validate.py only when no existing check fits.) 7 files, 8 with new constants; no shared
-  native file (no kernels.h, no bindings_*.cpp, no setup.py edit). dispatch.py, pairs.py, losses.py, evaluation/, cli.py, train.py,
+  (+ rcar_fast/contract.py only when the head brings new constants; its argument checks are
+  validate.py's generic ones (choice, positive_number, temperature, head_inputs...) called
+  from ops/foo.py.) 7 files, 8 with new constants; no shared native file (no kernels.h, no
+  bindings_*.cpp, no setup.py edit). dispatch.py, pairs.py, losses.py, evaluation/, cli.py, train.py,
   bench/suite.py, bench/flops.py are touched by no head.
   Tests: tests/test_foo_{reference,cpu,triton,cuda}.py (+ named entries in tests/tolerances.py);
   docs: README.md, CHANGELOG.md.
