@@ -617,7 +617,10 @@ struct Tile {
 template <typename T>
 Tile tile_of(const MaxSimProblem<T>& P, int64_t cb, int64_t ib) {
   Tile t;
-  set_tile_captions(t, P.cap_bounds, P.words.offsets, cb);
+  t.j0 = P.cap_bounds[cb];
+  t.j1 = P.cap_bounds[cb + 1];
+  t.w0 = P.words.offsets[t.j0];
+  t.rows = P.words.offsets[t.j1] - t.w0;
   t.i0 = P.img_bounds[ib];
   t.i1 = P.img_bounds[ib + 1];
   t.c0 = P.regions.offsets[t.i0];

@@ -530,7 +530,10 @@ struct Tile {
 template <typename T>
 Tile tile_of(const ScanProblem<T>& P, int64_t cb, int64_t ib) {
   Tile t;
-  set_tile_captions(t, P.cap_bounds, P.words.offsets, cb);
+  t.j0 = P.cap_bounds[cb];
+  t.j1 = P.cap_bounds[cb + 1];
+  t.w0 = P.words.offsets[t.j0];
+  t.rows = P.words.offsets[t.j1] - t.w0;
   t.i0 = ib * P.img_block;
   t.i1 = std::min(P.n_img, t.i0 + P.img_block);
   t.cols = (t.i1 - t.i0) * P.R;

@@ -301,16 +301,6 @@ void for_caption_blocks_in_order(int64_t n_blocks, OrderedTurns& turns, MakeScra
   });
 }
 
-// The caption side of a tile (captions [j0, j1) of caption block cb, their packed words
-// w0 .. w0 + rows), the same for every head's Tile.
-template <typename Tile, typename Bounds, typename Offsets>
-void set_tile_captions(Tile& t, const Bounds& cap_bounds, const Offsets& word_offsets, int64_t cb) {
-  t.j0 = cap_bounds[cb];
-  t.j1 = cap_bounds[cb + 1];
-  t.w0 = word_offsets[t.j0];
-  t.rows = word_offsets[t.j1] - t.w0;
-}
-
 // True if any g[i * ld + j], i in [i0, i1), j in [j0, j1), is nonzero: a backward skips a tile
 // whose pairs all have zero upstream gradient (their recompute would add exactly nothing).
 template <typename T>
