@@ -40,8 +40,13 @@ own `<device>.md` (summary of its latest run) is left alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Callable, Optional
 
@@ -277,6 +282,48 @@ def peer_module(backend: str, device: torch.device):
         return None, f"{pip_name} is not importable ({type(err).__name__}: {err}); pip install {pip_name}"
 
 
+_PROBE_SCRIPT = """
+import importlib, sys, torch
+from bench import maxsim
+backend, module_name, path = sys.argv[1:4]
+q, d, q_lens, d_lens = torch.load(path)
+maxsim.peer_fn(backend, importlib.import_module(module_name), q, d, q_lens, d_lens)()
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_peer(backend: str, q_len: int, d_len: int, dim: int, dtype: str, device: str) -> Optional[str]:
+    """Runs the peer on one query of the longest length against two documents, in a child
+    process: a peer that crashes (maxsim-cpu 0.1.0 dies with SIGSEGV at d=1024 for queries of 8
+    or more tokens on this project's machines) must cost its own rows, not the whole run."""
+    dt = getattr(torch, dtype)
+    q = torch.randn(1, q_len, dim, dtype=dt, device=device)
+    d = torch.randn(2, d_len, dim, dtype=dt, device=device)
+    lens = (torch.tensor([q_len], device=device), torch.tensor([d_len, d_len], device=device))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "inputs.pt")
+        torch.save((q, d, *lens), path)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        try:
+            run = subprocess.run([sys.executable, "-c", _PROBE_SCRIPT, backend, PEERS[backend][0], path], env=env,
+                                 capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            return f"{PEERS[backend][1]} did not finish one query in 300 s in a probe process"
+    if run.returncode == 0:
+        return None
+    how = (f"was killed by {signal.Signals(-run.returncode).name}" if run.returncode < 0
+           else f"exited with {run.returncode}: {run.stderr.strip().splitlines()[-1:]}")
+    return (f"{PEERS[backend][1]} {how} on one query (Lq={q_len}, Ld={d_len}, d={dim}, {dtype}) "
+            f"in a probe process: not run in this one")
+
+
+def peer_crash_reason(backend: str, q, d, q_lens, d_lens) -> Optional[str]:
+    """None if the peer survives the benchmark's shape in a probe process, else why not."""
+    return _probe_peer(backend, int(q_lens.max()), int(d_lens.max()), q.shape[-1],
+                       str(q.dtype).replace("torch.", ""), str(q.device))
+
+
 def peer_fn(backend: str, module, q, d, q_lens, d_lens) -> Callable:
     """A no-argument callable scoring all (query, document) pairs with a peer: (n_q, n_d)."""
     if backend == "maxsim_cpu":
@@ -476,6 +523,9 @@ def _late_fn(ctx, backend: str, q, d, q_lens, d_lens):
     if backend in PEERS:
         module, reason = peer_module(backend, ctx.device)
         if module is None:
+            return None, reason
+        reason = peer_crash_reason(backend, q, d, q_lens, d_lens)
+        if reason is not None:
             return None, reason
         return peer_fn(backend, module, q, d, q_lens, d_lens), None
     return (lambda: rcar_fast.maxsim(q, d, q_lens, d_lens, backend=backend)), None

@@ -73,10 +73,32 @@ def test_late_interaction_rows_have_the_einsum_and_the_peers(maxsim_run):
         peer = found["maxsim_cpu"]
         if module is None:
             assert peer["status"] == "skipped" and "pip install maxsim-cpu" in peer["reason"]
+        elif peer["status"] == "skipped":  # only when the peer crashed in its probe process
+            assert "in a probe process" in peer["reason"], peer
         else:
             assert peer["status"] == "ok" and float(peer["err_vs_reference"]) < BENCH_FP32_ERROR
         for gpu_peer in ("flash_maxsim", "late_interaction_kernels"):
             assert found[gpu_peer]["status"] == "skipped" and "CUDA GPU" in found[gpu_peer]["reason"]
+
+
+def test_a_peer_that_crashes_costs_its_rows_not_the_run(tmp_path, monkeypatch):
+    """A peer killed by a signal in the probe process is reported (signal named), and one that
+    works passes the probe."""
+    (tmp_path / "segfaulting_peer.py").write_text(
+        "import os, signal\n"
+        "def maxsim(q, d, q_mask, d_mask):\n"
+        "    os.kill(os.getpid(), signal.SIGSEGV)\n")
+    (tmp_path / "working_peer.py").write_text(
+        "def maxsim(q, d, q_mask, d_mask):\n"
+        "    return (q @ d.transpose(-1, -2)).sum()\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setitem(maxsim.PEERS, "segfaulting_peer", ("segfaulting_peer", "segfaulting-peer", False))
+    monkeypatch.setitem(maxsim.PEERS, "working_peer", ("working_peer", "working-peer", False))
+    q, d = torch.randn(1, 3, 8), torch.randn(2, 5, 8)
+    lens = torch.tensor([3]), torch.tensor([5, 4])
+    reason = maxsim.peer_crash_reason("segfaulting_peer", q, d, *lens)
+    assert reason is not None and "SIGSEGV" in reason and "Lq=3, Ld=5, d=8" in reason
+    assert maxsim.peer_crash_reason("working_peer", q, d, *lens) is None
 
 
 def test_ratios_are_medians_of_the_same_run(maxsim_run):
