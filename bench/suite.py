@@ -156,6 +156,18 @@ def _grad_inputs(img, cap, head):
     return img_g, cap_g, targets
 
 
+def _graph_replayable(mode: str):
+    """The backward rows time one graph's backward again and again (retain_graph=True). A
+    torch.compile'd function (the reference_compile baseline) compiles a backward that donates
+    its saved buffers and then refuses a second run; with donation off (torch._functorch.config
+    .donated_buffer, read when the forward compiles and when the backward runs) the graph can
+    be replayed: the same kernels, its saved tensors kept. Other modes are left as they are."""
+    config = getattr(getattr(torch, "_functorch", None), "config", None)
+    if mode != "backward" or not hasattr(config, "donated_buffer"):
+        return contextlib.nullcontext()
+    return config.patch(donated_buffer=False)
+
+
 def mode_fn(mode: str, fn: Callable, img, cap, lens, head):
     """(callable to time, skip reason or None) for forward / backward / train_step."""
     if mode == "forward":
@@ -164,14 +176,19 @@ def mode_fn(mode: str, fn: Callable, img, cap, lens, head):
                 return fn(img, cap, lens)
         return forward, None
     img_g, cap_g, targets = _grad_inputs(img, cap, head)
-    out = fn(img_g, cap_g, lens)
+    with _graph_replayable(mode):
+        out = fn(img_g, cap_g, lens)
     if not out.requires_grad:
         return None, "this backend's output has no autograd graph (forward only)"
     gen = torch.Generator().manual_seed(1)
     grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out)
     if mode == "backward":
         graph = out   # the timed call replays this one graph's backward
-        return (lambda: torch.autograd.grad(graph, targets, grad_out, retain_graph=True)), None
+
+        def backward():
+            with _graph_replayable(mode):
+                return torch.autograd.grad(graph, targets, grad_out, retain_graph=True)
+        return backward, None
     del out
     return (lambda: torch.autograd.grad(fn(img_g, cap_g, lens), targets, grad_out)), None
 

@@ -12,7 +12,8 @@ import bench.__main__ as bench_main
 from bench import cases, device, flops, measure, report
 from rcar_fast import dispatch
 from tests.tolerances import (BENCH_FP32_ERROR, BENCH_LOW_PRECISION_ERROR, BENCH_SPARSE_LOSS_ERROR, CSV_DERIVED,
-                              CSV_EXACT_COUNT, CSV_EXTRAPOLATED, FLOPS_GEMM_SHARE, UNIT_NORM_BF16, approx, assert_close)
+                              CSV_EXACT_COUNT, CSV_EXTRAPOLATED, F32_SAME_MATH, FLOPS_GEMM_SHARE, UNIT_NORM_BF16, approx,
+                              assert_close)
 
 _AUTOTUNE_BEFORE = os.environ.get("RCAR_FAST_AUTOTUNE")
 
@@ -435,3 +436,25 @@ def test_gpu_check_leaves_the_environment_as_it_found_it(gpu_check_dry):
     assert os.environ.get("RCAR_FAST_AUTOTUNE") == _AUTOTUNE_BEFORE
     _, _, rows, _ = gpu_check_dry
     assert {r["autotune"] for r in rows} == {_AUTOTUNE_BEFORE or "quick"}
+
+
+def test_backward_rows_replay_a_compiled_graph():
+    # The backward rows time one graph's backward again and again (retain_graph=True); a
+    # torch.compile'd function's backward donates its saved buffers and refused the second run
+    # (the reference_compile rows' error). aot_eager: the same donation, no code generation.
+    from bench import suite
+
+    def scores(img, cap, lens):
+        return 2.0 * torch.tanh(img.flatten(1) @ cap.flatten(1).T)  # a saved intermediate: donated
+
+    gen = torch.Generator().manual_seed(0)
+    img, cap = torch.randn(3, 2, 4, generator=gen), torch.randn(5, 2, 4, generator=gen)
+    lens = torch.full((5,), 2)
+    run, reason = suite.mode_fn("backward", torch.compile(scores, dynamic=True, backend="aot_eager"),
+                                img, cap, lens, None)
+    assert reason is None
+    first, again = run(), run()
+    eager, _ = suite.mode_fn("backward", scores, img, cap, lens, None)
+    for got, twice, want in zip(first, again, eager()):
+        assert torch.equal(got, twice)
+        assert_close(got, want, F32_SAME_MATH, what="compiled backward")
