@@ -3,7 +3,7 @@
 #   bash scripts/gpu_check.sh [OUT_DIR] [--dry-run]
 # Steps in priority order (a short window still yields the first ones), each under its own
 # `timeout` (a hang or a slow step cannot eat the rest; a failing step is reported and the
-# next one runs); its cap in seconds, (what an H200 machine should take):
+# next one runs); its cap in seconds (and what an H200 machine should take):
 #   facts         30 (~5)      nvidia-smi, driver, python/torch/triton/CUDA versions, commit
 #   setup        240 (~90-150) scripts/setup.sh (no registry: PIP_NO_INDEX; nvcc in parallel)
 #   maxsim       150 (~60-120) issue 14: bench --gpu-check --part maxsim (bench/gpu_parts.py): the
@@ -36,7 +36,7 @@ OUT=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg (expected [OUT_DIR] [--dry-run])" >&2; exit 2 ;;
     *) [ -z "$OUT" ] || { echo "gpu_check.sh: one OUT_DIR only, got $OUT and $arg" >&2; exit 2; }; OUT=$arg ;;
   esac
