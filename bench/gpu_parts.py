@@ -368,70 +368,75 @@ def run_maxsim(check) -> list:
 # rcar-backward
 # ---------------------------------------------------------------------------------------------
 
+def _rcar_row(check, op, shape, inputs, head, mode: str, backend: str, reference: dict) -> dict:
+    """One backward / train_step row of the RCAR head on `backend`; reference: the reference
+    row's output ("out") and row ("row") of this mode, filled by the reference's own row."""
+    from bench import flops as flop_model
+
+    ctx = check.ctx
+    img, cap, lens = inputs
+    row = suite.base_row(ctx, op, shape, lens, mode, backend)
+    row["detail"] = "eval-mode head (no dropout); gradients of img, cap and every weight"
+    reason = _skip_reason(check, backend, "rcar", shape.dtype) or suite.forward_only_reason("rcar", backend, True)
+    run = None
+    if reason is None:
+        try:
+            run, reason = suite.mode_fn(mode, suite.similarity_fn(ctx, op, backend, head), img, cap, lens, head)
+        except Exception as err:   # the graph-building forward failed (out of memory, ...)
+            suite.record_failure(ctx, row, err, (op.name, mode, backend), f"{op.name} {mode} {backend}")
+    if run is not None:
+        flops = suite.forward_flops(op, shape, lens, head) * flop_model.MODE_FACTOR[mode]
+        out = _measure(check, row, run, flops, shape.dtype, (op.name, mode, backend, op.sim_dim))
+        del run
+        if out is not None:
+            if backend == "reference":
+                reference.update(out=out, row=row)
+            row["err_vs_reference"] = suite.relative_error(out, reference.get("out"))
+        del out
+    row["reason"] = row.get("reason") or reason
+    base = reference.get("row")
+    if backend != "reference" and base is not None and row.get("status") == "ok":
+        _speedups(row, {"reference": base["median_ms"]})
+        if base.get("peak_mem_mb") and row.get("peak_mem_mb"):
+            row["memory_ratio"] = base["peak_mem_mb"] / row["peak_mem_mb"]
+            row["detail"] += f"; x{row['memory_ratio']:.3g} less peak memory than reference"
+    return _finish(check, row)
+
+
 def run_rcar_backward(check, sim_dim: int) -> list:
+    """The rcar-backward part (module doc) at sim_dim (the dry run: sim_dim / 16)."""
     psizes = part_sizes(check.sizes.dry_run)
-    sim_dim = max(4, sim_dim // psizes.sim_dim_divisor)
-    op = cases.rcar_op("coop_rcar", 2, "t2i", sim_dim)
+    op = cases.rcar_op("coop_rcar", 2, "t2i", max(4, sim_dim // psizes.sim_dim_divisor))
     B = psizes.batch
     shape = cases.Shape(B, B, psizes.regions, psizes.lengths[0], psizes.d, psizes.dtype, "batch",
                         psizes.lengths[1])
-    ctx, dev = check.ctx, check.device
-    check.ctx.log(f"{op.name} sim_dim {sim_dim} {psizes.dtype}: B = {B} (all B x B pairs), "
-                  "backward and train step, reference then triton")
-    img, cap, lens = cases.make_inputs(shape, dev)
-    head = suite.make_head(op, shape, dev)
-    flops = suite.forward_flops(op, shape, lens, head)
+    ctx = check.ctx
+    ctx.log(f"{op.name} sim_dim {op.sim_dim} {psizes.dtype}: B = {B} (all B x B pairs), backward and "
+            "train step, reference then triton")
+    inputs = cases.make_inputs(shape, check.device)
+    head = suite.make_head(op, shape, check.device)
     notes = []
     for mode in [m for m in ("backward", "train_step") if not ctx.modes or m in ctx.modes]:
-        reference_out, baselines = None, {}
+        reference = {}
         for backend in ("reference", "triton"):
-            row = suite.base_row(ctx, op, shape, lens, mode, backend)
-            row["detail"] = "eval-mode head (no dropout); gradients of img, cap and every weight"
-            reason = (_skip_reason(check, backend, "rcar", shape.dtype)
-                      or suite.forward_only_reason("rcar", backend, True))
-            if reason is None:
-                try:
-                    run, reason = suite.mode_fn(mode, suite.similarity_fn(ctx, op, backend, head),
-                                                img, cap, lens, head)
-                except Exception as err:
-                    run = None
-                    suite.record_failure(ctx, row, err, (op.name, mode, backend), f"{op.name} {mode} {backend}")
-                if run is not None:
-                    from bench import flops as flop_model
-
-                    out = _measure(check, row, run, flops * flop_model.MODE_FACTOR[mode], shape.dtype,
-                                   (op.name, mode, backend, sim_dim))
-                    if out is not None:
-                        if backend == "reference":
-                            reference_out = out
-                        row["err_vs_reference"] = suite.relative_error(out, reference_out)
-                    del run, out
-            row["reason"] = row.get("reason") or reason
-            if backend == "reference" and row.get("status") == "ok":
-                baselines["reference"] = row["median_ms"]
-            _speedups(row, baselines)
-            if backend == "triton" and row.get("status") == "ok" and baselines:
-                ref = next(r for r in reversed(check.rows) if r["backend"] == "reference" and r["mode"] == mode)
-                if ref.get("peak_mem_mb") and row.get("peak_mem_mb"):
-                    ratio = ref["peak_mem_mb"] / max(row["peak_mem_mb"], 1e-9)
-                    row["detail"] += f"; x{ratio:.3g} less peak memory than reference"
-                    notes.append(f"{mode} x{row['speedup_vs_reference']:.3g} faster, x{ratio:.3g} less memory")
-            elif backend == "triton":
-                notes.append(f"{mode} triton {row.get('status') or 'skipped'}")
-            _finish(check, row)
-    del img, cap, lens
-    check.ctx.log(f"sparse and full hardest-negative loss, B = {B}, reference and triton")
+            row = _rcar_row(check, op, shape, inputs, head, mode, backend, reference)
+        if row["status"] == "ok" and row.get("memory_ratio"):
+            notes.append(f"{mode} x{row['speedup_vs_reference']:.3g} faster, x{row['memory_ratio']:.3g} less memory")
+        else:
+            notes.append(f"{mode} triton {row['status']}" + (" (no reference)" if row["status"] == "ok" else ""))
+        del reference
+    del inputs
+    ctx.log(f"sparse and full hardest-negative loss, B = {B}, reference and triton")
     keep = ctx.backends
     ctx.backends = ("reference", "triton")
     try:
         loss_rows = suite.run_loss_case(ctx, cases.LossCase(op, (shape,)))
         suite.add_speedups(loss_rows)
         for row in loss_rows:
-            row.update(check.extra)
             check.emit(row)
     except Exception as err:
         check.emit(gpu_check._step_failed(check, f"loss_{op.name}", shape.dtype, err))
     finally:
         ctx.backends = keep
-    check.headline = f"rcar-backward sim_dim {sim_dim} B {B}: " + ("; ".join(notes) or "nothing measured")
+    check.headline = f"rcar-backward sim_dim {op.sim_dim} B {B}: " + "; ".join(notes)
     return check.rows

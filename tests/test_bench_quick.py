@@ -438,23 +438,42 @@ def test_gpu_check_leaves_the_environment_as_it_found_it(gpu_check_dry):
     assert {r["autotune"] for r in rows} == {_AUTOTUNE_BEFORE or "quick"}
 
 
-def test_backward_rows_replay_a_compiled_graph():
-    # The backward rows time one graph's backward again and again (retain_graph=True); a
-    # torch.compile'd function's backward donates its saved buffers and refused the second run
-    # (the reference_compile rows' error). aot_eager: the same donation, no code generation.
+def test_compiled_backward_rows_rebuild_the_graph_per_call(monkeypatch):
+    # torch.compile's backward reuses its saved buffers: mode_fn's one graph, replayed, fails
+    # (or with donation off gives wrong gradients from its second run at realistic sizes). The
+    # compiled rows time (forward + backward) - forward with a fresh graph per call.
+    # aot_eager: the same autograd wrapping, no code generation. Times are stubbed (the
+    # subtraction is what is checked), the gradients are real.
     from bench import suite
 
     def scores(img, cap, lens):
-        return 2.0 * torch.tanh(img.flatten(1) @ cap.flatten(1).T)  # a saved intermediate: donated
+        return 2.0 * torch.tanh(img.flatten(1) @ cap.flatten(1).T)  # a saved intermediate
 
     gen = torch.Generator().manual_seed(0)
     img, cap = torch.randn(3, 2, 4, generator=gen), torch.randn(5, 2, 4, generator=gen)
     lens = torch.full((5,), 2)
-    run, reason = suite.mode_fn("backward", torch.compile(scores, dynamic=True, backend="aot_eager"),
-                                img, cap, lens, None)
-    assert reason is None
-    first, again = run(), run()
+    compiled = torch.compile(scores, dynamic=True, backend="aot_eager")
+    replay, _ = suite.mode_fn("backward", compiled, img, cap, lens, None)
+    with pytest.raises(RuntimeError, match="donated buffers"):
+        replay()   # what the reference_compile backward rows recorded
+
+    stub_ms = {"forward": 3.0, "forward + backward": 5.0}
+
+    def stub_measure(ctx, row, run, model_flops, dtype, skip_key):
+        out = run()
+        ms = stub_ms["forward" if skip_key[-1] == "forward" else "forward + backward"]
+        row.update(status="ok", median_ms=ms, min_ms=ms, gflops_per_s=None)
+        return out
+
+    monkeypatch.setattr(suite, "measure_into", stub_measure)
+    ctx = suite.RunContext(plan=cases.tiny_plan(), device=torch.device("cpu"), common={}, peak_name="")
+    row = {}
+    grads = suite.measure_rebuilt_backward(ctx, row, compiled, img, cap, lens, None, 2e6, torch.float32, ("k",))
     eager, _ = suite.mode_fn("backward", scores, img, cap, lens, None)
-    for got, twice, want in zip(first, again, eager()):
-        assert torch.equal(got, twice)
+    for got, want in zip(grads, eager()):
         assert_close(got, want, F32_SAME_MATH, what="compiled backward")
+    assert row["median_ms"] == 2.0 and row["gflops_per_s"] == approx(1.0, CSV_DERIVED)
+    assert "(forward + backward) 5 ms - forward 3 ms" in row["detail"]
+    stub_ms["forward"] = 6.0   # noise larger than the backward: said, not a negative time
+    with pytest.raises(RuntimeError, match="backward time not resolved"):
+        suite.measure_rebuilt_backward(ctx, {}, compiled, img, cap, lens, None, 2e6, torch.float32, ("k",))
