@@ -161,7 +161,9 @@ bench_part() {  # bench_part PART [ARGS...]: one part of `python -m bench --gpu-
   shift
   # its own budget: it skips (and says so) what would not finish 20 s before the step's timeout
   minutes=$(awk -v s="$GPU_CHECK_STEP_LIMIT" 'BEGIN { printf "%.2f", (s > 60 ? s - 20 : s / 2) / 60 }')
-  "$(python_bin)" -m bench --gpu-check --part "$part" --max-minutes "$minutes" --no-plots \
+  local plots=(--no-plots)
+  [ "$part" != coco ] || plots=()  # the COCO 5K time plot (<device>-gpu-check.png)
+  "$(python_bin)" -m bench --gpu-check --part "$part" --max-minutes "$minutes" "${plots[@]}" \
     --out "$OUT/bench" "${DRY_FLAG[@]}" "$@"
   rc=$?
   [ "$DRY" = 1 ] || [ ! -d "$ROOT/bench/results" ] || { mkdir -p "$OUT/bench_results" && cp -r "$ROOT/bench/results/." "$OUT/bench_results"; }
