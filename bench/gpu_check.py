@@ -16,7 +16,7 @@ bench/gpu_parts.py's; "coco" is this module's:
    bf16 and fp32 on triton and cuda. Inputs are generated on the device in the dtype. SCAN:
    t2i and i2t (smooth 9 / 4, mean aggregation, clipped_l2norm); the S-only heads: the maxsim
    part's.
-3. A head over SAMPLED_OVER_FLOPS_PER_PAIR (RCAR coop_rcar(2), sim_dim 256, t2i) is measured
+3. A head over SAMPLED_OVER_TILE_GEMMS (RCAR coop_rcar(2), sim_dim 256, t2i) is measured
    at 1000 x 5000 (a slice of the same inputs) and extrapolated per pair to 5K x 25K: the
    `extrapolated` column says so and gives the measured time.
 4. Baselines, measured in the same run at a small size (slices of the same inputs) and
@@ -372,16 +372,19 @@ def _op_rows(check: Check, op: cases.OpSpec, inputs, head) -> list:
     return rows
 
 
-# A head above this many model FLOPs per pair (RCAR: ~36 M; SCAN ~2 M, the S-only heads ~1 M)
-# is measured by the fast backends on sizes.rcar_sample and extrapolated.
-SAMPLED_OVER_FLOPS_PER_PAIR = 8e6
+# A head whose model FLOPs per pair exceed this many region-word tile GEMMs (2 R L d: SCAN ~1-2,
+# the S-only heads 1, RCAR coop_rcar(2) ~40 at the COCO shape) is measured by the fast backends
+# on sizes.rcar_sample and extrapolated.
+SAMPLED_OVER_TILE_GEMMS = 8.0
 
 
 def _fast_sample(check: Check, op: cases.OpSpec, inputs, head) -> tuple:
     sizes = check.sizes
     shape = _target_shape(sizes, inputs[0].dtype)
-    per_pair = suite.forward_flops(op, shape, inputs[2], head) / shape.pairs
-    return sizes.rcar_sample if per_pair > SAMPLED_OVER_FLOPS_PER_PAIR else (sizes.n_img, sizes.n_cap)
+    lens = inputs[2]
+    per_pair = suite.forward_flops(op, shape, lens, head) / shape.pairs
+    tile_gemm = 2.0 * sizes.regions * float(lens.float().mean()) * sizes.d
+    return sizes.rcar_sample if per_pair > SAMPLED_OVER_TILE_GEMMS * tile_gemm else (sizes.n_img, sizes.n_cap)
 
 
 # The settings of the COCO 5K all_pairs rows per head family of the registry (rcar_fast.scorers

@@ -214,7 +214,8 @@ def gpu_check_dry(tmp_path_factory):
     before = _results_state()
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = bench_main.main(["--gpu-check", "--dry-run", "--out", str(out), "--threads", "1"])
+        # The coco part (bench/gpu_check.py); the issue parts: tests/test_gpu_check.py.
+        code = bench_main.main(["--gpu-check", "--part", "coco", "--dry-run", "--out", str(out), "--threads", "1"])
     assert code == 0
     assert _results_state() == before, "the dry run modified bench/results/"
     slug = device.device_slug(torch.device("cpu"))
@@ -301,7 +302,7 @@ def test_gpu_check_dry_run_extrapolates_per_pair(gpu_check_dry):
 
 def test_gpu_check_dry_run_has_the_training_step(gpu_check_dry):
     _, _, rows, _ = gpu_check_dry
-    for op in ("loss_scan_t2i", "loss_rcar_coop_rcar2_t2i"):
+    for op in ("loss_scan_t2i",):   # RCAR's: the rcar-backward part (tests/test_gpu_check.py)
         for variant in ("full", "sparse"):
             (ref,) = _find(rows, op=op, variant=variant, backend="reference")
             assert ref["status"] == "ok" and ref["n_img"] == "4" and ref["mode"] == "train_step"
@@ -313,7 +314,8 @@ def test_gpu_check_dry_run_prints_the_summary_last_and_writes_the_files(gpu_chec
     lines = printed.rstrip().splitlines()
     header = next(k for k, line in enumerate(lines) if line.startswith("case "))
     assert lines[header - 1].startswith("GPU check on ")
-    table = lines[header + 1:]
+    assert lines[-1].startswith("coco bfloat16 all_pairs: ")   # the part's headline, last
+    table = lines[header + 1:-1]
     assert len(table) == len([r for r in rows if r["family"] != "ceiling"])
     assert all(line.split()[0] in {r["op"] + ("/" + r["variant"] if r["variant"] else "") for r in rows}
                for line in table)
@@ -418,7 +420,7 @@ def test_a_very_slow_call_is_timed_from_its_warm_up_only():
 def test_an_interrupted_gpu_check_keeps_the_rows_measured_so_far(monkeypatch, tmp_path, capsys):
     from bench import gpu_check
 
-    def measure_then_stop(check):
+    def measure_then_stop(check, *part):
         check.rows.extend(gpu_check.measure_ceilings(check))
         raise KeyboardInterrupt   # what SIGTERM from an outer timeout becomes
 
