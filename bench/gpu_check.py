@@ -511,11 +511,18 @@ def run_coco(check: Check) -> None:
         _dtype_steps(check, dtype, ops)
         if k == 0:
             _loss_step(check, cases.scan_op("t2i"))
-    first = str(check.sizes.dtypes[0]).replace("torch.", "")
-    fast = [f"{r['op']} {r['backend']} {r['median_ms']:.4g} ms{'*' if r.get('extrapolated') else ''}"
-            for r in check.rows if r.get("sweep") == "coco5k" and r.get("backend") in FAST_BACKENDS
-            and not r.get("variant") and r.get("status") == "ok" and r.get("dtype") == first]
-    check.headline = f"coco {first} all_pairs: " + ("; ".join(fast) or "no fast row measured")
+    check.headline = coco_headline(check.rows, [str(d).replace("torch.", "") for d in check.sizes.dtypes])
+
+
+def coco_headline(rows: list, dtypes: list) -> str:
+    """The fast all_pairs rows of the first dtype (in the check's order) that has any."""
+    for dtype in dtypes:
+        fast = [f"{r['op']} {r['backend']} {r['median_ms']:.4g} ms{'*' if r.get('extrapolated') else ''}"
+                for r in rows if r.get("sweep") == "coco5k" and r.get("backend") in FAST_BACKENDS
+                and not r.get("variant") and r.get("status") == "ok" and r.get("dtype") == dtype]
+        if fast:
+            return f"coco {dtype} all_pairs: " + "; ".join(fast)
+    return "coco all_pairs: no fast row measured"
 
 
 def finish_rows(check: Check) -> list:

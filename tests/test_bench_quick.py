@@ -314,7 +314,7 @@ def test_gpu_check_dry_run_prints_the_summary_last_and_writes_the_files(gpu_chec
     lines = printed.rstrip().splitlines()
     header = next(k for k, line in enumerate(lines) if line.startswith("case "))
     assert lines[header - 1].startswith("GPU check on ")
-    assert lines[-1].startswith("coco bfloat16 all_pairs: ")   # the part's headline, last
+    assert lines[-1].startswith("coco ") and "all_pairs: " in lines[-1]   # the part's headline, last
     table = lines[header + 1:-1]
     assert len(table) == len([r for r in rows if r["family"] != "ceiling"])
     assert all(line.split()[0] in {r["op"] + ("/" + r["variant"] if r["variant"] else "") for r in rows}
