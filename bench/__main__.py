@@ -47,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
                              "against the naive / einsum baselines and maxsim-cpu, flash-maxsim, "
                              "late-interaction-kernels where importable (bench/maxsim.py); size "
                              "from --tiny / --quick / --full; summary in <device>.maxsim.md")
+    parser.add_argument("--part", choices=("all", "maxsim", "rcar-backward", "coco"), default=None,
+                        help="with --gpu-check: one part of the check (bench/gpu_check.py, "
+                             "bench/gpu_parts.py): maxsim (issue 14: COCO 5K MrSw, the ColBERT "
+                             "shape), rcar-backward (issue 15: the fused RCAR backward at B = 128), "
+                             "coco (SCAN / RCAR / every registered head at the COCO 5K shape); "
+                             "default all, in that order")
+    parser.add_argument("--sim-dim", type=int, default=None,
+                        help="with --gpu-check --part rcar-backward (or all): the RCAR head's "
+                             "sim_dim (default 64; the public recipe's is 256)")
     parser.add_argument("--dry-run", action="store_true",
                         help="with --gpu-check: the same steps at tiny sizes on the CPU, written "
                              "into --out only")
@@ -109,8 +118,10 @@ def _usage_error(args) -> str:
         return f"--max-minutes must be > 0, got {args.max_minutes}"
     if args.maxsim and args.gpu_check:
         return "--maxsim and --gpu-check are separate runs: give one of them"
-    if (args.dry_run or args.autotune) and not args.gpu_check:
-        return "--dry-run and --autotune go with --gpu-check"
+    if (args.dry_run or args.autotune or args.part or args.sim_dim) and not args.gpu_check:
+        return "--dry-run, --autotune, --part and --sim-dim go with --gpu-check"
+    if args.sim_dim is not None and args.sim_dim < 1:
+        return f"--sim-dim must be >= 1, got {args.sim_dim}"
     if args.dry_run and not args.out:
         return "--gpu-check --dry-run writes into --out DIR only: give --out"
     return ""
@@ -196,13 +207,15 @@ def _start(dev: torch.device, suite_name: str, quiet: bool):
     return common, facts, log
 
 
-def _write_results(rows, facts, results_dir: str, dev, suite_name: str, no_plots: bool):
-    """Appends the CSV and run facts, writes the summary and plots; returns their paths."""
+def _write_results(rows, facts, results_dir: str, dev, suite_name: str, no_plots: bool,
+                   csv_rows=None):
+    """Appends the CSV (csv_rows: those not yet in it, default all rows) and run facts, writes
+    the summary and plots; returns their paths."""
     import rcar_fast
 
     os.makedirs(results_dir, exist_ok=True)
     stem = os.path.join(results_dir, facts["device_slug"])
-    csv_path = report.append_csv(stem + ".csv", rows)
+    csv_path = report.append_csv(stem + ".csv", rows if csv_rows is None else csv_rows)
     report.append_run_facts(stem + ".runs.jsonl", facts)
     if no_plots:
         plot_paths, plot_note = (), "not drawn (--no-plots)"
@@ -245,27 +258,45 @@ def _run_gpu_check(args, dev: torch.device) -> int:
     started = time.perf_counter()
     common, facts, log = _start(dev, sizes.suite, args.quiet)
     ctx = suite.RunContext(plan=gpu_check.plan_for(sizes), device=dev, common=common,
-                           peak_name=common["device_name"] if dev.type == "cuda" else "", log=log)
+                           peak_name=common["device_name"] if dev.type == "cuda" else "",
+                           modes=_split(args.modes), log=log)
     if args.max_minutes is not None:
         ctx.deadline = started + 60.0 * args.max_minutes
     check = gpu_check.new_check(ctx, sizes)
+    results_dir = args.out if args.dry_run else DEFAULT_OUT
+    # Rows a part emits are appended as they are measured: a part cut by its timeout keeps them.
+    # On the GPU also into --out at once: what comes back from the machine is --out alone.
+    csv_paths = [os.path.join(folder, facts["device_slug"] + ".csv")
+                 for folder in (results_dir, None if args.dry_run else args.out) if folder]
+    for path in csv_paths:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def sink(row):
+        for path in csv_paths:
+            report.append_csv(path, [row])
+    check.sink = sink
+    part = args.part or "all"
     try:
         with _terminate_as_interrupt():
-            rows = gpu_check.run_check(check)
+            rows = gpu_check.run_check(check, part, args.sim_dim or 64)
     except KeyboardInterrupt:
         # An outer `timeout` (scripts/gpu_check.sh) or Ctrl-C: keep what was measured.
         print("gpu check interrupted: writing the rows measured so far", file=sys.stderr, flush=True)
         rows = gpu_check.finish_rows(check)
         facts["interrupted"] = True
     facts.update(end=device_facts.snapshot(dev), seconds=round(time.perf_counter() - started, 1),
-                 rows=len(rows), autotune=check.extra["autotune"],
+                 rows=len(rows), autotune=check.extra["autotune"], part=part,
                  caption_lengths=gpu_check.LENGTHS_NOTE, ceilings=gpu_check.ceiling_facts(check))
-    results_dir = args.out if args.dry_run else DEFAULT_OUT
-    written = _write_results(rows, facts, results_dir, dev, sizes.suite, args.no_plots)
+    if part in ("all", "rcar-backward"):
+        facts["sim_dim"] = args.sim_dim or 64
+    written = _write_results(rows, facts, results_dir, dev, sizes.suite, args.no_plots,
+                             csv_rows=[r for r in rows if id(r) not in check.written])
     if args.out and not args.dry_run:
         _copy_into(written, args.out)
         print(f"copied to {args.out}: {', '.join(os.path.basename(p) for p in written)}")
     print(report.gpu_check_table(rows, facts))
+    if check.headline:
+        print(check.headline)
     return 1 if facts.get("interrupted") else 0
 
 

@@ -1,27 +1,32 @@
-"""The GPU check (`python -m bench --gpu-check`): a few minutes on one GPU that answer "how fast
-is rcar_fast at the COCO 5K evaluation, against the hardware and the public algorithm?".
+"""The GPU check (`python -m bench --gpu-check [--part P]`): a few minutes on one GPU that
+answer "how fast is rcar_fast at the COCO 5K evaluation and a training batch, against the
+hardware and the public algorithm?".
 
-In one run, in priority order (a global --max-minutes budget skips what is left, with the
-reason in the row):
+Parts (--part; default all, in this order; scripts/gpu_check.sh runs each as its own step
+under its own timeout): "maxsim" (issue 14) and "rcar-backward" (issue 15) are
+bench/gpu_parts.py's; "coco" is this module's:
 
 1. Hardware ceilings measured on this device: an 8192^3 bf16 matmul's TFLOP/s and a device
    copy's GB/s (read + write bytes over time) (dry run: a small fp32 matmul and copy on the CPU).
-2. SCAN t2i and i2t (published settings: smooth 9 / 4, mean aggregation, clipped_l2norm) at the
+2. Every head family of the registry (rcar_fast.scorers.SCORERS; PUBLISHED_OPS gives the
+   published settings of those it knows, a new family is measured at its defaults) at the
    COCO 5K shape, 5,000 images x 25,000 captions, R = 36, d = 1024, caption lengths drawn like
    COCO's (cases.coco_lengths: 8 + Geometric(2/9) clipped at 50, mean ~11.5), through
    `rcar_fast.all_pairs` (default blocks, matrix returned on the host as a user gets it), in
-   bf16 and fp32 on triton and cuda. Inputs are generated on the device in the dtype.
-3. The RCAR head coop_rcar(2), sim_dim 256, t2i, measured at 1000 x 5000 (a slice of the same
-   inputs) and extrapolated per pair to 5K x 25K: the `extrapolated` column says so and gives
-   the measured time.
+   bf16 and fp32 on triton and cuda. Inputs are generated on the device in the dtype. SCAN:
+   t2i and i2t (smooth 9 / 4, mean aggregation, clipped_l2norm); the S-only heads: the maxsim
+   part's.
+3. A head over SAMPLED_OVER_TILE_GEMMS (RCAR coop_rcar(2), sim_dim 256, t2i) is measured
+   at 1000 x 5000 (a slice of the same inputs) and extrapolated per pair to 5K x 25K: the
+   `extrapolated` column says so and gives the measured time.
 4. Baselines, measured in the same run at a small size (slices of the same inputs) and
    extrapolated per pair to 5K x 25K: the vectorised reference ("reference") and the public
    code's per-caption loop ("reference_loop"). speedup_vs_* columns hold the ratios.
    err_vs_reference of a fast row is its error on the reference's sample.
    Each fast backend also gets a "direct" row (variant): one call of the op on the same inputs,
    scores left on the device: the kernels' time without all_pairs' host copy of the matrix.
-5. A training step of the hardest-negative loss at B = 128 (SCAN t2i; then RCAR), full B x B and
-   sparse, on reference / triton / cuda (bench.suite.run_loss_case).
+5. A training step of SCAN t2i's hardest-negative loss at B = 128, full B x B and sparse, on
+   reference / triton / cuda (bench.suite.run_loss_case); RCAR's is the rcar-backward part's.
 
 Every row carries time, model TFLOP/s (bench/flops.py), % of the measured matmul ceiling
 (pct_ceiling), the bf16 floor (floor_ms = model FLOPs at the bf16 dense peak of the device's
@@ -68,6 +73,7 @@ class Sizes:
     warmup_only_over_s: float     # a warm-up slower than this is the measurement
     dtypes: tuple = (torch.bfloat16, torch.float32)
     single_call_over_s: float = 2.0   # a call slower than this is measured once after warm-up
+    dry_run: bool = False
 
 
 # The reference baselines measured on a sample of the pairs: (family, baseline), the keys of
@@ -100,8 +106,9 @@ def dry_sizes() -> Sizes:
         suite="gpu-check-dry", n_img=4, n_cap=10, regions=6, d=32, sim_dim=16,
         rcar_sample=(2, 5),
         samples=sampled((2, 5), (2, 4), (2, 4), (2, 3)),
+        # Every row timed from its one warm-up call: the interpreter's seconds mean nothing.
         loss_batch=4, matmul_n=256, matmul_dtype=torch.float32, copy_bytes=2**23, budget_s=0.0,
-        warmup_only_over_s=20.0)
+        warmup_only_over_s=0.0, dry_run=True)
 
 
 @dataclasses.dataclass
@@ -114,10 +121,25 @@ class Check:
     to_host_ms: Optional[float] = None
     rows: list = dataclasses.field(default_factory=list)
     reference_samples: dict = dataclasses.field(default_factory=dict)  # (op, dtype) -> (inputs, out)
+    # Called with each row emit() finishes (bench/__main__: appends it to the CSV at once, so
+    # that a part cut by its timeout keeps what it measured); rows it has taken are `written`.
+    sink: Optional[Callable] = None
+    written: set = dataclasses.field(default_factory=set)
+    headline: str = ""            # the part's one-line result, printed last
 
     @property
     def device(self) -> torch.device:
         return self.ctx.device
+
+    def emit(self, row: dict) -> None:
+        """A finished row (its ratios already set): ceiling columns added, kept, and handed
+        to the sink."""
+        row.update(self.extra)
+        add_ceiling_columns(self, [row])
+        self.rows.append(row)
+        if self.sink is not None:
+            self.sink(row)
+            self.written.add(id(row))
 
     def out_of_time(self) -> Optional[str]:
         return suite.deadline_reason(self.ctx)
@@ -339,14 +361,52 @@ def _op_rows(check: Check, op: cases.OpSpec, inputs, head) -> list:
     sizes = check.sizes
     rows = []
     for backend in BASELINES:
-        rows.append(similarity_row(check, op, backend, inputs, head, sizes.samples[(op.family, backend)]))
+        sample = sizes.samples.get((op.family, backend), sizes.samples[("rcar", backend)])
+        rows.append(similarity_row(check, op, backend, inputs, head, sample))
         suite.log_row(check.ctx, rows[-1])
-    sample = (sizes.n_img, sizes.n_cap) if op.family == "scan" else sizes.rcar_sample
+    sample = _fast_sample(check, op, inputs, head)
     for direct in (False, True):
         for backend in FAST_BACKENDS:
             rows.append(similarity_row(check, op, backend, inputs, head, sample, direct))
             suite.log_row(check.ctx, rows[-1])
     return rows
+
+
+# A head whose model FLOPs per pair exceed this many region-word tile GEMMs (2 R L d: SCAN ~1-2,
+# the S-only heads 1, RCAR coop_rcar(2) ~40 at the COCO shape) is measured by the fast backends
+# on sizes.rcar_sample and extrapolated.
+SAMPLED_OVER_TILE_GEMMS = 8.0
+
+
+def _fast_sample(check: Check, op: cases.OpSpec, inputs, head) -> tuple:
+    sizes = check.sizes
+    shape = _target_shape(sizes, inputs[0].dtype)
+    lens = inputs[2]
+    per_pair = suite.forward_flops(op, shape, lens, head) / shape.pairs
+    tile_gemm = 2.0 * sizes.regions * float(lens.float().mean()) * sizes.d
+    return sizes.rcar_sample if per_pair > SAMPLED_OVER_TILE_GEMMS * tile_gemm else (sizes.n_img, sizes.n_cap)
+
+
+# The settings of the COCO 5K all_pairs rows per head family of the registry (rcar_fast.scorers
+# SCORERS): the published ones where known; a family not listed here is measured at its
+# defaults, so a new head is covered without editing this file; () where another part of the
+# check measures the family (maxsim: bench/gpu_parts.py, --part maxsim).
+PUBLISHED_OPS = {
+    "scan": lambda sizes: (cases.scan_op("t2i"), cases.scan_op("i2t")),
+    "rcar": lambda sizes: (cases.rcar_op("coop_rcar", 2, "t2i", sizes.sim_dim),),
+    "maxsim": lambda sizes: (),
+}
+
+
+def coco_ops(sizes: Sizes) -> list:
+    """The OpSpecs of the COCO 5K rows, one family of rcar_fast.scorers.SCORERS after another."""
+    from rcar_fast import scorers
+
+    ops = []
+    for scorer in scorers.SCORERS:
+        make = PUBLISHED_OPS.get(scorer.name)
+        ops.extend(make(sizes) if make is not None else (cases.OpSpec(f"{scorer.name}_default", scorer.name),))
+    return ops
 
 
 def _rcar_head(check: Check, op: cases.OpSpec, dtype):
@@ -387,23 +447,27 @@ def _step_failed(check: Check, what: str, dtype, err: BaseException) -> dict:
                 n_cap=check.sizes.n_cap, status="error", reason=suite.error_text(err))
 
 
-def _dtype_steps(check: Check, dtype, scan_ops, rcar) -> None:
-    """SCAN t2i / i2t and RCAR rows of one dtype, on inputs made once for them."""
+def _dtype_steps(check: Check, dtype, ops) -> None:
+    """The COCO 5K rows of every op in one dtype, on inputs made once for them."""
     log, sizes = check.ctx.log, check.sizes
     try:
         inputs = _inputs(check, dtype)
-        head = _rcar_head(check, rcar, dtype)
     except Exception as err:
         check.rows.append(_step_failed(check, f"inputs_{str(dtype).replace('torch.', '')}", dtype, err))
         return
     try:
-        for op in scan_ops:
-            log(f"{op.name} {dtype}: all_pairs at {sizes.n_img} x {sizes.n_cap}")
-            check.rows.extend(_op_rows(check, op, inputs, None))
-        log(f"{rcar.name} {dtype}: all_pairs at {sizes.rcar_sample}, extrapolated")
-        check.rows.extend(_op_rows(check, rcar, inputs, head))
+        for op in ops:
+            try:
+                head = _rcar_head(check, op, dtype)
+            except Exception as err:
+                check.rows.append(_step_failed(check, f"head_{op.name}", dtype, err))
+                continue
+            log(f"{op.name} {dtype}: all_pairs at {sizes.n_img} x {sizes.n_cap} (slow heads on a sample, "
+                "extrapolated)")
+            check.rows.extend(_op_rows(check, op, inputs, head))
+            del head
     finally:
-        del inputs, head
+        del inputs
         check.reference_samples.clear()
         if check.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -417,29 +481,58 @@ def _loss_step(check: Check, op: cases.OpSpec) -> None:
         check.rows.append(_step_failed(check, f"loss_{op.name}", torch.float32, err))
 
 
-def run_check(check: Check) -> list:
-    """Every step in priority order, rows appended to check.rows as they are measured (an
-    interrupted run keeps them); returns them (finish_rows adds speedups and ceilings)."""
-    check.rows.extend(measure_ceilings(check))
-    check.ctx.log(f"ceilings: matmul {check.matmul_tflops or float('nan'):.4g} TFLOP/s, "
-                  f"copy {check.copy_gbs or float('nan'):.4g} GB/s")
-    scan_ops = (cases.scan_op("t2i"), cases.scan_op("i2t"))
-    rcar = cases.rcar_op("coop_rcar", 2, "t2i", check.sizes.sim_dim)
-    for k, dtype in enumerate(check.sizes.dtypes):
-        _dtype_steps(check, dtype, scan_ops, rcar)
-        if k == 0:
-            _loss_step(check, scan_ops[0])
-    _loss_step(check, rcar)
+PARTS = ("maxsim", "rcar-backward", "coco")
+
+
+def run_check(check: Check, part: str = "all", sim_dim: int = 64) -> list:
+    """The part(s) in priority order (all: maxsim, rcar-backward at sim_dim, coco), rows
+    appended to check.rows as they are measured (an interrupted run keeps them); returns
+    them (finish_rows adds speedups and ceilings)."""
+    from bench import gpu_parts
+
+    if part in ("all", "maxsim"):
+        gpu_parts.run_maxsim(check)
+    if part in ("all", "rcar-backward"):
+        gpu_parts.run_rcar_backward(check, sim_dim)
+    if part in ("all", "coco"):
+        run_coco(check)
     return finish_rows(check)
 
 
+def run_coco(check: Check) -> None:
+    """Ceilings, the COCO 5K rows of every head family (coco_ops) in each dtype, and SCAN's
+    training step. (RCAR's training step is the rcar-backward part's: its fused backward is
+    compiled there under a sim_dim-specific timeout.)"""
+    check.rows.extend(measure_ceilings(check))
+    check.ctx.log(f"ceilings: matmul {check.matmul_tflops or float('nan'):.4g} TFLOP/s, "
+                  f"copy {check.copy_gbs or float('nan'):.4g} GB/s")
+    ops = coco_ops(check.sizes)
+    for k, dtype in enumerate(check.sizes.dtypes):
+        _dtype_steps(check, dtype, ops)
+        if k == 0:
+            _loss_step(check, cases.scan_op("t2i"))
+    check.headline = coco_headline(check.rows, [str(d).replace("torch.", "") for d in check.sizes.dtypes])
+
+
+def coco_headline(rows: list, dtypes: list) -> str:
+    """The fast all_pairs rows of the first dtype (in the check's order) that has any."""
+    for dtype in dtypes:
+        fast = [f"{r['op']} {r['backend']} {r['median_ms']:.4g} ms{'*' if r.get('extrapolated') else ''}"
+                for r in rows if r.get("sweep") == "coco5k" and r.get("backend") in FAST_BACKENDS
+                and not r.get("variant") and r.get("status") == "ok" and r.get("dtype") == dtype]
+        if fast:
+            return f"coco {dtype} all_pairs: " + "; ".join(fast)
+    return "coco all_pairs: no fast row measured"
+
+
 def finish_rows(check: Check) -> list:
-    """Speedups and ceiling columns of the rows measured so far (also after an interruption)."""
-    rows = check.rows
+    """Speedups and ceiling columns of the rows measured so far (also after an interruption);
+    rows already emitted (written as measured) keep the columns they were written with."""
+    rows = [r for r in check.rows if id(r) not in check.written]
     suite.add_speedups([r for r in rows if r["family"] not in ("ceiling", "step")])
     _direct_speedups(rows)
     add_ceiling_columns(check, rows)
-    return rows
+    return check.rows
 
 
 def _direct_speedups(rows: list) -> None:

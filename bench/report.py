@@ -256,6 +256,8 @@ def gpu_check_table(rows: list, facts: Optional[dict] = None) -> str:
         if r.get("family") == "ceiling":
             continue
         case = r["op"] + (f"/{r['variant']}" if r.get("variant") else "")
+        if r.get("mode", "forward") != "forward" and not r["op"].startswith("loss_"):
+            case += f" {r['mode']}"
         case += f" {r['n_img']}x{r['n_cap']}" + ("*" if r.get("extrapolated") else "")
         if r["status"] != "ok":
             note = f"{r['status']}: {str(r.get('reason') or '').removeprefix('skipped: ')}"

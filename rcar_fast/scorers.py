@@ -52,7 +52,8 @@ Adding (b) a backend "bar" of an existing op:
 Adding (c) a benchmark case: bench/cases.py only (an OpSpec naming a head of SCORERS and
   its build options, in a plan; e.g. the maxsim cases there). The suite asks the head's
   scorer for the model, the call, the compile baseline (its vectorised reference) and the
-  FLOPs; bench/gpu_check.py has its own fixed SCAN / RCAR set (still named there).
+  FLOPs; bench/gpu_check.py's COCO 5K rows iterate over SCORERS (published settings where
+  it knows them, a new head at its defaults).
 """
 from __future__ import annotations
 

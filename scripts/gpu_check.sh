@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
 # The GPU machine's check, in at most 9 minutes of wall time:
 #   bash scripts/gpu_check.sh [OUT_DIR] [--dry-run]
-# Steps, each under its own `timeout` (a hang or a slow step cannot eat the rest; a failing
-# step is reported and the next one runs):
-#   facts        nvidia-smi, driver, python/torch/triton/CUDA versions, capability, commit, date
-#   setup        scripts/setup.sh (no registry: PIP_NO_INDEX when torch is preinstalled; nvcc in parallel)
-#   correctness  scripts/gpu_correctness.py: every GPU backend vs the float64 reference, small sizes
-#   bench        python -m bench --gpu-check: ceilings, COCO 5K rows, RCAR extrapolation, training step
-#   gpu-tests    pytest -m gpu (junit xml)
+# Steps in priority order (a short window still yields the first ones), each under its own
+# `timeout` (a hang or a slow step cannot eat the rest; a failing step is reported and the
+# next one runs); its cap in seconds (and what an H200 machine should take):
+#   facts         30 (~5)      nvidia-smi, driver, python/torch/triton/CUDA versions, commit
+#   setup        240 (~90-150) scripts/setup.sh (no registry: PIP_NO_INDEX; nvcc in parallel)
+#   maxsim       150 (~60-120) issue 14: bench --gpu-check --part maxsim (bench/gpu_parts.py): the
+#                              bf16 GEMM floor, COCO 5K MrSw all pairs on triton / cuda, the ColBERT
+#                              shape vs the einsum, flash-maxsim / late-interaction-kernels rows
+#   rcar-bwd-64  150 (~40-150) issue 15: --part rcar-backward --sim-dim 64: the fused Triton RCAR
+#                              backward vs the reference's autograd, B = 128 bf16 (a step of its
+#                              own: the backward's compile time grows steeply with sim_dim)
+#   maxsim-tests  90 (~30-60)  pytest -m gpu tests/test_maxsim_cuda.py -x -k "fp32 and every_setting",
+#                              then -k vsa
+#   correctness  120 (~60-120) scripts/gpu_correctness.py: every GPU backend vs the float64 reference
+#   coco         150 (~100+)   --part coco: ceilings, every registered head at the COCO 5K shape
+#                              through all_pairs vs the references, SCAN's training step
+#   gpu-tests    150 (rest)    pytest -m gpu: the SCAN / RCAR / maxsim GPU files first, then the
+#                              rest (less what maxsim-tests ran and the sim_dim 256 backward test)
+#   rcar-bwd-256 rest          --part rcar-backward --sim-dim 256 (the recipe's) with what is left
 # OUT_DIR (default gpu_check_out/<UTC time>) gets facts.json, a log per step (logs/), the
-# correctness JSON/CSV, the bench output, pytest-gpu.xml, a copy of bench/results/ and
-# summary.tsv; the summary table is printed last. Exit status 0 only if every step passed.
+# correctness JSON/CSV, the bench output (bench/: CSV rows appended as measured), the
+# pytest-*.xml, a copy of bench/results/ and summary.tsv; the summary table is printed last.
+# Exit status 0 only if every step passed.
 # --dry-run: a CPU machine's rehearsal (CI runs it): GPUs hidden, Triton in its interpreter on
 # CPU tensors at tiny sizes, set-up only probed (nothing installed), CUDA cases skipped.
 # RCAR_FAST_AUTOTUNE=quick (1-2 autotune configs) unless set; GPU_CHECK_TOTAL_S=540 the budget.
@@ -23,7 +36,7 @@ OUT=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg (expected [OUT_DIR] [--dry-run])" >&2; exit 2 ;;
     *) [ -z "$OUT" ] || { echo "gpu_check.sh: one OUT_DIR only, got $OUT and $arg" >&2; exit 2; }; OUT=$arg ;;
   esac
@@ -87,7 +100,7 @@ run_step() {
   fi
   tail -n "${GPU_CHECK_TAIL:-12}" "$log"
   local last
-  last=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 | tr '\t' ' ' | cut -c1-90)
+  last=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 | tr '\t' ' ' | cut -c1-200)
   STEPS+=("$name"); STATUS+=("$status"); SECS+=($((SECONDS - t0))); DETAIL+=("$last")
 }
 
@@ -143,22 +156,29 @@ correctness() {  # starts no case in the last 30 s of its step, so its report is
     --budget-s $((GPU_CHECK_STEP_LIMIT > 60 ? GPU_CHECK_STEP_LIMIT - 30 : GPU_CHECK_STEP_LIMIT / 2)) "${DRY_FLAG[@]}"
 }
 
-bench_step() {
-  local rc minutes
-  # its own budget: it skips (and says so) what would not finish 30 s before the step's timeout
-  minutes=$(awk -v s="$GPU_CHECK_STEP_LIMIT" 'BEGIN { printf "%.2f", (s > 60 ? s - 30 : s / 2) / 60 }')
-  "$(python_bin)" -m bench --gpu-check --max-minutes "$minutes" --out "$OUT/bench" "${DRY_FLAG[@]}"
+bench_part() {  # bench_part PART [ARGS...]: one part of `python -m bench --gpu-check`
+  local rc minutes part=$1
+  shift
+  # its own budget: it skips (and says so) what would not finish 20 s before the step's timeout
+  minutes=$(awk -v s="$GPU_CHECK_STEP_LIMIT" 'BEGIN { printf "%.2f", (s > 60 ? s - 20 : s / 2) / 60 }')
+  local plots=(--no-plots)
+  [ "$part" != coco ] || plots=()  # the COCO 5K time plot (<device>-gpu-check.png)
+  "$(python_bin)" -m bench --gpu-check --part "$part" --max-minutes "$minutes" "${plots[@]}" \
+    --out "$OUT/bench" "${DRY_FLAG[@]}" "$@"
   rc=$?
-  [ ! -d "$ROOT/bench/results" ] || cp -r "$ROOT/bench/results" "$OUT/bench_results"
+  [ "$DRY" = 1 ] || [ ! -d "$ROOT/bench/results" ] || { mkdir -p "$OUT/bench_results" && cp -r "$ROOT/bench/results/." "$OUT/bench_results"; }
   return $rc
 }
 
-gpu_tests() {  # tests that would start in the last 30 s of the step skip (conftest.py), the xml is written
-  local rc unrun
-  RCAR_FAST_TEST_DEADLINE=$(($(date +%s) + (GPU_CHECK_STEP_LIMIT > 60 ? GPU_CHECK_STEP_LIMIT - 30 : GPU_CHECK_STEP_LIMIT / 2))) \
-    "$(python_bin)" -m pytest -m gpu -q -rs --durations=15 -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests
+# pytest_gpu NAME PYTEST-ARGS...: pytest -m gpu into $OUT/pytest-NAME.xml; tests that would
+# start in the last 20 s of the step skip (conftest.py), so that the xml is written.
+pytest_gpu() {
+  local rc unrun name=$1
+  shift
+  RCAR_FAST_TEST_DEADLINE=$(($(date +%s) + (GPU_CHECK_STEP_LIMIT > 60 ? GPU_CHECK_STEP_LIMIT - 20 : GPU_CHECK_STEP_LIMIT / 2))) \
+    "$(python_bin)" -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider --junitxml="$OUT/pytest-$name.xml" "$@"
   rc=$?
-  unrun=$(grep -o 'message="out of time' "$OUT/pytest-gpu.xml" 2>/dev/null | wc -l)
+  unrun=$(grep -o 'message="out of time' "$OUT/pytest-$name.xml" 2>/dev/null | wc -l)
   if [ "$rc" -eq 0 ] && [ "$unrun" -gt 0 ]; then
     echo "[gpu_check] incomplete: $unrun GPU tests not started (out of time)"
     return 3
@@ -166,17 +186,60 @@ gpu_tests() {  # tests that would start in the last 30 s of the step skip (conft
   return $rc
 }
 
-export -f facts setup_step correctness bench_step gpu_tests python_bin
+# ran_ids XML...: the node ids those junit files ran (not skipped), to deselect them later.
+ran_ids() {
+  "$(python_bin)" - "$@" <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+for path in sys.argv[1:]:
+    try:
+        cases = list(ET.parse(path).getroot().iter("testcase"))
+    except (OSError, ET.ParseError):
+        continue
+    for case in cases:
+        if case.find("skipped") is None:
+            module, name = case.get("classname"), case.get("name")
+            print(module.replace(".", "/") + ".py::" + name)
+PY
+}
+
+maxsim_tests() {  # the cheapest, most telling GPU tests of issue 14 first
+  local rc=0 second=0
+  pytest_gpu maxsim-fp32 tests/test_maxsim_cuda.py -x -k "fp32 and every_setting" || rc=$?
+  pytest_gpu maxsim-vsa tests/test_maxsim_cuda.py -k vsa || second=$?
+  [ "$rc" -ne 0 ] || rc=$second
+  return "$rc"
+}
+
+# Compiles kernels/rcar_backward.py at sim_dim 256 (over 40 minutes today): left to its own run.
+SLOW_TEST=tests/test_rcar_triton.py::test_gpu_gradients_float32
+
+gpu_tests() {  # the SCAN / RCAR / maxsim GPU files first (pytest drops the repeats of `tests`)
+  local args=() id
+  while read -r id; do args+=(--deselect "$id"); done < <(ran_ids "$OUT/pytest-maxsim-fp32.xml" "$OUT/pytest-maxsim-vsa.xml")
+  echo "[gpu_check] deselected: $((${#args[@]} / 2)) tests that maxsim-tests ran; $SLOW_TEST (the sim_dim 256 backward compile)"
+  pytest_gpu gpu "${args[@]}" --deselect "$SLOW_TEST" \
+    tests/test_scan_cuda.py tests/test_scan_triton.py tests/test_rcar_triton.py tests/test_rcar_cuda.py \
+    tests/test_maxsim_cuda.py tests/test_maxsim_triton.py tests
+}
+
+export -f facts setup_step correctness bench_part pytest_gpu ran_ids maxsim_tests gpu_tests python_bin
+export SLOW_TEST
 export ROOT OUT DRY VENV
 # (arrays do not cross `export -f`; the one the steps need is rebuilt from DRY)
 DRY_FLAG_DEF='DRY_FLAG=(); [ "$DRY" = 1 ] && DRY_FLAG=(--dry-run)'
 
 echo "gpu_check: out $OUT, budget ${TOTAL}s$([ "$DRY" = 1 ] && echo ', DRY RUN (CPU, interpreter, tiny sizes)')"
-run_step facts 60 bash -c 'facts'
+run_step facts 30 bash -c 'facts'
 run_step setup 240 bash -c 'setup_step'
-run_step correctness 150 bash -c "$DRY_FLAG_DEF; correctness"
-run_step bench 240 bash -c "$DRY_FLAG_DEF; bench_step"
-run_step gpu-tests 240 bash -c 'gpu_tests'
+run_step maxsim 150 bash -c "$DRY_FLAG_DEF; bench_part maxsim"
+run_step rcar-bwd-64 150 bash -c "$DRY_FLAG_DEF; bench_part rcar-backward --sim-dim 64"
+run_step maxsim-tests 90 bash -c 'maxsim_tests'
+run_step correctness 120 bash -c "$DRY_FLAG_DEF; correctness"
+run_step coco 150 bash -c "$DRY_FLAG_DEF; bench_part coco"
+run_step gpu-tests 150 bash -c 'gpu_tests'
+# The recipe's sim_dim with whatever is left (the dry run: its backward rows only, same code).
+run_step rcar-bwd-256 600 bash -c "$DRY_FLAG_DEF; bench_part rcar-backward --sim-dim 256 $([ "$DRY" = 1 ] && echo '--modes backward')"
 
 {
   printf 'step\tstatus\tseconds\tlast line of its log\n'

@@ -12,7 +12,8 @@ import bench.__main__ as bench_main
 from bench import cases, device, flops, measure, report
 from rcar_fast import dispatch
 from tests.tolerances import (BENCH_FP32_ERROR, BENCH_LOW_PRECISION_ERROR, BENCH_SPARSE_LOSS_ERROR, CSV_DERIVED,
-                              CSV_EXACT_COUNT, CSV_EXTRAPOLATED, FLOPS_GEMM_SHARE, UNIT_NORM_BF16, approx, assert_close)
+                              CSV_EXACT_COUNT, CSV_EXTRAPOLATED, F32_SAME_MATH, FLOPS_GEMM_SHARE, UNIT_NORM_BF16, approx,
+                              assert_close)
 
 _AUTOTUNE_BEFORE = os.environ.get("RCAR_FAST_AUTOTUNE")
 
@@ -213,7 +214,8 @@ def gpu_check_dry(tmp_path_factory):
     before = _results_state()
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = bench_main.main(["--gpu-check", "--dry-run", "--out", str(out), "--threads", "1"])
+        # The coco part (bench/gpu_check.py); the issue parts: tests/test_gpu_check.py.
+        code = bench_main.main(["--gpu-check", "--part", "coco", "--dry-run", "--out", str(out), "--threads", "1"])
     assert code == 0
     assert _results_state() == before, "the dry run modified bench/results/"
     slug = device.device_slug(torch.device("cpu"))
@@ -300,7 +302,7 @@ def test_gpu_check_dry_run_extrapolates_per_pair(gpu_check_dry):
 
 def test_gpu_check_dry_run_has_the_training_step(gpu_check_dry):
     _, _, rows, _ = gpu_check_dry
-    for op in ("loss_scan_t2i", "loss_rcar_coop_rcar2_t2i"):
+    for op in ("loss_scan_t2i",):   # RCAR's: the rcar-backward part (tests/test_gpu_check.py)
         for variant in ("full", "sparse"):
             (ref,) = _find(rows, op=op, variant=variant, backend="reference")
             assert ref["status"] == "ok" and ref["n_img"] == "4" and ref["mode"] == "train_step"
@@ -312,7 +314,8 @@ def test_gpu_check_dry_run_prints_the_summary_last_and_writes_the_files(gpu_chec
     lines = printed.rstrip().splitlines()
     header = next(k for k, line in enumerate(lines) if line.startswith("case "))
     assert lines[header - 1].startswith("GPU check on ")
-    table = lines[header + 1:]
+    assert lines[-1].startswith("coco ") and "all_pairs: " in lines[-1]   # the part's headline, last
+    table = lines[header + 1:-1]
     assert len(table) == len([r for r in rows if r["family"] != "ceiling"])
     assert all(line.split()[0] in {r["op"] + ("/" + r["variant"] if r["variant"] else "") for r in rows}
                for line in table)
@@ -417,7 +420,7 @@ def test_a_very_slow_call_is_timed_from_its_warm_up_only():
 def test_an_interrupted_gpu_check_keeps_the_rows_measured_so_far(monkeypatch, tmp_path, capsys):
     from bench import gpu_check
 
-    def measure_then_stop(check):
+    def measure_then_stop(check, *part):
         check.rows.extend(gpu_check.measure_ceilings(check))
         raise KeyboardInterrupt   # what SIGTERM from an outer timeout becomes
 
@@ -435,3 +438,44 @@ def test_gpu_check_leaves_the_environment_as_it_found_it(gpu_check_dry):
     assert os.environ.get("RCAR_FAST_AUTOTUNE") == _AUTOTUNE_BEFORE
     _, _, rows, _ = gpu_check_dry
     assert {r["autotune"] for r in rows} == {_AUTOTUNE_BEFORE or "quick"}
+
+
+def test_compiled_backward_rows_rebuild_the_graph_per_call(monkeypatch):
+    # torch.compile's backward reuses its saved buffers: mode_fn's one graph, replayed, fails
+    # (or with donation off gives wrong gradients from its second run at realistic sizes). The
+    # compiled rows time (forward + backward) - forward with a fresh graph per call.
+    # aot_eager: the same autograd wrapping, no code generation. Times are stubbed (the
+    # subtraction is what is checked), the gradients are real.
+    from bench import suite
+
+    def scores(img, cap, lens):
+        return 2.0 * torch.tanh(img.flatten(1) @ cap.flatten(1).T)  # a saved intermediate
+
+    gen = torch.Generator().manual_seed(0)
+    img, cap = torch.randn(3, 2, 4, generator=gen), torch.randn(5, 2, 4, generator=gen)
+    lens = torch.full((5,), 2)
+    compiled = torch.compile(scores, dynamic=True, backend="aot_eager")
+    replay, _ = suite.mode_fn("backward", compiled, img, cap, lens, None)
+    with pytest.raises(RuntimeError, match="donated buffers"):
+        replay()   # what the reference_compile backward rows recorded
+
+    stub_ms = {"forward": 3.0, "forward + backward": 5.0}
+
+    def stub_measure(ctx, row, run, model_flops, dtype, skip_key):
+        out = run()
+        ms = stub_ms["forward" if skip_key[-1] == "forward" else "forward + backward"]
+        row.update(status="ok", median_ms=ms, min_ms=ms, gflops_per_s=None)
+        return out
+
+    monkeypatch.setattr(suite, "measure_into", stub_measure)
+    ctx = suite.RunContext(plan=cases.tiny_plan(), device=torch.device("cpu"), common={}, peak_name="")
+    row = {}
+    grads = suite.measure_rebuilt_backward(ctx, row, compiled, img, cap, lens, None, 2e6, torch.float32, ("k",))
+    eager, _ = suite.mode_fn("backward", scores, img, cap, lens, None)
+    for got, want in zip(grads, eager()):
+        assert_close(got, want, F32_SAME_MATH, what="compiled backward")
+    assert row["median_ms"] == 2.0 and row["gflops_per_s"] == approx(1.0, CSV_DERIVED)
+    assert "(forward + backward) 5 ms - forward 3 ms" in row["detail"]
+    stub_ms["forward"] = 6.0   # noise larger than the backward: said, not a negative time
+    with pytest.raises(RuntimeError, match="backward time not resolved"):
+        suite.measure_rebuilt_backward(ctx, {}, compiled, img, cap, lens, None, 2e6, torch.float32, ("k",))

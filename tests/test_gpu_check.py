@@ -1,6 +1,8 @@
 """scripts/gpu_check.sh --dry-run: the GPU machine's check, rehearsed on the CPU so that it
-cannot rot between the rare GPU windows. Runs the script once (about a minute on 2 cores) and
+cannot rot between the rare GPU windows. Runs the script once (a few minutes on 2 cores) and
 reads what it wrote."""
+import csv
+import glob
 import json
 import os
 import subprocess
@@ -9,8 +11,11 @@ import time
 
 import pytest
 
+from tests.tolerances import BENCH_FP32_ERROR
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("facts", "setup", "correctness", "bench", "gpu-tests")
+STEPS = ("facts", "setup", "maxsim", "rcar-bwd-64", "maxsim-tests", "correctness", "coco", "gpu-tests",
+         "rcar-bwd-256")
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +83,56 @@ def test_dry_run_selected_the_gpu_tests(dry_run):
     # `-m gpu` on a CPU machine: every selected test is a GPU test, skipped with the reason
     assert 'tests="0"' not in junit and "needs a CUDA GPU" in junit
     assert "<failure" not in junit and "<error" not in junit
+
+
+def _bench_rows(out):
+    (path,) = glob.glob(str(out / "bench" / "*.csv"))
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_dry_run_issue_parts_wrote_their_rows(dry_run):
+    _, out = dry_run
+    rows = _bench_rows(out)
+    by = {}
+    for row in rows:
+        by.setdefault((row["op"], row["sweep"], row["mode"], row["backend"], row["variant"], row["sim_dim"]), row)
+    # issue 14: MrSw at the (tiny) COCO shape on triton, checked against the reference; the
+    # ColBERT shape against the einsum; the GPU peers and cuda skipped with their reasons.
+    for key in (("head_mrsw", "coco5k-mrsw", "forward", "triton", "direct", ""),
+                ("head_mrsw", "coco5k-mrsw", "forward", "triton", "", ""),
+                ("maxsim", "colbert", "forward", "einsum_pylate", "", ""),
+                ("maxsim", "colbert", "forward", "triton", "", "")):
+        row = by[key]
+        assert row["status"] == "ok" and float(row["err_vs_reference"]) < BENCH_FP32_ERROR, row
+        assert float(row["speedup_vs_reference"]) > 0 and row["suite"] == "gpu-check-dry", row
+    assert by[("head_mrsw", "coco5k-mrsw", "forward", "reference", "direct", "")]["extrapolated"]
+    for peer in ("flash_maxsim", "late_interaction_kernels"):
+        row = by[("maxsim", "colbert", "forward", peer, "", "")]
+        assert row["status"] == "skipped" and "needs a CUDA GPU" in row["reason"], row
+    assert by[("head_mrsw", "coco5k-mrsw", "forward", "cuda", "direct", "")]["status"] == "skipped"
+    assert any(r["op"] == "ceiling_matmul" and r["status"] == "ok" for r in rows)
+    # issue 15: the fused backward against the reference's autograd at both sim_dims (dry: /16)
+    for sim_dim in ("4", "16"):
+        row = by[("rcar_coop_rcar2_t2i", "batch", "backward", "triton", "", sim_dim)]
+        assert row["status"] == "ok" and float(row["err_vs_reference"]) < BENCH_FP32_ERROR, row
+        assert float(row["peak_mem_mb"]) >= 0 and "less peak memory" in row["detail"], row
+    assert by[("rcar_coop_rcar2_t2i", "batch", "train_step", "triton", "", "4")]["status"] == "ok"
+    assert by[("loss_rcar_coop_rcar2_t2i", "batch", "train_step", "triton", "sparse", "4")]["status"] == "ok"
+    # the coco part covers every registered head family (maxsim by its own part)
+    assert {"scan_t2i", "scan_i2t", "rcar_coop_rcar2_t2i"} <= {r["op"] for r in rows if r["sweep"] == "coco5k"}
+    summary = _summary_rows(out)
+    assert "MrSw coco5k triton" in summary["maxsim"][3] and "backward" in summary["rcar-bwd-64"][3]
+
+
+def test_dry_run_ran_the_maxsim_tests_first_and_deselected_them_later(dry_run):
+    run, out = dry_run
+    first = (out / "pytest-maxsim-fp32.xml").read_text()
+    assert "every_setting_matches_the_reference_fp32" in first and "needs a CUDA GPU" in first
+    assert "vsa" in (out / "pytest-maxsim-vsa.xml").read_text()
+    log = (out / "logs" / "gpu-tests.log").read_text()
+    assert "[gpu_check] deselected: 0 tests" in log   # skipped ones (no GPU) run again later
+    assert "test_gpu_gradients_float32" not in (out / "pytest-gpu.xml").read_text()
 
 
 def test_a_step_over_the_budget_is_stopped_and_the_rest_reported(tmp_path):
