@@ -158,12 +158,13 @@ def _grid2(R: tl.constexpr, K: tl.constexpr, width, k0):
 @triton.jit
 def _load_items(base, stride, n_rows, d0, D, R: tl.constexpr, DC: tl.constexpr):
     """(R, DC) fp32 chunk of an item's feature rows; rows >= n_rows and columns >= D are never
-    read (NaN padding stays out) and come back as 0."""
+    read (NaN padding stays out) and come back as 0. Offsets within the item in int32 (base is
+    the item's 64-bit start): loop-invariant int64 offset blocks would be hoisted out of the
+    persistent loop and pin (or spill) two registers per element."""
     r = tl.arange(0, R)
     c = d0 + tl.arange(0, DC)
     mask = (r[:, None] < n_rows) & (c[None, :] < D)
-    return tl.load(base + r[:, None].to(tl.int64) * stride + c[None, :], mask=mask,
-                   other=0.0).to(tl.float32)
+    return tl.load(base + (r[:, None] * stride + c[None, :]), mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -176,7 +177,7 @@ def _accumulate(ptr, offs, value):
 def _accumulate_rows(base, stride, n_rows, d0, value, R: tl.constexpr, DC: tl.constexpr):
     """An owner's fp32 gradient rows [d0, d0 + DC) += value (rows < n_rows only)."""
     r = tl.arange(0, R)
-    offs = r[:, None].to(tl.int64) * stride + (d0 + tl.arange(0, DC))[None, :]
+    offs = r[:, None] * stride + (d0 + tl.arange(0, DC))[None, :]   # int32: see _load_items
     mask = (r[:, None] < n_rows) & (offs >= 0)
     tl.store(base + offs, tl.load(base + offs, mask=mask, other=0.0) + value, mask=mask)
 
@@ -946,6 +947,17 @@ def operand_dtypes(dtype: torch.dtype, device) -> tuple:
     return forward, backward, "ieee" if exact else "tf32"
 
 
+# Warps and software-pipelining stages (interpreter launches ignore both). Compiled for sm_90
+# (tests/test_sm90_compile.py; coop_rcar(2) t2i bf16, d = 1024, s = 256, 64 x 64 pair tiles,
+# triton 3.8, bytes of stack per thread of the forward / d query / d context + weights
+# launches): 4 warps, 3 stages 0 / 504 / 1040; 4 warps, 1 stage 0 / 312 / 616; 8 warps, 1
+# stage 0 / 72 / 448 (after the int32 row offsets of _load_items; every variant at 255
+# registers). Chunk widths barely matter (S_CHUNK 16 / 64, D_CHUNK 16: within 15%). The
+# remaining spills are loop-invariant offset blocks hoisted to the top of the persistent loop
+# (nvdisasm line info: stored there once, reloaded per phase), not the GEMM tiles.
+GPU_LAUNCH = dict(num_warps=8, num_stages=1)
+
+
 def launch_constants(regulator: str, module_counts: dict, dims: dict, QP: int, CP: int,
                      dropout_on: bool, precision: str) -> tuple:
     """(the constexprs of _rcar_pair_kernel its launches share, plus num_warps; fp32 elements
@@ -957,7 +969,7 @@ def launch_constants(regulator: str, module_counts: dict, dims: dict, QP: int, C
     constants = dict(MODE=MODES[regulator], N_ALV=slots["N_ALV"], N_RCR=slots["N_RCR"],
                      N_RAR=slots["N_RAR"], DROPOUT=bool(dropout_on), QP=QP, CP=CP, DC=D_CHUNK,
                      SC=min(S_CHUNK, dims["HSP"]), W_OFFS=offsets(_numel(s) for _, s in blocks),
-                     S_OFFS=offsets(scratch), PREC=precision, **dims, num_warps=4)
+                     S_OFFS=offsets(scratch), PREC=precision, **dims, **GPU_LAUNCH)
     return constants, sum(scratch)
 
 
