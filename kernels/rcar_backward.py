@@ -51,7 +51,7 @@ import triton.language as tl
 from rcar_fast import contract
 
 from .rcar import WEIGHT_LAYOUT, _sigmoid, _tanh
-from .tile import MIN_DOT, pow2_at_least
+from .tile import MIN_DOT, interpreter_on, pow2_at_least
 
 MODES = contract.REGULATOR_CODES
 _EPS = tl.constexpr(contract.EPS)
@@ -61,6 +61,8 @@ _ONLY_RCR = tl.constexpr(MODES["only_rcr"])
 _HASH_MULTIPLIER = tl.constexpr(contract.DROPOUT_HASH_MULTIPLIER)   # rcar_fast/dropout.py's mixer
 _KEEP_THRESHOLD = tl.constexpr(contract.RAR_DROPOUT_THRESHOLD)
 _KEEP_SCALE = tl.constexpr(1.0 / (1.0 - contract.RAR_DROPOUT_P))
+# The interpreter runs no inline assembly (_columns); its mode is fixed at import (tests/conftest.py).
+_OPAQUE_COLUMNS = tl.constexpr(not interpreter_on())
 
 # The d chunk of every pass over d (packed weights are padded along d to a multiple of it).
 D_CHUNK = 32
@@ -150,9 +152,23 @@ def _scratch_blocks(base, OFFS: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _columns(k0, K: tl.constexpr):
+    """k0 + arange(K) (k0 a multiple of K), opaque to the compiler on a GPU: otherwise triton
+    reassociates each block's offsets into a loop-invariant (rows, K) block plus k0 and hoists
+    it out of the persistent loop, where dozens of them stay live (and spill) for the whole
+    kernel. The hints keep the loads vectorised."""
+    cols = k0 + tl.arange(0, K)
+    if _OPAQUE_COLUMNS:
+        cols = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [cols], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+        cols = tl.max_contiguous(tl.multiple_of(cols, K), K)
+    return cols
+
+
+@triton.jit
 def _grid2(R: tl.constexpr, K: tl.constexpr, width, k0):
     """Offsets of an (R, K) block at column k0 of a row-major matrix `width` wide."""
-    return tl.arange(0, R)[:, None] * width + (k0 + tl.arange(0, K))[None, :]
+    return tl.arange(0, R)[:, None] * width + _columns(k0, K)[None, :]
 
 
 @triton.jit
@@ -162,7 +178,7 @@ def _load_items(base, stride, n_rows, d0, D, R: tl.constexpr, DC: tl.constexpr):
     the item's 64-bit start): loop-invariant int64 offset blocks would be hoisted out of the
     persistent loop and pin (or spill) two registers per element."""
     r = tl.arange(0, R)
-    c = d0 + tl.arange(0, DC)
+    c = _columns(d0, DC)
     mask = (r[:, None] < n_rows) & (c[None, :] < D)
     return tl.load(base + (r[:, None] * stride + c[None, :]), mask=mask, other=0.0).to(tl.float32)
 
@@ -177,7 +193,7 @@ def _accumulate(ptr, offs, value):
 def _accumulate_rows(base, stride, n_rows, d0, value, R: tl.constexpr, DC: tl.constexpr):
     """An owner's fp32 gradient rows [d0, d0 + DC) += value (rows < n_rows only)."""
     r = tl.arange(0, R)
-    offs = r[:, None] * stride + (d0 + tl.arange(0, DC))[None, :]   # int32: see _load_items
+    offs = r[:, None] * stride + _columns(d0, DC)[None, :]   # int32: see _load_items
     mask = (r[:, None] < n_rows) & (offs >= 0)
     tl.store(base + offs, tl.load(base + offs, mask=mask, other=0.0) + value, mask=mask)
 
@@ -190,10 +206,10 @@ def _rows_times(a_ptr, lda, w_ptr, ldw, n0, K: tl.constexpr, ROWS: tl.constexpr,
     with A a row-major fp32 scratch block (leading dimension lda) and W row-major (ldw), in K
     chunks of KC, operands cast to OPD."""
     rows = tl.arange(0, ROWS)
-    ns = n0 + tl.arange(0, NC)
+    ns = _columns(n0, NC)
     acc = tl.zeros((ROWS, NC), tl.float32)
     for k0 in range(0, K, KC):
-        ks = k0 + tl.arange(0, KC)
+        ks = _columns(k0, KC)
         a = tl.load(a_ptr + rows[:, None] * lda + ks[None, :])
         if W_TRANSPOSED:
             b = tl.load(w_ptr + ns[None, :] * ldw + ks[:, None])
@@ -948,13 +964,15 @@ def operand_dtypes(dtype: torch.dtype, device) -> tuple:
 
 
 # Warps and software-pipelining stages (interpreter launches ignore both). Compiled for sm_90
-# (tests/test_sm90_compile.py; coop_rcar(2) t2i bf16, d = 1024, s = 256, 64 x 64 pair tiles,
-# triton 3.8, bytes of stack per thread of the forward / d query / d context + weights
-# launches): 4 warps, 3 stages 0 / 504 / 1040; 4 warps, 1 stage 0 / 312 / 616; 8 warps, 1
-# stage 0 / 72 / 448 (after the int32 row offsets of _load_items; every variant at 255
-# registers). Chunk widths barely matter (S_CHUNK 16 / 64, D_CHUNK 16: within 15%). The
-# remaining spills are loop-invariant offset blocks hoisted to the top of the persistent loop
-# (nvdisasm line info: stored there once, reloaded per phase), not the GEMM tiles.
+# (tests/test_sm90_compile.py: coop_rcar(2) t2i bf16, d = 1024, s = 256, 64 x 64 pair tiles, a
+# square batch; bytes of stack per thread of the training forward / d query + weights /
+# d context launches, triton 3.8): before the column chunks (stop 19) 1.1-3.6 KB at s = 64 and
+# no finished compile at s = 128 in 7 minutes. Then 4 warps, 3 stages: 0 / 504 / 1040 (4 x 5
+# batch); 4 warps, 1 stage: 0 / 312 / 616; 8 warps, 1 stage: 0 / 232 / 520; int32 offsets
+# within an item (_load_items): 0 / 384 / 112 (3.6: 0 / 472 / 296); opaque column offsets
+# (_columns, nvdisasm line info had put the rest in offset blocks hoisted out of the
+# persistent loop): 0 / 0 / 8 (3.6: 0 / 96 / 0), 236-255 registers, 48 KB of shared memory.
+# Chunk widths barely matter (S_CHUNK 16 / 64, D_CHUNK 16: stack within 15%).
 GPU_LAUNCH = dict(num_warps=8, num_stages=1)
 
 
