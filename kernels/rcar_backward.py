@@ -964,15 +964,16 @@ def operand_dtypes(dtype: torch.dtype, device) -> tuple:
 
 
 # Warps and software-pipelining stages (interpreter launches ignore both). Compiled for sm_90
-# (tests/test_sm90_compile.py: coop_rcar(2) t2i bf16, d = 1024, s = 256, 64 x 64 pair tiles, a
-# square batch; bytes of stack per thread of the training forward / d query + weights /
-# d context launches, triton 3.8): before the column chunks (stop 19) 1.1-3.6 KB at s = 64 and
-# no finished compile at s = 128 in 7 minutes. Then 4 warps, 3 stages: 0 / 504 / 1040 (4 x 5
-# batch); 4 warps, 1 stage: 0 / 312 / 616; 8 warps, 1 stage: 0 / 232 / 520; int32 offsets
-# within an item (_load_items): 0 / 384 / 112 (3.6: 0 / 472 / 296); opaque column offsets
-# (_columns, nvdisasm line info had put the rest in offset blocks hoisted out of the
-# persistent loop): 0 / 0 / 8 (3.6: 0 / 96 / 0), 236-255 registers, 48 KB of shared memory.
-# Chunk widths barely matter (S_CHUNK 16 / 64, D_CHUNK 16: stack within 15%).
+# (coop_rcar(2) t2i bf16, d = 1024, s = 256, 64 x 64 pair tiles; bytes of stack per thread,
+# triton 3.8). Before the column chunks (stop 19): 1.1-3.6 KB at s = 64, no finished compile
+# at s = 128 in 7 minutes. A 4 x 5 batch (weights with the d context pass), d query / d
+# context + weights launches: 4 warps, 3 stages 504 / 1040; 4 warps, 1 stage 312 / 616; 8
+# warps, 1 stage 232 / 520; with int32 offsets within an item (_load_items) 72 / 448. The
+# recipe's square batch (tests/test_sm90_compile.py; training forward / d query + weights / d
+# context): then 0 / 384 / 112 (3.6: 0 / 472 / 296); with opaque column offsets (_columns:
+# nvdisasm line info had put the rest in offset blocks hoisted out of the persistent loop)
+# 0 / 0 / 8 (3.6: 0 / 96 / 0), 236-255 registers, 48 KB of shared memory. Chunk widths
+# barely matter (S_CHUNK 16 / 64, D_CHUNK 16: stack within 15%).
 GPU_LAUNCH = dict(num_warps=8, num_stages=1)
 
 
