@@ -974,8 +974,9 @@ def operand_dtypes(dtype: torch.dtype, device) -> tuple:
 # nvdisasm line info had put the rest in offset blocks hoisted out of the persistent loop)
 # 0 / 0 / 8 (3.6: 0 / 96 / 0), 236-255 registers, 48 KB of shared memory. Chunk widths
 # barely matter (S_CHUNK 16 / 64, D_CHUNK 16: stack within 15%). Other bf16 shapes
-# (RCAR_FAST_SM90_FULL=1: i2t, only_rar, only_rcr, a 4 x 5 batch): 0-40 B; fp32 inputs (the
-# exact FMA GEMMs, fp32 operands) 850-970 B. Each launch compiles in 15-120 s (2 loaded CPUs).
+# (RCAR_FAST_SM90_FULL=1: i2t, only_rar, only_rcr, a 4 x 5 batch): 0-40 B (3.6: 0-152 B);
+# fp32 inputs (the exact FMA GEMMs, fp32 operands) 850-970 B. Each launch compiles in 15-120 s
+# (2 loaded CPUs).
 GPU_LAUNCH = dict(num_warps=8, num_stages=1)
 
 
