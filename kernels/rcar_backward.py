@@ -12,10 +12,16 @@ pair's backward by hand:
     v_t = l2norm(W_a (q - l2norm(alpha_t C))^2 + b_a),  alpha_t = softmax_c(lambda a(S_t)),
     S_t = (q * m_t) C^T, a = clipped_l2norm over the pair's queries.
 
-The d-sized quantities (m_t, tanh(W_2 h_1), ctx_t, their gradients) live in the program's scratch
-for ONE pair and are streamed in d chunks; the small ones (S, alpha: Q x C; v, z: Q x s; RCR
-hidden layers) too. Nothing of size (pairs, Q, d) or (pairs, Q, s) exists for more than the
-pairs in flight (one per program).
+Shaped so that code size and registers do not grow with d or sim_dim: every GEMM is a loop over
+fixed column chunks (DC = D_CHUNK along d, SC <= S_CHUNK along s, 2s, s/2) whose operands stream
+from global memory (weights) or from the program's scratch (the pair's per-row intermediates:
+m_t, ctx_t, (q - u)^2, tanh(W_2 h_1) and its gradient, dm, du: Q x d; z, v, dv, RCR's hidden
+layers, RAR's tanh keys and their gradient: Q x s; S, alpha: Q x C; RAR's vectors: s), so a
+block in registers is at most (QP, max(CP, DC, SC)). The steps are run-time loops (one copy of
+each step's code whatever the step count), m_0 = 1 lives in the scratch (written once per
+program), and block offsets come from the host (flat_layout, scratch_layout) as constexpr
+tuples. Nothing of size (pairs, Q, d) or (pairs, Q, s) exists for more than the pairs in flight
+(one per program).
 
 Input gradients without atomics: a pass whose owners are the query items accumulates d query
 (each program writes only its owner's rows); a second pass whose owners are the context items
@@ -29,18 +35,14 @@ Dropout (training mode): the mask element (seed, module, which, pair, row, chann
 rcar_fast/dropout.py (the C++ kernel's), hashed in the kernel: pair = i * n_cap + j, row the
 query row within the pair; nothing is stored.
 
-Numerics: fp32 everywhere (inputs of any dtype are loaded and widened; GEMMs in fp32, "ieee"
-for fp32 inputs, tf32 allowed for low-precision inputs on a GPU).
-
-GPU status (offline sm_90 compiles, scripts/sm90_rcar_backward.py, triton 3.8; no GPU run yet):
-correct in the interpreter, but shaped for small heads. The s-sized GEMMs take whole (SP, SP),
-(SP, HP) weight tiles and the RAR question / RCR hidden layers whole rows, so at d = 1024,
-s = 64 (coop_rcar 2, t2i, fp32, 4 warps) every launch spills: forward 255 registers + 1.4 KB
-stack, d query pass 128 + 5.9 KB, d context + weights pass 32 + 13.5 KB (56-84 KB shared);
-s = 256 did not finish compiling in 40 minutes here. Next: tile the s-sized GEMMs over
-columns through the scratch (as kernels/rcar.py does), bf16 operands, and more rows per item.
+Numerics: elementwise math and every accumulation in fp32. GEMM operands: the recomputed
+forward's in the "operand dtype" as kernels/rcar.py (fp32 for fp32 inputs, else the inputs'
+bf16 / fp16), the backward's in bf16 for bf16 inputs and fp32 otherwise (fp16 would underflow
+small gradients; tf32 on a GPU). fp32 GEMMs are "ieee" for fp32 inputs and in the interpreter.
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
@@ -49,7 +51,7 @@ import triton.language as tl
 from rcar_fast import contract
 
 from .rcar import WEIGHT_LAYOUT, _sigmoid, _tanh
-from .tile import MIN_DOT, pow2_at_least
+from .tile import MIN_DOT, interpreter_on, pow2_at_least
 
 MODES = contract.REGULATOR_CODES
 _EPS = tl.constexpr(contract.EPS)
@@ -59,13 +61,19 @@ _ONLY_RCR = tl.constexpr(MODES["only_rcr"])
 _HASH_MULTIPLIER = tl.constexpr(contract.DROPOUT_HASH_MULTIPLIER)   # rcar_fast/dropout.py's mixer
 _KEEP_THRESHOLD = tl.constexpr(contract.RAR_DROPOUT_THRESHOLD)
 _KEEP_SCALE = tl.constexpr(1.0 / (1.0 - contract.RAR_DROPOUT_P))
+# The interpreter runs no inline assembly (_columns); its mode is fixed at import (tests/conftest.py).
+_OPAQUE_COLUMNS = tl.constexpr(not interpreter_on())
 
 # The d chunk of every pass over d (packed weights are padded along d to a multiple of it).
 D_CHUNK = 32
+# The widest column / K chunk of the s-sized GEMMs (sim_dim, 2 sim_dim, sim_dim / 2: powers of
+# two, so min(S_CHUNK, HSP) divides all three).
+S_CHUNK = 32
 
 
 # ---------------------------------------------------------------------------------------------
-# Layouts: the packed weights (and their gradients) as one flat buffer; the per-program scratch
+# Layouts: the packed weights (and their gradients) as one flat buffer; the per-program scratch.
+# The kernel receives each layout's block offsets as a constexpr tuple (`offsets`), in order.
 # ---------------------------------------------------------------------------------------------
 
 def module_slots(regulator: str, counts: dict) -> dict:
@@ -79,7 +87,7 @@ def module_slots(regulator: str, counts: dict) -> dict:
 
 def flat_layout(slots: dict, DP: int, SP: int, HP: int, HSP: int) -> list:
     """(name, shape) of the flat weight buffer's blocks, in kernels/rcar.py WEIGHT_LAYOUT order
-    (the order _weight_blocks walks)."""
+    (the order _weight_blocks unpacks)."""
     na, nr, nn = slots["NA"], slots["NR"], slots["NN"]
     shapes = {"wa": (na, DP, SP), "ba": (na, SP), "w1": (nr, SP, HP), "b1": (nr, HP),
               "w2": (nr, HP, DP), "b2": (nr, DP), "ws1": (nr, SP, HSP), "bs1": (nr, HSP),
@@ -90,63 +98,53 @@ def flat_layout(slots: dict, DP: int, SP: int, HP: int, HSP: int) -> list:
     return list(shapes.items())
 
 
-@triton.jit
-def _weight_blocks(base, NA: tl.constexpr, NR: tl.constexpr, NN: tl.constexpr,
-                   DP: tl.constexpr, SP: tl.constexpr, HP: tl.constexpr, HSP: tl.constexpr):
-    """Pointers to the blocks of a flat buffer in flat_layout order (weights or gradients)."""
-    wa = base
-    ba = wa + NA * DP * SP
-    w1 = ba + NA * SP
-    b1 = w1 + NR * SP * HP
-    w2 = b1 + NR * HP
-    b2 = w2 + NR * HP * DP
-    ws1 = b2 + NR * DP
-    bs1 = ws1 + NR * SP * HSP
-    ws2 = bs1 + NR * HSP
-    bs2 = ws2 + NR * HSP
-    wq = bs2 + NR
-    bq = wq + NN * SP * SP
-    wk = bq + NN * SP
-    bk = wk + NN * SP * SP
-    wv = bk + NN * SP
-    bv = wv + NN * SP
-    we = bv + NN
-    be = we + SP
-    return wa, ba, w1, b1, w2, b2, ws1, bs1, ws2, bs2, wq, bq, wk, bk, wv, bv, we, be
-
-
-def scratch_size(slots: dict, QP: int, CP: int, DP: int, SP: int, HP: int, HSP: int) -> int:
-    """fp32 elements of one program's scratch (_scratch_blocks)."""
+def scratch_layout(slots: dict, QP: int, CP: int, DP: int, SP: int, HP: int, HSP: int) -> list:
+    """(name, fp32 elements) of one program's scratch blocks, in the order _scratch_blocks
+    unpacks: m_t (m_0 = 1), ctx_t (per attention, QP x DP); tanh(W_2 h_1) then its
+    pre-activation gradient (per RCR); dm; du (in the forward: (q - u)^2); S_t, alpha_t
+    (QP x CP); |ctx_t|, lambda_t (QP); z_t then dz_t, v_t, dv_t (per alignment, QP x SP);
+    RCR's hidden layers (QP x HP, QP x HSP, then their gradients) and pre-relu temperature;
+    RAR's pair vectors h_0 .. h_n (SP), tanh keys (QP x SP), tanh question, pooled sum (SP),
+    softmax weights (QP); the RAR backward's key gradient (QP x SP) and vectors (4 x SP)."""
     att, na, nr, nn = slots["N_ATT"], slots["NA"], slots["NR"], slots["NN"]
-    return (att * QP * DP * 2 + nr * QP * DP + 2 * QP * DP + att * QP * CP * 2 + att * QP * 2
-            + na * QP * SP * 3 + nr * QP * (HP + HSP + 1) + (nn + 1) * SP)
+    qd, qs = QP * DP, QP * SP
+    return [("m", att * qd), ("ctx", att * qd), ("t2", nr * qd), ("dm", qd), ("du", qd),
+            ("s", att * QP * CP), ("alpha", att * QP * CP), ("norm", att * QP),
+            ("lam", att * QP), ("z", na * qs), ("v", na * qs), ("dv", na * qs),
+            ("h1", nr * QP * HP), ("g1", nr * QP * HSP), ("r", nr * QP), ("h", (nn + 1) * SP),
+            ("tk", nn * qs), ("tq", nn * SP), ("hs", nn * SP), ("w", nn * QP), ("dk", qs),
+            ("vec", 4 * SP)]
+
+
+def offsets(sizes) -> tuple:
+    """Start of each block of a buffer made of blocks of `sizes` elements, back to back."""
+    return tuple(itertools.accumulate([0] + list(sizes)[:-1]))
+
+
+def _numel(shape) -> int:
+    size = 1
+    for n in shape:
+        size *= n
+    return size
 
 
 @triton.jit
-def _scratch_blocks(base, N_ATT: tl.constexpr, NA: tl.constexpr, NR: tl.constexpr,
-                    NN: tl.constexpr, QP: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr,
-                    SP: tl.constexpr, HP: tl.constexpr, HSP: tl.constexpr):
-    """One pair's recomputed forward and running gradients (scratch_size elements):
-    m_t, ctx_t (per attention, QP x DP), tanh(W_2 h_1) (per RCR), dm and du (QP x DP), S_t and
-    alpha_t (QP x CP), |ctx_t| and lambda_t (QP), z_t, v_t, dv_t (per alignment, QP x SP),
-    RCR's hidden layers and pre-relu temperature, RAR's pair vectors h_0 .. h_n (SP)."""
-    sm = base
-    sctx = sm + N_ATT * QP * DP
-    st2 = sctx + N_ATT * QP * DP
-    sdm = st2 + NR * QP * DP
-    sdu = sdm + QP * DP
-    ss = sdu + QP * DP
-    sal = ss + N_ATT * QP * CP
-    snrm = sal + N_ATT * QP * CP
-    slam = snrm + N_ATT * QP
-    sz = slam + N_ATT * QP
-    sv = sz + NA * QP * SP
-    sdv = sv + NA * QP * SP
-    sh1 = sdv + NA * QP * SP
-    sg1 = sh1 + NR * QP * HP
-    sr = sg1 + NR * QP * HSP
-    shh = sr + NR * QP
-    return sm, sctx, st2, sdm, sdu, ss, sal, snrm, slam, sz, sv, sdv, sh1, sg1, sr, shh
+def _weight_blocks(base, OFFS: tl.constexpr):
+    """Pointers to the blocks of a flat buffer in flat_layout order (weights or gradients)."""
+    return (base + OFFS[0], base + OFFS[1], base + OFFS[2], base + OFFS[3], base + OFFS[4],
+            base + OFFS[5], base + OFFS[6], base + OFFS[7], base + OFFS[8], base + OFFS[9],
+            base + OFFS[10], base + OFFS[11], base + OFFS[12], base + OFFS[13], base + OFFS[14],
+            base + OFFS[15], base + OFFS[16], base + OFFS[17])
+
+
+@triton.jit
+def _scratch_blocks(base, OFFS: tl.constexpr):
+    """Pointers to a program's scratch blocks in scratch_layout order."""
+    return (base + OFFS[0], base + OFFS[1], base + OFFS[2], base + OFFS[3], base + OFFS[4],
+            base + OFFS[5], base + OFFS[6], base + OFFS[7], base + OFFS[8], base + OFFS[9],
+            base + OFFS[10], base + OFFS[11], base + OFFS[12], base + OFFS[13], base + OFFS[14],
+            base + OFFS[15], base + OFFS[16], base + OFFS[17], base + OFFS[18], base + OFFS[19],
+            base + OFFS[20], base + OFFS[21])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,20 +152,35 @@ def _scratch_blocks(base, N_ATT: tl.constexpr, NA: tl.constexpr, NR: tl.constexp
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _columns(k0, K: tl.constexpr):
+    """k0 + arange(K) (k0 a multiple of K), opaque to the compiler on a GPU: otherwise triton
+    reassociates each block's offsets into a loop-invariant (rows, K) block plus k0 and hoists
+    it out of the persistent loop, where dozens of them stay live (and spill) for the whole
+    kernel. The hints keep the loads vectorised."""
+    cols = k0 + tl.arange(0, K)
+    if _OPAQUE_COLUMNS:
+        cols = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [cols], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+        cols = tl.max_contiguous(tl.multiple_of(cols, K), K)
+    return cols
+
+
+@triton.jit
 def _grid2(R: tl.constexpr, K: tl.constexpr, width, k0):
     """Offsets of an (R, K) block at column k0 of a row-major matrix `width` wide."""
-    return tl.arange(0, R)[:, None] * width + (k0 + tl.arange(0, K))[None, :]
+    return tl.arange(0, R)[:, None] * width + _columns(k0, K)[None, :]
 
 
 @triton.jit
 def _load_items(base, stride, n_rows, d0, D, R: tl.constexpr, DC: tl.constexpr):
     """(R, DC) fp32 chunk of an item's feature rows; rows >= n_rows and columns >= D are never
-    read (NaN padding stays out) and come back as 0."""
+    read (NaN padding stays out) and come back as 0. Offsets within the item in int32 (base is
+    the item's 64-bit start): loop-invariant int64 offset blocks would be hoisted out of the
+    persistent loop and pin (or spill) two registers per element."""
     r = tl.arange(0, R)
-    c = d0 + tl.arange(0, DC)
+    c = _columns(d0, DC)
     mask = (r[:, None] < n_rows) & (c[None, :] < D)
-    return tl.load(base + r[:, None].to(tl.int64) * stride + c[None, :], mask=mask,
-                   other=0.0).to(tl.float32)
+    return tl.load(base + (r[:, None] * stride + c[None, :]), mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -180,25 +193,45 @@ def _accumulate(ptr, offs, value):
 def _accumulate_rows(base, stride, n_rows, d0, value, R: tl.constexpr, DC: tl.constexpr):
     """An owner's fp32 gradient rows [d0, d0 + DC) += value (rows < n_rows only)."""
     r = tl.arange(0, R)
-    offs = r[:, None].to(tl.int64) * stride + (d0 + tl.arange(0, DC))[None, :]
+    offs = r[:, None] * stride + _columns(d0, DC)[None, :]   # int32: see _load_items
     mask = (r[:, None] < n_rows) & (offs >= 0)
     tl.store(base + offs, tl.load(base + offs, mask=mask, other=0.0) + value, mask=mask)
 
 
 @triton.jit
-def _l2norm_rows_backward(x, dy):
-    """d x of y = x / (|x| + eps) per row, given dy (rows with |x| = 0 get dy / eps)."""
-    n = tl.sqrt(tl.sum(x * x, axis=1))
-    safe = tl.where(n > 0, n, 1.0)
-    coef = tl.sum(x * dy, axis=1) / (safe * (n + _EPS) * (n + _EPS))
-    return dy / (n + _EPS)[:, None] - x * coef[:, None]
+def _rows_times(a_ptr, lda, w_ptr, ldw, n0, K: tl.constexpr, ROWS: tl.constexpr,
+                KC: tl.constexpr, NC: tl.constexpr, W_TRANSPOSED: tl.constexpr,
+                OPD: tl.constexpr, PREC: tl.constexpr):
+    """(ROWS, NC) fp32 = A[:, :K] @ W[:K, n0:n0+NC] (W_TRANSPOSED: A[:, :K] @ W[n0:n0+NC, :K]^T)
+    with A a row-major fp32 scratch block (leading dimension lda) and W row-major (ldw), in K
+    chunks of KC, operands cast to OPD."""
+    rows = tl.arange(0, ROWS)
+    ns = _columns(n0, NC)
+    acc = tl.zeros((ROWS, NC), tl.float32)
+    for k0 in range(0, K, KC):
+        ks = _columns(k0, KC)
+        a = tl.load(a_ptr + rows[:, None] * lda + ks[None, :])
+        if W_TRANSPOSED:
+            b = tl.load(w_ptr + ns[None, :] * ldw + ks[:, None])
+        else:
+            b = tl.load(w_ptr + ks[:, None] * ldw + ns[None, :])
+        acc += tl.dot(a.to(OPD), b.to(OPD), input_precision=PREC)
+    return acc
 
 
 @triton.jit
-def _l2norm_vector_backward(x, dy):
-    n = tl.sqrt(tl.sum(x * x, axis=0))
-    safe = tl.where(n > 0, n, 1.0)
-    return dy / (n + _EPS) - x * (tl.sum(x * dy, axis=0) / (safe * (n + _EPS) * (n + _EPS)))
+def _accumulate_product(g_ptr, ldg, m0, n0, a, b, OPD: tl.constexpr, PREC: tl.constexpr):
+    """G[m0:m0+M, n0:n0+N] += a^T b (a (ROWS, M), b (ROWS, N)): a weight gradient block."""
+    offs = ((m0 + tl.arange(0, a.shape[1]))[:, None] * ldg
+            + (n0 + tl.arange(0, b.shape[1]))[None, :])
+    _accumulate(g_ptr, offs, tl.dot(tl.trans(a.to(OPD)), b.to(OPD), input_precision=PREC))
+
+
+@triton.jit
+def _fill(ptr, value, ROWS: tl.constexpr, WIDTH: tl.constexpr, CHUNK: tl.constexpr):
+    """A (ROWS, WIDTH) row-major scratch block := value, CHUNK columns at a time."""
+    for c0 in range(0, WIDTH, CHUNK):
+        tl.store(ptr + _grid2(ROWS, CHUNK, WIDTH, c0), tl.full((ROWS, CHUNK), value, tl.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,18 +264,36 @@ def _dropout_row_keys(seed_lo, seed_hi, module, which, pair, rows):
 
 
 @triton.jit
-def _dropout_scales(keys, SP: tl.constexpr):
-    """(len(keys), SP) fp32: 0 where dropped, 1 / (1 - p) where kept."""
-    channel = tl.arange(0, SP).to(tl.uint32)
+def _dropout_scales(keys, c0, SC: tl.constexpr):
+    """(len(keys), SC) fp32 for channels c0 .. c0+SC: 0 where dropped, 1 / (1 - p) where kept."""
+    channel = (c0 + tl.arange(0, SC)).to(tl.uint32)
     bits = _hash32(keys[:, None] ^ channel[None, :])
     return tl.where(bits >= _KEEP_THRESHOLD, _KEEP_SCALE, 0.0)
+
+
+@triton.jit
+def _rar_dropout(seed_lo, seed_hi, module, pair, c0, DROPOUT: tl.constexpr, QP: tl.constexpr,
+                 SC: tl.constexpr):
+    """RAR `module`'s dropout scales of channels c0 .. c0+SC: keys (QP, SC), question (SC,)."""
+    key_scale = tl.full((QP, SC), 1.0, tl.float32)
+    question_scale = tl.full((SC,), 1.0, tl.float32)
+    if DROPOUT:
+        rows = tl.arange(0, QP)
+        key_scale = _dropout_scales(_dropout_row_keys(seed_lo, seed_hi, module, 0, pair, rows),
+                                    c0, SC)
+        question_row = tl.arange(0, 2) * 0   # the question's one row, twice (shape >= 2)
+        question_scale = tl.sum(_dropout_scales(
+            _dropout_row_keys(seed_lo, seed_hi, module, 1, pair, question_row), c0, SC),
+            axis=0) * 0.5
+    return key_scale, question_scale
 
 
 @triton.jit
 def _dropout_mask_kernel(out, seed_lo, seed_hi, module, which, pair, ROWS: tl.constexpr,
                          SP: tl.constexpr):
     rows = tl.arange(0, ROWS)
-    scales = _dropout_scales(_dropout_row_keys(seed_lo, seed_hi, module, which, pair, rows), SP)
+    scales = _dropout_scales(_dropout_row_keys(seed_lo, seed_hi, module, which, pair, rows), 0,
+                             SP)
     tl.store(out + rows[:, None] * SP + tl.arange(0, SP)[None, :], scales)
 
 
@@ -257,23 +308,22 @@ def dropout_scales(seed: int, module: int, which: int, pair: int, rows: int, cha
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward pieces (recomputation of one pair into the scratch)
+# Forward pieces (recomputation of one pair into the scratch). Each ends with a barrier: what
+# it wrote is complete before any thread of the program reads it.
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
 def _attention_forward(qb, sq, nq, cb, sc, nc, D, m_blk, lam, s_blk, al_blk, ctx_blk, nrm_blk,
-                       HAS_M: tl.constexpr, QP: tl.constexpr, CP: tl.constexpr,
-                       DP: tl.constexpr, DC: tl.constexpr, PREC: tl.constexpr):
+                       QP: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr,
+                       OPD: tl.constexpr, PREC: tl.constexpr):
     """S = (q * m) C^T, alpha = softmax_c(lambda clipped_l2norm(S)), ctx = alpha C, |ctx|."""
     rows = tl.arange(0, QP)
     ctx_ok = tl.arange(0, CP) < nc
     scores = tl.zeros((QP, CP), tl.float32)
     for d0 in range(0, DP, DC):
-        q = _load_items(qb, sq, nq, d0, D, QP, DC)
-        if HAS_M:
-            q = q * tl.load(m_blk + _grid2(QP, DC, DP, d0))
+        q = _load_items(qb, sq, nq, d0, D, QP, DC) * tl.load(m_blk + _grid2(QP, DC, DP, d0))
         c = _load_items(cb, sc, nc, d0, D, CP, DC)
-        scores += tl.dot(q, tl.trans(c), input_precision=PREC)
+        scores += tl.dot(q.to(OPD), tl.trans(c.to(OPD)), input_precision=PREC)
     x = tl.where(scores > 0, scores, _SLOPE * scores)
     x = tl.where((rows < nq)[:, None], x, 0.0)
     a = x / (tl.sqrt(tl.sum(x * x, axis=0)) + _EPS)[None, :]
@@ -282,10 +332,11 @@ def _attention_forward(qb, sq, nq, cb, sc, nc, D, m_blk, lam, s_blk, al_blk, ctx
     alpha = e / tl.sum(e, axis=1)[:, None]
     tl.store(s_blk + _grid2(QP, CP, CP, 0), scores)
     tl.store(al_blk + _grid2(QP, CP, CP, 0), alpha)
+    alpha_op = alpha.to(OPD)
     sumsq = tl.zeros((QP,), tl.float32)
     for d0 in range(0, DP, DC):
         c = _load_items(cb, sc, nc, d0, D, CP, DC)
-        ctx = tl.dot(alpha, c, input_precision=PREC)
+        ctx = tl.dot(alpha_op, c.to(OPD), input_precision=PREC)
         tl.store(ctx_blk + _grid2(QP, DC, DP, d0), ctx)
         sumsq += tl.sum(ctx * ctx, axis=1)
     tl.store(nrm_blk + rows, tl.sqrt(sumsq))
@@ -293,176 +344,291 @@ def _attention_forward(qb, sq, nq, cb, sc, nc, D, m_blk, lam, s_blk, al_blk, ctx
 
 
 @triton.jit
-def _alignment_forward(qb, sq, nq, D, ctx_blk, nrm_blk, wa, ba, z_blk, v_blk,
-                       QP: tl.constexpr, SP: tl.constexpr, DP: tl.constexpr,
-                       DC: tl.constexpr, PREC: tl.constexpr):
-    """z = W_a (q - ctx / (|ctx| + eps))^2 + b_a and v = l2norm(z), both to the scratch."""
+def _alignment_forward(qb, sq, nq, D, ctx_blk, nrm_blk, diff2_blk, wa, ba, z_blk, v_blk,
+                       QP: tl.constexpr, SP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr,
+                       SC: tl.constexpr, OPD: tl.constexpr, PREC: tl.constexpr):
+    """z = W_a (q - ctx / (|ctx| + eps))^2 + b_a and v = l2norm(z), both to the scratch; the
+    squared difference is staged in the scratch (diff2_blk) and streamed as the GEMM's A."""
     inv = 1.0 / (tl.load(nrm_blk + tl.arange(0, QP)) + _EPS)
-    z = tl.zeros((QP, SP), tl.float32)
     for d0 in range(0, DP, DC):
-        diff = (_load_items(qb, sq, nq, d0, D, QP, DC)
-                - tl.load(ctx_blk + _grid2(QP, DC, DP, d0)) * inv[:, None])
-        z += tl.dot(diff * diff, tl.load(wa + _grid2(DC, SP, SP, 0) + d0 * SP),
-                    input_precision=PREC)
-    z += tl.load(ba + tl.arange(0, SP))[None, :]
-    v = z / (tl.sqrt(tl.sum(z * z, axis=1)) + _EPS)[:, None]
-    tl.store(z_blk + _grid2(QP, SP, SP, 0), z)
-    tl.store(v_blk + _grid2(QP, SP, SP, 0), v)
+        offs = _grid2(QP, DC, DP, d0)
+        diff = _load_items(qb, sq, nq, d0, D, QP, DC) - tl.load(ctx_blk + offs) * inv[:, None]
+        tl.store(diff2_blk + offs, diff * diff)
+    tl.debug_barrier()
+    sumsq = tl.zeros((QP,), tl.float32)
+    for s0 in range(0, SP, SC):
+        z = (_rows_times(diff2_blk, DP, wa, SP, s0, DP, QP, DC, SC, False, OPD, PREC)
+             + tl.load(ba + s0 + tl.arange(0, SC))[None, :])
+        tl.store(z_blk + _grid2(QP, SC, SP, s0), z)
+        sumsq += tl.sum(z * z, axis=1)
+    tl.debug_barrier()
+    inv_norm = 1.0 / (tl.sqrt(sumsq) + _EPS)
+    for s0 in range(0, SP, SC):
+        offs = _grid2(QP, SC, SP, s0)
+        tl.store(v_blk + offs, tl.load(z_blk + offs) * inv_norm[:, None])
     tl.debug_barrier()
 
 
 @triton.jit
 def _rcr_forward(v_blk, lam, m_old, m_new, t2_blk, h1_blk, g1_blk, r_blk, w1, b1, w2, b2, ws1,
-                 bs1, ws2, bs2, HAS_M: tl.constexpr, QP: tl.constexpr, SP: tl.constexpr,
-                 HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr,
-                 PREC: tl.constexpr):
+                 bs1, ws2, bs2, QP: tl.constexpr, SP: tl.constexpr, HP: tl.constexpr,
+                 HSP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, SC: tl.constexpr,
+                 OPD: tl.constexpr, PREC: tl.constexpr):
     """m <- clamp(tanh(W_2 tanh(W_1 v + b_1) + b_2) + m, -1, 1), lambda <- relu(w_s2 .
     tanh(W_s1 v + b_s1) + b_s2 + lambda). Returns the new lambda."""
-    v = tl.load(v_blk + _grid2(QP, SP, SP, 0))
-    h1 = _tanh(tl.dot(v, tl.load(w1 + _grid2(SP, HP, HP, 0)), input_precision=PREC)
-               + tl.load(b1 + tl.arange(0, HP))[None, :])
-    g1 = _tanh(tl.dot(v, tl.load(ws1 + _grid2(SP, HSP, HSP, 0)), input_precision=PREC)
-               + tl.load(bs1 + tl.arange(0, HSP))[None, :])
-    r = tl.sum(g1 * tl.load(ws2 + tl.arange(0, HSP))[None, :], axis=1) + tl.load(bs2) + lam
-    tl.store(h1_blk + _grid2(QP, HP, HP, 0), h1)
-    tl.store(g1_blk + _grid2(QP, HSP, HSP, 0), g1)
+    for h0 in range(0, HP, SC):
+        h1 = _tanh(_rows_times(v_blk, SP, w1, HP, h0, SP, QP, SC, SC, False, OPD, PREC)
+                   + tl.load(b1 + h0 + tl.arange(0, SC))[None, :])
+        tl.store(h1_blk + _grid2(QP, SC, HP, h0), h1)
+    r = tl.zeros((QP,), tl.float32)
+    for g0 in range(0, HSP, SC):
+        gs = g0 + tl.arange(0, SC)
+        g1 = _tanh(_rows_times(v_blk, SP, ws1, HSP, g0, SP, QP, SC, SC, False, OPD, PREC)
+                   + tl.load(bs1 + gs)[None, :])
+        tl.store(g1_blk + _grid2(QP, SC, HSP, g0), g1)
+        r += tl.sum(g1 * tl.load(ws2 + gs)[None, :], axis=1)
+    r += tl.load(bs2) + lam
     tl.store(r_blk + tl.arange(0, QP), r)
+    tl.debug_barrier()
     for d0 in range(0, DP, DC):
-        t2 = _tanh(tl.dot(h1, tl.load(w2 + _grid2(HP, DC, DP, d0)), input_precision=PREC)
+        t2 = _tanh(_rows_times(h1_blk, HP, w2, DP, d0, HP, QP, SC, DC, False, OPD, PREC)
                    + tl.load(b2 + d0 + tl.arange(0, DC))[None, :])
         offs = _grid2(QP, DC, DP, d0)
-        old = tl.full((QP, DC), 1.0, tl.float32)
-        if HAS_M:
-            old = tl.load(m_old + offs)
         tl.store(t2_blk + offs, t2)
-        tl.store(m_new + offs, tl.minimum(tl.maximum(t2 + old, -1.0), 1.0))
+        tl.store(m_new + offs, tl.minimum(tl.maximum(t2 + tl.load(m_old + offs), -1.0), 1.0))
     tl.debug_barrier()
     return tl.maximum(r, 0.0)
 
 
 @triton.jit
-def _rar_parts(v_blk, h_in, nq, wq, bq, wk, bk, wv, bv, seed_lo, seed_hi, module, pair,
-               DROPOUT: tl.constexpr, QP: tl.constexpr, SP: tl.constexpr, PREC: tl.constexpr):
-    """RAR's forward values: v, tanh keys Tk, key scales, tanh question Tq, question scales,
-    softmax weights w, pooled hs."""
+def _rar_forward(v_blk, h_in, h_out, tk_blk, tq_blk, hs_blk, w_blk, nq, wq, bq, wk, bk, wv, bv,
+                 seed_lo, seed_hi, module, pair, DROPOUT: tl.constexpr, QP: tl.constexpr,
+                 SP: tl.constexpr, SC: tl.constexpr, OPD: tl.constexpr, PREC: tl.constexpr):
+    """h_out = l2norm(sum_k w_k v_k), w = softmax_k(w_v . (drop(tanh(W_k v_k + b_k)) *
+    drop(tanh(W_q h_in + b_q))) + b_v); the tanh keys and question, the pooled sum and w stay
+    in the scratch for the backward."""
     rows = tl.arange(0, QP)
-    cols = tl.arange(0, SP)
-    v = tl.load(v_blk + _grid2(QP, SP, SP, 0))
-    tk = _tanh(tl.dot(v, tl.load(wk + _grid2(SP, SP, SP, 0)), input_precision=PREC)
-               + tl.load(bk + cols)[None, :])
-    tq = _tanh(tl.sum(h_in[:, None] * tl.load(wq + _grid2(SP, SP, SP, 0)), axis=0)
-               + tl.load(bq + cols))
-    key_scale = tl.full((QP, SP), 1.0, tl.float32)
-    question_scale = tl.full((SP,), 1.0, tl.float32)
-    if DROPOUT:
-        key_scale = _dropout_scales(_dropout_row_keys(seed_lo, seed_hi, module, 0, pair, rows), SP)
-        question_row = tl.arange(0, 2) * 0
-        question_scale = tl.sum(_dropout_scales(
-            _dropout_row_keys(seed_lo, seed_hi, module, 1, pair, question_row), SP), axis=0) * 0.5
-    keys = tk * key_scale
-    question = tq * question_scale
-    wvv = tl.load(wv + cols)
-    logits = tl.sum(keys * (question * wvv)[None, :], axis=1) + tl.load(bv)
-    logits = tl.where(rows < nq, logits, float("-inf"))
+    for c0 in range(0, SP, SC):
+        cs = c0 + tl.arange(0, SC)
+        acc = tl.zeros((SC,), tl.float32)
+        for k0 in range(0, SP, SC):
+            ks = k0 + tl.arange(0, SC)
+            acc += tl.sum(tl.load(h_in + ks)[:, None] * tl.load(wq + ks[:, None] * SP + cs[None, :]),
+                          axis=0)
+        tl.store(tq_blk + cs, _tanh(acc + tl.load(bq + cs)))
+    tl.debug_barrier()
+    logits = tl.zeros((QP,), tl.float32)
+    for c0 in range(0, SP, SC):
+        cs = c0 + tl.arange(0, SC)
+        tk = _tanh(_rows_times(v_blk, SP, wk, SP, c0, SP, QP, SC, SC, False, OPD, PREC)
+                   + tl.load(bk + cs)[None, :])
+        tl.store(tk_blk + _grid2(QP, SC, SP, c0), tk)
+        key_scale, question_scale = _rar_dropout(seed_lo, seed_hi, module, pair, c0, DROPOUT,
+                                                 QP, SC)
+        question = tl.load(tq_blk + cs) * question_scale * tl.load(wv + cs)
+        logits += tl.sum(tk * key_scale * question[None, :], axis=1)
+    logits = tl.where(rows < nq, logits + tl.load(bv), float("-inf"))
     e = tl.exp(logits - tl.max(logits, axis=0))
     w = e / tl.sum(e, axis=0)
-    hs = tl.sum(w[:, None] * v, axis=0)
-    return v, tk, key_scale, tq, question_scale, keys, question, wvv, w, hs
+    tl.store(w_blk + rows, w)
+    sumsq = tl.zeros((SC,), tl.float32)
+    for c0 in range(0, SP, SC):
+        hs = tl.sum(w[:, None] * tl.load(v_blk + _grid2(QP, SC, SP, c0)), axis=0)
+        tl.store(hs_blk + c0 + tl.arange(0, SC), hs)
+        sumsq += hs * hs
+    tl.debug_barrier()
+    inv = 1.0 / (tl.sqrt(tl.sum(sumsq, axis=0)) + _EPS)
+    for c0 in range(0, SP, SC):
+        cs = c0 + tl.arange(0, SC)
+        tl.store(h_out + cs, tl.load(hs_blk + cs) * inv)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _mean_rows(v_blk, h_out, nq, QP: tl.constexpr, SP: tl.constexpr, SC: tl.constexpr):
+    """h_0 = mean of v over the pair's real queries."""
+    row_ok = tl.arange(0, QP) < nq
+    for c0 in range(0, SP, SC):
+        v = tl.load(v_blk + _grid2(QP, SC, SP, c0))
+        tl.store(h_out + c0 + tl.arange(0, SC), tl.sum(tl.where(row_ok[:, None], v, 0.0), axis=0) / nq)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _vector_dot(x, y, SP: tl.constexpr, SC: tl.constexpr):
+    """x . y of two SP-vectors in memory."""
+    acc = tl.zeros((SC,), tl.float32)
+    for c0 in range(0, SP, SC):
+        cs = c0 + tl.arange(0, SC)
+        acc += tl.load(x + cs) * tl.load(y + cs)
+    return tl.sum(acc, axis=0)
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward pieces
+# Backward pieces (each ends with a barrier, as the forward ones)
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _rar_backward(v_blk, dv_blk, h_in, dh_out, nq, wq, bq, wk, bk, wv, bv, gwq, gbq, gwk, gbk,
-                  gwv, gbv, seed_lo, seed_hi, module, pair, WANT_W: tl.constexpr,
-                  DROPOUT: tl.constexpr, QP: tl.constexpr, SP: tl.constexpr, PREC: tl.constexpr):
-    """d v (added to the scratch) and d h_in of h_out = l2norm(sum_k w_k v_k); weight grads."""
-    v, tk, key_scale, tq, question_scale, keys, question, wvv, w, hs = _rar_parts(
-        v_blk, h_in, nq, wq, bq, wk, bk, wv, bv, seed_lo, seed_hi, module, pair, DROPOUT, QP, SP,
-        PREC)
+def _score_backward(h, we, ds, dh, gwe, gbe, WANT_W: tl.constexpr, SP: tl.constexpr,
+                    SC: tl.constexpr):
+    """score = sigmoid(w_e . h + b_e), ds its pre-sigmoid gradient: d h and w_e, b_e's grads."""
+    for c0 in range(0, SP, SC):
+        cs = c0 + tl.arange(0, SC)
+        if WANT_W:
+            _accumulate(gwe, cs, ds * tl.load(h + cs))
+        tl.store(dh + cs, ds * tl.load(we + cs))
+    if WANT_W:
+        _accumulate(gbe, 0, ds)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _rar_backward(v_blk, dv_blk, h_in, tk_blk, tq_blk, hs_blk, w_blk, dh_out, dh_in, vec, dk_blk,
+                  nq, wq, wk, wv, gwq, gbq, gwk, gbk, gwv, gbv, seed_lo, seed_hi, module, pair,
+                  WANT_W: tl.constexpr, DROPOUT: tl.constexpr, QP: tl.constexpr,
+                  SP: tl.constexpr, SC: tl.constexpr, GPD: tl.constexpr, PREC: tl.constexpr):
+    """Given d h_out (SP, scratch): d v (added to the scratch dv), d h_in (to the scratch),
+    weight grads. vec: two SP-vectors of scratch (d hs, d question pre-activation)."""
     rows = tl.arange(0, QP)
-    cols = tl.arange(0, SP)
-    dhs = _l2norm_vector_backward(hs, dh_out)
-    dw = tl.sum(dhs[None, :] * v, axis=1)
-    dlog = w * (dw - tl.sum(w * dw, axis=0))
-    dlog = tl.where(rows < nq, dlog, 0.0)
-    kd = tl.sum(dlog[:, None] * keys, axis=0)          # sum_k dlog_k keys_k
-    dkeys = dlog[:, None] * (question * wvv)[None, :]
-    dq_pre = kd * wvv * question_scale * (1.0 - tq * tq)
-    dk_pre = dkeys * key_scale * (1.0 - tk * tk)
-    wk_t = tl.load(wk + _grid2(SP, SP, SP, 0))
-    wq_t = tl.load(wq + _grid2(SP, SP, SP, 0))
-    dv = w[:, None] * dhs[None, :] + tl.dot(dk_pre, tl.trans(wk_t), input_precision=PREC)
-    _accumulate(dv_blk, _grid2(QP, SP, SP, 0), dv)
+    row_ok = rows < nq
+    dhs_blk = vec
+    dq_blk = vec + SP
+    # d hs of h_out = hs / (|hs| + eps)
+    n = tl.sqrt(_vector_dot(hs_blk, hs_blk, SP, SC))
+    coef = _vector_dot(hs_blk, dh_out, SP, SC) / (tl.where(n > 0, n, 1.0) * (n + _EPS) * (n + _EPS))
+    w = tl.load(w_blk + rows)
+    dw = tl.zeros((QP,), tl.float32)
+    for c0 in range(0, SP, SC):
+        cs = c0 + tl.arange(0, SC)
+        dhs = tl.load(dh_out + cs) / (n + _EPS) - tl.load(hs_blk + cs) * coef
+        tl.store(dhs_blk + cs, dhs)
+        dw += tl.sum(dhs[None, :] * tl.load(v_blk + _grid2(QP, SC, SP, c0)), axis=1)
+    dlog = tl.where(row_ok, w * (dw - tl.sum(w * dw, axis=0)), 0.0)
+    for c0 in range(0, SP, SC):
+        cs = c0 + tl.arange(0, SC)
+        tk = tl.load(tk_blk + _grid2(QP, SC, SP, c0))
+        key_scale, question_scale = _rar_dropout(seed_lo, seed_hi, module, pair, c0, DROPOUT,
+                                                 QP, SC)
+        tq = tl.load(tq_blk + cs)
+        wvv = tl.load(wv + cs)
+        question = tq * question_scale
+        kd = tl.sum(dlog[:, None] * tk * key_scale, axis=0)       # sum_k dlog_k keys_k
+        dq_pre = kd * wvv * question_scale * (1.0 - tq * tq)
+        dk_pre = dlog[:, None] * (question * wvv)[None, :] * key_scale * (1.0 - tk * tk)
+        tl.store(dq_blk + cs, dq_pre)
+        tl.store(dk_blk + _grid2(QP, SC, SP, c0), dk_pre)
+        if WANT_W:
+            _accumulate(gwv, cs, kd * question)
+            _accumulate(gbk, cs, tl.sum(dk_pre, axis=0))
+            _accumulate(gbq, cs, dq_pre)
     if WANT_W:
         _accumulate(gbv, 0, tl.sum(dlog, axis=0))
-        _accumulate(gwv, cols, kd * question)
-        _accumulate(gwk, _grid2(SP, SP, SP, 0),
-                    tl.dot(tl.trans(v), dk_pre, input_precision=PREC))
-        _accumulate(gbk, cols, tl.sum(dk_pre, axis=0))
-        _accumulate(gwq, _grid2(SP, SP, SP, 0), h_in[:, None] * dq_pre[None, :])
-        _accumulate(gbq, cols, dq_pre)
     tl.debug_barrier()
-    return tl.sum(wq_t * dq_pre[None, :], axis=1)
+    for j0 in range(0, SP, SC):
+        js = j0 + tl.arange(0, SC)
+        offs = _grid2(QP, SC, SP, j0)
+        dv = (w[:, None] * tl.load(dhs_blk + js)[None, :]
+              + _rows_times(dk_blk, SP, wk, SP, j0, SP, QP, SC, SC, True, GPD, PREC))
+        _accumulate(dv_blk, offs, dv)
+        acc = tl.zeros((SC,), tl.float32)
+        for c0 in range(0, SP, SC):
+            cs = c0 + tl.arange(0, SC)
+            acc += tl.sum(tl.load(wq + js[:, None] * SP + cs[None, :])
+                          * tl.load(dq_blk + cs)[None, :], axis=1)
+        tl.store(dh_in + js, acc)
+        if WANT_W:
+            v = tl.load(v_blk + offs)
+            h = tl.load(h_in + js)
+            for c0 in range(0, SP, SC):
+                cs = c0 + tl.arange(0, SC)
+                _accumulate_product(gwk, SP, j0, c0, v, tl.load(dk_blk + _grid2(QP, SC, SP, c0)),
+                                    GPD, PREC)
+                _accumulate(gwq, js[:, None] * SP + cs[None, :],
+                            h[:, None] * tl.load(dq_blk + cs)[None, :])
+    tl.debug_barrier()
+
+
+@triton.jit
+def _mean_rows_backward(dh, dv_blk, nq, QP: tl.constexpr, SP: tl.constexpr, SC: tl.constexpr):
+    """h_0 = mean of v_0 over the pair's real queries: d v_0 += d h_0 / nq on those rows."""
+    row_ok = tl.arange(0, QP) < nq
+    for c0 in range(0, SP, SC):
+        d = tl.load(dh + c0 + tl.arange(0, SC))
+        _accumulate(dv_blk, _grid2(QP, SC, SP, c0), tl.where(row_ok[:, None], d[None, :] / nq, 0.0))
+    tl.debug_barrier()
 
 
 @triton.jit
 def _rcr_backward(v_blk, dv_blk, dlam, m_old, dm_blk, t2_blk, h1_blk, g1_blk, r_blk, nq,
                   w1, w2, ws1, ws2, gw1, gb1, gw2, gb2, gws1, gbs1, gws2, gbs2,
-                  HAS_M: tl.constexpr, WANT_W: tl.constexpr, QP: tl.constexpr,
-                  SP: tl.constexpr, HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr,
-                  DC: tl.constexpr, PREC: tl.constexpr):
+                  WANT_W: tl.constexpr, QP: tl.constexpr, SP: tl.constexpr, HP: tl.constexpr,
+                  HSP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, SC: tl.constexpr,
+                  GPD: tl.constexpr, PREC: tl.constexpr):
     """Given d m_new (the scratch dm) and d lambda_new: d v (added), d m_old (left in dm),
-    d lambda_old (returned), weight grads."""
+    d lambda_old (returned), weight grads. The hidden layers' scratch is overwritten by their
+    pre-activation gradients (t2 by dz2, h1 by dz1, g1 by dzs)."""
     rows_ok = tl.arange(0, QP) < nq
-    v = tl.load(v_blk + _grid2(QP, SP, SP, 0))
-    h1 = tl.load(h1_blk + _grid2(QP, HP, HP, 0))
-    g1 = tl.load(g1_blk + _grid2(QP, HSP, HSP, 0))
     r = tl.load(r_blk + tl.arange(0, QP))
     dr = tl.where((r > 0) & rows_ok, dlam, 0.0)
-    ws2v = tl.load(ws2 + tl.arange(0, HSP))
-    dzs = dr[:, None] * ws2v[None, :] * (1.0 - g1 * g1)
-    dh1 = tl.zeros((QP, HP), tl.float32)
     for d0 in range(0, DP, DC):
         offs = _grid2(QP, DC, DP, d0)
         t2 = tl.load(t2_blk + offs)
-        old = tl.full((QP, DC), 1.0, tl.float32)
-        if HAS_M:
-            old = tl.load(m_old + offs)
-        pre = t2 + old
+        pre = t2 + tl.load(m_old + offs)
         dpre = tl.where((pre >= -1.0) & (pre <= 1.0) & rows_ok[:, None], tl.load(dm_blk + offs),
                         0.0)
         tl.store(dm_blk + offs, dpre)
         dz2 = dpre * (1.0 - t2 * t2)
-        w2c = tl.load(w2 + _grid2(HP, DC, DP, d0))
-        dh1 += tl.dot(dz2, tl.trans(w2c), input_precision=PREC)
+        tl.store(t2_blk + offs, dz2)
         if WANT_W:
-            _accumulate(gw2, _grid2(HP, DC, DP, d0), tl.dot(tl.trans(h1), dz2, input_precision=PREC))
             _accumulate(gb2, d0 + tl.arange(0, DC), tl.sum(dz2, axis=0))
-    dz1 = dh1 * (1.0 - h1 * h1)
-    w1_t = tl.load(w1 + _grid2(SP, HP, HP, 0))
-    ws1_t = tl.load(ws1 + _grid2(SP, HSP, HSP, 0))
-    dv = (tl.dot(dz1, tl.trans(w1_t), input_precision=PREC)
-          + tl.dot(dzs, tl.trans(ws1_t), input_precision=PREC))
-    _accumulate(dv_blk, _grid2(QP, SP, SP, 0), dv)
+    tl.debug_barrier()
+    for h0 in range(0, HP, SC):
+        offs = _grid2(QP, SC, HP, h0)
+        h1 = tl.load(h1_blk + offs)
+        dz1 = (_rows_times(t2_blk, DP, w2, DP, h0, DP, QP, DC, SC, True, GPD, PREC)
+               * (1.0 - h1 * h1))
+        if WANT_W:
+            for d0 in range(0, DP, DC):
+                _accumulate_product(gw2, DP, h0, d0, h1, tl.load(t2_blk + _grid2(QP, DC, DP, d0)),
+                                    GPD, PREC)
+            _accumulate(gb1, h0 + tl.arange(0, SC), tl.sum(dz1, axis=0))
+        tl.debug_barrier()   # every thread has read h1 before it is overwritten
+        tl.store(h1_blk + offs, dz1)
+    for g0 in range(0, HSP, SC):
+        gs = g0 + tl.arange(0, SC)
+        offs = _grid2(QP, SC, HSP, g0)
+        g1 = tl.load(g1_blk + offs)
+        dzs = dr[:, None] * tl.load(ws2 + gs)[None, :] * (1.0 - g1 * g1)
+        tl.store(g1_blk + offs, dzs)
+        if WANT_W:
+            _accumulate(gws2, gs, tl.sum(dr[:, None] * g1, axis=0))
+            _accumulate(gbs1, gs, tl.sum(dzs, axis=0))
     if WANT_W:
-        _accumulate(gw1, _grid2(SP, HP, HP, 0), tl.dot(tl.trans(v), dz1, input_precision=PREC))
-        _accumulate(gb1, tl.arange(0, HP), tl.sum(dz1, axis=0))
-        _accumulate(gws1, _grid2(SP, HSP, HSP, 0), tl.dot(tl.trans(v), dzs, input_precision=PREC))
-        _accumulate(gbs1, tl.arange(0, HSP), tl.sum(dzs, axis=0))
-        _accumulate(gws2, tl.arange(0, HSP), tl.sum(dr[:, None] * g1, axis=0))
         _accumulate(gbs2, 0, tl.sum(dr, axis=0))
+    tl.debug_barrier()
+    for j0 in range(0, SP, SC):
+        offs = _grid2(QP, SC, SP, j0)
+        dv = (_rows_times(h1_blk, HP, w1, HP, j0, HP, QP, SC, SC, True, GPD, PREC)
+              + _rows_times(g1_blk, HSP, ws1, HSP, j0, HSP, QP, SC, SC, True, GPD, PREC))
+        _accumulate(dv_blk, offs, dv)
+        if WANT_W:
+            v = tl.load(v_blk + offs)
+            for h0 in range(0, HP, SC):
+                _accumulate_product(gw1, HP, j0, h0, v, tl.load(h1_blk + _grid2(QP, SC, HP, h0)),
+                                    GPD, PREC)
+            for g0 in range(0, HSP, SC):
+                _accumulate_product(gws1, HSP, j0, g0, v,
+                                    tl.load(g1_blk + _grid2(QP, SC, HSP, g0)), GPD, PREC)
     tl.debug_barrier()
     return dr
 
 
 @triton.jit
 def _attention_backward(qb, sq, nq, cb, sc, nc, D, dqb, dcb, gstride, m_blk, lam, s_blk, al_blk,
-                        ctx_blk, nrm_blk, du_blk, du_ctx, dm_blk, HAS_M: tl.constexpr,
+                        ctx_blk, nrm_blk, du_blk, du_ctx, dm_blk,
                         OWNER_IS_QUERY: tl.constexpr, QP: tl.constexpr, CP: tl.constexpr,
-                        DP: tl.constexpr, DC: tl.constexpr, PREC: tl.constexpr):
+                        DP: tl.constexpr, DC: tl.constexpr, GPD: tl.constexpr,
+                        PREC: tl.constexpr):
     """Backward of u = l2norm(ctx), ctx = alpha C, alpha(S(q * m, C), lambda) given d u (in the
     scratch du) and du_ctx = sum_d du * ctx per row: adds d m (scratch), the owner's d q or d C
     (global), returns d lambda."""
@@ -480,10 +646,11 @@ def _attention_backward(qb, sq, nq, cb, sc, nc, D, dqb, dcb, gstride, m_blk, lam
         dctx = tl.load(du_blk + offs) * inv[:, None] - tl.load(ctx_blk + offs) * coef[:, None]
         dctx = tl.where(row_ok[:, None], dctx, 0.0)
         c = _load_items(cb, sc, nc, d0, D, CP, DC)
-        dalpha += tl.dot(dctx, tl.trans(c), input_precision=PREC)
+        dalpha += tl.dot(dctx.to(GPD), tl.trans(c.to(GPD)), input_precision=PREC)
         if not OWNER_IS_QUERY:
             _accumulate_rows(dcb, gstride, nc, d0,
-                             tl.dot(tl.trans(alpha), dctx, input_precision=PREC), CP, DC)
+                             tl.dot(tl.trans(alpha.to(GPD)), dctx.to(GPD), input_precision=PREC),
+                             CP, DC)
     tl.debug_barrier()  # the first loop's d C rows are complete before the second adds
     dlogits = alpha * (dalpha - tl.sum(alpha * dalpha, axis=1)[:, None])
     dlogits = tl.where(ctx_ok[None, :], dlogits, 0.0)
@@ -491,28 +658,24 @@ def _attention_backward(qb, sq, nq, cb, sc, nc, D, dqb, dcb, gstride, m_blk, lam
     x = tl.where(scores > 0, scores, _SLOPE * scores)
     x = tl.where(row_ok[:, None], x, 0.0)
     n = tl.sqrt(tl.sum(x * x, axis=0))
-    a = x / (n + _EPS)[None, :]
-    dlam = tl.sum(dlogits * a, axis=1)
+    dlam = tl.sum(dlogits * (x / (n + _EPS)[None, :]), axis=1)
     da = dlogits * lam[:, None]
     n_safe = tl.where(n > 0, n, 1.0)
     dx = da / (n + _EPS)[None, :] - x * (tl.sum(da * x, axis=0) / (n_safe * (n + _EPS) * (n + _EPS)))[None, :]
     ds = tl.where(scores > 0, dx, _SLOPE * dx)
-    ds = tl.where(row_ok[:, None] & ctx_ok[None, :], ds, 0.0)
+    ds = tl.where(row_ok[:, None] & ctx_ok[None, :], ds, 0.0).to(GPD)
     for d0 in range(0, DP, DC):
         offs = _grid2(QP, DC, DP, d0)
         q = _load_items(qb, sq, nq, d0, D, QP, DC)
-        m = tl.full((QP, DC), 1.0, tl.float32)
-        if HAS_M:
-            m = tl.load(m_blk + offs)
+        m = tl.load(m_blk + offs)
         c = _load_items(cb, sc, nc, d0, D, CP, DC)
-        dqm = tl.dot(ds, c, input_precision=PREC)
-        if HAS_M:
-            _accumulate(dm_blk, offs, dqm * q)
+        dqm = tl.dot(ds, c.to(GPD), input_precision=PREC)
+        _accumulate(dm_blk, offs, dqm * q)
         if OWNER_IS_QUERY:
             _accumulate_rows(dqb, gstride, nq, d0, dqm * m, QP, DC)
         else:
             _accumulate_rows(dcb, gstride, nc, d0,
-                             tl.dot(tl.trans(ds), q * m, input_precision=PREC), CP, DC)
+                             tl.dot(tl.trans(ds), (q * m).to(GPD), input_precision=PREC), CP, DC)
     tl.debug_barrier()
     return tl.where(row_ok, dlam, 0.0)
 
@@ -521,13 +684,31 @@ def _attention_backward(qb, sq, nq, cb, sc, nc, D, dqb, dcb, gstride, m_blk, lam
 def _alignment_backward(qb, sq, nq, D, dqb, gstride, ctx_blk, nrm_blk, z_blk, dv_blk, du_blk,
                         wa, gwa, gba, WANT_W: tl.constexpr, OWNER_IS_QUERY: tl.constexpr,
                         QP: tl.constexpr, SP: tl.constexpr, DP: tl.constexpr,
-                        DC: tl.constexpr, PREC: tl.constexpr):
+                        DC: tl.constexpr, SC: tl.constexpr, GPD: tl.constexpr,
+                        PREC: tl.constexpr):
     """Backward of v = l2norm(W_a (q - u)^2 + b_a): d u to the scratch, the owner's d q, weight
-    grads; returns sum_d du * ctx per row (for the attention backward)."""
+    grads (z is overwritten by dz); returns sum_d du * ctx per row (for the attention
+    backward)."""
     rows_ok = tl.arange(0, QP) < nq
-    z = tl.load(z_blk + _grid2(QP, SP, SP, 0))
-    dz = _l2norm_rows_backward(z, tl.load(dv_blk + _grid2(QP, SP, SP, 0)))
-    dz = tl.where(rows_ok[:, None], dz, 0.0)
+    zz = tl.zeros((QP,), tl.float32)
+    zd = tl.zeros((QP,), tl.float32)
+    for s0 in range(0, SP, SC):
+        offs = _grid2(QP, SC, SP, s0)
+        z = tl.load(z_blk + offs)
+        zz += tl.sum(z * z, axis=1)
+        zd += tl.sum(z * tl.load(dv_blk + offs), axis=1)
+    tl.debug_barrier()   # z is read by all before it is overwritten by dz
+    # d z of v = z / (|z| + eps) per row (rows with |z| = 0 get dv / eps)
+    n = tl.sqrt(zz)
+    coef = zd / (tl.where(n > 0, n, 1.0) * (n + _EPS) * (n + _EPS))
+    for s0 in range(0, SP, SC):
+        offs = _grid2(QP, SC, SP, s0)
+        dz = tl.load(dv_blk + offs) / (n + _EPS)[:, None] - tl.load(z_blk + offs) * coef[:, None]
+        dz = tl.where(rows_ok[:, None], dz, 0.0)
+        tl.store(z_blk + offs, dz)
+        if WANT_W:
+            _accumulate(gba, s0 + tl.arange(0, SC), tl.sum(dz, axis=0))
+    tl.debug_barrier()
     inv = 1.0 / (tl.load(nrm_blk + tl.arange(0, QP)) + _EPS)
     du_ctx = tl.zeros((QP,), tl.float32)
     for d0 in range(0, DP, DC):
@@ -535,17 +716,16 @@ def _alignment_backward(qb, sq, nq, D, dqb, gstride, ctx_blk, nrm_blk, z_blk, dv
         q = _load_items(qb, sq, nq, d0, D, QP, DC)
         ctx = tl.load(ctx_blk + offs)
         diff = q - ctx * inv[:, None]
-        wa_c = tl.load(wa + _grid2(DC, SP, SP, 0) + d0 * SP)
-        ddiff = 2.0 * diff * tl.dot(dz, tl.trans(wa_c), input_precision=PREC)
+        ddiff = 2.0 * diff * _rows_times(z_blk, SP, wa, SP, d0, SP, QP, SC, DC, True, GPD, PREC)
         if OWNER_IS_QUERY:
             _accumulate_rows(dqb, gstride, nq, d0, ddiff, QP, DC)
         tl.store(du_blk + offs, -ddiff)
         du_ctx += tl.sum(-ddiff * ctx, axis=1)
         if WANT_W:
-            _accumulate(gwa, _grid2(DC, SP, SP, 0) + d0 * SP,
-                        tl.dot(tl.trans(diff * diff), dz, input_precision=PREC))
-    if WANT_W:
-        _accumulate(gba, tl.arange(0, SP), tl.sum(dz, axis=0))
+            diff2 = diff * diff
+            for s0 in range(0, SP, SC):
+                _accumulate_product(gwa, SP, d0, s0, diff2, tl.load(z_blk + _grid2(QP, SC, SP, s0)),
+                                    GPD, PREC)
     tl.debug_barrier()
     return du_ctx
 
@@ -603,30 +783,41 @@ def _rcar_pair_kernel(
         q_ptr, q_lens, stride_qi, stride_qr, c_ptr, c_lens, stride_ci, stride_cr,
         grad_ptr, out_ptr, stride_gq, stride_gc, pair_q, pair_c,
         dgrad_ptr, stride_di, stride_dr,
-        w_ptr, gw_ptr, gw_stride, scratch_ptr, scratch_stride,
+        w_ptr, wf_ptr, wb_ptr, gw_ptr, gw_stride, scratch_ptr, scratch_stride,
         n_owner, n_partner, D, smooth, seed_lo, seed_hi,
-        MODE: tl.constexpr, STEPS: tl.constexpr, N_ALV: tl.constexpr, N_RCR: tl.constexpr,
-        N_RAR: tl.constexpr, N_ATT: tl.constexpr, NA: tl.constexpr, NR: tl.constexpr,
-        NN: tl.constexpr, OWNER_IS_QUERY: tl.constexpr, WANT_W: tl.constexpr,
-        FORWARD_ONLY: tl.constexpr, DROPOUT: tl.constexpr, QP: tl.constexpr, CP: tl.constexpr,
-        SP: tl.constexpr, HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr,
-        DC: tl.constexpr, PREC: tl.constexpr):
+        MODE: tl.constexpr, N_ALV: tl.constexpr, N_RCR: tl.constexpr, N_RAR: tl.constexpr,
+        OWNER_IS_QUERY: tl.constexpr, WANT_W: tl.constexpr, FORWARD_ONLY: tl.constexpr,
+        DROPOUT: tl.constexpr, QP: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr,
+        HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr,
+        SC: tl.constexpr, W_OFFS: tl.constexpr, S_OFFS: tl.constexpr, PREC: tl.constexpr):
     """Programs walk owners pid, pid + grid, ...; each owner against every partner in order.
     FORWARD_ONLY: the scores (out). Else the owner's input gradient rows (dgrad, fp32,
-    (n_owner, rows, DP)) and, with WANT_W, the program's weight-gradient partial."""
+    (n_owner, rows, DP)) and, with WANT_W, the program's weight-gradient partial.
+    w_ptr: the fp32 flat weights (biases, vectors); wf_ptr / wb_ptr: the same in the forward's /
+    the backward's GEMM operand dtype (its matrices are read from there)."""
     pid = tl.program_id(0)
-    (wa, ba, w1, b1, w2, b2, ws1, bs1, ws2, bs2, wq, bq, wk, bk, wv, bv, we,
-     be) = _weight_blocks(w_ptr, NA, NR, NN, DP, SP, HP, HSP)
+    OPD: tl.constexpr = wf_ptr.dtype.element_ty
+    GPD: tl.constexpr = wb_ptr.dtype.element_ty
+    (_wa, ba, _w1, b1, _w2, b2, _ws1, bs1, ws2, bs2, wq, bq, _wk, bk, wv, bv, we,
+     be) = _weight_blocks(w_ptr, W_OFFS)
+    (fwa, _ba, fw1, _b1, fw2, _b2, fws1, _bs1, _ws2, _bs2, _wq, _bq, fwk, _bk, _wv, _bv, _we,
+     _be) = _weight_blocks(wf_ptr, W_OFFS)
+    (bwa, _ba, bw1, _b1, bw2, _b2, bws1, _bs1, _ws2, _bs2, _wq, _bq, bwk, _bk, _wv, _bv, _we,
+     _be) = _weight_blocks(wb_ptr, W_OFFS)
     (gwa, gba, gw1, gb1, gw2, gb2, gws1, gbs1, gws2, gbs2, gwq, gbq, gwk, gbk, gwv, gbv, gwe,
-     gbe) = _weight_blocks(gw_ptr + pid.to(tl.int64) * gw_stride, NA, NR, NN, DP, SP, HP, HSP)
-    (sm, sctx, st2, sdm, sdu, ss, sal, snrm, slam, sz, sv, sdv, sh1, sg1, sr,
-     shh) = _scratch_blocks(scratch_ptr + pid.to(tl.int64) * scratch_stride, N_ATT, NA, NR, NN,
-                            QP, CP, DP, SP, HP, HSP)
+     gbe) = _weight_blocks(gw_ptr + pid.to(tl.int64) * gw_stride, W_OFFS)
+    (sm, sctx, st2, sdm, sdu, ss, sal, snrm, slam, sz, sv, sdv, sh1, sg1, sr, shh, stk, stq,
+     shs, sw, sdk, svec) = _scratch_blocks(scratch_ptr + pid.to(tl.int64) * scratch_stride,
+                                          S_OFFS)
     rows = tl.arange(0, QP)
     QD: tl.constexpr = QP * DP
+    QS: tl.constexpr = QP * SP
+    QC: tl.constexpr = QP * CP
+    _fill(sm, 1.0, QP, DP, DC)   # m_0 = 1: slot 0 of m is never written again
     for owner in range(pid, n_owner, tl.num_programs(0)):
         dgrad = dgrad_ptr + tl.cast(owner, tl.int64) * stride_di
         for partner in range(0, n_partner):
+            tl.debug_barrier()   # the previous pair is done with the scratch
             if OWNER_IS_QUERY:
                 qi = owner
                 ci = partner
@@ -641,113 +832,102 @@ def _rcar_pair_kernel(
             g = tl.load(grad_ptr + tl.cast(qi, tl.int64) * stride_gq + tl.cast(ci, tl.int64) * stride_gc)
             # ---- forward recomputation --------------------------------------------------
             lam = tl.full((QP,), 1.0, tl.float32) * smooth
-            for t in tl.static_range(N_ALV):
+            for t in range(N_ALV):
                 tl.store(slam + t * QP + rows, lam)
                 _attention_forward(qb, stride_qr, nq, cb, stride_cr, nc, D, sm + t * QD, lam,
-                                   ss + t * QP * CP, sal + t * QP * CP, sctx + t * QD,
-                                   snrm + t * QP, t > 0, QP, CP, DP, DC, PREC)
-                _alignment_forward(qb, stride_qr, nq, D, sctx + t * QD, snrm + t * QP,
-                                   wa + t * DP * SP, ba + t * SP, sz + t * QP * SP,
-                                   sv + t * QP * SP, QP, SP, DP, DC, PREC)
+                                   ss + t * QC, sal + t * QC, sctx + t * QD, snrm + t * QP,
+                                   QP, CP, DP, DC, OPD, PREC)
+                _alignment_forward(qb, stride_qr, nq, D, sctx + t * QD, snrm + t * QP, sdu,
+                                   fwa + t * DP * SP, ba + t * SP, sz + t * QS, sv + t * QS,
+                                   QP, SP, DP, DC, SC, OPD, PREC)
                 if t < N_RCR:
-                    lam = _rcr_forward(sv + t * QP * SP, lam, sm + t * QD, sm + (t + 1) * QD,
+                    lam = _rcr_forward(sv + t * QS, lam, sm + t * QD, sm + (t + 1) * QD,
                                        st2 + t * QD, sh1 + t * QP * HP, sg1 + t * QP * HSP,
-                                       sr + t * QP, w1 + t * SP * HP, b1 + t * HP,
-                                       w2 + t * HP * DP, b2 + t * DP, ws1 + t * SP * HSP,
-                                       bs1 + t * HSP, ws2 + t * HSP, bs2 + t, t > 0, QP, SP, HP,
-                                       HSP, DP, DC, PREC)
+                                       sr + t * QP, fw1 + t * SP * HP, b1 + t * HP,
+                                       fw2 + t * HP * DP, b2 + t * DP, fws1 + t * SP * HSP,
+                                       bs1 + t * HSP, ws2 + t * HSP, bs2 + t, QP, SP, HP, HSP,
+                                       DP, DC, SC, OPD, PREC)
             if MODE == _ONLY_RCR:
                 tl.store(slam + N_ALV * QP + rows, lam)
                 _attention_forward(qb, stride_qr, nq, cb, stride_cr, nc, D, sm + N_ALV * QD, lam,
-                                   ss + N_ALV * QP * CP, sal + N_ALV * QP * CP,
-                                   sctx + N_ALV * QD, snrm + N_ALV * QP, N_ALV > 0, QP, CP,
-                                   DP, DC, PREC)
+                                   ss + N_ALV * QC, sal + N_ALV * QC, sctx + N_ALV * QD,
+                                   snrm + N_ALV * QP, QP, CP, DP, DC, OPD, PREC)
                 score, du_ctx = _cosine_backward(qb, stride_qr, nq, D, dgrad, stride_dr,
                                                  sctx + N_ALV * QD, snrm + N_ALV * QP, sdu,
                                                  g, OWNER_IS_QUERY, QP, DP, DC)
             else:
-                v0 = tl.load(sv + _grid2(QP, SP, SP, 0))
-                h = tl.sum(tl.where((rows < nq)[:, None], v0, 0.0), axis=0) / nq
-                tl.store(shh + tl.arange(0, SP), h)
-                for n in tl.static_range(N_RAR):
+                _mean_rows(sv, shh, nq, QP, SP, SC)
+                for n in range(N_RAR):
                     if MODE == _ONLY_RAR:
                         src = 0
                     else:
                         src = n
-                    parts = _rar_parts(sv + src * QP * SP, h, nq, wq + n * SP * SP, bq + n * SP,
-                                       wk + n * SP * SP, bk + n * SP, wv + n * SP, bv + n,
-                                       seed_lo, seed_hi, n, pair, DROPOUT, QP, SP, PREC)
-                    _v, _tk, _ks, _tq, _qs, _keys, _question, _wvv, _w, hs = parts
-                    h = hs / (tl.sqrt(tl.sum(hs * hs, axis=0)) + _EPS)
-                    tl.store(shh + (n + 1) * SP + tl.arange(0, SP), h)
-                tl.debug_barrier()
-                score = _sigmoid(tl.sum(h * tl.load(we + tl.arange(0, SP)), axis=0) + tl.load(be))
+                    _rar_forward(sv + src * QS, shh + n * SP, shh + (n + 1) * SP, stk + n * QS,
+                                 stq + n * SP, shs + n * SP, sw + n * QP, nq, wq + n * SP * SP,
+                                 bq + n * SP, fwk + n * SP * SP, bk + n * SP, wv + n * SP,
+                                 bv + n, seed_lo, seed_hi, n, pair, DROPOUT, QP, SP, SC, OPD,
+                                 PREC)
+                score = _sigmoid(_vector_dot(shh + N_RAR * SP, we, SP, SC) + tl.load(be))
             if FORWARD_ONLY:
                 tl.store(out_ptr + tl.cast(qi, tl.int64) * stride_gq + tl.cast(ci, tl.int64) * stride_gc,
                          score)
             else:
                 # ---- backward -----------------------------------------------------------
-                for t in tl.static_range(NA):
-                    tl.store(sdv + t * QP * SP + _grid2(QP, SP, SP, 0),
-                             tl.zeros((QP, SP), tl.float32))
-                for d0 in range(0, DP, DC):
-                    tl.store(sdm + _grid2(QP, DC, DP, d0), tl.zeros((QP, DC), tl.float32))
+                for t in range(N_ALV):   # d v of every alignment
+                    _fill(sdv + t * QS, 0.0, QP, SP, SC)
+                _fill(sdm, 0.0, QP, DP, DC)
                 tl.debug_barrier()
                 if MODE == _ONLY_RCR:
                     dlam = _attention_backward(qb, stride_qr, nq, cb, stride_cr, nc, D, dgrad,
                                                dgrad, stride_dr, sm + N_ALV * QD, lam,
-                                               ss + N_ALV * QP * CP, sal + N_ALV * QP * CP,
+                                               ss + N_ALV * QC, sal + N_ALV * QC,
                                                sctx + N_ALV * QD, snrm + N_ALV * QP, sdu,
-                                               du_ctx, sdm, N_ALV > 0, OWNER_IS_QUERY, QP, CP,
-                                               DP, DC, PREC)
+                                               du_ctx, sdm, OWNER_IS_QUERY, QP, CP, DP, DC,
+                                               GPD, PREC)
                 else:
-                    ds = g * score * (1.0 - score)
-                    if WANT_W:
-                        _accumulate(gwe, tl.arange(0, SP), ds * h)
-                        _accumulate(gbe, 0, ds)
-                    dh = ds * tl.load(we + tl.arange(0, SP))
-                    for k in tl.static_range(N_RAR):
+                    # d h ping-pongs between two SP-vectors of svec (the other two: the RAR
+                    # backward's own)
+                    _score_backward(shh + N_RAR * SP, we, g * score * (1.0 - score), svec, gwe,
+                                    gbe, WANT_W, SP, SC)
+                    for k in range(N_RAR):
                         n = N_RAR - 1 - k
                         if MODE == _ONLY_RAR:
                             src = 0
                         else:
                             src = n
-                        h_in = tl.load(shh + n * SP + tl.arange(0, SP))
-                        dh = _rar_backward(sv + src * QP * SP, sdv + src * QP * SP, h_in, dh,
-                                           nq, wq + n * SP * SP, bq + n * SP, wk + n * SP * SP,
-                                           bk + n * SP, wv + n * SP, bv + n, gwq + n * SP * SP,
-                                           gbq + n * SP, gwk + n * SP * SP, gbk + n * SP,
-                                           gwv + n * SP, gbv + n, seed_lo, seed_hi, n, pair,
-                                           WANT_W, DROPOUT, QP, SP, PREC)
-                    # h_0 = mean of v_0 over the pair's real queries
-                    _accumulate(sdv, _grid2(QP, SP, SP, 0),
-                                tl.where((rows < nq)[:, None], dh[None, :] / nq, 0.0))
-                    tl.debug_barrier()
+                        _rar_backward(sv + src * QS, sdv + src * QS, shh + n * SP, stk + n * QS,
+                                      stq + n * SP, shs + n * SP, sw + n * QP,
+                                      svec + (k % 2) * SP, svec + ((k + 1) % 2) * SP,
+                                      svec + 2 * SP, sdk, nq, wq + n * SP * SP,
+                                      bwk + n * SP * SP, wv + n * SP, gwq + n * SP * SP,
+                                      gbq + n * SP, gwk + n * SP * SP, gbk + n * SP,
+                                      gwv + n * SP, gbv + n, seed_lo, seed_hi, n, pair, WANT_W,
+                                      DROPOUT, QP, SP, SC, GPD, PREC)
+                    _mean_rows_backward(svec + (N_RAR % 2) * SP, sdv, nq, QP, SP, SC)
                     dlam = tl.zeros((QP,), tl.float32)
-                for k in tl.static_range(N_ALV):
+                for k in range(N_ALV):
                     t = N_ALV - 1 - k
                     if t < N_RCR:
-                        dlam = _rcr_backward(sv + t * QP * SP, sdv + t * QP * SP, dlam,
-                                             sm + t * QD, sdm, st2 + t * QD, sh1 + t * QP * HP,
+                        dlam = _rcr_backward(sv + t * QS, sdv + t * QS, dlam, sm + t * QD, sdm,
+                                             st2 + t * QD, sh1 + t * QP * HP,
                                              sg1 + t * QP * HSP, sr + t * QP, nq,
-                                             w1 + t * SP * HP, w2 + t * HP * DP,
-                                             ws1 + t * SP * HSP, ws2 + t * HSP,
+                                             bw1 + t * SP * HP, bw2 + t * HP * DP,
+                                             bws1 + t * SP * HSP, ws2 + t * HSP,
                                              gw1 + t * SP * HP, gb1 + t * HP, gw2 + t * HP * DP,
                                              gb2 + t * DP, gws1 + t * SP * HSP, gbs1 + t * HSP,
-                                             gws2 + t * HSP, gbs2 + t, t > 0, WANT_W, QP, SP,
-                                             HP, HSP, DP, DC, PREC)
+                                             gws2 + t * HSP, gbs2 + t, WANT_W, QP, SP, HP, HSP,
+                                             DP, DC, SC, GPD, PREC)
                     du_ctx = _alignment_backward(qb, stride_qr, nq, D, dgrad, stride_dr,
-                                                 sctx + t * QD, snrm + t * QP, sz + t * QP * SP,
-                                                 sdv + t * QP * SP, sdu, wa + t * DP * SP,
+                                                 sctx + t * QD, snrm + t * QP, sz + t * QS,
+                                                 sdv + t * QS, sdu, bwa + t * DP * SP,
                                                  gwa + t * DP * SP, gba + t * SP, WANT_W,
-                                                 OWNER_IS_QUERY, QP, SP, DP, DC, PREC)
+                                                 OWNER_IS_QUERY, QP, SP, DP, DC, SC, GPD, PREC)
                     lam_t = tl.load(slam + t * QP + rows)
                     dlam += _attention_backward(qb, stride_qr, nq, cb, stride_cr, nc, D, dgrad,
                                                 dgrad, stride_dr, sm + t * QD, lam_t,
-                                                ss + t * QP * CP, sal + t * QP * CP,
-                                                sctx + t * QD, snrm + t * QP, sdu, du_ctx, sdm,
-                                                t > 0, OWNER_IS_QUERY, QP, CP, DP, DC, PREC)
-                    tl.debug_barrier()
+                                                ss + t * QC, sal + t * QC, sctx + t * QD,
+                                                snrm + t * QP, sdu, du_ctx, sdm,
+                                                OWNER_IS_QUERY, QP, CP, DP, DC, GPD, PREC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -765,14 +945,54 @@ def flatten_weights(weights: dict, slots: dict, dims: dict) -> torch.Tensor:
 
 def unflatten(flat: torch.Tensor, slots: dict, dims: dict) -> dict:
     """A flat_layout buffer as named views."""
-    out, at = {}, 0
-    for name, shape in flat_layout(slots, dims["DP"], dims["SP"], dims["HP"], dims["HSP"]):
-        size = 1
-        for n in shape:
-            size *= n
-        out[name] = flat[at:at + size].view(shape)
-        at += size
-    return out
+    blocks = flat_layout(slots, dims["DP"], dims["SP"], dims["HP"], dims["HSP"])
+    starts = offsets(_numel(shape) for _, shape in blocks)
+    return {name: flat[at:at + _numel(shape)].view(shape)
+            for (name, shape), at in zip(blocks, starts)}
+
+
+def operand_dtypes(dtype: torch.dtype, device) -> tuple:
+    """(forward GEMM operand dtype, backward GEMM operand dtype, fp32 input_precision) for
+    inputs of `dtype`: the forward's as kernels/rcar.py (the inputs' low precision, fp32 for
+    fp32); the backward's bf16 for bf16 and fp32 otherwise (fp16's range would flush small
+    gradients); fp32 GEMMs exact ("ieee") for fp32 inputs and in the interpreter, else tf32."""
+    low = dtype in (torch.float16, torch.bfloat16)
+    forward = dtype if low else torch.float32
+    backward = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    exact = not low or device.type == "cpu"
+    return forward, backward, "ieee" if exact else "tf32"
+
+
+# Warps and software-pipelining stages (interpreter launches ignore both). Compiled for sm_90
+# (coop_rcar(2) t2i bf16, d = 1024, s = 256, 64 x 64 pair tiles; bytes of stack per thread,
+# triton 3.8). Before the column chunks (stop 19): 1.1-3.6 KB at s = 64, no finished compile
+# at s = 128 in 7 minutes. A 4 x 5 batch (weights with the d context pass), d query / d
+# context + weights launches: 4 warps, 3 stages 504 / 1040; 4 warps, 1 stage 312 / 616; 8
+# warps, 1 stage 232 / 520; with int32 offsets within an item (_load_items) 72 / 448. The
+# recipe's square batch (tests/test_sm90_compile.py; training forward / d query + weights / d
+# context): then 0 / 384 / 112 (3.6: 0 / 472 / 296); with opaque column offsets (_columns:
+# nvdisasm line info had put the rest in offset blocks hoisted out of the persistent loop)
+# 0 / 0 / 8 (3.6: 0 / 96 / 0), 236-255 registers, 48 KB of shared memory. Chunk widths
+# barely matter (S_CHUNK 16 / 64, D_CHUNK 16: stack within 15%). Other bf16 shapes
+# (RCAR_FAST_SM90_FULL=1: i2t, only_rar, only_rcr, a 4 x 5 batch): 0-40 B (3.6: 0-152 B);
+# fp32 inputs (the exact FMA GEMMs, fp32 operands) 850-970 B. Each launch compiles in 15-120 s
+# (2 loaded CPUs).
+GPU_LAUNCH = dict(num_warps=8, num_stages=1)
+
+
+def launch_constants(regulator: str, module_counts: dict, dims: dict, QP: int, CP: int,
+                     dropout_on: bool, precision: str) -> tuple:
+    """(the constexprs of _rcar_pair_kernel its launches share, plus num_warps; fp32 elements
+    of one program's scratch)."""
+    slots = module_slots(regulator, module_counts)
+    blocks = flat_layout(slots, dims["DP"], dims["SP"], dims["HP"], dims["HSP"])
+    scratch = [size for _, size in scratch_layout(slots, QP, CP, dims["DP"], dims["SP"],
+                                                  dims["HP"], dims["HSP"])]
+    constants = dict(MODE=MODES[regulator], N_ALV=slots["N_ALV"], N_RCR=slots["N_RCR"],
+                     N_RAR=slots["N_RAR"], DROPOUT=bool(dropout_on), QP=QP, CP=CP, DC=D_CHUNK,
+                     SC=min(S_CHUNK, dims["HSP"]), W_OFFS=offsets(_numel(s) for _, s in blocks),
+                     S_OFFS=offsets(scratch), PREC=precision, **dims, **GPU_LAUNCH)
+    return constants, sum(scratch)
 
 
 def _programs(n_owner: int, device) -> int:
@@ -797,8 +1017,8 @@ def _sides(img, cap, lens_list, direction):
 
 def run(img, cap, lens_list, weights: dict, *, regulator: str, steps: int, module_counts: dict,
         direction: str, smooth: float, grad=None, seed: int = 0, dropout_on: bool = False):
-    """module_counts: rcar_fast.heads.module_counts(regulator, steps). grad None: the scores (n_img, n_cap) float32 (this kernel's forward, with dropout when
-    dropout_on). Else (d img, d cap) float32 and the packed weight gradients (dict of fp32
+    """module_counts: rcar_fast.heads.module_counts(regulator, steps). grad None: the scores
+    (n_img, n_cap) float32 (this kernel's forward, with dropout when dropout_on). Else (d img, d cap) float32 and the packed weight gradients (dict of fp32
     tensors shaped like `weights`, summed over programs in a fixed order)."""
     n_img, n_regions, d = img.shape
     n_cap = cap.shape[0]
@@ -813,13 +1033,11 @@ def run(img, cap, lens_list, weights: dict, *, regulator: str, steps: int, modul
     q, c = q.contiguous(), c.contiguous()
     QP = pow2_at_least(int(q_lens.max()) if q.shape[0] else 1, MIN_DOT)
     CP = pow2_at_least(int(c_lens.max()) if c.shape[0] else 1, MIN_DOT)
-    fp32 = img.dtype == torch.float32 or device.type == "cpu"
-    constants = dict(MODE=MODES[regulator], STEPS=steps, N_ALV=slots["N_ALV"],
-                     N_RCR=slots["N_RCR"], N_RAR=slots["N_RAR"], N_ATT=slots["N_ATT"],
-                     NA=slots["NA"], NR=slots["NR"], NN=slots["NN"], DROPOUT=bool(dropout_on),
-                     QP=QP, CP=CP, DC=D_CHUNK, PREC="ieee" if fp32 else "tf32", **dims,
-                     num_warps=4)
-    scratch_width = scratch_size(slots, QP, CP, dims["DP"], dims["SP"], dims["HP"], dims["HSP"])
+    forward_dtype, backward_dtype, precision = operand_dtypes(img.dtype, device)
+    constants, width = launch_constants(regulator, module_counts, dims, QP, CP, dropout_on,
+                                        precision)
+    flat_forward = flat.to(forward_dtype)
+    flat_backward = flat.to(backward_dtype)
     seed = int(seed)
     seed_words = (seed & 0xFFFFFFFF, seed >> 32)
     scores = torch.empty((n_img, n_cap), device=device, dtype=torch.float32)
@@ -831,13 +1049,13 @@ def run(img, cap, lens_list, weights: dict, *, regulator: str, steps: int, modul
     def launch(owner_is_query, want_w, forward_only, grad_matrix, out_matrix, dgrad):
         owners, partners = (q, c) if owner_is_query else (c, q)
         n_prog = _programs(owners.shape[0], device)
-        scratch = torch.empty((n_prog, scratch_width), device=device, dtype=torch.float32)
+        scratch = torch.empty((n_prog, width), device=device, dtype=torch.float32)
         partial = torch.zeros((n_prog if want_w else 1, flat.numel()), device=device,
                               dtype=torch.float32)
         _rcar_pair_kernel[(n_prog,)](
             q, q_lens, q.stride(0), q.stride(1), c, c_lens, c.stride(0), c.stride(1),
             grad_matrix, out_matrix, gq, gc, pair_q, pair_c,
-            dgrad, dgrad.stride(0), dgrad.stride(1), flat, partial,
+            dgrad, dgrad.stride(0), dgrad.stride(1), flat, flat_forward, flat_backward, partial,
             partial.stride(0) if want_w else 0, scratch, scratch.stride(0),
             owners.shape[0], partners.shape[0], d, float(smooth), *seed_words,
             OWNER_IS_QUERY=owner_is_query, WANT_W=want_w, FORWARD_ONLY=forward_only,

@@ -4,7 +4,7 @@ as triton's launcher would (tests/sm90.py). Run without TRITON_INTERPRET:
 
     PYTHONPATH=. python scripts/sm90_rcar_backward.py '[["coop_rcar", 2, "t2i", "fp32", true, 256]]'
 
-A case: regulator, steps, direction, fp32 | bf16 (inputs; bf16 GEMMs at tf32), training
+A case: regulator, steps, direction, fp32 | bf16 (inputs; GEMM operands: operand_dtypes), training
 (dropout), sim_dim. d = 1024, R = 36, captions of up to 30 words."""
 import json, sys
 import torch

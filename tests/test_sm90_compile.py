@@ -261,6 +261,87 @@ def test_rcar_fallback_programs_per_sm_matches_the_compiled_kernels(rcar_builds)
 
 
 # ---------------------------------------------------------------------------------------------
+# RCAR's fused backward (kernels/rcar_backward.py): the launches of one training step
+# ---------------------------------------------------------------------------------------------
+
+# (regulator, steps, direction, dtype, n_img, n_cap) at d = 1024, sim_dim 256, R = 36, captions
+# of up to 50 words (64 x 64 pair tiles). The recipe's step: a square batch, so the weight
+# gradients ride with the d query pass; 4 x 5 puts them on the d context pass instead.
+RCAR_BACKWARD_CASES = [("coop_rcar", 2, "t2i", "bf16", 5, 5)]
+if FULL:
+    RCAR_BACKWARD_CASES += [("coop_rcar", 2, "t2i", "bf16", 4, 5), ("coop_rcar", 2, "i2t", "bf16", 5, 5),
+                            ("only_rar", 2, "t2i", "bf16", 5, 5), ("only_rcr", 2, "i2t", "bf16", 5, 5),
+                            ("coop_rcar", 2, "t2i", "fp32", 5, 5)]
+# Regression guard: the bytes of stack per thread (register spills) measured for the recipe's
+# launches (236-255 registers), per triton version. Before the rewrite into fixed column chunks
+# (stop 19) this kernel spilled 1.1-3.6 KB per thread at sim_dim 64 and did not finish
+# compiling at sim_dim 128 within 7 minutes (kernels/rcar_backward.py GPU_LAUNCH has the
+# steps in between). Lower it when the kernel improves; raise it only with a reason.
+RCAR_BACKWARD_STACK = {"3.8": {"forward": 0, "d_query": 0, "d_context": 8},
+                       "3.6": {"forward": 0, "d_query": 96, "d_context": 0}}
+
+_RCAR_BACKWARD_SCRIPT = r"""
+import json, sys
+import torch, triton
+from rcar_fast.heads import module_counts
+from rcar_fast.kernels import rcar_backward as kernels
+from rcar_fast.modules import RCARSimilarity
+from rcar_fast.ops.rcar import pack_weights
+from tests import sm90
+
+(recorder,) = sm90.record(kernels, "_rcar_pair_kernel")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+launches, owners = [], []
+cases = json.loads(sys.argv[1])
+for case, (regulator, steps, direction, dtype, n_img, n_cap) in enumerate(cases):
+    recorder.launches.clear()
+    head = RCARSimilarity(embed_dim=1024, sim_dim=256, regulator=regulator, steps=steps,
+                          direction=direction)
+    img = torch.zeros(n_img, 36, 1024, dtype=DTYPES[dtype])
+    cap = torch.zeros(n_cap, 50, 1024, dtype=DTYPES[dtype])
+    lens = [50, 12, 1, 9, 23][:n_cap]
+    weights = pack_weights(head, torch.float32, False)
+    options = dict(regulator=regulator, steps=steps, module_counts=module_counts(regulator, steps),
+                   direction=direction, smooth=10.0, seed=5, dropout_on=regulator != "only_rcr")
+    # The real launcher on CPU tensors, recorded: the training forward (dropout), then both
+    # backward passes.
+    kernels.run(img, cap, lens, weights, **options)
+    kernels.run(img, cap, lens, weights, grad=torch.ones(n_img, n_cap), **options)
+    for nargs, kwargs in recorder.launches:
+        # CPU tensors give the interpreter's exact fp32 GEMMs; a GPU launch's are tf32
+        kwargs = dict(kwargs, PREC=kernels.operand_dtypes(DTYPES[dtype], torch.device("cuda"))[2])
+        name = ("forward" if kwargs["FORWARD_ONLY"] else
+                "d_query" if kwargs["OWNER_IS_QUERY"] else "d_context")
+        launches.append((recorder.jit_fn, {**nargs, **kwargs}, None))
+        owners.append(dict(case=case, kernel=name, weights=kwargs["WANT_W"],
+                           triton=triton.__version__))
+sm90.emit_by_case(launches, owners, len(cases))
+"""
+
+
+@pytest.fixture(scope="module")
+def rcar_backward_builds(triton_path):
+    return sm90.run_offline(_RCAR_BACKWARD_SCRIPT, RCAR_BACKWARD_CASES, timeout=1500,
+                            triton_path=triton_path)
+
+
+@pytest.mark.parametrize("index", range(len(RCAR_BACKWARD_CASES)),
+                         ids=["-".join(map(str, c)) for c in RCAR_BACKWARD_CASES])
+def test_rcar_backward_compiles_for_sm90_within_its_stack_bound(rcar_backward_builds, index):
+    builds = rcar_backward_builds[index]
+    assert {b["kernel"] for b in builds} == {"forward", "d_query", "d_context"}
+    failures = _compile_failures(builds, "kernel", "weights")
+    assert not failures, "\n".join(failures)
+    if index == 0:   # the recipe's step: its measured stack
+        version = ".".join(builds[0]["triton"].split(".")[:2])
+        assert version in RCAR_BACKWARD_STACK, (f"no stack bound measured for triton {version}: "
+                                                f"measure it (these builds: {builds}) and add it")
+        bound = RCAR_BACKWARD_STACK[version]
+        spills = _spills(builds, "kernel", "weights", allowed=lambda b: bound[b["kernel"]])
+        assert not spills, "\n".join(spills)
+
+
+# ---------------------------------------------------------------------------------------------
 # Gram: the kernel as gram() launches it on a GPU, every input dtype
 # ---------------------------------------------------------------------------------------------
 
