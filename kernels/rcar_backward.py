@@ -998,8 +998,11 @@ def launch_constants(regulator: str, module_counts: dict, dims: dict, QP: int, C
 def _programs(n_owner: int, device) -> int:
     if device.type == "cpu":
         return max(1, min(n_owner, 2))
+    # One program per SM: at GPU_LAUNCH's 8 warps the compiled launches use 236-255 registers
+    # per thread (sm_90, tests/test_sm90_compile.py), so a second one would not fit the SM's 64K
+    # registers and would run as a second wave, holding a second scratch (~2.6 MB each).
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_owner, 2 * sm_count))
+    return max(1, min(n_owner, sm_count))
 
 
 def _sides(img, cap, lens_list, direction):
