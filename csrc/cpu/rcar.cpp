@@ -797,6 +797,13 @@ struct BackwardTile {
 
   // ---- recording forward ------------------------------------------------------------------
 
+  // Q o M into a pool tensor.
+  at::Tensor modulated_queries(const at::Tensor& M) {
+    at::Tensor out = pool.take(N, d);
+    at::mul_out(out, Q, M);
+    return out;
+  }
+
   SavedAttention attention(const at::Tensor& M, const at::Tensor& lam) {
     SavedAttention a;
     a.M = M;
@@ -809,7 +816,7 @@ struct BackwardTile {
     a.dnorm = pool.take(N, 1);
     PoolScope temporaries(pool);
     at::Tensor Qm = Q;
-    if (M.defined()) Qm = pool.take(N, d).copy_(Q).mul_(M);
+    if (M.defined()) Qm = modulated_queries(M);
     T* L = a.L.data_ptr<T>();
     T* inv = a.inv.data_ptr<T>();
     T* nrm = a.norm.data_ptr<T>();
@@ -894,11 +901,11 @@ struct BackwardTile {
     out.Tm = pool.take(N, d);
     linear_into(out.Tm, out.H1, rcr.matrix2.w, rcr.matrix2.b);
     out.Tm.tanh_();
-    at::Tensor M = pool.take(N, d);
-    M.copy_(out.Tm);
-    if (a.M.defined()) M.add_(a.M);
-    else M.add_(1);
-    M.clamp_(-1, 1);
+    at::Tensor M = pool.take(N, d);  // clamp(Tm + M_prev, -1, 1), M_prev all ones at first
+    const T* tm = out.Tm.data_ptr<T>();
+    const T* prev_m = a.M.defined() ? a.M.data_ptr<T>() : nullptr;
+    T* m = M.data_ptr<T>();
+    for (int64_t i = 0; i < N * d; ++i) m[i] = std::min(std::max(tm[i] + (prev_m ? prev_m[i] : T(1)), T(-1)), T(1));
     out.G1 = pool.take(N, rcr.smooth1.out());
     linear_into(out.G1, a.V, rcr.smooth1.w, rcr.smooth1.b);
     out.G1.tanh_();
@@ -981,7 +988,7 @@ struct BackwardTile {
                           at::Tensor dlam) {
     PoolScope temporaries(pool);
     at::Tensor Qm = Q;
-    if (a.M.defined()) Qm = pool.take(N, d).copy_(Q).mul_(a.M);
+    if (a.M.defined()) Qm = modulated_queries(a.M);
     at::Tensor dalpha = pool.take(N, Cs);
     at::Tensor dQm = pool.take(N, d);
     for (const auto& G : groups) group_attention_backward(a, G, dD, Qm, dalpha, dQm, dlam);
