@@ -1914,7 +1914,8 @@ std::string set_simd_path(const std::string& path) {
 //   rcar_backward_cpu: gradients of sum(grad * rcar_forward(...)) (grad (n_img, n_cap)):
 //     [d img, d cap, then one gradient per weight tensor in the same flat order]; d cap is zero
 //     at the padding. Recomputes the forward per tile (nothing kept between the calls);
-//     deterministic for a thread count.
+//     deterministic for a thread count. Pairs with a zero output gradient add nothing: when
+//     they are the majority (a hardest-negative loss), the rest run as a pair list.
 //   rcar_pairs_forward_cpu / rcar_pairs_backward_cpu: the same head for the pairs (img_idx[p],
 //     cap_idx[p]) (int64, in range, repeats allowed): (P,), and the gradients of
 //     sum(grad * scores) (grad (P,)) as rcar_backward_cpu's; dropout masks as the all-pairs
