@@ -300,6 +300,30 @@ def test_sparse_output_gradient_skips_tiles_exactly(direction):
     assert torch.all(got[0][[0, 2, 3]] == 0), "images without a non-zero pair get no gradient"
 
 
+def test_sparse_output_gradient_runs_as_the_listed_pairs():
+    # Fewer than half the pairs with a nonzero gradient: the all-pairs backward lists them (row
+    # major) and runs the pair-list backward, bit for bit; a NaN gradient is listed, not skipped.
+    from rcar_fast.ops import rcar as rcar_ops
+
+    native = dispatch.native_module()
+    head = make_head("coop_rcar", 2, "t2i", embed_dim=16, sim_dim=8).float()
+    img, cap, lens = make_inputs(6, 7, 5, 16, 8, dtype=torch.float32)
+    settings = rcar_ops.native_settings("t2i", "coop_rcar", 2, 10.0)
+    flat = rcar_ops.flat_weights(head)
+    img_idx, cap_idx = torch.tensor([0, 2, 2, 3, 5]), torch.tensor([0, 1, 6, 3, 2])
+    grad = torch.zeros(6, 7)
+    grad[img_idx, cap_idx] = torch.randn(5)
+    routed = native.rcar_backward_cpu(grad, img, cap, lens, settings, flat)
+    listed = native.rcar_pairs_backward_cpu(grad[img_idx, cap_idx], img, cap, lens, img_idx, cap_idx, settings, flat)
+    for a, b in zip(routed, listed):
+        assert_bit_equal(a, b, what="sparse all-pairs gradient vs its listed pairs")
+    assert torch.all(routed[0][[1, 4]] == 0), "images without a nonzero pair get no gradient"
+    grad[4, 4] = float("nan")
+    with_nan = native.rcar_backward_cpu(grad, img, cap, lens, settings, flat)
+    assert torch.isnan(with_nan[0][4]).any(), "a NaN output gradient must reach its image"
+    assert torch.isfinite(with_nan[0][0]).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # The pair-list entry (rcar_pairs_forward / rcar_pairs_backward): one call for a list of pairs
 # ---------------------------------------------------------------------------------------------

@@ -1086,16 +1086,6 @@ void check_inputs(const at::Tensor& img, const at::Tensor& cap, const at::Tensor
   check_lengths("img_lens", img_lens, img.size(0), img.size(1));
 }
 
-void check_pairs(const at::Tensor& idx, const char* name, int64_t n_pairs, int64_t n) {
-  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == n_pairs && idx.scalar_type() == at::kLong && idx.device().is_cpu(),
-              "maxsim pairs (cpu): ", name, " must be an int64 CPU tensor of shape (", n_pairs, ",), got ",
-              idx.sizes(), " ", idx.scalar_type(), " on ", idx.device());
-  if (n_pairs == 0) return;
-  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < n, "maxsim pairs (cpu): ", name, " must lie in [0, ", n, "), got values in [", lo,
-              ", ", hi, "]");
-}
-
 // ---------------------------------------------------------------------------------------------
 // The wrappers' finite check of the real rows
 // ---------------------------------------------------------------------------------------------
@@ -1206,8 +1196,8 @@ at::Tensor maxsim_pairs_forward(const at::Tensor& img, const at::Tensor& cap, co
                                 const MaxSimSettings& settings) {
   check_inputs(img, cap, lens, img_lens);
   const int64_t n_pairs = img_idx.numel();
-  check_pairs(img_idx, "img_idx", n_pairs, img.size(0));
-  check_pairs(cap_idx, "cap_idx", n_pairs, cap.size(0));
+  check_pair_index("maxsim pairs (cpu)", img_idx, "img_idx", n_pairs, img.size(0));
+  check_pair_index("maxsim pairs (cpu)", cap_idx, "cap_idx", n_pairs, cap.size(0));
   const HeadOptions opt = parse_options(settings);
   at::Tensor out = at::empty({n_pairs}, img.options());
   if (n_pairs == 0) return out;
@@ -1226,8 +1216,8 @@ std::vector<at::Tensor> maxsim_pairs_backward(const at::Tensor& grad, const at::
                                               const MaxSimSettings& settings) {
   check_inputs(img, cap, lens, img_lens);
   const int64_t n_pairs = img_idx.numel();
-  check_pairs(img_idx, "img_idx", n_pairs, img.size(0));
-  check_pairs(cap_idx, "cap_idx", n_pairs, cap.size(0));
+  check_pair_index("maxsim pairs (cpu)", img_idx, "img_idx", n_pairs, img.size(0));
+  check_pair_index("maxsim pairs (cpu)", cap_idx, "cap_idx", n_pairs, cap.size(0));
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == n_pairs, "maxsim pairs (cpu) backward: grad must be (", n_pairs,
               ",), got ", grad.sizes());
   const HeadOptions opt = parse_options(settings);

@@ -657,6 +657,18 @@ struct TilePool {
   at::Tensor zeros(int64_t rows, int64_t cols) { return take(rows, cols).zero_(); }
 };
 
+// Temporaries: the slots taken while a PoolScope lives are handed out again once it ends
+// (a stack), so a tile's pool holds what is live at once, not every buffer it ever used.
+// No view taken inside the scope may be used after it.
+struct PoolScope {
+  TilePool& pool;
+  const size_t mark;
+  explicit PoolScope(TilePool& p) : pool(p), mark(p.next) {}
+  ~PoolScope() { pool.next = mark; }
+  PoolScope(const PoolScope&) = delete;
+  PoolScope& operator=(const PoolScope&) = delete;
+};
+
 // One cross attention of the tile, as the backward needs it.
 struct SavedAttention {
   at::Tensor M;      // rows x d modulation, undefined: all ones
@@ -702,6 +714,13 @@ inline std::vector<at::Tensor> flatten_weights(const HeadWeights& hw) {
   for (const auto& r : hw.rar) { add(r.q); add(r.k); add(r.v); }
   add(hw.eval);
   return flat;
+}
+
+// The backward's result when no pair has a gradient: zeros for img, cap and every weight.
+inline std::vector<at::Tensor> zero_gradients(const at::Tensor& img, const at::Tensor& cap, const HeadWeights& hw) {
+  std::vector<at::Tensor> result{at::zeros_like(img), at::zeros_like(cap)};
+  for (const at::Tensor& w : flatten_weights(zeros_like_weights(hw))) result.push_back(w);
+  return result;
 }
 
 // Linear backward: dW += dY^T X, db += colsum dY; returns nothing (dX is the caller's GEMM).
@@ -778,17 +797,26 @@ struct BackwardTile {
 
   // ---- recording forward ------------------------------------------------------------------
 
+  // Q o M into a pool tensor.
+  at::Tensor modulated_queries(const at::Tensor& M) {
+    at::Tensor out = pool.take(N, d);
+    at::mul_out(out, Q, M);
+    return out;
+  }
+
   SavedAttention attention(const at::Tensor& M, const at::Tensor& lam) {
     SavedAttention a;
     a.M = M;
     a.lam = lam;
-    at::Tensor Qm = Q;
-    if (M.defined()) Qm = pool.take(N, d).copy_(Q).mul_(M);
     a.L = pool.take(N, Cs);
     a.inv = pool.take(P, Cs);
     a.norm = pool.take(P, Cs);
     a.alpha = pool.take(N, Cs);
     a.D = pool.take(N, d);
+    a.dnorm = pool.take(N, 1);
+    PoolScope temporaries(pool);
+    at::Tensor Qm = Q;
+    if (M.defined()) Qm = modulated_queries(M);
     T* L = a.L.data_ptr<T>();
     T* inv = a.inv.data_ptr<T>();
     T* nrm = a.norm.data_ptr<T>();
@@ -822,7 +850,6 @@ struct BackwardTile {
       at::Tensor Dg = group_rows(a.D, G, d);
       at::mm_out(Dg, group_rows(a.alpha, G, C), context(G));
     }
-    a.dnorm = pool.take(N, 1);
     at::Tensor dn = a.dnorm;
     at::linalg_vector_norm_out(dn, a.D, 2, {1}, true);
     return a;
@@ -855,10 +882,12 @@ struct BackwardTile {
   at::Tensor squared_difference(const SavedAttention& a) { return unit_context(a, true, true); }
 
   void alignment(SavedAttention& a, const Linear& alv) {
-    const at::Tensor X = squared_difference(a);
     a.V = pool.take(N, s);
-    linear_into(a.V, X, alv.w, alv.b);
     a.znorm = pool.take(N, 1);
+    {
+      PoolScope temporaries(pool);
+      linear_into(a.V, squared_difference(a), alv.w, alv.b);
+    }
     at::Tensor zn = a.znorm;
     at::linalg_vector_norm_out(zn, a.V, 2, {1}, true);
     a.V.div_(a.znorm + T(kEps));
@@ -872,11 +901,11 @@ struct BackwardTile {
     out.Tm = pool.take(N, d);
     linear_into(out.Tm, out.H1, rcr.matrix2.w, rcr.matrix2.b);
     out.Tm.tanh_();
-    at::Tensor M = pool.take(N, d);
-    M.copy_(out.Tm);
-    if (a.M.defined()) M.add_(a.M);
-    else M.add_(1);
-    M.clamp_(-1, 1);
+    at::Tensor M = pool.take(N, d);  // clamp(Tm + M_prev, -1, 1), M_prev all ones at first
+    const T* tm = out.Tm.data_ptr<T>();
+    const T* prev_m = a.M.defined() ? a.M.data_ptr<T>() : nullptr;
+    T* m = M.data_ptr<T>();
+    for (int64_t i = 0; i < N * d; ++i) m[i] = std::min(std::max(tm[i] + (prev_m ? prev_m[i] : T(1)), T(-1)), T(1));
     out.G1 = pool.take(N, rcr.smooth1.out());
     linear_into(out.G1, a.V, rcr.smooth1.w, rcr.smooth1.b);
     out.G1.tanh_();
@@ -907,17 +936,20 @@ struct BackwardTile {
     out.Qt = pool.take(P, s);
     linear_into(out.Qt, h, rar.q.w, rar.q.b);
     out.Qt.tanh_();
-    at::Tensor Kk = out.Kt, Qh = out.Qt;
     if (cfg.dropout) {
       out.key_scale = pool.take(N, s);
       out.question_scale = pool.take(P, s);
       rar_dropout_tile(t, cfg.seed, module, s, out.key_scale.data_ptr<T>(), out.question_scale.data_ptr<T>());
-      Kk = pool.take(N, s).copy_(out.Kt).mul_(out.key_scale);
-      Qh = pool.take(P, s).copy_(out.Qt).mul_(out.question_scale);
     }
     out.weight = pool.take(N, 1).view({N});
     out.gnorm = pool.take(P, 1).view({P});
     at::Tensor hn = pool.take(P, s);
+    PoolScope temporaries(pool);
+    at::Tensor Kk = out.Kt, Qh = out.Qt;
+    if (cfg.dropout) {
+      Kk = pool.take(N, s).copy_(out.Kt).mul_(out.key_scale);
+      Qh = pool.take(P, s).copy_(out.Qt).mul_(out.question_scale);
+    }
     const T* wv = rar.v.w.data_ptr<T>();
     const T bv = rar.v.b.data_ptr<T>()[0];
     const T* kk = Kk.data_ptr<T>();
@@ -954,8 +986,9 @@ struct BackwardTile {
   // dM (rows x d) and dlam (rows) when the attention's M / lambda are variables (defined).
   void attention_backward(const SavedAttention& a, at::Tensor dD, const TileGrads<T>& g, at::Tensor dM,
                           at::Tensor dlam) {
+    PoolScope temporaries(pool);
     at::Tensor Qm = Q;
-    if (a.M.defined()) Qm = pool.take(N, d).copy_(Q).mul_(a.M);
+    if (a.M.defined()) Qm = modulated_queries(a.M);
     at::Tensor dalpha = pool.take(N, Cs);
     at::Tensor dQm = pool.take(N, d);
     for (const auto& G : groups) group_attention_backward(a, G, dD, Qm, dalpha, dQm, dlam);
@@ -1025,8 +1058,11 @@ struct BackwardTile {
   // From the gradient with respect to u = D / (|D| + eps) (consumed) to the attention's inputs.
   void unit_context_backward(const SavedAttention& a, at::Tensor du, const TileGrads<T>& g, at::Tensor dM,
                              at::Tensor dlam) {
-    const at::Tensor u = unit_context(a);
-    unit_rows_backward(du.data_ptr<T>(), u.data_ptr<T>(), a.dnorm.data_ptr<T>(), N, d);
+    {
+      PoolScope temporaries(pool);
+      const at::Tensor u = unit_context(a);
+      unit_rows_backward(du.data_ptr<T>(), u.data_ptr<T>(), a.dnorm.data_ptr<T>(), N, d);
+    }
     attention_backward(a, du, g, dM, dlam);
   }
 
@@ -1034,18 +1070,26 @@ struct BackwardTile {
   void alignment_backward(const SavedAttention& a, at::Tensor dV, const Linear& alv, Linear& dalv,
                           const TileGrads<T>& g, at::Tensor dM, at::Tensor dlam) {
     unit_rows_backward(dV.data_ptr<T>(), a.V.data_ptr<T>(), a.znorm.data_ptr<T>(), N, s);  // dZ
-    const at::Tensor X = squared_difference(a);
-    linear_weight_grads(dalv, dV, X);
+    PoolScope temporaries(pool);
     at::Tensor dX = pool.take(N, d);
     at::mm_out(dX, dV, alv.w);
-    // X = (Q - u)^2: dQ += 2 (Q - u) dX, du = -2 (Q - u) dX (in place of dX)
-    const at::Tensor diff = unit_context(a, true);
-    const T* df = diff.data_ptr<T>();
-    T* dx = dX.data_ptr<T>();
-    for (int64_t i = 0; i < N * d; ++i) {
-      const T v = T(2) * df[i] * dx[i];
-      g.dquery[i] += v;
-      dx[i] = -v;
+    {
+      PoolScope differences(pool);
+      const at::Tensor diff = unit_context(a, true);  // Q - u
+      {
+        PoolScope squares(pool);
+        at::Tensor X = pool.take(N, d);
+        at::mul_out(X, diff, diff);
+        linear_weight_grads(dalv, dV, X);
+      }
+      // X = (Q - u)^2: dQ += 2 (Q - u) dX, du = -2 (Q - u) dX (in place of dX)
+      const T* df = diff.data_ptr<T>();
+      T* dx = dX.data_ptr<T>();
+      for (int64_t i = 0; i < N * d; ++i) {
+        const T v = T(2) * df[i] * dx[i];
+        g.dquery[i] += v;
+        dx[i] = -v;
+      }
     }
     unit_context_backward(a, dX, g, dM, dlam);
   }
@@ -1057,6 +1101,7 @@ struct BackwardTile {
                                at::Tensor dV) {
     // M' = clamp(T + M, -1, 1): the gradient passes where T + M lies in [-1, 1] (dM becomes
     // the gradient of both T and M); T = tanh(pre2): dpre2 = (1 - T^2) dM
+    PoolScope temporaries(pool);
     at::Tensor dpre2 = pool.take(N, d);
     const T* tm = sv.Tm.data_ptr<T>();
     const T* m = a.M.defined() ? a.M.data_ptr<T>() : nullptr;
@@ -1082,10 +1127,10 @@ struct BackwardTile {
     dV.addmm_(dG1, rcr.smooth1.w);
   }
 
-  // RAR backward: given dh' (pairs x s, consumed), adds to dV; returns dh (of its input h).
-  at::Tensor aggregation_backward(const at::Tensor& V, const at::Tensor& h, const at::Tensor& hn,
-                                  const SavedRar& sv, const RarWeights& rar, RarWeights& drar, at::Tensor dhn,
-                                  at::Tensor dV) {
+  // RAR backward: given dh' (pairs x s, consumed), adds to dV; writes dh (of its input h).
+  void aggregation_backward(const at::Tensor& V, const at::Tensor& h, const at::Tensor& hn, const SavedRar& sv,
+                            const RarWeights& rar, RarWeights& drar, at::Tensor dhn, at::Tensor dV, at::Tensor dh) {
+    PoolScope temporaries(pool);
     unit_rows_backward(dhn.data_ptr<T>(), hn.data_ptr<T>(), sv.gnorm.data_ptr<T>(), P, s);  // dg
     at::Tensor Kk = sv.Kt, Qh = sv.Qt;
     if (cfg.dropout) {
@@ -1136,9 +1181,7 @@ struct BackwardTile {
     dV.addmm_(dKk, rar.k.w);
     dQh.mul_(1 - sv.Qt * sv.Qt);
     linear_weight_grads(drar.q, dQh, h);
-    at::Tensor dh = pool.take(P, s);
     at::mm_out(dh, dQh, rar.q.w);
-    return dh;
   }
 
   // sigmoid(we . h + be) backward: dh (pairs x s) for the tile's output gradients go.
@@ -1256,7 +1299,9 @@ struct BackwardTile {
 
   void run(const T* go, const TileGrads<T>& g) { backward(record(), go, g); }
 
-  // The chain rule back through a recorded tile, for the pairs' output gradients go.
+  // The chain rule back through a recorded tile, for the pairs' output gradients go. The
+  // gradients that cross steps (dh, dM, dlambda) live in two buffers each, taken before the
+  // steps; everything else a step takes is a temporary of that step.
   void backward(TileRecord rec, const T* go, const TileGrads<T>& g) {
     HeadWeights& dw = *g.dw;
     const at::Tensor none;
@@ -1264,10 +1309,12 @@ struct BackwardTile {
     auto& hs = rec.hs;
     if (cfg.reg == kOnlyRar) {
       const int64_t n = static_cast<int64_t>(hw.rar.size());
-      at::Tensor dh = final_backward(hs[n], go, dw.eval);
+      at::Tensor dh = final_backward(hs[n], go, dw.eval), dh_spare = pool.take(P, s);
       at::Tensor dV = pool.zeros(N, s);
-      for (int64_t m = n - 1; m >= 0; --m)
-        dh = aggregation_backward(att[0].V, hs[m], hs[m + 1], rec.rars[m], hw.rar[m], dw.rar[m], dh, dV);
+      for (int64_t m = n - 1; m >= 0; --m) {
+        aggregation_backward(att[0].V, hs[m], hs[m + 1], rec.rars[m], hw.rar[m], dw.rar[m], dh, dV, dh_spare);
+        std::swap(dh, dh_spare);
+      }
       add_mean_backward(dh, dV);
       alignment_backward(att[0], dV, hw.alv[0], dw.alv[0], g, none, none);
       return;
@@ -1275,25 +1322,40 @@ struct BackwardTile {
     const int64_t n = cfg.steps;
     const bool coop = cfg.reg == kCoopRcar;
     const int64_t n_rcr = static_cast<int64_t>(hw.rcr.size());
-    // gradients of the current step's M and lambda (defined once M / lambda are variables)
-    at::Tensor dM, dlam, dh;
+    // gradients of the current step's M and lambda (defined once M / lambda are variables),
+    // alternating between two buffers: the current step's and the later step's
+    at::Tensor dM, dlam, dh, dh_spare;
+    at::Tensor dM_buffers[2], dlam_buffers[2];
+    if (n_rcr > 0)
+      for (int k = 0; k < 2; ++k) {
+        dM_buffers[k] = pool.take(N, d);
+        dlam_buffers[k] = pool.take(N, 1).view({N});
+      }
+    int current = 0;
     auto variable_grads = [&](int64_t step) {
       if (step == 0) { dM = at::Tensor(); dlam = at::Tensor(); return; }
-      dM = pool.zeros(N, d);
-      dlam = pool.zeros(N, 1).view({N});
+      current ^= 1;
+      dM = dM_buffers[current].zero_();
+      dlam = dlam_buffers[current].zero_();
     };
     if (coop) {
       dh = final_backward(hs[n], go, dw.eval);
+      dh_spare = pool.take(P, s);
     } else {
       variable_grads(n);
+      PoolScope temporaries(pool);
       at::Tensor du = cosine_backward(att.back(), go, g);
       unit_context_backward(att.back(), du, g, dM, dlam);
     }
     for (int64_t step = n - 1; step >= 0; --step) {
+      PoolScope temporaries(pool);
       const SavedAttention& a = att[step];
       at::Tensor dV = pool.zeros(N, s);
-      if (coop)
-        dh = aggregation_backward(a.V, hs[step], hs[step + 1], rec.rars[step], hw.rar[step], dw.rar[step], dh, dV);
+      if (coop) {
+        aggregation_backward(a.V, hs[step], hs[step + 1], rec.rars[step], hw.rar[step], dw.rar[step], dh, dV,
+                             dh_spare);
+        std::swap(dh, dh_spare);
+      }
       at::Tensor dM_next = dM, dlam_next = dlam;
       variable_grads(step);
       if (step < n_rcr) {
@@ -1388,6 +1450,15 @@ void sum_in_order(T* dst, const std::vector<const T*>& srcs, int64_t offset, int
   }
 }
 
+// dst[i] += srcs[0][i], then srcs[1][i], ... (in that order), i < n.
+template <typename T>
+void add_in_order(T* dst, const std::vector<const T*>& srcs, int64_t offset, int64_t n) {
+  for (const T* part : srcs) {
+    const T* src = part + offset;
+    for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+  }
+}
+
 // The backward's gradients per part (one part per thread of the team, see run_parts): image
 // rows, packed caption words and every weight. A part's buffers are zeroed by its own thread at
 // its first task (begin), and the parts are summed in part order by a team again, each thread
@@ -1418,27 +1489,34 @@ struct PartGrads {
   }
 
   // {d img (img_shape), d cap (n_cap, max_len, d), the weights' gradients (flat order)}: the
-  // started parts summed in part order; the caption padding's gradient is 0.
+  // started parts summed in part order, into the first started part's buffers (d img and the
+  // weights; no second copy); the caption padding's gradient is 0.
   std::vector<at::Tensor> sum(at::IntArrayRef img_shape, const std::vector<int64_t>& off, int64_t max_len) const {
     const int64_t d = img[0].size(1), n_cap = static_cast<int64_t>(off.size()) - 1;
-    std::vector<const T*> img_parts, word_parts;
-    std::vector<std::vector<at::Tensor>> weight_parts;
-    for (size_t k = 0; k < started.size(); ++k) {
-      if (!started[k]) continue;
-      img_parts.push_back(img[k].template data_ptr<T>());
-      word_parts.push_back(words[k].template data_ptr<T>());
-      weight_parts.push_back(flatten_weights(weights[k]));
-    }
-    std::vector<at::Tensor> result{at::empty(img_shape, img[0].options()),
+    std::vector<size_t> parts;
+    for (size_t k = 0; k < started.size(); ++k)
+      if (started[k]) parts.push_back(k);
+    std::vector<at::Tensor> result{img[parts.empty() ? 0 : parts[0]].view(img_shape),
                                    at::empty({n_cap, max_len, d}, img[0].options())};
-    for (const at::Tensor& t : flatten_weights(weights[0])) result.push_back(at::empty_like(t));
+    for (const at::Tensor& t : flatten_weights(weights[parts.empty() ? 0 : parts[0]])) result.push_back(t);
+    if (parts.empty()) {
+      for (const at::Tensor& t : result) t.zero_();
+      return result;
+    }
+    // result[i] = part_0[i] + part_1[i] + ... in place: the first part is the destination
+    std::vector<std::vector<const T*>> rest(result.size());
+    std::vector<const T*> word_parts;
+    for (size_t k : parts) {
+      word_parts.push_back(words[k].template data_ptr<T>());
+      if (k == parts[0]) continue;
+      rest[0].push_back(img[k].template data_ptr<T>());
+      const std::vector<at::Tensor> flat = flatten_weights(weights[k]);
+      for (size_t i = 2; i < result.size(); ++i) rest[i].push_back(flat[i - 2].template data_ptr<T>());
+    }
     const int n_slices = static_cast<int>(started.size());
     run_parts(std::vector<int64_t>(n_slices, 1), n_slices, [&](int64_t slice, int) {
       auto first = [&](int64_t n) { return n * slice / n_slices; };
       auto count = [&](int64_t n) { return n * (slice + 1) / n_slices - n * slice / n_slices; };
-      const int64_t n_img_values = result[0].numel();
-      sum_in_order(result[0].data_ptr<T>() + first(n_img_values), img_parts, first(n_img_values),
-                   count(n_img_values));
       T* cap_out = result[1].data_ptr<T>();
       for (int64_t j = first(n_cap), j1 = j + count(n_cap); j < j1; ++j) {
         const int64_t values = (off[j + 1] - off[j]) * d;
@@ -1446,11 +1524,10 @@ struct PartGrads {
         sum_in_order(dst, word_parts, off[j] * d, values);
         std::fill(dst + values, dst + max_len * d, T(0));
       }
-      for (size_t i = 2; i < result.size(); ++i) {
-        std::vector<const T*> srcs;
-        for (const auto& flat : weight_parts) srcs.push_back(flat[i - 2].template data_ptr<T>());
+      for (size_t i = 0; i < result.size(); ++i) {
+        if (i == 1) continue;
         const int64_t n = result[i].numel();
-        sum_in_order(result[i].data_ptr<T>() + first(n), srcs, first(n), count(n));
+        add_in_order(result[i].data_ptr<T>() + first(n), rest[i], first(n), count(n));
       }
     });
     return result;
@@ -1672,15 +1749,32 @@ std::vector<at::Tensor> rcar_pairs_backward_impl(const at::Tensor& grad_in, cons
   return parts.sum(img.sizes(), words.offsets, cap.size(1));
 }
 
-// img_idx / cap_idx: int64 CPU (n_pairs,) with values in [0, n).
-void check_pair_index(const at::Tensor& idx, const char* name, int64_t n_pairs, int64_t n) {
-  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == n_pairs && idx.scalar_type() == at::kLong && idx.device().is_cpu(),
-              "rcar pairs (cpu): ", name, " must be an int64 CPU tensor of shape (", n_pairs, ",), got ", idx.sizes(),
-              " ", idx.scalar_type(), " on ", idx.device());
-  if (n_pairs == 0) return;
-  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < n, "rcar pairs (cpu): ", name, " must lie in [0, ", n, "), got values in [", lo, ", ",
-              hi, "]");
+// The all-pairs backward. Pairs whose output gradient is zero contribute exactly nothing; when
+// they are most of the pairs (a hardest-negative loss' gradient: <= 3B nonzero of B^2), the
+// others are listed and run through the pair-list backward, whose tiles pack the rows of many
+// context owners (an all-pairs tile would hold a few of them, its MLP GEMMs a few rows deep).
+template <typename T>
+std::vector<at::Tensor> rcar_backward_of_nonzero(const at::Tensor& grad_in, const at::Tensor& img,
+                                                 const at::Tensor& cap, const at::Tensor& lens, bool t2i,
+                                                 const HeadWeights& hw, const HeadConfig& cfg) {
+  const at::Tensor grad = grad_in.to(img.scalar_type()).contiguous();
+  const int64_t n_cap = cap.size(0), total = grad.numel();
+  const T* gp = grad.data_ptr<T>();
+  std::vector<int64_t> ii, jj;
+  std::vector<T> values;
+  for (int64_t k = 0; k < total && 2 * static_cast<int64_t>(values.size()) <= total; ++k) {
+    if (gp[k] == T(0)) continue;  // a NaN gradient is listed (and propagates)
+    ii.push_back(k / n_cap);
+    jj.push_back(k % n_cap);
+    values.push_back(gp[k]);
+  }
+  const int64_t listed = static_cast<int64_t>(values.size());
+  if (2 * listed > total) return rcar_backward_impl<T>(grad, img, cap, lens, t2i, hw, cfg);
+  if (listed == 0) {
+    return zero_gradients(img, cap, hw);
+  }
+  const at::Tensor listed_grad = at::from_blob(values.data(), {listed}, grad.options()).clone();
+  return rcar_pairs_backward_impl<T>(listed_grad, img, cap, lens, ii.data(), jj.data(), listed, t2i, hw, cfg);
 }
 
 struct Prepared {
@@ -1729,13 +1823,11 @@ std::vector<at::Tensor> rcar_backward(const at::Tensor& grad, const at::Tensor& 
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == img.size(0) && grad.size(1) == cap.size(0),
               "rcar (cpu): grad must be (n_img, n_cap) = (", img.size(0), ", ", cap.size(0), "), got ", grad.sizes());
   if (img.size(0) == 0 || cap.size(0) == 0) {
-    std::vector<at::Tensor> result{at::zeros_like(img), at::zeros_like(cap)};
-    for (const at::Tensor& w : flatten_weights(zeros_like_weights(pr.hw))) result.push_back(w);
-    return result;
+    return zero_gradients(img, cap, pr.hw);
   }
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "rcar_cpu::rcar_backward", [&] {
-    result = rcar_backward_impl<scalar_t>(grad, img, cap, lens, pr.t2i, pr.hw, pr.cfg);
+    result = rcar_backward_of_nonzero<scalar_t>(grad, img, cap, lens, pr.t2i, pr.hw, pr.cfg);
   });
   return result;
 }
@@ -1745,8 +1837,8 @@ at::Tensor rcar_pairs_forward(const at::Tensor& img, const at::Tensor& cap, cons
                               const std::vector<at::Tensor>& weights) {
   const Prepared pr = prepare(img, cap, lens, settings, weights);
   const int64_t n_pairs = img_idx.numel();
-  check_pair_index(img_idx, "img_idx", n_pairs, img.size(0));
-  check_pair_index(cap_idx, "cap_idx", n_pairs, cap.size(0));
+  check_pair_index("rcar pairs (cpu)", img_idx, "img_idx", n_pairs, img.size(0));
+  check_pair_index("rcar pairs (cpu)", cap_idx, "cap_idx", n_pairs, cap.size(0));
   at::Tensor out = at::empty({n_pairs}, img.options());
   if (n_pairs == 0) return out;
   if (poison_buffers().load()) out.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -1764,14 +1856,12 @@ std::vector<at::Tensor> rcar_pairs_backward(const at::Tensor& grad, const at::Te
                                             const std::vector<at::Tensor>& weights) {
   const Prepared pr = prepare(img, cap, lens, settings, weights);
   const int64_t n_pairs = img_idx.numel();
-  check_pair_index(img_idx, "img_idx", n_pairs, img.size(0));
-  check_pair_index(cap_idx, "cap_idx", n_pairs, cap.size(0));
+  check_pair_index("rcar pairs (cpu)", img_idx, "img_idx", n_pairs, img.size(0));
+  check_pair_index("rcar pairs (cpu)", cap_idx, "cap_idx", n_pairs, cap.size(0));
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == n_pairs, "rcar pairs (cpu): grad must be (", n_pairs, ",), got ",
               grad.sizes());
   if (n_pairs == 0) {
-    std::vector<at::Tensor> result{at::zeros_like(img), at::zeros_like(cap)};
-    for (const at::Tensor& w : flatten_weights(zeros_like_weights(pr.hw))) result.push_back(w);
-    return result;
+    return zero_gradients(img, cap, pr.hw);
   }
   const at::Tensor ii = img_idx.contiguous(), jj = cap_idx.contiguous();
   std::vector<at::Tensor> result;
@@ -1824,7 +1914,8 @@ std::string set_simd_path(const std::string& path) {
 //   rcar_backward_cpu: gradients of sum(grad * rcar_forward(...)) (grad (n_img, n_cap)):
 //     [d img, d cap, then one gradient per weight tensor in the same flat order]; d cap is zero
 //     at the padding. Recomputes the forward per tile (nothing kept between the calls);
-//     deterministic for a thread count.
+//     deterministic for a thread count. Pairs with a zero output gradient add nothing: when
+//     they are the majority (a hardest-negative loss), the rest run as a pair list.
 //   rcar_pairs_forward_cpu / rcar_pairs_backward_cpu: the same head for the pairs (img_idx[p],
 //     cap_idx[p]) (int64, in range, repeats allowed): (P,), and the gradients of
 //     sum(grad * scores) (grad (P,)) as rcar_backward_cpu's; dropout masks as the all-pairs

@@ -329,4 +329,15 @@ inline void check_pair_inputs(const char* op, const at::Tensor& img, const at::T
   TORCH_CHECK(lens.dim() == 1 && lens.size(0) == cap.size(0), op, ": lens must be (n_cap,)");
 }
 
+// A pair list's index tensor `name` (img_idx / cap_idx): int64 CPU (n_pairs,) with values in
+// [0, n); `op` names the kernel in the message.
+inline void check_pair_index(const char* op, const at::Tensor& idx, const char* name, int64_t n_pairs, int64_t n) {
+  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == n_pairs && idx.scalar_type() == at::kLong && idx.device().is_cpu(), op,
+              ": ", name, " must be an int64 CPU tensor of shape (", n_pairs, ",), got ", idx.sizes(), " ",
+              idx.scalar_type(), " on ", idx.device());
+  if (n_pairs == 0) return;
+  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < n, op, ": ", name, " must lie in [0, ", n, "), got values in [", lo, ", ", hi, "]");
+}
+
 }  // namespace rcar_cpu

@@ -207,6 +207,8 @@ class RcarReferenceLoop(Backend):
 # The backward recomputes the forward tile by tile (flash style: nothing of the forward is kept
 # between the two calls, per-pair intermediates exist only for one tile per thread) and returns
 # the gradients of img, cap and every head parameter; they are deterministic for a thread count.
+# Pairs whose output gradient is zero are skipped: a sparse gradient (the full hardest-negative
+# loss gives <= 3B of B^2 pairs one) runs through the pair-list kernel's tiles instead.
 # In training mode RAR's dropout uses the counter-based masks of rcar_fast.dropout, drawn from a
 # seed that the op takes as an input, so the backward recomputes the forward's masks.
 #
