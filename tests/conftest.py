@@ -105,6 +105,17 @@ def native_or_skip(with_cuda: bool = False):
     return native
 
 
+@pytest.fixture(scope="session")
+def cuda_compiled(tmp_path_factory):
+    """Every csrc/cuda/*.cu compiled once per session with nvcc for sm_80 and sm_90a, ptxas's
+    resource stats on (tests/test_cuda_compiles.py compile_one): {source basename: (exit code,
+    log, object)}. Shared by every test that reads a unit's compile (a cold nvcc compile of
+    maxsim.cu costs minutes on 2 cores: once is enough)."""
+    from tests.test_cuda_compiles import compile_sources
+
+    return compile_sources(str(tmp_path_factory.mktemp("cuda_objects")))
+
+
 @pytest.fixture
 def baseline_simd():
     """Runs the test on the baseline (non-AVX2) copy of the CPU kernels' vector loops."""

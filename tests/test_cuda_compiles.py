@@ -76,11 +76,10 @@ def kernel_stats(log):
     return stats
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    """Every csrc/cuda/*.cu compiled once: {source basename: (exit code, log, object)}."""
+def compile_sources(out_dir):
+    """Every csrc/cuda/*.cu compiled into out_dir, in parallel: {source basename: (exit code,
+    log, object)}. Tests take it from conftest's session fixture `cuda_compiled` (once per session)."""
     assert SOURCES, "no csrc/cuda/*.cu found"
-    out_dir = str(tmp_path_factory.mktemp("cuda_objects"))
     workers = max(1, min(len(SOURCES), os.cpu_count() or 1))
     # The biggest files go first so that the slowest compile starts at once.
     order = sorted(SOURCES, key=os.path.getsize, reverse=True)
@@ -100,10 +99,11 @@ def assert_no_spills(stats, what):
 
 @pytest.mark.slow
 @needs_nvcc
-def test_every_cuda_source_compiles_for_sm80_and_sm90a(compiled):
-    failures = [f"csrc/cuda/{name} (exit {rc}):\n{log[-3000:]}" for name, (rc, log, _) in compiled.items() if rc != 0]
+def test_every_cuda_source_compiles_for_sm80_and_sm90a(cuda_compiled):
+    failures = [f"csrc/cuda/{name} (exit {rc}):\n{log[-3000:]}" for name, (rc, log, _) in cuda_compiled.items()
+                if rc != 0]
     assert not failures, "nvcc failed:\n" + "\n".join(failures)
-    for name, (_, _, obj) in compiled.items():
+    for name, (_, _, obj) in cuda_compiled.items():
         assert os.path.getsize(obj) > 0, f"csrc/cuda/{name}: empty object file"
 
 
