@@ -13,6 +13,10 @@ kernel module:
 
 RCAR_FAST_AUTOTUNE=quick (unless set otherwise) limits the Triton autotuners to 1-2 configs: the
 tests check results, not speed, and full autotuning costs seconds of compile per config.
+RCAR_FAST_FULL_TESTS=1 runs the exhaustive sweeps (FULL_TESTS): every combination of the
+settings grids and every sm_90 configuration (tests/test_sm90_compile.py). By default the grids
+are pairwise-covering subsets (every value of every setting, and every pair of values of two
+settings, at least once: tests/maxsim_cases.py settings_grid), so each code path still runs.
 RCAR_FAST_TEST_DEADLINE (a Unix time; scripts/gpu_check.sh sets it) skips the tests that would
 start after it, so that a time-boxed run still ends normally, with its report and junit xml.
 """
@@ -28,6 +32,7 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("RCAR_FAST_AUTOTUNE", "quick")
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
+FULL_TESTS = os.environ.get("RCAR_FAST_FULL_TESTS") == "1"
 
 # Marks only: the skips are added in pytest_collection_modifyitems, so that `-m gpu` /
 # `-m interpreter` select on the same marks that decide the skips.
@@ -108,8 +113,8 @@ def native_or_skip(with_cuda: bool = False):
 @pytest.fixture(scope="session")
 def cuda_compiled(tmp_path_factory):
     """Every csrc/cuda/*.cu compiled once per session with nvcc for sm_80 and sm_90a, ptxas's
-    resource stats on (tests/test_cuda_compiles.py compile_one): {source basename: (exit code,
-    log, object)}. Shared by every test that reads a unit's compile (a cold nvcc compile of
+    resource stats on (tests/test_cuda_compiles.py compile_sources: setup.py's own compile when
+    current): {source basename: (exit code, log, object bytes)}. Shared by every test that reads a unit's compile (a cold nvcc compile of
     maxsim.cu costs minutes on 2 cores: once is enough)."""
     from tests.test_cuda_compiles import compile_sources
 
