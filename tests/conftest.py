@@ -20,6 +20,7 @@ settings, at least once: tests/maxsim_cases.py settings_grid), so each code path
 RCAR_FAST_TEST_DEADLINE (a Unix time; scripts/gpu_check.sh sets it) skips the tests that would
 start after it, so that a time-boxed run still ends normally, with its report and junit xml.
 """
+import itertools
 import os
 import shutil
 import time
@@ -67,6 +68,30 @@ def assert_interpreter_dispatch(op: str) -> None:
     reason = dispatch.rejection(op, "triton", cpu, torch.bfloat16)
     assert reason is not None and "interpreter" in reason
     assert dispatch.choose(op, "auto", cpu, torch.float32).backend != "triton"
+
+
+def pairwise_covering(axes) -> list:
+    """A subset of itertools.product(*axes) in which every value of every axis, and every pair
+    of values of two axes, occurs at least once (greedy, deterministic: the product's order).
+    With two axes or fewer that vary, it is the whole product."""
+    def covers(row):
+        singles = {(i, v) for i, v in enumerate(row)}
+        return singles | {(i, row[i], j, row[j]) for i, j in itertools.combinations(range(len(row)), 2)}
+
+    rows = list(itertools.product(*axes))
+    uncovered = set().union(*map(covers, rows)) if rows else set()
+    chosen = []
+    while uncovered:
+        best = max(rows, key=lambda row: len(covers(row) & uncovered))
+        chosen.append(best)
+        uncovered -= covers(best)
+    return chosen
+
+
+def sweep(*axes) -> list:
+    """The combinations a parametrised test runs over: every one under RCAR_FAST_FULL_TESTS=1,
+    else a pairwise-covering subset (every value, and every pair of values of two axes)."""
+    return list(itertools.product(*axes)) if FULL_TESTS else pairwise_covering(axes)
 
 
 _DEADLINE = float(os.environ.get("RCAR_FAST_TEST_DEADLINE") or "inf")
