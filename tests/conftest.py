@@ -13,9 +13,14 @@ kernel module:
 
 RCAR_FAST_AUTOTUNE=quick (unless set otherwise) limits the Triton autotuners to 1-2 configs: the
 tests check results, not speed, and full autotuning costs seconds of compile per config.
+RCAR_FAST_FULL_TESTS=1 runs the exhaustive sweeps (FULL_TESTS): every combination of the
+settings grids and every sm_90 configuration (tests/test_sm90_compile.py). By default the grids
+are pairwise-covering subsets (every value of every setting, and every pair of values of two
+settings, at least once: tests/maxsim_cases.py settings_grid), so each code path still runs.
 RCAR_FAST_TEST_DEADLINE (a Unix time; scripts/gpu_check.sh sets it) skips the tests that would
 start after it, so that a time-boxed run still ends normally, with its report and junit xml.
 """
+import itertools
 import os
 import shutil
 import time
@@ -28,6 +33,7 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("RCAR_FAST_AUTOTUNE", "quick")
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
+FULL_TESTS = os.environ.get("RCAR_FAST_FULL_TESTS") == "1"
 
 # Marks only: the skips are added in pytest_collection_modifyitems, so that `-m gpu` /
 # `-m interpreter` select on the same marks that decide the skips.
@@ -62,6 +68,30 @@ def assert_interpreter_dispatch(op: str) -> None:
     reason = dispatch.rejection(op, "triton", cpu, torch.bfloat16)
     assert reason is not None and "interpreter" in reason
     assert dispatch.choose(op, "auto", cpu, torch.float32).backend != "triton"
+
+
+def pairwise_covering(axes) -> list:
+    """A subset of itertools.product(*axes) in which every value of every axis, and every pair
+    of values of two axes, occurs at least once (greedy, deterministic: the product's order).
+    With two axes or fewer that vary, it is the whole product."""
+    def covers(row):
+        singles = {(i, v) for i, v in enumerate(row)}
+        return singles | {(i, row[i], j, row[j]) for i, j in itertools.combinations(range(len(row)), 2)}
+
+    rows = list(itertools.product(*axes))
+    uncovered = set().union(*map(covers, rows)) if rows else set()
+    chosen = []
+    while uncovered:
+        best = max(rows, key=lambda row: len(covers(row) & uncovered))
+        chosen.append(best)
+        uncovered -= covers(best)
+    return chosen
+
+
+def sweep(*axes) -> list:
+    """The combinations a parametrised test runs over: every one under RCAR_FAST_FULL_TESTS=1,
+    else a pairwise-covering subset (every value, and every pair of values of two axes)."""
+    return list(itertools.product(*axes)) if FULL_TESTS else pairwise_covering(axes)
 
 
 _DEADLINE = float(os.environ.get("RCAR_FAST_TEST_DEADLINE") or "inf")
@@ -103,6 +133,17 @@ def native_or_skip(with_cuda: bool = False):
     if with_cuda and not native.built_with_cuda():
         pytest.skip("the extension was built without the CUDA kernels")
     return native
+
+
+@pytest.fixture(scope="session")
+def cuda_compiled(tmp_path_factory):
+    """Every csrc/cuda/*.cu compiled once per session with nvcc for sm_80 and sm_90a, ptxas's
+    resource stats on (tests/test_cuda_compiles.py compile_sources: setup.py's own compile when
+    current): {source basename: (exit code, log, object bytes)}. Shared by every test that reads a unit's compile (a cold nvcc compile of
+    maxsim.cu costs minutes on 2 cores: once is enough)."""
+    from tests.test_cuda_compiles import compile_sources
+
+    return compile_sources(str(tmp_path_factory.mktemp("cuda_objects")))
 
 
 @pytest.fixture

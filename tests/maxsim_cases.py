@@ -6,6 +6,7 @@ the padding of img and cap, exact ties, L = 1, R = 1, all-negative S" and the se
 
     CASES[name](dtype=..., device=..., seed=...) -> HeadCase   (img, cap, lens, img_lens)
     settings_grid() -> [dict of max_similarity keywords], settings_id(settings) -> a test id
+        (exhaustive=False: a pairwise-covering subset unless RCAR_FAST_FULL_TESTS=1, conftest.py)
     reference_scores(case, settings) -> the float64 reference (or in another dtype)
     assert_head_matches_reference(case, settings, backend=..., dtype=...): forward and both
         gradients of a backend against the float64 reference, by the project's rule
@@ -32,6 +33,7 @@ from rcar_fast import validate
 from rcar_fast.contract import HEAD_DIRECTIONS, HEAD_NORMALIZATIONS, POOLS
 from rcar_fast.ops.maxsim import DEFAULTS
 from rcar_fast.reference_heads import max_similarity_reference
+from tests.conftest import sweep
 from tests.inputs import NAN, ragged_lengths, real_words
 from tests.tolerances import assert_close_to_reference
 
@@ -48,10 +50,17 @@ GRID_BOTH_SCALE = 0.5
 # ---------------------------------------------------------------------------------------------
 
 def settings_grid(directions=HEAD_DIRECTIONS, pools=POOLS, leaky=(False, True),
-                  normalize=HEAD_NORMALIZATIONS, tau=GRID_TAU, both_scale=GRID_BOTH_SCALE) -> list:
-    """max_similarity keyword dicts over direction x pool x leaky x normalize."""
+                  normalize=HEAD_NORMALIZATIONS, tau=GRID_TAU, both_scale=GRID_BOTH_SCALE,
+                  exhaustive=True) -> list:
+    """max_similarity keyword dicts over direction x pool x leaky x normalize: every combination,
+    or with exhaustive=False (the slow backends' tests: the Triton interpreter) a
+    pairwise-covering subset unless RCAR_FAST_FULL_TESTS=1 (each direction x pool, pool x
+    leaky, ... pair at least once: every code path of a setting, and every interaction of two,
+    at a quarter of the cost of the full grid)."""
+    axes = (directions, pools, leaky, normalize)
+    rows = itertools.product(*axes) if exhaustive else sweep(*axes)
     return [dict(direction=d, pool=p, leaky=lk, normalize=n, tau=tau, both_scale=both_scale)
-            for d, p, lk, n in itertools.product(directions, pools, leaky, normalize)]
+            for d, p, lk, n in rows]
 
 
 def settings_id(settings: dict) -> str:

@@ -28,7 +28,7 @@ from rcar_fast.ops.backend import BackendUnavailable, Inputs
 from rcar_fast.ops.scan import GradientAccumulator, PairGrads
 from rcar_fast.reference_heads import max_similarity_reference
 from tests.conftest import native_or_skip, requires_cuda_build, requires_gpu
-from tests.test_cuda_compiles import ROOT, assert_no_spills, compile_one, kernel_stats, needs_nvcc
+from tests.test_cuda_compiles import ROOT, assert_no_spills, kernel_stats, needs_nvcc
 from tests.maxsim_cases import (CASES, all_negative_case, assert_head_matches_reference, poisoned_allocations,
                                 ragged_case, reference_scores, settings_grid, settings_id, single_region_case,
                                 single_word_case, tie_case)
@@ -51,8 +51,9 @@ MAXSIM_KERNELS = [(kernel, f"I{dtype}Lb{flag}E") for kernel in ("maxsim_tile_ker
 
 @pytest.mark.slow
 @needs_nvcc
-def test_maxsim_kernels_compile_without_spills(tmp_path):
-    _, rc, log, _ = compile_one(MAXSIM_SOURCE, str(tmp_path))
+def test_maxsim_kernels_compile_without_spills(cuda_compiled):
+    # the session's one compile of every .cu (conftest.cuda_compiled), with ptxas's stats
+    rc, log, _ = cuda_compiled[os.path.basename(MAXSIM_SOURCE)]
     assert rc == 0, log[-3000:]
     stats = kernel_stats(log)
     for arch in ("sm_80", "sm_90a"):

@@ -19,7 +19,7 @@ from rcar_fast.contract import HEAD_CODINGS, HEAD_DIRECTIONS, POOLS
 from rcar_fast.ops.maxsim import (MaxSimPairsTriton, MaxSimTriton, maxsim_pairs_triton_op,
                                   maxsim_triton_op)
 from rcar_fast.reference_heads import head_pairs_vectorized, head_similarity_vectorized
-from tests.conftest import assert_interpreter_dispatch, requires_gpu, requires_interpreter
+from tests.conftest import assert_interpreter_dispatch, requires_gpu, requires_interpreter, sweep
 from tests.inputs import make_inputs, real_words
 from tests.maxsim_cases import (CASES, assert_head_matches_reference, poisoned_allocations,
                                 settings_grid, settings_id)
@@ -111,20 +111,22 @@ def _check_gradients(img, cap, lens, img_lens, *, dtype, what, **opts):
 # ---------------------------------------------------------------------------------------------
 
 @requires_interpreter
-@pytest.mark.parametrize("settings", settings_grid(), ids=settings_id)
+@pytest.mark.parametrize("settings", settings_grid(exhaustive=False), ids=settings_id)
 def test_grid_matches_float64_reference(settings):
-    # every direction x pool x leaky x normalize: forward and both gradients, fp32 rule
+    # direction x pool x leaky x normalize, pairwise (all with RCAR_FAST_FULL_TESTS=1): forward
+    # and both gradients, fp32 rule
     assert_head_matches_reference(CASES["ragged"](dtype=torch.float32), settings,
                                   backend="triton", dtype=torch.float32)
 
 
-EDGE_SETTINGS = settings_grid(pools=("mean", "max", "lse", "softmax"), leaky=(True,),
-                              normalize=("none",))
+EDGE_POOLS = ("mean", "max", "lse", "softmax")
+# each edge case x direction x pool (leaky, no normalisation): pairwise, all with FULL_TESTS
+EDGE_GRID = [(case, settings_grid(directions=(d,), pools=(p,), leaky=(True,), normalize=("none",))[0])
+             for case, d, p in sweep(("ties", "L=1", "R=1", "all-negative"), HEAD_DIRECTIONS, EDGE_POOLS)]
 
 
 @requires_interpreter
-@pytest.mark.parametrize("case", ["ties", "L=1", "R=1", "all-negative"])
-@pytest.mark.parametrize("settings", EDGE_SETTINGS, ids=settings_id)
+@pytest.mark.parametrize("case,settings", EDGE_GRID, ids=[f"{c}-{settings_id(s)}" for c, s in EDGE_GRID])
 def test_edge_cases_match_float64_reference(case, settings):
     assert_head_matches_reference(CASES[case](dtype=torch.float64), settings, backend="triton",
                                   dtype=torch.float64)
