@@ -22,8 +22,8 @@ maxsim (issue 14), bf16, in this order (cheap and telling first):
    `einsum_pylate` (PyLate's (A, B, Lq, Ld) einsum, chunked) measured in the same run;
    flash-maxsim and late-interaction-kernels rows, "skipped: ... not importable" where absent.
 
-rcar-backward (issue 15), --sim-dim S (64 first: the fused backward's compile grows steeply
-with sim_dim; the recipe's 256 last, when time is left): coop_rcar(2) t2i, bf16, B = 128
+rcar-backward (issue 15), --sim-dim S (the recipe's 256 first: its three launches compile in
+~1-2 min offline; 64 last, when time is left): coop_rcar(2) t2i, bf16, B = 128
 (all B x B pairs of a training batch, R = 36, COCO caption lengths, d = 1024), eval-mode head
 (no dropout: both backends compute the same function): "backward" (the gradient of all B x B
 scores w.r.t. img, cap and every head weight, from a kept forward: the reference replays its

@@ -14,8 +14,8 @@ import pytest
 from tests.tolerances import BENCH_FP32_ERROR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("facts", "setup", "maxsim", "rcar-bwd-64", "maxsim-tests", "correctness", "coco", "gpu-tests",
-         "rcar-bwd-256")
+STEPS = ("facts", "setup", "maxsim", "rcar-bwd-256", "maxsim-tests", "correctness", "coco", "gpu-tests",
+         "rcar-bwd-64")
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +117,12 @@ def test_dry_run_issue_parts_wrote_their_rows(dry_run):
         row = by[("rcar_coop_rcar2_t2i", "batch", "backward", "triton", "", sim_dim)]
         assert row["status"] == "ok" and float(row["err_vs_reference"]) < BENCH_FP32_ERROR, row
         assert float(row["peak_mem_mb"]) >= 0 and "less peak memory" in row["detail"], row
-    assert by[("rcar_coop_rcar2_t2i", "batch", "train_step", "triton", "", "4")]["status"] == "ok"
-    assert by[("loss_rcar_coop_rcar2_t2i", "batch", "train_step", "triton", "sparse", "4")]["status"] == "ok"
+    assert by[("rcar_coop_rcar2_t2i", "batch", "train_step", "triton", "", "16")]["status"] == "ok"
+    assert by[("loss_rcar_coop_rcar2_t2i", "batch", "train_step", "triton", "sparse", "16")]["status"] == "ok"
     # the coco part covers every registered head family (maxsim by its own part)
     assert {"scan_t2i", "scan_i2t", "rcar_coop_rcar2_t2i"} <= {r["op"] for r in rows if r["sweep"] == "coco5k"}
     summary = _summary_rows(out)
-    assert "MrSw coco5k triton" in summary["maxsim"][3] and "backward" in summary["rcar-bwd-64"][3]
+    assert "MrSw coco5k triton" in summary["maxsim"][3] and "backward" in summary["rcar-bwd-256"][3]
 
 
 def test_dry_run_ran_the_maxsim_tests_first_and_deselected_them_later(dry_run):
