@@ -690,9 +690,9 @@ class RcarPairsCpu(Backend):
     """The C++ CPU RCAR kernel's pair-list entry (csrc/cpu/rcar.cpp, rcar_pairs_forward /
     rcar_pairs_backward): the whole list in one call, tiled by context owner, forward and fused
     backward, dropout with the all-pairs kernel's masks; what RcarCpu can do, it can. Measured
-    (d 1024, sim_dim 256, 2 threads): the sparse loss' 87-pair recompute at B = 32, forward and
-    backward, 0.8 s against the reference's 3.4 s (machine loaded; bench/results rows
-    loss_rcar_coop_rcar2_t2i), so auto takes it."""
+    (d 1024, sim_dim 256, 2 threads, idle, 2026-12-02): the sparse loss' 95-pair recompute at
+    B = 32, forward and backward, 150 ms; the whole sparse step 284 ms against the reference's
+    688 ms (bench/results rows loss_rcar_coop_rcar2_t2i), so auto takes it."""
     op, backend, kernel = "rcar_pairs", "cpu", RcarCpu.kernel
     dtypes, dtype_reason = RcarCpu.dtypes, RcarCpu.dtype_reason
     has_backward, implements_dropout = RcarCpu.has_backward, RcarCpu.implements_dropout
