@@ -74,16 +74,19 @@ def check_output_path(path, what: str = "output file") -> str:
     return path
 
 
-def _create_temporary(folder: str, name: str) -> str:
+def _create_temporary(folder: str, name: str, claimed: list) -> str:
     """A new empty file ``name.<random>.partial`` in folder, with the umask's permissions
-    (mkstemp would make it private)."""
+    (mkstemp would make it private). Each name is put in ``claimed`` before the file is
+    created, so that a signal arriving between the creation and the caller's bookkeeping still
+    finds it; a name that turns out to be another writer's file is taken out again."""
     for _ in range(100):
         tmp = os.path.join(folder, f"{name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+        claimed.append(tmp)
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
         except FileExistsError:
-            continue
+            claimed.pop()
     raise FileExistsError(f"cannot create a temporary file for {name} in {folder}")
 
 
@@ -99,11 +102,14 @@ def atomic_path(path):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     with _sigterm_as_exception():
-        tmp = _create_temporary(folder, os.path.basename(path))
+        claimed = []
         try:
+            # Inside the try: a signal right after the file is created must remove it too.
+            tmp = _create_temporary(folder, os.path.basename(path), claimed)
             yield tmp
             os.replace(tmp, path)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
+            for name in claimed:
+                with contextlib.suppress(OSError):
+                    os.remove(name)
             raise

@@ -80,12 +80,13 @@ def test_a_signal_during_all_pairs_leaves_no_partial_file(tmp_path, signum):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
-        while not any(name.endswith(".partial") for name in os.listdir(out)):
+        # The temporary file is created empty, then the memmap gives it its full size: wait for
+        # that (under load the child can sit between the two for a while).
+        while not any(name.endswith(".partial") and os.path.getsize(out / name) > 0
+                      for name in os.listdir(out)):
             assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.time() < deadline, "the partial file never appeared"
+            assert time.time() < deadline, "the full-size partial file never appeared"
             time.sleep(0.05)
-        partial = [name for name in os.listdir(out) if name.endswith(".partial")]
-        assert os.path.getsize(out / partial[0]) > 0        # the full-size memmap exists
         proc.send_signal(signum)
         proc.wait(timeout=60)
     finally:
@@ -93,6 +94,22 @@ def test_a_signal_during_all_pairs_leaves_no_partial_file(tmp_path, signum):
             proc.kill()
     assert proc.returncode == -signum, proc.stderr.read().decode()
     assert os.listdir(out) == []
+
+
+def test_a_signal_while_the_temporary_is_created_leaves_nothing(tmp_path, monkeypatch):
+    """The window between creating the temporary file and the cleanup's bookkeeping: an
+    interrupt raised right after os.open (before _create_temporary returns) still removes it."""
+    real_open = os.open
+
+    def open_then_interrupt(*args, **kwargs):
+        fd = real_open(*args, **kwargs)
+        os.close(fd)
+        raise KeyboardInterrupt   # as SIGINT would, at the next bytecode
+    monkeypatch.setattr(os, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "a.bin"):
+            pass
+    assert os.listdir(tmp_path) == []
 
 
 def test_an_ignored_sigterm_stays_ignored(tmp_path):
