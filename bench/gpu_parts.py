@@ -275,20 +275,6 @@ def mrsw_fast_rows(check, psizes: PartSizes, inputs, variant: str, baselines: di
 # maxsim: the ColBERT shape
 # ---------------------------------------------------------------------------------------------
 
-def _late_call(backend: str, q, d, q_lens, d_lens, chunk_bytes: int):
-    """(no-argument callable, skip reason)."""
-    import rcar_fast
-
-    if backend == maxsim_bench.EINSUM:
-        return (lambda: maxsim_bench.einsum_maxsim(q, d, q_lens, d_lens, chunk_bytes=chunk_bytes)), None
-    if backend in maxsim_bench.PEERS:
-        module, reason = maxsim_bench.peer_module(backend, q.device)
-        if module is None:
-            return None, reason
-        return maxsim_bench.peer_fn(backend, module, q, d, q_lens, d_lens), None
-    return (lambda: rcar_fast.maxsim(q, d, q_lens, d_lens, backend=backend)), None
-
-
 def colbert_rows(check, psizes: PartSizes, n_queries: int) -> list:
     Ld, Lq, dim = psizes.colbert
     problem = cases.Shape(psizes.colbert_docs, n_queries, Ld, Lq, dim, psizes.dtype, "colbert", "fixed")
@@ -303,7 +289,7 @@ def colbert_rows(check, psizes: PartSizes, n_queries: int) -> list:
             reason = _skip_reason(check, backend, "maxsim", psizes.dtype)
         call = None
         if reason is None:
-            call, reason = _late_call(backend, q, d, q_lens, d_lens, psizes.chunk_bytes)
+            call, reason = maxsim_bench.late_call(backend, q, d, q_lens, d_lens, chunk_bytes=psizes.chunk_bytes)
         if call is not None:
             def run(call=call):
                 with torch.no_grad():

@@ -513,15 +513,15 @@ def _direct_row(ctx, op, problem, lens, backend, inputs, flops, settings, refere
     return row
 
 
-def _late_fn(ctx, backend: str, q, d, q_lens, d_lens):
-    """(callable, skip reason): the scores (n_q, n_d) of all pairs with one backend or peer."""
+def late_call(backend: str, q, d, q_lens, d_lens, *, chunk_bytes: int):
+    """(callable, skip reason): the scores (n_q, n_d) of all pairs with one backend, the einsum
+    (chunks of chunk_bytes) or a peer (probed in a child process first)."""
     import rcar_fast
 
     if backend == EINSUM:
-        chunk = ctx.plan.chunk_bytes
-        return (lambda: einsum_maxsim(q, d, q_lens, d_lens, chunk_bytes=chunk)), None
+        return (lambda: einsum_maxsim(q, d, q_lens, d_lens, chunk_bytes=chunk_bytes)), None
     if backend in PEERS:
-        module, reason = peer_module(backend, ctx.device)
+        module, reason = peer_module(backend, q.device)
         if module is None:
             return None, reason
         reason = peer_crash_reason(backend, q, d, q_lens, d_lens)
@@ -551,7 +551,7 @@ def run_late_case(ctx, case: Case) -> list:
                     if inputs is None:
                         inputs = make_inputs(problem, ctx.device)
                     d, q, _, d_lens = inputs
-                    call, reason = _late_fn(ctx, backend, q, d, q_lens, d_lens)
+                    call, reason = late_call(backend, q, d, q_lens, d_lens, chunk_bytes=ctx.plan.chunk_bytes)
                     if call is not None:
                         def run(call=call):
                             with torch.no_grad():
@@ -779,4 +779,4 @@ def _version(peer: str) -> str:
 
 
 __all__ = ["HEADS", "PEERS", "tiny_plan", "quick_plan", "full_plan", "naive_padded_head",
-           "einsum_maxsim", "run_plan", "main"]
+           "einsum_maxsim", "late_call", "run_plan", "main"]
