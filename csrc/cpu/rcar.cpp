@@ -754,6 +754,22 @@ RCAR_INLINE void unit_rows_backward(T* dy, const T* y, const T* znorm, int64_t r
   }
 }
 
+// unit_rows_backward given z (rows x n) instead of y = z / (|z| + eps), which need not be kept.
+template <typename T>
+RCAR_INLINE void unit_rows_backward_from_z(T* dy, const T* z, const T* znorm, int64_t rows, int64_t n) {
+  constexpr int64_t W = simd::kWidth<T>;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* g = dy + r * n;
+    const T* zr = z + r * n;
+    const T zn = znorm[r], inv = T(1) / (zn + T(kEps));
+    // (dy . y) (|z| + eps) / |z| = (dy . z) / |z|; y proj = z (proj inv)
+    const T coef = zn > 0 ? dot(g, zr, n) / zn * inv : T(0);
+    int64_t e = 0;
+    for (; e + W <= n; e += W) simd::store(g + e, (simd::load(g + e) - simd::load(zr + e) * coef) * inv);
+    for (; e < n; ++e) g[e] = (g[e] - zr[e] * coef) * inv;
+  }
+}
+
 // x <- leaky(x) for n values.
 template <typename T>
 RCAR_INLINE void leaky_in_place(T* x, int64_t n) {
@@ -1074,6 +1090,12 @@ struct BackwardTile {
   // `square` (one pass each, no temporaries).
   at::Tensor unit_context(const SavedAttention& a, bool from_query = false, bool square = false) {
     at::Tensor out = pool.take(N, d);
+    unit_context_into(a, out, from_query, square);
+    return out;
+  }
+
+  // unit_context into out (rows x d, contiguous).
+  void unit_context_into(const SavedAttention& a, const at::Tensor& out, bool from_query, bool square) {
     const T* D = a.D.data_ptr<T>();
     const T* dn = a.dnorm.data_ptr<T>();
     T* o = out.data_ptr<T>();
@@ -1084,7 +1106,6 @@ struct BackwardTile {
         else scaled_copy(D + r * d, inv, o + r * d, d);
       }
     });
-    return out;
   }
 
   // X = (Q - D / (|D| + eps))^2, the alignment's input.
@@ -1265,13 +1286,10 @@ struct BackwardTile {
   // From the gradient with respect to u = D / (|D| + eps) (consumed) to the attention's inputs.
   void unit_context_backward(const SavedAttention& a, at::Tensor du, const TileGrads<T>& g, at::Tensor dM,
                              at::Tensor dlam) {
-    {
-      PoolScope temporaries(pool);
-      const at::Tensor u = unit_context(a);
-      vectorised([&]() RCAR_INLINE_LAMBDA {
-        unit_rows_backward(du.data_ptr<T>(), u.data_ptr<T>(), a.dnorm.data_ptr<T>(), N, d);
-      });
-    }
+    T* gu = du.data_ptr<T>();
+    const T* D = a.D.data_ptr<T>();
+    const T* dn = a.dnorm.data_ptr<T>();
+    vectorised([&]() RCAR_INLINE_LAMBDA { unit_rows_backward_from_z(gu, D, dn, N, d); });
     attention_backward(a, du, g, dM, dlam);
   }
 
@@ -1286,13 +1304,10 @@ struct BackwardTile {
     at::mm_out(dX, dV, alv.w);
     {
       PoolScope differences(pool);
-      const at::Tensor diff = unit_context(a, true);  // Q - u
-      {
-        PoolScope squares(pool);
-        at::Tensor X = pool.take(N, d);
-        at::mul_out(X, diff, diff);
-        linear_weight_grads(dalv, dV, X);
-      }
+      // one buffer: X = (Q - u)^2 for the weight gradient, then Q - u in its place
+      const at::Tensor diff = squared_difference(a);
+      linear_weight_grads(dalv, dV, diff);
+      unit_context_into(a, diff, true, false);
       // X = (Q - u)^2: dQ += 2 (Q - u) dX, du = -2 (Q - u) dX (in place of dX)
       const T* df = diff.data_ptr<T>();
       T* dx = dX.data_ptr<T>();

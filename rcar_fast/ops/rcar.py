@@ -220,6 +220,9 @@ class RcarReferenceLoop(Backend):
 # loss gives <= 3B of B^2 pairs one) runs through the pair-list kernel's tiles instead.
 # In training mode RAR's dropout uses the counter-based masks of rcar_fast.dropout, drawn from a
 # seed that the op takes as an input, so the backward recomputes the forward's masks.
+# Because the backward needs only the inputs, a pair list whose scores are already known (the
+# sparse loss' no-grad selection pass, no dropout) skips the pair forward:
+# rcar_fast::rcar_pairs_cpu_given (RcarPairsCpu.given_values) returns them with this autograd.
 #
 # The kernels read the head's Linear weights in contract.RCAR_LINEARS order; the op takes them in
 # head.parameters() order (as every RCAR op does) and reorders them here.
