@@ -886,7 +886,7 @@ RCAR_INLINE void clamp_tanh_backward(const T* tm, const T* prev, T* dm, T* dpre,
   }
 }
 
-// dy <- dy (1 - y^2): through y = tanh(x), n values (dy may have row stride ld_dy >= cols).
+// dy <- dy (1 - y^2): through y = tanh(x), n values.
 template <typename T>
 RCAR_INLINE void tanh_backward(T* dy, const T* y, int64_t n) {
   constexpr int64_t W = simd::kWidth<T>;
