@@ -204,9 +204,10 @@ def hardest_negative_loss(img, cap, lens, *, model="scan", score_fn=None, margin
     has no active dropout (eval mode, or dropout p = 0). Then, when the pair backend can take
     them (Backend.given_values: the C++ CPU RCAR pair kernel), the recomputed pairs' values are
     the selection pass' own entries and only the pair backward runs: it recomputes from the
-    inputs, so the gradients are exactly those of scoring the pairs again (_scores_given). With dropout active (an RCAR head in
-    training mode) the selection pass runs in eval mode and the recompute draws its own
-    dropout masks, so the loss is a different (equally valid) sample than the full version's.
+    inputs, so the gradients are exactly those of scoring the pairs again (_scores_given).
+    With dropout active (an RCAR head in training mode) the selection pass runs in eval mode
+    and the recompute draws its own dropout masks, so the loss is a different (equally valid)
+    sample than the full version's.
     """
     validate.choice(backend, "backend", dispatch.REQUESTABLE)
     validate.choice(pair_backend, "pair_backend", dispatch.REQUESTABLE)

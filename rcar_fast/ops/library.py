@@ -170,8 +170,11 @@ def define_given_values(name: str, inputs_schema: str, differentiable: tuple):
     module recomputes from the inputs): the forward is not run twice. Only sound when the op's
     output is a function of its inputs, i.e. no dropout draws a sample in the forward."""
     op_backward = getattr(torch.ops.rcar_fast, f"{name}_backward").default
-    op = torch.library.custom_op(f"rcar_fast::{name}_given", lambda values, *inputs: values.clone(memory_format=torch.contiguous_format),
-                                 mutates_args=(), schema=f"(Tensor values, {inputs_schema}) -> Tensor")
+    def given(values, *inputs):
+        return values.clone(memory_format=torch.contiguous_format)  # an op's output aliases no input
+
+    op = torch.library.custom_op(f"rcar_fast::{name}_given", given, mutates_args=(),
+                                 schema=f"(Tensor values, {inputs_schema}) -> Tensor")
     op.register_fake(lambda values, *inputs: torch.empty_like(values, memory_format=torch.contiguous_format))
     op.register_autograd(_backward_formula(op_backward, differentiable, 1),
                          setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs[1:]))
