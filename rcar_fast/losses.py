@@ -161,6 +161,26 @@ def _selection_scores(img, cap, lens, model, backend, scan_kwargs):
             model.train()
 
 
+def _scores_given(img, cap, lens, img_idx, cap_idx, values, model, pair_backend, scan_kwargs):
+    """The pairs' scores as `values` (the no-grad selection pass' entries at these pairs) with
+    the pair backend's autograd, or None: the backend chosen for the pairs cannot take given
+    values (Backend.given_values), the model is not a head module, or its dropout is active
+    (the backend then returns None: its forward draws a sample the eval-mode selection lacks).
+
+    Why it is sound: without dropout a head's score is a function of its inputs, and the
+    selection pass scored these very inputs (detached); the pair backends that take values
+    have backward ops that recompute their forward from the inputs alone (flash style), so
+    their gradients are bit for bit what score_pairs' call would give for the same upstream
+    gradient. The values come from the all-pairs kernel instead of the pair kernel: the same
+    function, within float rounding (what full_hardest_negative_loss uses too). Saves the pair
+    forward."""
+    lens, head = pairs.checked_scoring(img, cap, lens, model, pair_backend, scan_kwargs)
+    given = getattr(head.choose(head.scorer.pairs_op, pair_backend, img, cap, lens), "given_values", None)
+    if given is None or head.module is None:
+        return None
+    return given(head.module, img, cap, lens, img_idx, cap_idx, values)
+
+
 def hardest_negative_loss(img, cap, lens, *, model="scan", score_fn=None, margin: float = 0.2,
                           backend: str = "auto", pair_backend: str = "auto",
                           reduction: str = "sum", return_details: bool = False, **scan_kwargs):
@@ -181,9 +201,13 @@ def hardest_negative_loss(img, cap, lens, *, model="scan", score_fn=None, margin
     hardest_caption (B,), hardest_image (B,)) when return_details.
 
     Equal to full_hardest_negative_loss in value and gradient, ties aside, whenever the head
-    has no active dropout (eval mode, or dropout p = 0). With dropout active (an RCAR head in
-    training mode) the selection pass runs in eval mode and the recompute draws its own
-    dropout masks, so the loss is a different (equally valid) sample than the full version's.
+    has no active dropout (eval mode, or dropout p = 0). Then, when the pair backend can take
+    them (Backend.given_values: the C++ CPU RCAR pair kernel), the recomputed pairs' values are
+    the selection pass' own entries and only the pair backward runs: it recomputes from the
+    inputs, so the gradients are exactly those of scoring the pairs again (_scores_given).
+    With dropout active (an RCAR head in training mode) the selection pass runs in eval mode
+    and the recompute draws its own dropout masks, so the loss is a different (equally valid)
+    sample than the full version's.
     """
     validate.choice(backend, "backend", dispatch.REQUESTABLE)
     validate.choice(pair_backend, "pair_backend", dispatch.REQUESTABLE)
@@ -207,8 +231,15 @@ def hardest_negative_loss(img, cap, lens, *, model="scan", score_fn=None, margin
             inverse = torch.arange(keys.numel(), device=keys.device)
         else:
             keys, inverse = torch.unique(keys, return_inverse=True)
-    pair_scores = pairs.score_pairs(img, cap, lens, keys // B, keys % B, model=model,
-                              backend=pair_backend, **scan_kwargs)[inverse]
+    pair_img, pair_cap = keys // B, keys % B
+    pair_scores = None
+    if score_fn is None:
+        pair_scores = _scores_given(img, cap, lens, pair_img, pair_cap, scores[pair_img, pair_cap], model,
+                                    pair_backend, scan_kwargs)
+    if pair_scores is None:
+        pair_scores = pairs.score_pairs(img, cap, lens, pair_img, pair_cap, model=model,
+                                        backend=pair_backend, **scan_kwargs)
+    pair_scores = pair_scores[inverse]
     positives, hard_caption, hard_image = pair_scores.split(B)
     loss = ((margin + hard_caption - positives).clamp(min=0).sum()
             + (margin + hard_image - positives).clamp(min=0).sum())

@@ -169,16 +169,18 @@ def test_rcar_training_step_reference(regulator, direction):
 
 
 @needs_native
-def test_rcar_hardest_negative_step_selects_on_the_cpu_kernel():
-    """The forward-only C++ RCAR kernel where it applies in training: the no-grad selection
-    pass (run in eval mode); the 3B pairs are recomputed on the reference with autograd."""
+@pytest.mark.parametrize("pair_backend", ["reference", "cpu"])
+def test_rcar_hardest_negative_step_selects_on_the_cpu_kernel(pair_backend):
+    """The C++ RCAR kernel's no-grad selection pass (run in eval mode); the 3B pairs are
+    recomputed on the reference with autograd, or (cpu: the head has no dropout) take the
+    selection's scores with the pair kernel's backward (rcar_pairs_cpu_given)."""
     img, cap, lens, _ = _batch(B=4)
     img.requires_grad_()
     head = _head("only_rcr")
 
     def loss_fn(img, cap, lens):
         return hardest_negative_loss(img, cap, lens, model=head, backend="cpu",
-                                     pair_backend="reference")
+                                     pair_backend=pair_backend)
 
     assert_compiled_step_matches(loss_fn, _rcar_params(head, img), (img, cap, lens))
     assert head.training

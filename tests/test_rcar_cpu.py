@@ -471,3 +471,112 @@ def test_pair_list_is_deterministic_and_ignores_poison():
     for a, b in zip(first, again):
         assert_bit_equal(a, b, what="rerun with poisoned buffers and padding")
     assert all(torch.isfinite(g).all() for g in first)
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_backward_baseline_simd_copy(direction, baseline_simd):
+    # the backward's element loops (BackwardTile::vectorised) in their baseline copy, training
+    # mode (dropout masks on), all pairs and a pair list
+    head = make_head("coop_rcar", 2, direction, embed_dim=20, sim_dim=12).train()
+    img, cap, lens = make_inputs(4, 6, 11, 20, 9)
+    check_grads(head, img, cap, lens, f"baseline {direction}")
+    check_pair_grads(head, img, cap, lens, PAIR_IMG, PAIR_CAP, f"baseline pairs {direction}",
+                     dtypes=(torch.float32,))
+
+
+# ---------------------------------------------------------------------------------------------
+# The pair scores given (rcar_pairs_cpu_given): the sparse loss reuses its selection's scores
+# ---------------------------------------------------------------------------------------------
+
+def counting_pair_forwards(monkeypatch):
+    """Counts the C++ pair-list forward calls (the op's forward) from now on."""
+    from rcar_fast.ops import rcar as rcar_ops
+
+    real = rcar_ops.native()
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            if name == "rcar_pairs_forward_cpu":
+                calls.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(rcar_ops, "native", lambda: Counting())
+    return calls
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_sparse_loss_takes_the_selection_scores_and_the_same_gradients(direction, monkeypatch):
+    # Eval mode: hardest_negative_loss scores its pairs with the selection pass' values and runs
+    # only the pair backward. Against the same loss scoring the pairs again (score_fn = the same
+    # selection, which makes it call the pair forward): the same loss within rounding and bit
+    # for bit the same gradients; against the float64 full loss on the reference: close.
+    from rcar_fast.losses import full_hardest_negative_loss, hardest_negative_loss
+
+    head = make_head("coop_rcar", 2, direction, embed_dim=20, sim_dim=12)
+    img, cap, lens = make_inputs(6, 6, 11, 20, 9)
+    params = list(head.parameters())
+    with torch.no_grad():
+        selection = head(img, cap, lens, backend="cpu")
+    calls = counting_pair_forwards(monkeypatch)
+    runs = {}
+    for name, score_fn in (("given", None), ("rescored", lambda *_: selection)):
+        leaves = [img.clone().requires_grad_(), cap.clone().requires_grad_()]
+        before = len(calls)
+        loss = hardest_negative_loss(*leaves, lens, model=head, backend="cpu", pair_backend="cpu",
+                                     score_fn=score_fn)
+        runs[name] = (loss.detach(), torch.autograd.grad(loss, leaves + params), len(calls) - before)
+    assert runs["given"][2] == 0, "the given scores must not run the pair forward"
+    assert runs["rescored"][2] == 1
+    assert_close_to_reference(runs["given"][0], runs["rescored"][0], dtype=torch.float64, what="loss")
+    for k, (a, b) in enumerate(zip(runs["given"][1], runs["rescored"][1])):
+        assert_bit_equal(a, b, what=f"gradient {k}: given scores vs rescored pairs")
+    ref_leaves = [img.clone().requires_grad_(), cap.clone().requires_grad_()]
+    want = full_hardest_negative_loss(*ref_leaves, lens, model=head, backend="reference")
+    want_grads = torch.autograd.grad(want, ref_leaves + params, allow_unused=True)
+    assert_close_to_reference(runs["given"][0], want.detach(), dtype=torch.float64, what="loss vs reference")
+    for k, (g, w) in enumerate(zip(runs["given"][1], want_grads)):
+        assert_close_to_reference(g, torch.zeros_like(g) if w is None else w, dtype=torch.float64,
+                                  what=f"gradient {k} vs reference")
+
+
+def test_sparse_loss_with_dropout_runs_the_pair_forward(monkeypatch):
+    # Dropout active: the eval-mode selection's scores are not the training forward's sample,
+    # so the pair forward runs (with its masks) and given_values declines.
+    from rcar_fast.losses import hardest_negative_loss
+    from rcar_fast.ops import rcar as rcar_ops
+
+    head = make_head("coop_rcar", 2, "t2i", embed_dim=16, sim_dim=8).train()
+    img, cap, lens = make_inputs(5, 5, 7, 16, 8)
+    ii = jj = torch.arange(5)
+    assert rcar_ops.RcarPairsCpu.given_values(head, img, cap, lens, ii, jj, torch.zeros(5)) is None
+    calls = counting_pair_forwards(monkeypatch)
+    loss = hardest_negative_loss(img.clone().requires_grad_(), cap, lens, model=head, backend="cpu",
+                                 pair_backend="cpu")
+    assert len(calls) == 1 and torch.isfinite(loss)
+
+
+def test_given_scores_op_gradcheck_and_opcheck():
+    # rcar_pairs_cpu_given in float64: gradcheck (its values recomputed at each probe, as the
+    # selection pass would) and torch.library.opcheck (schema, fake, autograd registration)
+    from rcar_fast.ops import rcar as rcar_ops
+
+    head = make_head("coop_rcar", 2, "i2t", embed_dim=5, sim_dim=4)
+    img, cap, lens = make_inputs(2, 3, 3, 5, 3, pad=0.0)
+    params = [p.detach().clone().requires_grad_() for p in head.parameters()]
+    config = rcar_ops.op_config(head)
+    seed = torch.zeros((), dtype=torch.int64)
+    img_idx, cap_idx = torch.tensor([1, 0, 1, 1]), torch.tensor([2, 0, 2, 1])
+
+    def fn(img, cap, *weights):
+        with torch.no_grad():
+            values = rcar_ops.rcar_pairs_cpu_op(img, cap, lens, img_idx, cap_idx, list(weights), seed, *config)
+        return rcar_ops.rcar_pairs_cpu_given_op(values, img, cap, lens, img_idx, cap_idx, list(weights), seed,
+                                                *config)
+
+    inputs = (img.requires_grad_(), cap.requires_grad_(), *params)
+    assert torch.autograd.gradcheck(fn, inputs)
+    with torch.no_grad():
+        values = rcar_ops.rcar_pairs_cpu_op(img, cap, lens, img_idx, cap_idx, params, seed, *config)
+    torch.library.opcheck(rcar_ops.rcar_pairs_cpu_given_op,
+                          (values, img, cap, lens, img_idx, cap_idx, params, seed, *config))

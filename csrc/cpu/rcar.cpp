@@ -729,16 +729,252 @@ inline void linear_weight_grads(Linear& g, const at::Tensor& dY, const at::Tenso
   g.b.add_(dY.sum(0));
 }
 
+// ---------------------------------------------------------------------------------------------
+// The recording forward's and the backward's element loops. Each is always_inline and runs
+// inside BackwardTile::vectorised, which pastes it into an AVX2+FMA and a baseline copy (one
+// small pair of copies per loop, not one per whole function: compile time stays minutes).
+// Written with simd::Vec where a loop holds selects (clamps, leaky, relu masks), which GCC
+// would not auto-vectorise; n need not be a multiple of the vector width (scalar tails).
+// ---------------------------------------------------------------------------------------------
+
 // Backward of y = z / (|z| + eps) per row, given y, |z| and dy: dz in place of dy.
 template <typename T>
-void unit_rows_backward(T* dy, const T* y, const T* znorm, int64_t rows, int64_t n) {
+RCAR_INLINE void unit_rows_backward(T* dy, const T* y, const T* znorm, int64_t rows, int64_t n) {
+  constexpr int64_t W = simd::kWidth<T>;
   for (int64_t r = 0; r < rows; ++r) {
     T* g = dy + r * n;
     const T* v = y + r * n;
     const T zn = znorm[r], den = zn + T(kEps);
     // d/dz of z * f(|z|): dy f + z (dy . z) f'(|z|) / |z|, written with y = z f
     const T proj = zn > 0 ? dot(g, v, n) * den / zn : T(0);
-    for (int64_t e = 0; e < n; ++e) g[e] = (g[e] - v[e] * proj) / den;
+    const T inv = T(1) / den;
+    int64_t e = 0;
+    for (; e + W <= n; e += W) simd::store(g + e, (simd::load(g + e) - simd::load(v + e) * proj) * inv);
+    for (; e < n; ++e) g[e] = (g[e] - v[e] * proj) * inv;
+  }
+}
+
+// unit_rows_backward given z (rows x n) instead of y = z / (|z| + eps), which need not be kept.
+template <typename T>
+RCAR_INLINE void unit_rows_backward_from_z(T* dy, const T* z, const T* znorm, int64_t rows, int64_t n) {
+  constexpr int64_t W = simd::kWidth<T>;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* g = dy + r * n;
+    const T* zr = z + r * n;
+    const T zn = znorm[r], inv = T(1) / (zn + T(kEps));
+    // (dy . y) (|z| + eps) / |z| = (dy . z) / |z|; y proj = z (proj inv)
+    const T coef = zn > 0 ? dot(g, zr, n) / zn * inv : T(0);
+    int64_t e = 0;
+    for (; e + W <= n; e += W) simd::store(g + e, (simd::load(g + e) - simd::load(zr + e) * coef) * inv);
+    for (; e < n; ++e) g[e] = (g[e] - zr[e] * coef) * inv;
+  }
+}
+
+// x <- leaky(x) for n values.
+template <typename T>
+RCAR_INLINE void leaky_in_place(T* x, int64_t n) {
+  constexpr int64_t W = simd::kWidth<T>;
+  const T slope = T(kLeakySlope);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) simd::store(x + i, simd::leak<T>(simd::load(x + i), slope));
+  for (; i < n; ++i) x[i] = x[i] > 0 ? x[i] : x[i] * slope;
+}
+
+// For columns c < n of rows [r0, r1) of L (row stride ld): nrm[c] = the l2 norm of the
+// column, inv[c] = 1 / (nrm[c] + eps).
+template <typename T>
+RCAR_INLINE void column_norms(const T* L, int64_t r0, int64_t r1, int64_t ld, int64_t n, T* nrm, T* inv) {
+  constexpr int64_t W = simd::kWidth<T>;
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    V<T> acc = simd::splat<T>(T(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const V<T> x = simd::load(L + r * ld + c);
+      acc += x * x;
+    }
+    simd::store(nrm + c, acc);
+  }
+  for (; c < n; ++c) {
+    T acc = 0;
+    for (int64_t r = r0; r < r1; ++r) acc += L[r * ld + c] * L[r * ld + c];
+    nrm[c] = acc;
+  }
+  for (c = 0; c < n; ++c) {
+    nrm[c] = std::sqrt(nrm[c]);
+    inv[c] = T(1) / (nrm[c] + T(kEps));
+  }
+}
+
+// al = softmax over c < n of lam * L[c] inv[c] (shifted by the max before scaling, as the
+// forward kernel: a huge lambda cannot overflow).
+template <typename T>
+RCAR_INLINE void scaled_softmax_row(const T* L, const T* inv, T lam, int64_t n, T* al) {
+  constexpr int64_t W = simd::kWidth<T>;
+  T top = -std::numeric_limits<T>::infinity();
+  int64_t c = 0;
+  if (n >= W) {
+    V<T> best = simd::splat<T>(top);
+    for (; c + W <= n; c += W) best = simd::vmax<T>(best, simd::load(L + c) * simd::load(inv + c));
+    top = simd::hmax<T>(best);
+  }
+  for (; c < n; ++c) top = std::max(top, L[c] * inv[c]);
+  V<T> total = simd::splat<T>(T(0));
+  for (c = 0; c + W <= n; c += W) {
+    const V<T> e = simd::vexp((simd::load(L + c) * simd::load(inv + c) - top) * lam);
+    simd::store(al + c, e);
+    total += e;
+  }
+  T sum = simd::hsum<T>(total);
+  for (; c < n; ++c) sum += (al[c] = std::exp((L[c] * inv[c] - top) * lam));
+  scale(al, T(1) / sum, n);
+}
+
+// out = x * factor (n values).
+template <typename T>
+RCAR_INLINE void scaled_copy(const T* x, T factor, T* out, int64_t n) {
+  constexpr int64_t W = simd::kWidth<T>;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) simd::store(out + i, simd::load(x + i) * factor);
+  for (; i < n; ++i) out[i] = x[i] * factor;
+}
+
+// out = q - D * factor, squared when `square` (n values).
+template <typename T>
+RCAR_INLINE void query_difference(const T* q, const T* D, T factor, bool square, T* out, int64_t n) {
+  constexpr int64_t W = simd::kWidth<T>;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V<T> diff = simd::load(q + i) - simd::load(D + i) * factor;
+    simd::store(out + i, square ? diff * diff : diff);
+  }
+  for (; i < n; ++i) {
+    const T diff = q[i] - D[i] * factor;
+    out[i] = square ? diff * diff : diff;
+  }
+}
+
+// m = clamp(tm + prev, -1, 1), prev all ones when null.
+template <typename T>
+RCAR_INLINE void clamped_modulation(const T* tm, const T* prev, T* m, int64_t n) {
+  constexpr int64_t W = simd::kWidth<T>;
+  const V<T> lo = simd::splat<T>(T(-1)), hi = simd::splat<T>(T(1));
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V<T> p = prev ? simd::load(prev + i) : hi;
+    simd::store(m + i, simd::vmin<T>(simd::vmax<T>(simd::load(tm + i) + p, lo), hi));
+  }
+  for (; i < n; ++i) m[i] = std::min(std::max(tm[i] + (prev ? prev[i] : T(1)), T(-1)), T(1));
+}
+
+// Backward of M' = clamp(Tm + M, -1, 1), Tm = tanh(pre): dm <- dm where |Tm + M| <= 1, else 0
+// (the gradient of both Tm and M); dpre = (1 - Tm^2) dm. prev (M) all ones when null.
+template <typename T>
+RCAR_INLINE void clamp_tanh_backward(const T* tm, const T* prev, T* dm, T* dpre, int64_t n) {
+  constexpr int64_t W = simd::kWidth<T>;
+  const V<T> one = simd::splat<T>(T(1)), zero = simd::splat<T>(T(0));
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V<T> t = simd::load(tm + i);
+    const V<T> sum = t + (prev ? simd::load(prev + i) : one);
+    const V<T> g = simd::vmax<T>(sum, -sum) <= one ? simd::load(dm + i) : zero;
+    simd::store(dm + i, g);
+    simd::store(dpre + i, (one - t * t) * g);
+  }
+  for (; i < n; ++i) {
+    if (!(std::abs(tm[i] + (prev ? prev[i] : T(1))) <= T(1))) dm[i] = T(0);
+    dpre[i] = (T(1) - tm[i] * tm[i]) * dm[i];
+  }
+}
+
+// dy <- dy (1 - y^2): through y = tanh(x), n values.
+template <typename T>
+RCAR_INLINE void tanh_backward(T* dy, const T* y, int64_t n) {
+  constexpr int64_t W = simd::kWidth<T>;
+  const V<T> one = simd::splat<T>(T(1));
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V<T> t = simd::load(y + i);
+    simd::store(dy + i, simd::load(dy + i) * (one - t * t));
+  }
+  for (; i < n; ++i) dy[i] *= T(1) - y[i] * y[i];
+}
+
+// Through X = (Q - u)^2 given dX: dQ += 2 (Q - u) dX, dX <- -2 (Q - u) dX (du).
+template <typename T>
+RCAR_INLINE void square_backward(const T* diff, T* dx, T* dq, int64_t n) {
+  constexpr int64_t W = simd::kWidth<T>;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V<T> v = simd::load(diff + i) * simd::load(dx + i) * T(2);
+    simd::store(dq + i, simd::load(dq + i) + v);
+    simd::store(dx + i, -v);
+  }
+  for (; i < n; ++i) {
+    const T v = T(2) * diff[i] * dx[i];
+    dq[i] += v;
+    dx[i] = -v;
+  }
+}
+
+// Through Qm = Q o M given dQm: dQ += dQm M and, dM non-null, dM += dQm Q.
+template <typename T>
+RCAR_INLINE void modulation_backward(const T* dqm, const T* m, const T* q, T* dq, T* dm, int64_t n) {
+  constexpr int64_t W = simd::kWidth<T>;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V<T> g = simd::load(dqm + i);
+    simd::store(dq + i, simd::load(dq + i) + g * simd::load(m + i));
+    if (dm) simd::store(dm + i, simd::load(dm + i) + g * simd::load(q + i));
+  }
+  for (; i < n; ++i) {
+    dq[i] += dqm[i] * m[i];
+    if (dm) dm[i] += dqm[i] * q[i];
+  }
+}
+
+// One query row of the attention softmax backward: row holds dalpha (n values) and becomes
+// dA = lam * dE, dE = alpha (dalpha - alpha . dalpha); adds dA L to dinv; returns
+// sum_c dE L inv (the gradient of lambda).
+template <typename T>
+RCAR_INLINE T softmax_row_backward(const T* al, const T* L, const T* inv, T lam, int64_t n, T* row, T* dinv) {
+  constexpr int64_t W = simd::kWidth<T>;
+  const T sdot = dot(al, row, n);
+  V<T> acc = simd::splat<T>(T(0));
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const V<T> l = simd::load(L + c);
+    const V<T> dE = simd::load(al + c) * (simd::load(row + c) - sdot);
+    acc += dE * l * simd::load(inv + c);
+    const V<T> dA = dE * lam;
+    simd::store(row + c, dA);
+    simd::store(dinv + c, simd::load(dinv + c) + dA * l);
+  }
+  T dlam = simd::hsum<T>(acc);
+  for (; c < n; ++c) {
+    const T dE = al[c] * (row[c] - sdot);
+    dlam += dE * L[c] * inv[c];
+    row[c] = dE * lam;
+    dinv[c] += row[c] * L[c];
+  }
+  return dlam;
+}
+
+// One query row through the column normalisation and leaky: row holds dA and becomes dS =
+// leaky'(S) (dA inv + coef L); L > 0 iff the raw score is.
+template <typename T>
+RCAR_INLINE void normalisation_row_backward(const T* L, const T* inv, const T* coef, int64_t n, T* row) {
+  constexpr int64_t W = simd::kWidth<T>;
+  const T slope = T(kLeakySlope);
+  const V<T> zero = simd::splat<T>(T(0));
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const V<T> l = simd::load(L + c);
+    const V<T> x = simd::load(row + c) * simd::load(inv + c) + simd::load(coef + c) * l;
+    simd::store(row + c, l > zero ? x : x * slope);
+  }
+  for (; c < n; ++c) {
+    const T x = row[c] * inv[c] + coef[c] * L[c];
+    row[c] = L[c] > 0 ? x : x * slope;
   }
 }
 
@@ -780,12 +1016,20 @@ struct BackwardTile {
   std::vector<ContextGroup<T>> groups;
   at::Tensor Q;  // rows x d view
   int64_t N, Cs, P, d, s;  // Cs: the row stride of the rows x C buffers, the widest context
+  bool avx2;               // the element loops' copy (vectorised)
 
   BackwardTile(const RcarTile<T>& tile, const HeadWeights& w, const HeadConfig& c, TilePool& p,
                std::vector<ContextGroup<T>> context_groups)
       : t(tile), hw(w), cfg(c), pool(p), groups(std::move(context_groups)),
-        Q(view2d(tile.query, tile.rows, w.d, w.d)), N(tile.rows), Cs(0), P(tile.pairs), d(w.d), s(w.s) {
+        Q(view2d(tile.query, tile.rows, w.d, w.d)), N(tile.rows), Cs(0), P(tile.pairs), d(w.d), s(w.s),
+        avx2(use_avx2_path()) {
     for (const auto& G : groups) Cs = std::max(Cs, G.C);
+  }
+
+  // Runs loop() (a RCAR_INLINE_LAMBDA over the element loops above) in its AVX2 or baseline copy.
+  template <typename F>
+  void vectorised(F&& loop) const {
+    in_simd_copy(avx2, loop);
   }
 
   int64_t pair_rows(int64_t p) const { return t.seg[p + 1] - t.seg[p]; }
@@ -826,27 +1070,14 @@ struct BackwardTile {
       const int64_t C = G.C;
       at::Tensor Lg = group_rows(a.L, G, C);
       at::mm_out(Lg, group_rows(Qm, G, d), context(G).t());
-      for (int64_t r = t.seg[G.p0]; r < t.seg[G.p1]; ++r)
-        for (int64_t c = 0; c < C; ++c) L[r * Cs + c] = L[r * Cs + c] > 0 ? L[r * Cs + c] : L[r * Cs + c] * T(kLeakySlope);
-      for (int64_t p = G.p0; p < G.p1; ++p) {
-        for (int64_t c = 0; c < C; ++c) {
-          T acc = 0;
-          for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) acc += L[r * Cs + c] * L[r * Cs + c];
-          nrm[p * Cs + c] = std::sqrt(acc);
-          inv[p * Cs + c] = T(1) / (nrm[p * Cs + c] + T(kEps));
+      vectorised([&]() RCAR_INLINE_LAMBDA {
+        for (int64_t r = t.seg[G.p0]; r < t.seg[G.p1]; ++r) leaky_in_place(L + r * Cs, C);
+        for (int64_t p = G.p0; p < G.p1; ++p) {
+          column_norms(L, t.seg[p], t.seg[p + 1], Cs, C, nrm + p * Cs, inv + p * Cs);
+          for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r)
+            scaled_softmax_row(L + r * Cs, inv + p * Cs, lm[r], C, al + r * Cs);
         }
-        for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
-          T top = -std::numeric_limits<T>::infinity();
-          for (int64_t c = 0; c < C; ++c) top = std::max(top, L[r * Cs + c] * inv[p * Cs + c]);
-          T total = 0;
-          for (int64_t c = 0; c < C; ++c) {
-            const T e = std::exp((L[r * Cs + c] * inv[p * Cs + c] - top) * lm[r]);
-            al[r * Cs + c] = e;
-            total += e;
-          }
-          for (int64_t c = 0; c < C; ++c) al[r * Cs + c] /= total;
-        }
-      }
+      });
       at::Tensor Dg = group_rows(a.D, G, d);
       at::mm_out(Dg, group_rows(a.alpha, G, C), context(G));
     }
@@ -859,23 +1090,22 @@ struct BackwardTile {
   // `square` (one pass each, no temporaries).
   at::Tensor unit_context(const SavedAttention& a, bool from_query = false, bool square = false) {
     at::Tensor out = pool.take(N, d);
+    unit_context_into(a, out, from_query, square);
+    return out;
+  }
+
+  // unit_context into out (rows x d, contiguous).
+  void unit_context_into(const SavedAttention& a, const at::Tensor& out, bool from_query, bool square) {
     const T* D = a.D.data_ptr<T>();
     const T* dn = a.dnorm.data_ptr<T>();
     T* o = out.data_ptr<T>();
-    for (int64_t r = 0; r < N; ++r) {
-      const T inv = T(1) / (dn[r] + T(kEps));
-      const T* Dr = D + r * d;
-      const T* qr = t.query + r * d;
-      T* orow = o + r * d;
-      if (!from_query) {
-        for (int64_t e = 0; e < d; ++e) orow[e] = Dr[e] * inv;
-      } else if (square) {
-        for (int64_t e = 0; e < d; ++e) orow[e] = (qr[e] - Dr[e] * inv) * (qr[e] - Dr[e] * inv);
-      } else {
-        for (int64_t e = 0; e < d; ++e) orow[e] = qr[e] - Dr[e] * inv;
+    vectorised([&]() RCAR_INLINE_LAMBDA {
+      for (int64_t r = 0; r < N; ++r) {
+        const T inv = T(1) / (dn[r] + T(kEps));
+        if (from_query) query_difference(t.query + r * d, D + r * d, inv, square, o + r * d, d);
+        else scaled_copy(D + r * d, inv, o + r * d, d);
       }
-    }
-    return out;
+    });
   }
 
   // X = (Q - D / (|D| + eps))^2, the alignment's input.
@@ -905,7 +1135,7 @@ struct BackwardTile {
     const T* tm = out.Tm.data_ptr<T>();
     const T* prev_m = a.M.defined() ? a.M.data_ptr<T>() : nullptr;
     T* m = M.data_ptr<T>();
-    for (int64_t i = 0; i < N * d; ++i) m[i] = std::min(std::max(tm[i] + (prev_m ? prev_m[i] : T(1)), T(-1)), T(1));
+    vectorised([&]() RCAR_INLINE_LAMBDA { clamped_modulation(tm, prev_m, m, N * d); });
     out.G1 = pool.take(N, rcr.smooth1.out());
     linear_into(out.G1, a.V, rcr.smooth1.w, rcr.smooth1.b);
     out.G1.tanh_();
@@ -982,6 +1212,14 @@ struct BackwardTile {
 
   // ---- backward pieces --------------------------------------------------------------------
 
+  // dy <- dy (1 - y^2) for y = tanh(x), both contiguous pool tensors of one shape.
+  void tanh_backward_of(at::Tensor& dy, const at::Tensor& y) const {
+    T* g = dy.data_ptr<T>();
+    const T* v = y.data_ptr<T>();
+    const int64_t n = dy.numel();
+    vectorised([&]() RCAR_INLINE_LAMBDA { tanh_backward(g, v, n); });
+  }
+
   // Through one cross attention, given dD (rows x d, consumed): accumulates dQ, dC; adds to
   // dM (rows x d) and dlam (rows) when the attention's M / lambda are variables (defined).
   void attention_backward(const SavedAttention& a, at::Tensor dD, const TileGrads<T>& g, at::Tensor dM,
@@ -992,12 +1230,13 @@ struct BackwardTile {
     at::Tensor dalpha = pool.take(N, Cs);
     at::Tensor dQm = pool.take(N, d);
     for (const auto& G : groups) group_attention_backward(a, G, dD, Qm, dalpha, dQm, dlam);
-    at::Tensor dQ = view2d(g.dquery, N, d, d);
     if (a.M.defined()) {
-      dQ.addcmul_(dQm, a.M);
-      if (dM.defined()) dM.addcmul_(dQm, Q);
+      const T* dqm = dQm.data_ptr<T>();
+      const T* m = a.M.data_ptr<T>();
+      T* dm = dM.defined() ? dM.data_ptr<T>() : nullptr;
+      vectorised([&]() RCAR_INLINE_LAMBDA { modulation_backward(dqm, m, t.query, g.dquery, dm, N * d); });
     } else {
-      dQ.add_(dQm);
+      view2d(g.dquery, N, d, d).add_(dQm);
     }
   }
 
@@ -1020,34 +1259,23 @@ struct BackwardTile {
     const T* lm = a.lam.data_ptr<T>();
     T* da = dalpha_all.data_ptr<T>();  // becomes dA, then dS
     T* dl = dlam.defined() ? dlam.data_ptr<T>() : nullptr;
-    std::vector<T> dinv(C);
-    for (int64_t p = G.p0; p < G.p1; ++p) {
-      std::fill(dinv.begin(), dinv.end(), T(0));
-      for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
-        T* row = da + r * Cs;
-        T sdot = 0;
-        for (int64_t c = 0; c < C; ++c) sdot += al[r * Cs + c] * row[c];
-        T dlr = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          const T dE = al[r * Cs + c] * (row[c] - sdot);
-          dlr += dE * L[r * Cs + c] * inv[p * Cs + c];
-          row[c] = dE * lm[r];  // dA
-          dinv[c] += row[c] * L[r * Cs + c];
-        }
-        if (dl) dl[r] += dlr;
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        // inv = 1 / (|L_c| + eps): d|L_c| = -dinv inv^2, dL += d|L_c| L / |L_c|
-        const T coef =
-            nrm[p * Cs + c] > 0 ? -dinv[c] * inv[p * Cs + c] * inv[p * Cs + c] / nrm[p * Cs + c] : T(0);
+    std::vector<T> dinv(C), coef(C);
+    vectorised([&]() RCAR_INLINE_LAMBDA {
+      for (int64_t p = G.p0; p < G.p1; ++p) {
+        std::fill(dinv.begin(), dinv.end(), T(0));
         for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
-          T& x = da[r * Cs + c];
-          const T l = L[r * Cs + c];
-          x = x * inv[p * Cs + c] + coef * l;
-          if (!(l > 0)) x *= T(kLeakySlope);  // leaky's slope; L > 0 iff the raw score is
+          const T dlr = softmax_row_backward(al + r * Cs, L + r * Cs, inv + p * Cs, lm[r], C, da + r * Cs, dinv.data());
+          if (dl) dl[r] += dlr;
         }
+        // inv = 1 / (|L_c| + eps): d|L_c| = -dinv inv^2, dL += d|L_c| L / |L_c|
+        for (int64_t c = 0; c < C; ++c) {
+          const T n = nrm[p * Cs + c], i = inv[p * Cs + c];
+          coef[c] = n > 0 ? -dinv[c] * i * i / n : T(0);
+        }
+        for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r)
+          normalisation_row_backward(L + r * Cs, inv + p * Cs, coef.data(), C, da + r * Cs);
       }
-    }
+    });
     // dS -> dQm = dS C, dC += dS^T Qm
     const at::Tensor Qmg = group_rows(Qm, G, d);
     dC.addmm_(dalpha.t(), Qmg);
@@ -1058,38 +1286,32 @@ struct BackwardTile {
   // From the gradient with respect to u = D / (|D| + eps) (consumed) to the attention's inputs.
   void unit_context_backward(const SavedAttention& a, at::Tensor du, const TileGrads<T>& g, at::Tensor dM,
                              at::Tensor dlam) {
-    {
-      PoolScope temporaries(pool);
-      const at::Tensor u = unit_context(a);
-      unit_rows_backward(du.data_ptr<T>(), u.data_ptr<T>(), a.dnorm.data_ptr<T>(), N, d);
-    }
+    T* gu = du.data_ptr<T>();
+    const T* D = a.D.data_ptr<T>();
+    const T* dn = a.dnorm.data_ptr<T>();
+    vectorised([&]() RCAR_INLINE_LAMBDA { unit_rows_backward_from_z(gu, D, dn, N, d); });
     attention_backward(a, du, g, dM, dlam);
   }
 
   // Through alv(step) given dV (rows x s, consumed).
   void alignment_backward(const SavedAttention& a, at::Tensor dV, const Linear& alv, Linear& dalv,
                           const TileGrads<T>& g, at::Tensor dM, at::Tensor dlam) {
-    unit_rows_backward(dV.data_ptr<T>(), a.V.data_ptr<T>(), a.znorm.data_ptr<T>(), N, s);  // dZ
+    vectorised([&]() RCAR_INLINE_LAMBDA {
+      unit_rows_backward(dV.data_ptr<T>(), a.V.data_ptr<T>(), a.znorm.data_ptr<T>(), N, s);  // dZ
+    });
     PoolScope temporaries(pool);
     at::Tensor dX = pool.take(N, d);
     at::mm_out(dX, dV, alv.w);
     {
       PoolScope differences(pool);
-      const at::Tensor diff = unit_context(a, true);  // Q - u
-      {
-        PoolScope squares(pool);
-        at::Tensor X = pool.take(N, d);
-        at::mul_out(X, diff, diff);
-        linear_weight_grads(dalv, dV, X);
-      }
+      // one buffer: X = (Q - u)^2 for the weight gradient, then Q - u in its place
+      const at::Tensor diff = squared_difference(a);
+      linear_weight_grads(dalv, dV, diff);
+      unit_context_into(a, diff, true, false);
       // X = (Q - u)^2: dQ += 2 (Q - u) dX, du = -2 (Q - u) dX (in place of dX)
       const T* df = diff.data_ptr<T>();
       T* dx = dX.data_ptr<T>();
-      for (int64_t i = 0; i < N * d; ++i) {
-        const T v = T(2) * df[i] * dx[i];
-        g.dquery[i] += v;
-        dx[i] = -v;
-      }
+      vectorised([&]() RCAR_INLINE_LAMBDA { square_backward(df, dx, g.dquery, N * d); });
     }
     unit_context_backward(a, dX, g, dM, dlam);
   }
@@ -1107,14 +1329,11 @@ struct BackwardTile {
     const T* m = a.M.defined() ? a.M.data_ptr<T>() : nullptr;
     T* dm = dM.data_ptr<T>();
     T* dp = dpre2.data_ptr<T>();
-    for (int64_t i = 0; i < N * d; ++i) {
-      if (!(std::abs(tm[i] + (m ? m[i] : T(1))) <= T(1))) dm[i] = T(0);
-      dp[i] = (T(1) - tm[i] * tm[i]) * dm[i];
-    }
+    vectorised([&]() RCAR_INLINE_LAMBDA { clamp_tanh_backward(tm, m, dm, dp, N * d); });
     linear_weight_grads(drcr.matrix2, dpre2, sv.H1);
     at::Tensor dpre1 = pool.take(N, rcr.matrix1.out());
     at::mm_out(dpre1, dpre2, rcr.matrix2.w);
-    dpre1.mul_(1 - sv.H1 * sv.H1);
+    tanh_backward_of(dpre1, sv.H1);
     linear_weight_grads(drcr.matrix1, dpre1, a.V);
     dV.addmm_(dpre1, rcr.matrix1.w);
     // lambda' = relu(G1 . ws2 + bs2 + lambda): passes where lambda' > 0
@@ -1122,7 +1341,9 @@ struct BackwardTile {
     dlam.mul_(pass);
     drcr.smooth2.w.addmm_(dlam.view({1, N}), sv.G1);
     drcr.smooth2.b.add_(dlam.sum());
-    at::Tensor dG1 = at::mm(dlam.view({N, 1}), rcr.smooth2.w).mul_(1 - sv.G1 * sv.G1);
+    at::Tensor dG1 = pool.take(N, rcr.smooth1.out());
+    at::mm_out(dG1, dlam.view({N, 1}), rcr.smooth2.w);
+    tanh_backward_of(dG1, sv.G1);
     linear_weight_grads(drcr.smooth1, dG1, a.V);
     dV.addmm_(dG1, rcr.smooth1.w);
   }
@@ -1131,7 +1352,9 @@ struct BackwardTile {
   void aggregation_backward(const at::Tensor& V, const at::Tensor& h, const at::Tensor& hn, const SavedRar& sv,
                             const RarWeights& rar, RarWeights& drar, at::Tensor dhn, at::Tensor dV, at::Tensor dh) {
     PoolScope temporaries(pool);
-    unit_rows_backward(dhn.data_ptr<T>(), hn.data_ptr<T>(), sv.gnorm.data_ptr<T>(), P, s);  // dg
+    vectorised([&]() RCAR_INLINE_LAMBDA {
+      unit_rows_backward(dhn.data_ptr<T>(), hn.data_ptr<T>(), sv.gnorm.data_ptr<T>(), P, s);  // dg
+    });
     at::Tensor Kk = sv.Kt, Qh = sv.Qt;
     if (cfg.dropout) {
       Kk = pool.take(N, s).copy_(sv.Kt).mul_(sv.key_scale);
@@ -1152,34 +1375,37 @@ struct BackwardTile {
     T* dq = dQh.data_ptr<T>();
     T* dwv = drar.v.w.data_ptr<T>();
     T dbv = 0;
-    for (int64_t p = 0; p < P; ++p) {
-      const T* gp = dg + p * s;
-      T wsum = 0;
-      for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
-        for (int64_t e = 0; e < s; ++e) dv[r * s + e] += w[r] * gp[e];
-        dlo[r] = dot(gp, v + r * s, s);  // d weight
-        wsum += w[r] * dlo[r];
-      }
-      for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
-        const T dl = w[r] * (dlo[r] - wsum);
-        dlo[r] = dl;
-        dbv += dl;
-        for (int64_t e = 0; e < s; ++e) {
-          dwv[e] += dl * kk[r * s + e] * qh[p * s + e];
-          dk[r * s + e] = dl * wv[e] * qh[p * s + e];
-          dq[p * s + e] += dl * wv[e] * kk[r * s + e];
+    // plain loops over s: vectorised by the compiler inside each copy
+    vectorised([&]() RCAR_INLINE_LAMBDA {
+      for (int64_t p = 0; p < P; ++p) {
+        const T* gp = dg + p * s;
+        T wsum = 0;
+        for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
+          for (int64_t e = 0; e < s; ++e) dv[r * s + e] += w[r] * gp[e];
+          dlo[r] = dot(gp, v + r * s, s);  // d weight
+          wsum += w[r] * dlo[r];
+        }
+        for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r) {
+          const T dl = w[r] * (dlo[r] - wsum);
+          dlo[r] = dl;
+          dbv += dl;
+          for (int64_t e = 0; e < s; ++e) {
+            dwv[e] += dl * kk[r * s + e] * qh[p * s + e];
+            dk[r * s + e] = dl * wv[e] * qh[p * s + e];
+            dq[p * s + e] += dl * wv[e] * kk[r * s + e];
+          }
         }
       }
-    }
+    });
     drar.v.b.data_ptr<T>()[0] += dbv;
     if (cfg.dropout) {
       dKk.mul_(sv.key_scale);
       dQh.mul_(sv.question_scale);
     }
-    dKk.mul_(1 - sv.Kt * sv.Kt);
+    tanh_backward_of(dKk, sv.Kt);
     linear_weight_grads(drar.k, dKk, V);
     dV.addmm_(dKk, rar.k.w);
-    dQh.mul_(1 - sv.Qt * sv.Qt);
+    tanh_backward_of(dQh, sv.Qt);
     linear_weight_grads(drar.q, dQh, h);
     at::mm_out(dh, dQh, rar.q.w);
   }

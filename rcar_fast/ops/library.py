@@ -9,6 +9,8 @@ Each op module defines its own ops on top of it (the schemas and the argument or
 op's): rcar_fast/ops/scan.py define_scan_op (rcar_fast::scan_<backend>, scan_pairs_<backend>),
 rcar_fast/ops/rcar.py define_rcar_op (rcar_fast::rcar_<backend>, rcar_pairs_<backend>),
 rcar_fast/ops/maxsim.py define_maxsim_op (rcar_fast::maxsim_<backend>, maxsim_pairs_<backend>).
+`define_given_values` adds an op's "given values" twin (its backward without its forward: the
+sparse hardest-negative loss reuses its selection pass' scores, rcar_fast/losses.py).
 A backend defines its forward and backward with plain arguments and calls its op module's
 define_*_op; its backend class calls the op inside torch.compile (some call it in eager mode
 too). The public wrappers validate eagerly: inside a compiled region the checks that read the
@@ -138,17 +140,44 @@ def define(name: str, inputs_schema: str, fake: Callable, forward: Callable,
                                           lambda *args: _contiguous(backward(*args)), mutates_args=(),
                                           schema=f"(Tensor grad, {inputs_schema}) -> {grad_schema}")
     op_backward.register_fake(lambda grad, *inputs: fake_grads(*inputs))
+    op.register_autograd(_backward_formula(op_backward, differentiable, 0),
+                         setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs))
+    return op
 
+
+def _backward_formula(op_backward, differentiable: tuple, leading: int):
+    """The autograd formula of an op whose saved inputs follow `leading` arguments that get no
+    gradient: op_backward(grad, *inputs) gives the gradients at the positions `differentiable`
+    of the inputs."""
     def backward_formula(ctx, grad):
         inputs = _saved_inputs(ctx)
-        wanted = [ctx.needs_input_grad[i] for i in differentiable]
+        wanted = [ctx.needs_input_grad[leading + i] for i in differentiable]
         grads = [None] * len(inputs)
         if any(wanted):
             for i, want, g in zip(differentiable, wanted, op_backward(grad.contiguous(), *inputs)):
                 grads[i] = g if want else None
-        return tuple(grads)
+        return (None,) * leading + tuple(grads)
 
-    op.register_autograd(backward_formula, setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs))
+    return backward_formula
+
+
+def define_given_values(name: str, inputs_schema: str, differentiable: tuple):
+    """rcar_fast::{name}_given(values, inputs) -> Tensor, for an op `name` made by `define`
+    with a backward: returns a copy of `values`, which the caller vouches are rcar_fast::{name}'s
+    output at these inputs (e.g. the entries of a no-grad all-pairs pass over the same inputs),
+    with {name}'s autograd. Its backward is rcar_fast::{name}_backward on the inputs alone, the
+    same call and the same gradients as after {name}'s own forward (every backward op of this
+    module recomputes from the inputs): the forward is not run twice. Only sound when the op's
+    output is a function of its inputs, i.e. no dropout draws a sample in the forward."""
+    op_backward = getattr(torch.ops.rcar_fast, f"{name}_backward").default
+    def given(values, *inputs):
+        return values.clone(memory_format=torch.contiguous_format)  # an op's output aliases no input
+
+    op = torch.library.custom_op(f"rcar_fast::{name}_given", given, mutates_args=(),
+                                 schema=f"(Tensor values, {inputs_schema}) -> Tensor")
+    op.register_fake(lambda values, *inputs: torch.empty_like(values, memory_format=torch.contiguous_format))
+    op.register_autograd(_backward_formula(op_backward, differentiable, 1),
+                         setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs[1:]))
     return op
 
 

@@ -30,7 +30,7 @@ import torch
 from rcar_fast import contract, dropout, reference_math
 from rcar_fast.heads import RCARHead, module_counts
 from rcar_fast.ops.backend import Backend, CpuKernelBackend, Inputs, native, output_dtype
-from rcar_fast.ops.library import (PAIR_INDICES_SCHEMA, define, input_grads,
+from rcar_fast.ops.library import (PAIR_INDICES_SCHEMA, define, define_given_values, input_grads,
                                    listed_pairs, pairs_output, scan_output, vjp)
 
 __all__ = ["BACKENDS", "define_rcar_op"]
@@ -42,6 +42,17 @@ __all__ = ["BACKENDS", "define_rcar_op"]
 
 RCAR_CONFIG = ("str regulator, int steps, str direction, float smooth, int embed_dim, "
                "int sim_dim, bool training")
+
+
+def rcar_schema(pairs: bool) -> str:
+    """The inputs of an RCAR op (all pairs, or a pair list with pairs)."""
+    return (f"Tensor img, Tensor cap, Tensor lens, {PAIR_INDICES_SCHEMA if pairs else ''}"
+            f"Tensor[] weights, Tensor seed, {RCAR_CONFIG}")
+
+
+def rcar_differentiable(pairs: bool) -> tuple:
+    """The positions of img, cap and weights among an RCAR op's inputs."""
+    return (0, 1, 5 if pairs else 3)
 
 
 def define_rcar_op(name: str, forward: Callable, backward: Optional[Callable] = None,
@@ -72,10 +83,8 @@ def define_rcar_op(name: str, forward: Callable, backward: Optional[Callable] = 
         d_img, d_cap = input_grads(img, cap)
         return d_img, d_cap, list(input_grads(*rest[n_index]))
 
-    schema = (f"Tensor img, Tensor cap, Tensor lens, {PAIR_INDICES_SCHEMA if pairs else ''}"
-              f"Tensor[] weights, Tensor seed, {RCAR_CONFIG}")
-    return define(name, schema, fake, run_forward, backward and run_backward,
-                  "(Tensor, Tensor, Tensor[])", fake_grads, (0, 1, 3 + n_index))
+    return define(name, rcar_schema(pairs), fake, run_forward, backward and run_backward,
+                  "(Tensor, Tensor, Tensor[])", fake_grads, rcar_differentiable(pairs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +220,9 @@ class RcarReferenceLoop(Backend):
 # loss gives <= 3B of B^2 pairs one) runs through the pair-list kernel's tiles instead.
 # In training mode RAR's dropout uses the counter-based masks of rcar_fast.dropout, drawn from a
 # seed that the op takes as an input, so the backward recomputes the forward's masks.
+# Because the backward needs only the inputs, a pair list whose scores are already known (the
+# sparse loss' no-grad selection pass, no dropout) skips the pair forward:
+# rcar_fast::rcar_pairs_cpu_given (RcarPairsCpu.given_values) returns them with this autograd.
 #
 # The kernels read the head's Linear weights in contract.RCAR_LINEARS order; the op takes them in
 # head.parameters() order (as every RCAR op does) and reorders them here.
@@ -278,6 +290,9 @@ def _cpu_pairs_backward(grad, img, cap, lens, img_idx, cap_idx, weights, seed, c
 # rcar_fast::rcar_cpu, rcar_fast::rcar_pairs_cpu (the pair-list entry) and their _backward
 rcar_cpu_op = define_rcar_op("rcar_cpu", _cpu_forward, _cpu_backward)
 rcar_pairs_cpu_op = define_rcar_op("rcar_pairs_cpu", _cpu_pairs_forward, _cpu_pairs_backward, pairs=True)
+# rcar_fast::rcar_pairs_cpu_given: the pair scores given (a no-grad pass' values), the backward
+# rcar_pairs_cpu_backward's (RcarPairsCpu.given_values)
+rcar_pairs_cpu_given_op = define_given_values("rcar_pairs_cpu", rcar_schema(True), rcar_differentiable(True))
 
 
 def call_kernel_op(op, head, img, cap, lens, *index):
@@ -702,6 +717,19 @@ class RcarPairsCpu(Backend):
         return RcarCpu.not_supported_reasons(inputs)
 
     fn = staticmethod(_rcar_pairs_cpu)
+
+    @staticmethod
+    def given_values(head, img, cap, lens, img_idx, cap_idx, values):
+        """fn's scores when `values` already are them (a no-grad all-pairs pass over the same
+        inputs, e.g. the sparse loss' selection): `values` back with fn's autograd, whose
+        backward is fn's own (it recomputes from the inputs), so the gradients are fn's and its
+        forward does not run. None when the head's dropout is active: then fn's forward draws
+        a sample that no other pass has, and fn must run."""
+        if _check_dropout(head):
+            return None
+        config = (*op_config(head)[:-1], False)
+        return rcar_pairs_cpu_given_op(values.to(output_dtype(img.dtype)), img, cap, lens, img_idx, cap_idx,
+                                       list(head.parameters()), torch.zeros((), dtype=torch.int64), *config)
 
 
 # ---------------------------------------------------------------------------------------------
