@@ -31,6 +31,13 @@ in the packed weights' layout, `flat_layout`), read-modify-written by its progra
 fixed pair order; the host sums the partials over programs (a fixed-shape reduction). The
 result is bit-reproducible run to run.
 
+Pair lists (LISTED, rcar_fast's rcar_pairs op): each owner walks only its listed partners
+(owner_lists, built on the host: a CSR over owners, repeats kept), the pair's score and output
+gradient being its entry in that list; the pairs, ids and masks are those of the all-pairs walk.
+The all-pairs backward runs a sparse output gradient (fewer than SPARSE_FRACTION of the pairs
+nonzero, NaN counting as nonzero) as the list of its nonzero pairs: same owners, programs and
+order, zero-gradient pairs skipped, so the gradients are the full walk's bit for bit.
+
 Dropout (training mode): the mask element (seed, module, which, pair, row, channel) of
 rcar_fast/dropout.py (the C++ kernel's), hashed in the kernel: pair = i * n_cap + j, row the
 query row within the pair; nothing is stored.

@@ -238,3 +238,36 @@ def test_bench_sparse_loss_rows_recompute_the_pairs_on_triton():
         _, detail = suite.loss_step(SimpleNamespace(device=torch.device(device)), "sparse", head,
                                     "triton", img, cap, lens, head, {})
         assert detail == "selection: triton, pairs: triton", (device, detail)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_eval_pair_forward_on_the_tiles_of_each_context_set(direction):
+    # Eval mode: kernels/rcar.py's tiles, each a context set's listed query items (3 images x 9
+    # captions of up to 7 words, 16-row tiles: several tiles per set in t2i, several images per
+    # tile in i2t), repeats, a poisoned output buffer; against the float64 reference.
+    from rcar_fast.kernels import rcar as kernels
+    from tests.test_rcar_triton import reference64
+
+    img, cap, lens = _inputs(n_img=3, n_cap=9, lens=(3, 7, 1, 5, 2, 7, 4, 1, 6))
+    head = make_head("coop_rcar", 2, direction)
+    img_idx = torch.tensor([2, 0, 0, 0, 0, 0, 0, 2, 1, 0, 1, 0])
+    cap_idx = torch.tensor([4, 0, 1, 2, 3, 5, 6, 4, 8, 7, 0, 1])
+    out = torch.full((12,), float("nan"))
+    kernels.rcar_pairs_forward(img, cap, lens.tolist(), rcar_ops.pack_weights(head, torch.float32, True),
+                               img_idx, cap_idx, regulator="coop_rcar", steps=2, direction=direction,
+                               smooth=head.smooth, out=out)
+    assert_close_to_reference(out, reference64(head, img, cap, lens)[img_idx, cap_idx],
+                              dtype=torch.float32, what=direction)
+    assert_bit_equal(out[7], out[0], what="a repeated pair's score")
+    if direction == "t2i":
+        _, _, _, tile_set = kernels.listed_tiles(img_idx.tolist(), cap_idx.tolist(), lens.tolist(),
+                                                 [0] * 9, 16, 16)
+        assert int(torch.bincount(tile_set.long()).max()) >= 2, "image 0's captions fill several tiles"
+    else:
+        _, _, tile_items, _ = kernels.listed_tiles(cap_idx.tolist(), img_idx.tolist(), [5] * 3,
+                                                   [0] * 3, 16, 16)
+        assert int((tile_items >= 0).sum(1).max()) >= 2, "a tile holds several images"
+    with torch.no_grad():   # the backend's eval forward is this path
+        got = rcar_ops.rcar_pairs_triton(head, img, cap, lens, img_idx, cap_idx)
+    assert_bit_equal(got, out, what="RcarPairsTriton eval forward")

@@ -15,7 +15,8 @@ smooth) and `lens` (and the pair indices) arrive validated (int64 on cap's devic
     triton                      the Triton kernels (kernels/rcar.py, kernels/rcar_backward.py):
                                 fused forward and backward, dropout included
     cuda                        the CUDA kernel (csrc/cuda/rcar.cu), eval-mode forward only
-    rcar_pairs                  the reference's pair drivers; the C++ kernel's pair-list entry
+    rcar_pairs                  the reference's pair drivers; the C++ kernel's pair-list entry;
+                                the Triton kernels on the listed pairs (forward, fused backward)
 
 The ops take the head's weights as inputs (head.parameters() order) and its configuration as
 arguments, so torch.compile traces them as one node each.
@@ -328,8 +329,11 @@ def _check_dropout(head, kernel: str = None) -> bool:
 # Backward: the fused Triton backward of kernels/rcar_backward.py (flash style: the forward
 # saves only its inputs; each pair is recomputed in a per-program scratch and differentiated by
 # hand), gradients of img, cap and every head parameter, deterministic (no atomics: per-program
-# partial weight gradients summed in a fixed order). Training mode: the dropout seed is drawn
-# per forward call and kept for the backward, so both see the same masks.
+# partial weight gradients summed in a fixed order). An output gradient with fewer than half its
+# pairs nonzero (the full B x B hardest-negative loss: <= 3B of B^2) runs as the list of those
+# pairs (kernels/rcar_backward.py SPARSE_FRACTION), the full walk's gradients bit for bit.
+# Training mode: the dropout seed is drawn per forward call and kept for the backward, so both
+# see the same masks.
 
 
 class RcarTriton(Backend):
@@ -713,10 +717,13 @@ class RcarPairsCpu(Backend):
 # rcar_pairs on triton: the Triton kernels on a pair list
 # ---------------------------------------------------------------------------------------------
 
-# The listed pairs run on kernels/rcar_backward.py's pair kernel in its LISTED mode: the host
-# groups them by owner (owner_lists: per context item its listed query items for the d context
-# pass and the forward, per query item its listed context items for the d query pass), one launch
-# per pass, and gathers / scatters the scores and output gradients between the list order and
+# The listed pairs run as the kernels' work items, packed on the host. Forward without dropout
+# (eval mode): kernels/rcar.py's tiles, per context set the query items listed with it, each
+# tile scored against its own set (listed_tiles; one launch). With RAR's dropout (training mode)
+# and for the fused backward: kernels/rcar_backward.py's pair kernel in its LISTED mode, the
+# pairs grouped by owner (owner_lists: per context item its listed query items for the forward
+# and the d context pass, per query item its listed context items for the d query pass), one
+# launch per pass, scores and output gradients gathered / scattered between the list order and
 # the pairs' order. Repeats are listed (and recomputed) as often as they are given, so their
 # gradients add up in a fixed order. Forward with RAR's dropout (training mode) and the fused
 # backward as for all pairs, the masks keyed by the pair's id i * n_cap + j (the all-pairs
@@ -756,13 +763,22 @@ def _kernel_options(head) -> dict:
 
 def _fused_pairs_forward(head, img, cap, lens_list, img_idx, cap_idx, seed: int = 0,
                          dropout_on: bool = False) -> torch.Tensor:
+    """As _fused_forward on the listed pairs: without dropout kernels/rcar.py's tiles (each
+    tile a context set's listed query items), with it the pair kernel's listed walk."""
+    from rcar_fast.kernels import rcar as kernels
     from rcar_fast.kernels import rcar_backward
 
-    pairs = _checked_pairs(img, cap, img_idx, cap_idx)
-    weights = pack_weights(head, torch.float32, img.device.type == "cpu")
-    return rcar_backward.run(img.detach().contiguous(), cap.detach().contiguous(), lens_list,
-                             weights, seed=seed, dropout_on=dropout_on, pairs=pairs,
-                             **_kernel_options(head))
+    img_idx, cap_idx = _checked_pairs(img, cap, img_idx, cap_idx)
+    interpreter = img.device.type == "cpu"
+    img, cap = img.detach().contiguous(), cap.detach().contiguous()
+    if dropout_on:
+        return rcar_backward.run(img, cap, lens_list, pack_weights(head, torch.float32, interpreter),
+                                 seed=seed, dropout_on=True, pairs=(img_idx, cap_idx),
+                                 **_kernel_options(head))
+    op_dtype = torch.float32 if img.dtype == torch.float32 else img.dtype
+    return kernels.rcar_pairs_forward(img, cap, lens_list, pack_weights(head, op_dtype, interpreter),
+                                      img_idx, cap_idx, regulator=head.regulator, steps=head.steps,
+                                      direction=head.direction, smooth=head.smooth)
 
 
 def _fused_pairs_backward(head, grad, img, cap, lens_list, img_idx, cap_idx, seed: int,
@@ -837,10 +853,11 @@ rcar_pairs_triton_op = define_rcar_op("rcar_pairs_triton", _triton_pairs_forward
 
 
 class RcarPairsTriton(Backend):
-    """The Triton RCAR kernels on a pair list (kernels/rcar_backward.py's pair kernel, LISTED):
-    forward and fused backward, dropout with the all-pairs kernel's masks, every regulator and
-    direction; what RcarTriton can do, it can. auto's choice for CUDA tensors (on CPU triton is
-    an interpreter, never chosen by auto)."""
+    """The Triton RCAR kernels on a pair list: the eval forward on kernels/rcar.py's tiles of
+    each context set's listed items, the training forward (dropout, the all-pairs kernel's masks)
+    and the fused backward on kernels/rcar_backward.py's listed pair walk; every regulator, step
+    count and direction; what RcarTriton can do, it can. auto's choice for CUDA tensors (on CPU
+    triton is an interpreter, never chosen by auto). No GPU timing yet."""
     op, backend, kernel = "rcar_pairs", "triton", RcarTriton.kernel
     dtypes, dtype_reason = RcarTriton.dtypes, RcarTriton.dtype_reason
     has_backward, implements_dropout = RcarTriton.has_backward, RcarTriton.implements_dropout
