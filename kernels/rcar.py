@@ -446,7 +446,7 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
                  ROWS: tl.constexpr, BSEG: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr,
                  HP: tl.constexpr, HSP: tl.constexpr, HC: tl.constexpr, NC: tl.constexpr,
                  KC: tl.constexpr, DC: tl.constexpr, S_SPLIT: tl.constexpr,
-                 PREC: tl.constexpr, SEG_PREC: tl.constexpr, LISTED: tl.constexpr = False):
+                 PREC: tl.constexpr, SEG_PREC: tl.constexpr, LISTED: tl.constexpr):
     # Persistent: program pid handles work items pid, pid + nprog, ...; work = set * n_tiles +
     # tile, so neighbouring programs share a context set (L2 reuse).
     pid = tl.program_id(0)
@@ -683,6 +683,7 @@ def launch_config(direction: str, n_regions: int, lens_list, regulator: str, ste
         NC=min(sp, chunks["NC"]), KC=min(sp, chunks["KC"]), DC=chunks["DC"],
         S_SPLIT=alignment_split(sp),
         PREC="ieee" if fp32 else "tf32", SEG_PREC="ieee" if fp32 else "tf32",
+        LISTED=False,   # all pairs; rcar_pairs_forward sets it
         num_warps=chunks["num_warps"], num_stages=chunks["num_stages"],
     )
 

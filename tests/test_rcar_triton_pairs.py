@@ -18,7 +18,7 @@ from rcar_fast import dispatch, losses
 from rcar_fast.kernels import rcar_backward
 from rcar_fast.ops import rcar as rcar_ops
 from rcar_fast.pairs import score_pairs
-from tests.conftest import requires_interpreter
+from tests.conftest import requires_gpu, requires_interpreter
 from tests.test_rcar_triton import _inputs, make_head, reference_grads
 from tests.tolerances import assert_bit_equal, assert_close_to_reference
 
@@ -271,3 +271,45 @@ def test_eval_pair_forward_on_the_tiles_of_each_context_set(direction):
     with torch.no_grad():   # the backend's eval forward is this path
         got = rcar_ops.rcar_pairs_triton(head, img, cap, lens, img_idx, cap_idx)
     assert_bit_equal(got, out, what="RcarPairsTriton eval forward")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the recipe's shape (d 1024, sim_dim 256, R 36)
+# ---------------------------------------------------------------------------------------------
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_gpu_pairs_realistic_shape(direction, dtype):
+    from tests.test_rcar_triton import gpu_inputs
+
+    img, cap, lens = gpu_inputs(dtype, n_img=4, n_cap=5)
+    head = make_head("coop_rcar", 2, direction, d=1024, sim_dim=256, device="cuda")
+    img_idx = torch.tensor([3, 0, 1, 3, 2, 0, 3], device="cuda")
+    cap_idx = torch.tensor([4, 0, 2, 4, 1, 3, 0], device="cuda")
+    head64 = copy.deepcopy(head).double()
+    leaves64 = [img.double().requires_grad_(), cap.double().requires_grad_()]
+    want = head64.forward_loop(*leaves64, lens)[img_idx, cap_idx]
+    ref_lowp = None
+    if dtype != torch.float32:
+        with torch.no_grad():
+            ref_lowp = copy.deepcopy(head).to(dtype).forward_loop(img, cap, lens)[img_idx, cap_idx]
+    head = head.to(dtype)
+    leaves = [img.detach().clone().requires_grad_(), cap.detach().clone().requires_grad_()]
+    got = score_pairs(*leaves, lens, img_idx, cap_idx, model=head, backend="triton")
+    assert_close_to_reference(got.detach(), want.detach(), ref_lowp=ref_lowp, dtype=dtype,
+                              what=f"{direction} {dtype} scores")
+    if dtype == torch.float32:   # gradients (eval mode: the tiled forward, the listed backward)
+        weights = torch.randn(len(img_idx), device="cuda", dtype=torch.float64)
+        params, params64 = list(head.parameters()), list(head64.parameters())
+        g = torch.autograd.grad((got * weights.float()).sum(), leaves + params)
+        g64 = torch.autograd.grad((want * weights).sum(), leaves64 + params64)
+        names = ["img", "cap"] + [n for n, _ in head.named_parameters()]
+        for name, a, b in zip(names, g, g64):
+            assert_close_to_reference(a, torch.nan_to_num(b), dtype=dtype, what=f"{direction} d {name}")
+    # training mode: the listed dropout forward is the all-pairs one's bits
+    weights = rcar_ops.pack_weights(head, torch.float32, False)
+    options = dict(rcar_ops._kernel_options(head), seed=77, dropout_on=True)
+    every = rcar_backward.run(img, cap, lens.tolist(), weights, **options)
+    listed = rcar_backward.run(img, cap, lens.tolist(), weights, pairs=(img_idx, cap_idx), **options)
+    assert_bit_equal(listed, every[img_idx, cap_idx], what=f"{direction} {dtype} listed dropout forward")
