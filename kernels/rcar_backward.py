@@ -36,7 +36,8 @@ Pair lists (LISTED, rcar_fast's rcar_pairs op): each owner walks only its listed
 gradient being its entry in that list; the pairs, ids and masks are those of the all-pairs walk.
 The all-pairs backward runs a sparse output gradient (fewer than SPARSE_FRACTION of the pairs
 nonzero, NaN counting as nonzero) as the list of its nonzero pairs: same owners, programs and
-order, zero-gradient pairs skipped, so the gradients are the full walk's bit for bit.
+order, zero-gradient pairs skipped, so the gradients are the full walk's bit for bit (where the
+forward is finite: a zero gradient times an Inf is a NaN the full walk would add).
 
 Dropout (training mode): the mask element (seed, module, which, pair, row, channel) of
 rcar_fast/dropout.py (the C++ kernel's), hashed in the kernel: pair = i * n_cap + j, row the
@@ -1057,7 +1058,8 @@ def owner_lists(owner, partner, n_owner: int, n_partner: int) -> tuple:
 # The all-pairs backward lists its nonzero output gradients and runs them as a pair list when
 # fewer than this fraction of the pairs has one (the hardest-negative loss: <= 3B of B^2). The
 # listed run walks the same owners with the same programs in the same order, skipping only
-# pairs whose gradient is exactly zero (they add exact zeros), so it is the full run bit for bit.
+# pairs whose gradient is exactly zero (with a finite forward they add exact zeros), so it is the
+# full run bit for bit.
 SPARSE_FRACTION = 0.5
 
 
