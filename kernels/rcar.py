@@ -24,6 +24,12 @@ and step:
       update); RAR (segment softmax over each pair's queries, h update); the score
       sigmoid(w_e . h + b_e) (only_rcr: mean cosine with the final m, lambda).
 
+Pair lists (rcar_pairs_forward): the work items are (context set, tile of the query items
+listed with that set), packed on the host (listed_tiles) and read from a table (LISTED: the
+kernel's work item w is tile w against set tile_set[w]); each score lands at its pair's position.
+Compiled for sm_90 (bf16 coop_rcar(2) t2i, the first GPU tile, triton 3.8): 250 registers, 0 B
+of stack (all pairs: 254, 0).
+
 Memory traffic besides inputs, weights and one score per pair: a per-PROGRAM scratch (the grid
 is a fixed number of programs walking all (context set, tile) work items) holding the tile's v
 (ROWS x s) and RCR hidden layers (ROWS x 2s per RCR step), re-read from L1/L2 by the same
@@ -433,7 +439,7 @@ def _eval_score(h, we_ptr, be_ptr, SP: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_ptr,
+def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_ptr, tile_set_ptr,
                  out_ptr, stride_out_set, stride_out_item,
                  wa_ptr, ba_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ws1_ptr, bs1_ptr, ws2_ptr,
                  bs2_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, we_ptr, be_ptr,
@@ -442,7 +448,7 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
                  ROWS: tl.constexpr, BSEG: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr,
                  HP: tl.constexpr, HSP: tl.constexpr, HC: tl.constexpr, NC: tl.constexpr,
                  KC: tl.constexpr, DC: tl.constexpr, S_SPLIT: tl.constexpr,
-                 PREC: tl.constexpr, SEG_PREC: tl.constexpr):
+                 PREC: tl.constexpr, SEG_PREC: tl.constexpr, LISTED: tl.constexpr):
     # Persistent: program pid handles work items pid, pid + nprog, ...; work = set * n_tiles +
     # tile, so neighbouring programs share a context set (L2 reuse).
     pid = tl.program_id(0)
@@ -455,8 +461,12 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
     segs = tl.arange(0, BSEG)
     cs = tl.arange(0, CP)
     for work in range(pid, n_work, nprog):
-        set_id = (work // n_tiles).to(tl.int64)
-        tile = (work % n_tiles).to(tl.int64)
+        if LISTED:   # a pair list (rcar_pairs_forward): tile `work` against its own context set
+            set_id = tl.load(tile_set_ptr + work).to(tl.int64)
+            tile = tl.cast(work, tl.int64)
+        else:
+            set_id = (work // n_tiles).to(tl.int64)
+            tile = (work % n_tiles).to(tl.int64)
         # The previous work item's last reads of the scratch finish before this one writes it.
         tl.debug_barrier()
         seg = tl.load(tile_seg_ptr + tile * ROWS + rows)
@@ -675,6 +685,7 @@ def launch_config(direction: str, n_regions: int, lens_list, regulator: str, ste
         NC=min(sp, chunks["NC"]), KC=min(sp, chunks["KC"]), DC=chunks["DC"],
         S_SPLIT=alignment_split(sp),
         PREC="ieee" if fp32 else "tf32", SEG_PREC="ieee" if fp32 else "tf32",
+        LISTED=False,   # all pairs; rcar_pairs_forward sets it
         num_warps=chunks["num_warps"], num_stages=chunks["num_stages"],
     )
 
@@ -739,6 +750,7 @@ def rcar_forward(img, cap, lens_list, weights: dict, *, regulator: str, steps: i
 
     def args(scratch):
         return (packed_queries, contexts, gram, counts, tile_seg, tile_items,
+                tile_seg,   # tile_set_ptr: read only by a pair list's launch (LISTED)
                 out, stride_set, stride_item,
                 w["wa"], w["ba"], w["w1"], w["b1"], w["w2"], w["b2"], w["ws1"], w["bs1"],
                 w["ws2"], w["bs2"], w["wq"], w["bq"], w["wk"], w["bk"], w["wv"], w["bv"],
@@ -749,6 +761,104 @@ def rcar_forward(img, cap, lens_list, weights: dict, *, regulator: str, steps: i
     else:
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         # compiled with a one-program scratch: only its dtype and alignment matter there
+        probe = torch.empty((1, scratch_width), device=device, dtype=op_dtype)
+        n_prog = min(n_work, _programs_per_sm(args(probe), cfg, device) * sm_count)
+    scratch = torch.empty((n_prog, scratch_width), device=device, dtype=op_dtype)
+    _rcar_kernel[(n_prog,)](*args(scratch), **cfg)
+    return out
+
+
+def listed_tiles(set_idx, query_idx, query_lengths, query_base, rows: int, max_segs: int):
+    """A pair list as work items: per context set, its listed query items (pair p: query item
+    query_idx[p] against set set_idx[p], repeats kept) packed into tiles by pack_segments.
+    Returns int32 tile_rows / tile_seg (n_tiles, rows), tile_items (n_tiles, max_segs) [pair
+    position or -1] and tile_set (n_tiles,) [the tile's context set]."""
+    order = sorted(range(len(set_idx)), key=lambda p: set_idx[p])
+    parts, sets, first = [], [], 0
+    while first < len(order):
+        last = first
+        while last < len(order) and set_idx[order[last]] == set_idx[order[first]]:
+            last += 1
+        listed = order[first:last]
+        rows_of, seg_of, items_of = pack_segments([query_lengths[query_idx[p]] for p in listed],
+                                                  [query_base[query_idx[p]] for p in listed],
+                                                  rows, max_segs)
+        positions = torch.tensor(listed + [-1], dtype=torch.int32)   # local item -> pair
+        parts.append((rows_of, seg_of, positions[items_of.long()]))
+        sets += [set_idx[order[first]]] * rows_of.shape[0]
+        first = last
+    if not parts:
+        empty = torch.zeros((0, rows), dtype=torch.int32)
+        return empty, empty, torch.zeros((0, max_segs), dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    tile_rows, tile_seg, tile_items = (torch.cat(t) for t in zip(*parts))
+    return tile_rows, tile_seg, tile_items, torch.tensor(sets, dtype=torch.int32)
+
+
+def rcar_pairs_forward(img, cap, lens_list, weights: dict, img_idx, cap_idx, *, regulator: str,
+                       steps: int, direction: str, smooth: float, out=None) -> torch.Tensor:
+    """The scores (P,) float32 of the pairs (img[img_idx[p]], cap[cap_idx[p]]) by the all-pairs
+    kernel's function (rcar_forward's inputs and weights; img_idx / cap_idx (P,) integer tensors
+    in range, checked by the caller; repeats allowed, any order): one launch over the work items
+    (context set, tile of that set's listed query items) of listed_tiles, each tile scored
+    against its own set (LISTED). `out`: optional (P,) float32 buffer, every entry written."""
+    n_img, n_regions, d = img.shape
+    n_cap, max_len, _ = cap.shape
+    n_pairs = int(img_idx.numel())
+    if out is None:
+        out = torch.empty((n_pairs,), device=img.device, dtype=torch.float32)
+    elif out.shape != (n_pairs,) or out.dtype != torch.float32 or out.device != img.device:
+        raise ValueError(f"out must be a float32 ({n_pairs},) tensor on {img.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    if n_pairs == 0:
+        return out
+    interpreter = img.device.type == "cpu"
+    op_dtype = weights["wa"].dtype
+    dims = dict(DP=weights["wa"].shape[1], SP=weights["wa"].shape[2], HP=weights["w1"].shape[2],
+                HSP=weights["ws1"].shape[2])
+    DP = dims["DP"]
+    if DP < d:
+        raise ValueError(f"packed weights have DP={DP} < d={d}")
+    cfg = dict(launch_config(direction, n_regions, lens_list, regulator, steps, dims, op_dtype,
+                             interpreter), LISTED=True)
+    img_list, cap_list = img_idx.tolist(), cap_idx.tolist()
+    if direction == "t2i":   # query items: captions (row j * Lmax + k); context sets: images
+        queries, contexts, set_idx, query_idx = cap, img, img_list, cap_list
+        query_lengths, query_base = list(lens_list), [j * max_len for j in range(n_cap)]
+        counts = torch.full((n_img,), n_regions, dtype=torch.int32)
+    else:
+        queries, contexts, set_idx, query_idx = img, cap, cap_list, img_list
+        query_lengths, query_base = [n_regions] * n_img, [i * n_regions for i in range(n_img)]
+        counts = torch.tensor(list(lens_list), dtype=torch.int32)
+    rows = cfg["ROWS"]
+    tile_rows, tile_seg, tile_items, tile_set = listed_tiles(set_idx, query_idx, query_lengths,
+                                                             query_base, rows, cfg["BSEG"])
+    device = img.device
+    tile_seg, tile_items, tile_set, counts = (t.to(device) for t in (tile_seg, tile_items, tile_set, counts))
+    n_work = tile_rows.shape[0]
+    source = tile_rows.reshape(-1).to(device=device, dtype=torch.int64)
+    real = source >= 0
+    packed_queries = torch.zeros((n_work * rows, DP), device=device, dtype=queries.dtype)
+    packed_queries[real, :d] = queries.reshape(-1, d)[source[real]]
+    if DP != d:
+        padded = torch.zeros(contexts.shape[:2] + (DP,), device=device, dtype=contexts.dtype)
+        padded[..., :d] = contexts
+        contexts = padded
+    contexts = contexts.contiguous()
+    gram = context_grams(contexts, counts, cfg["CP"])
+    scratch_width = cfg["N_SLOTS"] * rows * dims["HP"] + rows * dims["SP"]
+    w = weights
+
+    def args(scratch):   # the pair's score lands at out[tile_items] (set stride 0)
+        return (packed_queries, contexts, gram, counts, tile_seg, tile_items, tile_set,
+                out, 0, 1,
+                w["wa"], w["ba"], w["w1"], w["b1"], w["w2"], w["b2"], w["ws1"], w["bs1"],
+                w["ws2"], w["bs2"], w["wq"], w["bq"], w["wk"], w["bk"], w["wv"], w["bv"],
+                w["we"], w["be"], scratch, n_work, n_work, DP, contexts.stride(0), float(smooth))
+
+    if interpreter:
+        n_prog = min(n_work, 4)
+    else:
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         probe = torch.empty((1, scratch_width), device=device, dtype=op_dtype)
         n_prog = min(n_work, _programs_per_sm(args(probe), cfg, device) * sm_count)
     scratch = torch.empty((n_prog, scratch_width), device=device, dtype=op_dtype)

@@ -31,6 +31,14 @@ in the packed weights' layout, `flat_layout`), read-modify-written by its progra
 fixed pair order; the host sums the partials over programs (a fixed-shape reduction). The
 result is bit-reproducible run to run.
 
+Pair lists (LISTED, rcar_fast's rcar_pairs op): each owner walks only its listed partners
+(owner_lists, built on the host: a CSR over owners, repeats kept), the pair's score and output
+gradient being its entry in that list; the pairs, ids and masks are those of the all-pairs walk.
+The all-pairs backward runs a sparse output gradient (fewer than SPARSE_FRACTION of the pairs
+nonzero, NaN counting as nonzero) as the list of its nonzero pairs: same owners, programs and
+order, zero-gradient pairs skipped, so the gradients are the full walk's bit for bit (where the
+forward is finite: a zero gradient times an Inf is a NaN the full walk would add).
+
 Dropout (training mode): the mask element (seed, module, which, pair, row, channel) of
 rcar_fast/dropout.py (the C++ kernel's), hashed in the kernel: pair = i * n_cap + j, row the
 query row within the pair; nothing is stored.
@@ -784,13 +792,16 @@ def _rcar_pair_kernel(
         grad_ptr, out_ptr, stride_gq, stride_gc, pair_q, pair_c,
         dgrad_ptr, stride_di, stride_dr,
         w_ptr, wf_ptr, wb_ptr, gw_ptr, gw_stride, scratch_ptr, scratch_stride,
-        n_owner, n_partner, D, smooth, seed_lo, seed_hi,
+        n_owner, n_partner, D, smooth, seed_lo, seed_hi, list_start, list_partner,
         MODE: tl.constexpr, N_ALV: tl.constexpr, N_RCR: tl.constexpr, N_RAR: tl.constexpr,
         OWNER_IS_QUERY: tl.constexpr, WANT_W: tl.constexpr, FORWARD_ONLY: tl.constexpr,
+        LISTED: tl.constexpr,
         DROPOUT: tl.constexpr, QP: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr,
         HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr,
         SC: tl.constexpr, W_OFFS: tl.constexpr, S_OFFS: tl.constexpr, PREC: tl.constexpr):
-    """Programs walk owners pid, pid + grid, ...; each owner against every partner in order.
+    """Programs walk owners pid, pid + grid, ...; each owner against every partner in order
+    (LISTED: against its listed partners list_partner[list_start[owner] : list_start[owner + 1]],
+    and the pair's score and output gradient are entry k of out / grad, k its list position).
     FORWARD_ONLY: the scores (out). Else the owner's input gradient rows (dgrad, fp32,
     (n_owner, rows, DP)) and, with WANT_W, the program's weight-gradient partial.
     w_ptr: the fp32 flat weights (biases, vectors); wf_ptr / wb_ptr: the same in the forward's /
@@ -816,8 +827,18 @@ def _rcar_pair_kernel(
     _fill(sm, 1.0, QP, DP, DC)   # m_0 = 1: slot 0 of m is never written again
     for owner in range(pid, n_owner, tl.num_programs(0)):
         dgrad = dgrad_ptr + tl.cast(owner, tl.int64) * stride_di
-        for partner in range(0, n_partner):
+        if LISTED:
+            first = tl.load(list_start + owner)
+            last = tl.load(list_start + owner + 1)
+        else:
+            first = 0
+            last = n_partner
+        for k in range(first, last):
             tl.debug_barrier()   # the previous pair is done with the scratch
+            if LISTED:
+                partner = tl.load(list_partner + k)
+            else:
+                partner = k
             if OWNER_IS_QUERY:
                 qi = owner
                 ci = partner
@@ -829,7 +850,11 @@ def _rcar_pair_kernel(
             nq = tl.load(q_lens + qi)
             nc = tl.load(c_lens + ci)
             pair = tl.cast(qi, tl.int64) * pair_q + tl.cast(ci, tl.int64) * pair_c
-            g = tl.load(grad_ptr + tl.cast(qi, tl.int64) * stride_gq + tl.cast(ci, tl.int64) * stride_gc)
+            if LISTED:
+                at = tl.cast(k, tl.int64)
+            else:
+                at = tl.cast(qi, tl.int64) * stride_gq + tl.cast(ci, tl.int64) * stride_gc
+            g = tl.load(grad_ptr + at)
             # ---- forward recomputation --------------------------------------------------
             lam = tl.full((QP,), 1.0, tl.float32) * smooth
             for t in range(N_ALV):
@@ -869,8 +894,7 @@ def _rcar_pair_kernel(
                                  PREC)
                 score = _sigmoid(_vector_dot(shh + N_RAR * SP, we, SP, SC) + tl.load(be))
             if FORWARD_ONLY:
-                tl.store(out_ptr + tl.cast(qi, tl.int64) * stride_gq + tl.cast(ci, tl.int64) * stride_gc,
-                         score)
+                tl.store(out_ptr + at, score)
             else:
                 # ---- backward -----------------------------------------------------------
                 for t in range(N_ALV):   # d v of every alignment
@@ -1018,11 +1042,40 @@ def _sides(img, cap, lens_list, direction):
     return img, img_lens, cap, cap_lens, (n_cap, 1)
 
 
+def owner_lists(owner, partner, n_owner: int, n_partner: int) -> tuple:
+    """A pair list grouped by owner, as the LISTED kernel walks it: (start (n_owner + 1,)
+    int32, partners (P,) int32, order (P,) int64) with the pairs of owner o at list positions
+    start[o] .. start[o + 1], partners ascending (repeats kept, in their given order), and
+    order[k] the given position of list entry k. Built on the pairs' device (a stable sort)."""
+    key = owner.to(torch.int64) * n_partner + partner.to(torch.int64)
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(owner, minlength=n_owner)
+    start = torch.zeros(n_owner + 1, dtype=torch.int32, device=owner.device)
+    start[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return start, partner[order].to(torch.int32).contiguous(), order
+
+
+# The all-pairs backward lists its nonzero output gradients and runs them as a pair list when
+# fewer than this fraction of the pairs has one (the hardest-negative loss: <= 3B of B^2). The
+# listed run walks the same owners with the same programs in the same order, skipping only
+# pairs whose gradient is exactly zero (with a finite forward they add exact zeros), so it is the
+# full run bit for bit.
+SPARSE_FRACTION = 0.5
+
+
 def run(img, cap, lens_list, weights: dict, *, regulator: str, steps: int, module_counts: dict,
-        direction: str, smooth: float, grad=None, seed: int = 0, dropout_on: bool = False):
+        direction: str, smooth: float, grad=None, seed: int = 0, dropout_on: bool = False,
+        pairs=None):
     """module_counts: rcar_fast.heads.module_counts(regulator, steps). grad None: the scores
-    (n_img, n_cap) float32 (this kernel's forward, with dropout when dropout_on). Else (d img, d cap) float32 and the packed weight gradients (dict of fp32
-    tensors shaped like `weights`, summed over programs in a fixed order)."""
+    (n_img, n_cap) float32 (this kernel's forward, with dropout when dropout_on). Else (d img,
+    d cap) float32 and the packed weight gradients (dict of fp32 tensors shaped like `weights`,
+    summed over programs in a fixed order) for the output gradient grad (n_img, n_cap); when
+    fewer than SPARSE_FRACTION of its entries are nonzero (NaN counts as nonzero), those pairs
+    run as a pair list.
+
+    pairs: (img_idx, cap_idx), int64 (P,) on img's device with values in range (the caller
+    checks them), repeats allowed, any order: then the scores are (P,) float32 and grad is
+    (P,). Dropout masks are keyed by the pair's id i * n_cap + j, as for all pairs."""
     n_img, n_regions, d = img.shape
     n_cap = cap.shape[0]
     device = img.device
@@ -1031,6 +1084,10 @@ def run(img, cap, lens_list, weights: dict, *, regulator: str, steps: int, modul
                 HSP=weights["ws1"].shape[2])
     if dims["DP"] < d or dims["DP"] % D_CHUNK:
         raise ValueError(f"packed weights have DP={dims['DP']}: need >= d={d} and a multiple of {D_CHUNK}")
+    if grad is not None and pairs is None and n_img and n_cap:
+        listed = _sparse_pairs(grad)
+        if listed is not None:
+            grad, pairs = grad[listed], listed
     flat = flatten_weights(weights, slots, dims)
     q, q_lens, c, c_lens, (pair_q, pair_c) = _sides(img, cap, lens_list, direction)
     q, c = q.contiguous(), c.contiguous()
@@ -1043,29 +1100,46 @@ def run(img, cap, lens_list, weights: dict, *, regulator: str, steps: int, modul
     flat_backward = flat.to(backward_dtype)
     seed = int(seed)
     seed_words = (seed & 0xFFFFFFFF, seed >> 32)
-    scores = torch.empty((n_img, n_cap), device=device, dtype=torch.float32)
-    if direction == "t2i":   # (query index, context index) strides of an (n_img, n_cap) matrix
+    n_pairs = n_img * n_cap if pairs is None else pairs[0].numel()
+    scores = torch.empty((n_img, n_cap) if pairs is None else (n_pairs,), device=device,
+                         dtype=torch.float32)
+    if pairs is not None:   # unused: a listed pair's score and gradient are its list entry
+        gq = gc = 0
+    elif direction == "t2i":   # (query index, context index) strides of an (n_img, n_cap) matrix
         gq, gc = scores.stride(1), scores.stride(0)
     else:
         gq, gc = scores.stride(0), scores.stride(1)
+    lists = {}
+    if pairs is not None:
+        img_idx, cap_idx = pairs
+        q_idx, c_idx = (cap_idx, img_idx) if direction == "t2i" else (img_idx, cap_idx)
+        lists = {True: owner_lists(q_idx, c_idx, q.shape[0], c.shape[0]),
+                 False: owner_lists(c_idx, q_idx, c.shape[0], q.shape[0])}
+    no_list = torch.zeros(1, dtype=torch.int32, device=device)
 
-    def launch(owner_is_query, want_w, forward_only, grad_matrix, out_matrix, dgrad):
+    def launch(owner_is_query, want_w, forward_only, grad_values, out, dgrad):
         owners, partners = (q, c) if owner_is_query else (c, q)
+        start, listed_partners, order = lists.get(owner_is_query, (no_list, no_list, None))
+        if order is not None:   # the pairs in this pass's list order (entry k: order[k])
+            grad_values = grad_values[order].contiguous()
+            out = torch.empty_like(scores)
         n_prog = _programs(owners.shape[0], device)
         scratch = torch.empty((n_prog, width), device=device, dtype=torch.float32)
         partial = torch.zeros((n_prog if want_w else 1, flat.numel()), device=device,
                               dtype=torch.float32)
         _rcar_pair_kernel[(n_prog,)](
             q, q_lens, q.stride(0), q.stride(1), c, c_lens, c.stride(0), c.stride(1),
-            grad_matrix, out_matrix, gq, gc, pair_q, pair_c,
+            grad_values, out, gq, gc, pair_q, pair_c,
             dgrad, dgrad.stride(0), dgrad.stride(1), flat, flat_forward, flat_backward, partial,
             partial.stride(0) if want_w else 0, scratch, scratch.stride(0),
-            owners.shape[0], partners.shape[0], d, float(smooth), *seed_words,
-            OWNER_IS_QUERY=owner_is_query, WANT_W=want_w, FORWARD_ONLY=forward_only,
-            **constants)
+            owners.shape[0], partners.shape[0], d, float(smooth), *seed_words, start,
+            listed_partners, OWNER_IS_QUERY=owner_is_query, WANT_W=want_w,
+            FORWARD_ONLY=forward_only, LISTED=order is not None, **constants)
+        if forward_only and order is not None:
+            scores[order] = out
         return partial
 
-    if n_img == 0 or n_cap == 0:
+    if n_pairs == 0:
         if grad is None:
             return scores
         zero = torch.zeros_like(flat)
@@ -1075,7 +1149,7 @@ def run(img, cap, lens_list, weights: dict, *, regulator: str, steps: int, modul
         dummy = torch.empty((1, 1, 1), device=device, dtype=torch.float32)
         launch(False, False, True, scores, scores, dummy)
         return scores
-    grad = grad.to(device=device, dtype=torch.float32)
+    grad = grad.to(device=device, dtype=torch.float32).contiguous()
     dq = torch.zeros((q.shape[0], q.shape[1], dims["DP"]), device=device, dtype=torch.float32)
     dc = torch.zeros((c.shape[0], c.shape[1], dims["DP"]), device=device, dtype=torch.float32)
     # The weight gradients ride with the pass that has fewer owners (fewer partials).
@@ -1087,6 +1161,15 @@ def run(img, cap, lens_list, weights: dict, *, regulator: str, steps: int, modul
     dq, dc = dq[..., :d], dc[..., :d]
     d_img, d_cap = (dc, dq) if direction == "t2i" else (dq, dc)
     return d_img, d_cap, d_weights
+
+
+def _sparse_pairs(grad):
+    """(i, j) of grad's nonzero entries (NaN included), row major, when they are fewer than
+    SPARSE_FRACTION of the pairs; else None (one host read of the count)."""
+    nonzero = grad != 0
+    if int(nonzero.sum()) >= SPARSE_FRACTION * nonzero.numel():
+        return None
+    return nonzero.nonzero(as_tuple=True)
 
 
 _BIAS_OF = {"wa": "ba", "w1": "b1", "w2": "b2", "ws1": "bs1", "ws2": "bs2", "wq": "bq",

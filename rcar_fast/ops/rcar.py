@@ -15,7 +15,8 @@ smooth) and `lens` (and the pair indices) arrive validated (int64 on cap's devic
     triton                      the Triton kernels (kernels/rcar.py, kernels/rcar_backward.py):
                                 fused forward and backward, dropout included
     cuda                        the CUDA kernel (csrc/cuda/rcar.cu), eval-mode forward only
-    rcar_pairs                  the reference's pair drivers; the C++ kernel's pair-list entry
+    rcar_pairs                  the reference's pair drivers; the C++ kernel's pair-list entry;
+                                the Triton kernels on the listed pairs (forward, fused backward)
 
 The ops take the head's weights as inputs (head.parameters() order) and its configuration as
 arguments, so torch.compile traces them as one node each.
@@ -343,8 +344,11 @@ def _check_dropout(head, kernel: str = None) -> bool:
 # Backward: the fused Triton backward of kernels/rcar_backward.py (flash style: the forward
 # saves only its inputs; each pair is recomputed in a per-program scratch and differentiated by
 # hand), gradients of img, cap and every head parameter, deterministic (no atomics: per-program
-# partial weight gradients summed in a fixed order). Training mode: the dropout seed is drawn
-# per forward call and kept for the backward, so both see the same masks.
+# partial weight gradients summed in a fixed order). An output gradient with fewer than half its
+# pairs nonzero (the full B x B hardest-negative loss: <= 3B of B^2) runs as the list of those
+# pairs (kernels/rcar_backward.py SPARSE_FRACTION), the full walk's gradients bit for bit.
+# Training mode: the dropout seed is drawn per forward call and kept for the backward, so both
+# see the same masks.
 
 
 class RcarTriton(Backend):
@@ -366,14 +370,19 @@ class RcarTriton(Backend):
     @staticmethod
     def fn(head, img, cap, lens):
         if torch.compiler.is_compiling():
-            # The op's `training` says whether dropout acts (a training head whose Dropout
-            # modules have p = 0 has none), as for the CPU op.
-            dropout_on = dropout_acts(head)
-            seed = (torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_on
-                    else torch.zeros((), dtype=torch.int64))
-            config = (*op_config(head)[:-1], dropout_on)
-            return rcar_triton_op(img, cap, lens, list(head.parameters()), seed, *config)
+            return triton_op_call(rcar_triton_op, head, img, cap, lens)
         return rcar_triton(head, img, cap, lens)
+
+
+def triton_op_call(op, head, img, cap, lens, *index):
+    """A Triton RCAR custom op (index: img_idx, cap_idx of the pair op) on the head's weights.
+    The op's `training` says whether dropout acts (a training head whose Dropout modules have
+    p = 0 has none), as for the CPU op."""
+    dropout_on = dropout_acts(head)
+    seed = (torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_on
+            else torch.zeros((), dtype=torch.int64))
+    config = (*op_config(head)[:-1], dropout_on)
+    return op(img, cap, lens, *index, list(head.parameters()), seed, *config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,10 +742,166 @@ class RcarPairsCpu(Backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# rcar_pairs on triton: the Triton kernels on a pair list
+# ---------------------------------------------------------------------------------------------
+
+# The listed pairs run as the kernels' work items, packed on the host. Forward without dropout
+# (eval mode): kernels/rcar.py's tiles, per context set the query items listed with it, each
+# tile scored against its own set (listed_tiles; one launch). With RAR's dropout (training mode)
+# and for the fused backward: kernels/rcar_backward.py's pair kernel in its LISTED mode, the
+# pairs grouped by owner (owner_lists: per context item its listed query items for the forward
+# and the d context pass, per query item its listed context items for the d query pass), one
+# launch per pass, scores and output gradients gathered / scattered between the list order and
+# the pairs' order. Repeats are listed (and recomputed) as often as they are given, so their
+# gradients add up in a fixed order. Forward with RAR's dropout (training mode) and the fused
+# backward as for all pairs, the masks keyed by the pair's id i * n_cap + j (the all-pairs
+# kernel's bits for that image and caption). Indices are checked here, before any kernel runs,
+# with the C++ pair-list entry's messages (csrc/cpu/tile_common.h check_pair_index).
+
+PAIRS_TRITON = "rcar pairs (triton)"
+
+
+def check_pair_index(idx, name: str, n_pairs: int, n: int, device) -> None:
+    """A pair list's index tensor `name`: int64 (n_pairs,) on `device` with values in [0, n)."""
+    if not (isinstance(idx, torch.Tensor) and idx.dim() == 1 and idx.shape[0] == n_pairs
+            and idx.dtype == torch.int64 and idx.device == torch.device(device)):
+        got = (f"{tuple(idx.shape)} {idx.dtype} on {idx.device}" if isinstance(idx, torch.Tensor)
+               else type(idx).__name__)
+        raise ValueError(f"{PAIRS_TRITON}: {name} must be an int64 tensor on {device} of shape "
+                         f"({n_pairs},), got {got}")
+    if n_pairs and not (int(idx.min()) >= 0 and int(idx.max()) < n):
+        raise ValueError(f"{PAIRS_TRITON}: {name} must lie in [0, {n}), got values in "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+
+
+def _checked_pairs(img, cap, img_idx, cap_idx, grad=None) -> tuple:
+    n_pairs = img_idx.numel() if isinstance(img_idx, torch.Tensor) else 0
+    check_pair_index(img_idx, "img_idx", n_pairs, img.shape[0], img.device)
+    check_pair_index(cap_idx, "cap_idx", n_pairs, cap.shape[0], img.device)
+    if grad is not None and tuple(grad.shape) != (n_pairs,):
+        raise ValueError(f"{PAIRS_TRITON}: grad must be ({n_pairs},), got {tuple(grad.shape)}")
+    return img_idx, cap_idx
+
+
+def _kernel_options(head) -> dict:
+    return dict(regulator=head.regulator, steps=head.steps,
+                module_counts=module_counts(head.regulator, head.steps),
+                direction=head.direction, smooth=head.smooth)
+
+
+def _fused_pairs_forward(head, img, cap, lens_list, img_idx, cap_idx, seed: int = 0,
+                         dropout_on: bool = False) -> torch.Tensor:
+    """As _fused_forward on the listed pairs: without dropout kernels/rcar.py's tiles (each
+    tile a context set's listed query items), with it the pair kernel's listed walk."""
+    from rcar_fast.kernels import rcar as kernels
+    from rcar_fast.kernels import rcar_backward
+
+    img_idx, cap_idx = _checked_pairs(img, cap, img_idx, cap_idx)
+    interpreter = img.device.type == "cpu"
+    img, cap = img.detach().contiguous(), cap.detach().contiguous()
+    if dropout_on:
+        return rcar_backward.run(img, cap, lens_list, pack_weights(head, torch.float32, interpreter),
+                                 seed=seed, dropout_on=True, pairs=(img_idx, cap_idx),
+                                 **_kernel_options(head))
+    op_dtype = torch.float32 if img.dtype == torch.float32 else img.dtype
+    return kernels.rcar_pairs_forward(img, cap, lens_list, pack_weights(head, op_dtype, interpreter),
+                                      img_idx, cap_idx, regulator=head.regulator, steps=head.steps,
+                                      direction=head.direction, smooth=head.smooth)
+
+
+def _fused_pairs_backward(head, grad, img, cap, lens_list, img_idx, cap_idx, seed: int,
+                          dropout_on: bool):
+    """(d img, d cap, {id(parameter): gradient}) of the listed pairs' scores."""
+    from rcar_fast.kernels import rcar_backward
+
+    pairs = _checked_pairs(img, cap, img_idx, cap_idx, grad)
+    weights = pack_weights(head, torch.float32, img.device.type == "cpu")
+    d_img, d_cap, packed = rcar_backward.run(
+        img.detach().contiguous(), cap.detach().contiguous(), lens_list, weights,
+        grad=grad.detach(), seed=seed, dropout_on=dropout_on, pairs=pairs, **_kernel_options(head))
+    return d_img.to(img.dtype), d_cap.to(cap.dtype), rcar_backward.unpack_gradients(head, packed)
+
+
+class _FusedRCARPairs(torch.autograd.Function):
+    """Inputs: head, seed, dropout_on, lens_list, img_idx, cap_idx, img, cap, *params."""
+
+    @staticmethod
+    def forward(ctx, head, seed, dropout_on, lens_list, img_idx, cap_idx, img, cap, *params):
+        ctx.head, ctx.seed, ctx.dropout_on, ctx.lens_list = head, seed, dropout_on, lens_list
+        ctx.save_for_backward(img, cap, img_idx, cap_idx)
+        return _fused_pairs_forward(head, img, cap, lens_list, img_idx, cap_idx, seed, dropout_on)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        img, cap, img_idx, cap_idx = ctx.saved_tensors
+        head = ctx.head
+        d_img, d_cap, grads = _fused_pairs_backward(head, grad_out, img, cap, ctx.lens_list,
+                                                    img_idx, cap_idx, ctx.seed, ctx.dropout_on)
+        unused = _unused_parameters(head)
+        grad_params = [None if id(p) in unused or not ctx.needs_input_grad[8 + i] else grads[id(p)]
+                       for i, p in enumerate(head.parameters())]
+        return (None,) * 6 + (d_img if ctx.needs_input_grad[6] else None,
+                              d_cap if ctx.needs_input_grad[7] else None, *grad_params)
+
+
+def rcar_pairs_triton(head, img, cap, lens, img_idx, cap_idx) -> torch.Tensor:
+    """(P,) float32 scores of the listed pairs; training mode: RAR's dropout, seed drawn here."""
+    lens_list = [int(v) for v in lens.tolist()]
+    dropout_on = dropout_acts(head)
+    seed = draw_seed() if dropout_on else 0
+    params = list(head.parameters())
+    needs_grad = torch.is_grad_enabled() and (
+        img.requires_grad or cap.requires_grad or any(p.requires_grad for p in params))
+    if not needs_grad:
+        return _fused_pairs_forward(head, img, cap, lens_list, img_idx, cap_idx, seed, dropout_on)
+    return _FusedRCARPairs.apply(head, seed, dropout_on, lens_list, img_idx, cap_idx, img, cap,
+                                 *params)
+
+
+def _triton_pairs_forward(img, cap, lens, img_idx, cap_idx, weights, seed, config):
+    lens_list = [int(v) for v in lens.tolist()]
+    return with_weights(config, weights, lambda head: _fused_pairs_forward(
+        head, img, cap, lens_list, img_idx, cap_idx, int(seed), dropout_acts(head)))
+
+
+def _triton_pairs_backward(grad, img, cap, lens, img_idx, cap_idx, weights, seed, config):
+    lens_list = [int(v) for v in lens.tolist()]
+
+    def run(head):
+        d_img, d_cap, grads = _fused_pairs_backward(head, grad, img, cap, lens_list, img_idx,
+                                                    cap_idx, int(seed), dropout_acts(head))
+        return d_img, d_cap, [grads[id(p)] for p in head.parameters()]
+
+    return with_weights(config, weights, run)
+
+
+# rcar_fast::rcar_pairs_triton and its _backward (eager calls keep _FusedRCARPairs)
+rcar_pairs_triton_op = define_rcar_op("rcar_pairs_triton", _triton_pairs_forward,
+                                      _triton_pairs_backward, pairs=True)
+
+
+class RcarPairsTriton(Backend):
+    """The Triton RCAR kernels on a pair list: the eval forward on kernels/rcar.py's tiles of
+    each context set's listed items, the training forward (dropout, the all-pairs kernel's masks)
+    and the fused backward on kernels/rcar_backward.py's listed pair walk; every regulator, step
+    count and direction; what RcarTriton can do, it can. auto's choice for CUDA tensors (on CPU
+    triton is an interpreter, never chosen by auto). No GPU timing yet."""
+    op, backend, kernel = "rcar_pairs", "triton", RcarTriton.kernel
+    dtypes, dtype_reason = RcarTriton.dtypes, RcarTriton.dtype_reason
+    has_backward, implements_dropout = RcarTriton.has_backward, RcarTriton.implements_dropout
+
+    @staticmethod
+    def fn(head, img, cap, lens, img_idx, cap_idx):
+        if torch.compiler.is_compiling():
+            return triton_op_call(rcar_pairs_triton_op, head, img, cap, lens, img_idx, cap_idx)
+        return rcar_pairs_triton(head, img, cap, lens, img_idx, cap_idx)
+
+
+# ---------------------------------------------------------------------------------------------
 # The backends of the ops (rcar_fast.dispatch.TABLE takes them from here)
 # ---------------------------------------------------------------------------------------------
 
 BACKENDS = {
     "rcar": (RcarReference, RcarReferenceLoop, RcarTriton, RcarCuda, RcarCpu),
-    "rcar_pairs": (RcarPairsReference, RcarPairsReferenceLoop, RcarPairsCpu),
+    "rcar_pairs": (RcarPairsReference, RcarPairsReferenceLoop, RcarPairsCpu, RcarPairsTriton),
 }
