@@ -76,7 +76,7 @@ from rcar_fast import contract
 # The shared tile's padding rule (kernels/tile.py). RCAR's score GEMM is not the shared
 # tile.score_tile: its query rows are packed per tile on the host and modulated (q * m, RCR)
 # chunk by chunk inside the d loop, so only the padding rule is shared.
-from .tile import MIN_DOT, pow2_at_least
+from .tile import MIN_DOT, interpreter_on, pow2_at_least
 
 MODES = contract.REGULATOR_CODES
 # The contract's constants as constexpr globals (all a jitted function can read).
@@ -84,6 +84,8 @@ _EPS = tl.constexpr(contract.EPS)
 _SLOPE = tl.constexpr(contract.LEAKY_SLOPE)
 _ONLY_RAR = tl.constexpr(MODES["only_rar"])
 _ONLY_RCR = tl.constexpr(MODES["only_rcr"])
+# The interpreter runs no inline assembly (_columns); its mode is fixed at import (tests/conftest.py).
+_OPAQUE_COLUMNS = tl.constexpr(not interpreter_on())
 
 # name -> (shape, dtype kind). n_alv / n_rcr / n_rar are the module counts (at least 1 slot: an
 # absent module list gets a zero dummy). DP = d rounded up to the d chunk, SP = pow2 >= max(s, 16),
@@ -134,6 +136,20 @@ def _l2norm_rows(x):
 
 
 @triton.jit
+def _columns(k0, K: tl.constexpr):
+    """k0 + arange(K) (k0 a multiple of K), opaque to the compiler on a GPU: otherwise triton
+    reassociates each block's offsets into a loop-invariant (rows, K) block plus k0 and hoists
+    it out of the persistent loop, where dozens of them stay live (and spill) for the whole
+    kernel (kernels/rcar_backward.py has the same helper). The hints keep loads vectorised."""
+    cols = k0 + tl.arange(0, K)
+    if _OPAQUE_COLUMNS:
+        cols = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [cols], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+        cols = tl.max_contiguous(tl.multiple_of(cols, K), K)
+    return cols
+
+
+@triton.jit
 def _dot_in_branch(a, b, live, PREC: tl.constexpr):
     """tl.dot(a, b) in fp32, computed in a branch taken whenever `live` (true at run time).
     On sm_90 triton gives a dot whose result reaches another dot all warps along M; with 64
@@ -147,6 +163,41 @@ def _dot_in_branch(a, b, live, PREC: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------
+# The per-program scratch and the tile's segments
+# ---------------------------------------------------------------------------------------------
+
+# One program's scratch, in elements of the operand dtype: N_SLOTS RCR hidden layers (ROWS, HP)
+# and the step's v (ROWS, SP), both GEMM operands; then an fp32 area (`_f32_area`) with the
+# alignment's pre-norm z (ROWS, SP), the segments' RAR vectors h (BSEG, SP) and lambda (ROWS).
+# Everything a work item carries from one stage to the next lives there, not in registers:
+# each stage loads what it needs (from L1/L2) in column chunks, so what is live in registers is
+# the stage's own blocks (at most ROWS x max(CP, SW, DC, NC) fp32 accumulators) whatever the
+# step count, sim_dim or the rows of a tile.
+
+def scratch_elements(rows: int, bseg: int, n_slots: int, sp: int, hp: int,
+                     op_dtype: torch.dtype) -> int:
+    """Elements (of op_dtype) of one program's scratch (see the layout above)."""
+    f32_words = rows * sp + bseg * sp + rows
+    return n_slots * rows * hp + rows * sp + f32_words * (4 // op_dtype.itemsize)
+
+
+@triton.jit
+def _f32_area(scr, N_SLOTS: tl.constexpr, ROWS: tl.constexpr, SP: tl.constexpr,
+              HP: tl.constexpr, BSEG: tl.constexpr):
+    """Pointers (fp32) to z (ROWS, SP), h (BSEG, SP) and lambda (ROWS) in a program's scratch."""
+    zscr = (scr + N_SLOTS * ROWS * HP + ROWS * SP).to(tl.pointer_type(tl.float32))
+    return zscr, zscr + ROWS * SP, zscr + ROWS * SP + BSEG * SP
+
+
+@triton.jit
+def _segments(seg_ptr, ROWS: tl.constexpr, BSEG: tl.constexpr):
+    """Which rows are real and the (ROWS, BSEG) one-hot matrix of each row's segment, loaded
+    where needed (a few hundred bytes from L1) rather than kept live across the work item."""
+    seg = tl.load(seg_ptr + _columns(0, ROWS))
+    return seg >= 0, (seg[:, None] == _columns(0, BSEG)[None, :]).to(tl.float32)
+
+
+# ---------------------------------------------------------------------------------------------
 # Loads
 # ---------------------------------------------------------------------------------------------
 
@@ -154,7 +205,7 @@ def _dot_in_branch(a, b, live, PREC: tl.constexpr):
 def _load_query_chunk(q_tile, d0, DP, ROWS: tl.constexpr, DC: tl.constexpr):
     """(ROWS, DC) chunk of the tile's packed query rows (unused rows are zeros), in the
     stored dtype: a load feeding a dot directly lets triton pipeline it (async copies)."""
-    offs = tl.arange(0, ROWS)[:, None] * DP + (d0 + tl.arange(0, DC))[None, :]
+    offs = _columns(0, ROWS)[:, None] * DP + _columns(d0, DC)[None, :]
     return tl.load(q_tile + offs)
 
 
@@ -162,8 +213,25 @@ def _load_query_chunk(q_tile, d0, DP, ROWS: tl.constexpr, DC: tl.constexpr):
 def _load_context_chunk(c_base, ctx_ok, d0, DP, CP: tl.constexpr, DC: tl.constexpr):
     """(CP, DC) chunk of the context set in the stored dtype; padding items are never read
     (NaN-safe) and come back as 0."""
-    offs = tl.arange(0, CP)[:, None] * DP + (d0 + tl.arange(0, DC))[None, :]
+    offs = _columns(0, CP)[:, None] * DP + _columns(d0, DC)[None, :]
     return tl.load(c_base + offs, mask=ctx_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _rows_times_weight(a_ptr, lda, w_ptr, ldw, n0, K: tl.constexpr, ROWS: tl.constexpr,
+                       KC: tl.constexpr, NC: tl.constexpr, OPD: tl.constexpr,
+                       PREC: tl.constexpr):
+    """(ROWS, NC) fp32 = A[:, :K] @ W[:K, n0:n0+NC]: A a row-major scratch block (leading
+    dimension lda: v, a hidden layer, h), W row-major (ldw), K in chunks of KC."""
+    rows = _columns(0, ROWS)
+    ns = _columns(n0, NC)
+    acc = tl.zeros((ROWS, NC), tl.float32)
+    for k0 in range(0, K, KC):
+        ks = _columns(k0, KC)
+        a = tl.load(a_ptr + rows[:, None] * lda + ks[None, :])
+        b = tl.load(w_ptr + ks[:, None] * ldw + ns[None, :])
+        acc += tl.dot(a.to(OPD), b, input_precision=PREC)
+    return acc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,28 +239,25 @@ def _load_context_chunk(c_base, ctx_ok, d0, DP, CP: tl.constexpr, DC: tl.constex
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _modulation_chunk(scr, w2_ptr, b2_ptr, d0, DP, N_MOD: tl.constexpr, ROWS: tl.constexpr,
-                      HP: tl.constexpr, HC: tl.constexpr, DC: tl.constexpr, PREC: tl.constexpr):
-    """m[:, d0:d0+DC] after N_MOD RCR updates: m <- clamp(tanh(H1_u W2_u + b2_u) + m, -1, 1),
-    with the hidden layers H1_u (ROWS, HP) read back from this program's scratch."""
-    rows = tl.arange(0, ROWS)
-    ds = d0 + tl.arange(0, DC)
+def _modulation_chunk(scr, w2_ptr, b2_ptr, d0, DP, N_MOD, ROWS: tl.constexpr,
+                      HP: tl.constexpr, HC: tl.constexpr, DC: tl.constexpr, OPD: tl.constexpr,
+                      PREC: tl.constexpr):
+    """m[:, d0:d0+DC] after N_MOD RCR updates (a run-time count; 0: m = 1):
+    m <- clamp(tanh(H1_u W2_u + b2_u) + m, -1, 1), with the hidden layers H1_u (ROWS, HP)
+    read back from this program's scratch."""
+    ds = _columns(d0, DC)
     m = tl.full((ROWS, DC), 1.0, tl.float32)
-    for u in tl.static_range(N_MOD):
-        z = tl.zeros((ROWS, DC), tl.float32)
-        for h0 in range(0, HP, HC):
-            hs = h0 + tl.arange(0, HC)
-            hid = tl.load(scr + u * ROWS * HP + rows[:, None] * HP + hs[None, :])
-            w2 = tl.load(w2_ptr + u * HP * DP + hs[:, None].to(tl.int64) * DP + ds[None, :])
-            z += tl.dot(hid, w2, input_precision=PREC)
+    for u in range(N_MOD):
+        z = _rows_times_weight(scr + u * ROWS * HP, HP, w2_ptr + u * HP * DP, DP, d0, HP, ROWS,
+                               HC, DC, OPD, PREC)
         z += tl.load(b2_ptr + u * DP + ds)[None, :]
         m = tl.minimum(tl.maximum(_tanh(z) + m, -1.0), 1.0)
     return m
 
 
 @triton.jit
-def _attention(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr, DP,
-               N_MOD: tl.constexpr, ROWS: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr,
+def _attention(q_tile, seg_ptr, c_base, ctx_ok, lscr, scr, w2_ptr, b2_ptr, DP, N_MOD,
+               ROWS: tl.constexpr, BSEG: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr,
                HC: tl.constexpr, DC: tl.constexpr, OPD: tl.constexpr, PREC: tl.constexpr,
                SEG_PREC: tl.constexpr):
     """alpha (ROWS, CP) = softmax_c(lambda * clipped_l2norm(S)), S = (q * m) C^T."""
@@ -200,17 +265,17 @@ def _attention(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr,
     for d0 in range(0, DP, DC):
         q = _load_query_chunk(q_tile, d0, DP, ROWS, DC)
         c = _load_context_chunk(c_base, ctx_ok, d0, DP, CP, DC).to(OPD)
-        if N_MOD > 0:
-            m = _modulation_chunk(scr, w2_ptr, b2_ptr, d0, DP, N_MOD, ROWS, HP, HC, DC, PREC)
-            q = q.to(tl.float32) * m
-        scores += tl.dot(q.to(OPD), tl.trans(c), input_precision=PREC)
+        m = _modulation_chunk(scr, w2_ptr, b2_ptr, d0, DP, N_MOD, ROWS, HP, HC, DC, OPD, PREC)
+        scores += tl.dot((q.to(tl.float32) * m).to(OPD), tl.trans(c), input_precision=PREC)
     # clipped_l2norm over each pair's queries, per context item: segment sums of squares via
     # the (ROWS, BSEG) one-hot matrix, broadcast back to the rows by the transposed product.
+    row_ok, onehot = _segments(seg_ptr, ROWS, BSEG)
     x = tl.where(scores > 0, scores, _SLOPE * scores)
     x = tl.where(row_ok[:, None], x, 0.0)
     per_seg = tl.dot(tl.trans(onehot), x * x, input_precision=SEG_PREC)
     per_row = _dot_in_branch(onehot, per_seg, DP > 0, SEG_PREC)
     a = x / (tl.sqrt(per_row) + _EPS)
+    lam = tl.load(lscr + _columns(0, ROWS))
     logits = tl.where(ctx_ok[None, :], lam[:, None] * a, float("-inf"))
     e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     return e / tl.sum(e, axis=1)[:, None]
@@ -223,10 +288,10 @@ def _alignment_columns(q_tile, c_base, ctx_ok, alpha_op, inv_norm, wa, ba, s0, D
                        PREC: tl.constexpr):
     """Columns s0 .. s0+SW of W_a (q - l2norm(ctx))^2 + b_a, (ROWS, SW) fp32: one pass over d
     (ctx = alpha C chunk by chunk, consumed at once)."""
-    ss = s0 + tl.arange(0, SW)
+    ss = _columns(s0, SW)
     acc = tl.zeros((ROWS, SW), tl.float32)
     for d0 in range(0, DP, DC):
-        ds = d0 + tl.arange(0, DC)
+        ds = _columns(d0, DC)
         q = _load_query_chunk(q_tile, d0, DP, ROWS, DC).to(tl.float32)
         c = _load_context_chunk(c_base, ctx_ok, d0, DP, CP, DC).to(OPD)
         ctx = _dot_in_branch(alpha_op, c, DP > 0, PREC)
@@ -237,66 +302,55 @@ def _alignment_columns(q_tile, c_base, ctx_ok, alpha_op, inv_norm, wa, ba, s0, D
 
 
 @triton.jit
-def _alignment(vscr, q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr,
-               wa_ptr, ba_ptr, DP, STEP: tl.constexpr, N_MOD: tl.constexpr,
-               ROWS: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr, HP: tl.constexpr,
-               HC: tl.constexpr, DC: tl.constexpr, S_SPLIT: tl.constexpr, OPD: tl.constexpr,
+def _alignment(scr, q_tile, seg_ptr, c_base, g_base, ctx_ok, w2_ptr, b2_ptr, wa_ptr, ba_ptr,
+               DP, STEP, N_MOD, N_SLOTS: tl.constexpr, ROWS: tl.constexpr, BSEG: tl.constexpr,
+               CP: tl.constexpr, SP: tl.constexpr, HP: tl.constexpr, HC: tl.constexpr,
+               NC: tl.constexpr, DC: tl.constexpr, S_SPLIT: tl.constexpr, OPD: tl.constexpr,
                PREC: tl.constexpr, SEG_PREC: tl.constexpr):
     """v (ROWS, SP) = l2norm(W_a (q - l2norm(ctx))^2 + b_a) of alignment step STEP, written to
-    the scratch vscr."""
-    alpha = _attention(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr, DP,
-                       N_MOD, ROWS, CP, HP, HC, DC, OPD, PREC, SEG_PREC)
+    the scratch (v block)."""
+    vscr = scr + N_SLOTS * ROWS * HP
+    zscr, _, lscr = _f32_area(scr, N_SLOTS, ROWS, SP, HP, BSEG)
+    alpha = _attention(q_tile, seg_ptr, c_base, ctx_ok, lscr, scr, w2_ptr, b2_ptr, DP, N_MOD,
+                       ROWS, BSEG, CP, HP, HC, DC, OPD, PREC, SEG_PREC)
     # |ctx_k|^2 = alpha_k G alpha_k^T with the context set's Gram matrix G (precomputed):
     # l2norm(ctx) is known before ctx is formed, so ctx can be consumed chunk by chunk.
-    cs = tl.arange(0, CP)
-    gram = tl.load(g_base + cs[:, None] * CP + cs[None, :])
+    cs = _columns(0, CP)
+    gram = tl.load(g_base + cs[:, None] * CP + _columns(0, CP)[None, :])
     sq = tl.sum(_dot_in_branch(alpha, gram, DP > 0, SEG_PREC) * alpha, axis=1)
     inv_norm = 1.0 / (tl.sqrt(tl.maximum(sq, 0.0)) + _EPS)
     alpha_op = alpha.to(OPD)
     wa = wa_ptr + STEP * DP * SP
     ba = ba_ptr + STEP * SP
-    if S_SPLIT == 1:
-        v = _alignment_columns(q_tile, c_base, ctx_ok, alpha_op, inv_norm, wa, ba, 0, DP,
-                               ROWS, CP, SP, SP, DC, OPD, PREC)
-        _store_rows(vscr, _l2norm_rows(v), ROWS, SP)
-    else:
-        # The (ROWS, SP) accumulator in two halves, one pass over d each (ctx recomputed: a
-        # CP/SP share of the alignment GEMM's FLOPs more), so that only half of it is live
-        # in registers. The first half waits in the scratch, divided by its own norm (in
-        # range for any operand dtype), as a hi + lo pair of operand-dtype numbers (16+
-        # mantissa bits: rounding it once more at the end is then as if rounded once), until
-        # the second half gives the row norm.
-        SW: tl.constexpr = SP // 2
-        offs = tl.arange(0, ROWS)[:, None] * SP + tl.arange(0, SW)[None, :]
-        first = _alignment_columns(q_tile, c_base, ctx_ok, alpha_op, inv_norm, wa, ba, 0, DP,
-                                   ROWS, CP, SP, SW, DC, OPD, PREC)
-        sumsq = tl.sum(first * first, axis=1)
-        first_norm = tl.sqrt(sumsq) + _EPS
-        first = first / first_norm[:, None]
-        hi = first.to(vscr.dtype.element_ty)
-        tl.debug_barrier()  # every thread is done reading the previous step's v
-        tl.store(vscr + offs, hi)
-        tl.store(vscr + offs + SW, (first - hi.to(tl.float32)).to(vscr.dtype.element_ty))
-        second = _alignment_columns(q_tile, c_base, ctx_ok, alpha_op, inv_norm, wa, ba, SW,
-                                    DP, ROWS, CP, SP, SW, DC, OPD, PREC)
-        norm = tl.sqrt(sumsq + tl.sum(second * second, axis=1)) + _EPS
-        tl.debug_barrier()  # the pair is complete before any thread reads it back
-        first = (tl.load(vscr + offs).to(tl.float32)
-                 + tl.load(vscr + offs + SW).to(tl.float32))
-        tl.debug_barrier()  # ... and read back by all before it is overwritten
-        tl.store(vscr + offs, (first * (first_norm / norm)[:, None]).to(vscr.dtype.element_ty))
-        tl.store(vscr + offs + SW, (second / norm[:, None]).to(vscr.dtype.element_ty))
-        tl.debug_barrier()  # v is complete before any thread of this program reads it
+    # The (ROWS, SP) pre-norm z in S_SPLIT column groups, one pass over d each (ctx recomputed
+    # per pass: a CP / SW share of the group's FLOPs more), so that only a (ROWS, SW)
+    # accumulator is live; each group waits in the scratch (fp32) for the row norm.
+    SW: tl.constexpr = SP // S_SPLIT
+    rows = _columns(0, ROWS)
+    sumsq = tl.zeros((ROWS,), tl.float32)
+    for s0 in range(0, SP, SW):
+        z = _alignment_columns(q_tile, c_base, ctx_ok, alpha_op, inv_norm, wa, ba, s0, DP,
+                               ROWS, CP, SP, SW, DC, OPD, PREC)
+        sumsq += tl.sum(z * z, axis=1)
+        tl.store(zscr + rows[:, None] * SP + _columns(s0, SW)[None, :], z)
+    inv = 1.0 / (tl.sqrt(sumsq) + _EPS)
+    # z is complete, and every thread is done reading the previous step's v, before v is
+    # written; v is complete before any thread of this program reads it.
+    tl.debug_barrier()
+    for n0 in range(0, SP, NC):
+        offs = rows[:, None] * SP + _columns(n0, NC)[None, :]
+        tl.store(vscr + offs, (tl.load(zscr + offs) * inv[:, None]).to(OPD))
+    tl.debug_barrier()
 
 
 @triton.jit
-def _mean_cosine(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr, DP,
-                 N_MOD: tl.constexpr, ROWS: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr,
+def _mean_cosine(q_tile, seg_ptr, c_base, ctx_ok, lscr, scr, w2_ptr, b2_ptr, DP, N_MOD,
+                 ROWS: tl.constexpr, BSEG: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr,
                  HC: tl.constexpr, DC: tl.constexpr, OPD: tl.constexpr, PREC: tl.constexpr,
                  SEG_PREC: tl.constexpr):
     """only_rcr's score per segment: mean_k cos(q_k, l2norm(ctx_k)) with the final (m, lambda)."""
-    alpha = _attention(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_ptr, DP,
-                       N_MOD, ROWS, CP, HP, HC, DC, OPD, PREC, SEG_PREC)
+    alpha = _attention(q_tile, seg_ptr, c_base, ctx_ok, lscr, scr, w2_ptr, b2_ptr, DP, N_MOD,
+                       ROWS, BSEG, CP, HP, HC, DC, OPD, PREC, SEG_PREC)
     alpha_op = alpha.to(OPD)
     q_ctx = tl.zeros((ROWS,), tl.float32)
     ctx_sq = tl.zeros((ROWS,), tl.float32)
@@ -311,6 +365,7 @@ def _mean_cosine(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_pt
     n = tl.sqrt(ctx_sq)
     # cos(q, u) with u = ctx / (|ctx| + eps): (q . u) / max(|q| |u|, eps).
     cos = (q_ctx / (n + _EPS)) / tl.maximum(tl.sqrt(q_sq) * (n / (n + _EPS)), _EPS)
+    row_ok, onehot = _segments(seg_ptr, ROWS, BSEG)
     cos = tl.where(row_ok, cos, 0.0)
     seg_len = tl.sum(onehot, axis=0)
     return tl.sum(onehot * cos[:, None], axis=0) / tl.maximum(seg_len, 1.0)
@@ -320,95 +375,102 @@ def _mean_cosine(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr, w2_ptr, b2_pt
 # Regulators and aggregation
 # ---------------------------------------------------------------------------------------------
 
-# The alignment vectors v (ROWS, SP) of the current step live in a per-program scratch (written
-# once per step, re-read from L1/L2): the s-wide GEMMs below then stream v in K chunks like a
-# weight, so neither v nor a whole (ROWS, SP) operand has to sit in registers / shared memory.
+# The alignment vectors v (ROWS, SP) of the current step live in the scratch (written once per
+# step, re-read from L1/L2): the s-wide GEMMs below stream v in K chunks like a weight, so
+# neither v nor a whole (ROWS, SP) operand has to sit in registers / shared memory.
 
 @triton.jit
-def _store_rows(vscr, v, ROWS: tl.constexpr, SP: tl.constexpr):
-    offs = tl.arange(0, ROWS)[:, None] * SP + tl.arange(0, SP)[None, :]
-    # Every thread is done reading the previous step's v before it is overwritten, and the new
-    # v is complete before any thread of this program reads it back.
-    tl.debug_barrier()
-    tl.store(vscr + offs, v.to(vscr.dtype.element_ty))
-    tl.debug_barrier()
-
-
-@triton.jit
-def _rows_times_weight(vscr, w_ptr, ldw, n0, ROWS: tl.constexpr, SP: tl.constexpr,
-                       KC: tl.constexpr, NC: tl.constexpr, PREC: tl.constexpr):
-    """(ROWS, NC) fp32 = v @ W[:, n0:n0+NC], W row-major with leading dimension ldw."""
-    rows = tl.arange(0, ROWS)
-    ns = n0 + tl.arange(0, NC)
-    acc = tl.zeros((ROWS, NC), tl.float32)
-    for k0 in range(0, SP, KC):
-        ks = k0 + tl.arange(0, KC)
-        a = tl.load(vscr + rows[:, None] * SP + ks[None, :])
-        b = tl.load(w_ptr + ks[:, None] * ldw + ns[None, :])
-        acc += tl.dot(a, b, input_precision=PREC)
-    return acc
-
-
-@triton.jit
-def _pool_rows(vscr, share, ROWS: tl.constexpr, SP: tl.constexpr, OPD: tl.constexpr,
-               PREC: tl.constexpr):
-    """(BSEG, SP) fp32 = share^T v: per-segment weighted sums of the rows' v."""
-    offs = tl.arange(0, ROWS)[:, None] * SP + tl.arange(0, SP)[None, :]
-    return tl.dot(tl.trans(share).to(OPD), tl.load(vscr + offs), input_precision=PREC)
+def _pool_rows(vscr, hscr, share, ROWS: tl.constexpr, BSEG: tl.constexpr, SP: tl.constexpr,
+               NC: tl.constexpr, OPD: tl.constexpr, PREC: tl.constexpr, NORMALIZE: tl.constexpr):
+    """h (BSEG, SP) = share^T v (per-segment weighted sums of the rows' v), NC columns at a
+    time, to the scratch hscr; NORMALIZE: divided by its row norm (l2norm)."""
+    rows = _columns(0, ROWS)
+    segs = _columns(0, BSEG)
+    share_op = tl.trans(share).to(OPD)
+    sumsq = tl.zeros((BSEG,), tl.float32)
+    tl.debug_barrier()   # every thread is done reading the previous h
+    for n0 in range(0, SP, NC):
+        cols = _columns(n0, NC)
+        pooled = tl.dot(share_op, tl.load(vscr + rows[:, None] * SP + cols[None, :]),
+                        input_precision=PREC)
+        sumsq += tl.sum(pooled * pooled, axis=1)
+        tl.store(hscr + segs[:, None] * SP + cols[None, :], pooled)
+    if NORMALIZE:
+        inv = 1.0 / (tl.sqrt(sumsq) + _EPS)
+        tl.debug_barrier()
+        for n0 in range(0, SP, NC):
+            offs = segs[:, None] * SP + _columns(n0, NC)[None, :]
+            tl.store(hscr + offs, tl.load(hscr + offs) * inv[:, None])
+    tl.debug_barrier()   # h is complete before any thread reads it
 
 
 @triton.jit
-def _segment_mean(vscr, onehot, ROWS: tl.constexpr, SP: tl.constexpr, OPD: tl.constexpr,
-                  PREC: tl.constexpr):
-    """(BSEG, SP): mean of v over each segment's rows (h at step 0)."""
+def _segment_mean(vscr, hscr, seg_ptr, ROWS: tl.constexpr, BSEG: tl.constexpr,
+                  SP: tl.constexpr, NC: tl.constexpr, OPD: tl.constexpr, PREC: tl.constexpr):
+    """h (BSEG, SP) := mean of v over each segment's rows (h at step 0)."""
+    _, onehot = _segments(seg_ptr, ROWS, BSEG)
     seg_len = tl.sum(onehot, axis=0)
-    return _pool_rows(vscr, onehot / tl.maximum(seg_len, 1.0)[None, :], ROWS, SP, OPD, PREC)
+    _pool_rows(vscr, hscr, onehot / tl.maximum(seg_len, 1.0)[None, :], ROWS, BSEG, SP, NC, OPD,
+               PREC, False)
 
 
 @triton.jit
-def _rcr(vscr, lam, scr, w1_ptr, b1_ptr, ws1_ptr, bs1_ptr, ws2_ptr, bs2_ptr, STEP: tl.constexpr,
-         ROWS: tl.constexpr, SP: tl.constexpr, HP: tl.constexpr, HSP: tl.constexpr,
-         HC: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr):
+def _rcr(scr, w1_ptr, b1_ptr, ws1_ptr, bs1_ptr, ws2_ptr, bs2_ptr, STEP,
+         N_SLOTS: tl.constexpr, ROWS: tl.constexpr, BSEG: tl.constexpr, SP: tl.constexpr,
+         HP: tl.constexpr, HSP: tl.constexpr, HC: tl.constexpr, NC: tl.constexpr,
+         KC: tl.constexpr, OPD: tl.constexpr, PREC: tl.constexpr):
     """RCR STEP: writes the hidden layer tanh(v W1 + b1) (ROWS, HP) to scratch slot STEP (the
-    d-wide second layer is applied per d chunk by the next steps) and returns the new lambda."""
-    rows = tl.arange(0, ROWS)
+    d-wide second layer is applied per d chunk by the next steps) and lambda <- relu(w_s2 .
+    tanh(W_s1 v + b_s1) + b_s2 + lambda) (in the scratch)."""
+    vscr = scr + N_SLOTS * ROWS * HP
+    _, _, lscr = _f32_area(scr, N_SLOTS, ROWS, SP, HP, BSEG)
+    rows = _columns(0, ROWS)
     for h0 in range(0, HP, HC):
-        hs = h0 + tl.arange(0, HC)
-        z = _rows_times_weight(vscr, w1_ptr + STEP * SP * HP, HP, h0, ROWS, SP, KC, HC, PREC)
+        hs = _columns(h0, HC)
+        z = _rows_times_weight(vscr, SP, w1_ptr + STEP * SP * HP, HP, h0, SP, ROWS, KC, HC, OPD,
+                               PREC)
         z += tl.load(b1_ptr + STEP * HP + hs)[None, :]
-        tl.store(scr + STEP * ROWS * HP + rows[:, None] * HP + hs[None, :],
-                 _tanh(z).to(scr.dtype.element_ty))
-    hss = tl.arange(0, HSP)
-    hid = _rows_times_weight(vscr, ws1_ptr + STEP * SP * HSP, HSP, 0, ROWS, SP, KC, HSP, PREC)
-    hid = _tanh(hid + tl.load(bs1_ptr + STEP * HSP + hss)[None, :])
-    delta = tl.sum(hid * tl.load(ws2_ptr + STEP * HSP + hss)[None, :], axis=1)
-    delta += tl.load(bs2_ptr + STEP)
-    # The hidden layer is read back by other threads of this program in the next step.
+        tl.store(scr + STEP * ROWS * HP + rows[:, None] * HP + hs[None, :], _tanh(z).to(OPD))
+    GC: tl.constexpr = NC if NC < HSP else HSP   # the smooth layer's column chunk
+    delta = tl.zeros((ROWS,), tl.float32)
+    for g0 in range(0, HSP, GC):
+        gs = _columns(g0, GC)
+        hid = _rows_times_weight(vscr, SP, ws1_ptr + STEP * SP * HSP, HSP, g0, SP, ROWS, KC, GC,
+                                 OPD, PREC)
+        hid = _tanh(hid + tl.load(bs1_ptr + STEP * HSP + gs)[None, :])
+        delta += tl.sum(hid * tl.load(ws2_ptr + STEP * HSP + gs)[None, :], axis=1)
+    lam = tl.maximum(delta + tl.load(bs2_ptr + STEP) + tl.load(lscr + rows), 0.0)
+    # Every thread is done reading the old lambda before it is overwritten; the hidden layer
+    # and lambda are complete before other threads of this program read them.
     tl.debug_barrier()
-    return tl.maximum(delta + lam, 0.0)
+    tl.store(lscr + rows, lam)
+    tl.debug_barrier()
 
 
 @triton.jit
-def _rar(vscr, h, onehot, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-         STEP: tl.constexpr, ROWS: tl.constexpr, BSEG: tl.constexpr, SP: tl.constexpr,
-         NC: tl.constexpr, KC: tl.constexpr, OPD: tl.constexpr, PREC: tl.constexpr):
-    """RAR STEP (eval mode: dropout off): h <- l2norm(sum_k softmax_k(logit_k) v_k) per segment,
-    logit_k = w_v . (tanh(W_k v_k + b_k) * tanh(W_q h + b_q)) + b_v."""
-    ss = tl.arange(0, SP)
-    h_op = h.to(OPD)
+def _rar(scr, seg_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, STEP,
+         N_SLOTS: tl.constexpr, ROWS: tl.constexpr, BSEG: tl.constexpr, SP: tl.constexpr,
+         HP: tl.constexpr, NC: tl.constexpr, KC: tl.constexpr, OPD: tl.constexpr,
+         PREC: tl.constexpr):
+    """RAR STEP (eval mode: dropout off), h in the scratch: h <- l2norm(sum_k softmax_k(logit_k)
+    v_k) per segment, logit_k = w_v . (tanh(W_k v_k + b_k) * tanh(W_q h + b_q)) + b_v."""
+    vscr = scr + N_SLOTS * ROWS * HP
+    _, hscr, _ = _f32_area(scr, N_SLOTS, ROWS, SP, HP, BSEG)
     # Every row against every segment's question, (ROWS, BSEG); each row then keeps its own
     # segment's column. Built NC features at a time so that neither the keys (ROWS, SP) nor the
     # questions (BSEG, SP) are ever whole in registers.
     all_logits = tl.zeros((ROWS, BSEG), tl.float32)
     for n0 in range(0, SP, NC):
-        ns = n0 + tl.arange(0, NC)
-        wq = tl.load(wq_ptr + STEP * SP * SP + ss[:, None] * SP + ns[None, :])
-        question = _tanh(tl.dot(h_op, wq, input_precision=PREC)
-                         + tl.load(bq_ptr + STEP * SP + ns)[None, :])           # (BSEG, NC)
-        keys = _rows_times_weight(vscr, wk_ptr + STEP * SP * SP, SP, n0, ROWS, SP, KC, NC, PREC)
-        keys = _tanh(keys + tl.load(bk_ptr + STEP * SP + ns)[None, :])         # (ROWS, NC)
+        ns = _columns(n0, NC)
+        question = _rows_times_weight(hscr, SP, wq_ptr + STEP * SP * SP, SP, n0, SP, BSEG, KC,
+                                      NC, OPD, PREC)
+        question = _tanh(question + tl.load(bq_ptr + STEP * SP + ns)[None, :])    # (BSEG, NC)
+        keys = _rows_times_weight(vscr, SP, wk_ptr + STEP * SP * SP, SP, n0, SP, ROWS, KC, NC,
+                                  OPD, PREC)
+        keys = _tanh(keys + tl.load(bk_ptr + STEP * SP + ns)[None, :])           # (ROWS, NC)
         keys = keys * tl.load(wv_ptr + STEP * SP + ns)[None, :]
         all_logits += tl.dot(keys.to(OPD), tl.trans(question.to(OPD)), input_precision=PREC)
+    row_ok, onehot = _segments(seg_ptr, ROWS, BSEG)
     logit = tl.sum(all_logits * onehot, axis=1) + tl.load(bv_ptr + STEP)
     # Softmax over each segment's rows.
     member = onehot > 0
@@ -419,13 +481,18 @@ def _rar(vscr, h, onehot, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr
     row_sum = tl.sum(onehot * seg_sum[None, :], axis=1)
     weight = e / tl.where(row_ok, row_sum, 1.0)
     # sum_k w_k v_k per segment: the weights folded into the one-hot matrix.
-    return _l2norm_rows(_pool_rows(vscr, onehot * weight[:, None], ROWS, SP, OPD, PREC))
+    _pool_rows(vscr, hscr, onehot * weight[:, None], ROWS, BSEG, SP, NC, OPD, PREC, True)
 
 
 @triton.jit
-def _eval_score(h, we_ptr, be_ptr, SP: tl.constexpr):
-    ss = tl.arange(0, SP)
-    return _sigmoid(tl.sum(h * tl.load(we_ptr + ss)[None, :], axis=1) + tl.load(be_ptr))
+def _eval_score(hscr, we_ptr, be_ptr, BSEG: tl.constexpr, SP: tl.constexpr, NC: tl.constexpr):
+    segs = _columns(0, BSEG)
+    acc = tl.zeros((BSEG,), tl.float32)
+    for n0 in range(0, SP, NC):
+        cols = _columns(n0, NC)
+        acc += tl.sum(tl.load(hscr + segs[:, None] * SP + cols[None, :])
+                      * tl.load(we_ptr + cols)[None, :], axis=1)
+    return _sigmoid(acc + tl.load(be_ptr))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,68 +509,65 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
                  ROWS: tl.constexpr, BSEG: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr,
                  HP: tl.constexpr, HSP: tl.constexpr, HC: tl.constexpr, NC: tl.constexpr,
                  KC: tl.constexpr, DC: tl.constexpr, S_SPLIT: tl.constexpr,
-                 PREC: tl.constexpr, SEG_PREC: tl.constexpr):
+                 PREC: tl.constexpr, SEG_PREC: tl.constexpr, SCRATCH: tl.constexpr):
     # Persistent: program pid handles work items pid, pid + nprog, ...; work = set * n_tiles +
-    # tile, so neighbouring programs share a context set (L2 reuse).
+    # tile, so neighbouring programs share a context set (L2 reuse). The steps are run-time
+    # loops: one copy of each stage's code whatever the step count.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     OPD: tl.constexpr = wa_ptr.dtype.element_ty
-    # Per-program scratch: N_SLOTS RCR hidden layers (ROWS, HP), then v (ROWS, SP).
-    scr = scratch_ptr + pid.to(tl.int64) * (N_SLOTS * ROWS * HP + ROWS * SP)
+    scr = scratch_ptr + pid.to(tl.int64) * SCRATCH
     vscr = scr + N_SLOTS * ROWS * HP
-    rows = tl.arange(0, ROWS)
-    segs = tl.arange(0, BSEG)
-    cs = tl.arange(0, CP)
+    _, hscr, lscr = _f32_area(scr, N_SLOTS, ROWS, SP, HP, BSEG)
+    rows = _columns(0, ROWS)
+    cs = _columns(0, CP)
     for work in range(pid, n_work, nprog):
         set_id = (work // n_tiles).to(tl.int64)
         tile = (work % n_tiles).to(tl.int64)
-        # The previous work item's last reads of the scratch finish before this one writes it.
-        tl.debug_barrier()
-        seg = tl.load(tile_seg_ptr + tile * ROWS + rows)
-        items = tl.load(tile_items_ptr + tile * BSEG + segs)
-        row_ok = seg >= 0
+        seg_ptr = tile_seg_ptr + tile * ROWS
         q_tile = q_ptr + tile * ROWS * DP
-        onehot = (seg[:, None] == segs[None, :]).to(tl.float32)
         ctx_ok = cs < tl.load(c_count_ptr + set_id)
         c_base = c_ptr + set_id * stride_c_set
         g_base = gram_ptr + set_id * (CP * CP)
-        lam = tl.full((ROWS,), 1.0, tl.float32) * smooth
-        h = tl.zeros((BSEG, SP), tl.float32)
+        # The previous work item's last reads of the scratch finish before this one writes it.
+        tl.debug_barrier()
+        tl.store(lscr + rows, tl.full((ROWS,), 1.0, tl.float32) * smooth)
+        tl.debug_barrier()
         if MODE == _ONLY_RAR:
             # only_rar: one alignment step, h = mean, STEPS RAR updates.
-            _alignment(vscr, q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr, w2_ptr,
-                       b2_ptr, wa_ptr, ba_ptr, DP, 0, 0, ROWS, CP, SP, HP, HC, DC, S_SPLIT,
+            _alignment(scr, q_tile, seg_ptr, c_base, g_base, ctx_ok, w2_ptr, b2_ptr, wa_ptr,
+                       ba_ptr, DP, 0, 0, N_SLOTS, ROWS, BSEG, CP, SP, HP, HC, NC, DC, S_SPLIT,
                        OPD, PREC, SEG_PREC)
-            h = _segment_mean(vscr, onehot, ROWS, SP, OPD, PREC)
-            for n in tl.static_range(STEPS):
-                h = _rar(vscr, h, onehot, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-                         n, ROWS, BSEG, SP, NC, KC, OPD, PREC)
-            score = _eval_score(h, we_ptr, be_ptr, SP)
+            _segment_mean(vscr, hscr, seg_ptr, ROWS, BSEG, SP, NC, OPD, PREC)
+            for n in range(STEPS):
+                _rar(scr, seg_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, n, N_SLOTS,
+                     ROWS, BSEG, SP, HP, NC, KC, OPD, PREC)
+            score = _eval_score(hscr, we_ptr, be_ptr, BSEG, SP, NC)
         elif MODE == _ONLY_RCR:
             # only_rcr: STEPS (alignment, RCR) rounds, then mean cosine with the final (m, lambda).
-            for t in tl.static_range(STEPS):
-                _alignment(vscr, q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr,
-                           w2_ptr, b2_ptr, wa_ptr, ba_ptr, DP, t, t, ROWS, CP, SP, HP, HC, DC,
+            for t in range(STEPS):
+                _alignment(scr, q_tile, seg_ptr, c_base, g_base, ctx_ok, w2_ptr, b2_ptr, wa_ptr,
+                           ba_ptr, DP, t, t, N_SLOTS, ROWS, BSEG, CP, SP, HP, HC, NC, DC,
                            S_SPLIT, OPD, PREC, SEG_PREC)
-                lam = _rcr(vscr, lam, scr, w1_ptr, b1_ptr, ws1_ptr, bs1_ptr, ws2_ptr, bs2_ptr, t,
-                           ROWS, SP, HP, HSP, HC, KC, PREC)
-            score = _mean_cosine(q_tile, row_ok, c_base, ctx_ok, onehot, lam, scr,
-                                 w2_ptr, b2_ptr, DP, STEPS, ROWS, CP, HP, HC, DC, OPD, PREC,
-                                 SEG_PREC)
+                _rcr(scr, w1_ptr, b1_ptr, ws1_ptr, bs1_ptr, ws2_ptr, bs2_ptr, t, N_SLOTS, ROWS,
+                     BSEG, SP, HP, HSP, HC, NC, KC, OPD, PREC)
+            score = _mean_cosine(q_tile, seg_ptr, c_base, ctx_ok, lscr, scr, w2_ptr, b2_ptr, DP,
+                                 STEPS, ROWS, BSEG, CP, HP, HC, DC, OPD, PREC, SEG_PREC)
         else:
             # coop_rcar: alignment t, (h = mean at t = 0), RCR t if t < STEPS - 1, RAR t.
-            for t in tl.static_range(STEPS):
-                _alignment(vscr, q_tile, row_ok, c_base, g_base, ctx_ok, onehot, lam, scr,
-                           w2_ptr, b2_ptr, wa_ptr, ba_ptr, DP, t, t, ROWS, CP, SP, HP, HC, DC,
+            for t in range(STEPS):
+                _alignment(scr, q_tile, seg_ptr, c_base, g_base, ctx_ok, w2_ptr, b2_ptr, wa_ptr,
+                           ba_ptr, DP, t, t, N_SLOTS, ROWS, BSEG, CP, SP, HP, HC, NC, DC,
                            S_SPLIT, OPD, PREC, SEG_PREC)
                 if t == 0:
-                    h = _segment_mean(vscr, onehot, ROWS, SP, OPD, PREC)
+                    _segment_mean(vscr, hscr, seg_ptr, ROWS, BSEG, SP, NC, OPD, PREC)
                 if t < STEPS - 1:
-                    lam = _rcr(vscr, lam, scr, w1_ptr, b1_ptr, ws1_ptr, bs1_ptr, ws2_ptr, bs2_ptr,
-                               t, ROWS, SP, HP, HSP, HC, KC, PREC)
-                h = _rar(vscr, h, onehot, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-                         t, ROWS, BSEG, SP, NC, KC, OPD, PREC)
-            score = _eval_score(h, we_ptr, be_ptr, SP)
+                    _rcr(scr, w1_ptr, b1_ptr, ws1_ptr, bs1_ptr, ws2_ptr, bs2_ptr, t, N_SLOTS,
+                         ROWS, BSEG, SP, HP, HSP, HC, NC, KC, OPD, PREC)
+                _rar(scr, seg_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, t, N_SLOTS,
+                     ROWS, BSEG, SP, HP, NC, KC, OPD, PREC)
+            score = _eval_score(hscr, we_ptr, be_ptr, BSEG, SP, NC)
+        items = tl.load(tile_items_ptr + tile * BSEG + _columns(0, BSEG))
         item_off = tl.where(items >= 0, items, 0).to(tl.int64) * stride_out_item
         out = out_ptr + set_id * stride_out_set + item_off
         tl.store(out, score, mask=items >= 0)
@@ -676,6 +740,7 @@ def launch_config(direction: str, n_regions: int, lens_list, regulator: str, ste
         S_SPLIT=alignment_split(sp),
         PREC="ieee" if fp32 else "tf32", SEG_PREC="ieee" if fp32 else "tf32",
         num_warps=chunks["num_warps"], num_stages=chunks["num_stages"],
+        SCRATCH=scratch_elements(cfg["ROWS"], cfg["BSEG"], max(1, steps), sp, hp, op_dtype),
     )
 
 
@@ -733,8 +798,7 @@ def rcar_forward(img, cap, lens_list, weights: dict, *, regulator: str, steps: i
         contexts = padded
     contexts = contexts.contiguous()
     gram = context_grams(contexts, counts, cfg["CP"])
-    # Per program: N_SLOTS RCR hidden layers (ROWS, HP) and the step's v (ROWS, SP).
-    scratch_width = cfg["N_SLOTS"] * rows * dims["HP"] + rows * dims["SP"]
+    scratch_width = cfg["SCRATCH"]  # per program (scratch_elements)
     w = weights
 
     def args(scratch):
