@@ -18,16 +18,20 @@ and step:
       softmax over the context with the per-row temperature lambda, |ctx|^2 = alpha G alpha^T
       with the context set's Gram matrix G (precomputed per set: so l2norm(ctx) is known
       before ctx is formed);
-  pass 2 over d chunks: ctx chunk = alpha C_chunk, (q - ctx/|ctx|)^2 multiplied straight into
-      the alignment GEMM (accumulated over d chunks): no (rows, d) tensor leaves the chip;
-  then v = l2norm(W_a(...) + b) (rows, s) -> scratch; RCR (hidden layer -> scratch, lambda
-      update); RAR (segment softmax over each pair's queries, h update); the score
-      sigmoid(w_e . h + b_e) (only_rcr: mean cosine with the final m, lambda).
+  passes 2.. over d chunks, one per group of SW alignment columns: ctx chunk = alpha C_chunk,
+      (q - ctx/|ctx|)^2 multiplied straight into the alignment GEMM (accumulated over d
+      chunks): no (rows, d) tensor leaves the chip; the group's pre-norm z -> scratch;
+  then v = l2norm(z) (rows, s) -> scratch; RCR (hidden layer -> scratch, lambda update); RAR
+      (segment softmax over each pair's queries, h update); the score sigmoid(w_e . h + b_e)
+      (only_rcr: mean cosine with the final m, lambda).
 
 Memory traffic besides inputs, weights and one score per pair: a per-PROGRAM scratch (the grid
-is a fixed number of programs walking all (context set, tile) work items) holding the tile's v
-(ROWS x s) and RCR hidden layers (ROWS x 2s per RCR step), re-read from L1/L2 by the same
-program. Nothing of size (pairs, Q, d) or (pairs, Q, s) is written to memory. Host-side
+is a fixed number of programs walking all (context set, tile) work items; layout at
+`scratch_elements`) holding the tile's v (ROWS x s) and RCR hidden layers (ROWS x 2s per RCR
+step) in the operand dtype, and in fp32 z (ROWS x s), the segments' h (BSEG x s) and lambda
+(ROWS), re-read from L1/L2 by the same program: whatever a work item carries from one stage to
+the next, so that registers hold only the current stage's blocks. Nothing of size
+(pairs, Q, d) or (pairs, Q, s) is written to memory. Host-side
 preparation: the query rows packed per tile (about the size of the query features), the context
 Gram matrices (n_sets x CP x CP fp32), padded weights.
 
@@ -39,31 +43,34 @@ Packed weights (built by pack_weights in rcar_fast/ops/rcar.py, zero-padded so p
 contribute nothing): see `WEIGHT_LAYOUT`.
 
 Work item, tensor-core M and traffic (issue 15 item 3; bf16, d=1024, s=256, coop_rcar(2), COCO
-captions of ~12 words, R=36). A work item is (context set, tile of GPU_ROWS = 64 query rows):
-t2i ~5.3 captions (~94% of the rows real), i2t ONE image (36 of 64 rows). Per GEMM (M x N x K):
-  scores (q m) C^T          64 x 64(CP) x 1024    ctx = alpha C      64 x 32(DC) x 64(CP)
-  alignment W_a             64 x 128(SW) x 1024   RCR W_2 (per d chunk) 64 x 32 x 512
-  RCR W_1 / smooth W_s1     64 x 64 / 128 x 256   RAR W_k            64 x 64 x 256
-  RAR W_q (per pair)        16(BSEG) x 64 x 256   segment sums / pooling: M = 16 (BSEG)
-Padded work ~43 MFLOP per pair against 36 useful (CP = 64 for 36 regions; ctx recomputed by
-the two column halves of the alignment, S_SPLIT).
-L2 bytes per t2i item (model, read + written): weights 2.8 MiB (W_a 1.0, W_2 1.0, W_q + W_k
-0.5, W_1 0.25, W_s1 0.06), the image 0.42 (6 passes over d), the packed query tile 0.75 (6
-passes), v in the scratch 0.9, and the RCR hidden layer re-read once per d chunk 2.0 (32 x 64
-KiB; an L1 hit if it stays there: L1 has ~180 KiB beside the 45 KiB of shared memory): 4.9-6.9
-MiB per item, 0.92-1.3 MiB per pair. HBM: the packed queries (~590 MiB for COCO 5K, more than
-L2) are fetched once per item, ~24 KiB per pair; images, weights and the 21 MiB of scratch
-(132 programs x 160 KiB) stay in L2.
+captions of ~12 words, R=36). A MODEL, from the code's loop structure; nothing here is a GPU
+measurement. A work item is (context set, tile of GPU_ROWS["low"] = 128 query rows): t2i ~10
+captions (~94% of the rows real), i2t 3 images (108 of 128 rows; 36 of 64 before). Per GEMM
+(M x N x K):
+  scores (q m) C^T         128 x 64(CP) x 1024   ctx = alpha C, per group  128 x 32(DC) x 64(CP)
+  alignment W_a, 4 groups  128 x 64(SW) x 1024   RCR W_2 (per d chunk)     128 x 32 x 512
+  RCR W_1 / smooth W_s1    128 x 32 x 256        RAR W_k                   128 x 32 x 256
+  RAR W_q (h of each pair)  16(BSEG) x 32 x 256  segment sums / pooling: M = 16 (BSEG)
+Padded work ~51 MFLOP per pair against 36 useful (CP = 64 for 36 regions; ctx recomputed by
+each of the 4 column groups: at 64 rows it was 2 groups and ~43 MFLOP; a 128-wide group spills
+16-24 B at 128 rows, see GPU_ROWS).
+L2 bytes per t2i item (read + written): weights 2.8 MiB (W_a 1.0, W_2 1.0, W_q + W_k 0.5, W_1
+0.25, W_s1 0.06), the image 0.7 (10 passes over d), the packed query tile 2.5 (10 passes), v
+in the scratch 2.6 (64 KiB, re-read per 32-column chunk of W_1, W_s1, W_k and per pooling),
+z 0.5, and the RCR hidden layer re-read once per d chunk 4.0 (32 x 128 KiB): 13 MiB if nothing
+is an L1 hit, 6.5 MiB if v and the hidden layer are (L1 has ~200 KiB beside the 40 KiB of
+shared memory: the hidden layer alone is 128 KiB), i.e. 0.65-1.3 MiB per pair (64 rows:
+0.92-1.3). Per pair the weights' share halves (0.53 -> 0.28 MiB) and the context's (0.08 ->
+0.07), while the query, v and hidden-layer bytes scale with the rows and the column groups.
+HBM: the packed queries (~590 MiB for COCO 5K, more than L2) are fetched once per item (~24 KiB
+per pair); images and weights stay in L2; the scratch is 336 KiB per program for coop_rcar(2)
+(hidden slot 128, v 64, fp32 area 144), 44 MiB for 132 programs, close to the 50 MB L2, so part
+of the scratch traffic may reach HBM: one reason to measure 64 against 128 rows on the GPU.
 Projection (NOT a measurement; H200 bf16 ~990 TFLOP/s dense, 4.8 TB/s HBM, L2 assumed ~8-10
-TB/s) for COCO 5K coop_rcar(2) t2i, 1.25e8 pairs: tensor work 5.4 s at peak, HBM 0.65 s, L2
-120-170 TB -> 12-21 s: L2-bound, against the issue's 4.6 s floor and 8 s target.
-128-row tiles (~10.7 captions, 3 images in i2t: M = 128 for every GEMM above but the BSEG
-ones) would halve the weight and context bytes per pair (0.62 -> 0.30 MiB), while the query,
-hidden-layer and v bytes per pair stay (they scale with the rows): 0.61-0.98 MiB per pair,
-~8-16 s projected; the hidden re-reads are then 128 KiB per d chunk and less likely L1 hits.
-They do not fit the registers: compiled for sm_90 (8 warps, coop_rcar(2) bf16) 128 rows take
-255 registers and spill 432 B per thread with triton 3.8, 672 B with 3.6 (16 warps: 128
-registers, 816 B); no variant tried reaches 0 B (see GPU_ROWS). GPU_ROWS stays 64.
+TB/s) for COCO 5K coop_rcar(2) t2i, 1.25e8 pairs: tensor work 6.4 s at peak, L2 85-170 TB ->
+8.5-21 s: still L2-bound in this model, against the issue's 4.6 s floor and 8 s target; the
+previous 64-row kernel's model gave 12-21 s. The registers, spills and shared memory behind the choice
+of 128 rows (compiled for sm_90, both tritons): the table at GPU_ROWS.
 """
 from __future__ import annotations
 
@@ -380,18 +387,21 @@ def _mean_cosine(q_tile, seg_ptr, c_base, ctx_ok, lscr, scr, w2_ptr, b2_ptr, DP,
 # neither v nor a whole (ROWS, SP) operand has to sit in registers / shared memory.
 
 @triton.jit
-def _pool_rows(vscr, hscr, share, ROWS: tl.constexpr, BSEG: tl.constexpr, SP: tl.constexpr,
-               NC: tl.constexpr, OPD: tl.constexpr, PREC: tl.constexpr, NORMALIZE: tl.constexpr):
-    """h (BSEG, SP) = share^T v (per-segment weighted sums of the rows' v), NC columns at a
-    time, to the scratch hscr; NORMALIZE: divided by its row norm (l2norm)."""
+def _pool_rows(vscr, hscr, seg_ptr, weight, ROWS: tl.constexpr, BSEG: tl.constexpr,
+               SP: tl.constexpr, NC: tl.constexpr, OPD: tl.constexpr, PREC: tl.constexpr,
+               NORMALIZE: tl.constexpr):
+    """h (BSEG, SP) = sum over each segment's rows of weight_k v_k, NC columns at a time, to
+    the scratch hscr; NORMALIZE: divided by its row norm (l2norm). The (BSEG, ROWS) operand
+    (the one-hot matrix times the weights) is rebuilt per chunk: only `weight` stays live."""
     rows = _columns(0, ROWS)
     segs = _columns(0, BSEG)
-    share_op = tl.trans(share).to(OPD)
     sumsq = tl.zeros((BSEG,), tl.float32)
     tl.debug_barrier()   # every thread is done reading the previous h
     for n0 in range(0, SP, NC):
         cols = _columns(n0, NC)
-        pooled = tl.dot(share_op, tl.load(vscr + rows[:, None] * SP + cols[None, :]),
+        _, onehot = _segments(seg_ptr, ROWS, BSEG)
+        share = tl.trans(onehot * weight[:, None]).to(OPD)
+        pooled = tl.dot(share, tl.load(vscr + rows[:, None] * SP + cols[None, :]),
                         input_precision=PREC)
         sumsq += tl.sum(pooled * pooled, axis=1)
         tl.store(hscr + segs[:, None] * SP + cols[None, :], pooled)
@@ -410,8 +420,8 @@ def _segment_mean(vscr, hscr, seg_ptr, ROWS: tl.constexpr, BSEG: tl.constexpr,
     """h (BSEG, SP) := mean of v over each segment's rows (h at step 0)."""
     _, onehot = _segments(seg_ptr, ROWS, BSEG)
     seg_len = tl.sum(onehot, axis=0)
-    _pool_rows(vscr, hscr, onehot / tl.maximum(seg_len, 1.0)[None, :], ROWS, BSEG, SP, NC, OPD,
-               PREC, False)
+    weight = tl.sum(onehot / tl.maximum(seg_len, 1.0)[None, :], axis=1)   # 1 / own length
+    _pool_rows(vscr, hscr, seg_ptr, weight, ROWS, BSEG, SP, NC, OPD, PREC, False)
 
 
 @triton.jit
@@ -481,15 +491,15 @@ def _rar(scr, seg_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, STEP,
     row_sum = tl.sum(onehot * seg_sum[None, :], axis=1)
     weight = e / tl.where(row_ok, row_sum, 1.0)
     # sum_k w_k v_k per segment: the weights folded into the one-hot matrix.
-    _pool_rows(vscr, hscr, onehot * weight[:, None], ROWS, BSEG, SP, NC, OPD, PREC, True)
+    _pool_rows(vscr, hscr, seg_ptr, weight, ROWS, BSEG, SP, NC, OPD, PREC, True)
 
 
 @triton.jit
 def _eval_score(hscr, we_ptr, be_ptr, BSEG: tl.constexpr, SP: tl.constexpr, NC: tl.constexpr):
-    segs = _columns(0, BSEG)
+    segs = tl.arange(0, BSEG)
     acc = tl.zeros((BSEG,), tl.float32)
     for n0 in range(0, SP, NC):
-        cols = _columns(n0, NC)
+        cols = n0 + tl.arange(0, NC)
         acc += tl.sum(tl.load(hscr + segs[:, None] * SP + cols[None, :])
                       * tl.load(we_ptr + cols)[None, :], axis=1)
     return _sigmoid(acc + tl.load(be_ptr))
@@ -519,19 +529,17 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
     scr = scratch_ptr + pid.to(tl.int64) * SCRATCH
     vscr = scr + N_SLOTS * ROWS * HP
     _, hscr, lscr = _f32_area(scr, N_SLOTS, ROWS, SP, HP, BSEG)
-    rows = _columns(0, ROWS)
-    cs = _columns(0, CP)
     for work in range(pid, n_work, nprog):
         set_id = (work // n_tiles).to(tl.int64)
         tile = (work % n_tiles).to(tl.int64)
         seg_ptr = tile_seg_ptr + tile * ROWS
         q_tile = q_ptr + tile * ROWS * DP
-        ctx_ok = cs < tl.load(c_count_ptr + set_id)
+        ctx_ok = _columns(0, CP) < tl.load(c_count_ptr + set_id)
         c_base = c_ptr + set_id * stride_c_set
         g_base = gram_ptr + set_id * (CP * CP)
         # The previous work item's last reads of the scratch finish before this one writes it.
         tl.debug_barrier()
-        tl.store(lscr + rows, tl.full((ROWS,), 1.0, tl.float32) * smooth)
+        tl.store(lscr + _columns(0, ROWS), tl.full((ROWS,), 1.0, tl.float32) * smooth)
         tl.debug_barrier()
         if MODE == _ONLY_RAR:
             # only_rar: one alignment step, h = mean, STEPS RAR updates.
@@ -567,7 +575,9 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
                 _rar(scr, seg_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, t, N_SLOTS,
                      ROWS, BSEG, SP, HP, NC, KC, OPD, PREC)
             score = _eval_score(hscr, we_ptr, be_ptr, BSEG, SP, NC)
-        items = tl.load(tile_items_ptr + tile * BSEG + _columns(0, BSEG))
+        # set and tile again from `work` (one register) rather than kept live all along
+        set_id = (work // n_tiles).to(tl.int64)
+        items = tl.load(tile_items_ptr + (work % n_tiles) * BSEG + tl.arange(0, BSEG))
         item_off = tl.where(items >= 0, items, 0).to(tl.int64) * stride_out_item
         out = out_ptr + set_id * stride_out_set + item_off
         tl.store(out, score, mask=items >= 0)
@@ -618,41 +628,45 @@ def pack_segments(seg_lengths, seg_row_base, rows: int, max_segs: int):
     return tile_rows, tile_seg, tile_items
 
 
-# Tunables for the GPU (to be measured on an H100): query rows per tile (the M of every GEMM),
-# the d chunk of the passes over d, warps, software-pipelining stages.
-# float32 inputs take the exact "ieee" FMA path with smaller chunks (shared memory).
-# bf16: compiled for sm_90 (tests/test_sm90_compile.py), 64 rows, 32-wide d chunks and one
-# stage are the configuration that does not spill registers with triton 3.6 or 3.8 (249-255
-# registers; with 3.6 a 64-wide chunk or a second stage spills 130-430 B per thread, 128-row
-# i2t tiles 400-550 B at 8 warps and 800+ B at 16, whose cap is 128 registers); fp16 too.
-# 128 rows (issue 15, stop 18; t2i coop_rcar(2) bf16, 8 warps, triton 3.8, B of stack per
-# thread): as is 432 (3.6: 672); DC 16 and HC = NC = KC = 32: 288; BSEG 8: 176, with the small
-# chunks 104 (but 8 captions at most per 128 rows); h kept in a scratch instead of registers:
-# 408; offsets tied to the work item (nothing hoisted out of the persistent loop): 456; h
-# transposed (SP, BSEG) so that pooling and W_q have M = SP / NC: 1128 (and 368 at 64 rows);
-# the segment norm as one (ROWS, ROWS) same-segment product: 400 (112 at 64 rows); plain dots
-# for _dot_in_branch: 480. By mode at 128 rows: only_rar(0) 240 registers / 0 B, only_rcr(0)
-# 175 / 0, only_rar(1) 255 / 0, only_rcr(1) 264 B. The spill code sits (nvdisasm line info) in
-# the persistent loop, the segment sums of the raw-score norm (M = BSEG), the alignment's
-# column passes, the row reductions, RAR's feature loop (W_q, M = BSEG) and the pooling.
-GPU_ROWS = 64
-# The GPU tile space per precision kind: d chunk (DC), RCR hidden chunk (HC), RAR / RCR feature
-# and K chunks (NC, KC), warps, stages. Every entry compiles for sm_90 with 0 B of stack with
-# triton 3.6 and 3.8 in the hot cases (tests/test_sm90_compile.py compiles each); the first is
-# the default, the others what a GPU benchmark chooses among (rcar_forward(..., tile=i)). Not a
-# triton.autotune: the kernel is persistent over the whole launch (one COCO launch runs for
-# seconds), so timing each config on the real launch would cost more than it saves.
+# Tunables for the GPU (to be measured on an H100): query rows per work item (the M of every
+# GEMM), the d chunk of the passes over d (DC), the RCR hidden chunk (HC), the RAR / RCR
+# feature and K chunks (NC, KC), the alignment's column group (SW), warps, pipelining stages.
+# float32 inputs take the exact "ieee" FMA path (GPU_TILES["fp32"]).
+#
+# Rows per work item, chosen by the offline sm_90 compile (tests/test_sm90_compile.py; 8 warps,
+# one stage, d 1024, R 36 / Lmax 50 so CP 64): registers / bytes of stack (register spills)
+# per thread, triton 3.8 | 3.6 (issue 15, stop 20; bf16 and fp16 the same to within 4 registers):
+#                                    128 rows                  64 rows
+#   bf16 coop_rcar(2) sim_dim 256    255 / 8 B  | 255 / 8 B    255 / 0 | 255 / 0
+#   bf16 coop_rcar(2) sim_dim 64     225 / 0    | 235 / 0      218 / 0 | 238 / 0
+#   bf16 only_rar(2)  sim_dim 256    255 / 0    | 255 / 0      255 / 0 | 255 / 0
+#   bf16 only_rcr(2)  sim_dim 256    240 / 0    | 226 / 0      236 / 0 | 244 / 0
+#   fp32 coop_rcar(2) sim_dim 256    255 / 592  | 255 / 576    254 / 0 | 255 / 0
+# Before this kernel's layout (tile state in the scratch, run-time step loops, opaque offsets,
+# 32-wide chunks; stop 19's kernel with its tiles): bf16 coop_rcar(2) at 128 rows 432 B | 528 B,
+# sim_dim 64 184 | 368 (and 160 | 160 at 64 rows), only_rar 24 | 80, only_rcr 344 | 488; fp32
+# at 64 rows 4592 B (3.8). The 8 B of the recipe at 128 rows are 1-2 stores per work item (a
+# tile pointer or column offsets, at the item's start) reloaded in the pooling and the final
+# score (nvdisasm line info), outside the GEMM loops; the variants tried to remove them (16- or
+# 64-wide d chunks, 32- or 128-wide alignment groups, 64-wide NC / HC / KC, the pooling operand
+# kept live, the context mask recomputed) move them or make them 16-72 B. So: 128 rows for
+# bf16 / fp16 (M = 128 for every weight GEMM but the BSEG ones), 64 for fp32 (its FMA path
+# spills ~580 B at 128).
+GPU_ROWS = {"low": 128, "fp32": 64}
+# The GPU tile space per precision kind. Every entry compiles for sm_90 within the stack bounds
+# of tests/test_sm90_compile.py (RCAR_STACK) with triton 3.6 and 3.8 in the hot cases; the first
+# is the default, the others what a GPU benchmark chooses among (rcar_forward(..., tile=i)).
+# Not a triton.autotune: the kernel is persistent over the whole launch (one COCO launch runs
+# for seconds), so timing each config on the real launch would cost more than it saves.
 GPU_TILES = {
-    "low": (dict(DC=32, HC=64, NC=64, KC=64, num_warps=8, num_stages=1),
-            dict(DC=16, HC=64, NC=64, KC=64, num_warps=8, num_stages=1),
-            dict(DC=32, HC=32, NC=32, KC=32, num_warps=8, num_stages=1)),
-    "fp32": (dict(DC=32, HC=64, NC=64, KC=64, num_warps=8, num_stages=1),),
+    "low": (dict(DC=32, HC=32, NC=32, KC=32, SW=64, num_warps=8, num_stages=1),),
+    "fp32": (dict(DC=16, HC=32, NC=32, KC=32, SW=32, num_warps=8, num_stages=1),),
 }
 # The persistent grid is (programs that fit one SM at once) x SMs, derived from the compiled
 # kernel's registers and shared memory (`occupancy`). Without them (a triton lacking the
-# internals used), this: compiled for sm_90 (tests/test_sm90_compile.py) the bf16 kernels take
-# 249-255 registers x 256 threads, i.e. all 64K registers of an SM (fp32: 128 registers, room
-# for two), and the fallback must fit every configuration.
+# internals used), this: compiled for sm_90 (tests/test_sm90_compile.py) the kernels take
+# 218-255 registers x 256 threads, i.e. (at 8 registers per thread) all 64K registers of an SM
+# in every precision, and the fallback must fit every configuration.
 GPU_PROGRAMS_PER_SM = 1
 # sm_90 limits per SM, for devices whose properties do not say
 _SM_REGISTERS = 65536
@@ -689,41 +703,44 @@ def _programs_per_sm(args, cfg: dict, device) -> int:
 D_PAD = {"gpu": 64, "interpreter": 32}
 
 
-def tile_config(direction: str, n_regions: int, lens_list, interpreter: bool) -> dict:
-    """Rows per tile, segments per tile, context block. On GPU: GPU_ROWS (or more) query rows.
-    In the interpreter: the smallest legal blocks (tl.dot needs every dim >= 16).
-    (i2t with R = 36 fills 36 of 64 rows; 128 rows would fill 108, but spill: GPU_ROWS.)"""
+# The interpreter's one tile (tl.dot's minimum of 16 everywhere; D_PAD["interpreter"] = 32) and
+# its fewest rows per work item (tests raise it to run the GPU's 128-row tiles).
+INTERPRETER_TILE = dict(DC=32, HC=64, NC=64, KC=64, SW=16, num_warps=4, num_stages=1)
+INTERPRETER_ROWS = MIN_DOT
+
+
+def tile_config(direction: str, n_regions: int, lens_list, interpreter: bool,
+                op_dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Rows per tile, segments per tile, context block. On GPU: GPU_ROWS of op_dtype's kind (or
+    more) query rows: t2i ~10 COCO captions per 128 rows, i2t 3 images of 36 regions (108 of
+    128 rows). In the interpreter: the smallest legal blocks (tl.dot needs every dim >= 16)."""
     longest_query = max(lens_list) if direction == "t2i" else n_regions
     n_context = n_regions if direction == "t2i" else max(lens_list)
-    if interpreter:
-        rows = _pow2_at_least(longest_query)
-    else:
-        rows = _pow2_at_least(longest_query, GPU_ROWS)
-    return dict(ROWS=rows, BSEG=16, CP=_pow2_at_least(n_context))
+    floor = INTERPRETER_ROWS if interpreter else GPU_ROWS[_precision_kind(op_dtype)]
+    return dict(ROWS=_pow2_at_least(longest_query, floor), BSEG=16, CP=_pow2_at_least(n_context))
 
 
-def alignment_split(sp: int) -> int:
-    """Passes over d of the alignment GEMM, each for SP / S_SPLIT of its columns (_alignment):
-    2 keeps only half of the (ROWS, SP) accumulator in registers (compiled for sm_90, the
-    whole one spills with triton 3.6: 40 B in bf16 and fp16 at 64 rows). 1 where a half would
-    be narrower than a dot allows (16)."""
-    return 2 if sp >= 2 * 16 else 1
+def alignment_split(sp: int, width: int) -> int:
+    """Passes over d of the alignment GEMM (_alignment), each for `width` (the tile's SW) of its
+    SP columns: only a (ROWS, width) accumulator is live in registers; ctx is recomputed per
+    pass (a CP / width share of the pass's FLOPs more). 1 where SP <= width."""
+    return max(1, sp // width)
 
 
-# The interpreter's one tile (tl.dot's minimum of 16 everywhere; D_PAD["interpreter"] = 32).
-INTERPRETER_TILE = dict(DC=32, HC=64, NC=64, KC=64, num_warps=4, num_stages=1)
+def _precision_kind(op_dtype: torch.dtype) -> str:
+    return "fp32" if op_dtype == torch.float32 else "low"
 
 
 def gpu_tiles(op_dtype: torch.dtype) -> tuple:
     """The GPU tile space (GPU_TILES) for GEMM operands of op_dtype."""
-    return GPU_TILES["fp32" if op_dtype == torch.float32 else "low"]
+    return GPU_TILES[_precision_kind(op_dtype)]
 
 
 def launch_config(direction: str, n_regions: int, lens_list, regulator: str, steps: int,
                   dims: dict, op_dtype: torch.dtype, interpreter: bool, tile: int = 0) -> dict:
     """Every constexpr of _rcar_kernel plus num_warps / num_stages. dims: padded_dims().
     tile: index into gpu_tiles(op_dtype) (ignored by the interpreter, which has one tile)."""
-    cfg = tile_config(direction, n_regions, lens_list, interpreter)
+    cfg = tile_config(direction, n_regions, lens_list, interpreter, op_dtype)
     fp32 = op_dtype == torch.float32
     tiles = gpu_tiles(op_dtype)
     if not interpreter and not 0 <= tile < len(tiles):
@@ -733,14 +750,16 @@ def launch_config(direction: str, n_regions: int, lens_list, regulator: str, ste
     if dims["DP"] % chunks["DC"]:
         raise ValueError(f"padded d {dims['DP']} is not a multiple of the d chunk {chunks['DC']}")
     sp, hp = dims["SP"], dims["HP"]
+    # RCR hidden-layer slots: one per RCR step (coop_rcar's last step has none; at least 1)
+    n_slots = max(1, {"only_rar": 0, "only_rcr": steps}.get(regulator, steps - 1))
     return dict(
-        MODE=MODES[regulator], STEPS=steps, N_SLOTS=max(1, steps), ROWS=cfg["ROWS"],
+        MODE=MODES[regulator], STEPS=steps, N_SLOTS=n_slots, ROWS=cfg["ROWS"],
         BSEG=cfg["BSEG"], CP=cfg["CP"], SP=sp, HP=hp, HSP=dims["HSP"], HC=min(hp, chunks["HC"]),
         NC=min(sp, chunks["NC"]), KC=min(sp, chunks["KC"]), DC=chunks["DC"],
-        S_SPLIT=alignment_split(sp),
+        S_SPLIT=alignment_split(sp, chunks["SW"]),
         PREC="ieee" if fp32 else "tf32", SEG_PREC="ieee" if fp32 else "tf32",
         num_warps=chunks["num_warps"], num_stages=chunks["num_stages"],
-        SCRATCH=scratch_elements(cfg["ROWS"], cfg["BSEG"], max(1, steps), sp, hp, op_dtype),
+        SCRATCH=scratch_elements(cfg["ROWS"], cfg["BSEG"], n_slots, sp, hp, op_dtype),
     )
 
 
