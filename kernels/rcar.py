@@ -46,31 +46,30 @@ Work item, tensor-core M and traffic (issue 15 item 3; bf16, d=1024, s=256, coop
 captions of ~12 words, R=36). A MODEL, from the code's loop structure; nothing here is a GPU
 measurement. A work item is (context set, tile of GPU_ROWS["low"] = 128 query rows): t2i ~10
 captions (~94% of the rows real), i2t 3 images (108 of 128 rows; 36 of 64 before). Per GEMM
-(M x N x K):
+(M x N x K), default tile (SW 128):
   scores (q m) C^T         128 x 64(CP) x 1024   ctx = alpha C, per group  128 x 32(DC) x 64(CP)
-  alignment W_a, 4 groups  128 x 64(SW) x 1024   RCR W_2 (per d chunk)     128 x 32 x 512
+  alignment W_a, 2 groups  128 x 128(SW) x 1024  RCR W_2 (per d chunk)     128 x 32 x 512
   RCR W_1 / smooth W_s1    128 x 32 x 256        RAR W_k                   128 x 32 x 256
   RAR W_q (h of each pair)  16(BSEG) x 32 x 256  segment sums / pooling: M = 16 (BSEG)
-Padded work ~51 MFLOP per pair against 36 useful (CP = 64 for 36 regions; ctx recomputed by
-each of the 4 column groups: at 64 rows it was 2 groups and ~43 MFLOP; a 128-wide group spills
-16-24 B at 128 rows, see GPU_ROWS).
+Padded work ~44 MFLOP per pair against 36 useful (CP = 64 for 36 regions; ctx recomputed by
+each column group; tile 1, SW 64: 4 groups, ~51 MFLOP).
 L2 bytes per t2i item (read + written): weights 2.8 MiB (W_a 1.0, W_2 1.0, W_q + W_k 0.5, W_1
-0.25, W_s1 0.06), the image 0.7 (10 passes over d), the packed query tile 2.5 (10 passes), v
-in the scratch 2.6 (64 KiB, re-read per 32-column chunk of W_1, W_s1, W_k and per pooling),
-z 0.5, and the RCR hidden layer re-read once per d chunk 4.0 (32 x 128 KiB): 13 MiB if nothing
-is an L1 hit, 6.5 MiB if v and the hidden layer are (L1 has ~200 KiB beside the 40 KiB of
-shared memory: the hidden layer alone is 128 KiB), i.e. 0.65-1.3 MiB per pair (64 rows:
+0.25, W_s1 0.06), the image 0.42 (6 passes over d), the packed query tile 1.5 (6 passes), v in
+the scratch 2.6 (64 KiB, re-read per 32-column chunk of W_1, W_s1, W_k and per pooling), z
+0.5, and the RCR hidden layer re-read once per d chunk 4.0 (32 x 128 KiB): 11.8 MiB if nothing
+is an L1 hit, 5.2 MiB if v and the hidden layer are (L1 has ~160 KiB beside the 64 KiB of
+shared memory: the hidden layer alone is 128 KiB), i.e. 0.52-1.2 MiB per pair (64 rows:
 0.92-1.3). Per pair the weights' share halves (0.53 -> 0.28 MiB) and the context's (0.08 ->
-0.07), while the query, v and hidden-layer bytes scale with the rows and the column groups.
+0.04), while the query, v and hidden-layer bytes scale with the rows.
 HBM: the packed queries (~590 MiB for COCO 5K, more than L2) are fetched once per item (~24 KiB
 per pair); images and weights stay in L2; the scratch is 336 KiB per program for coop_rcar(2)
 (hidden slot 128, v 64, fp32 area 144), 44 MiB for 132 programs, close to the 50 MB L2, so part
 of the scratch traffic may reach HBM: one reason to measure 64 against 128 rows on the GPU.
 Projection (NOT a measurement; H200 bf16 ~990 TFLOP/s dense, 4.8 TB/s HBM, L2 assumed ~8-10
-TB/s) for COCO 5K coop_rcar(2) t2i, 1.25e8 pairs: tensor work 6.4 s at peak, L2 85-170 TB ->
-8.5-21 s: still L2-bound in this model, against the issue's 4.6 s floor and 8 s target; the
-previous 64-row kernel's model gave 12-21 s. The registers, spills and shared memory behind the choice
-of 128 rows (compiled for sm_90, both tritons): the table at GPU_ROWS.
+TB/s) for COCO 5K coop_rcar(2) t2i, 1.25e8 pairs: tensor work 5.6 s at peak, L2 68-155 TB ->
+7-19 s: still L2-bound in this model, against the issue's 4.6 s floor and 8 s target; the
+previous 64-row kernel's model gave 12-21 s. The registers, spills and shared memory behind
+the choice of 128 rows (compiled for sm_90, both tritons): the table at GPU_ROWS.
 """
 from __future__ import annotations
 
@@ -635,23 +634,28 @@ def pack_segments(seg_lengths, seg_row_base, rows: int, max_segs: int):
 #
 # Rows per work item, chosen by the offline sm_90 compile (tests/test_sm90_compile.py; 8 warps,
 # one stage, d 1024, R 36 / Lmax 50 so CP 64): registers / bytes of stack (register spills)
-# per thread, triton 3.8 | 3.6 (issue 15, stop 20; bf16 and fp16 the same to within 4 registers):
-#                                    128 rows                  64 rows
-#   bf16 coop_rcar(2) sim_dim 256    255 / 8 B  | 255 / 8 B    255 / 0 | 255 / 0
-#   bf16 coop_rcar(2) sim_dim 64     225 / 0    | 235 / 0      218 / 0 | 238 / 0
-#   bf16 only_rar(2)  sim_dim 256    255 / 0    | 255 / 0      255 / 0 | 255 / 0
-#   bf16 only_rcr(2)  sim_dim 256    240 / 0    | 226 / 0      236 / 0 | 244 / 0
-#   fp32 coop_rcar(2) sim_dim 256    255 / 592  | 255 / 576    254 / 0 | 255 / 0
+# per thread, triton 3.8 | 3.6 (the GPU image's), issue 15 stop 20; "low" tiles, SW the
+# alignment's column group (fp16 as bf16 to within 4 registers, except where noted):
+#                                     128 rows, SW 128        128 rows, SW 64         64 rows, SW 64
+#   bf16 coop_rcar(2) sim_dim 256   255 / 8   | 255 / 0     255 / 8 | 255 / 8     255 / 0 | 255 / 0
+#   fp16 coop_rcar(2) sim_dim 256   255 / 16  | 255 / 0     255 / 8 | 255 / 8
+#   bf16 coop_rcar(2) sim_dim 64    (one group: as SW 64)   225 / 0 | 235 / 0     218 / 0 | 238 / 0
+#   bf16 only_rar(2)  sim_dim 256   255 / 24  | 255 / 0     255 / 0 | 255 / 0     255 / 0 | 255 / 0
+#   bf16 only_rcr(2)  sim_dim 256   243 / 0   | 252 / 0     240 / 0 | 226 / 0     236 / 0 | 244 / 0
+#   fp32 coop_rcar(2) sim_dim 256   (fp32 tile: DC 16, SW 32) 128 rows 255 / 592 | 255 / 576,
+#                                   64 rows 254 / 0 | 255 / 0
 # Before this kernel's layout (tile state in the scratch, run-time step loops, opaque offsets,
 # 32-wide chunks; stop 19's kernel with its tiles): bf16 coop_rcar(2) at 128 rows 432 B | 528 B,
 # sim_dim 64 184 | 368 (and 160 | 160 at 64 rows), only_rar 24 | 80, only_rcr 344 | 488; fp32
 # at 64 rows 4592 B (3.8). The 8 B of the recipe at 128 rows are 1-2 stores per work item (a
 # tile pointer or column offsets, at the item's start) reloaded in the pooling and the final
 # score (nvdisasm line info), outside the GEMM loops; the variants tried to remove them (16- or
-# 64-wide d chunks, 32- or 128-wide alignment groups, 64-wide NC / HC / KC, the pooling operand
-# kept live, the context mask recomputed) move them or make them 16-72 B. So: 128 rows for
-# bf16 / fp16 (M = 128 for every weight GEMM but the BSEG ones), 64 for fp32 (its FMA path
-# spills ~580 B at 128).
+# 64-wide d chunks, 32-wide alignment groups, 64-wide NC / HC / KC, the pooling operand kept
+# live, the context mask recomputed) move them or make them 16-72 B. So: 128 rows for bf16 /
+# fp16 (M = 128 for every weight GEMM but the BSEG ones), 64 for fp32 (its FMA path spills
+# ~580 B at 128). The default "low" tile has SW 128 (0 B with the GPU image's triton, and half
+# the alignment passes of SW 64: ~44 against ~51 MFLOP per pair); SW 64 (tile 1) spills less
+# with triton 3.8.
 GPU_ROWS = {"low": 128, "fp32": 64}
 # The GPU tile space per precision kind. Every entry compiles for sm_90 within the stack bounds
 # of tests/test_sm90_compile.py (RCAR_STACK) with triton 3.6 and 3.8 in the hot cases; the first
@@ -659,7 +663,8 @@ GPU_ROWS = {"low": 128, "fp32": 64}
 # Not a triton.autotune: the kernel is persistent over the whole launch (one COCO launch runs
 # for seconds), so timing each config on the real launch would cost more than it saves.
 GPU_TILES = {
-    "low": (dict(DC=32, HC=32, NC=32, KC=32, SW=64, num_warps=8, num_stages=1),),
+    "low": (dict(DC=32, HC=32, NC=32, KC=32, SW=128, num_warps=8, num_stages=1),
+            dict(DC=32, HC=32, NC=32, KC=32, SW=64, num_warps=8, num_stages=1)),
     "fp32": (dict(DC=16, HC=32, NC=32, KC=32, SW=32, num_warps=8, num_stages=1),),
 }
 # The persistent grid is (programs that fit one SM at once) x SMs, derived from the compiled
