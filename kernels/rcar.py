@@ -574,9 +574,7 @@ def _rcar_kernel(q_ptr, c_ptr, gram_ptr, c_count_ptr, tile_seg_ptr, tile_items_p
                 _rar(scr, seg_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, t, N_SLOTS,
                      ROWS, BSEG, SP, HP, NC, KC, OPD, PREC)
             score = _eval_score(hscr, we_ptr, be_ptr, BSEG, SP, NC)
-        # set and tile again from `work` (one register) rather than kept live all along
-        set_id = (work // n_tiles).to(tl.int64)
-        items = tl.load(tile_items_ptr + (work % n_tiles) * BSEG + tl.arange(0, BSEG))
+        items = tl.load(tile_items_ptr + tile * BSEG + tl.arange(0, BSEG))
         item_off = tl.where(items >= 0, items, 0).to(tl.int64) * stride_out_item
         out = out_ptr + set_id * stride_out_set + item_off
         tl.store(out, score, mask=items >= 0)
@@ -637,25 +635,25 @@ def pack_segments(seg_lengths, seg_row_base, rows: int, max_segs: int):
 # per thread, triton 3.8 | 3.6 (the GPU image's), issue 15 stop 20; "low" tiles, SW the
 # alignment's column group (fp16 as bf16 to within 4 registers, except where noted):
 #                                     128 rows, SW 128        128 rows, SW 64         64 rows, SW 64
-#   bf16 coop_rcar(2) sim_dim 256   255 / 8   | 255 / 0     255 / 8 | 255 / 8     255 / 0 | 255 / 0
-#   fp16 coop_rcar(2) sim_dim 256   255 / 16  | 255 / 0     255 / 8 | 255 / 8
-#   bf16 coop_rcar(2) sim_dim 64    (one group: as SW 64)   225 / 0 | 235 / 0     218 / 0 | 238 / 0
+#   bf16 coop_rcar(2) sim_dim 256   255 / 8   | 255 / 0     255 / 8 | 255 / 0     255 / 0 | 255 / 0
+#   fp16 coop_rcar(2) sim_dim 256   255 / 16  | 255 / 0     255 / 8 | 255 / 0
+#   bf16 coop_rcar(2) sim_dim 64    (one group: as SW 64)   225 / 0 | 235 / 0     218 / 0 | 240 / 0
 #   bf16 only_rar(2)  sim_dim 256   255 / 24  | 255 / 0     255 / 0 | 255 / 0     255 / 0 | 255 / 0
-#   bf16 only_rcr(2)  sim_dim 256   243 / 0   | 252 / 0     240 / 0 | 226 / 0     236 / 0 | 244 / 0
+#   bf16 only_rcr(2)  sim_dim 256   243 / 0   | 252 / 0     240 / 0 | 226 / 0     238 / 0 | 246 / 0
 #   fp32 coop_rcar(2) sim_dim 256   (fp32 tile: DC 16, SW 32) 128 rows 255 / 592 | 255 / 576,
 #                                   64 rows 254 / 0 | 255 / 0
 # Before this kernel's layout (tile state in the scratch, run-time step loops, opaque offsets,
 # 32-wide chunks; stop 19's kernel with its tiles): bf16 coop_rcar(2) at 128 rows 432 B | 528 B,
 # sim_dim 64 184 | 368 (and 160 | 160 at 64 rows), only_rar 24 | 80, only_rcr 344 | 488; fp32
-# at 64 rows 4592 B (3.8). The 8 B of the recipe at 128 rows are 1-2 stores per work item (a
-# tile pointer or column offsets, at the item's start) reloaded in the pooling and the final
-# score (nvdisasm line info), outside the GEMM loops; the variants tried to remove them (16- or
-# 64-wide d chunks, 32-wide alignment groups, 64-wide NC / HC / KC, the pooling operand kept
-# live, the context mask recomputed) move them or make them 16-72 B. So: 128 rows for bf16 /
-# fp16 (M = 128 for every weight GEMM but the BSEG ones), 64 for fp32 (its FMA path spills
-# ~580 B at 128). The default "low" tile has SW 128 (0 B with the GPU image's triton, and half
-# the alignment passes of SW 64: ~44 against ~51 MFLOP per pair); SW 64 (tile 1) spills less
-# with triton 3.8.
+# at 64 rows 4592 B (3.8). The 8-24 B left with triton 3.8 at 128 rows are 1-6 stores per work
+# item (tile pointers or column offsets, at the item's start or before the final score)
+# reloaded in the segment loads, the pooling and the final score (nvdisasm line info), nearly
+# all outside the GEMM loops; the variants tried to remove them (16- or 64-wide d chunks,
+# 32-wide alignment groups, 64-wide NC / HC / KC, the pooling operand kept live, the context
+# mask or the item's set and tile recomputed where used) move them between the two tritons or
+# make them 16-72 B. So: 128 rows for bf16 / fp16 (M = 128 for every weight GEMM but the BSEG
+# ones), 64 for fp32 (its FMA path spills ~580 B at 128). The default "low" tile has SW 128
+# (half the alignment passes of SW 64: ~44 against ~51 MFLOP per pair); SW 64 is tile 1.
 GPU_ROWS = {"low": 128, "fp32": 64}
 # The GPU tile space per precision kind. Every entry compiles for sm_90 within the stack bounds
 # of tests/test_sm90_compile.py (RCAR_STACK) with triton 3.6 and 3.8 in the hot cases; the first
