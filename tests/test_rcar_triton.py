@@ -86,12 +86,14 @@ def test_forward_many_tiles_partial_chunks_padded_sim_dim(direction):
 @requires_interpreter
 @pytest.mark.parametrize("regulator", REGULATORS)
 def test_forward_alignment_in_two_column_halves(regulator):
-    # sim_dim=32: the alignment GEMM runs as two passes over d, one per half of its columns,
-    # the first half waiting in the scratch (kernels/rcar.py, S_SPLIT) -- the GPU's path.
+    # sim_dim=32: the alignment GEMM runs as two passes over d, one per 16-column group (the
+    # interpreter tile's SW), each group waiting in the scratch for the row norm
+    # (kernels/rcar.py, S_SPLIT) -- the GPU's path (4 groups of 64 at sim_dim 256).
     from rcar_fast.kernels import rcar
 
-    assert rcar.alignment_split(32) == 2
-    assert rcar.alignment_split(16) == 1
+    assert rcar.alignment_split(32, rcar.INTERPRETER_TILE["SW"]) == 2
+    assert rcar.alignment_split(16, rcar.INTERPRETER_TILE["SW"]) == 1
+    assert rcar.alignment_split(256, 64) == 4 and rcar.alignment_split(64, 64) == 1
     img, cap, lens = _inputs(n_img=3, n_cap=4, lens=(7, 1, 4, 6))
     head = make_head(regulator, 2, "t2i", sim_dim=32)
     out = triton_scores(head, img, cap, lens)
@@ -183,6 +185,52 @@ def test_forward_tiling_edge_cases(case, direction):
                               what=f"{case} {direction}")
 
 
+# The GPU's work item of 128 query rows (kernels/rcar.py GPU_ROWS["low"]), run in the
+# interpreter: t2i packs ragged captions (1..23 words, several per tile, up to the 16-segment
+# cap, a caption never split over two tiles), i2t 3 images of 36 regions per tile (108 of 128
+# rows, a last tile of 1 image). sim_dim 32: the alignment in 2 column groups.
+WIDE_TILE_CASES = [("coop_rcar", "t2i", torch.float32), ("coop_rcar", "i2t", torch.float32),
+                   ("only_rcr", "t2i", torch.float32), ("only_rar", "i2t", torch.float32),
+                   ("coop_rcar", "t2i", torch.float16)]
+
+
+@requires_interpreter
+@pytest.mark.parametrize("regulator,direction,dtype", WIDE_TILE_CASES,
+                         ids=[f"{r}-{d}-{str(t)[6:]}" for r, d, t in WIDE_TILE_CASES])
+def test_forward_128_row_tiles_of_ragged_query_sets(regulator, direction, dtype, monkeypatch):
+    from rcar_fast.kernels import rcar
+
+    monkeypatch.setattr(rcar, "INTERPRETER_ROWS", 128)
+    torch.manual_seed(11)
+    if direction == "t2i":
+        lens = torch.randint(1, 24, (30,))
+        lens[:18] = torch.randint(1, 4, (18,))   # short ones: some tile hits 16 segments
+        n_img, n_cap, n_regions = 2, 30, 7
+    else:
+        lens = torch.randint(1, 24, (2,))
+        n_img, n_cap, n_regions = 7, 2, 36
+    lens = lens.tolist()
+    cfg = rcar.tile_config(direction, n_regions, lens, interpreter=True)
+    assert cfg["ROWS"] == 128
+    per_tile = _segments_per_tile(direction, n_img, n_regions, lens)
+    if direction == "t2i":
+        assert len(per_tile) >= 2 and per_tile[0] == cfg["BSEG"] and min(per_tile) >= 2, per_tile
+    else:
+        assert per_tile == [3, 3, 1]
+    img, cap, lens = _inputs(n_img=n_img, n_cap=n_cap, n_regions=n_regions, lens=lens,
+                             dtype=dtype)
+    head = make_head(regulator, 2, direction, sim_dim=32)
+    ref64 = reference64(head, img, cap, lens)
+    if dtype == torch.float32:
+        out = triton_scores(head, img, cap, lens)
+        assert_close_to_reference(out, ref64, dtype=dtype, what=f"{regulator} {direction}")
+    else:
+        ref_lowp = copy.deepcopy(head).to(dtype).forward_loop(img, cap, lens)
+        out = triton_scores(head.to(dtype), img, cap, lens)
+        assert_close_to_reference(out, ref64, ref_lowp=ref_lowp, dtype=dtype,
+                                  what=f"{regulator} {direction} {dtype}")
+
+
 @pytest.mark.parametrize("op_dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_every_gpu_tile_gives_a_launch_config_and_a_bad_index_is_refused(op_dtype):
     from rcar_fast.kernels import rcar
@@ -193,7 +241,9 @@ def test_every_gpu_tile_gives_a_launch_config_and_a_bad_index_is_refused(op_dtyp
         cfg = rcar.launch_config("t2i", 36, [12, 5], "coop_rcar", 2, dims, op_dtype,
                                  interpreter=False, tile=i)
         assert cfg["DC"] == tile["DC"] and dims["DP"] % cfg["DC"] == 0
-        assert cfg["num_warps"] == tile["num_warps"] and cfg["ROWS"] == rcar.GPU_ROWS
+        kind = "fp32" if op_dtype == torch.float32 else "low"
+        assert cfg["num_warps"] == tile["num_warps"] and cfg["ROWS"] == rcar.GPU_ROWS[kind]
+        assert cfg["S_SPLIT"] * min(tile["SW"], dims["SP"]) == dims["SP"]
     for bad in (-1, len(tiles)):
         with pytest.raises(ValueError, match="tile must be an index"):
             rcar.launch_config("t2i", 36, [12, 5], "coop_rcar", 2, dims, op_dtype,

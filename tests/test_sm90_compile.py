@@ -2,8 +2,9 @@
 installed here (CI's) and the GPU image's (sm90.TRITON_GPU_IMAGE, installed from the package
 registry into a cache folder). Every configuration the GPU launchers use (for autotuned kernels:
 every config the prunes keep) must compile for sm_90 and fit its shared memory; the hot ones
-(SCAN forward/backward in bf16 and fp16, RCAR bf16, and the fp32 SCAN t2i forward the demo
-runs) must not spill registers (0 bytes of stack per thread). Catches GPU-only failures (tl.dot
+(SCAN forward/backward in bf16 and fp16, RCAR, and the fp32 SCAN t2i forward the demo
+runs) must not spill registers (0 bytes of stack per thread; RCAR's and its backward's measured
+bounds: RCAR_STACK, RCAR_BACKWARD_STACK). Catches GPU-only failures (tl.dot
 shape/dtype rules, fp16/bf16 lowering, the software pipeline's shared memory, register
 pressure) in CPU-only CI.
 
@@ -79,12 +80,14 @@ def _assert_hot_configs_do_not_spill(builds, *keys):
     assert not spills, f"{len(spills)} of {len(hot)} hot configurations spill:\n" + "\n".join(spills)
 
 
-# No spill is tolerated in a hot configuration (0 B of stack with triton 3.6 and 3.8). What it
-# took (issue 11), should one come back: at 64 rows and 8 warps, triton's rule for a dot whose
-# result reaches another dot (all warps along M) replicated the SCAN backward epilogue and
-# RCAR's attention across warp pairs, undone by computing those dots in a branch
-# (kernels/scan.py _forward_tile, kernels/rcar.py _dot_in_branch); RCAR bf16 then needed
-# 32-wide d chunks, one stage, 64-row i2t tiles and the alignment GEMM in two column halves.
+# No spill is tolerated in a hot configuration (0 B of stack with triton 3.6 and 3.8; RCAR's
+# measured exceptions in RCAR_STACK). What it took (issue 11), should one come back: at 64 rows
+# and 8 warps, triton's rule for a dot whose result reaches another dot (all warps along M)
+# replicated the SCAN backward epilogue and RCAR's attention across warp pairs, undone by
+# computing those dots in a branch (kernels/scan.py _forward_tile, kernels/rcar.py
+# _dot_in_branch); RCAR then needed 32-wide d chunks, one stage and the alignment GEMM in
+# column groups, and at 128 rows (stop 20) its tile state in the scratch, run-time step loops
+# and opaque offsets (kernels/rcar.py GPU_ROWS).
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,14 +170,36 @@ def test_scan_hot_configurations_do_not_spill(scan_builds, index):
 # RCAR: every tile of the GPU tile space (kernels/rcar.py GPU_TILES) per (direction, dtype)
 # ---------------------------------------------------------------------------------------------
 
-# (direction, regulator, steps, operand dtype, hot: no spills)
+# (direction, regulator, steps, operand dtype, sim_dim, hot: held to RCAR_STACK). bf16 / fp16
+# run 128-row work items (kernels/rcar.py GPU_ROWS: t2i ~10 captions, i2t 3 images), fp32 64.
 RCAR_CASES = [
-    ("t2i", "coop_rcar", 2, "bf16", True),   # the COCO 5K target configuration
-    ("i2t", "coop_rcar", 2, "bf16", True),   # 64-row tiles (one image of 36 regions)
-    ("t2i", "coop_rcar", 2, "fp16", True),   # the same "low" tiles as bf16
-    ("t2i", "coop_rcar", 2, "fp32", False),  # the exact fp32 FMA path
-    ("i2t", "only_rcr", 2, "fp32", False),
+    ("t2i", "coop_rcar", 2, "bf16", 256, True),   # the COCO 5K target configuration
+    ("i2t", "coop_rcar", 2, "bf16", 256, True),   # 128-row tiles of 3 images (36 regions)
+    ("t2i", "coop_rcar", 2, "fp16", 256, True),   # the same "low" tiles as bf16
+    ("t2i", "coop_rcar", 2, "bf16", 64, True),
+    ("t2i", "only_rar", 2, "bf16", 256, True),
+    ("i2t", "only_rcr", 2, "bf16", 256, True),
+    ("t2i", "coop_rcar", 2, "fp32", 256, True),   # the exact fp32 FMA path (64 rows)
+    ("i2t", "only_rcr", 2, "fp32", 256, False),
 ]
+# Bytes of stack per thread (register spills) a hot build may have, per triton version and
+# (regulator, sim_dim, dtype, tile), measured (kernels/rcar.py GPU_ROWS has the table); 0 where
+# not listed: every hot build with the GPU image's triton 3.6, and with 3.8 all but the 128-row
+# kernels below (1-6 stores per work item, nearly all outside the GEMM loops). Lower them when
+# the kernel improves; raise them only with a reason.
+RCAR_STACK = {
+    "3.8": {("coop_rcar", 256, "bf16", 0): 8, ("coop_rcar", 256, "fp16", 0): 16,
+            ("only_rar", 256, "bf16", 0): 24,
+            ("coop_rcar", 256, "bf16", 1): 8, ("coop_rcar", 256, "fp16", 1): 8},
+    "3.6": {},
+}
+
+
+def _rcar_stack_bound(build, regulator, sim_dim, op):
+    version = ".".join(build["triton"].split(".")[:2])
+    assert version in RCAR_STACK, f"no stack bound measured for triton {version}: measure it ({build})"
+    return RCAR_STACK[version].get((regulator, sim_dim, op, build["tile"]), 0)
+
 
 # The launcher needs a GPU (its programs per SM): the kernel is compiled from the launch
 # configuration of each tile and a signature typed as rcar_forward's arguments are. One list
@@ -190,8 +215,8 @@ F32_PTRS = {"gram", "ba", "b1", "b2", "bs1", "ws2", "bs2", "bq", "bk", "wv", "bv
 INT_PTRS = {"c_count", "tile_seg", "tile_items", "tile_set"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-def build(direction, regulator, steps, op, hot, tile):
-    dims = kernels.padded_dims(1024, 256, interpreter=False)
+def build(direction, regulator, steps, op, sim_dim, hot, tile):
+    dims = kernels.padded_dims(1024, sim_dim, interpreter=False)
     cfg = kernels.launch_config(direction, 36, [12, 50, 1, 9, 23], regulator, steps, dims,
                                 DTYPES[op], interpreter=False, tile=tile)
     options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
@@ -216,7 +241,7 @@ def build(direction, regulator, steps, op, hot, tile):
                       **sm90.resource_usage(compiled.asm["cubin"]))
     except Exception as err:  # reported by the test
         result = sm90._error(err)
-    return dict(result, tile=tile, config=dict(cfg, **options), hot=hot)
+    return dict(result, tile=tile, config=dict(cfg, **options), hot=hot, triton=triton.__version__)
 
 
 sm90.emit([[build(*case, tile) for tile in range(len(kernels.gpu_tiles(DTYPES[case[3]])))]
@@ -230,14 +255,17 @@ def rcar_builds(triton_path):
 
 
 @pytest.mark.parametrize("index", range(len(RCAR_CASES)),
-                         ids=["-".join(map(str, c[:4])) for c in RCAR_CASES])
+                         ids=["-".join(map(str, c[:5])) for c in RCAR_CASES])
 def test_rcar_configuration_compiles_for_sm90(rcar_builds, index):
     builds = rcar_builds[index]
     assert len(builds) >= 1
     failures = _compile_failures(builds, "tile", "config")
     assert not failures, f"{len(failures)} of {len(builds)} tiles fail:\n" + "\n".join(failures)
-    if RCAR_CASES[index][4]:
-        _assert_hot_configs_do_not_spill(builds, "tile", "config")
+    _, regulator, _, op, sim_dim, hot = RCAR_CASES[index]
+    if hot:
+        spills = _spills(builds, "tile", "config",
+                         allowed=lambda b: _rcar_stack_bound(b, regulator, sim_dim, op))
+        assert not spills, "\n".join(spills)
 
 
 def test_occupancy_counts_registers_shared_memory_and_threads():
