@@ -132,13 +132,31 @@ def ragged_case(n_img=3, n_cap=4, R=5, L=6, d=8, *, dtype=F64, device="cpu", see
     return _finish("ragged", img, cap, lens, img_lens, dtype, device, pad)
 
 
+def _power_of_two_norm_vectors(n: int, M: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, M, d) small-integer vectors whose norms are powers of 2: m (1 or 2) times a random
+    sign on k (1, or 4 when d >= 4) random coordinates, norm m sqrt(k) in {1, 2, 4}. Unit
+    normalised, their entries are 0, +-1/2 or +-1, so every product and sum of them is exact in
+    any dtype: a dot product that is 0 (or equal to another) in exact arithmetic is exactly 0
+    (equal) whatever the GEMM's blocking, summation order or FMA use. Arbitrary integer vectors
+    lose this to the division: with norm sqrt(13), 2/sqrt(13) * 1/sqrt(2) - 2/sqrt(13) *
+    1/sqrt(2) came out as 0 from one BLAS kernel and 1.3e-17 from another (an S tied at 0, on
+    the two sides of leaky's kink)."""
+    support = torch.where(torch.rand(n, M, 1, generator=gen) < 0.5, 1, 4 if d >= 4 else 1)
+    ranks = torch.rand(n, M, d, generator=gen).argsort(dim=-1).argsort(dim=-1)
+    signs = torch.randint(0, 2, (n, M, d), generator=gen) * 2 - 1
+    magnitude = torch.randint(1, 3, (n, M, 1), generator=gen)
+    return ((ranks < support) * signs * magnitude).to(F64)
+
+
 def tie_case(n_img=3, n_cap=4, R=5, L=6, d=4, *, dtype=F64, device="cpu", seed=0, pad=NAN) -> HeadCase:
-    """Small-integer features with repeated regions and words: exact ties in every max over
-    regions (t2i), over words (i2t) and among the pooled maxima (pool="max"), in every dtype
-    (products and sums of small integers are exact in bfloat16 too)."""
+    """Small-integer features with repeated regions and words: exact ties in the max over
+    regions (t2i), over words (i2t) and among the pooled maxima (pool="max"), in every dtype and
+    with either normalisation (products and sums of small integers are exact in bfloat16 too;
+    the vectors' norms are powers of 2, so normalize="unit" keeps them exact:
+    _power_of_two_norm_vectors)."""
     gen = torch.Generator().manual_seed(seed)
-    img = torch.randint(-2, 3, (n_img, R, d), generator=gen).to(F64)
-    cap = torch.randint(-2, 3, (n_cap, L, d), generator=gen).to(F64)
+    img = _power_of_two_norm_vectors(n_img, R, d, gen)
+    cap = _power_of_two_norm_vectors(n_cap, L, d, gen)
     img[:, 1] = img[:, 0]                 # region 1 repeats region 0
     cap[:, 1] = cap[:, 0]                 # word 1 repeats word 0
     if L > 3:

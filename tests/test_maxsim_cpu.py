@@ -77,20 +77,11 @@ def cpu_gradients(img, cap, lens, img_lens, grad, **kw):
 # The shared cases (tests/maxsim_cases.py): every case x direction x pool x leaky x normalize
 # ---------------------------------------------------------------------------------------------
 
-def float32_breaks_ties_differently(name, settings, dtype):
-    # The tie case's integer vectors include distinct vectors of one direction: unit-normalised,
-    # they tie exactly in float64 but not always in float32, so the float32 argmax (of the
-    # reference run in float32 too) may pick another region than float64's. Its exact ties are
-    # checked in float32 without normalisation and in float64 with it.
-    return name == "ties" and settings["normalize"] == "unit" and dtype == torch.float32
-
-
 @pytest.mark.parametrize("settings", settings_grid(), ids=settings_id)
 def test_shared_cases_forward_and_gradients(settings):
-    for name, case in CASES.items():
+    for case in CASES.values():
         for dtype in DTYPES:
-            if not float32_breaks_ties_differently(name, settings, dtype):
-                assert_head_matches_reference(case(seed=3), settings, backend="cpu", dtype=dtype)
+            assert_head_matches_reference(case(seed=3), settings, backend="cpu", dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,12 +412,11 @@ def test_bad_lengths_are_refused_by_the_kernel_itself():
 @pytest.mark.parametrize("kw", VSA_SETTINGS, ids=vsa_id)
 def test_vsa_shared_cases_forward_and_gradients(kw):
     # ragged both sides with NaN padding, exact ties, L = 1, R = 1, all-negative S; both normalisations
-    for name, case in CASES.items():
+    for case in CASES.values():
         for normalize in ("none", "unit"):
             settings = dict(kw, normalize=normalize)
             for dtype in DTYPES:
-                if not float32_breaks_ties_differently(name, settings, dtype):
-                    assert_head_matches_reference(case(seed=31), settings, backend="cpu", dtype=dtype)
+                assert_head_matches_reference(case(seed=31), settings, backend="cpu", dtype=dtype)
 
 
 @pytest.mark.parametrize("shape", [

@@ -473,6 +473,24 @@ def test_tie_case_gradients_follow_the_first_index_rule(settings):
         assert torch.equal(g_cap[:, 1], torch.zeros_like(g_cap[:, 1]))
 
 
+@pytest.mark.parametrize("d", [3, 4, 8])
+def test_tie_case_scores_are_exact_in_any_summation_order(d):
+    # The tie case's ties must not depend on the GEMM: unit normalised, its entries are 0, +-1/2
+    # or +-1 (norms are powers of 2), so every score is a multiple of 1/4 and one whole GEMM, a
+    # batched one per pair and the reversed coordinate order agree bit for bit, in float32 too.
+    case = tie_case(d=d, seed=5)
+    for dtype in (F64, torch.float32):
+        img, cap = (x.nan_to_num(0.0) for x in reference_heads.normalize_inputs(
+            case.img.to(dtype), case.cap.to(dtype), case.lens, case.img_lens, "unit"))
+        assert set(torch.cat([img.flatten(), cap.flatten()]).abs().unique().tolist()) <= {0.0, 0.5, 1.0}
+        per_pair = torch.einsum("ird,jwd->ijrw", img, cap)
+        whole = (img.flatten(0, 1) @ cap.flatten(0, 1).T).view(img.shape[:2] + cap.shape[:2])
+        reversed_order = torch.einsum("ird,jwd->ijrw", img.flip(-1), cap.flip(-1))
+        assert_bit_equal(whole.permute(0, 2, 1, 3), per_pair)
+        assert_bit_equal(reversed_order, per_pair)
+        assert torch.equal(per_pair * 4, (per_pair * 4).round())
+
+
 # ---------------------------------------------------------------------------------------------
 # Normalisation
 # ---------------------------------------------------------------------------------------------
