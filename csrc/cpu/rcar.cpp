@@ -780,31 +780,6 @@ RCAR_INLINE void leaky_in_place(T* x, int64_t n) {
   for (; i < n; ++i) x[i] = x[i] > 0 ? x[i] : x[i] * slope;
 }
 
-// For columns c < n of rows [r0, r1) of L (row stride ld): nrm[c] = the l2 norm of the
-// column, inv[c] = 1 / (nrm[c] + eps).
-template <typename T>
-RCAR_INLINE void column_norms(const T* L, int64_t r0, int64_t r1, int64_t ld, int64_t n, T* nrm, T* inv) {
-  constexpr int64_t W = simd::kWidth<T>;
-  int64_t c = 0;
-  for (; c + W <= n; c += W) {
-    V<T> acc = simd::splat<T>(T(0));
-    for (int64_t r = r0; r < r1; ++r) {
-      const V<T> x = simd::load(L + r * ld + c);
-      acc += x * x;
-    }
-    simd::store(nrm + c, acc);
-  }
-  for (; c < n; ++c) {
-    T acc = 0;
-    for (int64_t r = r0; r < r1; ++r) acc += L[r * ld + c] * L[r * ld + c];
-    nrm[c] = acc;
-  }
-  for (c = 0; c < n; ++c) {
-    nrm[c] = std::sqrt(nrm[c]);
-    inv[c] = T(1) / (nrm[c] + T(kEps));
-  }
-}
-
 // al = softmax over c < n of lam * L[c] inv[c] (shifted by the max before scaling, as the
 // forward kernel: a huge lambda cannot overflow).
 template <typename T>
@@ -1073,7 +1048,9 @@ struct BackwardTile {
       vectorised([&]() RCAR_INLINE_LAMBDA {
         for (int64_t r = t.seg[G.p0]; r < t.seg[G.p1]; ++r) leaky_in_place(L + r * Cs, C);
         for (int64_t p = G.p0; p < G.p1; ++p) {
-          column_norms(L, t.seg[p], t.seg[p + 1], Cs, C, nrm + p * Cs, inv + p * Cs);
+          // L is leaky already: slope 1 (the identity) in the shared norm primitive
+          query_axis_norms<T, true>(L, t.seg[p], t.seg[p + 1], Cs, T(1), nrm + p * Cs, C);
+          inverse_norms(nrm + p * Cs, C, inv + p * Cs);
           for (int64_t r = t.seg[p]; r < t.seg[p + 1]; ++r)
             scaled_softmax_row(L + r * Cs, inv + p * Cs, lm[r], C, al + r * Cs);
         }

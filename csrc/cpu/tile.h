@@ -28,12 +28,15 @@ RCAR_INLINE void score_tile(const T* queries, int64_t rows, const T* context, in
 }
 
 // The l2 (L2) or l1 norm over rows [r0, r1) of leaky(s) (slope 1: the identity) for each of
-// the ld columns of a (rows x ld) score tile: out[c] = the norm of column c over the pair's
-// query rows (ld a whole number of vectors).
+// the first n columns (default: all ld) of a (rows x ld) score tile: out[c] = the norm of column
+// c over the pair's query rows. Whole vectors, then a scalar tail for n not a multiple of them.
 template <typename T, bool L2>
-RCAR_INLINE void query_axis_norms(const T* s, int64_t r0, int64_t r1, int64_t ld, T slope, T* out) {
+RCAR_INLINE void query_axis_norms(const T* s, int64_t r0, int64_t r1, int64_t ld, T slope, T* out,
+                                  int64_t n = -1) {
   constexpr int64_t W = simd::kWidth<T>;
-  for (int64_t v = 0; v < ld; v += W) {
+  if (n < 0) n = ld;
+  int64_t v = 0;
+  for (; v + W <= n; v += W) {
     simd::Vec<T> acc = simd::splat<T>(T(0));
     for (int64_t r = r0; r < r1; ++r) {
       const simd::Vec<T> x = simd::leak<T>(simd::load(s + r * ld + v), slope);
@@ -41,8 +44,16 @@ RCAR_INLINE void query_axis_norms(const T* s, int64_t r0, int64_t r1, int64_t ld
     }
     simd::store(out + v, acc);
   }
+  for (; v < n; ++v) {
+    T acc = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T x = s[r * ld + v] > 0 ? s[r * ld + v] : s[r * ld + v] * slope;
+      acc += L2 ? x * x : std::abs(x);
+    }
+    out[v] = acc;
+  }
   if (L2)
-    for (int64_t c = 0; c < ld; ++c) out[c] = std::sqrt(out[c]);
+    for (int64_t c = 0; c < n; ++c) out[c] = std::sqrt(out[c]);
 }
 
 // inv[c] = 1 / (norm[c] + eps): the contract's l2norm / l1norm divisor, inverted once per column.
