@@ -10,7 +10,13 @@ import signal
 import sys
 import time
 
-import torch
+# A CPU dry run of the GPU check runs the Triton kernels in triton's interpreter, which acts only
+# if TRITON_INTERPRET=1 is set before triton is imported (its library functions are decorated
+# then), and importing torch imports triton: so set it here, ahead of every import.
+if __name__ == "__main__" and {"--gpu-check", "--dry-run"} <= set(sys.argv[1:]):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
 
 # Run from anywhere: the repository root (bench's parent) holds the rcar_fast package.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,12 +53,13 @@ def _parser() -> argparse.ArgumentParser:
                              "against the naive / einsum baselines and maxsim-cpu, flash-maxsim, "
                              "late-interaction-kernels where importable (bench/maxsim.py); size "
                              "from --tiny / --quick / --full; summary in <device>.maxsim.md")
-    parser.add_argument("--part", choices=("all", "maxsim", "rcar-backward", "coco"), default=None,
+    parser.add_argument("--part", choices=("all", "maxsim", "rcar-backward", "coco", "rcar-forward"), default=None,
                         help="with --gpu-check: one part of the check (bench/gpu_check.py, "
                              "bench/gpu_parts.py): maxsim (issue 14: COCO 5K MrSw, the ColBERT "
                              "shape), rcar-backward (issue 15: the fused RCAR backward at B = 128), "
-                             "coco (SCAN / RCAR / every registered head at the COCO 5K shape); "
-                             "default all, in that order")
+                             "coco (SCAN / RCAR / every registered head at the COCO 5K shape), "
+                             "rcar-forward (issue 15: the Triton RCAR forward per GPU tile at the "
+                             "COCO 5K shape, sim_dim 256, t2i and i2t); default all, in that order")
     parser.add_argument("--sim-dim", type=int, default=None,
                         help="with --gpu-check --part rcar-backward (or all): the RCAR head's "
                              "sim_dim (default 64; the public recipe's is 256)")
@@ -130,17 +137,21 @@ def _usage_error(args) -> str:
 _CHECK_ENVIRONMENT = ("RCAR_FAST_AUTOTUNE", "TRITON_INTERPRET")
 
 
-def _prepare_gpu_check_environment(args) -> None:
-    """Set what the kernels read at import: the autotune mode, and for a dry run without a GPU
-    triton's interpreter (only if no kernel module is loaded yet: too late otherwise, and the
-    triton rows then say why they are skipped)."""
+def _prepare_gpu_check_environment(args) -> str:
+    """Set what the kernels read at import: the autotune mode. A dry run needs triton's
+    interpreter on since before triton was imported (set at the top of this file when run as
+    `python -m bench`): returns the complaint when it is not, "" otherwise."""
     if args.autotune:
         os.environ["RCAR_FAST_AUTOTUNE"] = args.autotune
     else:
         os.environ.setdefault("RCAR_FAST_AUTOTUNE", "quick")
-    kernels_loaded = any(m.startswith("rcar_fast.kernels") for m in sys.modules)
-    if args.dry_run and not torch.cuda.is_available() and not kernels_loaded:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.dry_run and os.environ.get("TRITON_INTERPRET", "") != "1":
+        if "triton" not in sys.modules:
+            os.environ["TRITON_INTERPRET"] = "1"
+        else:
+            return ("--gpu-check --dry-run runs the Triton kernels in triton's interpreter, which must be on "
+                    "before triton is imported: set TRITON_INTERPRET=1 in the environment")
+    return ""
 
 
 def _device(args) -> torch.device:
@@ -166,13 +177,15 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     environment_before = {key: os.environ.get(key) for key in _CHECK_ENVIRONMENT}
-    if args.gpu_check:
-        _prepare_gpu_check_environment(args)
     threads_before = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         if args.gpu_check:
+            complaint = _prepare_gpu_check_environment(args)
+            if complaint:
+                print(complaint, file=sys.stderr)
+                return 2
             return _run_gpu_check(args, dev)
         if args.maxsim:
             from bench import maxsim as maxsim_bench

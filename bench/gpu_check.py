@@ -3,7 +3,7 @@ answer "how fast is rcar_fast at the COCO 5K evaluation and a training batch, ag
 hardware and the public algorithm?".
 
 Parts (--part; default all, in this order; scripts/gpu_check.sh runs each as its own step
-under its own timeout): "maxsim" (issue 14) and "rcar-backward" (issue 15) are
+under its own timeout): "maxsim" (issue 14), "rcar-backward" and "rcar-forward" (issue 15) are
 bench/gpu_parts.py's; "coco" is this module's:
 
 1. Hardware ceilings measured on this device: an 8192^3 bf16 matmul's TFLOP/s and a device
@@ -481,11 +481,12 @@ def _loss_step(check: Check, op: cases.OpSpec) -> None:
         check.rows.append(_step_failed(check, f"loss_{op.name}", torch.float32, err))
 
 
-PARTS = ("maxsim", "rcar-backward", "coco")
+PARTS = ("maxsim", "rcar-backward", "coco", "rcar-forward")
 
 
 def run_check(check: Check, part: str = "all", sim_dim: int = 64) -> list:
-    """The part(s) in priority order (all: maxsim, rcar-backward at sim_dim, coco), rows
+    """The part(s) in priority order (all: maxsim, rcar-backward at sim_dim, coco,
+    rcar-forward at the recipe's sim_dim 256), rows
     appended to check.rows as they are measured (an interrupted run keeps them); returns
     them (finish_rows adds speedups and ceilings)."""
     from bench import gpu_parts
@@ -496,6 +497,8 @@ def run_check(check: Check, part: str = "all", sim_dim: int = 64) -> list:
         gpu_parts.run_rcar_backward(check, sim_dim)
     if part in ("all", "coco"):
         run_coco(check)
+    if part in ("all", "rcar-forward"):
+        gpu_parts.run_rcar_forward(check)
     return finish_rows(check)
 
 

@@ -32,6 +32,13 @@ its peak memory holds the reference's saved activations), reference first, then 
 the sparse and full hardest-negative loss (bench.suite.run_loss_case). Peak memory:
 torch.cuda.max_memory_allocated over the call.
 
+rcar-forward (issue 15's GPU targets: COCO 5K coop_rcar(2) t2i <= 8 s, i2t <= 20 s, bf16): the
+Triton RCAR forward kernel (kernels/rcar.py rcar_forward, one launch, scores on the device) at
+the COCO 5K shape, sim_dim 256, measured on a 1000 x 5000 sample and extrapolated per pair, once
+per tile of its GPU tile space (GPU_TILES: work items of 128 rows at SW 128 and 64, and of 64
+rows), t2i and i2t, default tiles first; err_vs_reference is that launch's scores on a slice of
+the sample against the float64 reference. The rows decide GPU_TILES' default order.
+
 --dry-run: the same parts at tiny sizes on the CPU (triton in its interpreter, fp32: the
 interpreter refuses bf16 dots; cuda and the GPU peers skipped with their reasons).
 """
@@ -65,6 +72,8 @@ class PartSizes:
     full_call_max_s: float       # the whole MrSw shape is measured when predicted under this
     chunk_bytes: int             # the torch baselines' chunk
     batch: int                   # rcar-backward: B
+    rcar_forward: tuple = (1000, 5000)   # rcar-forward: the sample measured (the target: mrsw)
+    rcar_reference: tuple = (8, 40)      # rcar-forward: the float64 reference's slice
     lengths: tuple = (12, "coco")   # caption (mean length, distribution): bench.cases
     sim_dim_divisor: int = 1     # the dry run scales --sim-dim down
 
@@ -75,7 +84,8 @@ def part_sizes(dry_run: bool) -> PartSizes:
         return PartSizes(mrsw=(4, 12), mrsw_subset=(2, 6), mrsw_reference=(2, 4), mrsw_naive=(2, 6),
                          colbert_docs=8, colbert_queries=(1,), colbert=(7, 3, 16), regions=4,
                          d=16, dtype=torch.float32, full_call_max_s=60.0, chunk_bytes=2**12,
-                         batch=2, lengths=(3, "uniform"), sim_dim_divisor=16)
+                         batch=2, lengths=(3, "uniform"), sim_dim_divisor=16,
+                         rcar_forward=(2, 6), rcar_reference=(2, 3))
     return PartSizes(mrsw=(5000, 25000), mrsw_subset=(1000, 5000), mrsw_reference=(200, 1000),
                      mrsw_naive=(1000, 5000), colbert_docs=10000, colbert_queries=(1, 1000),
                      colbert=(300, 32, 128), regions=36, d=1024, dtype=torch.bfloat16,
@@ -425,4 +435,95 @@ def run_rcar_backward(check, sim_dim: int) -> list:
     finally:
         ctx.backends = keep
     check.headline = f"rcar-backward sim_dim {op.sim_dim} B {B}: " + "; ".join(notes)
+    return check.rows
+
+
+# ---------------------------------------------------------------------------------------------
+# rcar-forward: the Triton RCAR kernel's tiles at the COCO 5K shape
+# ---------------------------------------------------------------------------------------------
+
+def _tile_variant(tile: int, dtype, interpreter: bool) -> str:
+    """'tile<i> rows<least rows of a work item> sw<alignment column group>' as launched."""
+    from rcar_fast.kernels import rcar as kernels
+
+    if interpreter:   # one tile whatever the index
+        return f"tile{tile} rows{kernels.INTERPRETER_ROWS} sw{kernels.INTERPRETER_TILE['SW']}"
+    chunks = kernels.gpu_tiles(dtype)[tile]
+    return f"tile{tile} rows{chunks['ROWS']} sw{chunks['SW']}"
+
+
+def _rcar_forward_row(check, psizes: PartSizes, op, head, inputs, full_lens, tile: int, reference) -> dict:
+    """One tile's row: the kernel on the sample, extrapolated to the target shape; `reference`
+    (the float64 reference's scores on the slice) gives err_vs_reference."""
+    from rcar_fast.kernels import rcar as kernels
+    from rcar_fast.ops.rcar import pack_weights
+
+    img, cap, lens = inputs
+    target = cases.Shape(*psizes.mrsw, psizes.regions, psizes.lengths[0], psizes.d, psizes.dtype,
+                         "coco5k", psizes.lengths[1])
+    interpreter = img.device.type == "cpu"
+    row = suite.base_row(check.ctx, op, target, full_lens, "forward", "triton",
+                         _tile_variant(tile, psizes.dtype, interpreter))
+    row["detail"] = "kernels/rcar.py rcar_forward, one launch on the sample; scores stay on the device"
+    reason = _skip_reason(check, "triton", "rcar", psizes.dtype)
+    if reason:
+        row.update(status="skipped", reason=reason)
+        return _finish(check, row)
+    weights = pack_weights(head, psizes.dtype, interpreter)
+    lens_list = lens.tolist()
+    options = dict(regulator=head.regulator, steps=head.steps, direction=head.direction, smooth=head.smooth)
+
+    def run():
+        return kernels.rcar_forward(img, cap, lens_list, weights, tile=tile, **options)
+
+    sample = cases.Shape(img.shape[0], cap.shape[0], psizes.regions, psizes.lengths[0], psizes.d,
+                         psizes.dtype, "coco5k", psizes.lengths[1])
+    out = _measure(check, row, run, suite.forward_flops(op, sample, lens, head), psizes.dtype,
+                   ("rcar-forward", op.name, tile))
+    if out is not None:
+        n_i, n_c = reference.shape
+        row["err_vs_reference"] = suite.relative_error(out[:n_i, :n_c], reference)
+        factor = target.pairs / sample.pairs
+        if factor != 1:
+            gpu_check._extrapolate(row, factor, suite.forward_flops(op, target, full_lens, head),
+                                   (sample.n_img, sample.n_cap))
+    return _finish(check, row)
+
+
+def run_rcar_forward(check, sim_dim: int = 256) -> list:
+    """The rcar-forward part (module doc): t2i then i2t, each tile of the space in turn."""
+    from rcar_fast.kernels import rcar as kernels
+
+    psizes = part_sizes(check.sizes.dry_run)
+    n_img, n_cap = psizes.rcar_forward
+    full_lens = cases.caption_lengths(psizes.mrsw[1], psizes.lengths[0], psizes.lengths[1])
+    lens = full_lens[:n_cap]
+    notes = []
+    n_tiles = 1 if check.device.type == "cpu" else len(kernels.gpu_tiles(psizes.dtype))
+    for direction in ("t2i", "i2t"):
+        op = cases.rcar_op("coop_rcar", 2, direction, max(4, sim_dim // psizes.sim_dim_divisor))
+        shape = cases.Shape(n_img, n_cap, psizes.regions, psizes.lengths[0], psizes.d, psizes.dtype,
+                            "coco5k", psizes.lengths[1])
+        check.ctx.log(f"{op.name} sim_dim {op.sim_dim} {psizes.dtype}: rcar_forward per tile on "
+                      f"{n_img} x {n_cap}, extrapolated to {psizes.mrsw[0]} x {psizes.mrsw[1]}")
+        try:
+            img, cap = cases.device_inputs(n_img, psizes.regions, lens, psizes.d, psizes.dtype, check.device)
+            head = suite.make_head(op, shape, check.device)
+            r_i, r_c = psizes.rcar_reference
+            with torch.no_grad():
+                reference = head.double()(img[:r_i].double(), cap[:r_c].double(), lens[:r_c],
+                                          backend="reference").float()
+            head = head.to(psizes.dtype)
+        except Exception as err:
+            check.emit(gpu_check._step_failed(check, f"rcar_forward_{direction}", psizes.dtype, err))
+            continue
+        rows = [_rcar_forward_row(check, psizes, op, head, (img, cap, lens), full_lens, tile, reference)
+                for tile in range(n_tiles)]
+        best = min((r for r in rows if r["status"] == "ok"), key=lambda r: r["median_ms"], default=None)
+        notes.append(f"{direction} " + (f"{best['median_ms'] / 1e3:.3g} s ({best['variant']})" if best else "no row"))
+        del img, cap, head
+        if check.device.type == "cuda":
+            torch.cuda.empty_cache()
+    check.headline = (f"rcar-forward COCO 5K coop_rcar(2) sim_dim {op.sim_dim}, best tile: " + "; ".join(notes)
+                      + " (targets t2i <= 8 s, i2t <= 20 s)")
     return check.rows

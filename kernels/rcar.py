@@ -665,17 +665,23 @@ def pack_segments(seg_lengths, seg_row_base, rows: int, max_segs: int):
 # make them 16-72 B. So: 128 rows for bf16 / fp16 (M = 128 for every weight GEMM but the BSEG
 # ones), 64 for fp32 (its FMA path spills ~580 B at 128). The default "low" tile has SW 128
 # (half the alignment passes of SW 64: ~44 against ~51 MFLOP per pair); SW 64 is tile 1.
-GPU_ROWS = {"low": 128, "fp32": 64}
+# Tile 2 keeps the 64-row work item (SW 64), which the model above cannot rule out: its scratch
+# is half as large (~22 MiB for 132 programs, well inside L2) for twice the weight traffic per
+# pair; the GPU check's rcar-forward part (bench/gpu_parts.py) times the three on one launch.
 # The GPU tile space per precision kind. Every entry compiles for sm_90 within the stack bounds
 # of tests/test_sm90_compile.py (RCAR_STACK) with triton 3.6 and 3.8 in the hot cases; the first
 # is the default, the others what a GPU benchmark chooses among (rcar_forward(..., tile=i)).
 # Not a triton.autotune: the kernel is persistent over the whole launch (one COCO launch runs
 # for seconds), so timing each config on the real launch would cost more than it saves.
+# ROWS is the least rows of a work item (more when one query item is longer: tile_config).
 GPU_TILES = {
-    "low": (dict(DC=32, HC=32, NC=32, KC=32, SW=128, num_warps=8, num_stages=1),
-            dict(DC=32, HC=32, NC=32, KC=32, SW=64, num_warps=8, num_stages=1)),
-    "fp32": (dict(DC=16, HC=32, NC=32, KC=32, SW=32, num_warps=8, num_stages=1),),
+    "low": (dict(ROWS=128, DC=32, HC=32, NC=32, KC=32, SW=128, num_warps=8, num_stages=1),
+            dict(ROWS=128, DC=32, HC=32, NC=32, KC=32, SW=64, num_warps=8, num_stages=1),
+            dict(ROWS=64, DC=32, HC=32, NC=32, KC=32, SW=64, num_warps=8, num_stages=1)),
+    "fp32": (dict(ROWS=64, DC=16, HC=32, NC=32, KC=32, SW=32, num_warps=8, num_stages=1),),
 }
+# The default tile's rows per precision kind (the rows of every launch that names no tile).
+GPU_ROWS = {kind: tiles[0]["ROWS"] for kind, tiles in GPU_TILES.items()}
 # The persistent grid is (programs that fit one SM at once) x SMs, derived from the compiled
 # kernel's registers and shared memory (`occupancy`). Without them (a triton lacking the
 # internals used), this: compiled for sm_90 (tests/test_sm90_compile.py) the kernels take
@@ -724,13 +730,14 @@ INTERPRETER_ROWS = MIN_DOT
 
 
 def tile_config(direction: str, n_regions: int, lens_list, interpreter: bool,
-                op_dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Rows per tile, segments per tile, context block. On GPU: GPU_ROWS of op_dtype's kind (or
-    more) query rows: t2i ~10 COCO captions per 128 rows, i2t 3 images of 36 regions (108 of
-    128 rows). In the interpreter: the smallest legal blocks (tl.dot needs every dim >= 16)."""
+                op_dtype: torch.dtype = torch.bfloat16, tile: int = 0) -> dict:
+    """Rows per tile, segments per tile, context block. On GPU: the ROWS of gpu_tiles(op_dtype)
+    [tile] (or more) query rows: by default t2i ~10 COCO captions per 128 rows, i2t 3 images of
+    36 regions (108 of 128 rows). In the interpreter: the smallest legal blocks (tl.dot needs
+    every dim >= 16)."""
     longest_query = max(lens_list) if direction == "t2i" else n_regions
     n_context = n_regions if direction == "t2i" else max(lens_list)
-    floor = INTERPRETER_ROWS if interpreter else GPU_ROWS[_precision_kind(op_dtype)]
+    floor = INTERPRETER_ROWS if interpreter else gpu_tiles(op_dtype)[tile]["ROWS"]
     return dict(ROWS=_pow2_at_least(longest_query, floor), BSEG=16, CP=_pow2_at_least(n_context))
 
 
@@ -754,12 +761,12 @@ def launch_config(direction: str, n_regions: int, lens_list, regulator: str, ste
                   dims: dict, op_dtype: torch.dtype, interpreter: bool, tile: int = 0) -> dict:
     """Every constexpr of _rcar_kernel plus num_warps / num_stages. dims: padded_dims().
     tile: index into gpu_tiles(op_dtype) (ignored by the interpreter, which has one tile)."""
-    cfg = tile_config(direction, n_regions, lens_list, interpreter, op_dtype)
     fp32 = op_dtype == torch.float32
     tiles = gpu_tiles(op_dtype)
     if not interpreter and not 0 <= tile < len(tiles):
         raise ValueError(f"tile must be an index into the {len(tiles)} GPU tiles for "
                          f"{op_dtype} operands (kernels/rcar.py GPU_TILES), got {tile}")
+    cfg = tile_config(direction, n_regions, lens_list, interpreter, op_dtype, 0 if interpreter else tile)
     chunks = INTERPRETER_TILE if interpreter else tiles[tile]
     if dims["DP"] % chunks["DC"]:
         raise ValueError(f"padded d {dims['DP']} is not a multiple of the d chunk {chunks['DC']}")

@@ -17,6 +17,8 @@
 #   correctness  120 (~60-120) scripts/gpu_correctness.py: every GPU backend vs the float64 reference
 #   coco         150 (~100+)   --part coco: ceilings, every registered head at the COCO 5K shape
 #                              through all_pairs vs the references, SCAN's training step
+#   rcar-fwd      90 (~40-80)  issue 15: --part rcar-forward: the Triton RCAR forward per GPU tile
+#                              (128 / 64-row work items) at COCO 5K, sim_dim 256, t2i and i2t, bf16
 #   gpu-tests    150 (rest)    pytest -m gpu: the SCAN / RCAR / maxsim GPU files first, then the
 #                              rest (less what maxsim-tests ran and the sim_dim 256 backward test)
 #   rcar-bwd-64  rest          --part rcar-backward --sim-dim 64 with what is left (a second point)
@@ -36,7 +38,7 @@ OUT=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg (expected [OUT_DIR] [--dry-run])" >&2; exit 2 ;;
     *) [ -z "$OUT" ] || { echo "gpu_check.sh: one OUT_DIR only, got $OUT and $arg" >&2; exit 2; }; OUT=$arg ;;
   esac
@@ -238,6 +240,7 @@ run_step rcar-bwd-256 200 bash -c "$DRY_FLAG_DEF; bench_part rcar-backward --sim
 run_step maxsim-tests 90 bash -c 'maxsim_tests'
 run_step correctness 120 bash -c "$DRY_FLAG_DEF; correctness"
 run_step coco 150 bash -c "$DRY_FLAG_DEF; bench_part coco"
+run_step rcar-fwd 90 bash -c "$DRY_FLAG_DEF; bench_part rcar-forward"
 run_step gpu-tests 150 bash -c 'gpu_tests'
 # A second sim_dim with whatever is left (the dry run: its backward rows only, same code).
 run_step rcar-bwd-64 600 bash -c "$DRY_FLAG_DEF; bench_part rcar-backward --sim-dim 64 $([ "$DRY" = 1 ] && echo '--modes backward')"

@@ -3,6 +3,7 @@ folder, and its measuring parts (FLOP models, peak table, memory method, CSV) ar
 import csv
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -14,6 +15,8 @@ from rcar_fast import dispatch
 from tests.tolerances import (BENCH_FP32_ERROR, BENCH_LOW_PRECISION_ERROR, BENCH_SPARSE_LOSS_ERROR, CSV_DERIVED,
                               CSV_EXACT_COUNT, CSV_EXTRAPOLATED, F32_SAME_MATH, FLOPS_GEMM_SHARE, UNIT_NORM_BF16, approx,
                               assert_close)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _AUTOTUNE_BEFORE = os.environ.get("RCAR_FAST_AUTOTUNE")
 
@@ -337,6 +340,26 @@ def test_gpu_check_usage_errors_are_one_line():
     assert bench_main.main(["--gpu-check", "--dry-run", "--max-minutes", "0", "--out", "/nonexistent/x"]) == 2
     if not torch.cuda.is_available():
         assert bench_main.main(["--gpu-check", "--out", "/nonexistent/x"]) == 2
+
+
+def test_gpu_check_dry_run_turns_the_interpreter_on_before_triton_loads_or_says_it_cannot(tmp_path):
+    # `python -m bench` sets TRITON_INTERPRET=1 before its first import (torch imports triton);
+    # a main() called after triton was imported without it refuses in one line, exit 2.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTEST_ADDOPTS")}
+    script = ("import sys, triton, bench.__main__ as m; "
+              f"sys.exit(m.main(['--gpu-check', '--part', 'coco', '--dry-run', '--out', {str(tmp_path)!r}]))")
+    late = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert late.returncode == 2 and "set TRITON_INTERPRET=1" in late.stderr, late.stderr[-2000:]
+    assert len(late.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+    # As `python -m bench --gpu-check --dry-run` (no --out: a usage error, after the module's
+    # top ran): the interpreter is on, and was before triton was imported.
+    early = ("import os, runpy, sys; sys.argv = ['bench', '--gpu-check', '--dry-run']\n"
+             "try:\n    runpy.run_module('bench', run_name='__main__', alter_sys=True)\n"
+             "except SystemExit as stop:\n    print(stop.code, os.environ.get('TRITON_INTERPRET'))\n")
+    run = subprocess.run([sys.executable, "-c", early], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.stdout.split() == ["2", "1"], (run.stdout, run.stderr[-2000:])
 
 
 def test_gpu_check_budget_skips_the_remaining_cases(tmp_path):

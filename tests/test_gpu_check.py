@@ -14,8 +14,8 @@ import pytest
 from tests.tolerances import BENCH_FP32_ERROR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("facts", "setup", "maxsim", "rcar-bwd-256", "maxsim-tests", "correctness", "coco", "gpu-tests",
-         "rcar-bwd-64")
+STEPS = ("facts", "setup", "maxsim", "rcar-bwd-256", "maxsim-tests", "correctness", "coco", "rcar-fwd",
+         "gpu-tests", "rcar-bwd-64")
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +121,16 @@ def test_dry_run_issue_parts_wrote_their_rows(dry_run):
     assert by[("loss_rcar_coop_rcar2_t2i", "batch", "train_step", "triton", "sparse", "16")]["status"] == "ok"
     # the coco part covers every registered head family (maxsim by its own part)
     assert {"scan_t2i", "scan_i2t", "rcar_coop_rcar2_t2i"} <= {r["op"] for r in rows if r["sweep"] == "coco5k"}
+    # issue 15's forward targets: the Triton kernel per GPU tile (the interpreter has one) in
+    # both directions, extrapolated to the COCO shape, checked against the float64 reference
+    for direction in ("t2i", "i2t"):
+        (row,) = [r for r in rows if r["op"] == f"rcar_coop_rcar2_{direction}" and r["sweep"] == "coco5k"
+                  and r["variant"].startswith("tile")]
+        assert row["status"] == "ok" and float(row["err_vs_reference"]) < BENCH_FP32_ERROR, row
+        assert row["variant"] == "tile0 rows16 sw16" and row["extrapolated"] and row["sim_dim"] == "16", row
     summary = _summary_rows(out)
     assert "MrSw coco5k triton" in summary["maxsim"][3] and "backward" in summary["rcar-bwd-256"][3]
+    assert "t2i" in summary["rcar-fwd"][3] and "i2t" in summary["rcar-fwd"][3]
 
 
 def test_dry_run_ran_the_maxsim_tests_first_and_deselected_them_later(dry_run):

@@ -241,9 +241,13 @@ def test_every_gpu_tile_gives_a_launch_config_and_a_bad_index_is_refused(op_dtyp
         cfg = rcar.launch_config("t2i", 36, [12, 5], "coop_rcar", 2, dims, op_dtype,
                                  interpreter=False, tile=i)
         assert cfg["DC"] == tile["DC"] and dims["DP"] % cfg["DC"] == 0
-        kind = "fp32" if op_dtype == torch.float32 else "low"
-        assert cfg["num_warps"] == tile["num_warps"] and cfg["ROWS"] == rcar.GPU_ROWS[kind]
+        assert cfg["num_warps"] == tile["num_warps"] and cfg["ROWS"] == tile["ROWS"]
         assert cfg["S_SPLIT"] * min(tile["SW"], dims["SP"]) == dims["SP"]
+    kind = "fp32" if op_dtype == torch.float32 else "low"
+    assert rcar.GPU_ROWS[kind] == tiles[0]["ROWS"]   # a launch that names no tile: the default
+    long_caption = rcar.launch_config("t2i", 36, [12, 200], "coop_rcar", 2, dims, op_dtype,
+                                      interpreter=False, tile=len(tiles) - 1)
+    assert long_caption["ROWS"] == 256              # a query item is never split over two tiles
     for bad in (-1, len(tiles)):
         with pytest.raises(ValueError, match="tile must be an index"):
             rcar.launch_config("t2i", 36, [12, 5], "coop_rcar", 2, dims, op_dtype,
