@@ -452,41 +452,34 @@ def _tile_variant(tile: int, dtype, interpreter: bool) -> str:
     return f"tile{tile} rows{chunks['ROWS']} sw{chunks['SW']}"
 
 
-def _rcar_forward_row(check, psizes: PartSizes, op, head, inputs, full_lens, tile: int, reference) -> dict:
-    """One tile's row: the kernel on the sample, extrapolated to the target shape; `reference`
-    (the float64 reference's scores on the slice) gives err_vs_reference."""
+def _rcar_forward_row(check, op, target, sample, weights, head, inputs, full_lens, tile: int,
+                      reference) -> dict:
+    """One tile's row: the kernel on the sample (Shape `sample`), extrapolated to `target`;
+    `reference` (the float64 reference's scores on a slice) gives err_vs_reference."""
     from rcar_fast.kernels import rcar as kernels
-    from rcar_fast.ops.rcar import pack_weights
 
     img, cap, lens = inputs
-    target = cases.Shape(*psizes.mrsw, psizes.regions, psizes.lengths[0], psizes.d, psizes.dtype,
-                         "coco5k", psizes.lengths[1])
-    interpreter = img.device.type == "cpu"
     row = suite.base_row(check.ctx, op, target, full_lens, "forward", "triton",
-                         _tile_variant(tile, psizes.dtype, interpreter))
+                         _tile_variant(tile, target.dtype, img.device.type == "cpu"))
     row["detail"] = "kernels/rcar.py rcar_forward, one launch on the sample; scores stay on the device"
-    reason = _skip_reason(check, "triton", "rcar", psizes.dtype)
+    reason = _skip_reason(check, "triton", "rcar", target.dtype)
     if reason:
         row.update(status="skipped", reason=reason)
         return _finish(check, row)
-    weights = pack_weights(head, psizes.dtype, interpreter)
     lens_list = lens.tolist()
     options = dict(regulator=head.regulator, steps=head.steps, direction=head.direction, smooth=head.smooth)
 
     def run():
         return kernels.rcar_forward(img, cap, lens_list, weights, tile=tile, **options)
 
-    sample = cases.Shape(img.shape[0], cap.shape[0], psizes.regions, psizes.lengths[0], psizes.d,
-                         psizes.dtype, "coco5k", psizes.lengths[1])
-    out = _measure(check, row, run, suite.forward_flops(op, sample, lens, head), psizes.dtype,
+    out = _measure(check, row, run, suite.forward_flops(op, sample, lens, head), target.dtype,
                    ("rcar-forward", op.name, tile))
     if out is not None:
         n_i, n_c = reference.shape
         row["err_vs_reference"] = suite.relative_error(out[:n_i, :n_c], reference)
-        factor = target.pairs / sample.pairs
-        if factor != 1:
-            gpu_check._extrapolate(row, factor, suite.forward_flops(op, target, full_lens, head),
-                                   (sample.n_img, sample.n_cap))
+        if target.pairs != sample.pairs:
+            gpu_check._extrapolate(row, target.pairs / sample.pairs,
+                                   suite.forward_flops(op, target, full_lens, head), (sample.n_img, sample.n_cap))
     return _finish(check, row)
 
 
@@ -494,16 +487,20 @@ def run_rcar_forward(check, sim_dim: int = 256) -> list:
     """The rcar-forward part (module doc): t2i then i2t, each tile of the space in turn."""
     from rcar_fast.kernels import rcar as kernels
 
+    from rcar_fast.ops.rcar import pack_weights
+
     psizes = part_sizes(check.sizes.dry_run)
     n_img, n_cap = psizes.rcar_forward
     full_lens = cases.caption_lengths(psizes.mrsw[1], psizes.lengths[0], psizes.lengths[1])
     lens = full_lens[:n_cap]
+    target = cases.Shape(*psizes.mrsw, psizes.regions, psizes.lengths[0], psizes.d, psizes.dtype,
+                         "coco5k", psizes.lengths[1])
+    shape = dataclasses.replace(target, n_img=n_img, n_cap=n_cap)
+    interpreter = check.device.type == "cpu"
     notes = []
-    n_tiles = 1 if check.device.type == "cpu" else len(kernels.gpu_tiles(psizes.dtype))
+    n_tiles = 1 if interpreter else len(kernels.gpu_tiles(psizes.dtype))
     for direction in ("t2i", "i2t"):
         op = cases.rcar_op("coop_rcar", 2, direction, max(4, sim_dim // psizes.sim_dim_divisor))
-        shape = cases.Shape(n_img, n_cap, psizes.regions, psizes.lengths[0], psizes.d, psizes.dtype,
-                            "coco5k", psizes.lengths[1])
         check.ctx.log(f"{op.name} sim_dim {op.sim_dim} {psizes.dtype}: rcar_forward per tile on "
                       f"{n_img} x {n_cap}, extrapolated to {psizes.mrsw[0]} x {psizes.mrsw[1]}")
         try:
@@ -514,14 +511,16 @@ def run_rcar_forward(check, sim_dim: int = 256) -> list:
                 reference = head.double()(img[:r_i].double(), cap[:r_c].double(), lens[:r_c],
                                           backend="reference").float()
             head = head.to(psizes.dtype)
+            weights = pack_weights(head, psizes.dtype, interpreter)   # once for every tile
         except Exception as err:
             check.emit(gpu_check._step_failed(check, f"rcar_forward_{direction}", psizes.dtype, err))
             continue
-        rows = [_rcar_forward_row(check, psizes, op, head, (img, cap, lens), full_lens, tile, reference)
+        rows = [_rcar_forward_row(check, op, target, shape, weights, head, (img, cap, lens), full_lens, tile,
+                                  reference)
                 for tile in range(n_tiles)]
         best = min((r for r in rows if r["status"] == "ok"), key=lambda r: r["median_ms"], default=None)
         notes.append(f"{direction} " + (f"{best['median_ms'] / 1e3:.3g} s ({best['variant']})" if best else "no row"))
-        del img, cap, head
+        del img, cap, head, weights
         if check.device.type == "cuda":
             torch.cuda.empty_cache()
     check.headline = (f"rcar-forward COCO 5K coop_rcar(2) sim_dim {op.sim_dim}, best tile: " + "; ".join(notes)

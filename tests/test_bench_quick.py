@@ -342,6 +342,13 @@ def test_gpu_check_usage_errors_are_one_line():
         assert bench_main.main(["--gpu-check", "--out", "/nonexistent/x"]) == 2
 
 
+def test_gpu_check_part_choices_are_the_parts_run_check_knows():
+    from bench import gpu_check
+
+    (part,) = [a for a in bench_main._parser()._actions if a.dest == "part"]
+    assert tuple(part.choices) == ("all",) + gpu_check.PARTS
+
+
 def test_gpu_check_dry_run_turns_the_interpreter_on_before_triton_loads_or_says_it_cannot(tmp_path):
     # `python -m bench` sets TRITON_INTERPRET=1 before its first import (torch imports triton);
     # a main() called after triton was imported without it refuses in one line, exit 2.
